@@ -1,0 +1,316 @@
+/**
+ * Builds the native libraries:
+ *
+ * - `build/libkivi_cpu.so` from `cuda/cpu/*.c` with the system C compiler (always);
+ * - `build/libkivi_cuda.so` from `cuda/src/*.cu` with `nvcc`, wherever `nvcc` is found on `PATH` or
+ *   in `/usr/local/cuda/bin` (each `.cu` compiled on its own into `build/cuda/<name>.o`, in parallel);
+ * - `build/libkivi_cpu_asan.so` (the CPU build with AddressSanitizer and UBSan) with `--asan`.
+ *
+ * Runs under Bun (`bun build.ts`) and Deno (`deno run -A build.ts`): only `node:` built-ins are used.
+ * Incremental: a target is skipped when its output is newer than every input (its sources, every
+ * header, and this file, so changing a flag here rebuilds everything); `--force` rebuilds anyway.
+ *
+ * @example
+ * ```sh
+ * bun build.ts              # CPU and, where nvcc exists, CUDA
+ * bun build.ts --cpu-only   # CPU only
+ * bun build.ts --asan       # also build/libkivi_cpu_asan.so
+ * bun build.ts --force      # rebuild everything
+ * ```
+ *
+ * @example
+ * ```ts
+ * import { build } from "./build.ts";
+ * const result = await build({ cpuOnly: true });
+ * console.log(result.summary);
+ * ```
+ */
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import process from "node:process";
+import { fileURLToPath } from "node:url";
+
+/** Options of {@linkcode build}. */
+export interface BuildOptions {
+  /** Rebuild every target even when it is up to date. */
+  force?: boolean;
+  /** Skip the CUDA build even where `nvcc` exists. */
+  cpuOnly?: boolean;
+  /** Also build `build/libkivi_cpu_asan.so` (ASan + UBSan, `-O1 -g`). */
+  asan?: boolean;
+  /** Repository root; defaults to the folder of this file. */
+  root?: string;
+  /** Where progress goes (commands, compiler output, the closing line); defaults to stdout. */
+  log?: (line: string) => void;
+  /** Compiles run at once; defaults to `os.availableParallelism()`. */
+  jobs?: number;
+}
+
+/** What happened to one target. */
+export interface TargetResult {
+  /** `cpu`, `cpu-asan` or `cuda`. */
+  name: string;
+  /** Output path, relative to the root. */
+  output: string;
+  status: "built" | "up to date" | "skipped";
+  /** Why it was built or skipped (the changed input, `--force`, `nvcc not found`, ...). */
+  reason: string;
+}
+
+/** The result of {@linkcode build}. */
+export interface BuildResult {
+  targets: TargetResult[];
+  /** The closing line, also logged. */
+  summary: string;
+}
+
+/** A compiler or linker failed; its output has already been logged. */
+export class BuildError extends Error {
+  constructor(message: string, readonly output: string) {
+    super(message);
+    this.name = "BuildError";
+  }
+}
+
+const ROOT = path.dirname(fileURLToPath(import.meta.url));
+const SELF = path.basename(fileURLToPath(import.meta.url));
+
+const CPU_FLAGS = ["-std=c11", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra"];
+const ASAN_FLAGS = [
+  "-std=c11",
+  "-O1",
+  "-g",
+  "-fno-omit-frame-pointer",
+  "-fsanitize=address,undefined",
+  "-fPIC",
+  "-shared",
+  "-fvisibility=hidden",
+  "-Wall",
+  "-Wextra",
+];
+const NVCC_FLAGS = [
+  "-O3",
+  "-std=c++17",
+  "-Xcompiler",
+  "-fPIC,-fvisibility=hidden",
+  "-Icuda/include",
+  "-gencode",
+  "arch=compute_80,code=sm_80",
+  "-gencode",
+  "arch=compute_90,code=sm_90",
+  "-gencode",
+  "arch=compute_90,code=compute_90",
+];
+
+/** Files of `dir` (relative to root) whose names end with one of `exts`, sorted; [] if no such dir. */
+function listFiles(root: string, dir: string, exts: string[]): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(path.join(root, dir));
+  } catch {
+    return [];
+  }
+  return names
+    .filter((n) => exts.some((e) => n.endsWith(e)))
+    .filter((n) => fs.statSync(path.join(root, dir, n)).isFile())
+    .sort()
+    .map((n) => `${dir}/${n}`);
+}
+
+function mtime(root: string, file: string): number | undefined {
+  try {
+    return fs.statSync(path.join(root, file)).mtimeMs;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Undefined when `output` is newer than every input, else the reason to rebuild it. */
+function staleReason(root: string, output: string, inputs: string[], force: boolean): string | undefined {
+  if (force) return "--force";
+  const out = mtime(root, output);
+  if (out === undefined) return `no ${output} yet`;
+  let newest: string | undefined;
+  let newestTime = -Infinity;
+  for (const input of inputs) {
+    const t = mtime(root, input) ?? Infinity;
+    if (t > newestTime) [newest, newestTime] = [input, t];
+  }
+  return newest !== undefined && newestTime >= out ? `${newest} changed` : undefined;
+}
+
+function isExecutable(file: string): boolean {
+  try {
+    fs.accessSync(file, fs.constants.X_OK);
+    return fs.statSync(file).isFile();
+  } catch {
+    return false;
+  }
+}
+
+/** The command to run nvcc with (`nvcc` when on PATH, else the full path), or undefined. */
+export function findNvcc(): string | undefined {
+  for (const dir of (process.env.PATH ?? "").split(path.delimiter)) {
+    if (dir && isExecutable(path.join(dir, "nvcc"))) return "nvcc";
+  }
+  const fallback = "/usr/local/cuda/bin/nvcc";
+  return isExecutable(fallback) ? fallback : undefined;
+}
+
+function quote(arg: string): string {
+  return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replaceAll("'", `'\\''`)}'`;
+}
+
+/** Echoes `$ cmd args`, runs it in root, logs its output when it ends, throws BuildError on failure. */
+function run(root: string, log: (line: string) => void, cmd: string, args: string[]): Promise<void> {
+  const line = [cmd, ...args].map(quote).join(" ");
+  log(`$ ${line}`);
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
+    const chunks: string[] = [];
+    child.stdout.setEncoding("utf8").on("data", (c: string) => chunks.push(c));
+    child.stderr.setEncoding("utf8").on("data", (c: string) => chunks.push(c));
+    child.on("error", (err) => reject(new BuildError(`${cmd}: ${err.message}`, "")));
+    child.on("close", (code, signal) => {
+      const output = chunks.join("").trimEnd();
+      if (output) log(output);
+      if (code === 0) resolve();
+      else {
+        const why = signal ? `killed by ${signal}` : `exited with code ${code}`;
+        reject(new BuildError(`${cmd} ${why}: ${line}`, output));
+      }
+    });
+  });
+}
+
+/** Runs `tasks` with at most `jobs` at once; the first failure stops new ones and is rethrown. */
+async function pool(tasks: (() => Promise<void>)[], jobs: number): Promise<void> {
+  let next = 0;
+  let failure: unknown;
+  const worker = async () => {
+    while (failure === undefined && next < tasks.length) {
+      const task = tasks[next++]!;
+      try {
+        await task();
+      } catch (err) {
+        failure ??= err;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(jobs, tasks.length)) }, worker));
+  if (failure !== undefined) throw failure;
+}
+
+function availableParallelism(): number {
+  return typeof os.availableParallelism === "function" ? os.availableParallelism() : os.cpus().length || 1;
+}
+
+/**
+ * Builds the libraries (see the module doc) and returns what was built, was up to date or skipped.
+ * Throws {@linkcode BuildError} when a compiler fails, after logging its output.
+ */
+export async function build(opts: BuildOptions = {}): Promise<BuildResult> {
+  const root = opts.root ?? ROOT;
+  const log = opts.log ?? ((line: string) => console.log(line));
+  const force = opts.force ?? false;
+  const jobs = opts.jobs ?? availableParallelism();
+  const targets: TargetResult[] = [];
+
+  const headers = [
+    ...listFiles(root, "cuda/include", [".h", ".cuh"]),
+    ...listFiles(root, "cuda/src", [".cuh", ".h"]),
+    ...listFiles(root, "cuda/cpu", [".h"]),
+  ];
+  const common = [...headers, SELF];
+
+  fs.mkdirSync(path.join(root, "build"), { recursive: true });
+
+  // CPU reference build (and its sanitizer variant).
+  const cSources = listFiles(root, "cuda/cpu", [".c"]);
+  if (cSources.length === 0) {
+    throw new BuildError("no C sources: cuda/cpu/*.c matched nothing", "");
+  }
+  const cpuVariants = [{ name: "cpu", output: "build/libkivi_cpu.so", flags: CPU_FLAGS }];
+  if (opts.asan) cpuVariants.push({ name: "cpu-asan", output: "build/libkivi_cpu_asan.so", flags: ASAN_FLAGS });
+  for (const v of cpuVariants) {
+    const reason = staleReason(root, v.output, [...cSources, ...common], force);
+    if (reason === undefined) {
+      targets.push({ name: v.name, output: v.output, status: "up to date", reason: "no input changed" });
+      continue;
+    }
+    await run(root, log, "gcc", [...v.flags, "-Icuda/include", ...cSources, "-o", v.output, "-lm"]);
+    targets.push({ name: v.name, output: v.output, status: "built", reason });
+  }
+
+  // CUDA build: one object per .cu, then one link.
+  const cudaOut = "build/libkivi_cuda.so";
+  const cuSources = listFiles(root, "cuda/src", [".cu"]);
+  const nvcc = opts.cpuOnly ? undefined : findNvcc();
+  if (opts.cpuOnly) {
+    targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: "--cpu-only" });
+  } else if (nvcc === undefined) {
+    targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: "nvcc not found on PATH or in /usr/local/cuda/bin" });
+  } else if (cuSources.length === 0) {
+    targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: "no cuda/src/*.cu sources" });
+  } else {
+    fs.mkdirSync(path.join(root, "build/cuda"), { recursive: true });
+    const objects = cuSources.map((src) => `build/cuda/${path.basename(src, ".cu")}.o`);
+    // Objects of deleted sources would otherwise linger and confuse a later glob.
+    for (const stale of listFiles(root, "build/cuda", [".o"])) {
+      if (!objects.includes(stale)) fs.rmSync(path.join(root, stale));
+    }
+    const compiles: (() => Promise<void>)[] = [];
+    const compiled: string[] = [];
+    cuSources.forEach((src, i) => {
+      const obj = objects[i]!;
+      if (staleReason(root, obj, [src, ...common], force) === undefined) return;
+      compiled.push(src);
+      compiles.push(() => run(root, log, nvcc, [...NVCC_FLAGS, "-c", src, "-o", obj]));
+    });
+    await pool(compiles, jobs);
+    const linkReason = staleReason(root, cudaOut, objects, force);
+    if (linkReason === undefined) {
+      targets.push({ name: "cuda", output: cudaOut, status: "up to date", reason: "no input changed" });
+    } else {
+      await run(root, log, nvcc, ["-shared", ...objects, "-o", cudaOut]);
+      const reason = force
+        ? "--force"
+        : compiled.length > 0
+        ? `${compiled.length} of ${cuSources.length} .cu recompiled: ${compiled.slice(0, 3).join(", ")}${compiled.length > 3 ? ", ..." : ""}`
+        : linkReason;
+      targets.push({ name: "cuda", output: cudaOut, status: "built", reason });
+    }
+  }
+
+  const summary = "build: " + targets.map((t) => `${t.output} ${t.status} (${t.reason})`).join("; ");
+  log(summary);
+  return { targets, summary };
+}
+
+function parseArgs(argv: string[]): BuildOptions {
+  const opts: BuildOptions = {};
+  for (const arg of argv) {
+    if (arg === "--force") opts.force = true;
+    else if (arg === "--cpu-only") opts.cpuOnly = true;
+    else if (arg === "--asan") opts.asan = true;
+    else if (arg === "-h" || arg === "--help") {
+      console.log("usage: bun build.ts [--force] [--cpu-only] [--asan]");
+      process.exit(0);
+    } else {
+      console.error(`build: unknown argument '${arg}' (expected --force, --cpu-only or --asan)`);
+      process.exit(2);
+    }
+  }
+  return opts;
+}
+
+if (import.meta.main) {
+  try {
+    await build(parseArgs(process.argv.slice(2)));
+  } catch (err) {
+    console.error(`build: FAILED: ${err instanceof Error ? err.message : String(err)}`);
+    process.exit(1);
+  }
+}

@@ -1,0 +1,168 @@
+/*
+ * cpu_internal.h — private helpers of the CPU reference build (never installed, never exported:
+ * the library is built with -fvisibility=hidden and only kivi.h's KIVI_API symbols are visible).
+ */
+#ifndef KIVI_CPU_INTERNAL_H
+#define KIVI_CPU_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "kivi.h"
+#include "kivi_format.h"
+
+#define CPU_ERR_LEN 512
+/* Columns per tile: a tile is G rows x CPU_TILE_COLS columns (token axis) or 1 row x CPU_TILE_COLS
+   columns (channel axis; a multiple of every group size), small enough to stay in L2. */
+#define CPU_TILE_COLS 512
+#define CPU_MAX_GROUP 128
+#define CPU_MAX_PTRS 6
+
+struct kivi_ctx {
+  int32_t device;
+  char err[CPU_ERR_LEN];
+  struct timespec t0;
+  int timer_started;
+};
+
+/** Writes the message into the thread-local slot and (if ctx) the context's slot; returns st. */
+kivi_status cpu_fail(kivi_ctx_t ctx, kivi_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* ---------------------------------------------------------------- validation ------------- */
+
+/* What cpu_validate checks beyond ctx and the required pointers. */
+enum {
+  CPU_NEED_MATRIX = 1 << 0, /* rows, cols, axis, group */
+  CPU_NEED_N = 1 << 1,      /* n (pack / unpack) */
+  CPU_NEED_BITS = 1 << 2,
+  CPU_NEED_FIT = 1 << 3,
+  CPU_NEED_ASSIGN = 1 << 4,
+  CPU_NEED_ITERS = 1 << 5,
+  CPU_NEED_FLAGS = 1 << 6
+};
+
+typedef struct cpu_ptr {
+  const char *name; /* NULL ends the list */
+  const void *p;
+} cpu_ptr;
+
+/** The arguments of one call, as the shared rules of kivi.h see them. */
+typedef struct cpu_spec {
+  const char *op;
+  unsigned need;
+  cpu_ptr ptrs[CPU_MAX_PTRS]; /* pointers that must not be NULL */
+  int64_t rows, cols, n;
+  kivi_axis axis;
+  int32_t group, bits;
+  const char *dtype_name; /* "dtype" or "out_dtype"; NULL: no dtype argument */
+  kivi_dtype dtype;
+  kivi_fit fit;
+  kivi_assign assign;
+  int32_t max_iters, flags;
+} cpu_spec;
+
+/** Derived sizes of a validated call. */
+typedef struct cpu_shape {
+  int64_t rows, cols, groups;
+  int64_t row_groups; /* groups per column (token axis: rows / group) */
+  int64_t col_groups; /* groups per row (channel axis: cols / group) */
+  int32_t axis, group, bits, cpw, levels;
+  int32_t wpg; /* packed words per group: group / cpw (a group's words are [g * wpg, (g + 1) * wpg)) */
+} cpu_shape;
+
+/** Checks everything the spec names, in a fixed order; on success fills *sh (may be NULL). */
+kivi_status cpu_validate(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh);
+/** ctx non-null (for ops outside the quantizer rules). */
+kivi_status cpu_need_ctx(kivi_ctx_t ctx, const char *op);
+/** NaN / Inf scan of x [rows][cols] (KIVI_ERR_NONFINITE naming the first bad element). */
+kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype,
+                             const cpu_shape *sh);
+/** malloc that reports KIVI_ERR_NOMEM through cpu_fail; *out = NULL on failure. */
+kivi_status cpu_alloc(kivi_ctx_t ctx, const char *op, size_t bytes, void **out);
+
+/* ---------------------------------------------------------------- elements --------------- */
+
+static inline float cpu_load(const void *x, kivi_dtype dtype, int64_t i) {
+  switch (dtype) {
+    case KIVI_F16: return kivi_f16_to_f32(((const uint16_t *)x)[i]);
+    case KIVI_BF16: return kivi_bf16_to_f32(((const uint16_t *)x)[i]);
+    default: return ((const float *)x)[i];
+  }
+}
+
+static inline void cpu_store(void *out, kivi_dtype dtype, int64_t i, float v) {
+  switch (dtype) {
+    case KIVI_F16: ((uint16_t *)out)[i] = kivi_f32_to_f16(v); break;
+    case KIVI_BF16: ((uint16_t *)out)[i] = kivi_f32_to_bf16(v); break;
+    default: ((float *)out)[i] = v; break;
+  }
+}
+
+/* ---------------------------------------------------------------- tiles ------------------ */
+/*
+ * Every op walks the matrix in tiles: rows [r0, r0 + nr) x cols [c0, c0 + nc), nr = group on the
+ * token axis (a tile holds whole groups: one per column) and 1 on the channel axis (nc / group
+ * groups, one after another). Tiles are visited row block by row block.
+ */
+
+/** Rows of a tile. */
+static inline int32_t cpu_tile_rows(const cpu_shape *sh) { return sh->axis == KIVI_AXIS_TOKEN ? sh->group : 1; }
+/** Groups in a tile of nc columns. */
+static inline int32_t cpu_tile_groups(const cpu_shape *sh, int32_t nc) {
+  return sh->axis == KIVI_AXIS_TOKEN ? nc : nc / sh->group;
+}
+/** Index of the k-th group of the tile at (r0, c0). */
+static inline int64_t cpu_tile_group(const cpu_shape *sh, int64_t r0, int64_t c0, int32_t k) {
+  return sh->axis == KIVI_AXIS_TOKEN ? (c0 + k) * sh->row_groups + r0 / sh->group
+                                     : r0 * sh->col_groups + c0 / sh->group + k;
+}
+/** Copies the k-th group of a tile (p, row stride) into v [group], in axis order. */
+static inline void cpu_tile_gather(const cpu_shape *sh, const float *p, int64_t stride, int32_t k, float *v) {
+  if (sh->axis == KIVI_AXIS_TOKEN) {
+    for (int32_t r = 0; r < sh->group; r++) v[r] = p[r * stride + k];
+  } else {
+    const float *q = p + (int64_t)k * sh->group;
+    for (int32_t i = 0; i < sh->group; i++) v[i] = q[i];
+  }
+}
+/** Writes v [group] as the k-th group of a dense tile p [nr][nc]. */
+static inline void cpu_tile_scatter(const cpu_shape *sh, float *p, int32_t nc, int32_t k, const float *v) {
+  if (sh->axis == KIVI_AXIS_TOKEN) {
+    for (int32_t r = 0; r < sh->group; r++) p[(int64_t)r * nc + k] = v[r];
+  } else {
+    float *q = p + (int64_t)k * sh->group;
+    for (int32_t i = 0; i < sh->group; i++) q[i] = v[i];
+  }
+}
+
+/** A float view of x[r0 .. r0 + nr)[c0 .. c0 + nc): x itself for f32 (*stride = cols), else the
+    values converted into tmp [nr][nc] (*stride = nc). */
+const float *cpu_tile_load(const void *x, kivi_dtype dtype, int64_t cols, int64_t r0, int64_t c0, int32_t nr,
+                           int32_t nc, float *tmp, int64_t *stride);
+/** Stores a dense tile src [nr][nc] into out[r0 .. r0 + nr)[c0 .. c0 + nc) as dtype. */
+void cpu_tile_store(void *out, kivi_dtype dtype, int64_t cols, int64_t r0, int64_t c0, int32_t nr, int32_t nc,
+                    const float *src);
+
+/* ---------------------------------------------------------------- packing ---------------- */
+
+/** Packs n codes (n % cpw == 0) into n / cpw words, LSB first. */
+static inline void cpu_pack(const uint8_t *q, int64_t n, int32_t bits, uint32_t *words) {
+  const int32_t cpw = kivi_codes_per_word(bits);
+  for (int64_t w = 0; w < n / cpw; w++) {
+    uint32_t acc = 0;
+    for (int32_t j = 0; j < cpw; j++) acc |= kivi_word_put(q[w * cpw + j], j, bits);
+    words[w] = acc;
+  }
+}
+/** Unpacks n / cpw words into n codes. */
+static inline void cpu_unpack(const uint32_t *words, int64_t n, int32_t bits, uint8_t *q) {
+  const int32_t cpw = kivi_codes_per_word(bits);
+  for (int64_t w = 0; w < n / cpw; w++) {
+    const uint32_t word = words[w];
+    for (int32_t j = 0; j < cpw; j++) q[w * cpw + j] = (uint8_t)kivi_word_get(word, j, bits);
+  }
+}
+
+#endif /* KIVI_CPU_INTERNAL_H */

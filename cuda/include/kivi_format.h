@@ -1,0 +1,175 @@
+/*
+ * kivi_format.h — the bit layout and the per-value formulas, defined once for the CPU build (C11)
+ * and the CUDA build (nvcc). Neither build re-derives an offset or a formula: both call these.
+ * Compile without fast-math: the uniform code formula relies on IEEE division and rintf.
+ */
+#ifndef KIVI_FORMAT_H
+#define KIVI_FORMAT_H
+
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define KIVI_HD __host__ __device__ __forceinline__
+#else
+#define KIVI_HD static inline
+#endif
+
+#if defined(__cplusplus)
+#define KIVI_STATIC_ASSERT(c, m) static_assert(c, m)
+#else
+#define KIVI_STATIC_ASSERT(c, m) _Static_assert(c, m)
+#endif
+
+KIVI_STATIC_ASSERT(sizeof(uint32_t) == 4, "packed words are 32 bits");
+KIVI_STATIC_ASSERT(sizeof(uint16_t) == 2, "fp16 params are 16 bits");
+KIVI_STATIC_ASSERT(sizeof(float) == 4, "fp32 math");
+
+#define KIVI_WORD_BITS 32
+#define KIVI_MAX_BITS 4
+#define KIVI_MAX_CENTROIDS 16
+#define KIVI_MAX_ITERS 256
+#define KIVI_MAX_ELEMS (((int64_t)1) << 40)
+
+/** Codes per uint32 word: 16 at 2 bits, 8 at 4 bits. */
+KIVI_HD int32_t kivi_codes_per_word(int32_t bits) { return KIVI_WORD_BITS / bits; }
+/** Number of levels (centroids) of a b-bit code. */
+KIVI_HD int32_t kivi_levels(int32_t bits) { return 1 << bits; }
+KIVI_HD int kivi_valid_bits(int32_t bits) { return bits == 2 || bits == 4; }
+KIVI_HD int kivi_valid_group(int32_t g) { return g == 32 || g == 64 || g == 128; }
+
+/** Code j (0-based) of a packed word. */
+KIVI_HD uint32_t kivi_word_get(uint32_t word, int32_t j, int32_t bits) {
+  return (word >> (bits * j)) & ((1u << bits) - 1u);
+}
+/** Word with code q placed at slot j (OR it into the word being built). */
+KIVI_HD uint32_t kivi_word_put(uint32_t q, int32_t j, int32_t bits) { return q << (bits * j); }
+
+/* ------------------------------------------------------------------ fp16 / bf16 ---------- */
+
+KIVI_HD uint32_t kivi_f32_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+KIVI_HD float kivi_bits_f32(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/** float -> IEEE binary16, round to nearest even (same result as CUDA's __float2half_rn). */
+KIVI_HD uint16_t kivi_f32_to_f16(float f) {
+  uint32_t x = kivi_f32_bits(f);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t absx = x & 0x7fffffffu;
+  if (absx >= 0x7f800000u) { /* Inf or NaN */
+    return (uint16_t)(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0u));
+  }
+  if (absx >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: Inf */
+  if (absx < 0x38800000u) {                                    /* below 2^-14: subnormal or zero */
+    if (absx < 0x33000000u) return (uint16_t)sign;             /* below 2^-25: rounds to 0 */
+    uint32_t e = absx >> 23;
+    uint32_t m = (absx & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126u - e; /* 14..24 */
+    uint32_t h = m >> shift;
+    uint32_t rem = m & ((1u << shift) - 1u);
+    uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+  }
+  uint32_t h = ((absx >> 13) - (112u << 10));
+  uint32_t rem = absx & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+  return (uint16_t)(sign | h);
+}
+
+/** IEEE binary16 -> float (exact). */
+KIVI_HD float kivi_f16_to_f32(uint16_t h) {
+  uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+  uint32_t e = ((uint32_t)h >> 10) & 0x1fu;
+  uint32_t m = (uint32_t)h & 0x3ffu;
+  if (e == 0x1fu) return kivi_bits_f32(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {
+    if (m == 0) return kivi_bits_f32(sign);
+    float v = (float)m * 5.9604644775390625e-08f; /* m * 2^-24, exact */
+    return sign ? -v : v;
+  }
+  return kivi_bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+/** float -> bfloat16, round to nearest even (NaN stays NaN). */
+KIVI_HD uint16_t kivi_f32_to_bf16(float f) {
+  uint32_t x = kivi_f32_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return (uint16_t)(x >> 16);
+}
+KIVI_HD float kivi_bf16_to_f32(uint16_t b) { return kivi_bits_f32((uint32_t)b << 16); }
+
+/* ------------------------------------------------------------------ uniform (KIVI) ------- */
+
+/** Group params from the group's min and max, rounded to fp16 as stored. */
+KIVI_HD void kivi_uniform_params(float mn, float mx, int32_t bits, uint16_t *scale_h, uint16_t *zero_h) {
+  *scale_h = kivi_f32_to_f16((mx - mn) / (float)((1 << bits) - 1));
+  *zero_h = kivi_f32_to_f16(mn);
+}
+
+/** The uniform code of x for stored params (s = float(scale_h), z = float(zero_h)). A constant
+    group (s == 0) gives code 0 without dividing. Identical on host and device. */
+KIVI_HD uint32_t kivi_uniform_code(float x, float z, float s, int32_t bits) {
+  if (!(s > 0.0f)) return 0u;
+  float q = rintf((x - z) / s);
+  float top = (float)((1 << bits) - 1);
+  q = q < 0.0f ? 0.0f : (q > top ? top : q);
+  return (uint32_t)q;
+}
+
+/** The dequantized value of code q. */
+KIVI_HD float kivi_uniform_value(uint32_t q, float z, float s) { return fmaf((float)q, s, z); }
+
+/* ------------------------------------------------------------------ codebook ------------- */
+
+/** Nearest centroid of x among n sorted centroids c[0..n-1]; a tie goes to the upper one. */
+KIVI_HD uint32_t kivi_nearest_code(float x, const float *c, int32_t n) {
+  uint32_t q = 0;
+  for (int32_t i = 0; i + 1 < n; i++) q += (x >= 0.5f * (c[i] + c[i + 1])) ? 1u : 0u;
+  return q;
+}
+
+/** The seed's interval table over n sorted centroids (see kivi.h KIVI_ASSIGN_INTERVAL). */
+KIVI_HD uint32_t kivi_interval_code(float x, const float *c, int32_t n) {
+  if (x > c[n - 1]) return (uint32_t)(n - 1);
+  uint32_t q = 0;
+  for (int32_t i = 1; i + 1 < n; i++) q += (x >= c[i]) ? 1u : 0u;
+  return q;
+}
+
+/* ------------------------------------------------------------------ matrix layout -------- */
+
+/** Number of groups of an [rows][cols] matrix grouped along `axis` (0 token, 1 channel). */
+KIVI_HD int64_t kivi_group_count(int64_t rows, int64_t cols, int32_t axis, int32_t group) {
+  return axis == 0 ? cols * (rows / group) : rows * (cols / group);
+}
+/** Number of packed words of the whole matrix. */
+KIVI_HD int64_t kivi_word_count(int64_t rows, int64_t cols, int32_t bits) {
+  return rows * cols / kivi_codes_per_word(bits);
+}
+/** Group index of element (r, c). */
+KIVI_HD int64_t kivi_group_of(int64_t r, int64_t c, int64_t rows, int64_t cols, int32_t axis, int32_t group) {
+  return axis == 0 ? c * (rows / group) + r / group : r * (cols / group) + c / group;
+}
+/** Index of the packed word that holds element (r, c), and (via *slot) its slot in the word. */
+KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, int32_t axis, int32_t bits,
+                             int32_t *slot) {
+  int32_t cpw = kivi_codes_per_word(bits);
+  if (axis == 0) {
+    *slot = (int32_t)(r % cpw);
+    return c * (rows / cpw) + r / cpw;
+  }
+  *slot = (int32_t)(c % cpw);
+  return r * (cols / cpw) + c / cpw;
+}
+
+#endif /* KIVI_FORMAT_H */

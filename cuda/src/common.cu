@@ -1,0 +1,526 @@
+/*
+ * common.cu — library, context, memory and timing exports of the CUDA build, plus what every op
+ * shares: the error slots, CUDA error mapping (sticky faults poison the context), the argument
+ * validator (same rules, order and messages as the CPU build) and the NaN/Inf pre-scan.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+
+static thread_local char tl_err[KV_ERR_LEN];
+
+kivi_status kv_fail(kivi_ctx_t ctx, kivi_status st, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(tl_err, sizeof tl_err, fmt, ap);
+  va_end(ap);
+  if (ctx) snprintf(ctx->error, sizeof ctx->error, "%s", tl_err);
+  return st;
+}
+
+/* Faults after which the CUDA context (and so ours) cannot be used again. */
+static bool kv_is_sticky(cudaError_t e) {
+  switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorAssert:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorNvlinkUncorrectable:
+    case cudaErrorContained:
+    case cudaErrorExternalDevice:
+    case cudaErrorTensorMemoryLeak:
+    case cudaErrorContextIsDestroyed:
+    case cudaErrorPriorLaunchFailure:
+      return true;
+    default:
+      return false;
+  }
+}
+
+kivi_status kv_cuda(kivi_ctx_t ctx, cudaError_t e, const char *op, const char *what) {
+  if (e == cudaSuccess) return KIVI_OK;
+  if (kv_is_sticky(e)) {
+    kivi_status st = kv_fail(ctx, KIVI_ERR_CUDA_STICKY,
+                             "%s: %s failed with a sticky CUDA fault: %s (%s); the context is unusable, destroy it",
+                             op, what, cudaGetErrorString(e), cudaGetErrorName(e));
+    if (ctx && !ctx->sticky) {
+      ctx->sticky = 1;
+      snprintf(ctx->sticky_msg, sizeof ctx->sticky_msg, "%s", tl_err);
+    }
+    return st;
+  }
+  (void)cudaGetLastError(); /* clear the non-sticky error so the next call starts clean */
+  return kv_fail(ctx, e == cudaErrorMemoryAllocation ? KIVI_ERR_NOMEM : KIVI_ERR_CUDA, "%s: %s failed: %s (%s)", op,
+                 what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+kivi_status kv_enter(kivi_ctx_t ctx, const char *op) {
+  if (!ctx) return kv_fail(NULL, KIVI_ERR_ARG, "%s: ctx must not be NULL", op);
+  if (ctx->sticky)
+    return kv_fail(ctx, KIVI_ERR_CUDA_STICKY,
+                   "%s: the context is unusable after an earlier sticky CUDA fault (%s); destroy it", op,
+                   ctx->sticky_msg);
+  return kv_cuda(ctx, cudaSetDevice(ctx->device), op, "cudaSetDevice");
+}
+
+kivi_status kv_launched(kivi_ctx_t ctx, const char *op, const char *kernel) {
+  return kv_cuda(ctx, cudaGetLastError(), op, kernel);
+}
+
+unsigned kv_grid(kivi_ctx_t ctx, int64_t work, int per_sm) {
+  int64_t cap = (int64_t)(ctx->sm_count > 0 ? ctx->sm_count : 1) * per_sm;
+  int64_t g = work < cap ? work : cap;
+  return (unsigned)(g < 1 ? 1 : g);
+}
+
+/* ---------------------------------------------------------------- validation ------------- */
+
+kv_spec kv_spec_init(const char *op, unsigned need) {
+  kv_spec s;
+  memset(&s, 0, sizeof s);
+  s.op = op;
+  s.need = need;
+  return s;
+}
+
+static const char *axis_name(kivi_axis a) { return a == KIVI_AXIS_TOKEN ? "KIVI_AXIS_TOKEN" : "KIVI_AXIS_CHANNEL"; }
+
+kivi_status kv_validate(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh) {
+  const char *op = s->op;
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  for (int i = 0; i < KV_MAX_PTRS && s->ptrs[i].name; i++)
+    if (!s->ptrs[i].p) return kv_fail(ctx, KIVI_ERR_ARG, "%s: %s must not be NULL", op, s->ptrs[i].name);
+
+  if (s->need & KV_NEED_N) {
+    if (s->n < 1) return kv_fail(ctx, KIVI_ERR_ARG, "%s: n must be >= 1, got %lld", op, (long long)s->n);
+    if (s->n >= KIVI_MAX_ELEMS)
+      return kv_fail(ctx, KIVI_ERR_ARG, "%s: n must be below 2^40, got %lld", op, (long long)s->n);
+  }
+  if (s->need & KV_NEED_MATRIX) {
+    if (s->rows < 1) return kv_fail(ctx, KIVI_ERR_ARG, "%s: rows must be >= 1, got %lld", op, (long long)s->rows);
+    if (s->cols < 1) return kv_fail(ctx, KIVI_ERR_ARG, "%s: cols must be >= 1, got %lld", op, (long long)s->cols);
+    if (s->rows > (KIVI_MAX_ELEMS - 1) / s->cols)
+      return kv_fail(ctx, KIVI_ERR_ARG, "%s: rows * cols must be below 2^40, got %lld x %lld", op,
+                     (long long)s->rows, (long long)s->cols);
+    if (!kivi_valid_group(s->group))
+      return kv_fail(ctx, KIVI_ERR_ARG, "%s: group must be 32, 64 or 128, got %d", op, (int)s->group);
+  }
+  if ((s->need & KV_NEED_BITS) && !kivi_valid_bits(s->bits))
+    return kv_fail(ctx, KIVI_ERR_ARG, "%s: bits must be 2 or 4, got %d", op, (int)s->bits);
+  if (s->dtype_name && s->dtype != KIVI_F32 && s->dtype != KIVI_F16 && s->dtype != KIVI_BF16)
+    return kv_fail(ctx, KIVI_ERR_ARG, "%s: %s must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op,
+                   s->dtype_name, (int)s->dtype);
+  if (s->need & KV_NEED_MATRIX) {
+    if (s->axis != KIVI_AXIS_TOKEN && s->axis != KIVI_AXIS_CHANNEL)
+      return kv_fail(ctx, KIVI_ERR_ARG, "%s: axis must be KIVI_AXIS_TOKEN (0) or KIVI_AXIS_CHANNEL (1), got %d", op,
+                     (int)s->axis);
+    const int64_t along = s->axis == KIVI_AXIS_TOKEN ? s->rows : s->cols;
+    if (along % s->group)
+      return kv_fail(ctx, KIVI_ERR_SHAPE, "%s: %s (%lld) must be a multiple of group (%d) for %s", op,
+                     s->axis == KIVI_AXIS_TOKEN ? "rows" : "cols", (long long)along, (int)s->group,
+                     axis_name(s->axis));
+  }
+  if ((s->need & KV_NEED_N) && (s->need & KV_NEED_BITS) && s->n % kivi_codes_per_word(s->bits))
+    return kv_fail(ctx, KIVI_ERR_SHAPE, "%s: n (%lld) must be a multiple of %d (codes per word at %d bits)", op,
+                   (long long)s->n, (int)kivi_codes_per_word(s->bits), (int)s->bits);
+  if ((s->need & KV_NEED_FIT) && s->fit != KIVI_FIT_FREE && s->fit != KIVI_FIT_PINNED)
+    return kv_fail(ctx, KIVI_ERR_ARG, "%s: fit must be KIVI_FIT_FREE (0) or KIVI_FIT_PINNED (1), got %d", op,
+                   (int)s->fit);
+  if ((s->need & KV_NEED_ITERS) && (s->max_iters < 1 || s->max_iters > KIVI_MAX_ITERS))
+    return kv_fail(ctx, KIVI_ERR_ARG, "%s: max_iters must be in 1..%d, got %d", op, KIVI_MAX_ITERS,
+                   (int)s->max_iters);
+  if ((s->need & KV_NEED_ASSIGN) && s->assign != KIVI_ASSIGN_NEAREST && s->assign != KIVI_ASSIGN_INTERVAL)
+    return kv_fail(ctx, KIVI_ERR_ARG,
+                   "%s: assign must be KIVI_ASSIGN_NEAREST (0) or KIVI_ASSIGN_INTERVAL (1), got %d", op,
+                   (int)s->assign);
+  if ((s->need & KV_NEED_FLAGS) && (s->flags & ~(int32_t)KIVI_FLAG_TRUSTED))
+    return kv_fail(ctx, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op, (int)s->flags);
+
+  if (sh) {
+    memset(sh, 0, sizeof *sh);
+    if (s->need & KV_NEED_MATRIX) {
+      sh->rows = s->rows;
+      sh->cols = s->cols;
+      sh->axis = s->axis;
+      sh->group = s->group;
+      sh->row_groups = s->rows / s->group;
+      sh->col_groups = s->cols / s->group;
+      sh->groups = kivi_group_count(s->rows, s->cols, s->axis, s->group);
+    }
+    if (s->need & KV_NEED_BITS) {
+      sh->bits = s->bits;
+      sh->cpw = kivi_codes_per_word(s->bits);
+      sh->levels = kivi_levels(s->bits);
+      sh->wpg = sh->group / sh->cpw;
+    }
+  }
+  return KIVI_OK;
+}
+
+kivi_status kv_scratch_reset(kivi_ctx_t ctx, const char *op) {
+  return kv_cuda(ctx, cudaMemsetAsync(ctx->d_scratch, 0xff, KV_SLOTS * sizeof(unsigned long long), ctx->stream), op,
+                 "cudaMemsetAsync (validation flags)");
+}
+
+kivi_status kv_scratch_read(kivi_ctx_t ctx, const char *op) {
+  kivi_status st = kv_cuda(ctx,
+                           cudaMemcpyAsync(ctx->h_scratch, ctx->d_scratch, KV_SLOTS * sizeof(unsigned long long),
+                                           cudaMemcpyDeviceToHost, ctx->stream),
+                           op, "cudaMemcpyAsync (validation flags)");
+  if (st) return st;
+  return kv_cuda(ctx, cudaStreamSynchronize(ctx->stream), op, "cudaStreamSynchronize (validation)");
+}
+
+/* ---------------------------------------------------------------- NaN / Inf scan --------- */
+
+/* Exponent all ones: Inf or NaN. */
+template <int DT> __device__ __forceinline__ bool kv_bad_bits(uint32_t u) {
+  if constexpr (DT == KIVI_F32) return (u & 0x7f800000u) == 0x7f800000u;
+  else if constexpr (DT == KIVI_F16) return (u & 0x7c00u) == 0x7c00u;
+  else return (u & 0x7f80u) == 0x7f80u;
+}
+
+/* x [n]: 16-byte loads when aligned (grid-stride), records the first bad index by atomicMin (only
+   threads that found one touch the flag). */
+template <int DT>
+static __global__ void k_scan_nonfinite(const void *__restrict__ x, int64_t n, bool aligned,
+                                        unsigned long long *__restrict__ first_bad) {
+  constexpr int V = kv_vec<DT>::n;
+  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  int64_t bad = INT64_MAX;
+  int64_t scalar_from = 0;
+  if (aligned) {
+    const int64_t nv = n / V;
+    const uint4 *xv = (const uint4 *)x;
+    for (int64_t i = tid; i < nv; i += stride) {
+      const uint4 u = xv[i];
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+      bool any = false;
+#pragma unroll
+      for (int k = 0; k < 4; k++) {
+        if constexpr (DT == KIVI_F32) any |= kv_bad_bits<DT>(w[k]);
+        else any |= kv_bad_bits<DT>(w[k] & 0xffffu) | kv_bad_bits<DT>(w[k] >> 16);
+      }
+      if (any) {
+        for (int k = 0; k < V; k++) {
+          const uint32_t e = DT == KIVI_F32 ? w[k] : ((w[k / 2] >> (16 * (k & 1))) & 0xffffu);
+          if (kv_bad_bits<DT>(e)) {
+            bad = bad < i * V + k ? bad : i * V + k;
+            break;
+          }
+        }
+      }
+    }
+    scalar_from = nv * V;
+  }
+  for (int64_t i = scalar_from + tid; i < n; i += stride) {
+    const uint32_t e = DT == KIVI_F32 ? ((const uint32_t *)x)[i] : (uint32_t)((const uint16_t *)x)[i];
+    if (kv_bad_bits<DT>(e)) bad = bad < i ? bad : i;
+  }
+  if (bad != INT64_MAX) atomicMin(first_bad, (unsigned long long)bad);
+}
+
+kivi_status kv_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const kv_shape *sh) {
+  const int64_t n = sh->rows * sh->cols;
+  kivi_status st = kv_scratch_reset(ctx, op);
+  if (st) return st;
+  const bool aligned = ((uintptr_t)x & 15u) == 0;
+  const int threads = 256;
+  const int64_t per_block = (int64_t)threads * 16; /* ~16 bytes per thread per pass at minimum */
+  const unsigned grid = kv_grid(ctx, (n * (dtype == KIVI_F32 ? 4 : 2) + per_block * 16 - 1) / (per_block * 16), 8);
+  unsigned long long *slot = ctx->d_scratch + KV_SLOT_NONFINITE;
+#define KV_SCAN(DT) k_scan_nonfinite<DT><<<grid, threads, 0, ctx->stream>>>(x, n, aligned, slot)
+  KV_DISPATCH_DT(dtype, KV_SCAN)
+#undef KV_SCAN
+  if ((st = kv_launched(ctx, op, "k_scan_nonfinite"))) return st;
+  if ((st = kv_scratch_read(ctx, op))) return st;
+  const unsigned long long bad = ctx->h_scratch[KV_SLOT_NONFINITE];
+  if (bad == ~0ull) return KIVI_OK;
+  /* One element to name it: NaN, +Inf or -Inf. */
+  const int64_t i = (int64_t)bad;
+  uint32_t bits = 0;
+  const size_t es = dtype == KIVI_F32 ? 4 : 2;
+  st = kv_cuda(ctx, cudaMemcpy(&bits, (const char *)x + (size_t)i * es, es, cudaMemcpyDeviceToHost), op,
+               "cudaMemcpy (bad element)");
+  if (st) return st;
+  float v = dtype == KIVI_F32 ? kivi_bits_f32(bits)
+                              : (dtype == KIVI_F16 ? kivi_f16_to_f32((uint16_t)bits) : kivi_bf16_to_f32((uint16_t)bits));
+  const int64_t r = i / sh->cols, c = i % sh->cols;
+  return kv_fail(ctx, KIVI_ERR_NONFINITE,
+                 "%s: x must be finite, got %s at index %lld (row %lld, col %lld, group %lld); "
+                 "pass KIVI_FLAG_TRUSTED only for data known to be finite",
+                 op, v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"), (long long)i, (long long)r, (long long)c,
+                 (long long)kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
+}
+
+/* ---------------------------------------------------------------- library ---------------- */
+
+extern "C" {
+
+KIVI_API int32_t kivi_abi_version(void) { return KIVI_ABI_VERSION; }
+KIVI_API int32_t kivi_backend_kind(void) { return 1; }
+
+KIVI_API const char *kivi_status_str(kivi_status code) {
+  switch (code) {
+    case KIVI_OK: return "KIVI_OK";
+    case KIVI_ERR_ARG: return "KIVI_ERR_ARG";
+    case KIVI_ERR_SHAPE: return "KIVI_ERR_SHAPE";
+    case KIVI_ERR_NONFINITE: return "KIVI_ERR_NONFINITE";
+    case KIVI_ERR_NOMEM: return "KIVI_ERR_NOMEM";
+    case KIVI_ERR_CUDA: return "KIVI_ERR_CUDA";
+    case KIVI_ERR_CUDA_STICKY: return "KIVI_ERR_CUDA_STICKY";
+    case KIVI_ERR_NO_DEVICE: return "KIVI_ERR_NO_DEVICE";
+    case KIVI_ERR_STATE: return "KIVI_ERR_STATE";
+    case KIVI_ERR_UNSUPPORTED: return "KIVI_ERR_UNSUPPORTED";
+    default: return "KIVI_ERR_UNKNOWN";
+  }
+}
+
+KIVI_API const char *kivi_last_error(void) { return tl_err; }
+
+KIVI_API kivi_status kivi_device_count(int32_t *count) {
+  if (!count) return kv_fail(NULL, KIVI_ERR_ARG, "kivi_device_count: count must not be NULL");
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    n = 0; /* no driver or no device: zero devices, not an error */
+  }
+  *count = n;
+  return KIVI_OK;
+}
+
+/* ---------------------------------------------------------------- context ---------------- */
+
+static void ctx_release(kivi_ctx_t ctx) {
+  if (ctx->h_scratch) cudaFreeHost(ctx->h_scratch);
+  if (ctx->d_scratch) cudaFree(ctx->d_scratch);
+  if (ctx->ev_start) cudaEventDestroy(ctx->ev_start);
+  if (ctx->ev_stop) cudaEventDestroy(ctx->ev_stop);
+  if (ctx->stream) cudaStreamDestroy(ctx->stream);
+  (void)cudaGetLastError();
+  free(ctx);
+}
+
+KIVI_API kivi_status kivi_ctx_create(int32_t device, kivi_ctx_t *out) {
+  static const char *op = "kivi_ctx_create";
+  if (!out) return kv_fail(NULL, KIVI_ERR_ARG, "%s: out must not be NULL", op);
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return kv_fail(NULL, KIVI_ERR_NO_DEVICE, "%s: no CUDA device: %s (%s)", op, cudaGetErrorString(e),
+                   cudaGetErrorName(e));
+  }
+  if (device < 0 || device >= n)
+    return kv_fail(NULL, KIVI_ERR_NO_DEVICE, "%s: device must be in 0..%d, got %d", op, n - 1, (int)device);
+  kivi_ctx_t ctx = (kivi_ctx_t)calloc(1, sizeof *ctx);
+  if (!ctx) return kv_fail(NULL, KIVI_ERR_NOMEM, "%s: could not allocate %zu bytes", op, sizeof *ctx);
+  ctx->device = device;
+  kivi_status st;
+  if ((st = kv_cuda(NULL, cudaSetDevice(device), op, "cudaSetDevice")) ||
+      (st = kv_cuda(NULL, cudaDeviceGetAttribute(&ctx->sm_count, cudaDevAttrMultiProcessorCount, device), op,
+                    "cudaDeviceGetAttribute")) ||
+      (st = kv_cuda(NULL, cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking), op,
+                    "cudaStreamCreateWithFlags")) ||
+      (st = kv_cuda(NULL, cudaEventCreate(&ctx->ev_start), op, "cudaEventCreate")) ||
+      (st = kv_cuda(NULL, cudaEventCreate(&ctx->ev_stop), op, "cudaEventCreate")) ||
+      (st = kv_cuda(NULL, cudaMalloc((void **)&ctx->d_scratch, KV_SLOTS * sizeof(unsigned long long)), op,
+                    "cudaMalloc (scratch)")) ||
+      (st = kv_cuda(NULL, cudaMallocHost((void **)&ctx->h_scratch, KV_SLOTS * sizeof(unsigned long long)), op,
+                    "cudaMallocHost (scratch)"))) {
+    ctx_release(ctx);
+    return st;
+  }
+  *out = ctx;
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_ctx_destroy(kivi_ctx_t ctx) {
+  if (!ctx) return KIVI_OK;
+  if (cudaSetDevice(ctx->device) == cudaSuccess && !ctx->sticky) (void)cudaStreamSynchronize(ctx->stream);
+  ctx_release(ctx);
+  return KIVI_OK;
+}
+
+KIVI_API const char *kivi_ctx_last_error(kivi_ctx_t ctx) { return ctx ? ctx->error : ""; }
+
+KIVI_API kivi_status kivi_ctx_device_name(kivi_ctx_t ctx, char *name, int32_t len) {
+  static const char *op = "kivi_ctx_device_name";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if (!name) return kv_fail(ctx, KIVI_ERR_ARG, "%s: name must not be NULL", op);
+  if (len < 1) return kv_fail(ctx, KIVI_ERR_ARG, "%s: len must be >= 1, got %d", op, (int)len);
+  cudaDeviceProp prop;
+  if ((st = kv_cuda(ctx, cudaGetDeviceProperties(&prop, ctx->device), op, "cudaGetDeviceProperties"))) return st;
+  snprintf(name, (size_t)len, "%s", prop.name);
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_ctx_synchronize(kivi_ctx_t ctx) {
+  static const char *op = "kivi_ctx_synchronize";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  return kv_cuda(ctx, cudaStreamSynchronize(ctx->stream), op, "work enqueued on the context");
+}
+
+KIVI_API kivi_status kivi_ctx_query(kivi_ctx_t ctx, int32_t *done) {
+  static const char *op = "kivi_ctx_query";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if (!done) return kv_fail(ctx, KIVI_ERR_ARG, "%s: done must not be NULL", op);
+  cudaError_t e = cudaStreamQuery(ctx->stream);
+  if (e == cudaErrorNotReady) {
+    *done = 0;
+    return KIVI_OK;
+  }
+  if ((st = kv_cuda(ctx, e, op, "work enqueued on the context"))) return st;
+  *done = 1;
+  return KIVI_OK;
+}
+
+/* ---------------------------------------------------------------- memory ----------------- */
+
+KIVI_API kivi_status kivi_mem_alloc(kivi_ctx_t ctx, uint64_t bytes, void **out) {
+  static const char *op = "kivi_mem_alloc";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if (!out) return kv_fail(ctx, KIVI_ERR_ARG, "%s: out must not be NULL", op);
+  if (bytes == 0) return kv_fail(ctx, KIVI_ERR_ARG, "%s: bytes must be > 0, got 0", op);
+  void *p = NULL;
+  cudaError_t e = cudaMalloc(&p, (size_t)bytes);
+  if (e != cudaSuccess) {
+    char what[96];
+    snprintf(what, sizeof what, "cudaMalloc of %llu bytes", (unsigned long long)bytes);
+    return kv_cuda(ctx, e, op, what);
+  }
+  *out = p;
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_mem_free(kivi_ctx_t ctx, void *data) {
+  static const char *op = "kivi_mem_free";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if (!data) return KIVI_OK;
+  return kv_cuda(ctx, cudaFree(data), op, "cudaFree");
+}
+
+static kivi_status mem_move(kivi_ctx_t ctx, const char *op, const char *dst_name, void *dst, const char *src_name,
+                            const void *src, uint64_t bytes, cudaMemcpyKind kind, bool wait) {
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if (!dst) return kv_fail(ctx, KIVI_ERR_ARG, "%s: %s must not be NULL", op, dst_name);
+  if (!src) return kv_fail(ctx, KIVI_ERR_ARG, "%s: %s must not be NULL", op, src_name);
+  if (bytes == 0) return KIVI_OK;
+  if ((st = kv_cuda(ctx, cudaMemcpyAsync(dst, src, (size_t)bytes, kind, ctx->stream), op, "cudaMemcpyAsync")))
+    return st;
+  if (wait) return kv_cuda(ctx, cudaStreamSynchronize(ctx->stream), op, "cudaStreamSynchronize");
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_mem_upload(kivi_ctx_t ctx, void *dst_data, const void *src_host, uint64_t bytes) {
+  return mem_move(ctx, "kivi_mem_upload", "dst_data", dst_data, "src_host", src_host, bytes, cudaMemcpyHostToDevice,
+                  true);
+}
+KIVI_API kivi_status kivi_mem_download(kivi_ctx_t ctx, void *dst_host, const void *src_data, uint64_t bytes) {
+  return mem_move(ctx, "kivi_mem_download", "dst_host", dst_host, "src_data", src_data, bytes,
+                  cudaMemcpyDeviceToHost, true);
+}
+KIVI_API kivi_status kivi_mem_copy(kivi_ctx_t ctx, void *dst_data, const void *src_data, uint64_t bytes) {
+  return mem_move(ctx, "kivi_mem_copy", "dst_data", dst_data, "src_data", src_data, bytes, cudaMemcpyDeviceToDevice,
+                  false);
+}
+
+KIVI_API kivi_status kivi_mem_info(kivi_ctx_t ctx, uint64_t *free_bytes, uint64_t *total_bytes) {
+  static const char *op = "kivi_mem_info";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if (!free_bytes) return kv_fail(ctx, KIVI_ERR_ARG, "%s: free_bytes must not be NULL", op);
+  if (!total_bytes) return kv_fail(ctx, KIVI_ERR_ARG, "%s: total_bytes must not be NULL", op);
+  size_t f = 0, t = 0;
+  if ((st = kv_cuda(ctx, cudaMemGetInfo(&f, &t), op, "cudaMemGetInfo"))) return st;
+  *free_bytes = f;
+  *total_bytes = t;
+  return KIVI_OK;
+}
+
+/* ---------------------------------------------------------------- timing ----------------- */
+
+KIVI_API kivi_status kivi_timer_start(kivi_ctx_t ctx) {
+  static const char *op = "kivi_timer_start";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if ((st = kv_cuda(ctx, cudaEventRecord(ctx->ev_start, ctx->stream), op, "cudaEventRecord"))) return st;
+  ctx->timer_started = 1;
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_timer_stop(kivi_ctx_t ctx, float *ms) {
+  static const char *op = "kivi_timer_stop";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if (!ms) return kv_fail(ctx, KIVI_ERR_ARG, "%s: ms must not be NULL", op);
+  if (!ctx->timer_started) return kv_fail(ctx, KIVI_ERR_STATE, "%s: call kivi_timer_start first", op);
+  if ((st = kv_cuda(ctx, cudaEventRecord(ctx->ev_stop, ctx->stream), op, "cudaEventRecord"))) return st;
+  if ((st = kv_cuda(ctx, cudaEventSynchronize(ctx->ev_stop), op, "cudaEventSynchronize"))) return st;
+  float t = 0.0f;
+  if ((st = kv_cuda(ctx, cudaEventElapsedTime(&t, ctx->ev_start, ctx->ev_stop), op, "cudaEventElapsedTime")))
+    return st;
+  *ms = t;
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_bench_copy(kivi_ctx_t ctx, uint64_t bytes, int32_t iters, double *gbps) {
+  static const char *op = "kivi_bench_copy";
+  kivi_status st = kv_enter(ctx, op);
+  if (st) return st;
+  if (!gbps) return kv_fail(ctx, KIVI_ERR_ARG, "%s: gbps must not be NULL", op);
+  if (bytes == 0) return kv_fail(ctx, KIVI_ERR_ARG, "%s: bytes must be > 0, got 0", op);
+  if (iters < 1) return kv_fail(ctx, KIVI_ERR_ARG, "%s: iters must be >= 1, got %d", op, (int)iters);
+  void *src = NULL, *dst = NULL;
+  cudaEvent_t e0 = NULL, e1 = NULL;
+  float ms = 0.0f;
+  if ((st = kv_cuda(ctx, cudaMalloc(&src, (size_t)bytes), op, "cudaMalloc (source)")) ||
+      (st = kv_cuda(ctx, cudaMalloc(&dst, (size_t)bytes), op, "cudaMalloc (destination)")) ||
+      (st = kv_cuda(ctx, cudaEventCreate(&e0), op, "cudaEventCreate")) ||
+      (st = kv_cuda(ctx, cudaEventCreate(&e1), op, "cudaEventCreate")) ||
+      (st = kv_cuda(ctx, cudaMemsetAsync(src, 1, (size_t)bytes, ctx->stream), op, "cudaMemsetAsync")) ||
+      (st = kv_cuda(ctx, cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToDevice, ctx->stream), op,
+                    "cudaMemcpyAsync (warm-up)")) ||
+      (st = kv_cuda(ctx, cudaEventRecord(e0, ctx->stream), op, "cudaEventRecord")))
+    goto done;
+  for (int32_t i = 0; i < iters; i++)
+    if ((st = kv_cuda(ctx, cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToDevice, ctx->stream), op,
+                      "cudaMemcpyAsync")))
+      goto done;
+  if ((st = kv_cuda(ctx, cudaEventRecord(e1, ctx->stream), op, "cudaEventRecord")) ||
+      (st = kv_cuda(ctx, cudaEventSynchronize(e1), op, "cudaEventSynchronize")) ||
+      (st = kv_cuda(ctx, cudaEventElapsedTime(&ms, e0, e1), op, "cudaEventElapsedTime")))
+    goto done;
+  {
+    double s = (double)ms * 1e-3;
+    if (s <= 0) s = 1e-9;
+    *gbps = 2.0 * (double)bytes * (double)iters / s / 1e9;
+  }
+done:
+  if (!ctx->sticky) (void)cudaStreamSynchronize(ctx->stream);
+  if (e0) cudaEventDestroy(e0);
+  if (e1) cudaEventDestroy(e1);
+  if (src) cudaFree(src);
+  if (dst) cudaFree(dst);
+  if (!ctx->sticky) (void)cudaGetLastError();
+  return st;
+}
+
+} /* extern "C" */

@@ -1,0 +1,168 @@
+/*
+ * common.cuh — private to the CUDA build: the context, the error slots, the shared argument
+ * validator (the CPU build's rules and messages), the NaN/Inf pre-scan, and the device helpers
+ * (element loads/stores per dtype) that every op's kernels use.
+ */
+#ifndef KIVI_CUDA_COMMON_CUH
+#define KIVI_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "kivi.h"
+#include "kivi_format.h"
+
+#define KV_ERR_LEN 512
+#define KV_MAX_PTRS 6
+
+/* Slots of the device scratch buffer (uint64 each, reset to ~0 before a check). */
+enum { KV_SLOT_NONFINITE = 0, KV_SLOT_CENTROIDS = 1, KV_SLOT_CODES = 2, KV_SLOTS = 4 };
+
+struct kivi_ctx {
+  int32_t device;
+  int32_t sm_count;
+  cudaStream_t stream; /* non-blocking: never serialises with the legacy default stream */
+  cudaEvent_t ev_start, ev_stop;
+  int timer_started;
+  int sticky;                 /* a sticky fault happened: every later call fails */
+  char sticky_msg[KV_ERR_LEN];
+  char error[KV_ERR_LEN];
+  unsigned long long *d_scratch; /* device [KV_SLOTS]: validation results */
+  unsigned long long *h_scratch; /* pinned host mirror [KV_SLOTS] */
+};
+
+/* ---------------------------------------------------------------- errors ----------------- */
+
+/** Formats the message into the thread-local slot and (if ctx) the context's; returns st. */
+kivi_status kv_fail(kivi_ctx_t ctx, kivi_status st, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/** Maps a CUDA error to KIVI_ERR_CUDA / KIVI_ERR_NOMEM / KIVI_ERR_CUDA_STICKY (marking ctx sticky),
+    with "op: what failed: <CUDA's text> (<name>)"; clears a non-sticky error. OK for cudaSuccess. */
+kivi_status kv_cuda(kivi_ctx_t ctx, cudaError_t e, const char *op, const char *what);
+/** ctx non-null, not sticky, cudaSetDevice(ctx->device). Every export taking a ctx starts here. */
+kivi_status kv_enter(kivi_ctx_t ctx, const char *op);
+/** cudaGetLastError after a launch. */
+kivi_status kv_launched(kivi_ctx_t ctx, const char *op, const char *kernel);
+/** Blocks, at most ~sm_count * per_sm, at least 1, for a grid-stride loop over `work` blocks. */
+unsigned kv_grid(kivi_ctx_t ctx, int64_t work, int per_sm);
+
+/* ---------------------------------------------------------------- validation ------------- */
+
+enum {
+  KV_NEED_MATRIX = 1 << 0,
+  KV_NEED_N = 1 << 1,
+  KV_NEED_BITS = 1 << 2,
+  KV_NEED_FIT = 1 << 3,
+  KV_NEED_ASSIGN = 1 << 4,
+  KV_NEED_ITERS = 1 << 5,
+  KV_NEED_FLAGS = 1 << 6
+};
+
+struct kv_ptr {
+  const char *name; /* NULL ends the list */
+  const void *p;
+};
+
+struct kv_spec {
+  const char *op;
+  unsigned need;
+  kv_ptr ptrs[KV_MAX_PTRS];
+  int64_t rows, cols, n;
+  kivi_axis axis;
+  int32_t group, bits;
+  const char *dtype_name; /* "dtype" / "out_dtype"; NULL: none */
+  kivi_dtype dtype;
+  kivi_fit fit;
+  kivi_assign assign;
+  int32_t max_iters, flags;
+};
+
+struct kv_shape {
+  int64_t rows, cols, groups;
+  int64_t row_groups; /* rows / group (groups per column, token axis) */
+  int64_t col_groups; /* cols / group */
+  int32_t axis, group, bits, cpw, levels, wpg;
+};
+
+kv_spec kv_spec_init(const char *op, unsigned need);
+/** The shared argument rules of kivi.h, in the CPU build's order and words; fills *sh. Also runs
+    kv_enter (ctx checks + cudaSetDevice). */
+kivi_status kv_validate(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh);
+/** NaN/Inf scan of x [n] on the device; waits for it. KIVI_ERR_NONFINITE naming the first bad
+    element (row, col, group from sh) and nothing else happens. */
+kivi_status kv_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const kv_shape *sh);
+/** Resets the scratch slots (async, on the stream). */
+kivi_status kv_scratch_reset(kivi_ctx_t ctx, const char *op);
+/** Copies the scratch slots to ctx->h_scratch and waits. */
+kivi_status kv_scratch_read(kivi_ctx_t ctx, const char *op);
+
+/* ---------------------------------------------------------------- device helpers --------- */
+
+template <int DT> struct kv_dt;
+template <> struct kv_dt<KIVI_F32> { static constexpr int size = 4; };
+template <> struct kv_dt<KIVI_F16> { static constexpr int size = 2; };
+template <> struct kv_dt<KIVI_BF16> { static constexpr int size = 2; };
+
+/** 16-bit pattern -> float (exact), per dtype. */
+template <int DT> __device__ __forceinline__ float kv_h2f(uint32_t h) {
+  if constexpr (DT == KIVI_F16) return __half2float(__ushort_as_half((unsigned short)h));
+  else return __uint_as_float(h << 16);
+}
+
+/** Element i of x as float. */
+template <int DT> __device__ __forceinline__ float kv_ld(const void *__restrict__ x, int64_t i) {
+  if constexpr (DT == KIVI_F32) return ((const float *)x)[i];
+  else return kv_h2f<DT>(((const uint16_t *)x)[i]);
+}
+
+/** Element e (0 or 1) of a 32-bit word holding two 16-bit elements (or one f32). */
+template <int DT> __device__ __forceinline__ float kv_word_elem(uint32_t w, int e) {
+  if constexpr (DT == KIVI_F32) return __uint_as_float(w);
+  else return kv_h2f<DT>(e ? (w >> 16) : (w & 0xffffu));
+}
+
+/** float -> stored pattern of a 16-bit dtype (f16 by the hardware's RNE conversion, which is
+    kivi_f32_to_f16 for every input; bf16 by kivi_format.h). */
+template <int DT> __device__ __forceinline__ uint16_t kv_f2h(float v) {
+  if constexpr (DT == KIVI_F16) return __half_as_ushort(__float2half_rn(v));
+  else return kivi_f32_to_bf16(v);
+}
+
+/** Stores v as element i of out. */
+template <int DT> __device__ __forceinline__ void kv_st(void *__restrict__ out, int64_t i, float v) {
+  if constexpr (DT == KIVI_F32) ((float *)out)[i] = v;
+  else ((uint16_t *)out)[i] = kv_f2h<DT>(v);
+}
+
+/** Values per 16-byte chunk. */
+template <int DT> struct kv_vec { static constexpr int n = 16 / kv_dt<DT>::size; };
+
+/** The 16-byte chunk of x starting at element e (a multiple of kv_vec<DT>::n) as floats; one
+    vector load when x is 16-byte aligned, element loads otherwise. */
+template <int DT>
+__device__ __forceinline__ void kv_ld_chunk(const void *__restrict__ x, int64_t e, bool aligned,
+                                            float (&v)[kv_vec<DT>::n]) {
+  constexpr int N = kv_vec<DT>::n;
+  if (aligned) {
+    const uint4 u = ((const uint4 *)x)[e / N];
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+      if constexpr (DT == KIVI_F32) v[i] = __uint_as_float(w[i]);
+      else v[i] = kv_word_elem<DT>(w[i / 2], i & 1);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i++) v[i] = kv_ld<DT>(x, e + i);
+  }
+}
+
+/** Launch dispatch over the runtime dtype (f(std::integral_constant)). */
+#define KV_DISPATCH_DT(dt, F)                          \
+  switch (dt) {                                        \
+    case KIVI_F32: F(KIVI_F32); break;                 \
+    case KIVI_F16: F(KIVI_F16); break;                 \
+    default: F(KIVI_BF16); break;                      \
+  }
+
+#endif /* KIVI_CUDA_COMMON_CUH */

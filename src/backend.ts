@@ -1,0 +1,593 @@
+/**
+ * Backends and device memory. `openBackend` loads the CUDA build where a device is present, else
+ * the CPU reference build (with the reason), and returns a `Backend` that owns the loaded library,
+ * one native context and every `DeviceTensor` allocated through it.
+ *
+ * @module
+ */
+import process from "node:process";
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { loadNative, type NativeLib, type Pointer } from "./ffi/_native.ts";
+import type { SymbolName } from "./ffi/symbols.ts";
+import { KiviError, Status } from "./errors.ts";
+import { checkInt, checkOneOf, show } from "./_checks.ts";
+import * as quant from "./quant.ts";
+import type {
+  BlockStats,
+  Bits,
+  Buf,
+  CodebookOptions,
+  CodebookQuantized,
+  FitOptions,
+  FitResult,
+  Input,
+  Mem,
+  MemOf,
+  Quantized,
+  QuantizeOptions,
+  StatsOptions,
+} from "./quant.ts";
+import { type DType, dtypeBytes, dtypeOfHost, type HostArray, hostArray, type HostOf, type TensorDType } from "./_dtype.ts";
+
+export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
+
+/** The ABI version this TypeScript code was written against (kivi.h KIVI_ABI_VERSION). */
+export const ABI_VERSION = 1;
+
+/** Where a backend runs. */
+export type BackendKind = "cpu" | "cuda";
+
+/** Options of {@link openBackend}. */
+export interface OpenOptions {
+  /** "auto" (default): CUDA where a device is present, else the CPU build. */
+  prefer?: "auto" | "cpu" | "cuda";
+  /** CUDA device index (default 0). */
+  device?: number;
+  /** A library to load instead of build/libkivi_*.so (default: the KIVI_LIB_PATH variable). */
+  libraryPath?: string;
+}
+
+/** Default library locations: build/ beside src/. */
+export function defaultLibraryPath(kind: BackendKind): string {
+  return fileURLToPath(new URL(`../build/libkivi_${kind}.so`, import.meta.url));
+}
+
+/**
+ * The native context and library shared by a backend and its tensors; destroyed when the last of
+ * them lets go, so a tensor freed by its finalizer after the backend never uses a dead context.
+ */
+class NativeState {
+  refs = 1;
+  broken: string | undefined;
+  constructor(readonly lib: NativeLib, readonly ctx: Pointer) {}
+  retain(): void {
+    this.refs++;
+  }
+  release(): void {
+    if (--this.refs > 0) return;
+    this.lib.call("kivi_ctx_destroy", this.ctx);
+    this.lib.close();
+  }
+}
+
+interface TensorHeld {
+  state: NativeState;
+  ptr: Pointer;
+}
+
+const tensorRegistry = new FinalizationRegistry<TensorHeld>((held) => {
+  held.state.lib.call("kivi_mem_free", held.state.ctx, held.ptr);
+  held.state.release();
+});
+const backendRegistry = new FinalizationRegistry<NativeState>((state) => state.release());
+
+/**
+ * Memory owned by a backend: device memory on the `cuda` backend, host memory from the same
+ * allocator on the `cpu` backend, so code written for tensors runs on both.
+ *
+ * @example
+ * ```ts
+ * import { openBackend } from "./mod.ts";
+ * using kivi = await openBackend({ prefer: "cpu" });
+ * using t = kivi.upload(new Float32Array([1, 2, 3, 4]), { shape: [2, 2] });
+ * console.log(await t.read()); // Float32Array [1, 2, 3, 4]
+ * ```
+ */
+export class DeviceTensor<D extends TensorDType = TensorDType> {
+  readonly shape: readonly number[];
+  readonly dtype: D;
+  readonly length: number;
+  readonly bytes: number;
+  #backend: Backend;
+  #ptr: Pointer;
+  #held: TensorHeld | undefined;
+
+  /** @internal use Backend.alloc / Backend.upload */
+  constructor(backend: Backend, state: NativeState, ptr: Pointer, shape: readonly number[], dtype: D) {
+    this.#backend = backend;
+    this.#ptr = ptr;
+    this.shape = Object.freeze([...shape]);
+    this.dtype = dtype;
+    this.length = shape.reduce((a, b) => a * b, 1);
+    this.bytes = this.length * dtypeBytes[dtype];
+    state.retain();
+    this.#held = { state, ptr };
+    tensorRegistry.register(this, this.#held, this);
+  }
+
+  /** The backend that owns this tensor. */
+  get backend(): Backend {
+    return this.#backend;
+  }
+
+  /** True once disposed. */
+  get disposed(): boolean {
+    return this.#held === undefined;
+  }
+
+  /** @internal the address, for the backend's native calls. */
+  pointer(op: string): Pointer {
+    if (this.#held === undefined) {
+      throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: the tensor was disposed; allocate a new one`);
+    }
+    return this.#ptr;
+  }
+
+  /** Copies the tensor to a new host array once pending device work is done, without blocking the
+   * event loop while the device works. */
+  async read(): Promise<HostOf[D]> {
+    const out = hostArray(this.dtype, this.length);
+    await this.#backend._download(out, this.pointer("read"), this.bytes, true);
+    return out;
+  }
+
+  /** Like `read`, but blocks until the device is done. */
+  readSync(): HostOf[D] {
+    const out = hostArray(this.dtype, this.length);
+    this.#backend._download(out, this.pointer("readSync"), this.bytes, false);
+    return out;
+  }
+
+  /** Overwrites the tensor with a host array of the same dtype and length. */
+  write(data: HostOf[D]): void {
+    this.#backend._upload(this as DeviceTensor, data, "write");
+  }
+
+  /** Frees the memory now. Idempotent. */
+  dispose(): void {
+    const held = this.#held;
+    if (held === undefined) return;
+    this.#held = undefined;
+    tensorRegistry.unregister(this);
+    this.#backend._forget(this as DeviceTensor);
+    held.state.lib.call("kivi_mem_free", held.state.ctx, held.ptr);
+    held.state.release();
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/**
+ * A loaded kivi library with one native context. Dispose it (or `using`) to free its tensors and
+ * the context; a disposed backend throws a KiviError on every call.
+ *
+ * @example
+ * ```ts
+ * import { openBackend } from "./mod.ts";
+ * using kivi = await openBackend();
+ * console.log(kivi.kind, kivi.reason, kivi.deviceName);
+ * ```
+ */
+export class Backend {
+  /** "cpu" or "cuda". */
+  readonly kind: BackendKind;
+  /** Why this backend was chosen (e.g. why CUDA was not). */
+  readonly reason: string;
+  /** Device name as the library reports it. */
+  readonly deviceName: string;
+  /** Device index of the context. */
+  readonly device: number;
+  #state: NativeState | undefined;
+  #tensors = new Set<WeakRef<DeviceTensor>>();
+  #refOf = new WeakMap<DeviceTensor, WeakRef<DeviceTensor>>();
+
+  /** @internal use openBackend */
+  constructor(lib: NativeLib, ctx: Pointer, kind: BackendKind, device: number, reason: string) {
+    this.#state = new NativeState(lib, ctx);
+    this.kind = kind;
+    this.device = device;
+    this.reason = reason;
+    const name = new Uint8Array(256);
+    this._check("kivi_ctx_device_name", lib.call("kivi_ctx_device_name", ctx, lib.ptr(name), name.length));
+    this.deviceName = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
+    backendRegistry.register(this, this.#state, this);
+  }
+
+  /** Path of the loaded shared library. */
+  get libraryPath(): string {
+    return this.#live("libraryPath").lib.path;
+  }
+
+  /** The runtime adapter in use ("bun" or "deno"). */
+  get runtime(): "bun" | "deno" {
+    return this.#live("runtime").lib.runtime;
+  }
+
+  /** True once disposed. */
+  get disposed(): boolean {
+    return this.#state === undefined;
+  }
+
+  /** Number of live tensors owned by this backend. */
+  get liveTensors(): number {
+    let n = 0;
+    for (const r of this.#tensors) if (r.deref()) n++;
+    return n;
+  }
+
+  #live(op: string): NativeState {
+    const s = this.#state;
+    if (s === undefined) {
+      throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: the backend was disposed; open a new one with openBackend()`);
+    }
+    if (s.broken !== undefined) throw new KiviError(Status.KIVI_ERR_CUDA_STICKY, op, `${op}: ${s.broken}`);
+    return s;
+  }
+
+  /** @internal the loaded library and context of a live backend. */
+  _native(op: string): { lib: NativeLib; ctx: Pointer } {
+    const s = this.#live(op);
+    return { lib: s.lib, ctx: s.ctx };
+  }
+
+  /** @internal throws a KiviError for a failed status, with the context's message. */
+  _check(op: SymbolName | string, status: number): void {
+    if (status === 0) return;
+    const s = this.#state!;
+    const msg = s.lib.call("kivi_ctx_last_error", s.ctx) || s.lib.call("kivi_last_error");
+    if (status === Status.KIVI_ERR_CUDA_STICKY) {
+      s.broken = `the device context hit a sticky CUDA fault and is unusable (${msg}); start a new process`;
+    }
+    throw new KiviError(status, op, msg);
+  }
+
+  /** Allocates an uninitialised tensor. */
+  alloc<D extends TensorDType>(shape: readonly number[], dtype: D): DeviceTensor<D> {
+    const { lib, ctx } = this._native("alloc");
+    checkOneOf("dtype", dtype, Object.keys(dtypeBytes) as TensorDType[]);
+    if (!Array.isArray(shape) || shape.length === 0) {
+      throw new TypeError(`shape must be a non-empty array of sizes, got ${show(shape)}`);
+    }
+    shape.forEach((d, i) => checkInt(`shape[${i}]`, d, 1, 2 ** 40));
+    const bytes = shape.reduce((a, b) => a * b, 1) * dtypeBytes[dtype];
+    const out = new BigUint64Array(1);
+    this._check("kivi_mem_alloc", lib.call("kivi_mem_alloc", ctx, bytes, lib.ptr(out)));
+    const t = new DeviceTensor(this, this.#state!, lib.pointerAt(out, 0), shape, dtype);
+    const ref = new WeakRef(t as DeviceTensor);
+    this.#tensors.add(ref);
+    this.#refOf.set(t as DeviceTensor, ref);
+    return t;
+  }
+
+  /** Copies a host array into a new tensor. `shape` defaults to [length]; `dtype` to the array's
+   * (pass "bf16" for a Uint16Array of bf16 bits). */
+  upload<A extends HostArray>(
+    data: A,
+    opts: { shape?: readonly number[]; dtype?: TensorDType } = {},
+  ): DeviceTensor {
+    const dtype = dtypeOfHost(data, opts.dtype);
+    if (dtype === undefined) throw new TypeError(`data must be a typed array of a kivi dtype, got ${show(data)}`);
+    const shape = opts.shape ?? [data.length];
+    const t = this.alloc(shape, dtype);
+    try {
+      this._upload(t, data, "upload");
+    } catch (e) {
+      t.dispose();
+      throw e;
+    }
+    return t;
+  }
+
+  /** @internal */
+  _upload(t: DeviceTensor, data: ArrayBufferView & { length: number }, op: string): void {
+    const { lib, ctx } = this._native(op);
+    if (dtypeOfHost(data, t.dtype) !== t.dtype || data.length !== t.length) {
+      throw new TypeError(`data must be a ${t.dtype} array of ${t.length} elements, got ${show(data)} of ${data.length}`);
+    }
+    this._check("kivi_mem_upload", lib.call("kivi_mem_upload", ctx, t.pointer(op), lib.ptr(data), t.bytes));
+  }
+
+  /** @internal */
+  _download(out: ArrayBufferView, src: Pointer, bytes: number, async: true): Promise<void>;
+  _download(out: ArrayBufferView, src: Pointer, bytes: number, async: false): void;
+  _download(out: ArrayBufferView, src: Pointer, bytes: number, async: boolean): Promise<void> | void {
+    const { lib, ctx } = this._native("read");
+    if (!async) {
+      this._check("kivi_mem_download", lib.call("kivi_mem_download", ctx, lib.ptr(out), src, bytes));
+      return;
+    }
+    return (async () => {
+      await this.synchronize();
+      const st = await lib.callAsync("kivi_mem_download", ctx, lib.ptr(out), src, bytes);
+      this._check("kivi_mem_download", st);
+    })();
+  }
+
+  /** @internal */
+  _forget(t: DeviceTensor): void {
+    const ref = this.#refOf.get(t);
+    if (ref) this.#tensors.delete(ref);
+  }
+
+  /** Waits for all enqueued work without blocking the event loop: Deno waits on its FFI thread,
+   * Bun polls the context between event-loop turns. */
+  async synchronize(): Promise<void> {
+    const { lib, ctx } = this._native("synchronize");
+    if (lib.offThread) {
+      this._check("kivi_ctx_synchronize", await lib.callAsync("kivi_ctx_synchronize", ctx));
+      return;
+    }
+    const done = new Int32Array(1);
+    for (;;) {
+      this._check("kivi_ctx_query", lib.call("kivi_ctx_query", ctx, lib.ptr(done)));
+      if (done[0] === 1) break;
+      await new Promise((r) => setTimeout(r, 0));
+    }
+    this._check("kivi_ctx_synchronize", lib.call("kivi_ctx_synchronize", ctx));
+  }
+
+  /** Blocks until all enqueued work is done. */
+  synchronizeSync(): void {
+    const { lib, ctx } = this._native("synchronizeSync");
+    this._check("kivi_ctx_synchronize", lib.call("kivi_ctx_synchronize", ctx));
+  }
+
+  /** Free and total bytes of the device (the CPU build: physical memory). */
+  memInfo(): { free: number; total: number } {
+    const { lib, ctx } = this._native("memInfo");
+    const f = new BigUint64Array(1), t = new BigUint64Array(1);
+    this._check("kivi_mem_info", lib.call("kivi_mem_info", ctx, lib.ptr(f), lib.ptr(t)));
+    return { free: Number(f[0]), total: Number(t[0]) };
+  }
+
+  /** Milliseconds of device time taken by the work `fn` enqueues (CUDA events around it; wall clock
+   * on the CPU). FFI cost between launches is included only where it stalls the device. */
+  time(fn: () => void): number {
+    const { lib, ctx } = this._native("time");
+    this._check("kivi_timer_start", lib.call("kivi_timer_start", ctx));
+    fn();
+    const ms = new Float32Array(1);
+    this._check("kivi_timer_stop", lib.call("kivi_timer_stop", ctx, lib.ptr(ms)));
+    return ms[0];
+  }
+
+  /** Copy bandwidth of the device in GB/s (1e9 bytes, read + written), measured now. */
+  copyBandwidth(bytes = 256 * 2 ** 20, iters = 20): number {
+    const { lib, ctx } = this._native("copyBandwidth");
+    checkInt("bytes", bytes, 1);
+    checkInt("iters", iters, 1, 1 << 20);
+    const out = new Float64Array(1);
+    this._check("kivi_bench_copy", lib.call("kivi_bench_copy", ctx, bytes, iters, lib.ptr(out)));
+    return out[0];
+  }
+
+  /**
+   * Block statistics per group: min, max, mean, variance of the finite values and the count of
+   * NaN/Inf values.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * const x = Float32Array.from({ length: 64 * 8 }, (_, i) => Math.sin(i));
+   * const s = kivi.stats(x, { shape: [64, 8], axis: "token", group: 32 });
+   * console.log(s.groups, s.stats.slice(0, 4)); // 16 groups: min, max, mean, variance
+   * ```
+   */
+  stats<X extends Input>(x: X, opts: StatsOptions<MemOf<X>>): BlockStats<MemOf<X>> {
+    return quant.stats(this, x, opts);
+  }
+
+  /**
+   * Quantizes and packs x ([tokens, channels]) in one pass: keys with `axis: "token"` (per-channel
+   * groups), values with `axis: "channel"` (per-token groups).
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * const k = Float32Array.from({ length: 128 * 64 }, (_, i) => Math.cos(i * 0.37));
+   * const q = kivi.quantize(k, { shape: [128, 64], axis: "token", format: { kind: "uniform", bits: 2, group: 32 } });
+   * const back = kivi.dequantize(q); // Float32Array, within scale / 2 of k
+   * console.log(q.codes.length, back.length); // 512 words, 8192 values
+   * ```
+   */
+  quantize<X extends Input>(x: X, opts: QuantizeOptions<MemOf<X>>): Quantized<MemOf<X>> {
+    return quant.quantize(this, x, opts);
+  }
+
+  /**
+   * Unpacks and dequantizes the result of `quantize` (f32 unless `dtype` says otherwise).
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * const v = Float32Array.from({ length: 4 * 64 }, (_, i) => (i % 7) - 3);
+   * const q = kivi.quantize(v, { shape: [4, 64], axis: "channel", format: { kind: "codebook", bits: 2, group: 64 } });
+   * const back = kivi.dequantize(q, { dtype: "f16" }); // Float16Array
+   * console.log(back.length);
+   * ```
+   */
+  dequantize<M extends Mem>(q: Quantized<M>, opts: { dtype?: DType; out?: Buf<M, DType> } = {}): Buf<M, DType> {
+    return quant.dequantize(this, q, opts);
+  }
+
+  /**
+   * Fits 2^bits centroids per group by 1-D k-means; `trace: true` also returns the iterations done
+   * and the inertia after each one.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * const x = Float32Array.from({ length: 2 * 32 }, (_, i) => Math.tan(i * 0.1));
+   * const fit = kivi.fitCodebook(x, { shape: [2, 32], axis: "channel", bits: 2, trace: true });
+   * console.log(fit.centroids, fit.iters);
+   * ```
+   */
+  fitCodebook<X extends Input>(x: X, opts: FitOptions<MemOf<X>>): FitResult<MemOf<X>> {
+    return quant.fitCodebook(this, x, opts);
+  }
+
+  /**
+   * Codes of x against centroids you supply ([groups][2^bits] fp16, ascending), under the
+   * `nearest` or the seed's `interval` assignment.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * const x = new Float32Array(32).fill(2.5);
+   * const c = new Float16Array([0, 1, 4, 6]);
+   * const q = kivi.quantizeWithCodebook(x, c, { shape: [1, 32], axis: "channel", bits: 2, assign: "interval" });
+   * console.log(kivi.dequantize(q)[0]); // 1
+   * ```
+   */
+  quantizeWithCodebook<X extends Input>(
+    x: X,
+    centroids: Buf<MemOf<X>, "f16">,
+    opts: CodebookOptions<MemOf<X>>,
+  ): CodebookQuantized<MemOf<X>> {
+    return quant.quantizeWithCodebook(this, x, centroids, opts);
+  }
+
+  /**
+   * Packs codes (one per byte) into uint32 words, LSB first: 16 codes a word at 2 bits, 8 at 4.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * const words = kivi.pack(new Uint8Array([1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0]), { bits: 2 });
+   * console.log(words[0].toString(16)); // "39393939"
+   * ```
+   */
+  pack<M extends Mem>(codes: Buf<M, "u8">, opts: { bits: Bits; out?: Buf<M, "u32"> }): Buf<M, "u32"> {
+    return quant.pack(this, codes, opts);
+  }
+
+  /**
+   * Unpacks uint32 words into codes, one per byte.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * console.log(kivi.unpack(new Uint32Array([0x39393939]), { bits: 2 }).slice(0, 4)); // [1, 2, 3, 0]
+   * ```
+   */
+  unpack<M extends Mem>(words: Buf<M, "u32">, opts: { bits: Bits; out?: Buf<M, "u8"> }): Buf<M, "u8"> {
+    return quant.unpack(this, words, opts);
+  }
+
+  /** Frees every tensor of this backend, then the context and the library. Idempotent. */
+  dispose(): void {
+    const s = this.#state;
+    if (s === undefined) return;
+    for (const r of [...this.#tensors]) r.deref()?.dispose();
+    this.#tensors.clear();
+    this.#state = undefined;
+    backendRegistry.unregister(this);
+    s.release();
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+function tryLoadCuda(path: string, device: number): Promise<{ lib?: NativeLib; reason: string }> {
+  return (async () => {
+    if (!existsSync(path)) return { reason: `${path} is not built (no nvcc when build.ts ran)` };
+    let lib: NativeLib;
+    try {
+      lib = await loadNative(path);
+    } catch (e) {
+      return { reason: `${path} could not be loaded: ${(e as Error).message}` };
+    }
+    const n = new Int32Array(1);
+    const st = lib.call("kivi_device_count", lib.ptr(n));
+    if (st !== 0 || n[0] <= device) {
+      lib.close();
+      return { reason: n[0] === 0 ? "no CUDA device found" : `CUDA device ${device} does not exist (${n[0]} found)` };
+    }
+    return { lib, reason: `CUDA device ${device} found` };
+  })();
+}
+
+/**
+ * Loads kivi and opens a context. With `prefer: "auto"` it uses the CUDA build when a device is
+ * present and otherwise the CPU reference build, saying why in `reason`. `KIVI_LIB_PATH` (or
+ * `libraryPath`) loads a given library instead.
+ *
+ * @example
+ * ```ts
+ * import { openBackend } from "./mod.ts";
+ * using kivi = await openBackend({ prefer: "auto" });
+ * console.log(`${kivi.kind}: ${kivi.reason}`);
+ * ```
+ */
+export async function openBackend(opts: OpenOptions = {}): Promise<Backend> {
+  const prefer = checkOneOf("prefer", opts.prefer ?? "auto", ["auto", "cpu", "cuda"] as const);
+  const device = checkInt("device", opts.device ?? 0, 0, 1024);
+  const override = opts.libraryPath ?? process.env.KIVI_LIB_PATH;
+  let lib: NativeLib | undefined;
+  let reason: string;
+  if (override) {
+    if (!existsSync(override)) throw new TypeError(`KIVI_LIB_PATH must name a kivi library, got ${show(override)}: no such file`);
+    lib = await loadNative(override);
+    reason = `loaded ${override} (KIVI_LIB_PATH)`;
+  } else if (prefer === "cpu") {
+    lib = await loadNative(defaultLibraryPath("cpu"));
+    reason = "the CPU build was asked for";
+  } else {
+    const cuda = await tryLoadCuda(defaultLibraryPath("cuda"), device);
+    if (cuda.lib) {
+      lib = cuda.lib;
+      reason = cuda.reason;
+    } else if (prefer === "cuda") {
+      throw new KiviError(Status.KIVI_ERR_NO_DEVICE, "openBackend", `openBackend: the CUDA build is unusable: ${cuda.reason}`);
+    } else {
+      const cpu = defaultLibraryPath("cpu");
+      if (!existsSync(cpu)) throw new KiviError(Status.KIVI_ERR_STATE, "openBackend", `openBackend: ${cpu} is not built; run \`bun build.ts\``);
+      lib = await loadNative(cpu);
+      reason = `using the CPU reference build: ${cuda.reason}`;
+    }
+  }
+  const abi = lib.call("kivi_abi_version");
+  if (abi !== ABI_VERSION) {
+    lib.close();
+    throw new KiviError(
+      Status.KIVI_ERR_STATE,
+      "openBackend",
+      `openBackend: ${lib.path} has ABI version ${abi}, this kivi needs ${ABI_VERSION}; rebuild with \`bun build.ts --force\``,
+    );
+  }
+  const kind: BackendKind = lib.call("kivi_backend_kind") === 1 ? "cuda" : "cpu";
+  if (prefer !== "auto" && kind !== prefer) {
+    lib.close();
+    throw new KiviError(Status.KIVI_ERR_STATE, "openBackend", `openBackend: ${lib.path} is the ${kind} build, but prefer is ${show(prefer)}`);
+  }
+  const out = new BigUint64Array(1);
+  const st = lib.call("kivi_ctx_create", device, lib.ptr(out));
+  if (st !== 0) {
+    const msg = lib.call("kivi_last_error");
+    lib.close();
+    throw new KiviError(st, "kivi_ctx_create", msg);
+  }
+  return new Backend(lib, lib.pointerAt(out, 0), kind, device, reason);
+}

@@ -1,0 +1,65 @@
+/**
+ * The runtime-neutral face of the loaded library: both adapters (bun.ts, deno.ts) implement
+ * `NativeLib`, so nothing above src/ffi/ knows which runtime it is on.
+ *
+ * @module
+ */
+import type { FfiType, SymbolName } from "./symbols.ts";
+import { symbols } from "./symbols.ts";
+
+declare const pointerBrand: unique symbol;
+/** An opaque address (a host buffer, device memory or a handle). Never do arithmetic on it. */
+export type Pointer = { readonly [pointerBrand]: true } | null;
+
+type JsOf<T extends FfiType> = T extends "ptr" ? Pointer
+  : T extends "i64" | "u64" ? number | bigint
+  : T extends "cstring" ? string
+  : number;
+
+type Spec<K extends SymbolName> = (typeof symbols)[K];
+type MapArgs<A extends readonly FfiType[]> = { -readonly [I in keyof A]: JsOf<A[I]> };
+/** The JS argument tuple of export K, derived from the symbol table. */
+export type ArgsOf<K extends SymbolName> = MapArgs<Spec<K>["args"]>;
+/** The JS result of export K. */
+export type ResultOf<K extends SymbolName> = JsOf<Spec<K>["returns"]>;
+/** Exports that block until device work is done, and so get an async variant. */
+export type BlockingName = { [K in SymbolName]: Spec<K> extends { blocking: true } ? K : never }[SymbolName];
+
+/** A loaded kivi library, as both runtime adapters present it. */
+export interface NativeLib {
+  /** Absolute path of the loaded shared library. */
+  readonly path: string;
+  /** "bun" or "deno". */
+  readonly runtime: "bun" | "deno";
+  /** True where `callAsync` runs the call on another thread (Deno `nonblocking`). */
+  readonly offThread: boolean;
+  /** Calls an export synchronously. */
+  call<K extends SymbolName>(name: K, ...args: ArgsOf<K>): ResultOf<K>;
+  /** Calls a blocking export off the main thread where the runtime can; else like `call`. */
+  callAsync<K extends BlockingName>(name: K, ...args: ArgsOf<K>): Promise<ResultOf<K>>;
+  /** Address of a host typed array's first element (valid while the array is alive). */
+  ptr(view: ArrayBufferView): Pointer;
+  /** The address stored at `out[index]` (an out-parameter such as `void **out`). */
+  pointerAt(out: BigUint64Array, index: number): Pointer;
+  /** The numeric address, for identity checks and messages only. */
+  address(p: Pointer): bigint;
+  /** Unloads the library. */
+  close(): void;
+}
+
+/** Names of every export, for adapters that build their tables from the spec. */
+export const symbolNames = Object.keys(symbols) as SymbolName[];
+
+/** Loads `path` with the adapter of the runtime we are on. */
+export async function loadNative(path: string): Promise<NativeLib> {
+  const g = globalThis as { Bun?: unknown; Deno?: unknown };
+  if (g.Bun !== undefined) {
+    const { loadBun } = await import("./bun.ts");
+    return loadBun(path);
+  }
+  if (g.Deno !== undefined) {
+    const { loadDeno } = await import("./deno.ts");
+    return loadDeno(path);
+  }
+  throw new Error("kivi runs on Bun or Deno: neither `Bun` nor `Deno` is defined in this runtime");
+}

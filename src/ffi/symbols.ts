@@ -1,0 +1,260 @@
+/**
+ * The FFI symbol table of kivi.h, written once. Each runtime adapter (bun.ts, deno.ts) translates
+ * these exact-width types into its own; nothing is widened to make it fit. A test parses kivi.h and
+ * checks that every export is here with the same number of parameters.
+ *
+ * @module
+ */
+
+/** Exact-width FFI types used by the table. `ptr` is an address (host or device), `cstring` a
+ * returned `const char *`. */
+export type FfiType = "i32" | "i64" | "u64" | "f32" | "f64" | "ptr" | "cstring";
+
+/** One export: its parameter types in order, its result, and whether a runtime that can run it off
+ * the main thread (Deno `nonblocking`) should also expose an async variant. */
+export interface SymbolSpec {
+  readonly args: readonly FfiType[];
+  readonly returns: FfiType;
+  readonly blocking?: boolean;
+}
+
+export const symbols = {
+  kivi_abi_version: { args: [], returns: "i32" },
+  kivi_backend_kind: { args: [], returns: "i32" },
+  kivi_status_str: { args: ["i32"], returns: "cstring" }, // kivi_status code
+  kivi_last_error: { args: [], returns: "cstring" },
+  kivi_device_count: { args: ["ptr"], returns: "i32" }, // int32_t *count
+  kivi_ctx_create: {
+    args: [
+      "i32", // int32_t device
+      "ptr", // kivi_ctx_t *out
+    ],
+    returns: "i32",
+  },
+  kivi_ctx_destroy: { args: ["ptr"], returns: "i32" }, // kivi_ctx_t ctx
+  kivi_ctx_last_error: { args: ["ptr"], returns: "cstring" }, // kivi_ctx_t ctx
+  kivi_ctx_device_name: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // char *name
+      "i32", // int32_t len
+    ],
+    returns: "i32",
+  },
+  kivi_ctx_synchronize: { args: ["ptr"], returns: "i32", blocking: true }, // kivi_ctx_t ctx
+  kivi_ctx_query: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // int32_t *done
+    ],
+    returns: "i32",
+  },
+  kivi_mem_alloc: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "u64", // uint64_t bytes
+      "ptr", // void **out
+    ],
+    returns: "i32",
+  },
+  kivi_mem_free: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // void *data
+    ],
+    returns: "i32",
+  },
+  kivi_mem_upload: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // void *dst_data
+      "ptr", // const void *src_host
+      "u64", // uint64_t bytes
+    ],
+    returns: "i32",
+  },
+  kivi_mem_download: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // void *dst_host
+      "ptr", // const void *src_data
+      "u64", // uint64_t bytes
+    ],
+    returns: "i32",
+    blocking: true,
+  },
+  kivi_mem_copy: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // void *dst_data
+      "ptr", // const void *src_data
+      "u64", // uint64_t bytes
+    ],
+    returns: "i32",
+  },
+  kivi_mem_info: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // uint64_t *free_bytes
+      "ptr", // uint64_t *total_bytes
+    ],
+    returns: "i32",
+  },
+  kivi_timer_start: { args: ["ptr"], returns: "i32" }, // kivi_ctx_t ctx
+  kivi_timer_stop: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // float *ms
+    ],
+    returns: "i32",
+  },
+  kivi_bench_copy: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "u64", // uint64_t bytes
+      "i32", // int32_t iters
+      "ptr", // double *gbps
+    ],
+    returns: "i32",
+  },
+  kivi_stats_block: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const void *x            [rows][cols]
+      "i32", // kivi_dtype dtype
+      "i64", // int64_t rows
+      "i64", // int64_t cols
+      "i32", // kivi_axis axis
+      "i32", // int32_t group
+      "ptr", // float *stats             [groups][4]
+      "ptr", // int32_t *nonfinite       [groups]
+    ],
+    returns: "i32",
+  },
+  kivi_uniform_quantize: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const void *x            [rows][cols]
+      "i32", // kivi_dtype dtype
+      "i64", // int64_t rows
+      "i64", // int64_t cols
+      "i32", // kivi_axis axis
+      "i32", // int32_t group
+      "i32", // int32_t bits
+      "i32", // int32_t flags
+      "ptr", // uint32_t *codes          packed
+      "ptr", // uint16_t *scale          fp16 [groups]
+      "ptr", // uint16_t *zero           fp16 [groups]
+    ],
+    returns: "i32",
+  },
+  kivi_uniform_dequantize: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const uint32_t *codes    packed
+      "ptr", // const uint16_t *scale    fp16 [groups]
+      "ptr", // const uint16_t *zero     fp16 [groups]
+      "i64", // int64_t rows
+      "i64", // int64_t cols
+      "i32", // kivi_axis axis
+      "i32", // int32_t group
+      "i32", // int32_t bits
+      "ptr", // void *out                [rows][cols]
+      "i32", // kivi_dtype out_dtype
+    ],
+    returns: "i32",
+  },
+  kivi_codebook_fit: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const void *x            [rows][cols]
+      "i32", // kivi_dtype dtype
+      "i64", // int64_t rows
+      "i64", // int64_t cols
+      "i32", // kivi_axis axis
+      "i32", // int32_t group
+      "i32", // int32_t bits
+      "i32", // kivi_fit fit
+      "i32", // int32_t max_iters
+      "i32", // int32_t flags
+      "ptr", // uint16_t *centroids      fp16 [groups][2^bits]
+      "ptr", // int32_t *iters           [groups] or NULL
+      "ptr", // float *inertia           [groups][max_iters + 1] or NULL
+    ],
+    returns: "i32",
+  },
+  kivi_codebook_quantize: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const void *x            [rows][cols]
+      "i32", // kivi_dtype dtype
+      "i64", // int64_t rows
+      "i64", // int64_t cols
+      "i32", // kivi_axis axis
+      "i32", // int32_t group
+      "i32", // int32_t bits
+      "ptr", // const uint16_t *centroids fp16 [groups][2^bits]
+      "i32", // kivi_assign assign
+      "i32", // int32_t flags
+      "ptr", // uint32_t *codes          packed
+    ],
+    returns: "i32",
+  },
+  kivi_codebook_encode: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const void *x            [rows][cols]
+      "i32", // kivi_dtype dtype
+      "i64", // int64_t rows
+      "i64", // int64_t cols
+      "i32", // kivi_axis axis
+      "i32", // int32_t group
+      "i32", // int32_t bits
+      "i32", // kivi_fit fit
+      "i32", // int32_t max_iters
+      "i32", // kivi_assign assign
+      "i32", // int32_t flags
+      "ptr", // uint16_t *centroids      fp16 [groups][2^bits]
+      "ptr", // uint32_t *codes          packed
+    ],
+    returns: "i32",
+  },
+  kivi_codebook_dequantize: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const uint32_t *codes    packed
+      "ptr", // const uint16_t *centroids fp16 [groups][2^bits]
+      "i64", // int64_t rows
+      "i64", // int64_t cols
+      "i32", // kivi_axis axis
+      "i32", // int32_t group
+      "i32", // int32_t bits
+      "ptr", // void *out                [rows][cols]
+      "i32", // kivi_dtype out_dtype
+    ],
+    returns: "i32",
+  },
+  kivi_codes_pack: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const uint8_t *codes     [n]
+      "i64", // int64_t n
+      "i32", // int32_t bits
+      "ptr", // uint32_t *words          [n / cpw]
+    ],
+    returns: "i32",
+  },
+  kivi_codes_unpack: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const uint32_t *words    [n / cpw]
+      "i64", // int64_t n
+      "i32", // int32_t bits
+      "ptr", // uint8_t *codes           [n]
+    ],
+    returns: "i32",
+  },
+} as const satisfies Record<string, SymbolSpec>;
+
+/** The export names of kivi.h. */
+export type SymbolName = keyof typeof symbols;

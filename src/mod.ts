@@ -1,0 +1,45 @@
+/**
+ * kivi: a KV cache in 2 bits, quantized the KIVI way (uniform, keys per channel, values per token)
+ * or with per-group k-means centroids, on CUDA or the CPU reference build, from Bun or Deno.
+ *
+ * @example
+ * ```ts
+ * import { openBackend } from "./mod.ts";
+ * using kivi = await openBackend();
+ * const k = Float32Array.from({ length: 64 * 128 }, (_, i) => Math.sin(i));
+ * const q = kivi.quantize(k, { shape: [64, 128], axis: "token", format: { kind: "uniform", bits: 2 } });
+ * ```
+ *
+ * @module
+ */
+export { ABI_VERSION, Backend, type BackendKind, defaultLibraryPath, DeviceTensor, openBackend, type OpenOptions } from "./backend.ts";
+export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
+export { KiviError, Status, type StatusName } from "./errors.ts";
+export {
+  type Assign,
+  type Axis,
+  type Bits,
+  bitsPerValue,
+  type BlockStats,
+  type Buf,
+  type CodebookOptions,
+  type CodebookQuantized,
+  type Fit,
+  type FitOptions,
+  type FitResult,
+  type Format,
+  groupCount,
+  type GroupSize,
+  type Input,
+  type Mem,
+  type MemOf,
+  type Quantized,
+  type QuantizeOptions,
+  resolveFormat,
+  type ResolvedFormat,
+  type StatsOptions,
+  type UniformQuantized,
+  wordCount,
+} from "./quant.ts";
+export { synthKV, type SynthKV, type SynthOptions } from "./synth.ts";
+export { Rng } from "./random.ts";

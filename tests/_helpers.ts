@@ -1,0 +1,387 @@
+/**
+ * Private test helpers: a seeded RNG whose seed goes into every assertion message, fp16/bf16
+ * rounding, input builders for the three data dtypes, and float64 oracles of kivi.h's formats
+ * (uniform params/codes/values, nearest and interval assignment, the packed layout).
+ *
+ * The oracles follow the formulas written in cuda/include/kivi.h, not the C code: fp32 steps are
+ * modelled with Math.fround (a double result of +, -, *, / of two fp32 values rounded once to fp32
+ * is the correctly rounded fp32 result, since 53 >= 2 * 24 + 2), fp16 storage with Math.f16round.
+ *
+ * @module
+ */
+import process from "node:process";
+import assert from "node:assert/strict";
+import {
+  type Axis,
+  type Backend,
+  type Bits,
+  type CodebookQuantized,
+  type DeviceTensor,
+  openBackend,
+  type Quantized,
+  type UniformQuantized,
+} from "../src/mod.ts";
+
+/* ------------------------------------------------------------------ random --------------- */
+
+/** Base seed of the run: KIVI_TEST_SEED overrides it to reproduce a failure. */
+export const BASE_SEED: number = process.env.KIVI_TEST_SEED ? Number(process.env.KIVI_TEST_SEED) >>> 0 : 0x6b697669;
+
+/** mulberry32: small, fast, good enough for test data. `label` tells what to quote on failure. */
+export class Rng {
+  readonly seed: number;
+  #s: number;
+  #spare: number | undefined;
+  constructor(readonly label: string, salt = 0) {
+    let h = (BASE_SEED ^ Math.imul(salt + 1, 0x9e3779b1)) >>> 0;
+    for (let i = 0; i < label.length; i++) h = Math.imul(h ^ label.charCodeAt(i), 0x01000193) >>> 0;
+    this.seed = h;
+    this.#s = h;
+  }
+  /** Uniform in [0, 1). */
+  next(): number {
+    let t = (this.#s = (this.#s + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+  uniform(lo: number, hi: number): number {
+    return lo + (hi - lo) * this.next();
+  }
+  /** Integer in [0, n). */
+  int(n: number): number {
+    return Math.floor(this.next() * n);
+  }
+  /** Standard normal (Box-Muller). */
+  normal(): number {
+    if (this.#spare !== undefined) {
+      const s = this.#spare;
+      this.#spare = undefined;
+      return s;
+    }
+    const u = 1 - this.next(), v = this.next();
+    const r = Math.sqrt(-2 * Math.log(u));
+    this.#spare = r * Math.sin(2 * Math.PI * v);
+    return r * Math.cos(2 * Math.PI * v);
+  }
+  /** What an assertion message quotes so a failure can be replayed. */
+  get tag(): string {
+    return `[${this.label}; seed 0x${this.seed.toString(16)}; KIVI_TEST_SEED=${BASE_SEED}]`;
+  }
+}
+
+/* ------------------------------------------------------------------ fp16 / bf16 ---------- */
+
+export const f32: (x: number) => number = Math.fround;
+export const f16: (x: number) => number = Math.f16round;
+/** fp32 unit roundoff 2^-24. */
+export const U32 = 2 ** -24;
+
+const cvt = new DataView(new ArrayBuffer(4));
+/** fp32 bits of x (x rounded to fp32 first). */
+export function f32Bits(x: number): number {
+  cvt.setFloat32(0, x);
+  return cvt.getUint32(0);
+}
+/** float -> bfloat16 bits, round to nearest even from the fp32 value (kivi.h's bf16 is fp32's top half). */
+export function bf16Bits(x: number): number {
+  const u = f32Bits(x);
+  if ((u & 0x7fffffff) > 0x7f800000) return ((u >>> 16) | 0x40) & 0xffff; // NaN stays NaN
+  const lower = u & 0xffff, upper = u >>> 16;
+  const up = lower > 0x8000 || (lower === 0x8000 && (upper & 1) === 1);
+  return (upper + (up ? 1 : 0)) & 0xffff;
+}
+/** bfloat16 bits -> number (exact). */
+export function bf16Value(b: number): number {
+  cvt.setUint32(0, (b & 0xffff) << 16);
+  return cvt.getFloat32(0);
+}
+/** fp16 bits -> number (exact). */
+export function f16Value(h: number): number {
+  cvt.setUint16(0, h & 0xffff);
+  return cvt.getFloat16(0);
+}
+/** fp16 bits of x (rounded to nearest even). */
+export function f16Bits(x: number): number {
+  cvt.setFloat16(0, x);
+  return cvt.getUint16(0);
+}
+/** Round-half-to-even, as C's rintf in the default rounding mode (Math.round rounds half up). */
+export function rintHalfEven(t: number): number {
+  const f = Math.floor(t);
+  const d = t - f; // exact for |t| < 2^52
+  if (d > 0.5) return f + 1;
+  if (d < 0.5) return f;
+  return f % 2 === 0 ? f : f + 1;
+}
+
+/* ------------------------------------------------------------------ inputs --------------- */
+
+export type DataDType = "f32" | "f16" | "bf16";
+export const DTYPES: readonly DataDType[] = ["f32", "f16", "bf16"];
+export const BITS: readonly Bits[] = [2, 4];
+
+/** An input matrix: the host array handed to kivi, its exact element values, and its dtype. */
+export interface Input {
+  x: Float32Array | Float16Array | Uint16Array;
+  /** x's values as numbers (what the library reads, exactly). */
+  v: Float64Array;
+  dtype: DataDType;
+}
+
+/** Rounds `vals` into a host array of `dtype` (bf16: Uint16Array of bf16 bits). */
+export function toInput(vals: ArrayLike<number>, dtype: DataDType): Input {
+  const n = vals.length;
+  const v = new Float64Array(n);
+  if (dtype === "f32") {
+    const x = Float32Array.from(vals);
+    v.set(x);
+    return { x, v, dtype };
+  }
+  if (dtype === "f16") {
+    const x = Float16Array.from(vals);
+    for (let i = 0; i < n; i++) v[i] = x[i];
+    return { x, v, dtype };
+  }
+  const x = new Uint16Array(n);
+  for (let i = 0; i < n; i++) {
+    x[i] = bf16Bits(vals[i]);
+    v[i] = bf16Value(x[i]);
+  }
+  return { x, v, dtype };
+}
+
+/**
+ * Random KV-like data [rows][cols]: Gaussian with a per-column offset and scale, a few outlier
+ * columns (keys' trait) and a heavy tail. Never all zeros; magnitudes well inside fp16's range.
+ */
+export function randomMatrix(rng: Rng, rows: number, cols: number, dtype: DataDType): Input {
+  const off = Array.from({ length: cols }, () => rng.uniform(-2, 2));
+  const sc = Array.from({ length: cols }, () => (rng.next() < 0.1 ? rng.uniform(5, 20) : rng.uniform(0.05, 1.5)));
+  const vals = new Float64Array(rows * cols);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) {
+      const z = rng.next() < 0.02 ? rng.normal() * 6 : rng.normal();
+      vals[r * cols + c] = off[c] + sc[c] * z;
+    }
+  }
+  return toInput(vals, dtype);
+}
+
+/** Host array of `dtype` filled with a sentinel; returns it with a byte snapshot to compare later. */
+export function sentinel<T extends ArrayBufferView>(a: T, byte = 0xa5): { buf: T; snap: Uint8Array } {
+  const bytes = new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+  bytes.fill(byte);
+  return { buf: a, snap: bytes.slice() };
+}
+/** Asserts a buffer holds exactly its snapshot's bytes. */
+export function assertUntouched(s: { buf: ArrayBufferView; snap: Uint8Array }, msg: string): void {
+  const bytes = new Uint8Array(s.buf.buffer, s.buf.byteOffset, s.buf.byteLength);
+  let diff = -1;
+  for (let i = 0; i < bytes.length; i++) {
+    if (bytes[i] !== s.snap[i]) {
+      diff = i;
+      break;
+    }
+  }
+  assert.equal(diff, -1, `${msg}: output buffer changed at byte ${diff}`);
+}
+
+/* ------------------------------------------------------------------ backend -------------- */
+
+/** The CPU reference backend (build/libkivi_cpu.so, or KIVI_LIB_PATH). */
+export function openCpu(): Promise<Backend> {
+  return openBackend({ prefer: "cpu" });
+}
+
+/** A host result of a generic call (pack, unpack, dequantize) whose memory TypeScript cannot infer. */
+export function host<T extends ArrayBufferView>(x: T | DeviceTensor): T {
+  assert.ok(ArrayBuffer.isView(x), "expected a host typed array, got a DeviceTensor");
+  return x as T;
+}
+/** Narrows a quantize() result to the uniform format. */
+export function asUniform<M extends "host" | "device">(q: Quantized<M>): UniformQuantized<M> {
+  assert.equal(q.format.kind, "uniform");
+  return q as UniformQuantized<M>;
+}
+/** Narrows a quantize() result to the codebook format. */
+export function asCodebook<M extends "host" | "device">(q: Quantized<M>): CodebookQuantized<M> {
+  assert.equal(q.format.kind, "codebook");
+  return q as CodebookQuantized<M>;
+}
+
+/* ------------------------------------------------------------------ layout (kivi.h) ------ */
+
+export function groupCount(rows: number, cols: number, axis: Axis, G: number): number {
+  return axis === "token" ? cols * (rows / G) : rows * (cols / G);
+}
+/** Flat row-major indices of group g's members in group order (kivi.h "Matrices"). */
+export function groupMembers(rows: number, cols: number, axis: Axis, G: number, g: number): number[] {
+  const out = new Array<number>(G);
+  if (axis === "token") {
+    const per = rows / G, c = Math.floor(g / per), r0 = (g % per) * G;
+    for (let i = 0; i < G; i++) out[i] = (r0 + i) * cols + c;
+  } else {
+    const per = cols / G, r = Math.floor(g / per), c0 = (g % per) * G;
+    for (let i = 0; i < G; i++) out[i] = r * cols + c0 + i;
+  }
+  return out;
+}
+/** Word index and slot of element (r, c) (kivi.h: token axis packed along tokens, channel along channels). */
+export function wordOf(r: number, c: number, rows: number, cols: number, axis: Axis, bits: number): [number, number] {
+  const cpw = 32 / bits;
+  return axis === "token" ? [c * (rows / cpw) + Math.floor(r / cpw), r % cpw] : [r * (cols / cpw) + Math.floor(c / cpw), c % cpw];
+}
+/** The code of element (r, c) read straight out of the packed words (code j at bit bits * j). */
+export function codeAt(words: Uint32Array, r: number, c: number, rows: number, cols: number, axis: Axis, bits: number): number {
+  const [w, slot] = wordOf(r, c, rows, cols, axis, bits);
+  return (words[w] >>> (bits * slot)) & ((1 << bits) - 1);
+}
+/** All codes [rows][cols] row-major, read from packed words by the layout formula. */
+export function codesOf(words: Uint32Array, rows: number, cols: number, axis: Axis, bits: number): Uint8Array {
+  const out = new Uint8Array(rows * cols);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[r * cols + c] = codeAt(words, r, c, rows, cols, axis, bits);
+  return out;
+}
+
+/* ------------------------------------------------------------------ uniform oracle ------- */
+
+export interface UniformOracle {
+  /** fp16 values of scale and zero per group. */
+  scale: Float64Array;
+  zero: Float64Array;
+  /** per group min and max of the input. */
+  mn: Float64Array;
+  mx: Float64Array;
+  /** code per element, row-major. */
+  codes: Uint8Array;
+  /** fmaf(q, s, z) per element, row-major. */
+  deq: Float64Array;
+}
+
+/**
+ * kivi.h kivi_uniform_quantize: mn/mx per group, scale = half((mx - mn) / (2^b - 1)) with the
+ * subtraction and division in fp32, zero = half(mn), q = s > 0 ? clamp(rint((x - z) / s)) : 0 in
+ * fp32, and x' = fmaf(q, s, z). The fma is exact here in double: q * s and z are fp16 values
+ * (multiples of 2^-24 below 2^16 * 16), so q * s + z fits in 53 bits and one Math.fround is the fma.
+ */
+export function uniformOracle(v: Float64Array, rows: number, cols: number, axis: Axis, G: number, bits: number): UniformOracle {
+  const groups = groupCount(rows, cols, axis, G);
+  const top = (1 << bits) - 1;
+  const o: UniformOracle = {
+    scale: new Float64Array(groups),
+    zero: new Float64Array(groups),
+    mn: new Float64Array(groups),
+    mx: new Float64Array(groups),
+    codes: new Uint8Array(rows * cols),
+    deq: new Float64Array(rows * cols),
+  };
+  for (let g = 0; g < groups; g++) {
+    const m = groupMembers(rows, cols, axis, G, g);
+    let mn = Infinity, mx = -Infinity;
+    for (const i of m) {
+      mn = Math.min(mn, v[i]);
+      mx = Math.max(mx, v[i]);
+    }
+    const s = f16(f32(f32(mx - mn) / top));
+    const z = f16(mn);
+    o.scale[g] = s;
+    o.zero[g] = z;
+    o.mn[g] = mn;
+    o.mx[g] = mx;
+    for (const i of m) {
+      let q = 0;
+      if (s > 0) q = Math.min(top, Math.max(0, rintHalfEven(f32(f32(v[i] - z) / s))));
+      o.codes[i] = q;
+      o.deq[i] = f32(q * s + z);
+    }
+  }
+  return o;
+}
+
+/**
+ * Largest |x - x'| the uniform format allows for one element of a group, from the stored fp16
+ * params s, z (top = 2^b - 1):
+ *  - x inside [z, z + top * s]: the code rounds (x - z) / s, so |q s - (x - z)| <= s / 2 plus the
+ *    fp32 rounding of x - z and of the division (relative 2u each, u = 2^-24, on a quotient of at
+ *    most top), and the fma's own rounding (u |x'|);
+ *  - x below z (z = half(mn) may sit above mn): clamped to q = 0, error z - x <= z - mn;
+ *  - x above z + top * s (fp16 rounding of z and s can leave mx outside): clamped to q = top, error
+ *    <= mx - (z + top * s).
+ * So |x - x'| <= max(s / 2, z - mn, mx - (z + top s)) + 4u (|z| + |x| + top s).
+ */
+export function uniformBound(x: number, s: number, z: number, mn: number, mx: number, bits: number): number {
+  const top = (1 << bits) - 1;
+  return Math.max(s / 2, z - mn, mx - (z + top * s)) + 4 * U32 * (Math.abs(z) + Math.abs(x) + top * s);
+}
+
+/* ------------------------------------------------------------------ codebook oracles ----- */
+
+/** Nearest centroid in float64 (c ascending); a tie goes to the upper centroid (kivi.h). */
+export function nearestOracle(x: number, c: ArrayLike<number>): number {
+  let best = 0, bd = Math.abs(x - c[0]);
+  for (let k = 1; k < c.length; k++) {
+    const d = Math.abs(x - c[k]);
+    if (d <= bd) {
+      best = k;
+      bd = d;
+    }
+  }
+  return best;
+}
+/**
+ * True when x is so close to the midpoint of two neighbouring centroids that the fp32 midpoint
+ * 0.5 * (c_i + c_(i+1)) (one rounding of the sum: error <= u |c_i + c_(i+1)| / 2) could put it on
+ * either side; the float64 oracle cannot decide those. Where the sum is exact in fp32 (c are fp16
+ * values, so their double sum is exact and comparable) the midpoint is exact and nothing is undecided.
+ */
+export function nearMidpoint(x: number, c: ArrayLike<number>): boolean {
+  for (let k = 0; k + 1 < c.length; k++) {
+    const sum = c[k] + c[k + 1];
+    if (Math.fround(sum) === sum) continue;
+    const mid = sum / 2;
+    if (Math.abs(x - mid) <= U32 * (Math.abs(c[k]) + Math.abs(c[k + 1]))) return true;
+  }
+  return false;
+}
+/** kivi.h KIVI_ASSIGN_INTERVAL, written from the header's table: x < c1 -> 0; c_i <= x < c_(i+1) ->
+ * i (1 <= i <= n-3); c_(n-2) <= x <= c_(n-1) -> n-2; x > c_(n-1) -> n-1. */
+export function intervalOracle(x: number, c: ArrayLike<number>): number {
+  const n = c.length;
+  if (x < c[1]) return 0;
+  for (let i = 1; i <= n - 3; i++) if (c[i] <= x && x < c[i + 1]) return i;
+  if (c[n - 2] <= x && x <= c[n - 1]) return n - 2;
+  return n - 1;
+}
+
+/* ------------------------------------------------------------------ errors -------------- */
+
+/** Sum of squared errors of group g between the input values and dequantized values. */
+export function groupSse(v: ArrayLike<number>, deq: ArrayLike<number>, members: number[]): number {
+  let s = 0;
+  for (const i of members) {
+    const e = v[i] - deq[i];
+    s += e * e;
+  }
+  return s;
+}
+/** Largest |value| of group g's members. */
+export function groupMaxAbs(v: ArrayLike<number>, members: number[]): number {
+  let m = 0;
+  for (const i of members) m = Math.max(m, Math.abs(v[i]));
+  return m;
+}
+
+/** Byte-exact equality of two typed arrays, reporting the first differing element. */
+export function assertSameBits(a: ArrayBufferView & { length: number }, b: ArrayBufferView & { length: number }, msg: string): void {
+  assert.equal(a.length, b.length, `${msg}: length`);
+  const x = new Uint8Array(a.buffer, a.byteOffset, a.byteLength), y = new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
+  assert.equal(x.length, y.length, `${msg}: byte length`);
+  const per = x.length / a.length;
+  for (let i = 0; i < x.length; i++) {
+    if (x[i] !== y[i]) {
+      const e = Math.floor(i / per);
+      assert.fail(`${msg}: element ${e} differs (${(a as unknown as number[])[e]} vs ${(b as unknown as number[])[e]})`);
+    }
+  }
+}
