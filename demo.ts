@@ -7,7 +7,7 @@
  * @module
  */
 import process from "node:process";
-import { type Backend, bitsPerValue, type Format, type HostArray, openBackend, synthKV } from "./src/mod.ts";
+import { type Backend, bitsPerValue, type DeviceTensor, type Format, type HostArray, openBackend, synthKV } from "./src/mod.ts";
 import { parseArgs } from "./bench/_report.ts";
 
 const args = parseArgs(process.argv.slice(2));
@@ -29,7 +29,7 @@ function roundTrip(k: Backend, x: Float32Array, axis: "token" | "channel", forma
   const q = k.quantize(input as any, { shape, axis, format });
   k.synchronizeSync();
   const ms = performance.now() - t0;
-  const deq = k.dequantize(q);
+  const deq = k.dequantize(q) as Float32Array | DeviceTensor;
   const back = (ArrayBuffer.isView(deq) ? deq : deq.readSync()) as Float32Array;
   let num = 0, den = 0;
   for (let i = 0; i < x.length; i++) {

@@ -13,6 +13,7 @@ import type { SymbolName } from "./ffi/symbols.ts";
 import { KiviError, Status } from "./errors.ts";
 import { checkInt, checkOneOf, show } from "./_checks.ts";
 import * as quant from "./quant.ts";
+import { type CacheOptions, KVCache } from "./cache.ts";
 import type {
   BlockStats,
   Bits,
@@ -53,11 +54,16 @@ export function defaultLibraryPath(kind: BackendKind): string {
   return fileURLToPath(new URL(`../build/libkivi_${kind}.so`, import.meta.url));
 }
 
+/** Something a backend owns and frees before itself. */
+interface Child {
+  dispose(): void;
+}
+
 /**
  * The native context and library shared by a backend and its tensors; destroyed when the last of
  * them lets go, so a tensor freed by its finalizer after the backend never uses a dead context.
  */
-class NativeState {
+export class NativeState {
   refs = 1;
   broken: string | undefined;
   constructor(readonly lib: NativeLib, readonly ctx: Pointer) {}
@@ -191,8 +197,9 @@ export class Backend {
   /** Device index of the context. */
   readonly device: number;
   #state: NativeState | undefined;
-  #tensors = new Set<WeakRef<DeviceTensor>>();
-  #refOf = new WeakMap<DeviceTensor, WeakRef<DeviceTensor>>();
+  // Children (tensors, caches) held weakly, so the finalizers of forgotten ones can still run.
+  #children = new Set<WeakRef<Child>>();
+  #refOf = new WeakMap<Child, WeakRef<Child>>();
 
   /** @internal use openBackend */
   constructor(lib: NativeLib, ctx: Pointer, kind: BackendKind, device: number, reason: string) {
@@ -224,7 +231,7 @@ export class Backend {
   /** Number of live tensors owned by this backend. */
   get liveTensors(): number {
     let n = 0;
-    for (const r of this.#tensors) if (r.deref()) n++;
+    for (const r of this.#children) if (r.deref() instanceof DeviceTensor) n++;
     return n;
   }
 
@@ -266,18 +273,19 @@ export class Backend {
     const out = new BigUint64Array(1);
     this._check("kivi_mem_alloc", lib.call("kivi_mem_alloc", ctx, bytes, lib.ptr(out)));
     const t = new DeviceTensor(this, this.#state!, lib.pointerAt(out, 0), shape, dtype);
-    const ref = new WeakRef(t as DeviceTensor);
-    this.#tensors.add(ref);
-    this.#refOf.set(t as DeviceTensor, ref);
+    this._adopt(t);
     return t;
   }
 
   /** Copies a host array into a new tensor. `shape` defaults to [length]; `dtype` to the array's
    * (pass "bf16" for a Uint16Array of bf16 bits). */
-  upload<A extends HostArray>(
-    data: A,
-    opts: { shape?: readonly number[]; dtype?: TensorDType } = {},
-  ): DeviceTensor {
+  upload(data: Float32Array, opts?: { shape?: readonly number[] }): DeviceTensor<"f32">;
+  upload(data: Float16Array, opts?: { shape?: readonly number[] }): DeviceTensor<"f16">;
+  upload(data: Uint32Array, opts?: { shape?: readonly number[] }): DeviceTensor<"u32">;
+  upload(data: Uint8Array, opts?: { shape?: readonly number[] }): DeviceTensor<"u8">;
+  upload(data: Int32Array, opts?: { shape?: readonly number[] }): DeviceTensor<"i32">;
+  upload(data: HostArray, opts?: { shape?: readonly number[]; dtype?: TensorDType }): DeviceTensor;
+  upload(data: HostArray, opts: { shape?: readonly number[]; dtype?: TensorDType } = {}): DeviceTensor {
     const dtype = dtypeOfHost(data, opts.dtype);
     if (dtype === undefined) throw new TypeError(`data must be a typed array of a kivi dtype, got ${show(data)}`);
     const shape = opts.shape ?? [data.length];
@@ -316,10 +324,24 @@ export class Backend {
     })();
   }
 
+  /** @internal tracks a child so that dispose() frees it first. */
+  _adopt(child: Child): void {
+    const ref = new WeakRef(child);
+    this.#children.add(ref);
+    this.#refOf.set(child, ref);
+  }
+
   /** @internal */
-  _forget(t: DeviceTensor): void {
-    const ref = this.#refOf.get(t);
-    if (ref) this.#tensors.delete(ref);
+  _forget(child: Child): void {
+    const ref = this.#refOf.get(child);
+    if (ref) this.#children.delete(ref);
+  }
+
+  /** @internal the shared native state, for children that hold a native handle of their own. */
+  _retainState(op: string): NativeState {
+    const s = this.#live(op);
+    s.retain();
+    return s;
   }
 
   /** Waits for all enqueued work without blocking the event loop: Deno waits on its FFI thread,
@@ -422,6 +444,9 @@ export class Backend {
    * console.log(back.length);
    * ```
    */
+  dequantize(q: Quantized<"host">, opts?: { dtype?: "f32"; out?: Float32Array }): Float32Array;
+  dequantize(q: Quantized<"device">, opts?: { dtype?: "f32"; out?: DeviceTensor<"f32"> }): DeviceTensor<"f32">;
+  dequantize<M extends Mem>(q: Quantized<M>, opts?: { dtype?: DType; out?: Buf<M, DType> }): Buf<M, DType>;
   dequantize<M extends Mem>(q: Quantized<M>, opts: { dtype?: DType; out?: Buf<M, DType> } = {}): Buf<M, DType> {
     return quant.dequantize(this, q, opts);
   }
@@ -476,6 +501,8 @@ export class Backend {
    * console.log(words[0].toString(16)); // "39393939"
    * ```
    */
+  pack(codes: Uint8Array, opts: { bits: Bits; out?: Uint32Array }): Uint32Array;
+  pack(codes: DeviceTensor<"u8">, opts: { bits: Bits; out?: DeviceTensor<"u32"> }): DeviceTensor<"u32">;
   pack<M extends Mem>(codes: Buf<M, "u8">, opts: { bits: Bits; out?: Buf<M, "u32"> }): Buf<M, "u32"> {
     return quant.pack(this, codes, opts);
   }
@@ -490,16 +517,40 @@ export class Backend {
    * console.log(kivi.unpack(new Uint32Array([0x39393939]), { bits: 2 }).slice(0, 4)); // [1, 2, 3, 0]
    * ```
    */
+  unpack(words: Uint32Array, opts: { bits: Bits; out?: Uint8Array }): Uint8Array;
+  unpack(words: DeviceTensor<"u32">, opts: { bits: Bits; out?: DeviceTensor<"u8"> }): DeviceTensor<"u8">;
   unpack<M extends Mem>(words: Buf<M, "u32">, opts: { bits: Bits; out?: Buf<M, "u8"> }): Buf<M, "u8"> {
     return quant.unpack(this, words, opts);
+  }
+
+  /**
+   * Creates a paged KV cache on this backend (see {@link KVCache}).
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * using cache = kivi.createCache({
+   *   layers: 4, kvHeads: 8, queryHeads: 32, headDim: 128, maxPages: 256,
+   *   keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "codebook", bits: 2, group: 64 },
+   * });
+   * console.log(cache.memory().poolBytes);
+   * ```
+   */
+  createCache(options: CacheOptions): KVCache {
+    this._native("createCache");
+    return new KVCache(this, options);
   }
 
   /** Frees every tensor of this backend, then the context and the library. Idempotent. */
   dispose(): void {
     const s = this.#state;
     if (s === undefined) return;
-    for (const r of [...this.#tensors]) r.deref()?.dispose();
-    this.#tensors.clear();
+    // Caches first (they may hold tensors' data in flight), then tensors.
+    const live = [...this.#children].map((r) => r.deref()).filter((c) => c !== undefined);
+    for (const c of live) if (!(c instanceof DeviceTensor)) c.dispose();
+    for (const c of live) if (c instanceof DeviceTensor) c.dispose();
+    this.#children.clear();
     this.#state = undefined;
     backendRegistry.unregister(this);
     s.release();
@@ -512,12 +563,12 @@ export class Backend {
 
 function tryLoadCuda(path: string, device: number): Promise<{ lib?: NativeLib; reason: string }> {
   return (async () => {
-    if (!existsSync(path)) return { reason: `${path} is not built (no nvcc when build.ts ran)` };
+    if (!existsSync(path)) return { reason: `no CUDA build: ${path} is not built (no nvcc when build.ts ran)` };
     let lib: NativeLib;
     try {
       lib = await loadNative(path);
     } catch (e) {
-      return { reason: `${path} could not be loaded: ${(e as Error).message}` };
+      return { reason: `the CUDA build ${path} could not be loaded: ${(e as Error).message}` };
     }
     const n = new Int32Array(1);
     const st = lib.call("kivi_device_count", lib.ptr(n));
@@ -548,9 +599,14 @@ export async function openBackend(opts: OpenOptions = {}): Promise<Backend> {
   let lib: NativeLib | undefined;
   let reason: string;
   if (override) {
-    if (!existsSync(override)) throw new TypeError(`KIVI_LIB_PATH must name a kivi library, got ${show(override)}: no such file`);
-    lib = await loadNative(override);
-    reason = `loaded ${override} (KIVI_LIB_PATH)`;
+    const what = opts.libraryPath ? "libraryPath" : "KIVI_LIB_PATH";
+    if (!existsSync(override)) throw new TypeError(`${what} must name a kivi library, got ${show(override)}: no such file`);
+    try {
+      lib = await loadNative(override);
+    } catch (e) {
+      throw new TypeError(`${what} must name a kivi library, got ${show(override)}: ${(e as Error).message}`);
+    }
+    reason = `loaded ${override} (${what})`;
   } else if (prefer === "cpu") {
     lib = await loadNative(defaultLibraryPath("cpu"));
     reason = "the CPU build was asked for";

@@ -19,6 +19,7 @@ export const Status = {
   KIVI_ERR_NO_DEVICE: -7,
   KIVI_ERR_STATE: -8,
   KIVI_ERR_UNSUPPORTED: -9,
+  KIVI_ERR_CAPACITY: -10,
 } as const;
 
 /** The name of a kivi.h status code, such as `"KIVI_ERR_SHAPE"`. */

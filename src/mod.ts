@@ -43,3 +43,14 @@ export {
 } from "./quant.ts";
 export { synthKV, type SynthKV, type SynthOptions } from "./synth.ts";
 export { Rng } from "./random.ts";
+export {
+  type CacheConfig,
+  type CacheFormat,
+  type CacheMemory,
+  type CacheOptions,
+  KVCache,
+  pageBytes,
+  resolveCacheOptions,
+  Sequence,
+  type AppendOptions,
+} from "./cache.ts";

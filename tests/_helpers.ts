@@ -96,11 +96,6 @@ export function bf16Value(b: number): number {
   cvt.setUint32(0, (b & 0xffff) << 16);
   return cvt.getFloat32(0);
 }
-/** fp16 bits -> number (exact). */
-export function f16Value(h: number): number {
-  cvt.setUint16(0, h & 0xffff);
-  return cvt.getFloat16(0);
-}
 /** fp16 bits of x (rounded to nearest even). */
 export function f16Bits(x: number): number {
   cvt.setFloat16(0, x);
@@ -317,17 +312,13 @@ export function uniformBound(x: number, s: number, z: number, mn: number, mx: nu
 
 /* ------------------------------------------------------------------ codebook oracles ----- */
 
-/** Nearest centroid in float64 (c ascending); a tie goes to the upper centroid (kivi.h). */
+/** Nearest centroid in float64 as kivi.h defines it (c ascending): the number of midpoints
+ * (c_k + c_(k+1)) / 2 that are <= x, so a value on a midpoint goes up and, of equal centroids,
+ * the first is used. */
 export function nearestOracle(x: number, c: ArrayLike<number>): number {
-  let best = 0, bd = Math.abs(x - c[0]);
-  for (let k = 1; k < c.length; k++) {
-    const d = Math.abs(x - c[k]);
-    if (d <= bd) {
-      best = k;
-      bd = d;
-    }
-  }
-  return best;
+  let q = 0;
+  for (let k = 0; k + 1 < c.length; k++) if (x >= (c[k] + c[k + 1]) / 2) q++;
+  return q;
 }
 /**
  * True when x is so close to the midpoint of two neighbouring centroids that the fp32 midpoint

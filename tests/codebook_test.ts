@@ -218,7 +218,9 @@ describe("codebook assignment", () => {
                 continue;
               }
               const want = nearestOracle(inp.v[i], c);
-              if (codes[i] !== want) assert.fail(`x = ${inp.v[i]} got code ${codes[i]}, oracle ${want}; centroids ${[...c]} ${rng.tag}`);
+              if (codes[i] !== want) {
+                assert.fail(`x = ${inp.v[i]} got code ${codes[i]}, oracle ${want}; centroids ${[...c]} ${rng.tag}`);
+              }
             }
           }
           assert.ok(undecided <= rows * cols * 1e-3, `${undecided} values within fp32 rounding of a midpoint ${rng.tag}`);
@@ -239,6 +241,16 @@ describe("codebook assignment", () => {
     // duplicate centroids: the upper of equal ones wins
     const d = kivi.quantizeWithCodebook(new Float32Array(32).fill(1), new Float16Array([0, 1, 1, 2]), { shape: [1, 32], axis: "channel", bits: 2 });
     assert.ok(codesOf(d.codes, 1, 32, "channel", 2).every((v) => v === 2));
+  });
+
+  it("nearest: of two equal centroids, a value below them gets the first (kivi.h)", async () => {
+    using kivi = await openCpu();
+    const q = kivi.quantizeWithCodebook(new Float32Array(32).fill(0.75), new Float16Array([0, 1, 1, 2]), {
+      shape: [1, 32],
+      axis: "channel",
+      bits: 2,
+    });
+    assert.ok(codesOf(q.codes, 1, 32, "channel", 2).every((v) => v === 1));
   });
 
   for (const bits of BITS) {

@@ -28,8 +28,8 @@ import { DTYPES } from "./_helpers.ts";
 
 type Case = [rows: number, cols: number, group: GroupSize];
 
-/** Keys: G consecutive tokens of a channel. 520 and 600 columns cross the CPU build's 512-column tile. */
-const TOKEN_CASES: Case[] = [[96, 40, 32], [160, 128, 32], [4096, 40, 64], [4096, 128, 128], [64, 600, 32], [128, 520, 64]];
+/** Keys: G consecutive tokens of a channel. 520, 530 and 600 columns cross the CPU build's 512-column tile. */
+const TOKEN_CASES: Case[] = [[96, 40, 32], [160, 128, 32], [4096, 40, 64], [4096, 128, 128], [64, 600, 32], [128, 520, 64], [256, 530, 128]];
 /** Values: G consecutive channels of a token. 544 and 640 columns cross the 512-column tile. */
 const CHANNEL_CASES: Case[] = [];
 for (const rows of [1, 3, 17]) {
@@ -170,7 +170,7 @@ describe("uniform", () => {
   for (const out of ["f16", "bf16"] as const) {
     it(`dequantizes to ${out}: the fp32 value fmaf(q, s, z) rounded once to ${out}`, async () => {
       using kivi = await openCpu();
-      for (const [axis, rows, cols, group] of [["token", 160, 40, 32], ["channel", 17, 256, 64]] as const) {
+      for (const [axis, rows, cols, group] of [["token", 160, 40, 32], ["token", 64, 600, 64], ["channel", 17, 256, 64], ["channel", 3, 640, 128]] as const) {
         for (const bits of BITS) {
           const rng = new Rng(`deq ${out} ${axis} ${bits}`);
           const inp = randomMatrix(rng, rows, cols, "f32");

@@ -30,7 +30,7 @@ static int assign_nearest(const float *v, int32_t G, const float *c, int32_t n, 
 
 /* Fits the n centroids of one group v [G] (kivi.h kivi_codebook_fit) and writes them as sorted
    fp16 into h [n]. trace [max_iters + 1] may be NULL. Returns the number of updates applied. */
-static int32_t fit_group(const float *v, int32_t G, int32_t n, kivi_fit fit, int32_t max_iters, uint16_t *h,
+int32_t cpu_codebook_fit_group(const float *v, int32_t G, int32_t n, kivi_fit fit, int32_t max_iters, uint16_t *h,
                          float *trace) {
   float mn = v[0], mx = v[0];
   for (int32_t i = 1; i < G; i++) {
@@ -91,7 +91,7 @@ static int32_t fit_group(const float *v, int32_t G, int32_t n, kivi_fit fit, int
 }
 
 /* Codes of v [G] against fp16 centroids h [n], packed into the group's words. */
-static void code_group(const float *v, int32_t G, const uint16_t *h, int32_t n, kivi_assign assign, int32_t bits,
+void cpu_codebook_code_group(const float *v, int32_t G, const uint16_t *h, int32_t n, kivi_assign assign, int32_t bits,
                        uint32_t *words) {
   float c[KIVI_MAX_CENTROIDS];
   uint8_t q[CPU_MAX_GROUP];
@@ -154,14 +154,14 @@ static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, ki
         const int64_t g = cpu_tile_group(sh, r0, c0, k);
         cpu_tile_gather(sh, p, stride, k, v);
         if (wk->kind == WALK_QUANTIZE) {
-          code_group(v, sh->group, wk->centroids_in + g * n, n, wk->assign, sh->bits, wk->codes + g * sh->wpg);
+          cpu_codebook_code_group(v, sh->group, wk->centroids_in + g * n, n, wk->assign, sh->bits, wk->codes + g * sh->wpg);
           continue;
         }
         uint16_t *h = wk->centroids_out + g * n;
         float *trace = wk->inertia ? wk->inertia + g * (wk->max_iters + 1) : NULL;
-        const int32_t it = fit_group(v, sh->group, n, wk->fit, wk->max_iters, h, trace);
+        const int32_t it = cpu_codebook_fit_group(v, sh->group, n, wk->fit, wk->max_iters, h, trace);
         if (wk->iters) wk->iters[g] = it;
-        if (wk->kind == WALK_ENCODE) code_group(v, sh->group, h, n, wk->assign, sh->bits, wk->codes + g * sh->wpg);
+        if (wk->kind == WALK_ENCODE) cpu_codebook_code_group(v, sh->group, h, n, wk->assign, sh->bits, wk->codes + g * sh->wpg);
       }
     }
   }

@@ -135,23 +135,26 @@ static int chunk_bad(const void *x, kivi_dtype dtype, int64_t i0, int64_t n) {
   return bad != 0;
 }
 
-kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const cpu_shape *sh) {
-  const int64_t total = sh->rows * sh->cols;
+int64_t cpu_first_nonfinite(const void *x, kivi_dtype dtype, int64_t total) {
   for (int64_t i0 = 0; i0 < total; i0 += SCAN_CHUNK) {
     const int64_t n = total - i0 < SCAN_CHUNK ? total - i0 : SCAN_CHUNK;
     if (!chunk_bad(x, dtype, i0, n)) continue;
-    for (int64_t i = i0; i < i0 + n; i++) {
-      if (!bad_at(x, dtype, i)) continue;
-      const float v = cpu_load(x, dtype, i);
-      const int64_t r = i / sh->cols, c = i % sh->cols;
-      return cpu_fail(ctx, KIVI_ERR_NONFINITE,
-                      "%s: x must be finite, got %s at index %lld (row %lld, col %lld, group %lld); "
-                      "pass KIVI_FLAG_TRUSTED only for data known to be finite",
-                      op, v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"), (long long)i, (long long)r, (long long)c,
-                      (long long)kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
-    }
+    for (int64_t i = i0; i < i0 + n; i++)
+      if (bad_at(x, dtype, i)) return i;
   }
-  return KIVI_OK;
+  return -1;
+}
+
+kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const cpu_shape *sh) {
+  const int64_t i = cpu_first_nonfinite(x, dtype, sh->rows * sh->cols);
+  if (i < 0) return KIVI_OK;
+  const float v = cpu_load(x, dtype, i);
+  const int64_t r = i / sh->cols, c = i % sh->cols;
+  return cpu_fail(ctx, KIVI_ERR_NONFINITE,
+                  "%s: x must be finite, got %s at index %lld (row %lld, col %lld, group %lld); "
+                  "pass KIVI_FLAG_TRUSTED only for data known to be finite",
+                  op, v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"), (long long)i, (long long)r, (long long)c,
+                  (long long)kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
 }
 
 /* ---------------------------------------------------------------- tiles ------------------ */
@@ -210,6 +213,7 @@ KIVI_API const char *kivi_status_str(kivi_status code) {
     case KIVI_ERR_NO_DEVICE: return "KIVI_ERR_NO_DEVICE";
     case KIVI_ERR_STATE: return "KIVI_ERR_STATE";
     case KIVI_ERR_UNSUPPORTED: return "KIVI_ERR_UNSUPPORTED";
+    case KIVI_ERR_CAPACITY: return "KIVI_ERR_CAPACITY";
     default: return "KIVI_ERR_UNKNOWN";
   }
 }

@@ -12,6 +12,10 @@
 #include "kivi.h"
 #include "kivi_format.h"
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #define CPU_ERR_LEN 512
 /* Columns per tile: a tile is G rows x CPU_TILE_COLS columns (token axis) or 1 row x CPU_TILE_COLS
    columns (channel axis; a multiple of every group size), small enough to stay in L2. */
@@ -79,6 +83,8 @@ kivi_status cpu_need_ctx(kivi_ctx_t ctx, const char *op);
 /** NaN / Inf scan of x [rows][cols] (KIVI_ERR_NONFINITE naming the first bad element). */
 kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype,
                              const cpu_shape *sh);
+/** Index of the first NaN / Inf among x[0 .. n), or -1 if all are finite. */
+int64_t cpu_first_nonfinite(const void *x, kivi_dtype dtype, int64_t n);
 /** malloc that reports KIVI_ERR_NOMEM through cpu_fail; *out = NULL on failure. */
 kivi_status cpu_alloc(kivi_ctx_t ctx, const char *op, size_t bytes, void **out);
 
@@ -98,6 +104,15 @@ static inline void cpu_store(void *out, kivi_dtype dtype, int64_t i, float v) {
     case KIVI_BF16: ((uint16_t *)out)[i] = kivi_f32_to_bf16(v); break;
     default: ((float *)out)[i] = v; break;
   }
+}
+
+/** fp16 -> float for n values (exact, as kivi_f16_to_f32; F16C where the build targets it). */
+static inline void cpu_f16_to_f32_n(const uint16_t *h, float *f, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+  for (; i < n; i++) f[i] = kivi_f16_to_f32(h[i]);
 }
 
 /* ---------------------------------------------------------------- tiles ------------------ */
@@ -164,5 +179,66 @@ static inline void cpu_unpack(const uint32_t *words, int64_t n, int32_t bits, ui
     for (int32_t j = 0; j < cpw; j++) q[w * cpw + j] = (uint8_t)kivi_word_get(word, j, bits);
   }
 }
+
+/* ---------------------------------------------------------------- per-group quantizers --- */
+/* The group-level cores of the quantizer ops, shared with the paged cache (cache.c), so a page holds
+   exactly the bits the standalone ops would produce for the same values. */
+
+/** Uniform (KIVI) group v [G], G a multiple of 8: fp16 scale and zero, codes packed into G / cpw words. */
+void cpu_uniform_group(const float *v, int32_t G, int32_t bits, uint16_t *scale, uint16_t *zero, uint32_t *words);
+/** Fits the n centroids of group v [G] (kivi_codebook_fit) into h [n] (fp16, sorted); trace
+    [max_iters + 1] may be NULL. Returns the number of updates applied. */
+int32_t cpu_codebook_fit_group(const float *v, int32_t G, int32_t n, kivi_fit fit, int32_t max_iters, uint16_t *h,
+                               float *trace);
+/** Codes of group v [G] against fp16 centroids h [n] under `assign`, packed into G / cpw words. */
+void cpu_codebook_code_group(const float *v, int32_t G, const uint16_t *h, int32_t n, kivi_assign assign,
+                             int32_t bits, uint32_t *words);
+
+/* ---------------------------------------------------------------- paged cache ------------ */
+
+/** Per sequence slot state (the per-layer lengths live in kivi_cache.lens). */
+typedef struct cpu_seq {
+  int32_t live;
+  int32_t n_pages; /* entries of its block table in use */
+} cpu_seq;
+
+struct kivi_cache {
+  kivi_ctx_t ctx;
+  kivi_cache_config cfg;
+  kivi_part_layout kpart, vpart; /* kivi_page_part(cfg, 0 / 1) */
+  int32_t F, W;                  /* flush unit (k_group) and window capacity R + F */
+  uint8_t *kpool, *vpool;        /* [layers][max_pages][kpart.page / vpart.page] bytes */
+  uint16_t *kwin, *vwin;         /* fp16 [max_seqs][layers][W][kv_heads][head_dim] */
+  uint64_t pool_bytes;           /* kpool + vpool + kwin + vwin */
+  cpu_seq *seqs;                 /* [max_seqs] */
+  int32_t *tables;               /* [max_seqs][max_pages] block tables */
+  int64_t *lens;                 /* [max_seqs][layers][2]: len, qlen */
+  int32_t *free_pages;           /* [max_pages] LIFO stack of free page ids, top at n_free - 1 */
+  int32_t n_free;
+};
+
+static inline int64_t *cpu_cache_len(const struct kivi_cache *c, int32_t seq, int32_t layer) {
+  return c->lens + ((int64_t)seq * c->cfg.layers + layer) * 2;
+}
+/** Head block of (layer, page, head) in the K (is_value 0) or V pool. */
+static inline uint8_t *cpu_cache_block(const struct kivi_cache *c, int is_value, int32_t layer, int32_t page,
+                                       int32_t head) {
+  const kivi_part_layout *p = is_value ? &c->vpart : &c->kpart;
+  uint8_t *pool = is_value ? c->vpool : c->kpool;
+  return pool + ((uint64_t)layer * (uint64_t)c->cfg.max_pages + (uint64_t)page) * p->page + (uint64_t)head * p->head;
+}
+/** Window row of (seq, layer, slot): fp16 [kv_heads][head_dim]. */
+static inline uint16_t *cpu_cache_win(const struct kivi_cache *c, int is_value, int32_t seq, int32_t layer,
+                                      int64_t slot) {
+  const uint64_t row = (uint64_t)c->cfg.kv_heads * (uint64_t)c->cfg.head_dim;
+  return (is_value ? c->vwin : c->kwin) +
+         (((uint64_t)seq * (uint64_t)c->cfg.layers + (uint64_t)layer) * (uint64_t)c->W + (uint64_t)slot) * row;
+}
+/** Dequantized keys of tokens [0, nt) of a head block: kd [head_dim][page_tokens] (channel major). */
+void cpu_cache_dequant_k(const struct kivi_cache *c, const uint8_t *block, int32_t nt, float *kd);
+/** Dequantized values of tokens [0, nt) of a head block: vt [page_tokens][head_dim] (token major). */
+void cpu_cache_dequant_v(const struct kivi_cache *c, const uint8_t *block, int32_t nt, float *vt);
+/** Validates the cache pointer and seq (range: KIVI_ERR_ARG, not live: KIVI_ERR_STATE). */
+kivi_status cpu_cache_check_seq(const struct kivi_cache *c, const char *op, const char *name, int32_t seq);
 
 #endif /* KIVI_CPU_INTERNAL_H */

@@ -116,37 +116,41 @@ static void dequantize_token(const cpu_shape *sh, const uint32_t *codes, const u
   }
 }
 
+/* One group v [G] (G a multiple of 8): min/max, fp16 params, codes packed into G / cpw words. */
+void cpu_uniform_group(const float *v, int32_t G, int32_t bits, uint16_t *scale, uint16_t *zero, uint32_t *words) {
+  const int32_t cpw = kivi_codes_per_word(bits);
+  const uint32_t mask = (uint32_t)kivi_levels(bits) - 1u;
+  uint32_t q[CPU_MAX_GROUP];
+  /* 8 running lanes, then a final pass: min/max do not depend on the order for finite data. */
+  float lo[8], hi[8];
+  for (int32_t l = 0; l < 8; l++) lo[l] = hi[l] = v[l];
+  for (int32_t i = 8; i < G; i += 8)
+    for (int32_t l = 0; l < 8; l++) {
+      lo[l] = v[i + l] < lo[l] ? v[i + l] : lo[l];
+      hi[l] = v[i + l] > hi[l] ? v[i + l] : hi[l];
+    }
+  float mn = lo[0], mx = hi[0];
+  for (int32_t l = 1; l < 8; l++) {
+    mn = lo[l] < mn ? lo[l] : mn;
+    mx = hi[l] > mx ? hi[l] : mx;
+  }
+  kivi_uniform_params(mn, mx, bits, scale, zero);
+  const float s = kivi_f16_to_f32(*scale), z = kivi_f16_to_f32(*zero);
+  for (int32_t i = 0; i < G; i++) q[i] = kivi_uniform_code(v[i], z, s, bits) & mask;
+  for (int32_t w = 0; w < G / cpw; w++) {
+    uint32_t acc = 0;
+    for (int32_t i = 0; i < cpw; i++) acc |= q[w * cpw + i] << (bits * i);
+    words[w] = acc;
+  }
+}
+
 /* Channel axis: tile p = one row of nc columns, nc / G contiguous groups. */
 static void quantize_channel_tile(const cpu_shape *sh, const float *p, int64_t r0, int64_t c0, int32_t nc,
                                   uint32_t *codes, uint16_t *scale, uint16_t *zero) {
-  const int32_t G = sh->group, bits = sh->bits, cpw = sh->cpw;
-  const uint32_t mask = (uint32_t)sh->levels - 1u;
-  uint32_t q[CPU_MAX_GROUP];
+  const int32_t G = sh->group;
   for (int32_t k = 0; k < nc / G; k++) {
-    const float *v = p + (int64_t)k * G;
-    /* 8 running lanes, then a final pass: min/max do not depend on the order for finite data. */
-    float lo[8], hi[8];
-    for (int32_t l = 0; l < 8; l++) lo[l] = hi[l] = v[l];
-    for (int32_t i = 8; i < G; i += 8)
-      for (int32_t l = 0; l < 8; l++) {
-        lo[l] = v[i + l] < lo[l] ? v[i + l] : lo[l];
-        hi[l] = v[i + l] > hi[l] ? v[i + l] : hi[l];
-      }
-    float mn = lo[0], mx = hi[0];
-    for (int32_t l = 1; l < 8; l++) {
-      mn = lo[l] < mn ? lo[l] : mn;
-      mx = hi[l] > mx ? hi[l] : mx;
-    }
     const int64_t g = cpu_tile_group(sh, r0, c0, k);
-    kivi_uniform_params(mn, mx, bits, &scale[g], &zero[g]);
-    const float s = kivi_f16_to_f32(scale[g]), z = kivi_f16_to_f32(zero[g]);
-    for (int32_t i = 0; i < G; i++) q[i] = kivi_uniform_code(v[i], z, s, bits) & mask;
-    uint32_t *out = codes + g * sh->wpg;
-    for (int32_t w = 0; w < sh->wpg; w++) {
-      uint32_t acc = 0;
-      for (int32_t i = 0; i < cpw; i++) acc |= q[w * cpw + i] << (bits * i);
-      out[w] = acc;
-    }
+    cpu_uniform_group(p + (int64_t)k * G, G, sh->bits, &scale[g], &zero[g], codes + g * sh->wpg);
   }
 }
 
@@ -205,8 +209,10 @@ KIVI_API kivi_status kivi_uniform_dequantize(kivi_ctx_t ctx, const uint32_t *cod
   cpu_shape sh;
   kivi_status st = cpu_validate(ctx, &spec, &sh);
   if (st) return st;
-  float *tmp = NULL;
-  if ((st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp))) return st;
+  float *tmp = NULL; /* f32 output is written in place */
+  if (out_dtype != KIVI_F32 &&
+      (st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))
+    return st;
 
   if (axis == KIVI_AXIS_TOKEN) {
     dequantize_token(&sh, codes, scale, zero, out, out_dtype, tmp);
@@ -223,7 +229,10 @@ KIVI_API kivi_status kivi_uniform_dequantize(kivi_ctx_t ctx, const uint32_t *cod
         const float s = kivi_f16_to_f32(scale[g]), z = kivi_f16_to_f32(zero[g]);
         const uint32_t *wd = codes + g * sh.wpg;
         float *d = dst + (int64_t)k * G;
-        for (int32_t i = 0; i < G; i++) d[i] = kivi_uniform_value(kivi_word_get(wd[i / cpw], i % cpw, bits), z, s);
+        for (int32_t w = 0; w < sh.wpg; w++) {
+          const uint32_t word = wd[w];
+          for (int32_t i = 0; i < cpw; i++) d[w * cpw + i] = kivi_uniform_value(kivi_word_get(word, i, bits), z, s);
+        }
       }
       if (out_dtype != KIVI_F32) cpu_tile_store(out, out_dtype, cols, r0, c0, 1, nc, tmp);
     }

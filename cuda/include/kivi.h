@@ -62,7 +62,8 @@ enum {
   KIVI_ERR_CUDA_STICKY = -6,  /* a sticky CUDA fault (illegal address, ...): the context is unusable */
   KIVI_ERR_NO_DEVICE = -7,    /* no CUDA device, or the device index does not exist */
   KIVI_ERR_STATE = -8,        /* an object used in a state that does not allow it */
-  KIVI_ERR_UNSUPPORTED = -9   /* a valid request this build does not implement */
+  KIVI_ERR_UNSUPPORTED = -9,  /* a valid request this build does not implement */
+  KIVI_ERR_CAPACITY = -10     /* the page pool or the sequence slots are full */
 };
 
 typedef int32_t kivi_dtype;
@@ -79,7 +80,9 @@ enum {
 
 typedef int32_t kivi_assign;
 enum {
-  KIVI_ASSIGN_NEAREST = 0,  /* code of the nearest centroid; a tie goes to the upper one */
+  KIVI_ASSIGN_NEAREST = 0,  /* code of the nearest centroid: the number of midpoints (c_i + c_(i+1)) / 2
+                               that are <= x, so a value on a midpoint goes up and, of equal centroids,
+                               the first is used */
   KIVI_ASSIGN_INTERVAL = 1  /* the seed's table: x < c1 -> 0, c_i <= x < c_(i+1) -> i (1 <= i <= n-3),
                                c_(n-2) <= x <= c_(n-1) -> n-2, x > c_(n-1) -> n-1 */
 };
@@ -186,8 +189,9 @@ KIVI_API kivi_status kivi_uniform_dequantize(kivi_ctx_t ctx, const uint32_t *cod
 
 /** Fits 2^bits centroids per group by 1-D k-means (Lloyd-Max) in fp32: start from the uniform
     grid min + i * (max - min) / (n - 1); each iteration assigns every value to its nearest
-    centroid, then moves each centroid to the mean of its values (KIVI_FIT_PINNED: the inner ones
-    only; an empty cluster keeps its centroid); stops after max_iters (1..256) updates or when no
+    centroid, then moves each centroid c to the mean of its values, computed in fp32 as
+    c + (sum of (x - c)) / count in group order (KIVI_FIT_PINNED: the inner ones only; an empty
+    cluster keeps its centroid; the grid's top is exactly max); stops after max_iters (1..256) updates or when no
     assignment changed. Centroids are written as fp16, sorted ascending.
     iters [groups] (may be NULL): updates done. inertia [groups][max_iters + 1] (may be NULL): the
     fp32 sum of squared errors at the start and after each update (repeated after an early stop),
@@ -231,6 +235,114 @@ KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes /* dat
 /** Unpacks n / cpw words into n codes, one per byte. n % cpw == 0. */
 KIVI_API kivi_status kivi_codes_unpack(kivi_ctx_t ctx, const uint32_t *words /* data [n / cpw] */, int64_t n,
                                        int32_t bits, uint8_t *codes /* data [n] out */);
+
+/* ---------------------------------------------------------------- paged KV cache --------- */
+/*
+ * A cache holds `layers` x (keys, values) for up to `max_seqs` sequences in a pool of `max_pages`
+ * pages of `page_tokens` tokens, shared by all layers through one block table per sequence (each
+ * layer has its own storage for every page, so a page id is valid in every layer). Each sequence and
+ * layer keeps its newest tokens in fp16 in a residual window: when the window would hold
+ * residual + F tokens (F = the key group size), its oldest F tokens are quantized into pages, keys
+ * and values together; a prefill quantizes all but the last residual..residual+F-1 tokens at once.
+ * bits 16 stores fp16 in the pages (the unquantized baseline of the same cache and kernels).
+ *
+ * The page layout is in kivi_format.h (kivi_page_layout). K and V input rows are
+ * [tokens][kv_heads][head_dim]; queries and outputs [batch][q_heads][head_dim], query head h reading
+ * KV head h / (q_heads / kv_heads).
+ */
+
+/** Fields of the int32 config array given to kivi_cache_create, in this order. */
+enum {
+  KIVI_CFG_LAYERS = 0,      /* >= 1 */
+  KIVI_CFG_KV_HEADS,        /* >= 1 */
+  KIVI_CFG_Q_HEADS,         /* a multiple of kv_heads, q_heads / kv_heads <= 32 */
+  KIVI_CFG_HEAD_DIM,        /* 64, 128 or 256 */
+  KIVI_CFG_PAGE_TOKENS,     /* 32, 64, 128 or 256, a multiple of the key group */
+  KIVI_CFG_RESIDUAL,        /* R >= 0, a multiple of the key group */
+  KIVI_CFG_MAX_PAGES,       /* pool size in pages, >= 1 */
+  KIVI_CFG_MAX_SEQS,        /* sequence slots, >= 1 */
+  KIVI_CFG_K_KIND,          /* KIVI_KIND_UNIFORM or KIVI_KIND_CODEBOOK (ignored at 16 bits) */
+  KIVI_CFG_K_BITS,          /* 2, 4 or 16 */
+  KIVI_CFG_K_GROUP,         /* 32, 64 or 128: tokens per key group, and the flush unit F */
+  KIVI_CFG_K_FIT,           /* kivi_fit for codebook keys */
+  KIVI_CFG_K_ITERS,         /* k-means iteration cap for codebook keys, 1..256 */
+  KIVI_CFG_V_KIND,          /* as for keys */
+  KIVI_CFG_V_BITS,          /* 2, 4 or 16 */
+  KIVI_CFG_V_GROUP,         /* 32, 64 or 128 channels per value group, dividing head_dim */
+  KIVI_CFG_V_FIT,
+  KIVI_CFG_V_ITERS,
+  KIVI_CFG_FIELDS           /* number of fields */
+};
+
+typedef int32_t kivi_kind;
+enum { KIVI_KIND_UNIFORM = 0, KIVI_KIND_CODEBOOK = 1 };
+
+/** Fields of the uint64 report written by kivi_cache_memory, in this order. */
+enum {
+  KIVI_MEM_CODE_BYTES = 0,   /* packed codes (or fp16 at 16 bits) of the pages in use, all layers */
+  KIVI_MEM_PARAM_BYTES,      /* scale/zero or centroids of the pages in use */
+  KIVI_MEM_RESIDUAL_BYTES,   /* fp16 residual tokens currently held */
+  KIVI_MEM_TABLE_BYTES,      /* block tables and per-sequence state */
+  KIVI_MEM_POOL_BYTES,       /* bytes allocated for the whole pool and residual windows */
+  KIVI_MEM_PAGES_USED,
+  KIVI_MEM_PAGES_TOTAL,
+  KIVI_MEM_TOKENS,           /* sum over live sequences and layers of their lengths */
+  KIVI_MEM_QUANTIZED_TOKENS, /* of which in pages */
+  KIVI_MEM_FIELDS
+};
+
+typedef struct kivi_cache *kivi_cache_t;
+
+/** Creates a cache: validates the config (KIVI_ERR_ARG naming the field), allocates the pool and
+    the residual windows once (KIVI_ERR_NOMEM if they do not fit). */
+KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config /* host [n_fields] */, int32_t n_fields,
+                                       kivi_cache_t *out /* host [1] out */);
+/** Frees the cache and everything it allocated. NULL is a no-op. */
+KIVI_API kivi_status kivi_cache_destroy(kivi_cache_t cache);
+/** Claims a free sequence slot (KIVI_ERR_CAPACITY when all are taken); its length is 0. */
+KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t cache, int32_t *seq /* host [1] out */);
+/** Frees a sequence and returns its pages to the pool (KIVI_ERR_STATE if it is not live). */
+KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq);
+/** Tokens held by `seq` in `layer` (pages plus residual), and how many of them are in pages. */
+KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t cache, int32_t seq, int32_t layer,
+                                           int64_t *length /* host [1] out */,
+                                           int64_t *quantized /* host [1] out */);
+/** The block table of `seq`: up to `cap` page ids in order, and their number. */
+KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t cache, int32_t seq, int32_t *pages /* host [cap] out */,
+                                          int32_t cap, int32_t *count /* host [1] out */);
+/** Appends n_tokens >= 1 tokens of keys and values to `seq` in `layer`, or in every layer when
+    layer == -1 (then k and v are [layers][n_tokens][kv_heads][head_dim]). All or nothing: a NaN or
+    Inf (unless KIVI_FLAG_TRUSTED), a full pool (KIVI_ERR_CAPACITY) or a bad argument leaves every
+    sequence exactly as it was. */
+KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t layer,
+                                       const void *k /* data [n_tokens][kv_heads][head_dim] */,
+                                       const void *v /* data [n_tokens][kv_heads][head_dim] */,
+                                       kivi_dtype dtype, int32_t n_tokens, int32_t flags);
+/** Decode attention of one layer for a batch of sequences (each with >= 1 token in the layer):
+    out[b][h] = softmax(scale * q[b][h] . K_s^T) V_s over the sequence's dequantized pages and fp16
+    residual, fp32 math. seqs may repeat. A non-finite q gives KIVI_ERR_NONFINITE (unless
+    KIVI_FLAG_TRUSTED) and nothing is written. */
+KIVI_API kivi_status kivi_cache_attend(kivi_cache_t cache, int32_t layer, const int32_t *seqs /* host [batch] */,
+                                       int32_t batch, const void *q /* data [batch][q_heads][head_dim] */,
+                                       kivi_dtype q_dtype, float scale, int32_t flags,
+                                       void *out /* data [batch][q_heads][head_dim] out */,
+                                       kivi_dtype out_dtype);
+/** The dequantized keys and values of `seq` in `layer`, as the attention kernel sees them
+    ([length][kv_heads][head_dim], pages first, then the residual), for tests and inspection. */
+KIVI_API kivi_status kivi_cache_read(kivi_cache_t cache, int32_t seq, int32_t layer,
+                                     void *k /* data [length][kv_heads][head_dim] out */,
+                                     void *v /* data [length][kv_heads][head_dim] out */,
+                                     kivi_dtype dtype);
+/** Benchmark of kivi_cache_attend: one warm-up call, then `iters` calls back to back (trusted q),
+    timed on the stream (CUDA events; CPU: wall clock); *ms = milliseconds per call. */
+KIVI_API kivi_status kivi_cache_bench_attend(kivi_cache_t cache, int32_t layer, const int32_t *seqs /* host [batch] */,
+                                             int32_t batch, const void *q /* data [batch][q_heads][head_dim] */,
+                                             kivi_dtype q_dtype, float scale,
+                                             void *out /* data [batch][q_heads][head_dim] out */,
+                                             kivi_dtype out_dtype, int32_t iters, float *ms /* host [1] out */);
+/** Memory report (see KIVI_MEM_*). */
+KIVI_API kivi_status kivi_cache_memory(kivi_cache_t cache, uint64_t *report /* host [n_fields] out */,
+                                       int32_t n_fields);
 
 #ifdef __cplusplus
 }

@@ -122,7 +122,7 @@ KIVI_HD uint32_t kivi_uniform_code(float x, float z, float s, int32_t bits) {
   if (!(s > 0.0f)) return 0u;
   float q = rintf((x - z) / s);
   float top = (float)((1 << bits) - 1);
-  q = q < 0.0f ? 0.0f : (q > top ? top : q);
+  q = !(q >= 0.0f) ? 0.0f : (q > top ? top : q); /* NaN (trusted input) gives code 0 */
   return (uint32_t)q;
 }
 
@@ -131,7 +131,8 @@ KIVI_HD float kivi_uniform_value(uint32_t q, float z, float s) { return fmaf((fl
 
 /* ------------------------------------------------------------------ codebook ------------- */
 
-/** Nearest centroid of x among n sorted centroids c[0..n-1]; a tie goes to the upper one. */
+/** Nearest centroid of x among n sorted centroids c[0..n-1]: the count of midpoints <= x (a value on a
+    midpoint goes up; of equal centroids the first is used). */
 KIVI_HD uint32_t kivi_nearest_code(float x, const float *c, int32_t n) {
   uint32_t q = 0;
   for (int32_t i = 0; i + 1 < n; i++) q += (x >= 0.5f * (c[i] + c[i + 1])) ? 1u : 0u;
@@ -171,5 +172,71 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
   *slot = (int32_t)(c % cpw);
   return r * (cols / cpw) + c / cpw;
 }
+
+
+/* ------------------------------------------------------------------ paged cache layout --- */
+/*
+ * Pool layout. Each layer has its own storage for every page id; a page holds page_tokens (P)
+ * tokens of every KV head. Page (layer, page) starts at layer_base + page * page_bytes, where the
+ * K pool and the V pool are separate allocations. Inside a page the heads follow each other, each
+ * head block 16-byte aligned:
+ *   keys   quantized: codes  uint32 [D][P / cpw]            (per channel, packed along tokens)
+ *                     params uniform: half2 (scale, zero) [D][P / Gk]
+ *                            codebook: half [D][P / Gk][2^b]
+ *          16 bits:   half [P][D]
+ *   values quantized: codes  uint32 [P][D / cpw]            (per token, packed along channels)
+ *                     params uniform: half2 (scale, zero) [P][D / Gv]
+ *                            codebook: half [P][D / Gv][2^b]
+ *          16 bits:   half [P][D]
+ * Residual windows: half [max_seqs][layers][R + F][kv_heads][D] for K and for V; absolute token
+ * position p of a sequence sits in slot p % (R + F) while it is in the window.
+ */
+
+/** The cache config as a struct; kivi_cache_create copies the int32 config array into it. */
+typedef struct kivi_cache_config {
+  int32_t layers, kv_heads, q_heads, head_dim, page_tokens, residual, max_pages, max_seqs;
+  int32_t k_kind, k_bits, k_group, k_fit, k_iters;
+  int32_t v_kind, v_bits, v_group, v_fit, v_iters;
+} kivi_cache_config;
+KIVI_STATIC_ASSERT(sizeof(kivi_cache_config) == 18 * sizeof(int32_t), "config is the int32 array of kivi.h");
+
+/** Byte sizes of one head's block of one page, for K or for V. */
+typedef struct kivi_part_layout {
+  uint64_t codes;  /* bytes of codes (or fp16 values at 16 bits) */
+  uint64_t params; /* bytes of params (0 at 16 bits) */
+  uint64_t head;   /* codes + params, rounded up to 16 */
+  uint64_t page;   /* head * kv_heads */
+} kivi_part_layout;
+
+KIVI_HD uint64_t kivi_round16(uint64_t x) { return (x + 15u) & ~(uint64_t)15u; }
+
+/** Params bytes per group: 4 (half2 scale, zero) for uniform, 2 * 2^bits for codebook. */
+KIVI_HD uint64_t kivi_param_bytes(int32_t kind, int32_t bits) {
+  return kind == 0 ? 4u : 2u * (uint64_t)(1 << bits);
+}
+
+/** Layout of the key part (is_value = 0) or the value part (is_value = 1) of a page. */
+KIVI_HD kivi_part_layout kivi_page_part(const kivi_cache_config *c, int is_value) {
+  kivi_part_layout l;
+  int32_t bits = is_value ? c->v_bits : c->k_bits;
+  int32_t kind = is_value ? c->v_kind : c->k_kind;
+  int32_t group = is_value ? c->v_group : c->k_group;
+  uint64_t values = (uint64_t)c->page_tokens * (uint64_t)c->head_dim;
+  if (bits == 16) {
+    l.codes = values * 2u;
+    l.params = 0;
+  } else {
+    l.codes = values * (uint64_t)bits / 8u;
+    l.params = (values / (uint64_t)group) * kivi_param_bytes(kind, bits);
+  }
+  l.head = kivi_round16(l.codes + l.params);
+  l.page = l.head * (uint64_t)c->kv_heads;
+  return l;
+}
+
+/** Flush unit F: the key group size (tokens quantized together). */
+KIVI_HD int32_t kivi_flush_tokens(const kivi_cache_config *c) { return c->k_group; }
+/** Residual window capacity R + F in tokens. */
+KIVI_HD int32_t kivi_window_tokens(const kivi_cache_config *c) { return c->residual + c->k_group; }
 
 #endif /* KIVI_FORMAT_H */

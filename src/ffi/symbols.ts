@@ -254,6 +254,113 @@ export const symbols = {
     ],
     returns: "i32",
   },
+  kivi_cache_create: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const int32_t *config    [n_fields]
+      "i32", // int32_t n_fields
+      "ptr", // kivi_cache_t *out
+    ],
+    returns: "i32",
+  },
+  kivi_cache_destroy: { args: ["ptr"], returns: "i32" }, // kivi_cache_t cache
+  kivi_cache_seq_create: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "ptr", // int32_t *seq
+    ],
+    returns: "i32",
+  },
+  kivi_cache_seq_free: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t seq
+    ],
+    returns: "i32",
+  },
+  kivi_cache_seq_length: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t seq
+      "i32", // int32_t layer
+      "ptr", // int64_t *length
+      "ptr", // int64_t *quantized
+    ],
+    returns: "i32",
+  },
+  kivi_cache_seq_pages: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t seq
+      "ptr", // int32_t *pages           [cap]
+      "i32", // int32_t cap
+      "ptr", // int32_t *count
+    ],
+    returns: "i32",
+  },
+  kivi_cache_append: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t seq
+      "i32", // int32_t layer            (-1: every layer)
+      "ptr", // const void *k            [n_tokens][kv_heads][head_dim]
+      "ptr", // const void *v            [n_tokens][kv_heads][head_dim]
+      "i32", // kivi_dtype dtype
+      "i32", // int32_t n_tokens
+      "i32", // int32_t flags
+    ],
+    returns: "i32",
+  },
+  kivi_cache_attend: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t layer
+      "ptr", // const int32_t *seqs      host [batch]
+      "i32", // int32_t batch
+      "ptr", // const void *q            [batch][q_heads][head_dim]
+      "i32", // kivi_dtype q_dtype
+      "f32", // float scale
+      "i32", // int32_t flags
+      "ptr", // void *out                [batch][q_heads][head_dim]
+      "i32", // kivi_dtype out_dtype
+    ],
+    returns: "i32",
+  },
+  kivi_cache_read: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t seq
+      "i32", // int32_t layer
+      "ptr", // void *k                  [length][kv_heads][head_dim]
+      "ptr", // void *v                  [length][kv_heads][head_dim]
+      "i32", // kivi_dtype dtype
+    ],
+    returns: "i32",
+  },
+  kivi_cache_bench_attend: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t layer
+      "ptr", // const int32_t *seqs      host [batch]
+      "i32", // int32_t batch
+      "ptr", // const void *q            [batch][q_heads][head_dim]
+      "i32", // kivi_dtype q_dtype
+      "f32", // float scale
+      "ptr", // void *out                [batch][q_heads][head_dim]
+      "i32", // kivi_dtype out_dtype
+      "i32", // int32_t iters
+      "ptr", // float *ms
+    ],
+    returns: "i32",
+  },
+  kivi_cache_memory: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "ptr", // uint64_t *report         [n_fields]
+      "i32", // int32_t n_fields
+    ],
+    returns: "i32",
+  },
 } as const satisfies Record<string, SymbolSpec>;
 
 /** The export names of kivi.h. */

@@ -1,0 +1,163 @@
+/**
+ * Fused decode attention over the paged cache: time per layer-step of 2-bit caches and of the
+ * bits-16 baseline of the same cache and kernels, in the same run.
+ *
+ *   bun bench/attention.ts [--backend auto|cpu|cuda] [--iters 50] [--out bench/results]
+ *
+ * CUDA: 32 query heads, headDim 128, G 32, R 128, batch x context in {1x4096, 1x32768, 8x8192,
+ * 8x32768, 32x4096} plus a GQA case (32 query / 8 KV heads). Each figure is the median over
+ * repeats of `iters` back-to-back launches timed with CUDA events inside the library
+ * (kivi_cache_bench_attend), so FFI cost is out of it; the cost of one call from TypeScript is
+ * reported on its own. GB/s counts the bytes the kernel reads (codes + params + fp16 residual),
+ * as a fraction of the copy bandwidth measured in the same run. CPU: 1x4096 only.
+ *
+ * @module
+ */
+import process from "node:process";
+import { writeFileSync } from "node:fs";
+import { type Backend, type CacheFormat, type DeviceTensor, type KVCache, openBackend, Rng } from "../src/mod.ts";
+import { gbps, hostName, median, parseArgs, type Row, writeSection } from "./_report.ts";
+
+const args = parseArgs(process.argv.slice(2));
+using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
+const onGpu = kivi.kind === "cuda";
+const iters = Number(args.get("iters") ?? (onGpu ? 50 : 3));
+const repeats = onGpu ? 5 : 3;
+const headDim = 128, qHeads = 32, pageTokens = Number(args.get("page") ?? 64);
+
+const cases: { batch: number; context: number; kvHeads: number }[] = onGpu
+  ? [
+    { batch: 1, context: 4096, kvHeads: 32 },
+    { batch: 1, context: 32768, kvHeads: 32 },
+    { batch: 8, context: 8192, kvHeads: 32 },
+    { batch: 8, context: 32768, kvHeads: 32 },
+    { batch: 32, context: 4096, kvHeads: 32 },
+    { batch: 8, context: 32768, kvHeads: 8 },
+  ]
+  : [{ batch: 1, context: 4096, kvHeads: 32 }];
+
+const modes: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
+  { name: "bits 16 (baseline)", keys: { bits: 16 }, values: { bits: 16 } },
+  { name: "uniform 2-bit K+V G32", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 } },
+  {
+    name: "uniform K G32 + codebook V G64",
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "codebook", bits: 2, group: 64 },
+  },
+];
+
+console.log(`kivi bench/attention: ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}), page ${pageTokens} tokens`);
+const copy = kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5);
+console.log(`copy bandwidth: ${copy.toFixed(1)} GB/s`);
+
+/** Seeded fp16 (GPU) or fp32 (CPU) rows, [tokens][kvHeads][headDim], on the backend. */
+function chunk(k: Backend, rng: Rng, tokens: number, kvHeads: number): HostOrTensor {
+  const n = tokens * kvHeads * headDim;
+  const host = onGpu ? new Float16Array(n) : new Float32Array(n);
+  for (let i = 0; i < n; i++) host[i] = rng.normal() * (i % headDim === 7 ? 8 : 1);
+  return onGpu ? k.upload(host, { shape: [tokens, kvHeads, headDim] }) : host;
+}
+type HostOrTensor = Float16Array | Float32Array | DeviceTensor;
+
+function fill(cache: KVCache, batch: number, context: number, kvHeads: number, data: HostOrTensor, step: number) {
+  const seqs = [];
+  for (let b = 0; b < batch; b++) {
+    const s = cache.createSequence();
+    for (let t = 0; t < context; t += step) {
+      // The last append may be shorter; appends of the fixed chunk keep generation out of the timing.
+      if (context - t >= step) s.append(data, data, { layer: 0, trusted: true });
+      else {
+        const rest = chunkOf(data, (context - t) * kvHeads * headDim);
+        s.append(rest, rest, { layer: 0, trusted: true });
+        if (!ArrayBuffer.isView(rest)) (rest as DeviceTensor).dispose();
+      }
+    }
+    seqs.push(s);
+  }
+  return seqs;
+}
+
+function chunkOf(data: HostOrTensor, n: number): HostOrTensor {
+  if (ArrayBuffer.isView(data)) return data.subarray(0, n);
+  // A fresh tensor holding the first n values (tensors have no views: JS does no pointer arithmetic).
+  const host = (data as DeviceTensor<"f16">).readSync().subarray(0, n);
+  return kivi.upload(host, { shape: [n] });
+}
+
+const rows: Row[] = [];
+for (const c of cases) {
+  const rng = new Rng(c.batch * 7919 + c.context + c.kvHeads);
+  const step = Math.min(c.context, 4096);
+  const data = chunk(kivi, rng, step, c.kvHeads);
+  const qHost = onGpu ? new Float16Array(c.batch * qHeads * headDim) : new Float32Array(c.batch * qHeads * headDim);
+  for (let i = 0; i < qHost.length; i++) qHost[i] = rng.normal();
+  const q = onGpu ? kivi.upload(qHost, { shape: [c.batch, qHeads, headDim] }) : qHost;
+  const base: Record<string, number> = {};
+  for (const m of modes) {
+    const pagesPerSeq = Math.ceil(c.context / pageTokens) + 1;
+    using cache = kivi.createCache({
+      layers: 1,
+      kvHeads: c.kvHeads,
+      queryHeads: qHeads,
+      headDim,
+      pageTokens,
+      residual: 128,
+      keys: m.keys,
+      values: m.values,
+      maxPages: c.batch * pagesPerSeq,
+      maxSequences: c.batch,
+    });
+    const seqs = fill(cache, c.batch, c.context, c.kvHeads, data, step);
+    const mem = cache.memory();
+    const bytes = mem.codeBytes + mem.paramBytes + mem.residualBytes;
+    const times: number[] = [];
+    for (let r = 0; r < repeats; r++) times.push(cache.benchAttend(0, seqs, q, { iters }));
+    const ms = median(times);
+    // One call from TypeScript, argument checks and FFI included, averaged over a loop.
+    const t0 = performance.now();
+    for (let i = 0; i < iters; i++) {
+      const out = cache.attend(0, seqs, q, { trusted: true });
+      if (!ArrayBuffer.isView(out)) (out as DeviceTensor).dispose();
+    }
+    kivi.synchronizeSync();
+    const tsMs = (performance.now() - t0) / iters;
+    if (m.keys.bits === 16) base.ms = ms;
+    const row: Row = {
+      case: `${c.batch}x${c.context}${c.kvHeads !== qHeads ? ` GQA ${qHeads}/${c.kvHeads}` : ""}`,
+      cache: m.name,
+      "us/step": ms * 1e3,
+      "us/call from TS": tsMs * 1e3,
+      "MB read": bytes / 1e6,
+      "GB/s": gbps(bytes, ms),
+      "of copy": gbps(bytes, ms) / copy,
+      "speedup vs bits 16": base.ms / ms,
+    };
+    rows.push(row);
+    console.log(
+      `${String(row.case).padEnd(20)} ${m.name.padEnd(32)} ${(ms * 1e3).toFixed(1).padStart(9)} us  ${
+        (tsMs * 1e3).toFixed(1).padStart(8)
+      } us/call(TS)  ${(bytes / 1e6).toFixed(1).padStart(8)} MB  ${(row["GB/s"] as number).toFixed(0).padStart(6)} GB/s  ${
+        ((row["of copy"] as number) * 100).toFixed(1).padStart(5)
+      }% of copy  ${(base.ms / ms).toFixed(2)}x vs bits 16`,
+    );
+    for (const s of seqs) s.free();
+  }
+  if (!ArrayBuffer.isView(data)) (data as DeviceTensor).dispose();
+  if (!ArrayBuffer.isView(q)) (q as DeviceTensor).dispose();
+}
+
+const section = {
+  device: kivi.deviceName,
+  backend: kivi.kind,
+  runtime: kivi.runtime,
+  date: new Date().toISOString().slice(0, 10),
+  host: hostName(),
+  copyGBps: copy,
+  notes: `decode attention per layer-step, ${qHeads} query heads, headDim ${headDim}, page ${pageTokens}, G 32, R 128; ` +
+    `us/step = median of ${repeats} x ${iters} back-to-back launches timed inside the library; ` +
+    `"of copy" = bytes read (codes + params + residual) / time / copy bandwidth of the same run.`,
+  rows,
+};
+const path = writeSection("attention", section, args.get("out"));
+if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(section, null, 2));
+console.log(`wrote ${path}`);

@@ -1,0 +1,603 @@
+/*
+ * cache.c — the paged KV cache of the CPU build: create / destroy, sequence slots, append (residual
+ * window + flush into quantized pages), read-back and the memory report. The page layout is
+ * kivi_format.h's; the per-group quantizers are uniform.c's and codebook.c's, so a page holds the
+ * bits the standalone ops give for the same fp16-rounded tokens.
+ *
+ * Page ids come from a LIFO stack: the pool starts as 0, 1, 2, ... (page 0 popped first) and a freed
+ * sequence pushes its pages back last-to-first, so the next pops return them in their old order.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_internal.h"
+
+typedef struct kivi_cache cache_t;
+
+/* ---------------------------------------------------------------- create / destroy ------- */
+
+static const char *const cfg_names[KIVI_CFG_FIELDS] = {
+    "KIVI_CFG_LAYERS",    "KIVI_CFG_KV_HEADS",  "KIVI_CFG_Q_HEADS",  "KIVI_CFG_HEAD_DIM", "KIVI_CFG_PAGE_TOKENS",
+    "KIVI_CFG_RESIDUAL",  "KIVI_CFG_MAX_PAGES", "KIVI_CFG_MAX_SEQS", "KIVI_CFG_K_KIND",   "KIVI_CFG_K_BITS",
+    "KIVI_CFG_K_GROUP",   "KIVI_CFG_K_FIT",     "KIVI_CFG_K_ITERS",  "KIVI_CFG_V_KIND",   "KIVI_CFG_V_BITS",
+    "KIVI_CFG_V_GROUP",   "KIVI_CFG_V_FIT",     "KIVI_CFG_V_ITERS"};
+static const char *const cfg_short[KIVI_CFG_FIELDS] = {
+    "layers", "kv_heads", "q_heads", "head_dim", "page_tokens", "residual", "max_pages", "max_seqs", "k_kind",
+    "k_bits", "k_group", "k_fit", "k_iters", "v_kind", "v_bits", "v_group", "v_fit", "v_iters"};
+
+static kivi_status bad_field(kivi_ctx_t ctx, const int32_t *cfg, int f, const char *rule) {
+  return cpu_fail(ctx, KIVI_ERR_ARG, "kivi_cache_create: config[%s] (%s) must be %s, got %d", cfg_names[f],
+                  cfg_short[f], rule, (int)cfg[f]);
+}
+
+static kivi_status check_config(kivi_ctx_t ctx, const int32_t *a) {
+  const int32_t D = a[KIVI_CFG_HEAD_DIM], P = a[KIVI_CFG_PAGE_TOKENS], Gk = a[KIVI_CFG_K_GROUP];
+  if (a[KIVI_CFG_LAYERS] < 1) return bad_field(ctx, a, KIVI_CFG_LAYERS, ">= 1");
+  if (a[KIVI_CFG_KV_HEADS] < 1) return bad_field(ctx, a, KIVI_CFG_KV_HEADS, ">= 1");
+  {
+    const int32_t kvh = a[KIVI_CFG_KV_HEADS], qh = a[KIVI_CFG_Q_HEADS];
+    if (qh < kvh || qh % kvh || qh / kvh > 32) {
+      char rule[96];
+      snprintf(rule, sizeof rule, "a multiple of kv_heads (%d) at most 32 times it", (int)kvh);
+      return bad_field(ctx, a, KIVI_CFG_Q_HEADS, rule);
+    }
+  }
+  if (D != 64 && D != 128 && D != 256) return bad_field(ctx, a, KIVI_CFG_HEAD_DIM, "64, 128 or 256");
+  if (!kivi_valid_group(Gk)) return bad_field(ctx, a, KIVI_CFG_K_GROUP, "32, 64 or 128");
+  if (P != 32 && P != 64 && P != 128 && P != 256)
+    return bad_field(ctx, a, KIVI_CFG_PAGE_TOKENS, "32, 64, 128 or 256");
+  if (P % Gk) {
+    char rule[64];
+    snprintf(rule, sizeof rule, "a multiple of k_group (%d)", (int)Gk);
+    return bad_field(ctx, a, KIVI_CFG_PAGE_TOKENS, rule);
+  }
+  if (a[KIVI_CFG_RESIDUAL] < 0 || a[KIVI_CFG_RESIDUAL] % Gk) {
+    char rule[64];
+    snprintf(rule, sizeof rule, ">= 0 and a multiple of k_group (%d)", (int)Gk);
+    return bad_field(ctx, a, KIVI_CFG_RESIDUAL, rule);
+  }
+  if (a[KIVI_CFG_MAX_PAGES] < 1) return bad_field(ctx, a, KIVI_CFG_MAX_PAGES, ">= 1");
+  if (a[KIVI_CFG_MAX_SEQS] < 1) return bad_field(ctx, a, KIVI_CFG_MAX_SEQS, ">= 1");
+  for (int part = 0; part < 2; part++) {
+    const int o = part ? KIVI_CFG_V_KIND - KIVI_CFG_K_KIND : 0;
+    const int32_t bits = a[KIVI_CFG_K_BITS + o], kind = a[KIVI_CFG_K_KIND + o];
+    if (kind != KIVI_KIND_UNIFORM && kind != KIVI_KIND_CODEBOOK)
+      return bad_field(ctx, a, KIVI_CFG_K_KIND + o, "KIVI_KIND_UNIFORM (0) or KIVI_KIND_CODEBOOK (1)");
+    if (bits != 2 && bits != 4 && bits != 16) return bad_field(ctx, a, KIVI_CFG_K_BITS + o, "2, 4 or 16");
+    if (part && !kivi_valid_group(a[KIVI_CFG_V_GROUP]))
+      return bad_field(ctx, a, KIVI_CFG_V_GROUP, "32, 64 or 128");
+    if (part && D % a[KIVI_CFG_V_GROUP]) {
+      char rule[64];
+      snprintf(rule, sizeof rule, "a divisor of head_dim (%d)", (int)D);
+      return bad_field(ctx, a, KIVI_CFG_V_GROUP, rule);
+    }
+    if (a[KIVI_CFG_K_FIT + o] != KIVI_FIT_FREE && a[KIVI_CFG_K_FIT + o] != KIVI_FIT_PINNED)
+      return bad_field(ctx, a, KIVI_CFG_K_FIT + o, "KIVI_FIT_FREE (0) or KIVI_FIT_PINNED (1)");
+    if (a[KIVI_CFG_K_ITERS + o] < 1 || a[KIVI_CFG_K_ITERS + o] > KIVI_MAX_ITERS)
+      return bad_field(ctx, a, KIVI_CFG_K_ITERS + o, "in 1..256");
+  }
+  return KIVI_OK;
+}
+
+/* a * b into *out; 0 on overflow of size_t. */
+static int mul_size(uint64_t a, uint64_t b, uint64_t *out) {
+  if (a && b > (uint64_t)SIZE_MAX / a) return 0;
+  *out = a * b;
+  return 1;
+}
+
+KIVI_API kivi_status kivi_cache_destroy(kivi_cache_t cache) {
+  if (!cache) return KIVI_OK;
+  free(cache->kpool);
+  free(cache->vpool);
+  free(cache->kwin);
+  free(cache->vwin);
+  free(cache->seqs);
+  free(cache->tables);
+  free(cache->lens);
+  free(cache->free_pages);
+  free(cache);
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, int32_t n_fields, kivi_cache_t *out) {
+  static const char *op = "kivi_cache_create";
+  kivi_status st = cpu_need_ctx(ctx, op);
+  if (st) return st;
+  if (!config) return cpu_fail(ctx, KIVI_ERR_ARG, "%s: config must not be NULL", op);
+  if (!out) return cpu_fail(ctx, KIVI_ERR_ARG, "%s: out must not be NULL", op);
+  if (n_fields != KIVI_CFG_FIELDS)
+    return cpu_fail(ctx, KIVI_ERR_ARG, "%s: n_fields must be KIVI_CFG_FIELDS (%d), got %d", op, KIVI_CFG_FIELDS,
+                    (int)n_fields);
+  if ((st = check_config(ctx, config))) return st;
+
+  cache_t *c = calloc(1, sizeof *c);
+  if (!c) return cpu_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate %zu bytes", op, sizeof *c);
+  c->ctx = ctx;
+  memcpy(&c->cfg, config, sizeof c->cfg);
+  const kivi_cache_config *g = &c->cfg;
+  c->kpart = kivi_page_part(g, 0);
+  c->vpart = kivi_page_part(g, 1);
+  c->F = kivi_flush_tokens(g);
+  c->W = kivi_window_tokens(g);
+
+  uint64_t kpool, vpool, win, t;
+  const uint64_t pages = (uint64_t)g->layers * (uint64_t)g->max_pages; /* < 2^62 */
+  int ok = mul_size(pages, c->kpart.page, &kpool) && mul_size(pages, c->vpart.page, &vpool);
+  ok = ok && mul_size((uint64_t)g->max_seqs * (uint64_t)g->layers, (uint64_t)c->W, &t) &&
+       mul_size(t, (uint64_t)g->kv_heads * (uint64_t)g->head_dim * 2u, &win);
+  if (ok) {
+    c->kpool = calloc(1, (size_t)kpool);
+    c->vpool = calloc(1, (size_t)vpool);
+    c->kwin = calloc(1, (size_t)win);
+    c->vwin = calloc(1, (size_t)win);
+    c->seqs = calloc((size_t)g->max_seqs, sizeof *c->seqs);
+    c->tables = calloc((size_t)g->max_seqs * (size_t)g->max_pages, sizeof *c->tables);
+    c->lens = calloc((size_t)g->max_seqs * (size_t)g->layers * 2u, sizeof *c->lens);
+    c->free_pages = calloc((size_t)g->max_pages, sizeof *c->free_pages);
+    ok = c->kpool && c->vpool && c->kwin && c->vwin && c->seqs && c->tables && c->lens && c->free_pages;
+  }
+  if (!ok) {
+    const unsigned long long kb = c->kpart.page, vb = c->vpart.page;
+    kivi_cache_destroy(c);
+    return cpu_fail(ctx, KIVI_ERR_NOMEM,
+                    "%s: could not allocate the pool (%d layers x %d pages x (%llu + %llu) bytes) and the residual "
+                    "windows",
+                    op, (int)config[KIVI_CFG_LAYERS], (int)config[KIVI_CFG_MAX_PAGES], kb, vb);
+  }
+  c->pool_bytes = kpool + vpool + 2u * win;
+  for (int32_t i = 0; i < g->max_pages; i++) c->free_pages[i] = g->max_pages - 1 - i;
+  c->n_free = g->max_pages;
+  *out = c;
+  return KIVI_OK;
+}
+
+/* ---------------------------------------------------------------- sequences -------------- */
+
+static kivi_status need_cache(const cache_t *c, const char *op) {
+  if (!c) return cpu_fail(NULL, KIVI_ERR_ARG, "%s: cache must not be NULL", op);
+  return KIVI_OK;
+}
+
+kivi_status cpu_cache_check_seq(const cache_t *c, const char *op, const char *name, int32_t seq) {
+  if (seq < 0 || seq >= c->cfg.max_seqs)
+    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: %s must be in 0..%d, got %d", op, name, (int)c->cfg.max_seqs - 1,
+                    (int)seq);
+  if (!c->seqs[seq].live)
+    return cpu_fail(c->ctx, KIVI_ERR_STATE, "%s: %s %d is not a live sequence (create it with kivi_cache_seq_create)",
+                    op, name, (int)seq);
+  return KIVI_OK;
+}
+
+static kivi_status check_layer(const cache_t *c, const char *op, int32_t layer, int allow_all) {
+  if (layer >= (allow_all ? -1 : 0) && layer < c->cfg.layers) return KIVI_OK;
+  return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: layer must be in %s..%d, got %d", op, allow_all ? "-1" : "0",
+                  (int)c->cfg.layers - 1, (int)layer);
+}
+
+KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t c, int32_t *seq) {
+  static const char *op = "kivi_cache_seq_create";
+  kivi_status st = need_cache(c, op);
+  if (st) return st;
+  if (!seq) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: seq must not be NULL", op);
+  for (int32_t s = 0; s < c->cfg.max_seqs; s++) {
+    if (c->seqs[s].live) continue;
+    c->seqs[s].live = 1;
+    c->seqs[s].n_pages = 0;
+    memset(cpu_cache_len(c, s, 0), 0, sizeof(int64_t) * 2u * (size_t)c->cfg.layers);
+    *seq = s;
+    return KIVI_OK;
+  }
+  return cpu_fail(c->ctx, KIVI_ERR_CAPACITY, "%s: all %d sequence slots are taken (free one with kivi_cache_seq_free)",
+                  op, (int)c->cfg.max_seqs);
+}
+
+KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t c, int32_t seq) {
+  static const char *op = "kivi_cache_seq_free";
+  kivi_status st = need_cache(c, op);
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
+  const int32_t *table = c->tables + (int64_t)seq * c->cfg.max_pages;
+  for (int32_t i = c->seqs[seq].n_pages - 1; i >= 0; i--) c->free_pages[c->n_free++] = table[i];
+  c->seqs[seq].live = 0;
+  c->seqs[seq].n_pages = 0;
+  memset(cpu_cache_len(c, seq, 0), 0, sizeof(int64_t) * 2u * (size_t)c->cfg.layers);
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t c, int32_t seq, int32_t layer, int64_t *length,
+                                           int64_t *quantized) {
+  static const char *op = "kivi_cache_seq_length";
+  kivi_status st = need_cache(c, op);
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 0))) return st;
+  if (!length) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: length must not be NULL", op);
+  if (!quantized) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: quantized must not be NULL", op);
+  const int64_t *l = cpu_cache_len(c, seq, layer);
+  *length = l[0];
+  *quantized = l[1];
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t c, int32_t seq, int32_t *pages, int32_t cap, int32_t *count) {
+  static const char *op = "kivi_cache_seq_pages";
+  kivi_status st = need_cache(c, op);
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
+  if (cap < 0) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: cap must be >= 0, got %d", op, (int)cap);
+  if (cap > 0 && !pages) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: pages must not be NULL when cap > 0", op);
+  if (!count) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: count must not be NULL", op);
+  const int32_t n = c->seqs[seq].n_pages, m = cap < n ? cap : n;
+  if (m) memcpy(pages, c->tables + (int64_t)seq * c->cfg.max_pages, sizeof(int32_t) * (size_t)m);
+  *count = n;
+  return KIVI_OK;
+}
+
+/* ---------------------------------------------------------------- page (de)quantization -- */
+
+/* Keys of one flush group: tokens [o, o + F) of a head block from tok [F][D] (one head's rows, floats
+   of fp16 values). Gk == F, so each channel is exactly one group. */
+static void quantize_k_group(const cache_t *c, uint8_t *block, int32_t o, const float *tok) {
+  const kivi_cache_config *g = &c->cfg;
+  const int32_t D = g->head_dim, P = g->page_tokens, F = c->F, bits = g->k_bits;
+  if (bits == 16) {
+    uint16_t *h = (uint16_t *)block + (int64_t)o * D;
+    for (int32_t i = 0; i < F * D; i++) h[i] = kivi_f32_to_f16(tok[i]); /* exact: tok holds fp16 values */
+    return;
+  }
+  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = P / cpw, gpr = P / F;
+  uint32_t *codes = (uint32_t *)block;
+  uint16_t *params = (uint16_t *)(block + c->kpart.codes);
+  float v[CPU_MAX_GROUP];
+  for (int32_t d = 0; d < D; d++) {
+    for (int32_t i = 0; i < F; i++) v[i] = tok[(int64_t)i * D + d];
+    uint32_t *words = codes + (int64_t)d * wpr + o / cpw;
+    const int64_t gi = (int64_t)d * gpr + o / F;
+    if (g->k_kind == KIVI_KIND_UNIFORM) {
+      cpu_uniform_group(v, F, bits, &params[gi * 2], &params[gi * 2 + 1], words);
+    } else {
+      uint16_t *cent = params + gi * n;
+      cpu_codebook_fit_group(v, F, n, g->k_fit, g->k_iters, cent, NULL);
+      cpu_codebook_code_group(v, F, cent, n, KIVI_ASSIGN_NEAREST, bits, words);
+    }
+  }
+}
+
+/* Values of rows [o, o + F) of a head block from tok [F][D]: per token, groups of Gv channels. */
+static void quantize_v_rows(const cache_t *c, uint8_t *block, int32_t o, const float *tok) {
+  const kivi_cache_config *g = &c->cfg;
+  const int32_t D = g->head_dim, F = c->F, bits = g->v_bits, Gv = g->v_group;
+  if (bits == 16) {
+    uint16_t *h = (uint16_t *)block + (int64_t)o * D;
+    for (int32_t i = 0; i < F * D; i++) h[i] = kivi_f32_to_f16(tok[i]);
+    return;
+  }
+  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = D / cpw, gpr = D / Gv;
+  uint32_t *codes = (uint32_t *)block;
+  uint16_t *params = (uint16_t *)(block + c->vpart.codes);
+  for (int32_t i = 0; i < F; i++) {
+    const int64_t t = o + i;
+    for (int32_t k = 0; k < gpr; k++) {
+      const float *v = tok + (int64_t)i * D + (int64_t)k * Gv;
+      uint32_t *words = codes + t * wpr + (int64_t)k * (Gv / cpw);
+      const int64_t gi = t * gpr + k;
+      if (g->v_kind == KIVI_KIND_UNIFORM) {
+        cpu_uniform_group(v, Gv, bits, &params[gi * 2], &params[gi * 2 + 1], words);
+      } else {
+        uint16_t *cent = params + gi * n;
+        cpu_codebook_fit_group(v, Gv, n, g->v_fit, g->v_iters, cent, NULL);
+        cpu_codebook_code_group(v, Gv, cent, n, KIVI_ASSIGN_NEAREST, bits, words);
+      }
+    }
+  }
+}
+
+/* Unpacking: AVX2 where the build targets it (a vector shift by per-lane counts; _mm256_fmadd_ps is
+   the same single rounding as fmaf, so the values are identical to the scalar path). */
+#if defined(__AVX2__) && defined(__FMA__)
+#define CPU_DEQ_AVX2 1
+static inline __m256i deq_shifts(int32_t bits, int32_t half) { /* shifts of codes [8 * half, 8 * half + 8) */
+  return bits == 2 ? _mm256_setr_epi32(16 * half + 0, 16 * half + 2, 16 * half + 4, 16 * half + 6, 16 * half + 8,
+                                       16 * half + 10, 16 * half + 12, 16 * half + 14)
+                   : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+}
+/* Codes [8 * j, 8 * j + 8) of the run of words wd (cpw codes a word). */
+static inline __m256i deq_codes8(const uint32_t *wd, int32_t j, int32_t bits, __m256i sh0, __m256i sh1) {
+  const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+  const __m256i w = _mm256_set1_epi32((int)(bits == 2 ? wd[j / 2] : wd[j]));
+  const __m256i sh = (bits == 2 && (j & 1)) ? sh1 : sh0;
+  return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+}
+#endif
+
+/* Uniform dequantization of nw packed words: dst[w * cpw + i] = kivi_uniform_value(code i of word w, z, s). */
+static inline __attribute__((always_inline)) void deq_uniform(const uint32_t *wd, int32_t nw, int32_t bits, float s,
+                                                              float z, float *dst) {
+  const int32_t cpw = 32 / bits;
+#ifdef CPU_DEQ_AVX2
+  const __m256i sh0 = deq_shifts(bits, 0), sh1 = deq_shifts(bits, 1);
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  for (int32_t j = 0; j < nw * cpw / 8; j++)
+    _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(deq_codes8(wd, j, bits, sh0, sh1)), vs, vz));
+#else
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int32_t w = 0; w < nw; w++)
+    for (int32_t i = 0; i < cpw; i++) dst[w * cpw + i] = kivi_uniform_value((wd[w] >> (bits * i)) & mask, z, s);
+#endif
+}
+
+/* Codebook lookup of nw packed words against float centroids cf [2^bits]. */
+static inline __attribute__((always_inline)) void deq_codebook(const uint32_t *wd, int32_t nw, int32_t bits,
+                                                               const float *cf, float *dst) {
+  const int32_t cpw = 32 / bits;
+#ifdef CPU_DEQ_AVX2
+  const __m256i sh0 = deq_shifts(bits, 0), sh1 = deq_shifts(bits, 1);
+  float lo[8] = {0}, hi[8] = {0};
+  for (int32_t i = 0; i < (1 << bits); i++) (i < 8 ? lo : hi)[i & 7] = cf[i];
+  const __m256 vlo = _mm256_loadu_ps(lo), vhi = _mm256_loadu_ps(hi);
+  for (int32_t j = 0; j < nw * cpw / 8; j++) {
+    const __m256i q = deq_codes8(wd, j, bits, sh0, sh1);
+    __m256 r = _mm256_permutevar8x32_ps(vlo, q); /* uses the low 3 bits of each code */
+    if (bits == 4) {
+      const __m256 top = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)); /* bit 3 -> sign bit */
+      r = _mm256_blendv_ps(r, _mm256_permutevar8x32_ps(vhi, q), top);
+    }
+    _mm256_storeu_ps(dst + 8 * j, r);
+  }
+#else
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int32_t w = 0; w < nw; w++)
+    for (int32_t i = 0; i < cpw; i++) dst[w * cpw + i] = cf[(wd[w] >> (bits * i)) & mask];
+#endif
+}
+
+#define DEQ_UNIFORM(wd, nw, bits, s, z, dst) \
+  ((bits) == 2 ? deq_uniform(wd, nw, 2, s, z, dst) : deq_uniform(wd, nw, 4, s, z, dst))
+#define DEQ_CODEBOOK(wd, nw, bits, cf, dst) \
+  ((bits) == 2 ? deq_codebook(wd, nw, 2, cf, dst) : deq_codebook(wd, nw, 4, cf, dst))
+
+void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, float *kd) {
+  const kivi_cache_config *g = &c->cfg;
+  const int32_t D = g->head_dim, P = g->page_tokens, Gk = g->k_group, bits = g->k_bits;
+  if (bits == 16) { /* [P][D] -> [D][P], 8 tokens at a time (nt is a multiple of F) */
+    const uint16_t *h = (const uint16_t *)block;
+    float tmp[8 * 256];
+    for (int32_t t0 = 0; t0 < nt; t0 += 8) {
+      cpu_f16_to_f32_n(h + (int64_t)t0 * D, tmp, 8 * (int64_t)D);
+      for (int32_t d = 0; d < D; d++)
+        for (int32_t j = 0; j < 8; j++) kd[(int64_t)d * P + t0 + j] = tmp[j * D + d];
+    }
+    return;
+  }
+  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = P / cpw, gpr = P / Gk;
+  const int32_t wpg = Gk / cpw;
+  const uint32_t *codes = (const uint32_t *)block;
+  const uint16_t *params = (const uint16_t *)(block + c->kpart.codes);
+  for (int32_t d = 0; d < D; d++) {
+    float *row = kd + (int64_t)d * P;
+    for (int32_t k = 0; k < nt / Gk; k++) {
+      const int64_t gi = (int64_t)d * gpr + k;
+      const uint32_t *wd = codes + (int64_t)d * wpr + (int64_t)k * wpg;
+      float *dst = row + (int64_t)k * Gk;
+      if (g->k_kind == KIVI_KIND_UNIFORM) {
+        const float s = kivi_f16_to_f32(params[gi * 2]), z = kivi_f16_to_f32(params[gi * 2 + 1]);
+        DEQ_UNIFORM(wd, wpg, bits, s, z, dst);
+      } else {
+        float cf[KIVI_MAX_CENTROIDS];
+        for (int32_t j = 0; j < n; j++) cf[j] = kivi_f16_to_f32(params[gi * n + j]);
+        DEQ_CODEBOOK(wd, wpg, bits, cf, dst);
+      }
+    }
+  }
+}
+
+void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, float *vt) {
+  const kivi_cache_config *g = &c->cfg;
+  const int32_t D = g->head_dim, Gv = g->v_group, bits = g->v_bits;
+  if (bits == 16) {
+    cpu_f16_to_f32_n((const uint16_t *)block, vt, (int64_t)nt * D);
+    return;
+  }
+  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = D / cpw, gpr = D / Gv;
+  const int32_t wpg = Gv / cpw;
+  const uint32_t *codes = (const uint32_t *)block;
+  const uint16_t *params = (const uint16_t *)(block + c->vpart.codes);
+  for (int32_t t = 0; t < nt; t++) {
+    for (int32_t k = 0; k < gpr; k++) {
+      const int64_t gi = (int64_t)t * gpr + k;
+      const uint32_t *wd = codes + (int64_t)t * wpr + (int64_t)k * wpg;
+      float *dst = vt + (int64_t)t * D + (int64_t)k * Gv;
+      if (g->v_kind == KIVI_KIND_UNIFORM) {
+        const float s = kivi_f16_to_f32(params[gi * 2]), z = kivi_f16_to_f32(params[gi * 2 + 1]);
+        DEQ_UNIFORM(wd, wpg, bits, s, z, dst);
+      } else {
+        float cf[KIVI_MAX_CENTROIDS];
+        for (int32_t j = 0; j < n; j++) cf[j] = kivi_f16_to_f32(params[gi * n + j]);
+        DEQ_CODEBOOK(wd, wpg, bits, cf, dst);
+      }
+    }
+  }
+}
+
+/* ---------------------------------------------------------------- append ----------------- */
+
+/* Element i of the input as fp16 bits (the cache's storage precision). */
+static inline uint16_t input_f16(const void *x, kivi_dtype dtype, int64_t i) {
+  return dtype == KIVI_F16 ? ((const uint16_t *)x)[i] : kivi_f32_to_f16(cpu_load(x, dtype, i));
+}
+
+static kivi_status scan_input(const cache_t *c, const char *op, const char *name, const void *x, kivi_dtype dtype,
+                              int64_t total, int32_t n, int32_t layer0) {
+  const int64_t i = cpu_first_nonfinite(x, dtype, total);
+  if (i < 0) return KIVI_OK;
+  const int64_t row = (int64_t)c->cfg.kv_heads * c->cfg.head_dim;
+  const float v = cpu_load(x, dtype, i);
+  return cpu_fail(c->ctx, KIVI_ERR_NONFINITE,
+                  "%s: %s must be finite, got %s at index %lld (layer %lld, token %lld, head %lld, channel %lld); "
+                  "pass KIVI_FLAG_TRUSTED only for data known to be finite",
+                  op, name, v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"), (long long)i,
+                  (long long)(layer0 + i / (row * n)), (long long)(i / row % n),
+                  (long long)(i % row / c->cfg.head_dim), (long long)(i % c->cfg.head_dim));
+}
+
+/* Tokens flushed into pages when `n` tokens join a layer holding len tokens, qlen of them in pages. */
+static int64_t flush_count(const cache_t *c, int64_t len, int64_t qlen, int64_t n) {
+  const int64_t over = len + n - qlen - c->cfg.residual;
+  return over >= c->F ? over / c->F * c->F : 0;
+}
+
+KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t layer, const void *k, const void *v,
+                                       kivi_dtype dtype, int32_t n, int32_t flags) {
+  static const char *op = "kivi_cache_append";
+  kivi_status st = need_cache(c, op);
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 1))) return st;
+  if (n < 1) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: n_tokens must be >= 1, got %d", op, (int)n);
+  if (!k) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: k must not be NULL", op);
+  if (!v) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: v must not be NULL", op);
+  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
+    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
+                    op, (int)dtype);
+  if (flags & ~(int32_t)KIVI_FLAG_TRUSTED)
+    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op, (int)flags);
+
+  const kivi_cache_config *g = &c->cfg;
+  const int32_t L0 = layer < 0 ? 0 : layer, L1 = layer < 0 ? g->layers : layer + 1;
+  const int32_t D = g->head_dim, H = g->kv_heads, P = g->page_tokens, F = c->F, W = c->W;
+  const int64_t row = (int64_t)H * D, per_layer = (int64_t)n * row;
+  if (!(flags & KIVI_FLAG_TRUSTED)) {
+    if ((st = scan_input(c, op, "k", k, dtype, per_layer * (L1 - L0), n, L0))) return st;
+    if ((st = scan_input(c, op, "v", v, dtype, per_layer * (L1 - L0), n, L0))) return st;
+  }
+
+  /* Pages the block table must cover after the append (over every layer: the table is shared). */
+  int64_t need = c->seqs[seq].n_pages;
+  for (int32_t l = 0; l < g->layers; l++) {
+    const int64_t *ln = cpu_cache_len(c, seq, l);
+    const int64_t f = (l >= L0 && l < L1) ? flush_count(c, ln[0], ln[1], n) : 0;
+    const int64_t pages = (ln[1] + f + P - 1) / P;
+    need = pages > need ? pages : need;
+  }
+  const int64_t extra = need - c->seqs[seq].n_pages;
+  if (extra > c->n_free)
+    return cpu_fail(c->ctx, KIVI_ERR_CAPACITY,
+                    "%s: the page pool is full: sequence %d needs %lld more page(s), %d of %d are free", op,
+                    (int)seq, (long long)extra, (int)c->n_free, (int)g->max_pages);
+  float *tok = NULL; /* one head's F flushed tokens [F][D] */
+  if ((st = cpu_alloc(c->ctx, op, sizeof(float) * (size_t)F * (size_t)D, (void **)&tok))) return st;
+
+  /* Commit: nothing below can fail. */
+  int32_t *table = c->tables + (int64_t)seq * g->max_pages;
+  for (int64_t i = 0; i < extra; i++) table[c->seqs[seq].n_pages++] = c->free_pages[--c->n_free];
+
+  for (int32_t l = L0; l < L1; l++) {
+    int64_t *ln = cpu_cache_len(c, seq, l);
+    const int64_t len = ln[0], qlen = ln[1], f = flush_count(c, len, qlen, n);
+    const void *kin[2] = {k, v};
+    const int64_t base = (int64_t)(l - L0) * per_layer; /* element offset of this layer's input */
+    for (int64_t p = qlen; p < qlen + f; p += F) {
+      const int32_t page = table[p / P], o = (int32_t)(p % P);
+      for (int is_v = 0; is_v < 2; is_v++) {
+        for (int32_t h = 0; h < H; h++) {
+          for (int32_t i = 0; i < F; i++) {
+            const int64_t pi = p + i;
+            float *dst = tok + (int64_t)i * D;
+            if (pi < len) {
+              const uint16_t *src = cpu_cache_win(c, is_v, seq, l, pi % W) + (int64_t)h * D;
+              for (int32_t d = 0; d < D; d++) dst[d] = kivi_f16_to_f32(src[d]);
+            } else {
+              const int64_t e = base + (pi - len) * row + (int64_t)h * D;
+              for (int32_t d = 0; d < D; d++) dst[d] = kivi_f16_to_f32(input_f16(kin[is_v], dtype, e + d));
+            }
+          }
+          uint8_t *block = cpu_cache_block(c, is_v, l, page, h);
+          if (is_v)
+            quantize_v_rows(c, block, o, tok);
+          else
+            quantize_k_group(c, block, o, tok);
+        }
+      }
+    }
+    /* The tokens that stay in fp16 go to their window slots (after the flush read the old ones). */
+    const int64_t first = qlen + f > len ? qlen + f - len : 0; /* first input row not flushed */
+    for (int64_t i = first; i < n; i++) {
+      const int64_t e = base + i * row, slot = (len + i) % W;
+      for (int is_v = 0; is_v < 2; is_v++) {
+        uint16_t *dst = cpu_cache_win(c, is_v, seq, l, slot);
+        for (int64_t j = 0; j < row; j++) dst[j] = input_f16(kin[is_v], dtype, e + j);
+      }
+    }
+    ln[0] = len + n;
+    ln[1] = qlen + f;
+  }
+  free(tok);
+  return KIVI_OK;
+}
+
+/* ---------------------------------------------------------------- read / memory ---------- */
+
+KIVI_API kivi_status kivi_cache_read(kivi_cache_t c, int32_t seq, int32_t layer, void *k, void *v, kivi_dtype dtype) {
+  static const char *op = "kivi_cache_read";
+  kivi_status st = need_cache(c, op);
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 0))) return st;
+  if (!k) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: k must not be NULL", op);
+  if (!v) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: v must not be NULL", op);
+  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
+    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
+                    op, (int)dtype);
+  const kivi_cache_config *g = &c->cfg;
+  const int32_t D = g->head_dim, H = g->kv_heads, P = g->page_tokens, W = c->W;
+  const int64_t row = (int64_t)H * D, *ln = cpu_cache_len(c, seq, layer), len = ln[0], qlen = ln[1];
+  float *buf = NULL; /* kd [D][P], then vt [P][D] */
+  if ((st = cpu_alloc(c->ctx, op, sizeof(float) * (size_t)P * (size_t)D, (void **)&buf))) return st;
+  const int32_t *table = c->tables + (int64_t)seq * g->max_pages;
+  for (int64_t t0 = 0; t0 < qlen; t0 += P) {
+    const int32_t nt = (int32_t)(qlen - t0 < P ? qlen - t0 : P);
+    for (int32_t h = 0; h < H; h++) {
+      cpu_cache_dequant_k(c, cpu_cache_block(c, 0, layer, table[t0 / P], h), nt, buf);
+      for (int32_t t = 0; t < nt; t++)
+        for (int32_t d = 0; d < D; d++) cpu_store(k, dtype, (t0 + t) * row + (int64_t)h * D + d, buf[(int64_t)d * P + t]);
+      cpu_cache_dequant_v(c, cpu_cache_block(c, 1, layer, table[t0 / P], h), nt, buf);
+      for (int32_t t = 0; t < nt; t++)
+        for (int32_t d = 0; d < D; d++) cpu_store(v, dtype, (t0 + t) * row + (int64_t)h * D + d, buf[(int64_t)t * D + d]);
+    }
+  }
+  for (int64_t p = qlen; p < len; p++) {
+    const uint16_t *ks = cpu_cache_win(c, 0, seq, layer, p % W), *vs = cpu_cache_win(c, 1, seq, layer, p % W);
+    for (int64_t j = 0; j < row; j++) {
+      cpu_store(k, dtype, p * row + j, kivi_f16_to_f32(ks[j]));
+      cpu_store(v, dtype, p * row + j, kivi_f16_to_f32(vs[j]));
+    }
+  }
+  free(buf);
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_cache_memory(kivi_cache_t c, uint64_t *report, int32_t n_fields) {
+  static const char *op = "kivi_cache_memory";
+  kivi_status st = need_cache(c, op);
+  if (st) return st;
+  if (!report) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: report must not be NULL", op);
+  if (n_fields < 1) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: n_fields must be >= 1, got %d", op, (int)n_fields);
+  const kivi_cache_config *g = &c->cfg;
+  const uint64_t used = (uint64_t)(g->max_pages - c->n_free), heads = (uint64_t)g->layers * (uint64_t)g->kv_heads;
+  uint64_t r[KIVI_MEM_FIELDS] = {0}, resid = 0, tokens = 0, quant = 0;
+  for (int32_t s = 0; s < g->max_seqs; s++) {
+    if (!c->seqs[s].live) continue;
+    for (int32_t l = 0; l < g->layers; l++) {
+      const int64_t *ln = cpu_cache_len(c, s, l);
+      tokens += (uint64_t)ln[0];
+      quant += (uint64_t)ln[1];
+      resid += (uint64_t)(ln[0] - ln[1]);
+    }
+  }
+  r[KIVI_MEM_CODE_BYTES] = used * heads * (c->kpart.codes + c->vpart.codes);
+  r[KIVI_MEM_PARAM_BYTES] = used * heads * (c->kpart.params + c->vpart.params);
+  r[KIVI_MEM_RESIDUAL_BYTES] = resid * (uint64_t)g->kv_heads * (uint64_t)g->head_dim * 4u;
+  r[KIVI_MEM_TABLE_BYTES] = (uint64_t)g->max_seqs * ((uint64_t)g->max_pages * 4u + (uint64_t)g->layers * 16u + 8u);
+  r[KIVI_MEM_POOL_BYTES] = c->pool_bytes;
+  r[KIVI_MEM_PAGES_USED] = used;
+  r[KIVI_MEM_PAGES_TOTAL] = (uint64_t)g->max_pages;
+  r[KIVI_MEM_TOKENS] = tokens;
+  r[KIVI_MEM_QUANTIZED_TOKENS] = quant;
+  const int32_t m = n_fields < KIVI_MEM_FIELDS ? n_fields : KIVI_MEM_FIELDS;
+  memcpy(report, r, sizeof(uint64_t) * (size_t)m);
+  return KIVI_OK;
+}
