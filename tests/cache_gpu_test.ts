@@ -1,0 +1,166 @@
+/**
+ * The CUDA paged cache and fused decode attention against the CPU reference: the same appends on
+ * both, then identical pages (uniform and 16-bit bit for bit, codebook within a bound), attention
+ * within fp32 accumulation error, flush boundaries, page reuse, and all-or-nothing failures.
+ */
+import { it } from "node:test";
+import assert from "node:assert/strict";
+import { type Backend, type CacheFormat, type CacheOptions, type DeviceTensor, KiviError, type KVCache, type Sequence } from "../src/mod.ts";
+import { Rng } from "./_helpers.ts";
+import { cpu, gpuDescribe } from "./_gpu.ts";
+
+function rows(rng: Rng, n: number, kvHeads: number, headDim: number): Float32Array {
+  const a = new Float32Array(n * kvHeads * headDim);
+  for (let i = 0; i < a.length; i++) a[i] = rng.normal() * (i % headDim === 3 ? 10 : 1);
+  return a;
+}
+
+/** The same cache on both backends, fed the same tokens. */
+class Pair {
+  readonly c: KVCache;
+  readonly g: KVCache;
+  readonly cs: Sequence[] = [];
+  readonly gs: Sequence[] = [];
+  constructor(readonly gpu: Backend, readonly opts: CacheOptions) {
+    this.c = cpu.createCache(opts);
+    this.g = gpu.createCache(opts);
+  }
+  add(): number {
+    this.cs.push(this.c.createSequence());
+    this.gs.push(this.g.createSequence());
+    return this.cs.length - 1;
+  }
+  append(i: number, k: Float32Array, v: Float32Array, layer = 0): void {
+    this.cs[i].append(k, v, { layer });
+    using kt = this.gpu.upload(k), vt = this.gpu.upload(v);
+    this.gs[i].append(kt, vt, { layer });
+  }
+  async attention(rng: Rng, idx: number[], layer = 0): Promise<[Float32Array, Float32Array]> {
+    const c = this.c.config;
+    const q = rows(rng, idx.length, c.queryHeads, c.headDim);
+    const scale = Math.fround(0.8 / Math.sqrt(c.headDim));
+    const want = this.c.attend(layer, idx.map((i) => this.cs[i]), q, { scale }) as Float32Array;
+    using qt = this.gpu.upload(q);
+    const got = this.g.attend(layer, idx.map((i) => this.gs[i]), qt, { scale }) as DeviceTensor<"f32">;
+    const g = await got.read();
+    got.dispose();
+    return [g, want];
+  }
+  async reads(i: number, layer = 0): Promise<[Float32Array, Float32Array, Float32Array, Float32Array]> {
+    const w = this.c.read(this.cs[i], layer);
+    const r = this.g.read(this.gs[i], layer);
+    const gk = await (r.keys as DeviceTensor<"f32">).read(), gv = await (r.values as DeviceTensor<"f32">).read();
+    (r.keys as DeviceTensor).dispose();
+    (r.values as DeviceTensor).dispose();
+    return [gk, gv, w.keys as Float32Array, w.values as Float32Array];
+  }
+  dispose(): void {
+    this.c.dispose();
+    this.g.dispose();
+  }
+}
+
+/**
+ * GPU attention (fp32 dot products and online softmax) against the CPU's double: a score of D
+ * products carries |err| <= D * 2^-24 * sum|q_d k_d| (~1e-4 here), which moves each weight by about
+ * that much relative, and the output inherits it: 2e-3 of the output's scale is a safe bound.
+ */
+function assertAttention(got: Float32Array, want: Float32Array, msg: string): void {
+  let scale = 0;
+  for (const w of want) scale = Math.max(scale, Math.abs(w));
+  let worst = 0;
+  for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]));
+  assert.ok(worst <= 2e-3 * scale, `${msg}: max |diff| ${worst} > 2e-3 x ${scale}`);
+}
+
+const FORMATS: { name: string; keys: CacheFormat; values: CacheFormat; exact: boolean }[] = [
+  { name: "uniform 2/2", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 }, exact: true },
+  { name: "uniform 4/4", keys: { kind: "uniform", bits: 4, group: 32 }, values: { kind: "uniform", bits: 4, group: 64 }, exact: true },
+  { name: "uniform K 2 + codebook V 2", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "codebook", bits: 2, group: 64 }, exact: false },
+  { name: "16/16", keys: { bits: 16 }, values: { bits: 16 }, exact: true },
+];
+
+gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
+  for (const f of FORMATS) {
+    for (const [pageTokens, kvHeads, queryHeads, headDim] of [[32, 2, 2, 64], [64, 2, 8, 128], [128, 1, 8, 128], [64, 4, 16, 64]] as const) {
+      it(`${f.name}, page ${pageTokens}, GQA ${queryHeads}/${kvHeads}, D ${headDim}`, async () => {
+        const rng = new Rng(`gpu cache ${f.name} ${pageTokens} ${queryHeads}`);
+        const p = new Pair(gpu, { layers: 2, kvHeads, queryHeads, headDim, pageTokens, residual: 128, maxPages: 600, maxSequences: 20, keys: f.keys, values: f.values });
+        try {
+          const lengths = [1, 31, 128, 160, 97, 4100, 3, 64, 65, 129, 300, 2, 7, 33, 250, 96, 1000];
+          for (const n of lengths) {
+            const i = p.add();
+            p.append(i, rows(rng, n, kvHeads, headDim), rows(rng, n, kvHeads, headDim));
+          }
+          // Decode steps across a flush boundary for a few of them.
+          for (let step = 0; step < 40; step++) {
+            for (const i of [1, 3, 4]) p.append(i, rows(rng, 1, kvHeads, headDim), rows(rng, 1, kvHeads, headDim));
+          }
+          for (let i = 0; i < p.cs.length; i++) {
+            assert.equal(p.gs[i].length(0), p.cs[i].length(0));
+            assert.equal(p.gs[i].quantizedLength(0), p.cs[i].quantizedLength(0));
+            assert.deepEqual(p.gs[i].pages(), p.cs[i].pages());
+          }
+          for (const i of [0, 3, 5, 16]) {
+            const [gk, gv, wk, wv] = await p.reads(i);
+            if (f.exact) {
+              assert.deepEqual(gk, wk, `keys of seq ${i} ${rng.tag}`);
+              assert.deepEqual(gv, wv, `values of seq ${i} ${rng.tag}`);
+            } else {
+              assert.deepEqual(gk, wk, `uniform keys of seq ${i} ${rng.tag}`);
+              let differ = 0;
+              for (let j = 0; j < wv.length; j++) if (Math.abs(gv[j] - wv[j]) > 2e-3 * (Math.abs(wv[j]) + 1)) differ++;
+              assert.ok(differ <= wv.length * 2e-3, `${differ} codebook values differ ${rng.tag}`);
+            }
+          }
+          for (const idx of [[5], [0, 3, 16], [...Array(17).keys()]]) {
+            const [g, w] = await p.attention(rng, idx);
+            assertAttention(g, w, `batch ${idx.length} ${rng.tag}`);
+          }
+        } finally {
+          p.dispose();
+        }
+      });
+    }
+  }
+
+  it("freed pages are reused with nothing of the old sequence visible", async () => {
+    const rng = new Rng("gpu reuse");
+    const p = new Pair(gpu, { layers: 1, kvHeads: 2, headDim: 64, residual: 32, maxPages: 8, maxSequences: 4 });
+    try {
+      const a = p.add();
+      p.append(a, rows(rng, 400, 2, 64), rows(rng, 400, 2, 64));
+      p.cs[a].free();
+      p.gs[a].free();
+      const b = p.add();
+      p.append(b, rows(rng, 300, 2, 64), rows(rng, 300, 2, 64));
+      assert.deepEqual(p.gs[b].pages(), p.cs[b].pages());
+      const [gk, gv, wk, wv] = await p.reads(b);
+      assert.deepEqual(gk, wk);
+      assert.deepEqual(gv.length, wv.length);
+      const [g, w] = await p.attention(rng, [b]);
+      assertAttention(g, w, rng.tag);
+    } finally {
+      p.dispose();
+    }
+  });
+
+  it("a full pool and a NaN leave every sequence unchanged", async () => {
+    const rng = new Rng("gpu all or nothing");
+    using cache = gpu.createCache({ layers: 1, kvHeads: 2, headDim: 64, residual: 32, pageTokens: 32, maxPages: 4 });
+    const s = cache.createSequence();
+    using k0 = gpu.upload(rows(rng, 100, 2, 64));
+    s.append(k0, k0, { layer: 0 });
+    using q = gpu.upload(rows(rng, 1, 2, 64));
+    const before = await (cache.attend(0, [s], q) as DeviceTensor<"f32">).read();
+    const mem = cache.memory();
+    using big = gpu.upload(rows(rng, 300, 2, 64));
+    assert.throws(() => s.append(big, big, { layer: 0 }), (e) => e instanceof KiviError && e.code === "KIVI_ERR_CAPACITY");
+    const nan = rows(rng, 10, 2, 64);
+    nan[17] = NaN;
+    using bad = gpu.upload(nan);
+    assert.throws(() => s.append(bad, bad, { layer: 0 }), (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE");
+    assert.deepEqual(await (cache.attend(0, [s], q) as DeviceTensor<"f32">).read(), before);
+    assert.deepEqual(cache.memory(), mem);
+  });
+});

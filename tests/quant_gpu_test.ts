@@ -1,0 +1,179 @@
+/**
+ * CUDA quantizers against the CPU reference on seeded random data of awkward sizes: uniform codes
+ * and params bit for bit, codebook centroids within a stated bound, statistics within float
+ * rounding, pack/unpack, non-finite input rejected, and CUDA failures surfacing as KiviError.
+ */
+import { it } from "node:test";
+import assert from "node:assert/strict";
+import { type Axis, type Backend, type Bits, type CodebookQuantized, type DeviceTensor, type GroupSize, KiviError, type UniformQuantized } from "../src/mod.ts";
+import { DTYPES, randomMatrix, Rng } from "./_helpers.ts";
+import { cpu, gpuDescribe } from "./_gpu.ts";
+
+type Case = [Axis, number, number, GroupSize];
+const CASES: Case[] = [
+  ["token", 96, 40, 32],
+  ["token", 4096, 128, 64],
+  ["token", 256, 4096, 128],
+  ["token", 32, 1, 32],
+  ["channel", 5, 64, 32],
+  ["channel", 17, 128, 64],
+  ["channel", 1000, 4096, 128],
+  ["channel", 1, 32, 32],
+];
+
+function up(g: Backend, x: Float32Array | Float16Array | Uint16Array, dtype: "f32" | "f16" | "bf16", rows: number, cols: number): DeviceTensor {
+  return g.upload(x, { shape: [rows, cols], dtype });
+}
+
+function firstDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) return -2;
+  for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) return i;
+  return -1;
+}
+
+gpuDescribe("CUDA uniform quantize and dequantize equal the CPU reference bit for bit", (g) => {
+  for (const bits of [2, 4] as Bits[]) {
+    for (const [axis, rows, cols, group] of CASES) {
+      it(`${bits} bits, ${axis} [${rows} x ${cols}] G${group}, every dtype`, async () => {
+        for (const dtype of DTYPES) {
+          const rng = new Rng(`gpu uniform ${bits} ${axis} ${rows}x${cols} ${dtype}`);
+          const inp = randomMatrix(rng, rows, cols, dtype);
+          const format = { kind: "uniform", bits, group } as const;
+          const want = cpu.quantize(inp.x, { shape: [rows, cols], dtype, axis, format }) as UniformQuantized<"host">;
+          using x = up(g, inp.x, dtype, rows, cols);
+          const got = g.quantize(x, { axis, format }) as UniformQuantized<"device">;
+          assert.equal(firstDiff(await got.codes.read(), want.codes), -1, `codes ${rng.tag}`);
+          assert.equal(firstDiff(new Uint16Array((await got.scale.read()).buffer), new Uint16Array(want.scale.buffer)), -1, `scale ${rng.tag}`);
+          assert.equal(firstDiff(new Uint16Array((await got.zero.read()).buffer), new Uint16Array(want.zero.buffer)), -1, `zero ${rng.tag}`);
+          for (const od of DTYPES) {
+            const back = g.dequantize(got, { dtype: od }) as DeviceTensor;
+            const ref = cpu.dequantize(want, { dtype: od });
+            assert.equal(firstDiff(await back.read(), ref as ArrayLike<number>), -1, `dequantize to ${od} ${rng.tag}`);
+            back.dispose();
+          }
+          for (const t of [got.codes, got.scale, got.zero]) t.dispose();
+        }
+      });
+    }
+  }
+});
+
+gpuDescribe("CUDA codebook fit and encode agree with the CPU reference", (g) => {
+  for (const bits of [2, 4] as Bits[]) {
+    for (const fit of ["free", "pinned"] as const) {
+      for (const [axis, rows, cols, group] of CASES.slice(0, 6)) {
+        it(`${bits} bits ${fit}, ${axis} [${rows} x ${cols}] G${group}`, async () => {
+          const rng = new Rng(`gpu codebook ${bits} ${fit} ${axis} ${rows}x${cols}`);
+          const inp = randomMatrix(rng, rows, cols, "f32");
+          const format = { kind: "codebook", bits, group, fit, iterations: 16 } as const;
+          const want = cpu.quantize(inp.x, { shape: [rows, cols], axis, format }) as CodebookQuantized<"host">;
+          using x = up(g, inp.x, "f32", rows, cols);
+          const got = g.quantize(x, { axis, format }) as CodebookQuantized<"device">;
+          const gc = await got.centroids.read(), wc = want.centroids;
+          const n = 1 << bits;
+          // Both builds run the same Lloyd iterations in fp32; only the order of the fp32 sums in a
+          // cluster mean differs, by at most G * 2^-24 * (max - min) per update. That can flip an
+          // assignment of a value within that distance of a midpoint, and a flipped assignment can
+          // move a centroid further. Bound: 1e-3 of the group's range plus one fp16 ulp of the
+          // centroid; observed differences are far smaller.
+          let maxRel = 0;
+          for (let gi = 0; gi < want.groups; gi++) {
+            const lo = wc[gi * n], hi = wc[gi * n + n - 1];
+            const range = Math.max(hi - lo, 1e-30);
+            for (let k = 0; k < n; k++) {
+              const a = gc[gi * n + k], b = wc[gi * n + k];
+              const ulp = Math.abs(b) * 2 ** -10 + 2 ** -24;
+              const d = Math.abs(a - b);
+              maxRel = Math.max(maxRel, d / range);
+              assert.ok(d <= 1e-3 * range + ulp, `group ${gi} centroid ${k}: ${a} vs ${b} ${rng.tag}`);
+            }
+          }
+          // Codes: dequantized values may differ only by the centroid difference above or where
+          // the value sits within that bound of a decision boundary.
+          const gd = await (g.dequantize(got) as DeviceTensor<"f32">).read();
+          const wd = cpu.dequantize(want) as Float32Array;
+          let differ = 0;
+          for (let i = 0; i < wd.length; i++) if (Math.abs(gd[i] - wd[i]) > 2e-3 * Math.abs(wd[i]) + 1e-6) differ++;
+          assert.ok(differ <= wd.length * 1e-3, `${differ} of ${wd.length} values differ beyond the centroid bound ${rng.tag}`);
+          got.codes.dispose();
+          got.centroids.dispose();
+          console.log(`  max centroid difference ${(maxRel * 100).toExponential(2)}% of the group range; ${differ} codes differ`);
+        });
+      }
+    }
+  }
+});
+
+gpuDescribe("CUDA block statistics and pack/unpack", (g) => {
+  it("statistics within float rounding of the CPU, non-finite values counted", async () => {
+    for (const [axis, rows, cols, group] of CASES) {
+      const rng = new Rng(`gpu stats ${axis} ${rows}x${cols}`);
+      const inp = randomMatrix(rng, rows, cols, "f32");
+      const x = inp.x as Float32Array;
+      x[rng.int(x.length)] = NaN;
+      x[rng.int(x.length)] = Infinity;
+      const want = cpu.stats(x, { shape: [rows, cols], axis, group });
+      using t = g.upload(x, { shape: [rows, cols] });
+      const got = g.stats(t, { axis, group });
+      assert.deepEqual(await got.nonfinite.read(), want.nonfinite, `nonfinite ${rng.tag}`);
+      const gs = await got.stats.read();
+      for (let i = 0; i < gs.length; i++) {
+        const w = want.stats[i];
+        const base = i - (i % 4);
+        const mag = Math.max(Math.abs(want.stats[base]), Math.abs(want.stats[base + 1]));
+        // min and max are exact. The mean is an fp32 sum of <= 128 terms against the CPU's double
+        // sum: |err| <= 128 * 2^-24 * mag (plus the final rounding); the variance, a mean of squared
+        // deviations bounded by (2 mag)^2, likewise with (2 mag)^2 in place of mag.
+        const tol = i % 4 < 2 ? 0 : i % 4 === 2 ? 130 * 2 ** -24 * mag : 130 * 2 ** -24 * (2 * mag) ** 2 * 2;
+        assert.ok(Math.abs(gs[i] - w) <= tol + 1e-30, `stats[${i}] ${gs[i]} vs ${w} ${rng.tag}`);
+      }
+      got.stats.dispose();
+      got.nonfinite.dispose();
+    }
+  });
+
+  it("pack and unpack equal the CPU at 2 and 4 bits, bad codes rejected", async () => {
+    for (const bits of [2, 4] as Bits[]) {
+      const rng = new Rng(`gpu pack ${bits}`);
+      const codes = Uint8Array.from({ length: 16 * 1000 }, () => rng.int(1 << bits));
+      using t = g.upload(codes);
+      const words = g.pack(t, { bits });
+      assert.deepEqual(await words.read(), cpu.pack(codes, { bits }));
+      const back = g.unpack(words, { bits });
+      assert.deepEqual(await back.read(), codes);
+      codes[77] = 1 << bits;
+      using bad = g.upload(codes);
+      using out = g.upload(new Uint32Array(1000).fill(0xdeadbeef));
+      assert.throws(() => g.pack(bad, { bits, out }), (e) => e instanceof KiviError && e.code === "KIVI_ERR_ARG");
+      assert.ok((await out.read()).every((w) => w === 0xdeadbeef), "out untouched");
+      words.dispose();
+      back.dispose();
+    }
+  });
+});
+
+gpuDescribe("CUDA errors come back as KiviError and the backend keeps working", (g) => {
+  it("a NaN in x is rejected before anything is written", async () => {
+    const rng = new Rng("gpu nan");
+    const inp = randomMatrix(rng, 64, 128, "f16");
+    (inp.x as Float16Array)[1234] = NaN;
+    using x = g.upload(inp.x, { shape: [64, 128] });
+    using codes = g.upload(new Uint32Array(64 * 128 / 16).fill(7));
+    assert.throws(
+      () => g.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 }, out: { codes } }),
+      (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE" && /\bx\b/.test(e.message),
+    );
+    assert.ok((await codes.read()).every((w) => w === 7));
+  });
+
+  it("an allocation larger than the card fails with CUDA's message, then work goes on", async () => {
+    const { total } = g.memInfo();
+    assert.throws(
+      () => g.alloc([total * 4], "u8"),
+      (e) => e instanceof KiviError && (e.code === "KIVI_ERR_NOMEM" || e.code === "KIVI_ERR_CUDA") && /memory/i.test(e.message),
+    );
+    using t = g.upload(new Float32Array([1, 2, 3, 4]));
+    assert.deepEqual(await t.read(), new Float32Array([1, 2, 3, 4]));
+    console.log(`  device: ${g.deviceName}, ${(total / 2 ** 30).toFixed(1)} GiB`);
+  });
+});
