@@ -102,6 +102,9 @@ const NVCC_FLAGS = [
   "arch=compute_90,code=sm_90",
   "-gencode",
   "arch=compute_90,code=compute_90",
+  // The three targets of one file compile in parallel (codebook.cu dominates the build).
+  "--threads",
+  "0",
 ];
 
 /** Files of `dir` (relative to root) whose names end with one of `exts`, sorted; [] if no such dir. */

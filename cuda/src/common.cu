@@ -283,6 +283,7 @@ KIVI_API const char *kivi_status_str(kivi_status code) {
     case KIVI_ERR_NO_DEVICE: return "KIVI_ERR_NO_DEVICE";
     case KIVI_ERR_STATE: return "KIVI_ERR_STATE";
     case KIVI_ERR_UNSUPPORTED: return "KIVI_ERR_UNSUPPORTED";
+    case KIVI_ERR_CAPACITY: return "KIVI_ERR_CAPACITY";
     default: return "KIVI_ERR_UNKNOWN";
   }
 }
