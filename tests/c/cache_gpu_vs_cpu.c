@@ -4,7 +4,8 @@
  *
  *   gcc -std=c11 -O2 -Wall -Wextra -Icuda/include tests/c/cache_gpu_vs_cpu.c -ldl -lm -o build/cache_gpu_vs_cpu
  *   build/cache_gpu_vs_cpu [seed]            correctness (needs a GPU; prints PASS/FAIL counts)
- *   build/cache_gpu_vs_cpu bench [page]      attention timings (32 heads, D 128, 2-bit and 16-bit)
+ *   build/cache_gpu_vs_cpu bench [page [kv_heads [case [bits]]]]   attention timings (32 query heads,
+ *        D 128, 2-bit and 16-bit; case 0..4 = 1x4096, 1x32768, 8x8192, 8x32768, 32x4096)
  *
  * Checks, per config (head_dim 64/128, page 32/64/128/256, GQA 1/3/4/8, uniform 2/4-bit, 16-bit,
  * codebook): lengths, quantized lengths and block tables after prefills of 1, 31, 128, 160, 97 and
@@ -609,7 +610,7 @@ typedef struct bcase {
   int batch, len;
 } bcase;
 
-static void bench(lib *G, int P, int kvh) {
+static void bench(lib *G, int P, int kvh, int only_case, int only_bits) {
   const int D = 128, QH = 32, R = 128;
   const bcase cases[5] = {{1, 4096}, {1, 32768}, {8, 8192}, {8, 32768}, {32, 4096}};
   char dev[128] = "";
@@ -629,9 +630,11 @@ static void bench(lib *G, int P, int kvh) {
   free(hk);
   free(hv);
   for (int ci = 0; ci < 5; ci++) {
+    if (only_case >= 0 && ci != only_case) continue;
     double us16 = 0;
     for (int pass = 0; pass < 2; pass++) {
       const int bits = pass == 0 ? 16 : 2;
+      if (only_bits > 0 && bits != only_bits) continue;
       const bcase bc = cases[ci];
       int32_t cfg[KIVI_CFG_FIELDS] = {0};
       cfg[KIVI_CFG_LAYERS] = 1;
@@ -726,7 +729,8 @@ int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "bench")) {
     const int P = argc > 2 ? atoi(argv[2]) : 64;
     const int kvh = argc > 3 ? atoi(argv[3]) : 32;
-    bench(&G, P, kvh);
+    const int only_case = argc > 4 ? atoi(argv[4]) : -1, only_bits = argc > 5 ? atoi(argv[5]) : 0;
+    bench(&G, P, kvh, only_case, only_bits);
     G.ctx_destroy(G.ctx);
     return n_fail ? 1 : 0;
   }
@@ -743,7 +747,7 @@ int main(int argc, char **argv) {
       {"u4 D64 P256 r2 G128", 1, 4, 2, 64, 256, 128, 0, 4, 128, 0, 4, 64},
       {"cb2/cb4 D64 P64 r4", 1, 2, 4, 64, 64, 64, 1, 2, 32, 1, 4, 32},
       {"u2/f16 D128 P64 r2", 1, 2, 2, 128, 64, 128, 0, 2, 32, 0, 16, 32},
-      {"f16/u2 D64 P128 r1", 1, 2, 1, 64, 128, 32, 0, 16, 64, 0, 2, 32},
+      {"f16/u2 D64 P128 r1", 1, 2, 1, 64, 128, 64, 0, 16, 64, 0, 2, 32},
       {"u2 D256 P128 r4", 1, 2, 4, 256, 128, 128, 0, 2, 32, 0, 2, 32},
       {"cb2 D256 P64 r1", 1, 1, 1, 256, 64, 64, 1, 2, 64, 1, 2, 64},
   };

@@ -1,0 +1,58 @@
+/*
+ * cache.cuh — private to the CUDA build: the paged KV cache object shared by cache.cu (create,
+ * sequences, append / flush, read, memory report) and attention.cu (fused decode attention).
+ *
+ * Device memory (allocated once by kivi_cache_create):
+ *   K pool, V pool   bytes [layers][max_pages][kv_heads][part.head]   (kivi_format.h page layout)
+ *   K / V windows    half  [max_seqs][layers][W][kv_heads][D]          (W = R + F, slot = p % W)
+ *   block table      int32 [max_seqs][max_pages]                       (rows uploaded on change)
+ * The host keeps the authoritative copy of all metadata (live flags, tables, lengths, free stack),
+ * so every validation and every plan is made on the host before anything is enqueued.
+ */
+#ifndef KIVI_CUDA_CACHE_CUH
+#define KIVI_CUDA_CACHE_CUH
+
+#include "common.cuh"
+
+/* Largest batch of kivi_cache_attend: the per-entry sequence info travels by value in the kernel
+   parameters (12 bytes per entry, well inside CUDA 12.1+'s 32 KB parameter limit). */
+#define KV_ATTN_MAX_BATCH 512
+
+struct kivi_cache {
+  kivi_ctx_t ctx;
+  kivi_cache_config cfg;
+  kivi_part_layout kp, vp; /* byte sizes of one head block of one page */
+  int32_t F, W, P, D;
+
+  /* device */
+  uint8_t *kpool, *vpool;   /* [layers][max_pages][kv_heads][part.head] */
+  uint16_t *kwin, *vwin;    /* half [max_seqs][layers][W][kv_heads][D] */
+  int32_t *d_table;         /* [max_seqs][max_pages] */
+  uint64_t pool_bytes;      /* kpool + vpool + both windows */
+
+  /* host mirror */
+  uint8_t *live;            /* [max_seqs] */
+  int32_t *table;           /* [max_seqs][max_pages] */
+  int32_t *npages;          /* [max_seqs] */
+  int64_t *len, *qlen;      /* [max_seqs][layers] */
+  int32_t *free_pages;      /* LIFO stack [max_pages]; top at nfree - 1 */
+  int32_t nfree;
+
+  /* attention workspace (split partials), grown on demand */
+  float *ws;
+  uint64_t ws_bytes;
+};
+
+/** Launches the fused decode attention (attention.cu); arguments already validated on the host.
+    slot/len/qlen: host [batch]. */
+kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                             const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                             float scale, void *out, kivi_dtype out_dtype);
+
+/** First non-finite element of x [n] (dtype) into *first (-1 if none); waits. Uses scratch slot `slot`. */
+kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, int64_t n, int slot,
+                          int64_t *first);
+/** "NaN", "+Inf" or "-Inf" for element i of x (one small device read). */
+const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t i);
+
+#endif /* KIVI_CUDA_CACHE_CUH */
