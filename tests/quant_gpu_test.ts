@@ -143,7 +143,7 @@ gpuDescribe("CUDA block statistics and pack/unpack", (g) => {
       assert.deepEqual(await back.read(), codes);
       codes[77] = 1 << bits;
       using bad = g.upload(codes);
-      using out = g.upload(new Uint32Array(1000).fill(0xdeadbeef));
+      using out = g.upload(new Uint32Array(codes.length / (32 / bits)).fill(0xdeadbeef));
       assert.throws(() => g.pack(bad, { bits, out }), (e) => e instanceof KiviError && e.code === "KIVI_ERR_ARG");
       assert.ok((await out.read()).every((w) => w === 0xdeadbeef), "out untouched");
       words.dispose();
