@@ -228,6 +228,12 @@ export class Backend {
     return this.#state === undefined;
   }
 
+  /** @internal native references held on the context: 1 for the backend plus one per live tensor
+   * or cache (finalized ones included once their finalizer has run). For leak tests. */
+  get _nativeRefs(): number {
+    return this.#state?.refs ?? 0;
+  }
+
   /** Number of live tensors owned by this backend. */
   get liveTensors(): number {
     let n = 0;

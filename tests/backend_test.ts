@@ -160,7 +160,23 @@ describe("ownership", () => {
   });
 
   // FinalizationRegistry safety net: needs a run with --expose-gc; for a later suite.
-  it.skip("a tensor dropped without dispose is freed by its finalizer", () => {});
+  it("tensors and caches dropped without dispose are freed by their finalizers", async () => {
+    const g = globalThis as { Bun?: { gc(force: boolean): void }; gc?: () => void };
+    const collect = () => (g.Bun ? g.Bun.gc(true) : g.gc?.());
+    if (!g.Bun && !g.gc) assert.fail("run with --expose-gc (deno test --v8-flags=--expose-gc), as npm test does");
+    using kivi = await openCpu();
+    (() => {
+      for (let i = 0; i < 200; i++) kivi.upload(new Float32Array(1024).fill(i));
+      for (let i = 0; i < 5; i++) kivi.createCache({ layers: 1, kvHeads: 1, headDim: 64, maxPages: 2, maxSequences: 1 });
+    })();
+    assert.equal(kivi._nativeRefs, 1 + 205);
+    // Finalizers run some time after a collection: collect and yield until they have, or give up.
+    for (let i = 0; i < 200 && kivi._nativeRefs > 1; i++) {
+      collect();
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    assert.equal(kivi._nativeRefs, 1, "every dropped tensor and cache was freed by its finalizer");
+  });
 });
 
 describe("tensors", () => {
