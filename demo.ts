@@ -24,7 +24,7 @@ const layers = num("layers", 32, 4);
 const heads = num("heads", 32, 16);
 const kvHeads = num("kv-heads", heads, 4);
 const headDim = 128;
-const prompt = num("prompt", 2048, 512);
+const prompt = num("prompt", 1024, 512);
 const steps = num("steps", 64, 32);
 const seed = num("seed", 42, 42);
 

@@ -24,20 +24,26 @@ static __device__ __noinline__ uint32_t kv_ucode_exact(float x, float z, float s
 /*
  * kivi_uniform_code(x, z, s) without a division per value: t = (x - z) * rinv (rinv = 1 / s, both
  * correctly rounded) is within |Q| * 2^-23 of Q = (x - z) / s, and RN(Q) within |Q| * 2^-24. Where
- * it matters (t in [-1, top + 1], |Q| < 17) that puts t and RN(Q) less than 4e-6 apart, so when t is
- * at least 1e-4 from a half-integer both round to the same integer; farther out both clamp to the
- * same end. Near a half-integer (and for any non-finite t) the exact formula decides. __fmul_rn /
- * __fsub_rn keep nvcc from contracting into FMAs.
+ * it matters (t in [-1, top + 1], |Q| < 17) that puts t and RN(Q) less than 4e-6 apart.
+ * t is clamped to [0, top] first (fmaxf turns a NaN t into 0, which is the reference's code for a
+ * NaN quotient; t < 0 or t > top means Q rounds to <= 0 or >= top, both clamped the same), then
+ * rounded to nearest-even by the 1.5 * 2^23 trick (exact for 0 <= tc <= 15: m's low bits are the
+ * integer), without the slower F2I / FRND instructions. When tc is at least 1e-4 from a
+ * half-integer, t and RN(Q) round to the same integer; near a half-integer the exact formula
+ * decides. __fadd_rn / __fmul_rn keep nvcc from contracting into FMAs.
  */
+#define KV_MAGIC 12582912.0f /* 1.5 * 2^23 */
+#define KV_MAGIC_BITS 0x4B400000u
 template <int BITS>
 __device__ __forceinline__ uint32_t kv_ucode(float x, float z, float s, float rinv) {
   if (!(s > 0.0f)) return 0u;
+  constexpr float top = (float)((1 << BITS) - 1);
   const float t = __fmul_rn(__fsub_rn(x, z), rinv);
-  const float r = rintf(t);
-  const float e = fabsf(__fsub_rn(t, r));
-  if (!(fabsf(__fsub_rn(e, 0.5f)) >= 1e-4f)) return kv_ucode_exact(x, z, s, BITS) & ((1u << BITS) - 1u);
-  const float top = (float)((1 << BITS) - 1);
-  return (uint32_t)fminf(fmaxf(r, 0.0f), top);
+  const float tc = fminf(fmaxf(t, 0.0f), top);
+  const float m = __fadd_rn(tc, KV_MAGIC);
+  const float d = __fsub_rn(tc, __fsub_rn(m, KV_MAGIC));
+  if (!(fabsf(d) < 0.4999f)) return kv_ucode_exact(x, z, s, BITS) & ((1u << BITS) - 1u);
+  return __float_as_uint(m) - KV_MAGIC_BITS;
 }
 
 /** 1 / s for kv_ucode (unused when s is not > 0). */
@@ -110,6 +116,106 @@ static __global__ void __launch_bounds__(128)
         }
       }
     }
+  }
+}
+
+/*
+ * Token axis, staged (the common case; KV_TOKEN_STAGED selects it): a CTA of 8 warps owns a tile of
+ * 32 * EPT columns (a lane owns EPT adjacent columns: one 32-bit load per row, 128 bytes per warp
+ * and row) and, per step, GPI = 8 * K consecutive groups of rows (warp w takes groups w*K..w*K+K-1).
+ * Codes and params go to shared memory first; then the CTA writes each column's GPI * WPG words
+ * (>= 32 words = 128 contiguous bytes) and GPI params as contiguous runs, so that global stores are
+ * coalesced instead of one 4-byte word per column and lane.
+ */
+#ifndef KV_TOKEN_STAGED
+#define KV_TOKEN_STAGED 1
+#endif
+#define KV_TS_THREADS 256
+
+template <int DT, int EPT, int G, int BITS>
+static __global__ void __launch_bounds__(KV_TS_THREADS, (DT == KIVI_BF16 && G >= 64) ? 1 : 2) /* bf16 G 64 spills at 128 regs */
+    k_uniform_quantize_token_staged(const void *__restrict__ x, int64_t rows, int64_t cols, int64_t ncolblk,
+                                    int64_t ntasks, uint32_t *__restrict__ codes, uint16_t *__restrict__ scale,
+                                    uint16_t *__restrict__ zero) {
+  constexpr int CPW = 32 / BITS, WPG = G / CPW;
+  constexpr int K = G >= 64 ? 1 : 2;
+  constexpr int NW = KV_TS_THREADS / 32, GPI = NW * K; /* groups per column per step */
+  constexpr int TC = 32 * EPT;                          /* columns per tile */
+  constexpr int RW = GPI * WPG;                         /* words per column per step (>= 32) */
+  constexpr int RWP = RW + 1;                           /* padded row of s_codes */
+  constexpr int ES = kv_dt<DT>::size;
+  static_assert(EPT == 1 || (EPT == 2 && ES == 2), "pairs are 16-bit values");
+  static_assert(RW % 32 == 0, "a warp's readout stays in one column");
+  __shared__ uint32_t s_codes[TC * RWP];
+  __shared__ uint16_t s_scale[TC * GPI], s_zero[TC * GPI];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t gpc = rows / G, wpc = rows / CPW;
+  for (int64_t t = blockIdx.x; t < ntasks; t += gridDim.x) {
+    const int64_t cbase = (t % ncolblk) * TC;
+    const int64_t gbase = (t / ncolblk) * GPI;
+    const int64_t c0 = cbase + lane * EPT;
+    const bool col_ok = c0 < cols; /* cols % EPT == 0: the pair is all in or all out */
+    const int64_t g0 = gbase + warp * K;
+    uint32_t raw[K][G];
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      if (col_ok && g0 + k < gpc) {
+        const char *p = (const char *)x + ((g0 + k) * G * cols + c0) * ES;
+#pragma unroll
+        for (int i = 0; i < G; i++) {
+          const char *q = p + (int64_t)i * cols * ES;
+          if constexpr (ES == 4 || EPT == 2) raw[k][i] = __ldcs((const unsigned int *)q);
+          else raw[k][i] = __ldcs((const unsigned short *)q);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < G; i++) raw[k][i] = 0u;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int gl = warp * K + k; /* group of the step */
+#pragma unroll
+      for (int e = 0; e < EPT; e++) {
+        float mn = kv_word_elem<DT>(raw[k][0], e), mx = mn;
+#pragma unroll
+        for (int i = 1; i < G; i++) {
+          const float v = kv_word_elem<DT>(raw[k][i], e);
+          mn = fminf(mn, v);
+          mx = fmaxf(mx, v);
+        }
+        uint16_t sh, zh;
+        kivi_uniform_params(mn, mx, BITS, &sh, &zh);
+        const float s = kivi_f16_to_f32(sh), z = kivi_f16_to_f32(zh), rinv = kv_rinv(s);
+        const int cl = lane * EPT + e; /* column of the tile */
+        s_scale[cl * GPI + gl] = sh;
+        s_zero[cl * GPI + gl] = zh;
+#pragma unroll
+        for (int w = 0; w < WPG; w++) {
+          uint32_t word = 0;
+#pragma unroll
+          for (int j = 0; j < CPW; j++)
+            word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[k][w * CPW + j], e), z, s, rinv) << (BITS * j);
+          s_codes[cl * RWP + gl * WPG + w] = word;
+        }
+      }
+    }
+    __syncthreads();
+    /* words: a warp writes 32 consecutive words of one column (128 bytes) per pass */
+    const int64_t ncl = cols - cbase < TC ? cols - cbase : TC;
+    const int64_t ngl = gpc - gbase < GPI ? gpc - gbase : GPI;
+    for (int idx = threadIdx.x; idx < TC * RW; idx += KV_TS_THREADS) {
+      const int cl = idx / RW, wi = idx % RW;
+      if (cl < ncl && wi < ngl * WPG) codes[(cbase + cl) * wpc + gbase * WPG + wi] = s_codes[cl * RWP + wi];
+    }
+    for (int idx = threadIdx.x; idx < TC * GPI; idx += KV_TS_THREADS) {
+      const int cl = idx / GPI, gi = idx % GPI;
+      if (cl < ncl && gi < ngl) {
+        scale[(cbase + cl) * gpc + gbase + gi] = s_scale[idx];
+        zero[(cbase + cl) * gpc + gbase + gi] = s_zero[idx];
+      }
+    }
+    __syncthreads();
   }
 }
 
@@ -270,6 +376,28 @@ static void launch_quantize(kivi_ctx_t ctx, const void *x, const kv_shape &sh, u
                             uint16_t *zero) {
   if (sh.axis == KIVI_AXIS_TOKEN) {
     const bool pairs = DT != KIVI_F32 && sh.cols % 2 == 0 && ((uintptr_t)x & 3u) == 0;
+    if (KV_TOKEN_STAGED && sh.group <= 64) { /* G 128 holds 128 raw words per thread: the loop below */
+      const int ept = pairs ? 2 : 1;
+      const int64_t ncolblk = (sh.cols + 32 * ept - 1) / (32 * ept);
+      const int64_t gpi = (KV_TS_THREADS / 32) * (sh.group >= 64 ? 1 : 2);
+      const int64_t ntasks = ncolblk * ((sh.row_groups + gpi - 1) / gpi);
+      const unsigned grid = kv_grid(ctx, ntasks, 2); /* 2 CTAs resident per SM */
+#define KV_Q_TOKEN_S(G, B)                                                                                     \
+  if (pairs)                                                                                                   \
+    k_uniform_quantize_token_staged<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, G, B>                                \
+        <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);  \
+  else                                                                                                         \
+    k_uniform_quantize_token_staged<DT, 1, G, B>                                                               \
+        <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);
+      switch (sh.group * 8 + sh.bits) {
+        case 32 * 8 + 2: KV_Q_TOKEN_S(32, 2); break;
+        case 32 * 8 + 4: KV_Q_TOKEN_S(32, 4); break;
+        case 64 * 8 + 2: KV_Q_TOKEN_S(64, 2); break;
+        default: KV_Q_TOKEN_S(64, 4); break;
+      }
+#undef KV_Q_TOKEN_S
+      return;
+    }
     const int64_t ncolthreads = pairs ? sh.cols / 2 : sh.cols;
     const int64_t ncolblk = (ncolthreads + 127) / 128;
     const int64_t nstrip = (sh.row_groups * sh.group + KV_STRIP_ROWS - 1) / KV_STRIP_ROWS;
