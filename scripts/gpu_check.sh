@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go (see ../shared/GPU.md for carrying Bun to the device):
-# build, the C GPU-vs-CPU drivers, the TypeScript suites under Bun, the benchmarks, and one
-# compute-sanitizer memcheck pass. Logs and results go to $OUT (default build/gpu-out).
-#   usage: scripts/gpu_check.sh [all|test|bench|sanitize]...
+# build, the C GPU-vs-CPU drivers, the TypeScript suites under Bun, the benchmarks, the demo, and
+# one compute-sanitizer memcheck pass. Logs and results go to $OUT (default build/gpu-out).
+#   usage: scripts/gpu_check.sh [all|test|bench|demo|sanitize]...
 set -uo pipefail
 out="${OUT:-build/gpu-out}"
 mkdir -p "$out"
@@ -31,8 +31,11 @@ if has bench; then
   run bench_quant bun bench/quant.ts --out "$out"
   run bench_attention bun bench/attention.ts --out "$out"
 fi
+if has demo; then
+  run demo bun demo.ts
+fi
 if has sanitize; then
-  run memcheck compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 build/gpu_vs_cpu
-  run memcheck_cache compute-sanitizer --tool memcheck --error-exitcode 9 build/cache_gpu_vs_cpu
+  run memcheck timeout 240 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 build/gpu_vs_cpu
+  run memcheck_cache timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 build/cache_gpu_vs_cpu
 fi
 exit $status
