@@ -53,7 +53,67 @@ function table(rows: Row[]): string {
   ].join("\n");
 }
 
-/** Merges `section` under `name` into bench/results/<device>.json and rewrites <device>.md. */
+/**
+ * An SVG chart of the attention section: time per decode step against the KV tokens read
+ * (batch x context), one line per cache, with the bandwidth floor of each cache's bytes at the
+ * copy bandwidth of the same run drawn dashed. Log-log axes.
+ */
+export function attentionChart(section: Section): string {
+  const W = 720, H = 440, L = 70, R = 230, T = 40, B = 50;
+  const series = new Map<string, { x: number; y: number; floor: number }[]>();
+  for (const r of section.rows) {
+    const m = /^(\d+)x(\d+)$/.exec(String(r.case));
+    if (!m) continue; // GQA and other shapes are not on the same axis
+    const x = Number(m[1]) * Number(m[2]);
+    const y = Number(r["us/step"]);
+    const floor = (Number(r["MB read"]) * 1e6) / (section.copyGBps * 1e9) * 1e6;
+    const name = String(r.cache);
+    if (!series.has(name)) series.set(name, []);
+    series.get(name)!.push({ x, y, floor });
+  }
+  const pts = [...series.values()].flat();
+  if (pts.length === 0) return "";
+  const xs = pts.map((p) => p.x), ys = pts.flatMap((p) => [p.y, p.floor]);
+  const lx0 = Math.floor(Math.log10(Math.min(...xs))), lx1 = Math.ceil(Math.log10(Math.max(...xs)));
+  const ly0 = Math.floor(Math.log10(Math.min(...ys))), ly1 = Math.ceil(Math.log10(Math.max(...ys)));
+  const px = (x: number) => L + ((Math.log10(x) - lx0) / Math.max(lx1 - lx0, 1)) * (W - L - R);
+  const py = (y: number) => H - B - ((Math.log10(y) - ly0) / Math.max(ly1 - ly0, 1)) * (H - T - B);
+  const colors = ["#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+  const out: string[] = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="${L}" y="22" font-size="14">Decode attention per layer-step, ${section.device} (copy ${section.copyGBps.toFixed(0)} GB/s, ${section.date})</text>`,
+  ];
+  for (let e = lx0; e <= lx1; e++) {
+    out.push(`<line x1="${px(10 ** e)}" y1="${T}" x2="${px(10 ** e)}" y2="${H - B}" stroke="#eee"/>`);
+    out.push(`<text x="${px(10 ** e)}" y="${H - B + 16}" text-anchor="middle">1e${e}</text>`);
+  }
+  for (let e = ly0; e <= ly1; e++) {
+    out.push(`<line x1="${L}" y1="${py(10 ** e)}" x2="${W - R}" y2="${py(10 ** e)}" stroke="#eee"/>`);
+    out.push(`<text x="${L - 6}" y="${py(10 ** e) + 4}" text-anchor="end">${10 ** e >= 1 ? 10 ** e : (10 ** e).toPrecision(1)}</text>`);
+  }
+  out.push(`<text x="${(L + W - R) / 2}" y="${H - 12}" text-anchor="middle">KV tokens read per step (batch x context)</text>`);
+  out.push(`<text x="16" y="${(T + H - B) / 2}" transform="rotate(-90 16 ${(T + H - B) / 2})" text-anchor="middle">microseconds per step</text>`);
+  out.push(`<rect x="${L}" y="${T}" width="${W - L - R}" height="${H - T - B}" fill="none" stroke="#888"/>`);
+  [...series.entries()].forEach(([name, list], i) => {
+    const c = colors[i % colors.length];
+    const sorted = [...list].sort((a, b) => a.x - b.x);
+    const line = (key: "y" | "floor") => sorted.map((p) => `${px(p.x).toFixed(1)},${py(p[key]).toFixed(1)}`).join(" ");
+    out.push(`<polyline points="${line("y")}" fill="none" stroke="${c}" stroke-width="2"/>`);
+    out.push(`<polyline points="${line("floor")}" fill="none" stroke="${c}" stroke-width="1" stroke-dasharray="5,4"/>`);
+    for (const p of sorted) out.push(`<circle cx="${px(p.x).toFixed(1)}" cy="${py(p.y).toFixed(1)}" r="3" fill="${c}"/>`);
+    const ly = T + 14 + i * 36;
+    out.push(`<line x1="${W - R + 12}" y1="${ly}" x2="${W - R + 36}" y2="${ly}" stroke="${c}" stroke-width="2"/>`);
+    out.push(`<text x="${W - R + 42}" y="${ly + 4}">${name.replace(/&/g, "&amp;").replace(/</g, "&lt;")}</text>`);
+    out.push(`<line x1="${W - R + 12}" y1="${ly + 16}" x2="${W - R + 36}" y2="${ly + 16}" stroke="${c}" stroke-dasharray="5,4"/>`);
+    out.push(`<text x="${W - R + 42}" y="${ly + 20}" fill="#555">its bandwidth floor</text>`);
+  });
+  out.push("</svg>");
+  return out.join("\n") + "\n";
+}
+
+/** Merges `section` under `name` into bench/results/<device>.json and rewrites <device>.md (and,
+ * for the attention section, <device>-attention.svg). */
 export function writeSection(name: string, section: Section, dir = resultsDir): string {
   mkdirSync(dir, { recursive: true });
   const slug = deviceSlug(section.device);
@@ -66,7 +126,10 @@ export function writeSection(name: string, section: Section, dir = resultsDir): 
       s.copyGBps.toFixed(1)
     } GB/s.${s.notes ? `\n\n${s.notes}` : ""}\n\n${table(s.rows)}\n`
   ).join("\n");
-  writeFileSync(`${dir}/${slug}.md`, `# Benchmark results: ${section.device}\n\n${md}`);
+  const chart = all.attention ? attentionChart(all.attention) : "";
+  if (chart) writeFileSync(`${dir}/${slug}-attention.svg`, chart);
+  const img = chart ? `![decode attention time per step](${slug}-attention.svg)\n\n` : "";
+  writeFileSync(`${dir}/${slug}.md`, `# Benchmark results: ${section.device}\n\n${img}${md}`);
   return jsonPath;
 }
 
