@@ -33,7 +33,15 @@ import { type DType, dtypeBytes, dtypeOfHost, type HostArray, hostArray, type Ho
 
 export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
 
-/** The ABI version this TypeScript code was written against (kivi.h KIVI_ABI_VERSION). */
+/**
+ * The ABI version this TypeScript code was written against (kivi.h KIVI_ABI_VERSION).
+ *
+ * @example
+ * ```ts
+ * import { ABI_VERSION } from "./mod.ts";
+ * console.log(ABI_VERSION); // 1: what kivi_abi_version() must return
+ * ```
+ */
 export const ABI_VERSION = 1;
 
 /** Where a backend runs. */
@@ -49,7 +57,15 @@ export interface OpenOptions {
   libraryPath?: string;
 }
 
-/** Default library locations: build/ beside src/. */
+/**
+ * Default library locations: build/ beside src/.
+ *
+ * @example
+ * ```ts
+ * import { defaultLibraryPath } from "./mod.ts";
+ * console.log(defaultLibraryPath("cpu")); // .../build/libkivi_cpu.so
+ * ```
+ */
 export function defaultLibraryPath(kind: BackendKind): string {
   return fileURLToPath(new URL(`../build/libkivi_${kind}.so`, import.meta.url));
 }

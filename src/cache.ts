@@ -110,13 +110,31 @@ export function headBlockBytes(f: CacheConfig["keys"], pageTokens: number, headD
   return Math.ceil(raw / 16) * 16;
 }
 
-/** Bytes of one page across all layers, K and V. */
+/**
+ * Bytes of one page across all layers, K and V.
+ *
+ * @example
+ * ```ts
+ * import { pageBytes, resolveCacheOptions } from "./mod.ts";
+ * const cfg = resolveCacheOptions({ layers: 32, kvHeads: 8, headDim: 128, maxPages: 1 });
+ * console.log(pageBytes(cfg)); // bytes one 64-token page takes in all 32 layers, K and V
+ * ```
+ */
 export function pageBytes(c: Omit<CacheConfig, "maxPages">): number {
   return c.layers * c.kvHeads *
     (headBlockBytes(c.keys, c.pageTokens, c.headDim) + headBlockBytes(c.values, c.pageTokens, c.headDim));
 }
 
-/** Checks cache options and fills in defaults. */
+/**
+ * Checks cache options and fills in defaults.
+ *
+ * @example
+ * ```ts
+ * import { resolveCacheOptions } from "./mod.ts";
+ * const c = resolveCacheOptions({ layers: 2, kvHeads: 2, headDim: 64, budgetBytes: 1 << 20 });
+ * console.log(c.maxPages, c.keys, c.values); // pages that fit in 1 MiB; uniform 2-bit G32 keys, codebook 2-bit G64 values
+ * ```
+ */
 export function resolveCacheOptions(o: CacheOptions): CacheConfig {
   if (o === null || typeof o !== "object") throw new TypeError(`options must be an object, got ${show(o)}`);
   const layers = checkInt("layers", o.layers, 1, 4096);

@@ -7,7 +7,15 @@
  * @module
  */
 
-/** Status codes of kivi.h, by name. */
+/**
+ * Status codes of kivi.h, by name.
+ *
+ * @example
+ * ```ts
+ * import { Status } from "./mod.ts";
+ * console.log(Status.KIVI_ERR_CAPACITY); // -10
+ * ```
+ */
 export const Status = {
   KIVI_OK: 0,
   KIVI_ERR_ARG: -1,

@@ -138,7 +138,16 @@ const assignCode: Record<Assign, number> = { nearest: 0, interval: 1 };
 const GROUPS = [32, 64, 128] as const;
 const BITS = [2, 4] as const;
 
-/** Fills in a format's defaults and checks it. */
+/**
+ * Fills in a format's defaults and checks it.
+ *
+ * @example
+ * ```ts
+ * import { resolveFormat } from "./mod.ts";
+ * console.log(resolveFormat({ kind: "codebook", bits: 2 }));
+ * // { kind: "codebook", bits: 2, group: 32, fit: "free", iterations: 16, assign: "nearest" }
+ * ```
+ */
 export function resolveFormat(format: Format, name = "format"): ResolvedFormat {
   if (format === null || typeof format !== "object") {
     throw new TypeError(`${name} must be an object such as { kind: "uniform", bits: 2 }, got ${show(format)}`);
@@ -158,17 +167,42 @@ export function resolveFormat(format: Format, name = "format"): ResolvedFormat {
   };
 }
 
-/** Number of groups of a [rows, cols] matrix. */
+/**
+ * Number of groups of a [rows, cols] matrix.
+ *
+ * @example
+ * ```ts
+ * import { groupCount } from "./mod.ts";
+ * console.log(groupCount([64, 128], "token", 32)); // 256: 2 groups of 32 tokens in each of 128 channels
+ * ```
+ */
 export function groupCount(shape: readonly [number, number], axis: Axis, group: number): number {
   return axis === "token" ? shape[1] * (shape[0] / group) : shape[0] * (shape[1] / group);
 }
 
-/** Number of packed uint32 words of a [rows, cols] matrix. */
+/**
+ * Number of packed uint32 words of a [rows, cols] matrix.
+ *
+ * @example
+ * ```ts
+ * import { wordCount } from "./mod.ts";
+ * console.log(wordCount([64, 128], 2)); // 512 uint32 words of 16 codes
+ * ```
+ */
 export function wordCount(shape: readonly [number, number], bits: Bits): number {
   return (shape[0] * shape[1]) / (32 / bits);
 }
 
-/** Bits stored per value: code bits plus the fp16 params spread over the group. */
+/**
+ * Bits stored per value: code bits plus the fp16 params spread over the group.
+ *
+ * @example
+ * ```ts
+ * import { bitsPerValue } from "./mod.ts";
+ * console.log(bitsPerValue({ kind: "uniform", bits: 2, group: 32 })); // 3
+ * console.log(bitsPerValue({ kind: "codebook", bits: 2, group: 64 })); // 3
+ * ```
+ */
 export function bitsPerValue(format: Format): number {
   const f = resolveFormat(format);
   const paramBits = f.kind === "uniform" ? 2 * 16 : (1 << f.bits) * 16;

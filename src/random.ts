@@ -5,7 +5,16 @@
  * @module
  */
 
-/** Seeded pseudo-random numbers. */
+/**
+ * Seeded pseudo-random numbers.
+ *
+ * @example
+ * ```ts
+ * import { Rng } from "./mod.ts";
+ * const rng = new Rng(42);
+ * console.log(rng.next(), rng.normal(), rng.int(10)); // the same numbers on every run
+ * ```
+ */
 export class Rng {
   #s: number;
   #spare: number | undefined;
