@@ -4,6 +4,7 @@
  *
  * @module
  */
+import type { DeviceTensor } from "./backend.ts";
 
 /** Quotes a value for an error message. */
 export function show(v: unknown): string {
@@ -40,4 +41,9 @@ export function checkShape(name: string, v: unknown): [number, number] {
     throw new TypeError(`${name} must be [rows, cols], got ${show(v)}`);
   }
   return [checkInt(`${name}[0] (rows)`, v[0], 1, 2 ** 40), checkInt(`${name}[1] (cols)`, v[1], 1, 2 ** 40)];
+}
+
+/** True for a DeviceTensor (checked by shape, so that modules need not import the class at run time). */
+export function isTensor(x: unknown): x is DeviceTensor {
+  return x !== null && typeof x === "object" && "pointer" in x && "backend" in x;
 }

@@ -6,7 +6,7 @@
  */
 import type { Pointer } from "./ffi/_native.ts";
 import type { Backend, DeviceTensor, NativeState } from "./backend.ts";
-import { checkInt, checkOneOf, show } from "./_checks.ts";
+import { checkInt, checkOneOf, isTensor, show } from "./_checks.ts";
 import { type DType, dtypeCode, dtypeOfHost, type HostArray, hostArray } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import type { Buf, Fit, GroupSize, Input, Mem, MemOf } from "./quant.ts";
@@ -208,9 +208,6 @@ const cacheRegistry = new FinalizationRegistry<CacheHeld>((held) => {
   held.state.release();
 });
 
-function isTensor(x: unknown): x is DeviceTensor {
-  return x !== null && typeof x === "object" && "pointer" in x && "backend" in x;
-}
 
 /** Options of {@link Sequence.append}. */
 export interface AppendOptions {

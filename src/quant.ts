@@ -8,7 +8,7 @@
 import type { Pointer } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
 import type { Backend, DeviceTensor } from "./backend.ts";
-import { checkInt, checkOneOf, checkShape, show } from "./_checks.ts";
+import { checkInt, checkOneOf, checkShape, isTensor, show } from "./_checks.ts";
 import { type DType, dtypeCode, dtypeOfHost, type HostArray, hostArray, type HostOf, type TensorDType } from "./_dtype.ts";
 
 /** Grouping axis: "token" groups G consecutive tokens of one channel (keys, KIVI's per-channel
@@ -252,13 +252,9 @@ class Call<M extends Mem> {
     this.kivi._check(name, status);
   }
 
-  #isTensor(x: unknown): x is DeviceTensor {
-    return x !== null && typeof x === "object" && "pointer" in x && "backend" in x;
-  }
-
   #checkBuf(name: string, x: unknown, dtype: TensorDType, length: number): void {
     if (this.mem === "device") {
-      if (!this.#isTensor(x)) throw new TypeError(`${name} must be a DeviceTensor like the input, got ${show(x)}`);
+      if (!isTensor(x)) throw new TypeError(`${name} must be a DeviceTensor like the input, got ${show(x)}`);
       if (x.backend !== this.kivi) {
         throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
       }
@@ -268,7 +264,7 @@ class Call<M extends Mem> {
       if (x.length !== length) throw new TypeError(`${name} must have ${length} elements, got ${x.length}`);
       return;
     }
-    if (this.#isTensor(x) || !ArrayBuffer.isView(x)) {
+    if (isTensor(x) || !ArrayBuffer.isView(x)) {
       throw new TypeError(`${name} must be a host typed array like the input, got ${show(x)}`);
     }
     const d = dtypeOfHost(x, dtype);
@@ -279,14 +275,14 @@ class Call<M extends Mem> {
   }
 
   #addr(name: string, x: unknown): Pointer {
-    return this.#isTensor(x) ? x.pointer(this.op) : this.lib.ptr(x as ArrayBufferView);
+    return isTensor(x) ? x.pointer(this.op) : this.lib.ptr(x as ArrayBufferView);
   }
 }
 
 /** Resolves where x lives, its dtype and its [rows, cols], checking them against the backend. */
 function describeInput(kivi: Backend, x: unknown, opts: InputOptions, name = "x") {
-  if (x !== null && typeof x === "object" && "pointer" in x && "backend" in x) {
-    const t = x as DeviceTensor;
+  if (isTensor(x)) {
+    const t = x;
     if (t.backend !== kivi) throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
     const dtype = checkOneOf(`${name}.dtype`, t.dtype, ["f32", "f16", "bf16"] as const);
     const cols = t.shape[t.shape.length - 1];
@@ -491,7 +487,7 @@ export function quantizeWithCodebook<X extends Input>(
 
 function codesLength(name: string, x: unknown): number {
   if (ArrayBuffer.isView(x)) return (x as HostArray).length;
-  if (x !== null && typeof x === "object" && "length" in x) return (x as DeviceTensor).length;
+  if (isTensor(x)) return x.length;
   throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
 }
 
