@@ -166,27 +166,7 @@ __device__ void kv_cb_fit(const uint16_t *x, int stride, int G, int fit, int ite
     for (int k = 0; k < NC; k++) c[k] = cn[k];
     if (!changed) break;
   }
-  float cf[NC];
-#pragma unroll
-  for (int k = 0; k < NC; k++) {
-    h[k] = kivi_f32_to_f16(c[k]);
-    cf[k] = kivi_f16_to_f32(h[k]);
-  }
-  /* stable: bubble passes swap only strictly greater neighbours (the insertion sort's result) */
-#pragma unroll
-  for (int p = 0; p < NC - 1; p++) {
-#pragma unroll
-    for (int j = 0; j < NC - 1 - p; j++) {
-      if (cf[j] > cf[j + 1]) {
-        const float tf = cf[j];
-        cf[j] = cf[j + 1];
-        cf[j + 1] = tf;
-        const uint16_t th = h[j];
-        h[j] = h[j + 1];
-        h[j + 1] = th;
-      }
-    }
-  }
+  kv_centroids_f16_sorted<NC>(c, h);
 }
 
 /* Fit + codes of one group x[i * stride] (G values, G % cpw == 0); centroids to cent[NC], codes to words. */

@@ -119,27 +119,7 @@ __device__ int32_t kv_fit_group(const float (&v)[G], int32_t fit, int32_t max_it
   if (trace)
     for (int32_t k = it + 1; k <= max_iters; k++) trace[k] = sse;
 
-  /* fp16, then a stable sort (adjacent swaps of strictly greater pairs: insertion sort's result) */
-  float cf[NC];
-#pragma unroll
-  for (int k = 0; k < NC; k++) {
-    h[k] = kivi_f32_to_f16(c[k]);
-    cf[k] = kivi_f16_to_f32(h[k]);
-  }
-#pragma unroll
-  for (int p = 0; p < NC - 1; p++) {
-#pragma unroll
-    for (int j = 0; j < NC - 1 - p; j++) {
-      if (cf[j] > cf[j + 1]) {
-        const float tf = cf[j];
-        cf[j] = cf[j + 1];
-        cf[j + 1] = tf;
-        const uint16_t th = h[j];
-        h[j] = h[j + 1];
-        h[j + 1] = th;
-      }
-    }
-  }
+  kv_centroids_f16_sorted<NC>(c, h);
   return it;
 }
 

@@ -165,4 +165,32 @@ __device__ __forceinline__ void kv_ld_chunk(const void *__restrict__ x, int64_t 
     default: F(KIVI_BF16); break;                      \
   }
 
+
+/** Fitted fp32 centroids to the stored fp16 ones, sorted ascending by a stable sort (adjacent swaps
+    of strictly greater pairs: the CPU build's insertion sort gives the same order). Shared by the
+    standalone codebook fit and the cache's flush. */
+template <int NC>
+__device__ __forceinline__ void kv_centroids_f16_sorted(const float (&c)[NC], uint16_t (&h)[NC]) {
+  float cf[NC];
+#pragma unroll
+  for (int k = 0; k < NC; k++) {
+    h[k] = kivi_f32_to_f16(c[k]);
+    cf[k] = kivi_f16_to_f32(h[k]);
+  }
+#pragma unroll
+  for (int p = 0; p < NC - 1; p++) {
+#pragma unroll
+    for (int j = 0; j < NC - 1 - p; j++) {
+      if (cf[j] > cf[j + 1]) {
+        const float tf = cf[j];
+        cf[j] = cf[j + 1];
+        cf[j + 1] = tf;
+        const uint16_t th = h[j];
+        h[j] = h[j + 1];
+        h[j + 1] = th;
+      }
+    }
+  }
+}
+
 #endif /* KIVI_CUDA_COMMON_CUH */
