@@ -5,7 +5,9 @@
  * baseline), uniform 2-bit (KIVI) and kivi's default (uniform 2-bit keys, codebook 2-bit values).
  * Prints memory, attention error against bits 16, and time per step.
  *
- *   bun demo.ts [--layers N] [--heads N] [--kv-heads N] [--prompt N] [--steps N] [--seed N] [--backend auto|cpu|cuda]
+ *   bun demo.ts [--layers N] [--heads N] [--kv-heads N] [--prompt N] [--steps N] [--seed N] [--backend auto|cpu|cuda] [--json]
+ *
+ * Progress goes to stderr; with --json the result table is printed to stdout as one JSON object.
  *
  * On CUDA the defaults are 32 layers x 32 heads x 128 dims; on the CPU a smaller shape that
  * finishes in well under a minute on two cores.
@@ -27,9 +29,13 @@ const headDim = 128;
 const prompt = num("prompt", 1024, 512);
 const steps = num("steps", 64, 32);
 const seed = num("seed", 42, 42);
+const json = args.has("json");
+/** Human-readable lines: stdout normally, stderr with --json (stdout then carries only the JSON). */
+const say = (line: string) => (json ? console.error(line) : console.log(line));
+const progress = (line: string) => process.stderr.write(line);
 
-console.log(`kivi demo on ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}): ${kivi.reason}`);
-console.log(
+say(`kivi demo on ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}): ${kivi.reason}`);
+say(
   `model: ${layers} layers x ${heads} query heads / ${kvHeads} KV heads x ${headDim} dims; prompt ${prompt} tokens, ${steps} decode steps, seed ${seed}\n`,
 );
 
@@ -73,9 +79,10 @@ for (let l = 0; l < layers; l++) {
   for (const r of runs) r.seq.append(k, v, { layer: l, trusted: true });
   drop(k);
   drop(v);
-  process.stdout.write(`\rprefill: layer ${l + 1}/${layers}`);
+  progress(`\rprefill: layer ${l + 1}/${layers}`);
 }
-console.log(`\rprefill: ${layers} layers x ${prompt} tokens in ${((performance.now() - t0) / 1e3).toFixed(1)} s`);
+progress(`\r`);
+say(`prefill: ${layers} layers x ${prompt} tokens in ${((performance.now() - t0) / 1e3).toFixed(1)} s`);
 
 // Decode: each step appends one token per layer and attends with a query that leans on a few past
 // keys (peaked attention, as in real models), in every cache.
@@ -114,26 +121,46 @@ for (let step = 0; step < steps; step++) {
     drop(v);
     drop(q);
   }
-  process.stdout.write(`\rdecode: step ${step + 1}/${steps}`);
+  progress(`\rdecode: step ${step + 1}/${steps}`);
 }
-process.stdout.write("\r");
+progress("\r");
 
 const fp16 = runs[0].cache.memory();
-console.log(
-  "cache".padEnd(32) + "KV bytes".padStart(12) + "bits/value".padStart(12) + "vs fp16".padStart(9) +
-    "attn error vs fp16".padStart(20) + "ms/step (all layers)".padStart(22),
-);
-for (const r of runs) {
+const table = runs.map((r) => {
   const m = r.cache.memory();
   const bytes = m.codeBytes + m.paramBytes + m.residualBytes;
+  return {
+    cache: r.name,
+    kvBytes: bytes,
+    bitsPerValue: m.bitsPerValue,
+    ofFp16: bytes / (fp16.codeBytes + fp16.residualBytes),
+    attentionError: r.errN ? r.err / r.errN : null,
+    msPerStep: r.ms / steps,
+  };
+});
+if (json) {
+  console.log(JSON.stringify({
+    device: kivi.deviceName,
+    backend: kivi.kind,
+    runtime: kivi.runtime,
+    model: { layers, heads, kvHeads, headDim, prompt, steps, seed },
+    rows: table,
+  }));
+} else {
   console.log(
-    r.name.padEnd(32) + `${(bytes / 1e6).toFixed(1)} MB`.padStart(12) + m.bitsPerValue.toFixed(2).padStart(12) +
-      `${((bytes / (fp16.codeBytes + fp16.residualBytes)) * 100).toFixed(1)}%`.padStart(9) +
-      (r.errN ? (r.err / r.errN).toExponential(2) : "-").padStart(20) + (r.ms / steps).toFixed(2).padStart(22),
+    "cache".padEnd(32) + "KV bytes".padStart(12) + "bits/value".padStart(12) + "vs fp16".padStart(9) +
+      "attn error vs fp16".padStart(20) + "ms/step (all layers)".padStart(22),
+  );
+  for (const t of table) {
+    console.log(
+      t.cache.padEnd(32) + `${(t.kvBytes / 1e6).toFixed(1)} MB`.padStart(12) + t.bitsPerValue.toFixed(2).padStart(12) +
+        `${(t.ofFp16 * 100).toFixed(1)}%`.padStart(9) + (t.attentionError === null ? "-" : t.attentionError.toExponential(2)).padStart(20) +
+        t.msPerStep.toFixed(2).padStart(22),
+    );
+  }
+  console.log(
+    `\nattn error: relative L2 error of each layer's attention output against the bits-16 cache, averaged over layers and steps.` +
+      `\nms/step: append + attend of one token in all ${layers} layers, from TypeScript (argument checks and FFI included).`,
   );
 }
-console.log(
-  `\nattn error: relative L2 error of each layer's attention output against the bits-16 cache, averaged over layers and steps.` +
-    `\nms/step: append + attend of one token in all ${layers} layers, from TypeScript (argument checks and FFI included).`,
-);
 for (const r of runs) r.cache.dispose();

@@ -14,6 +14,9 @@
  */
 import process from "node:process";
 import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type Backend, bitsPerValue, type CacheFormat, type Format, KiviError, openBackend, Rng, synthKV } from "./mod.ts";
 import { ABI_VERSION } from "./backend.ts";
@@ -207,11 +210,30 @@ async function accuracy(p: Parsed, out: (s: string) => void, progress: (s: strin
   }
 }
 
-function runScript(script: string, args: string[]): number {
+/** Runs a script of the package with this runtime; `quiet` sends its stdout to our stderr. */
+function runScript(script: string, args: string[], quiet = false): number {
   const path = fileURLToPath(new URL(`../${script}`, import.meta.url));
   const runtime = (globalThis as { Deno?: unknown }).Deno ? [process.execPath, "run", "-A", path] : [process.execPath, path];
-  const r = spawnSync(runtime[0], [...runtime.slice(1), ...args], { stdio: "inherit" });
+  const r = spawnSync(runtime[0], [...runtime.slice(1), ...args], { stdio: ["inherit", quiet ? 2 : "inherit", "inherit"] });
   return r.status ?? 1;
+}
+
+/** Both benchmark suites; with `json`, their sections go to stdout as one object. */
+function bench(backendArgs: string[], json: boolean, out: (s: string) => void): number {
+  const dir = mkdtempSync(join(tmpdir(), "kivi-bench-"));
+  try {
+    const sections: Record<string, unknown> = {};
+    for (const [name, script] of [["quant", "bench/quant.ts"], ["attention", "bench/attention.ts"]]) {
+      const file = join(dir, `${name}.json`);
+      const rc = runScript(script, [...backendArgs, "--json", file], json);
+      if (rc !== 0) return rc;
+      sections[name] = JSON.parse(readFileSync(file, "utf8"));
+    }
+    if (json) out(JSON.stringify(sections));
+    return 0;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 /** Runs the CLI; returns the exit code. */
@@ -244,11 +266,9 @@ export async function main(argv: string[], out = (s: string) => console.log(s), 
         await accuracy(p, out, progress);
         return 0;
       case "demo":
-        return runScript("demo.ts", [...backendArgs, ...p.rest]);
-      case "bench": {
-        const a = runScript("bench/quant.ts", backendArgs);
-        return a !== 0 ? a : runScript("bench/attention.ts", backendArgs);
-      }
+        return runScript("demo.ts", [...backendArgs, ...(p.flags.has("json") ? ["--json"] : []), ...p.rest]);
+      case "bench":
+        return bench(backendArgs, p.flags.has("json"), out);
     }
   } catch (e) {
     const msg = e instanceof KiviError ? `${e.code} in ${e.op}: ${e.message}` : (e as Error).message;

@@ -83,6 +83,22 @@ describe("kivi CLI", () => {
     }
   });
 
+  it("demo --json prints one JSON object with the three caches; human text goes to stderr", () => {
+    const cli = fileURLToPath(new URL("../src/cli.ts", import.meta.url));
+    const isDeno = (globalThis as { Deno?: unknown }).Deno !== undefined;
+    const args = ["demo", "--backend", "cpu", "--json", "--layers", "2", "--steps", "3", "--prompt", "200"];
+    const r = isDeno ? spawnSync(process.execPath, ["run", "-A", cli, ...args]) : spawnSync(process.execPath, [cli, ...args]);
+    assert.equal(r.status, 0, String(r.stderr));
+    const j = JSON.parse(String(r.stdout));
+    assert.deepEqual(j.model, { layers: 2, heads: 16, kvHeads: 4, headDim: 128, prompt: 200, steps: 3, seed: 42 });
+    assert.deepEqual(j.rows.map((x: { cache: string }) => x.cache), ["bits 16 (fp16 baseline)", "uniform 2-bit (KIVI)", "codebook 2-bit (kivi default)"]);
+    const [fp16, uni, cb] = j.rows;
+    assert.equal(fp16.attentionError, null);
+    assert.ok(uni.kvBytes < fp16.kvBytes && cb.kvBytes === uni.kvBytes, "2-bit caches are smaller");
+    assert.ok(uni.attentionError > 0 && cb.attentionError > 0);
+    assert.match(String(r.stderr), /kivi demo on/);
+  });
+
   it("runs as a script: `src/cli.ts --help` exits 0, a bad flag exits 2", () => {
     const cli = fileURLToPath(new URL("../src/cli.ts", import.meta.url));
     const isDeno = (globalThis as { Deno?: unknown }).Deno !== undefined;
