@@ -30,6 +30,7 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
+#include "test_rng.h"
 
 /* ---------------------------------------------------------------- the two libraries ------ */
 
@@ -142,20 +143,6 @@ static const char *g_where = "";
 
 /* ---------------------------------------------------------------- data ------------------- */
 
-static uint64_t rng_state;
-static uint64_t rng_next(void) {
-  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-static double rng_unif(void) { return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0); }
-static double rng_normal(void) {
-  double u = rng_unif(), v = rng_unif();
-  if (u < 1e-300) u = 1e-300;
-  return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
-}
-static size_t dsize(kivi_dtype dt) { return dt == KIVI_F32 ? 4 : 2; }
 
 /* n values of [rows][heads][D] in dtype: keys have outlier channels (x8 on every 13th channel) and a
    per-channel offset; values are plain normal. */

@@ -19,6 +19,7 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
+#include "test_rng.h"
 
 static int n_pass, n_fail;
 static uint64_t g_seed;
@@ -37,21 +38,7 @@ static uint64_t g_seed;
     }                                                                                         \
   } while (0)
 
-static uint64_t rng_state;
-static uint64_t rng_next(void) {
-  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-static double rng_unif(void) { return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0); }
-static double rng_normal(void) {
-  double u = rng_unif(), v = rng_unif();
-  if (u < 1e-300) u = 1e-300;
-  return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
-}
 
-static size_t dsize(kivi_dtype dt) { return dt == KIVI_F32 ? 4 : 2; }
 static void set_elem(void *x, kivi_dtype dt, int64_t i, float f) {
   if (dt == KIVI_F32) ((float *)x)[i] = f;
   else if (dt == KIVI_F16) ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
