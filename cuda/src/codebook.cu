@@ -249,16 +249,6 @@ static __global__ void k_check_centroids(const uint16_t *__restrict__ centroids,
 
 /* ---------------------------------------------------------------- launch ----------------- */
 
-#define KV_DISPATCH_GB(group, bits, F)     \
-  switch ((group) * 8 + (bits)) {          \
-    case 32 * 8 + 2: F(32, 2); break;      \
-    case 32 * 8 + 4: F(32, 4); break;      \
-    case 64 * 8 + 2: F(64, 2); break;      \
-    case 64 * 8 + 4: F(64, 4); break;      \
-    case 128 * 8 + 2: F(128, 2); break;    \
-    default: F(128, 4); break;             \
-  }
-
 static kivi_status fit_or_encode(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const kv_shape &sh,
                                  int32_t fit, int32_t max_iters, int32_t assign, int32_t flags, uint16_t *centroids,
                                  int32_t *iters, float *inertia, uint32_t *codes) {
@@ -269,23 +259,7 @@ static kivi_status fit_or_encode(kivi_ctx_t ctx, const char *op, const void *x, 
 #define KV_FIT_GB(G, B)                                                                                            \
   k_codebook_fit<DT, G, B><<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, sh.axis, sh.groups, aligned, fit, \
                                                           max_iters, assign, centroids, iters, inertia, codes)
-  switch (dtype) {
-    case KIVI_F32: {
-      constexpr int DT = KIVI_F32;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_FIT_GB)
-      break;
-    }
-    case KIVI_F16: {
-      constexpr int DT = KIVI_F16;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_FIT_GB)
-      break;
-    }
-    default: {
-      constexpr int DT = KIVI_BF16;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_FIT_GB)
-      break;
-    }
-  }
+  KV_DISPATCH_DT_GB(dtype, sh.group, sh.bits, KV_FIT_GB)
 #undef KV_FIT_GB
   return kv_launched(ctx, op, codes ? "k_codebook_fit (encode)" : "k_codebook_fit");
 }
@@ -399,23 +373,7 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
 #define KV_CQ_GB(G, B)                                                                                             \
   k_codebook_quantize<DT, G, B><<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, sh.axis, sh.groups, aligned, \
                                                                centroids, assign, codes)
-  switch (dtype) {
-    case KIVI_F32: {
-      constexpr int DT = KIVI_F32;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_CQ_GB)
-      break;
-    }
-    case KIVI_F16: {
-      constexpr int DT = KIVI_F16;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_CQ_GB)
-      break;
-    }
-    default: {
-      constexpr int DT = KIVI_BF16;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_CQ_GB)
-      break;
-    }
-  }
+  KV_DISPATCH_DT_GB(dtype, sh.group, sh.bits, KV_CQ_GB)
 #undef KV_CQ_GB
   return kv_launched(ctx, spec.op, "k_codebook_quantize");
 }
@@ -441,23 +399,7 @@ KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *co
 #define KV_CD_GB(G, B)                                                                                             \
   k_codebook_dequantize<DT, G, B><<<grid, 128, 0, ctx->stream>>>(codes, centroids, sh.rows, sh.cols, sh.axis,    \
                                                                  sh.groups, out)
-  switch (out_dtype) {
-    case KIVI_F32: {
-      constexpr int DT = KIVI_F32;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_CD_GB)
-      break;
-    }
-    case KIVI_F16: {
-      constexpr int DT = KIVI_F16;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_CD_GB)
-      break;
-    }
-    default: {
-      constexpr int DT = KIVI_BF16;
-      KV_DISPATCH_GB(sh.group, sh.bits, KV_CD_GB)
-      break;
-    }
-  }
+  KV_DISPATCH_DT_GB(out_dtype, sh.group, sh.bits, KV_CD_GB)
 #undef KV_CD_GB
   return kv_launched(ctx, spec.op, "k_codebook_dequantize");
 }

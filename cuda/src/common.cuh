@@ -165,6 +165,25 @@ __device__ __forceinline__ void kv_ld_chunk(const void *__restrict__ x, int64_t 
     default: F(KIVI_BF16); break;                      \
   }
 
+/** F(G, BITS) for the six supported (group, bits) pairs. */
+#define KV_DISPATCH_GB(group, bits, F)     \
+  switch ((group) * 8 + (bits)) {          \
+    case 32 * 8 + 2: F(32, 2); break;      \
+    case 32 * 8 + 4: F(32, 4); break;      \
+    case 64 * 8 + 2: F(64, 2); break;      \
+    case 64 * 8 + 4: F(64, 4); break;      \
+    case 128 * 8 + 2: F(128, 2); break;    \
+    default: F(128, 4); break;             \
+  }
+
+/** F(G, BITS) with `DT` a constexpr of the runtime dtype in scope: one dispatch over all three. */
+#define KV_DISPATCH_DT_GB(dt, group, bits, F)                               \
+  switch (dt) {                                                             \
+    case KIVI_F32: { constexpr int DT = KIVI_F32; KV_DISPATCH_GB(group, bits, F) break; } \
+    case KIVI_F16: { constexpr int DT = KIVI_F16; KV_DISPATCH_GB(group, bits, F) break; } \
+    default: { constexpr int DT = KIVI_BF16; KV_DISPATCH_GB(group, bits, F) break; }      \
+  }
+
 
 /** Fitted fp32 centroids to the stored fp16 ones, sorted ascending by a stable sort (adjacent swaps
     of strictly greater pairs: the CPU build's insertion sort gives the same order). Shared by the

@@ -360,16 +360,6 @@ static __global__ void __launch_bounds__(256)
 
 /* ---------------------------------------------------------------- launch ----------------- */
 
-/* F(G, BITS) for the six supported pairs. */
-#define KV_DISPATCH_GB(group, bits, F)     \
-  switch ((group) * 8 + (bits)) {          \
-    case 32 * 8 + 2: F(32, 2); break;      \
-    case 32 * 8 + 4: F(32, 4); break;      \
-    case 64 * 8 + 2: F(64, 2); break;      \
-    case 64 * 8 + 4: F(64, 4); break;      \
-    case 128 * 8 + 2: F(128, 2); break;    \
-    default: F(128, 4); break;             \
-  }
 
 template <int DT>
 static void launch_quantize(kivi_ctx_t ctx, const void *x, const kv_shape &sh, uint32_t *codes, uint16_t *scale,
