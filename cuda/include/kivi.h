@@ -320,7 +320,8 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
                                        kivi_dtype dtype, int32_t n_tokens, int32_t flags);
 /** Decode attention of one layer for a batch of sequences (each with >= 1 token in the layer):
     out[b][h] = softmax(scale * q[b][h] . K_s^T) V_s over the sequence's dequantized pages and fp16
-    residual, fp32 math. seqs may repeat. A non-finite q gives KIVI_ERR_NONFINITE (unless
+    residual; fp32 math with an online softmax in the CUDA build, double in the CPU reference (the
+    oracle). seqs may repeat. A non-finite q gives KIVI_ERR_NONFINITE (unless
     KIVI_FLAG_TRUSTED) and nothing is written. */
 KIVI_API kivi_status kivi_cache_attend(kivi_cache_t cache, int32_t layer, const int32_t *seqs /* host [batch] */,
                                        int32_t batch, const void *q /* data [batch][q_heads][head_dim] */,
