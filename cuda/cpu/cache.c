@@ -438,12 +438,6 @@ static kivi_status scan_input(const cache_t *c, const char *op, const char *name
                   (long long)(i % row / c->cfg.head_dim), (long long)(i % c->cfg.head_dim));
 }
 
-/* Tokens flushed into pages when `n` tokens join a layer holding len tokens, qlen of them in pages. */
-static int64_t flush_count(const cache_t *c, int64_t len, int64_t qlen, int64_t n) {
-  const int64_t over = len + n - qlen - c->cfg.residual;
-  return over >= c->F ? over / c->F * c->F : 0;
-}
-
 KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t layer, const void *k, const void *v,
                                        kivi_dtype dtype, int32_t n, int32_t flags) {
   static const char *op = "kivi_cache_append";
@@ -471,7 +465,7 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
   int64_t need = c->seqs[seq].n_pages;
   for (int32_t l = 0; l < g->layers; l++) {
     const int64_t *ln = cpu_cache_len(c, seq, l);
-    const int64_t f = (l >= L0 && l < L1) ? flush_count(c, ln[0], ln[1], n) : 0;
+    const int64_t f = (l >= L0 && l < L1) ? kivi_flush_count(&c->cfg, ln[0], ln[1], n) : 0;
     const int64_t pages = (ln[1] + f + P - 1) / P;
     need = pages > need ? pages : need;
   }
@@ -489,7 +483,7 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
 
   for (int32_t l = L0; l < L1; l++) {
     int64_t *ln = cpu_cache_len(c, seq, l);
-    const int64_t len = ln[0], qlen = ln[1], f = flush_count(c, len, qlen, n);
+    const int64_t len = ln[0], qlen = ln[1], f = kivi_flush_count(&c->cfg, len, qlen, n);
     const void *kin[2] = {k, v};
     const int64_t base = (int64_t)(l - L0) * per_layer; /* element offset of this layer's input */
     for (int64_t p = qlen; p < qlen + f; p += F) {

@@ -236,6 +236,12 @@ KIVI_HD kivi_part_layout kivi_page_part(const kivi_cache_config *c, int is_value
 
 /** Flush unit F: the key group size (tokens quantized together). */
 KIVI_HD int32_t kivi_flush_tokens(const kivi_cache_config *c) { return c->k_group; }
+/** Tokens flushed into pages when n tokens join a layer holding len tokens, qlen of them in pages:
+    the oldest whole flush units beyond the residual window (the window rule of kivi.h). */
+KIVI_HD int64_t kivi_flush_count(const kivi_cache_config *c, int64_t len, int64_t qlen, int64_t n) {
+  const int64_t over = len + n - qlen - c->residual, F = kivi_flush_tokens(c);
+  return over >= F ? over / F * F : 0;
+}
 /** Residual window capacity R + F in tokens. */
 KIVI_HD int32_t kivi_window_tokens(const kivi_cache_config *c) { return c->residual + c->k_group; }
 

@@ -711,12 +711,12 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
   }
 
   /* plan */
-  const int64_t F = c->F, R = g.residual, P = c->P, W = c->W;
+  const int64_t F = c->F, P = c->P, W = c->W;
   int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
   int64_t need_tokens = 0, max_groups = 0;
   for (int32_t i = 0; i < nl; i++) {
-    const int64_t len = lens[l0 + i], ql = qlens[l0 + i], nlen = len + n;
-    const int64_t f = (nlen - ql >= R + F) ? ((nlen - ql - R) / F) * F : 0;
+    const int64_t len = lens[l0 + i], ql = qlens[l0 + i];
+    const int64_t f = kivi_flush_count(&g, len, ql, n);
     need_tokens = ql + f > need_tokens ? ql + f : need_tokens;
     max_groups = f / F > max_groups ? f / F : max_groups;
   }
@@ -770,8 +770,8 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
       int64_t mg = 0;
       for (int32_t i = 0; i < cnt; i++) {
         const int32_t li = b0 + i;
-        const int64_t len = lens[l0 + li], ql = qlens[l0 + li], nlen = len + n;
-        const int64_t f = (nlen - ql >= R + F) ? ((nlen - ql - R) / F) * F : 0;
+        const int64_t len = lens[l0 + li], ql = qlens[l0 + li];
+        const int64_t f = kivi_flush_count(&g, len, ql, n);
         fp->L[i].qlen = ql;
         fp->L[i].len = len;
         fp->L[i].nflush = (int32_t)(f / F);
@@ -804,8 +804,8 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
       int64_t maxrows = 0;
       for (int32_t i = 0; i < cnt; i++) {
         const int32_t li = b0 + i;
-        const int64_t len = lens[l0 + li], ql = qlens[l0 + li], nlen = len + n;
-        const int64_t f = (nlen - ql >= R + F) ? ((nlen - ql - R) / F) * F : 0;
+        const int64_t len = lens[l0 + li], ql = qlens[l0 + li];
+        const int64_t f = kivi_flush_count(&g, len, ql, n);
         const int64_t r0 = ql + f - len > 0 ? ql + f - len : 0;
         wp->L[i].len = len;
         wp->L[i].r0 = r0;
@@ -828,7 +828,7 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
   c->npages[seq] = (int32_t)(have + extra);
   for (int32_t i = 0; i < nl; i++) {
     const int64_t len = lens[l0 + i], ql = qlens[l0 + i], nlen = len + n;
-    const int64_t f = (nlen - ql >= R + F) ? ((nlen - ql - R) / F) * F : 0;
+    const int64_t f = kivi_flush_count(&g, len, ql, n);
     lens[l0 + i] = nlen;
     qlens[l0 + i] = ql + f;
   }
