@@ -214,12 +214,13 @@ const cacheRegistry = new FinalizationRegistry<CacheHeld>((held) => {
 const F16_LIMIT = 65520;
 
 /**
- * Rejects a finite host value that fp16 cannot hold (NaN and Inf are left to the library's scan,
- * which reports them as KIVI_ERR_NONFINITE). Device tensors are not scanned here.
+ * Rejects a finite value that fp16 cannot hold (NaN and Inf are left to the library's scan, which
+ * reports them as KIVI_ERR_NONFINITE). Host arrays and the CPU backend's tensors (host memory) are
+ * scanned; CUDA tensors are not (that scan belongs in the library's append).
  */
 function checkFp16Range(name: string, x: unknown, dtype: DType, c: CacheConfig, n: number, layer: number): void {
-  if (isTensor(x) || dtype === "f16") return;
-  const a = x as Float32Array | Uint16Array;
+  if (dtype === "f16" || (isTensor(x) && x.backend.kind !== "cpu")) return;
+  const a = (isTensor(x) ? x.readSync() : x) as Float32Array | Uint16Array;
   let at = -1;
   if (dtype === "f32") {
     for (let i = 0; i < a.length; i++) {

@@ -165,10 +165,13 @@ describe("appends with bad input", () => {
     bfBig[17] = toInput([3e30], "bf16").x[0];
     const kEdge = k.slice();
     kEdge[0] = 65520; // the first value fp16 rounds to Inf
+    using kt = f.kivi.upload(k), bigT = f.kivi.upload(big);
     expectEach(f, [
       ["-1e5 in v", () => f.seqs[0].append(k, big), RangeError, /\bv must hold values below 65520 in magnitude \(the cache stores fp16\), got -100000 at index 333 \(layer 0, token 2, head 1, channel 13\)/],
       ["65520 in k", () => f.seqs[0].append(kEdge, v), RangeError, /\bk must hold values below 65520 in magnitude.*got 65520 at index 0\b/],
       ["3e30 in bf16 k", () => f.seqs[0].append(bfBig, bf, { layer: 1, dtype: "bf16" }), RangeError, /\bk must hold values below 65520 in magnitude.*at index 17 \(layer 1, token 0, head 0, channel 17\)/],
+      // The CPU backend's tensors are host memory and scanned too.
+      ["-1e5 in a v tensor", () => f.seqs[0].append(kt, bigT), RangeError, /\bv must hold values below 65520 in magnitude.*got -100000 at index 333\b/],
     ]);
     // The largest value below the limit is accepted (it rounds to fp16's largest finite, 65504).
     const ok = k.slice();
