@@ -390,7 +390,8 @@ async function run(r: number): Promise<Stats> {
 describe("the cache against a float64 model, random operations", () => {
   const totals: Stats = { steps: 0, appended: 0, flushed: 0, attended: 0, full: 0, nan: 0, slots: 0, reused: 0 };
   RUNS.forEach((spec, r) => {
-    it(`${spec.name}: ${STEPS} steps`, async () => {
+    // Bun's default of 5 s per test would cut a long run short: allow 200 ms a step.
+    it(`${spec.name}: ${STEPS} steps`, { timeout: Math.max(60_000, STEPS * 200) }, async () => {
       const s = await run(r);
       console.log(`property run ${r} (${spec.name}): ${JSON.stringify(s)}`);
       for (const k of Object.keys(totals) as (keyof typeof totals)[]) totals[k] += s[k];
