@@ -450,11 +450,25 @@ static inline uint16_t input_f16(const void *x, kivi_dtype dtype, int64_t i) {
   return dtype == KIVI_F16 ? ((const uint16_t *)x)[i] : kivi_f32_to_f16(cpu_load(x, dtype, i));
 }
 
+/* First f32 / bf16 element that fp16 rounds to Inf (|x| >= 65520, kivi_f32_to_f16), or -1. */
+static int64_t first_f16_overflow(const void *x, kivi_dtype dtype, int64_t total) {
+  if (dtype == KIVI_F16) return -1;
+  for (int64_t i = 0; i < total; i++)
+    if (fabsf(cpu_load(x, dtype, i)) >= 65520.0f) return i;
+  return -1;
+}
+
 static kivi_status scan_input(const cache_t *c, const char *op, const char *name, const void *x, kivi_dtype dtype,
                               int64_t total, int32_t n, int32_t layer0) {
-  const int64_t i = cpu_first_nonfinite(x, dtype, total);
-  if (i < 0) return KIVI_OK;
   const int64_t row = (int64_t)c->cfg.kv_heads * c->cfg.head_dim;
+  int64_t i = cpu_first_nonfinite(x, dtype, total);
+  if (i < 0 && (i = first_f16_overflow(x, dtype, total)) >= 0)
+    return cpu_fail(c->ctx, KIVI_ERR_NONFINITE,
+                    "%s: %s must lie within the fp16 range (|x| < 65520) that the cache stores, got %g at index %lld "
+                    "(layer %lld, token %lld, head %lld, channel %lld)",
+                    op, name, (double)cpu_load(x, dtype, i), (long long)i, (long long)(layer0 + i / (row * n)),
+                    (long long)(i / row % n), (long long)(i % row / c->cfg.head_dim), (long long)(i % c->cfg.head_dim));
+  if (i < 0) return KIVI_OK;
   const float v = cpu_load(x, dtype, i);
   return cpu_fail(c->ctx, KIVI_ERR_NONFINITE,
                   "%s: %s must be finite, got %s at index %lld (layer %lld, token %lld, head %lld, channel %lld); "

@@ -1011,13 +1011,14 @@ KIVI_API kivi_status kivi_cache_attend(kivi_cache_t cache, int32_t layer, const 
   if (!(flags & KIVI_FLAG_TRUSTED)) {
     const int64_t n = (int64_t)batch * g.q_heads * g.head_dim;
     int64_t bad;
-    if ((st = kv_cache_scan(ctx, op, q, q_dtype, n, KV_SLOT_NONFINITE, &bad))) return st;
+    if ((st = kv_cache_scan(ctx, op, q, q_dtype, n, false, KV_SLOT_NONFINITE, &bad))) return st;
     if (bad >= 0) {
       const int64_t row = (int64_t)g.q_heads * g.head_dim;
+      char buf[32];
       return kv_fail(ctx, KIVI_ERR_NONFINITE,
                      "%s: q must be finite, got %s at batch %lld, head %d, channel %d; pass KIVI_FLAG_TRUSTED only "
                      "for data known to be finite",
-                     op, kv_cache_bad_name(ctx, q, q_dtype, bad), (long long)(bad / row),
+                     op, kv_cache_bad_name(ctx, q, q_dtype, bad, buf), (long long)(bad / row),
                      (int)((bad % row) / g.head_dim), (int)(bad % g.head_dim));
     }
   }

@@ -20,15 +20,18 @@
 
 /* ---------------------------------------------------------------- NaN / Inf scan --------- */
 
-template <int DT> __device__ __forceinline__ bool kv_c_bad(uint32_t u) {
-  if constexpr (DT == KIVI_F32) return (u & 0x7f800000u) == 0x7f800000u;
+/* NaN / Inf, or with f16range also a finite f32 / bf16 that fp16 rounds to Inf (|x| >= 65520) */
+template <int DT> __device__ __forceinline__ bool kv_c_bad(uint32_t u, bool f16range) {
+  const uint32_t lim = f16range ? 0x477ff000u : 0x7f800000u;
+  if constexpr (DT == KIVI_F32) return (u & 0x7fffffffu) >= lim;
   else if constexpr (DT == KIVI_F16) return (u & 0x7c00u) == 0x7c00u;
-  else return (u & 0x7f80u) == 0x7f80u;
+  else return ((u << 16) & 0x7fffffffu) >= lim;
 }
 
 /* Grid-stride over x [n]; the lowest bad index goes to *first by atomicMin (only finders touch it). */
 template <int DT>
-static __global__ void k_cache_scan(const void *__restrict__ x, int64_t n, unsigned long long *__restrict__ first) {
+static __global__ void k_cache_scan(const void *__restrict__ x, int64_t n, bool f16range,
+                                    unsigned long long *__restrict__ first) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   int64_t bad = INT64_MAX;
   const bool vec = ((uintptr_t)x & 15u) == 0;
@@ -43,27 +46,27 @@ static __global__ void k_cache_scan(const void *__restrict__ x, int64_t n, unsig
 #pragma unroll
       for (int e = 0; e < V; e++) {
         const uint32_t b = DT == KIVI_F32 ? w[e] : ((w[e / 2] >> (16 * (e & 1))) & 0xffffu);
-        if (kv_c_bad<DT>(b) && i * V + e < bad) bad = i * V + e;
+        if (kv_c_bad<DT>(b, f16range) && i * V + e < bad) bad = i * V + e;
       }
     }
     from = nv * V;
   }
   for (int64_t i = from + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
     const uint32_t b = DT == KIVI_F32 ? ((const uint32_t *)x)[i] : (uint32_t)((const uint16_t *)x)[i];
-    if (kv_c_bad<DT>(b) && i < bad) bad = i;
+    if (kv_c_bad<DT>(b, f16range) && i < bad) bad = i;
   }
   if (bad != INT64_MAX) atomicMin(first, (unsigned long long)bad);
 }
 
-kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, int64_t n, int slot,
-                          int64_t *first) {
+kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, int64_t n, bool f16range,
+                          int slot, int64_t *first) {
   *first = -1;
   kivi_status st = kv_scratch_reset(ctx, op);
   if (st) return st;
   const int64_t bytes = n * (dtype == KIVI_F32 ? 4 : 2);
   const unsigned grid = kv_grid(ctx, (bytes + 256 * 64 - 1) / (256 * 64), 8);
   unsigned long long *s = ctx->d_scratch + slot;
-#define KV_SCAN(DT) k_cache_scan<DT><<<grid, 256, 0, ctx->stream>>>(x, n, s)
+#define KV_SCAN(DT) k_cache_scan<DT><<<grid, 256, 0, ctx->stream>>>(x, n, f16range, s)
   KV_DISPATCH_DT(dtype, KV_SCAN)
 #undef KV_SCAN
   if ((st = kv_launched(ctx, op, "k_cache_scan"))) return st;
@@ -73,7 +76,7 @@ kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dt
   return KIVI_OK;
 }
 
-const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t i) {
+const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t i, char (&buf)[32]) {
   uint32_t bits = 0;
   const size_t es = dtype == KIVI_F32 ? 4 : 2;
   if (cudaMemcpy(&bits, (const char *)x + (size_t)i * es, es, cudaMemcpyDeviceToHost) != cudaSuccess) {
@@ -84,6 +87,10 @@ const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, i
   const float v = dtype == KIVI_F32 ? kivi_bits_f32(bits)
                                     : (dtype == KIVI_F16 ? kivi_f16_to_f32((uint16_t)bits)
                                                          : kivi_bf16_to_f32((uint16_t)bits));
+  if (v == v && v != INFINITY && v != -INFINITY) {
+    snprintf(buf, sizeof buf, "%g (beyond fp16)", (double)v);
+    return buf;
+  }
   return v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf");
 }
 
@@ -753,13 +760,15 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
     for (int part = 0; part < 2; part++) {
       const void *x = part ? v : k;
       int64_t bad;
-      if ((st = kv_cache_scan(ctx, op, x, dtype, total, KV_SLOT_NONFINITE, &bad))) return st;
+      if ((st = kv_cache_scan(ctx, op, x, dtype, total, true, KV_SLOT_NONFINITE, &bad))) return st;
       if (bad >= 0) {
         const int64_t li = bad / (n * row), r = (bad / row) % n, e = bad % row;
+        char buf[32];
         return kv_fail(ctx, KIVI_ERR_NONFINITE,
-                       "%s: %s must be finite, got %s at layer %d, token %lld, head %d, channel %d; pass "
-                       "KIVI_FLAG_TRUSTED only for data known to be finite",
-                       op, part ? "v" : "k", kv_cache_bad_name(ctx, x, dtype, bad), (int)(l0 + li), (long long)r,
+                       "%s: %s must be finite and within the fp16 range (|x| < 65520) that the cache stores, got %s "
+                       "at layer %d, token %lld, head %d, channel %d; pass KIVI_FLAG_TRUSTED only for data known to "
+                       "be finite",
+                       op, part ? "v" : "k", kv_cache_bad_name(ctx, x, dtype, bad, buf), (int)(l0 + li), (long long)r,
                        (int)(e / g.head_dim), (int)(e % g.head_dim));
       }
     }

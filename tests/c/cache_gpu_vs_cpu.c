@@ -515,8 +515,14 @@ static void run_spec(lib *G, lib *C, const spec *s) {
     const kivi_status st = pair_append(&p, seqs[2], -1, k, v, KIVI_F32, n, 0);
     CHECK(st == KIVI_ERR_NONFINITE, "NaN append gave %d", (int)st);
     if (st == KIVI_ERR_NONFINITE) printf("  NaN message: %s\n", G->last_error());
+    /* finite, but Inf once stored as fp16: both refuse the same way */
+    v[(int64_t)(s->layers - 1) * n * row + 17 * row + 5] = 0.5f;
+    k[3 * row + 9] = -70000.0f;
+    const kivi_status st2 = pair_append(&p, seqs[2], -1, k, v, KIVI_F32, n, 0);
+    CHECK(st2 == KIVI_ERR_NONFINITE, "beyond-fp16 append gave %d", (int)st2);
+    CHECK(strstr(G->last_error(), "fp16 range") != NULL, "beyond-fp16 message: %s", G->last_error());
     OK(G, G->seq_length(p.cg, seqs[2], 0, &l1, &q1));
-    CHECK(l0 == l1 && q0 == q1, "NaN append changed the length");
+    CHECK(l0 == l1 && q0 == q1, "NaN / beyond-fp16 append changed the length");
     compare_lengths(&p, seqs[2]);
     compare_reads(&p, seqs[2]);
     free(k);
