@@ -345,6 +345,16 @@ KIVI_API kivi_status kivi_cache_bench_attend(kivi_cache_t cache, int32_t layer, 
 KIVI_API kivi_status kivi_cache_memory(kivi_cache_t cache, uint64_t *report /* host [n_fields] out */,
                                        int32_t n_fields);
 
+/* ---------------------------------------------------------------- testing (not for use) -- */
+
+/** TEST ONLY, never call it outside tests: provokes a sticky CUDA fault on the context (a kernel
+    writing to an illegal address) so that tests can check what follows. Returns
+    KIVI_ERR_CUDA_STICKY once the fault is seen; from then on every call on the context, and on the
+    caches created with it, returns KIVI_ERR_CUDA_STICKY naming the fault, and CUDA is unusable in
+    the whole process (a new process works normally). The CPU build has no device to fault: it
+    returns KIVI_ERR_NO_DEVICE with a message and changes nothing. */
+KIVI_API kivi_status kivi_debug_fault(kivi_ctx_t ctx);
+
 #ifdef __cplusplus
 }
 #endif
