@@ -116,7 +116,8 @@ KIVI_API kivi_status kivi_device_count(int32_t *count /* host [1] out */);
 
 /** Creates a context on `device` (0-based; the CPU build has device 0 only). */
 KIVI_API kivi_status kivi_ctx_create(int32_t device, kivi_ctx_t *out /* host [1] out */);
-/** Waits for pending work, frees the context. NULL is a no-op. */
+/** Waits for pending work, frees the context. NULL is a no-op. Destroy the caches created with it
+    first: a cache keeps using its context (its error slot, its stream). */
 KIVI_API kivi_status kivi_ctx_destroy(kivi_ctx_t ctx);
 /** Message of the last failed call made with this context, from any thread ("" if none). */
 KIVI_API const char *kivi_ctx_last_error(kivi_ctx_t ctx);
