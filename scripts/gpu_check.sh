@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go (see ../shared/GPU.md for carrying Bun to the device):
 # build, the C GPU-vs-CPU drivers, the TypeScript suites under Bun, the benchmarks, the demo, and
-# one compute-sanitizer memcheck pass. Logs and results go to $OUT (default build/gpu-out).
+# one compute-sanitizer memcheck and racecheck pass. Logs and results go to $OUT (default build/gpu-out).
 #   usage: scripts/gpu_check.sh [all|test|bench|demo|sanitize]...
 set -uo pipefail
 out="${OUT:-build/gpu-out}"
@@ -37,5 +37,8 @@ fi
 if has sanitize; then
   run memcheck timeout 240 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 build/gpu_vs_cpu
   run memcheck_cache timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 build/cache_gpu_vs_cpu
+  # shared-memory hazards between threads of a block (the reductions, the attention tiles)
+  run racecheck timeout 300 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 9 build/gpu_vs_cpu
+  run racecheck_cache timeout 300 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 9 build/cache_gpu_vs_cpu
 fi
 exit $status

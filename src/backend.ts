@@ -425,6 +425,16 @@ export class Backend {
     this._check("kivi_ctx_synchronize", lib.call("kivi_ctx_synchronize", ctx));
   }
 
+  /** @internal TEST ONLY (kivi_debug_fault): provokes a sticky CUDA fault, after which this backend
+   * refuses every call and CUDA is unusable in the whole process; run it in a child process. Always
+   * throws: KIVI_ERR_CUDA_STICKY on the CUDA backend, KIVI_ERR_NO_DEVICE on the CPU backend (which
+   * keeps working). */
+  _debugFault(): never {
+    const { lib, ctx } = this._native("debugFault");
+    this._check("kivi_debug_fault", lib.call("kivi_debug_fault", ctx));
+    throw new KiviError(Status.KIVI_ERR_STATE, "kivi_debug_fault", "kivi_debug_fault: returned without a fault");
+  }
+
   /** Free and total bytes of the device (the CPU build: physical memory). */
   memInfo(): { free: number; total: number } {
     const { lib, ctx } = this._native("memInfo");

@@ -651,7 +651,13 @@ export class KVCache {
   dispose(): void {
     const h = this.#held;
     if (h === undefined) return;
-    for (const s of [...this.#seqs]) s.free();
+    for (const s of [...this.#seqs]) {
+      try {
+        s.free();
+      } catch {
+        // A broken context (sticky CUDA fault) refuses seq_free; destroying the cache frees it anyway.
+      }
+    }
     this.#held = undefined;
     cacheRegistry.unregister(this);
     this.#backend._forget(this);

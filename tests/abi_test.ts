@@ -143,4 +143,22 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
       lib.close();
     }
   });
+
+  it("kivi_debug_fault (test only) is declared as such; the CPU build refuses it with KIVI_ERR_NO_DEVICE", async () => {
+    assert.match(header, /TEST ONLY[^/]*\*\/\s*KIVI_API kivi_status kivi_debug_fault\(kivi_ctx_t ctx\);/, "kivi.h documents it as test-only");
+    const lib = await loadNative(defaultLibraryPath("cpu"));
+    const out = new BigUint64Array(1);
+    assert.equal(lib.call("kivi_ctx_create", 0, lib.ptr(out)), Status.KIVI_OK);
+    const ctx = lib.pointerAt(out, 0);
+    try {
+      assert.equal(lib.call("kivi_debug_fault", null), Status.KIVI_ERR_ARG);
+      assert.equal(lib.call("kivi_debug_fault", ctx), Status.KIVI_ERR_NO_DEVICE);
+      assert.match(lib.call("kivi_ctx_last_error", ctx), /^kivi_debug_fault: the CPU build has no CUDA device/);
+      const done = new Int32Array(1);
+      assert.equal(lib.call("kivi_ctx_query", ctx, lib.ptr(done)), Status.KIVI_OK, "the context still works");
+    } finally {
+      lib.call("kivi_ctx_destroy", ctx);
+      lib.close();
+    }
+  });
 });

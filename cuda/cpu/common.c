@@ -355,6 +355,16 @@ KIVI_API kivi_status kivi_mem_info(kivi_ctx_t ctx, uint64_t *free_bytes, uint64_
   return KIVI_OK;
 }
 
+/* ---------------------------------------------------------------- testing ---------------- */
+
+KIVI_API kivi_status kivi_debug_fault(kivi_ctx_t ctx) {
+  static const char *op = "kivi_debug_fault";
+  kivi_status st = cpu_need_ctx(ctx, op);
+  if (st) return st;
+  return cpu_fail(ctx, KIVI_ERR_NO_DEVICE,
+                  "%s: the CPU build has no CUDA device to fault (a test-only export of the CUDA build)", op);
+}
+
 /* ---------------------------------------------------------------- timing ----------------- */
 
 static double elapsed_s(const struct timespec *a, const struct timespec *b) {

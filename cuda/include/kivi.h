@@ -116,7 +116,8 @@ KIVI_API kivi_status kivi_device_count(int32_t *count /* host [1] out */);
 
 /** Creates a context on `device` (0-based; the CPU build has device 0 only). */
 KIVI_API kivi_status kivi_ctx_create(int32_t device, kivi_ctx_t *out /* host [1] out */);
-/** Waits for pending work, frees the context. NULL is a no-op. */
+/** Waits for pending work, frees the context. NULL is a no-op. Destroy the caches created with it
+    first: a cache keeps using its context (its error slot, its stream). */
 KIVI_API kivi_status kivi_ctx_destroy(kivi_ctx_t ctx);
 /** Message of the last failed call made with this context, from any thread ("" if none). */
 KIVI_API const char *kivi_ctx_last_error(kivi_ctx_t ctx);
@@ -344,6 +345,16 @@ KIVI_API kivi_status kivi_cache_bench_attend(kivi_cache_t cache, int32_t layer, 
 /** Memory report (see KIVI_MEM_*). */
 KIVI_API kivi_status kivi_cache_memory(kivi_cache_t cache, uint64_t *report /* host [n_fields] out */,
                                        int32_t n_fields);
+
+/* ---------------------------------------------------------------- testing (not for use) -- */
+
+/** TEST ONLY, never call it outside tests: provokes a sticky CUDA fault on the context (a kernel
+    writing to an illegal address) so that tests can check what follows. Returns
+    KIVI_ERR_CUDA_STICKY once the fault is seen; from then on every call on the context, and on the
+    caches created with it, returns KIVI_ERR_CUDA_STICKY naming the fault, and CUDA is unusable in
+    the whole process (a new process works normally). The CPU build has no device to fault: it
+    returns KIVI_ERR_NO_DEVICE with a message and changes nothing. */
+KIVI_API kivi_status kivi_debug_fault(kivi_ctx_t ctx);
 
 #ifdef __cplusplus
 }

@@ -92,6 +92,7 @@ export const symbols = {
     ],
     returns: "i32",
   },
+  kivi_debug_fault: { args: ["ptr"], returns: "i32" }, // kivi_ctx_t ctx (test only: provokes a sticky CUDA fault)
   kivi_mem_info: {
     args: [
       "ptr", // kivi_ctx_t ctx

@@ -2,7 +2,7 @@
  * cache_smoke.c — C smoke test of the paged KV cache in the CPU reference build.
  *
  *   gcc -std=c11 -O1 -g -Wall -Wextra -Icuda/include tests/c/cache_smoke.c -Lbuild -lkivi_cpu -lm -o build/cache_smoke
- *   LD_LIBRARY_PATH=build build/cache_smoke [seed] [--bench]
+ *   LD_LIBRARY_PATH=build build/cache_smoke [seed] [--bench] [--quick]
  *
  * A host mirror keeps every appended token rounded to fp16 (the cache's storage precision). The
  * expected read-back is computed independently: pages = the standalone quantizer ops (uniform or
@@ -817,11 +817,13 @@ static void bench(kivi_ctx_t ctx) {
 }
 
 int main(int argc, char **argv) {
-  int do_bench = 0;
+  int do_bench = 0, quick = 0;
   g_seed = 20261128ull;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--bench"))
       do_bench = 1;
+    else if (!strcmp(argv[i], "--quick")) /* the first config only: for valgrind */
+      quick = 1;
     else
       g_seed = strtoull(argv[i], NULL, 10);
   }
@@ -844,6 +846,7 @@ int main(int argc, char **argv) {
   };
   test_bad_config(ctx);
   for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++) {
+    if (quick && i != 0) continue;
     test_prefill_decode(ctx, &cfgs[i]);
     test_uneven_layers(ctx, &cfgs[i]);
     test_reuse(ctx, &cfgs[i]);

@@ -2,7 +2,7 @@
  * cpu_smoke.c — C smoke test of the CPU reference build (build/libkivi_cpu.so).
  *
  *   gcc -std=c11 -O1 -g -Wall -Wextra -Icuda/include tests/c/cpu_smoke.c -Lbuild -lkivi_cpu -lm -o build/cpu_smoke
- *   LD_LIBRARY_PATH=build build/cpu_smoke [seed]
+ *   LD_LIBRARY_PATH=build build/cpu_smoke [seed] [--quick]
  *
  * Seeded random inputs of awkward sizes in f32 / f16 / bf16; the expected codes and layouts are
  * recomputed here element by element from kivi_format.h (an independent walk over the matrix),
@@ -624,7 +624,14 @@ static void test_library(kivi_ctx_t ctx) {
 }
 
 int main(int argc, char **argv) {
-  g_seed = argc > 1 ? strtoull(argv[1], NULL, 10) : 20261128ull;
+  int quick = 0; /* --quick: the shapes of at most 8192 values only (for valgrind) */
+  g_seed = 20261128ull;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--quick"))
+      quick = 1;
+    else
+      g_seed = strtoull(argv[i], NULL, 10);
+  }
   rng_state = g_seed;
   printf("cpu_smoke seed %llu\n", (unsigned long long)g_seed);
   kivi_ctx_t ctx;
@@ -643,6 +650,7 @@ int main(int argc, char **argv) {
   };
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (kivi_dtype dt = KIVI_F32; dt <= KIVI_BF16; dt++) {
+      if (quick && shapes[s].rows * shapes[s].cols > 8192) continue;
       cfg k = shapes[s];
       k.dtype = dt;
       test_uniform(ctx, k);
