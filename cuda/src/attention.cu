@@ -809,9 +809,8 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
   const int D = c->cfg.head_dim;
   (void)batch;
   const int vg = c->cfg.v_group;
-  /* CTAs per SM: 4 where the registers allow it without more than a few bytes of spill (measured on
-     H200, D 128 G 32: 407 us at 8x32768 against 415 us with 3), else 3 */
-  kv_attn_kernel fn = D == 128 ? (vg == 32    ? k_attend_mma<128, 32, 4>
+  /* CTAs per SM: 4 where the registers allow it without spilling (D 64), else 3 */
+  kv_attn_kernel fn = D == 128 ? (vg == 32    ? k_attend_mma<128, 32, 3>
                                   : vg == 64 ? k_attend_mma<128, 64, 3>
                                              : k_attend_mma<128, 128, 3>)
                                : (vg == 32 ? k_attend_mma<64, 32, 4> : k_attend_mma<64, 64, 4>);

@@ -10,11 +10,12 @@
  *
  * Keys, q.k = sum_c (q_c s_c) code_tc + sum_c q_c z_c per key group:
  *   mma m16n8k32 s8 x u8 -> s32, rows = query heads, k = channels, n = tokens.
- *   A = q_c s_c as two int8 planes (hi, and lo = the rounding residual x 254) with one fp32 scale
+ *   A = q_c s_c as three int8 planes (hi, mid, lo: each the rounding residual of the one before x 254:
+ *   keys with outlier channels need the small channels' terms to ~2^-23 of the largest) with one fp32 scale
  *   per (head, group): rebuilt when the key group changes, each lane building one fragment register
  *   (4 channels) and the owners gathering theirs with shuffles.
  *   B = codes straight from the packed word: (w >> 2i) & 0x03030303 is 4 codes, one per byte.
- *   s32 accumulators hold 254 hi + lo exactly; the score is one FFMA away.
+ *   s32 accumulators hold 254 hi + mid and lo exactly; the score is two FFMAs away.
  * Values, O^T = V^T P:
  *   mma m16n8k16 f16 -> f32, rows = channels, k = tokens, n = query heads.
  *   A = codes as fp16 subnormals: a rotate brings code j of each half to bits 8..9, so the half
@@ -24,7 +25,7 @@
  * Token order: a 16-token run is worked as pairs (t, t + 8), t = 0..7, so that the thread holding
  * a score after the key MMA is the thread that needs it as a B operand of the value MMA.
  * Window tokens (fp16) use the same fragments: fp16 MMAs with q split into hi + lo halves.
- * Precision: key scores carry ~2^-15 of max |q_c s_c| per group (int8 hi/lo); p s rounds to fp16
+ * Precision: key scores carry ~2^-23 of max |q_c s_c| per term (three int8 planes); p s rounds to fp16
  * (2^-11 relative, random across tokens); everything else accumulates in fp32.
  */
 
@@ -97,16 +98,16 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   float o[NMT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  uint32_t ahi[NCH][2], alo[NCH][2];
+  uint32_t ahi[NCH][2], amid[NCH][2], alo[NCH][2];
 #pragma unroll
-  for (int i = 0; i < NCH; i++) ahi[i][0] = ahi[i][1] = alo[i][0] = alo[i][1] = 0u;
+  for (int i = 0; i < NCH; i++) ahi[i][0] = ahi[i][1] = amid[i][0] = amid[i][1] = alo[i][0] = alo[i][1] = 0u;
   /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach + 4 b */
   int ach;
   {
     const int L = lane % (8 * NCH), to = L / (2 * NCH), ii = (L / 2) % NCH, rg = L % 2;
     ach = D == 128 ? 16 * (2 * to + rg) + ii : 16 * to + 2 * ii + rg;
   }
-  float ksc = 0.0f, kqz = 0.0f; /* this lane's head: score = acc * ksc + kqz */
+  float ksc = 0.0f, ksc2 = 0.0f, kqz = 0.0f; /* this lane's head: score = acc * ksc + acl * ksc2 + kqz */
   int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
   bool scaled = false;          /* O^T already multiplied back by 2^16 */
 
@@ -212,29 +213,38 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           const float inv = mx > 0.0f ? __fdividef(127.0f, mx) : 0.0f;
           /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
           constexpr float MAG = 12582912.0f;
-          uint32_t hb[4], lb[4];
+          /* three planes: x = hi + mid / 254 + lo / 254^2, each rounded in turn */
+          uint32_t hb[4], mb[4], lb[4];
 #pragma unroll
           for (int b2 = 0; b2 < 4; b2++) {
             const float x = qs[b2] * inv;
             const float t = x + MAG;
+            const float r1 = (x - (t - MAG)) * 254.0f;
+            const float t1 = r1 + MAG;
             hb[b2] = __float_as_uint(t);
-            lb[b2] = __float_as_uint(fmaf(x - (t - MAG), 254.0f, MAG));
+            mb[b2] = __float_as_uint(t1);
+            lb[b2] = __float_as_uint(fmaf(r1 - (t1 - MAG), 254.0f, MAG));
           }
-          const uint32_t hw = __byte_perm(__byte_perm(hb[0], hb[1], 0x0040), __byte_perm(hb[2], hb[3], 0x0040), 0x5410);
-          const uint32_t lw = __byte_perm(__byte_perm(lb[0], lb[1], 0x0040), __byte_perm(lb[2], lb[3], 0x0040), 0x5410);
+          auto pack = [](const uint32_t (&v)[4]) {
+            return __byte_perm(__byte_perm(v[0], v[1], 0x0040), __byte_perm(v[2], v[3], 0x0040), 0x5410);
+          };
+          const uint32_t hw = pack(hb), mw = pack(mb), lw = pack(lb);
 #pragma unroll
           for (int i = 0; i < NCH; i++)
 #pragma unroll
             for (int rg = 0; rg < 2; rg++) {
               const int src = tig * 2 * NCH + 2 * i + rg;
-              const uint32_t vh = __shfl_sync(KV_FULL, hw, src), vl = __shfl_sync(KV_FULL, lw, src);
+              const uint32_t vh = __shfl_sync(KV_FULL, hw, src), vm = __shfl_sync(KV_FULL, mw, src),
+                             vl = __shfl_sync(KV_FULL, lw, src);
               if (gid == h) {
                 ahi[i][rg] = vh;
+                amid[i][rg] = vm;
                 alo[i][rg] = vl;
               }
             }
           if (gid == h) {
             ksc = mx > 0.0f ? mx / (127.0f * 254.0f) : 0.0f;
+            ksc2 = ksc * (1.0f / 254.0f);
             kqz = qz;
           }
         }
@@ -276,13 +286,15 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           }
           acc[0] *= 254;
           acc[1] *= 254;
+          int acl[4] = {0, 0, 0, 0};
 #pragma unroll
           for (int i = 0; i < NCH; i++) {
             kb(j, i, b0, b1);
-            kv_mma_s8u8(acc, alo[i][0], alo[i][1], b0, b1);
+            kv_mma_s8u8(acc, amid[i][0], amid[i][1], b0, b1);
+            kv_mma_s8u8(acl, alo[i][0], alo[i][1], b0, b1);
           }
-          s[j][0] = fmaf((float)acc[0], ksc, kqz);
-          s[j][1] = fmaf((float)acc[1], ksc, kqz);
+          s[j][0] = fmaf((float)acc[0], ksc, fmaf((float)acl[0], ksc2, kqz));
+          s[j][1] = fmaf((float)acc[1], ksc, fmaf((float)acl[1], ksc2, kqz));
         }
       }
       softmax(s, 2);
