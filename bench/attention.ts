@@ -3,6 +3,7 @@
  * bits-16 baseline of the same cache and kernels, in the same run.
  *
  *   bun bench/attention.ts [--backend auto|cpu|cuda] [--iters 50] [--out bench/results]
+ *                          [--case 8x32768] [--mode 2-bit]   (only cases / modes containing these: profiling)
  *
  * CUDA: 32 query heads, headDim 128, G 32, R 128, batch x context in {1x4096, 1x32768, 8x8192,
  * 8x32768, 32x4096} plus a GQA case (32 query / 8 KV heads). Each figure is the median over
@@ -85,7 +86,9 @@ function chunkOf(data: HostOrTensor, n: number): HostOrTensor {
 }
 
 const rows: Row[] = [];
+const only = { case: args.get("case"), mode: args.get("mode") };
 for (const c of cases) {
+  if (only.case && !`${c.batch}x${c.context}/${c.kvHeads}`.includes(only.case)) continue;
   const rng = new Rng(c.batch * 7919 + c.context + c.kvHeads);
   const step = Math.min(c.context, 4096);
   const data = chunk(kivi, rng, step, c.kvHeads);
@@ -94,6 +97,7 @@ for (const c of cases) {
   const q = onGpu ? kivi.upload(qHost, { shape: [c.batch, qHeads, headDim] }) : qHost;
   const base: Record<string, number> = {};
   for (const m of modes) {
+    if (only.mode && !m.name.includes(only.mode) && !m.name.startsWith("bits 16")) continue;
     const pagesPerSeq = Math.ceil(c.context / pageTokens) + 1;
     using cache = kivi.createCache({
       layers: 1,

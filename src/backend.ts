@@ -98,10 +98,11 @@ interface TensorHeld {
   ptr: Pointer;
 }
 
-const tensorRegistry = new FinalizationRegistry<TensorHeld>((held) => {
+function freeTensor(held: TensorHeld): void {
   held.state.lib.call("kivi_mem_free", held.state.ctx, held.ptr);
   held.state.release();
-});
+}
+const tensorRegistry = new FinalizationRegistry<TensorHeld>(freeTensor);
 const backendRegistry = new FinalizationRegistry<NativeState>((state) => state.release());
 
 /**
@@ -124,6 +125,7 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
   #backend: Backend;
   #ptr: Pointer;
   #held: TensorHeld | undefined;
+  #reads = 0;
 
   /** @internal use Backend.alloc / Backend.upload */
   constructor(backend: Backend, state: NativeState, ptr: Pointer, shape: readonly number[], dtype: D) {
@@ -156,11 +158,38 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
     return this.#ptr;
   }
 
+  /** @internal the address of a tensor about to be written: refused while a read() of it is in
+   * flight, which would otherwise copy out a mix of old and new data. */
+  writePointer(op: string, name = "the tensor"): Pointer {
+    const p = this.pointer(op);
+    if (this.#reads > 0) {
+      throw new KiviError(
+        Status.KIVI_ERR_STATE,
+        op,
+        `${op}: ${name} has a read() in flight; await it before writing into the tensor`,
+      );
+    }
+    return p;
+  }
+
+  /** True while a `read()` of this tensor has not settled. */
+  get reading(): boolean {
+    return this.#reads > 0;
+  }
+
   /** Copies the tensor to a new host array once pending device work is done, without blocking the
-   * event loop while the device works. */
+   * event loop while the device works. While it is in flight, writing into the tensor is refused
+   * (KIVI_ERR_STATE) and disposing it frees the memory only once the copy is done. */
   async read(): Promise<HostOf[D]> {
     const out = hostArray(this.dtype, this.length);
-    await this.#backend._download(out, this.pointer("read"), this.bytes, true);
+    const p = this.pointer("read");
+    const held = this.#held!;
+    this.#reads++;
+    try {
+      await this.#backend._download(out, p, this.bytes, true);
+    } finally {
+      if (--this.#reads === 0 && this.#held === undefined) freeTensor(held);
+    }
     return out;
   }
 
@@ -171,7 +200,8 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
     return out;
   }
 
-  /** Overwrites the tensor with a host array of the same dtype and length. */
+  /** Overwrites the tensor with a host array of the same dtype and length (KIVI_ERR_STATE while a
+   * `read()` of it is in flight). */
   write(data: HostOf[D]): void {
     this.#backend._upload(this as DeviceTensor, data, "write");
   }
@@ -183,8 +213,7 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
     this.#held = undefined;
     tensorRegistry.unregister(this);
     this.#backend._forget(this as DeviceTensor);
-    held.state.lib.call("kivi_mem_free", held.state.ctx, held.ptr);
-    held.state.release();
+    if (this.#reads === 0) freeTensor(held); // else the last read() in flight frees it
   }
 
   [Symbol.dispose](): void {
@@ -275,7 +304,8 @@ export class Backend {
   /** @internal throws a KiviError for a failed status, with the context's message. */
   _check(op: SymbolName | string, status: number): void {
     if (status === 0) return;
-    const s = this.#state!;
+    const s = this.#state;
+    if (s === undefined) throw new KiviError(status, op, `${op} failed while the backend was being disposed`);
     const msg = s.lib.call("kivi_ctx_last_error", s.ctx) || s.lib.call("kivi_last_error");
     if (status === Status.KIVI_ERR_CUDA_STICKY) {
       s.broken = `the device context hit a sticky CUDA fault and is unusable (${msg}); start a new process`;
@@ -327,7 +357,7 @@ export class Backend {
     if (dtypeOfHost(data, t.dtype) !== t.dtype || data.length !== t.length) {
       throw new TypeError(`data must be a ${t.dtype} array of ${t.length} elements, got ${show(data)} of ${data.length}`);
     }
-    this._check("kivi_mem_upload", lib.call("kivi_mem_upload", ctx, t.pointer(op), lib.ptr(data), t.bytes));
+    this._check("kivi_mem_upload", lib.call("kivi_mem_upload", ctx, t.writePointer(op), lib.ptr(data), t.bytes));
   }
 
   /** @internal */
@@ -371,7 +401,13 @@ export class Backend {
   async synchronize(): Promise<void> {
     const { lib, ctx } = this._native("synchronize");
     if (lib.offThread) {
-      this._check("kivi_ctx_synchronize", await lib.callAsync("kivi_ctx_synchronize", ctx));
+      // The context must outlive the wait on the FFI thread even if the backend is disposed meanwhile.
+      const s = this._retainState("synchronize");
+      try {
+        this._check("kivi_ctx_synchronize", await lib.callAsync("kivi_ctx_synchronize", ctx));
+      } finally {
+        s.release();
+      }
       return;
     }
     const done = new Int32Array(1);

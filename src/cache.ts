@@ -83,7 +83,7 @@ const KIND = { uniform: 0, codebook: 1 } as const;
 const FIT = { free: 0, pinned: 1 } as const;
 
 function resolveCacheFormat(name: string, f: CacheFormat | undefined, dflt: CacheFormat): CacheConfig["keys"] {
-  const g = f ?? dflt;
+  const g = f === undefined ? dflt : f;
   if (g === null || typeof g !== "object") throw new TypeError(`${name} must be a format object, got ${show(g)}`);
   const bits = checkOneOf(`${name}.bits`, g.bits, [2, 4, 16] as const);
   const group = checkOneOf(`${name}.group`, g.group ?? 32, [32, 64, 128] as const);
@@ -209,13 +209,54 @@ const cacheRegistry = new FinalizationRegistry<CacheHeld>((held) => {
 });
 
 
+/** fp16's largest finite value rounds up from 65520 on: the cache stores fp16, so such a value would
+ * become Inf in the window or the pages. */
+const F16_LIMIT = 65520;
+
+/**
+ * Rejects a finite value that fp16 cannot hold (NaN and Inf are left to the library's scan, which
+ * reports them as KIVI_ERR_NONFINITE). Host arrays and the CPU backend's tensors (host memory) are
+ * scanned; CUDA tensors are not (that scan belongs in the library's append).
+ */
+function checkFp16Range(name: string, x: unknown, dtype: DType, c: CacheConfig, n: number, layer: number): void {
+  if (dtype === "f16" || (isTensor(x) && x.backend.kind !== "cpu")) return;
+  const a = (isTensor(x) ? x.readSync() : x) as Float32Array | Uint16Array;
+  let at = -1;
+  if (dtype === "f32") {
+    for (let i = 0; i < a.length; i++) {
+      const m = Math.abs(a[i]);
+      if (m >= F16_LIMIT && m !== Infinity) {
+        at = i;
+        break;
+      }
+    }
+  } else {
+    // bf16 bits: finite magnitudes from 65536 (0x4780) up to the largest finite (0x7f7f).
+    for (let i = 0; i < a.length; i++) {
+      const m = a[i] & 0x7fff;
+      if (m >= 0x4780 && m < 0x7f80) {
+        at = i;
+        break;
+      }
+    }
+  }
+  if (at < 0) return;
+  const row = c.kvHeads * c.headDim;
+  const where = `layer ${layer === -1 ? Math.floor(at / (n * row)) : layer}, token ${Math.floor(at / row) % n}, ` +
+    `head ${Math.floor((at % row) / c.headDim)}, channel ${at % c.headDim}`;
+  const value = dtype === "f32" ? a[at] : new Float32Array(new Uint32Array([a[at] << 16]).buffer)[0];
+  throw new RangeError(
+    `${name} must hold values below ${F16_LIMIT} in magnitude (the cache stores fp16), got ${value} at index ${at} (${where}); scale it down`,
+  );
+}
+
 /** Options of {@link Sequence.append}. */
 export interface AppendOptions {
   /** One layer, or every layer when omitted (then k and v hold [layers][tokens][kvHeads][headDim]). */
   layer?: number;
   /** For a Uint16Array of bf16 bits. */
   dtype?: DType;
-  /** Skip the NaN/Inf scan (the caller promises finite data). */
+  /** Skip the NaN/Inf scan and the fp16 range check (the caller promises data that fp16 holds). */
   trusted?: boolean;
 }
 
@@ -271,6 +312,7 @@ export class Sequence {
 
   /** Appends tokens of keys and values ([tokens][kvHeads][headDim] for one layer). All or nothing. */
   append(k: Input, v: Input, opts: AppendOptions = {}): void {
+    if (opts === null || typeof opts !== "object") throw new TypeError(`opts must be an object, got ${show(opts)}`);
     this.#cache._append(this.#live("append"), k, v, opts);
   }
 
@@ -443,6 +485,10 @@ export class KVCache {
     }
     if (vd.length !== kd.length) throw new TypeError(`v.length must equal k.length (${kd.length}), got ${vd.length}`);
     const n = kd.length / row;
+    if (!opts.trusted) {
+      checkFp16Range("k", k, kd.dtype, c, n, layer);
+      checkFp16Range("v", v, vd.dtype, c, n, layer);
+    }
     this.#check(
       "kivi_cache_append",
       state.lib.call("kivi_cache_append", handle, id, layer, kd.p, vd.p, dtypeCode[kd.dtype], n, opts.trusted ? 1 : 0),
@@ -455,7 +501,7 @@ export class KVCache {
     layer: number,
     seqs: readonly Sequence[],
     q: Input,
-    opts: { scale?: number; dtype?: DType; out?: Buf<Mem, DType> },
+    opts: { scale?: number; dtype?: DType; qDtype?: DType; out?: Buf<Mem, DType> },
   ) {
     const { state } = this.#live(op);
     const c = this.config;
@@ -465,13 +511,16 @@ export class KVCache {
       if (!(s instanceof Sequence) || s.cache !== this) throw new TypeError(`seqs[${i}] must be a Sequence of this cache, got ${show(s)}`);
       return s._id(op);
     });
-    const qd = this.#data("q", q, undefined, op);
+    const qDtype = opts.qDtype === undefined ? undefined : checkOneOf("qDtype", opts.qDtype, ["f32", "f16", "bf16"] as const);
+    const qd = this.#data("q", q, qDtype, op);
     const n = ids.length * c.queryHeads * c.headDim;
     if (qd.length !== n) {
       throw new TypeError(`q must hold batch (${ids.length}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`);
     }
     const scale = opts.scale ?? 1 / Math.sqrt(c.headDim);
-    if (typeof scale !== "number" || !Number.isFinite(scale)) throw new RangeError(`scale must be a finite number, got ${show(scale)}`);
+    if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
+      throw new RangeError(`scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`);
+    }
     const dtype = checkOneOf("dtype", opts.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
     let out: Buf<Mem, DType>;
     let made: DeviceTensor | undefined;
@@ -487,20 +536,21 @@ export class KVCache {
     } else {
       out = hostArray(dtype, n);
     }
-    const po = isTensor(out) ? out.pointer(op) : state.lib.ptr(out as HostArray);
+    const po = isTensor(out) ? out.writePointer(op, "out") : state.lib.ptr(out as HostArray);
     return { ids, qd, scale, dtype, out, po, made };
   }
 
   /**
    * Decode attention of one layer for a batch of sequences: `softmax(q K^T * scale) V` over each
    * sequence's pages and residual, with q [batch][queryHeads][headDim] and scale 1/sqrt(headDim)
-   * unless given. The result lives where q lives (f32 unless `dtype` says otherwise).
+   * unless given. The result lives where q lives (f32 unless `dtype` says otherwise); a host
+   * Uint16Array q holds f16 unless `qDtype: "bf16"` says it holds bf16 bits.
    */
   attend<X extends Input>(
     layer: number,
     seqs: readonly Sequence[],
     q: X,
-    opts: { scale?: number; dtype?: DType; out?: Buf<MemOf<X>, DType>; trusted?: boolean } = {},
+    opts: { scale?: number; dtype?: DType; qDtype?: DType; out?: Buf<MemOf<X>, DType>; trusted?: boolean } = {},
   ): Buf<MemOf<X>, DType> {
     const { state, handle } = this.#live("attend");
     const a = this.#attendArgs("attend", layer, seqs, q, opts);
@@ -555,6 +605,7 @@ export class KVCache {
   read(seq: Sequence, layer: number, dtype: DType = "f32"): { keys: HostArray | DeviceTensor; values: HostArray | DeviceTensor } {
     const { state, handle } = this.#live("read");
     if (!(seq instanceof Sequence) || seq.cache !== this) throw new TypeError(`seq must be a Sequence of this cache, got ${show(seq)}`);
+    checkOneOf("dtype", dtype, ["f32", "f16", "bf16"] as const);
     const id = seq._id("read");
     const len = this._lengths(id, layer)[0];
     const n = len * this.config.kvHeads * this.config.headDim;

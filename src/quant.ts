@@ -234,7 +234,7 @@ class Call<M extends Mem> {
   output<D extends TensorDType>(name: string, dtype: D, length: number, given?: Buf<M, D>): [Buf<M, D>, Pointer] {
     if (given !== undefined) {
       this.#checkBuf(`out.${name}`, given, dtype, length);
-      return [given, this.#addr(`out.${name}`, given)];
+      return [given, isTensor(given) ? given.writePointer(this.op, `out.${name}`) : this.lib.ptr(given as ArrayBufferView)];
     }
     if (this.mem === "host") {
       const a = hostArray(dtype, length);

@@ -17,8 +17,10 @@ import {
   type Bits,
   type CodebookQuantized,
   type DeviceTensor,
+  KiviError,
   openBackend,
   type Quantized,
+  type StatusName,
   type UniformQuantized,
 } from "../src/mod.ts";
 
@@ -375,4 +377,78 @@ export function assertSameBits(a: ArrayBufferView & { length: number }, b: Array
       assert.fail(`${msg}: element ${e} differs (${(a as unknown as number[])[e]} vs ${(b as unknown as number[])[e]})`);
     }
   }
+}
+
+/* ------------------------------------------------------------------ errors thrown -------- */
+
+/** Stores a value (f32) or a raw bit pattern (f16, bf16: through a Uint16Array view) at index i. */
+export function setRaw(x: Float32Array | Float16Array | Uint16Array, i: number, v: number): void {
+  if (x instanceof Float32Array) x[i] = v;
+  else new Uint16Array(x.buffer, x.byteOffset, x.length)[i] = v;
+}
+
+/** NaN, +Inf, -Inf per dtype: f32 values, f16 and bf16 bit patterns. */
+export const NONFINITE: Record<DataDType, [string, number][]> = {
+  f32: [["NaN", NaN], ["+Inf", Infinity], ["-Inf", -Infinity]],
+  f16: [["NaN", 0x7e00], ["+Inf", 0x7c00], ["-Inf", 0xfc00]],
+  bf16: [["NaN", 0x7fc0], ["+Inf", 0x7f80], ["-Inf", 0xff80]],
+};
+
+
+/** Asserts fn throws `kind` (an Error class, or a KiviError code) with a message matching `names`. */
+export function throwsNaming(fn: () => unknown, kind: (new (...a: never[]) => Error) | StatusName, names: RegExp, what: string): void {
+  assert.throws(fn, (e: unknown) => {
+    if (typeof kind === "string") {
+      assert.ok(e instanceof KiviError, `${what}: expected KiviError ${kind}, got ${e}`);
+      assert.equal(e.code, kind, `${what}: ${e.message}`);
+    } else {
+      assert.ok(e instanceof kind, `${what}: expected ${kind.name}, got ${e}`);
+      assert.ok(!(e instanceof KiviError), `${what}: argument mistakes are caught in TS, got ${e}`);
+    }
+    assert.match((e as Error).message, names, what);
+    return true;
+  }, what);
+}
+
+/* ------------------------------------------------------------------ cache oracle --------- */
+
+/** Seeded K/V rows [layers][n][kvHeads][headDim]; channel 3 of every head is an outlier, as in real keys. */
+export function kvRows(rng: Rng, n: number, kvHeads: number, headDim: number, layers = 1): Float32Array {
+  const a = new Float32Array(layers * n * kvHeads * headDim);
+  for (let i = 0; i < a.length; i++) a[i] = rng.normal() * (i % headDim === 3 ? 10 : 1);
+  return a;
+}
+
+/**
+ * float64 decode attention of one sequence over given K/V [len][kvHeads][headDim]:
+ * out[h] = softmax(scale q[h].K^T) V with query head h reading KV head h / (queryHeads / kvHeads).
+ */
+export function attentionOracle(
+  k: ArrayLike<number>,
+  v: ArrayLike<number>,
+  q: ArrayLike<number>,
+  len: number,
+  o: { kvHeads: number; headDim: number; queryHeads: number },
+  scale: number,
+): Float64Array {
+  const { kvHeads, headDim: D, queryHeads } = o;
+  const out = new Float64Array(queryHeads * D);
+  const ratio = queryHeads / kvHeads;
+  const s = new Float64Array(len);
+  for (let h = 0; h < queryHeads; h++) {
+    const kh = Math.floor(h / ratio);
+    let m = -Infinity;
+    for (let t = 0; t < len; t++) {
+      let dot = 0;
+      for (let d = 0; d < D; d++) dot += q[h * D + d] * k[(t * kvHeads + kh) * D + d];
+      s[t] = dot * scale;
+      m = Math.max(m, s[t]);
+    }
+    let sum = 0;
+    for (let t = 0; t < len; t++) sum += (s[t] = Math.exp(s[t] - m));
+    for (let t = 0; t < len; t++) {
+      for (let d = 0; d < D; d++) out[h * D + d] += (s[t] / sum) * v[(t * kvHeads + kh) * D + d];
+    }
+  }
+  return out;
 }

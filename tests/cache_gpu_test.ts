@@ -63,7 +63,10 @@ class Pair {
 /**
  * GPU attention (fp32 dot products and online softmax) against the CPU's double: a score of D
  * products carries |err| <= D * 2^-24 * sum|q_d k_d| (~1e-4 here), which moves each weight by about
- * that much relative, and the output inherits it: 2e-3 of the output's scale is a safe bound.
+ * that much relative, and the output inherits it. The tensor-core kernel (uniform 2-bit caches) adds
+ * q.s rounded to int8 hi/lo planes (<= 2^-15 of max |q_c s_c| per term) and p, p.s rounded to fp16
+ * (2^-11 relative per weight, random across tokens, ~2.5e-4 on a row): 2e-3 of the output's scale is
+ * still a safe bound.
  */
 function assertAttention(got: Float32Array, want: Float32Array, msg: string): void {
   let scale = 0;

@@ -6,45 +6,18 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { type CacheFormat, type CacheOptions, KiviError, type KVCache, pageBytes, resolveCacheOptions, type Sequence } from "../src/mod.ts";
-import { f16, openCpu, Rng } from "./_helpers.ts";
+import { attentionOracle, f16, kvRows, openCpu, Rng } from "./_helpers.ts";
 
 const kivi = await openCpu();
 
-/** Seeded rows [n][kvHeads][headDim]; channel 3 of every head is an outlier, as in real keys. */
-function rows(rng: Rng, n: number, kvHeads: number, headDim: number, layers = 1): Float32Array {
-  const a = new Float32Array(layers * n * kvHeads * headDim);
-  for (let i = 0; i < a.length; i++) a[i] = rng.normal() * (i % headDim === 3 ? 10 : 1);
-  return a;
-}
-
 /**
- * float64 attention over the dequantized cache of one sequence: out[h] = softmax(scale q.K^T) V,
- * kv head h / (qHeads / kvHeads). The CPU build accumulates in double from the same fp32 values,
- * so the only difference is its final rounding to fp32: |diff| <= 2^-24 |out| plus the double
- * rounding of sums of `len` terms (len * 2^-53 relative), far below the 1e-6 relative bound used.
+ * float64 attention over the dequantized cache of one sequence. The CPU build accumulates in double
+ * from the same fp32 values, so the only difference is its final rounding to fp32: |diff| <= 2^-24
+ * |out| plus the double rounding of sums of `len` terms (len * 2^-53 relative), far below the 1e-6
+ * relative bound used.
  */
-function oracle(k: Float32Array, v: Float32Array, q: Float32Array, len: number, o: Required<Pick<CacheOptions, "kvHeads" | "headDim">> & { queryHeads: number }, scale: number): Float64Array {
-  const { kvHeads, headDim: D, queryHeads } = o;
-  const out = new Float64Array(queryHeads * D);
-  const ratio = queryHeads / kvHeads;
-  const s = new Float64Array(len);
-  for (let h = 0; h < queryHeads; h++) {
-    const kh = Math.floor(h / ratio);
-    let m = -Infinity;
-    for (let t = 0; t < len; t++) {
-      let dot = 0;
-      for (let d = 0; d < D; d++) dot += q[h * D + d] * k[(t * kvHeads + kh) * D + d];
-      s[t] = dot * scale;
-      m = Math.max(m, s[t]);
-    }
-    let sum = 0;
-    for (let t = 0; t < len; t++) sum += (s[t] = Math.exp(s[t] - m));
-    for (let t = 0; t < len; t++) {
-      for (let d = 0; d < D; d++) out[h * D + d] += (s[t] / sum) * v[(t * kvHeads + kh) * D + d];
-    }
-  }
-  return out;
-}
+const oracle = attentionOracle;
+const rows = kvRows;
 
 function assertClose(got: ArrayLike<number>, want: ArrayLike<number>, rel: number, msg: string): void {
   let scale = 0;

@@ -7,24 +7,9 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { type Axis, defaultLibraryPath, type DeviceTensor, KiviError, type StatusName } from "../src/mod.ts";
 import { loadNative, type NativeLib, type Pointer } from "../src/ffi/_native.ts";
-import { assertUntouched, type DataDType, DTYPES, f16Bits, openCpu, randomMatrix, Rng, sentinel } from "./_helpers.ts";
+import { assertUntouched, type DataDType, DTYPES, f16Bits, openCpu, NONFINITE, randomMatrix, Rng, sentinel, setRaw, throwsNaming } from "./_helpers.ts";
 
 type Sentinel = { buf: ArrayBufferView; snap: Uint8Array };
-
-/** Asserts fn throws `kind` (an Error class, or a KiviError code) with a message matching `names`. */
-function throwsNaming(fn: () => unknown, kind: (new (...a: never[]) => Error) | StatusName, names: RegExp, what: string): void {
-  assert.throws(fn, (e: unknown) => {
-    if (typeof kind === "string") {
-      assert.ok(e instanceof KiviError, `${what}: expected KiviError ${kind}, got ${e}`);
-      assert.equal(e.code, kind, `${what}: ${e.message}`);
-    } else {
-      assert.ok(e instanceof kind, `${what}: expected ${kind.name}, got ${e}`);
-      assert.ok(!(e instanceof KiviError), `${what}: argument mistakes are caught in TS, got ${e}`);
-    }
-    assert.match((e as Error).message, names, what);
-    return true;
-  }, what);
-}
 
 /** Sentinel-filled outputs of a uniform quantize of [rows][cols] (2 bits, G 32 unless told). */
 function uniformOuts(rows: number, cols: number, axis: Axis, bits = 2, group = 32) {
@@ -41,19 +26,6 @@ function outOf(o: ReturnType<typeof uniformOuts>) {
 function untouched(o: Record<string, Sentinel>, what: string): void {
   for (const [k, s] of Object.entries(o)) assertUntouched(s, `${what}: out.${k}`);
 }
-
-/** Stores a value (f32) or a raw bit pattern (f16, bf16: through a Uint16Array view) at index i. */
-function setRaw(x: Float32Array | Float16Array | Uint16Array, i: number, v: number): void {
-  if (x instanceof Float32Array) x[i] = v;
-  else new Uint16Array(x.buffer, x.byteOffset, x.length)[i] = v;
-}
-
-/** NaN, +Inf, -Inf per dtype: f32 values, f16 and bf16 bit patterns. */
-const NONFINITE: Record<DataDType, [string, number][]> = {
-  f32: [["NaN", NaN], ["+Inf", Infinity], ["-Inf", -Infinity]],
-  f16: [["NaN", 0x7e00], ["+Inf", 0x7c00], ["-Inf", 0xfc00]],
-  bf16: [["NaN", 0x7fc0], ["+Inf", 0x7f80], ["-Inf", 0xff80]],
-};
 
 describe("bad input through the TypeScript API", () => {
   it("a shape that does not match the array is a TypeError naming shape and x", async () => {

@@ -30,3 +30,32 @@ describe("README code blocks run", () => {
     });
   });
 });
+
+/** Titles of the describe/it calls of a test file (template parts kept as written). */
+function testTitles(file: string): string[] {
+  const text = readFileSync(join(root, file), "utf8");
+  return [...text.matchAll(/\b(?:it|describe)\(\s*(["`])((?:\\.|(?!\1).)*)\1/g)].map((m) => m[2].replaceAll('\\"', '"'));
+}
+
+describe("README error table", () => {
+  const section = readme.slice(readme.indexOf("### Bad input, kind by kind"), readme.indexOf("## Measured figures"));
+  const rows = section.split("\n").filter((l) => /^\| \d+ \|/.test(l));
+  it("lists at least 30 kinds of bad input, numbered in order", () => {
+    assert.ok(rows.length >= 30, `found ${rows.length} rows`);
+    rows.forEach((r, i) => assert.ok(r.startsWith(`| ${i + 1} |`), `row ${i + 1}: ${r.slice(0, 40)}`));
+  });
+  it("names, in every row, tests that exist", () => {
+    for (const row of rows) {
+      const cell = row.split(" | ").at(-1)!.replace(/ \|$/, "");
+      // `tests/a_test.ts`: fragment; fragment; `tests/b_test.ts`: fragment
+      const parts = [...cell.matchAll(/`(tests\/[\w.]+)`: ([^`]*)/g)];
+      assert.ok(parts.length > 0, `no test named in: ${row.slice(0, 60)}`);
+      for (const [, file, frags] of parts) {
+        const titles = testTitles(file);
+        for (const frag of frags.split(";").map((f) => f.trim()).filter(Boolean)) {
+          assert.ok(titles.some((t) => t.includes(frag)), `${row.slice(0, 12)}: no test in ${file} whose name holds "${frag}"`);
+        }
+      }
+    }
+  });
+});

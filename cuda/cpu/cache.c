@@ -233,61 +233,61 @@ KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t c, int32_t seq, int32_t *
 
 /* ---------------------------------------------------------------- page (de)quantization -- */
 
+/* One group of G values v[i] at page elements (t0 + i * dt, d0 + i * dd) of a head block: params where
+   kivi_format.h puts them, each code into its slot (whatever the layout, the group's codes are
+   computed as one run, then placed). */
+static void quantize_group(const cache_t *c, int is_value, uint8_t *block, const float *v, int32_t G, int32_t t0,
+                           int32_t d0, int32_t dt, int32_t dd) {
+  const kivi_cache_config *g = &c->cfg;
+  const int32_t bits = is_value ? g->v_bits : g->k_bits, n = kivi_levels(bits), cpw = kivi_codes_per_word(bits);
+  uint32_t *codes = (uint32_t *)block;
+  uint16_t *params = (uint16_t *)(block + (is_value ? c->vpart.codes : c->kpart.codes));
+  uint32_t words[CPU_MAX_GROUP / 8];
+  if ((is_value ? g->v_kind : g->k_kind) == KIVI_KIND_UNIFORM) {
+    int64_t si, zi;
+    kivi_page_uniform_at(g, is_value, t0, d0, &si, &zi);
+    cpu_uniform_group(v, G, bits, &params[si], &params[zi], words);
+  } else {
+    uint16_t *cent = params + kivi_page_group_at(g, is_value, t0, d0) * n;
+    cpu_codebook_fit_group(v, G, n, is_value ? g->v_fit : g->k_fit, is_value ? g->v_iters : g->k_iters, cent, NULL);
+    cpu_codebook_code_group(v, G, cent, n, KIVI_ASSIGN_NEAREST, bits, words);
+  }
+  for (int32_t i = 0; i < G; i++) {
+    int32_t slot;
+    const int64_t w = kivi_page_code_at(g, is_value, t0 + i * dt, d0 + i * dd, &slot);
+    const uint32_t mask = ((1u << bits) - 1u) << (bits * slot);
+    codes[w] = (codes[w] & ~mask) | kivi_word_put(kivi_word_get(words[i / cpw], i % cpw, bits), slot, bits);
+  }
+}
+
 /* Keys of one flush group: tokens [o, o + F) of a head block from tok [F][D] (one head's rows, floats
    of fp16 values). Gk == F, so each channel is exactly one group. */
 static void quantize_k_group(const cache_t *c, uint8_t *block, int32_t o, const float *tok) {
   const kivi_cache_config *g = &c->cfg;
-  const int32_t D = g->head_dim, P = g->page_tokens, F = c->F, bits = g->k_bits;
-  if (bits == 16) {
+  const int32_t D = g->head_dim, F = c->F;
+  if (g->k_bits == 16) {
     uint16_t *h = (uint16_t *)block + (int64_t)o * D;
     for (int32_t i = 0; i < F * D; i++) h[i] = kivi_f32_to_f16(tok[i]); /* exact: tok holds fp16 values */
     return;
   }
-  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = P / cpw, gpr = P / F;
-  uint32_t *codes = (uint32_t *)block;
-  uint16_t *params = (uint16_t *)(block + c->kpart.codes);
   float v[CPU_MAX_GROUP];
   for (int32_t d = 0; d < D; d++) {
     for (int32_t i = 0; i < F; i++) v[i] = tok[(int64_t)i * D + d];
-    uint32_t *words = codes + (int64_t)d * wpr + o / cpw;
-    const int64_t gi = (int64_t)d * gpr + o / F;
-    if (g->k_kind == KIVI_KIND_UNIFORM) {
-      cpu_uniform_group(v, F, bits, &params[gi * 2], &params[gi * 2 + 1], words);
-    } else {
-      uint16_t *cent = params + gi * n;
-      cpu_codebook_fit_group(v, F, n, g->k_fit, g->k_iters, cent, NULL);
-      cpu_codebook_code_group(v, F, cent, n, KIVI_ASSIGN_NEAREST, bits, words);
-    }
+    quantize_group(c, 0, block, v, F, o, d, 1, 0);
   }
 }
 
 /* Values of rows [o, o + F) of a head block from tok [F][D]: per token, groups of Gv channels. */
 static void quantize_v_rows(const cache_t *c, uint8_t *block, int32_t o, const float *tok) {
   const kivi_cache_config *g = &c->cfg;
-  const int32_t D = g->head_dim, F = c->F, bits = g->v_bits, Gv = g->v_group;
-  if (bits == 16) {
+  const int32_t D = g->head_dim, F = c->F, Gv = g->v_group;
+  if (g->v_bits == 16) {
     uint16_t *h = (uint16_t *)block + (int64_t)o * D;
     for (int32_t i = 0; i < F * D; i++) h[i] = kivi_f32_to_f16(tok[i]);
     return;
   }
-  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = D / cpw, gpr = D / Gv;
-  uint32_t *codes = (uint32_t *)block;
-  uint16_t *params = (uint16_t *)(block + c->vpart.codes);
-  for (int32_t i = 0; i < F; i++) {
-    const int64_t t = o + i;
-    for (int32_t k = 0; k < gpr; k++) {
-      const float *v = tok + (int64_t)i * D + (int64_t)k * Gv;
-      uint32_t *words = codes + t * wpr + (int64_t)k * (Gv / cpw);
-      const int64_t gi = t * gpr + k;
-      if (g->v_kind == KIVI_KIND_UNIFORM) {
-        cpu_uniform_group(v, Gv, bits, &params[gi * 2], &params[gi * 2 + 1], words);
-      } else {
-        uint16_t *cent = params + gi * n;
-        cpu_codebook_fit_group(v, Gv, n, g->v_fit, g->v_iters, cent, NULL);
-        cpu_codebook_code_group(v, Gv, cent, n, KIVI_ASSIGN_NEAREST, bits, words);
-      }
-    }
-  }
+  for (int32_t i = 0; i < F; i++)
+    for (int32_t k = 0; k < D / Gv; k++) quantize_group(c, 1, block, tok + (int64_t)i * D + (int64_t)k * Gv, Gv, o + i, k * Gv, 0, 1);
 }
 
 /* Unpacking: AVX2 where the build targets it (a vector shift by per-lane counts; _mm256_fmadd_ps is
@@ -367,10 +367,23 @@ void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, flo
     }
     return;
   }
-  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = P / cpw, gpr = P / Gk;
-  const int32_t wpg = Gk / cpw;
   const uint32_t *codes = (const uint32_t *)block;
   const uint16_t *params = (const uint16_t *)(block + c->kpart.codes);
+  if (kivi_cache_mma_layout(g)) { /* codes [P][D / 16], params half2 [P / Gk][D] */
+    float s[256], z[256];
+    for (int32_t t = 0; t < nt; t++) {
+      if (t % Gk == 0)
+        for (int32_t d = 0; d < D; d++) {
+          s[d] = kivi_f16_to_f32(params[2 * ((int64_t)(t / Gk) * D + d)]);
+          z[d] = kivi_f16_to_f32(params[2 * ((int64_t)(t / Gk) * D + d) + 1]);
+        }
+      const uint32_t *wd = codes + (int64_t)t * (D / 16);
+      for (int32_t d = 0; d < D; d++) kd[(int64_t)d * P + t] = kivi_uniform_value((wd[d / 16] >> (2 * (d % 16))) & 3u, z[d], s[d]);
+    }
+    return;
+  }
+  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = P / cpw, gpr = P / Gk;
+  const int32_t wpg = Gk / cpw;
   for (int32_t d = 0; d < D; d++) {
     float *row = kd + (int64_t)d * P;
     for (int32_t k = 0; k < nt / Gk; k++) {
@@ -396,10 +409,23 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
     cpu_f16_to_f32_n((const uint16_t *)block, vt, (int64_t)nt * D);
     return;
   }
-  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = D / cpw, gpr = D / Gv;
-  const int32_t wpg = Gv / cpw;
   const uint32_t *codes = (const uint32_t *)block;
   const uint16_t *params = (const uint16_t *)(block + c->vpart.codes);
+  if (kivi_cache_mma_layout(g)) { /* codes [P / 16][D], params scale [D / Gv][P] then zero, pair order */
+    const int64_t P = g->page_tokens, zoff = (int64_t)(D / Gv) * P;
+    for (int32_t t = 0; t < nt; t++) {
+      const uint32_t *wd = codes + (int64_t)(t / 16) * D;
+      const int32_t sh = 2 * (t % 16), pos = kivi_pair_pos(t);
+      float *dst = vt + (int64_t)t * D;
+      for (int32_t k = 0; k < D / Gv; k++) {
+        const float s = kivi_f16_to_f32(params[k * P + pos]), z = kivi_f16_to_f32(params[zoff + k * P + pos]);
+        for (int32_t d = k * Gv; d < (k + 1) * Gv; d++) dst[d] = kivi_uniform_value((wd[d] >> sh) & 3u, z, s);
+      }
+    }
+    return;
+  }
+  const int32_t cpw = kivi_codes_per_word(bits), n = kivi_levels(bits), wpr = D / cpw, gpr = D / Gv;
+  const int32_t wpg = Gv / cpw;
   for (int32_t t = 0; t < nt; t++) {
     for (int32_t k = 0; k < gpr; k++) {
       const int64_t gi = (int64_t)t * gpr + k;
@@ -424,11 +450,25 @@ static inline uint16_t input_f16(const void *x, kivi_dtype dtype, int64_t i) {
   return dtype == KIVI_F16 ? ((const uint16_t *)x)[i] : kivi_f32_to_f16(cpu_load(x, dtype, i));
 }
 
+/* First f32 / bf16 element that fp16 rounds to Inf (|x| >= 65520, kivi_f32_to_f16), or -1. */
+static int64_t first_f16_overflow(const void *x, kivi_dtype dtype, int64_t total) {
+  if (dtype == KIVI_F16) return -1;
+  for (int64_t i = 0; i < total; i++)
+    if (fabsf(cpu_load(x, dtype, i)) >= 65520.0f) return i;
+  return -1;
+}
+
 static kivi_status scan_input(const cache_t *c, const char *op, const char *name, const void *x, kivi_dtype dtype,
                               int64_t total, int32_t n, int32_t layer0) {
-  const int64_t i = cpu_first_nonfinite(x, dtype, total);
-  if (i < 0) return KIVI_OK;
   const int64_t row = (int64_t)c->cfg.kv_heads * c->cfg.head_dim;
+  int64_t i = cpu_first_nonfinite(x, dtype, total);
+  if (i < 0 && (i = first_f16_overflow(x, dtype, total)) >= 0)
+    return cpu_fail(c->ctx, KIVI_ERR_NONFINITE,
+                    "%s: %s must lie within the fp16 range (|x| < 65520) that the cache stores, got %g at index %lld "
+                    "(layer %lld, token %lld, head %lld, channel %lld)",
+                    op, name, (double)cpu_load(x, dtype, i), (long long)i, (long long)(layer0 + i / (row * n)),
+                    (long long)(i / row % n), (long long)(i % row / c->cfg.head_dim), (long long)(i % c->cfg.head_dim));
+  if (i < 0) return KIVI_OK;
   const float v = cpu_load(x, dtype, i);
   return cpu_fail(c->ctx, KIVI_ERR_NONFINITE,
                   "%s: %s must be finite, got %s at index %lld (layer %lld, token %lld, head %lld, channel %lld); "

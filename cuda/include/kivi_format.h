@@ -190,6 +190,16 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
  *          16 bits:   half [P][D]
  * Residual windows: half [max_seqs][layers][R + F][kv_heads][D] for K and for V; absolute token
  * position p of a sequence sits in slot p % (R + F) while it is in the window.
+ *
+ * The tensor-core layout. When both parts are uniform 2-bit and head_dim is 64 or 128
+ * (kivi_cache_mma_layout), the fused attention multiplies codes on tensor cores, which need the
+ * contracted axis packed together: channels for q.k, tokens for p.v. Those pages are laid out
+ * instead (byte sizes unchanged):
+ *   keys   codes  uint32 [P][D / 16]                  (per token, packed along channels)
+ *          params half2 (scale, zero) [P / Gk][D]     (a group's D channels side by side)
+ *   values codes  uint32 [P / 16][D]                  (per channel, packed along 16 tokens)
+ *          params half scale [D / Gv][P], then half zero [D / Gv][P], tokens of each run of 16
+ *                 in pair order (t, t + 8) for t = 0..7: the pairs the kernel multiplies together.
  */
 
 /** The cache config as a struct; kivi_cache_create copies the int32 config array into it. */
@@ -232,6 +242,50 @@ KIVI_HD kivi_part_layout kivi_page_part(const kivi_cache_config *c, int is_value
   l.head = kivi_round16(l.codes + l.params);
   l.page = l.head * (uint64_t)c->kv_heads;
   return l;
+}
+
+/** 1 when the cache's pages use the tensor-core layout (see above): uniform 2-bit K and V, D 64 or 128. */
+KIVI_HD int kivi_cache_mma_layout(const kivi_cache_config *c) {
+  return c->k_kind == 0 && c->v_kind == 0 && c->k_bits == 2 && c->v_bits == 2 &&
+         (c->head_dim == 64 || c->head_dim == 128);
+}
+
+/** Position of page token t in a value-params run of the tensor-core layout (pair order). */
+KIVI_HD int32_t kivi_pair_pos(int32_t t) { return (t & ~15) | ((t & 7) << 1) | ((t >> 3) & 1); }
+
+/** Word index of element (page token t, channel d) in a head block's codes, and (via *slot) its slot. */
+KIVI_HD int64_t kivi_page_code_at(const kivi_cache_config *c, int is_value, int32_t t, int32_t d, int32_t *slot) {
+  const int32_t bits = is_value ? c->v_bits : c->k_bits, cpw = kivi_codes_per_word(bits);
+  const int64_t P = c->page_tokens, D = c->head_dim;
+  if (kivi_cache_mma_layout(c)) {
+    *slot = is_value ? t % cpw : d % cpw;
+    return is_value ? (int64_t)(t / cpw) * D + d : (int64_t)t * (D / cpw) + d / cpw;
+  }
+  *slot = is_value ? d % cpw : t % cpw;
+  return is_value ? (int64_t)t * (D / cpw) + d / cpw : (int64_t)d * (P / cpw) + t / cpw;
+}
+
+/** Group index of element (t, d) in a head block (codebook centroids start at group * 2^bits halves). */
+KIVI_HD int64_t kivi_page_group_at(const kivi_cache_config *c, int is_value, int32_t t, int32_t d) {
+  const int64_t P = c->page_tokens, D = c->head_dim;
+  const int32_t G = is_value ? c->v_group : c->k_group;
+  if (kivi_cache_mma_layout(c))
+    return is_value ? (int64_t)(d / G) * P + t : (int64_t)(t / G) * D + d;
+  return is_value ? (int64_t)t * (D / G) + d / G : (int64_t)d * (P / G) + t / G;
+}
+
+/** Half indices (in the params area of a head block) of the uniform scale and zero of element (t, d). */
+KIVI_HD void kivi_page_uniform_at(const kivi_cache_config *c, int is_value, int32_t t, int32_t d, int64_t *scale,
+                                  int64_t *zero) {
+  if (kivi_cache_mma_layout(c) && is_value) {
+    const int64_t P = c->page_tokens, runs = c->head_dim / c->v_group;
+    *scale = (int64_t)(d / c->v_group) * P + kivi_pair_pos(t);
+    *zero = *scale + runs * P;
+    return;
+  }
+  const int64_t g = kivi_page_group_at(c, is_value, t, d);
+  *scale = 2 * g;
+  *zero = 2 * g + 1;
 }
 
 /** Flush unit F: the key group size (tokens quantized together). */

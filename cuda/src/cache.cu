@@ -20,15 +20,18 @@
 
 /* ---------------------------------------------------------------- NaN / Inf scan --------- */
 
-template <int DT> __device__ __forceinline__ bool kv_c_bad(uint32_t u) {
-  if constexpr (DT == KIVI_F32) return (u & 0x7f800000u) == 0x7f800000u;
+/* NaN / Inf, or with f16range also a finite f32 / bf16 that fp16 rounds to Inf (|x| >= 65520) */
+template <int DT> __device__ __forceinline__ bool kv_c_bad(uint32_t u, bool f16range) {
+  const uint32_t lim = f16range ? 0x477ff000u : 0x7f800000u;
+  if constexpr (DT == KIVI_F32) return (u & 0x7fffffffu) >= lim;
   else if constexpr (DT == KIVI_F16) return (u & 0x7c00u) == 0x7c00u;
-  else return (u & 0x7f80u) == 0x7f80u;
+  else return ((u << 16) & 0x7fffffffu) >= lim;
 }
 
 /* Grid-stride over x [n]; the lowest bad index goes to *first by atomicMin (only finders touch it). */
 template <int DT>
-static __global__ void k_cache_scan(const void *__restrict__ x, int64_t n, unsigned long long *__restrict__ first) {
+static __global__ void k_cache_scan(const void *__restrict__ x, int64_t n, bool f16range,
+                                    unsigned long long *__restrict__ first) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   int64_t bad = INT64_MAX;
   const bool vec = ((uintptr_t)x & 15u) == 0;
@@ -43,27 +46,27 @@ static __global__ void k_cache_scan(const void *__restrict__ x, int64_t n, unsig
 #pragma unroll
       for (int e = 0; e < V; e++) {
         const uint32_t b = DT == KIVI_F32 ? w[e] : ((w[e / 2] >> (16 * (e & 1))) & 0xffffu);
-        if (kv_c_bad<DT>(b) && i * V + e < bad) bad = i * V + e;
+        if (kv_c_bad<DT>(b, f16range) && i * V + e < bad) bad = i * V + e;
       }
     }
     from = nv * V;
   }
   for (int64_t i = from + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
     const uint32_t b = DT == KIVI_F32 ? ((const uint32_t *)x)[i] : (uint32_t)((const uint16_t *)x)[i];
-    if (kv_c_bad<DT>(b) && i < bad) bad = i;
+    if (kv_c_bad<DT>(b, f16range) && i < bad) bad = i;
   }
   if (bad != INT64_MAX) atomicMin(first, (unsigned long long)bad);
 }
 
-kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, int64_t n, int slot,
-                          int64_t *first) {
+kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, int64_t n, bool f16range,
+                          int slot, int64_t *first) {
   *first = -1;
   kivi_status st = kv_scratch_reset(ctx, op);
   if (st) return st;
   const int64_t bytes = n * (dtype == KIVI_F32 ? 4 : 2);
   const unsigned grid = kv_grid(ctx, (bytes + 256 * 64 - 1) / (256 * 64), 8);
   unsigned long long *s = ctx->d_scratch + slot;
-#define KV_SCAN(DT) k_cache_scan<DT><<<grid, 256, 0, ctx->stream>>>(x, n, s)
+#define KV_SCAN(DT) k_cache_scan<DT><<<grid, 256, 0, ctx->stream>>>(x, n, f16range, s)
   KV_DISPATCH_DT(dtype, KV_SCAN)
 #undef KV_SCAN
   if ((st = kv_launched(ctx, op, "k_cache_scan"))) return st;
@@ -73,7 +76,7 @@ kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dt
   return KIVI_OK;
 }
 
-const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t i) {
+const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t i, char (&buf)[32]) {
   uint32_t bits = 0;
   const size_t es = dtype == KIVI_F32 ? 4 : 2;
   if (cudaMemcpy(&bits, (const char *)x + (size_t)i * es, es, cudaMemcpyDeviceToHost) != cudaSuccess) {
@@ -84,6 +87,10 @@ const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, i
   const float v = dtype == KIVI_F32 ? kivi_bits_f32(bits)
                                     : (dtype == KIVI_F16 ? kivi_f16_to_f32((uint16_t)bits)
                                                          : kivi_bf16_to_f32((uint16_t)bits));
+  if (v == v && v != INFINITY && v != -INFINITY) {
+    snprintf(buf, sizeof buf, "%g (beyond fp16)", (double)v);
+    return buf;
+  }
   return v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf");
 }
 
@@ -190,9 +197,9 @@ __device__ void kv_cb_group(const uint16_t *x, int stride, int G, int fit, int i
   }
 }
 
-/* Uniform params + codes of one group x[i * stride] (G values): the CPU build's formulas. */
-__device__ void kv_un_group(const uint16_t *x, int stride, int G, int bits, uint32_t *param, uint32_t *words) {
-  /* the CPU build's order (8 running lanes, then across them): identical results even for +-0 */
+/* Uniform params of one group x[i * stride] (G values): the CPU build's formulas and order (8 running
+   lanes, then across them), so results are identical even for +-0. */
+__device__ void kv_un_params(const uint16_t *x, int stride, int G, int bits, uint16_t *sh, uint16_t *zh) {
   float lo[8], hi[8];
 #pragma unroll
   for (int l = 0; l < 8; l++) lo[l] = hi[l] = kv_hf(x[l * stride]);
@@ -209,8 +216,13 @@ __device__ void kv_un_group(const uint16_t *x, int stride, int G, int bits, uint
     mn = lo[l] < mn ? lo[l] : mn;
     mx = hi[l] > mx ? hi[l] : mx;
   }
+  kivi_uniform_params(mn, mx, bits, sh, zh);
+}
+
+/* Uniform params + codes of one group x[i * stride] (G values): the CPU build's formulas. */
+__device__ void kv_un_group(const uint16_t *x, int stride, int G, int bits, uint32_t *param, uint32_t *words) {
   uint16_t sh, zh;
-  kivi_uniform_params(mn, mx, bits, &sh, &zh);
+  kv_un_params(x, stride, G, bits, &sh, &zh);
   *param = (uint32_t)sh | ((uint32_t)zh << 16); /* half2 (scale, zero) */
   const float s = kivi_f16_to_f32(sh), z = kivi_f16_to_f32(zh);
   const int cpw = 32 / bits;
@@ -218,6 +230,59 @@ __device__ void kv_un_group(const uint16_t *x, int stride, int G, int bits, uint
     uint32_t word = 0;
     for (int j = 0; j < cpw; j++) word |= kivi_uniform_code(kv_hf(x[(w * cpw + j) * stride]), z, s, bits) << (bits * j);
     words[w] = word;
+  }
+}
+
+/*
+ * The tensor-core layout (kivi_format.h), uniform 2-bit: params of every group first (one thread a
+ * group, also kept as floats in sp/zp), then every code word (one thread a word) from them.
+ * tile [F][D] holds the F tokens flushed at page offset o.
+ */
+__device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, const uint16_t *tile, int o, int D, int F, int P,
+                             int Gv, float *sp, float *zp) {
+  uint32_t *words = (uint32_t *)base;
+  if (part == 0) { /* keys: group = channel over the F tokens; codes [P][D / 16], params [P / F][D] */
+    uint32_t *par = (uint32_t *)(base + pbytes) + (int64_t)(o / F) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      uint16_t sh, zh;
+      kv_un_params(tile + d, D, F, 2, &sh, &zh);
+      par[d] = (uint32_t)sh | ((uint32_t)zh << 16);
+      sp[d] = kv_hf(sh);
+      zp[d] = kv_hf(zh);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < F * (D / 16); idx += blockDim.x) {
+      const int i = idx / (D / 16), w = idx % (D / 16);
+      uint32_t word = 0;
+      for (int j = 0; j < 16; j++) {
+        const int d = 16 * w + j;
+        word |= kivi_uniform_code(kv_hf(tile[i * D + d]), zp[d], sp[d], 2) << (2 * j);
+      }
+      words[(int64_t)(o + i) * (D / 16) + w] = word;
+    }
+  } else { /* values: group = token x Gv channels; codes [P / 16][D], params scale/zero [D / Gv][P] */
+    const int gpr = D / Gv;
+    uint16_t *sc = (uint16_t *)(base + pbytes), *ze = sc + (int64_t)gpr * P;
+    for (int g = threadIdx.x; g < F * gpr; g += blockDim.x) {
+      const int i = g / gpr, k = g % gpr;
+      uint16_t sh, zh;
+      kv_un_params(tile + i * D + k * Gv, 1, Gv, 2, &sh, &zh);
+      const int64_t at = (int64_t)k * P + kivi_pair_pos(o + i);
+      sc[at] = sh;
+      ze[at] = zh;
+      sp[g] = kv_hf(sh);
+      zp[g] = kv_hf(zh);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < (F / 16) * D; idx += blockDim.x) {
+      const int b = idx / D, d = idx % D;
+      uint32_t word = 0;
+      for (int j = 0; j < 16; j++) {
+        const int i = 16 * b + j, g = i * gpr + d / Gv;
+        word |= kivi_uniform_code(kv_hf(tile[i * D + d]), zp[g], sp[g], 2) << (2 * j);
+      }
+      words[(int64_t)(o / 16 + b) * D + d] = word;
+    }
   }
 }
 
@@ -243,6 +308,7 @@ struct kv_flush_params {
   kv_part_dev kp, vp;
   int64_t n;
   int32_t kvh, D, P, F, W, dtype;
+  int32_t mma, nparam; /* tensor-core layout; floats of each of the two param arrays in shared memory */
   kv_flush_layer L[KV_FLUSH_MAXL];
 };
 
@@ -277,6 +343,9 @@ static __global__ void __launch_bounds__(256) k_cache_flush(const __grid_constan
     if (pt.bits == 16) {
       uint16_t *dst = (uint16_t *)base + (int64_t)o * D;
       for (int idx = threadIdx.x; idx < F * D; idx += blockDim.x) dst[idx] = tile[idx];
+    } else if (p.mma) {
+      float *sp = (float *)(tile + F * D), *zp = sp + p.nparam;
+      kv_flush_mma(part, base, pt.codes, tile, o, D, F, P, p.vp.group, sp, zp);
     } else if (part == 0) {
       /* keys: one group per channel over the F tokens; codes [D][P / cpw], params [D][P / F] */
       const int cpw = 32 / pt.bits;
@@ -349,6 +418,7 @@ struct kv_read_params {
   const int32_t *table;
   void *k, *v;
   kv_part_dev kp, vp;
+  kivi_cache_config cfg;
   int64_t len, qlen;
   int32_t kvh, D, P, W, dtype;
 };
@@ -375,24 +445,16 @@ static __global__ void __launch_bounds__(256) k_cache_read(const __grid_constant
     if (pt.bits == 16) {
       val = kv_hf(((const uint16_t *)base)[(int64_t)o * p.D + d]);
     } else {
-      const int cpw = 32 / pt.bits, nc = 1 << pt.bits;
-      int64_t wi, gi;
-      int slot;
-      if (part == 0) {
-        wi = (int64_t)d * (p.P / cpw) + o / cpw;
-        slot = o % cpw;
-        gi = (int64_t)d * (p.P / pt.group) + o / pt.group;
-      } else {
-        wi = (int64_t)o * (p.D / cpw) + d / cpw;
-        slot = d % cpw;
-        gi = (int64_t)o * (p.D / pt.group) + d / pt.group;
-      }
+      int32_t slot;
+      const int64_t wi = kivi_page_code_at(&p.cfg, part, o, d, &slot);
       const uint32_t q = kivi_word_get(((const uint32_t *)base)[wi], slot, pt.bits);
+      const uint16_t *par = (const uint16_t *)(base + pt.codes);
       if (pt.kind == KIVI_KIND_UNIFORM) {
-        const uint32_t sz = ((const uint32_t *)(base + pt.codes))[gi];
-        val = kivi_uniform_value(q, kv_hf((uint16_t)(sz >> 16)), kv_hf((uint16_t)(sz & 0xffffu)));
+        int64_t si, zi;
+        kivi_page_uniform_at(&p.cfg, part, o, d, &si, &zi);
+        val = kivi_uniform_value(q, kv_hf(par[zi]), kv_hf(par[si]));
       } else {
-        val = kv_hf(((const uint16_t *)(base + pt.codes))[gi * nc + q]);
+        val = kv_hf(par[kivi_page_group_at(&p.cfg, part, o, d) * (1 << pt.bits) + q]);
       }
     }
   } else {
@@ -698,13 +760,15 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
     for (int part = 0; part < 2; part++) {
       const void *x = part ? v : k;
       int64_t bad;
-      if ((st = kv_cache_scan(ctx, op, x, dtype, total, KV_SLOT_NONFINITE, &bad))) return st;
+      if ((st = kv_cache_scan(ctx, op, x, dtype, total, true, KV_SLOT_NONFINITE, &bad))) return st;
       if (bad >= 0) {
         const int64_t li = bad / (n * row), r = (bad / row) % n, e = bad % row;
+        char buf[32];
         return kv_fail(ctx, KIVI_ERR_NONFINITE,
-                       "%s: %s must be finite, got %s at layer %d, token %lld, head %d, channel %d; pass "
-                       "KIVI_FLAG_TRUSTED only for data known to be finite",
-                       op, part ? "v" : "k", kv_cache_bad_name(ctx, x, dtype, bad), (int)(l0 + li), (long long)r,
+                       "%s: %s must be finite and within the fp16 range (|x| < 65520) that the cache stores, got %s "
+                       "at layer %d, token %lld, head %d, channel %d; pass KIVI_FLAG_TRUSTED only for data known to "
+                       "be finite",
+                       op, part ? "v" : "k", kv_cache_bad_name(ctx, x, dtype, bad, buf), (int)(l0 + li), (long long)r,
                        (int)(e / g.head_dim), (int)(e % g.head_dim));
       }
     }
@@ -740,7 +804,10 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
 
   const uint64_t seq_win = (uint64_t)seq * g.layers * (uint64_t)W * (uint64_t)row;
   if (max_groups > 0) {
-    const size_t smem = (size_t)F * g.head_dim * 2;
+    const int mma = kivi_cache_mma_layout(&g);
+    const int64_t vgroups = F * (g.head_dim / g.v_group);
+    const int32_t nparam = mma ? (int32_t)(vgroups > g.head_dim ? vgroups : g.head_dim) : 0;
+    const size_t smem = (size_t)F * g.head_dim * 2 + (size_t)nparam * 2 * sizeof(float);
     if (smem > 48 * 1024 &&
         (st = kv_cuda(ctx, cudaFuncSetAttribute(k_cache_flush, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                       op, "cudaFuncSetAttribute (k_cache_flush)")))
@@ -765,6 +832,8 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
     fp->F = (int32_t)F;
     fp->W = (int32_t)W;
     fp->dtype = dtype;
+    fp->mma = mma;
+    fp->nparam = nparam;
     for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
       const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
       int64_t mg = 0;
@@ -866,6 +935,7 @@ KIVI_API kivi_status kivi_cache_read(kivi_cache_t cache, int32_t seq, int32_t la
   p.v = v;
   p.kp = part_dev(&g, c->kp, 0);
   p.vp = part_dev(&g, c->vp, 1);
+  p.cfg = g;
   p.len = len;
   p.qlen = c->qlen[(int64_t)seq * g.layers + layer];
   p.kvh = g.kv_heads;

@@ -49,10 +49,11 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
                              float scale, void *out, kivi_dtype out_dtype);
 
-/** First non-finite element of x [n] (dtype) into *first (-1 if none); waits. Uses scratch slot `slot`. */
-kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, int64_t n, int slot,
-                          int64_t *first);
-/** "NaN", "+Inf" or "-Inf" for element i of x (one small device read). */
-const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t i);
+/** First non-finite element of x [n] (dtype), or with f16range also the first beyond fp16, into *first (-1 if
+    none); waits. Uses scratch slot `slot`. */
+kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, int64_t n, bool f16range,
+                          int slot, int64_t *first);
+/** "NaN", "+Inf", "-Inf" or (a finite value beyond fp16, formatted into buf) for element i of x. */
+const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t i, char (&buf)[32]);
 
 #endif /* KIVI_CUDA_CACHE_CUH */

@@ -564,8 +564,14 @@ static void test_errors_unchanged(kivi_ctx_t ctx) {
   st = kivi_cache_append(t.c, seq, -1, k, v, KIVI_F32, 20, 0);
   CHECK(st == KIVI_ERR_NONFINITE && strstr(kivi_last_error(), " v must be finite"), "Inf in v: %d %s", st,
         kivi_last_error());
+  ((float *)v)[3 * t.row + 5] = 0.25f;
+  ((float *)v)[7 * t.row + 9] = 70000.0f; /* finite, but Inf once stored as fp16 */
+  st = kivi_cache_append(t.c, seq, -1, k, v, KIVI_F32, 20, 0);
+  CHECK(st == KIVI_ERR_NONFINITE && strstr(kivi_last_error(), " v must lie within the fp16 range") &&
+            strstr(kivi_last_error(), "70000"),
+        "70000 in v: %d %s", st, kivi_last_error());
   take_snap(&t, seq, q, &b);
-  CHECK(same_snap(&t, &a, &b), "NaN / Inf input changed the cache");
+  CHECK(same_snap(&t, &a, &b), "NaN / Inf / beyond-fp16 input changed the cache");
   free_snap(&t, &b);
   free_snap(&t, &a);
   free(k);

@@ -1,0 +1,420 @@
+/*
+ * attention_mma.cuh — the fused decode attention on tensor cores, for caches in the tensor-core
+ * page layout (kivi_format.h: uniform 2-bit K and V, head_dim 64 or 128). Included by attention.cu,
+ * which launches it with the same grid, splits and merge as k_cache_attend.
+ *
+ * A CTA of 4 warps takes one (batch entry, kv head, split, chunk of up to 8 query heads); warp w
+ * takes the 32-token page tiles w, w + 4, ... of the split, then its 16-token window tiles, with its
+ * own online softmax; the warps merge at the end. No shared-memory staging of K or V: each lane
+ * loads exactly the code words its fragments need.
+ *
+ * Keys, q.k = sum_c (q_c s_c) code_tc + sum_c q_c z_c per key group:
+ *   mma m16n8k32 s8 x u8 -> s32, rows = query heads, k = channels, n = tokens.
+ *   A = q_c s_c as two int8 planes (hi, and lo = the rounding residual x 254) with one fp32 scale
+ *   per (head, group): rebuilt when the key group changes, each lane building one fragment register
+ *   (4 channels) and the owners gathering theirs with shuffles.
+ *   B = codes straight from the packed word: (w >> 2i) & 0x03030303 is 4 codes, one per byte.
+ *   s32 accumulators hold 254 hi + lo exactly; the score is one FFMA away.
+ * Values, O^T = V^T P:
+ *   mma m16n8k16 f16 -> f32, rows = channels, k = tokens, n = query heads.
+ *   A = codes as fp16 subnormals: a rotate brings code j of each half to bits 8..9, so the half
+ *   is exactly code x 2^-16 (one SHF + one LOP3 per two codes); the 2^16 comes back at the end.
+ *   B = p_t s_t in fp16 (per token and value group; s_t pairs are stored in pair order, so one
+ *   8-byte load gives both B registers). The zeros go through one more MMA: Z[g][h] = sum_t z p.
+ * Token order: a 16-token run is worked as pairs (t, t + 8), t = 0..7, so that the thread holding
+ * a score after the key MMA is the thread that needs it as a B operand of the value MMA.
+ * Window tokens (fp16) use the same fragments: fp16 MMAs with q split into hi + lo halves.
+ * Precision: key scores carry ~2^-15 of max |q_c s_c| per group (int8 hi/lo); p s rounds to fp16
+ * (2^-11 relative, random across tokens); everything else accumulates in fp32.
+ */
+
+#define KV_MMA_WARPS 4
+#define KV_MMA_THREADS (32 * KV_MMA_WARPS)
+#define KV_MMA_HEADS 8 /* query heads per CTA: the n (or m) extent of one fragment */
+
+__device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  const uint32_t z = 0u;
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(z), "r"(a2), "r"(z), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void kv_mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                           uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t kv_h2u(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
+__device__ __forceinline__ __half2 kv_u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
+/* two floats to half2 (lo, hi), round to nearest */
+__device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) { return kv_h2u(__floats2half2_rn(lo, hi)); }
+/* code pair of a value word as fp16 subnormals (code x 2^-16): slot j of each half rotated to bits 8..9 */
+__device__ __forceinline__ uint32_t kv_vcodes(uint32_t w, int rot) { return __funnelshift_l(w, w, rot) & 0x03000300u; }
+
+template <int D, int VG, int MINB>
+static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
+  constexpr int NCH = D / 32;  /* key MMA k-chunks */
+  constexpr int NMT = D / 16;  /* value MMA m-tiles */
+  constexpr int KCB = 32 * D / 4, KPB = D * 4, VCB = 2 * D * 4; /* stage: key codes, key params, value codes */
+  extern __shared__ __align__(16) uint8_t smem[];
+  float *qf = (float *)smem;                                       /* [8][D], log2 units */
+  uint8_t *rings = smem + KV_MMA_HEADS * D * sizeof(float);        /* per warp [nst][stage] */
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+
+  const kv_cta cta = kv_cta_of(p);
+  const int hc = cta.hc, split = cta.split, hkv = cta.hkv, b = cta.b;
+  const kv_seq_info si = p.seq[b];
+  const int a0 = split * p.chunk;
+  if (a0 >= si.len) return;
+  const int e0 = min(a0 + p.chunk, si.len);
+  const int pend = min(e0, si.qlen);
+  const int npt = a0 < pend ? (pend - a0) / 32 : 0; /* qlen and chunk are multiples of 32 */
+  const int ws0 = max(a0, si.qlen);
+  const int nwt = e0 > ws0 ? (e0 - ws0 + 15) / 16 : 0;
+  const int ntiles = npt + nwt;
+  const int qh0 = hkv * p.ratio + hc * KV_MMA_HEADS;
+  const int nq = min(KV_MMA_HEADS, p.ratio - hc * KV_MMA_HEADS);
+  constexpr int ngv = D / VG;      /* value groups */
+  constexpr int VPB = ngv * 64;    /* stage: value scales (then as many zeros) of 32 tokens */
+  constexpr int stage = KCB + KPB + VCB + 2 * VPB;
+  const int nst = p.nst;
+  const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* both powers of two */
+
+  for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
+    const int h = i / D;
+    qf[i] = h < nq ? kv_load_any(p.q, p.q_dtype, ((int64_t)b * p.qh + qh0 + h) * D + i % D) * p.qscale : 0.0f;
+  }
+  __syncthreads();
+
+  const int32_t *trow = p.table + (int64_t)si.slot * p.max_pages;
+  const int64_t wbase = ((int64_t)si.slot * p.layers + p.layer) * p.W;
+  const int rot0 = (8 - 4 * tig) & 31, rot1 = (6 - 4 * tig) & 31;
+
+  /* state: softmax of head gid (the same in the 4 lanes of a quad), O^T and Z fragments */
+  float m = -INFINITY, l = 0.0f;
+  float o[NMT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  uint32_t ahi[NCH][2], alo[NCH][2];
+#pragma unroll
+  for (int i = 0; i < NCH; i++) ahi[i][0] = ahi[i][1] = alo[i][0] = alo[i][1] = 0u;
+  /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach + 4 b */
+  int ach;
+  {
+    const int L = lane % (8 * NCH), to = L / (2 * NCH), ii = (L / 2) % NCH, rg = L % 2;
+    ach = D == 128 ? 16 * (2 * to + rg) + ii : 16 * to + 2 * ii + rg;
+  }
+  float ksc = 0.0f, kqz = 0.0f; /* this lane's head: score = acc * ksc + kqz */
+  int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
+  bool scaled = false;          /* O^T already multiplied back by 2^16 */
+
+  /* one online-softmax step over this lane's scores s[4][2] (head gid), then p (in place) */
+  auto softmax = [&](float (&s)[4][2], int nb) {
+    float tm = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+      if (j < 2 * nb) tm = fmaxf(tm, fmaxf(s[j][0], s[j][1]));
+    tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 1));
+    tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 2));
+    const float mn = fmaxf(m, tm);
+    const float corr = exp2f(m - mn);
+    m = mn;
+    float ls = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        s[j][e] = j < 2 * nb ? exp2f(s[j][e] - mn) : 0.0f;
+        ls += s[j][e];
+      }
+    l = fmaf(l, corr, ls);
+    if (__any_sync(KV_FULL, corr != 1.0f)) {
+      /* columns of this lane's O^T / Z fragments are heads 2 tig, 2 tig + 1 */
+      const float c0 = __shfl_sync(KV_FULL, corr, 8 * tig), c1 = __shfl_sync(KV_FULL, corr, 8 * tig + 4);
+#pragma unroll
+      for (int i = 0; i < NMT; i++) {
+        o[i][0] *= c0;
+        o[i][1] *= c1;
+        o[i][2] *= c0;
+        o[i][3] *= c1;
+      }
+      zacc[0] *= c0;
+      zacc[1] *= c1;
+    }
+  };
+
+  /* page tiles of this warp: g = warp + i * 4, streamed through the warp's ring of nst stages */
+  const int my_pt = npt > warp ? (npt - warp + KV_MMA_WARPS - 1) / KV_MMA_WARPS : 0;
+  uint8_t *ring = rings + (size_t)warp * nst * stage;
+  const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
+  auto tile_page = [&](int i) { return i < my_pt ? trow[(a0 + (warp + i * KV_MMA_WARPS) * 32) >> lgP] : 0; };
+  auto issue = [&](int i, int64_t page) {
+    if (i < my_pt) {
+      const int off = (a0 + (warp + i * KV_MMA_WARPS) * 32) & (p.P - 1);
+      const uint8_t *kb = p.kpool + (uint64_t)page * p.kpage + (uint64_t)hkv * p.khead;
+      const uint8_t *vb = p.vpool + (uint64_t)page * p.vpage + (uint64_t)hkv * p.vhead;
+      const uint32_t st = ring_s + (uint32_t)((i % nst) * stage);
+      for (int k = lane; k < KCB / 16; k += 32) kv_cpa<16>(st + 16 * k, kb + (int64_t)off * (D / 4) + 16 * k);
+      for (int k = lane; k < KPB / 16; k += 32)
+        kv_cpa<16>(st + KCB + 16 * k, kb + p.kcodes + (int64_t)(off >> lgK) * D * 4 + 16 * k);
+      for (int k = lane; k < VCB / 16; k += 32) kv_cpa<16>(st + KCB + KPB + 16 * k, vb + (int64_t)(off / 16) * D * 4 + 16 * k);
+      for (int k = lane; k < 2 * VPB / 16; k += 32) {
+        const int which = k / (VPB / 16), gg = (k % (VPB / 16)) / 4, c = k % 4;
+        const uint8_t *src = vb + p.vcodes + ((int64_t)(which * ngv + gg) * p.P + off) * 2 + 16 * c;
+        kv_cpa<16>(st + KCB + KPB + VCB + which * VPB + gg * 64 + 16 * c, src);
+      }
+    }
+    kv_commit();
+  };
+  {
+    for (int i = 0; i < nst - 1; i++) issue(i, tile_page(i));
+  }
+  int64_t next_page = tile_page(nst - 1);
+
+  for (int i = 0; i < my_pt; i++) {
+    {
+      const int64_t pg = next_page;
+      next_page = tile_page(i + nst);
+      issue(i + nst - 1, pg);
+      kv_wait(nst - 1);
+      __syncwarp();
+      const uint8_t *stg = ring + (size_t)(i % nst) * stage;
+      const int t0 = a0 + (warp + i * KV_MMA_WARPS) * 32;
+      /* A (q s as int8 hi / lo) for the key group of this tile */
+      const int grp = t0 >> lgK;
+      if (grp != kgrp) {
+        kgrp = grp;
+        /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, hi and lo */
+        const uint32_t *kpar = (const uint32_t *)(stg + KCB);
+        float sc[4], zc[4];
+#pragma unroll
+        for (int b2 = 0; b2 < 4; b2++) {
+          const uint32_t sz = kpar[ach + 4 * b2];
+          sc[b2] = kv_h2f(sz & 0xffffu);
+          zc[b2] = kv_h2f(sz >> 16);
+        }
+        for (int h = 0; h < nq; h++) {
+          float qs[4], mx = 0.0f, qz = 0.0f;
+#pragma unroll
+          for (int b2 = 0; b2 < 4; b2++) {
+            const float qv = qf[h * D + ach + 4 * b2];
+            qs[b2] = qv * sc[b2];
+            mx = fmaxf(mx, fabsf(qs[b2]));
+            qz = fmaf(qv, zc[b2], qz);
+          }
+#pragma unroll
+          for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) {
+            mx = fmaxf(mx, __shfl_xor_sync(KV_FULL, mx, o2));
+            qz += __shfl_xor_sync(KV_FULL, qz, o2);
+          }
+          const float inv = mx > 0.0f ? __fdividef(127.0f, mx) : 0.0f;
+          /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
+          constexpr float MAG = 12582912.0f;
+          uint32_t hb[4], lb[4];
+#pragma unroll
+          for (int b2 = 0; b2 < 4; b2++) {
+            const float x = qs[b2] * inv;
+            const float t = x + MAG;
+            hb[b2] = __float_as_uint(t);
+            lb[b2] = __float_as_uint(fmaf(x - (t - MAG), 254.0f, MAG));
+          }
+          const uint32_t hw = __byte_perm(__byte_perm(hb[0], hb[1], 0x0040), __byte_perm(hb[2], hb[3], 0x0040), 0x5410);
+          const uint32_t lw = __byte_perm(__byte_perm(lb[0], lb[1], 0x0040), __byte_perm(lb[2], lb[3], 0x0040), 0x5410);
+#pragma unroll
+          for (int i = 0; i < NCH; i++)
+#pragma unroll
+            for (int rg = 0; rg < 2; rg++) {
+              const int src = tig * 2 * NCH + 2 * i + rg;
+              const uint32_t vh = __shfl_sync(KV_FULL, hw, src), vl = __shfl_sync(KV_FULL, lw, src);
+              if (gid == h) {
+                ahi[i][rg] = vh;
+                alo[i][rg] = vl;
+              }
+            }
+          if (gid == h) {
+            ksc = mx > 0.0f ? mx / (127.0f * 254.0f) : 0.0f;
+            kqz = qz;
+          }
+        }
+      }
+
+      /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
+      float s[4][2];
+      {
+        uint32_t kw[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const int tok = 16 * (j >> 1) + (j & 1) + 2 * (gid >> 1) + 8 * (gid & 1);
+          if constexpr (D == 128) {
+            const uint2 u = *((const uint2 *)(stg + tok * (D / 4)) + tig);
+            kw[j][0] = u.x;
+            kw[j][1] = u.y;
+          } else {
+            kw[j][0] = *((const uint32_t *)(stg + tok * (D / 4)) + tig);
+          }
+        }
+        /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
+        auto kb = [&](int j, int i, uint32_t &b0, uint32_t &b1) {
+          if constexpr (D == 128) {
+            b0 = (kw[j][0] >> (2 * i)) & 0x03030303u;
+            b1 = (kw[j][1] >> (2 * i)) & 0x03030303u;
+          } else {
+            b0 = (kw[j][0] >> (4 * i)) & 0x03030303u;
+            b1 = (kw[j][0] >> (4 * i + 2)) & 0x03030303u;
+          }
+        };
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          int acc[4] = {0, 0, 0, 0};
+          uint32_t b0, b1;
+#pragma unroll
+          for (int i = 0; i < NCH; i++) {
+            kb(j, i, b0, b1);
+            kv_mma_s8u8(acc, ahi[i][0], ahi[i][1], b0, b1);
+          }
+          acc[0] *= 254;
+          acc[1] *= 254;
+#pragma unroll
+          for (int i = 0; i < NCH; i++) {
+            kb(j, i, b0, b1);
+            kv_mma_s8u8(acc, alo[i][0], alo[i][1], b0, b1);
+          }
+          s[j][0] = fmaf((float)acc[0], ksc, kqz);
+          s[j][1] = fmaf((float)acc[1], ksc, kqz);
+        }
+      }
+      softmax(s, 2);
+
+      /* values: two runs of 16 tokens */
+      const uint8_t *vsc = stg + KCB + KPB + VCB, *vze = vsc + VPB;
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
+        {
+          uint2 zz = make_uint2(0u, 0u);
+          if (gid < ngv) zz = *(const uint2 *)(vze + gid * 64 + (16 * r + 4 * tig) * 2);
+          kv_mma_f16(zacc, zz.x, 0u, zz.y, 0u, ph0, ph1);
+        }
+        uint32_t pb[ngv][2]; /* B = p s per value group */
+#pragma unroll
+        for (int gg = 0; gg < ngv; gg++) {
+          const uint2 ss = *(const uint2 *)(vsc + gg * 64 + (16 * r + 4 * tig) * 2);
+          pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
+          pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
+        }
+        const uint32_t *vw = (const uint32_t *)(stg + KCB + KPB) + r * D;
+#pragma unroll
+        for (int mt = 0; mt < NMT; mt++) {
+          const uint2 w = *(const uint2 *)(vw + 16 * mt + 2 * gid);
+          kv_mma_f16(o[mt], kv_vcodes(w.x, rot0), kv_vcodes(w.y, rot0), kv_vcodes(w.x, rot1), kv_vcodes(w.y, rot1),
+                     pb[(16 * mt) / VG][0], pb[(16 * mt) / VG][1]);
+        }
+      }
+      __syncwarp();
+    }
+  }
+  kv_wait(0);
+
+  /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp */
+  for (int g = npt + ((warp - npt % KV_MMA_WARPS) + KV_MMA_WARPS) % KV_MMA_WARPS; g < ntiles; g += KV_MMA_WARPS) {
+    {
+      /* ---------------- window tile: 16 fp16 tokens ---------------- */
+      if (!scaled) {
+        scaled = true;
+#pragma unroll
+        for (int i = 0; i < NMT; i++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) o[i][e] *= 65536.0f;
+      }
+      const int t0 = ws0 + (g - npt) * 16;
+      auto row = [&](int t, const uint16_t *win) {
+        return win + ((wbase + t % p.W) * p.kvh + hkv) * (int64_t)D;
+      };
+      float s[4][2];
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        const int t = t0 + j + 2 * (gid >> 1) + 8 * (gid & 1);
+        const bool ok = t < e0;
+        const uint32_t *kr = (const uint32_t *)row(ok ? t : t0, p.kwin);
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+          const float2 x0 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig);
+          const float2 x1 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig + 8);
+          const __half2 h0 = __floats2half2_rn(x0.x, x0.y), h1 = __floats2half2_rn(x1.x, x1.y);
+          const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
+          const uint32_t l0 = kv_pack_h2(x0.x - f0.x, x0.y - f0.y), l1 = kv_pack_h2(x1.x - f1.x, x1.y - f1.y);
+          const uint32_t b0 = kr[8 * kk + tig], b1 = kr[8 * kk + tig + 4];
+          kv_mma_f16(acc, kv_h2u(h0), 0u, kv_h2u(h1), 0u, b0, b1);
+          kv_mma_f16(acc, l0, 0u, l1, 0u, b0, b1);
+        }
+        /* this lane's columns 2 tig, 2 tig + 1 are tokens t0 + j + 2 tig and + 8 */
+        const int ta = t0 + j + 2 * tig;
+        s[j][0] = ta < e0 ? acc[0] : -INFINITY;
+        s[j][1] = ta + 8 < e0 ? acc[1] : -INFINITY;
+        s[j + 2][0] = s[j + 2][1] = -INFINITY;
+      }
+      softmax(s, 1);
+      const uint32_t ph0 = kv_pack_h2(s[0][0], s[0][1]), ph1 = kv_pack_h2(s[1][0], s[1][1]);
+      /* A = V^T: rows channels 16 mt + 2 gid (+1), k = tokens (2 tig, 2 tig + 8), (2 tig + 1, 2 tig + 9) */
+      int tk[4];
+      tk[0] = t0 + 2 * tig;
+      tk[1] = tk[0] + 8;
+      tk[2] = tk[0] + 1;
+      tk[3] = tk[0] + 9;
+      const uint32_t *vr[4];
+      bool okk[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        okk[e] = tk[e] < e0;
+        vr[e] = (const uint32_t *)row(okk[e] ? tk[e] : t0, p.vwin);
+      }
+#pragma unroll
+      for (int mt = 0; mt < NMT; mt++) {
+        uint32_t x[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[e] = okk[e] ? vr[e][8 * mt + gid] : 0u; /* half2 (ch, ch + 1) */
+        const uint32_t a0 = __byte_perm(x[0], x[1], 0x5410), a1 = __byte_perm(x[0], x[1], 0x7632);
+        const uint32_t a2 = __byte_perm(x[2], x[3], 0x5410), a3 = __byte_perm(x[2], x[3], 0x7632);
+        kv_mma_f16(o[mt], a0, a1, a2, a3, ph0, ph1);
+      }
+    }
+  }
+  if (!scaled) {
+#pragma unroll
+    for (int i = 0; i < NMT; i++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) o[i][e] *= 65536.0f;
+  }
+  l += __shfl_xor_sync(KV_FULL, l, 1);
+  l += __shfl_xor_sync(KV_FULL, l, 2);
+
+  /* ---------------- merge the warps ---------------- */
+  __syncthreads();
+  float *cw = (float *)rings; /* [warps][8][D + 2] */
+  {
+    float *mine = cw + warp * KV_MMA_HEADS * (D + 2);
+    if (tig == 0 && gid < nq) {
+      mine[gid * (D + 2)] = m;
+      mine[gid * (D + 2) + 1] = l;
+    }
+#pragma unroll
+    for (int mt = 0; mt < NMT; mt++) {
+      const int gg = (16 * mt) / VG;
+      const float z0 = __shfl_sync(KV_FULL, zacc[0], 4 * gg + tig), z1 = __shfl_sync(KV_FULL, zacc[1], 4 * gg + tig);
+      const int ch = 16 * mt + 2 * gid;
+      if (2 * tig < nq) {
+        mine[(2 * tig) * (D + 2) + 2 + ch] = o[mt][0] + z0;
+        mine[(2 * tig) * (D + 2) + 3 + ch] = o[mt][2] + z0;
+      }
+      if (2 * tig + 1 < nq) {
+        mine[(2 * tig + 1) * (D + 2) + 2 + ch] = o[mt][1] + z1;
+        mine[(2 * tig + 1) * (D + 2) + 3 + ch] = o[mt][3] + z1;
+      }
+    }
+  }
+  __syncthreads();
+  kv_merge_warps<D, KV_MMA_WARPS>(p, cw, KV_MMA_HEADS, nq, (int64_t)b * p.qh + qh0, split);
+}
