@@ -5,8 +5,9 @@
  * @example
  * ```ts
  * import { openBackend } from "./mod.ts";
- * using kivi = await openBackend();
- * const k = Float32Array.from({ length: 64 * 128 }, (_, i) => Math.sin(i));
+ * using kivi = await openBackend(); // CUDA where a device is present, else the CPU build
+ * // a tensor of the backend works on both (the CPU backend also takes host arrays directly)
+ * using k = kivi.upload(Float32Array.from({ length: 64 * 128 }, (_, i) => Math.sin(i)), { shape: [64, 128] });
  * const q = kivi.quantize(k, { shape: [64, 128], axis: "token", format: { kind: "uniform", bits: 2 } });
  * ```
  *

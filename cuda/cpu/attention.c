@@ -10,6 +10,7 @@
  */
 #define _POSIX_C_SOURCE 199309L
 #include <math.h>
+#include <string.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -101,8 +102,10 @@ KIVI_API kivi_status kivi_cache_attend(kivi_cache_t c, int32_t layer, const int3
   const size_t blk = (size_t)P * (size_t)D;
   float *buf = NULL, *qf = NULL;
   double *sc = NULL, *acc = NULL;
+  int32_t *ids = NULL; /* the validated seqs: out may overlap seqs, which would then change below */
   kivi_status st;
-  if ((st = cpu_alloc(c->ctx, op, sizeof(float) * blk, (void **)&buf)) ||
+  if ((st = cpu_alloc(c->ctx, op, sizeof(int32_t) * (size_t)batch, (void **)&ids)) ||
+      (st = cpu_alloc(c->ctx, op, sizeof(float) * blk, (void **)&buf)) ||
       (st = cpu_alloc(c->ctx, op, sizeof(float) * (size_t)ratio * (size_t)D, (void **)&qf)) ||
       (st = cpu_alloc(c->ctx, op, sizeof(double) * (size_t)ratio * (size_t)max_len, (void **)&sc)) ||
       (st = cpu_alloc(c->ctx, op, sizeof(double) * (size_t)ratio * (size_t)D, (void **)&acc))) {
@@ -110,11 +113,13 @@ KIVI_API kivi_status kivi_cache_attend(kivi_cache_t c, int32_t layer, const int3
     free(qf);
     free(sc);
     free(acc);
+    free(ids);
     return st;
   }
+  memcpy(ids, seqs, sizeof(int32_t) * (size_t)batch);
 
   for (int32_t b = 0; b < batch; b++) {
-    const int32_t seq = seqs[b];
+    const int32_t seq = ids[b];
     const int64_t *ln = cpu_cache_len(c, seq, layer), len = ln[0], qlen = ln[1];
     for (int32_t kh = 0; kh < H; kh++) {
       const int64_t q0 = ((int64_t)b * QH + (int64_t)kh * ratio) * D; /* first query head of the group */
@@ -175,6 +180,7 @@ KIVI_API kivi_status kivi_cache_attend(kivi_cache_t c, int32_t layer, const int3
   free(qf);
   free(sc);
   free(acc);
+  free(ids);
   return KIVI_OK;
 }
 
@@ -185,15 +191,21 @@ KIVI_API kivi_status kivi_cache_bench_attend(kivi_cache_t c, int32_t layer, cons
   if (!c) return cpu_fail(NULL, KIVI_ERR_ARG, "%s: cache must not be NULL", op);
   if (iters < 1) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: iters must be >= 1, got %d", op, (int)iters);
   if (!ms) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: ms must not be NULL", op);
-  /* The warm-up call validates everything (its errors name kivi_cache_attend). */
-  kivi_status st = kivi_cache_attend(c, layer, seqs, batch, q, q_dtype, scale, KIVI_FLAG_TRUSTED, out, out_dtype);
+  if (!seqs) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: seqs must not be NULL", op);
+  if (batch < 1) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: batch must be >= 1, got %d", op, (int)batch);
+  int32_t *ids = NULL; /* out may overlap seqs: every timed call gets the ids as they were */
+  kivi_status st = cpu_alloc(c->ctx, op, sizeof(int32_t) * (size_t)batch, (void **)&ids);
   if (st) return st;
+  memcpy(ids, seqs, sizeof(int32_t) * (size_t)batch);
+  /* The warm-up call validates everything (its errors name kivi_cache_attend). */
+  st = kivi_cache_attend(c, layer, ids, batch, q, q_dtype, scale, KIVI_FLAG_TRUSTED, out, out_dtype);
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
-  for (int32_t i = 0; i < iters; i++)
-    if ((st = kivi_cache_attend(c, layer, seqs, batch, q, q_dtype, scale, KIVI_FLAG_TRUSTED, out, out_dtype)))
-      return st;
+  for (int32_t i = 0; i < iters && !st; i++)
+    st = kivi_cache_attend(c, layer, ids, batch, q, q_dtype, scale, KIVI_FLAG_TRUSTED, out, out_dtype);
   clock_gettime(CLOCK_MONOTONIC, &t1);
+  free(ids);
+  if (st) return st;
   const double s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
   *ms = (float)(s * 1e3 / iters);
   return KIVI_OK;

@@ -21,8 +21,8 @@
  * Sizes that the rules accept are kept within the buffers the fuzzer owns (a valid call with a size
  * larger than its buffer is the caller's bug, which no library can detect); everything else is free.
  *
- * Overlap of `out` with `seqs` in kivi_cache_attend is left out unless KIVI_FUZZ_ATTEND_ALIAS=1:
- * see the note at fuzz_attend (the CPU attention re-reads seqs while writing out).
+ * Overlap of `out` with `seqs` in kivi_cache_attend is fuzzed too (KIVI_FUZZ_ATTEND_ALIAS=0 leaves it
+ * out): see the note at fuzz_attend.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -835,11 +835,10 @@ static void fuzz_append(fcache *c) {
 }
 
 /*
- * kivi_cache_attend / kivi_cache_bench_attend. With KIVI_FUZZ_ATTEND_ALIAS=1, `out` may overlap
- * `seqs`: the CPU attention (cuda/cpu/attention.c) validates seqs[b], then re-reads seqs[b] in its
- * compute loop after writing the outputs of earlier batch rows, so an aliased out turns into an
- * unvalidated sequence index (out-of-bounds reads). Off by default until attention.c copies the
- * validated ids first.
+ * kivi_cache_attend / kivi_cache_bench_attend. `out` may overlap `seqs` (unless
+ * KIVI_FUZZ_ATTEND_ALIAS=0): the CPU attention once re-read seqs[b] after writing earlier rows of out,
+ * turning an aliased out into an unvalidated sequence index; it now works on a copy of the validated
+ * ids, and this case keeps it so.
  */
 static void fuzz_attend(fcache *c, int bench) {
   g_op = bench ? "kivi_cache_bench_attend" : "kivi_cache_attend";
@@ -1071,7 +1070,7 @@ int main(int argc, char **argv) {
   int64_t iters = env_int("KIVI_FUZZ_ITERS", 4000);
   if (argc > 1) g_seed = strtoull(argv[1], NULL, 10);
   if (argc > 2) iters = strtoll(argv[2], NULL, 10);
-  g_attend_alias = (int)env_int("KIVI_FUZZ_ATTEND_ALIAS", 0);
+  g_attend_alias = (int)env_int("KIVI_FUZZ_ATTEND_ALIAS", 1);
   rng_state = g_seed;
   arena = malloc(ARENA);
   shadow = malloc(ARENA);
