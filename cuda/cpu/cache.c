@@ -370,15 +370,16 @@ void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, flo
   const uint32_t *codes = (const uint32_t *)block;
   const uint16_t *params = (const uint16_t *)(block + c->kpart.codes);
   if (kivi_cache_mma_layout(g)) { /* codes [P][D / 16], params half2 [P / Gk][D] */
-    float s[256], z[256];
-    for (int32_t t = 0; t < nt; t++) {
-      if (t % Gk == 0)
-        for (int32_t d = 0; d < D; d++) {
-          s[d] = kivi_f16_to_f32(params[2 * ((int64_t)(t / Gk) * D + d)]);
-          z[d] = kivi_f16_to_f32(params[2 * ((int64_t)(t / Gk) * D + d) + 1]);
-        }
-      const uint32_t *wd = codes + (int64_t)t * (D / 16);
-      for (int32_t d = 0; d < D; d++) kd[(int64_t)d * P + t] = kivi_uniform_value((wd[d / 16] >> (2 * (d % 16))) & 3u, z[d], s[d]);
+    const int32_t wpt = D / 16;
+    for (int32_t t0 = 0; t0 < nt; t0 += Gk) {
+      const uint16_t *pr = params + 2 * (int64_t)(t0 / Gk) * D;
+      for (int32_t d = 0; d < D; d++) { /* one channel of the group: tokens contiguous in kd */
+        const float s = kivi_f16_to_f32(pr[2 * d]), z = kivi_f16_to_f32(pr[2 * d + 1]);
+        const uint32_t *wd = codes + (int64_t)t0 * wpt + d / 16;
+        const int32_t sh = 2 * (d % 16);
+        float *dst = kd + (int64_t)d * P + t0;
+        for (int32_t i = 0; i < Gk; i++) dst[i] = kivi_uniform_value((wd[(int64_t)i * wpt] >> sh) & 3u, z, s);
+      }
     }
     return;
   }
