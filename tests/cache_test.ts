@@ -87,13 +87,14 @@ describe("cache lengths and the residual window", () => {
 });
 
 describe("cache pages hold what the standalone quantizer gives", () => {
-  for (const [pageTokens, kb, vb] of [[32, 2, 2], [64, 4, 2], [128, 2, 4]] as const) {
-    it(`uniform K${kb} G32 / V${vb} G64, page ${pageTokens}`, () => {
+  // 2/2 in groups of 32 uses the tensor-core page layout (kivi_format.h), the others the plain one.
+  for (const [pageTokens, kb, vb, vg] of [[32, 2, 2, 64], [64, 4, 2, 64], [128, 2, 4, 64], [64, 2, 2, 32], [256, 2, 2, 32]] as const) {
+    it(`uniform K${kb} G32 / V${vb} G${vg}, page ${pageTokens}`, () => {
       const rng = new Rng("pages", pageTokens);
       const kvHeads = 2, D = 128, n = 97 + 3 * pageTokens;
       using cache = kivi.createCache({
         layers: 1, kvHeads, headDim: D, pageTokens, residual: 32, maxPages: 32,
-        keys: { kind: "uniform", bits: kb, group: 32 }, values: { kind: "uniform", bits: vb, group: 64 },
+        keys: { kind: "uniform", bits: kb, group: 32 }, values: { kind: "uniform", bits: vb, group: vg },
       });
       using s = cache.createSequence();
       const k = rows(rng, n, kvHeads, D), v = rows(rng, n, kvHeads, D);
@@ -104,7 +105,7 @@ describe("cache pages hold what the standalone quantizer gives", () => {
       const cols = kvHeads * D;
       // Pages quantize the fp16-rounded tokens: the same as quantizing them on their own.
       const kq = kivi.quantize(Float16Array.from(k.subarray(0, ql * cols)), { shape: [ql, cols], axis: "token", format: { kind: "uniform", bits: kb, group: 32 } });
-      const vq = kivi.quantize(Float16Array.from(v.subarray(0, ql * cols)), { shape: [ql, cols], axis: "channel", format: { kind: "uniform", bits: vb, group: 64 } });
+      const vq = kivi.quantize(Float16Array.from(v.subarray(0, ql * cols)), { shape: [ql, cols], axis: "channel", format: { kind: "uniform", bits: vb, group: vg } });
       assert.deepEqual((keys as Float32Array).subarray(0, ql * cols), kivi.dequantize(kq), `${rng.tag} keys in pages`);
       assert.deepEqual((values as Float32Array).subarray(0, ql * cols), kivi.dequantize(vq), `${rng.tag} values in pages`);
       // The window holds the fp16-rounded tokens exactly.

@@ -191,8 +191,8 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
  * Residual windows: half [max_seqs][layers][R + F][kv_heads][D] for K and for V; absolute token
  * position p of a sequence sits in slot p % (R + F) while it is in the window.
  *
- * The tensor-core layout. When both parts are uniform 2-bit and head_dim is 64 or 128
- * (kivi_cache_mma_layout), the fused attention multiplies codes on tensor cores, which need the
+ * The tensor-core layout. When both parts are uniform 2-bit in groups of 32, head_dim is 64 or 128 and
+ * a KV head has at most 8 query heads (kivi_cache_mma_layout), the fused attention multiplies codes on tensor cores, which need the
  * contracted axis packed together: channels for q.k, tokens for p.v. Those pages are laid out
  * instead (byte sizes unchanged):
  *   keys   codes  uint32 [P][D / 16]                  (per token, packed along channels)
@@ -244,10 +244,12 @@ KIVI_HD kivi_part_layout kivi_page_part(const kivi_cache_config *c, int is_value
   return l;
 }
 
-/** 1 when the cache's pages use the tensor-core layout (see above): uniform 2-bit K and V, D 64 or 128. */
+/** 1 when the cache's pages use the tensor-core layout (see above): uniform 2-bit K and V in groups of
+    32, D 64 or 128, at most 8 query heads a KV head (the configurations verified on a GPU so far; the
+    kernel is written for groups of 64 and 128 and more query heads too). */
 KIVI_HD int kivi_cache_mma_layout(const kivi_cache_config *c) {
-  return c->k_kind == 0 && c->v_kind == 0 && c->k_bits == 2 && c->v_bits == 2 &&
-         (c->head_dim == 64 || c->head_dim == 128);
+  return c->k_kind == 0 && c->v_kind == 0 && c->k_bits == 2 && c->v_bits == 2 && c->k_group == 32 &&
+         c->v_group == 32 && (c->head_dim == 64 || c->head_dim == 128) && c->q_heads <= 8 * c->kv_heads;
 }
 
 /** Position of page token t in a value-params run of the tensor-core layout (pair order). */

@@ -809,11 +809,10 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
   const int D = c->cfg.head_dim;
   (void)batch;
   const int vg = c->cfg.v_group;
-  /* CTAs per SM: 4 where the registers allow it without spilling (D 64), else 3 */
-  kv_attn_kernel fn = D == 128 ? (vg == 32    ? k_attend_mma<128, 32, 3>
-                                  : vg == 64 ? k_attend_mma<128, 64, 3>
-                                             : k_attend_mma<128, 128, 3>)
-                               : (vg == 32 ? k_attend_mma<64, 32, 4> : k_attend_mma<64, 64, 4>);
+  /* CTAs per SM: 4 where the registers allow it without spilling (D 64), else 3. Value groups of 32:
+     kivi_cache_mma_layout admits no other yet. */
+  (void)vg;
+  kv_attn_kernel fn = D == 128 ? k_attend_mma<128, 32, 3> : k_attend_mma<64, 32, 4>;
   /* a ring of 4 stages a warp (32 tokens: key codes + params, value codes + scales + zeros) */
   const int nst = 4;
   const size_t stage = (size_t)32 * D / 4 + D * 4 + 2 * D * 4 + 2 * (D / c->cfg.v_group) * 64;
