@@ -1,6 +1,8 @@
 /*
  * attention.cu — fused decode attention over the paged cache (kivi_cache_attend) and the small
- * flash-decoding reduction.
+ * flash-decoding reduction. Caches in the tensor-core page layout (kivi_cache_mma_layout: uniform
+ * 2-bit K and V in groups of 32) run k_attend_mma (attention_mma.cuh); every other format runs
+ * k_cache_attend below, on CUDA cores. Both share the grid, the splits and the merges.
  *
  * Grid: one CTA of 4 warps per (batch entry, kv head, split of the sequence, chunk of HC query
  * heads); HC = 4, 2 or 1 query heads of one GQA group share every K/V byte the CTA reads (ratios
