@@ -806,14 +806,11 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
 }
 
 /* The tensor-core kernel (caches in the tensor-core page layout): 32-token tiles, up to 8 heads a CTA. */
-static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p, int32_t batch, int64_t maxlen) {
+static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p, int64_t maxlen) {
   kivi_ctx_t ctx = c->ctx;
   const int D = c->cfg.head_dim;
-  (void)batch;
-  const int vg = c->cfg.v_group;
   /* CTAs per SM: 4 where the registers allow it without spilling (D 64), else 3. Value groups of 32:
      kivi_cache_mma_layout admits no other yet. */
-  (void)vg;
   kv_attn_kernel fn = D == 128 ? k_attend_mma<128, 32, 3> : k_attend_mma<64, 32, 4>;
   /* a ring of 4 stages a warp (32 tokens: key codes + params, value codes + scales + zeros) */
   const int nst = 4;
@@ -900,7 +897,7 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
     maxlen = len[i] > maxlen ? len[i] : maxlen;
   }
 
-  if (mma) return mma_launch(c, op, p, batch, maxlen);
+  if (mma) return mma_launch(c, op, p, maxlen);
 
   /* tiles and stages */
   const bool kq = g.k_bits != 16, vq = g.v_bits != 16;
