@@ -179,9 +179,13 @@ __device__ __forceinline__ void kv_reduce8(float (&v)[8][HC], float (&r)[HC], in
     for (int h = 0; h < HC; h++) r[h] += __shfl_xor_sync(KV_FULL, r[h], off);
 }
 
-/* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`. */
+/* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`,
+   which covers tokens [a0, e0) of the sequence: pages up to pend, the fp16 window from ws0. A CTA
+   with a0 >= si.len has nothing to do. */
 struct kv_cta {
   int hc, split, hkv, b;
+  kv_seq_info si;
+  int a0, e0, pend, ws0;
 };
 __device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
   int bid = blockIdx.x;
@@ -192,6 +196,11 @@ __device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
   bid /= p.nsplit;
   c.hkv = bid % p.kvh;
   c.b = bid / p.kvh;
+  c.si = p.seq[c.b];
+  c.a0 = c.split * p.chunk;
+  c.e0 = min(c.a0 + p.chunk, c.si.len);
+  c.pend = min(c.e0, c.si.qlen);
+  c.ws0 = max(c.a0, c.si.qlen);
   return c;
 }
 
@@ -240,14 +249,11 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
 
   const kv_cta cta = kv_cta_of(p);
   const int hc = cta.hc, split = cta.split, hkv = cta.hkv, b = cta.b;
-  const kv_seq_info si = p.seq[b];
-  const int a0 = split * p.chunk;
+  const kv_seq_info si = cta.si;
+  const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
   if (a0 >= si.len) return;
-  const int e0 = min(a0 + p.chunk, si.len);
   const int TT = p.TT, TTW = p.TTW;
-  const int pend = min(e0, si.qlen);
   const int npt = a0 < pend ? (pend - a0 + TT - 1) / TT : 0;
-  const int ws0 = max(a0, si.qlen);
   const int nwt = e0 > ws0 ? (e0 - ws0 + TTW - 1) / TTW : 0;
   const int ntiles = npt + nwt;
   const int my_tiles = ntiles > warp ? (ntiles - warp + KV_WARPS - 1) / KV_WARPS : 0;

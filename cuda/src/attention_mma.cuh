@@ -66,13 +66,10 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
 
   const kv_cta cta = kv_cta_of(p);
   const int hc = cta.hc, split = cta.split, hkv = cta.hkv, b = cta.b;
-  const kv_seq_info si = p.seq[b];
-  const int a0 = split * p.chunk;
+  const kv_seq_info si = cta.si;
+  const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
   if (a0 >= si.len) return;
-  const int e0 = min(a0 + p.chunk, si.len);
-  const int pend = min(e0, si.qlen);
   const int npt = a0 < pend ? (pend - a0) / 32 : 0; /* qlen and chunk are multiples of 32 */
-  const int ws0 = max(a0, si.qlen);
   const int nwt = e0 > ws0 ? (e0 - ws0 + 15) / 16 : 0;
   const int ntiles = npt + nwt;
   const int qh0 = hkv * p.ratio + hc * KV_MMA_HEADS;
@@ -109,7 +106,6 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   }
   float ksc = 0.0f, ksc2 = 0.0f, kqz = 0.0f; /* this lane's head: score = acc * ksc + acl * ksc2 + kqz */
   int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
-  bool scaled = false;          /* O^T already multiplied back by 2^16 */
 
   /* one online-softmax step over this lane's scores s[4][2] (head gid), then p (in place) */
   auto softmax = [&](float (&s)[4][2], int nb) {
@@ -169,236 +165,222 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     }
     kv_commit();
   };
-  {
-    for (int i = 0; i < nst - 1; i++) issue(i, tile_page(i));
-  }
+  for (int i = 0; i < nst - 1; i++) issue(i, tile_page(i));
   int64_t next_page = tile_page(nst - 1);
 
   for (int i = 0; i < my_pt; i++) {
-    {
-      const int64_t pg = next_page;
-      next_page = tile_page(i + nst);
-      issue(i + nst - 1, pg);
-      kv_wait(nst - 1);
-      __syncwarp();
-      const uint8_t *stg = ring + (size_t)(i % nst) * stage;
-      const int t0 = a0 + (warp + i * KV_MMA_WARPS) * 32;
-      /* A (q s as int8 hi / lo) for the key group of this tile */
-      const int grp = t0 >> lgK;
-      if (grp != kgrp) {
-        kgrp = grp;
-        /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, hi and lo */
-        const uint32_t *kpar = (const uint32_t *)(stg + KCB);
-        float sc[4], zc[4];
+    const int64_t pg = next_page;
+    next_page = tile_page(i + nst);
+    issue(i + nst - 1, pg);
+    kv_wait(nst - 1);
+    __syncwarp();
+    const uint8_t *stg = ring + (size_t)(i % nst) * stage;
+    const int t0 = a0 + (warp + i * KV_MMA_WARPS) * 32;
+    /* A (q s as three int8 planes) for the key group of this tile */
+    const int grp = t0 >> lgK;
+    if (grp != kgrp) {
+      kgrp = grp;
+      /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, 3 planes */
+      const uint32_t *kpar = (const uint32_t *)(stg + KCB);
+      float sc[4], zc[4];
+#pragma unroll
+      for (int b2 = 0; b2 < 4; b2++) {
+        const uint32_t sz = kpar[ach + 4 * b2];
+        sc[b2] = kv_h2f(sz & 0xffffu);
+        zc[b2] = kv_h2f(sz >> 16);
+      }
+      for (int h = 0; h < nq; h++) {
+        float qs[4], mx = 0.0f, qz = 0.0f;
 #pragma unroll
         for (int b2 = 0; b2 < 4; b2++) {
-          const uint32_t sz = kpar[ach + 4 * b2];
-          sc[b2] = kv_h2f(sz & 0xffffu);
-          zc[b2] = kv_h2f(sz >> 16);
+          const float qv = qf[h * D + ach + 4 * b2];
+          qs[b2] = qv * sc[b2];
+          mx = fmaxf(mx, fabsf(qs[b2]));
+          qz = fmaf(qv, zc[b2], qz);
         }
-        for (int h = 0; h < nq; h++) {
-          float qs[4], mx = 0.0f, qz = 0.0f;
 #pragma unroll
-          for (int b2 = 0; b2 < 4; b2++) {
-            const float qv = qf[h * D + ach + 4 * b2];
-            qs[b2] = qv * sc[b2];
-            mx = fmaxf(mx, fabsf(qs[b2]));
-            qz = fmaf(qv, zc[b2], qz);
-          }
-#pragma unroll
-          for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) {
-            mx = fmaxf(mx, __shfl_xor_sync(KV_FULL, mx, o2));
-            qz += __shfl_xor_sync(KV_FULL, qz, o2);
-          }
-          const float inv = mx > 0.0f ? __fdividef(127.0f, mx) : 0.0f;
-          /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
-          constexpr float MAG = 12582912.0f;
-          /* three planes: x = hi + mid / 254 + lo / 254^2, each rounded in turn */
-          uint32_t hb[4], mb[4], lb[4];
-#pragma unroll
-          for (int b2 = 0; b2 < 4; b2++) {
-            const float x = qs[b2] * inv;
-            const float t = x + MAG;
-            const float r1 = (x - (t - MAG)) * 254.0f;
-            const float t1 = r1 + MAG;
-            hb[b2] = __float_as_uint(t);
-            mb[b2] = __float_as_uint(t1);
-            lb[b2] = __float_as_uint(fmaf(r1 - (t1 - MAG), 254.0f, MAG));
-          }
-          auto pack = [](const uint32_t (&v)[4]) {
-            return __byte_perm(__byte_perm(v[0], v[1], 0x0040), __byte_perm(v[2], v[3], 0x0040), 0x5410);
-          };
-          const uint32_t hw = pack(hb), mw = pack(mb), lw = pack(lb);
-#pragma unroll
-          for (int i = 0; i < NCH; i++)
-#pragma unroll
-            for (int rg = 0; rg < 2; rg++) {
-              const int src = tig * 2 * NCH + 2 * i + rg;
-              const uint32_t vh = __shfl_sync(KV_FULL, hw, src), vm = __shfl_sync(KV_FULL, mw, src),
-                             vl = __shfl_sync(KV_FULL, lw, src);
-              if (gid == h) {
-                ahi[i][rg] = vh;
-                amid[i][rg] = vm;
-                alo[i][rg] = vl;
-              }
-            }
-          if (gid == h) {
-            ksc = mx > 0.0f ? mx / (127.0f * 254.0f) : 0.0f;
-            ksc2 = ksc * (1.0f / 254.0f);
-            kqz = qz;
-          }
+        for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) {
+          mx = fmaxf(mx, __shfl_xor_sync(KV_FULL, mx, o2));
+          qz += __shfl_xor_sync(KV_FULL, qz, o2);
         }
-      }
-
-      /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
-      float s[4][2];
-      {
-        uint32_t kw[4][2];
+        const float inv = mx > 0.0f ? __fdividef(127.0f, mx) : 0.0f;
+        /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
+        constexpr float MAG = 12582912.0f;
+        /* three planes: x = hi + mid / 254 + lo / 254^2, each rounded in turn */
+        uint32_t hb[4], mb[4], lb[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const int tok = 16 * (j >> 1) + (j & 1) + 2 * (gid >> 1) + 8 * (gid & 1);
-          if constexpr (D == 128) {
-            const uint2 u = *((const uint2 *)(stg + tok * (D / 4)) + tig);
-            kw[j][0] = u.x;
-            kw[j][1] = u.y;
-          } else {
-            kw[j][0] = *((const uint32_t *)(stg + tok * (D / 4)) + tig);
-          }
+        for (int b2 = 0; b2 < 4; b2++) {
+          const float x = qs[b2] * inv;
+          const float t = x + MAG;
+          const float r1 = (x - (t - MAG)) * 254.0f;
+          const float t1 = r1 + MAG;
+          hb[b2] = __float_as_uint(t);
+          mb[b2] = __float_as_uint(t1);
+          lb[b2] = __float_as_uint(fmaf(r1 - (t1 - MAG), 254.0f, MAG));
         }
-        /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
-        auto kb = [&](int j, int i, uint32_t &b0, uint32_t &b1) {
-          if constexpr (D == 128) {
-            b0 = (kw[j][0] >> (2 * i)) & 0x03030303u;
-            b1 = (kw[j][1] >> (2 * i)) & 0x03030303u;
-          } else {
-            b0 = (kw[j][0] >> (4 * i)) & 0x03030303u;
-            b1 = (kw[j][0] >> (4 * i + 2)) & 0x03030303u;
-          }
+        auto pack = [](const uint32_t (&v)[4]) {
+          return __byte_perm(__byte_perm(v[0], v[1], 0x0040), __byte_perm(v[2], v[3], 0x0040), 0x5410);
         };
+        const uint32_t hw = pack(hb), mw = pack(mb), lw = pack(lb);
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-          int acc[4] = {0, 0, 0, 0};
-          uint32_t b0, b1;
+        for (int i = 0; i < NCH; i++)
 #pragma unroll
-          for (int i = 0; i < NCH; i++) {
-            kb(j, i, b0, b1);
-            kv_mma_s8u8(acc, ahi[i][0], ahi[i][1], b0, b1);
+          for (int rg = 0; rg < 2; rg++) {
+            const int src = tig * 2 * NCH + 2 * i + rg;
+            const uint32_t vh = __shfl_sync(KV_FULL, hw, src), vm = __shfl_sync(KV_FULL, mw, src),
+                           vl = __shfl_sync(KV_FULL, lw, src);
+            if (gid == h) {
+              ahi[i][rg] = vh;
+              amid[i][rg] = vm;
+              alo[i][rg] = vl;
+            }
           }
-          acc[0] *= 254;
-          acc[1] *= 254;
-          int acl[4] = {0, 0, 0, 0};
-#pragma unroll
-          for (int i = 0; i < NCH; i++) {
-            kb(j, i, b0, b1);
-            kv_mma_s8u8(acc, amid[i][0], amid[i][1], b0, b1);
-            kv_mma_s8u8(acl, alo[i][0], alo[i][1], b0, b1);
-          }
-          s[j][0] = fmaf((float)acc[0], ksc, fmaf((float)acl[0], ksc2, kqz));
-          s[j][1] = fmaf((float)acc[1], ksc, fmaf((float)acl[1], ksc2, kqz));
+        if (gid == h) {
+          ksc = mx > 0.0f ? mx / (127.0f * 254.0f) : 0.0f;
+          ksc2 = ksc * (1.0f / 254.0f);
+          kqz = qz;
         }
       }
-      softmax(s, 2);
-
-      /* values: two runs of 16 tokens */
-      const uint8_t *vsc = stg + KCB + KPB + VCB, *vze = vsc + VPB;
-#pragma unroll
-      for (int r = 0; r < 2; r++) {
-        const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
-        {
-          uint2 zz = make_uint2(0u, 0u);
-          if (gid < ngv) zz = *(const uint2 *)(vze + gid * 64 + (16 * r + 4 * tig) * 2);
-          kv_mma_f16(zacc, zz.x, 0u, zz.y, 0u, ph0, ph1);
-        }
-        uint32_t pb[ngv][2]; /* B = p s per value group */
-#pragma unroll
-        for (int gg = 0; gg < ngv; gg++) {
-          const uint2 ss = *(const uint2 *)(vsc + gg * 64 + (16 * r + 4 * tig) * 2);
-          pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
-          pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
-        }
-        const uint32_t *vw = (const uint32_t *)(stg + KCB + KPB) + r * D;
-#pragma unroll
-        for (int mt = 0; mt < NMT; mt++) {
-          const uint2 w = *(const uint2 *)(vw + 16 * mt + 2 * gid);
-          kv_mma_f16(o[mt], kv_vcodes(w.x, rot0), kv_vcodes(w.y, rot0), kv_vcodes(w.x, rot1), kv_vcodes(w.y, rot1),
-                     pb[(16 * mt) / VG][0], pb[(16 * mt) / VG][1]);
-        }
-      }
-      __syncwarp();
     }
+
+    /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
+    float s[4][2];
+    {
+      uint32_t kw[4][2];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const int tok = 16 * (j >> 1) + (j & 1) + 2 * (gid >> 1) + 8 * (gid & 1);
+        if constexpr (D == 128) {
+          const uint2 u = *((const uint2 *)(stg + tok * (D / 4)) + tig);
+          kw[j][0] = u.x;
+          kw[j][1] = u.y;
+        } else {
+          kw[j][0] = *((const uint32_t *)(stg + tok * (D / 4)) + tig);
+        }
+      }
+      /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
+      auto kb = [&](int j, int i, uint32_t &b0, uint32_t &b1) {
+        if constexpr (D == 128) {
+          b0 = (kw[j][0] >> (2 * i)) & 0x03030303u;
+          b1 = (kw[j][1] >> (2 * i)) & 0x03030303u;
+        } else {
+          b0 = (kw[j][0] >> (4 * i)) & 0x03030303u;
+          b1 = (kw[j][0] >> (4 * i + 2)) & 0x03030303u;
+        }
+      };
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        int acc[4] = {0, 0, 0, 0};
+        uint32_t b0, b1;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+          kb(j, i, b0, b1);
+          kv_mma_s8u8(acc, ahi[i][0], ahi[i][1], b0, b1);
+        }
+        acc[0] *= 254;
+        acc[1] *= 254;
+        int acl[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+          kb(j, i, b0, b1);
+          kv_mma_s8u8(acc, amid[i][0], amid[i][1], b0, b1);
+          kv_mma_s8u8(acl, alo[i][0], alo[i][1], b0, b1);
+        }
+        s[j][0] = fmaf((float)acc[0], ksc, fmaf((float)acl[0], ksc2, kqz));
+        s[j][1] = fmaf((float)acc[1], ksc, fmaf((float)acl[1], ksc2, kqz));
+      }
+    }
+    softmax(s, 2);
+
+    /* values: two runs of 16 tokens */
+    const uint8_t *vsc = stg + KCB + KPB + VCB, *vze = vsc + VPB;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
+      {
+        uint2 zz = make_uint2(0u, 0u);
+        if (gid < ngv) zz = *(const uint2 *)(vze + gid * 64 + (16 * r + 4 * tig) * 2);
+        kv_mma_f16(zacc, zz.x, 0u, zz.y, 0u, ph0, ph1);
+      }
+      uint32_t pb[ngv][2]; /* B = p s per value group */
+#pragma unroll
+      for (int gg = 0; gg < ngv; gg++) {
+        const uint2 ss = *(const uint2 *)(vsc + gg * 64 + (16 * r + 4 * tig) * 2);
+        pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
+        pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
+      }
+      const uint32_t *vw = (const uint32_t *)(stg + KCB + KPB) + r * D;
+#pragma unroll
+      for (int mt = 0; mt < NMT; mt++) {
+        const uint2 w = *(const uint2 *)(vw + 16 * mt + 2 * gid);
+        kv_mma_f16(o[mt], kv_vcodes(w.x, rot0), kv_vcodes(w.y, rot0), kv_vcodes(w.x, rot1), kv_vcodes(w.y, rot1),
+                   pb[(16 * mt) / VG][0], pb[(16 * mt) / VG][1]);
+      }
+    }
+    __syncwarp();
   }
   kv_wait(0);
+  /* the page tiles accumulated code x 2^-16: back to plain units before the window's fp16 values */
+#pragma unroll
+  for (int i = 0; i < NMT; i++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) o[i][e] *= 65536.0f;
 
   /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp */
   for (int g = npt + ((warp - npt % KV_MMA_WARPS) + KV_MMA_WARPS) % KV_MMA_WARPS; g < ntiles; g += KV_MMA_WARPS) {
-    {
-      /* ---------------- window tile: 16 fp16 tokens ---------------- */
-      if (!scaled) {
-        scaled = true;
+    /* ---------------- window tile: 16 fp16 tokens ---------------- */
+    const int t0 = ws0 + (g - npt) * 16;
+    auto row = [&](int t, const uint16_t *win) {
+      return win + ((wbase + t % p.W) * p.kvh + hkv) * (int64_t)D;
+    };
+    float s[4][2];
 #pragma unroll
-        for (int i = 0; i < NMT; i++)
+    for (int j = 0; j < 2; j++) {
+      const int t = t0 + j + 2 * (gid >> 1) + 8 * (gid & 1);
+      const bool ok = t < e0;
+      const uint32_t *kr = (const uint32_t *)row(ok ? t : t0, p.kwin);
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-          for (int e = 0; e < 4; e++) o[i][e] *= 65536.0f;
+      for (int kk = 0; kk < D / 16; kk++) {
+        const float2 x0 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig);
+        const float2 x1 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig + 8);
+        const __half2 h0 = __floats2half2_rn(x0.x, x0.y), h1 = __floats2half2_rn(x1.x, x1.y);
+        const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
+        const uint32_t l0 = kv_pack_h2(x0.x - f0.x, x0.y - f0.y), l1 = kv_pack_h2(x1.x - f1.x, x1.y - f1.y);
+        const uint32_t b0 = kr[8 * kk + tig], b1 = kr[8 * kk + tig + 4];
+        kv_mma_f16(acc, kv_h2u(h0), 0u, kv_h2u(h1), 0u, b0, b1);
+        kv_mma_f16(acc, l0, 0u, l1, 0u, b0, b1);
       }
-      const int t0 = ws0 + (g - npt) * 16;
-      auto row = [&](int t, const uint16_t *win) {
-        return win + ((wbase + t % p.W) * p.kvh + hkv) * (int64_t)D;
-      };
-      float s[4][2];
-#pragma unroll
-      for (int j = 0; j < 2; j++) {
-        const int t = t0 + j + 2 * (gid >> 1) + 8 * (gid & 1);
-        const bool ok = t < e0;
-        const uint32_t *kr = (const uint32_t *)row(ok ? t : t0, p.kwin);
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-          const float2 x0 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig);
-          const float2 x1 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig + 8);
-          const __half2 h0 = __floats2half2_rn(x0.x, x0.y), h1 = __floats2half2_rn(x1.x, x1.y);
-          const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
-          const uint32_t l0 = kv_pack_h2(x0.x - f0.x, x0.y - f0.y), l1 = kv_pack_h2(x1.x - f1.x, x1.y - f1.y);
-          const uint32_t b0 = kr[8 * kk + tig], b1 = kr[8 * kk + tig + 4];
-          kv_mma_f16(acc, kv_h2u(h0), 0u, kv_h2u(h1), 0u, b0, b1);
-          kv_mma_f16(acc, l0, 0u, l1, 0u, b0, b1);
-        }
-        /* this lane's columns 2 tig, 2 tig + 1 are tokens t0 + j + 2 tig and + 8 */
-        const int ta = t0 + j + 2 * tig;
-        s[j][0] = ta < e0 ? acc[0] : -INFINITY;
-        s[j][1] = ta + 8 < e0 ? acc[1] : -INFINITY;
-        s[j + 2][0] = s[j + 2][1] = -INFINITY;
-      }
-      softmax(s, 1);
-      const uint32_t ph0 = kv_pack_h2(s[0][0], s[0][1]), ph1 = kv_pack_h2(s[1][0], s[1][1]);
-      /* A = V^T: rows channels 16 mt + 2 gid (+1), k = tokens (2 tig, 2 tig + 8), (2 tig + 1, 2 tig + 9) */
-      int tk[4];
-      tk[0] = t0 + 2 * tig;
-      tk[1] = tk[0] + 8;
-      tk[2] = tk[0] + 1;
-      tk[3] = tk[0] + 9;
-      const uint32_t *vr[4];
-      bool okk[4];
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        okk[e] = tk[e] < e0;
-        vr[e] = (const uint32_t *)row(okk[e] ? tk[e] : t0, p.vwin);
-      }
-#pragma unroll
-      for (int mt = 0; mt < NMT; mt++) {
-        uint32_t x[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) x[e] = okk[e] ? vr[e][8 * mt + gid] : 0u; /* half2 (ch, ch + 1) */
-        const uint32_t a0 = __byte_perm(x[0], x[1], 0x5410), a1 = __byte_perm(x[0], x[1], 0x7632);
-        const uint32_t a2 = __byte_perm(x[2], x[3], 0x5410), a3 = __byte_perm(x[2], x[3], 0x7632);
-        kv_mma_f16(o[mt], a0, a1, a2, a3, ph0, ph1);
-      }
+      /* this lane's columns 2 tig, 2 tig + 1 are tokens t0 + j + 2 tig and + 8 */
+      const int ta = t0 + j + 2 * tig;
+      s[j][0] = ta < e0 ? acc[0] : -INFINITY;
+      s[j][1] = ta + 8 < e0 ? acc[1] : -INFINITY;
+      s[j + 2][0] = s[j + 2][1] = -INFINITY;
     }
-  }
-  if (!scaled) {
+    softmax(s, 1);
+    const uint32_t ph0 = kv_pack_h2(s[0][0], s[0][1]), ph1 = kv_pack_h2(s[1][0], s[1][1]);
+    /* A = V^T: rows channels 16 mt + 2 gid (+1), k = tokens (2 tig, 2 tig + 8), (2 tig + 1, 2 tig + 9) */
+    int tk[4];
+    tk[0] = t0 + 2 * tig;
+    tk[1] = tk[0] + 8;
+    tk[2] = tk[0] + 1;
+    tk[3] = tk[0] + 9;
+    const uint32_t *vr[4];
+    bool okk[4];
 #pragma unroll
-    for (int i = 0; i < NMT; i++)
+    for (int e = 0; e < 4; e++) {
+      okk[e] = tk[e] < e0;
+      vr[e] = (const uint32_t *)row(okk[e] ? tk[e] : t0, p.vwin);
+    }
 #pragma unroll
-      for (int e = 0; e < 4; e++) o[i][e] *= 65536.0f;
+    for (int mt = 0; mt < NMT; mt++) {
+      uint32_t x[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) x[e] = okk[e] ? vr[e][8 * mt + gid] : 0u; /* half2 (ch, ch + 1) */
+      const uint32_t a0 = __byte_perm(x[0], x[1], 0x5410), a1 = __byte_perm(x[0], x[1], 0x7632);
+      const uint32_t a2 = __byte_perm(x[2], x[3], 0x5410), a3 = __byte_perm(x[2], x[3], 0x7632);
+      kv_mma_f16(o[mt], a0, a1, a2, a3, ph0, ph1);
+    }
   }
   l += __shfl_xor_sync(KV_FULL, l, 1);
   l += __shfl_xor_sync(KV_FULL, l, 2);
