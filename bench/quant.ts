@@ -2,6 +2,7 @@
  * Quantize+pack throughput of both formats, for keys (axis "token") and values (axis "channel").
  *
  *   bun bench/quant.ts [--backend auto|cpu|cuda] [--reps 10] [--out bench/results] [--json file]
+ *                      [--tensor keys] [--format 2-bit] [--check trusted]   (only rows containing these: profiling)
  *
  * CPU: 64 MiB of fp32 per tensor, GB/s of input read. CUDA: 8 sequences x 32768 tokens x 32 heads x
  * 128 dims of fp16 per tensor (the issue's size), timed with CUDA events inside the library and
@@ -92,13 +93,17 @@ function measure(k: Backend, x: HostArray | DeviceTensor, axis: "token" | "chann
   return { ms, read, written };
 }
 
+const only = { tensor: args.get("tensor"), format: args.get("format"), check: args.get("check") };
 const rowsOut: Row[] = [];
 for (const which of ["keys", "values"] as const) {
+  if (only.tensor && !which.includes(only.tensor)) continue;
   const axis = which === "keys" ? "token" : "channel";
   const host = tiled(which);
   const x = onGpu ? kivi.upload(host, { shape: [rows, cols] }) : host;
   for (const { name, format } of formats) {
+    if (only.format && !name.includes(only.format)) continue;
     for (const trusted of onGpu ? [true, false] : [false]) {
+      if (only.check && !(trusted ? "trusted" : "scan").includes(only.check)) continue;
       const { ms, read, written } = measure(kivi, x, axis, format, trusted);
       const row: Row = {
         tensor: which,

@@ -73,20 +73,6 @@ struct kv_attn_params {
 
 /* ---------------------------------------------------------------- small helpers ---------- */
 
-template <int N> __device__ __forceinline__ void kv_cpa(uint32_t saddr, const void *g) {
-  if constexpr (N == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(g));
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(saddr), "l"(g), "n"(N));
-}
-__device__ __forceinline__ void kv_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void kv_wait(int pending) {
-  if (pending <= 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-  else if (pending == 1) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-  else if (pending == 2) asm volatile("cp.async.wait_group 2;\n" ::: "memory");
-  else asm volatile("cp.async.wait_group 3;\n" ::: "memory");
-}
-
 /* rows x rb bytes, global row r at g + r * gs, smem row at s + place(r) * rb; chunk CH bytes. */
 template <int CH>
 __device__ __forceinline__ void kv_copy_rows(uint32_t s, const uint8_t *g, int64_t gs, int rows, int rb, bool transpose,

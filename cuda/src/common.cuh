@@ -134,6 +134,22 @@ template <int DT> __device__ __forceinline__ void kv_st(void *__restrict__ out, 
   else ((uint16_t *)out)[i] = kv_f2h<DT>(v);
 }
 
+/** cp.async of N bytes (16: L2 only; 4 or 8: through L1) from global g to shared address saddr. */
+template <int N> __device__ __forceinline__ void kv_cpa(uint32_t saddr, const void *g) {
+  if constexpr (N == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(g));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(saddr), "l"(g), "n"(N));
+}
+__device__ __forceinline__ void kv_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+/** Waits until at most `pending` (0..3) of this thread's cp.async groups are still in flight. */
+__device__ __forceinline__ void kv_wait(int pending) {
+  if (pending <= 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  else if (pending == 1) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  else if (pending == 2) asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+  else asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+}
+
 /** Values per 16-byte chunk. */
 template <int DT> struct kv_vec { static constexpr int n = 16 / kv_dt<DT>::size; };
 

@@ -12,6 +12,8 @@
  * each lane loads one 16-byte chunk (8 halves or 4 floats), G / chunk lanes share a group and reduce
  * min/max with __shfl_xor_sync, and the lanes of one word OR their code bits together by shuffle.
  */
+#include <cuda_bf16.h>
+
 #include "common.cuh"
 
 #define KV_STRIP_ROWS 512 /* rows of a token-axis strip: whole groups for every G */
@@ -30,13 +32,13 @@ static __device__ __noinline__ uint32_t kv_ucode_exact(float x, float z, float s
  * rounded to nearest-even by the 1.5 * 2^23 trick (exact for 0 <= tc <= 15: m's low bits are the
  * integer), without the slower F2I / FRND instructions. When tc is at least 1e-4 from a
  * half-integer, t and RN(Q) round to the same integer; near a half-integer the exact formula
- * decides. __fadd_rn / __fmul_rn keep nvcc from contracting into FMAs.
+ * decides. __fadd_rn / __fmul_rn keep nvcc from contracting into FMAs. No test of s: where s is not
+ * a positive finite number, rinv is 0 (kv_rinv), t is 0 or NaN, and the code is 0, as the reference's.
  */
 #define KV_MAGIC 12582912.0f /* 1.5 * 2^23 */
 #define KV_MAGIC_BITS 0x4B400000u
 template <int BITS>
 __device__ __forceinline__ uint32_t kv_ucode(float x, float z, float s, float rinv) {
-  if (!(s > 0.0f)) return 0u;
   constexpr float top = (float)((1 << BITS) - 1);
   const float t = __fmul_rn(__fsub_rn(x, z), rinv);
   const float tc = fminf(fmaxf(t, 0.0f), top);
@@ -46,8 +48,166 @@ __device__ __forceinline__ uint32_t kv_ucode(float x, float z, float s, float ri
   return __float_as_uint(m) - KV_MAGIC_BITS;
 }
 
-/** 1 / s for kv_ucode (unused when s is not > 0). */
+/** 1 / s for kv_ucode: 0 where s is not > 0 (and 1 / inf = 0), which makes every code 0. */
 __device__ __forceinline__ float kv_rinv(float s) { return s > 0.0f ? 1.0f / s : 0.0f; }
+
+/** kivi_uniform_params with the hardware's f16 conversions (RNE: the same bits as kivi_f32_to_f16),
+    and the floats that the codes are computed from. */
+struct kv_up {
+  uint16_t sh, zh;
+  float s, z, rinv;
+};
+template <int BITS> __device__ __forceinline__ kv_up kv_uparams(float mn, float mx) {
+  kv_up p;
+  const __half hs = __float2half_rn(__fdiv_rn(__fsub_rn(mx, mn), (float)((1 << BITS) - 1))), hz = __float2half_rn(mn);
+  p.sh = __half_as_ushort(hs);
+  p.zh = __half_as_ushort(hz);
+  p.s = __half2float(hs);
+  p.z = __half2float(hz);
+  p.rinv = kv_rinv(p.s);
+  return p;
+}
+
+/*
+ * 2 bits from 16-bit inputs by comparison. The reference code q(x) = clamp(rint(fl(fl(x - z) / s)))
+ * is monotone in x, so for each level k = 1..3 there is a least 16-bit value T_k with q(x) >= k, and
+ * q(x) = #{k : x >= T_k} for every input x, NaN included (it compares false: code 0, as the
+ * reference). A group's three thresholds are found once, exactly (below); each pair of values then
+ * costs two packed compares and one select: hi = [x >= T2], lo = [x >= (hi ? T3 : T1)], both as
+ * 0xffff-per-half masks (HSET2), which drop straight into the packed words with one LOP3 per bit.
+ */
+
+/** Position of a 16-bit pattern on the number line (both zeros at 0; NaN patterns never asked). */
+__device__ __forceinline__ int kv_h_ord(uint32_t h) { return (h & 0x8000u) ? -(int)(h & 0x7fffu) : (int)h; }
+__device__ __forceinline__ uint32_t kv_h_from_ord(int o) { return o >= 0 ? (uint32_t)o : 0x8000u | (uint32_t)(-o); }
+
+/** q(y) >= k for the stored params, by y's fp32 quotient where that decides (it is within
+    |Q| * 2^-22 < 1e-5 of the reference's Q here) and by the reference formula near the boundary. */
+template <int DT>
+__device__ __forceinline__ bool kv_code_ge(uint32_t y, float z, float s, float rinv, int k) {
+  const float t = __fmul_rn(__fsub_rn(kv_h2f<DT>(y), z), rinv), c = (float)k - 0.5f;
+  if (t > c + 1e-5f) return true;
+  if (t < c - 1e-5f) return false;
+  return kv_ucode_exact(kv_h2f<DT>(y), z, s, 2) >= (uint32_t)k;
+}
+
+/** T_k (16-bit pattern; a NaN pattern when no value reaches level k). Start at the 16-bit value
+    nearest the real boundary z + (k - 1/2) s, which is almost always T_k or its neighbour (two
+    checks); where fp32 rounding moves the boundary further (it can, by thousands of bf16 steps, when
+    the boundary is 0 and |z| is large), gallop along the number line, then bisect. */
+template <int DT>
+__device__ __noinline__ uint32_t kv_threshold(float z, float s, float rinv, int k) {
+  constexpr int inf = DT == KIVI_F16 ? 0x7c00 : 0x7f80;
+  constexpr uint32_t nan = DT == KIVI_F16 ? 0x7e00u : 0x7fc0u;
+  if (!(s > 0.0f)) return nan; /* constant or NaN group: code 0 everywhere */
+  uint32_t y = kv_f2h<DT>(__fmaf_rn((float)k - 0.5f, s, z));
+  if ((y & 0x7fffu) > (uint32_t)inf) y = inf; /* z = -inf with s = inf: start from the top */
+  int lo, hi;                                 /* positions with q < k at lo and q >= k at hi */
+  if (kv_code_ge<DT>(y, z, s, rinv, k)) {
+    hi = kv_h_ord(y);
+    for (int d = 1;; d *= 2) {
+      if (hi == -inf) return kv_h_from_ord(hi);
+      lo = hi - d > -inf ? hi - d : -inf;
+      if (!kv_code_ge<DT>(kv_h_from_ord(lo), z, s, rinv, k)) break;
+      hi = lo;
+    }
+  } else {
+    lo = kv_h_ord(y);
+    for (int d = 1;; d *= 2) {
+      if (lo == inf) return nan; /* not even +inf reaches k (s = inf) */
+      hi = lo + d < inf ? lo + d : inf;
+      if (kv_code_ge<DT>(kv_h_from_ord(hi), z, s, rinv, k)) break;
+      lo = hi;
+    }
+  }
+  while (hi - lo > 1) {
+    const int m = lo + (hi - lo) / 2;
+    if (kv_code_ge<DT>(kv_h_from_ord(m), z, s, rinv, k)) hi = m;
+    else lo = m;
+  }
+  return kv_h_from_ord(hi);
+}
+
+/** kv_threshold's common case inline: the 16-bit value y nearest the boundary is T_k when the fp32
+    quotients alone show q(y) >= k > q(y - 1 step); anything else (a check too close to call, s not
+    positive, infinities) goes to the general search. */
+template <int DT>
+__device__ __forceinline__ uint32_t kv_threshold_near(float z, float s, float rinv, int k) {
+  const float c = (float)k - 0.5f;
+  const uint32_t y = kv_f2h<DT>(__fmaf_rn(c, s, z));
+  const uint32_t p = (y & 0x7fffu) == 0 ? 0x8001u : (y & 0x8000u) ? y + 1 : y - 1; /* the value below y */
+  const float ty = __fmul_rn(__fsub_rn(kv_h2f<DT>(y), z), rinv), tp = __fmul_rn(__fsub_rn(kv_h2f<DT>(p), z), rinv);
+  if (ty > c + 1e-5f && tp < c - 1e-5f) return y;
+  return kv_threshold<DT>(z, s, rinv, k);
+}
+
+/** Both halves of a and b compared: 0xffff in each half where a >= b (false for NaN). */
+template <int DT> __device__ __forceinline__ uint32_t kv_ge2(uint32_t a, uint32_t b) {
+  if constexpr (DT == KIVI_F16)
+    return __hge2_mask(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
+  else
+    return __hge2_mask(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
+}
+template <int DT> __device__ __forceinline__ uint32_t kv_min2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (DT == KIVI_F16) {
+    const __half2 m = __hmin2(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
+    r = *reinterpret_cast<const uint32_t *>(&m);
+  } else {
+    const __nv_bfloat162 m =
+        __hmin2(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
+    r = *reinterpret_cast<const uint32_t *>(&m);
+  }
+  return r;
+}
+template <int DT> __device__ __forceinline__ uint32_t kv_max2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (DT == KIVI_F16) {
+    const __half2 m = __hmax2(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
+    r = *reinterpret_cast<const uint32_t *>(&m);
+  } else {
+    const __nv_bfloat162 m =
+        __hmax2(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
+    r = *reinterpret_cast<const uint32_t *>(&m);
+  }
+  return r;
+}
+
+/** A 2-bit group's params (as kivi_uniform_params) and its thresholds, for one column of values. */
+struct kv_u2 {
+  uint16_t sh, zh;
+  uint32_t t1, t2, t3;
+};
+template <int DT> __device__ __forceinline__ kv_u2 kv_u2_group(float mn, float mx) {
+  kv_u2 g;
+  const kv_up p = kv_uparams<2>(mn, mx);
+  g.sh = p.sh;
+  g.zh = p.zh;
+  g.t1 = kv_threshold_near<DT>(p.z, p.s, p.rinv, 1);
+  g.t2 = kv_threshold_near<DT>(p.z, p.s, p.rinv, 2);
+  g.t3 = kv_threshold_near<DT>(p.z, p.s, p.rinv, 3);
+  return g;
+}
+
+/** Code bits of a pair x (two values) against paired thresholds: *hi = bit 1, *lo = bit 0, as
+    0xffff-per-half masks. */
+template <int DT>
+__device__ __forceinline__ void kv_u2_bits(uint32_t x, uint32_t t1, uint32_t t2, uint32_t t3, uint32_t *hi,
+                                           uint32_t *lo) {
+  *hi = kv_ge2<DT>(x, t2);
+  *lo = kv_ge2<DT>(x, (*hi & t3) | (~*hi & t1));
+}
+
+/** Puts the 2-bit codes of the low half's 8 slots and the high half's 8 slots alternately
+    (low slot i -> slot 2i, high slot i -> slot 2i + 1): an outer perfect shuffle of 2-bit units. */
+__device__ __forceinline__ uint32_t kv_shuffle2(uint32_t x) {
+  x = __byte_perm(x, 0, 0x3120);
+  uint32_t t = (x ^ (x >> 4)) & 0x00f000f0u;
+  x ^= t ^ (t << 4);
+  t = (x ^ (x >> 2)) & 0x0c0c0c0cu;
+  x ^= t ^ (t << 2);
+  return x;
+}
 
 /* ---------------------------------------------------------------- quantize, token axis --- */
 
@@ -98,9 +258,9 @@ static __global__ void __launch_bounds__(128)
             mn = fminf(mn, v);
             mx = fmaxf(mx, v);
           }
-          uint16_t sh, zh;
-          kivi_uniform_params(mn, mx, BITS, &sh, &zh);
-          const float s = kivi_f16_to_f32(sh), z = kivi_f16_to_f32(zh), rinv = kv_rinv(s);
+          const kv_up pr = kv_uparams<BITS>(mn, mx);
+          const uint16_t sh = pr.sh, zh = pr.zh;
+          const float s = pr.s, z = pr.z, rinv = pr.rinv;
           const int64_t c = c0 + e;
           scale[c * gpc + gr + k] = sh;
           zero[c * gpc + gr + k] = zh;
@@ -132,27 +292,37 @@ static __global__ void __launch_bounds__(128)
 #endif
 #define KV_TS_THREADS 256
 
+/** Groups a warp loads per step: 2 where one group is fewer than 64 loads in flight, except for
+    2 bits from pairs (thresholds), whose lighter arithmetic pays more for occupancy. */
+__host__ __device__ constexpr int kv_ts_k(int G, int bits, int ept) { return G >= 64 || (bits == 2 && ept == 2) ? 1 : 2; }
+/** CTAs of KV_TS_THREADS per SM the kernel is built for (bf16 G 64 spills at 128 registers). */
+__host__ __device__ constexpr int kv_ts_ctas(int dt, int G, int bits, int ept) {
+  return bits == 2 && ept == 2 ? (G >= 64 ? 2 : 3) : (dt == KIVI_BF16 && G >= 64) ? 1 : 2;
+}
+
 template <int DT, int EPT, int G, int BITS>
-static __global__ void __launch_bounds__(KV_TS_THREADS, (DT == KIVI_BF16 && G >= 64) ? 1 : 2) /* bf16 G 64 spills at 128 regs */
+static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, EPT))
     k_uniform_quantize_token_staged(const void *__restrict__ x, int64_t rows, int64_t cols, int64_t ncolblk,
                                     int64_t ntasks, uint32_t *__restrict__ codes, uint16_t *__restrict__ scale,
                                     uint16_t *__restrict__ zero) {
   constexpr int CPW = 32 / BITS, WPG = G / CPW;
-  constexpr int K = G >= 64 ? 1 : 2;
+  constexpr int K = kv_ts_k(G, BITS, EPT);
   constexpr int NW = KV_TS_THREADS / 32, GPI = NW * K; /* groups per column per step */
   constexpr int TC = 32 * EPT;                          /* columns per tile */
-  constexpr int RW = GPI * WPG;                         /* words per column per step (>= 32) */
+  constexpr int RW = GPI * WPG;                         /* words per column per step (>= 16) */
   constexpr int RWP = RW + 1;                           /* padded row of s_codes */
   constexpr int ES = kv_dt<DT>::size;
   static_assert(EPT == 1 || (EPT == 2 && ES == 2), "pairs are 16-bit values");
-  static_assert(RW % 32 == 0, "a warp's readout stays in one column");
+  static_assert(RW % 16 == 0, "a warp's readout covers whole 64-byte runs of a column");
   __shared__ uint32_t s_codes[TC * RWP];
   __shared__ uint16_t s_scale[TC * GPI], s_zero[TC * GPI];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t gpc = rows / G, wpc = rows / CPW;
   for (int64_t t = blockIdx.x; t < ntasks; t += gridDim.x) {
-    const int64_t cbase = (t % ncolblk) * TC;
-    const int64_t gbase = (t / ncolblk) * GPI;
+    /* a task covers >= 2048 values, so task numbers fit 32 bits: a 32-bit division, not a 64-bit call */
+    const uint32_t tc = (uint32_t)t % (uint32_t)ncolblk, tg = (uint32_t)t / (uint32_t)ncolblk;
+    const int64_t cbase = (int64_t)tc * TC;
+    const int64_t gbase = (int64_t)tg * GPI;
     const int64_t c0 = cbase + lane * EPT;
     const bool col_ok = c0 < cols; /* cols % EPT == 0: the pair is all in or all out */
     const int64_t g0 = gbase + warp * K;
@@ -175,33 +345,75 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, (DT == KIVI_BF16 && G >=
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int gl = warp * K + k; /* group of the step */
-#pragma unroll
-      for (int e = 0; e < EPT; e++) {
-        float mn = kv_word_elem<DT>(raw[k][0], e), mx = mn;
+      if constexpr (BITS == 2 && EPT == 2) { /* by thresholds: the pair of columns in one 32-bit lane */
+        uint32_t mn2 = raw[k][0], mx2 = mn2;
 #pragma unroll
         for (int i = 1; i < G; i++) {
-          const float v = kv_word_elem<DT>(raw[k][i], e);
-          mn = fminf(mn, v);
-          mx = fmaxf(mx, v);
+          mn2 = kv_min2<DT>(mn2, raw[k][i]);
+          mx2 = kv_max2<DT>(mx2, raw[k][i]);
         }
-        uint16_t sh, zh;
-        kivi_uniform_params(mn, mx, BITS, &sh, &zh);
-        const float s = kivi_f16_to_f32(sh), z = kivi_f16_to_f32(zh), rinv = kv_rinv(s);
-        const int cl = lane * EPT + e; /* column of the tile */
-        s_scale[cl * GPI + gl] = sh;
-        s_zero[cl * GPI + gl] = zh;
+        const kv_u2 a = kv_u2_group<DT>(kv_word_elem<DT>(mn2, 0), kv_word_elem<DT>(mx2, 0));
+        const kv_u2 b = kv_u2_group<DT>(kv_word_elem<DT>(mn2, 1), kv_word_elem<DT>(mx2, 1));
+        s_scale[2 * lane * GPI + gl] = a.sh;
+        s_zero[2 * lane * GPI + gl] = a.zh;
+        s_scale[(2 * lane + 1) * GPI + gl] = b.sh;
+        s_zero[(2 * lane + 1) * GPI + gl] = b.zh;
+        const uint32_t t1 = a.t1 | b.t1 << 16, t2 = a.t2 | b.t2 << 16, t3 = a.t3 | b.t3 << 16;
 #pragma unroll
         for (int w = 0; w < WPG; w++) {
-          uint32_t word = 0;
+          /* rows 0-7 and 8-15 of the word, each with the left column's bits in the low half */
+          uint32_t r0 = 0, r8 = 0;
 #pragma unroll
-          for (int j = 0; j < CPW; j++)
-            word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[k][w * CPW + j], e), z, s, rinv) << (BITS * j);
-          s_codes[cl * RWP + gl * WPG + w] = word;
+          for (int j = 0; j < 16; j++) {
+            uint32_t hi, lo;
+            kv_u2_bits<DT>(raw[k][w * 16 + j], t1, t2, t3, &hi, &lo);
+            const int p = 2 * (j & 7);
+            const uint32_t bits = (lo & (0x00010001u << p)) | (hi & (0x00020002u << p));
+            if (j < 8) r0 |= bits;
+            else r8 |= bits;
+          }
+          s_codes[2 * lane * RWP + gl * WPG + w] = __byte_perm(r0, r8, 0x5410);
+          s_codes[(2 * lane + 1) * RWP + gl * WPG + w] = __byte_perm(r0, r8, 0x7632);
+        }
+      } else {
+        uint32_t mn2 = raw[k][0], mx2 = mn2; /* pairs: both columns' min and max at once */
+        if constexpr (EPT == 2) {
+#pragma unroll
+          for (int i = 1; i < G; i++) {
+            mn2 = kv_min2<DT>(mn2, raw[k][i]);
+            mx2 = kv_max2<DT>(mx2, raw[k][i]);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < EPT; e++) {
+          float mn = kv_word_elem<DT>(mn2, e), mx = kv_word_elem<DT>(mx2, e);
+          if constexpr (EPT == 1) {
+#pragma unroll
+            for (int i = 1; i < G; i++) {
+              const float v = kv_word_elem<DT>(raw[k][i], e);
+              mn = fminf(mn, v);
+              mx = fmaxf(mx, v);
+            }
+          }
+          const kv_up pr = kv_uparams<BITS>(mn, mx);
+          const uint16_t sh = pr.sh, zh = pr.zh;
+          const float s = pr.s, z = pr.z, rinv = pr.rinv;
+          const int cl = lane * EPT + e; /* column of the tile */
+          s_scale[cl * GPI + gl] = sh;
+          s_zero[cl * GPI + gl] = zh;
+#pragma unroll
+          for (int w = 0; w < WPG; w++) {
+            uint32_t word = 0;
+#pragma unroll
+            for (int j = 0; j < CPW; j++)
+              word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[k][w * CPW + j], e), z, s, rinv) << (BITS * j);
+            s_codes[cl * RWP + gl * WPG + w] = word;
+          }
         }
       }
     }
     __syncthreads();
-    /* words: a warp writes 32 consecutive words of one column (128 bytes) per pass */
+    /* words: a warp writes 32 consecutive words (one column's 128 bytes, or two columns' 64) per pass */
     const int64_t ncl = cols - cbase < TC ? cols - cbase : TC;
     const int64_t ngl = gpc - gbase < GPI ? gpc - gbase : GPI;
     for (int idx = threadIdx.x; idx < TC * RW; idx += KV_TS_THREADS) {
@@ -263,9 +475,9 @@ static __global__ void __launch_bounds__(256)
         mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, off));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       }
-      uint16_t sh, zh;
-      kivi_uniform_params(mn, mx, BITS, &sh, &zh);
-      const float s = kivi_f16_to_f32(sh), z = kivi_f16_to_f32(zh), rinv = kv_rinv(s);
+      const kv_up pr = kv_uparams<BITS>(mn, mx);
+      const uint16_t sh = pr.sh, zh = pr.zh;
+      const float s = pr.s, z = pr.z, rinv = pr.rinv;
       uint32_t piece = 0;
 #pragma unroll
       for (int j = 0; j < V; j++) piece |= kv_ucode<BITS>(v[u][j], z, s, rinv) << (BITS * j);
@@ -279,6 +491,110 @@ static __global__ void __launch_bounds__(256)
         scale[i / L] = sh;
         zero[i / L] = zh;
       }
+    }
+  }
+}
+
+/*
+ * Channel axis, 16-bit values (the common case): a lane owns a whole group, so its params (and, at 2
+ * bits, thresholds) are worked out once and not by every lane of the group. A warp takes blocks of 32
+ * consecutive groups (32 * G * 2 contiguous bytes); the block streams into the warp's own ring of
+ * NST shared-memory stages by cp.async (coalesced 16-byte copies, no registers held while in flight),
+ * laid out with one pad chunk per group so that each lane then reads its group's chunks without bank
+ * conflicts. Pairs of neighbouring values share a 32-bit lane of the compares; kv_shuffle2 puts the
+ * even and odd values' codes back in order.
+ */
+#define KV_CL_WARPS 4
+
+template <int G> struct kv_cl {
+  static constexpr int CPG = G / 8;            /* 16-byte chunks per group */
+  static constexpr int NST = G >= 128 ? 2 : 3; /* stages per warp */
+  static constexpr int SLOT = 32 * (CPG + 1);  /* chunks per stage, pads included */
+  static constexpr int SMEM = KV_CL_WARPS * NST * SLOT * 16;
+};
+
+template <int DT, int G, int BITS>
+static __global__ void __launch_bounds__(KV_CL_WARPS * 32)
+    k_uniform_quantize_channel_lane(const void *__restrict__ x, int64_t ngroups, uint32_t *__restrict__ codes,
+                                  uint16_t *__restrict__ scale, uint16_t *__restrict__ zero) {
+  using C = kv_cl<G>;
+  constexpr int CPG = C::CPG, NST = C::NST, SLOT = C::SLOT, WPG = G * BITS / 32;
+  extern __shared__ uint4 kv_cl_ring[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint4 *ring = kv_cl_ring + warp * NST * SLOT;
+  const uint32_t sring = (uint32_t)__cvta_generic_to_shared(ring);
+  const int64_t w0 = (int64_t)blockIdx.x * KV_CL_WARPS + warp, nw = (int64_t)gridDim.x * KV_CL_WARPS;
+  const int64_t nblk = (ngroups + 31) / 32;
+  /* the warp's b-th block is w0 + b * nw; one cp.async group per block, empty past the end */
+  auto issue = [&](int64_t b) {
+    const int64_t blk = w0 + b * nw;
+    if (blk < nblk) {
+      const int64_t g0 = blk * 32, n = (ngroups - g0 < 32 ? ngroups - g0 : 32) * CPG;
+      const uint4 *src = (const uint4 *)x + g0 * CPG;
+      const uint32_t st = sring + (uint32_t)((b % NST) * SLOT * 16);
+#pragma unroll
+      for (int q = 0; q < CPG; q++) {
+        const int ci = q * 32 + lane;
+        if (ci < n) kv_cpa<16>(st + (uint32_t)(ci + ci / CPG) * 16u, src + ci);
+      }
+    }
+    kv_commit();
+  };
+#pragma unroll
+  for (int b = 0; b < NST - 1; b++) issue(b);
+  for (int64_t b = 0; w0 + b * nw < nblk; b++) {
+    issue(b + NST - 1);
+    kv_wait(NST - 1);
+    __syncwarp();
+    uint32_t raw[G / 2];
+    const uint4 *mine = ring + (b % NST) * SLOT + lane * (CPG + 1);
+#pragma unroll
+    for (int q = 0; q < CPG; q++) {
+      const uint4 u = mine[q];
+      raw[4 * q] = u.x;
+      raw[4 * q + 1] = u.y;
+      raw[4 * q + 2] = u.z;
+      raw[4 * q + 3] = u.w;
+    }
+    __syncwarp(); /* every lane has read the stage before the next issue refills it */
+    const int64_t g = (w0 + b * nw) * 32 + lane;
+    if (g >= ngroups) continue;
+    uint32_t mn2 = raw[0], mx2 = raw[0];
+#pragma unroll
+    for (int j = 1; j < G / 2; j++) {
+      mn2 = kv_min2<DT>(mn2, raw[j]);
+      mx2 = kv_max2<DT>(mx2, raw[j]);
+    }
+    const float mn = fminf(kv_word_elem<DT>(mn2, 0), kv_word_elem<DT>(mn2, 1));
+    const float mx = fmaxf(kv_word_elem<DT>(mx2, 0), kv_word_elem<DT>(mx2, 1));
+    if constexpr (BITS == 2) {
+      const kv_u2 q = kv_u2_group<DT>(mn, mx);
+      const uint32_t t1 = q.t1 * 0x10001u, t2 = q.t2 * 0x10001u, t3 = q.t3 * 0x10001u;
+#pragma unroll
+      for (int w = 0; w < WPG; w++) {
+        uint32_t acc = 0; /* even values' codes in the low half, odd values' in the high half */
+#pragma unroll
+        for (int p = 0; p < 8; p++) {
+          uint32_t hi, lo;
+          kv_u2_bits<DT>(raw[8 * w + p], t1, t2, t3, &hi, &lo);
+          acc |= (lo & (0x00010001u << (2 * p))) | (hi & (0x00020002u << (2 * p)));
+        }
+        codes[g * WPG + w] = kv_shuffle2(acc);
+      }
+      scale[g] = q.sh;
+      zero[g] = q.zh;
+    } else {
+      const kv_up q = kv_uparams<BITS>(mn, mx);
+#pragma unroll
+      for (int w = 0; w < WPG; w++) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+          word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[4 * w + j / 2], j & 1), q.z, q.s, q.rinv) << (4 * j);
+        codes[g * WPG + w] = word;
+      }
+      scale[g] = q.sh;
+      zero[g] = q.zh;
     }
   }
 }
@@ -369,9 +685,9 @@ static void launch_quantize(kivi_ctx_t ctx, const void *x, const kv_shape &sh, u
     if (KV_TOKEN_STAGED && sh.group <= 64) { /* G 128 holds 128 raw words per thread: the loop below */
       const int ept = pairs ? 2 : 1;
       const int64_t ncolblk = (sh.cols + 32 * ept - 1) / (32 * ept);
-      const int64_t gpi = (KV_TS_THREADS / 32) * (sh.group >= 64 ? 1 : 2);
+      const int64_t gpi = (KV_TS_THREADS / 32) * kv_ts_k(sh.group, sh.bits, ept);
       const int64_t ntasks = ncolblk * ((sh.row_groups + gpi - 1) / gpi);
-      const unsigned grid = kv_grid(ctx, ntasks, 2); /* 2 CTAs resident per SM */
+      const unsigned grid = kv_grid(ctx, ntasks, kv_ts_ctas(DT, sh.group, sh.bits, ept));
 #define KV_Q_TOKEN_S(G, B)                                                                                     \
   if (pairs)                                                                                                   \
     k_uniform_quantize_token_staged<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, G, B>                                \
@@ -405,6 +721,24 @@ static void launch_quantize(kivi_ctx_t ctx, const void *x, const kv_shape &sh, u
   } else {
     const int64_t nchunks = sh.rows * sh.cols / kv_vec<DT>::n;
     const bool aligned = ((uintptr_t)x & 15u) == 0;
+    if constexpr (DT != KIVI_F32) {
+      if (aligned) {
+        const int64_t nblk = (sh.groups + 31) / 32;
+#define KV_Q_CHANNEL_LANE(G, B)                                                                                 \
+  {                                                                                                             \
+    static bool big_smem = false; /* kv_cl<G>::SMEM may pass the 48 KiB default: allow it once */             \
+    if (!big_smem)                                                                                              \
+      big_smem = cudaFuncSetAttribute((const void *)k_uniform_quantize_channel_lane<DT, G, B>,                      \
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kv_cl<G>::SMEM) == cudaSuccess; \
+    const unsigned grid = kv_grid(ctx, (nblk + KV_CL_WARPS - 1) / KV_CL_WARPS, 228 * 1024 / (kv_cl<G>::SMEM + 1024)); \
+    k_uniform_quantize_channel_lane<DT, G, B>                                                                     \
+        <<<grid, KV_CL_WARPS * 32, kv_cl<G>::SMEM, ctx->stream>>>(x, sh.groups, codes, scale, zero);           \
+  }
+        KV_DISPATCH_GB(sh.group, sh.bits, KV_Q_CHANNEL_LANE)
+#undef KV_Q_CHANNEL_LANE
+        return;
+      }
+    }
     const unsigned grid = kv_grid(ctx, (nchunks + 256 * KV_U - 1) / (256 * KV_U), 8);
 #define KV_Q_CHANNEL(G, B) \
   k_uniform_quantize_channel<DT, G, B><<<grid, 256, 0, ctx->stream>>>(x, nchunks, aligned, codes, scale, zero);

@@ -402,6 +402,106 @@ out:
 /* ---------------------------------------------------------------- misaligned pointers ---- */
 
 /* x and out one element past an allocation's start: the kernels' unaligned paths. */
+/*
+ * Uniform codes where they are hardest to get right: every group's values sit within a few 16-bit
+ * steps of its own decision boundaries z + (k - 1/2) s (the device finds 2-bit codes by comparing
+ * with per-group thresholds, so each threshold must be exact). Groups of several kinds: moderate;
+ * far from zero with coarse steps (exact ties); in the f16 subnormals; a boundary at exactly 0 with
+ * a large |z|; constant (s = 0); a range of a few steps; and, with KIVI_FLAG_TRUSTED, groups holding
+ * +-Inf, and for bf16 groups beyond the fp16 range (z = +-Inf). Codes and params bit for bit.
+ */
+static uint16_t to16(kivi_dtype dt, float v) { return dt == KIVI_F16 ? kivi_f32_to_f16(v) : kivi_f32_to_bf16(v); }
+static float from16(kivi_dtype dt, uint16_t h) { return dt == KIVI_F16 ? kivi_f16_to_f32(h) : kivi_bf16_to_f32(h); }
+static uint16_t step16(uint16_t h, int by) { /* by 16-bit steps along the number line (both zeros at 0) */
+  int o = (h & 0x8000u) ? -(int)(h & 0x7fffu) : (int)h;
+  o += by;
+  return o >= 0 ? (uint16_t)o : (uint16_t)(0x8000u | (uint32_t)(-o));
+}
+
+static void run_boundary(lib *C, lib *G) {
+  for (int dti = 0; dti < 2; dti++)
+    for (int axis = 0; axis < 2; axis++)
+      for (int gi = 0; gi < 3; gi++)
+        for (int bits = 2; bits <= 4; bits += 2)
+          for (int trusted = 0; trusted < 2; trusted++) {
+            const kivi_dtype dt = dti ? KIVI_BF16 : KIVI_F16;
+            const int32_t group = 32 << gi, top = (1 << bits) - 1;
+            const int64_t rows = axis ? 37 : 4 * group, cols = axis ? 3 * group : 98;
+            const int64_t n = rows * cols, groups = kivi_group_count(rows, cols, axis, group);
+            const int64_t nwords = n / (32 / bits);
+            char tag[96];
+            snprintf(tag, sizeof tag, "boundaries %s %s G=%d b=%d%s", aname(axis), dname(dt), group, bits,
+                     trusted ? " trusted" : "");
+            const int fails0 = n_fail;
+            int *kind = malloc((size_t)groups * sizeof *kind), *p0 = malloc((size_t)groups * sizeof *p0),
+                *p1 = malloc((size_t)groups * sizeof *p1);
+            uint16_t *lo = malloc((size_t)groups * 2), *hi = malloc((size_t)groups * 2), *x = malloc((size_t)n * 2);
+            float *z = malloc((size_t)groups * sizeof *z), *sc = malloc((size_t)groups * sizeof *sc);
+            for (int64_t g = 0; g < groups; g++) {
+              const int nk = trusted ? (dt == KIVI_BF16 ? 10 : 8) : 6;
+              kind[g] = (int)(xs() % (uint64_t)nk);
+              float base, range;
+              const float S = 0.1f + 4.0f * urand();
+              switch (kind[g]) {
+                case 0: base = 2.0f * nrand(); range = 0.5f + 3.0f * urand(); break;
+                case 1: base = (xs() & 1 ? 1.0f : -1.0f) * (900.0f + 200.0f * urand()); range = 1.0f + 7.0f * urand(); break;
+                case 2: base = -2e-5f * urand(); range = 1e-6f + 4e-5f * urand(); break;
+                case 3: base = -0.5f * (float)top * S; range = (float)top * S; break; /* a boundary at 0 */
+                case 4: base = nrand(); range = 0.0f; break;                            /* constant */
+                case 5: base = 3.0f + nrand(); range = 0.0f; break;                     /* 1-4 steps: set below */
+                case 6: base = nrand(); range = 2.0f; break;                            /* with -Inf */
+                case 7: base = nrand(); range = 2.0f; break;                            /* with +Inf */
+                case 8: base = 7e4f + 1e4f * urand(); range = 5e4f; break;              /* z = +Inf */
+                default: base = -9e4f - 1e4f * urand(); range = 5e4f; break;            /* z = -Inf */
+              }
+              lo[g] = to16(dt, base);
+              hi[g] = kind[g] == 5 ? step16(lo[g], 1 + (int)(xs() % 4)) : to16(dt, base + range);
+              if (from16(dt, hi[g]) < from16(dt, lo[g])) hi[g] = lo[g];
+              uint16_t sh, zh;
+              kivi_uniform_params(from16(dt, lo[g]), from16(dt, hi[g]), bits, &sh, &zh);
+              sc[g] = kivi_f16_to_f32(sh);
+              z[g] = kivi_f16_to_f32(zh);
+              p0[g] = (int)(xs() % (uint64_t)group);
+              p1[g] = (p0[g] + 1 + (int)(xs() % (uint64_t)(group - 1))) % group;
+            }
+            for (int64_t r = 0; r < rows; r++)
+              for (int64_t c = 0; c < cols; c++) {
+                const int64_t g = kivi_group_of(r, c, rows, cols, axis, group);
+                const int i = (int)(axis ? c % group : r % group);
+                uint16_t h;
+                if (i == p0[g]) h = kind[g] == 6 ? to16(dt, -INFINITY) : lo[g];
+                else if (i == p1[g]) h = kind[g] == 7 ? to16(dt, INFINITY) : hi[g];
+                else if (kind[g] == 4) h = lo[g];
+                else {
+                  const int k = 1 + (int)(xs() % (uint64_t)top);
+                  const float b = z[g] + ((float)k - 0.5f) * sc[g];
+                  h = step16(to16(dt, b), (int)(xs() % 7) - 3);
+                  const float v = from16(dt, h);
+                  if (!(v >= from16(dt, lo[g]))) h = lo[g]; /* keep the group's min and max */
+                  else if (!(v <= from16(dt, hi[g]))) h = hi[g];
+                }
+                x[r * cols + c] = h;
+              }
+            buf bx = {0}, bc = {0}, bs = {0}, bz = {0};
+            if (buf_new(C, G, &bx, (size_t)n * 2, x, 0) || buf_new(C, G, &bc, (size_t)nwords * 4, NULL, 0xab) ||
+                buf_new(C, G, &bs, (size_t)groups * 2, NULL, 0xab) || buf_new(C, G, &bz, (size_t)groups * 2, NULL, 0xab))
+              goto out;
+            const int32_t flags = trusted ? KIVI_FLAG_TRUSTED : 0;
+            OK(C, uniform_quantize(C->ctx, bx.cpu, dt, rows, cols, axis, group, bits, flags, bc.cpu, bs.cpu, bz.cpu));
+            OK(G, uniform_quantize(G->ctx, bx.gpu, dt, rows, cols, axis, group, bits, flags, bc.gpu, bs.gpu, bz.gpu));
+            same_bits(G, &bc, "codes", tag);
+            same_bits(G, &bs, "scale", tag);
+            same_bits(G, &bz, "zero", tag);
+            if (n_fail == fails0) pass("%s", tag);
+          out:
+            buf_free(C, G, &bx);
+            buf_free(C, G, &bc);
+            buf_free(C, G, &bs);
+            buf_free(C, G, &bz);
+            free(kind), free(p0), free(p1), free(lo), free(hi), free(x), free(z), free(sc);
+          }
+}
+
 static void run_unaligned(lib *C, lib *G) {
   for (int axis = 0; axis < 2; axis++)
     for (int dt = 0; dt < 3; dt++) {
@@ -764,6 +864,7 @@ int main(int argc, char **argv) {
          "iters differing %lld, max inertia rel diff %.3g; stats max rel diff %.3g\n",
          max_cent_diff, max_cent_excess, (long long)code_boundary_diffs, (long long)iters_diffs, max_inertia_rel,
          max_stats_rel);
+  run_boundary(&C, &G);
   run_unaligned(&C, &G);
   run_pack(&C, &G);
   run_errors(&C, &G);
