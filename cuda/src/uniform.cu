@@ -128,16 +128,29 @@ __device__ __noinline__ uint32_t kv_threshold(float z, float s, float rinv, int 
   return kv_h_from_ord(hi);
 }
 
-/** kv_threshold's common case inline: the 16-bit value y nearest the boundary is T_k when the fp32
-    quotients alone show q(y) >= k > q(y - 1 step); anything else (a check too close to call, s not
-    positive, infinities) goes to the general search. */
+/** kv_threshold's common case inline. y, the 16-bit value nearest the boundary, is T_k when the fp32
+    quotients show q(y) >= k > q(y - 1 step), and the value above y is T_k when they show
+    q(y) < k <= q(y + 1 step) (y rounded down: as often as not). y exactly on the boundary
+    (y - z == (k - 1/2) s, common with fp16 data and params) has the quotient k - 1/2 exactly, which
+    rounds to even. Anything else (a check too close to call, s not a positive finite number,
+    infinities) goes to the general search. */
 template <int DT>
 __device__ __forceinline__ uint32_t kv_threshold_near(float z, float s, float rinv, int k) {
-  const float c = (float)k - 0.5f;
+  const float c = (float)k - 0.5f, eps = 1e-5f;
   const uint32_t y = kv_f2h<DT>(__fmaf_rn(c, s, z));
-  const uint32_t p = (y & 0x7fffu) == 0 ? 0x8001u : (y & 0x8000u) ? y + 1 : y - 1; /* the value below y */
-  const float ty = __fmul_rn(__fsub_rn(kv_h2f<DT>(y), z), rinv), tp = __fmul_rn(__fsub_rn(kv_h2f<DT>(p), z), rinv);
-  if (ty > c + 1e-5f && tp < c - 1e-5f) return y;
+  const bool zero = (y & 0x7fffu) == 0, neg = (y & 0x8000u) != 0;
+  const uint32_t below = zero ? 0x8001u : neg ? y + 1 : y - 1, above = zero ? 0x0001u : neg ? y - 1 : y + 1;
+  const float dy = __fsub_rn(kv_h2f<DT>(y), z), ty = __fmul_rn(dy, rinv);
+  const float tb = __fmul_rn(__fsub_rn(kv_h2f<DT>(below), z), rinv);
+  const float ta = __fmul_rn(__fsub_rn(kv_h2f<DT>(above), z), rinv);
+  if (s > 0.0f && s < INFINITY) {
+    const bool on = __fmul_rn(c, s) == dy; /* c * s is exact: 5 bits times 11 */
+    if (on ? (k % 2 == 0) : ty > c + eps) {
+      if (tb < c - eps) return y;
+    } else if (on || ty < c - eps) {
+      if (ta > c + eps) return above;
+    }
+  }
   return kv_threshold<DT>(z, s, rinv, k);
 }
 
@@ -416,6 +429,23 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
     /* words: a warp writes 32 consecutive words (one column's 128 bytes, or two columns' 64) per pass */
     const int64_t ncl = cols - cbase < TC ? cols - cbase : TC;
     const int64_t ngl = gpc - gbase < GPI ? gpc - gbase : GPI;
+    if (ncl == TC && ngl == GPI) { /* a whole tile: fixed places, one pointer step per pass */
+      static_assert((TC * RW) % KV_TS_THREADS == 0 && (TC * GPI) % KV_TS_THREADS == 0, "whole passes");
+      constexpr int CW = KV_TS_THREADS / RW, CP = KV_TS_THREADS / GPI; /* columns per pass */
+      const int wi = threadIdx.x % RW, gi = threadIdx.x % GPI;
+      uint32_t *dst = codes + (cbase + threadIdx.x / RW) * wpc + gbase * WPG + wi;
+#pragma unroll
+      for (int q = 0; q < TC * RW / KV_TS_THREADS; q++)
+        dst[q * CW * wpc] = s_codes[(threadIdx.x / RW + q * CW) * RWP + wi];
+      const int64_t po = (cbase + threadIdx.x / GPI) * gpc + gbase + gi;
+#pragma unroll
+      for (int q = 0; q < TC * GPI / KV_TS_THREADS; q++) {
+        scale[po + q * CP * gpc] = s_scale[threadIdx.x + q * KV_TS_THREADS];
+        zero[po + q * CP * gpc] = s_zero[threadIdx.x + q * KV_TS_THREADS];
+      }
+      __syncthreads();
+      continue;
+    }
     for (int idx = threadIdx.x; idx < TC * RW; idx += KV_TS_THREADS) {
       const int cl = idx / RW, wi = idx % RW;
       if (cl < ncl && wi < ngl * WPG) codes[(cbase + cl) * wpc + gbase * WPG + wi] = s_codes[cl * RWP + wi];
@@ -525,29 +555,30 @@ static __global__ void __launch_bounds__(KV_CL_WARPS * 32)
   const uint32_t sring = (uint32_t)__cvta_generic_to_shared(ring);
   const int64_t w0 = (int64_t)blockIdx.x * KV_CL_WARPS + warp, nw = (int64_t)gridDim.x * KV_CL_WARPS;
   const int64_t nblk = (ngroups + 31) / 32;
-  /* the warp's b-th block is w0 + b * nw; one cp.async group per block, empty past the end */
-  auto issue = [&](int64_t b) {
-    const int64_t blk = w0 + b * nw;
+  /* the warp's blocks are blk = w0, w0 + nw, ...; one cp.async group per block (empty past the
+     end) into stage st of the ring */
+  auto issue = [&](int64_t blk, int st) {
     if (blk < nblk) {
       const int64_t g0 = blk * 32, n = (ngroups - g0 < 32 ? ngroups - g0 : 32) * CPG;
       const uint4 *src = (const uint4 *)x + g0 * CPG;
-      const uint32_t st = sring + (uint32_t)((b % NST) * SLOT * 16);
+      const uint32_t sa = sring + (uint32_t)(st * SLOT * 16);
 #pragma unroll
       for (int q = 0; q < CPG; q++) {
         const int ci = q * 32 + lane;
-        if (ci < n) kv_cpa<16>(st + (uint32_t)(ci + ci / CPG) * 16u, src + ci);
+        if (ci < n) kv_cpa<16>(sa + (uint32_t)(ci + ci / CPG) * 16u, src + ci);
       }
     }
     kv_commit();
   };
 #pragma unroll
-  for (int b = 0; b < NST - 1; b++) issue(b);
-  for (int64_t b = 0; w0 + b * nw < nblk; b++) {
-    issue(b + NST - 1);
+  for (int b = 0; b < NST - 1; b++) issue(w0 + b * nw, b);
+  int st = 0; /* stage of blk; the block NST - 1 ahead goes into the stage before it */
+  for (int64_t blk = w0; blk < nblk; blk += nw, st = st + 1 == NST ? 0 : st + 1) {
+    issue(blk + (NST - 1) * nw, st == 0 ? NST - 1 : st - 1);
     kv_wait(NST - 1);
     __syncwarp();
     uint32_t raw[G / 2];
-    const uint4 *mine = ring + (b % NST) * SLOT + lane * (CPG + 1);
+    const uint4 *mine = ring + st * SLOT + lane * (CPG + 1);
 #pragma unroll
     for (int q = 0; q < CPG; q++) {
       const uint4 u = mine[q];
@@ -557,7 +588,7 @@ static __global__ void __launch_bounds__(KV_CL_WARPS * 32)
       raw[4 * q + 3] = u.w;
     }
     __syncwarp(); /* every lane has read the stage before the next issue refills it */
-    const int64_t g = (w0 + b * nw) * 32 + lane;
+    const int64_t g = blk * 32 + lane;
     if (g >= ngroups) continue;
     uint32_t mn2 = raw[0], mx2 = raw[0];
 #pragma unroll
