@@ -3,16 +3,25 @@
  * pass: read x once, min/max in registers, fp16 params, codes packed, no intermediate buffer) and
  * kivi_uniform_dequantize.
  *
- * Token axis (keys, a group = G rows of one column, words run along rows): a thread owns one
- * column (f32, or odd cols) or a pair of columns (one 32-bit load of two f16/bf16 values), so a
- * warp reads 128 contiguous bytes per row; it loops over the G rows of a group with every load in
- * flight, needs no shuffles for min/max, and walks a strip of consecutive groups so that its
- * packed words and params are contiguous runs.
- * Channel axis (values, a group = G consecutive columns): the matrix is a flat array of groups;
- * each lane loads one 16-byte chunk (8 halves or 4 floats), G / chunk lanes share a group and reduce
- * min/max with __shfl_xor_sync, and the lanes of one word OR their code bits together by shuffle.
+ * 2-bit codes of fp16/bf16 values come from packed comparisons against three exact per-group
+ * thresholds (kv_threshold*, kv_u2_bits); 4-bit codes and fp32 inputs from a division-free
+ * quotient with the reference formula near a rounding tie (kv_ucode). Both are bit-identical to the
+ * CPU build.
+ *
+ * Token axis (keys, a group = G rows of one column, words run along rows): a lane owns a pair of
+ * columns (one 32-bit load of two f16/bf16 values; one column for f32 or odd widths), so a warp reads
+ * 128 contiguous bytes per row. A CTA of 8 warps takes a tile of columns x 8 (or 16) groups of rows,
+ * stages codes and params in shared memory and writes each column's run contiguously
+ * (k_uniform_quantize_token_staged; with 2 bits, G 32 and aligned pairs the rows stream in through a
+ * per-warp cp.async ring). G 128 uses the simpler per-thread strip kernel.
+ * Channel axis (values, a group = G consecutive columns): for 16-bit values a lane owns a whole group
+ * and a warp's 32 groups stream into a per-warp cp.async ring (k_uniform_quantize_channel_lane); f32
+ * or unaligned input uses k_uniform_quantize_channel, where G / chunk lanes share a group and reduce
+ * min/max with __shfl_xor_sync.
  */
 #include <cuda_bf16.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -161,30 +170,15 @@ template <int DT> __device__ __forceinline__ uint32_t kv_ge2(uint32_t a, uint32_
   else
     return __hge2_mask(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
 }
-template <int DT> __device__ __forceinline__ uint32_t kv_min2(uint32_t a, uint32_t b) {
-  uint32_t r;
-  if constexpr (DT == KIVI_F16) {
-    const __half2 m = __hmin2(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
-    r = *reinterpret_cast<const uint32_t *>(&m);
-  } else {
-    const __nv_bfloat162 m =
-        __hmin2(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
-    r = *reinterpret_cast<const uint32_t *>(&m);
-  }
-  return r;
+/** Both halves' min (MAX false) or max of a and b; a NaN half gives the other value, as fminf. */
+template <int DT, bool MAX> __device__ __forceinline__ uint32_t kv_mm2(uint32_t a, uint32_t b) {
+  using T = typename std::conditional<DT == KIVI_F16, __half2, __nv_bfloat162>::type;
+  const T x = *reinterpret_cast<const T *>(&a), y = *reinterpret_cast<const T *>(&b);
+  const T m = MAX ? __hmax2(x, y) : __hmin2(x, y);
+  return *reinterpret_cast<const uint32_t *>(&m);
 }
-template <int DT> __device__ __forceinline__ uint32_t kv_max2(uint32_t a, uint32_t b) {
-  uint32_t r;
-  if constexpr (DT == KIVI_F16) {
-    const __half2 m = __hmax2(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
-    r = *reinterpret_cast<const uint32_t *>(&m);
-  } else {
-    const __nv_bfloat162 m =
-        __hmax2(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
-    r = *reinterpret_cast<const uint32_t *>(&m);
-  }
-  return r;
-}
+template <int DT> __device__ __forceinline__ uint32_t kv_min2(uint32_t a, uint32_t b) { return kv_mm2<DT, false>(a, b); }
+template <int DT> __device__ __forceinline__ uint32_t kv_max2(uint32_t a, uint32_t b) { return kv_mm2<DT, true>(a, b); }
 
 /** A 2-bit group's params (as kivi_uniform_params) and its thresholds, for one column of values. */
 struct kv_u2 {
