@@ -216,6 +216,20 @@ __device__ __forceinline__ uint32_t kv_shuffle2(uint32_t x) {
   return x;
 }
 
+/** Min and max (fminf / fmaxf: NaN ignored) of element e of the G words of a group. */
+template <int DT, int G>
+__device__ __forceinline__ void kv_group_minmax(const uint32_t (&raw)[G], int e, float *mn, float *mx) {
+  float lo = kv_word_elem<DT>(raw[0], e), hi = lo;
+#pragma unroll
+  for (int i = 1; i < G; i++) {
+    const float v = kv_word_elem<DT>(raw[i], e);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+  *mn = lo;
+  *mx = hi;
+}
+
 /* ---------------------------------------------------------------- quantize, token axis --- */
 
 /* Task t = (column block, strip of KV_STRIP_ROWS rows). raw words hold EPT values of one row. */
@@ -258,13 +272,8 @@ static __global__ void __launch_bounds__(128)
         if (k > 0 && gr + k >= g_end) break;
 #pragma unroll
         for (int e = 0; e < EPT; e++) {
-          float mn = kv_word_elem<DT>(raw[k][0], e), mx = mn;
-#pragma unroll
-          for (int i = 1; i < G; i++) {
-            const float v = kv_word_elem<DT>(raw[k][i], e);
-            mn = fminf(mn, v);
-            mx = fmaxf(mx, v);
-          }
+          float mn, mx;
+          kv_group_minmax<DT, G>(raw[k], e, &mn, &mx);
           const kv_up pr = kv_uparams<BITS>(mn, mx);
           const uint16_t sh = pr.sh, zh = pr.zh;
           const float s = pr.s, z = pr.z, rinv = pr.rinv;
@@ -405,14 +414,7 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
 #pragma unroll
         for (int e = 0; e < EPT; e++) {
           float mn = kv_word_elem<DT>(mn2, e), mx = kv_word_elem<DT>(mx2, e);
-          if constexpr (EPT == 1) {
-#pragma unroll
-            for (int i = 1; i < G; i++) {
-              const float v = kv_word_elem<DT>(raw[k][i], e);
-              mn = fminf(mn, v);
-              mx = fmaxf(mx, v);
-            }
-          }
+          if constexpr (EPT == 1) kv_group_minmax<DT, G>(raw[k], e, &mn, &mx);
           const kv_up pr = kv_uparams<BITS>(mn, mx);
           const uint16_t sh = pr.sh, zh = pr.zh;
           const float s = pr.s, z = pr.z, rinv = pr.rinv;
