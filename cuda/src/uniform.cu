@@ -4,7 +4,7 @@
  * kivi_uniform_dequantize.
  *
  * 2-bit codes of fp16/bf16 values come from packed comparisons against three exact per-group
- * thresholds (kv_threshold*, kv_u2_bits); 4-bit codes and fp32 inputs from a division-free
+ * thresholds (kv_threshold*, kv_u2_pair); 4-bit codes and fp32 inputs from a division-free
  * quotient with the reference formula near a rounding tie (kv_ucode). Both are bit-identical to the
  * CPU build.
  *
@@ -196,13 +196,13 @@ template <int DT> __device__ __forceinline__ kv_u2 kv_u2_group(float mn, float m
   return g;
 }
 
-/** Code bits of a pair x (two values) against paired thresholds: *hi = bit 1, *lo = bit 0, as
-    0xffff-per-half masks. */
+/** The 2-bit codes of a pair x (two values) against paired thresholds, each in 2-bit slot `slot`
+    (0-7) of its own half: hi = [x >= T2] is bit 1, [x >= (hi ? T3 : T1)] bit 0, both as
+    0xffff-per-half masks that one LOP3 each puts in place. */
 template <int DT>
-__device__ __forceinline__ void kv_u2_bits(uint32_t x, uint32_t t1, uint32_t t2, uint32_t t3, uint32_t *hi,
-                                           uint32_t *lo) {
-  *hi = kv_ge2<DT>(x, t2);
-  *lo = kv_ge2<DT>(x, (*hi & t3) | (~*hi & t1));
+__device__ __forceinline__ uint32_t kv_u2_pair(uint32_t x, uint32_t t1, uint32_t t2, uint32_t t3, int slot) {
+  const uint32_t hi = kv_ge2<DT>(x, t2), lo = kv_ge2<DT>(x, (hi & t3) | (~hi & t1));
+  return (lo & (0x00010001u << (2 * slot))) | (hi & (0x00020002u << (2 * slot)));
 }
 
 /** Puts the 2-bit codes of the low half's 8 slots and the high half's 8 slots alternately
@@ -214,6 +214,17 @@ __device__ __forceinline__ uint32_t kv_shuffle2(uint32_t x) {
   t = (x ^ (x >> 2)) & 0x0c0c0c0cu;
   x ^= t ^ (t << 2);
   return x;
+}
+
+/** Word w of the codes of element e (of the pair in each word, or the only one) of a group held as G
+    words, one value of the column per word. */
+template <int DT, int BITS, int G>
+__device__ __forceinline__ uint32_t kv_ucode_word(const uint32_t (&raw)[G], int w, int e, const kv_up &p) {
+  constexpr int CPW = 32 / BITS;
+  uint32_t word = 0;
+#pragma unroll
+  for (int j = 0; j < CPW; j++) word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[w * CPW + j], e), p.z, p.s, p.rinv) << (BITS * j);
+  return word;
 }
 
 /** Min and max (fminf / fmaxf: NaN ignored) of element e of the G words of a group. */
@@ -275,20 +286,12 @@ static __global__ void __launch_bounds__(128)
           float mn, mx;
           kv_group_minmax<DT, G>(raw[k], e, &mn, &mx);
           const kv_up pr = kv_uparams<BITS>(mn, mx);
-          const uint16_t sh = pr.sh, zh = pr.zh;
-          const float s = pr.s, z = pr.z, rinv = pr.rinv;
           const int64_t c = c0 + e;
-          scale[c * gpc + gr + k] = sh;
-          zero[c * gpc + gr + k] = zh;
+          scale[c * gpc + gr + k] = pr.sh;
+          zero[c * gpc + gr + k] = pr.zh;
           uint32_t *wout = codes + c * wpc + (gr + k) * WPG;
 #pragma unroll
-          for (int w = 0; w < WPG; w++) {
-            uint32_t word = 0;
-#pragma unroll
-            for (int j = 0; j < CPW; j++)
-              word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[k][w * CPW + j], e), z, s, rinv) << (BITS * j);
-            wout[w] = word;
-          }
+          for (int w = 0; w < WPG; w++) wout[w] = kv_ucode_word<DT, BITS>(raw[k], w, e, pr);
         }
       }
     }
@@ -392,10 +395,7 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
           uint32_t r0 = 0, r8 = 0;
 #pragma unroll
           for (int j = 0; j < 16; j++) {
-            uint32_t hi, lo;
-            kv_u2_bits<DT>(raw[k][w * 16 + j], t1, t2, t3, &hi, &lo);
-            const int p = 2 * (j & 7);
-            const uint32_t bits = (lo & (0x00010001u << p)) | (hi & (0x00020002u << p));
+            const uint32_t bits = kv_u2_pair<DT>(raw[k][w * 16 + j], t1, t2, t3, j & 7);
             if (j < 8) r0 |= bits;
             else r8 |= bits;
           }
@@ -416,19 +416,11 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
           float mn = kv_word_elem<DT>(mn2, e), mx = kv_word_elem<DT>(mx2, e);
           if constexpr (EPT == 1) kv_group_minmax<DT, G>(raw[k], e, &mn, &mx);
           const kv_up pr = kv_uparams<BITS>(mn, mx);
-          const uint16_t sh = pr.sh, zh = pr.zh;
-          const float s = pr.s, z = pr.z, rinv = pr.rinv;
           const int cl = lane * EPT + e; /* column of the tile */
-          s_scale[cl * GPI + gl] = sh;
-          s_zero[cl * GPI + gl] = zh;
+          s_scale[cl * GPI + gl] = pr.sh;
+          s_zero[cl * GPI + gl] = pr.zh;
 #pragma unroll
-          for (int w = 0; w < WPG; w++) {
-            uint32_t word = 0;
-#pragma unroll
-            for (int j = 0; j < CPW; j++)
-              word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[k][w * CPW + j], e), z, s, rinv) << (BITS * j);
-            s_codes[cl * RWP + gl * WPG + w] = word;
-          }
+          for (int w = 0; w < WPG; w++) s_codes[cl * RWP + gl * WPG + w] = kv_ucode_word<DT, BITS>(raw[k], w, e, pr);
         }
       }
     }
@@ -513,11 +505,9 @@ static __global__ void __launch_bounds__(256)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       }
       const kv_up pr = kv_uparams<BITS>(mn, mx);
-      const uint16_t sh = pr.sh, zh = pr.zh;
-      const float s = pr.s, z = pr.z, rinv = pr.rinv;
       uint32_t piece = 0;
 #pragma unroll
-      for (int j = 0; j < V; j++) piece |= kv_ucode<BITS>(v[u][j], z, s, rinv) << (BITS * j);
+      for (int j = 0; j < V; j++) piece |= kv_ucode<BITS>(v[u][j], pr.z, pr.s, pr.rinv) << (BITS * j);
       if constexpr (LPW > 1) {
         piece <<= CB * (lane % LPW);
 #pragma unroll
@@ -525,8 +515,8 @@ static __global__ void __launch_bounds__(256)
       }
       if (ok && lane % LPW == 0) codes[i / LPW] = piece;
       if (ok && lane % L == 0) {
-        scale[i / L] = sh;
-        zero[i / L] = zh;
+        scale[i / L] = pr.sh;
+        zero[i / L] = pr.zh;
       }
     }
   }
@@ -612,11 +602,7 @@ static __global__ void __launch_bounds__(KV_CL_WARPS * 32)
       for (int w = 0; w < WPG; w++) {
         uint32_t acc = 0; /* even values' codes in the low half, odd values' in the high half */
 #pragma unroll
-        for (int p = 0; p < 8; p++) {
-          uint32_t hi, lo;
-          kv_u2_bits<DT>(raw[8 * w + p], t1, t2, t3, &hi, &lo);
-          acc |= (lo & (0x00010001u << (2 * p))) | (hi & (0x00020002u << (2 * p)));
-        }
+        for (int p = 0; p < 8; p++) acc |= kv_u2_pair<DT>(raw[8 * w + p], t1, t2, t3, p);
         codes[g * WPG + w] = kv_shuffle2(acc);
       }
       scale[g] = q.sh;
