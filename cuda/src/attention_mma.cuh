@@ -5,15 +5,17 @@
  *
  * A CTA of 4 warps takes one (batch entry, kv head, split, chunk of up to 8 query heads); warp w
  * takes the 32-token page tiles w, w + 4, ... of the split, then its 16-token window tiles, with its
- * own online softmax; the warps merge at the end. No shared-memory staging of K or V: each lane
- * loads exactly the code words its fragments need.
+ * own online softmax; the warps merge at the end. Each warp streams its tiles (key codes and params,
+ * value codes, scales and zeros) through its own ring of NST cp.async stages.
  *
  * Keys, q.k = sum_c (q_c s_c) code_tc + sum_c q_c z_c per key group:
  *   mma m16n8k32 s8 x u8 -> s32, rows = query heads, k = channels, n = tokens.
  *   A = q_c s_c as three int8 planes (hi, mid, lo: each the rounding residual of the one before x 254:
  *   keys with outlier channels need the small channels' terms to ~2^-23 of the largest) with one fp32 scale
  *   per (head, group): rebuilt when the key group changes, each lane building one fragment register
- *   (4 channels) and the owners gathering theirs with shuffles.
+ *   (4 channels) of every head and the owners reading theirs back from the warp's slice of shared memory.
+ *   The hi plane fills rows 0-7 and the mid plane rows 8-15 of one A, so one MMA gives both (the
+ *   rows of a fragment hold at most 8 heads); the lo plane takes a second MMA.
  *   B = codes straight from the packed word: (w >> 2i) & 0x03030303 is 4 codes, one per byte.
  *   s32 accumulators hold 254 hi + mid and lo exactly; the score is two FFMAs away.
  * Values, O^T = V^T P:
@@ -32,6 +34,15 @@
 #define KV_MMA_WARPS 4
 #define KV_MMA_THREADS (32 * KV_MMA_WARPS)
 #define KV_MMA_HEADS 8 /* query heads per CTA: the n (or m) extent of one fragment */
+/* a warp's key A fragments for each head, as the owner lanes read them: per (head, quad lane) NCH x
+   {hi, mid, hi, mid} (one m16n8k32 A: rows 0-7 the hi plane, rows 8-15 the mid plane) then NCH x
+   {lo, 0, lo, 0} (the zeros written once: the fragments load straight into MMA operands); a head's 4
+   quad lanes padded by 4 words against bank conflicts */
+__host__ __device__ constexpr int kv_mma_aw(int D) { return 4 * 8 * (D / 32) + 4; }
+/** Bytes of the CTA's fragment slices: one per warp and head of the CTA (at most 8, the GQA ratio). */
+__host__ __device__ constexpr size_t kv_mma_abuf_bytes(int D, int ratio) {
+  return (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw(D) * sizeof(uint32_t);
+}
 
 __device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
   const uint32_t z = 0u;
@@ -39,6 +50,12 @@ __device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], uint32_t a0, uint32_t a
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a0), "r"(z), "r"(a2), "r"(z), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void kv_mma_s8u8x4(int (&c)[4], const uint4 a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ void kv_mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                            uint32_t b0, uint32_t b1) {
@@ -54,14 +71,16 @@ __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) { return kv_h
 /* code pair of a value word as fp16 subnormals (code x 2^-16): slot j of each half rotated to bits 8..9 */
 __device__ __forceinline__ uint32_t kv_vcodes(uint32_t w, int rot) { return __funnelshift_l(w, w, rot) & 0x03000300u; }
 
-template <int D, int VG, int MINB>
+template <int D, int VG, int MINB, int NST>
 static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
   constexpr int NCH = D / 32;  /* key MMA k-chunks */
   constexpr int NMT = D / 16;  /* value MMA m-tiles */
   constexpr int KCB = 32 * D / 4, KPB = D * 4, VCB = 2 * D * 4; /* stage: key codes, key params, value codes */
   extern __shared__ __align__(16) uint8_t smem[];
   float *qf = (float *)smem;                                       /* [8][D], log2 units */
-  uint8_t *rings = smem + KV_MMA_HEADS * D * sizeof(float);        /* per warp [nst][stage] */
+  const int nqa = min(KV_MMA_HEADS, p.ratio); /* heads of any CTA */
+  uint32_t *abuf = (uint32_t *)(smem + KV_MMA_HEADS * D * sizeof(float)); /* per warp: kv_mma_aw(D) x nqa */
+  uint8_t *rings = smem + KV_MMA_HEADS * D * sizeof(float) + kv_mma_abuf_bytes(D, p.ratio); /* per warp [NST][stage] */
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
 
   const kv_cta cta = kv_cta_of(p);
@@ -77,7 +96,6 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   constexpr int ngv = D / VG;      /* value groups */
   constexpr int VPB = ngv * 64;    /* stage: value scales (then as many zeros) of 32 tokens */
   constexpr int stage = KCB + KPB + VCB + 2 * VPB;
-  const int nst = p.nst;
   const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* both powers of two */
 
   for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
@@ -95,15 +113,21 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   float o[NMT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  uint32_t ahi[NCH][2], amid[NCH][2], alo[NCH][2];
+  uint4 ahm[NCH], alo[NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
 #pragma unroll
-  for (int i = 0; i < NCH; i++) ahi[i][0] = ahi[i][1] = amid[i][0] = amid[i][1] = alo[i][0] = alo[i][1] = 0u;
-  /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach + 4 b */
-  int ach;
+  for (int i = 0; i < NCH; i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
+  /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach + 4 b; it stores
+     its hi / mid / lo words at awr (+1, lo at alw) in each head's slice of the warp's abuf */
+  int ach, awr, alw;
   {
     const int L = lane % (8 * NCH), to = L / (2 * NCH), ii = (L / 2) % NCH, rg = L % 2;
     ach = D == 128 ? 16 * (2 * to + rg) + ii : 16 * to + 2 * ii + rg;
+    awr = to * 8 * NCH + 4 * ii + 2 * rg;
+    alw = awr + 4 * NCH;
   }
+  uint32_t *wabuf = abuf + warp * nqa * kv_mma_aw(D);
+  const bool a_writer = lane < 8 * NCH;
+  for (int k = lane; k < nqa * kv_mma_aw(D); k += 32) wabuf[k] = 0u; /* the lo fragments' zeros */
   float ksc = 0.0f, ksc2 = 0.0f, kqz = 0.0f; /* this lane's head: score = acc * ksc + acl * ksc2 + kqz */
   int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
 
@@ -144,37 +168,46 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
 
   /* page tiles of this warp: g = warp + i * 4, streamed through the warp's ring of nst stages */
   const int my_pt = npt > warp ? (npt - warp + KV_MMA_WARPS - 1) / KV_MMA_WARPS : 0;
-  uint8_t *ring = rings + (size_t)warp * nst * stage;
+  uint8_t *ring = rings + (size_t)warp * NST * stage;
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
+  /* tile i of this warp starts at token a0 + (warp + 4 i) 32 */
   auto tile_page = [&](int i) { return i < my_pt ? trow[(a0 + (warp + i * KV_MMA_WARPS) * 32) >> lgP] : 0; };
+  /* what does not depend on the tile: this head's bases and each lane's offsets within a stage */
+  /* 32-bit offsets within a page (a page is far below 4 GB), each lane's own 16-byte chunks */
+  const uint8_t *kh = p.kpool + (uint64_t)hkv * p.khead, *vh = p.vpool + (uint64_t)hkv * p.vhead;
+  const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, kpar = (uint32_t)p.kcodes + 16 * lane;
+  const int vpw = lane / (VPB / 16), vpg = (lane % (VPB / 16)) / 4, vpc = lane % 4;
+  const uint32_t vp_src = (uint32_t)p.vcodes + (uint32_t)((vpw * ngv + vpg) * p.P * 2 + 16 * vpc);
+  const uint32_t vp_dst = KCB + KPB + VCB + vpw * VPB + vpg * 64 + 16 * vpc;
+  static_assert(KCB % 512 == 0 && VCB % 512 == 0 && 2 * VPB / 16 <= 32, "whole chunks a lane");
   auto issue = [&](int i, int64_t page) {
     if (i < my_pt) {
-      const int off = (a0 + (warp + i * KV_MMA_WARPS) * 32) & (p.P - 1);
-      const uint8_t *kb = p.kpool + (uint64_t)page * p.kpage + (uint64_t)hkv * p.khead;
-      const uint8_t *vb = p.vpool + (uint64_t)page * p.vpage + (uint64_t)hkv * p.vhead;
-      const uint32_t st = ring_s + (uint32_t)((i % nst) * stage);
-      for (int k = lane; k < KCB / 16; k += 32) kv_cpa<16>(st + 16 * k, kb + (int64_t)off * (D / 4) + 16 * k);
-      for (int k = lane; k < KPB / 16; k += 32)
-        kv_cpa<16>(st + KCB + 16 * k, kb + p.kcodes + (int64_t)(off >> lgK) * D * 4 + 16 * k);
-      for (int k = lane; k < VCB / 16; k += 32) kv_cpa<16>(st + KCB + KPB + 16 * k, vb + (int64_t)(off / 16) * D * 4 + 16 * k);
-      for (int k = lane; k < 2 * VPB / 16; k += 32) {
-        const int which = k / (VPB / 16), gg = (k % (VPB / 16)) / 4, c = k % 4;
-        const uint8_t *src = vb + p.vcodes + ((int64_t)(which * ngv + gg) * p.P + off) * 2 + 16 * c;
-        kv_cpa<16>(st + KCB + KPB + VCB + which * VPB + gg * 64 + 16 * c, src);
-      }
+      const uint32_t off = (uint32_t)(a0 + (warp + i * KV_MMA_WARPS) * 32) & (uint32_t)(p.P - 1);
+      const uint8_t *kb = kh + (uint64_t)(uint32_t)page * kpage, *vb = vh + (uint64_t)(uint32_t)page * vpage;
+      const uint32_t st = ring_s + (uint32_t)((i % NST) * stage) + 16 * lane;
+      const uint32_t kc = off * (D / 4) + 16 * lane, kp = kpar + (off >> lgK) * (D * 4), vc = (off / 16) * (D * 4) + 16 * lane;
+#pragma unroll
+      for (int k = 0; k < KCB; k += 512) kv_cpa<16>(st + k, kb + (kc + k));
+#pragma unroll
+      for (int k = 0; k < KPB; k += 512)
+        if (KPB % 512 == 0 || k + 16 * lane < KPB) kv_cpa<16>(st + KCB + k, kb + (kp + k));
+#pragma unroll
+      for (int k = 0; k < VCB; k += 512) kv_cpa<16>(st + KCB + KPB + k, vb + (vc + k));
+      if (lane < 2 * VPB / 16) kv_cpa<16>(st - 16 * lane + vp_dst, vb + (vp_src + off * 2));
     }
     kv_commit();
   };
-  for (int i = 0; i < nst - 1; i++) issue(i, tile_page(i));
-  int64_t next_page = tile_page(nst - 1);
+#pragma unroll
+  for (int i = 0; i < NST - 1; i++) issue(i, tile_page(i));
+  int64_t next_page = tile_page(NST - 1);
 
   for (int i = 0; i < my_pt; i++) {
     const int64_t pg = next_page;
-    next_page = tile_page(i + nst);
-    issue(i + nst - 1, pg);
-    kv_wait(nst - 1);
+    next_page = tile_page(i + NST);
+    issue(i + NST - 1, pg);
+    kv_wait(NST - 1);
     __syncwarp();
-    const uint8_t *stg = ring + (size_t)(i % nst) * stage;
+    const uint8_t *stg = ring + (size_t)(i % NST) * stage;
     const int t0 = a0 + (warp + i * KV_MMA_WARPS) * 32;
     /* A (q s as three int8 planes) for the key group of this tile */
     const int grp = t0 >> lgK;
@@ -189,6 +222,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         sc[b2] = kv_h2f(sz & 0xffffu);
         zc[b2] = kv_h2f(sz >> 16);
       }
+      __syncwarp(); /* every lane has read the previous group's fragments */
       for (int h = 0; h < nq; h++) {
         float qs[4], mx = 0.0f, qz = 0.0f;
 #pragma unroll
@@ -221,24 +255,25 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         auto pack = [](const uint32_t (&v)[4]) {
           return __byte_perm(__byte_perm(v[0], v[1], 0x0040), __byte_perm(v[2], v[3], 0x0040), 0x5410);
         };
-        const uint32_t hw = pack(hb), mw = pack(mb), lw = pack(lb);
-#pragma unroll
-        for (int i = 0; i < NCH; i++)
-#pragma unroll
-          for (int rg = 0; rg < 2; rg++) {
-            const int src = tig * 2 * NCH + 2 * i + rg;
-            const uint32_t vh = __shfl_sync(KV_FULL, hw, src), vm = __shfl_sync(KV_FULL, mw, src),
-                           vl = __shfl_sync(KV_FULL, lw, src);
-            if (gid == h) {
-              ahi[i][rg] = vh;
-              amid[i][rg] = vm;
-              alo[i][rg] = vl;
-            }
-          }
+        if (a_writer) {
+          uint32_t *hs = wabuf + h * kv_mma_aw(D);
+          hs[awr] = pack(hb);
+          hs[awr + 1] = pack(mb);
+          hs[alw] = pack(lb);
+        }
         if (gid == h) {
-          ksc = mx > 0.0f ? mx / (127.0f * 254.0f) : 0.0f;
+          ksc = mx > 0.0f ? mx * (1.0f / (127.0f * 254.0f)) : 0.0f;
           ksc2 = ksc * (1.0f / 254.0f);
           kqz = qz;
+        }
+      }
+      __syncwarp();
+      if (gid < nq) { /* the rows of heads past nq keep zeros */
+        const uint4 *mine = (const uint4 *)(wabuf + gid * kv_mma_aw(D) + tig * 8 * NCH);
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+          ahm[i] = mine[i];
+          alo[i] = mine[NCH + i];
         }
       }
     }
@@ -270,24 +305,17 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
       };
 #pragma unroll
       for (int j = 0; j < 4; j++) {
-        int acc[4] = {0, 0, 0, 0};
+        int acc[4] = {0, 0, 0, 0}, acl[4] = {0, 0, 0, 0}; /* acc: rows 0-7 hi, rows 8-15 mid */
         uint32_t b0, b1;
 #pragma unroll
         for (int i = 0; i < NCH; i++) {
           kb(j, i, b0, b1);
-          kv_mma_s8u8(acc, ahi[i][0], ahi[i][1], b0, b1);
+          kv_mma_s8u8x4(acc, ahm[i], b0, b1);
+          kv_mma_s8u8x4(acl, alo[i], b0, b1);
         }
-        acc[0] *= 254;
-        acc[1] *= 254;
-        int acl[4] = {0, 0, 0, 0};
-#pragma unroll
-        for (int i = 0; i < NCH; i++) {
-          kb(j, i, b0, b1);
-          kv_mma_s8u8(acc, amid[i][0], amid[i][1], b0, b1);
-          kv_mma_s8u8(acl, alo[i][0], alo[i][1], b0, b1);
-        }
-        s[j][0] = fmaf((float)acc[0], ksc, fmaf((float)acl[0], ksc2, kqz));
-        s[j][1] = fmaf((float)acc[1], ksc, fmaf((float)acl[1], ksc2, kqz));
+        /* |hi sums| <= 127 x 3 x D, so 254 hi + mid is exact in 32 bits */
+        s[j][0] = fmaf((float)(254 * acc[0] + acc[2]), ksc, fmaf((float)acl[0], ksc2, kqz));
+        s[j][1] = fmaf((float)(254 * acc[1] + acc[3]), ksc, fmaf((float)acl[1], ksc2, kqz));
       }
     }
     softmax(s, 2);

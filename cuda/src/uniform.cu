@@ -35,11 +35,11 @@ static __device__ __noinline__ uint32_t kv_ucode_exact(float x, float z, float s
 /*
  * kivi_uniform_code(x, z, s) without a division per value: t = (x - z) * rinv (rinv = 1 / s, both
  * correctly rounded) is within |Q| * 2^-23 of Q = (x - z) / s, and RN(Q) within |Q| * 2^-24. Where
- * it matters (t in [-1, top + 1], |Q| < 17) that puts t and RN(Q) less than 4e-6 apart.
+ * it matters (half-integers in (0, top), |Q| < 16) that puts t and RN(Q) less than 3e-6 apart.
  * t is clamped to [0, top] first (fmaxf turns a NaN t into 0, which is the reference's code for a
  * NaN quotient; t < 0 or t > top means Q rounds to <= 0 or >= top, both clamped the same), then
  * rounded to nearest-even by the 1.5 * 2^23 trick (exact for 0 <= tc <= 15: m's low bits are the
- * integer), without the slower F2I / FRND instructions. When tc is at least 1e-4 from a
+ * integer), without the slower F2I / FRND instructions. When tc is more than 5e-6 from a
  * half-integer, t and RN(Q) round to the same integer; near a half-integer the exact formula
  * decides. __fadd_rn / __fmul_rn keep nvcc from contracting into FMAs. No test of s: where s is not
  * a positive finite number, rinv is 0 (kv_rinv), t is 0 or NaN, and the code is 0, as the reference's.
@@ -53,7 +53,7 @@ __device__ __forceinline__ uint32_t kv_ucode(float x, float z, float s, float ri
   const float tc = fminf(fmaxf(t, 0.0f), top);
   const float m = __fadd_rn(tc, KV_MAGIC);
   const float d = __fsub_rn(tc, __fsub_rn(m, KV_MAGIC));
-  if (!(fabsf(d) < 0.4999f)) return kv_ucode_exact(x, z, s, BITS) & ((1u << BITS) - 1u);
+  if (!(fabsf(d) < 0.499995f)) return kv_ucode_exact(x, z, s, BITS) & ((1u << BITS) - 1u);
   return __float_as_uint(m) - KV_MAGIC_BITS;
 }
 
@@ -90,13 +90,29 @@ template <int BITS> __device__ __forceinline__ kv_up kv_uparams(float mn, float 
 __device__ __forceinline__ int kv_h_ord(uint32_t h) { return (h & 0x8000u) ? -(int)(h & 0x7fffu) : (int)h; }
 __device__ __forceinline__ uint32_t kv_h_from_ord(int o) { return o >= 0 ? (uint32_t)o : 0x8000u | (uint32_t)(-o); }
 
-/** q(y) >= k for the stored params, by y's fp32 quotient where that decides (it is within
-    |Q| * 2^-22 < 1e-5 of the reference's Q here) and by the reference formula near the boundary. */
+/*
+ * q(y) >= k decided exactly, without dividing. The reference rounds Q = d / s (d = fl(y - z)) to fp32,
+ * then to an integer, both half-even. With b = k - 1/2 and h half an ulp of b (b's last mantissa bit
+ * is 0, so fp32 ties at b +- h go to b):
+ *   q >= k  <=>  fl(Q) >= b (k even: rint(b) = k)  <=>  Q >= b - h  <=>  d - b s >= -h s
+ *   q >= k  <=>  fl(Q) >  b (k odd: rint(b) = k - 1) <=>  Q >  b + h  <=>  d - b s >  h s      (s > 0).
+ * r = fma(-b, s, d) is d - b s rounded once, and e = +-h s is exact (s >= 2^-100), so r > e or r < e
+ * gives the side; r == e (rounded onto it) is left undecided. Returns 1, 0, or -1 (undecided, or s
+ * not a finite number >= 2^-100).
+ */
+template <int DT> __device__ __forceinline__ int kv_code_ge_exact(uint32_t y, float z, float s, int k) {
+  if (!(s >= 0x1p-100f && s < INFINITY)) return -1;
+  const float b = (float)k - 0.5f;
+  const float e = (k == 1 ? 0x1p-25f : k == 2 ? -0x1p-24f : 0x1p-23f) * s; /* the sign: odd k strict */
+  const float r = __fmaf_rn(-b, s, __fsub_rn(kv_h2f<DT>(y), z));
+  return r > e ? 1 : r < e ? 0 : -1;
+}
+
+/** q(y) >= k, exactly: kv_code_ge_exact, and the reference formula where that is undecided. */
 template <int DT>
-__device__ __forceinline__ bool kv_code_ge(uint32_t y, float z, float s, float rinv, int k) {
-  const float t = __fmul_rn(__fsub_rn(kv_h2f<DT>(y), z), rinv), c = (float)k - 0.5f;
-  if (t > c + 1e-5f) return true;
-  if (t < c - 1e-5f) return false;
+__device__ __forceinline__ bool kv_code_ge(uint32_t y, float z, float s, int k) {
+  const int g = kv_code_ge_exact<DT>(y, z, s, k);
+  if (g >= 0) return g != 0;
   return kv_ucode_exact(kv_h2f<DT>(y), z, s, 2) >= (uint32_t)k;
 }
 
@@ -112,12 +128,12 @@ __device__ __noinline__ uint32_t kv_threshold(float z, float s, float rinv, int 
   uint32_t y = kv_f2h<DT>(__fmaf_rn((float)k - 0.5f, s, z));
   if ((y & 0x7fffu) > (uint32_t)inf) y = inf; /* z = -inf with s = inf: start from the top */
   int lo, hi;                                 /* positions with q < k at lo and q >= k at hi */
-  if (kv_code_ge<DT>(y, z, s, rinv, k)) {
+  if (kv_code_ge<DT>(y, z, s, k)) {
     hi = kv_h_ord(y);
     for (int d = 1;; d *= 2) {
       if (hi == -inf) return kv_h_from_ord(hi);
       lo = hi - d > -inf ? hi - d : -inf;
-      if (!kv_code_ge<DT>(kv_h_from_ord(lo), z, s, rinv, k)) break;
+      if (!kv_code_ge<DT>(kv_h_from_ord(lo), z, s, k)) break;
       hi = lo;
     }
   } else {
@@ -125,40 +141,33 @@ __device__ __noinline__ uint32_t kv_threshold(float z, float s, float rinv, int 
     for (int d = 1;; d *= 2) {
       if (lo == inf) return nan; /* not even +inf reaches k (s = inf) */
       hi = lo + d < inf ? lo + d : inf;
-      if (kv_code_ge<DT>(kv_h_from_ord(hi), z, s, rinv, k)) break;
+      if (kv_code_ge<DT>(kv_h_from_ord(hi), z, s, k)) break;
       lo = hi;
     }
   }
   while (hi - lo > 1) {
     const int m = lo + (hi - lo) / 2;
-    if (kv_code_ge<DT>(kv_h_from_ord(m), z, s, rinv, k)) hi = m;
+    if (kv_code_ge<DT>(kv_h_from_ord(m), z, s, k)) hi = m;
     else lo = m;
   }
   return kv_h_from_ord(hi);
 }
 
-/** kv_threshold's common case inline. y, the 16-bit value nearest the boundary, is T_k when the fp32
-    quotients show q(y) >= k > q(y - 1 step), and the value above y is T_k when they show
-    q(y) < k <= q(y + 1 step) (y rounded down: as often as not). y exactly on the boundary
-    (y - z == (k - 1/2) s, common with fp16 data and params) has the quotient k - 1/2 exactly, which
-    rounds to even. Anything else (a check too close to call, s not a positive finite number,
-    infinities) goes to the general search. */
+/** kv_threshold's common case inline. y, the 16-bit value nearest the boundary z + (k - 1/2) s, is
+    T_k when q(y) >= k > q(y - 1 step), and the value above y is T_k when q(y) < k <= q(y + 1 step)
+    (y rounded down: as often as not), each decided exactly by kv_code_ge_exact. Anything else (an
+    undecided compare, s not a positive finite number, infinities, a boundary that fp32 rounding moved
+    by more than a step) goes to the general search. */
 template <int DT>
 __device__ __forceinline__ uint32_t kv_threshold_near(float z, float s, float rinv, int k) {
-  const float c = (float)k - 0.5f, eps = 1e-5f;
-  const uint32_t y = kv_f2h<DT>(__fmaf_rn(c, s, z));
-  const bool zero = (y & 0x7fffu) == 0, neg = (y & 0x8000u) != 0;
-  const uint32_t below = zero ? 0x8001u : neg ? y + 1 : y - 1, above = zero ? 0x0001u : neg ? y - 1 : y + 1;
-  const float dy = __fsub_rn(kv_h2f<DT>(y), z), ty = __fmul_rn(dy, rinv);
-  const float tb = __fmul_rn(__fsub_rn(kv_h2f<DT>(below), z), rinv);
-  const float ta = __fmul_rn(__fsub_rn(kv_h2f<DT>(above), z), rinv);
-  if (s > 0.0f && s < INFINITY) {
-    const bool on = __fmul_rn(c, s) == dy; /* c * s is exact: 5 bits times 11 */
-    if (on ? (k % 2 == 0) : ty > c + eps) {
-      if (tb < c - eps) return y;
-    } else if (on || ty < c - eps) {
-      if (ta > c + eps) return above;
-    }
+  constexpr uint32_t inf = DT == KIVI_F16 ? 0x7c00u : 0x7f80u;
+  const uint32_t y = kv_f2h<DT>(__fmaf_rn((float)k - 0.5f, s, z));
+  if ((y & 0x7fffu) < inf) {
+    const bool zero = (y & 0x7fffu) == 0, neg = (y & 0x8000u) != 0;
+    const uint32_t below = zero ? 0x8001u : neg ? y + 1 : y - 1, above = zero ? 0x0001u : neg ? y - 1 : y + 1;
+    const int gy = kv_code_ge_exact<DT>(y, z, s, k);
+    if (gy == 1 && kv_code_ge_exact<DT>(below, z, s, k) == 0) return y;
+    if (gy == 0 && kv_code_ge_exact<DT>(above, z, s, k) == 1) return above;
   }
   return kv_threshold<DT>(z, s, rinv, k);
 }
@@ -312,26 +321,32 @@ static __global__ void __launch_bounds__(128)
 #define KV_TS_THREADS 256
 
 /** Groups a warp loads per step: 2 where one group is fewer than 64 loads in flight, except for
-    2 bits from pairs (thresholds), whose lighter arithmetic pays more for occupancy. */
-__host__ __device__ constexpr int kv_ts_k(int G, int bits, int ept) { return G >= 64 || (bits == 2 && ept == 2) ? 1 : 2; }
+    2 bits from pairs (thresholds), whose lighter arithmetic pays more for occupancy, and the
+    two-buffer kernel (db). */
+__host__ __device__ constexpr int kv_ts_k(int G, int bits, int ept, bool db = false) {
+  return db || G >= 64 || (bits == 2 && ept == 2) ? 1 : 2;
+}
 /** CTAs of KV_TS_THREADS per SM the kernel is built for (bf16 G 64 spills at 128 registers). */
-__host__ __device__ constexpr int kv_ts_ctas(int dt, int G, int bits, int ept) {
-  return bits == 2 && ept == 2 ? (G >= 64 ? 2 : 3) : (dt == KIVI_BF16 && G >= 64) ? 1 : 2;
+__host__ __device__ constexpr int kv_ts_ctas(int dt, int G, int bits, int ept, bool db = false) {
+  return db ? 3 : bits == 2 && ept == 2 ? (G >= 64 ? 2 : 3) : (dt == KIVI_BF16 && G >= 64) ? 1 : 2;
 }
 
 /*
- * DB (2 bits from pairs, G 32: the default there): two staging buffers, so that a task's readout and
- * the next task's coding need no barrier between them (one __syncthreads per task instead of two;
- * measured 54 % of copy against 52 % with one buffer on an H200). A variant that streamed the rows
- * through a per-warp cp.async ring instead of loading them into registers was no faster (51-53 %).
+ * DB (pairs, G 32, 2 or 4 bits: the default there): two staging buffers, so that a task's readout and
+ * the next task's coding need no barrier between them (one __syncthreads per task instead of two).
+ * Measured on an H200, keys of the issue's size: 2 bits 54 % of copy against 52 % with one buffer;
+ * 4 bits 55-56 % against 53 % with one buffer and two groups a warp. No faster, all measured in the
+ * same runs: streaming the rows through a per-warp cp.async ring (51-53 %); loading the next task's
+ * rows into a second register set while coding this one (2 CTAs of 128 registers: 52 %); loads with
+ * the L2::256B prefetch hint (47 %).
  */
 template <int DT, int EPT, int G, int BITS, bool DB = false>
-static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, EPT))
+static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, EPT, DB))
     k_uniform_quantize_token_staged(const void *__restrict__ x, int64_t rows, int64_t cols, int64_t ncolblk,
                                     int64_t ntasks, uint32_t *__restrict__ codes, uint16_t *__restrict__ scale,
                                     uint16_t *__restrict__ zero) {
   constexpr int CPW = 32 / BITS, WPG = G / CPW;
-  constexpr int K = kv_ts_k(G, BITS, EPT);
+  constexpr int K = kv_ts_k(G, BITS, EPT, DB);
   constexpr int NW = KV_TS_THREADS / 32, GPI = NW * K; /* groups per column per step */
   constexpr int TC = 32 * EPT;                          /* columns per tile */
   constexpr int RW = GPI * WPG;                         /* words per column per step (>= 16) */
@@ -347,16 +362,11 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
   /* a task covers >= 2048 values, so task numbers fit 32 bits: a 32-bit division, not a 64-bit call */
   auto task_cols = [&](int64_t t) { return (int64_t)((uint32_t)t % (uint32_t)ncolblk) * TC; };
   auto task_groups = [&](int64_t t) { return (int64_t)((uint32_t)t / (uint32_t)ncolblk) * GPI; };
-  int slot = 0; /* DB: the staging buffer of this task */
-  for (int64_t t = blockIdx.x; t < ntasks; t += gridDim.x, slot ^= 1) {
-    const int64_t cbase = task_cols(t);
-    const int64_t gbase = task_groups(t);
-    uint32_t *s_codes = sb_codes[DB ? slot : 0];
-    uint16_t *s_scale = sb_scale[DB ? slot : 0], *s_zero = sb_zero[DB ? slot : 0];
-    const int64_t c0 = cbase + lane * EPT;
-    const bool col_ok = c0 < cols; /* cols % EPT == 0: the pair is all in or all out */
-    const int64_t g0 = gbase + warp * K;
-    uint32_t raw[K][G];
+  /* the rows of task t into raw (zeros where out of range: past the columns, groups or tasks) */
+  auto load = [&](int64_t t, uint32_t (&raw)[K][G]) {
+    const int64_t c0 = task_cols(t) + lane * EPT;
+    const bool col_ok = t < ntasks && c0 < cols; /* cols % EPT == 0: the pair is all in or all out */
+    const int64_t g0 = task_groups(t) + warp * K;
 #pragma unroll
     for (int k = 0; k < K; k++) {
       if (col_ok && g0 + k < gpc) {
@@ -372,6 +382,13 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
         for (int i = 0; i < G; i++) raw[k][i] = 0u;
       }
     }
+  };
+  /* codes and params of task t from raw, staged in buffer `slot` and written out */
+  auto work = [&](int64_t t, const uint32_t (&raw)[K][G], int slot) {
+    const int64_t cbase = task_cols(t);
+    const int64_t gbase = task_groups(t);
+    uint32_t *s_codes = sb_codes[DB ? slot : 0];
+    uint16_t *s_scale = sb_scale[DB ? slot : 0], *s_zero = sb_zero[DB ? slot : 0];
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int gl = warp * K + k; /* group of the step */
@@ -443,7 +460,7 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
         zero[po + q * CP * gpc] = s_zero[threadIdx.x + q * KV_TS_THREADS];
       }
       if constexpr (!DB) __syncthreads(); /* DB: the next task fills the other buffer */
-      continue;
+      return;
     }
     for (int idx = threadIdx.x; idx < TC * RW; idx += KV_TS_THREADS) {
       const int cl = idx / RW, wi = idx % RW;
@@ -457,6 +474,12 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
       }
     }
     if constexpr (!DB) __syncthreads();
+  };
+  int slot = 0; /* DB: the staging buffer of this task */
+  for (int64_t t = blockIdx.x; t < ntasks; t += gridDim.x, slot ^= 1) {
+    uint32_t raw[K][G];
+    load(t, raw);
+    work(t, raw, slot);
   }
 }
 
@@ -708,13 +731,18 @@ static void launch_quantize(kivi_ctx_t ctx, const void *x, const kv_shape &sh, u
     const bool pairs = DT != KIVI_F32 && sh.cols % 2 == 0 && ((uintptr_t)x & 3u) == 0;
     if (KV_TOKEN_STAGED && sh.group <= 64) { /* G 128 holds 128 raw words per thread: the loop below */
       const int ept = pairs ? 2 : 1;
+      const bool db = pairs && sh.group == 32; /* 2 or 4 bits: two staging buffers, K 1 */
       const int64_t ncolblk = (sh.cols + 32 * ept - 1) / (32 * ept);
-      const int64_t gpi = (KV_TS_THREADS / 32) * kv_ts_k(sh.group, sh.bits, ept);
+      const int64_t gpi = (KV_TS_THREADS / 32) * kv_ts_k(sh.group, sh.bits, ept, db);
       const int64_t ntasks = ncolblk * ((sh.row_groups + gpi - 1) / gpi);
-      const unsigned grid = kv_grid(ctx, ntasks, kv_ts_ctas(DT, sh.group, sh.bits, ept));
-      if (pairs && sh.bits == 2 && sh.group == 32) {
-        k_uniform_quantize_token_staged<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, 32, 2, true>
-            <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);
+      const unsigned grid = kv_grid(ctx, ntasks, kv_ts_ctas(DT, sh.group, sh.bits, ept, db));
+      if (db) {
+        if (sh.bits == 2)
+          k_uniform_quantize_token_staged<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, 32, 2, true>
+              <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);
+        else
+          k_uniform_quantize_token_staged<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, 32, 4, true>
+              <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);
         return;
       }
 #define KV_Q_TOKEN_S(G, B)                                                                                     \
