@@ -64,6 +64,13 @@ __device__ __forceinline__ void kv_mma_f16(float (&c)[4], uint32_t a0, uint32_t 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+/** 2^x by the hardware's approximation (as exp2f, whose extra steps only keep subnormal results:
+    probabilities below 2^-126 are 0 here) */
+__device__ __forceinline__ float kv_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ uint32_t kv_h2u(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
 __device__ __forceinline__ __half2 kv_u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
 /* two floats to half2 (lo, hi), round to nearest */
@@ -140,14 +147,14 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 1));
     tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 2));
     const float mn = fmaxf(m, tm);
-    const float corr = exp2f(m - mn);
+    const float corr = kv_ex2(m - mn);
     m = mn;
     float ls = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; j++)
 #pragma unroll
       for (int e = 0; e < 2; e++) {
-        s[j][e] = j < 2 * nb ? exp2f(s[j][e] - mn) : 0.0f;
+        s[j][e] = j < 2 * nb ? kv_ex2(s[j][e] - mn) : 0.0f;
         ls += s[j][e];
       }
     l = fmaf(l, corr, ls);
@@ -232,11 +239,10 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           mx = fmaxf(mx, fabsf(qs[b2]));
           qz = fmaf(qv, zc[b2], qz);
         }
+        /* mx >= 0 and never NaN (fmaxf drops NaN), so its bits order as its values: one REDUX */
+        mx = __uint_as_float(__reduce_max_sync(KV_FULL, __float_as_uint(mx)));
 #pragma unroll
-        for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) {
-          mx = fmaxf(mx, __shfl_xor_sync(KV_FULL, mx, o2));
-          qz += __shfl_xor_sync(KV_FULL, qz, o2);
-        }
+        for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) qz += __shfl_xor_sync(KV_FULL, qz, o2);
         const float inv = mx > 0.0f ? __fdividef(127.0f, mx) : 0.0f;
         /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
         constexpr float MAG = 12582912.0f;
