@@ -321,24 +321,25 @@ static __global__ void __launch_bounds__(128)
 #define KV_TS_THREADS 256
 
 /** Groups a warp loads per step: 2 where one group is fewer than 64 loads in flight, except for
-    2 bits from pairs (thresholds), whose lighter arithmetic pays more for occupancy, and the
-    two-buffer kernel (db). */
+    2 bits from pairs (thresholds), whose lighter arithmetic pays more for occupancy; in the
+    two-buffer kernel (db), 2 for 2 bits and 1 for 4 bits (measured, see below). */
 __host__ __device__ constexpr int kv_ts_k(int G, int bits, int ept, bool db = false) {
-  return db || G >= 64 || (bits == 2 && ept == 2) ? 1 : 2;
+  return db ? (bits == 2 ? 2 : 1) : G >= 64 || (bits == 2 && ept == 2) ? 1 : 2;
 }
 /** CTAs of KV_TS_THREADS per SM the kernel is built for (bf16 G 64 spills at 128 registers). */
 __host__ __device__ constexpr int kv_ts_ctas(int dt, int G, int bits, int ept, bool db = false) {
-  return db ? 3 : bits == 2 && ept == 2 ? (G >= 64 ? 2 : 3) : (dt == KIVI_BF16 && G >= 64) ? 1 : 2;
+  return db ? (bits == 2 ? 2 : 3) : bits == 2 && ept == 2 ? (G >= 64 ? 2 : 3) : (dt == KIVI_BF16 && G >= 64) ? 1 : 2;
 }
 
 /*
  * DB (pairs, G 32, 2 or 4 bits: the default there): two staging buffers, so that a task's readout and
  * the next task's coding need no barrier between them (one __syncthreads per task instead of two).
- * Measured on an H200, keys of the issue's size: 2 bits 54 % of copy against 52 % with one buffer;
- * 4 bits 55-56 % against 53 % with one buffer and two groups a warp. No faster, all measured in the
- * same runs: streaming the rows through a per-warp cp.async ring (51-53 %); loading the next task's
- * rows into a second register set while coding this one (2 CTAs of 128 registers: 52 %); loads with
- * the L2::256B prefetch hint (47 %).
+ * Measured on an H200, keys of the issue's size, each against the others in the same run: 2 bits,
+ * two groups a warp and 2 CTAs a SM, 63 % of copy, against 55 % with one group and 3 CTAs and 52 %
+ * with one group and one buffer; 4 bits, one group and 3 CTAs, 56 %, against 54 % with two groups
+ * and 53 % with one buffer. No faster: streaming the rows through a per-warp cp.async ring
+ * (51-53 %); loading the next task's rows into a second register set while coding this one (52 %);
+ * plain or non-coherent loads instead of evict-first ones (52-53 %); the L2::256B prefetch hint (47 %).
  */
 template <int DT, int EPT, int G, int BITS, bool DB = false>
 static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, EPT, DB))
