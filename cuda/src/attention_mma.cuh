@@ -44,14 +44,7 @@ __host__ __device__ constexpr size_t kv_mma_abuf_bytes(int D, int ratio) {
   return (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw(D) * sizeof(uint32_t);
 }
 
-__device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  const uint32_t z = 0u;
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(z), "r"(a2), "r"(z), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void kv_mma_s8u8x4(int (&c)[4], const uint4 a, uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], const uint4 a, uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
@@ -316,8 +309,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
 #pragma unroll
         for (int i = 0; i < NCH; i++) {
           kb(j, i, b0, b1);
-          kv_mma_s8u8x4(acc, ahm[i], b0, b1);
-          kv_mma_s8u8x4(acl, alo[i], b0, b1);
+          kv_mma_s8u8(acc, ahm[i], b0, b1);
+          kv_mma_s8u8(acl, alo[i], b0, b1);
         }
         /* |hi sums| <= 127 x 3 x D, so 254 hi + mid is exact in 32 bits */
         s[j][0] = fmaf((float)(254 * acc[0] + acc[2]), ksc, fmaf((float)acl[0], ksc2, kqz));
