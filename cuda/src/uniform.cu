@@ -121,7 +121,7 @@ __device__ __forceinline__ bool kv_code_ge(uint32_t y, float z, float s, int k) 
     checks); where fp32 rounding moves the boundary further (it can, by thousands of bf16 steps, when
     the boundary is 0 and |z| is large), gallop along the number line, then bisect. */
 template <int DT>
-__device__ __noinline__ uint32_t kv_threshold(float z, float s, float rinv, int k) {
+__device__ __noinline__ uint32_t kv_threshold(float z, float s, int k) {
   constexpr int inf = DT == KIVI_F16 ? 0x7c00 : 0x7f80;
   constexpr uint32_t nan = DT == KIVI_F16 ? 0x7e00u : 0x7fc0u;
   if (!(s > 0.0f)) return nan; /* constant or NaN group: code 0 everywhere */
@@ -159,7 +159,7 @@ __device__ __noinline__ uint32_t kv_threshold(float z, float s, float rinv, int 
     undecided compare, s not a positive finite number, infinities, a boundary that fp32 rounding moved
     by more than a step) goes to the general search. */
 template <int DT>
-__device__ __forceinline__ uint32_t kv_threshold_near(float z, float s, float rinv, int k) {
+__device__ __forceinline__ uint32_t kv_threshold_near(float z, float s, int k) {
   constexpr uint32_t inf = DT == KIVI_F16 ? 0x7c00u : 0x7f80u;
   const uint32_t y = kv_f2h<DT>(__fmaf_rn((float)k - 0.5f, s, z));
   if ((y & 0x7fffu) < inf) {
@@ -169,7 +169,7 @@ __device__ __forceinline__ uint32_t kv_threshold_near(float z, float s, float ri
     if (gy == 1 && kv_code_ge_exact<DT>(below, z, s, k) == 0) return y;
     if (gy == 0 && kv_code_ge_exact<DT>(above, z, s, k) == 1) return above;
   }
-  return kv_threshold<DT>(z, s, rinv, k);
+  return kv_threshold<DT>(z, s, k);
 }
 
 /** Both halves of a and b compared: 0xffff in each half where a >= b (false for NaN). */
@@ -199,9 +199,9 @@ template <int DT> __device__ __forceinline__ kv_u2 kv_u2_group(float mn, float m
   const kv_up p = kv_uparams<2>(mn, mx);
   g.sh = p.sh;
   g.zh = p.zh;
-  g.t1 = kv_threshold_near<DT>(p.z, p.s, p.rinv, 1);
-  g.t2 = kv_threshold_near<DT>(p.z, p.s, p.rinv, 2);
-  g.t3 = kv_threshold_near<DT>(p.z, p.s, p.rinv, 3);
+  g.t1 = kv_threshold_near<DT>(p.z, p.s, 1);
+  g.t2 = kv_threshold_near<DT>(p.z, p.s, 2);
+  g.t3 = kv_threshold_near<DT>(p.z, p.s, 3);
   return g;
 }
 
@@ -732,7 +732,7 @@ static void launch_quantize(kivi_ctx_t ctx, const void *x, const kv_shape &sh, u
     const bool pairs = DT != KIVI_F32 && sh.cols % 2 == 0 && ((uintptr_t)x & 3u) == 0;
     if (KV_TOKEN_STAGED && sh.group <= 64) { /* G 128 holds 128 raw words per thread: the loop below */
       const int ept = pairs ? 2 : 1;
-      const bool db = pairs && sh.group == 32; /* 2 or 4 bits: two staging buffers, K 1 */
+      const bool db = pairs && sh.group == 32; /* two staging buffers (kv_ts_k: groups a warp) */
       const int64_t ncolblk = (sh.cols + 32 * ept - 1) / (32 * ept);
       const int64_t gpi = (KV_TS_THREADS / 32) * kv_ts_k(sh.group, sh.bits, ept, db);
       const int64_t ntasks = ncolblk * ((sh.row_groups + gpi - 1) / gpi);
