@@ -804,15 +804,14 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
   /* CTAs per SM: 4 where the registers allow it without spilling (D 64), else 3 (measured on an H200,
      8x32768: 4 CTAs of 128 registers, with 4 or 3 stages, ran no faster). Value groups of 32:
      kivi_cache_mma_layout admits no other yet. */
-  const int nst = 4;
-  kv_attn_kernel fn = D == 128 ? k_attend_mma<128, 32, 3, 4> : k_attend_mma<64, 32, 4, 4>;
+  constexpr int nst = 4;
+  kv_attn_kernel fn = D == 128 ? k_attend_mma<128, 32, 3, nst> : k_attend_mma<64, 32, 4, nst>;
   /* a ring of nst stages a warp (32 tokens: key codes + params, value codes + scales + zeros) */
   const size_t stage = (size_t)32 * D / 4 + D * 4 + 2 * D * 4 + 2 * (D / c->cfg.v_group) * 64;
   const size_t ring = (size_t)KV_MMA_WARPS * nst * stage;
   const size_t merge = (size_t)KV_MMA_WARPS * KV_MMA_HEADS * (D + 2) * sizeof(float);
   const size_t abuf = kv_mma_abuf_bytes(D, c->cfg.q_heads / c->cfg.kv_heads);
   const size_t smem = (size_t)KV_MMA_HEADS * D * sizeof(float) + abuf + (ring > merge ? ring : merge);
-  p->nst = nst;
   kivi_status st = KIVI_OK;
   int bps = 1;
   {
