@@ -98,7 +98,7 @@ __device__ __forceinline__ uint32_t kv_h_from_ord(int o) { return o >= 0 ? (uint
  *   q >= k  <=>  fl(Q) >  b (k odd: rint(b) = k - 1) <=>  Q >  b + h  <=>  d - b s >  h s      (s > 0).
  * r = fma(-b, s, d) is d - b s rounded once, and e = +-h s is exact (s >= 2^-100), so r > e or r < e
  * gives the side; r == e (rounded onto it) is left undecided. Returns 1, 0, or -1 (undecided, or s
- * not a finite number >= 2^-100).
+ * not a finite number >= 2^-100). For the 2-bit levels k = 1, 2, 3 only (h is spelled out for them).
  */
 template <int DT> __device__ __forceinline__ int kv_code_ge_exact(uint32_t y, float z, float s, int k) {
   if (!(s >= 0x1p-100f && s < INFINITY)) return -1;
@@ -363,10 +363,10 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
   /* a task covers >= 2048 values, so task numbers fit 32 bits: a 32-bit division, not a 64-bit call */
   auto task_cols = [&](int64_t t) { return (int64_t)((uint32_t)t % (uint32_t)ncolblk) * TC; };
   auto task_groups = [&](int64_t t) { return (int64_t)((uint32_t)t / (uint32_t)ncolblk) * GPI; };
-  /* the rows of task t into raw (zeros where out of range: past the columns, groups or tasks) */
+  /* the rows of task t into raw (zeros where out of range: past the columns or groups) */
   auto load = [&](int64_t t, uint32_t (&raw)[K][G]) {
     const int64_t c0 = task_cols(t) + lane * EPT;
-    const bool col_ok = t < ntasks && c0 < cols; /* cols % EPT == 0: the pair is all in or all out */
+    const bool col_ok = c0 < cols; /* cols % EPT == 0: the pair is all in or all out */
     const int64_t g0 = task_groups(t) + warp * K;
 #pragma unroll
     for (int k = 0; k < K; k++) {
