@@ -64,6 +64,12 @@ __device__ __forceinline__ float kv_ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+/** x, opaque to the optimizer: computed once (before a loop) and kept in a register, where NVVM would
+    otherwise derive lane-dependent offsets from %tid.x again inside every iteration */
+__device__ __forceinline__ uint32_t kv_keep(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
 __device__ __forceinline__ uint32_t kv_h2u(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
 __device__ __forceinline__ __half2 kv_u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
 /* two floats to half2 (lo, hi), round to nearest */
@@ -81,7 +87,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const int nqa = min(KV_MMA_HEADS, p.ratio); /* heads of any CTA */
   uint32_t *abuf = (uint32_t *)(smem + KV_MMA_HEADS * D * sizeof(float)); /* per warp: kv_mma_aw(D) x nqa */
   uint8_t *rings = smem + KV_MMA_HEADS * D * sizeof(float) + kv_mma_abuf_bytes(D, p.ratio); /* per warp [NST][stage] */
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int warp = kv_keep(threadIdx.x >> 5), lane = kv_keep(threadIdx.x & 31);
+  const int gid = kv_keep(lane >> 2), tig = kv_keep(lane & 3);
 
   const kv_cta cta = kv_cta_of(p);
   const int hc = cta.hc, split = cta.split, hkv = cta.hkv, b = cta.b;
@@ -106,7 +113,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
 
   const int32_t *trow = p.table + (int64_t)si.slot * p.max_pages;
   const int64_t wbase = ((int64_t)si.slot * p.layers + p.layer) * p.W;
-  const int rot0 = (8 - 4 * tig) & 31, rot1 = (6 - 4 * tig) & 31;
+  const int rot0 = kv_keep((8 - 4 * tig) & 31), rot1 = kv_keep((6 - 4 * tig) & 31);
 
   /* state: softmax of head gid (the same in the 4 lanes of a quad), O^T and Z fragments */
   float m = -INFINITY, l = 0.0f;
@@ -128,6 +135,15 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   uint32_t *wabuf = abuf + warp * nqa * kv_mma_aw(D);
   const bool a_writer = lane < 8 * NCH;
   for (int k = lane; k < nqa * kv_mma_aw(D); k += 32) wabuf[k] = 0u; /* the lo fragments' zeros */
+  /* byte offsets of what this lane reads and writes in every tile, kept in registers (kv_keep): in a
+     stage its key params, key words and value words, scales and zeros; its q channels; its fragment
+     words in the warp's slice (written) and its own fragments (read) */
+  const uint32_t o_kpar = kv_keep(KCB + 4 * ach), o_q = kv_keep(4 * ach);
+  const uint32_t o_kw = kv_keep((2 * (gid >> 1) + 8 * (gid & 1)) * (D / 4) + (D == 128 ? 8 : 4) * tig);
+  const uint32_t o_vs = kv_keep(KCB + KPB + VCB + 8 * tig), o_vw = kv_keep(KCB + KPB + 8 * gid);
+  const uint32_t o_vz = kv_keep(KCB + KPB + VCB + VPB + 64 * min(gid, ngv - 1) + 8 * tig);
+  const uint32_t o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + awr));
+  const uint32_t o_ar = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + gid * kv_mma_aw(D) + tig * 8 * NCH));
   float ksc = 0.0f, ksc2 = 0.0f, kqz = 0.0f; /* this lane's head: score = acc * ksc + acl * ksc2 + kqz */
   int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
 
@@ -169,56 +185,60 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   /* page tiles of this warp: g = warp + i * 4, streamed through the warp's ring of nst stages */
   const int my_pt = npt > warp ? (npt - warp + KV_MMA_WARPS - 1) / KV_MMA_WARPS : 0;
   uint8_t *ring = rings + (size_t)warp * NST * stage;
-  const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
+  const uint32_t o_ring = kv_keep((uint32_t)(ring - smem));
   /* tile i of this warp starts at token a0 + (warp + 4 i) 32 */
-  auto tile_page = [&](int i) { return i < my_pt ? trow[(a0 + (warp + i * KV_MMA_WARPS) * 32) >> lgP] : 0; };
-  /* what does not depend on the tile: this head's bases and each lane's offsets within a stage */
-  /* 32-bit offsets within a page (a page is far below 4 GB), each lane's own 16-byte chunks */
+  const int tok0 = kv_keep(a0 + warp * 32);
+  auto tile_page = [&](int i) { return i < my_pt ? (uint32_t)trow[(tok0 + i * (32 * KV_MMA_WARPS)) >> lgP] : 0u; };
+  /* what does not depend on the tile: this head's bases and each lane's offsets within a page and a
+     stage (32-bit: a page is far below 4 GB), computed once and kept (kv_keep) */
   const uint8_t *kh = p.kpool + (uint64_t)hkv * p.khead, *vh = p.vpool + (uint64_t)hkv * p.vhead;
-  const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, kpar = (uint32_t)p.kcodes + 16 * lane;
+  const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, pmask = (uint32_t)(p.P - 1);
   const int vpw = lane / (VPB / 16), vpg = (lane % (VPB / 16)) / 4, vpc = lane % 4;
-  const uint32_t vp_src = (uint32_t)p.vcodes + (uint32_t)((vpw * ngv + vpg) * p.P * 2 + 16 * vpc);
-  const uint32_t vp_dst = KCB + KPB + VCB + vpw * VPB + vpg * 64 + 16 * vpc;
+  const uint32_t l16 = kv_keep(16u * lane), kp_l = kv_keep((uint32_t)p.kcodes + 16u * lane);
+  const uint32_t vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((vpw * ngv + vpg) * p.P * 2 + 16 * vpc));
+  const uint32_t st_l = kv_keep((uint32_t)__cvta_generic_to_shared(ring) + 16u * lane);
+  const uint32_t vpd_l = kv_keep((uint32_t)(KCB + KPB + VCB + vpw * VPB + vpg * 64 + 16 * vpc) - 16u * lane);
+  const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512, vp_on = lane < 2 * VPB / 16;
   static_assert(KCB % 512 == 0 && VCB % 512 == 0 && 2 * VPB / 16 <= 32, "whole chunks a lane");
-  auto issue = [&](int i, int64_t page) {
+  auto issue = [&](int i, uint32_t page) {
     if (i < my_pt) {
-      const uint32_t off = (uint32_t)(a0 + (warp + i * KV_MMA_WARPS) * 32) & (uint32_t)(p.P - 1);
-      const uint8_t *kb = kh + (uint64_t)(uint32_t)page * kpage, *vb = vh + (uint64_t)(uint32_t)page * vpage;
-      const uint32_t st = ring_s + (uint32_t)((i % NST) * stage) + 16 * lane;
-      const uint32_t kc = off * (D / 4) + 16 * lane, kp = kpar + (off >> lgK) * (D * 4), vc = (off / 16) * (D * 4) + 16 * lane;
+      const uint32_t off = (uint32_t)(tok0 + i * (32 * KV_MMA_WARPS)) & pmask;
+      const uint8_t *kb = kh + (uint64_t)page * kpage, *vb = vh + (uint64_t)page * vpage;
+      const uint32_t st = st_l + (uint32_t)((i % NST) * stage);
+      const uint8_t *kc = kb + (off * (D / 4) + l16), *kp = kb + (kp_l + (off >> lgK) * (D * 4));
+      const uint8_t *vc = vb + ((off / 16) * (D * 4) + l16), *vp = vb + (vp_l + off * 2);
 #pragma unroll
-      for (int k = 0; k < KCB; k += 512) kv_cpa<16>(st + k, kb + (kc + k));
+      for (int k = 0; k < KCB; k += 512) kv_cpa<16>(st + k, kc + k);
 #pragma unroll
       for (int k = 0; k < KPB; k += 512)
-        if (KPB % 512 == 0 || k + 16 * lane < KPB) kv_cpa<16>(st + KCB + k, kb + (kp + k));
+        if (k + 512 <= KPB || kp_all) kv_cpa<16>(st + KCB + k, kp + k);
 #pragma unroll
-      for (int k = 0; k < VCB; k += 512) kv_cpa<16>(st + KCB + KPB + k, vb + (vc + k));
-      if (lane < 2 * VPB / 16) kv_cpa<16>(st - 16 * lane + vp_dst, vb + (vp_src + off * 2));
+      for (int k = 0; k < VCB; k += 512) kv_cpa<16>(st + KCB + KPB + k, vc + k);
+      if (vp_on) kv_cpa<16>(st + vpd_l, vp);
     }
     kv_commit();
   };
 #pragma unroll
   for (int i = 0; i < NST - 1; i++) issue(i, tile_page(i));
-  int64_t next_page = tile_page(NST - 1);
+  uint32_t next_page = tile_page(NST - 1);
 
   for (int i = 0; i < my_pt; i++) {
-    const int64_t pg = next_page;
+    const uint32_t pg = next_page;
     next_page = tile_page(i + NST);
     issue(i + NST - 1, pg);
     kv_wait(NST - 1);
     __syncwarp();
-    const uint8_t *stg = ring + (size_t)(i % NST) * stage;
-    const int t0 = a0 + (warp + i * KV_MMA_WARPS) * 32;
+    const uint8_t *stg = smem + (o_ring + (uint32_t)((i % NST) * stage));
+    const int t0 = tok0 + i * (32 * KV_MMA_WARPS);
     /* A (q s as three int8 planes) for the key group of this tile */
     const int grp = t0 >> lgK;
     if (grp != kgrp) {
       kgrp = grp;
       /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, 3 planes */
-      const uint32_t *kpar = (const uint32_t *)(stg + KCB);
       float sc[4], zc[4];
 #pragma unroll
       for (int b2 = 0; b2 < 4; b2++) {
-        const uint32_t sz = kpar[ach + 4 * b2];
+        const uint32_t sz = *(const uint32_t *)(stg + o_kpar + 16 * b2);
         sc[b2] = kv_h2f(sz & 0xffffu);
         zc[b2] = kv_h2f(sz >> 16);
       }
@@ -227,7 +247,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         float qs[4], mx = 0.0f, qz = 0.0f;
 #pragma unroll
         for (int b2 = 0; b2 < 4; b2++) {
-          const float qv = qf[h * D + ach + 4 * b2];
+          const float qv = *(const float *)(smem + o_q + 4 * (h * D + 4 * b2));
           qs[b2] = qv * sc[b2];
           mx = fmaxf(mx, fabsf(qs[b2]));
           qz = fmaf(qv, zc[b2], qz);
@@ -255,10 +275,10 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           return __byte_perm(__byte_perm(v[0], v[1], 0x0040), __byte_perm(v[2], v[3], 0x0040), 0x5410);
         };
         if (a_writer) {
-          uint32_t *hs = wabuf + h * kv_mma_aw(D);
-          hs[awr] = pack(hb);
-          hs[awr + 1] = pack(mb);
-          hs[alw] = pack(lb);
+          uint32_t *hs = (uint32_t *)((uint8_t *)abuf + o_aw) + h * kv_mma_aw(D);
+          hs[0] = pack(hb);
+          hs[1] = pack(mb);
+          hs[alw - awr] = pack(lb);
         }
         if (gid == h) {
           ksc = mx > 0.0f ? mx * (1.0f / (127.0f * 254.0f)) : 0.0f;
@@ -268,7 +288,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
       }
       __syncwarp();
       if (gid < nq) { /* the rows of heads past nq keep zeros */
-        const uint4 *mine = (const uint4 *)(wabuf + gid * kv_mma_aw(D) + tig * 8 * NCH);
+        const uint4 *mine = (const uint4 *)((const uint8_t *)abuf + o_ar);
 #pragma unroll
         for (int i = 0; i < NCH; i++) {
           ahm[i] = mine[i];
@@ -283,13 +303,13 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
       uint32_t kw[4][2];
 #pragma unroll
       for (int j = 0; j < 4; j++) {
-        const int tok = 16 * (j >> 1) + (j & 1) + 2 * (gid >> 1) + 8 * (gid & 1);
+        const uint8_t *kr = stg + o_kw + (16 * (j >> 1) + (j & 1)) * (D / 4);
         if constexpr (D == 128) {
-          const uint2 u = *((const uint2 *)(stg + tok * (D / 4)) + tig);
+          const uint2 u = *(const uint2 *)kr;
           kw[j][0] = u.x;
           kw[j][1] = u.y;
         } else {
-          kw[j][0] = *((const uint32_t *)(stg + tok * (D / 4)) + tig);
+          kw[j][0] = *(const uint32_t *)kr;
         }
       }
       /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
@@ -320,26 +340,24 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     softmax(s, 2);
 
     /* values: two runs of 16 tokens */
-    const uint8_t *vsc = stg + KCB + KPB + VCB, *vze = vsc + VPB;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
       const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
       {
         uint2 zz = make_uint2(0u, 0u);
-        if (gid < ngv) zz = *(const uint2 *)(vze + gid * 64 + (16 * r + 4 * tig) * 2);
+        if (gid < ngv) zz = *(const uint2 *)(stg + o_vz + 32 * r);
         kv_mma_f16(zacc, zz.x, 0u, zz.y, 0u, ph0, ph1);
       }
       uint32_t pb[ngv][2]; /* B = p s per value group */
 #pragma unroll
       for (int gg = 0; gg < ngv; gg++) {
-        const uint2 ss = *(const uint2 *)(vsc + gg * 64 + (16 * r + 4 * tig) * 2);
+        const uint2 ss = *(const uint2 *)(stg + o_vs + gg * 64 + 32 * r);
         pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
         pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
       }
-      const uint32_t *vw = (const uint32_t *)(stg + KCB + KPB) + r * D;
 #pragma unroll
       for (int mt = 0; mt < NMT; mt++) {
-        const uint2 w = *(const uint2 *)(vw + 16 * mt + 2 * gid);
+        const uint2 w = *(const uint2 *)(stg + o_vw + 4 * (r * D + 16 * mt));
         kv_mma_f16(o[mt], kv_vcodes(w.x, rot0), kv_vcodes(w.y, rot0), kv_vcodes(w.x, rot1), kv_vcodes(w.y, rot1),
                    pb[(16 * mt) / VG][0], pb[(16 * mt) / VG][1]);
       }
