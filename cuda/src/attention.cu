@@ -802,10 +802,10 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
   kivi_ctx_t ctx = c->ctx;
   const int D = c->cfg.head_dim;
   /* CTAs per SM: 4 where the registers allow it without spilling (D 64), else 3 (measured on an H200,
-     8x32768: 4 CTAs of 128 registers, with 4 or 3 stages, ran no faster). Value groups of 32:
+     8x32768: 4 CTAs of 128 registers, with 4 or 3 stages, ran no faster). Key and value groups of 32:
      kivi_cache_mma_layout admits no other yet. */
   constexpr int nst = 4;
-  kv_attn_kernel fn = D == 128 ? k_attend_mma<128, 32, 3, nst> : k_attend_mma<64, 32, 4, nst>;
+  kv_attn_kernel fn = D == 128 ? k_attend_mma<128, 32, 32, 3, nst> : k_attend_mma<64, 32, 32, 4, nst>;
   /* a ring of nst stages a warp (32 tokens: key codes + params, value codes + scales + zeros) */
   const size_t stage = (size_t)32 * D / 4 + D * 4 + 2 * D * 4 + 2 * (D / c->cfg.v_group) * 64;
   const size_t ring = (size_t)KV_MMA_WARPS * nst * stage;

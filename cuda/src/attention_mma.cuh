@@ -77,7 +77,7 @@ __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) { return kv_h
 /* code pair of a value word as fp16 subnormals (code x 2^-16): slot j of each half rotated to bits 8..9 */
 __device__ __forceinline__ uint32_t kv_vcodes(uint32_t w, int rot) { return __funnelshift_l(w, w, rot) & 0x03000300u; }
 
-template <int D, int VG, int MINB, int NST>
+template <int D, int KG, int VG, int MINB, int NST>
 static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
   constexpr int NCH = D / 32;  /* key MMA k-chunks */
   constexpr int NMT = D / 16;  /* value MMA m-tiles */
@@ -103,7 +103,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   constexpr int ngv = D / VG;      /* value groups */
   constexpr int VPB = ngv * 64;    /* stage: value scales (then as many zeros) of 32 tokens */
   constexpr int stage = KCB + KPB + VCB + 2 * VPB;
-  const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* both powers of two */
+  const int lgP = __ffs(p.P) - 1; /* a power of two */
+  constexpr int lgK = KG == 32 ? 5 : KG == 64 ? 6 : 7;
 
   for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
     const int h = i / D;
@@ -133,7 +134,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     alw = awr + 4 * NCH;
   }
   uint32_t *wabuf = abuf + warp * nqa * kv_mma_aw(D);
-  const bool a_writer = lane < 8 * NCH;
+  const bool a_writer = 8 * NCH >= 32 || lane < 8 * NCH;
   for (int k = lane; k < nqa * kv_mma_aw(D); k += 32) wabuf[k] = 0u; /* the lo fragments' zeros */
   /* byte offsets of what this lane reads and writes in every tile, kept in registers (kv_keep): in a
      stage its key params, key words and value words, scales and zeros; its q channels; its fragment
@@ -232,7 +233,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     const int t0 = tok0 + i * (32 * KV_MMA_WARPS);
     /* A (q s as three int8 planes) for the key group of this tile */
     const int grp = t0 >> lgK;
-    if (grp != kgrp) {
+    if (KG == 32 || grp != kgrp) { /* groups of 32: every tile */
       kgrp = grp;
       /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, 3 planes */
       float sc[4], zc[4];
@@ -256,7 +257,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         mx = __uint_as_float(__reduce_max_sync(KV_FULL, __float_as_uint(mx)));
 #pragma unroll
         for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) qz += __shfl_xor_sync(KV_FULL, qz, o2);
-        const float inv = mx > 0.0f ? __fdividef(127.0f, mx) : 0.0f;
+        /* x = q s inv with inv a power of two, |x| < 127 (mx (128 / 127) < 2^(E + 1), inv = 2^(6 - E)):
+           no division and no branch; the score's scale 1 / (254 inv) is then exact. The exponent is
+           clamped so that inv stays finite (mx 0: every x is 0) */
+        const uint32_t ex = max(__float_as_uint(mx * (128.0f / 127.0f)) & 0x7f800000u, 7u << 23);
+        const float inv = __uint_as_float((260u << 23) - ex);
         /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
         constexpr float MAG = 12582912.0f;
         /* three planes: x = hi + mid / 254 + lo / 254^2, each rounded in turn */
@@ -281,7 +286,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           hs[alw - awr] = pack(lb);
         }
         if (gid == h) {
-          ksc = mx > 0.0f ? mx * (1.0f / (127.0f * 254.0f)) : 0.0f;
+          ksc = __uint_as_float(ex - (6u << 23)) * (1.0f / 254.0f);
           ksc2 = ksc * (1.0f / 254.0f);
           kqz = qz;
         }
