@@ -412,16 +412,19 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
   }
   const uint32_t *codes = (const uint32_t *)block;
   const uint16_t *params = (const uint16_t *)(block + c->vpart.codes);
-  if (kivi_cache_mma_layout(g)) { /* codes [P / 16][D], params scale [D / Gv][P] then zero, pair order */
+  if (kivi_cache_mma_layout(g)) { /* codes [P / 16][D] (fragment order), params scale [D / Gv][P] then zero, pair order */
     const int64_t P = g->page_tokens, zoff = (int64_t)(D / Gv) * P;
-    for (int32_t t = 0; t < nt; t++) {
-      const uint32_t *wd = codes + (int64_t)(t / 16) * D;
-      const int32_t sh = 2 * (t % 16), pos = kivi_pair_pos(t);
-      float *dst = vt + (int64_t)t * D;
-      for (int32_t k = 0; k < D / Gv; k++) {
-        const float s = kivi_f16_to_f32(params[k * P + pos]), z = kivi_f16_to_f32(params[zoff + k * P + pos]);
-        for (int32_t d = k * Gv; d < (k + 1) * Gv; d++) dst[d] = kivi_uniform_value((wd[d] >> sh) & 3u, z, s);
-      }
+    for (int32_t t0 = 0; t0 < nt; t0 += 16) { /* a run: every slot of its D words */
+      const uint32_t *wd = codes + (int64_t)(t0 / 16) * D;
+      for (int32_t w = 0; w < D; w++)
+        for (int32_t j = 0; j < 16; j++) {
+          int32_t u, d;
+          kivi_mma_value_slot(D, w, j, &u, &d);
+          const int32_t t = t0 + u, pos = kivi_pair_pos(t), k = d / Gv;
+          if (t >= nt) continue;
+          const float s = kivi_f16_to_f32(params[k * P + pos]), z = kivi_f16_to_f32(params[zoff + k * P + pos]);
+          vt[(int64_t)t * D + d] = kivi_uniform_value((wd[w] >> (2 * j)) & 3u, z, s);
+        }
     }
     return;
   }

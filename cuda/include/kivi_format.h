@@ -197,7 +197,8 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
  * instead (byte sizes unchanged):
  *   keys   codes  uint32 [P][D / 16]                  (per token, packed along channels)
  *          params half2 (scale, zero) [P / Gk][D]     (a group's D channels side by side)
- *   values codes  uint32 [P / 16][D]                  (per channel, packed along 16 tokens)
+ *   values codes  uint32 [P / 16][D]                  (16 tokens x D channels a run, in the order of
+ *                                                     the fragments: kivi_mma_value_code below)
  *          params half scale [D / Gv][P], then half zero [D / Gv][P], tokens of each run of 16
  *                 in pair order (t, t + 8) for t = 0..7: the pairs the kernel multiplies together.
  */
@@ -255,13 +256,35 @@ KIVI_HD int kivi_cache_mma_layout(const kivi_cache_config *c) {
 /** Position of page token t in a value-params run of the tensor-core layout (pair order). */
 KIVI_HD int32_t kivi_pair_pos(int32_t t) { return (t & ~15) | ((t & 7) << 1) | ((t >> 3) & 1); }
 
+/**
+ * Value codes of the tensor-core layout: a run of 16 tokens is D words, D / 32 for each lane of the
+ * warp that multiplies them, and each word holds exactly the codes of that lane's A fragments for two
+ * m-tiles of 16 channels, so that a mask alone (or a shift by 8 and a mask) puts a code pair in the
+ * bits of an fp16 subnormal. Word w = lane (D / 32) + q of a run, lane = 4 g + tg, slot s (bits 2s, 2s+1):
+ *   token u = 8 (s >> 3) + 2 tg + ((s >> 2) & 1), channel d = 32 q + 16 ((s >> 1) & 1) + 2 g + (s & 1).
+ * In a word, slots 0-3 and 8-11 (a mask each) are fragment registers a0, a1 of m-tile 2q and of 2q + 1;
+ * slots 4-7 and 12-15 (after the shift) are a2, a3: the two tokens of a register are u and u + 8.
+ * This maps (u, d) to (word, slot); kivi_mma_value_slot below is its inverse.
+ */
+KIVI_HD int32_t kivi_mma_value_code(int32_t D, int32_t u, int32_t d, int32_t *slot) {
+  *slot = 8 * (u >> 3) + 4 * (u & 1) + 2 * ((d >> 4) & 1) + (d & 1);
+  return (4 * ((d & 15) >> 1) + ((u & 7) >> 1)) * (D / 32) + (d >> 5);
+}
+/** Token u (of the run) and channel d of slot s of word w of a run: the inverse of kivi_mma_value_code. */
+KIVI_HD void kivi_mma_value_slot(int32_t D, int32_t w, int32_t s, int32_t *u, int32_t *d) {
+  const int32_t lane = w / (D / 32), q = w % (D / 32);
+  *u = 8 * (s >> 3) + 2 * (lane & 3) + ((s >> 2) & 1);
+  *d = 32 * q + 16 * ((s >> 1) & 1) + 2 * (lane >> 2) + (s & 1);
+}
+
 /** Word index of element (page token t, channel d) in a head block's codes, and (via *slot) its slot. */
 KIVI_HD int64_t kivi_page_code_at(const kivi_cache_config *c, int is_value, int32_t t, int32_t d, int32_t *slot) {
   const int32_t bits = is_value ? c->v_bits : c->k_bits, cpw = kivi_codes_per_word(bits);
   const int64_t P = c->page_tokens, D = c->head_dim;
   if (kivi_cache_mma_layout(c)) {
-    *slot = is_value ? t % cpw : d % cpw;
-    return is_value ? (int64_t)(t / cpw) * D + d : (int64_t)t * (D / cpw) + d / cpw;
+    if (is_value) return (int64_t)(t / 16) * D + kivi_mma_value_code((int32_t)D, t % 16, d, slot);
+    *slot = d % cpw;
+    return (int64_t)t * (D / cpw) + d / cpw;
   }
   *slot = is_value ? d % cpw : t % cpw;
   return is_value ? (int64_t)t * (D / cpw) + d / cpw : (int64_t)d * (P / cpw) + t / cpw;

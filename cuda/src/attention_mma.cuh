@@ -20,8 +20,10 @@
  *   s32 accumulators hold 254 hi + mid and lo exactly; the score is two FFMAs away.
  * Values, O^T = V^T P:
  *   mma m16n8k16 f16 -> f32, rows = channels, k = tokens, n = query heads.
- *   A = codes as fp16 subnormals: a rotate brings code j of each half to bits 8..9, so the half
- *   is exactly code x 2^-16 (one SHF + one LOP3 per two codes); the 2^16 comes back at the end.
+ *   A = codes as fp16 subnormals: each lane reads its own D / 32 words a run (kivi_mma_value_code), in
+ *   which slot k of each half (k = 0..3, or 4..7 after one shift by 8) is exactly a code pair of one
+ *   fragment register, code x 2^(2k - 24) as a half: one LOP3 per two codes. The slots of a row share
+ *   k, so the 2^(24 - 2k) comes back per row at the end.
  *   B = p_t s_t in fp16 (per token and value group; s_t pairs are stored in pair order, so one
  *   8-byte load gives both B registers). The zeros go through one more MMA: Z[g][h] = sum_t z p.
  * Token order: a 16-token run is worked as pairs (t, t + 8), t = 0..7, so that the thread holding
@@ -74,8 +76,6 @@ __device__ __forceinline__ uint32_t kv_h2u(__half2 h) { return *reinterpret_cast
 __device__ __forceinline__ __half2 kv_u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
 /* two floats to half2 (lo, hi), round to nearest */
 __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) { return kv_h2u(__floats2half2_rn(lo, hi)); }
-/* code pair of a value word as fp16 subnormals (code x 2^-16): slot j of each half rotated to bits 8..9 */
-__device__ __forceinline__ uint32_t kv_vcodes(uint32_t w, int rot) { return __funnelshift_l(w, w, rot) & 0x03000300u; }
 
 template <int D, int KG, int VG, int MINB, int NST>
 static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
@@ -114,7 +114,6 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
 
   const int32_t *trow = p.table + (int64_t)si.slot * p.max_pages;
   const int64_t wbase = ((int64_t)si.slot * p.layers + p.layer) * p.W;
-  const int rot0 = kv_keep((8 - 4 * tig) & 31), rot1 = kv_keep((6 - 4 * tig) & 31);
 
   /* state: softmax of head gid (the same in the 4 lanes of a quad), O^T and Z fragments */
   float m = -INFINITY, l = 0.0f;
@@ -141,7 +140,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
      words in the warp's slice (written) and its own fragments (read) */
   const uint32_t o_kpar = kv_keep(KCB + 4 * ach), o_q = kv_keep(4 * ach);
   const uint32_t o_kw = kv_keep((2 * (gid >> 1) + 8 * (gid & 1)) * (D / 4) + (D == 128 ? 8 : 4) * tig);
-  const uint32_t o_vs = kv_keep(KCB + KPB + VCB + 8 * tig), o_vw = kv_keep(KCB + KPB + 8 * gid);
+  const uint32_t o_vs = kv_keep(KCB + KPB + VCB + 8 * tig), o_vw = kv_keep(KCB + KPB + 4 * (D / 32) * lane);
   const uint32_t o_vz = kv_keep(KCB + KPB + VCB + VPB + 64 * min(gid, ngv - 1) + 8 * tig);
   const uint32_t o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + awr));
   const uint32_t o_ar = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + gid * kv_mma_aw(D) + tig * 8 * NCH));
@@ -360,21 +359,38 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
         pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
       }
+      /* this lane's D / 32 words of the run: word q holds m-tiles 2q and 2q + 1 (kivi_mma_value_code) */
+      uint32_t vw[NMT / 2];
+      if constexpr (NMT == 8) {
+        const uint4 u = *(const uint4 *)(stg + o_vw + 4 * r * D);
+        vw[0] = u.x, vw[1] = u.y, vw[2] = u.z, vw[3] = u.w;
+      } else {
+        const uint2 u = *(const uint2 *)(stg + o_vw + 4 * r * D);
+        vw[0] = u.x, vw[1] = u.y;
+      }
 #pragma unroll
-      for (int mt = 0; mt < NMT; mt++) {
-        const uint2 w = *(const uint2 *)(stg + o_vw + 4 * (r * D + 16 * mt));
-        kv_mma_f16(o[mt], kv_vcodes(w.x, rot0), kv_vcodes(w.y, rot0), kv_vcodes(w.x, rot1), kv_vcodes(w.y, rot1),
-                   pb[(16 * mt) / VG][0], pb[(16 * mt) / VG][1]);
+      for (int q = 0; q < NMT / 2; q++) {
+        const uint32_t w = vw[q], w8 = w >> 8;
+        kv_mma_f16(o[2 * q], w & 0x00030003u, w & 0x000c000cu, w8 & 0x00030003u, w8 & 0x000c000cu,
+                   pb[(32 * q) / VG][0], pb[(32 * q) / VG][1]);
+        kv_mma_f16(o[2 * q + 1], w & 0x00300030u, w & 0x00c000c0u, w8 & 0x00300030u, w8 & 0x00c000c0u,
+                   pb[(32 * q + 16) / VG][0], pb[(32 * q + 16) / VG][1]);
       }
     }
     __syncwarp();
   }
   kv_wait(0);
-  /* the page tiles accumulated code x 2^-16: back to plain units before the window's fp16 values */
+  /* the page tiles accumulated code x 2^-24 x 4^k, k the code's slot in its half word (0 and 1 in
+     even m-tiles, 2 and 3 in odd ones, the higher of each pair in rows 8-15): back to plain units
+     before the window's fp16 values */
 #pragma unroll
-  for (int i = 0; i < NMT; i++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) o[i][e] *= 65536.0f;
+  for (int i = 0; i < NMT; i++) {
+    const float f0 = i % 2 ? 1048576.0f : 16777216.0f; /* 2^20, 2^24 */
+    o[i][0] *= f0;
+    o[i][1] *= f0;
+    o[i][2] *= 0.25f * f0;
+    o[i][3] *= 0.25f * f0;
+  }
 
   /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp */
   for (int g = npt + ((warp - npt % KV_MMA_WARPS) + KV_MMA_WARPS) % KV_MMA_WARPS; g < ntiles; g += KV_MMA_WARPS) {

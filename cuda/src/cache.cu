@@ -260,7 +260,7 @@ __device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, const uin
       }
       words[(int64_t)(o + i) * (D / 16) + w] = word;
     }
-  } else { /* values: group = token x Gv channels; codes [P / 16][D], params scale/zero [D / Gv][P] */
+  } else { /* values: group = token x Gv channels; codes [P / 16][D] (fragment order), params scale/zero [D / Gv][P] */
     const int gpr = D / Gv;
     uint16_t *sc = (uint16_t *)(base + pbytes), *ze = sc + (int64_t)gpr * P;
     for (int g = threadIdx.x; g < F * gpr; g += blockDim.x) {
@@ -275,13 +275,15 @@ __device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, const uin
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < (F / 16) * D; idx += blockDim.x) {
-      const int b = idx / D, d = idx % D;
+      const int b = idx / D, w = idx % D; /* word w of run b: the codes of kivi_mma_value_slot */
       uint32_t word = 0;
       for (int j = 0; j < 16; j++) {
-        const int i = 16 * b + j, g = i * gpr + d / Gv;
+        int32_t u, d;
+        kivi_mma_value_slot(D, w, j, &u, &d);
+        const int i = 16 * b + u, g = i * gpr + d / Gv;
         word |= kivi_uniform_code(kv_hf(tile[i * D + d]), zp[g], sp[g], 2) << (2 * j);
       }
-      words[(int64_t)(o / 16 + b) * D + d] = word;
+      words[(int64_t)(o / 16 + b) * D + w] = word;
     }
   }
 }
