@@ -376,7 +376,7 @@ void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, flo
       for (int32_t d = 0; d < D; d++) { /* one channel of the group: tokens contiguous in kd */
         const float s = kivi_f16_to_f32(pr[2 * d]), z = kivi_f16_to_f32(pr[2 * d + 1]);
         const uint32_t *wd = codes + (int64_t)t0 * wpt + d / 16;
-        const int32_t sh = 2 * (d % 16);
+        const int32_t sh = 2 * kivi_mma_key_slot(d);
         float *dst = kd + (int64_t)d * P + t0;
         for (int32_t i = 0; i < Gk; i++) dst[i] = kivi_uniform_value((wd[(int64_t)i * wpt] >> sh) & 3u, z, s);
       }

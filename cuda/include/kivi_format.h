@@ -195,7 +195,8 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
  * a KV head has at most 8 query heads (kivi_cache_mma_layout), the fused attention multiplies codes on tensor cores, which need the
  * contracted axis packed together: channels for q.k, tokens for p.v. Those pages are laid out
  * instead (byte sizes unchanged):
- *   keys   codes  uint32 [P][D / 16]                  (per token, packed along channels)
+ *   keys   codes  uint32 [P][D / 16]                  (per token, packed along channels; channel
+ *                                                     16 w + e in slot kivi_mma_key_slot(e))
  *          params half2 (scale, zero) [P / Gk][D]     (a group's D channels side by side)
  *   values codes  uint32 [P / 16][D]                  (16 tokens x D channels a run, in the order of
  *                                                     the fragments: kivi_mma_value_code below)
@@ -277,13 +278,17 @@ KIVI_HD void kivi_mma_value_slot(int32_t D, int32_t w, int32_t s, int32_t *u, in
   *d = 32 * q + 16 * ((s >> 1) & 1) + 2 * (lane >> 2) + (s & 1);
 }
 
+/** Slot of channel d in its key word of the tensor-core layout: 4 (d % 4) + (d % 16) / 4, so that one
+    shift and mask ((w >> 2i) & 0x03030303) gives four consecutive channels, 4i .. 4i + 3, one a byte. */
+KIVI_HD int32_t kivi_mma_key_slot(int32_t d) { return 4 * (d & 3) + ((d >> 2) & 3); }
+
 /** Word index of element (page token t, channel d) in a head block's codes, and (via *slot) its slot. */
 KIVI_HD int64_t kivi_page_code_at(const kivi_cache_config *c, int is_value, int32_t t, int32_t d, int32_t *slot) {
   const int32_t bits = is_value ? c->v_bits : c->k_bits, cpw = kivi_codes_per_word(bits);
   const int64_t P = c->page_tokens, D = c->head_dim;
   if (kivi_cache_mma_layout(c)) {
     if (is_value) return (int64_t)(t / 16) * D + kivi_mma_value_code((int32_t)D, t % 16, d, slot);
-    *slot = d % cpw;
+    *slot = kivi_mma_key_slot(d);
     return (int64_t)t * (D / cpw) + d / cpw;
   }
   *slot = is_value ? d % cpw : t % cpw;

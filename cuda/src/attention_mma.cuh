@@ -16,7 +16,8 @@
  *   (4 channels) of every head and the owners reading theirs back from the warp's slice of shared memory.
  *   The hi plane fills rows 0-7 and the mid plane rows 8-15 of one A, so one MMA gives both (the
  *   rows of a fragment hold at most 8 heads); the lo plane takes a second MMA.
- *   B = codes straight from the packed word: (w >> 2i) & 0x03030303 is 4 codes, one per byte.
+ *   B = codes straight from the packed word: (w >> 2i) & 0x03030303 is 4 codes, one per byte, of
+ *   consecutive channels (kivi_mma_key_slot), so each lane reads its params and q with one LDS.128.
  *   s32 accumulators hold 254 hi + mid and lo exactly; the score is two FFMAs away.
  * Values, O^T = V^T P:
  *   mma m16n8k16 f16 -> f32, rows = channels, k = tokens, n = query heads.
@@ -123,12 +124,12 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   uint4 ahm[NCH], alo[NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
 #pragma unroll
   for (int i = 0; i < NCH; i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
-  /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach + 4 b; it stores
+  /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach .. ach + 3; it stores
      its hi / mid / lo words at awr (+1, lo at alw) in each head's slice of the warp's abuf */
   int ach, awr, alw;
   {
     const int L = lane % (8 * NCH), to = L / (2 * NCH), ii = (L / 2) % NCH, rg = L % 2;
-    ach = D == 128 ? 16 * (2 * to + rg) + ii : 16 * to + 2 * ii + rg;
+    ach = D == 128 ? 16 * (2 * to + rg) + 4 * ii : 16 * to + 8 * ii + 4 * rg;
     awr = to * 8 * NCH + 4 * ii + 2 * rg;
     alw = awr + 4 * NCH;
   }
@@ -192,21 +193,23 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   /* what does not depend on the tile: this head's bases and each lane's offsets within a page and a
      stage (32-bit: a page is far below 4 GB), computed once and kept (kv_keep) */
   const uint8_t *kh = p.kpool + (uint64_t)hkv * p.khead, *vh = p.vpool + (uint64_t)hkv * p.vhead;
-  const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, pmask = (uint32_t)(p.P - 1);
+  const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, tmask = (uint32_t)(p.P / 32 - 1);
   const int vpw = lane / (VPB / 16), vpg = (lane % (VPB / 16)) / 4, vpc = lane % 4;
   const uint32_t l16 = kv_keep(16u * lane), kp_l = kv_keep((uint32_t)p.kcodes + 16u * lane);
   const uint32_t vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((vpw * ngv + vpg) * p.P * 2 + 16 * vpc));
   const uint32_t st_l = kv_keep((uint32_t)__cvta_generic_to_shared(ring) + 16u * lane);
   const uint32_t vpd_l = kv_keep((uint32_t)(KCB + KPB + VCB + vpw * VPB + vpg * 64 + 16 * vpc) - 16u * lane);
-  const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512, vp_on = lane < 2 * VPB / 16;
+  const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512, vp_on = 2 * VPB / 16 >= 32 || lane < 2 * VPB / 16;
   static_assert(KCB % 512 == 0 && VCB % 512 == 0 && 2 * VPB / 16 <= 32, "whole chunks a lane");
   auto issue = [&](int i, uint32_t page) {
     if (i < my_pt) {
-      const uint32_t off = (uint32_t)(tok0 + i * (32 * KV_MMA_WARPS)) & pmask;
+      /* the tile's index in its page: every offset is linear in it (key codes and value codes both
+         take 8 D bytes a tile, key params D * 4 a group, value scales 64 bytes) */
+      const uint32_t ti = ((uint32_t)(tok0 + i * (32 * KV_MMA_WARPS)) >> 5) & tmask, co = l16 + ti * (8 * D);
       const uint8_t *kb = kh + (uint64_t)page * kpage, *vb = vh + (uint64_t)page * vpage;
       const uint32_t st = st_l + (uint32_t)((i % NST) * stage);
-      const uint8_t *kc = kb + (off * (D / 4) + l16), *kp = kb + (kp_l + (off >> lgK) * (D * 4));
-      const uint8_t *vc = vb + ((off / 16) * (D * 4) + l16), *vp = vb + (vp_l + off * 2);
+      const uint8_t *kc = kb + co, *kp = kb + (kp_l + ((ti * 32) >> lgK) * (D * 4));
+      const uint8_t *vc = vb + co, *vp = vb + (vp_l + ti * 64);
 #pragma unroll
       for (int k = 0; k < KCB; k += 512) kv_cpa<16>(st + k, kc + k);
 #pragma unroll
@@ -236,18 +239,23 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
       kgrp = grp;
       /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, 3 planes */
       float sc[4], zc[4];
+      {
+        const uint4 sz4 = *(const uint4 *)(stg + o_kpar);
+        const uint32_t sz[4] = {sz4.x, sz4.y, sz4.z, sz4.w};
 #pragma unroll
-      for (int b2 = 0; b2 < 4; b2++) {
-        const uint32_t sz = *(const uint32_t *)(stg + o_kpar + 16 * b2);
-        sc[b2] = kv_h2f(sz & 0xffffu);
-        zc[b2] = kv_h2f(sz >> 16);
+        for (int b2 = 0; b2 < 4; b2++) {
+          sc[b2] = kv_h2f(sz[b2] & 0xffffu);
+          zc[b2] = kv_h2f(sz[b2] >> 16);
+        }
       }
       __syncwarp(); /* every lane has read the previous group's fragments */
       for (int h = 0; h < nq; h++) {
         float qs[4], mx = 0.0f, qz = 0.0f;
+        const float4 q4 = *(const float4 *)(smem + o_q + 4 * h * D);
+        const float qv4[4] = {q4.x, q4.y, q4.z, q4.w};
 #pragma unroll
         for (int b2 = 0; b2 < 4; b2++) {
-          const float qv = *(const float *)(smem + o_q + 4 * (h * D + 4 * b2));
+          const float qv = qv4[b2];
           qs[b2] = qv * sc[b2];
           mx = fmaxf(mx, fabsf(qs[b2]));
           qz = fmaf(qv, zc[b2], qz);

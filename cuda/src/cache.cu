@@ -256,7 +256,7 @@ __device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, const uin
       uint32_t word = 0;
       for (int j = 0; j < 16; j++) {
         const int d = 16 * w + j;
-        word |= kivi_uniform_code(kv_hf(tile[i * D + d]), zp[d], sp[d], 2) << (2 * j);
+        word |= kivi_uniform_code(kv_hf(tile[i * D + d]), zp[d], sp[d], 2) << (2 * kivi_mma_key_slot(j));
       }
       words[(int64_t)(o + i) * (D / 16) + w] = word;
     }
