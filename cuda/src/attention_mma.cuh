@@ -18,7 +18,8 @@
  *   rows of a fragment hold at most 8 heads); the lo plane takes a second MMA.
  *   B = codes straight from the packed word: (w >> 2i) & 0x03030303 is 4 codes, one per byte, of
  *   consecutive channels (kivi_mma_key_slot), so each lane reads its params and q with one LDS.128.
- *   s32 accumulators hold 254 hi + mid and lo exactly; the score is two FFMAs away.
+ *   s32 accumulators hold hi, mid and lo sums exactly, and so does (254 hi + mid) 254 + lo (|hi| <= 64
+ *   keeps it below 2^31 for D <= 128): the score is one I2F and one FFMA away.
  * Values, O^T = V^T P:
  *   mma m16n8k16 f16 -> f32, rows = channels, k = tokens, n = query heads.
  *   A = codes as fp16 subnormals: each lane reads its own D / 32 words a run (kivi_mma_value_code), in
@@ -30,7 +31,7 @@
  * Token order: a 16-token run is worked as pairs (t, t + 8), t = 0..7, so that the thread holding
  * a score after the key MMA is the thread that needs it as a B operand of the value MMA.
  * Window tokens (fp16) use the same fragments: fp16 MMAs with q split into hi + lo halves.
- * Precision: key scores carry ~2^-23 of max |q_c s_c| per term (three int8 planes); p s rounds to fp16
+ * Precision: key scores carry ~2^-22 of max |q_c s_c| per term (three int8 planes); p s rounds to fp16
  * (2^-11 relative, random across tokens); everything else accumulates in fp32.
  */
 
@@ -145,7 +146,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const uint32_t o_vz = kv_keep(KCB + KPB + VCB + VPB + 64 * min(gid, ngv - 1) + 8 * tig);
   const uint32_t o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + awr));
   const uint32_t o_ar = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + gid * kv_mma_aw(D) + tig * 8 * NCH));
-  float ksc = 0.0f, ksc2 = 0.0f, kqz = 0.0f; /* this lane's head: score = acc * ksc + acl * ksc2 + kqz */
+  float ksc = 0.0f, kqz = 0.0f; /* this lane's head: score = ((254 hi + mid) 254 + lo) ksc + kqz */
   int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
 
   /* one online-softmax step over this lane's scores s[4][2] (head gid), then p (in place) */
@@ -201,6 +202,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const uint32_t vpd_l = kv_keep((uint32_t)(KCB + KPB + VCB + vpw * VPB + vpg * 64 + 16 * vpc) - 16u * lane);
   const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512, vp_on = 2 * VPB / 16 >= 32 || lane < 2 * VPB / 16;
   static_assert(KCB % 512 == 0 && VCB % 512 == 0 && 2 * VPB / 16 <= 32, "whole chunks a lane");
+  static_assert(D <= 128, "the combined int32 score sum needs 64 x 3 x D x 254^2 < 2^31");
   auto issue = [&](int i, uint32_t page) {
     if (i < my_pt) {
       /* the tile's index in its page: every offset is linear in it (key codes and value codes both
@@ -264,11 +266,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         mx = __uint_as_float(__reduce_max_sync(KV_FULL, __float_as_uint(mx)));
 #pragma unroll
         for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) qz += __shfl_xor_sync(KV_FULL, qz, o2);
-        /* x = q s inv with inv a power of two, |x| < 127 (mx (128 / 127) < 2^(E + 1), inv = 2^(6 - E)):
-           no division and no branch; the score's scale 1 / (254 inv) is then exact. The exponent is
-           clamped so that inv stays finite (mx 0: every x is 0) */
+        /* x = q s inv with inv a power of two, |x| < 64 (mx (128 / 127) < 2^(E + 1), inv = 2^(5 - E)):
+           no division and no branch. The exponent is clamped so that inv stays finite (mx 0: every
+           x is 0) */
         const uint32_t ex = max(__float_as_uint(mx * (128.0f / 127.0f)) & 0x7f800000u, 7u << 23);
-        const float inv = __uint_as_float((260u << 23) - ex);
+        const float inv = __uint_as_float((259u << 23) - ex);
         /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
         constexpr float MAG = 12582912.0f;
         /* three planes: x = hi + mid / 254 + lo / 254^2, each rounded in turn */
@@ -293,8 +295,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           hs[alw - awr] = pack(lb);
         }
         if (gid == h) {
-          ksc = __uint_as_float(ex - (6u << 23)) * (1.0f / 254.0f);
-          ksc2 = ksc * (1.0f / 254.0f);
+          ksc = __uint_as_float(ex - (5u << 23)) * (1.0f / (254.0f * 254.0f)); /* 1 / (254^2 inv) */
           kqz = qz;
         }
       }
@@ -344,9 +345,9 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           kv_mma_s8u8(acc, ahm[i], b0, b1);
           kv_mma_s8u8(acl, alo[i], b0, b1);
         }
-        /* |hi sums| <= 127 x 3 x D, so 254 hi + mid is exact in 32 bits */
-        s[j][0] = fmaf((float)(254 * acc[0] + acc[2]), ksc, fmaf((float)acl[0], ksc2, kqz));
-        s[j][1] = fmaf((float)(254 * acc[1] + acc[3]), ksc, fmaf((float)acl[1], ksc2, kqz));
+        /* |hi sums| <= 64 x 3 x D, |mid|, |lo| sums <= 127 x 3 x D: below 2^31 at D 128 */
+        s[j][0] = fmaf((float)((254 * acc[0] + acc[2]) * 254 + acl[0]), ksc, kqz);
+        s[j][1] = fmaf((float)((254 * acc[1] + acc[3]) * 254 + acl[1]), ksc, kqz);
       }
     }
     softmax(s, 2);
