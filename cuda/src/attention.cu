@@ -801,16 +801,20 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
 static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p, int64_t maxlen) {
   kivi_ctx_t ctx = c->ctx;
   const int D = c->cfg.head_dim;
-  /* CTAs per SM: 4 (registers capped at 128, no spills at either D) where the grid has at least one
-     (sequence, kv head, head chunk) unit an SM, else 3 (168 registers). Measured on an H200, same run,
-     3 -> 4 CTAs: 8x32768 273 -> 270 us, 8x8192 85 -> 80, 32x4096 169 -> 151; but with few units (1 x
-     32 heads), where the sequence is split into many short chunks, 1x32768 46 -> 49 and 1x4096
-     16.7 -> 17.2. Four stages a warp either way (3 and 5 measured slower at 8x32768). Key and value
-     groups of 32: kivi_cache_mma_layout admits no other yet. */
+  /* CTAs per SM: 4 (registers capped at 128) where the grid has at least one (sequence, kv head, head
+     chunk) unit an SM, else 3. Measured on an H200, same run, 3 -> 4 CTAs (GQA kernel, T1 = false):
+     8x32768 273 -> 270 us, 8x8192 85 -> 80, 32x4096 169 -> 151; but with few units (1 x 32 heads),
+     where the sequence is split into many short chunks, 1x32768 46 -> 49 and 1x4096 16.7 -> 17.2. The
+     T1 kernel spills 68 bytes at 128 registers and still gains where the grid is large (32x4096
+     157 -> 147 us; 8x32768 the same). Four stages a warp either way (3 and 5 measured slower at
+     8x32768). Key and value groups of 32: kivi_cache_mma_layout admits no other yet. */
   constexpr int nst = 4;
   const bool many = (int64_t)p->batch * c->cfg.kv_heads * p->nhc >= (ctx->sm_count > 0 ? ctx->sm_count : 1);
-  kv_attn_kernel fn = D == 128 ? (many ? k_attend_mma<128, 32, 32, 4, nst> : k_attend_mma<128, 32, 32, 3, nst>)
-                               : k_attend_mma<64, 32, 32, 4, nst>;
+  /* one query head a KV head: the key MMA takes tokens as rows and the three planes as columns (T1) */
+  const bool one = c->cfg.q_heads == c->cfg.kv_heads;
+  kv_attn_kernel fn = D == 128 ? (one ? (many ? k_attend_mma<128, 32, 32, 4, nst, true> : k_attend_mma<128, 32, 32, 3, nst, true>)
+                                     : (many ? k_attend_mma<128, 32, 32, 4, nst, false> : k_attend_mma<128, 32, 32, 3, nst, false>))
+                               : (one ? k_attend_mma<64, 32, 32, 4, nst, true> : k_attend_mma<64, 32, 32, 4, nst, false>);
   /* a ring of nst stages a warp (32 tokens: key codes + params, value codes + scales + zeros) */
   const size_t stage = (size_t)32 * D / 4 + D * 4 + 2 * D * 4 + 2 * (D / c->cfg.v_group) * 64;
   const size_t ring = (size_t)KV_MMA_WARPS * nst * stage;

@@ -20,6 +20,12 @@
  *   consecutive channels (kivi_mma_key_slot), so each lane reads its params and q with one LDS.128.
  *   s32 accumulators hold hi, mid and lo sums exactly, and so does (254 hi + mid) 254 + lo (|hi| <= 64
  *   keeps it below 2^31 for D <= 128): the score is one I2F and one FFMA away.
+ * One query head a KV head (T1): with one head the MMA above uses one row of each 8-row half, so the
+ *   key MMA turns around: rows = 16 tokens, columns 0-2 = the hi, mid and lo planes (B, s8; columns 3-7
+ *   zero), A = the codes (u8), the same 4-consecutive-channel bytes. 8 MMAs a tile instead of 32; the
+ *   lo column comes over from the next lane with one shuffle a row pair, lanes (g, 0) hold the 32
+ *   scores (rows g, g + 8 of each m-tile) and two shuffles a run hand p to the value MMAs' B layout.
+ *   The softmax state is the warp's (max shared, sums per lane until the window tiles).
  * Values, O^T = V^T P:
  *   mma m16n8k16 f16 -> f32, rows = channels, k = tokens, n = query heads.
  *   A = codes as fp16 subnormals: each lane reads its own D / 32 words a run (kivi_mma_value_code), in
@@ -54,6 +60,13 @@ __device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], const uint4 a, uint32_t
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ void kv_mma_u8s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
 __device__ __forceinline__ void kv_mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                            uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -79,7 +92,9 @@ __device__ __forceinline__ __half2 kv_u2h(uint32_t u) { return *reinterpret_cast
 /* two floats to half2 (lo, hi), round to nearest */
 __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) { return kv_h2u(__floats2half2_rn(lo, hi)); }
 
-template <int D, int KG, int VG, int MINB, int NST>
+/* D: head dim; KG, VG: key and value group sizes; MINB: CTAs a SM (register cap); NST: ring stages;
+   T1: one query head a KV head (the turned-around key MMA above) */
+template <int D, int KG, int VG, int MINB, int NST, bool T1>
 static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
   constexpr int NCH = D / 32;  /* key MMA k-chunks */
   constexpr int NMT = D / 16;  /* value MMA m-tiles */
@@ -122,9 +137,12 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   float o[NMT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  uint4 ahm[NCH], alo[NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
+  uint4 ahm[T1 ? 1 : NCH], alo[T1 ? 1 : NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
+  uint32_t bq[T1 ? NCH : 1][2];                 /* T1: key B fragments, column gid = plane gid (0 past 2) */
 #pragma unroll
-  for (int i = 0; i < NCH; i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
+  for (int i = 0; i < (T1 ? 1 : NCH); i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int i = 0; i < (T1 ? NCH : 1); i++) bq[i][0] = bq[i][1] = 0u;
   /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach .. ach + 3; it stores
      its hi / mid / lo words at awr (+1, lo at alw) in each head's slice of the warp's abuf */
   int ach, awr, alw;
@@ -141,11 +159,13 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
      stage its key params, key words and value words, scales and zeros; its q channels; its fragment
      words in the warp's slice (written) and its own fragments (read) */
   const uint32_t o_kpar = kv_keep(KCB + 4 * ach), o_q = kv_keep(4 * ach);
-  const uint32_t o_kw = kv_keep((2 * (gid >> 1) + 8 * (gid & 1)) * (D / 4) + (D == 128 ? 8 : 4) * tig);
+  const uint32_t o_kw = kv_keep((T1 ? gid : 2 * (gid >> 1) + 8 * (gid & 1)) * (D / 4) + (D == 128 ? 8 : 4) * tig);
   const uint32_t o_vs = kv_keep(KCB + KPB + VCB + 8 * tig), o_vw = kv_keep(KCB + KPB + 4 * (D / 32) * lane);
   const uint32_t o_vz = kv_keep(KCB + KPB + VCB + VPB + 64 * min(gid, ngv - 1) + 8 * tig);
-  const uint32_t o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + awr));
-  const uint32_t o_ar = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + gid * kv_mma_aw(D) + tig * 8 * NCH));
+  /* T1: the slice holds plane p's words of lane L at p 8 NCH + L, and lane (p, tig) reads its 2 NCH B words
+     (chunk i, register rg at 2i + rg) at lane 2 NCH: the writer roles above list them in that order */
+  const uint32_t o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane % (8 * NCH) : awr)));
+  const uint32_t o_ar = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane * 2 * NCH : gid * kv_mma_aw(D) + tig * 8 * NCH)));
   float ksc = 0.0f, kqz = 0.0f; /* this lane's head: score = ((254 hi + mid) 254 + lo) ksc + kqz */
   int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
 
@@ -290,17 +310,32 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         };
         if (a_writer) {
           uint32_t *hs = (uint32_t *)((uint8_t *)abuf + o_aw) + h * kv_mma_aw(D);
-          hs[0] = pack(hb);
-          hs[1] = pack(mb);
-          hs[alw - awr] = pack(lb);
+          if constexpr (T1) {
+            hs[0] = pack(hb);
+            hs[8 * NCH] = pack(mb);
+            hs[16 * NCH] = pack(lb);
+          } else {
+            hs[0] = pack(hb);
+            hs[1] = pack(mb);
+            hs[alw - awr] = pack(lb);
+          }
         }
-        if (gid == h) {
+        if (T1 || gid == h) {
           ksc = __uint_as_float(ex - (5u << 23)) * (1.0f / (254.0f * 254.0f)); /* 1 / (254^2 inv) */
           kqz = qz;
         }
       }
       __syncwarp();
-      if (gid < nq) { /* the rows of heads past nq keep zeros */
+      if constexpr (T1) {
+        if (gid < 3) { /* columns 3-7 keep zeros */
+          const uint4 *mine = (const uint4 *)((const uint8_t *)abuf + o_ar);
+#pragma unroll
+          for (int i = 0; i < NCH / 2; i++) {
+            const uint4 w = mine[i];
+            bq[2 * i][0] = w.x, bq[2 * i][1] = w.y, bq[2 * i + 1][0] = w.z, bq[2 * i + 1][1] = w.w;
+          }
+        }
+      } else if (gid < nq) { /* the rows of heads past nq keep zeros */
         const uint4 *mine = (const uint4 *)((const uint8_t *)abuf + o_ar);
 #pragma unroll
         for (int i = 0; i < NCH; i++) {
@@ -310,52 +345,125 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
       }
     }
 
-    /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
     float s[4][2];
-    {
-      uint32_t kw[4][2];
-#pragma unroll
-      for (int j = 0; j < 4; j++) {
-        const uint8_t *kr = stg + o_kw + (16 * (j >> 1) + (j & 1)) * (D / 4);
-        if constexpr (D == 128) {
-          const uint2 u = *(const uint2 *)kr;
-          kw[j][0] = u.x;
-          kw[j][1] = u.y;
-        } else {
-          kw[j][0] = *(const uint32_t *)kr;
-        }
-      }
-      /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
-      auto kb = [&](int j, int i, uint32_t &b0, uint32_t &b1) {
-        if constexpr (D == 128) {
-          b0 = (kw[j][0] >> (2 * i)) & 0x03030303u;
-          b1 = (kw[j][1] >> (2 * i)) & 0x03030303u;
-        } else {
-          b0 = (kw[j][0] >> (4 * i)) & 0x03030303u;
-          b1 = (kw[j][0] >> (4 * i + 2)) & 0x03030303u;
-        }
+    if constexpr (T1) {
+      /* one query head: tokens are the rows (m-tile r, row g: token 16 r + g), the hi / mid / lo planes
+         columns 0-2 (B); A = the codes of a lane's two tokens, 4 consecutive channels a register */
+      auto ka = [&](const uint32_t (&w)[2], int i, bool second) {
+        if constexpr (D == 128) return (w[second] >> (2 * i)) & 0x03030303u;
+        else return (w[0] >> (4 * i + (second ? 2 : 0))) & 0x03030303u;
       };
 #pragma unroll
-      for (int j = 0; j < 4; j++) {
-        int acc[4] = {0, 0, 0, 0}, acl[4] = {0, 0, 0, 0}; /* acc: rows 0-7 hi, rows 8-15 mid */
-        uint32_t b0, b1;
+      for (int r = 0; r < 2; r++) {
+        uint32_t kw[2][2]; /* [row half][word] */
 #pragma unroll
-        for (int i = 0; i < NCH; i++) {
-          kb(j, i, b0, b1);
-          kv_mma_s8u8(acc, ahm[i], b0, b1);
-          kv_mma_s8u8(acl, alo[i], b0, b1);
+        for (int hh = 0; hh < 2; hh++) {
+          const uint8_t *kr = stg + o_kw + (16 * r + 8 * hh) * (D / 4);
+          if constexpr (D == 128) {
+            const uint2 u = *(const uint2 *)kr;
+            kw[hh][0] = u.x;
+            kw[hh][1] = u.y;
+          } else {
+            kw[hh][0] = *(const uint32_t *)kr;
+          }
         }
+        int acc[4] = {0, 0, 0, 0}; /* lane (g, 0): hi, mid of rows g, g + 8; lane (g, 1): lo of them */
+#pragma unroll
+        for (int i = 0; i < NCH; i++)
+          kv_mma_u8s8(acc, ka(kw[0], i, false), ka(kw[1], i, false), ka(kw[0], i, true), ka(kw[1], i, true),
+                      bq[i][0], bq[i][1]);
+        const int lo0 = __shfl_xor_sync(KV_FULL, acc[0], 1), lo8 = __shfl_xor_sync(KV_FULL, acc[2], 1);
         /* |hi sums| <= 64 x 3 x D, |mid|, |lo| sums <= 127 x 3 x D: below 2^31 at D 128 */
-        s[j][0] = fmaf((float)((254 * acc[0] + acc[2]) * 254 + acl[0]), ksc, kqz);
-        s[j][1] = fmaf((float)((254 * acc[1] + acc[3]) * 254 + acl[1]), ksc, kqz);
+        s[r][0] = tig == 0 ? fmaf((float)((254 * acc[0] + acc[1]) * 254 + lo0), ksc, kqz) : -INFINITY;
+        s[r][1] = tig == 0 ? fmaf((float)((254 * acc[2] + acc[3]) * 254 + lo8), ksc, kqz) : -INFINITY;
+      }
+      /* online softmax over the 32 scores (lanes (g, 0)): max over the rows, shared by the warp */
+      float tm = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+      tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 4));
+      tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 8));
+      tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 16));
+      const float mn = fmaxf(m, __shfl_sync(KV_FULL, tm, 0));
+      const float corr = kv_ex2(m - mn);
+      m = mn;
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        s[r][0] = kv_ex2(s[r][0] - mn);
+        s[r][1] = kv_ex2(s[r][1] - mn);
+      }
+      l = fmaf(l, corr, (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]));
+      if (corr != 1.0f) { /* the same in every lane */
+#pragma unroll
+        for (int i = 0; i < NMT; i++) {
+          o[i][0] *= corr;
+          o[i][1] *= corr;
+          o[i][2] *= corr;
+          o[i][3] *= corr;
+        }
+        zacc[0] *= corr;
+        zacc[1] *= corr;
+      }
+      /* B of the value MMAs as the other orientation lays it out: run r, register 0 = tokens (2 tig,
+         2 tig + 8) = rows of lane (2 tig, 0), register 1 = (2 tig + 1, 2 tig + 9) = lane (2 tig + 1, 0) */
+      const uint32_t ph[2] = {kv_pack_h2(s[0][0], s[0][1]), kv_pack_h2(s[1][0], s[1][1])};
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        s[2 * r][0] = __uint_as_float(__shfl_sync(KV_FULL, ph[r], 8 * tig));
+        s[2 * r + 1][0] = __uint_as_float(__shfl_sync(KV_FULL, ph[r], 8 * tig + 4));
+      }
+    } else {
+      /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
+      {
+        uint32_t kw[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const uint8_t *kr = stg + o_kw + (16 * (j >> 1) + (j & 1)) * (D / 4);
+          if constexpr (D == 128) {
+            const uint2 u = *(const uint2 *)kr;
+            kw[j][0] = u.x;
+            kw[j][1] = u.y;
+          } else {
+            kw[j][0] = *(const uint32_t *)kr;
+          }
+        }
+        /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
+        auto kb = [&](int j, int i, uint32_t &b0, uint32_t &b1) {
+          if constexpr (D == 128) {
+            b0 = (kw[j][0] >> (2 * i)) & 0x03030303u;
+            b1 = (kw[j][1] >> (2 * i)) & 0x03030303u;
+          } else {
+            b0 = (kw[j][0] >> (4 * i)) & 0x03030303u;
+            b1 = (kw[j][0] >> (4 * i + 2)) & 0x03030303u;
+          }
+        };
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          int acc[4] = {0, 0, 0, 0}, acl[4] = {0, 0, 0, 0}; /* acc: rows 0-7 hi, rows 8-15 mid */
+          uint32_t b0, b1;
+#pragma unroll
+          for (int i = 0; i < NCH; i++) {
+            kb(j, i, b0, b1);
+            kv_mma_s8u8(acc, ahm[i], b0, b1);
+            kv_mma_s8u8(acl, alo[i], b0, b1);
+          }
+          /* |hi sums| <= 64 x 3 x D, |mid|, |lo| sums <= 127 x 3 x D: below 2^31 at D 128 */
+          s[j][0] = fmaf((float)((254 * acc[0] + acc[2]) * 254 + acl[0]), ksc, kqz);
+          s[j][1] = fmaf((float)((254 * acc[1] + acc[3]) * 254 + acl[1]), ksc, kqz);
+        }
+      }
+      softmax(s, 2);
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
+        s[2 * r][0] = __uint_as_float(ph0);
+        s[2 * r + 1][0] = __uint_as_float(ph1);
       }
     }
-    softmax(s, 2);
 
     /* values: two runs of 16 tokens */
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-      const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
+      /* B = p (fp16 pairs), as packed above */
+      const uint32_t ph0 = __float_as_uint(s[2 * r][0]), ph1 = __float_as_uint(s[2 * r + 1][0]);
       {
         uint2 zz = make_uint2(0u, 0u);
         if (gid < ngv) zz = *(const uint2 *)(stg + o_vz + 32 * r);
@@ -389,6 +497,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     __syncwarp();
   }
   kv_wait(0);
+  if constexpr (T1) { /* the window tiles and the merge keep head 0's sum in lane 0's quad */
+#pragma unroll
+    for (int o2 = 16; o2 >= 1; o2 >>= 1) l += __shfl_xor_sync(KV_FULL, l, o2);
+    if (lane != 0) l = 0.0f;
+  }
   /* the page tiles accumulated code x 2^-24 x 4^k, k the code's slot in its half word (0 and 1 in
      even m-tiles, 2 and 3 in odd ones, the higher of each pair in rows 8-15): back to plain units
      before the window's fp16 values */
