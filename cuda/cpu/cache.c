@@ -414,17 +414,34 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
   const uint16_t *params = (const uint16_t *)(block + c->vpart.codes);
   if (kivi_cache_mma_layout(g)) { /* codes [P / 16][D] (fragment order), params scale [D / Gv][P] then zero, pair order */
     const int64_t P = g->page_tokens, zoff = (int64_t)(D / Gv) * P;
-    for (int32_t t0 = 0; t0 < nt; t0 += 16) { /* a run: every slot of its D words */
+    /* byte b of a word holds one token's codes for channels d0, d0 + 1, d0 + 16, d0 + 17 (slots 4b..4b+3,
+       kivi_mma_value_slot); spread: those four codes as bytes, two 16-bit halves */
+    uint32_t spread[256];
+    for (uint32_t x = 0; x < 256; x++)
+      spread[x] = (x & 3u) | ((x >> 2) & 3u) << 8 | ((x >> 4) & 3u) << 16 | ((x >> 6) & 3u) << 24;
+    for (int32_t t0 = 0; t0 < nt; t0 += 16) { /* a run: its codes unscrambled into bytes, then token by token */
       const uint32_t *wd = codes + (int64_t)(t0 / 16) * D;
-      for (int32_t w = 0; w < D; w++)
-        for (int32_t j = 0; j < 16; j++) {
-          int32_t u, d;
-          kivi_mma_value_slot(D, w, j, &u, &d);
-          const int32_t t = t0 + u, pos = kivi_pair_pos(t), k = d / Gv;
-          if (t >= nt) continue;
-          const float s = kivi_f16_to_f32(params[k * P + pos]), z = kivi_f16_to_f32(params[zoff + k * P + pos]);
-          vt[(int64_t)t * D + d] = kivi_uniform_value((wd[w] >> (2 * j)) & 3u, z, s);
+      uint8_t c8[16][256];
+      for (int32_t w = 0; w < D; w++) {
+        const uint32_t x = wd[w];
+        int32_t u0, d0; /* slot 0; byte b is token u0 + {0, 1, 8, 9}[b] */
+        kivi_mma_value_slot(D, w, 0, &u0, &d0);
+        for (int32_t b = 0; b < 4; b++) {
+          const uint32_t e = spread[(x >> (8 * b)) & 0xffu];
+          uint8_t *row = c8[u0 + 8 * (b >> 1) + (b & 1)] + d0;
+          const uint16_t lo = (uint16_t)e, hi = (uint16_t)(e >> 16);
+          memcpy(row, &lo, 2);
+          memcpy(row + 16, &hi, 2);
         }
+      }
+      for (int32_t u = 0; u < 16 && t0 + u < nt; u++) {
+        const int32_t pos = kivi_pair_pos(t0 + u);
+        float *dst = vt + (int64_t)(t0 + u) * D;
+        for (int32_t k = 0; k < D / Gv; k++) {
+          const float s = kivi_f16_to_f32(params[k * P + pos]), z = kivi_f16_to_f32(params[zoff + k * P + pos]);
+          for (int32_t d = k * Gv; d < (k + 1) * Gv; d++) dst[d] = kivi_uniform_value(c8[u][d], z, s);
+        }
+      }
     }
     return;
   }
