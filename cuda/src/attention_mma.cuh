@@ -169,6 +169,18 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   float ksc = 0.0f, kqz = 0.0f; /* this lane's head: score = ((254 hi + mid) 254 + lo) ksc + kqz */
   int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
 
+  /* O^T and Z columns (heads 2 tig, 2 tig + 1 of this lane's fragments) times c0, c1 */
+  auto rescale = [&](float c0, float c1) {
+#pragma unroll
+    for (int i = 0; i < NMT; i++) {
+      o[i][0] *= c0;
+      o[i][1] *= c1;
+      o[i][2] *= c0;
+      o[i][3] *= c1;
+    }
+    zacc[0] *= c0;
+    zacc[1] *= c1;
+  };
   /* one online-softmax step over this lane's scores s[4][2] (head gid), then p (in place) */
   auto softmax = [&](float (&s)[4][2], int nb) {
     float tm = -INFINITY;
@@ -191,16 +203,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     l = fmaf(l, corr, ls);
     if (__any_sync(KV_FULL, corr != 1.0f)) {
       /* columns of this lane's O^T / Z fragments are heads 2 tig, 2 tig + 1 */
-      const float c0 = __shfl_sync(KV_FULL, corr, 8 * tig), c1 = __shfl_sync(KV_FULL, corr, 8 * tig + 4);
-#pragma unroll
-      for (int i = 0; i < NMT; i++) {
-        o[i][0] *= c0;
-        o[i][1] *= c1;
-        o[i][2] *= c0;
-        o[i][3] *= c1;
-      }
-      zacc[0] *= c0;
-      zacc[1] *= c1;
+      rescale(__shfl_sync(KV_FULL, corr, 8 * tig), __shfl_sync(KV_FULL, corr, 8 * tig + 4));
     }
   };
 
@@ -391,17 +394,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         s[r][1] = kv_ex2(s[r][1] - mn);
       }
       l = fmaf(l, corr, (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]));
-      if (corr != 1.0f) { /* the same in every lane */
-#pragma unroll
-        for (int i = 0; i < NMT; i++) {
-          o[i][0] *= corr;
-          o[i][1] *= corr;
-          o[i][2] *= corr;
-          o[i][3] *= corr;
-        }
-        zacc[0] *= corr;
-        zacc[1] *= corr;
-      }
+      if (corr != 1.0f) rescale(corr, corr); /* the same in every lane */
       /* B of the value MMAs as the other orientation lays it out: run r, register 0 = tokens (2 tig,
          2 tig + 8) = rows of lane (2 tig, 0), register 1 = (2 tig + 1, 2 tig + 9) = lane (2 tig + 1, 0) */
       const uint32_t ph[2] = {kv_pack_h2(s[0][0], s[0][1]), kv_pack_h2(s[1][0], s[1][1])};
