@@ -403,6 +403,17 @@ void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, flo
   }
 }
 
+/* kv_spread4[x]: the four 2-bit codes of byte x as four bytes (a compile-time table) */
+#define KV_SP(x) (((x) & 0x3u) | ((x) & 0xcu) << 6 | ((x) & 0x30u) << 12 | ((x) & 0xc0u) << 18)
+#define KV_SP4(x) KV_SP((x)), KV_SP((x) + 1u), KV_SP((x) + 2u), KV_SP((x) + 3u)
+#define KV_SP16(x) KV_SP4((x)), KV_SP4((x) + 4u), KV_SP4((x) + 8u), KV_SP4((x) + 12u)
+#define KV_SP64(x) KV_SP16((x)), KV_SP16((x) + 16u), KV_SP16((x) + 32u), KV_SP16((x) + 48u)
+static const uint32_t kv_spread4[256] = {KV_SP64(0u), KV_SP64(64u), KV_SP64(128u), KV_SP64(192u)};
+#undef KV_SP64
+#undef KV_SP16
+#undef KV_SP4
+#undef KV_SP
+
 void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, float *vt) {
   const kivi_cache_config *g = &c->cfg;
   const int32_t D = g->head_dim, Gv = g->v_group, bits = g->v_bits;
@@ -415,10 +426,7 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
   if (kivi_cache_mma_layout(g)) { /* codes [P / 16][D] (fragment order), params scale [D / Gv][P] then zero, pair order */
     const int64_t P = g->page_tokens, zoff = (int64_t)(D / Gv) * P;
     /* byte b of a word holds one token's codes for channels d0, d0 + 1, d0 + 16, d0 + 17 (slots 4b..4b+3,
-       kivi_mma_value_slot); spread: those four codes as bytes, two 16-bit halves */
-    uint32_t spread[256];
-    for (uint32_t x = 0; x < 256; x++)
-      spread[x] = (x & 3u) | ((x >> 2) & 3u) << 8 | ((x >> 4) & 3u) << 16 | ((x >> 6) & 3u) << 24;
+       kivi_mma_value_slot); kv_spread4 gives those four codes as bytes, two 16-bit halves */
     for (int32_t t0 = 0; t0 < nt; t0 += 16) { /* a run: its codes unscrambled into bytes, then token by token */
       const uint32_t *wd = codes + (int64_t)(t0 / 16) * D;
       uint8_t c8[16][256];
@@ -427,7 +435,7 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
         int32_t u0, d0; /* slot 0; byte b is token u0 + {0, 1, 8, 9}[b] */
         kivi_mma_value_slot(D, w, 0, &u0, &d0);
         for (int32_t b = 0; b < 4; b++) {
-          const uint32_t e = spread[(x >> (8 * b)) & 0xffu];
+          const uint32_t e = kv_spread4[(x >> (8 * b)) & 0xffu];
           uint8_t *row = c8[u0 + 8 * (b >> 1) + (b & 1)] + d0;
           const uint16_t lo = (uint16_t)e, hi = (uint16_t)(e >> 16);
           memcpy(row, &lo, 2);
