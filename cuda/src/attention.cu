@@ -737,6 +737,10 @@ static kv_kernel_info *kernel_info(kivi_ctx_t ctx, kv_attn_kernel fn, const char
   return ki;
 }
 
+/* CTAs of a launch before splitting (batch x kv heads x head chunks), and the SMs they spread over */
+static int64_t kv_units(const kivi_cache_t c, const kv_attn_params *p) { return (int64_t)p->batch * c->cfg.kv_heads * p->nhc; }
+static int64_t kv_sms(const kivi_ctx_t ctx) { return ctx->sm_count > 0 ? ctx->sm_count : 1; }
+
 /* Splits (minimising waves x tiles per CTA, plus a fixed cost per CTA), the workspace, the launch of
    fn (grid = batch x kv heads x head chunks x splits) and, with more than one split, the merge. */
 static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *p, kv_attn_kernel fn, int threads,
@@ -745,8 +749,7 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
   const kivi_cache_config &g = c->cfg;
   const int D = g.head_dim, batch = p->batch;
   kivi_status st = KIVI_OK;
-  const int64_t units = (int64_t)batch * g.kv_heads * p->nhc;
-  const int64_t slots = (int64_t)(ctx->sm_count > 0 ? ctx->sm_count : 1) * bps;
+  const int64_t units = kv_units(c, p), slots = kv_sms(ctx) * bps;
   const int64_t max_ns = (maxlen + 4 * TT - 1) / (4 * TT);
   int64_t best_ns = 1;
   double best = 1e300;
@@ -809,7 +812,7 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
      157 -> 147 us; 8x32768 the same). Four stages a warp either way (3 and 5 measured slower at
      8x32768). Key and value groups of 32: kivi_cache_mma_layout admits no other yet. */
   constexpr int nst = 4;
-  const bool many = (int64_t)p->batch * c->cfg.kv_heads * p->nhc >= (ctx->sm_count > 0 ? ctx->sm_count : 1);
+  const bool many = kv_units(c, p) >= kv_sms(ctx);
   /* one query head a KV head: the key MMA takes tokens as rows and the three planes as columns (T1) */
   const bool one = c->cfg.q_heads == c->cfg.kv_heads;
   kv_attn_kernel fn = D == 128 ? (one ? (many ? k_attend_mma<128, 32, 32, 4, nst, true> : k_attend_mma<128, 32, 32, 3, nst, true>)

@@ -144,13 +144,12 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
 #pragma unroll
   for (int i = 0; i < (T1 ? NCH : 1); i++) bq[i][0] = bq[i][1] = 0u;
   /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach .. ach + 3; it stores
-     its hi / mid / lo words at awr (+1, lo at alw) in each head's slice of the warp's abuf */
-  int ach, awr, alw;
+     its hi / mid / lo words at awr (+1, lo 4 NCH further) in each head's slice of the warp's abuf */
+  int ach, awr;
   {
     const int L = lane % (8 * NCH), to = L / (2 * NCH), ii = (L / 2) % NCH, rg = L % 2;
     ach = D == 128 ? 16 * (2 * to + rg) + 4 * ii : 16 * to + 8 * ii + 4 * rg;
     awr = to * 8 * NCH + 4 * ii + 2 * rg;
-    alw = awr + 4 * NCH;
   }
   uint32_t *wabuf = abuf + warp * nqa * kv_mma_aw(D);
   const bool a_writer = 8 * NCH >= 32 || lane < 8 * NCH;
@@ -320,7 +319,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           } else {
             hs[0] = pack(hb);
             hs[1] = pack(mb);
-            hs[alw - awr] = pack(lb);
+            hs[4 * NCH] = pack(lb);
           }
         }
         if (T1 || gid == h) {
