@@ -63,10 +63,11 @@ class Pair {
 /**
  * GPU attention (fp32 dot products and online softmax) against the CPU's double: a score of D
  * products carries |err| <= D * 2^-24 * sum|q_d k_d| (~1e-4 here), which moves each weight by about
- * that much relative, and the output inherits it. The tensor-core kernel (uniform 2-bit caches) adds
- * q.s rounded to int8 hi/lo planes (<= 2^-15 of max |q_c s_c| per term) and p, p.s rounded to fp16
- * (2^-11 relative per weight, random across tokens, ~2.5e-4 on a row): 2e-3 of the output's scale is
- * still a safe bound.
+ * that much relative, and the output inherits it. The tensor-core kernel (2-bit caches) adds q.s
+ * rounded to int8 hi/lo planes (<= 2^-15 of max |q_c s_c| per term) and p, p.s (codebook: p times the
+ * centroid differences, formed in fp16) rounded to fp16 (2^-11 relative per weight, twice for the
+ * codebook differences, random across tokens, ~5e-4 on a row): 2e-3 of the output's scale is still a
+ * safe bound.
  */
 function assertAttention(got: Float32Array, want: Float32Array, msg: string): void {
   let scale = 0;
@@ -81,14 +82,19 @@ const FORMATS: { name: string; keys: CacheFormat; values: CacheFormat; exact: bo
   { name: "uniform 4/4", keys: { kind: "uniform", bits: 4, group: 32 }, values: { kind: "uniform", bits: 4, group: 64 }, exact: true },
   { name: "uniform K 2 + codebook V 2", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "codebook", bits: 2, group: 64 }, exact: false },
   { name: "16/16", keys: { bits: 16 }, values: { bits: 16 }, exact: true },
+  // tensor-core layout with longer key groups and codebook values in groups of 32
+  { name: "uniform K 2 G64 + codebook V 2 G32", keys: { kind: "uniform", bits: 2, group: 64 }, values: { kind: "codebook", bits: 2, group: 32 }, exact: false },
 ];
 
 gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
-  // The last shape's batch of 17 sequences x 8 KV heads (136 units) is at least one unit an SM on an
-  // H100 or H200, so its uniform 2-bit case runs the four-CTA-a-SM tensor-core kernel; the others run
-  // the three-CTA one (D 128) or the D 64 one.
+  // The 17 sequences x 8 KV heads shape (136 units) is at least one unit an SM on an H100 or H200, so
+  // its 2-bit cases run the four-CTA-a-SM tensor-core kernel; the others run the three-CTA one (D 128)
+  // or the D 64 one. Ratios 7 (14/2) and 32 take one and four chunks of 8 query heads a KV head.
   for (const f of FORMATS) {
-    for (const [pageTokens, kvHeads, queryHeads, headDim] of [[32, 2, 2, 64], [64, 2, 8, 128], [128, 1, 8, 128], [64, 4, 16, 64], [64, 8, 8, 128]] as const) {
+    for (
+      const [pageTokens, kvHeads, queryHeads, headDim] of [[32, 2, 2, 64], [64, 2, 8, 128], [128, 1, 8, 128], [64, 4, 16, 64], [64, 8, 8, 128], [64, 2, 14, 64], [128, 1, 32, 128]] as const
+    ) {
+      if (pageTokens % (f.keys.group ?? 32) !== 0) continue;
       it(`${f.name}, page ${pageTokens}, GQA ${queryHeads}/${kvHeads}, D ${headDim}`, async () => {
         const rng = new Rng(`gpu cache ${f.name} ${pageTokens} ${queryHeads}`);
         const p = new Pair(gpu, { layers: 2, kvHeads, queryHeads, headDim, pageTokens, residual: 128, maxPages: 600, maxSequences: 20, keys: f.keys, values: f.values });

@@ -87,7 +87,8 @@ describe("cache lengths and the residual window", () => {
 });
 
 describe("cache pages hold what the standalone quantizer gives", () => {
-  // 2/2 in groups of 32 uses the tensor-core page layout (kivi_format.h), the others the plain one.
+  // 2-bit uniform keys with 2-bit values use the tensor-core page layout (kivi_format.h), the others
+  // the plain one.
   for (const [pageTokens, kb, vb, vg] of [[32, 2, 2, 64], [64, 4, 2, 64], [128, 2, 4, 64], [64, 2, 2, 32], [256, 2, 2, 32]] as const) {
     it(`uniform K${kb} G32 / V${vb} G${vg}, page ${pageTokens}`, () => {
       const rng = new Rng("pages", pageTokens);

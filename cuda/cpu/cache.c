@@ -248,9 +248,10 @@ static void quantize_group(const cache_t *c, int is_value, uint8_t *block, const
     kivi_page_uniform_at(g, is_value, t0, d0, &si, &zi);
     cpu_uniform_group(v, G, bits, &params[si], &params[zi], words);
   } else {
-    uint16_t *cent = params + kivi_page_group_at(g, is_value, t0, d0) * n;
+    uint16_t cent[KIVI_MAX_CENTROIDS];
     cpu_codebook_fit_group(v, G, n, is_value ? g->v_fit : g->k_fit, is_value ? g->v_iters : g->k_iters, cent, NULL);
     cpu_codebook_code_group(v, G, cent, n, KIVI_ASSIGN_NEAREST, bits, words);
+    for (int32_t j = 0; j < n; j++) params[kivi_page_centroid_at(g, is_value, t0, d0, j)] = cent[j];
   }
   for (int32_t i = 0; i < G; i++) {
     int32_t slot;
@@ -423,8 +424,10 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
   }
   const uint32_t *codes = (const uint32_t *)block;
   const uint16_t *params = (const uint16_t *)(block + c->vpart.codes);
-  if (kivi_cache_mma_layout(g)) { /* codes [P / 16][D] (fragment order), params scale [D / Gv][P] then zero, pair order */
-    const int64_t P = g->page_tokens, zoff = (int64_t)(D / Gv) * P;
+  if (kivi_cache_mma_layout(g)) { /* codes [P / 16][D] (fragment order), params planes [D / Gv][P] in pair order:
+                                     uniform scale then zero, codebook c0..c3 */
+    const int64_t P = g->page_tokens, plane = (int64_t)(D / Gv) * P;
+    const int cb = g->v_kind == KIVI_KIND_CODEBOOK;
     /* byte b of a word holds one token's codes for channels d0, d0 + 1, d0 + 16, d0 + 17 (slots 4b..4b+3,
        kivi_mma_value_slot); kv_spread4 gives those four codes as bytes, two 16-bit halves */
     for (int32_t t0 = 0; t0 < nt; t0 += 16) { /* a run: its codes unscrambled into bytes, then token by token */
@@ -446,8 +449,14 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
         const int32_t pos = kivi_pair_pos(t0 + u);
         float *dst = vt + (int64_t)(t0 + u) * D;
         for (int32_t k = 0; k < D / Gv; k++) {
-          const float s = kivi_f16_to_f32(params[k * P + pos]), z = kivi_f16_to_f32(params[zoff + k * P + pos]);
-          for (int32_t d = k * Gv; d < (k + 1) * Gv; d++) dst[d] = kivi_uniform_value(c8[u][d], z, s);
+          if (cb) {
+            float cf[4];
+            for (int32_t j = 0; j < 4; j++) cf[j] = kivi_f16_to_f32(params[j * plane + k * P + pos]);
+            for (int32_t d = k * Gv; d < (k + 1) * Gv; d++) dst[d] = cf[c8[u][d]];
+          } else {
+            const float s = kivi_f16_to_f32(params[k * P + pos]), z = kivi_f16_to_f32(params[plane + k * P + pos]);
+            for (int32_t d = k * Gv; d < (k + 1) * Gv; d++) dst[d] = kivi_uniform_value(c8[u][d], z, s);
+          }
         }
       }
     }

@@ -191,17 +191,18 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
  * Residual windows: half [max_seqs][layers][R + F][kv_heads][D] for K and for V; absolute token
  * position p of a sequence sits in slot p % (R + F) while it is in the window.
  *
- * The tensor-core layout. When both parts are uniform 2-bit in groups of 32, head_dim is 64 or 128 and
- * a KV head has at most 8 query heads (kivi_cache_mma_layout), the fused attention multiplies codes on tensor cores, which need the
- * contracted axis packed together: channels for q.k, tokens for p.v. Those pages are laid out
- * instead (byte sizes unchanged):
+ * The tensor-core layout. When the keys are uniform 2-bit (any group), the values are uniform or
+ * codebook 2-bit (any group) and head_dim is 64 or 128 (kivi_cache_mma_layout), the fused attention
+ * multiplies codes on tensor cores, which need the contracted axis packed together: channels for q.k,
+ * tokens for p.v. Those pages are laid out instead (byte sizes unchanged):
  *   keys   codes  uint32 [P][D / 16]                  (per token, packed along channels; channel
  *                                                     16 w + e in slot kivi_mma_key_slot(e))
  *          params half2 (scale, zero) [P / Gk][D]     (a group's D channels side by side)
  *   values codes  uint32 [P / 16][D]                  (16 tokens x D channels a run, in the order of
  *                                                     the fragments: kivi_mma_value_code below)
- *          params half scale [D / Gv][P], then half zero [D / Gv][P], tokens of each run of 16
- *                 in pair order (t, t + 8) for t = 0..7: the pairs the kernel multiplies together.
+ *          params planes of half [D / Gv][P], tokens of each run of 16 in pair order (t, t + 8) for
+ *                 t = 0..7 (the pairs the kernel multiplies together): uniform: the scale plane, then
+ *                 the zero plane; codebook: one plane per centroid, c0 first (kivi_page_centroid_at).
  */
 
 /** The cache config as a struct; kivi_cache_create copies the int32 config array into it. */
@@ -246,12 +247,12 @@ KIVI_HD kivi_part_layout kivi_page_part(const kivi_cache_config *c, int is_value
   return l;
 }
 
-/** 1 when the cache's pages use the tensor-core layout (see above): uniform 2-bit K and V in groups of
-    32, D 64 or 128, at most 8 query heads a KV head (the configurations verified on a GPU so far; the
-    kernel is written for groups of 64 and 128 and more query heads too). */
+/** 1 when the cache's pages use the tensor-core layout (see above): uniform 2-bit keys, uniform or
+    codebook 2-bit values, groups of 32, 64 or 128 each, head_dim 64 or 128, any number of query heads a
+    KV head. */
 KIVI_HD int kivi_cache_mma_layout(const kivi_cache_config *c) {
-  return c->k_kind == 0 && c->v_kind == 0 && c->k_bits == 2 && c->v_bits == 2 && c->k_group == 32 &&
-         c->v_group == 32 && (c->head_dim == 64 || c->head_dim == 128) && c->q_heads <= 8 * c->kv_heads;
+  return c->k_kind == 0 && c->k_bits == 2 && c->v_bits == 2 && (c->v_kind == 0 || c->v_kind == 1) &&
+         (c->head_dim == 64 || c->head_dim == 128);
 }
 
 /** Position of page token t in a value-params run of the tensor-core layout (pair order). */
@@ -316,6 +317,15 @@ KIVI_HD void kivi_page_uniform_at(const kivi_cache_config *c, int is_value, int3
   const int64_t g = kivi_page_group_at(c, is_value, t, d);
   *scale = 2 * g;
   *zero = 2 * g + 1;
+}
+
+/** Half index (in the params area of a head block) of codebook centroid j of element (t, d)'s group. */
+KIVI_HD int64_t kivi_page_centroid_at(const kivi_cache_config *c, int is_value, int32_t t, int32_t d, int32_t j) {
+  if (kivi_cache_mma_layout(c) && is_value) {
+    const int64_t P = c->page_tokens, runs = c->head_dim / c->v_group;
+    return ((int64_t)j * runs + d / c->v_group) * P + kivi_pair_pos(t);
+  }
+  return kivi_page_group_at(c, is_value, t, d) * (1 << (is_value ? c->v_bits : c->k_bits)) + j;
 }
 
 /** Flush unit F: the key group size (tokens quantized together). */

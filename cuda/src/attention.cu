@@ -40,36 +40,7 @@
 
 #include <mutex>
 
-#include "cache.cuh"
-
-#define KV_WARPS 4
-#define KV_THREADS (32 * KV_WARPS)
-#define KV_TT_MAX 64  /* page tile cap */
-#define KV_FULL 0xffffffffu
-
-struct kv_seq_info {
-  int32_t slot, len, qlen;
-};
-
-struct kv_attn_params {
-  const uint8_t *kpool, *vpool; /* this layer's pools */
-  const uint16_t *kwin, *vwin;  /* all windows */
-  const int32_t *table;         /* device [max_seqs][max_pages] */
-  const void *q;
-  void *out;
-  float *ws; /* [batch][q_heads][nsplit][D + 2] */
-  uint64_t kpage, vpage;
-  uint32_t khead, vhead, kcodes, vcodes;
-  int32_t max_pages, layers, layer, kvh, qh, ratio, nhc, W, P;
-  int32_t kbits, vbits, kkind, vkind, kg, vg;
-  int32_t q_dtype, out_dtype;
-  float qscale;
-  int32_t nsplit, chunk, batch;
-  int32_t TT, TTW, nst, stage_bytes;
-  /* bit patterns kept out of the immediates, so that (x & mask) | 1.0f is one LOP3 */
-  uint32_t one, m19, m21, m4;
-  kv_seq_info seq[KV_ATTN_MAX_BATCH];
-};
+#include "attention.cuh"
 
 /* ---------------------------------------------------------------- small helpers ---------- */
 
@@ -104,19 +75,6 @@ __device__ __forceinline__ float kv_mf(uint32_t x, uint32_t mask, uint32_t one) 
   uint32_t r;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask), "r"(one));
   return __uint_as_float(r);
-}
-
-__device__ __forceinline__ float kv_h2f(uint32_t h16) { return __half2float(__ushort_as_half((unsigned short)h16)); }
-
-__device__ __forceinline__ float kv_load_any(const void *x, int dt, int64_t i) {
-  if (dt == KIVI_F32) return ((const float *)x)[i];
-  const uint32_t u = ((const uint16_t *)x)[i];
-  return dt == KIVI_F16 ? kv_h2f(u) : __uint_as_float(u << 16);
-}
-__device__ __forceinline__ void kv_store_out(void *x, int dt, int64_t i, float v) {
-  if (dt == KIVI_F32) ((float *)x)[i] = v;
-  else if (dt == KIVI_F16) ((uint16_t *)x)[i] = __half_as_ushort(__float2half_rn(v));
-  else ((uint16_t *)x)[i] = kivi_f32_to_bf16(v);
 }
 
 /* 8 halves of a uint4 to floats */
@@ -163,64 +121,6 @@ __device__ __forceinline__ void kv_reduce8(float (&v)[8][HC], float (&r)[HC], in
   for (int off = LANES / 16; off >= 1; off >>= 1)
 #pragma unroll
     for (int h = 0; h < HC; h++) r[h] += __shfl_xor_sync(KV_FULL, r[h], off);
-}
-
-/* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`,
-   which covers tokens [a0, e0) of the sequence: pages up to pend, the fp16 window from ws0. A CTA
-   with a0 >= si.len has nothing to do. */
-struct kv_cta {
-  int hc, split, hkv, b;
-  kv_seq_info si;
-  int a0, e0, pend, ws0;
-};
-__device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
-  int bid = blockIdx.x;
-  kv_cta c;
-  c.hc = bid % p.nhc;
-  bid /= p.nhc;
-  c.split = bid % p.nsplit;
-  bid /= p.nsplit;
-  c.hkv = bid % p.kvh;
-  c.b = bid / p.kvh;
-  c.si = p.seq[c.b];
-  c.a0 = c.split * p.chunk;
-  c.e0 = min(c.a0 + p.chunk, c.si.len);
-  c.pend = min(c.e0, c.si.qlen);
-  c.ws0 = max(c.a0, c.si.qlen);
-  return c;
-}
-
-/* Merges NW warps' rows (max, sum, unnormalised output [D]) at cw + (w * rows + h) * (D + 2) for heads
-   h < nh (a warp that saw no token has max -inf), then writes head oh0 + h's output, or its split's
-   partials to the workspace. */
-template <int D, int NW>
-__device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh, int64_t oh0,
-                                               int split) {
-  for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
-    const int h = idx / D, d = idx % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; w++) M = fmaxf(M, cw[(w * rows + h) * (D + 2)]);
-    float L = 0.0f, O = 0.0f;
-#pragma unroll
-    for (int w = 0; w < NW; w++) {
-      const float *row = cw + (w * rows + h) * (D + 2);
-      const float f = row[0] == -INFINITY ? 0.0f : exp2f(row[0] - M);
-      L = fmaf(row[1], f, L);
-      O = fmaf(row[2 + d], f, O);
-    }
-    const int64_t oh = oh0 + h;
-    if (p.nsplit == 1) {
-      kv_store_out(p.out, p.out_dtype, oh * D + d, O / L);
-    } else {
-      float *wr = p.ws + (oh * p.nsplit + split) * (D + 2);
-      if (d == 0) {
-        wr[0] = M;
-        wr[1] = L;
-      }
-      wr[2 + d] = O;
-    }
-  }
 }
 
 /* ---------------------------------------------------------------- main kernel ------------ */
@@ -675,11 +575,8 @@ static __global__ void __launch_bounds__(D) k_attend_combine(const __grid_consta
   kv_store_out(p.out, p.out_dtype, (int64_t)oh * D + d, O / L);
 }
 
-#include "attention_mma.cuh"
 
 /* ---------------------------------------------------------------- host side -------------- */
-
-typedef void (*kv_attn_kernel)(const kv_attn_params);
 
 #ifdef KV_FAST_BUILD /* development: one head_dim only */
 #define KV_D_OK(D) ((D) == 128)
@@ -803,26 +700,29 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
 /* The tensor-core kernel (caches in the tensor-core page layout): 32-token tiles, up to 8 heads a CTA. */
 static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p, int64_t maxlen) {
   kivi_ctx_t ctx = c->ctx;
-  const int D = c->cfg.head_dim;
+  const kivi_cache_config &g = c->cfg;
+  const int D = g.head_dim;
   /* CTAs per SM: 4 (registers capped at 128) where the grid has at least one (sequence, kv head, head
      chunk) unit an SM, else 3. Measured on an H200, same run, 3 -> 4 CTAs (GQA kernel, T1 = false):
      8x32768 273 -> 270 us, 8x8192 85 -> 80, 32x4096 169 -> 151; but with few units (1 x 32 heads),
      where the sequence is split into many short chunks, 1x32768 46 -> 49 and 1x4096 16.7 -> 17.2. The
      T1 kernel spills 68 bytes at 128 registers and still gains where the grid is large (32x4096
      157 -> 147 us; 8x32768 the same). Four stages a warp either way (3 and 5 measured slower at
-     8x32768). Key and value groups of 32: kivi_cache_mma_layout admits no other yet. */
-  constexpr int nst = 4;
+     8x32768). */
+  constexpr int nst = KV_MMA_NST;
   const bool many = kv_units(c, p) >= kv_sms(ctx);
   /* one query head a KV head: the key MMA takes tokens as rows and the three planes as columns (T1) */
-  const bool one = c->cfg.q_heads == c->cfg.kv_heads;
-  kv_attn_kernel fn = D == 128 ? (one ? (many ? k_attend_mma<128, 32, 32, 4, nst, true> : k_attend_mma<128, 32, 32, 3, nst, true>)
-                                     : (many ? k_attend_mma<128, 32, 32, 4, nst, false> : k_attend_mma<128, 32, 32, 3, nst, false>))
-                               : (one ? k_attend_mma<64, 32, 32, 4, nst, true> : k_attend_mma<64, 32, 32, 4, nst, false>);
-  /* a ring of nst stages a warp (32 tokens: key codes + params, value codes + scales + zeros) */
-  const size_t stage = (size_t)32 * D / 4 + D * 4 + 2 * D * 4 + 2 * (D / c->cfg.v_group) * 64;
+  const bool one = g.q_heads == g.kv_heads;
+  const bool cb = g.v_kind == KIVI_KIND_CODEBOOK;
+  kv_attn_kernel fn = cb ? kv_mma_kernel_codebook(D, g.v_group, one, many) : kv_mma_kernel_uniform(D, g.v_group, one, many);
+  if (!fn)
+    return kv_fail(ctx, KIVI_ERR_UNSUPPORTED, "%s: head_dim %d with value groups of %d is not built into this library",
+                   op, D, (int)g.v_group);
+  /* a ring of nst stages a warp (32 tokens: key codes + params, value codes + param planes) */
+  const size_t stage = (size_t)32 * D / 4 + D * 4 + 2 * D * 4 + (cb ? 4 : 2) * (D / g.v_group) * 64;
   const size_t ring = (size_t)KV_MMA_WARPS * nst * stage;
   const size_t merge = (size_t)KV_MMA_WARPS * KV_MMA_HEADS * (D + 2) * sizeof(float);
-  const size_t abuf = kv_mma_abuf_bytes(D, c->cfg.q_heads / c->cfg.kv_heads);
+  const size_t abuf = kv_mma_abuf_bytes(D, g.q_heads / g.kv_heads);
   const size_t smem = (size_t)KV_MMA_HEADS * D * sizeof(float) + abuf + (ring > merge ? ring : merge);
   kivi_status st = KIVI_OK;
   int bps = 1;

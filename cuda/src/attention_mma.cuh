@@ -1,7 +1,8 @@
 /*
  * attention_mma.cuh — the fused decode attention on tensor cores, for caches in the tensor-core
- * page layout (kivi_format.h: uniform 2-bit K and V, head_dim 64 or 128). Included by attention.cu,
- * which launches it with the same grid, splits and merge as k_cache_attend.
+ * page layout (kivi_format.h: uniform 2-bit K, uniform or codebook 2-bit V, head_dim 64 or 128).
+ * Instantiated by attention_mma_uniform.cu and attention_mma_codebook.cu; attention.cu launches it with
+ * the same grid, splits and merge as k_cache_attend.
  *
  * A CTA of 4 warps takes one (batch entry, kv head, split, chunk of up to 8 query heads); warp w
  * takes the 32-token page tiles w, w + 4, ... of the split, then its 16-token window tiles, with its
@@ -37,22 +38,20 @@
  * Token order: a 16-token run is worked as pairs (t, t + 8), t = 0..7, so that the thread holding
  * a score after the key MMA is the thread that needs it as a B operand of the value MMA.
  * Window tokens (fp16) use the same fragments: fp16 MMAs with q split into hi + lo halves.
+ * Codebook values (VK 1): a 2-bit centroid is c0 + (c1 - c0) b0 + (c2 - c0) b1 + (c3 - c2 - c1 + c0) b0 b1
+ *   in the code's bits b0, b1, so p.v is three MMAs over 0/1 planes of the same words (w & mask, w & mask'
+ *   and (w & (w >> 1)) & mask, each bit an fp16 subnormal at the slot's scale, as the uniform codes) with
+ *   B = p (c1 - c0), p (c2 - c0) / 2 and p (c3 - c2 - c1 + c0) per token, plus the c0 plane through the
+ *   zero MMA. The differences are formed in fp16 from centroids scaled by 1/4 (exact: no overflow for any
+ *   finite fp16 centroids), and the rows get the 4 back with their slot scale.
+ * Key groups of 32, 64 or 128 tokens (a tile never straddles two); value groups VG of 32, 64 or 128.
  * Precision: key scores carry ~2^-22 of max |q_c s_c| per term (three int8 planes); p s rounds to fp16
  * (2^-11 relative, random across tokens); everything else accumulates in fp32.
  */
+#ifndef KIVI_ATTENTION_MMA_CUH
+#define KIVI_ATTENTION_MMA_CUH
 
-#define KV_MMA_WARPS 4
-#define KV_MMA_THREADS (32 * KV_MMA_WARPS)
-#define KV_MMA_HEADS 8 /* query heads per CTA: the n (or m) extent of one fragment */
-/* a warp's key A fragments for each head, as the owner lanes read them: per (head, quad lane) NCH x
-   {hi, mid, hi, mid} (one m16n8k32 A: rows 0-7 the hi plane, rows 8-15 the mid plane) then NCH x
-   {lo, 0, lo, 0} (the zeros written once: the fragments load straight into MMA operands); a head's 4
-   quad lanes padded by 4 words against bank conflicts */
-__host__ __device__ constexpr int kv_mma_aw(int D) { return 4 * 8 * (D / 32) + 4; }
-/** Bytes of the CTA's fragment slices: one per warp and head of the CTA (at most 8, the GQA ratio). */
-__host__ __device__ constexpr size_t kv_mma_abuf_bytes(int D, int ratio) {
-  return (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw(D) * sizeof(uint32_t);
-}
+#include "attention.cuh"
 
 __device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], const uint4 a, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -92,9 +91,9 @@ __device__ __forceinline__ __half2 kv_u2h(uint32_t u) { return *reinterpret_cast
 /* two floats to half2 (lo, hi), round to nearest */
 __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) { return kv_h2u(__floats2half2_rn(lo, hi)); }
 
-/* D: head dim; KG, VG: key and value group sizes; MINB: CTAs a SM (register cap); NST: ring stages;
-   T1: one query head a KV head (the turned-around key MMA above) */
-template <int D, int KG, int VG, int MINB, int NST, bool T1>
+/* D: head dim; VG: value group size; VK: value format (0 uniform, 1 codebook); MINB: CTAs a SM (register
+   cap); NST: ring stages; T1: one query head a KV head (the turned-around key MMA above) */
+template <int D, int VG, int VK, int MINB, int NST, bool T1>
 static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
   constexpr int NCH = D / 32;  /* key MMA k-chunks */
   constexpr int NMT = D / 16;  /* value MMA m-tiles */
@@ -118,10 +117,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const int qh0 = hkv * p.ratio + hc * KV_MMA_HEADS;
   const int nq = min(KV_MMA_HEADS, p.ratio - hc * KV_MMA_HEADS);
   constexpr int ngv = D / VG;      /* value groups */
-  constexpr int VPB = ngv * 64;    /* stage: value scales (then as many zeros) of 32 tokens */
-  constexpr int stage = KCB + KPB + VCB + 2 * VPB;
-  const int lgP = __ffs(p.P) - 1; /* a power of two */
-  constexpr int lgK = KG == 32 ? 5 : KG == 64 ? 6 : 7;
+  constexpr int VPB = ngv * 64;    /* stage: one plane of value params (a half a token and group) of 32 tokens */
+  constexpr int NPL = VK ? 4 : 2;  /* planes: scale, zero; or c0..c3 */
+  constexpr int NVP = NPL * VPB / 16; /* 16-byte copies of the value params a tile */
+  constexpr int stage = KCB + KPB + VCB + NPL * VPB;
+  const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* powers of two */
 
   for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
     const int h = i / D;
@@ -160,7 +160,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const uint32_t o_kpar = kv_keep(KCB + 4 * ach), o_q = kv_keep(4 * ach);
   const uint32_t o_kw = kv_keep((T1 ? gid : 2 * (gid >> 1) + 8 * (gid & 1)) * (D / 4) + (D == 128 ? 8 : 4) * tig);
   const uint32_t o_vs = kv_keep(KCB + KPB + VCB + 8 * tig), o_vw = kv_keep(KCB + KPB + 4 * (D / 32) * lane);
-  const uint32_t o_vz = kv_keep(KCB + KPB + VCB + VPB + 64 * min(gid, ngv - 1) + 8 * tig);
+  /* zeros (uniform: the second plane) or c0 (codebook: the first), group gid, as the zero MMA's A */
+  const uint32_t o_vz = kv_keep(KCB + KPB + VCB + (VK ? 0 : VPB) + 64 * min(gid, ngv - 1) + 8 * tig);
   /* T1: the slice holds plane p's words of lane L at p 8 NCH + L, and lane (p, tig) reads its 2 NCH B words
      (chunk i, register rg at 2i + rg) at lane 2 NCH: the writer roles above list them in that order */
   const uint32_t o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane % (8 * NCH) : awr)));
@@ -217,13 +218,14 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
      stage (32-bit: a page is far below 4 GB), computed once and kept (kv_keep) */
   const uint8_t *kh = p.kpool + (uint64_t)hkv * p.khead, *vh = p.vpool + (uint64_t)hkv * p.vhead;
   const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, tmask = (uint32_t)(p.P / 32 - 1);
-  const int vpw = lane / (VPB / 16), vpg = (lane % (VPB / 16)) / 4, vpc = lane % 4;
+  /* value params: copy c = lane + 32 j of a tile is row c / 4 (plane x group) of the params area, 16 bytes
+     (c % 4) in; rows are P halves apart in the page, 64 bytes in the stage */
   const uint32_t l16 = kv_keep(16u * lane), kp_l = kv_keep((uint32_t)p.kcodes + 16u * lane);
-  const uint32_t vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((vpw * ngv + vpg) * p.P * 2 + 16 * vpc));
+  const uint32_t vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((lane / 4) * p.P * 2 + 16 * (lane % 4)));
+  const uint32_t vp_row8 = (uint32_t)(16 * p.P); /* 8 rows */
   const uint32_t st_l = kv_keep((uint32_t)__cvta_generic_to_shared(ring) + 16u * lane);
-  const uint32_t vpd_l = kv_keep((uint32_t)(KCB + KPB + VCB + vpw * VPB + vpg * 64 + 16 * vpc) - 16u * lane);
-  const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512, vp_on = 2 * VPB / 16 >= 32 || lane < 2 * VPB / 16;
-  static_assert(KCB % 512 == 0 && VCB % 512 == 0 && 2 * VPB / 16 <= 32, "whole chunks a lane");
+  const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512;
+  static_assert(KCB % 512 == 0 && VCB % 512 == 0, "whole chunks a lane");
   static_assert(D <= 128, "the combined int32 score sum needs 64 x 3 x D x 254^2 < 2^31");
   auto issue = [&](int i, uint32_t page) {
     if (i < my_pt) {
@@ -241,7 +243,9 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         if (k + 512 <= KPB || kp_all) kv_cpa<16>(st + KCB + k, kp + k);
 #pragma unroll
       for (int k = 0; k < VCB; k += 512) kv_cpa<16>(st + KCB + KPB + k, vc + k);
-      if (vp_on) kv_cpa<16>(st + vpd_l, vp);
+#pragma unroll
+      for (int j = 0; j < (NVP + 31) / 32; j++)
+        if (NVP % 32 == 0 || lane + 32 * j < NVP) kv_cpa<16>(st + (KCB + KPB + VCB + 512 * j), vp + j * vp_row8);
     }
     kv_commit();
   };
@@ -259,7 +263,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     const int t0 = tok0 + i * (32 * KV_MMA_WARPS);
     /* A (q s as three int8 planes) for the key group of this tile */
     const int grp = t0 >> lgK;
-    if (KG == 32 || grp != kgrp) { /* groups of 32: every tile */
+    if (grp != kgrp) { /* a warp's tiles are 128 tokens apart: a new group every tile unless groups are longer */
       kgrp = grp;
       /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, 3 planes */
       float sc[4], zc[4];
@@ -461,13 +465,6 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         if (gid < ngv) zz = *(const uint2 *)(stg + o_vz + 32 * r);
         kv_mma_f16(zacc, zz.x, 0u, zz.y, 0u, ph0, ph1);
       }
-      uint32_t pb[ngv][2]; /* B = p s per value group */
-#pragma unroll
-      for (int gg = 0; gg < ngv; gg++) {
-        const uint2 ss = *(const uint2 *)(stg + o_vs + gg * 64 + 32 * r);
-        pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
-        pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
-      }
       /* this lane's D / 32 words of the run: word q holds m-tiles 2q and 2q + 1 (kivi_mma_value_code) */
       uint32_t vw[NMT / 2];
       if constexpr (NMT == 8) {
@@ -477,13 +474,64 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         const uint2 u = *(const uint2 *)(stg + o_vw + 4 * r * D);
         vw[0] = u.x, vw[1] = u.y;
       }
+      if constexpr (VK == 0) {
+        uint32_t pb[ngv][2]; /* B = p s per value group */
 #pragma unroll
-      for (int q = 0; q < NMT / 2; q++) {
-        const uint32_t w = vw[q], w8 = w >> 8;
-        kv_mma_f16(o[2 * q], w & 0x00030003u, w & 0x000c000cu, w8 & 0x00030003u, w8 & 0x000c000cu,
-                   pb[(32 * q) / VG][0], pb[(32 * q) / VG][1]);
-        kv_mma_f16(o[2 * q + 1], w & 0x00300030u, w & 0x00c000c0u, w8 & 0x00300030u, w8 & 0x00c000c0u,
-                   pb[(32 * q + 16) / VG][0], pb[(32 * q + 16) / VG][1]);
+        for (int gg = 0; gg < ngv; gg++) {
+          const uint2 ss = *(const uint2 *)(stg + o_vs + gg * 64 + 32 * r);
+          pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
+          pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
+        }
+#pragma unroll
+        for (int q = 0; q < NMT / 2; q++) {
+          const uint32_t w = vw[q], w8 = w >> 8;
+          kv_mma_f16(o[2 * q], w & 0x00030003u, w & 0x000c000cu, w8 & 0x00030003u, w8 & 0x000c000cu,
+                     pb[(32 * q) / VG][0], pb[(32 * q) / VG][1]);
+          kv_mma_f16(o[2 * q + 1], w & 0x00300030u, w & 0x00c000c0u, w8 & 0x00300030u, w8 & 0x00c000c0u,
+                     pb[(32 * q + 16) / VG][0], pb[(32 * q + 16) / VG][1]);
+        }
+      } else {
+        /* B of the three bit planes per value group: p (c1 - c0), p (c2 - c0) / 2, p (c3 - c2 - c1 + c0),
+           all / 4 (see above) */
+        uint32_t b0p[ngv][2], b1p[ngv][2], b2p[ngv][2];
+        const __half2 q25 = __float2half2_rn(0.25f), h05 = __float2half2_rn(0.5f);
+        const uint32_t pr[2] = {ph0, ph1};
+#pragma unroll
+        for (int gg = 0; gg < ngv; gg++) {
+          uint2 c[4];
+#pragma unroll
+          for (int j = 0; j < 4; j++) c[j] = *(const uint2 *)(stg + o_vs + j * VPB + gg * 64 + 32 * r);
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            const __half2 c0 = kv_u2h(e ? c[0].y : c[0].x), c1 = kv_u2h(e ? c[1].y : c[1].x);
+            const __half2 c2 = kv_u2h(e ? c[2].y : c[2].x), c3 = kv_u2h(e ? c[3].y : c[3].x);
+            const __half2 c0q = __hmul2(c0, q25), c2q = __hmul2(c2, q25);
+            const __half2 d1 = __hfma2(c1, q25, __hneg2(c0q)), d2 = __hfma2(c2, q25, __hneg2(c0q));
+            const __half2 d3 = __hsub2(__hfma2(c3, q25, __hneg2(c2q)), d1);
+            const __half2 pv = kv_u2h(pr[e]);
+            b0p[gg][e] = kv_h2u(__hmul2(pv, d1));
+            b1p[gg][e] = kv_h2u(__hmul2(__hmul2(pv, h05), d2));
+            b2p[gg][e] = kv_h2u(__hmul2(pv, d3));
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < NMT / 2; q++) {
+          const uint32_t w = vw[q], w8 = w >> 8, ww = w & (w >> 1), ww8 = ww >> 8;
+          const int g0 = (32 * q) / VG, g1 = (32 * q + 16) / VG;
+          /* m-tile 2q: slots 0 (a0, a2) and 1 (a1, a3); m-tile 2q + 1: slots 2 and 3 */
+          kv_mma_f16(o[2 * q], w & 0x00010001u, w & 0x00040004u, w8 & 0x00010001u, w8 & 0x00040004u, b0p[g0][0],
+                     b0p[g0][1]);
+          kv_mma_f16(o[2 * q], w & 0x00020002u, w & 0x00080008u, w8 & 0x00020002u, w8 & 0x00080008u, b1p[g0][0],
+                     b1p[g0][1]);
+          kv_mma_f16(o[2 * q], ww & 0x00010001u, ww & 0x00040004u, ww8 & 0x00010001u, ww8 & 0x00040004u, b2p[g0][0],
+                     b2p[g0][1]);
+          kv_mma_f16(o[2 * q + 1], w & 0x00100010u, w & 0x00400040u, w8 & 0x00100010u, w8 & 0x00400040u, b0p[g1][0],
+                     b0p[g1][1]);
+          kv_mma_f16(o[2 * q + 1], w & 0x00200020u, w & 0x00800080u, w8 & 0x00200020u, w8 & 0x00800080u, b1p[g1][0],
+                     b1p[g1][1]);
+          kv_mma_f16(o[2 * q + 1], ww & 0x00100010u, ww & 0x00400040u, ww8 & 0x00100010u, ww8 & 0x00400040u,
+                     b2p[g1][0], b2p[g1][1]);
+        }
       }
     }
     __syncwarp();
@@ -499,7 +547,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
      before the window's fp16 values */
 #pragma unroll
   for (int i = 0; i < NMT; i++) {
-    const float f0 = i % 2 ? 1048576.0f : 16777216.0f; /* 2^20, 2^24 */
+    const float f0 = (i % 2 ? 1048576.0f : 16777216.0f) * (VK ? 4.0f : 1.0f); /* 2^20, 2^24; codebook B / 4 */
     o[i][0] *= f0;
     o[i][1] *= f0;
     o[i][2] *= 0.25f * f0;
@@ -592,3 +640,5 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   __syncthreads();
   kv_merge_warps<D, KV_MMA_WARPS>(p, cw, KV_MMA_HEADS, nq, (int64_t)b * p.qh + qh0, split);
 }
+
+#endif /* KIVI_ATTENTION_MMA_CUH */

@@ -233,13 +233,20 @@ __device__ void kv_un_group(const uint16_t *x, int stride, int G, int bits, uint
   }
 }
 
+struct kv_part_dev {
+  uint64_t codes, head, page; /* bytes: params offset in a head block, head block, page (all heads) */
+  int32_t bits, kind, group, fit, iters;
+};
+
 /*
- * The tensor-core layout (kivi_format.h), uniform 2-bit: params of every group first (one thread a
- * group, also kept as floats in sp/zp), then every code word (one thread a word) from them.
- * tile [F][D] holds the F tokens flushed at page offset o.
+ * The tensor-core layout (kivi_format.h), 2-bit: params of every group first (one thread a group; uniform
+ * params also kept as floats in sp/zp, codebook codes written over the group's own values in the tile),
+ * then every code word (one thread a word) from them. tile [F][D] holds the F tokens flushed at page
+ * offset o.
  */
-__device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, const uint16_t *tile, int o, int D, int F, int P,
-                             int Gv, float *sp, float *zp) {
+__device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, uint16_t *tile, int o, int D, int F, int P,
+                             const kv_part_dev &vp, float *sp, float *zp) {
+  const int Gv = vp.group;
   uint32_t *words = (uint32_t *)base;
   if (part == 0) { /* keys: group = channel over the F tokens; codes [P][D / 16], params [P / F][D] */
     uint32_t *par = (uint32_t *)(base + pbytes) + (int64_t)(o / F) * D;
@@ -259,6 +266,33 @@ __device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, const uin
         word |= kivi_uniform_code(kv_hf(tile[i * D + d]), zp[d], sp[d], 2) << (2 * kivi_mma_key_slot(j));
       }
       words[(int64_t)(o + i) * (D / 16) + w] = word;
+    }
+  } else if (vp.kind == KIVI_KIND_CODEBOOK) { /* values: centroid planes c0..c3 [D / Gv][P], pair order */
+    const int gpr = D / Gv;
+    uint16_t *cp = (uint16_t *)(base + pbytes);
+    for (int g = threadIdx.x; g < F * gpr; g += blockDim.x) {
+      const int i = g / gpr, k = g % gpr;
+      uint16_t *x = tile + i * D + k * Gv;
+      uint16_t h[4];
+      kv_cb_fit<4>(x, 1, Gv, vp.fit, vp.iters, h);
+      float cf[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        cp[((int64_t)j * gpr + k) * P + kivi_pair_pos(o + i)] = h[j];
+        cf[j] = kivi_f16_to_f32(h[j]);
+      }
+      for (int e = 0; e < Gv; e++) x[e] = (uint16_t)kivi_nearest_code(kv_hf(x[e]), cf, 4); /* own values only */
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < (F / 16) * D; idx += blockDim.x) {
+      const int b = idx / D, w = idx % D;
+      uint32_t word = 0;
+      for (int j = 0; j < 16; j++) {
+        int32_t u, d;
+        kivi_mma_value_slot(D, w, j, &u, &d);
+        word |= (uint32_t)tile[(16 * b + u) * D + d] << (2 * j);
+      }
+      words[(int64_t)(o / 16 + b) * D + w] = word;
     }
   } else { /* values: group = token x Gv channels; codes [P / 16][D] (fragment order), params scale/zero [D / Gv][P] */
     const int gpr = D / Gv;
@@ -289,11 +323,6 @@ __device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, const uin
 }
 
 /* ---------------------------------------------------------------- flush kernel ----------- */
-
-struct kv_part_dev {
-  uint64_t codes, head, page; /* bytes: params offset in a head block, head block, page (all heads) */
-  int32_t bits, kind, group, fit, iters;
-};
 
 struct kv_flush_layer {
   int64_t qlen, len; /* before the append */
@@ -347,7 +376,7 @@ static __global__ void __launch_bounds__(256) k_cache_flush(const __grid_constan
       for (int idx = threadIdx.x; idx < F * D; idx += blockDim.x) dst[idx] = tile[idx];
     } else if (p.mma) {
       float *sp = (float *)(tile + F * D), *zp = sp + p.nparam;
-      kv_flush_mma(part, base, pt.codes, tile, o, D, F, P, p.vp.group, sp, zp);
+      kv_flush_mma(part, base, pt.codes, tile, o, D, F, P, p.vp, sp, zp);
     } else if (part == 0) {
       /* keys: one group per channel over the F tokens; codes [D][P / cpw], params [D][P / F] */
       const int cpw = 32 / pt.bits;
@@ -456,7 +485,7 @@ static __global__ void __launch_bounds__(256) k_cache_read(const __grid_constant
         kivi_page_uniform_at(&p.cfg, part, o, d, &si, &zi);
         val = kivi_uniform_value(q, kv_hf(par[zi]), kv_hf(par[si]));
       } else {
-        val = kv_hf(par[kivi_page_group_at(&p.cfg, part, o, d) * (1 << pt.bits) + q]);
+        val = kv_hf(par[kivi_page_centroid_at(&p.cfg, part, o, d, (int32_t)q)]);
       }
     }
   } else {

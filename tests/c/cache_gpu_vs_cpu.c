@@ -4,8 +4,9 @@
  *
  *   gcc -std=c11 -O2 -Wall -Wextra -Icuda/include tests/c/cache_gpu_vs_cpu.c -ldl -lm -o build/cache_gpu_vs_cpu
  *   build/cache_gpu_vs_cpu [seed]            correctness (needs a GPU; prints PASS/FAIL counts)
- *   build/cache_gpu_vs_cpu bench [page [kv_heads [case [bits]]]]   attention timings (32 query heads,
- *        D 128, 2-bit and 16-bit; case 0..4 = 1x4096, 1x32768, 8x8192, 8x32768, 32x4096)
+ *   build/cache_gpu_vs_cpu bench [page [kv_heads [case [mode [q_heads [head_dim]]]]]]   attention timings
+ *        (default 32 query heads, D 128; case 0..4 = 1x4096, 1x32768, 8x8192, 8x32768, 32x4096, -1 all;
+ *        mode 16, u2 (uniform K+V G32), def (uniform K G32 + codebook V G64) or all; bits 16 always runs)
  *
  * Checks, per config (head_dim 64/128, page 32/64/128/256, GQA 1/3/4/8, uniform 2/4-bit, 16-bit,
  * codebook): lengths, quantized lengths and block tables after prefills of 1, 31, 128, 160, 97 and
@@ -606,16 +607,16 @@ typedef struct bcase {
   int batch, len;
 } bcase;
 
-static void bench(lib *G, int P, int kvh, int only_case, int only_bits) {
-  const int D = 128, QH = 32, R = 128;
+/* bench modes: 16 = bits 16; u2 = uniform 2-bit K+V G32; def = uniform K G32 + codebook V G64 */
+static void bench(lib *G, int P, int kvh, int only_case, const char *mode, int QH, int D) {
+  const int R = 128;
   const bcase cases[5] = {{1, 4096}, {1, 32768}, {8, 8192}, {8, 32768}, {32, 4096}};
   char dev[128] = "";
   G->ctx_device_name(G->ctx, dev, sizeof dev);
   double copy = 0;
   OK(G, G->bench_copy(G->ctx, (uint64_t)1 << 30, 20, &copy));
   printf("device %s, copy bandwidth %.0f GB/s (read + write)\n", dev, copy);
-  printf("q_heads %d kv_heads %d D %d, uniform K/V G32, R %d, page %d; 50 calls per timing, median of 7\n", QH, kvh, D,
-         R, P);
+  printf("q_heads %d kv_heads %d D %d, R %d, page %d; 50 calls per timing, median of 7\n", QH, kvh, D, R, P);
   printf("%-10s %5s %10s %10s %8s %10s %9s\n", "case", "bits", "us/call", "MB read", "GB/s", "of copy", "vs 16-bit");
   /* one shared random fp16 source of the longest prefill */
   const int maxlen = 32768;
@@ -628,9 +629,10 @@ static void bench(lib *G, int P, int kvh, int only_case, int only_bits) {
   for (int ci = 0; ci < 5; ci++) {
     if (only_case >= 0 && ci != only_case) continue;
     double us16 = 0;
-    for (int pass = 0; pass < 2; pass++) {
-      const int bits = pass == 0 ? 16 : 2;
-      if (only_bits > 0 && bits != only_bits) continue;
+    static const char *modes[3] = {"16", "u2", "def"};
+    for (int pass = 0; pass < 3; pass++) {
+      const int bits = pass == 0 ? 16 : 2, cbv = pass == 2;
+      if (strcmp(mode, "all") && strcmp(mode, modes[pass]) && pass > 0) continue;
       const bcase bc = cases[ci];
       int32_t cfg[KIVI_CFG_FIELDS] = {0};
       cfg[KIVI_CFG_LAYERS] = 1;
@@ -646,9 +648,9 @@ static void bench(lib *G, int P, int kvh, int only_case, int only_bits) {
       cfg[KIVI_CFG_K_GROUP] = 32;
       cfg[KIVI_CFG_K_FIT] = 0;
       cfg[KIVI_CFG_K_ITERS] = 1;
-      cfg[KIVI_CFG_V_KIND] = KIVI_KIND_UNIFORM;
+      cfg[KIVI_CFG_V_KIND] = cbv ? KIVI_KIND_CODEBOOK : KIVI_KIND_UNIFORM;
       cfg[KIVI_CFG_V_BITS] = bits;
-      cfg[KIVI_CFG_V_GROUP] = 32;
+      cfg[KIVI_CFG_V_GROUP] = cbv ? 64 : 32;
       cfg[KIVI_CFG_V_FIT] = 0;
       cfg[KIVI_CFG_V_ITERS] = 1;
       kivi_cache_t c = NULL;
@@ -694,7 +696,7 @@ static void bench(lib *G, int P, int kvh, int only_case, int only_bits) {
       char name[32];
       snprintf(name, sizeof name, "%dx%d", bc.batch, bc.len);
       const double gbps = bytes / (us * 1e-6) / 1e9;
-      printf("%-10s %5d %10.2f %10.1f %8.0f %9.1f%% %9s", name, bits, us, bytes / 1e6, gbps, 100.0 * gbps / copy,
+      printf("%-10s %5s %10.2f %10.1f %8.0f %9.1f%% %9s", name, modes[pass], us, bytes / 1e6, gbps, 100.0 * gbps / copy,
              "");
       if (bits == 2 && us16 > 0) printf("\b\b\b\b\b\b\b\b\b%8.2fx", us16 / us);
       printf("   (min %.2f max %.2f)\n", per[0], per[6]);
@@ -725,8 +727,10 @@ int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "bench")) {
     const int P = argc > 2 ? atoi(argv[2]) : 64;
     const int kvh = argc > 3 ? atoi(argv[3]) : 32;
-    const int only_case = argc > 4 ? atoi(argv[4]) : -1, only_bits = argc > 5 ? atoi(argv[5]) : 0;
-    bench(&G, P, kvh, only_case, only_bits);
+    const int only_case = argc > 4 ? atoi(argv[4]) : -1;
+    const char *mode = argc > 5 ? argv[5] : "all";
+    const int qh = argc > 6 ? atoi(argv[6]) : 32, D = argc > 7 ? atoi(argv[7]) : 128;
+    bench(&G, P, kvh, only_case, mode, qh, D);
     G.ctx_destroy(G.ctx);
     return n_fail ? 1 : 0;
   }
@@ -746,6 +750,17 @@ int main(int argc, char **argv) {
       {"f16/u2 D64 P128 r1", 1, 2, 1, 64, 128, 64, 0, 16, 64, 0, 2, 32},
       {"u2 D256 P128 r4", 1, 2, 4, 256, 128, 128, 0, 2, 32, 0, 2, 32},
       {"cb2 D256 P64 r1", 1, 1, 1, 256, 64, 64, 1, 2, 64, 1, 2, 64},
+      /* the tensor-core layout beyond uniform G32: codebook values, longer groups, every GQA ratio */
+      {"u2/cb2 D128 P64 r1 (default)", 2, 2, 1, 128, 64, 128, 0, 2, 32, 1, 2, 64},
+      {"u2/cb2 D128 P64 r4", 1, 2, 4, 128, 64, 128, 0, 2, 32, 1, 2, 64},
+      {"u2/cb2 D128 P128 r8 Gk64 Gv32", 1, 2, 8, 128, 128, 128, 0, 2, 64, 1, 2, 32},
+      {"u2/cb2 D64 P64 r7", 1, 2, 7, 64, 64, 64, 0, 2, 32, 1, 2, 64},
+      {"u2/cb2 D128 P128 r3 Gk128 Gv128", 1, 2, 3, 128, 128, 128, 0, 2, 128, 1, 2, 128},
+      {"u2 D128 P64 r16 Gv64", 1, 1, 16, 128, 64, 128, 0, 2, 32, 0, 2, 64},
+      {"u2/cb2 D128 P256 r32 Gk64 R0", 1, 1, 32, 128, 256, 0, 0, 2, 64, 1, 2, 64},
+      {"u2 D64 P64 r1 Gk64 Gv64", 2, 2, 1, 64, 64, 64, 0, 2, 64, 0, 2, 64},
+      {"u2/cb2 D64 P32 r6 G32", 1, 2, 6, 64, 32, 32, 0, 2, 32, 1, 2, 32},
+      {"u2 D128 P128 r2 Gv128", 1, 2, 2, 128, 128, 128, 0, 2, 32, 0, 2, 128},
   };
   const int only = getenv("KIVI_ONLY") ? atoi(getenv("KIVI_ONLY")) : -1;
   for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++)

@@ -843,6 +843,8 @@ int main(int argc, char **argv) {
       make_cfg("K/V 16-bit, P64 R32", 2, 2, 2, 64, 64, 32, 64, 3, U, 16, 32, U, 16, 32),
       make_cfg("K cb4 G128 / V uni2 G128, P128 R0", 1, 2, 8, 128, 128, 0, 32, 3, C, 4, 128, U, 2, 128),
       make_cfg("K 16-bit / V uni2 G32, P32 R128", 1, 2, 2, 64, 32, 128, 128, 3, U, 16, 32, U, 2, 32),
+      make_cfg("K uni2 G64 / V uni2 G128, P128 R64 GQA7", 1, 2, 14, 128, 128, 64, 48, 3, U, 2, 64, U, 2, 128),
+      make_cfg("K uni2 G128 / V cb2 G32, P128 R128 GQA16", 1, 1, 16, 64, 128, 128, 48, 3, U, 2, 128, C, 2, 32),
   };
   test_bad_config(ctx);
   for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++) {

@@ -1,0 +1,137 @@
+/*
+ * attention.cuh — what the fused decode attention kernels share (attention.cu: the CUDA-core kernel,
+ * the selection and the launch; attention_mma.cuh: the tensor-core kernel): the launch parameters, the
+ * CTA's share of the grid (one (batch entry, kv head, split, chunk of query heads) a CTA), the merge of
+ * the warps' softmax states, and the q / out element access of every dtype.
+ */
+#ifndef KIVI_ATTENTION_CUH
+#define KIVI_ATTENTION_CUH
+
+#include <math.h>
+
+#include "cache.cuh"
+
+#define KV_WARPS 4
+#define KV_THREADS (32 * KV_WARPS)
+#define KV_TT_MAX 64  /* page tile cap */
+#define KV_FULL 0xffffffffu
+
+struct kv_seq_info {
+  int32_t slot, len, qlen;
+};
+
+struct kv_attn_params {
+  const uint8_t *kpool, *vpool; /* this layer's pools */
+  const uint16_t *kwin, *vwin;  /* all windows */
+  const int32_t *table;         /* device [max_seqs][max_pages] */
+  const void *q;
+  void *out;
+  float *ws; /* [batch][q_heads][nsplit][D + 2] */
+  uint64_t kpage, vpage;
+  uint32_t khead, vhead, kcodes, vcodes;
+  int32_t max_pages, layers, layer, kvh, qh, ratio, nhc, W, P;
+  int32_t kbits, vbits, kkind, vkind, kg, vg;
+  int32_t q_dtype, out_dtype;
+  float qscale;
+  int32_t nsplit, chunk, batch;
+  int32_t TT, TTW, nst, stage_bytes;
+  /* bit patterns kept out of the immediates, so that (x & mask) | 1.0f is one LOP3 */
+  uint32_t one, m19, m21, m4;
+  kv_seq_info seq[KV_ATTN_MAX_BATCH];
+};
+
+typedef void (*kv_attn_kernel)(const kv_attn_params);
+
+__device__ __forceinline__ float kv_h2f(uint32_t h16) { return __half2float(__ushort_as_half((unsigned short)h16)); }
+
+__device__ __forceinline__ float kv_load_any(const void *x, int dt, int64_t i) {
+  if (dt == KIVI_F32) return ((const float *)x)[i];
+  const uint32_t u = ((const uint16_t *)x)[i];
+  return dt == KIVI_F16 ? kv_h2f(u) : __uint_as_float(u << 16);
+}
+__device__ __forceinline__ void kv_store_out(void *x, int dt, int64_t i, float v) {
+  if (dt == KIVI_F32) ((float *)x)[i] = v;
+  else if (dt == KIVI_F16) ((uint16_t *)x)[i] = __half_as_ushort(__float2half_rn(v));
+  else ((uint16_t *)x)[i] = kivi_f32_to_bf16(v);
+}
+
+/* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`,
+   which covers tokens [a0, e0) of the sequence: pages up to pend, the fp16 window from ws0. A CTA
+   with a0 >= si.len has nothing to do. */
+struct kv_cta {
+  int hc, split, hkv, b;
+  kv_seq_info si;
+  int a0, e0, pend, ws0;
+};
+__device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
+  int bid = blockIdx.x;
+  kv_cta c;
+  c.hc = bid % p.nhc;
+  bid /= p.nhc;
+  c.split = bid % p.nsplit;
+  bid /= p.nsplit;
+  c.hkv = bid % p.kvh;
+  c.b = bid / p.kvh;
+  c.si = p.seq[c.b];
+  c.a0 = c.split * p.chunk;
+  c.e0 = min(c.a0 + p.chunk, c.si.len);
+  c.pend = min(c.e0, c.si.qlen);
+  c.ws0 = max(c.a0, c.si.qlen);
+  return c;
+}
+
+/* Merges NW warps' rows (max, sum, unnormalised output [D]) at cw + (w * rows + h) * (D + 2) for heads
+   h < nh (a warp that saw no token has max -inf), then writes head oh0 + h's output, or its split's
+   partials to the workspace. */
+template <int D, int NW>
+__device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh, int64_t oh0,
+                                               int split) {
+  for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
+    const int h = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; w++) M = fmaxf(M, cw[(w * rows + h) * (D + 2)]);
+    float L = 0.0f, O = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+      const float *row = cw + (w * rows + h) * (D + 2);
+      const float f = row[0] == -INFINITY ? 0.0f : exp2f(row[0] - M);
+      L = fmaf(row[1], f, L);
+      O = fmaf(row[2 + d], f, O);
+    }
+    const int64_t oh = oh0 + h;
+    if (p.nsplit == 1) {
+      kv_store_out(p.out, p.out_dtype, oh * D + d, O / L);
+    } else {
+      float *wr = p.ws + (oh * p.nsplit + split) * (D + 2);
+      if (d == 0) {
+        wr[0] = M;
+        wr[1] = L;
+      }
+      wr[2 + d] = O;
+    }
+  }
+}
+
+#define KV_MMA_WARPS 4
+#define KV_MMA_THREADS (32 * KV_MMA_WARPS)
+#define KV_MMA_HEADS 8 /* query heads per CTA: the n (or m) extent of one fragment */
+/* a warp's key A fragments for each head, as the owner lanes read them: per (head, quad lane) NCH x
+   {hi, mid, hi, mid} (one m16n8k32 A: rows 0-7 the hi plane, rows 8-15 the mid plane) then NCH x
+   {lo, 0, lo, 0} (the zeros written once: the fragments load straight into MMA operands); a head's 4
+   quad lanes padded by 4 words against bank conflicts */
+__host__ __device__ constexpr int kv_mma_aw(int D) { return 4 * 8 * (D / 32) + 4; }
+/** Bytes of the CTA's fragment slices: one per warp and head of the CTA (at most 8, the GQA ratio). */
+__host__ __device__ constexpr size_t kv_mma_abuf_bytes(int D, int ratio) {
+  return (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw(D) * sizeof(uint32_t);
+}
+
+/* Tensor-core kernels (attention_mma_uniform.cu, attention_mma_codebook.cu): the instantiation for
+   head_dim D, value group VG, one query head a KV head (one) and 4 rather than 3 CTAs a SM (many); NULL
+   where none is built. */
+kv_attn_kernel kv_mma_kernel_uniform(int D, int VG, bool one, bool many);
+kv_attn_kernel kv_mma_kernel_codebook(int D, int VG, bool one, bool many);
+/* Ring stages a warp of the tensor-core kernels (3 and 5 measured slower than 4 on an H200). */
+#define KV_MMA_NST 4
+
+#endif /* KIVI_ATTENTION_CUH */

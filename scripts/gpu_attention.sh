@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Attention kernels on the lent GPU in one go, without Bun: builds the CUDA library for this device's
+# architecture only, runs the C GPU-vs-CPU cache driver (every spec, or KIVI_ONLY=i) and times the
+# attention cases of the table with the C bench driver. Logs go to $OUT (default build/gpu-out).
+#   usage: scripts/gpu_attention.sh [check] [bench] [ncu]
+set -uo pipefail
+out="${OUT:-build/gpu-out}"
+mkdir -p "$out" build
+what="${*:-check bench}"
+has() { [[ " $what " == *" $1 "* ]]; }
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader
+t0=$SECONDS
+KIVI_CUDA_ARCH=${arch:-90} bun build.ts > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+echo "build: $((SECONDS - t0)) s"
+gcc -std=c11 -O2 -Icuda/include tests/c/cache_gpu_vs_cpu.c -o build/cache_gpu_vs_cpu -ldl -lm || exit 1
+status=0
+if has check; then
+  t0=$SECONDS
+  build/cache_gpu_vs_cpu > "$out/check.log" 2>&1 || status=1
+  echo "check: exit $status in $((SECONDS - t0)) s"; grep -E "FAIL|PASS" "$out/check.log" | tail -12
+fi
+if has bench; then
+  b=build/cache_gpu_vs_cpu
+  {
+    $b bench 64 32 3 all
+    $b bench 64 8 3 all
+    $b bench 64 4 3 def
+    $b bench 64 4 3 def 28
+    $b bench 64 2 3 def 14 64
+    $b bench 64 32 0 all
+    $b bench 64 8 0 all
+  } > "$out/bench.log" 2>&1 || status=1
+  grep -vE "^(device|q_heads|case)" "$out/bench.log"
+fi
+if has ncu; then
+  ncu --clock-control none --kernel-name regex:k_attend_mma --launch-skip 5 --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section InstructionStats --section LaunchStats build/cache_gpu_vs_cpu bench 64 8 3 def > "$out/ncu.log" 2>&1
+  grep -E "Duration|Throughput|Issued Warp|Eligible|Active Warps|Stall|Executed Ipc|Registers|Achieved Occ" "$out/ncu.log" | head -40
+fi
+exit $status
