@@ -4,18 +4,21 @@
  *
  *   bun bench/attention.ts [--backend auto|cpu|cuda] [--iters 50] [--out bench/results]
  *                          [--case 8x32768] [--mode 2-bit]   (only cases / modes containing these: profiling)
+ *                          [--torch sdpa.json]   (bench/sdpa_reference.py's figures of the same run)
  *
- * CUDA: 32 query heads, headDim 128, G 32, R 128, batch x context in {1x4096, 1x32768, 8x8192,
- * 8x32768, 32x4096} plus a GQA case (32 query / 8 KV heads). Each figure is the median over
- * repeats of `iters` back-to-back launches timed with CUDA events inside the library
- * (kivi_cache_bench_attend), so FFI cost is out of it; the cost of one call from TypeScript is
- * reported on its own. GB/s counts the bytes the kernel reads (codes + params + fp16 residual),
- * as a fraction of the copy bandwidth measured in the same run. CPU: 1x4096 only.
+ * CUDA: head_dim 128, page 64, R 128; 32 query heads at batch x context in {1x4096, 1x32768, 8x8192,
+ * 8x32768, 32x4096}, then 8x32768 with GQA 32/8, 32/4 and 28/4, and 14/2 at head_dim 64 (Llama-3,
+ * Mistral, Qwen-style head layouts). Each figure is the median over repeats of `iters` back-to-back
+ * launches timed with CUDA events inside the library (kivi_cache_bench_attend), so FFI cost is out of
+ * it; the cost of one call from TypeScript is reported on its own. GB/s counts the bytes the kernel
+ * reads (codes + params + fp16 residual), as a fraction of the copy bandwidth measured in the same
+ * run. With --torch, PyTorch fp16 SDPA on the same shapes (timed the same way, same device call) is
+ * the outside reference column. CPU: 1x4096 only.
  *
  * @module
  */
 import process from "node:process";
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { type Backend, type CacheFormat, type DeviceTensor, type KVCache, openBackend, Rng } from "../src/mod.ts";
 import { gbps, hostName, median, parseArgs, type Row, writeSection } from "./_report.ts";
 
@@ -24,35 +27,54 @@ using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "aut
 const onGpu = kivi.kind === "cuda";
 const iters = Number(args.get("iters") ?? (onGpu ? 50 : 3));
 const repeats = onGpu ? 5 : 3;
-const headDim = 128, qHeads = 32, pageTokens = Number(args.get("page") ?? 64);
+const pageTokens = Number(args.get("page") ?? 64);
 
-const cases: { batch: number; context: number; kvHeads: number }[] = onGpu
+interface Case {
+  batch: number;
+  context: number;
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+}
+const mha = (batch: number, context: number): Case => ({ batch, context, qHeads: 32, kvHeads: 32, headDim: 128 });
+const cases: Case[] = onGpu
   ? [
-    { batch: 1, context: 4096, kvHeads: 32 },
-    { batch: 1, context: 32768, kvHeads: 32 },
-    { batch: 8, context: 8192, kvHeads: 32 },
-    { batch: 8, context: 32768, kvHeads: 32 },
-    { batch: 32, context: 4096, kvHeads: 32 },
-    { batch: 8, context: 32768, kvHeads: 8 },
+    mha(1, 4096),
+    mha(1, 32768),
+    mha(8, 8192),
+    mha(8, 32768),
+    mha(32, 4096),
+    { batch: 8, context: 32768, qHeads: 32, kvHeads: 8, headDim: 128 },
+    { batch: 8, context: 32768, qHeads: 32, kvHeads: 4, headDim: 128 },
+    { batch: 8, context: 32768, qHeads: 28, kvHeads: 4, headDim: 128 },
+    { batch: 8, context: 32768, qHeads: 14, kvHeads: 2, headDim: 64 },
   ]
-  : [{ batch: 1, context: 4096, kvHeads: 32 }];
+  : [mha(1, 4096)];
+/** The row label of a case: `8x32768`, `8x32768 GQA 32/8`, `8x32768 GQA 14/2 D64`. */
+const label = (c: Case) =>
+  `${c.batch}x${c.context}${c.kvHeads !== c.qHeads ? ` GQA ${c.qHeads}/${c.kvHeads}` : ""}${c.headDim !== 128 ? ` D${c.headDim}` : ""}`;
 
+const uniform = (bits: 2 | 4, group: 32 | 64 | 128 = 32): CacheFormat => ({ kind: "uniform", bits, group });
 const modes: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
   { name: "bits 16 (baseline)", keys: { bits: 16 }, values: { bits: 16 } },
-  { name: "uniform 2-bit K+V G32", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 } },
-  {
-    name: "uniform K G32 + codebook V G64",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 64 },
-  },
+  { name: "uniform 2-bit K+V G32", keys: uniform(2), values: uniform(2) },
+  { name: "uniform K G32 + codebook V G64", keys: uniform(2), values: { kind: "codebook", bits: 2, group: 64 } },
+  { name: "uniform 4-bit K + 2-bit V G32", keys: uniform(4), values: uniform(2) },
 ];
+
+/** PyTorch fp16 SDPA per case label, from bench/sdpa_reference.py run in the same device call. */
+const torch = new Map<string, number>();
+if (args.has("torch")) {
+  const ref = JSON.parse(readFileSync(args.get("torch")!, "utf8")) as { rows: { case: string; us: number }[] };
+  for (const r of ref.rows) torch.set(r.case, r.us);
+}
 
 console.log(`kivi bench/attention: ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}), page ${pageTokens} tokens`);
 const copy = kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5);
 console.log(`copy bandwidth: ${copy.toFixed(1)} GB/s`);
 
 /** Seeded fp16 (GPU) or fp32 (CPU) rows, [tokens][kvHeads][headDim], on the backend. */
-function chunk(k: Backend, rng: Rng, tokens: number, kvHeads: number): HostOrTensor {
+function chunk(k: Backend, rng: Rng, tokens: number, kvHeads: number, headDim: number): HostOrTensor {
   const n = tokens * kvHeads * headDim;
   const host = onGpu ? new Float16Array(n) : new Float32Array(n);
   for (let i = 0; i < n; i++) host[i] = rng.normal() * (i % headDim === 7 ? 8 : 1);
@@ -60,7 +82,8 @@ function chunk(k: Backend, rng: Rng, tokens: number, kvHeads: number): HostOrTen
 }
 type HostOrTensor = Float16Array | Float32Array | DeviceTensor;
 
-function fill(cache: KVCache, batch: number, context: number, kvHeads: number, data: HostOrTensor, step: number) {
+function fill(cache: KVCache, c: Case, data: HostOrTensor, step: number) {
+  const { batch, context, kvHeads, headDim } = c;
   const seqs = [];
   for (let b = 0; b < batch; b++) {
     const s = cache.createSequence();
@@ -88,30 +111,31 @@ function chunkOf(data: HostOrTensor, n: number): HostOrTensor {
 const rows: Row[] = [];
 const only = { case: args.get("case"), mode: args.get("mode") };
 for (const c of cases) {
-  if (only.case && !`${c.batch}x${c.context}/${c.kvHeads}`.includes(only.case)) continue;
-  const rng = new Rng(c.batch * 7919 + c.context + c.kvHeads);
-  const step = Math.min(c.context, 4096);
-  const data = chunk(kivi, rng, step, c.kvHeads);
-  const qHost = onGpu ? new Float16Array(c.batch * qHeads * headDim) : new Float32Array(c.batch * qHeads * headDim);
+  if (only.case && !label(c).includes(only.case)) continue;
+  const { batch, context, qHeads, kvHeads, headDim } = c;
+  const rng = new Rng(batch * 7919 + context + kvHeads + qHeads * 31 + headDim);
+  const step = Math.min(context, 4096);
+  const data = chunk(kivi, rng, step, kvHeads, headDim);
+  const qHost = onGpu ? new Float16Array(batch * qHeads * headDim) : new Float32Array(batch * qHeads * headDim);
   for (let i = 0; i < qHost.length; i++) qHost[i] = rng.normal();
-  const q = onGpu ? kivi.upload(qHost, { shape: [c.batch, qHeads, headDim] }) : qHost;
+  const q = onGpu ? kivi.upload(qHost, { shape: [batch, qHeads, headDim] }) : qHost;
   const base: Record<string, number> = {};
   for (const m of modes) {
     if (only.mode && !m.name.includes(only.mode) && !m.name.startsWith("bits 16")) continue;
-    const pagesPerSeq = Math.ceil(c.context / pageTokens) + 1;
+    const pagesPerSeq = Math.ceil(context / pageTokens) + 1;
     using cache = kivi.createCache({
       layers: 1,
-      kvHeads: c.kvHeads,
+      kvHeads,
       queryHeads: qHeads,
       headDim,
       pageTokens,
       residual: 128,
       keys: m.keys,
       values: m.values,
-      maxPages: c.batch * pagesPerSeq,
-      maxSequences: c.batch,
+      maxPages: batch * pagesPerSeq,
+      maxSequences: batch,
     });
-    const seqs = fill(cache, c.batch, c.context, c.kvHeads, data, step);
+    const seqs = fill(cache, c, data, step);
     const mem = cache.memory();
     const bytes = mem.codeBytes + mem.paramBytes + mem.residualBytes;
     const times: number[] = [];
@@ -127,7 +151,7 @@ for (const c of cases) {
     const tsMs = (performance.now() - t0) / iters;
     if (m.keys.bits === 16) base.ms = ms;
     const row: Row = {
-      case: `${c.batch}x${c.context}${c.kvHeads !== qHeads ? ` GQA ${qHeads}/${c.kvHeads}` : ""}`,
+      case: label(c),
       cache: m.name,
       "us/step": ms * 1e3,
       "us/call from TS": tsMs * 1e3,
@@ -136,9 +160,14 @@ for (const c of cases) {
       "of copy": gbps(bytes, ms) / copy,
       "speedup vs bits 16": base.ms / ms,
     };
+    const ref = torch.get(label(c));
+    if (ref !== undefined) {
+      row["torch fp16 SDPA us"] = ref;
+      row["speedup vs torch"] = ref / (ms * 1e3);
+    }
     rows.push(row);
     console.log(
-      `${String(row.case).padEnd(20)} ${m.name.padEnd(32)} ${(ms * 1e3).toFixed(1).padStart(9)} us  ${
+      `${String(row.case).padEnd(24)} ${m.name.padEnd(32)} ${(ms * 1e3).toFixed(1).padStart(9)} us  ${
         (tsMs * 1e3).toFixed(1).padStart(8)
       } us/call(TS)  ${(bytes / 1e6).toFixed(1).padStart(8)} MB  ${(row["GB/s"] as number).toFixed(0).padStart(6)} GB/s  ${
         ((row["of copy"] as number) * 100).toFixed(1).padStart(5)
@@ -157,9 +186,11 @@ const section = {
   date: new Date().toISOString().slice(0, 10),
   host: hostName(),
   copyGBps: copy,
-  notes: `decode attention per layer-step, ${qHeads} query heads, headDim ${headDim}, page ${pageTokens}, G 32, R 128; ` +
-    `us/step = median of ${repeats} x ${iters} back-to-back launches timed inside the library; ` +
-    `"of copy" = bytes read (codes + params + residual) / time / copy bandwidth of the same run.`,
+  notes: `decode attention per layer-step, one query token a sequence, 32 query heads and headDim 128 unless the case ` +
+    `says GQA q/kv or D, page ${pageTokens}, R 128; us/step = median of ${repeats} x ${iters} back-to-back launches ` +
+    `timed inside the library; "of copy" = bytes read (codes + params + residual) / time / copy bandwidth of the ` +
+    `same run` + (torch.size ? `; torch fp16 SDPA = PyTorch scaled_dot_product_attention (enable_gqa) on the same ` +
+      `shapes in fp16, timed the same way in the same device call (bench/sdpa_reference.py)` : "") + ".",
   rows,
 };
 const path = writeSection("attention", section, args.get("out"));

@@ -710,7 +710,9 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
      157 -> 147 us; 8x32768 the same). Four stages a warp either way (3 and 5 measured slower at
      8x32768). */
   constexpr int nst = KV_MMA_NST;
-  const bool many = kv_units(c, p) >= kv_sms(ctx);
+  /* KIVI_MMA_CTAS=3 or 4 forces the choice (development: compare the two in one build) */
+  static const int forced = getenv("KIVI_MMA_CTAS") ? atoi(getenv("KIVI_MMA_CTAS")) : 0;
+  const bool many = forced ? forced >= 4 : kv_units(c, p) >= kv_sms(ctx);
   /* one query head a KV head: the key MMA takes tokens as rows and the three planes as columns (T1) */
   const bool one = g.q_heads == g.kv_heads;
   const bool cb = g.v_kind == KIVI_KIND_CODEBOOK;
