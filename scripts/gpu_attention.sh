@@ -37,10 +37,20 @@ if has bench; then
   } > "$out/bench.log" 2>&1 || status=1
   grep -vE "^(device|q_heads|case)" "$out/bench.log"
 fi
-if has ncu; then
-  ncu --clock-control none --kernel-name regex:k_attend_mma --launch-skip 5 --launch-count 1 \
-    --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
-    --section InstructionStats --section LaunchStats build/cache_gpu_vs_cpu bench 64 8 3 def > "$out/ncu.log" 2>&1
-  grep -E "Duration|Throughput|Issued Warp|Eligible|Active Warps|Stall|Executed Ipc|Registers|Achieved Occ" "$out/ncu.log" | head -40
+if has ncu; then # stall reasons and pipe use of one tensor-core attention launch per case
+  n=0
+  for c in "64 8 3 def" "64 32 3 def" "64 32 0 u2" "64 4 3 def"; do
+    n=$((n + 1))
+    ncu --clock-control none --kernel-name regex:k_attend_mma --launch-skip 10 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+      --section LaunchStats --section ComputeWorkloadAnalysis \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,smsp__inst_executed.sum" \
+      build/cache_gpu_vs_cpu bench $c > "$out/ncu$n.log" 2>&1
+    echo "== ncu $c"
+    grep -E "k_attend|Duration|Issued Warp|Eligible Warps|smsp__inst_executed.sum" "$out/ncu$n.log" | head -12
+    grep -E "stalled_.*ratio" "$out/ncu$n.log" | awk '{print $NF, $1}' | sort -g -r | head -8
+    grep -E "inst_executed_pipe_.*pct" "$out/ncu$n.log" | awk '{print $NF, $1}' | sort -g -r | head -6
+  done
 fi
 exit $status
+

@@ -144,6 +144,8 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   const int ntiles = npt + nwt;
   const int my_tiles = ntiles > warp ? (ntiles - warp + KV_WARPS - 1) / KV_WARPS : 0;
   const int qh0 = hkv * p.ratio + hc * HC;
+  const int nq = min(HC, p.ratio - hc * HC); /* heads of this chunk: the last one of a ratio HC does not divide
+                                                is partly empty (its rows compute on q = 0 and are not written) */
   const uint32_t ONE = p.one, M19 = p.m19, M21 = p.m21, M4 = p.m4;
 
   /* formats */
@@ -166,7 +168,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   for (int h = 0; h < HC; h++)
 #pragma unroll
     for (int c = 0; c < 8; c++)
-      qf[h][c] = kv_load_any(p.q, p.q_dtype, ((int64_t)b * p.qh + qh0 + h) * D + 8 * lp + c) * p.qscale;
+      qf[h][c] = h < nq ? kv_load_any(p.q, p.q_dtype, ((int64_t)b * p.qh + qh0 + h) * D + 8 * lp + c) * p.qscale : 0.0f;
 
   uint8_t *ring = smem + (size_t)warp * p.nst * p.stage_bytes;
   float *pbuf = (float *)(smem + (size_t)KV_WARPS * p.nst * p.stage_bytes) + warp * KV_TT_MAX * HC;
@@ -553,7 +555,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
     }
   }
   __syncthreads();
-  kv_merge_warps<D, KV_WARPS>(p, cw, HC, HC, (int64_t)b * p.qh + qh0, split);
+  kv_merge_warps<D, KV_WARPS>(p, cw, HC, nq, (int64_t)b * p.qh + qh0, split);
 }
 
 /* Merges the splits of one (batch entry, query head): block of D threads. */
@@ -756,8 +758,10 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
   const kivi_cache_config &g = c->cfg;
   const int D = g.head_dim, ratio = g.q_heads / g.kv_heads;
   const bool mma = kivi_cache_mma_layout(&g);
-  /* measured on H200, ratio 4: HC 4 (255 regs, 2 CTAs/SM) beats HC 2 by 1.2x and HC 1 by 1.9x */
-  const int HC = mma ? KV_MMA_HEADS : ratio % 4 == 0 ? 4 : (ratio % 2 == 0 ? 2 : 1);
+  /* measured on H200, ratio 4: HC 4 (255 regs, 2 CTAs/SM) beats HC 2 by 1.2x and HC 1 by 1.9x; ratios
+     that 4 does not divide take chunks of 4 with a partly empty last one (ratio 7: 2 CTAs reading the
+     pages, not 7) */
+  const int HC = mma ? KV_MMA_HEADS : ratio >= 4 ? 4 : (ratio >= 2 ? 2 : 1);
   const int nhc = (ratio + HC - 1) / HC;
   kivi_status st = KIVI_OK;
 
