@@ -2,8 +2,12 @@
  * Builds the native libraries:
  *
  * - `build/libkivi_cpu.so` from `cuda/cpu/*.c` with the system C compiler (always);
- * - `build/libkivi_cuda.so` from `cuda/src/*.cu` with `nvcc`, wherever `nvcc` is found on `PATH` or
- *   in `/usr/local/cuda/bin` (each `.cu` compiled on its own into `build/cuda/<name>.o`, in parallel);
+ * - `build/libkivi_cuda.so` from `cuda/src/*.cu` with `nvcc` (on `PATH` or in `/usr/local/cuda/bin`),
+ *   where a CUDA device is present or when asked for (`--cuda`, `KIVI_BUILD_CUDA=1`): each `.cu` is
+ *   compiled on its own into `build/cuda/<name>.o`, as many at once as there are cores, with a
+ *   progress line as each one ends, then linked. Compiling for a GPU the machine does not have takes
+ *   minutes on a small machine, so it is skipped there unless asked for (CI asks, so that a compile
+ *   error fails it); the build says which rule decided (see {@linkcode decideCuda});
  * - `build/libkivi_cpu_asan.so` (the CPU build with AddressSanitizer and UBSan) with `--asan`.
  *
  * Runs under Bun (`bun build.ts`) and Deno (`deno run -A build.ts`): only `node:` built-ins are used.
@@ -12,8 +16,9 @@
  *
  * @example
  * ```sh
- * bun build.ts              # CPU and, where nvcc exists, CUDA
- * bun build.ts --cpu-only   # CPU only
+ * bun build.ts              # CPU and, where a CUDA device is present, CUDA
+ * bun build.ts --cuda       # CPU and CUDA, device or not (KIVI_BUILD_CUDA=1 does the same)
+ * bun build.ts --cpu-only   # CPU only (KIVI_BUILD_CUDA=0 does the same)
  * bun build.ts --asan       # also build/libkivi_cpu_asan.so
  * bun build.ts --force      # rebuild everything
  * ```
@@ -21,11 +26,11 @@
  * @example
  * ```ts
  * import { build } from "./build.ts";
- * const result = await build({ cpuOnly: true });
+ * const result = await build({ cuda: false });
  * console.log(result.summary);
  * ```
  */
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -36,8 +41,11 @@ import { fileURLToPath } from "node:url";
 export interface BuildOptions {
   /** Rebuild every target even when it is up to date. */
   force?: boolean;
-  /** Skip the CUDA build even where `nvcc` exists. */
-  cpuOnly?: boolean;
+  /**
+   * Build the CUDA library: `true` even without a device (nvcc must exist), `false` never; by
+   * default `KIVI_BUILD_CUDA` (`1` or `0`) decides, else whether a CUDA device is present.
+   */
+  cuda?: boolean;
   /** Also build `build/libkivi_cpu_asan.so` (ASan + UBSan, `-O1 -g`). */
   asan?: boolean;
   /** Repository root; defaults to the folder of this file. */
@@ -166,6 +174,79 @@ export function findNvcc(): string | undefined {
   return isExecutable(fallback) ? fallback : undefined;
 }
 
+/** Where {@linkcode findCudaDevice} looks; tests point it at folders of their own. */
+export interface DeviceProbe {
+  /** One folder per GPU the NVIDIA driver has bound (default `/proc/driver/nvidia/gpus`). */
+  procGpus?: string;
+  /** Where the device nodes `nvidia0`, `nvidia1`, ... live (default `/dev`). */
+  devDir?: string;
+  /** The command whose `-L` lists the GPUs (default `nvidia-smi`). */
+  nvidiaSmi?: string;
+}
+
+/**
+ * How a CUDA device (a driver with a GPU bound to it) was found, or undefined where none is; needs
+ * no CUDA toolkit. The rules, in order: the driver lists a GPU under `/proc/driver/nvidia/gpus/`,
+ * a device node `/dev/nvidia<N>` exists, `nvidia-smi -L` lists a GPU.
+ */
+export function findCudaDevice(probe: DeviceProbe = {}): string | undefined {
+  const procGpus = probe.procGpus ?? "/proc/driver/nvidia/gpus";
+  const devDir = probe.devDir ?? "/dev";
+  const list = (dir: string) => {
+    try {
+      return fs.readdirSync(dir).sort();
+    } catch {
+      return [];
+    }
+  };
+  const bound = list(procGpus);
+  if (bound.length > 0) return `the driver lists ${path.join(procGpus, bound[0]!)}`;
+  const node = list(devDir).find((n) => /^nvidia\d+$/.test(n));
+  if (node !== undefined) return `${path.join(devDir, node)} exists`;
+  const smi = probe.nvidiaSmi ?? "nvidia-smi";
+  const r = spawnSync(smi, ["-L"], { encoding: "utf8", timeout: 10_000 });
+  const gpu = r.status === 0 ? r.stdout.split("\n").find((l) => l.startsWith("GPU ")) : undefined;
+  return gpu === undefined ? undefined : `${smi} -L lists ${gpu.trim()}`;
+}
+
+/** Whether the CUDA library is built, and the rule that decided. */
+export interface CudaDecision {
+  build: boolean;
+  /** True where the caller asked for it (`--cuda`, `KIVI_BUILD_CUDA=1`): no nvcc is then an error. */
+  asked: boolean;
+  why: string;
+}
+
+/**
+ * Decides whether to build the CUDA library: `opts.cuda` when given, else `KIVI_BUILD_CUDA` (`1` or
+ * `0`) when set, else whether {@linkcode findCudaDevice} finds a device.
+ *
+ * @example
+ * ```ts
+ * import { decideCuda } from "./build.ts";
+ * console.log(decideCuda({ cuda: true }).why); // asked for (--cuda)
+ * ```
+ */
+export function decideCuda(
+  opts: Pick<BuildOptions, "cuda"> = {},
+  env: Record<string, string | undefined> = process.env,
+  probe: DeviceProbe = {},
+): CudaDecision {
+  if (opts.cuda !== undefined) return { build: opts.cuda, asked: opts.cuda, why: opts.cuda ? "asked for (--cuda)" : "--cpu-only" };
+  const v = env.KIVI_BUILD_CUDA;
+  if (v === "1") return { build: true, asked: true, why: "asked for (KIVI_BUILD_CUDA=1)" };
+  if (v === "0") return { build: false, asked: false, why: "KIVI_BUILD_CUDA=0" };
+  if (v !== undefined && v !== "") throw new BuildError(`KIVI_BUILD_CUDA must be 1 or 0, got ${JSON.stringify(v)}`, "");
+  const device = findCudaDevice(probe);
+  if (device !== undefined) return { build: true, asked: false, why: `a CUDA device is present: ${device}` };
+  return {
+    build: false,
+    asked: false,
+    why: "no CUDA device here: no GPU under /proc/driver/nvidia/gpus, no /dev/nvidia<N>, none from nvidia-smi -L; " +
+      "--cuda or KIVI_BUILD_CUDA=1 builds it anyway",
+  };
+}
+
 function quote(arg: string): string {
   return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replaceAll("'", `'\\''`)}'`;
 }
@@ -210,6 +291,37 @@ async function pool(tasks: (() => Promise<void>)[], jobs: number): Promise<void>
   if (failure !== undefined) throw failure;
 }
 
+/** The object file build.ts compiles `src` (a `cuda/src/*.cu`) into. */
+function objectOf(src: string): string {
+  return `build/cuda/${path.basename(src, ".cu")}.o`;
+}
+
+/**
+ * Compiles each `.cu` of `sources` to its object, `jobs` at once, with a line `[n/m] file (elapsed s)`
+ * as each one ends and, during a long wait, a line every 30 s naming what is still compiling.
+ */
+async function compileAll(root: string, log: (line: string) => void, nvcc: string, sources: string[], jobs: number): Promise<void> {
+  if (sources.length === 0) return;
+  const t0 = performance.now();
+  const elapsed = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
+  const running = new Set<string>();
+  let done = 0;
+  const tick = setInterval(() => log(`build: still compiling ${[...running].join(", ")} (${elapsed()})`), 30_000);
+  try {
+    await pool(
+      sources.map((src) => async () => {
+        running.add(src);
+        await run(root, log, nvcc, [...NVCC_FLAGS, "-c", src, "-o", objectOf(src)]);
+        running.delete(src);
+        log(`[${++done}/${sources.length}] ${src} (${elapsed()})`);
+      }),
+      jobs,
+    );
+  } finally {
+    clearInterval(tick);
+  }
+}
+
 function availableParallelism(): number {
   return typeof os.availableParallelism === "function" ? os.availableParallelism() : os.cpus().length || 1;
 }
@@ -224,6 +336,7 @@ export async function build(opts: BuildOptions = {}): Promise<BuildResult> {
   const force = opts.force ?? false;
   const jobs = opts.jobs ?? availableParallelism();
   const targets: TargetResult[] = [];
+  const cuda = decideCuda(opts);
 
   const headers = [
     ...listFiles(root, "cuda/include", [".h", ".cuh"]),
@@ -254,40 +367,37 @@ export async function build(opts: BuildOptions = {}): Promise<BuildResult> {
   // CUDA build: one object per .cu, then one link.
   const cudaOut = "build/libkivi_cuda.so";
   const cuSources = listFiles(root, "cuda/src", [".cu"]);
-  const nvcc = opts.cpuOnly ? undefined : findNvcc();
-  if (opts.cpuOnly) {
-    targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: "--cpu-only" });
+  const nvcc = cuda.build ? findNvcc() : undefined;
+  if (!cuda.build) {
+    targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: cuda.why });
   } else if (nvcc === undefined) {
-    targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: "nvcc not found on PATH or in /usr/local/cuda/bin" });
+    const why = `nvcc not found on PATH or in /usr/local/cuda/bin (CUDA build ${cuda.why})`;
+    if (cuda.asked) throw new BuildError(why, "");
+    targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: why });
   } else if (cuSources.length === 0) {
     targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: "no cuda/src/*.cu sources" });
   } else {
     fs.mkdirSync(path.join(root, "build/cuda"), { recursive: true });
-    const objects = cuSources.map((src) => `build/cuda/${path.basename(src, ".cu")}.o`);
-    // Objects of deleted sources would otherwise linger and confuse a later glob.
-    for (const stale of listFiles(root, "build/cuda", [".o"])) {
-      if (!objects.includes(stale)) fs.rmSync(path.join(root, stale));
+    const objects = cuSources.map(objectOf);
+    // Objects of deleted sources would otherwise linger and confuse a later glob; the library relinks.
+    const removed = listFiles(root, "build/cuda", [".o"]).filter((o) => !objects.includes(o));
+    for (const stale of removed) fs.rmSync(path.join(root, stale));
+    const compiled = cuSources.filter((src, i) => staleReason(root, objects[i]!, [src, ...common], force) !== undefined);
+    if (compiled.length > 0) {
+      log(`build: CUDA library ${cuda.why}; compiling ${compiled.length} of ${cuSources.length} .cu, ${Math.min(jobs, compiled.length)} at a time`);
     }
-    const compiles: (() => Promise<void>)[] = [];
-    const compiled: string[] = [];
-    cuSources.forEach((src, i) => {
-      const obj = objects[i]!;
-      if (staleReason(root, obj, [src, ...common], force) === undefined) return;
-      compiled.push(src);
-      compiles.push(() => run(root, log, nvcc, [...NVCC_FLAGS, "-c", src, "-o", obj]));
-    });
-    await pool(compiles, jobs);
-    const linkReason = staleReason(root, cudaOut, objects, force);
+    await compileAll(root, log, nvcc, compiled, jobs);
+    const linkReason = removed.length > 0 ? `${removed.join(", ")} removed` : staleReason(root, cudaOut, objects, force);
     if (linkReason === undefined) {
-      targets.push({ name: "cuda", output: cudaOut, status: "up to date", reason: "no input changed" });
+      targets.push({ name: "cuda", output: cudaOut, status: "up to date", reason: `no input changed; ${cuda.why}` });
     } else {
       await run(root, log, nvcc, ["-shared", ...objects, "-o", cudaOut]);
-      const reason = force
+      const what = force
         ? "--force"
         : compiled.length > 0
         ? `${compiled.length} of ${cuSources.length} .cu recompiled: ${compiled.slice(0, 3).join(", ")}${compiled.length > 3 ? ", ..." : ""}`
         : linkReason;
-      targets.push({ name: "cuda", output: cudaOut, status: "built", reason });
+      targets.push({ name: "cuda", output: cudaOut, status: "built", reason: `${what}; ${cuda.why}` });
     }
   }
 
@@ -300,13 +410,14 @@ function parseArgs(argv: string[]): BuildOptions {
   const opts: BuildOptions = {};
   for (const arg of argv) {
     if (arg === "--force") opts.force = true;
-    else if (arg === "--cpu-only") opts.cpuOnly = true;
+    else if (arg === "--cpu-only") opts.cuda = false;
+    else if (arg === "--cuda") opts.cuda = true;
     else if (arg === "--asan") opts.asan = true;
     else if (arg === "-h" || arg === "--help") {
-      console.log("usage: bun build.ts [--force] [--cpu-only] [--asan]");
+      console.log("usage: bun build.ts [--force] [--cuda | --cpu-only] [--asan]");
       process.exit(0);
     } else {
-      console.error(`build: unknown argument '${arg}' (expected --force, --cpu-only or --asan)`);
+      console.error(`build: unknown argument '${arg}' (expected --force, --cuda, --cpu-only or --asan)`);
       process.exit(2);
     }
   }

@@ -1,20 +1,23 @@
 #!/usr/bin/env node
 /**
- * The package's "postinstall": when kivi is installed as a dependency (npm, pnpm, yarn, or Bun with
- * kivi in "trustedDependencies"), builds the native libraries from source inside the installed
- * package, where src/backend.ts looks for them (build/libkivi_*.so beside src/), and says what it
- * built. Plain JavaScript so that Node 20 runs it without TypeScript support.
+ * The package's "postinstall": builds the native libraries from source inside the package, where
+ * src/backend.ts looks for them (build/libkivi_*.so beside src/), and says what it built. Plain
+ * JavaScript so that Node 20 runs it without TypeScript support.
  *
- * - With Bun (the installer itself, or `bun` on PATH, e.g. node_modules/.bin/bun) or Deno on PATH:
- *   runs build.ts, which builds build/libkivi_cpu.so with gcc and build/libkivi_cuda.so where nvcc
- *   exists.
- * - Otherwise: builds build/libkivi_cpu.so with gcc directly (same flags as build.ts); the CUDA
- *   build needs build.ts (`npx bun build.ts` in the package folder).
+ * - Installed as a dependency (npm, pnpm, yarn, or Bun with kivi in "trustedDependencies"): with Bun
+ *   (the installer itself, or `bun` on PATH, e.g. node_modules/.bin/bun) or Deno on PATH it runs
+ *   build.ts, which builds build/libkivi_cpu.so with gcc and build/libkivi_cuda.so where a CUDA
+ *   device is present (KIVI_BUILD_CUDA=1 builds it anyway); otherwise it builds
+ *   build/libkivi_cpu.so with gcc directly (same flags as build.ts), and the CUDA build needs
+ *   build.ts (`npx bun build.ts` in the package folder).
+ * - In the kivi repository itself (`npm ci` / `npm install` there): the CPU library only (a few
+ *   seconds of gcc), so that `npx kivi info` works right after `npm ci`; `npm start`, `npm test` and
+ *   `npm run build` build the CUDA library where it is wanted. A failure there is a warning, not an
+ *   install failure (`npm run build` shows it again).
  *
- * In the kivi repository itself (`npm ci` / `npm install` there) it does nothing: `npm run build`
- * and `npm test` build. `KIVI_SKIP_BUILD=1` skips the build anywhere. No C compiler is a warning,
- * not an install failure (`KIVI_LIB_PATH` can point at a library built elsewhere); a compiler that
- * fails is an install failure.
+ * `KIVI_SKIP_BUILD=1` skips the build anywhere. No C compiler is a warning, not an install failure
+ * (`KIVI_LIB_PATH` can point at a library built elsewhere); a compiler that fails while installing
+ * kivi as a dependency is an install failure.
  */
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -74,17 +77,19 @@ function main() {
     say("KIVI_SKIP_BUILD=1, not building; openBackend() needs build/libkivi_*.so or KIVI_LIB_PATH");
     return 0;
   }
-  if (!installedAsDependency()) return 0; // this repository: `npm run build` builds
-  say(`building the native libraries in ${PKG}`);
+  const dependency = installedAsDependency();
+  // This repository: the CPU library only (the CUDA one takes minutes; `npm start` builds it where wanted).
+  const args = dependency ? ["build.ts"] : ["build.ts", "--cpu-only"];
+  say(dependency ? `building the native libraries in ${PKG}` : "building the CPU library of this checkout");
 
   const bun = typeof process.versions.bun === "string" ? process.execPath : which("bun");
   const deno = bun ? undefined : which("deno");
   const nvcc = which("nvcc") ?? (fs.existsSync("/usr/local/cuda/bin/nvcc") ? "/usr/local/cuda/bin/nvcc" : undefined);
   let result;
   if (bun) {
-    result = run(bun, ["build.ts"]);
+    result = run(bun, args);
   } else if (deno) {
-    result = run(deno, ["run", "-A", "--no-config", "build.ts"]);
+    result = run(deno, ["run", "-A", "--no-config", ...args]);
   } else {
     const gcc = which("gcc");
     if (!gcc) {
@@ -96,17 +101,29 @@ function main() {
     fs.mkdirSync(path.join(PKG, "build"), { recursive: true });
     const flags = ["-std=c11", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra"];
     result = run(gcc, [...flags, "-Icuda/include", ...sources, "-o", "build/libkivi_cpu.so", "-lm"]);
-    if (result.ok && nvcc) {
+    if (result.ok && nvcc && dependency) {
       say(`nvcc found (${nvcc}) but no bun or deno to run build.ts: the CUDA build was skipped; run \`npx bun build.ts\` in ${PKG}`);
     }
   }
   if (!result.ok) {
+    if (!dependency) {
+      say(`WARNING: the CPU build failed (${result.why}); \`npm run build\` shows the error again`);
+      return 0;
+    }
     say(`FAILED (${result.why}); fix the compiler error above, or set KIVI_SKIP_BUILD=1 and use KIVI_LIB_PATH`);
     return 1;
   }
   const built = listBuilt();
-  say(`built ${built.join(" and ") || "nothing"} in ${PKG}` +
-    (built.some((f) => f.includes("cuda")) ? "" : nvcc ? " (CPU only)" : " (CPU only: no nvcc)"));
+  const note = built.some((f) => f.includes("cuda"))
+    ? ""
+    : !dependency
+    ? " (`npm start` and `npm test` build the CUDA library where a CUDA device is present)"
+    : bun || deno
+    ? " (CPU only, for the reason build.ts gave above)"
+    : nvcc
+    ? " (CPU only)"
+    : " (CPU only: no nvcc)";
+  say(`built ${built.join(" and ") || "nothing"} in ${PKG}${note}`);
   return 0;
 }
 

@@ -629,9 +629,32 @@ export class Backend {
   }
 }
 
+/**
+ * The CPU library's path, built first where it is missing (build.ts, a few seconds of gcc; one line
+ * on stderr says so). Without build.ts, gcc or the rights to run it and write build/, the error
+ * says what failed and how to build it by hand.
+ */
+async function cpuLibrary(): Promise<string> {
+  const path = defaultLibraryPath("cpu");
+  if (existsSync(path)) return path;
+  process.stderr.write(`kivi: ${path} is missing; building it now (gcc, a few seconds; \`bun build.ts\` builds it ahead of time)\n`);
+  let why: string;
+  try {
+    const { build } = await import("../build.ts");
+    await build({ cuda: false, log: () => {} });
+    if (existsSync(path)) return path;
+    why = "build.ts did not write it";
+  } catch (e) {
+    why = (e as Error).message;
+  }
+  throw new KiviError(Status.KIVI_ERR_STATE, "openBackend", `openBackend: ${path} is not built and building it failed (${why}); run \`bun build.ts\``);
+}
+
 function tryLoadCuda(path: string, device: number): Promise<{ lib?: NativeLib; reason: string }> {
   return (async () => {
-    if (!existsSync(path)) return { reason: `no CUDA build: ${path} is not built (no nvcc when build.ts ran)` };
+    if (!existsSync(path)) {
+      return { reason: `no CUDA build: ${path} is not built (build.ts builds it where a CUDA device is present, or with --cuda)` };
+    }
     let lib: NativeLib;
     try {
       lib = await loadNative(path);
@@ -651,7 +674,8 @@ function tryLoadCuda(path: string, device: number): Promise<{ lib?: NativeLib; r
 /**
  * Loads kivi and opens a context. With `prefer: "auto"` it uses the CUDA build when a device is
  * present and otherwise the CPU reference build, saying why in `reason`. `KIVI_LIB_PATH` (or
- * `libraryPath`) loads a given library instead.
+ * `libraryPath`) loads a given library instead. A missing CPU build is built on first use (a few
+ * seconds of gcc, said in one line on stderr) where build.ts and gcc are at hand.
  *
  * @example
  * ```ts
@@ -676,7 +700,7 @@ export async function openBackend(opts: OpenOptions = {}): Promise<Backend> {
     }
     reason = `loaded ${override} (${what})`;
   } else if (prefer === "cpu") {
-    lib = await loadNative(defaultLibraryPath("cpu"));
+    lib = await loadNative(await cpuLibrary());
     reason = "the CPU build was asked for";
   } else {
     const cuda = await tryLoadCuda(defaultLibraryPath("cuda"), device);
@@ -686,9 +710,7 @@ export async function openBackend(opts: OpenOptions = {}): Promise<Backend> {
     } else if (prefer === "cuda") {
       throw new KiviError(Status.KIVI_ERR_NO_DEVICE, "openBackend", `openBackend: the CUDA build is unusable: ${cuda.reason}`);
     } else {
-      const cpu = defaultLibraryPath("cpu");
-      if (!existsSync(cpu)) throw new KiviError(Status.KIVI_ERR_STATE, "openBackend", `openBackend: ${cpu} is not built; run \`bun build.ts\``);
-      lib = await loadNative(cpu);
+      lib = await loadNative(await cpuLibrary());
       reason = `using the CPU reference build: ${cuda.reason}`;
     }
   }

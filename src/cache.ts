@@ -9,6 +9,7 @@ import type { Backend, DeviceTensor, NativeState } from "./backend.ts";
 import { checkInt, checkOneOf, isTensor, show } from "./_checks.ts";
 import { type DType, dtypeCode, dtypeOfHost, type HostArray, hostArray } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
+import { Staging } from "./_staging.ts";
 import type { Buf, Fit, GroupSize, Input, Mem, MemOf } from "./quant.ts";
 
 /** How keys or values are stored: a quantized format, or `{ bits: 16 }` for plain fp16. */
@@ -310,7 +311,9 @@ export class Sequence {
     return this.#live(op);
   }
 
-  /** Appends tokens of keys and values ([tokens][kvHeads][headDim] for one layer). All or nothing. */
+  /** Appends tokens of keys and values ([tokens][kvHeads][headDim] for one layer). All or nothing.
+   * Host arrays work on either backend; on CUDA each is copied to the device first and the call
+   * waits for it, so a decode loop on the GPU passes `DeviceTensor`s. */
   append(k: Input, v: Input, opts: AppendOptions = {}): void {
     if (opts === null || typeof opts !== "object") throw new TypeError(`opts must be an object, got ${show(opts)}`);
     this.#cache._append(this.#live("append"), k, v, opts);
@@ -452,22 +455,19 @@ export class KVCache {
     return pages.slice(0, n[0]);
   }
 
-  #data(name: string, x: unknown, dtypeHint: DType | undefined, op: string): { p: Pointer; dtype: DType; length: number } {
-    const { state } = this.#live(op);
+  #data(name: string, x: unknown, dtypeHint: DType | undefined, op: string, stage: Staging): { p: Pointer; dtype: DType; length: number } {
+    this.#live(op);
     if (isTensor(x)) {
       if (x.backend !== this.#backend) throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
       const dtype = checkOneOf(`${name}.dtype`, x.dtype, ["f32", "f16", "bf16"] as const);
       return { p: x.pointer(op), dtype, length: x.length };
     }
     if (!ArrayBuffer.isView(x)) throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
-    if (this.#backend.kind !== "cpu") {
-      throw new TypeError(`${name} must be a DeviceTensor on the ${this.#backend.kind} backend; upload it with backend.upload(${name})`);
-    }
     const dtype = dtypeOfHost(x, dtypeHint);
     if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
       throw new TypeError(`${name} must be a Float32Array, Float16Array or Uint16Array, got ${show(x)}`);
     }
-    return { p: state.lib.ptr(x), dtype, length: (x as HostArray).length };
+    return { p: stage.input(x as HostArray, dtype), dtype, length: (x as HostArray).length };
   }
 
   /** @internal */
@@ -475,8 +475,9 @@ export class KVCache {
     const { state, handle } = this.#live("append");
     const c = this.config;
     const layer = opts.layer === undefined ? -1 : checkInt("layer", opts.layer, 0, c.layers - 1);
-    const kd = this.#data("k", k, opts.dtype, "append");
-    const vd = this.#data("v", v, opts.dtype, "append");
+    using stage = new Staging(this.#backend, "append");
+    const kd = this.#data("k", k, opts.dtype, "append", stage);
+    const vd = this.#data("v", v, opts.dtype, "append", stage);
     if (kd.dtype !== vd.dtype) throw new TypeError(`k and v must have the same dtype, got ${kd.dtype} and ${vd.dtype}`);
     const row = c.kvHeads * c.headDim * (layer === -1 ? c.layers : 1);
     const what = layer === -1 ? `layers (${c.layers}) x kvHeads (${c.kvHeads}) x headDim (${c.headDim})` : `kvHeads (${c.kvHeads}) x headDim (${c.headDim})`;
@@ -502,8 +503,9 @@ export class KVCache {
     seqs: readonly Sequence[],
     q: Input,
     opts: { scale?: number; dtype?: DType; qDtype?: DType; out?: Buf<Mem, DType> },
+    stage: Staging,
   ) {
-    const { state } = this.#live(op);
+    this.#live(op);
     const c = this.config;
     checkInt("layer", layer, 0, c.layers - 1);
     if (!Array.isArray(seqs) || seqs.length === 0) throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqs)}`);
@@ -512,7 +514,7 @@ export class KVCache {
       return s._id(op);
     });
     const qDtype = opts.qDtype === undefined ? undefined : checkOneOf("qDtype", opts.qDtype, ["f32", "f16", "bf16"] as const);
-    const qd = this.#data("q", q, qDtype, op);
+    const qd = this.#data("q", q, qDtype, op, stage);
     const n = ids.length * c.queryHeads * c.headDim;
     if (qd.length !== n) {
       throw new TypeError(`q must hold batch (${ids.length}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`);
@@ -536,7 +538,7 @@ export class KVCache {
     } else {
       out = hostArray(dtype, n);
     }
-    const po = isTensor(out) ? out.writePointer(op, "out") : state.lib.ptr(out as HostArray);
+    const po = isTensor(out) ? out.writePointer(op, "out") : stage.output(out as HostArray, dtype);
     return { ids, qd, scale, dtype, out, po, made };
   }
 
@@ -544,7 +546,8 @@ export class KVCache {
    * Decode attention of one layer for a batch of sequences: `softmax(q K^T * scale) V` over each
    * sequence's pages and residual, with q [batch][queryHeads][headDim] and scale 1/sqrt(headDim)
    * unless given. The result lives where q lives (f32 unless `dtype` says otherwise); a host
-   * Uint16Array q holds f16 unless `qDtype: "bf16"` says it holds bf16 bits.
+   * Uint16Array q holds f16 unless `qDtype: "bf16"` says it holds bf16 bits. On CUDA a host q is
+   * copied to the device and the result back into a host array, and the call waits for the device.
    */
   attend<X extends Input>(
     layer: number,
@@ -553,7 +556,8 @@ export class KVCache {
     opts: { scale?: number; dtype?: DType; qDtype?: DType; out?: Buf<MemOf<X>, DType>; trusted?: boolean } = {},
   ): Buf<MemOf<X>, DType> {
     const { state, handle } = this.#live("attend");
-    const a = this.#attendArgs("attend", layer, seqs, q, opts);
+    using stage = new Staging(this.#backend, "attend");
+    const a = this.#attendArgs("attend", layer, seqs, q, opts, stage);
     const st = state.lib.call(
       "kivi_cache_attend",
       handle,
@@ -571,6 +575,7 @@ export class KVCache {
       a.made?.dispose();
       this.#check("kivi_cache_attend", st);
     }
+    stage.finish();
     return a.out as Buf<MemOf<X>, DType>;
   }
 
@@ -579,7 +584,8 @@ export class KVCache {
   benchAttend(layer: number, seqs: readonly Sequence[], q: Input, opts: { iters?: number; scale?: number } = {}): number {
     const { state, handle } = this.#live("benchAttend");
     const iters = checkInt("iters", opts.iters ?? 20, 1, 1 << 20);
-    const a = this.#attendArgs("benchAttend", layer, seqs, q, opts);
+    using stage = new Staging(this.#backend, "benchAttend");
+    const a = this.#attendArgs("benchAttend", layer, seqs, q, opts, stage);
     const ms = new Float32Array(1);
     const st = state.lib.call(
       "kivi_cache_bench_attend",

@@ -1,7 +1,8 @@
 /**
  * The quantizers: block statistics, uniform (KIVI) and codebook formats, pack and unpack. Every
- * function takes host typed arrays on the `cpu` backend, or `DeviceTensor`s on either backend, with
- * the same signature; results live where the input lives.
+ * function takes host typed arrays or `DeviceTensor`s, on either backend, with the same signature;
+ * results live where the input lives. On the CUDA backend host arrays are copied to the device and
+ * the results back, and the call waits for the device (see src/_staging.ts).
  *
  * @module
  */
@@ -10,6 +11,7 @@ import type { SymbolName } from "./ffi/symbols.ts";
 import type { Backend, DeviceTensor } from "./backend.ts";
 import { checkInt, checkOneOf, checkShape, isTensor, show } from "./_checks.ts";
 import { type DType, dtypeCode, dtypeOfHost, type HostArray, hostArray, type HostOf, type TensorDType } from "./_dtype.ts";
+import { Staging } from "./_staging.ts";
 
 /** Grouping axis: "token" groups G consecutive tokens of one channel (keys, KIVI's per-channel
  * quantization); "channel" groups G consecutive channels of one token (values, per-token). */
@@ -212,33 +214,36 @@ export function bitsPerValue(format: Format): number {
 /**
  * One native call: resolves inputs to addresses, allocates (or checks) outputs where the input
  * lives, and disposes what it allocated if the call fails, so a failed call leaves nothing behind.
+ * Host arrays are staged through device memory where the backend needs it (`using` frees that).
  */
 class Call<M extends Mem> {
   readonly lib;
   readonly ctx;
   #made: DeviceTensor[] = [];
+  #stage: Staging;
 
   constructor(readonly kivi: Backend, readonly mem: M, readonly op: string) {
     const n = kivi._native(op);
     this.lib = n.lib;
     this.ctx = n.ctx;
+    this.#stage = new Staging(kivi, op);
   }
 
   /** Address of an input buffer (host array or tensor) of `length` elements of `dtype`. */
   input(name: string, x: unknown, dtype: TensorDType, length: number): Pointer {
     this.#checkBuf(name, x, dtype, length);
-    return this.#addr(name, x);
+    return isTensor(x) ? x.pointer(this.op) : this.#stage.input(x as HostArray, dtype);
   }
 
   /** Address of an output: the caller's buffer (checked) or a new one. */
   output<D extends TensorDType>(name: string, dtype: D, length: number, given?: Buf<M, D>): [Buf<M, D>, Pointer] {
     if (given !== undefined) {
       this.#checkBuf(`out.${name}`, given, dtype, length);
-      return [given, isTensor(given) ? given.writePointer(this.op, `out.${name}`) : this.lib.ptr(given as ArrayBufferView)];
+      return [given, isTensor(given) ? given.writePointer(this.op, `out.${name}`) : this.#stage.output(given as HostArray, dtype)];
     }
     if (this.mem === "host") {
       const a = hostArray(dtype, length);
-      return [a as Buf<M, D>, this.lib.ptr(a)];
+      return [a as Buf<M, D>, this.#stage.output(a, dtype)];
     }
     const t = this.kivi.alloc([length], dtype);
     this.#made.push(t as DeviceTensor);
@@ -247,9 +252,14 @@ class Call<M extends Mem> {
 
   /** Runs the export; on failure frees what this call allocated and throws. */
   run<K extends SymbolName>(name: K, status: number): void {
-    if (status === 0) return;
+    if (status === 0) return this.#stage.finish();
     for (const t of this.#made) t.dispose();
     this.kivi._check(name, status);
+  }
+
+  /** Frees the staging tensors of host arrays (the results stay). */
+  [Symbol.dispose](): void {
+    this.#stage[Symbol.dispose]();
   }
 
   #checkBuf(name: string, x: unknown, dtype: TensorDType, length: number): void {
@@ -273,10 +283,6 @@ class Call<M extends Mem> {
       throw new TypeError(`${name} must have ${length} elements, got ${(x as HostArray).length}`);
     }
   }
-
-  #addr(name: string, x: unknown): Pointer {
-    return isTensor(x) ? x.pointer(this.op) : this.lib.ptr(x as ArrayBufferView);
-  }
 }
 
 /** Resolves where x lives, its dtype and its [rows, cols], checking them against the backend. */
@@ -297,9 +303,6 @@ function describeInput(kivi: Backend, x: unknown, opts: InputOptions, name = "x"
     return { mem: "device" as const, dtype, shape };
   }
   if (!ArrayBuffer.isView(x)) throw new TypeError(`${name} must be a Float32Array, Float16Array, Uint16Array or DeviceTensor, got ${show(x)}`);
-  if (kivi.kind !== "cpu") {
-    throw new TypeError(`${name} must be a DeviceTensor on the ${kivi.kind} backend; upload it with backend.upload(${name})`);
-  }
   const dtype = dtypeOfHost(x, opts.dtype);
   if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
     throw new TypeError(`${name} must be a Float32Array, Float16Array or Uint16Array, got ${show(x)}`);
@@ -330,7 +333,7 @@ export function stats<X extends Input>(kivi: Backend, x: X, opts: StatsOptions<M
   const group = checkOneOf("group", opts.group ?? 32, GROUPS);
   checkGrouping(shape, axis, group);
   const groups = groupCount(shape, axis, group);
-  const c = new Call(kivi, mem as MemOf<X>, "stats");
+  using c = new Call(kivi, mem as MemOf<X>, "stats");
   const px = c.input("x", x, dtype, shape[0] * shape[1]);
   const [st, pst] = c.output("stats", "f32", groups * 4, opts.out?.stats);
   const [nf, pnf] = c.output("nonfinite", "i32", groups, opts.out?.nonfinite);
@@ -348,7 +351,7 @@ export function quantize<X extends Input>(kivi: Backend, x: X, opts: QuantizeOpt
   const format = resolveFormat(opts.format);
   checkGrouping(shape, axis, format.group);
   const groups = groupCount(shape, axis, format.group);
-  const c = new Call(kivi, mem as MemOf<X>, "quantize");
+  using c = new Call(kivi, mem as MemOf<X>, "quantize");
   const px = c.input("x", x, dtype, shape[0] * shape[1]);
   const [codes, pc] = c.output("codes", "u32", wordCount(shape, format.bits), opts.out?.codes);
   const common = [c.ctx, px, dtypeCode[dtype], shape[0], shape[1], axisCode[axis], format.group, format.bits] as const;
@@ -391,8 +394,7 @@ export function dequantize<M extends Mem>(
   checkGrouping(shape, axis, format.group);
   const groups = groupCount(shape, axis, format.group);
   const mem = (ArrayBuffer.isView(q.codes) ? "host" : "device") as M;
-  if (mem === "host" && kivi.kind !== "cpu") throw new TypeError(`q.codes must be a DeviceTensor on the ${kivi.kind} backend`);
-  const c = new Call(kivi, mem, "dequantize");
+  using c = new Call(kivi, mem, "dequantize");
   const n = shape[0] * shape[1];
   const pc = c.input("q.codes", q.codes, "u32", wordCount(shape, format.bits));
   const dims = [shape[0], shape[1], axisCode[axis], format.group, format.bits] as const;
@@ -419,7 +421,7 @@ export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptio
   if (f.kind !== "codebook") throw new Error("unreachable");
   checkGrouping(shape, axis, f.group);
   const groups = groupCount(shape, axis, f.group);
-  const c = new Call(kivi, mem as MemOf<X>, "fitCodebook");
+  using c = new Call(kivi, mem as MemOf<X>, "fitCodebook");
   const px = c.input("x", x, dtype, shape[0] * shape[1]);
   const [centroids, pk] = c.output("centroids", "f16", groups << f.bits, opts.out?.centroids);
   const [iters, pi] = opts.trace ? c.output("iters", "i32", groups) : [undefined, null];
@@ -460,7 +462,7 @@ export function quantizeWithCodebook<X extends Input>(
   if (format.kind !== "codebook") throw new Error("unreachable");
   checkGrouping(shape, axis, format.group);
   const groups = groupCount(shape, axis, format.group);
-  const c = new Call(kivi, mem as MemOf<X>, "quantizeWithCodebook");
+  using c = new Call(kivi, mem as MemOf<X>, "quantizeWithCodebook");
   const px = c.input("x", x, dtype, shape[0] * shape[1]);
   const pk = c.input("centroids", centroids, "f16", groups << format.bits);
   const [codes, pc] = c.output("codes", "u32", wordCount(shape, format.bits), opts.out?.codes);
@@ -504,7 +506,7 @@ export function pack<M extends Mem>(
     throw new RangeError(`codes.length must be a positive multiple of ${cpw} (codes per word at ${bits} bits), got ${n}`);
   }
   const mem = (ArrayBuffer.isView(codes) ? "host" : "device") as M;
-  const c = new Call(kivi, mem, "pack");
+  using c = new Call(kivi, mem, "pack");
   const pc = c.input("codes", codes, "u8", n);
   const [words, pw] = c.output("words", "u32", n / cpw, opts.out);
   c.run("kivi_codes_pack", c.lib.call("kivi_codes_pack", c.ctx, pc, n, bits, pw));
@@ -522,7 +524,7 @@ export function unpack<M extends Mem>(
   if (nw === 0) throw new RangeError(`words must hold at least one word, got 0`);
   const n = nw * (32 / bits);
   const mem = (ArrayBuffer.isView(words) ? "host" : "device") as M;
-  const c = new Call(kivi, mem, "unpack");
+  using c = new Call(kivi, mem, "unpack");
   const pw = c.input("words", words, "u32", nw);
   const [codes, pc] = c.output("codes", "u8", n, opts.out);
   c.run("kivi_codes_unpack", c.lib.call("kivi_codes_unpack", c.ctx, pw, n, bits, pc));

@@ -1,11 +1,11 @@
 /**
  * The ABI written once in cuda/include/kivi.h and once in src/ffi/symbols.ts must agree: same
- * exports, same arity, exact-width types (never widened), and the built library exports exactly
- * those symbols.
+ * exports, same arity, exact-width types (never widened), and the built libraries (the CPU one, and
+ * the CUDA one where it was built) export exactly those symbols.
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { type FfiType, symbols } from "../src/ffi/symbols.ts";
@@ -107,18 +107,37 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
     }
   });
 
-  it("the built CPU library exports exactly kivi.h's symbols (nm -D)", (t) => {
-    const lib = defaultLibraryPath("cpu");
+  /** The defined dynamic symbols of a library (nm -D), or undefined where nm cannot run. */
+  function exportsOf(lib: string): string[] | undefined {
     const r = spawnSync("nm", ["-D", "--defined-only", lib], { encoding: "utf8" });
-    if (r.error || r.status !== 0) {
-      t.skip(`nm is not available here: ${r.error?.message ?? r.stderr}`);
+    if (r.error || r.status !== 0) return undefined;
+    const exported = r.stdout.split("\n").map((l) => l.trim().split(/\s+/)).filter((f) => f.length === 3 && /[TtDdBbRrWwVvi]/.test(f[1])).map((f) => f[2]);
+    return exported.filter((n) => !/^_(init|fini)$/.test(n)).sort();
+  }
+
+  it("the built CPU library exports exactly kivi.h's symbols (nm -D)", (t) => {
+    const ours = exportsOf(defaultLibraryPath("cpu"));
+    if (ours === undefined) {
+      t.skip("nm is not available here");
       return;
     }
-    const exported = r.stdout.split("\n").map((l) => l.trim().split(/\s+/)).filter((f) => f.length === 3 && /[TtDdBbRrWwVvi]/.test(f[1])).map((f) => f[2]);
-    const want = parsed.decls.map((d) => d.name).sort();
-    const ours = exported.filter((n) => !/^_(init|fini)$/.test(n)).sort();
-    assert.deepEqual(ours, want, "defined dynamic symbols of build/libkivi_cpu.so");
+    assert.deepEqual(ours, parsed.decls.map((d) => d.name).sort(), "defined dynamic symbols of build/libkivi_cpu.so");
   });
+
+  // CI builds the CUDA library without a device (KIVI_BUILD_CUDA=1), so this runs there too.
+  const cudaLib = defaultLibraryPath("cuda");
+  if (existsSync(cudaLib)) {
+    it("the built CUDA library exports exactly kivi.h's symbols (nm -D)", (t) => {
+      const ours = exportsOf(cudaLib);
+      if (ours === undefined) {
+        t.skip("nm is not available here");
+        return;
+      }
+      assert.deepEqual(ours, parsed.decls.map((d) => d.name).sort(), "defined dynamic symbols of build/libkivi_cuda.so");
+    });
+  } else {
+    it("skipped: build/libkivi_cuda.so is not built (build.ts builds it where there is a CUDA device, or with KIVI_BUILD_CUDA=1 as CI does)", { skip: true }, () => {});
+  }
 
   it("status codes agree between kivi.h, src/errors.ts and kivi_status_str", async () => {
     const text = stripComments(header);

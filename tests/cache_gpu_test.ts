@@ -1,7 +1,8 @@
 /**
  * The CUDA paged cache and fused decode attention against the CPU reference: the same appends on
  * both, then identical pages (uniform and 16-bit bit for bit, codebook within a bound), attention
- * within fp32 accumulation error, flush boundaries, page reuse, and all-or-nothing failures.
+ * within fp32 accumulation error, flush boundaries, page reuse, all-or-nothing failures, and host
+ * arrays taken by append and attend (copied to the device, the result copied back).
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
@@ -155,6 +156,40 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
     } finally {
       p.dispose();
     }
+  });
+
+  it("host arrays: append and attend copy them to the device and give the tensor path's results", async () => {
+    const rng = new Rng("gpu host arrays");
+    const opts = { layers: 2, kvHeads: 2, queryHeads: 8, headDim: 128, residual: 64, maxPages: 64 } as const;
+    using viaHost = gpu.createCache(opts);
+    using viaTensors = gpu.createCache(opts);
+    using ref = cpu.createCache(opts);
+    const h = viaHost.createSequence(), t = viaTensors.createSequence(), c = ref.createSequence();
+    const live = gpu.liveTensors;
+    for (const n of [300, 1, 70]) {
+      const k = rows(rng, 2 * n, 2, 128), v = rows(rng, 2 * n, 2, 128); // both layers
+      h.append(k, v);
+      using kt = gpu.upload(k), vt = gpu.upload(v);
+      t.append(kt, vt);
+      c.append(k, v);
+    }
+    const q = rows(rng, 1, 8, 128);
+    for (const layer of [0, 1]) {
+      const got = viaHost.attend(layer, [h], q);
+      assert.ok(got instanceof Float32Array, "a host q gives a host result");
+      using qt = gpu.upload(q);
+      const fromTensors = viaTensors.attend(layer, [t], qt) as DeviceTensor<"f32">;
+      assert.deepEqual(got, await fromTensors.read(), `layer ${layer}: same kernels, same bits ${rng.tag}`);
+      fromTensors.dispose();
+      assertAttention(got, ref.attend(layer, [c], q) as Float32Array, `layer ${layer} vs CPU ${rng.tag}`);
+      const out = new Float16Array(8 * 128).fill(7);
+      viaHost.attend(layer, [h], Float16Array.from(q), { dtype: "f16", out });
+      assert.ok(out.some((x) => x !== 7), "attend wrote into the host out array");
+    }
+    const big = rows(rng, 3, 2, 128);
+    big[5] = 1e6;
+    assert.throws(() => h.append(big, big, { layer: 0 }), RangeError, "host arrays get the fp16 range check before the call");
+    assert.equal(gpu.liveTensors, live, "staging tensors freed");
   });
 
   it("a full pool and a NaN leave every sequence unchanged", async () => {

@@ -1,12 +1,13 @@
 /**
  * CUDA quantizers against the CPU reference on seeded random data of awkward sizes: uniform codes
  * and params bit for bit, codebook centroids within a stated bound, statistics within float
- * rounding, pack/unpack, non-finite input rejected, and CUDA failures surfacing as KiviError.
+ * rounding, pack/unpack, non-finite input rejected, CUDA failures surfacing as KiviError, and host
+ * arrays taken (copied to the device, results copied back) with the tensor path's results.
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
 import { type Axis, type Backend, type Bits, type CodebookQuantized, type DeviceTensor, type GroupSize, KiviError, type UniformQuantized } from "../src/mod.ts";
-import { DTYPES, randomMatrix, Rng } from "./_helpers.ts";
+import { assertSameBits, DTYPES, randomMatrix, Rng } from "./_helpers.ts";
 import { cpu, gpuDescribe } from "./_gpu.ts";
 
 type Case = [Axis, number, number, GroupSize];
@@ -175,5 +176,72 @@ gpuDescribe("CUDA errors come back as KiviError and the backend keeps working", 
     using t = g.upload(new Float32Array([1, 2, 3, 4]));
     assert.deepEqual(await t.read(), new Float32Array([1, 2, 3, 4]));
     console.log(`  device: ${g.deviceName}, ${(total / 2 ** 30).toFixed(1)} GiB`);
+  });
+});
+
+gpuDescribe("CUDA quantizers take host arrays: copied to the device and the results back", (g) => {
+  /** The tensor path's result of the same call, read back to host arrays field by field. */
+  async function readAll(r: object): Promise<Record<string, unknown>> {
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(r)) {
+      out[k] = v !== null && typeof v === "object" && "read" in v ? await (v as DeviceTensor).read() : v;
+      if (v !== null && typeof v === "object" && "read" in v) (v as DeviceTensor).dispose();
+    }
+    return out;
+  }
+
+  it("every quantizer gives the tensor path's bytes as host arrays, and leaves no tensor behind", async () => {
+    const rng = new Rng("gpu host arrays");
+    const [rows, cols] = [160, 96];
+    const live = g.liveTensors;
+    for (const dtype of DTYPES) {
+      const inp = randomMatrix(rng, rows, cols, dtype);
+      using x = up(g, inp.x, dtype, rows, cols);
+      const cent = new Float16Array(((rows * cols) / 32) * 4).map((_, i) => (i % 4) - 1.5 + rng.uniform(-0.4, 0.4));
+      using ct = g.upload(cent);
+      const calls: [string, () => object, () => object][] = [
+        ["uniform", () => g.quantize(inp.x, { shape: [rows, cols], dtype, axis: "token", format: { kind: "uniform", bits: 2 } }), () => g.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 } })],
+        ["codebook", () => g.quantize(inp.x, { shape: [rows, cols], dtype, axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } }), () => g.quantize(x, { axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } })],
+        ["stats", () => g.stats(inp.x, { shape: [rows, cols], dtype, axis: "token", group: 32 }), () => g.stats(x, { axis: "token", group: 32 })],
+        ["fit", () => g.fitCodebook(inp.x, { shape: [rows, cols], dtype, axis: "token", bits: 2, trace: true }), () => g.fitCodebook(x, { axis: "token", bits: 2, trace: true })],
+        ["given centroids", () => g.quantizeWithCodebook(inp.x, cent, { shape: [rows, cols], dtype, axis: "channel", bits: 2 }), () => g.quantizeWithCodebook(x, ct, { axis: "channel", bits: 2 })],
+      ];
+      for (const [name, viaHost, viaTensor] of calls) {
+        const got = viaHost() as Record<string, unknown>;
+        const want = await readAll(viaTensor());
+        for (const [k, w] of Object.entries(want)) {
+          if (!ArrayBuffer.isView(w)) continue;
+          assert.ok(ArrayBuffer.isView(got[k]), `${name}.${k} is a host array`);
+          assertSameBits(got[k] as Uint8Array, w as Uint8Array, `${name}.${k} ${dtype} ${rng.tag}`);
+        }
+      }
+      // Uniform codes equal the CPU's bit for bit, through host arrays as through tensors.
+      const want = cpu.quantize(inp.x, { shape: [rows, cols], dtype, axis: "token", format: { kind: "uniform", bits: 2 } }) as UniformQuantized<"host">;
+      const got = g.quantize(inp.x, { shape: [rows, cols], dtype, axis: "token", format: { kind: "uniform", bits: 2 } }) as UniformQuantized<"host">;
+      assertSameBits(got.codes, want.codes, `codes vs CPU ${rng.tag}`);
+      assertSameBits(g.dequantize(got, { dtype: "f16" }) as Float16Array, cpu.dequantize(want, { dtype: "f16" }) as Float16Array, `dequantize vs CPU ${rng.tag}`);
+    }
+    const codes = Uint8Array.from({ length: 16 * 300 }, () => rng.int(4));
+    const words = g.pack(codes, { bits: 2 });
+    assert.deepEqual(words, cpu.pack(codes, { bits: 2 }));
+    assert.deepEqual(g.unpack(words, { bits: 2 }), codes);
+    assert.equal(g.liveTensors, live, "staging tensors freed");
+  });
+
+  it("writes into host out arrays; a NaN leaves them untouched", () => {
+    const rng = new Rng("gpu host out");
+    const inp = randomMatrix(rng, 64, 128, "f32");
+    const want = cpu.quantize(inp.x, { shape: [64, 128], axis: "channel", format: { kind: "uniform", bits: 4 } }) as UniformQuantized<"host">;
+    const out = { codes: new Uint32Array(want.codes.length), scale: new Float16Array(want.scale.length), zero: new Float16Array(want.zero.length) };
+    g.quantize(inp.x, { shape: [64, 128], axis: "channel", format: { kind: "uniform", bits: 4 }, out });
+    assertSameBits(out.codes, want.codes, `out.codes ${rng.tag}`);
+    assertSameBits(out.scale, want.scale, `out.scale ${rng.tag}`);
+    (inp.x as Float32Array)[99] = NaN;
+    const codes = new Uint32Array(want.codes.length).fill(7);
+    assert.throws(
+      () => g.quantize(inp.x, { shape: [64, 128], axis: "channel", format: { kind: "uniform", bits: 4 }, out: { codes } }),
+      (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE",
+    );
+    assert.ok(codes.every((w) => w === 7), "out.codes untouched");
   });
 });

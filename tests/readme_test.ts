@@ -1,20 +1,24 @@
 /**
  * Every ```ts block of README.md runs as a test (imports of ./src/ rewritten to this checkout), so
- * the documentation cannot go stale.
+ * the documentation cannot go stale: once on the CPU build and, where there is a device, once on
+ * CUDA, unchanged (KIVI_LIB_PATH names the build, so a block that asked for the other one would fail).
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import process from "node:process";
 import { fileURLToPath, pathToFileURL } from "node:url";
+import { defaultLibraryPath } from "../src/mod.ts";
+import { gpuDescribe } from "./_gpu.ts";
 
 const root = fileURLToPath(new URL("../", import.meta.url));
 const readme = readFileSync(join(root, "README.md"), "utf8");
 const blocks = [...readme.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]);
 
-describe("README code blocks run", () => {
-  it("has code blocks to run", () => assert.ok(blocks.length >= 3, `found ${blocks.length}`));
+/** Registers one test per block, each run with KIVI_LIB_PATH set to `lib`. */
+function runBlocks(lib: string): void {
   blocks.forEach((code, i) => {
     const title = code.split("\n").find((l) => l.trim() && !l.startsWith("import"))?.trim() ?? "";
     it(`block ${i + 1}: ${title.slice(0, 60)}`, async () => {
@@ -22,14 +26,25 @@ describe("README code blocks run", () => {
       const dir = mkdtempSync(join(tmpdir(), "kivi-readme-"));
       const file = join(dir, `block_${i + 1}.ts`);
       writeFileSync(file, src);
+      const saved = process.env.KIVI_LIB_PATH;
+      process.env.KIVI_LIB_PATH = lib;
       try {
         await import(pathToFileURL(file).href);
       } finally {
+        if (saved === undefined) delete process.env.KIVI_LIB_PATH;
+        else process.env.KIVI_LIB_PATH = saved;
         rmSync(dir, { recursive: true, force: true });
       }
     });
   });
+}
+
+describe("README code blocks run", () => {
+  it("has code blocks to run", () => assert.ok(blocks.length >= 3, `found ${blocks.length}`));
+  runBlocks(defaultLibraryPath("cpu"));
 });
+
+gpuDescribe("README code blocks run unchanged on CUDA", () => runBlocks(defaultLibraryPath("cuda")));
 
 /** Titles of the describe/it calls of a test file (template parts kept as written). */
 function testTitles(file: string): string[] {
