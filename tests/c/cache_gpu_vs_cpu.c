@@ -8,8 +8,8 @@
  *        (default 32 query heads, D 128; case 0..4 = 1x4096, 1x32768, 8x8192, 8x32768, 32x4096, -1 all;
  *        mode 16, u2 (uniform K+V G32), def (uniform K G32 + codebook V G64) or all; bits 16 always runs)
  *
- * Checks, per config (head_dim 64/128, page 32/64/128/256, GQA 1/3/4/8, uniform 2/4-bit, 16-bit,
- * codebook): lengths, quantized lengths and block tables after prefills of 1, 31, 128, 160, 97 and
+ * Checks, per config (head_dim 64/128/256, page 32/64/128/256, GQA 1/2/3/4/6/7/8/16/32, uniform 2/4-bit,
+ * 16-bit, codebook; key and value groups 32/64/128 on the tensor-core layout): lengths, quantized lengths and block tables after prefills of 1, 31, 128, 160, 97 and
  * 5000 tokens (per layer and all layers at once, f32 / f16 / bf16 input) and after decode steps across
  * flushes; kivi_cache_read bit-identical (f32 output) for uniform and 16-bit formats, codebook within
  * the bound stated below; kivi_cache_attend GPU vs CPU and GPU vs a float64 reference computed here
@@ -17,9 +17,10 @@
  * of mixed lengths with repeats; capacity and NaN errors on both builds with the state unchanged; the
  * memory report. Why 2e-3: both builds dequantize to the same values; the differences are fp32
  * vs float64 accumulation order and exp2 vs exp (~1e-6 relative), the CUDA-core kernel's fp32 sums of
- * (1 + c/4)-style codes (at most 16x fp32 rounding, ~1e-5), the tensor-core kernel's roundings (uniform
- * 2-bit: q.s in int8 hi/lo planes, <= 2^-15 of max |q_c s_c| per term of a score; p and p.s rounded to
- * fp16, 2^-11 relative per weight, random across tokens: ~2.5e-4 on a row, 1e-3 seen at worst), and
+ * (1 + c/4)-style codes (at most 16x fp32 rounding, ~1e-5), the tensor-core kernel's roundings (2-bit
+ * uniform keys: q.s in three int8 planes, ~2^-22 of max |q_c s_c| per term of a score; p and p.s, or for
+ * codebook values p times centroid differences formed in fp16, rounded to fp16, 2^-11 relative per
+ * weight (twice for the differences), random across tokens: ~2.5e-4 on a row, 1e-3 seen at worst), and
  * the output dtype (fp16 output rounds by up to 4.9e-4 relative): 2e-3 still leaves a 2x margin and
  * catches any real bug (a wrong token or channel moves a row by >1e-2). bf16 output: 8e-3 (its
  * rounding is 3.9e-3).
