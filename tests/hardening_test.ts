@@ -10,7 +10,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
 import { type Backend, type CacheOptions, KiviError, type KVCache, type Sequence } from "../src/mod.ts";
-import { main } from "../src/cli.ts";
+import { demoShape, main, parseDemoOptions } from "../src/cli.ts";
 import { assertUntouched, f16, f32, kvRows, openCpu, Rng, sentinel, throwsNaming, toInput } from "./_helpers.ts";
 import { gpuDescribe } from "./_gpu.ts";
 
@@ -362,13 +362,17 @@ describe("issue 22: the command line", () => {
     return { code, out: out.join("\n"), err: err.join("\n") };
   }
   it("every bad demo command line exits 2 with the usage and no stack trace", async () => {
-    const bad = [["--layers", "abc"], ["--layers", "-1"], ["--layers", "0"], ["--layers", "1.5"], ["--layers", "100000"], ["--heads", "3"], ["--prompt", "0"], ["--steps", "x"], ["--frobnicate", "1"], ["--kv-heads", "5", "--heads", "16"]];
+    const bad = [["--layers", "abc"], ["--layers", "-1"], ["--layers", "0"], ["--layers", "1.5"], ["--layers", "100000"], ["--prompt", "0"], ["--steps", "x"], ["--frobnicate", "1"], ["--kv-heads", "5", "--heads", "16"], ["--seed", "-3"], ["--tokens", "5"]];
     for (const args of bad) {
       const r = await run("demo", "--backend", "cpu", ...args);
       assert.equal(r.code, 2, `${args.join(" ")}: ${r.err}`);
       assert.match(r.err, /usage: kivi/, args.join(" "));
       assert.doesNotMatch(r.err + r.out, /\n\s+at /, `${args.join(" ")}: a stack trace`);
     }
+  });
+  it("demo --heads 3 is a valid shape: as many KV heads as query heads where 3 is not a multiple of 4", () => {
+    assert.deepEqual(demoShape(parseDemoOptions(["--heads", "3"]), false), { layers: 4, heads: 3, kvHeads: 3, prompt: 512, steps: 32, seed: 42 });
+    assert.deepEqual(demoShape(parseDemoOptions(["--seed", "7", "--json"]), true), { layers: 32, heads: 32, kvHeads: 32, prompt: 1024, steps: 64, seed: 7 });
   });
   it("demo --backend cuda without a CUDA device exits 1 with one line", async (t) => {
     const r = await run("info", "--backend", "auto", "--json");
