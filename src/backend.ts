@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 import { loadNative, type NativeLib, type Pointer } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
 import { KiviError, Status } from "./errors.ts";
-import { checkElems, checkInt, checkOneOf, hostView, readOptions, show } from "./_checks.ts";
+import { checkElems, checkInt, checkOneOf, hostView, plainView, readOptions, show } from "./_checks.ts";
 import * as quant from "./quant.ts";
 import { type CacheOptions, KVCache } from "./cache.ts";
 import type {
@@ -433,7 +433,8 @@ export class Backend {
       throw new TypeError(`data must be a ${t.dtype} array of ${t.length} elements, got ${show(data)}${v ? ` of ${v.length}` : ""}`);
     }
     const { lib, ctx } = this._native(op);
-    this._check("kivi_mem_upload", lib.call("kivi_mem_upload", ctx, t.writePointer(op), lib.ptr(v.view), v.byteLength));
+    // The plain view: Deno's UnsafePointer.of reads a subclass's (overridable) getters.
+    this._check("kivi_mem_upload", lib.call("kivi_mem_upload", ctx, t.writePointer(op), lib.ptr(plainView(v)), v.byteLength));
   }
 
   /** @internal */

@@ -186,6 +186,23 @@ describe("issue 22: lying subclasses, duck-typed tensors and Proxies", () => {
       "out.codes",
     );
     assertUntouched(codes, "out.codes");
+    // upload and write take the array's address through the plain view: Deno's UnsafePointer.of
+    // would read a subclass's byteOffset and length getters (user code) on its own.
+    class Shifty extends Float32Array {
+      override get byteOffset(): number {
+        kivi.dispose();
+        return 1 << 20;
+      }
+      override get length(): number {
+        kivi.dispose();
+        return 1 << 20;
+      }
+    }
+    const y = new Shifty(kvRows(rng, 1, 1, 64));
+    using t = kivi.upload(y);
+    t.write(y);
+    assert.deepEqual(t.readSync(), new Float32Array(y.buffer));
+    assert.ok(!kivi.disposed);
   });
 
   it("a plain object with pointer() passed as a DeviceTensor, or a Proxy of a real one, is a TypeError", async () => {
