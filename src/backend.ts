@@ -544,9 +544,11 @@ export class Backend {
 
   /** Copy bandwidth of the device in GB/s (1e9 bytes, read + written), measured now. */
   copyBandwidth(bytes = 256 * 2 ** 20, iters = 20): number {
-    const { lib, ctx } = this._native("copyBandwidth");
-    checkInt("bytes", bytes, 1);
     checkInt("iters", iters, 1, 1 << 20);
+    // Two buffers of `bytes` are allocated and written: at most a quarter of the memory each.
+    const limit = Math.floor(this.memInfo().total / 4);
+    checkInt("bytes", bytes, 1, limit);
+    const { lib, ctx } = this._native("copyBandwidth");
     const out = new Float64Array(1);
     this._check("kivi_bench_copy", lib.call("kivi_bench_copy", ctx, bytes, iters, lib.ptr(out)));
     return out[0];
