@@ -386,10 +386,8 @@ export class Backend {
   /** Allocates an uninitialised tensor. */
   alloc<D extends TensorDType>(shape: readonly number[], dtype: D): DeviceTensor<D> {
     checkOneOf("dtype", dtype, Object.keys(dtypeBytes) as TensorDType[]);
-    if (!Array.isArray(shape) || shape.length === 0) {
-      throw new TypeError(`shape must be a non-empty array of sizes, got ${show(shape)}`);
-    }
-    const n = shape.length; // read once, then each element once
+    const n = Array.isArray(shape) ? shape.length : 0; // read once, then each element once
+    if (n === 0) throw new TypeError(`shape must be a non-empty array of sizes, got ${show(shape)}`);
     const dims: number[] = [];
     for (let i = 0; i < n; i++) dims.push(checkInt(`shape[${i}]`, shape[i], 1, 2 ** 40));
     const bytes = checkElems("shape", dims) * dtypeBytes[dtype];
@@ -477,23 +475,24 @@ export class Backend {
    * Bun polls the context between event-loop turns. */
   async synchronize(): Promise<void> {
     const { lib, ctx } = this._native("synchronize");
-    if (lib.offThread) {
-      // The context must outlive the wait on the FFI thread even if the backend is disposed meanwhile.
-      const s = this._retainState("synchronize");
-      try {
+    // The context must outlive the wait (on the FFI thread, or between Bun's polls, while other code
+    // runs and may dispose the backend).
+    const s = this._retainState("synchronize");
+    try {
+      if (lib.offThread) {
         this._check("kivi_ctx_synchronize", await lib.callAsync("kivi_ctx_synchronize", ctx));
-      } finally {
-        s.release();
+        return;
       }
-      return;
+      const done = new Int32Array(1);
+      for (;;) {
+        this._check("kivi_ctx_query", lib.call("kivi_ctx_query", ctx, lib.ptr(done)));
+        if (done[0] === 1) break;
+        await new Promise((r) => setTimeout(r, 0));
+      }
+      this._check("kivi_ctx_synchronize", lib.call("kivi_ctx_synchronize", ctx));
+    } finally {
+      s.release();
     }
-    const done = new Int32Array(1);
-    for (;;) {
-      this._check("kivi_ctx_query", lib.call("kivi_ctx_query", ctx, lib.ptr(done)));
-      if (done[0] === 1) break;
-      await new Promise((r) => setTimeout(r, 0));
-    }
-    this._check("kivi_ctx_synchronize", lib.call("kivi_ctx_synchronize", ctx));
   }
 
   /** Blocks until all enqueued work is done. */

@@ -559,10 +559,8 @@ export class KVCache {
   ): AttendArgs & { layer: number } {
     const c = this.#config;
     const layer = checkInt("layer", layerArg, 0, c.layers - 1);
-    if (!Array.isArray(seqsArg) || seqsArg.length === 0) {
-      throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
-    }
-    const count = seqsArg.length; // read once, then each element once (after q's length agrees)
+    const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once (after q's length agrees)
+    if (count === 0) throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
     const qHint = o.qDtype === undefined ? undefined : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
     const qd = this.#data("q", q, "qDtype", qHint);
     const n = count * c.queryHeads * c.headDim;
@@ -570,7 +568,7 @@ export class KVCache {
       throw new TypeError(`q must hold batch (${count}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`);
     }
     const seqs: Sequence[] = [];
-    for (let i = 0; i < count; i++) seqs.push(this.#own(`seqs[${i}]`, seqsArg[i]));
+    for (let i = 0; i < count; i++) seqs.push(this.#own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
     const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
     if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
       throw new RangeError(`scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`);

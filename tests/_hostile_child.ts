@@ -625,7 +625,41 @@ const cacheOp: Op = (w) => {
   drop(q);
 };
 
-const OPS: Op[] = [quantizerOp, quantizerOp, dequantOp, memoryOp, cacheOp, cacheOp];
+/** The rest of the surface: copyBandwidth with hostile sizes, memInfo, memory(), a sequence created
+ * and freed, a read back, and methods called on a Proxy of their object (a brand check refuses it). */
+const miscOp: Op = (w) => {
+  const kind = pick(["copyBandwidth", "memory", "sequence", "readSync", "proxyThis"] as const);
+  if (kind === "copyBandwidth") {
+    const m = chance(0.5) ? mutInt(1 + int(4096), true) : plain(1 + int(4096));
+    judge(w, kind, m.expect, [m.what], () => (w.kivi.copyBandwidth(m.value, 1) > 0 ? new Uint8Array(1) : new Uint8Array(0)), new Uint8Array(1), [], () => {});
+  } else if (kind === "memory") {
+    const expected = new TextEncoder().encode(JSON.stringify([w.cache.memory(), w.kivi.memInfo().total]));
+    judge(w, kind, "same", [], () => new TextEncoder().encode(JSON.stringify([w.cache.memory(), w.kivi.memInfo().total])), expected, [], () => {});
+  } else if (kind === "sequence") {
+    judge(w, kind, "either", [], () => {
+      const s = w.cache.createSequence();
+      const b = new Float64Array([s.length(0), s.pages().length]);
+      s.free();
+      s.free();
+      return b;
+    }, bytes(new Float64Array([0, 0])), [], () => {});
+  } else if (kind === "readSync") {
+    const a = data(16), t = w.kivi.upload(a);
+    judge(w, kind, "same", [], () => t.readSync(), bytes(a), [], () => {});
+    drop(t);
+  } else {
+    const calls: [string, () => unknown][] = [
+      ["Backend.quantize", () => w.kivi.quantize.call(new Proxy(w.kivi, {}), w.spare as never, { axis: "channel", format: { kind: "uniform", bits: 2 } } as never)],
+      ["KVCache.attend", () => w.cache.attend.call(new Proxy(w.cache, {}), 0, [w.seqs[0][0]], data(QH * D) as never)],
+      ["Sequence.append", () => w.seqs[0][0].append.call(new Proxy(w.seqs[0][0], {}), data(ROW) as never, data(ROW) as never, { layer: 0 })],
+      ["DeviceTensor.readSync", () => w.spare.readSync.call(new Proxy(w.spare, {}))],
+    ];
+    const [name, fn] = pick(calls);
+    judge(w, kind, "fail", [name], fn, undefined, [], drop);
+  }
+};
+
+const OPS: Op[] = [quantizerOp, quantizerOp, dequantOp, memoryOp, cacheOp, cacheOp, miscOp];
 
 /* ------------------------------------------------------------------ main ----------------- */
 
