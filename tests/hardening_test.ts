@@ -413,18 +413,6 @@ describe("issue 22: the command line", () => {
 });
 
 describe("issue 22: the accuracy claims, over awkward inputs", () => {
-  /** Groups of 32 around large offsets, in fp16's subnormals, tiny ranges, constant groups, fp16's ends. */
-  function awkward(rng: Rng, groups: number): Float64Array {
-    const v = new Float64Array(groups * 32);
-    for (let g = 0; g < groups; g++) {
-      const kind = g % 8;
-      const off = [1000.3, -3e4, 1e-6, 3e-7, 0.1, 64000, -65000, 7][kind];
-      const span = [0.093, 20, 1e-6, 5e-8, 0, 1000, 4, 1e-3][kind];
-      for (let i = 0; i < 32; i++) v[g * 32 + i] = off + span * (i === 0 ? 0 : i === 1 ? 1 : rng.next());
-    }
-    return v;
-  }
-
   it("uniform: every value within scale / 2 of its dequantized value (up to fp32 rounding)", async () => {
     using kivi = await openCpu();
     for (const dtype of ["f32", "f16", "bf16"] as const) {
@@ -475,6 +463,18 @@ describe("issue 22: the accuracy claims, over awkward inputs", () => {
   });
 });
 
+/** Groups of 32 around large offsets, in fp16's subnormals, tiny ranges, constant groups, fp16's ends. */
+function awkward(rng: Rng, groups: number): Float64Array {
+  const v = new Float64Array(groups * 32);
+  for (let g = 0; g < groups; g++) {
+    const kind = g % 8;
+    const off = [1000.3, -3e4, 1e-6, 3e-7, 0.1, 64000, -65000, 7][kind];
+    const span = [0.093, 20, 1e-6, 5e-8, 0, 1000, 4, 1e-3][kind];
+    for (let i = 0; i < 32; i++) v[g * 32 + i] = off + span * (i === 0 ? 0 : i === 1 ? 1 : rng.next());
+  }
+  return v;
+}
+
 function transpose(v: Float64Array, rows: number, cols: number): Float64Array {
   const t = new Float64Array(v.length);
   for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) t[c * rows + r] = v[r * cols + c];
@@ -506,6 +506,28 @@ describe("issue 22: benchAttend and the memory report", () => {
 });
 
 gpuDescribe("issue 22 on CUDA", (gpu: Backend) => {
+  it("uniform params and codes of awkward groups (widened params) are bit-identical to the CPU build's", async () => {
+    using cpu = await openCpu();
+    for (const dtype of ["f32", "f16", "bf16"] as const) {
+      for (const bits of [2, 4] as const) {
+        for (const axis of ["channel", "token"] as const) {
+          const rng = new Rng(`awkward gpu ${dtype} ${bits} ${axis}`);
+          const v = awkward(rng, 64);
+          const inp = toInput(axis === "channel" ? v : transpose(v, 64, 32), dtype);
+          const shape: [number, number] = axis === "channel" ? [64, 32] : [32, 64];
+          const opts = { axis, format: { kind: "uniform", bits, group: 32 } } as const;
+          const want = cpu.quantize(inp.x, { ...opts, shape, dtype }) as unknown as Record<"codes" | "scale" | "zero", Uint16Array>;
+          using t = gpu.upload(inp.x, { shape, ...(dtype === "bf16" ? { dtype } : {}) });
+          const got = gpu.quantize(t, opts) as unknown as Record<"codes" | "scale" | "zero", DeviceTensor>;
+          for (const k of ["codes", "scale", "zero"] as const) {
+            assert.deepEqual(new Uint8Array(got[k].readSync().buffer), new Uint8Array(want[k].buffer), `${k} ${rng.tag}`);
+            got[k].dispose();
+          }
+        }
+      }
+    }
+  });
+
   it("a group spanning [0, 65504] dequantizes to finite fp16; values past fp16 are KIVI_ERR_NONFINITE", async () => {
     const x = Float32Array.from({ length: 64 }, (_, i) => (i % 32 === 0 ? 0 : i % 32 === 1 ? 65504 : (i * 977) % 65504));
     using t = gpu.upload(x, { shape: [2, 32] });
