@@ -263,7 +263,7 @@ describe("issue 22: values past fp16's range", () => {
     const codes = new Uint32Array(2), s = new Uint16Array(1), z = new Uint16Array(1);
     const st = lib.call("kivi_uniform_quantize", ctx, lib.ptr(big), 0, 1, 32, 1, 32, 2, 0, lib.ptr(codes), lib.ptr(s), lib.ptr(z));
     assert.equal(st, -3);
-    assert.match(lib.call("kivi_ctx_last_error", ctx), /x must lie within fp16's range \(\|x\| < 65520\).*got 80000 at index 4/);
+    assert.match(lib.call("kivi_ctx_last_error", ctx), /x must be within fp16's range \(\|x\| < 65520\).*got 80000 at index 4/);
     // Trusted, the values saturate at fp16's largest finite: no Inf scale, no NaN.
     const q = kivi.quantize(big, { shape, axis: "channel", format: { kind: "uniform", bits: 2 }, trusted: true });
     const back = kivi.dequantize(q) as Float32Array;

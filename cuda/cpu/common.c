@@ -145,12 +145,8 @@ int64_t cpu_first_nonfinite(const void *x, kivi_dtype dtype, int64_t total) {
   return -1;
 }
 
-/* NaN / Inf, or a finite f32 / bf16 value that fp16 rounds to Inf (|x| >= 65520): what the quantizers,
-   whose params are fp16, refuse. f16 input is never out of range. */
 static int unquantizable_at(const void *x, kivi_dtype dtype, int64_t i) {
-  if (dtype == KIVI_F32) return (kivi_f32_bits(((const float *)x)[i]) & 0x7fffffffu) >= 0x477ff000u;
-  const uint16_t h = ((const uint16_t *)x)[i];
-  return dtype == KIVI_F16 ? (h & 0x7c00u) == 0x7c00u : (h & 0x7fffu) >= 0x4780u;
+  return kivi_unquantizable(dtype == KIVI_F32 ? ((const uint32_t *)x)[i] : ((const uint16_t *)x)[i], dtype);
 }
 
 static int64_t first_unquantizable(const void *x, kivi_dtype dtype, int64_t total) {
@@ -168,18 +164,11 @@ static int64_t first_unquantizable(const void *x, kivi_dtype dtype, int64_t tota
 kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const cpu_shape *sh) {
   const int64_t i = first_unquantizable(x, dtype, sh->rows * sh->cols);
   if (i < 0) return KIVI_OK;
-  const float v = cpu_load(x, dtype, i);
   const int64_t r = i / sh->cols, c = i % sh->cols;
-  const long long g = (long long)kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group);
-  if (isfinite(v))
-    return cpu_fail(ctx, KIVI_ERR_NONFINITE,
-                    "%s: x must lie within fp16's range (|x| < 65520) that the params are stored in, got %g at index "
-                    "%lld (row %lld, col %lld, group %lld); pass KIVI_FLAG_TRUSTED to have such values saturate",
-                    op, (double)v, (long long)i, (long long)r, (long long)c, g);
-  return cpu_fail(ctx, KIVI_ERR_NONFINITE,
-                  "%s: x must be finite, got %s at index %lld (row %lld, col %lld, group %lld); "
-                  "pass KIVI_FLAG_TRUSTED only for data known to be finite",
-                  op, v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"), (long long)i, (long long)r, (long long)c, g);
+  char msg[CPU_ERR_LEN];
+  kivi_unquantizable_message(msg, sizeof msg, op, cpu_load(x, dtype, i), i, r, c,
+                             kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
+  return cpu_fail(ctx, KIVI_ERR_NONFINITE, "%s", msg);
 }
 
 /* ---------------------------------------------------------------- tiles ------------------ */

@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #if defined(__CUDACC__)
@@ -107,6 +108,29 @@ KIVI_HD uint16_t kivi_f32_to_bf16(float f) {
   return (uint16_t)(x >> 16);
 }
 KIVI_HD float kivi_bf16_to_f32(uint16_t b) { return kivi_bits_f32((uint32_t)b << 16); }
+
+/* ------------------------------------------------------------------ quantizer input ------ */
+
+/** True for an element the quantizers refuse (their params are fp16): NaN, Inf, or a finite f32 or
+    bf16 value that fp16 rounds to Inf (|x| >= 65520, as kivi_f32_to_f16; bf16 from 65536 up). `u`
+    holds the element's bits (a 16-bit dtype in the low half); dtype is kivi_dtype (0 f32, 1 f16, 2 bf16). */
+KIVI_HD int kivi_unquantizable(uint32_t u, int32_t dtype) {
+  return dtype == 0 ? (u & 0x7fffffffu) >= 0x477ff000u : dtype == 1 ? (u & 0x7c00u) == 0x7c00u : (u & 0x7fffu) >= 0x4780u;
+}
+
+/** The message both builds give for the first element x[i] (value v, at row r, col c, group g) that
+    kivi_unquantizable refuses. Host only. */
+static inline void kivi_unquantizable_message(char *buf, size_t len, const char *op, float v, int64_t i, int64_t r,
+                                              int64_t c, int64_t g) {
+  const int finite = isfinite(v);
+  char got[32];
+  if (finite) snprintf(got, sizeof got, "%g", (double)v);
+  else snprintf(got, sizeof got, "%s", v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+  snprintf(buf, len, "%s: x must be %s, got %s at index %lld (row %lld, col %lld, group %lld); pass KIVI_FLAG_TRUSTED %s",
+           op, finite ? "within fp16's range (|x| < 65520) that the params are stored in" : "finite", got, (long long)i,
+           (long long)r, (long long)c, (long long)g,
+           finite ? "to have such values saturate" : "only for data known to be finite");
+}
 
 /* ------------------------------------------------------------------ uniform (KIVI) ------- */
 
