@@ -42,14 +42,55 @@ export function hostArray<D extends TensorDType>(dtype: D, n: number): HostOf[D]
 /** Typed arrays accepted as host data. */
 export type HostArray = HostOf[TensorDType];
 
-/** The dtype a host array stands for (Uint16Array is f16 bits unless `hint` says bf16). */
-export function dtypeOfHost(a: ArrayBufferView, hint?: TensorDType): TensorDType | undefined {
-  if (a instanceof Float32Array) return "f32";
-  if (a instanceof Float16Array) return "f16";
-  if (a instanceof Uint16Array) return hint === "bf16" || hint === "u16" ? hint : "f16";
-  if (a instanceof Uint32Array) return "u32";
-  if (a instanceof Uint8Array) return "u8";
-  if (a instanceof Int32Array) return "i32";
-  return undefined;
+const kindDtype: Record<string, TensorDType> = {
+  Float32Array: "f32",
+  Float16Array: "f16",
+  Uint16Array: "f16",
+  Uint32Array: "u32",
+  Uint8Array: "u8",
+  Int32Array: "i32",
+};
+
+/** The dtype a typed array of class `kind` (its intrinsic tag) stands for: a Uint16Array is f16
+ * bits unless `hint` says bf16 or u16; a hint that does not fit the class is ignored here (see
+ * {@link checkHint}). */
+export function dtypeOfKind(kind: string, hint?: unknown): TensorDType | undefined {
+  if (kind === "Uint16Array" && (hint === "bf16" || hint === "u16")) return hint;
+  return kindDtype[kind];
 }
 
+/** A dtype hint must fit the array: any of f16, bf16, u16 for a Uint16Array, else the array's own. */
+export function checkHint(hintName: string, hint: DType | TensorDType | undefined, name: string, kind: string): void {
+  if (hint === undefined) return;
+  const own = kindDtype[kind];
+  const fits = kind === "Uint16Array" ? hint === "f16" || hint === "bf16" || hint === "u16" : hint === own;
+  if (!fits) {
+    throw new TypeError(`${hintName} ${JSON.stringify(hint)} does not match ${name}, a ${kind}${own ? ` (${own})` : ""}`);
+  }
+}
+
+/** fp16's largest finite value rounds up from 65520 on: such a value would become Inf in fp16. */
+export const F16_LIMIT = 65520;
+
+/** Index of the first finite f32 or bf16 value (bits) that fp16 cannot hold, or -1. NaN and Inf
+ * are left to the library's scan, which reports them as KIVI_ERR_NONFINITE. */
+export function firstBeyondFp16(a: Float32Array | Uint16Array, dtype: "f32" | "bf16"): number {
+  if (dtype === "f32") {
+    for (let i = 0; i < a.length; i++) {
+      const m = Math.abs(a[i]);
+      if (m >= F16_LIMIT && m !== Infinity) return i;
+    }
+    return -1;
+  }
+  // bf16 bits: finite magnitudes from 65536 (0x4780) up to the largest finite (0x7f7f).
+  for (let i = 0; i < a.length; i++) {
+    const m = a[i] & 0x7fff;
+    if (m >= 0x4780 && m < 0x7f80) return i;
+  }
+  return -1;
+}
+
+/** The value of element i of an f32 array or of bf16 bits. */
+export function valueAt(a: Float32Array | Uint16Array, dtype: "f32" | "bf16", i: number): number {
+  return dtype === "f32" ? a[i] : new Float32Array(new Uint32Array([a[i] << 16]).buffer)[0];
+}

@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 import { loadNative, type NativeLib, type Pointer } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
 import { KiviError, Status } from "./errors.ts";
-import { checkInt, checkOneOf, show } from "./_checks.ts";
+import { checkElems, checkInt, checkOneOf, hostView, plainView, readOptions, show } from "./_checks.ts";
 import * as quant from "./quant.ts";
 import { type CacheOptions, KVCache } from "./cache.ts";
 import type {
@@ -29,7 +29,7 @@ import type {
   QuantizeOptions,
   StatsOptions,
 } from "./quant.ts";
-import { type DType, dtypeBytes, dtypeOfHost, type HostArray, hostArray, type HostOf, type TensorDType } from "./_dtype.ts";
+import { checkHint, type DType, dtypeBytes, dtypeOfKind, type HostArray, hostArray, type HostOf, type TensorDType } from "./_dtype.ts";
 
 export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
 
@@ -105,6 +105,20 @@ function freeTensor(held: TensorHeld): void {
 const tensorRegistry = new FinalizationRegistry<TensorHeld>(freeTensor);
 const backendRegistry = new FinalizationRegistry<NativeState>((state) => state.release());
 
+/** @internal What the library reads of a tensor: its private fields, never its (overridable) getters. */
+export interface TensorFacts {
+  readonly tensor: DeviceTensor;
+  readonly backend: Backend;
+  readonly dtype: TensorDType;
+  readonly shape: readonly number[];
+  readonly length: number;
+  readonly bytes: number;
+  /** The address (KIVI_ERR_STATE once disposed). */
+  pointer(op: string): Pointer;
+  /** The address of a tensor about to be written (KIVI_ERR_STATE while a read() is in flight). */
+  writePointer(op: string, name?: string): Pointer;
+}
+
 /**
  * Memory owned by a backend: device memory on the `cuda` backend, host memory from the same
  * allocator on the `cpu` backend, so code written for tensors runs on both.
@@ -118,26 +132,46 @@ const backendRegistry = new FinalizationRegistry<NativeState>((state) => state.r
  * ```
  */
 export class DeviceTensor<D extends TensorDType = TensorDType> {
-  readonly shape: readonly number[];
-  readonly dtype: D;
-  readonly length: number;
-  readonly bytes: number;
   #backend: Backend;
   #ptr: Pointer;
   #held: TensorHeld | undefined;
   #reads = 0;
+  #shape: readonly number[];
+  #dtype: D;
+  #length: number;
+  #bytes: number;
 
   /** @internal use Backend.alloc / Backend.upload */
   constructor(backend: Backend, state: NativeState, ptr: Pointer, shape: readonly number[], dtype: D) {
     this.#backend = backend;
     this.#ptr = ptr;
-    this.shape = Object.freeze([...shape]);
-    this.dtype = dtype;
-    this.length = shape.reduce((a, b) => a * b, 1);
-    this.bytes = this.length * dtypeBytes[dtype];
+    this.#shape = Object.freeze([...shape]);
+    this.#dtype = dtype;
+    this.#length = shape.reduce((a, b) => a * b, 1);
+    this.#bytes = this.#length * dtypeBytes[dtype];
     state.retain();
     this.#held = { state, ptr };
     tensorRegistry.register(this, this.#held, this);
+  }
+
+  /** Dimensions, as allocated. */
+  get shape(): readonly number[] {
+    return this.#shape;
+  }
+
+  /** Element type. */
+  get dtype(): D {
+    return this.#dtype;
+  }
+
+  /** Number of elements. */
+  get length(): number {
+    return this.#length;
+  }
+
+  /** Size in bytes. */
+  get bytes(): number {
+    return this.#bytes;
   }
 
   /** The backend that owns this tensor. */
@@ -150,8 +184,30 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
     return this.#held === undefined;
   }
 
+  /** @internal A tensor's facts read from its private fields (a brand check: a duck-typed object, a
+   * Proxy, or a tensor whose prototype was swapped for lying getters cannot fake them), or undefined
+   * for anything that is not a DeviceTensor. */
+  static _facts(x: unknown): TensorFacts | undefined {
+    if (x === null || typeof x !== "object" || !(#ptr in x)) return undefined;
+    const t = x as DeviceTensor;
+    return {
+      tensor: t,
+      backend: t.#backend,
+      dtype: t.#dtype,
+      shape: t.#shape,
+      length: t.#length,
+      bytes: t.#bytes,
+      pointer: (op) => t.#pointer(op),
+      writePointer: (op, name) => t.#writePointer(op, name),
+    };
+  }
+
   /** @internal the address, for the backend's native calls. */
   pointer(op: string): Pointer {
+    return this.#pointer(op);
+  }
+
+  #pointer(op: string): Pointer {
     if (this.#held === undefined) {
       throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: the tensor was disposed; allocate a new one`);
     }
@@ -161,7 +217,11 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
   /** @internal the address of a tensor about to be written: refused while a read() of it is in
    * flight, which would otherwise copy out a mix of old and new data. */
   writePointer(op: string, name = "the tensor"): Pointer {
-    const p = this.pointer(op);
+    return this.#writePointer(op, name);
+  }
+
+  #writePointer(op: string, name = "the tensor"): Pointer {
+    const p = this.#pointer(op);
     if (this.#reads > 0) {
       throw new KiviError(
         Status.KIVI_ERR_STATE,
@@ -181,12 +241,12 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
    * event loop while the device works. While it is in flight, writing into the tensor is refused
    * (KIVI_ERR_STATE) and disposing it frees the memory only once the copy is done. */
   async read(): Promise<HostOf[D]> {
-    const out = hostArray(this.dtype, this.length);
-    const p = this.pointer("read");
+    const p = this.#pointer("read");
+    const out = hostArray(this.#dtype, this.#length);
     const held = this.#held!;
     this.#reads++;
     try {
-      await this.#backend._download(out, p, this.bytes, true);
+      await this.#backend._download(out, p, this.#bytes, true);
     } finally {
       if (--this.#reads === 0 && this.#held === undefined) freeTensor(held);
     }
@@ -195,15 +255,16 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
 
   /** Like `read`, but blocks until the device is done. */
   readSync(): HostOf[D] {
-    const out = hostArray(this.dtype, this.length);
-    this.#backend._download(out, this.pointer("readSync"), this.bytes, false);
+    const p = this.#pointer("readSync");
+    const out = hostArray(this.#dtype, this.#length);
+    this.#backend._download(out, p, this.#bytes, false);
     return out;
   }
 
   /** Overwrites the tensor with a host array of the same dtype and length (KIVI_ERR_STATE while a
    * `read()` of it is in flight). */
   write(data: HostOf[D]): void {
-    this.#backend._upload(this as DeviceTensor, data, "write");
+    this.#backend._upload(DeviceTensor._facts(this)!, data, "write");
   }
 
   /** Frees the memory now. Idempotent. */
@@ -233,8 +294,7 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
  * ```
  */
 export class Backend {
-  /** "cpu" or "cuda". */
-  readonly kind: BackendKind;
+  #kind: BackendKind;
   /** Why this backend was chosen (e.g. why CUDA was not). */
   readonly reason: string;
   /** Device name as the library reports it. */
@@ -249,13 +309,18 @@ export class Backend {
   /** @internal use openBackend */
   constructor(lib: NativeLib, ctx: Pointer, kind: BackendKind, device: number, reason: string) {
     this.#state = new NativeState(lib, ctx);
-    this.kind = kind;
+    this.#kind = kind;
     this.device = device;
     this.reason = reason;
     const name = new Uint8Array(256);
     this._check("kivi_ctx_device_name", lib.call("kivi_ctx_device_name", ctx, lib.ptr(name), name.length));
     this.deviceName = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
     backendRegistry.register(this, this.#state, this);
+  }
+
+  /** "cpu" or "cuda" (a getter: the argument checks rely on it). */
+  get kind(): BackendKind {
+    return this.#kind;
   }
 
   /** Path of the loaded shared library. */
@@ -313,24 +378,29 @@ export class Backend {
     throw new KiviError(status, op, msg);
   }
 
+  /** @internal the facts of a tensor (see DeviceTensor._facts), or undefined for anything else. */
+  _tensor(x: unknown): TensorFacts | undefined {
+    return DeviceTensor._facts(x);
+  }
+
   /** Allocates an uninitialised tensor. */
   alloc<D extends TensorDType>(shape: readonly number[], dtype: D): DeviceTensor<D> {
-    const { lib, ctx } = this._native("alloc");
     checkOneOf("dtype", dtype, Object.keys(dtypeBytes) as TensorDType[]);
-    if (!Array.isArray(shape) || shape.length === 0) {
-      throw new TypeError(`shape must be a non-empty array of sizes, got ${show(shape)}`);
-    }
-    shape.forEach((d, i) => checkInt(`shape[${i}]`, d, 1, 2 ** 40));
-    const bytes = shape.reduce((a, b) => a * b, 1) * dtypeBytes[dtype];
+    const n = Array.isArray(shape) ? shape.length : 0; // read once, then each element once
+    if (n === 0) throw new TypeError(`shape must be a non-empty array of sizes, got ${show(shape)}`);
+    const dims: number[] = [];
+    for (let i = 0; i < n; i++) dims.push(checkInt(`shape[${i}]`, shape[i], 1, 2 ** 40));
+    const bytes = checkElems("shape", dims) * dtypeBytes[dtype];
+    const { lib, ctx } = this._native("alloc");
     const out = new BigUint64Array(1);
     this._check("kivi_mem_alloc", lib.call("kivi_mem_alloc", ctx, bytes, lib.ptr(out)));
-    const t = new DeviceTensor(this, this.#state!, lib.pointerAt(out, 0), shape, dtype);
+    const t = new DeviceTensor(this, this.#state!, lib.pointerAt(out, 0), dims, dtype);
     this._adopt(t);
     return t;
   }
 
   /** Copies a host array into a new tensor. `shape` defaults to [length]; `dtype` to the array's
-   * (pass "bf16" for a Uint16Array of bf16 bits). */
+   * (pass "bf16" for a Uint16Array of bf16 bits; a hint that does not fit the array is a TypeError). */
   upload(data: Float32Array, opts?: { shape?: readonly number[] }): DeviceTensor<"f32">;
   upload(data: Float16Array, opts?: { shape?: readonly number[] }): DeviceTensor<"f16">;
   upload(data: Uint32Array, opts?: { shape?: readonly number[] }): DeviceTensor<"u32">;
@@ -338,12 +408,15 @@ export class Backend {
   upload(data: Int32Array, opts?: { shape?: readonly number[] }): DeviceTensor<"i32">;
   upload(data: HostArray, opts?: { shape?: readonly number[]; dtype?: TensorDType }): DeviceTensor;
   upload(data: HostArray, opts: { shape?: readonly number[]; dtype?: TensorDType } = {}): DeviceTensor {
-    const dtype = dtypeOfHost(data, opts.dtype);
-    if (dtype === undefined) throw new TypeError(`data must be a typed array of a kivi dtype, got ${show(data)}`);
-    const shape = opts.shape ?? [data.length];
-    const t = this.alloc(shape, dtype);
+    const o = readOptions("options", opts, ["shape", "dtype"]);
+    const hint = o.dtype === undefined ? undefined : checkOneOf("dtype", o.dtype, Object.keys(dtypeBytes) as TensorDType[]);
+    const v = hostView("data", data);
+    const dtype = v && dtypeOfKind(v.kind, hint);
+    if (v === undefined || dtype === undefined) throw new TypeError(`data must be a typed array of a kivi dtype, got ${show(data)}`);
+    checkHint("dtype", hint, "data", v.kind);
+    const t = this.alloc((o.shape ?? [v.length]) as readonly number[], dtype);
     try {
-      this._upload(t, data, "upload");
+      this._upload(DeviceTensor._facts(t)!, data, "upload");
     } catch (e) {
       t.dispose();
       throw e;
@@ -351,13 +424,15 @@ export class Backend {
     return t;
   }
 
-  /** @internal */
-  _upload(t: DeviceTensor, data: ArrayBufferView & { length: number }, op: string): void {
-    const { lib, ctx } = this._native(op);
-    if (dtypeOfHost(data, t.dtype) !== t.dtype || data.length !== t.length) {
-      throw new TypeError(`data must be a ${t.dtype} array of ${t.length} elements, got ${show(data)} of ${data.length}`);
+  /** @internal copies host `data` (its dtype and length read from its internal slots) into t. */
+  _upload(t: TensorFacts, data: unknown, op: string): void {
+    const v = hostView("data", data);
+    if (v === undefined || dtypeOfKind(v.kind, t.dtype) !== t.dtype || v.length !== t.length) {
+      throw new TypeError(`data must be a ${t.dtype} array of ${t.length} elements, got ${show(data)}${v ? ` of ${v.length}` : ""}`);
     }
-    this._check("kivi_mem_upload", lib.call("kivi_mem_upload", ctx, t.writePointer(op), lib.ptr(data), t.bytes));
+    const { lib, ctx } = this._native(op);
+    // The plain view: Deno's UnsafePointer.of reads a subclass's (overridable) getters.
+    this._check("kivi_mem_upload", lib.call("kivi_mem_upload", ctx, t.writePointer(op), lib.ptr(plainView(v)), v.byteLength));
   }
 
   /** @internal */
@@ -400,23 +475,24 @@ export class Backend {
    * Bun polls the context between event-loop turns. */
   async synchronize(): Promise<void> {
     const { lib, ctx } = this._native("synchronize");
-    if (lib.offThread) {
-      // The context must outlive the wait on the FFI thread even if the backend is disposed meanwhile.
-      const s = this._retainState("synchronize");
-      try {
+    // The context must outlive the wait (on the FFI thread, or between Bun's polls, while other code
+    // runs and may dispose the backend).
+    const s = this._retainState("synchronize");
+    try {
+      if (lib.offThread) {
         this._check("kivi_ctx_synchronize", await lib.callAsync("kivi_ctx_synchronize", ctx));
-      } finally {
-        s.release();
+        return;
       }
-      return;
+      const done = new Int32Array(1);
+      for (;;) {
+        this._check("kivi_ctx_query", lib.call("kivi_ctx_query", ctx, lib.ptr(done)));
+        if (done[0] === 1) break;
+        await new Promise((r) => setTimeout(r, 0));
+      }
+      this._check("kivi_ctx_synchronize", lib.call("kivi_ctx_synchronize", ctx));
+    } finally {
+      s.release();
     }
-    const done = new Int32Array(1);
-    for (;;) {
-      this._check("kivi_ctx_query", lib.call("kivi_ctx_query", ctx, lib.ptr(done)));
-      if (done[0] === 1) break;
-      await new Promise((r) => setTimeout(r, 0));
-    }
-    this._check("kivi_ctx_synchronize", lib.call("kivi_ctx_synchronize", ctx));
   }
 
   /** Blocks until all enqueued work is done. */
@@ -446,19 +522,32 @@ export class Backend {
   /** Milliseconds of device time taken by the work `fn` enqueues (CUDA events around it; wall clock
    * on the CPU). FFI cost between launches is included only where it stalls the device. */
   time(fn: () => void): number {
+    if (typeof fn !== "function") throw new TypeError(`fn must be a function, got ${show(fn)}`);
     const { lib, ctx } = this._native("time");
-    this._check("kivi_timer_start", lib.call("kivi_timer_start", ctx));
-    fn();
-    const ms = new Float32Array(1);
-    this._check("kivi_timer_stop", lib.call("kivi_timer_stop", ctx, lib.ptr(ms)));
-    return ms[0];
+    // fn is user code: it may dispose this backend. The retained state keeps the context alive until
+    // the timer is stopped, and a backend disposed meanwhile is an error, not a call on a freed context.
+    const s = this._retainState("time");
+    try {
+      this._check("kivi_timer_start", lib.call("kivi_timer_start", ctx));
+      fn();
+      if (this.#state === undefined) {
+        throw new KiviError(Status.KIVI_ERR_STATE, "time", "time: the backend was disposed while fn ran; open a new one with openBackend()");
+      }
+      const ms = new Float32Array(1);
+      this._check("kivi_timer_stop", lib.call("kivi_timer_stop", ctx, lib.ptr(ms)));
+      return ms[0];
+    } finally {
+      s.release();
+    }
   }
 
   /** Copy bandwidth of the device in GB/s (1e9 bytes, read + written), measured now. */
   copyBandwidth(bytes = 256 * 2 ** 20, iters = 20): number {
-    const { lib, ctx } = this._native("copyBandwidth");
-    checkInt("bytes", bytes, 1);
     checkInt("iters", iters, 1, 1 << 20);
+    // Two buffers of `bytes` are allocated and written: at most a quarter of the memory each.
+    const limit = Math.floor(this.memInfo().total / 4);
+    checkInt("bytes", bytes, 1, limit);
+    const { lib, ctx } = this._native("copyBandwidth");
     const out = new Float64Array(1);
     this._check("kivi_bench_copy", lib.call("kivi_bench_copy", ctx, bytes, iters, lib.ptr(out)));
     return out[0];
@@ -685,13 +774,17 @@ function tryLoadCuda(path: string, device: number): Promise<{ lib?: NativeLib; r
  * ```
  */
 export async function openBackend(opts: OpenOptions = {}): Promise<Backend> {
-  const prefer = checkOneOf("prefer", opts.prefer ?? "auto", ["auto", "cpu", "cuda"] as const);
-  const device = checkInt("device", opts.device ?? 0, 0, 1024);
-  const override = opts.libraryPath ?? process.env.KIVI_LIB_PATH;
+  const o = readOptions("options", opts, ["prefer", "device", "libraryPath"]);
+  const prefer = checkOneOf("prefer", o.prefer ?? "auto", ["auto", "cpu", "cuda"] as const);
+  const device = checkInt("device", o.device ?? 0, 0, 1024);
+  if (o.libraryPath !== undefined && typeof o.libraryPath !== "string") {
+    throw new TypeError(`libraryPath must be a string, got ${show(o.libraryPath)}`);
+  }
+  const override = (o.libraryPath as string | undefined) ?? process.env.KIVI_LIB_PATH;
   let lib: NativeLib | undefined;
   let reason: string;
   if (override) {
-    const what = opts.libraryPath ? "libraryPath" : "KIVI_LIB_PATH";
+    const what = o.libraryPath ? "libraryPath" : "KIVI_LIB_PATH";
     if (!existsSync(override)) throw new TypeError(`${what} must name a kivi library, got ${show(override)}: no such file`);
     try {
       lib = await loadNative(override);

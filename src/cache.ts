@@ -5,12 +5,12 @@
  * @module
  */
 import type { Pointer } from "./ffi/_native.ts";
-import type { Backend, DeviceTensor, NativeState } from "./backend.ts";
-import { checkInt, checkOneOf, isTensor, show } from "./_checks.ts";
-import { type DType, dtypeCode, dtypeOfHost, type HostArray, hostArray } from "./_dtype.ts";
+import type { Backend, DeviceTensor, NativeState, TensorFacts } from "./backend.ts";
+import { checkBool, checkInt, checkOneOf, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
+import { checkHint, type DType, dtypeCode, dtypeOfKind, F16_LIMIT, firstBeyondFp16, type HostArray, hostArray, valueAt } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
-import type { Buf, Fit, GroupSize, Input, Mem, MemOf } from "./quant.ts";
+import { bitsPerValue, type Buf, type Fit, type GroupSize, type Input, type Mem, type MemOf } from "./quant.ts";
 
 /** How keys or values are stored: a quantized format, or `{ bits: 16 }` for plain fp16. */
 export type CacheFormat =
@@ -74,8 +74,13 @@ export interface CacheMemory {
   tokens: number;
   /** Of which in pages. */
   quantizedTokens: number;
-  /** Bits per stored K/V value of the data actually held (codes + params + residual) / values. */
+  /** Bits per K/V value held, counting the page storage in use: (codes + params + residual) x 8 /
+   * values. Pages are shared by all layers, so a page in use counts in every layer, filled or not:
+   * a layer (or a sequence's last page) holding fewer tokens than its pages raises this figure. */
   bitsPerValue: number;
+  /** Bits per K/V value of the tokens held, each at its format's rate (code bits plus the params
+   * spread over the group; 16 in the fp16 window and at bits 16), whatever page storage they sit in. */
+  heldBitsPerValue: number;
   /** (codes + params + residual + tables) / the same tokens in fp16. */
   ratioToFp16: number;
 }
@@ -83,22 +88,25 @@ export interface CacheMemory {
 const KIND = { uniform: 0, codebook: 1 } as const;
 const FIT = { free: 0, pinned: 1 } as const;
 
-function resolveCacheFormat(name: string, f: CacheFormat | undefined, dflt: CacheFormat): CacheConfig["keys"] {
-  const g = f === undefined ? dflt : f;
-  if (g === null || typeof g !== "object") throw new TypeError(`${name} must be a format object, got ${show(g)}`);
+function resolveCacheFormat(name: string, f: unknown, dflt: CacheFormat): CacheConfig["keys"] {
+  if (f === null || (f !== undefined && typeof f !== "object")) throw new TypeError(`${name} must be a format object, got ${show(f)}`);
+  const g = readOptions(name, f === undefined ? dflt : f, ["kind", "bits", "group", "fit", "iterations"], true);
   const bits = checkOneOf(`${name}.bits`, g.bits, [2, 4, 16] as const);
   const group = checkOneOf(`${name}.group`, g.group ?? 32, [32, 64, 128] as const);
   if (bits === 16) return { kind: "uniform", bits, group, fit: "free", iterations: 1 };
-  const q = g as Exclude<CacheFormat, { bits: 16 }>;
-  const kind = checkOneOf(`${name}.kind`, q.kind, ["uniform", "codebook"] as const);
-  if (kind === "uniform") return { kind, bits, group, fit: "free", iterations: 1 };
-  const c = q as Extract<CacheFormat, { kind: "codebook" }>;
+  const kind = checkOneOf(`${name}.kind`, g.kind, ["uniform", "codebook"] as const);
+  if (kind === "uniform") {
+    for (const k of ["fit", "iterations"] as const) {
+      if (g[k] !== undefined) throw new TypeError(`${name}.${k} is an option of the codebook format, not of "uniform"`);
+    }
+    return { kind, bits, group, fit: "free", iterations: 1 };
+  }
   return {
     kind,
     bits,
     group,
-    fit: checkOneOf(`${name}.fit`, c.fit ?? "free", ["free", "pinned"] as const),
-    iterations: checkInt(`${name}.iterations`, c.iterations ?? 16, 1, 256),
+    fit: checkOneOf(`${name}.fit`, g.fit ?? "free", ["free", "pinned"] as const),
+    iterations: checkInt(`${name}.iterations`, g.iterations ?? 16, 1, 256),
   };
 }
 
@@ -136,8 +144,21 @@ export function pageBytes(c: Omit<CacheConfig, "maxPages">): number {
  * console.log(c.maxPages, c.keys, c.values); // pages that fit in 1 MiB; uniform 2-bit G32 keys, codebook 2-bit G64 values
  * ```
  */
-export function resolveCacheOptions(o: CacheOptions): CacheConfig {
-  if (o === null || typeof o !== "object") throw new TypeError(`options must be an object, got ${show(o)}`);
+export function resolveCacheOptions(options: CacheOptions): CacheConfig {
+  if (options === null || typeof options !== "object") throw new TypeError(`options must be an object, got ${show(options)}`);
+  const o = readOptions("options", options, [
+    "layers",
+    "kvHeads",
+    "queryHeads",
+    "headDim",
+    "pageTokens",
+    "residual",
+    "keys",
+    "values",
+    "maxPages",
+    "budgetBytes",
+    "maxSequences",
+  ], true);
   const layers = checkInt("layers", o.layers, 1, 4096);
   const kvHeads = checkInt("kvHeads", o.kvHeads, 1, 4096);
   const queryHeads = checkInt("queryHeads", o.queryHeads ?? kvHeads, 1, 4096 * 32);
@@ -210,44 +231,34 @@ const cacheRegistry = new FinalizationRegistry<CacheHeld>((held) => {
 });
 
 
-/** fp16's largest finite value rounds up from 65520 on: the cache stores fp16, so such a value would
- * become Inf in the window or the pages. */
-const F16_LIMIT = 65520;
+/** A K, V or q argument described once: a host typed array (by its internal slots) or a tensor. */
+interface Data {
+  dtype: DType;
+  length: number;
+  host?: HostView;
+  tensor?: TensorFacts;
+}
 
 /**
  * Rejects a finite value that fp16 cannot hold (NaN and Inf are left to the library's scan, which
  * reports them as KIVI_ERR_NONFINITE). Host arrays and the CPU backend's tensors (host memory) are
- * scanned; CUDA tensors are not (that scan belongs in the library's append).
+ * scanned here; the library's append scans CUDA tensors itself.
  */
-function checkFp16Range(name: string, x: unknown, dtype: DType, c: CacheConfig, n: number, layer: number): void {
-  if (dtype === "f16" || (isTensor(x) && x.backend.kind !== "cpu")) return;
-  const a = (isTensor(x) ? x.readSync() : x) as Float32Array | Uint16Array;
-  let at = -1;
-  if (dtype === "f32") {
-    for (let i = 0; i < a.length; i++) {
-      const m = Math.abs(a[i]);
-      if (m >= F16_LIMIT && m !== Infinity) {
-        at = i;
-        break;
-      }
-    }
-  } else {
-    // bf16 bits: finite magnitudes from 65536 (0x4780) up to the largest finite (0x7f7f).
-    for (let i = 0; i < a.length; i++) {
-      const m = a[i] & 0x7fff;
-      if (m >= 0x4780 && m < 0x7f80) {
-        at = i;
-        break;
-      }
-    }
+function checkFp16Range(backend: Backend, name: string, d: Data, c: CacheConfig, n: number, layer: number): void {
+  if (d.dtype === "f16" || (d.tensor && backend.kind !== "cpu")) return;
+  let a: Float32Array | Uint16Array;
+  if (d.host) a = plainView(d.host) as Float32Array | Uint16Array;
+  else {
+    a = d.dtype === "f32" ? new Float32Array(d.length) : new Uint16Array(d.length);
+    backend._download(a, d.tensor!.pointer("append"), d.tensor!.bytes, false);
   }
+  const at = firstBeyondFp16(a, d.dtype);
   if (at < 0) return;
   const row = c.kvHeads * c.headDim;
   const where = `layer ${layer === -1 ? Math.floor(at / (n * row)) : layer}, token ${Math.floor(at / row) % n}, ` +
     `head ${Math.floor((at % row) / c.headDim)}, channel ${at % c.headDim}`;
-  const value = dtype === "f32" ? a[at] : new Float32Array(new Uint32Array([a[at] << 16]).buffer)[0];
   throw new RangeError(
-    `${name} must hold values below ${F16_LIMIT} in magnitude (the cache stores fp16), got ${value} at index ${at} (${where}); scale it down`,
+    `${name} must hold values below ${F16_LIMIT} in magnitude (the cache stores fp16), got ${valueAt(a, d.dtype, at)} at index ${at} (${where}); scale it down`,
   );
 }
 
@@ -306,27 +317,31 @@ export class Sequence {
     return this.#id;
   }
 
-  /** @internal */
-  _id(op: string): number {
-    return this.#live(op);
+  /** @internal the cache of x when x is a Sequence (a brand check: a duck-typed object or a Proxy
+   * is not one), else undefined. */
+  static _cacheOf(x: unknown): KVCache | undefined {
+    return x !== null && typeof x === "object" && #id in x ? (x as Sequence).#cache : undefined;
   }
 
-  /** Appends tokens of keys and values ([tokens][kvHeads][headDim] for one layer). All or nothing.
-   * Host arrays work on either backend; on CUDA each is copied to the device first and the call
-   * waits for it, so a decode loop on the GPU passes `DeviceTensor`s. */
+  /** @internal the slot id of a live sequence (KIVI_ERR_STATE once freed), read from its private
+   * field right before the native call that uses it. */
+  static _liveId(s: Sequence, op: string): number {
+    return s.#live(op);
+  }
+
+  /** Appends tokens of keys and values ([tokens][kvHeads][headDim] for one layer). All or nothing. */
   append(k: Input, v: Input, opts: AppendOptions = {}): void {
-    if (opts === null || typeof opts !== "object") throw new TypeError(`opts must be an object, got ${show(opts)}`);
-    this.#cache._append(this.#live("append"), k, v, opts);
+    this.#cache._append(this, k, v, opts);
   }
 
   /** Tokens held in `layer` (pages + residual). */
   length(layer = 0): number {
-    return this.#cache._lengths(this.#live("length"), layer)[0];
+    return this.#cache._lengths(this, layer, "length")[0];
   }
 
   /** Tokens of `layer` that are in quantized pages. */
   quantizedLength(layer = 0): number {
-    return this.#cache._lengths(this.#live("quantizedLength"), layer)[1];
+    return this.#cache._lengths(this, layer, "quantizedLength")[1];
   }
 
   /** The block table: page ids in order. */
@@ -347,6 +362,17 @@ export class Sequence {
   }
 }
 
+/** Attention arguments, read and checked once (see KVCache.#attendArgs). */
+interface AttendArgs {
+  seqs: Sequence[];
+  q: Data;
+  scale: number;
+  dtype: DType;
+  trusted: boolean;
+  out?: Data & { buf: unknown };
+  n: number;
+}
+
 /**
  * A paged KV cache on a backend. Create it with `backend.createCache(options)`.
  *
@@ -364,17 +390,18 @@ export class Sequence {
  * ```
  */
 export class KVCache {
-  readonly config: CacheConfig;
+  #config: CacheConfig;
   #backend: Backend;
   #held: CacheHeld | undefined;
   #seqs = new Set<Sequence>();
 
   /** @internal use Backend.createCache */
   constructor(backend: Backend, options: CacheOptions) {
-    this.config = resolveCacheOptions(options);
+    const config = resolveCacheOptions(options);
+    this.#config = Object.freeze({ ...config, keys: Object.freeze({ ...config.keys }), values: Object.freeze({ ...config.values }) });
     const state = backend._retainState("createCache");
     const out = new BigUint64Array(1);
-    const cfg = configArray(this.config);
+    const cfg = configArray(this.#config);
     const st = state.lib.call("kivi_cache_create", state.ctx, state.lib.ptr(cfg), cfg.length, state.lib.ptr(out));
     if (st !== 0) {
       const msg = state.lib.call("kivi_ctx_last_error", state.ctx);
@@ -385,6 +412,11 @@ export class KVCache {
     this.#held = { state, handle: state.lib.pointerAt(out, 0) };
     cacheRegistry.register(this, this.#held, this);
     backend._adopt(this);
+  }
+
+  /** The resolved configuration (frozen). */
+  get config(): CacheConfig {
+    return this.#config;
   }
 
   /** The backend that owns the cache. */
@@ -413,6 +445,12 @@ export class KVCache {
     if (status !== 0) this.#backend._check(op, status);
   }
 
+  /** A Sequence of this cache (brand-checked), else a TypeError naming `name`. */
+  #own(name: string, s: unknown): Sequence {
+    if (Sequence._cacheOf(s) !== this) throw new TypeError(`${name} must be a Sequence of this cache, got ${show(s)}`);
+    return s as Sequence;
+  }
+
   /** Claims a sequence slot (KiviError KIVI_ERR_CAPACITY when all are taken). */
   createSequence(): Sequence {
     const { state, handle } = this.#live("createSequence");
@@ -432,9 +470,10 @@ export class KVCache {
   }
 
   /** @internal */
-  _lengths(id: number, layer: number): [number, number] {
-    const { state, handle } = this.#live("length");
-    checkInt("layer", layer, 0, this.config.layers - 1);
+  _lengths(seq: Sequence, layerArg: unknown, op: string): [number, number] {
+    const layer = checkInt("layer", layerArg, 0, this.#config.layers - 1);
+    const { state, handle } = this.#live(op);
+    const id = Sequence._liveId(seq, op);
     const len = new BigInt64Array(1), q = new BigInt64Array(1);
     this.#check(
       "kivi_cache_seq_length",
@@ -446,7 +485,7 @@ export class KVCache {
   /** @internal */
   _pages(id: number): Int32Array {
     const { state, handle } = this.#live("pages");
-    const pages = new Int32Array(this.config.maxPages);
+    const pages = new Int32Array(this.#config.maxPages);
     const n = new Int32Array(1);
     this.#check(
       "kivi_cache_seq_pages",
@@ -455,29 +494,46 @@ export class KVCache {
     return pages.slice(0, n[0]);
   }
 
-  #data(name: string, x: unknown, dtypeHint: DType | undefined, op: string, stage: Staging): { p: Pointer; dtype: DType; length: number } {
-    this.#live(op);
-    if (isTensor(x)) {
-      if (x.backend !== this.#backend) throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
-      const dtype = checkOneOf(`${name}.dtype`, x.dtype, ["f32", "f16", "bf16"] as const);
-      return { p: x.pointer(op), dtype, length: x.length };
+  /** Describes k, v or q once: dtype and length from a tensor's private fields or a typed array's
+   * internal slots; `hint` must fit a host array (f16 or bf16 for a Uint16Array). */
+  #data(name: string, x: unknown, hintName: string, hint: DType | undefined): Data {
+    const t = this.#backend._tensor(x);
+    if (t !== undefined) {
+      if (t.backend !== this.#backend) throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
+      const dtype = checkOneOf(`${name}.dtype`, t.dtype, ["f32", "f16", "bf16"] as const);
+      if (hint !== undefined && hint !== dtype) throw new TypeError(`${hintName} ${show(hint)} does not match ${name}, a ${dtype} tensor`);
+      return { dtype, length: t.length, tensor: t };
     }
-    if (!ArrayBuffer.isView(x)) throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
-    const dtype = dtypeOfHost(x, dtypeHint);
+    const v = hostView(name, x);
+    if (v === undefined) throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
+    const dtype = dtypeOfKind(v.kind, hint);
     if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
-      throw new TypeError(`${name} must be a Float32Array, Float16Array or Uint16Array, got ${show(x)}`);
+      throw new TypeError(`${name} must be a Float32Array, Float16Array or Uint16Array, got ${v.kind}`);
     }
-    return { p: stage.input(x as HostArray, dtype), dtype, length: (x as HostArray).length };
+    checkHint(hintName, hint, name, v.kind);
+    return { dtype, length: v.length, host: v };
+  }
+
+  /** The address of described data (after every argument was read); host arrays go through
+   * `stage` (copied to the device and, for an output, back by `stage.finish()` where the backend
+   * needs it). */
+  #ptr(d: Data, op: string, stage: Staging, write?: string): Pointer {
+    if (d.host) {
+      const plain = plainView(d.host) as HostArray;
+      return write === undefined ? stage.input(plain, d.dtype) : stage.output(plain, d.dtype);
+    }
+    return write === undefined ? d.tensor!.pointer(op) : d.tensor!.writePointer(op, write);
   }
 
   /** @internal */
-  _append(id: number, k: Input, v: Input, opts: AppendOptions): void {
-    const { state, handle } = this.#live("append");
-    const c = this.config;
-    const layer = opts.layer === undefined ? -1 : checkInt("layer", opts.layer, 0, c.layers - 1);
-    using stage = new Staging(this.#backend, "append");
-    const kd = this.#data("k", k, opts.dtype, "append", stage);
-    const vd = this.#data("v", v, opts.dtype, "append", stage);
+  _append(seq: Sequence, k: Input, v: Input, opts: AppendOptions): void {
+    const c = this.#config;
+    const o = readOptions("options", opts, ["layer", "dtype", "trusted"]);
+    const layer = o.layer === undefined ? -1 : checkInt("layer", o.layer, 0, c.layers - 1);
+    const hint = o.dtype === undefined ? undefined : checkOneOf("dtype", o.dtype, ["f32", "f16", "bf16"] as const);
+    const trusted = checkBool("trusted", o.trusted);
+    const kd = this.#data("k", k, "dtype", hint);
+    const vd = this.#data("v", v, "dtype", hint);
     if (kd.dtype !== vd.dtype) throw new TypeError(`k and v must have the same dtype, got ${kd.dtype} and ${vd.dtype}`);
     const row = c.kvHeads * c.headDim * (layer === -1 ? c.layers : 1);
     const what = layer === -1 ? `layers (${c.layers}) x kvHeads (${c.kvHeads}) x headDim (${c.headDim})` : `kvHeads (${c.kvHeads}) x headDim (${c.headDim})`;
@@ -486,68 +542,80 @@ export class KVCache {
     }
     if (vd.length !== kd.length) throw new TypeError(`v.length must equal k.length (${kd.length}), got ${vd.length}`);
     const n = kd.length / row;
-    if (!opts.trusted) {
-      checkFp16Range("k", k, kd.dtype, c, n, layer);
-      checkFp16Range("v", v, vd.dtype, c, n, layer);
+    if (n > 2 ** 31 - 1) throw new RangeError(`k must hold fewer than 2^31 tokens, got ${n}`);
+    const id = Sequence._liveId(seq, "append");
+    const { state, handle } = this.#live("append");
+    if (!trusted) {
+      checkFp16Range(this.#backend, "k", kd, c, n, layer);
+      checkFp16Range(this.#backend, "v", vd, c, n, layer);
     }
-    this.#check(
-      "kivi_cache_append",
-      state.lib.call("kivi_cache_append", handle, id, layer, kd.p, vd.p, dtypeCode[kd.dtype], n, opts.trusted ? 1 : 0),
-    );
+    using stage = new Staging(this.#backend, "append");
+    const pk = this.#ptr(kd, "append", stage), pv = this.#ptr(vd, "append", stage);
+    this.#check("kivi_cache_append", state.lib.call("kivi_cache_append", handle, id, layer, pk, pv, dtypeCode[kd.dtype], n, trusted ? 1 : 0));
   }
 
-  /** Checks attention arguments and resolves them to native ones (the output allocated where q lives). */
+  /** Reads and checks attention arguments once; no native handle is taken here. */
   #attendArgs(
-    op: string,
-    layer: number,
-    seqs: readonly Sequence[],
-    q: Input,
-    opts: { scale?: number; dtype?: DType; qDtype?: DType; out?: Buf<Mem, DType> },
-    stage: Staging,
-  ) {
-    this.#live(op);
-    const c = this.config;
-    checkInt("layer", layer, 0, c.layers - 1);
-    if (!Array.isArray(seqs) || seqs.length === 0) throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqs)}`);
-    const ids = Int32Array.from(seqs, (s, i) => {
-      if (!(s instanceof Sequence) || s.cache !== this) throw new TypeError(`seqs[${i}] must be a Sequence of this cache, got ${show(s)}`);
-      return s._id(op);
-    });
-    const qDtype = opts.qDtype === undefined ? undefined : checkOneOf("qDtype", opts.qDtype, ["f32", "f16", "bf16"] as const);
-    const qd = this.#data("q", q, qDtype, op, stage);
-    const n = ids.length * c.queryHeads * c.headDim;
+    layerArg: unknown,
+    seqsArg: unknown,
+    q: unknown,
+    o: { scale?: unknown; dtype?: unknown; qDtype?: unknown; out?: unknown; trusted?: unknown },
+  ): AttendArgs & { layer: number } {
+    const c = this.#config;
+    const layer = checkInt("layer", layerArg, 0, c.layers - 1);
+    const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once (after q's length agrees)
+    if (count === 0) throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
+    const qHint = o.qDtype === undefined ? undefined : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
+    const qd = this.#data("q", q, "qDtype", qHint);
+    const n = count * c.queryHeads * c.headDim;
     if (qd.length !== n) {
-      throw new TypeError(`q must hold batch (${ids.length}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`);
+      throw new TypeError(`q must hold batch (${count}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`);
     }
-    const scale = opts.scale ?? 1 / Math.sqrt(c.headDim);
+    const seqs: Sequence[] = [];
+    for (let i = 0; i < count; i++) seqs.push(this.#own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
+    const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
     if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
       throw new RangeError(`scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`);
     }
-    const dtype = checkOneOf("dtype", opts.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
-    let out: Buf<Mem, DType>;
-    let made: DeviceTensor | undefined;
-    if (opts.out !== undefined) {
-      const od = isTensor(opts.out) ? opts.out.dtype : dtypeOfHost(opts.out as HostArray, dtype);
-      const len = isTensor(opts.out) ? opts.out.length : (opts.out as HostArray).length;
-      if (od !== dtype || len !== n || isTensor(opts.out) !== isTensor(q)) {
-        throw new TypeError(`out must be a ${dtype} ${isTensor(q) ? "DeviceTensor" : "array"} of ${n} values like q`);
+    const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
+    const trusted = checkBool("trusted", o.trusted);
+    let out: AttendArgs["out"];
+    if (o.out !== undefined) {
+      const t = this.#backend._tensor(o.out);
+      const v = t === undefined ? hostView("out", o.out) : undefined;
+      const od = t ? t.dtype : v ? dtypeOfKind(v.kind, dtype) : undefined;
+      const len = t ? t.length : v?.length;
+      if ((t === undefined && v === undefined) || od !== dtype || len !== n || (t !== undefined) !== (qd.tensor !== undefined) || (t && t.backend !== this.#backend)) {
+        throw new TypeError(`out must be a ${dtype} ${qd.tensor ? "DeviceTensor" : "array"} of ${n} values like q`);
       }
-      out = opts.out;
-    } else if (isTensor(q)) {
-      out = made = this.#backend.alloc([ids.length, c.queryHeads, c.headDim], dtype);
-    } else {
-      out = hostArray(dtype, n);
+      if ((v && qd.host && overlaps(v, qd.host)) || (t && t.tensor === qd.tensor?.tensor)) {
+        throw new TypeError(`out must not share memory with q`);
+      }
+      out = { dtype, length: n, host: v, tensor: t, buf: o.out };
     }
-    const po = isTensor(out) ? out.writePointer(op, "out") : stage.output(out as HostArray, dtype);
-    return { ids, qd, scale, dtype, out, po, made };
+    return { layer, seqs, q: qd, scale, dtype, trusted, out, n };
+  }
+
+  /** Takes the native handles of attention arguments: live sequence ids, q's address and the
+   * output (the caller's, or one allocated where q lives). */
+  #attendBind(op: string, a: AttendArgs, stage: Staging) {
+    const ids = Int32Array.from(a.seqs, (s) => Sequence._liveId(s, op));
+    const pq = this.#ptr(a.q, op, stage);
+    if (a.out !== undefined) return { ids, pq, out: a.out.buf, po: this.#ptr(a.out, op, stage, "out"), made: undefined };
+    const c = this.#config;
+    if (a.q.tensor) {
+      const made = this.#backend.alloc([a.seqs.length, c.queryHeads, c.headDim], a.dtype);
+      return { ids, pq, out: made as unknown, po: this.#backend._tensor(made)!.pointer(op), made };
+    }
+    const out = hostArray(a.dtype, a.n);
+    return { ids, pq, out: out as unknown, po: stage.output(out, a.dtype), made: undefined };
   }
 
   /**
    * Decode attention of one layer for a batch of sequences: `softmax(q K^T * scale) V` over each
    * sequence's pages and residual, with q [batch][queryHeads][headDim] and scale 1/sqrt(headDim)
    * unless given. The result lives where q lives (f32 unless `dtype` says otherwise); a host
-   * Uint16Array q holds f16 unless `qDtype: "bf16"` says it holds bf16 bits. On CUDA a host q is
-   * copied to the device and the result back into a host array, and the call waits for the device.
+   * Uint16Array q holds f16 unless `qDtype: "bf16"` says it holds bf16 bits.
    */
   attend<X extends Input>(
     layer: number,
@@ -555,89 +623,101 @@ export class KVCache {
     q: X,
     opts: { scale?: number; dtype?: DType; qDtype?: DType; out?: Buf<MemOf<X>, DType>; trusted?: boolean } = {},
   ): Buf<MemOf<X>, DType> {
+    const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "trusted"]);
+    const a = this.#attendArgs(layer, seqs, q, o);
     const { state, handle } = this.#live("attend");
     using stage = new Staging(this.#backend, "attend");
-    const a = this.#attendArgs("attend", layer, seqs, q, opts, stage);
+    const b = this.#attendBind("attend", a, stage);
     const st = state.lib.call(
       "kivi_cache_attend",
       handle,
-      layer,
-      state.lib.ptr(a.ids),
-      a.ids.length,
-      a.qd.p,
-      dtypeCode[a.qd.dtype],
+      a.layer,
+      state.lib.ptr(b.ids),
+      b.ids.length,
+      b.pq,
+      dtypeCode[a.q.dtype],
       a.scale,
-      opts.trusted ? 1 : 0,
-      a.po,
+      a.trusted ? 1 : 0,
+      b.po,
       dtypeCode[a.dtype],
     );
     if (st !== 0) {
-      a.made?.dispose();
+      b.made?.dispose();
       this.#check("kivi_cache_attend", st);
     }
     stage.finish();
-    return a.out as Buf<MemOf<X>, DType>;
+    return b.out as Buf<MemOf<X>, DType>;
   }
 
   /** Milliseconds per `attend` call, timed inside the library over `iters` back-to-back calls after
-   * a warm-up (CUDA events on the GPU), so FFI and argument checks are not in the figure. */
-  benchAttend(layer: number, seqs: readonly Sequence[], q: Input, opts: { iters?: number; scale?: number } = {}): number {
+   * a validating call (q scanned for NaN/Inf, every argument checked), so FFI and argument checks
+   * are not in the figure. */
+  benchAttend(
+    layer: number,
+    seqs: readonly Sequence[],
+    q: Input,
+    opts: { iters?: number; scale?: number; qDtype?: DType } = {},
+  ): number {
+    const o = readOptions("options", opts, ["iters", "scale", "qDtype"]);
+    const iters = checkInt("iters", o.iters ?? 20, 1, 1 << 20);
+    const a = this.#attendArgs(layer, seqs, q, o);
     const { state, handle } = this.#live("benchAttend");
-    const iters = checkInt("iters", opts.iters ?? 20, 1, 1 << 20);
     using stage = new Staging(this.#backend, "benchAttend");
-    const a = this.#attendArgs("benchAttend", layer, seqs, q, opts, stage);
-    const ms = new Float32Array(1);
-    const st = state.lib.call(
-      "kivi_cache_bench_attend",
-      handle,
-      layer,
-      state.lib.ptr(a.ids),
-      a.ids.length,
-      a.qd.p,
-      dtypeCode[a.qd.dtype],
-      a.scale,
-      a.po,
-      dtypeCode[a.dtype],
-      iters,
-      state.lib.ptr(ms),
-    );
-    a.made?.dispose();
-    this.#check("kivi_cache_bench_attend", st);
-    return ms[0];
+    const b = this.#attendBind("benchAttend", a, stage);
+    const args = [handle, a.layer, state.lib.ptr(b.ids), b.ids.length, b.pq, dtypeCode[a.q.dtype], a.scale] as const;
+    try {
+      // The library's own warm-up trusts q; this call validates it (and everything else) first.
+      this.#check("kivi_cache_attend", state.lib.call("kivi_cache_attend", ...args, 0, b.po, dtypeCode[a.dtype]));
+      const ms = new Float32Array(1);
+      this.#check(
+        "kivi_cache_bench_attend",
+        state.lib.call("kivi_cache_bench_attend", ...args, b.po, dtypeCode[a.dtype], iters, state.lib.ptr(ms)),
+      );
+      return ms[0];
+    } finally {
+      b.made?.dispose();
+    }
   }
 
   /** The dequantized keys and values of a sequence in one layer, [length][kvHeads][headDim], as the
    * attention kernel sees them (host arrays on the CPU backend, tensors on CUDA). */
   read(seq: Sequence, layer: number, dtype: DType = "f32"): { keys: HostArray | DeviceTensor; values: HostArray | DeviceTensor } {
-    const { state, handle } = this.#live("read");
-    if (!(seq instanceof Sequence) || seq.cache !== this) throw new TypeError(`seq must be a Sequence of this cache, got ${show(seq)}`);
+    const s = this.#own("seq", seq);
     checkOneOf("dtype", dtype, ["f32", "f16", "bf16"] as const);
-    const id = seq._id("read");
-    const len = this._lengths(id, layer)[0];
-    const n = len * this.config.kvHeads * this.config.headDim;
+    const l = checkInt("layer", layer, 0, this.#config.layers - 1);
+    const [len] = this._lengths(s, l, "read");
+    const { state, handle } = this.#live("read");
+    const id = Sequence._liveId(s, "read");
+    const c = this.#config;
+    const n = len * c.kvHeads * c.headDim;
     if (n === 0) return { keys: hostArray(dtype, 0), values: hostArray(dtype, 0) };
     const onHost = this.#backend.kind === "cpu";
-    const k = onHost ? hostArray(dtype, n) : this.#backend.alloc([len, this.config.kvHeads, this.config.headDim], dtype);
-    const v = onHost ? hostArray(dtype, n) : this.#backend.alloc([len, this.config.kvHeads, this.config.headDim], dtype);
-    const ptr = (x: HostArray | DeviceTensor) => (isTensor(x) ? x.pointer("read") : state.lib.ptr(x));
-    const st = state.lib.call("kivi_cache_read", handle, id, layer, ptr(k), ptr(v), dtypeCode[dtype]);
+    const k = onHost ? hostArray(dtype, n) : this.#backend.alloc([len, c.kvHeads, c.headDim], dtype);
+    const v = onHost ? hostArray(dtype, n) : this.#backend.alloc([len, c.kvHeads, c.headDim], dtype);
+    const ptr = (x: HostArray | DeviceTensor) => (onHost ? state.lib.ptr(x as HostArray) : this.#backend._tensor(x)!.pointer("read"));
+    const st = state.lib.call("kivi_cache_read", handle, id, l, ptr(k), ptr(v), dtypeCode[dtype]);
     if (st !== 0) {
-      if (isTensor(k)) k.dispose();
-      if (isTensor(v)) v.dispose();
+      if (!onHost) (k as DeviceTensor).dispose();
+      if (!onHost) (v as DeviceTensor).dispose();
       this.#check("kivi_cache_read", st);
     }
     return { keys: k, values: v };
   }
 
-  /** Bytes of codes, params, residual and tables; bits per value stored; ratio to fp16. */
+  /** Bytes of codes, params, residual and tables; bits per value (of the pages in use, and of the
+   * tokens held); ratio to fp16. */
   memory(): CacheMemory {
     const { state, handle } = this.#live("memory");
     const r = new BigUint64Array(9);
     this.#check("kivi_cache_memory", state.lib.call("kivi_cache_memory", handle, state.lib.ptr(r), r.length));
     const [codeBytes, paramBytes, residualBytes, tableBytes, poolBytes, pagesUsed, pagesTotal, tokens, quantizedTokens] =
       Array.from(r, Number);
-    const values = tokens * this.config.kvHeads * this.config.headDim * 2; // K and V
+    const c = this.#config;
+    const perToken = c.kvHeads * c.headDim; // values of K (and of V) per token and layer
+    const values = tokens * perToken * 2; // K and V
     const stored = codeBytes + paramBytes + residualBytes;
+    const rate = (f: CacheConfig["keys"]) => (f.bits === 16 ? 16 : bitsPerValue(f.kind === "uniform" ? { kind: "uniform", bits: f.bits, group: f.group } : { kind: "codebook", bits: f.bits, group: f.group }));
+    const held = quantizedTokens * perToken * (rate(c.keys) + rate(c.values)) + (tokens - quantizedTokens) * perToken * 32;
     return {
       codeBytes,
       paramBytes,
@@ -649,6 +729,7 @@ export class KVCache {
       tokens,
       quantizedTokens,
       bitsPerValue: values === 0 ? 0 : (stored * 8) / values,
+      heldBitsPerValue: values === 0 ? 0 : held / values,
       ratioToFp16: values === 0 ? 0 : (stored + tableBytes) / (values * 2),
     };
   }

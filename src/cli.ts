@@ -53,6 +53,78 @@ const FLAGS: Record<string, "value" | "switch"> = {
 };
 const COMMANDS = ["info", "demo", "bench", "accuracy", "help"];
 
+/** The demo's own options: each a decimal integer in its range. */
+const DEMO_FLAGS: Record<string, [min: number, max: number]> = {
+  layers: [1, 4096],
+  heads: [1, 4096],
+  "kv-heads": [1, 4096],
+  prompt: [1, 1 << 20],
+  steps: [1, 1 << 20],
+  seed: [0, 2 ** 32 - 1],
+};
+
+/** The demo's shape; a field left undefined takes the backend's default (see {@link demoShape}). */
+export interface DemoOptions {
+  layers?: number;
+  heads?: number;
+  kvHeads?: number;
+  prompt?: number;
+  steps?: number;
+  seed?: number;
+}
+
+/** Reads the demo's options (`--layers N` ...; `--backend` and `--json` are left to the caller);
+ * anything else, a value that is not a decimal integer in range, or query heads that are not a
+ * multiple of the KV heads (at most 32 times them) is a UsageError. */
+export function parseDemoOptions(argv: readonly string[]): DemoOptions {
+  const o: DemoOptions = {};
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const name = a.startsWith("--") ? a.slice(2) : undefined;
+    if (name === "json") continue;
+    if (name === "backend") {
+      i++;
+      continue;
+    }
+    const range = name === undefined ? undefined : DEMO_FLAGS[name];
+    if (range === undefined) throw new UsageError(`unknown demo option "${a}"; expected one of ${Object.keys(DEMO_FLAGS).map((f) => `--${f}`).join(", ")}`);
+    const v = argv[++i];
+    if (v === undefined || v.startsWith("--")) throw new UsageError(`option ${a} needs a value`);
+    const n = Number(v);
+    if (!/^[0-9]+$/.test(v) || n < range[0] || n > range[1]) {
+      throw new UsageError(`${a} must be an integer from ${range[0]} to ${range[1]}, got "${v}"`);
+    }
+    const key = name === "kv-heads" ? "kvHeads" : name as keyof DemoOptions;
+    o[key] = n;
+  }
+  if (o.heads !== undefined && o.kvHeads !== undefined) checkHeads(o.heads, o.kvHeads);
+  return o;
+}
+
+function checkHeads(heads: number, kvHeads: number): void {
+  if (heads % kvHeads !== 0 || heads / kvHeads > 32) {
+    throw new UsageError(`--heads (${heads}) must be a multiple of --kv-heads (${kvHeads}), at most 32 times it`);
+  }
+}
+
+/** The demo's shape on a backend: on CUDA 32 layers x 32 heads (as many KV heads), prompt 1024, 64
+ * steps; on the CPU 4 layers x 16 query / 4 KV heads (as many KV heads as query heads when those are
+ * not a multiple of 4), prompt 512, 32 steps. A UsageError when the heads given and the defaults do
+ * not fit together. */
+export function demoShape(o: DemoOptions, gpu: boolean): Required<DemoOptions> {
+  const heads = o.heads ?? (gpu ? 32 : 16);
+  const kvHeads = o.kvHeads ?? (gpu || heads % 4 !== 0 ? heads : 4);
+  checkHeads(heads, kvHeads);
+  return {
+    layers: o.layers ?? (gpu ? 32 : 4),
+    heads,
+    kvHeads,
+    prompt: o.prompt ?? (gpu ? 1024 : 512),
+    steps: o.steps ?? (gpu ? 64 : 32),
+    seed: o.seed ?? 42,
+  };
+}
+
 /** Parses argv (without the runtime and script). Demo options pass through untouched. */
 export function parseCli(argv: string[]): Parsed {
   const [command = "help", ...args] = argv;
@@ -64,7 +136,8 @@ export function parseCli(argv: string[]): Parsed {
     const a = args[i];
     if (!a.startsWith("--")) throw new UsageError(`unexpected argument "${a}"; options start with --`);
     const name = a.slice(2);
-    const kind = FLAGS[name];
+    // --tokens and --seed are accuracy's; the demo reads its own options (--seed among them).
+    const kind = (name === "tokens" || name === "seed") && command !== "accuracy" ? undefined : FLAGS[name];
     if (kind === undefined) {
       if (command !== "demo") throw new UsageError(`unknown option "${a}" for ${command}`);
       rest.push(a);
@@ -82,8 +155,11 @@ export function parseCli(argv: string[]): Parsed {
   if (!["auto", "cpu", "cuda"].includes(backend)) throw new UsageError(`--backend must be auto, cpu or cuda, got "${backend}"`);
   for (const n of ["tokens", "seed"]) {
     const v = flags.get(n);
-    if (v !== undefined && !(Number.isInteger(Number(v)) && Number(v) > 0)) throw new UsageError(`--${n} must be a positive integer, got "${v}"`);
+    if (v !== undefined && !(/^[0-9]+$/.test(v) && Number(v) > 0 && Number(v) <= 2 ** 20)) {
+      throw new UsageError(`--${n} must be a positive integer, got "${v}" (at most ${2 ** 20})`);
+    }
   }
+  if (command === "demo") parseDemoOptions(rest);
   return { command, flags, rest };
 }
 
@@ -266,8 +342,10 @@ export async function main(argv: string[], out = (s: string) => console.log(s), 
         await accuracy(p, out, progress);
         return 0;
       case "demo":
+        (await open(p)).dispose(); // a backend that cannot open is one line here, not the script's trace
         return runScript("demo.ts", [...backendArgs, ...(p.flags.has("json") ? ["--json"] : []), ...p.rest]);
       case "bench":
+        (await open(p)).dispose();
         return bench(backendArgs, p.flags.has("json"), out);
     }
   } catch (e) {

@@ -6,12 +6,24 @@
  *
  * @module
  */
-import type { Pointer } from "./ffi/_native.ts";
+import type { NativeLib, Pointer } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
-import type { Backend, DeviceTensor } from "./backend.ts";
-import { checkInt, checkOneOf, checkShape, isTensor, show } from "./_checks.ts";
-import { type DType, dtypeCode, dtypeOfHost, type HostArray, hostArray, type HostOf, type TensorDType } from "./_dtype.ts";
+import type { Backend, DeviceTensor, TensorFacts } from "./backend.ts";
 import { Staging } from "./_staging.ts";
+import { checkBool, checkInt, checkOneOf, checkShape, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
+import {
+  checkHint,
+  type DType,
+  dtypeCode,
+  dtypeOfKind,
+  F16_LIMIT,
+  firstBeyondFp16,
+  type HostArray,
+  hostArray,
+  type HostOf,
+  type TensorDType,
+  valueAt,
+} from "./_dtype.ts";
 
 /** Grouping axis: "token" groups G consecutive tokens of one channel (keys, KIVI's per-channel
  * quantization); "channel" groups G consecutive channels of one token (values, per-token). */
@@ -154,11 +166,16 @@ export function resolveFormat(format: Format, name = "format"): ResolvedFormat {
   if (format === null || typeof format !== "object") {
     throw new TypeError(`${name} must be an object such as { kind: "uniform", bits: 2 }, got ${show(format)}`);
   }
-  const kind = checkOneOf(`${name}.kind`, format.kind, ["uniform", "codebook"] as const);
-  const bits = checkOneOf(`${name}.bits`, format.bits, BITS);
-  const group = checkOneOf(`${name}.group`, format.group ?? 32, GROUPS);
-  if (kind === "uniform") return { kind, bits, group };
-  const f = format as Extract<Format, { kind: "codebook" }>;
+  const f = readOptions(name, format, ["kind", "bits", "group", "fit", "iterations", "assign"]);
+  const kind = checkOneOf(`${name}.kind`, f.kind, ["uniform", "codebook"] as const);
+  const bits = checkOneOf(`${name}.bits`, f.bits, BITS);
+  const group = checkOneOf(`${name}.group`, f.group ?? 32, GROUPS);
+  if (kind === "uniform") {
+    for (const k of ["fit", "iterations", "assign"] as const) {
+      if (f[k] !== undefined) throw new TypeError(`${name}.${k} is an option of the codebook format, not of "uniform"`);
+    }
+    return { kind, bits, group };
+  }
   return {
     kind,
     bits,
@@ -211,49 +228,102 @@ export function bitsPerValue(format: Format): number {
   return f.bits + paramBits / f.group;
 }
 
+/** A buffer of one call, described once: a host typed array (by its internal slots) or a tensor. */
+interface Slot {
+  readonly name: string;
+  readonly dtype: TensorDType;
+  readonly length: number;
+  readonly host?: HostView;
+  readonly tensor?: TensorFacts;
+  /** An output the call allocates at bind(). */
+  readonly make?: boolean;
+  readonly out: boolean;
+  p?: Pointer;
+  buf?: unknown;
+}
+
+
 /**
- * One native call: resolves inputs to addresses, allocates (or checks) outputs where the input
- * lives, and disposes what it allocated if the call fails, so a failed call leaves nothing behind.
- * Host arrays are staged through device memory where the backend needs it (`using` frees that).
+ * One native call, in two phases. First every argument is recorded and checked (types, sizes,
+ * overlaps) as plain values: whatever user code the arguments hold (getters, Proxies) has run by
+ * then. Then bind() takes the native handles (the backend's context, tensor addresses, liveness) and
+ * allocates the outputs, and the export runs with nothing of the caller's in between. A failed call
+ * disposes what it allocated, so it leaves nothing behind.
  */
 class Call<M extends Mem> {
-  readonly lib;
-  readonly ctx;
+  lib!: NativeLib;
+  ctx!: Pointer;
+  #slots: Slot[] = [];
   #made: DeviceTensor[] = [];
-  #stage: Staging;
+  /** Host arrays staged through device memory where the backend needs it (`using` frees that). */
+  readonly #stage: Staging;
 
   constructor(readonly kivi: Backend, readonly mem: M, readonly op: string) {
-    const n = kivi._native(op);
-    this.lib = n.lib;
-    this.ctx = n.ctx;
     this.#stage = new Staging(kivi, op);
   }
 
-  /** Address of an input buffer (host array or tensor) of `length` elements of `dtype`. */
-  input(name: string, x: unknown, dtype: TensorDType, length: number): Pointer {
-    this.#checkBuf(name, x, dtype, length);
-    return isTensor(x) ? x.pointer(this.op) : this.#stage.input(x as HostArray, dtype);
+  /** Records an input buffer (host array or tensor) of `length` elements of `dtype`. */
+  input(name: string, x: unknown, dtype: TensorDType, length: number): number {
+    return this.#add({ name, dtype, length, out: false, ...this.#describe(name, x, dtype, length) });
   }
 
-  /** Address of an output: the caller's buffer (checked) or a new one. */
-  output<D extends TensorDType>(name: string, dtype: D, length: number, given?: Buf<M, D>): [Buf<M, D>, Pointer] {
-    if (given !== undefined) {
-      this.#checkBuf(`out.${name}`, given, dtype, length);
-      return [given, isTensor(given) ? given.writePointer(this.op, `out.${name}`) : this.#stage.output(given as HostArray, dtype)];
+  /** Records an output: the caller's buffer (checked, and not sharing memory with any buffer
+   * recorded before it) or, when none is given, a new one made at bind(). */
+  output(name: string, dtype: TensorDType, length: number, given?: unknown): number {
+    if (given === undefined) return this.#add({ name: `out.${name}`, dtype, length, out: true, make: true });
+    const slot: Slot = { name: `out.${name}`, dtype, length, out: true, ...this.#describe(`out.${name}`, given, dtype, length) };
+    for (const o of this.#slots) {
+      const shared = slot.host && o.host ? overlaps(slot.host, o.host) : slot.tensor !== undefined && slot.tensor.tensor === o.tensor?.tensor;
+      if (shared) throw new TypeError(`${slot.name} must not share memory with ${o.name}`);
     }
-    if (this.mem === "host") {
-      const a = hostArray(dtype, length);
-      return [a as Buf<M, D>, this.#stage.output(a, dtype)];
+    return this.#add(slot);
+  }
+
+  /** Takes the native handles and allocates the outputs; call it after every argument was read. */
+  bind(): void {
+    const n = this.kivi._native(this.op);
+    this.lib = n.lib;
+    this.ctx = n.ctx;
+    try {
+      for (const s of this.#slots) {
+        if (s.host) {
+          s.buf = s.host.view;
+          const plain = plainView(s.host) as HostArray;
+          s.p = s.out ? this.#stage.output(plain, s.dtype) : this.#stage.input(plain, s.dtype);
+        } else if (s.tensor) {
+          s.buf = s.tensor.tensor;
+          s.p = s.out ? s.tensor.writePointer(this.op, s.name) : s.tensor.pointer(this.op);
+        } else if (this.mem === "host") {
+          const a = hostArray(s.dtype, s.length);
+          s.buf = a;
+          s.p = this.#stage.output(a, s.dtype);
+        } else {
+          const t = this.kivi.alloc([s.length], s.dtype);
+          this.#made.push(t as DeviceTensor);
+          s.buf = t;
+          s.p = this.kivi._tensor(t)!.pointer(this.op);
+        }
+      }
+    } catch (e) {
+      this.#dispose();
+      throw e;
     }
-    const t = this.kivi.alloc([length], dtype);
-    this.#made.push(t as DeviceTensor);
-    return [t as Buf<M, D>, t.pointer(this.op)];
+  }
+
+  /** The address of slot i (after bind). */
+  ptr(i: number): Pointer {
+    return this.#slots[i].p!;
+  }
+
+  /** The buffer of slot i (after bind): the caller's or the one made. */
+  buf<B>(i: number): B {
+    return this.#slots[i].buf as B;
   }
 
   /** Runs the export; on failure frees what this call allocated and throws. */
   run<K extends SymbolName>(name: K, status: number): void {
     if (status === 0) return this.#stage.finish();
-    for (const t of this.#made) t.dispose();
+    this.#dispose();
     this.kivi._check(name, status);
   }
 
@@ -262,57 +332,100 @@ class Call<M extends Mem> {
     this.#stage[Symbol.dispose]();
   }
 
-  #checkBuf(name: string, x: unknown, dtype: TensorDType, length: number): void {
+  #dispose(): void {
+    for (const t of this.#made) t.dispose();
+    this.#made = [];
+  }
+
+  #add(s: Slot): number {
+    this.#slots.push(s);
+    return this.#slots.length - 1;
+  }
+
+  #describe(name: string, x: unknown, dtype: TensorDType, length: number): { host?: HostView; tensor?: TensorFacts } {
     if (this.mem === "device") {
-      if (!isTensor(x)) throw new TypeError(`${name} must be a DeviceTensor like the input, got ${show(x)}`);
-      if (x.backend !== this.kivi) {
+      const t = this.kivi._tensor(x);
+      if (t === undefined) throw new TypeError(`${name} must be a DeviceTensor like the input, got ${show(x)}`);
+      if (t.backend !== this.kivi) {
         throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
       }
-      if (x.dtype !== dtype && !(dtype === "f16" && x.dtype === "u16")) {
-        throw new TypeError(`${name} must have dtype ${show(dtype)}, got ${show(x.dtype)}`);
+      if (t.dtype !== dtype && !(dtype === "f16" && t.dtype === "u16")) {
+        throw new TypeError(`${name} must have dtype ${show(dtype)}, got ${show(t.dtype)}`);
       }
-      if (x.length !== length) throw new TypeError(`${name} must have ${length} elements, got ${x.length}`);
-      return;
+      if (t.length !== length) throw new TypeError(`${name} must have ${length} elements, got ${t.length}`);
+      return { tensor: t };
     }
-    if (isTensor(x) || !ArrayBuffer.isView(x)) {
-      throw new TypeError(`${name} must be a host typed array like the input, got ${show(x)}`);
-    }
-    const d = dtypeOfHost(x, dtype);
-    if (d !== dtype) throw new TypeError(`${name} must be a ${dtype} array, got ${show(x)}`);
-    if ((x as HostArray).length !== length) {
-      throw new TypeError(`${name} must have ${length} elements, got ${(x as HostArray).length}`);
-    }
+    const v = this.kivi._tensor(x) === undefined ? hostView(name, x) : undefined;
+    if (v === undefined) throw new TypeError(`${name} must be a host typed array like the input, got ${show(x)}`);
+    if (dtypeOfKind(v.kind, dtype) !== dtype) throw new TypeError(`${name} must be a ${dtype} array, got ${v.kind}`);
+    if (v.length !== length) throw new TypeError(`${name} must have ${length} elements, got ${v.length}`);
+    return { host: v };
   }
 }
 
-/** Resolves where x lives, its dtype and its [rows, cols], checking them against the backend. */
-function describeInput(kivi: Backend, x: unknown, opts: InputOptions, name = "x") {
-  if (isTensor(x)) {
-    const t = x;
+/** An input described once: where it lives, its dtype and [rows, cols], and the buffer itself. */
+interface Described {
+  mem: Mem;
+  dtype: DType;
+  shape: [number, number];
+  host?: HostView;
+  tensor?: TensorFacts;
+}
+
+/** Resolves where x lives, its dtype and its [rows, cols], checking them against the backend; the
+ * dtype hint must fit (a Uint16Array holds f16 or bf16 bits; any other array or tensor its own). */
+function describeInput(kivi: Backend, x: unknown, shapeOpt: unknown, hintOpt: unknown, name = "x"): Described {
+  const hint = hintOpt === undefined ? undefined : checkOneOf("dtype", hintOpt, ["f32", "f16", "bf16"] as const);
+  const t = kivi._tensor(x);
+  if (t !== undefined) {
     if (t.backend !== kivi) throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
     const dtype = checkOneOf(`${name}.dtype`, t.dtype, ["f32", "f16", "bf16"] as const);
+    if (hint !== undefined && hint !== dtype) throw new TypeError(`dtype ${show(hint)} does not match ${name}, a ${dtype} tensor`);
     const cols = t.shape[t.shape.length - 1];
-    const shape: [number, number] = t.shape.length === 1 ? [1, cols] : [t.length / cols, cols];
-    if (opts.shape !== undefined) {
-      const s = checkShape("shape", opts.shape);
-      if (s[0] * s[1] !== t.length) {
-        throw new TypeError(`shape ${show(s)} must hold the tensor's ${t.length} elements`);
+    let shape: [number, number] = t.shape.length === 1 ? [1, cols] : [t.length / cols, cols];
+    if (shapeOpt !== undefined) {
+      shape = checkShape("shape", shapeOpt);
+      if (shape[0] * shape[1] !== t.length) {
+        throw new TypeError(`shape ${show(shape)} must hold the tensor's ${t.length} elements`);
       }
-      return { mem: "device" as const, dtype, shape: s };
     }
-    return { mem: "device" as const, dtype, shape };
+    return { mem: "device", dtype, shape, tensor: t };
   }
-  if (!ArrayBuffer.isView(x)) throw new TypeError(`${name} must be a Float32Array, Float16Array, Uint16Array or DeviceTensor, got ${show(x)}`);
-  const dtype = dtypeOfHost(x, opts.dtype);
+  const v = hostView(name, x);
+  if (v === undefined) throw new TypeError(`${name} must be a Float32Array, Float16Array, Uint16Array or DeviceTensor, got ${show(x)}`);
+  const dtype = dtypeOfKind(v.kind, hint);
   if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
-    throw new TypeError(`${name} must be a Float32Array, Float16Array or Uint16Array, got ${show(x)}`);
+    throw new TypeError(`${name} must be a Float32Array, Float16Array or Uint16Array, got ${v.kind}`);
   }
-  if (opts.shape === undefined) throw new TypeError(`shape must be given as [rows, cols] for a host array`);
-  const shape = checkShape("shape", opts.shape);
-  if (shape[0] * shape[1] !== (x as HostArray).length) {
-    throw new TypeError(`shape ${show(shape)} must hold ${name}'s ${(x as HostArray).length} elements`);
+  checkHint("dtype", hint, name, v.kind);
+  if (shapeOpt === undefined) throw new TypeError(`shape must be given as [rows, cols] for a host array`);
+  const shape = checkShape("shape", shapeOpt);
+  if (shape[0] * shape[1] !== v.length) {
+    throw new TypeError(`shape ${show(shape)} must hold ${name}'s ${v.length} elements`);
   }
-  return { mem: "host" as const, dtype, shape };
+  return { mem: "host", dtype, shape, host: v };
+}
+
+/**
+ * The quantizers store fp16 params (scale and zero, centroids), so a finite f32 or bf16 value fp16
+ * cannot hold (|x| >= 65520) is refused, as the cache refuses it: a RangeError here for host arrays
+ * and the CPU backend's tensors (host memory); the library's own scan reports it for CUDA tensors.
+ */
+function checkFp16Range(kivi: Backend, op: string, d: Described, name = "x"): void {
+  if (d.dtype === "f16" || (d.tensor && kivi.kind !== "cpu")) return;
+  let a: Float32Array | Uint16Array;
+  if (d.host) a = plainView(d.host) as Float32Array | Uint16Array;
+  else {
+    a = d.dtype === "f32" ? new Float32Array(d.tensor!.length) : new Uint16Array(d.tensor!.length);
+    kivi._download(a, d.tensor!.pointer(op), d.tensor!.bytes, false);
+  }
+  const at = firstBeyondFp16(a, d.dtype);
+  if (at < 0) return;
+  const cols = d.shape[1];
+  throw new RangeError(
+    `${name} must hold values below ${F16_LIMIT} in magnitude (fp16 params), got ${valueAt(a, d.dtype, at)} at index ${at} ` +
+      `(row ${Math.floor(at / cols)}, col ${at % cols}); scale it down, or pass trusted: true to have it saturate`,
+  );
 }
 
 function checkGrouping(shape: readonly [number, number], axis: Axis, group: number): void {
@@ -322,60 +435,79 @@ function checkGrouping(shape: readonly [number, number], axis: Axis, group: numb
   }
 }
 
-function flags(trusted: boolean | undefined): number {
+function flags(trusted: boolean): number {
   return trusted ? 1 : 0;
 }
 
+const AXES = ["token", "channel"] as const;
+
 /** Block statistics per group (see {@link BlockStats}). */
 export function stats<X extends Input>(kivi: Backend, x: X, opts: StatsOptions<MemOf<X>>): BlockStats<MemOf<X>> {
-  const { mem, dtype, shape } = describeInput(kivi, x, opts);
-  const axis = checkOneOf("axis", opts.axis, ["token", "channel"] as const);
-  const group = checkOneOf("group", opts.group ?? 32, GROUPS);
+  const o = readOptions("options", opts, ["shape", "dtype", "axis", "group", "out"], true);
+  const out = readOptions("out", o.out, ["stats", "nonfinite"]);
+  const d = describeInput(kivi, x, o.shape, o.dtype);
+  const { dtype, shape } = d;
+  const axis = checkOneOf("axis", o.axis, AXES);
+  const group = checkOneOf("group", o.group ?? 32, GROUPS);
   checkGrouping(shape, axis, group);
   const groups = groupCount(shape, axis, group);
-  using c = new Call(kivi, mem as MemOf<X>, "stats");
-  const px = c.input("x", x, dtype, shape[0] * shape[1]);
-  const [st, pst] = c.output("stats", "f32", groups * 4, opts.out?.stats);
-  const [nf, pnf] = c.output("nonfinite", "i32", groups, opts.out?.nonfinite);
+  using c = new Call(kivi, d.mem as MemOf<X>, "stats");
+  const ix = c.input("x", x, dtype, shape[0] * shape[1]);
+  const ist = c.output("stats", "f32", groups * 4, out.stats);
+  const inf = c.output("nonfinite", "i32", groups, out.nonfinite);
+  c.bind();
   c.run(
     "kivi_stats_block",
-    c.lib.call("kivi_stats_block", c.ctx, px, dtypeCode[dtype], shape[0], shape[1], axisCode[axis], group, pst, pnf),
+    c.lib.call("kivi_stats_block", c.ctx, c.ptr(ix), dtypeCode[dtype], shape[0], shape[1], axisCode[axis], group, c.ptr(ist), c.ptr(inf)),
   );
-  return { groups, stats: st, nonfinite: nf };
+  return { groups, stats: c.buf(ist), nonfinite: c.buf(inf) };
 }
 
 /** Quantizes and packs x in one pass (codebook: fit, then quantize against the fp16 centroids). */
 export function quantize<X extends Input>(kivi: Backend, x: X, opts: QuantizeOptions<MemOf<X>>): Quantized<MemOf<X>> {
-  const { mem, dtype, shape } = describeInput(kivi, x, opts);
-  const axis = checkOneOf("axis", opts.axis, ["token", "channel"] as const);
-  const format = resolveFormat(opts.format);
+  const o = readOptions("options", opts, ["shape", "dtype", "axis", "format", "trusted", "out"], true);
+  const format = resolveFormat(o.format as Format);
+  const out = readOptions("out", o.out, ["codes", "scale", "zero", "centroids"]);
+  for (const k of format.kind === "uniform" ? ["centroids"] as const : ["scale", "zero"] as const) {
+    if (out[k] !== undefined) throw new TypeError(`out.${k} is not an output of the ${format.kind} format`);
+  }
+  const trusted = checkBool("trusted", o.trusted);
+  const d = describeInput(kivi, x, o.shape, o.dtype);
+  const { dtype, shape } = d;
+  const axis = checkOneOf("axis", o.axis, AXES);
   checkGrouping(shape, axis, format.group);
   const groups = groupCount(shape, axis, format.group);
-  using c = new Call(kivi, mem as MemOf<X>, "quantize");
-  const px = c.input("x", x, dtype, shape[0] * shape[1]);
-  const [codes, pc] = c.output("codes", "u32", wordCount(shape, format.bits), opts.out?.codes);
-  const common = [c.ctx, px, dtypeCode[dtype], shape[0], shape[1], axisCode[axis], format.group, format.bits] as const;
+  using c = new Call(kivi, d.mem as MemOf<X>, "quantize");
+  const ix = c.input("x", x, dtype, shape[0] * shape[1]);
+  const icodes = c.output("codes", "u32", wordCount(shape, format.bits), out.codes);
+  const dims = [dtypeCode[dtype], shape[0], shape[1], axisCode[axis], format.group, format.bits] as const;
   if (format.kind === "uniform") {
-    const [scale, ps] = c.output("scale", "f16", groups, opts.out?.scale);
-    const [zero, pz] = c.output("zero", "f16", groups, opts.out?.zero);
-    c.run("kivi_uniform_quantize", c.lib.call("kivi_uniform_quantize", ...common, flags(opts.trusted), pc, ps, pz));
-    return { format, axis, shape, groups, codes, scale, zero };
+    const is = c.output("scale", "f16", groups, out.scale);
+    const iz = c.output("zero", "f16", groups, out.zero);
+    if (!trusted) checkFp16Range(kivi, "quantize", d);
+    c.bind();
+    c.run("kivi_uniform_quantize", c.lib.call("kivi_uniform_quantize", c.ctx, c.ptr(ix), ...dims, flags(trusted), c.ptr(icodes), c.ptr(is), c.ptr(iz)));
+    return { format, axis, shape, groups, codes: c.buf(icodes), scale: c.buf(is), zero: c.buf(iz) };
   }
-  const [centroids, pk] = c.output("centroids", "f16", groups << format.bits, opts.out?.centroids);
+  const ik = c.output("centroids", "f16", groups * 2 ** format.bits, out.centroids);
+  if (!trusted) checkFp16Range(kivi, "quantize", d);
+  c.bind();
   c.run(
     "kivi_codebook_encode",
     c.lib.call(
       "kivi_codebook_encode",
-      ...common,
+      c.ctx,
+      c.ptr(ix),
+      ...dims,
       fitCode[format.fit],
       format.iterations,
       assignCode[format.assign],
-      flags(opts.trusted),
-      pk,
-      pc,
+      flags(trusted),
+      c.ptr(ik),
+      c.ptr(icodes),
     ),
   );
-  return { format, axis, shape, groups, codes, centroids };
+  return { format, axis, shape, groups, codes: c.buf(icodes), centroids: c.buf(ik) };
 }
 
 /** Unpacks and dequantizes codes into `dtype` (default f32), where the codes live. */
@@ -384,54 +516,65 @@ export function dequantize<M extends Mem>(
   q: Quantized<M>,
   opts: { dtype?: DType; out?: Buf<M, DType> } = {},
 ): Buf<M, DType> {
-  if (q === null || typeof q !== "object" || !("codes" in q)) {
-    throw new TypeError(`q must be the result of quantize(), got ${show(q)}`);
-  }
-  const dtype = checkOneOf("dtype", opts.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
-  const format = resolveFormat(q.format, "q.format");
-  const axis = checkOneOf("q.axis", q.axis, ["token", "channel"] as const);
-  const shape = checkShape("q.shape", q.shape);
+  if (q === null || typeof q !== "object") throw new TypeError(`q must be the result of quantize(), got ${show(q)}`);
+  // q is the caller's object: each field read once.
+  const qf = q as unknown as Partial<Record<"format" | "axis" | "shape" | "codes" | "scale" | "zero" | "centroids", unknown>>;
+  const [qFormat, qAxis, qShape, qCodes] = [qf.format, qf.axis, qf.shape, qf.codes];
+  if (qCodes === undefined) throw new TypeError(`q must be the result of quantize(), got ${show(q)}`);
+  const o = readOptions("options", opts, ["dtype", "out"]);
+  const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
+  const format = resolveFormat(qFormat as unknown as Format, "q.format");
+  const [qScale, qZero, qCentroids] = format.kind === "uniform" ? [qf.scale, qf.zero, undefined] : [undefined, undefined, qf.centroids];
+  const axis = checkOneOf("q.axis", qAxis, AXES);
+  const shape = checkShape("q.shape", qShape);
   checkGrouping(shape, axis, format.group);
   const groups = groupCount(shape, axis, format.group);
-  const mem = (ArrayBuffer.isView(q.codes) ? "host" : "device") as M;
-  using c = new Call(kivi, mem, "dequantize");
+  const mem: Mem = kivi._tensor(qCodes) === undefined ? "host" : "device";
+  using c = new Call(kivi, mem as M, "dequantize");
   const n = shape[0] * shape[1];
-  const pc = c.input("q.codes", q.codes, "u32", wordCount(shape, format.bits));
+  const ic = c.input("q.codes", qCodes, "u32", wordCount(shape, format.bits));
   const dims = [shape[0], shape[1], axisCode[axis], format.group, format.bits] as const;
   if (format.kind === "uniform") {
-    const u = q as UniformQuantized<M>;
-    const ps = c.input("q.scale", u.scale, "f16", groups);
-    const pz = c.input("q.zero", u.zero, "f16", groups);
-    const [out, po] = c.output("out", dtype, n, opts.out as Buf<M, typeof dtype> | undefined);
-    c.run("kivi_uniform_dequantize", c.lib.call("kivi_uniform_dequantize", c.ctx, pc, ps, pz, ...dims, po, dtypeCode[dtype]));
-    return out;
+    const is = c.input("q.scale", qScale, "f16", groups);
+    const iz = c.input("q.zero", qZero, "f16", groups);
+    const io = c.output("out", dtype, n, o.out);
+    c.bind();
+    c.run("kivi_uniform_dequantize", c.lib.call("kivi_uniform_dequantize", c.ctx, c.ptr(ic), c.ptr(is), c.ptr(iz), ...dims, c.ptr(io), dtypeCode[dtype]));
+    return c.buf(io);
   }
-  const k = q as CodebookQuantized<M>;
-  const pk = c.input("q.centroids", k.centroids, "f16", groups << format.bits);
-  const [out, po] = c.output("out", dtype, n, opts.out as Buf<M, typeof dtype> | undefined);
-  c.run("kivi_codebook_dequantize", c.lib.call("kivi_codebook_dequantize", c.ctx, pc, pk, ...dims, po, dtypeCode[dtype]));
-  return out;
+  const ik = c.input("q.centroids", qCentroids, "f16", groups * 2 ** format.bits);
+  const io = c.output("out", dtype, n, o.out);
+  c.bind();
+  c.run("kivi_codebook_dequantize", c.lib.call("kivi_codebook_dequantize", c.ctx, c.ptr(ic), c.ptr(ik), ...dims, c.ptr(io), dtypeCode[dtype]));
+  return c.buf(io);
 }
 
 /** Fits 2^bits centroids per group by 1-D k-means (Lloyd-Max), starting from the uniform grid. */
 export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptions<MemOf<X>>): FitResult<MemOf<X>> {
-  const { mem, dtype, shape } = describeInput(kivi, x, opts);
-  const axis = checkOneOf("axis", opts.axis, ["token", "channel"] as const);
-  const f = resolveFormat({ kind: "codebook", bits: opts.bits, group: opts.group, fit: opts.fit, iterations: opts.iterations });
+  const o = readOptions("options", opts, ["shape", "dtype", "axis", "bits", "group", "fit", "iterations", "trace", "trusted", "out"], true);
+  const out = readOptions("out", o.out, ["centroids"]);
+  const f = resolveFormat({ kind: "codebook", bits: o.bits, group: o.group, fit: o.fit, iterations: o.iterations } as Format);
   if (f.kind !== "codebook") throw new Error("unreachable");
+  const trace = checkBool("trace", o.trace);
+  const trusted = checkBool("trusted", o.trusted);
+  const d = describeInput(kivi, x, o.shape, o.dtype);
+  const { dtype, shape } = d;
+  const axis = checkOneOf("axis", o.axis, AXES);
   checkGrouping(shape, axis, f.group);
   const groups = groupCount(shape, axis, f.group);
-  using c = new Call(kivi, mem as MemOf<X>, "fitCodebook");
-  const px = c.input("x", x, dtype, shape[0] * shape[1]);
-  const [centroids, pk] = c.output("centroids", "f16", groups << f.bits, opts.out?.centroids);
-  const [iters, pi] = opts.trace ? c.output("iters", "i32", groups) : [undefined, null];
-  const [inertia, pn] = opts.trace ? c.output("inertia", "f32", groups * (f.iterations + 1)) : [undefined, null];
+  using c = new Call(kivi, d.mem as MemOf<X>, "fitCodebook");
+  const ix = c.input("x", x, dtype, shape[0] * shape[1]);
+  const ik = c.output("centroids", "f16", groups * 2 ** f.bits, out.centroids);
+  const ii = trace ? c.output("iters", "i32", groups) : -1;
+  const ine = trace ? c.output("inertia", "f32", groups * (f.iterations + 1)) : -1;
+  if (!trusted) checkFp16Range(kivi, "fitCodebook", d);
+  c.bind();
   c.run(
     "kivi_codebook_fit",
     c.lib.call(
       "kivi_codebook_fit",
       c.ctx,
-      px,
+      c.ptr(ix),
       dtypeCode[dtype],
       shape[0],
       shape[1],
@@ -440,13 +583,13 @@ export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptio
       f.bits,
       fitCode[f.fit],
       f.iterations,
-      flags(opts.trusted),
-      pk,
-      pi,
-      pn,
+      flags(trusted),
+      c.ptr(ik),
+      trace ? c.ptr(ii) : null,
+      trace ? c.ptr(ine) : null,
     ),
   );
-  return { groups, centroids, iters, inertia };
+  return { groups, centroids: c.buf(ik), iters: trace ? c.buf(ii) : undefined, inertia: trace ? c.buf(ine) : undefined };
 }
 
 /** Codes of x against given centroids ([groups][2^bits] fp16, ascending per group). */
@@ -456,40 +599,49 @@ export function quantizeWithCodebook<X extends Input>(
   centroids: Buf<MemOf<X>, "f16">,
   opts: CodebookOptions<MemOf<X>>,
 ): CodebookQuantized<MemOf<X>> {
-  const { mem, dtype, shape } = describeInput(kivi, x, opts);
-  const axis = checkOneOf("axis", opts.axis, ["token", "channel"] as const);
-  const format = resolveFormat({ kind: "codebook", bits: opts.bits, group: opts.group, assign: opts.assign });
+  const o = readOptions("options", opts, ["shape", "dtype", "axis", "bits", "group", "assign", "trusted", "out"], true);
+  const out = readOptions("out", o.out, ["codes"]);
+  const format = resolveFormat({ kind: "codebook", bits: o.bits, group: o.group, assign: o.assign } as Format);
   if (format.kind !== "codebook") throw new Error("unreachable");
+  const trusted = checkBool("trusted", o.trusted);
+  const d = describeInput(kivi, x, o.shape, o.dtype);
+  const { dtype, shape } = d;
+  const axis = checkOneOf("axis", o.axis, AXES);
   checkGrouping(shape, axis, format.group);
   const groups = groupCount(shape, axis, format.group);
-  using c = new Call(kivi, mem as MemOf<X>, "quantizeWithCodebook");
-  const px = c.input("x", x, dtype, shape[0] * shape[1]);
-  const pk = c.input("centroids", centroids, "f16", groups << format.bits);
-  const [codes, pc] = c.output("codes", "u32", wordCount(shape, format.bits), opts.out?.codes);
+  using c = new Call(kivi, d.mem as MemOf<X>, "quantizeWithCodebook");
+  const ix = c.input("x", x, dtype, shape[0] * shape[1]);
+  const ik = c.input("centroids", centroids, "f16", groups * 2 ** format.bits);
+  const icodes = c.output("codes", "u32", wordCount(shape, format.bits), out.codes);
+  if (!trusted) checkFp16Range(kivi, "quantizeWithCodebook", d);
+  c.bind();
   c.run(
     "kivi_codebook_quantize",
     c.lib.call(
       "kivi_codebook_quantize",
       c.ctx,
-      px,
+      c.ptr(ix),
       dtypeCode[dtype],
       shape[0],
       shape[1],
       axisCode[axis],
       format.group,
       format.bits,
-      pk,
+      c.ptr(ik),
       assignCode[format.assign],
-      flags(opts.trusted),
-      pc,
+      flags(trusted),
+      c.ptr(icodes),
     ),
   );
-  return { format, axis, shape, groups, codes, centroids };
+  return { format, axis, shape, groups, codes: c.buf(icodes), centroids: c.buf(ik) };
 }
 
-function codesLength(name: string, x: unknown): number {
-  if (ArrayBuffer.isView(x)) return (x as HostArray).length;
-  if (isTensor(x)) return x.length;
+/** Where a pack/unpack input lives and how many elements it holds, read once. */
+function codesInput(kivi: Backend, name: string, x: unknown): { mem: Mem; n: number } {
+  const t = kivi._tensor(x);
+  if (t !== undefined) return { mem: "device", n: t.length };
+  const v = hostView(name, x);
+  if (v !== undefined) return { mem: "host", n: v.length };
   throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
 }
 
@@ -499,18 +651,19 @@ export function pack<M extends Mem>(
   codes: Buf<M, "u8">,
   opts: { bits: Bits; out?: Buf<M, "u32"> },
 ): Buf<M, "u32"> {
-  const bits = checkOneOf("bits", opts?.bits, BITS);
-  const n = codesLength("codes", codes);
+  const o = readOptions("options", opts, ["bits", "out"], true);
+  const bits = checkOneOf("bits", o.bits, BITS);
+  const { mem, n } = codesInput(kivi, "codes", codes);
   const cpw = 32 / bits;
   if (n === 0 || n % cpw !== 0) {
     throw new RangeError(`codes.length must be a positive multiple of ${cpw} (codes per word at ${bits} bits), got ${n}`);
   }
-  const mem = (ArrayBuffer.isView(codes) ? "host" : "device") as M;
-  using c = new Call(kivi, mem, "pack");
-  const pc = c.input("codes", codes, "u8", n);
-  const [words, pw] = c.output("words", "u32", n / cpw, opts.out);
-  c.run("kivi_codes_pack", c.lib.call("kivi_codes_pack", c.ctx, pc, n, bits, pw));
-  return words;
+  using c = new Call(kivi, mem as M, "pack");
+  const ic = c.input("codes", codes, "u8", n);
+  const iw = c.output("words", "u32", n / cpw, o.out);
+  c.bind();
+  c.run("kivi_codes_pack", c.lib.call("kivi_codes_pack", c.ctx, c.ptr(ic), n, bits, c.ptr(iw)));
+  return c.buf(iw);
 }
 
 /** Unpacks uint32 words into codes, one per byte (32 / bits codes a word). */
@@ -519,14 +672,15 @@ export function unpack<M extends Mem>(
   words: Buf<M, "u32">,
   opts: { bits: Bits; out?: Buf<M, "u8"> },
 ): Buf<M, "u8"> {
-  const bits = checkOneOf("bits", opts?.bits, BITS);
-  const nw = codesLength("words", words);
+  const o = readOptions("options", opts, ["bits", "out"], true);
+  const bits = checkOneOf("bits", o.bits, BITS);
+  const { mem, n: nw } = codesInput(kivi, "words", words);
   if (nw === 0) throw new RangeError(`words must hold at least one word, got 0`);
   const n = nw * (32 / bits);
-  const mem = (ArrayBuffer.isView(words) ? "host" : "device") as M;
-  using c = new Call(kivi, mem, "unpack");
-  const pw = c.input("words", words, "u32", nw);
-  const [codes, pc] = c.output("codes", "u8", n, opts.out);
-  c.run("kivi_codes_unpack", c.lib.call("kivi_codes_unpack", c.ctx, pw, n, bits, pc));
-  return codes;
+  using c = new Call(kivi, mem as M, "unpack");
+  const iw = c.input("words", words, "u32", nw);
+  const ic = c.output("codes", "u8", n, o.out);
+  c.bind();
+  c.run("kivi_codes_unpack", c.lib.call("kivi_codes_unpack", c.ctx, c.ptr(iw), n, bits, c.ptr(ic)));
+  return c.buf(ic);
 }

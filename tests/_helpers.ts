@@ -256,10 +256,50 @@ export interface UniformOracle {
   deq: Float64Array;
 }
 
+/** fp16's value of bit pattern h. */
+export function f16Value(h: number): number {
+  cvt.setUint16(0, h & 0xffff);
+  return cvt.getFloat16(0);
+}
+/** The smallest fp16 >= v (v finite, >= 0, below 65504). */
+function f16Up(v: number): number {
+  const h = f16(v);
+  return h < v ? f16Value(f16Bits(h) + 1) : h;
+}
+/** The largest fp16 <= v (v in [-65504, 65504]). */
+function f16Down(v: number): number {
+  const h = f16(v);
+  if (!(h > v)) return h;
+  const b = f16Bits(h);
+  return f16Value(b & 0x8000 ? b + 1 : b === 0 ? 0x8001 : b - 1);
+}
+
 /**
- * kivi.h kivi_uniform_quantize: mn/mx per group, scale = half((mx - mn) / (2^b - 1)) with the
- * subtraction and division in fp32, zero = half(mn), q = s > 0 ? clamp(rint((x - z) / s)) : 0 in
- * fp32, and x' = fmaf(q, s, z). The fma is exact here in double: q * s and z are fp16 values
+ * kivi_format.h kivi_uniform_params in float64, each fp32 step rounded with Math.fround (an fma of
+ * fp16 values and a small constant is exact in double, so one fround is the fma): KIVI's scale =
+ * half((mx - mn) / top) and zero = half(mn) of the min and max clamped to [-65504, 65504], unless they
+ * leave a value more than s / 2 from the grid z + q s or its top past 65504; then zero = the largest
+ * fp16 <= mn and scale = the smallest fp16 >= (mx - zero) / (top + 1/2), one step less while the
+ * top's value passes 65504. Returns [scale, zero].
+ */
+export function uniformParams(mn: number, mx: number, bits: number): [number, number] {
+  const top = (1 << bits) - 1, MAX = 65504;
+  mn = Math.min(MAX, Math.max(-MAX, mn));
+  mx = Math.min(MAX, Math.max(-MAX, mx));
+  let s = f16(f32(f32(mx - mn) / top)), z = f16(mn);
+  const covers = f32(z - mn) <= 0.5 * s && f32((top + 0.5) * s + z) >= mx && f32(top * s + z) <= MAX;
+  if (!covers) {
+    z = f16Down(mn);
+    s = f16Up(f32(f32(mx - z) / (top + 0.5)));
+    while (s > 0 && f32(top * s + z) > MAX) s = f16Value(f16Bits(s) - 1);
+  }
+  return [s, z];
+}
+
+/**
+ * kivi.h kivi_uniform_quantize: mn/mx per group, scale and zero by uniformParams (KIVI's, widened
+ * where they would not cover the group), q = s > 0 ? clamp(rint((x - z) / s)) : 0 in fp32, and
+ * x' = fmaf(q, s, z). The fma is exact here in double: q * s and z are fp16 values
  * (multiples of 2^-24 below 2^16 * 16), so q * s + z fits in 53 bits and one Math.fround is the fma.
  */
 export function uniformOracle(v: Float64Array, rows: number, cols: number, axis: Axis, G: number, bits: number): UniformOracle {
@@ -280,8 +320,7 @@ export function uniformOracle(v: Float64Array, rows: number, cols: number, axis:
       mn = Math.min(mn, v[i]);
       mx = Math.max(mx, v[i]);
     }
-    const s = f16(f32(f32(mx - mn) / top));
-    const z = f16(mn);
+    const [s, z] = uniformParams(mn, mx, bits);
     o.scale[g] = s;
     o.zero[g] = z;
     o.mn[g] = mn;

@@ -130,7 +130,7 @@ describe("appends with bad input", () => {
       ["layer past the last", () => s.append(k1, k1, { layer: L }), RangeError, /\blayer must be between 0 and 1, got 2/],
       ["layer negative", () => s.append(k1, k1, { layer: -1 }), RangeError, /\blayer must be between 0 and 1, got -1/],
       ["layer fractional", () => s.append(k1, k1, { layer: 0.5 }), RangeError, /\blayer must be an integer, got 0\.5/],
-      ["opts null", () => s.append(k1, k1, null as unknown as undefined), TypeError, /opts must be an object, got null/],
+      ["opts null", () => s.append(k1, k1, null as unknown as undefined), TypeError, /options must be an object, got null/],
     ]);
   });
 

@@ -184,10 +184,15 @@ function checkState(cache: KVCache, m: Model, tableBytes: number, where: string)
     tokens,
     quantizedTokens: quantized,
     bitsPerValue: 0,
+    heldBitsPerValue: 0,
     ratioToFp16: 0,
   };
   const values = tokens * c.kvHeads * c.headDim * 2, stored = want.codeBytes + want.paramBytes + want.residualBytes;
   want.bitsPerValue = values === 0 ? 0 : (stored * 8) / values;
+  // Each held token at its format's rate: code bits plus the params spread over the group; 16 in the window.
+  const rate = (p: Part) => (p.bits === 16 ? 16 : p.bits + (p.kind === "uniform" ? 32 : 16 << p.bits) / p.group);
+  const per = c.kvHeads * c.headDim;
+  want.heldBitsPerValue = values === 0 ? 0 : (quantized * per * (rate(c.keys) + rate(c.values)) + (tokens - quantized) * per * 32) / values;
   want.ratioToFp16 = values === 0 ? 0 : (stored + tableBytes) / (values * 2);
   assert.deepEqual(cache.memory(), want, `${where}: memory report`);
 }

@@ -145,16 +145,30 @@ int64_t cpu_first_nonfinite(const void *x, kivi_dtype dtype, int64_t total) {
   return -1;
 }
 
+static int unquantizable_at(const void *x, kivi_dtype dtype, int64_t i) {
+  return kivi_unquantizable(dtype == KIVI_F32 ? ((const uint32_t *)x)[i] : ((const uint16_t *)x)[i], dtype);
+}
+
+static int64_t first_unquantizable(const void *x, kivi_dtype dtype, int64_t total) {
+  for (int64_t i0 = 0; i0 < total; i0 += SCAN_CHUNK) {
+    const int64_t n = total - i0 < SCAN_CHUNK ? total - i0 : SCAN_CHUNK;
+    uint32_t bad = 0; /* branch-free over the chunk, as chunk_bad */
+    for (int64_t i = i0; i < i0 + n; i++) bad |= (uint32_t)unquantizable_at(x, dtype, i);
+    if (!bad) continue;
+    for (int64_t i = i0; i < i0 + n; i++)
+      if (unquantizable_at(x, dtype, i)) return i;
+  }
+  return -1;
+}
+
 kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const cpu_shape *sh) {
-  const int64_t i = cpu_first_nonfinite(x, dtype, sh->rows * sh->cols);
+  const int64_t i = first_unquantizable(x, dtype, sh->rows * sh->cols);
   if (i < 0) return KIVI_OK;
-  const float v = cpu_load(x, dtype, i);
   const int64_t r = i / sh->cols, c = i % sh->cols;
-  return cpu_fail(ctx, KIVI_ERR_NONFINITE,
-                  "%s: x must be finite, got %s at index %lld (row %lld, col %lld, group %lld); "
-                  "pass KIVI_FLAG_TRUSTED only for data known to be finite",
-                  op, v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"), (long long)i, (long long)r, (long long)c,
-                  (long long)kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
+  char msg[CPU_ERR_LEN];
+  kivi_unquantizable_message(msg, sizeof msg, op, cpu_load(x, dtype, i), i, r, c,
+                             kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
+  return cpu_fail(ctx, KIVI_ERR_NONFINITE, "%s", msg);
 }
 
 /* ---------------------------------------------------------------- tiles ------------------ */

@@ -80,7 +80,8 @@ typedef struct cpu_shape {
 kivi_status cpu_validate(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh);
 /** ctx non-null (for ops outside the quantizer rules). */
 kivi_status cpu_need_ctx(kivi_ctx_t ctx, const char *op);
-/** NaN / Inf scan of x [rows][cols] (KIVI_ERR_NONFINITE naming the first bad element). */
+/** The quantizers' scan of x [rows][cols]: NaN, Inf, or a finite f32 / bf16 value beyond fp16's range
+    (|x| >= 65520; the params are fp16): KIVI_ERR_NONFINITE naming the first such element. */
 kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype,
                              const cpu_shape *sh);
 /** Index of the first NaN / Inf among x[0 .. n), or -1 if all are finite. */

@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #if defined(__CUDACC__)
@@ -108,12 +109,87 @@ KIVI_HD uint16_t kivi_f32_to_bf16(float f) {
 }
 KIVI_HD float kivi_bf16_to_f32(uint16_t b) { return kivi_bits_f32((uint32_t)b << 16); }
 
+/* ------------------------------------------------------------------ quantizer input ------ */
+
+/** True for an element the quantizers refuse (their params are fp16): NaN, Inf, or a finite f32 or
+    bf16 value that fp16 rounds to Inf (|x| >= 65520, as kivi_f32_to_f16; bf16 from 65536 up). `u`
+    holds the element's bits (a 16-bit dtype in the low half); dtype is kivi_dtype (0 f32, 1 f16, 2 bf16). */
+KIVI_HD int kivi_unquantizable(uint32_t u, int32_t dtype) {
+  return dtype == 0 ? (u & 0x7fffffffu) >= 0x477ff000u : dtype == 1 ? (u & 0x7c00u) == 0x7c00u : (u & 0x7fffu) >= 0x4780u;
+}
+
+/** The message both builds give for the first element x[i] (value v, at row r, col c, group g) that
+    kivi_unquantizable refuses. Host only. */
+static inline void kivi_unquantizable_message(char *buf, size_t len, const char *op, float v, int64_t i, int64_t r,
+                                              int64_t c, int64_t g) {
+  const int finite = isfinite(v);
+  char got[32];
+  if (finite) snprintf(got, sizeof got, "%g", (double)v);
+  else snprintf(got, sizeof got, "%s", v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+  snprintf(buf, len, "%s: x must be %s, got %s at index %lld (row %lld, col %lld, group %lld); pass KIVI_FLAG_TRUSTED %s",
+           op, finite ? "within fp16's range (|x| < 65520) that the params are stored in" : "finite", got, (long long)i,
+           (long long)r, (long long)c, (long long)g,
+           finite ? "to have such values saturate" : "only for data known to be finite");
+}
+
 /* ------------------------------------------------------------------ uniform (KIVI) ------- */
 
-/** Group params from the group's min and max, rounded to fp16 as stored. */
+/** fp16's largest finite value: the params keep every dequantized value within it. */
+#define KIVI_F16_MAX 65504.0f
+
+/** v clamped to fp16's finite range [-65504, 65504] (NaN stays NaN). The params are computed from the
+    clamped min and max, so values beyond it (trusted input, or f32 in (65504, 65520)) saturate. */
+KIVI_HD float kivi_f16_clamp(float v) { return v < -KIVI_F16_MAX ? -KIVI_F16_MAX : (v > KIVI_F16_MAX ? KIVI_F16_MAX : v); }
+
+/** The smallest fp16 >= f, for finite f >= 0 below 65504 (RN, then one step up where RN went below). */
+KIVI_HD uint16_t kivi_f32_to_f16_up(float f) {
+  uint16_t h = kivi_f32_to_f16(f);
+  if (kivi_f16_to_f32(h) < f) h++;
+  return h;
+}
+/** The largest fp16 <= f, for f in [-65504, 65504]. */
+KIVI_HD uint16_t kivi_f32_to_f16_down(float f) {
+  uint16_t h = kivi_f32_to_f16(f);
+  if (kivi_f16_to_f32(h) > f) h = (h & 0x8000u) ? (uint16_t)(h + 1u) : (h == 0u ? (uint16_t)0x8001u : (uint16_t)(h - 1u));
+  return h;
+}
+
+/** True when the stored params (s, z as floats) cover the clamped group [mn, mx]: every value within
+    s / 2 of the grid z + q s (q = 0..top), and the top code's value finite in fp16. KIVI's params
+    (z = half(mn), s = half((mx - mn) / top)) do, except where z's rounding is large against the range
+    (a narrow group far from 0: 1000.3 + [0, 0.093]), s is a coarse fp16 subnormal, or z + top s passes
+    65504 (a group spanning [0, 65504]: 3 x 21840 = 65520 becomes Inf in fp16). NaN: true (nothing to do). */
+KIVI_HD int kivi_uniform_covers(float mn, float mx, int32_t bits, float s, float z) {
+  const float top = (float)((1 << bits) - 1);
+  if (!(mn <= mx)) return 1;
+  return z - mn <= 0.5f * s && fmaf(top + 0.5f, s, z) >= mx && fmaf(top, s, z) <= KIVI_F16_MAX;
+}
+
+/** Params for a group that kivi_uniform_covers refused: zero = the largest fp16 <= mn, scale = the
+    smallest fp16 that brings mx within scale / 2 of the top code, one step less while the top code's
+    value would pass 65504. Both builds call this (never re-derived), so codes stay bit-identical. */
+KIVI_HD void kivi_uniform_widen(float mn, float mx, int32_t bits, uint16_t *scale_h, uint16_t *zero_h) {
+  const float top = (float)((1 << bits) - 1);
+  const uint16_t zh = kivi_f32_to_f16_down(mn);
+  const float z = kivi_f16_to_f32(zh);
+  uint16_t sh = kivi_f32_to_f16_up((mx - z) / (top + 0.5f));
+  while (sh > 0u && fmaf(top, kivi_f16_to_f32(sh), z) > KIVI_F16_MAX) sh--;
+  *scale_h = sh;
+  *zero_h = zh;
+}
+
+/** Group params from the group's min and max, as stored (fp16): KIVI's scale = half((mx - mn) / top),
+    zero = half(mn) of the clamped min and max, widened (kivi_uniform_widen) where they would leave a
+    value more than scale / 2 from its code's value or the top code's value past fp16's range. So every
+    value within [-65504, 65504] dequantizes to within scale / 2 of itself (up to fp32 rounding), and
+    every dequantized value of finite input is finite in fp16. */
 KIVI_HD void kivi_uniform_params(float mn, float mx, int32_t bits, uint16_t *scale_h, uint16_t *zero_h) {
+  mn = kivi_f16_clamp(mn);
+  mx = kivi_f16_clamp(mx);
   *scale_h = kivi_f32_to_f16((mx - mn) / (float)((1 << bits) - 1));
   *zero_h = kivi_f32_to_f16(mn);
+  if (!kivi_uniform_covers(mn, mx, bits, kivi_f16_to_f32(*scale_h), kivi_f16_to_f32(*zero_h)))
+    kivi_uniform_widen(mn, mx, bits, scale_h, zero_h);
 }
 
 /** The uniform code of x for stored params (s = float(scale_h), z = float(zero_h)). A constant

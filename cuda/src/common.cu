@@ -181,14 +181,11 @@ kivi_status kv_scratch_read(kivi_ctx_t ctx, const char *op) {
   return kv_cuda(ctx, cudaStreamSynchronize(ctx->stream), op, "cudaStreamSynchronize (validation)");
 }
 
-/* ---------------------------------------------------------------- NaN / Inf scan --------- */
+/* ---------------------------------------------------------------- NaN / Inf / range scan - */
 
-/* Exponent all ones: Inf or NaN. */
-template <int DT> __device__ __forceinline__ bool kv_bad_bits(uint32_t u) {
-  if constexpr (DT == KIVI_F32) return (u & 0x7f800000u) == 0x7f800000u;
-  else if constexpr (DT == KIVI_F16) return (u & 0x7c00u) == 0x7c00u;
-  else return (u & 0x7f80u) == 0x7f80u;
-}
+/* What the quantizers (fp16 params) refuse: Inf or NaN, or a finite f32 / bf16 value that fp16 rounds
+   to Inf (|x| >= 65520, as kivi_f32_to_f16; bf16 from 65536 up). Same rule as the CPU build's scan. */
+template <int DT> __device__ __forceinline__ bool kv_bad_bits(uint32_t u) { return kivi_unquantizable(u, DT); }
 
 /* x [n]: 16-byte loads when aligned (grid-stride), records the first bad index by atomicMin (only
    threads that found one touch the flag). */
@@ -257,11 +254,9 @@ kivi_status kv_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_
   float v = dtype == KIVI_F32 ? kivi_bits_f32(bits)
                               : (dtype == KIVI_F16 ? kivi_f16_to_f32((uint16_t)bits) : kivi_bf16_to_f32((uint16_t)bits));
   const int64_t r = i / sh->cols, c = i % sh->cols;
-  return kv_fail(ctx, KIVI_ERR_NONFINITE,
-                 "%s: x must be finite, got %s at index %lld (row %lld, col %lld, group %lld); "
-                 "pass KIVI_FLAG_TRUSTED only for data known to be finite",
-                 op, v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"), (long long)i, (long long)r, (long long)c,
-                 (long long)kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
+  char msg[KV_ERR_LEN];
+  kivi_unquantizable_message(msg, sizeof msg, op, v, i, r, c, kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
+  return kv_fail(ctx, KIVI_ERR_NONFINITE, "%s", msg);
 }
 
 /* ---------------------------------------------------------------- library ---------------- */

@@ -88,8 +88,9 @@ kv_spec kv_spec_init(const char *op, unsigned need);
 /** The shared argument rules of kivi.h, in the CPU build's order and words; fills *sh. Also runs
     kv_enter (ctx checks + cudaSetDevice). */
 kivi_status kv_validate(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh);
-/** NaN/Inf scan of x [n] on the device; waits for it. KIVI_ERR_NONFINITE naming the first bad
-    element (row, col, group from sh) and nothing else happens. */
+/** The quantizers' scan of x [n] on the device (NaN, Inf, or a finite f32 / bf16 value beyond fp16's
+    range: the params are fp16); waits for it. KIVI_ERR_NONFINITE naming the first bad element (row,
+    col, group from sh) and nothing else happens. */
 kivi_status kv_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const kv_shape *sh);
 /** Resets the scratch slots (async, on the stream). */
 kivi_status kv_scratch_reset(kivi_ctx_t ctx, const char *op);

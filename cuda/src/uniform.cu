@@ -60,19 +60,27 @@ __device__ __forceinline__ uint32_t kv_ucode(float x, float z, float s, float ri
 /** 1 / s for kv_ucode: 0 where s is not > 0 (and 1 / inf = 0), which makes every code 0. */
 __device__ __forceinline__ float kv_rinv(float s) { return s > 0.0f ? 1.0f / s : 0.0f; }
 
-/** kivi_uniform_params with the hardware's f16 conversions (RNE: the same bits as kivi_f32_to_f16),
-    and the floats that the codes are computed from. */
+/** kivi_uniform_params with the hardware's f16 conversions (RNE: the same bits as kivi_f32_to_f16) in
+    the common case, and the floats that the codes are computed from. The clamp, the cover test and the
+    rare widening are kivi_format.h's own functions, so the params stay bit-identical to the CPU build. */
 struct kv_up {
   uint16_t sh, zh;
   float s, z, rinv;
 };
 template <int BITS> __device__ __forceinline__ kv_up kv_uparams(float mn, float mx) {
   kv_up p;
+  mn = kivi_f16_clamp(mn);
+  mx = kivi_f16_clamp(mx);
   const __half hs = __float2half_rn(__fdiv_rn(__fsub_rn(mx, mn), (float)((1 << BITS) - 1))), hz = __float2half_rn(mn);
   p.sh = __half_as_ushort(hs);
   p.zh = __half_as_ushort(hz);
   p.s = __half2float(hs);
   p.z = __half2float(hz);
+  if (!kivi_uniform_covers(mn, mx, BITS, p.s, p.z)) {
+    kivi_uniform_widen(mn, mx, BITS, &p.sh, &p.zh);
+    p.s = __half2float(__ushort_as_half(p.sh));
+    p.z = __half2float(__ushort_as_half(p.zh));
+  }
   p.rinv = kv_rinv(p.s);
   return p;
 }

@@ -430,6 +430,26 @@ static sizes mat_sizes(const mat *m) {
   return s;
 }
 
+/* 1 when x [n] holds a value the quantizers refuse (their params are fp16): NaN, Inf, or a finite f32 /
+   bf16 value that fp16 cannot hold (|x| >= 65520). Read after every region is filled: an overlapping
+   region may have put any bits into x. */
+static int unquantizable(const region *r, kivi_dtype dt, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    const float v = dt == KIVI_F32   ? ((const float *)at(r))[i]
+                    : dt == KIVI_F16 ? kivi_f16_to_f32(((const uint16_t *)at(r))[i])
+                                     : kivi_bf16_to_f32(((const uint16_t *)at(r))[i]);
+    if (!(fabsf(v) < 65520.0f)) return 1;
+  }
+  return 0;
+}
+/* Puts a finite value beyond fp16's range (f32 / bf16 only) at a random element. */
+static void poison_big(const region *r, kivi_dtype dt, int64_t n) {
+  const int64_t i = irange(0, n - 1);
+  const float v = chance(0.5) ? 65520.0f : -1e6f;
+  if (dt == KIVI_F32) ((float *)at(r))[i] = v;
+  else if (dt == KIVI_BF16) ((uint16_t *)at(r))[i] = kivi_f32_to_bf16(v);
+}
+
 /* Sorted finite fp16 centroids for every group (or, with bad, one group's unsorted / non-finite). */
 static int fill_centroids(const region *r, int64_t groups, int32_t n, int bad) {
   uint16_t *h = (uint16_t *)at(r);
@@ -497,6 +517,7 @@ static void fuzz_quant(void) {
       if (!e && dtype_ok(m.dtype)) {
         fill_data(&r[0], m.dtype, z.elems);
         if (!overlap && chance(0.15)) nonfinite = poison(&r[0], m.dtype, z.elems);
+        if (!overlap && chance(0.05)) poison_big(&r[0], m.dtype, z.elems);
       }
       void *x = maybe_null(&r[0]), *codes = maybe_null(&r[1]), *p1 = maybe_null(&r[2]), *p2 = maybe_null(&r[3]);
       if (!flags_ok(flags) || !x || !codes || !p2 || (op == 1 && !p1)) e |= S(KIVI_ERR_ARG);
@@ -504,6 +525,7 @@ static void fuzz_quant(void) {
       const kivi_assign asg = chance(P_BAD) ? pick32(bad_enum, 5) : (kivi_assign)irange(0, 1);
       const int32_t iters = chance(P_BAD) ? (chance(0.5) ? 0 : 257) : (int32_t)irange(1, 12);
       if (op == 2 && (fit < 0 || fit > 1 || asg < 0 || asg > 1 || iters < 1 || iters > 256)) e |= S(KIVI_ERR_ARG);
+      if (!e && dtype_ok(m.dtype) && x) nonfinite = unquantizable(&r[0], m.dtype, z.elems);
       snapshot();
       if (op == 1)
         st = kivi_uniform_quantize(ctx, x, m.dtype, m.rows, m.cols, m.axis, m.group, m.bits, flags, codes, p1, p2);
@@ -524,10 +546,12 @@ static void fuzz_quant(void) {
       if (!e && dtype_ok(m.dtype)) {
         fill_data(&r[0], m.dtype, z.elems);
         if (!overlap && chance(0.15)) nonfinite = poison(&r[0], m.dtype, z.elems);
+        if (!overlap && chance(0.05)) poison_big(&r[0], m.dtype, z.elems);
       }
       void *x = maybe_null(&r[0]), *c = maybe_null(&r[1]);
       void *itp = chance(0.3) ? NULL : at(&r[2]), *inp = chance(0.3) ? NULL : at(&r[3]);
       if (!flags_ok(flags) || !x || !c || fit < 0 || fit > 1 || iters < 1 || iters > 256) e |= S(KIVI_ERR_ARG);
+      if (!e && dtype_ok(m.dtype) && x) nonfinite = unquantizable(&r[0], m.dtype, z.elems);
       snapshot();
       st = kivi_codebook_fit(ctx, x, m.dtype, m.rows, m.cols, m.axis, m.group, m.bits, fit, iters, flags, c, itp, inp);
       want = e ? e : (nonfinite && !(flags & KIVI_FLAG_TRUSTED) ? S(KIVI_ERR_NONFINITE) : S_OK);
@@ -547,10 +571,12 @@ static void fuzz_quant(void) {
       if (!e && dtype_ok(m.dtype)) {
         fill_data(&r[0], m.dtype, z.elems);
         if (!overlap && chance(0.15)) nonfinite = poison(&r[0], m.dtype, z.elems);
+        if (!overlap && chance(0.05)) poison_big(&r[0], m.dtype, z.elems);
         bad_cent = fill_centroids(&r[1], z.groups, kivi_levels(m.bits), chance(0.15));
       }
       void *x = maybe_null(&r[0]), *c = maybe_null(&r[1]), *codes = maybe_null(&r[2]);
       if (!flags_ok(flags) || !x || !c || !codes || asg < 0 || asg > 1) e |= S(KIVI_ERR_ARG);
+      if (!e && dtype_ok(m.dtype) && x) nonfinite = unquantizable(&r[0], m.dtype, z.elems);
       snapshot();
       st = kivi_codebook_quantize(ctx, x, m.dtype, m.rows, m.cols, m.axis, m.group, m.bits, c, asg, flags, codes);
       want = e ? e
