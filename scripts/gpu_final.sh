@@ -13,6 +13,7 @@ step() { # name, command...
   "$@" > "$r/$name.log" 2>&1
   local rc=$?
   echo "=== $name: exit $rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-3}" "$r/$name.log"
+  tar czf "$OUT/final.tgz" -C "$r" . # after every step: a call cut short still returns what ran
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "${KIVI_PREBUILT:-}" ]; then
@@ -24,13 +25,13 @@ gcc -std=c11 -O2 -Icuda/include tests/c/gpu_vs_cpu.c -o build/gpu_vs_cpu -ldl -l
 gcc -std=c11 -O2 -Icuda/include tests/c/cache_gpu_vs_cpu.c -o build/cache_gpu_vs_cpu -ldl -lm
 step c_quant build/gpu_vs_cpu
 step c_cache build/cache_gpu_vs_cpu
-TAIL=6 step ts_gpu bun test --timeout=600000 tests/cache_gpu_test.ts tests/quant_gpu_test.ts tests/sticky_gpu_test.ts \
-  tests/readme_test.ts tests/staging_test.ts tests/hostile_fuzz_test.ts tests/hardening_test.ts tests/abi_test.ts \
-  tests/examples_test.ts tests/backend_test.ts
 step demo bun demo.ts
 step sdpa python3 bench/sdpa_reference.py "$r/sdpa.json"
 TAIL=40 step bench_attention bun bench/attention.ts --torch "$r/sdpa.json" --json "$r/attention.json" --out "$r"
 TAIL=20 step bench_quant bun bench/quant.ts --out "$r"
+TAIL=6 step ts_gpu bun test --timeout=600000 tests/cache_gpu_test.ts tests/quant_gpu_test.ts tests/sticky_gpu_test.ts \
+  tests/readme_test.ts tests/staging_test.ts tests/hostile_fuzz_test.ts tests/hardening_test.ts tests/abi_test.ts \
+  tests/examples_test.ts tests/backend_test.ts
 KIVI_ONLY=11 step memcheck_cache timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 build/cache_gpu_vs_cpu
 KIVI_ONLY=19 step racecheck_cache timeout 150 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 9 build/cache_gpu_vs_cpu
 tar czf "$OUT/final.tgz" -C "$r" .
