@@ -67,19 +67,13 @@ function measure(k: Backend, x: HostArray | DeviceTensor, axis: "token" | "chann
   const groups = groupCount(shape, axis, f.group);
   const paramCount = f.kind === "uniform" ? 2 * groups : groups << f.bits;
   // Preallocated outputs, so allocation is not timed.
-  const out = onGpu
-    ? {
-      codes: k.alloc([wordCount(shape, f.bits)], "u32"),
-      scale: k.alloc([groups], "f16"),
-      zero: k.alloc([groups], "f16"),
-      centroids: k.alloc([groups << f.bits], "f16"),
-    }
-    : {
-      codes: new Uint32Array(wordCount(shape, f.bits)),
-      scale: new Float16Array(groups),
-      zero: new Float16Array(groups),
-      centroids: new Float16Array(groups << f.bits),
-    };
+  // The outputs of this format only (strict options refuse another format's out buffers).
+  const uniform = format.kind === "uniform";
+  const buf = (n: number, dtype: "u32" | "f16") =>
+    onGpu ? k.alloc([n], dtype) : dtype === "u32" ? new Uint32Array(n) : new Float16Array(n);
+  const out = uniform
+    ? { codes: buf(wordCount(shape, f.bits), "u32"), scale: buf(groups, "f16"), zero: buf(groups, "f16") }
+    : { codes: buf(wordCount(shape, f.bits), "u32"), centroids: buf(groups * 2 ** f.bits, "f16") };
   // deno-lint-ignore no-explicit-any
   const run = () => k.quantize(x as any, { shape, axis, format, trusted, out: out as any });
   run();
