@@ -1,12 +1,14 @@
 /*
  * attention.cu — fused decode attention over the paged cache (kivi_cache_attend) and the small
  * flash-decoding reduction. Caches in the tensor-core page layout (kivi_cache_mma_layout: uniform
- * 2-bit K and V in groups of 32) run k_attend_mma (attention_mma.cuh); every other format runs
- * k_cache_attend below, on CUDA cores. Both share the grid, the splits and the merges.
+ * 2-bit K, uniform or codebook 2-bit V, head_dim 64 or 128) run k_attend_mma (attention_mma.cuh,
+ * instantiated in attention_mma_{uniform,codebook}.cu); every other format runs k_cache_attend below,
+ * on CUDA cores. Both share the grid, the splits and the merges (attention.cuh).
  *
  * Grid: one CTA of 4 warps per (batch entry, kv head, split of the sequence, chunk of HC query
- * heads); HC = 4, 2 or 1 query heads of one GQA group share every K/V byte the CTA reads (ratios
- * above 4 take several chunks, which read the same pages at about the same time, mostly from L2).
+ * heads); HC = 4, 2 or 1 query heads of one GQA group share every K/V byte the CTA reads here, 8 in
+ * the tensor-core kernel (larger ratios take several chunks, the last one partly empty where HC does
+ * not divide the ratio; the chunks read the same pages at about the same time, mostly from L2).
  * Splits cut the sequence into chunks of whole tiles so that the grid fills the GPU; when there is
  * more than one, the CTA writes (max, sum, unnormalised output) per head and k_attend_combine merges
  * them (2 launches); with one split the CTA writes the output itself (1 launch).
