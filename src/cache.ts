@@ -198,7 +198,9 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
   return { ...partial, maxPages };
 }
 
-function configArray(c: CacheConfig): Int32Array {
+/** @internal The int32 config array of kivi_cache_create (kivi.h KIVI_CFG_* order); benchmarks build a
+ * twin native cache with it to time raw FFI calls. */
+export function configArray(c: CacheConfig): Int32Array {
   return Int32Array.from([
     c.layers,
     c.kvHeads,
