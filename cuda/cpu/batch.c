@@ -105,23 +105,21 @@ static void publish(kivi_batch_t b, uint64_t key, int32_t op, int32_t layer) {
   b->pending = 1;
 }
 
-/* The key of the first bad element of row `row` (n values from x + row * n) of `part`, or KIVI_CHECK_NONE. */
-static uint64_t scan_row(const void *x, kivi_dtype dtype, int64_t n, int32_t row, int32_t part,
-                         int f16range) {
-  const int es = dtype == KIVI_F32 ? 4 : 2;
+/* The key of the first bad element of row `row` (n values from x + row * n) of `part`, or KIVI_CHECK_NONE:
+   with f16range, what the cache refuses (NaN, Inf, beyond fp16), else NaN and Inf. */
+static uint64_t scan_row(const void *x, kivi_dtype dtype, int64_t n, int32_t row, int32_t part, int f16range) {
+  const int64_t es = dtype == KIVI_F32 ? 4 : 2;
   const uint8_t *p = (const uint8_t *)x + (int64_t)row * n * es;
-  for (int64_t e = 0; e < n; e++) {
-    uint32_t u = 0;
-    if (es == 4) memcpy(&u, p + e * 4, 4);
-    else {
-      uint16_t h;
-      memcpy(&h, p + e * 2, 2);
-      u = h;
-    }
-    const int32_t kind = kivi_bad_kind(u, dtype, f16range);
-    if (kind >= 0) return kivi_check_key(row, part, e, kind);
+  const int64_t e = f16range ? cpu_first_unquantizable(p, dtype, n) : cpu_first_nonfinite(p, dtype, n);
+  if (e < 0) return KIVI_CHECK_NONE;
+  uint32_t u = 0;
+  if (es == 4) memcpy(&u, p + e * 4, 4);
+  else {
+    uint16_t h;
+    memcpy(&h, p + e * 2, 2);
+    u = h;
   }
-  return KIVI_CHECK_NONE;
+  return kivi_check_key(row, part, e, kivi_bad_kind(u, dtype, f16range));
 }
 
 KIVI_API kivi_status kivi_batch_attend(kivi_batch_t b, int32_t layer) {

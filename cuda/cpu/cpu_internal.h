@@ -84,6 +84,9 @@ kivi_status cpu_need_ctx(kivi_ctx_t ctx, const char *op);
     (|x| >= 65520; the params are fp16): KIVI_ERR_NONFINITE naming the first such element. */
 kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype,
                              const cpu_shape *sh);
+/** Index of the first element of x[0 .. n) the quantizers refuse (kivi_unquantizable: NaN, Inf, or a
+    finite f32 / bf16 value fp16 turns into Inf), or -1. */
+int64_t cpu_first_unquantizable(const void *x, kivi_dtype dtype, int64_t total);
 /** Index of the first NaN / Inf among x[0 .. n), or -1 if all are finite. */
 int64_t cpu_first_nonfinite(const void *x, kivi_dtype dtype, int64_t n);
 /** malloc that reports KIVI_ERR_NOMEM through cpu_fail; *out = NULL on failure. */
