@@ -108,6 +108,13 @@ const calls: [string, () => void][] = [
     sink = seq.length(0);
   }],
 ];
+// The steady-state path: a decode batch over the same sequence and tensors.
+const batch = cache.batch(seqs, { q: qt, out: ot, trusted: true });
+calls.push(["batch.attend(0), trusted (q, out made once)", () => batch.attend(0)]);
+const bound = lib.fn("kivi_abi_version");
+phases.push(["FFI: kivi_abi_version() bound once (lib.fn, as the hot paths call)", () => {
+  sink = bound();
+}]);
 
 console.log(`kivi bench/call_profile: ${kivi.kind} build, ${kivi.runtime}; ns per step (median of 7 x ${n})`);
 console.log(`| step | ns (${kivi.runtime}) |\n| --- | --- |`);
@@ -116,5 +123,6 @@ const libNs = cache.benchAttend(0, seqs, qt, { iters: 20000 }) * 1e6;
 console.log(`| library alone: kivi_cache_bench_attend, per call (the attend calls below include it) | ${libNs.toFixed(0)} |`);
 for (const [name, fn] of calls) console.log(`| whole call: ${name} | ${ns(fn, Math.min(n, 50000)).toFixed(0)} |`);
 void sink;
+batch.dispose();
 qt.dispose();
 ot.dispose();

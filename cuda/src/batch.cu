@@ -16,6 +16,7 @@
  * has the record's rules, shared with the CPU build). A device word `pending` makes later checks
  * poison their outs until the host reads the error and clears it (a stream-ordered memset).
  */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,7 +30,7 @@ struct kv_batch_dev {
   unsigned int done;          /* blocks of the running call past their scan (the last block resets it) */
 };
 
-struct kv_bwin_params;
+template <int NB> struct kv_bwin_params;
 struct kv_btable_params;
 
 struct kivi_batch {
@@ -40,7 +41,7 @@ struct kivi_batch {
   uint32_t *gens;              /* [batch] the slots' generations when the batch was made */
   int64_t *len, *qlen;         /* [batch] the lengths handed to kv_attend_launch */
   int64_t *extra;              /* [batch] pages each sequence's append takes */
-  kv_bwin_params *wp;          /* the append's launch parameters (made once: no allocation a call) */
+  kv_bwin_params<KIVI_BATCH_MAX> *wp; /* the append's launch parameters (made once: no allocation a call) */
   kv_btable_params *tp;
   kv_batch_dev *dev;           /* device */
   kivi_batch_record *record;   /* mapped pinned host memory: record + bad[batch] */
@@ -130,19 +131,23 @@ struct kv_bwin_row {
   int32_t pad;
 };
 
-struct kv_bwin_params {
+/* The rows ride in the launch parameters, in an array of NB entries: the smallest of 8, 64 and
+   KIVI_BATCH_MAX that holds the batch, so that a small batch does not pay for copying 8 KB of
+   parameters at every launch. */
+template <int NB> struct kv_bwin_params {
   uint16_t *kwin, *vwin;
   const void *k, *v;       /* [batch][row] */
   int32_t row, batch, check, layer;
   kv_batch_dev *dev;
   kivi_batch_record *rec;
   uint8_t *bad;            /* the record's bad[batch] (device address) */
-  kv_bwin_row R[KIVI_BATCH_MAX];
+  kv_bwin_row R[NB];
 };
 
 /* One thread an element of every sequence's token: k and v rounded to fp16 into the window slot (as
    cache.cu's k_cache_window), and checked (NaN, Inf, beyond fp16) when p.check. */
-template <int DT> static __global__ void __launch_bounds__(256) k_batch_window(const __grid_constant__ kv_bwin_params p) {
+template <int DT, int NB>
+static __global__ void __launch_bounds__(256) k_batch_window(const __grid_constant__ kv_bwin_params<NB> p) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   unsigned long long mine = KIVI_CHECK_NONE;
   if (idx < (int64_t)p.batch * p.row) {
@@ -236,6 +241,21 @@ static void batch_release(kivi_batch_t b) {
   free(b);
 }
 
+/* k_batch_window for b's rows (b->wp filled), with parameters of nb rows. */
+template <int NB> static kivi_status window_launch_nb(kivi_batch_t b) {
+  kv_bwin_params<NB> p;
+  memcpy(&p, b->wp, offsetof(kv_bwin_params<NB>, R));
+  memcpy(p.R, b->wp->R, sizeof(kv_bwin_row) * (size_t)b->a.batch);
+  const unsigned grid = (unsigned)(((int64_t)b->a.batch * p.row + 255) / 256);
+#define KV_WIN(DT) k_batch_window<DT, NB><<<grid, 256, 0, b->ctx->stream>>>(p)
+  KV_DISPATCH_DT(b->a.kv_dtype, KV_WIN)
+#undef KV_WIN
+  return kv_launched(b->ctx, "kivi_batch_append", "k_batch_window");
+}
+static kivi_status window_launch(kivi_batch_t b, int nb) {
+  return nb == 8 ? window_launch_nb<8>(b) : nb == 64 ? window_launch_nb<64>(b) : window_launch_nb<KIVI_BATCH_MAX>(b);
+}
+
 extern "C" {
 
 KIVI_API kivi_status kivi_batch_create(kivi_cache_t cache, const int32_t *seqs, int32_t batch, const void *q,
@@ -258,7 +278,7 @@ KIVI_API kivi_status kivi_batch_create(kivi_cache_t cache, const int32_t *seqs, 
   b->qlen = (int64_t *)malloc(sizeof(int64_t) * (size_t)batch);
   b->extra = (int64_t *)malloc(sizeof(int64_t) * (size_t)batch);
   if (k) {
-    b->wp = (kv_bwin_params *)calloc(1, sizeof(kv_bwin_params));
+    b->wp = (kv_bwin_params<KIVI_BATCH_MAX> *)calloc(1, sizeof(kv_bwin_params<KIVI_BATCH_MAX>));
     b->tp = (kv_btable_params *)calloc(1, sizeof(kv_btable_params));
   }
   if (!b->seqs || !b->gens || !b->len || !b->qlen || !b->extra || (k && (!b->wp || !b->tp))) {
@@ -366,7 +386,7 @@ KIVI_API kivi_status kivi_batch_append(kivi_batch_t b, int32_t layer) {
     if ((st = kv_launched(b->ctx, op, "k_batch_table"))) return st;
   }
   /* flushes (sequences whose window is full), then every token into its window slot in one launch */
-  kv_bwin_params *wp = b->wp;
+  kv_bwin_params<KIVI_BATCH_MAX> *wp = b->wp;
   wp->kwin = c->kwin;
   wp->vwin = c->vwin;
   wp->k = b->a.k;
@@ -388,11 +408,7 @@ KIVI_API kivi_status kivi_batch_append(kivi_batch_t b, int32_t layer) {
                                        (const uint8_t *)b->a.v + i * row * es, b->a.kv_dtype, 1)))
       return st;
   }
-  const unsigned grid = (unsigned)(((int64_t)n * row + 255) / 256);
-#define KV_WIN(DT) k_batch_window<DT><<<grid, 256, 0, b->ctx->stream>>>(*wp)
-  KV_DISPATCH_DT(b->a.kv_dtype, KV_WIN)
-#undef KV_WIN
-  if ((st = kv_launched(b->ctx, op, "k_batch_window"))) return st;
+  if ((st = window_launch(b, n <= 8 ? 8 : n <= 64 ? 64 : KIVI_BATCH_MAX))) return st;
   for (int32_t i = 0; i < n; i++) kv_append_commit(c, b->seqs[i], layer, 1, 1, b->extra[i]);
   return KIVI_OK;
 }
