@@ -229,11 +229,11 @@ const section = {
   runtime: kivi.runtime,
   date: new Date().toISOString().slice(0, 10),
   host: hostName(),
-  copyGBps: 0,
+  copyGBps: kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5),
   notes: `cost of a cache call from TypeScript (${kivi.runtime}) above the library's own time, µs per call, median over ` +
     `${repeats} repeats of the paired difference; attend's library time is kivi_cache_bench_attend (a C loop of the same ` +
-    `call, trusted), append's a raw FFI loop of kivi_cache_append on a twin cache (FFI crossing included); the copy ` +
-    `bandwidth is not measured here (0).`,
+    `call, trusted), append's a raw FFI loop of kivi_cache_append on a twin cache (FFI crossing included; for a batch, ` +
+    `one call a sequence of the batch). The checked batch rows include the library's own scan of q or k/v.`,
   rows,
 };
 if (args.has("out") || args.has("write")) {

@@ -550,7 +550,8 @@ export class KVCache {
     const layer = checkInt("layer", layerArg, 0, this.#config.layers - 1);
     const { state, handle } = this.#live(op);
     const id = Sequence._liveId(seq, op);
-    this.#check("kivi_cache_seq_length", state.lib.call("kivi_cache_seq_length", handle, id, layer, ...this.#lensPtr));
+    const [pl, pq] = this.#lensPtr;
+    this.#check("kivi_cache_seq_length", state.lib.call("kivi_cache_seq_length", handle, id, layer, pl, pq));
     return [Number(this.#lens[0]), Number(this.#lens[1])];
   }
 
