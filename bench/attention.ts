@@ -26,7 +26,7 @@
 import process from "node:process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { type Backend, type CacheFormat, type DeviceTensor, type KVCache, openBackend, Rng } from "../src/mod.ts";
-import { gbps, hostName, median, parseArgs, type Row, writeSection } from "./_report.ts";
+import { gbps, median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
 const args = parseArgs(process.argv.slice(2));
 using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
@@ -224,14 +224,7 @@ for (const c of cases) {
   if (!ArrayBuffer.isView(q)) (q as DeviceTensor).dispose();
 }
 
-const section = {
-  device: kivi.deviceName,
-  backend: kivi.kind,
-  runtime: kivi.runtime,
-  date: new Date().toISOString().slice(0, 10),
-  host: hostName(),
-  copyGBps: copy,
-  notes: `decode attention per layer-step, one query token a sequence, 32 query heads and headDim 128 unless the case ` +
+const notes = `decode attention per layer-step, one query token a sequence, 32 query heads and headDim 128 unless the case ` +
     `says GQA q/kv or D, page ${pageTokens}, R 128; us/step = median of ${repeats} x ${iters} back-to-back launches ` +
     `timed inside the library; "of copy" = bytes read (codes + params + residual) / time / copy bandwidth of the ` +
     `same run; us/call = ${iters} calls from TypeScript (${kivi.runtime}) in a loop ending with a synchronize: ` +
@@ -239,9 +232,8 @@ const section = {
     `the same with q checked on the device, "over step" = us/call - us/step; one-token appends into an empty second ` +
     `layer: "seq" seq.append of one sequence (tensors, trusted), "batch" batch.append of every sequence of the case ` +
     `(trusted, checked)` + (torch.size ? `; torch fp16 SDPA = PyTorch scaled_dot_product_attention (enable_gqa) on the same ` +
-      `shapes in fp16, timed the same way in the same device call (bench/sdpa_reference.py)` : "") + ".",
-  rows,
-};
-const path = writeSection(kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`, section, args.get("out"));
-if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(section, null, 2));
+      `shapes in fp16, timed the same way in the same device call (bench/sdpa_reference.py)` : "") + ".";
+const result = section(kivi, copy, notes, rows);
+const path = writeSection(kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`, result, args.get("out"));
+if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));
 console.log(`wrote ${path}`);

@@ -18,7 +18,7 @@
 import process from "node:process";
 import { type DeviceTensor, type KVCache, openBackend, Rng, type Sequence } from "../src/mod.ts";
 import { configArray } from "../src/cache.ts";
-import { hostName, median, parseArgs, type Row, writeSection } from "./_report.ts";
+import { median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
 const args = parseArgs(process.argv.slice(2));
 using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
@@ -223,20 +223,12 @@ for (const c of cases) {
   }
 }
 
-const section = {
-  device: kivi.deviceName,
-  backend: kivi.kind,
-  runtime: kivi.runtime,
-  date: new Date().toISOString().slice(0, 10),
-  host: hostName(),
-  copyGBps: kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5),
-  notes: `cost of a cache call from TypeScript (${kivi.runtime}) above the library's own time, µs per call, median over ` +
+const notes = `cost of a cache call from TypeScript (${kivi.runtime}) above the library's own time, µs per call, median over ` +
     `${repeats} repeats of the paired difference; attend's library time is kivi_cache_bench_attend (a C loop of the same ` +
     `call, trusted), append's a raw FFI loop of kivi_cache_append on a twin cache (FFI crossing included; for a batch, ` +
-    `one call a sequence of the batch). The checked batch rows include the library's own scan of q or k/v.`,
-  rows,
-};
+    `one call a sequence of the batch). The checked batch rows include the library's own scan of q or k/v.`;
+const result = section(kivi, kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5), notes, rows);
 if (args.has("out") || args.has("write")) {
-  const path = writeSection(`overhead-${kivi.runtime}`, section, args.get("out") === "true" ? undefined : args.get("out"));
+  const path = writeSection(`overhead-${kivi.runtime}`, result, args.get("out") === "true" ? undefined : args.get("out"));
   console.log(`wrote ${path}`);
 }

@@ -65,33 +65,19 @@ KIVI_API kivi_status kivi_batch_destroy(kivi_batch_t b) {
   return KIVI_OK;
 }
 
-/* What every call checks first: the batch, an unread error, the buffers it needs, the layer, and that
-   each sequence is still the one the batch was made with. */
+static kivi_batch_slot slot_of(const void *cache, int32_t s, int32_t layer) {
+  const struct kivi_cache *c = cache;
+  const kivi_batch_slot r = {c->seqs[s].live, c->seqs[s].gen, cpu_cache_len(c, s, layer)[0]};
+  return r;
+}
+
+/* The batch, then the checks every call makes first (kivi_batch.h kivi_batch_enter). */
 static kivi_status enter(kivi_batch_t b, const char *op, int32_t layer, int need_kv) {
   if (!b) return cpu_fail(NULL, KIVI_ERR_ARG, "%s: batch must not be NULL", op);
-  const struct kivi_cache *c = b->cache;
-  if (b->record->any) {
-    int64_t report[KIVI_REPORT_FIELDS];
-    kivi_batch_peek(b->record, report);
-    char msg[CPU_ERR_LEN];
-    const int64_t i = report[KIVI_REPORT_INDEX];
-    kivi_batch_message(msg, sizeof msg, op, report, i >= 0 && i < b->a.batch ? b->seqs[i] : -1, c->cfg.head_dim, 1);
-    return cpu_fail(c->ctx, KIVI_ERR_NONFINITE, "%s", msg);
-  }
-  if (need_kv ? !b->a.k : !b->a.q)
-    return cpu_fail(c->ctx, KIVI_ERR_STATE, "%s: the batch was made without %s", op, need_kv ? "k and v" : "q and out");
-  if (layer < 0 || layer >= c->cfg.layers)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: layer must be in 0..%d, got %d", op, (int)c->cfg.layers - 1, (int)layer);
-  for (int32_t i = 0; i < b->a.batch; i++) {
-    const int32_t s = b->seqs[i];
-    if (!c->seqs[s].live || c->seqs[s].gen != b->gens[i])
-      return cpu_fail(c->ctx, KIVI_ERR_STATE, "%s: seqs[%d] (sequence %d) was freed after the batch was made; make a "
-                      "new batch", op, (int)i, (int)s);
-    if (!need_kv && cpu_cache_len(c, s, layer)[0] < 1)
-      return cpu_fail(c->ctx, KIVI_ERR_STATE, "%s: seqs[%d] (sequence %d) holds no token in layer %d", op, (int)i,
-                      (int)s, (int)layer);
-  }
-  return KIVI_OK;
+  char msg[CPU_ERR_LEN];
+  const kivi_status st =
+      kivi_batch_enter(&b->cache->cfg, &b->a, b->record, b->gens, b->cache, slot_of, op, layer, need_kv, msg, sizeof msg);
+  return st ? cpu_fail(b->cache->ctx, st, "%s", msg) : KIVI_OK;
 }
 
 /* Records a call's first bad element (key) when no error is recorded yet; `any` last. */

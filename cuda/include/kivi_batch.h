@@ -198,4 +198,47 @@ static inline kivi_status kivi_batch_validate(const kivi_cache_config *g, const 
   return KIVI_OK;
 }
 
+/* ------------------------------------------------------------------ every call ----------- */
+
+/** What a build tells kivi_batch_enter about a slot: live or not, its generation (bumped when it is
+    freed), and its length in the call's layer. */
+typedef struct kivi_batch_slot {
+  int live;
+  uint32_t gen;
+  int64_t len;
+} kivi_batch_slot;
+
+/** The checks every kivi_batch_attend / kivi_batch_append makes first, in this order (host only): an
+    unread error (KIVI_ERR_NONFINITE, its message), the buffers the call needs (KIVI_ERR_STATE), the
+    layer (KIVI_ERR_ARG), then each sequence still the one the batch was made with (gens: their
+    generations then) and, for attend, holding a token in the layer (KIVI_ERR_STATE). KIVI_OK, or the
+    status with "<op>: ..." in msg. */
+static inline kivi_status kivi_batch_enter(const kivi_cache_config *g, const kivi_batch_args *a,
+                                           const kivi_batch_record *rec, const uint32_t *gens, const void *cache,
+                                           kivi_batch_slot (*slot)(const void *, int32_t, int32_t), const char *op,
+                                           int32_t layer, int need_kv, char *msg, size_t len) {
+  if (rec->any) {
+    int64_t report[KIVI_REPORT_FIELDS];
+    kivi_batch_peek(rec, report);
+    const int64_t i = report[KIVI_REPORT_INDEX];
+    kivi_batch_message(msg, len, op, report, i >= 0 && i < a->batch ? a->seqs[i] : -1, g->head_dim, 1);
+    return KIVI_ERR_NONFINITE;
+  }
+  if (need_kv ? !a->k : !a->q)
+    return snprintf(msg, len, "%s: the batch was made without %s", op, need_kv ? "k and v" : "q and out"), KIVI_ERR_STATE;
+  if (layer < 0 || layer >= g->layers)
+    return snprintf(msg, len, "%s: layer must be in 0..%d, got %d", op, (int)g->layers - 1, (int)layer), KIVI_ERR_ARG;
+  for (int32_t i = 0; i < a->batch; i++) {
+    const int32_t s = a->seqs[i];
+    const kivi_batch_slot at = slot(cache, s, layer);
+    if (!at.live || at.gen != gens[i])
+      return snprintf(msg, len, "%s: seqs[%d] (sequence %d) was freed after the batch was made; make a new batch", op,
+                      (int)i, (int)s), KIVI_ERR_STATE;
+    if (!need_kv && at.len < 1)
+      return snprintf(msg, len, "%s: seqs[%d] (sequence %d) holds no token in layer %d", op, (int)i, (int)s, (int)layer),
+             KIVI_ERR_STATE;
+  }
+  return KIVI_OK;
+}
+
 #endif /* KIVI_BATCH_H */

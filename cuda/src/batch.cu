@@ -194,36 +194,19 @@ static __global__ void k_batch_table(const __grid_constant__ kv_btable_params p)
 
 static int slot_live(const void *c, int32_t s) { return ((const kivi_cache *)c)->live[s]; }
 
-/* What every call checks first: the batch, the context, an unread error, the buffers it needs, the
-   layer, and that each sequence is still the one the batch was made with. */
+static kivi_batch_slot slot_of(const void *cache, int32_t s, int32_t layer) {
+  const kivi_cache *c = (const kivi_cache *)cache;
+  return {c->live[s], c->gen[s], c->len[(int64_t)s * c->cfg.layers + layer]};
+}
+
+/* The batch and its context, then the checks every call makes first (kivi_batch.h kivi_batch_enter). */
 static kivi_status enter(kivi_batch_t b, const char *op, int32_t layer, int need_kv) {
   if (!b) return kv_fail(NULL, KIVI_ERR_ARG, "%s: batch must not be NULL", op);
   kivi_status st = kv_enter(b->ctx, op);
   if (st) return st;
-  const kivi_cache *c = b->cache;
-  if (b->record->any) {
-    int64_t report[KIVI_REPORT_FIELDS];
-    kivi_batch_peek(b->record, report);
-    char msg[KV_ERR_LEN];
-    const int64_t i = report[KIVI_REPORT_INDEX];
-    kivi_batch_message(msg, sizeof msg, op, report, i >= 0 && i < b->a.batch ? b->seqs[i] : -1, c->cfg.head_dim, 1);
-    return kv_fail(b->ctx, KIVI_ERR_NONFINITE, "%s", msg);
-  }
-  if (need_kv ? !b->a.k : !b->a.q)
-    return kv_fail(b->ctx, KIVI_ERR_STATE, "%s: the batch was made without %s", op, need_kv ? "k and v" : "q and out");
-  if (layer < 0 || layer >= c->cfg.layers)
-    return kv_fail(b->ctx, KIVI_ERR_ARG, "%s: layer must be in 0..%d, got %d", op, (int)c->cfg.layers - 1, (int)layer);
-  for (int32_t i = 0; i < b->a.batch; i++) {
-    const int32_t s = b->seqs[i];
-    if (!c->live[s] || c->gen[s] != b->gens[i])
-      return kv_fail(b->ctx, KIVI_ERR_STATE,
-                     "%s: seqs[%d] (sequence %d) was freed after the batch was made; make a new batch", op, (int)i,
-                     (int)s);
-    if (!need_kv && c->len[(int64_t)s * c->cfg.layers + layer] < 1)
-      return kv_fail(b->ctx, KIVI_ERR_STATE, "%s: seqs[%d] (sequence %d) holds no token in layer %d", op, (int)i,
-                     (int)s, (int)layer);
-  }
-  return KIVI_OK;
+  char msg[KV_ERR_LEN];
+  st = kivi_batch_enter(&b->cache->cfg, &b->a, b->record, b->gens, b->cache, slot_of, op, layer, need_kv, msg, sizeof msg);
+  return st ? kv_fail(b->ctx, st, "%s", msg) : KIVI_OK;
 }
 
 static void batch_release(kivi_batch_t b) {
