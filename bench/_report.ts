@@ -133,6 +133,25 @@ export function writeSection(name: string, section: Section, dir = resultsDir): 
   return jsonPath;
 }
 
+/** A results section of this run: the device, backend and runtime of `kivi`, today's date, the host. */
+export function section(
+  kivi: { deviceName: string; kind: string; runtime: string },
+  copyGBps: number,
+  notes: string,
+  rows: Row[],
+): Section {
+  return {
+    device: kivi.deviceName,
+    backend: kivi.kind,
+    runtime: kivi.runtime,
+    date: new Date().toISOString().slice(0, 10),
+    host: hostName(),
+    copyGBps,
+    notes,
+    rows,
+  };
+}
+
 /** Host description for the record. */
 export function hostName(): string {
   return `${os.cpus()[0]?.model ?? "cpu"} x${os.cpus().length}`;

@@ -10,7 +10,13 @@
  * 8x32768, 32x4096}, then 8x32768 with GQA 32/8, 32/4 and 28/4, and 14/2 at head_dim 64 (Llama-3,
  * Mistral, Qwen-style head layouts). Each figure is the median over repeats of `iters` back-to-back
  * launches timed with CUDA events inside the library (kivi_cache_bench_attend), so FFI cost is out of
- * it; the cost of one call from TypeScript is reported on its own. GB/s counts the bytes the kernel
+ * it. The cost of one call from TypeScript is reported on its own, per path, as the time of `iters`
+ * calls in a loop ending with a synchronize: `cache.attend` allocating its out (the general path),
+ * and a decode batch (`cache.batch`, q and out made once) with q trusted and with q checked on the
+ * device; "over step" columns subtract us/step. The one-token append is timed the same way into a
+ * second layer: `seq.append` of one sequence (trusted) and `batch.append` of the whole batch
+ * (trusted, checked). Sections are named by runtime (`attention` under Bun, `attention-deno`
+ * under Deno) so that both land in the results file. GB/s counts the bytes the kernel
  * reads (codes + params + fp16 residual), as a fraction of the copy bandwidth measured in the same
  * run. With --torch, PyTorch fp16 SDPA on the same shapes (timed the same way, same device call) is
  * the outside reference column. CPU: 1x4096 only.
@@ -20,7 +26,7 @@
 import process from "node:process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { type Backend, type CacheFormat, type DeviceTensor, type KVCache, openBackend, Rng } from "../src/mod.ts";
-import { gbps, hostName, median, parseArgs, type Row, writeSection } from "./_report.ts";
+import { gbps, median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
 const args = parseArgs(process.argv.slice(2));
 using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
@@ -108,6 +114,17 @@ function chunkOf(data: HostOrTensor, n: number): HostOrTensor {
   return kivi.upload(host, { shape: [n] });
 }
 
+/** ms per call of `n` calls of fn in a loop, then a synchronize (the device's time where it is the
+ * longer one; on the CPU build each call is done when it returns). */
+function loopMs(fn: () => void, n = iters): number {
+  fn(); // warm-up (JIT, first-launch attributes)
+  kivi.synchronizeSync();
+  const t0 = performance.now();
+  for (let i = 0; i < n; i++) fn();
+  kivi.synchronizeSync();
+  return (performance.now() - t0) / n;
+}
+
 const rows: Row[] = [];
 const only = { case: args.get("case"), mode: args.get("mode") };
 for (const c of cases) {
@@ -124,7 +141,7 @@ for (const c of cases) {
     if (only.mode && !m.name.includes(only.mode) && !m.name.startsWith("bits 16")) continue;
     const pagesPerSeq = Math.ceil(context / pageTokens) + 1;
     using cache = kivi.createCache({
-      layers: 1,
+      layers: 2, // layer 0 is timed; one-token appends go to layer 1 (empty: pages of layer 0 hold them)
       kvHeads,
       queryHeads: qHeads,
       headDim,
@@ -137,24 +154,50 @@ for (const c of cases) {
     });
     const seqs = fill(cache, c, data, step);
     const mem = cache.memory();
-    const bytes = mem.codeBytes + mem.paramBytes + mem.residualBytes;
+    // Bytes layer 0's attention reads: the report counts page storage in every layer (2 here).
+    const bytes = (mem.codeBytes + mem.paramBytes) / 2 + mem.residualBytes;
     const times: number[] = [];
     for (let r = 0; r < repeats; r++) times.push(cache.benchAttend(0, seqs, q, { iters }));
     const ms = median(times);
     // One call from TypeScript, argument checks and FFI included, averaged over a loop.
-    const t0 = performance.now();
-    for (let i = 0; i < iters; i++) {
+    const tsMs = loopMs(() => {
       const out = cache.attend(0, seqs, q, { trusted: true });
       if (!ArrayBuffer.isView(out)) (out as DeviceTensor).dispose();
-    }
-    kivi.synchronizeSync();
-    const tsMs = (performance.now() - t0) / iters;
+    });
+    // The steady-state path: a decode batch with q and out made once.
+    const qt = onGpu ? (q as DeviceTensor) : kivi.upload(qHost as Float32Array);
+    const outT = kivi.alloc([batch, qHeads, headDim], "f32");
+    const trusted = cache.batch(seqs, { q: qt, out: outT, trusted: true });
+    const checked = cache.batch(seqs, { q: qt, out: outT });
+    const batchMs = loopMs(() => trusted.attend(0));
+    const checkedMs = loopMs(() => checked.attend(0));
+    checked.synchronizeSync();
+    // One-token appends into layer 1 (its tokens sit in the pages layer 0 already took).
+    const k1 = chunk(kivi, rng, 1, kvHeads, headDim), kb = chunk(kivi, rng, batch, kvHeads, headDim);
+    const k1t = ArrayBuffer.isView(k1) ? kivi.upload(k1 as Float32Array) : k1;
+    const kbt = ArrayBuffer.isView(kb) ? kivi.upload(kb as Float32Array) : kb;
+    const appendIters = Math.min(iters, Math.floor(context / 4));
+    const seqAppendMs = loopMs(() => seqs[0].append(k1t, k1t, { layer: 1, trusted: true }), appendIters);
+    const appendTrusted = cache.batch(seqs, { k: kbt, v: kbt, trusted: true });
+    const appendChecked = cache.batch(seqs, { k: kbt, v: kbt });
+    const batchAppendMs = loopMs(() => appendTrusted.append(1), appendIters);
+    const batchCheckedMs = loopMs(() => appendChecked.append(1), appendIters);
+    appendChecked.synchronizeSync();
+    for (const b of [trusted, checked, appendTrusted, appendChecked]) b.dispose();
+    for (const t of [k1t, kbt, outT, ...(onGpu ? [] : [qt])]) t.dispose();
     if (m.keys.bits === 16) base.ms = ms;
     const row: Row = {
       case: label(c),
       cache: m.name,
       "us/step": ms * 1e3,
       "us/call from TS": tsMs * 1e3,
+      "us/call batch": batchMs * 1e3,
+      "batch over step": (batchMs - ms) * 1e3,
+      "us/call batch checked": checkedMs * 1e3,
+      "checked over step": (checkedMs - ms) * 1e3,
+      "append us/call seq": seqAppendMs * 1e3,
+      "append us/call batch": batchAppendMs * 1e3,
+      "append us/call batch checked": batchCheckedMs * 1e3,
       "MB read": bytes / 1e6,
       "GB/s": gbps(bytes, ms),
       "of copy": gbps(bytes, ms) / copy,
@@ -169,7 +212,9 @@ for (const c of cases) {
     console.log(
       `${String(row.case).padEnd(24)} ${m.name.padEnd(32)} ${(ms * 1e3).toFixed(1).padStart(9)} us  ${
         (tsMs * 1e3).toFixed(1).padStart(8)
-      } us/call(TS)  ${(bytes / 1e6).toFixed(1).padStart(8)} MB  ${(row["GB/s"] as number).toFixed(0).padStart(6)} GB/s  ${
+      } us/call(TS)  batch ${(batchMs * 1e3).toFixed(1)} (+${((batchMs - ms) * 1e3).toFixed(1)}) checked ${(checkedMs * 1e3).toFixed(1)} (+${
+        ((checkedMs - ms) * 1e3).toFixed(1)
+      })  append seq ${(seqAppendMs * 1e3).toFixed(1)} batch ${(batchAppendMs * 1e3).toFixed(1)} checked ${(batchCheckedMs * 1e3).toFixed(1)} us  ${(bytes / 1e6).toFixed(1).padStart(8)} MB  ${(row["GB/s"] as number).toFixed(0).padStart(6)} GB/s  ${
         ((row["of copy"] as number) * 100).toFixed(1).padStart(5)
       }% of copy  ${(base.ms / ms).toFixed(2)}x vs bits 16`,
     );
@@ -179,20 +224,16 @@ for (const c of cases) {
   if (!ArrayBuffer.isView(q)) (q as DeviceTensor).dispose();
 }
 
-const section = {
-  device: kivi.deviceName,
-  backend: kivi.kind,
-  runtime: kivi.runtime,
-  date: new Date().toISOString().slice(0, 10),
-  host: hostName(),
-  copyGBps: copy,
-  notes: `decode attention per layer-step, one query token a sequence, 32 query heads and headDim 128 unless the case ` +
+const notes = `decode attention per layer-step, one query token a sequence, 32 query heads and headDim 128 unless the case ` +
     `says GQA q/kv or D, page ${pageTokens}, R 128; us/step = median of ${repeats} x ${iters} back-to-back launches ` +
     `timed inside the library; "of copy" = bytes read (codes + params + residual) / time / copy bandwidth of the ` +
-    `same run` + (torch.size ? `; torch fp16 SDPA = PyTorch scaled_dot_product_attention (enable_gqa) on the same ` +
-      `shapes in fp16, timed the same way in the same device call (bench/sdpa_reference.py)` : "") + ".",
-  rows,
-};
-const path = writeSection("attention", section, args.get("out"));
-if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(section, null, 2));
+    `same run; us/call = ${iters} calls from TypeScript (${kivi.runtime}) in a loop ending with a synchronize: ` +
+    `"from TS" cache.attend allocating its out, "batch" a decode batch (q, out made once, q trusted), "batch checked" ` +
+    `the same with q checked on the device, "over step" = us/call - us/step; one-token appends into an empty second ` +
+    `layer: "seq" seq.append of one sequence (tensors, trusted), "batch" batch.append of every sequence of the case ` +
+    `(trusted, checked)` + (torch.size ? `; torch fp16 SDPA = PyTorch scaled_dot_product_attention (enable_gqa) on the same ` +
+      `shapes in fp16, timed the same way in the same device call (bench/sdpa_reference.py)` : "") + ".";
+const result = section(kivi, copy, notes, rows);
+const path = writeSection(kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`, result, args.get("out"));
+if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));
 console.log(`wrote ${path}`);

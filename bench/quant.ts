@@ -24,7 +24,7 @@ import {
   synthKV,
   wordCount,
 } from "../src/mod.ts";
-import { gbps, hostName, median, parseArgs, type Row, writeSection } from "./_report.ts";
+import { gbps, median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
 const args = parseArgs(process.argv.slice(2));
 const prefer = (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda";
@@ -66,14 +66,14 @@ function measure(k: Backend, x: HostArray | DeviceTensor, axis: "token" | "chann
   const f = format as Required<Format>;
   const groups = groupCount(shape, axis, f.group);
   const paramCount = f.kind === "uniform" ? 2 * groups : groups << f.bits;
-  // Preallocated outputs, so allocation is not timed.
-  // The outputs of this format only (strict options refuse another format's out buffers).
-  const uniform = format.kind === "uniform";
+  // Preallocated outputs, so allocation is not timed: only the format's own (options are strict:
+  // centroids are not an output of "uniform").
+  const uniform = f.kind === "uniform";
   const buf = (n: number, dtype: "u32" | "f16") =>
     onGpu ? k.alloc([n], dtype) : dtype === "u32" ? new Uint32Array(n) : new Float16Array(n);
-  const out = uniform
+  const out: Record<string, unknown> = uniform
     ? { codes: buf(wordCount(shape, f.bits), "u32"), scale: buf(groups, "f16"), zero: buf(groups, "f16") }
-    : { codes: buf(wordCount(shape, f.bits), "u32"), centroids: buf(groups * 2 ** f.bits, "f16") };
+    : { codes: buf(wordCount(shape, f.bits), "u32"), centroids: buf(groups << f.bits, "f16") };
   // deno-lint-ignore no-explicit-any
   const run = () => k.quantize(x as any, { shape, axis, format, trusted, out: out as any });
   run();
@@ -122,17 +122,9 @@ for (const which of ["keys", "values"] as const) {
   if (!ArrayBuffer.isView(x)) (x as DeviceTensor).dispose();
 }
 
-const section = {
-  device: kivi.deviceName,
-  backend: kivi.kind,
-  runtime: kivi.runtime,
-  date: new Date().toISOString().slice(0, 10),
-  host: hostName(),
-  copyGBps: copy,
-  notes: `quantize+pack of [${rows} x ${cols}] ${dtype} (${onGpu ? "8 seq x 32768 tok x 32 heads x 128 dims" : "64 MiB"}), ` +
-    `median of ${reps} runs after a warm-up; "of copy" = (bytes read + written) / time / copy bandwidth.`,
-  rows: rowsOut,
-};
-const path = writeSection("quant", section, args.get("out"));
-if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(section, null, 2));
+const notes = `quantize+pack of [${rows} x ${cols}] ${dtype} (${onGpu ? "8 seq x 32768 tok x 32 heads x 128 dims" : "64 MiB"}), ` +
+    `median of ${reps} runs after a warm-up; "of copy" = (bytes read + written) / time / copy bandwidth.`;
+const result = section(kivi, copy, notes, rowsOut);
+const path = writeSection("quant", result, args.get("out"));
+if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));
 console.log(`wrote ${path}`);

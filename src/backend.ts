@@ -8,7 +8,7 @@
 import process from "node:process";
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
-import { loadNative, type NativeLib, type Pointer } from "./ffi/_native.ts";
+import { loadNative, type NativeLib, type Pointer, scratchArray } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
 import { KiviError, Status } from "./errors.ts";
 import { checkElems, checkInt, checkOneOf, hostView, plainView, readOptions, show } from "./_checks.ts";
@@ -39,10 +39,10 @@ export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
  * @example
  * ```ts
  * import { ABI_VERSION } from "./mod.ts";
- * console.log(ABI_VERSION); // 1: what kivi_abi_version() must return
+ * console.log(ABI_VERSION); // 2: what kivi_abi_version() must return
  * ```
  */
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 
 /** Where a backend runs. */
 export type BackendKind = "cpu" | "cuda";
@@ -305,6 +305,10 @@ export class Backend {
   // Children (tensors, caches) held weakly, so the finalizers of forgotten ones can still run.
   #children = new Set<WeakRef<Child>>();
   #refOf = new WeakMap<Child, WeakRef<Child>>();
+  /** alloc's out-parameter, its address taken once (Deno: a typed array made and an address taken
+   * cost about 1 µs a call together). */
+  #made = scratchArray(BigUint64Array, 1);
+  #madePtr: Pointer;
 
   /** @internal use openBackend */
   constructor(lib: NativeLib, ctx: Pointer, kind: BackendKind, device: number, reason: string) {
@@ -315,6 +319,7 @@ export class Backend {
     const name = new Uint8Array(256);
     this._check("kivi_ctx_device_name", lib.call("kivi_ctx_device_name", ctx, lib.ptr(name), name.length));
     this.deviceName = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
+    this.#madePtr = lib.ptr(this.#made);
     backendRegistry.register(this, this.#state, this);
   }
 
@@ -392,9 +397,8 @@ export class Backend {
     for (let i = 0; i < n; i++) dims.push(checkInt(`shape[${i}]`, shape[i], 1, 2 ** 40));
     const bytes = checkElems("shape", dims) * dtypeBytes[dtype];
     const { lib, ctx } = this._native("alloc");
-    const out = new BigUint64Array(1);
-    this._check("kivi_mem_alloc", lib.call("kivi_mem_alloc", ctx, bytes, lib.ptr(out)));
-    const t = new DeviceTensor(this, this.#state!, lib.pointerAt(out, 0), dims, dtype);
+    this._check("kivi_mem_alloc", lib.call("kivi_mem_alloc", ctx, bytes, this.#madePtr));
+    const t = new DeviceTensor(this, this.#state!, lib.pointerAt(this.#made, 0), dims, dtype);
     this._adopt(t);
     return t;
   }

@@ -55,3 +55,4 @@ export {
   Sequence,
   type AppendOptions,
 } from "./cache.ts";
+export { BATCH_MAX, type BatchOptions, DecodeBatch } from "./batch.ts";

@@ -625,6 +625,62 @@ const cacheOp: Op = (w) => {
   drop(q);
 };
 
+/** Decode batches: cache.batch with hostile options, sequences and tensors, then one attend (the
+ * general path's bytes) or one append (the twin gets the plain per-sequence appends), with a hostile
+ * layer. */
+const batchOp: Op = (w) => {
+  const kind = pick(["attend", "append"] as const);
+  const pairs = chance(0.5) ? [w.seqs[0], w.seqs[1]] : [pick(w.seqs)];
+  const seqs = pairs.map((p) => p[0]), n = seqs.length;
+  const layer = int(L);
+  const what: string[] = [];
+  const q = w.kivi.upload(data(n * QH * D)), out = w.kivi.alloc([n, QH, D], "f32");
+  const k = w.kivi.upload(data(n * ROW)), v = w.kivi.upload(data(n * ROW));
+  let expected: Uint8Array | undefined;
+  if (kind === "attend") {
+    const r = w.cache.attend(layer, seqs, q);
+    expected = bytes(r);
+    drop(r);
+  }
+  let hs: unknown = seqs, hl: unknown = layer;
+  let ho: Record<string, unknown> = kind === "attend" ? { q, out, ...(chance(0.3) ? { trusted: true } : {}) } : { k, v, ...(chance(0.5) ? { q, out } : {}) };
+  const vs = victims(w, { cache: true, seqs }, kind === "attend" ? [["q", q, true], ["out", out, true]] : [["k", k, true], ["v", v, true]]);
+  const slots: Slot[] = [
+    wrapping(() => { const m = mutOptions(ho, vs); ho = m.value as Record<string, unknown>; what.push(m.what); return m.expect; }),
+    () => { const key = kind === "attend" ? pick(["q", "out"]) : pick(["k", "v"]); const m = mutTensor(ho[key] as DeviceTensor); ho = { ...ho, [key]: m.value }; what.push(`${key}: ${m.what}`); return m.expect; },
+    () => { const m = mutInt(layer); hl = m.value; what.push(`layer ${m.what}`); return m.expect; },
+    wrapping(() => { hs = new Proxy(hs as Sequence[], {}); what.push("Proxy seqs"); return "same"; }),
+    () => { hs = pick([[...seqs, seqs[0]], [{ cache: w.cache, id: 0 }], [new Proxy(seqs[0], {})]]); what.push("repeated, duck or Proxy sequence"); return "fail"; },
+    () => { ho = { ...ho, out: ho.q ?? q }; what.push("out = q"); return "fail"; },
+    () => { ho = { ...ho, trusted: pick(["false", 1, null]) }; what.push("trusted not a boolean"); return "fail"; },
+    () => { ho = { ...ho, [pick(["q", "k"])]: data(n * ROW) }; what.push("a host array"); return "fail"; },
+  ];
+  const expect = mutate(slots);
+  let ok = false;
+  judge(w, `batch.${kind}`, expect, what, () => {
+    const b = w.cache.batch(hs as Sequence[], ho as never);
+    try {
+      if (kind === "attend") b.attend(hl as number);
+      else b.append(hl as number);
+      b.synchronizeSync();
+      ok = true;
+      return kind === "attend" ? bytes(out) : new Uint8Array(0);
+    } finally {
+      b.dispose();
+    }
+  }, expected ?? new Uint8Array(0), [out], () => {});
+  if (ok && kind === "append") {
+    const kh = k.readSync() as Float32Array, vh = v.readSync() as Float32Array;
+    pairs.forEach(([s, t], i) => {
+      t.append(kh.subarray(i * ROW, (i + 1) * ROW), vh.subarray(i * ROW, (i + 1) * ROW), { layer });
+      const a = w.cache.read(s, layer), b = w.twin.read(t, layer);
+      check(s.length(layer) === t.length(layer) && same(bytes(a.keys), bytes(b.keys)) && same(bytes(a.values), bytes(b.values)), `${what.join("; ")}: the batch append stored other data than the plain append`);
+      drop(a.keys), drop(a.values), drop(b.keys), drop(b.values);
+    });
+  }
+  for (const t of [q, out, k, v]) drop(t);
+};
+
 /** The rest of the surface: copyBandwidth with hostile sizes, memInfo, memory(), a sequence created
  * and freed, a read back, and methods called on a Proxy of their object (a brand check refuses it). */
 const miscOp: Op = (w) => {
@@ -659,7 +715,7 @@ const miscOp: Op = (w) => {
   }
 };
 
-const OPS: Op[] = [quantizerOp, quantizerOp, dequantOp, memoryOp, cacheOp, cacheOp, miscOp];
+const OPS: Op[] = [quantizerOp, quantizerOp, dequantOp, memoryOp, cacheOp, cacheOp, batchOp, miscOp];
 
 /* ------------------------------------------------------------------ main ----------------- */
 

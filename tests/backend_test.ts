@@ -160,7 +160,7 @@ describe("ownership", () => {
   });
 
   // FinalizationRegistry safety net: needs a run with --expose-gc; for a later suite.
-  it("tensors and caches dropped without dispose are freed by their finalizers", async () => {
+  it("tensors, caches and decode batches dropped without dispose are freed by their finalizers", async () => {
     const g = globalThis as { Bun?: { gc(force: boolean): void }; gc?: () => void };
     const collect = () => (g.Bun ? g.Bun.gc(true) : g.gc?.());
     if (!g.Bun && !g.gc) assert.fail("run with --expose-gc (deno test --v8-flags=--expose-gc), as npm test does");
@@ -168,14 +168,20 @@ describe("ownership", () => {
     (() => {
       for (let i = 0; i < 200; i++) kivi.upload(new Float32Array(1024).fill(i));
       for (let i = 0; i < 5; i++) kivi.createCache({ layers: 1, kvHeads: 1, headDim: 64, maxPages: 2, maxSequences: 1 });
+      // decode batches over a cache and tensors that are dropped with them
+      const cache = kivi.createCache({ layers: 1, kvHeads: 1, headDim: 64, maxPages: 2, maxSequences: 1 });
+      const seq = cache.createSequence();
+      seq.append(new Float32Array(64).fill(0.5), new Float32Array(64).fill(0.25));
+      const q = kivi.upload(new Float32Array(64).fill(1)), out = kivi.alloc([64], "f32");
+      for (let i = 0; i < 5; i++) cache.batch([seq], { q, out }).attend(0);
     })();
-    assert.equal(kivi._nativeRefs, 1 + 205);
+    assert.equal(kivi._nativeRefs, 1 + 205 + 1 + 2 + 5);
     // Finalizers run some time after a collection: collect and yield until they have, or give up.
     for (let i = 0; i < 200 && kivi._nativeRefs > 1; i++) {
       collect();
       await new Promise((r) => setTimeout(r, 5));
     }
-    assert.equal(kivi._nativeRefs, 1, "every dropped tensor and cache was freed by its finalizer");
+    assert.equal(kivi._nativeRefs, 1, "every dropped tensor, cache and batch was freed by its finalizer");
   });
 });
 

@@ -7,6 +7,7 @@ import { spawnSync } from "node:child_process";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { main, parseCli, UsageError } from "../src/cli.ts";
+import { ABI_VERSION } from "../src/mod.ts";
 
 async function run(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
   const out: string[] = [], err: string[] = [];
@@ -55,7 +56,7 @@ describe("kivi CLI", () => {
     assert.equal(j.backend, "cpu");
     assert.match(j.reason, /CPU/);
     assert.match(j.library, /libkivi_cpu\.so$/);
-    assert.equal(j.abiVersion, 1);
+    assert.equal(j.abiVersion, ABI_VERSION);
     assert.ok(j.copyGBps > 0 && j.memoryTotalBytes > 0);
     const text = await run("info", "--backend", "cpu");
     assert.match(text.out, /^backend: +cpu/m);

@@ -1,5 +1,5 @@
 /**
- * No leaks: many create/dispose cycles of tensors and caches leave host memory flat (and device
+ * No leaks: many create/dispose cycles of tensors, caches and decode batches leave host memory flat (and device
  * memory flat on CUDA, from kivi_mem_info = cudaMemGetInfo), and the backend holds no native
  * reference afterwards. The finalizers (objects dropped without dispose) are tested in
  * backend_test.ts, under both runtimes.
@@ -20,7 +20,7 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import { type Backend, openBackend, Rng } from "../src/mod.ts";
+import { type Backend, type DeviceTensor, type KVCache, openBackend, Rng, type Sequence } from "../src/mod.ts";
 import { gpuDescribe } from "./_gpu.ts";
 
 const MiB = 2 ** 20;
@@ -65,6 +65,28 @@ interface Cycle {
   name: string;
   cycles: number;
   run: (kivi: Backend, i: number) => void;
+  /** Frees what the cycles share (before the backend's references are counted). */
+  done?: (kivi: Backend) => void;
+}
+
+/** The cache, sequence and step buffers the batch cycles share, per backend. */
+const batchWorlds = new WeakMap<Backend, { cache: KVCache; seq: Sequence; bufs: Record<string, DeviceTensor> }>();
+function batchWorld(kivi: Backend) {
+  let w = batchWorlds.get(kivi);
+  if (w === undefined) {
+    const cache = kivi.createCache({ layers: 1, kvHeads: 1, queryHeads: 2, headDim: 64, pageTokens: 32, residual: 32, maxPages: 64, maxSequences: 1 });
+    const seq = cache.createSequence();
+    const [k, v] = [data.subarray(0, 4 * 64), data.subarray(4 * 64, 8 * 64)];
+    if (kivi.kind === "cpu") seq.append(k, v);
+    else {
+      using kd = kivi.upload(k), vd = kivi.upload(v);
+      seq.append(kd, vd);
+    }
+    const bufs = { q: kivi.upload(data.subarray(0, 128)), out: kivi.alloc([1, 2, 64], "f32"), k: kivi.upload(data.subarray(128, 192)), v: kivi.upload(data.subarray(192, 256)) };
+    w = { cache, seq, bufs };
+    batchWorlds.set(kivi, w);
+  }
+  return w;
 }
 
 const data = new Rng(20261129).normals(2048); // seeded values, never zeros
@@ -95,6 +117,26 @@ const CYCLES: Cycle[] = [
         assert.equal(seq.length(0), 16);
       }
       cache.dispose();
+    },
+  },
+  {
+    name: "decode batches (made over a sequence with q, out, k and v; every 1000th appends and attends; disposed)",
+    cycles: 100_000,
+    run: (kivi, i) => {
+      const w = batchWorld(kivi);
+      using b = w.cache.batch([w.seq], w.bufs);
+      if (i % 1000 === 0) {
+        b.append(0);
+        b.attend(0);
+        b.synchronizeSync();
+      }
+    },
+    done: (kivi) => {
+      const w = batchWorlds.get(kivi);
+      if (!w) return;
+      for (const t of Object.values(w.bufs)) t.dispose();
+      w.cache.dispose();
+      batchWorlds.delete(kivi);
     },
   },
 ];
@@ -145,6 +187,7 @@ function leakSuite(name: string, open: () => Promise<Backend>, device: boolean) 
         assert.ok(m1.heapUsed - m0.heapUsed < BOUND, `the JS heap in use grew by ${mib(BOUND)} MiB or more: ${fig}`);
         assert.ok(m1.rss - m0.rss < BOUND, `host RSS grew by ${mib(BOUND)} MiB or more: ${fig}`);
         if (device) assert.ok(deviceGrowth < 4 * MiB, `device memory not returned: ${fig}`);
+        c.done?.(kivi);
         assert.equal(kivi.liveTensors, 0, "no tensor left alive");
         assert.equal(kivi._nativeRefs, 1, "the backend holds no native reference but its own");
       } finally {

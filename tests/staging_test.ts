@@ -14,9 +14,9 @@ import { assertSameBits, assertUntouched, bf16Bits, kvRows, openCpu, randomMatri
 
 const kivi: Backend = await openCpu();
 
-/** Runs `fn` staged, checking that it did allocate temporaries (or, with `uploads: false`, for an
- * argument mistake found while the arguments are read, that it allocated none: every argument is
- * read before anything is staged), and left no tensor and no native reference behind. */
+/** Runs `fn` staged, checking that it did allocate temporaries (or, with `uploads: false`, that
+ * it was refused before it uploaded anything: every argument is read before the first upload), and
+ * left no tensor and no native reference behind. */
 function staged<T>(fn: () => T, uploads = true): T {
   const tensors = kivi.liveTensors, refs = kivi._nativeRefs;
   const alloc = kivi.alloc;
@@ -29,7 +29,7 @@ function staged<T>(fn: () => T, uploads = true): T {
     stagingMode.always = false;
     kivi.alloc = alloc;
     if (uploads) assert.ok(allocs > 0, "nothing was staged");
-    else assert.equal(allocs, 0, "staged before every argument was read");
+    else assert.equal(allocs, 0, "an argument mistake found after an upload");
     assert.equal(kivi.liveTensors, tensors, "staging tensors left alive");
     assert.equal(kivi._nativeRefs, refs, "native references left behind");
   }
@@ -105,7 +105,7 @@ describe("host arrays staged through tensors (the CUDA path, run on the CPU buil
       (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE",
     );
     for (const [k, v] of Object.entries(s)) assertUntouched(v, `out.${k} after a NaN`);
-    // An argument mistake is found before anything is uploaded (checked by staged()).
+    // An argument mistake is found before x is uploaded (Call.bind stages after every argument was read).
     assert.throws(() => staged(() => kivi.quantize(x, { ...opts, out: { codes: new Uint32Array(3) } }), false), TypeError);
   });
 

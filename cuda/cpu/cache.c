@@ -201,6 +201,7 @@ KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t c, int32_t seq) {
   for (int32_t i = c->seqs[seq].n_pages - 1; i >= 0; i--) c->free_pages[c->n_free++] = table[i];
   c->seqs[seq].live = 0;
   c->seqs[seq].n_pages = 0;
+  c->seqs[seq].gen++; /* a batch made before this sees the slot as another sequence */
   memset(cpu_cache_len(c, seq, 0), 0, sizeof(int64_t) * 2u * (size_t)c->cfg.layers);
   return KIVI_OK;
 }
@@ -532,30 +533,43 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
 
   const kivi_cache_config *g = &c->cfg;
   const int32_t L0 = layer < 0 ? 0 : layer, L1 = layer < 0 ? g->layers : layer + 1;
-  const int32_t D = g->head_dim, H = g->kv_heads, P = g->page_tokens, F = c->F, W = c->W;
-  const int64_t row = (int64_t)H * D, per_layer = (int64_t)n * row;
+  const int32_t D = g->head_dim, F = c->F;
+  const int64_t per_layer = (int64_t)n * g->kv_heads * D;
   if (!(flags & KIVI_FLAG_TRUSTED)) {
     if ((st = scan_input(c, op, "k", k, dtype, per_layer * (L1 - L0), n, L0))) return st;
     if ((st = scan_input(c, op, "v", v, dtype, per_layer * (L1 - L0), n, L0))) return st;
   }
 
-  /* Pages the block table must cover after the append (over every layer: the table is shared). */
-  int64_t need = c->seqs[seq].n_pages;
-  for (int32_t l = 0; l < g->layers; l++) {
-    const int64_t *ln = cpu_cache_len(c, seq, l);
-    const int64_t f = (l >= L0 && l < L1) ? kivi_flush_count(&c->cfg, ln[0], ln[1], n) : 0;
-    const int64_t pages = (ln[1] + f + P - 1) / P;
-    need = pages > need ? pages : need;
-  }
-  const int64_t extra = need - c->seqs[seq].n_pages;
+  const int64_t extra = cpu_cache_append_pages(c, seq, L0, L1, n);
   if (extra > c->n_free)
     return cpu_fail(c->ctx, KIVI_ERR_CAPACITY,
                     "%s: the page pool is full: sequence %d needs %lld more page(s), %d of %d are free", op,
                     (int)seq, (long long)extra, (int)c->n_free, (int)g->max_pages);
   float *tok = NULL; /* one head's F flushed tokens [F][D] */
   if ((st = cpu_alloc(c->ctx, op, sizeof(float) * (size_t)F * (size_t)D, (void **)&tok))) return st;
+  cpu_cache_append_commit(c, seq, L0, L1, k, v, dtype, n, extra, tok);
+  free(tok);
+  return KIVI_OK;
+}
 
-  /* Commit: nothing below can fail. */
+int64_t cpu_cache_append_pages(const cache_t *c, int32_t seq, int32_t L0, int32_t L1, int32_t n) {
+  /* Pages the block table must cover after the append (over every layer: the table is shared). */
+  const int32_t P = c->cfg.page_tokens;
+  int64_t need = c->seqs[seq].n_pages;
+  for (int32_t l = 0; l < c->cfg.layers; l++) {
+    const int64_t *ln = cpu_cache_len(c, seq, l);
+    const int64_t f = (l >= L0 && l < L1) ? kivi_flush_count(&c->cfg, ln[0], ln[1], n) : 0;
+    const int64_t pages = (ln[1] + f + P - 1) / P;
+    need = pages > need ? pages : need;
+  }
+  return need - c->seqs[seq].n_pages;
+}
+
+void cpu_cache_append_commit(cache_t *c, int32_t seq, int32_t L0, int32_t L1, const void *k, const void *v,
+                             kivi_dtype dtype, int32_t n, int64_t extra, float *tok) {
+  const kivi_cache_config *g = &c->cfg;
+  const int32_t D = g->head_dim, H = g->kv_heads, P = g->page_tokens, F = c->F, W = c->W;
+  const int64_t row = (int64_t)H * D, per_layer = (int64_t)n * row;
   int32_t *table = c->tables + (int64_t)seq * g->max_pages;
   for (int64_t i = 0; i < extra; i++) table[c->seqs[seq].n_pages++] = c->free_pages[--c->n_free];
 
@@ -599,8 +613,6 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
     ln[0] = len + n;
     ln[1] = qlen + f;
   }
-  free(tok);
-  return KIVI_OK;
 }
 
 /* ---------------------------------------------------------------- read / memory ---------- */

@@ -149,7 +149,7 @@ static int unquantizable_at(const void *x, kivi_dtype dtype, int64_t i) {
   return kivi_unquantizable(dtype == KIVI_F32 ? ((const uint32_t *)x)[i] : ((const uint16_t *)x)[i], dtype);
 }
 
-static int64_t first_unquantizable(const void *x, kivi_dtype dtype, int64_t total) {
+int64_t cpu_first_unquantizable(const void *x, kivi_dtype dtype, int64_t total) {
   for (int64_t i0 = 0; i0 < total; i0 += SCAN_CHUNK) {
     const int64_t n = total - i0 < SCAN_CHUNK ? total - i0 : SCAN_CHUNK;
     uint32_t bad = 0; /* branch-free over the chunk, as chunk_bad */
@@ -162,7 +162,7 @@ static int64_t first_unquantizable(const void *x, kivi_dtype dtype, int64_t tota
 }
 
 kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const cpu_shape *sh) {
-  const int64_t i = first_unquantizable(x, dtype, sh->rows * sh->cols);
+  const int64_t i = cpu_first_unquantizable(x, dtype, sh->rows * sh->cols);
   if (i < 0) return KIVI_OK;
   const int64_t r = i / sh->cols, c = i % sh->cols;
   char msg[CPU_ERR_LEN];

@@ -84,6 +84,9 @@ kivi_status cpu_need_ctx(kivi_ctx_t ctx, const char *op);
     (|x| >= 65520; the params are fp16): KIVI_ERR_NONFINITE naming the first such element. */
 kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype,
                              const cpu_shape *sh);
+/** Index of the first element of x[0 .. n) the quantizers refuse (kivi_unquantizable: NaN, Inf, or a
+    finite f32 / bf16 value fp16 turns into Inf), or -1. */
+int64_t cpu_first_unquantizable(const void *x, kivi_dtype dtype, int64_t total);
 /** Index of the first NaN / Inf among x[0 .. n), or -1 if all are finite. */
 int64_t cpu_first_nonfinite(const void *x, kivi_dtype dtype, int64_t n);
 /** malloc that reports KIVI_ERR_NOMEM through cpu_fail; *out = NULL on failure. */
@@ -201,6 +204,7 @@ void cpu_codebook_code_group(const float *v, int32_t G, const uint16_t *h, int32
 typedef struct cpu_seq {
   int32_t live;
   int32_t n_pages; /* entries of its block table in use */
+  uint32_t gen;    /* bumped when the slot is freed: decode batches tell a reused slot from theirs */
 } cpu_seq;
 
 struct kivi_cache {
@@ -239,6 +243,13 @@ static inline uint16_t *cpu_cache_win(const struct kivi_cache *c, int is_value, 
 void cpu_cache_dequant_k(const struct kivi_cache *c, const uint8_t *block, int32_t nt, float *kd);
 /** Dequantized values of tokens [0, nt) of a head block: vt [page_tokens][head_dim] (token major). */
 void cpu_cache_dequant_v(const struct kivi_cache *c, const uint8_t *block, int32_t nt, float *vt);
+/** Pages seq's block table needs beyond those it holds for an append of n tokens to layers [L0, L1). */
+int64_t cpu_cache_append_pages(const struct kivi_cache *c, int32_t seq, int32_t L0, int32_t L1, int32_t n);
+/** The append after every check passed (extra = cpu_cache_append_pages <= free pages): takes the pages,
+    quantizes the flushed groups, writes the window slots, updates the lengths. k, v: [L1 - L0][n][kv_heads]
+    [head_dim]; tok: scratch [k_group][head_dim] floats. Nothing in it can fail. */
+void cpu_cache_append_commit(struct kivi_cache *c, int32_t seq, int32_t L0, int32_t L1, const void *k, const void *v,
+                             kivi_dtype dtype, int32_t n, int64_t extra, float *tok);
 /** Validates the cache pointer and seq (range: KIVI_ERR_ARG, not live: KIVI_ERR_STATE). */
 kivi_status cpu_cache_check_seq(const struct kivi_cache *c, const char *op, const char *name, int32_t seq);
 

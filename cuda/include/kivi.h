@@ -49,7 +49,7 @@ extern "C" {
 #endif
 
 /** Bumped whenever an export's signature or a format changes; checked by the TS loader. */
-#define KIVI_ABI_VERSION 1
+#define KIVI_ABI_VERSION 2
 
 typedef int32_t kivi_status;
 enum {
@@ -345,6 +345,78 @@ KIVI_API kivi_status kivi_cache_bench_attend(kivi_cache_t cache, int32_t layer, 
 /** Memory report (see KIVI_MEM_*). */
 KIVI_API kivi_status kivi_cache_memory(kivi_cache_t cache, uint64_t *report /* host [n_fields] out */,
                                        int32_t n_fields);
+
+/* ---------------------------------------------------------------- decode batches --------- */
+/*
+ * A decode batch: distinct live sequences of one cache and the buffers of one decode step, checked
+ * once when the batch is made, so that each layer of each step is one call taking only the layer:
+ *   q   data [batch][q_heads][head_dim] (q_dtype), read by kivi_batch_attend,
+ *   out data [batch][q_heads][head_dim] (out_dtype), written by kivi_batch_attend,
+ *   k,v data [batch][kv_heads][head_dim] (kv_dtype): one token per sequence, read by kivi_batch_append.
+ * q and out (and k and v) are given together or both NULL; out must not overlap q, k or v. The
+ * buffers and the cache must outlive the batch (destroy it first); the caller may rewrite q, k and
+ * v between calls (stream-ordered in the CUDA build). A sequence freed after the batch was made (its
+ * slot reused or not) makes every later call fail with KIVI_ERR_STATE. At most
+ * KIVI_BATCH_MAX sequences.
+ *
+ * Neither call allocates or waits for the device: kivi_batch_attend is the attention launch (plus, when
+ * checked, one small kernel), kivi_batch_append one window launch for the whole batch (plus the
+ * flush of each sequence whose window is full).
+ *
+ * Checks. With KIVI_FLAG_TRUSTED at creation nothing is scanned. Otherwise q (attend) and k, v
+ * (append: NaN, Inf, or a finite f32 / bf16 value that fp16 turns into Inf) are checked in the
+ * stream, without a host round trip, and a bad value is reported later ("deferred"):
+ *   - attend: that call's out, and every out the batch writes after it until the error is read, is
+ *     filled with NaN (the cache is unchanged);
+ *   - append: the token is stored as given; its sequence holds a non-finite value from then on and
+ *     should be freed (kivi_batch_status says which), and the batch's later outs are NaN as above;
+ *   - once the error is visible to the host (the CPU build: at once; CUDA: once the device has run
+ *     the check), kivi_batch_attend and kivi_batch_append fail with KIVI_ERR_NONFINITE, doing
+ *     nothing, until kivi_batch_status reads the error (and clears it).
+ */
+#define KIVI_BATCH_MAX 512
+
+typedef struct kivi_batch *kivi_batch_t;
+
+/** Fields of the int64 report written by kivi_batch_status, in this order. */
+enum {
+  KIVI_REPORT_OP = 0,   /* 0: no error; 1: kivi_batch_attend (q); 2: kivi_batch_append (k or v); -1: an error
+                           whose details were overwritten (the fields below are -1) */
+  KIVI_REPORT_LAYER,    /* the layer of the call that met it */
+  KIVI_REPORT_INDEX,    /* the batch index of the first bad row */
+  KIVI_REPORT_PART,     /* 0: q (attend) or k (append); 1: v */
+  KIVI_REPORT_ELEMENT,  /* the element within that row ([q_heads][head_dim] or [kv_heads][head_dim]) */
+  KIVI_REPORT_KIND,     /* 0: NaN, 1: +Inf, 2: -Inf, 3: a finite value beyond fp16's range */
+  KIVI_REPORT_FIELDS
+};
+
+/** Makes a batch (KIVI_ERR_ARG naming a bad argument, KIVI_ERR_STATE for a sequence that is not live,
+    KIVI_ERR_NOMEM). flags: 0 (deferred checks) or KIVI_FLAG_TRUSTED. */
+KIVI_API kivi_status kivi_batch_create(kivi_cache_t cache, const int32_t *seqs /* host [batch] */, int32_t batch,
+                                       const void *q /* data [batch][q_heads][head_dim] or NULL */,
+                                       kivi_dtype q_dtype,
+                                       void *out /* data [batch][q_heads][head_dim] or NULL */,
+                                       kivi_dtype out_dtype, float scale,
+                                       const void *k /* data [batch][kv_heads][head_dim] or NULL */,
+                                       const void *v /* data [batch][kv_heads][head_dim] or NULL */,
+                                       kivi_dtype kv_dtype, int32_t flags, kivi_batch_t *out_batch /* host [1] out */);
+/** Frees the batch (its pending error, if any, is dropped). NULL is a no-op. */
+KIVI_API kivi_status kivi_batch_destroy(kivi_batch_t batch);
+/** Decode attention of `layer` for the batch, as kivi_cache_attend(cache, layer, seqs, batch, q, q_dtype,
+    scale, flags, out, out_dtype) with the q check deferred (see above). KIVI_ERR_STATE for a batch made
+    without q and out, or a sequence freed since or holding no token in the layer. */
+KIVI_API kivi_status kivi_batch_attend(kivi_batch_t batch, int32_t layer);
+/** Appends one token (k[b], v[b]) to each sequence b of the batch in `layer`, with the k / v check
+    deferred (see above). All or nothing for everything the host can see: a full pool
+    (KIVI_ERR_CAPACITY, counting the pages of every sequence), a freed sequence or a pending error
+    leaves every sequence as it was. KIVI_ERR_STATE for a batch made without k and v. */
+KIVI_API kivi_status kivi_batch_append(kivi_batch_t batch, int32_t layer);
+/** Reads the batch's deferred error, after waiting for the stream when `wait` is non-zero: writes
+    report [n] (KIVI_REPORT_*; op 0 when there is none) and, when bad is not NULL, bad[b] = 1 for each
+    sequence b that took a non-finite token since the last read (0 for the others), then clears it and
+    returns KIVI_ERR_NONFINITE with a message naming the call, or KIVI_OK when there was none. */
+KIVI_API kivi_status kivi_batch_status(kivi_batch_t batch, int32_t wait, int64_t *report /* host [n] out */,
+                                       int32_t n, uint8_t *bad /* host [batch] out, or NULL */);
 
 /* ---------------------------------------------------------------- testing (not for use) -- */
 

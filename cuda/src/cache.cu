@@ -533,6 +533,7 @@ static void cache_release(kivi_cache_t c) {
   if (c->ws) cudaFree(c->ws);
   (void)cudaGetLastError();
   free(c->live);
+  free(c->gen);
   free(c->table);
   free(c->npages);
   free(c->len);
@@ -634,12 +635,13 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
   c->D = g.head_dim;
   const size_t S = (size_t)g.max_seqs, L = (size_t)g.layers, MP = (size_t)g.max_pages;
   c->live = (uint8_t *)calloc(S, 1);
+  c->gen = (uint32_t *)calloc(S, sizeof(uint32_t));
   c->table = (int32_t *)calloc(S * MP, sizeof(int32_t));
   c->npages = (int32_t *)calloc(S, sizeof(int32_t));
   c->len = (int64_t *)calloc(S * L, sizeof(int64_t));
   c->qlen = (int64_t *)calloc(S * L, sizeof(int64_t));
   c->free_pages = (int32_t *)malloc(MP * sizeof(int32_t));
-  if (!c->live || !c->table || !c->npages || !c->len || !c->qlen || !c->free_pages) {
+  if (!c->live || !c->gen || !c->table || !c->npages || !c->len || !c->qlen || !c->free_pages) {
     cache_release(c);
     return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the host metadata (%zu sequences x %zu pages)", op, S,
                    MP);
@@ -724,6 +726,7 @@ KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq) {
   for (int32_t i = cache->npages[seq] - 1; i >= 0; i--) cache->free_pages[cache->nfree++] = row[i];
   cache->npages[seq] = 0;
   cache->live[seq] = 0;
+  cache->gen[seq]++;
   for (int32_t l = 0; l < cache->cfg.layers; l++) {
     cache->len[(int64_t)seq * cache->cfg.layers + l] = 0;
     cache->qlen[(int64_t)seq * cache->cfg.layers + l] = 0;
@@ -805,135 +808,172 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
     }
   }
 
-  /* plan */
-  const int64_t F = c->F, P = c->P, W = c->W;
-  int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
-  int64_t need_tokens = 0, max_groups = 0;
-  for (int32_t i = 0; i < nl; i++) {
-    const int64_t len = lens[l0 + i], ql = qlens[l0 + i];
-    const int64_t f = kivi_flush_count(&g, len, ql, n);
-    need_tokens = ql + f > need_tokens ? ql + f : need_tokens;
-    max_groups = f / F > max_groups ? f / F : max_groups;
-  }
-  const int64_t need_pages = (need_tokens + P - 1) / P;
-  const int32_t have = c->npages[seq];
-  const int64_t extra = need_pages > have ? need_pages - have : 0;
+  const int64_t extra = kv_append_extra(c, seq, l0, nl, n);
   if (extra > c->nfree)
     return kv_fail(ctx, KIVI_ERR_CAPACITY,
                    "%s: the page pool is full: sequence %d needs %lld more pages of %d tokens, %d of %d are free", op,
                    (int)seq, (long long)extra, (int)g.page_tokens, (int)c->nfree, (int)g.max_pages);
 
-  /* commit: pages, then the flush and window launches */
+  /* pages (uploaded from the host table), then the flush and window launches, then the host state */
+  const int32_t have = c->npages[seq];
+  kv_append_pages(c, seq, extra, 0);
   int32_t *trow = c->table + (int64_t)seq * g.max_pages;
-  for (int64_t i = 0; i < extra; i++) trow[have + i] = c->free_pages[c->nfree - 1 - i];
-  const int32_t *d_row = c->d_table + (int64_t)seq * g.max_pages;
+  int32_t *d_row = c->d_table + (int64_t)seq * g.max_pages;
   if (extra > 0 && (st = kv_cuda(ctx,
                                  cudaMemcpyAsync((void *)(d_row + have), trow + have, (size_t)extra * sizeof(int32_t),
                                                  cudaMemcpyHostToDevice, ctx->stream),
                                  op, "cudaMemcpyAsync (block table)")))
     return st;
-
-  const uint64_t seq_win = (uint64_t)seq * g.layers * (uint64_t)W * (uint64_t)row;
-  if (max_groups > 0) {
-    const int mma = kivi_cache_mma_layout(&g);
-    const int64_t vgroups = F * (g.head_dim / g.v_group);
-    const int32_t nparam = mma ? (int32_t)(vgroups > g.head_dim ? vgroups : g.head_dim) : 0;
-    const size_t smem = (size_t)F * g.head_dim * 2 + (size_t)nparam * 2 * sizeof(float);
-    if (smem > 48 * 1024 &&
-        (st = kv_cuda(ctx, cudaFuncSetAttribute(k_cache_flush, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                      op, "cudaFuncSetAttribute (k_cache_flush)")))
-      return st;
-    kv_flush_params *fp = (kv_flush_params *)calloc(1, sizeof(kv_flush_params));
-    if (!fp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
-    fp->kpool = c->kpool;
-    fp->vpool = c->vpool;
-    fp->kwin = c->kwin + seq_win;
-    fp->vwin = c->vwin + seq_win;
-    fp->k = k;
-    fp->v = v;
-    fp->table = d_row;
-    fp->layer_stride_k = (uint64_t)g.max_pages * c->kp.page;
-    fp->layer_stride_v = (uint64_t)g.max_pages * c->vp.page;
-    fp->kp = part_dev(&g, c->kp, 0);
-    fp->vp = part_dev(&g, c->vp, 1);
-    fp->n = n;
-    fp->kvh = g.kv_heads;
-    fp->D = g.head_dim;
-    fp->P = g.page_tokens;
-    fp->F = (int32_t)F;
-    fp->W = (int32_t)W;
-    fp->dtype = dtype;
-    fp->mma = mma;
-    fp->nparam = nparam;
-    for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
-      const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
-      int64_t mg = 0;
-      for (int32_t i = 0; i < cnt; i++) {
-        const int32_t li = b0 + i;
-        const int64_t len = lens[l0 + li], ql = qlens[l0 + li];
-        const int64_t f = kivi_flush_count(&g, len, ql, n);
-        fp->L[i].qlen = ql;
-        fp->L[i].len = len;
-        fp->L[i].nflush = (int32_t)(f / F);
-        fp->L[i].layer = l0 + li;
-        fp->L[i].in_index = li;
-        mg = f / F > mg ? f / F : mg;
-      }
-      if (mg == 0) continue;
-      dim3 grid((unsigned)mg, (unsigned)cnt, (unsigned)g.kv_heads);
-      k_cache_flush<<<grid, 256, smem, ctx->stream>>>(*fp);
-      st = kv_launched(ctx, op, "k_cache_flush");
-    }
-    free(fp);
-    if (st) return st;
-  }
-  {
-    kv_winw_params *wp = (kv_winw_params *)calloc(1, sizeof(kv_winw_params));
-    if (!wp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
-    wp->kwin = c->kwin + seq_win;
-    wp->vwin = c->vwin + seq_win;
-    wp->k = k;
-    wp->v = v;
-    wp->n = n;
-    wp->kvh = g.kv_heads;
-    wp->D = g.head_dim;
-    wp->W = (int32_t)W;
-    wp->dtype = dtype;
-    for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
-      const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
-      int64_t maxrows = 0;
-      for (int32_t i = 0; i < cnt; i++) {
-        const int32_t li = b0 + i;
-        const int64_t len = lens[l0 + li], ql = qlens[l0 + li];
-        const int64_t f = kivi_flush_count(&g, len, ql, n);
-        const int64_t r0 = ql + f - len > 0 ? ql + f - len : 0;
-        wp->L[i].len = len;
-        wp->L[i].r0 = r0;
-        wp->L[i].layer = l0 + li;
-        wp->L[i].in_index = li;
-        maxrows = n - r0 > maxrows ? n - r0 : maxrows;
-      }
-      if (maxrows == 0) continue;
-      const int64_t work = maxrows * row;
-      dim3 grid((unsigned)((work + 255) / 256), (unsigned)cnt);
-      k_cache_window<<<grid, 256, 0, ctx->stream>>>(*wp);
-      st = kv_launched(ctx, op, "k_cache_window");
-    }
-    free(wp);
-    if (st) return st;
-  }
-
-  /* host state */
-  c->nfree -= (int32_t)extra;
-  c->npages[seq] = (int32_t)(have + extra);
-  for (int32_t i = 0; i < nl; i++) {
-    const int64_t len = lens[l0 + i], ql = qlens[l0 + i], nlen = len + n;
-    const int64_t f = kivi_flush_count(&g, len, ql, n);
-    lens[l0 + i] = nlen;
-    qlens[l0 + i] = ql + f;
-  }
+  if ((st = kv_append_flush(c, op, seq, l0, nl, k, v, dtype, n)) || (st = kv_append_window(c, op, seq, l0, nl, k, v, dtype, n)))
+    return st;
+  kv_append_commit(c, seq, l0, nl, n, extra);
   return KIVI_OK;
 }
+
+} /* extern "C" */
+
+int64_t kv_append_extra(const kivi_cache *c, int32_t seq, int32_t l0, int32_t nl, int64_t n) {
+  const kivi_cache_config &g = c->cfg;
+  const int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
+  int64_t need_tokens = 0;
+  for (int32_t i = 0; i < nl; i++) {
+    const int64_t f = kivi_flush_count(&g, lens[l0 + i], qlens[l0 + i], n);
+    need_tokens = qlens[l0 + i] + f > need_tokens ? qlens[l0 + i] + f : need_tokens;
+  }
+  const int64_t need_pages = (need_tokens + c->P - 1) / c->P;
+  return need_pages > c->npages[seq] ? need_pages - c->npages[seq] : 0;
+}
+
+void kv_append_pages(kivi_cache *c, int32_t seq, int64_t extra, int64_t skip) {
+  int32_t *trow = c->table + (int64_t)seq * c->cfg.max_pages;
+  const int32_t have = c->npages[seq];
+  for (int64_t i = 0; i < extra; i++) trow[have + i] = c->free_pages[c->nfree - 1 - skip - i];
+}
+
+kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+                            const void *v, kivi_dtype dtype, int64_t n) {
+  kivi_ctx_t ctx = c->ctx;
+  const kivi_cache_config &g = c->cfg;
+  const int64_t F = c->F, W = c->W, row = (int64_t)g.kv_heads * g.head_dim;
+  const int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
+  int64_t max_groups = 0;
+  for (int32_t i = 0; i < nl; i++) {
+    const int64_t f = kivi_flush_count(&g, lens[l0 + i], qlens[l0 + i], n);
+    max_groups = f / F > max_groups ? f / F : max_groups;
+  }
+  if (max_groups == 0) return KIVI_OK;
+  kivi_status st = KIVI_OK;
+  const uint64_t seq_win = (uint64_t)seq * g.layers * (uint64_t)W * (uint64_t)row;
+  const int mma = kivi_cache_mma_layout(&g);
+  const int64_t vgroups = F * (g.head_dim / g.v_group);
+  const int32_t nparam = mma ? (int32_t)(vgroups > g.head_dim ? vgroups : g.head_dim) : 0;
+  const size_t smem = (size_t)F * g.head_dim * 2 + (size_t)nparam * 2 * sizeof(float);
+  if (smem > 48 * 1024 &&
+      (st = kv_cuda(ctx, cudaFuncSetAttribute(k_cache_flush, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                    op, "cudaFuncSetAttribute (k_cache_flush)")))
+    return st;
+  kv_flush_params *fp = (kv_flush_params *)calloc(1, sizeof(kv_flush_params));
+  if (!fp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
+  fp->kpool = c->kpool;
+  fp->vpool = c->vpool;
+  fp->kwin = c->kwin + seq_win;
+  fp->vwin = c->vwin + seq_win;
+  fp->k = k;
+  fp->v = v;
+  fp->table = c->d_table + (int64_t)seq * g.max_pages;
+  fp->layer_stride_k = (uint64_t)g.max_pages * c->kp.page;
+  fp->layer_stride_v = (uint64_t)g.max_pages * c->vp.page;
+  fp->kp = part_dev(&g, c->kp, 0);
+  fp->vp = part_dev(&g, c->vp, 1);
+  fp->n = n;
+  fp->kvh = g.kv_heads;
+  fp->D = g.head_dim;
+  fp->P = g.page_tokens;
+  fp->F = (int32_t)F;
+  fp->W = (int32_t)W;
+  fp->dtype = dtype;
+  fp->mma = mma;
+  fp->nparam = nparam;
+  for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
+    const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
+    int64_t mg = 0;
+    for (int32_t i = 0; i < cnt; i++) {
+      const int32_t li = b0 + i;
+      const int64_t len = lens[l0 + li], ql = qlens[l0 + li];
+      const int64_t f = kivi_flush_count(&g, len, ql, n);
+      fp->L[i].qlen = ql;
+      fp->L[i].len = len;
+      fp->L[i].nflush = (int32_t)(f / F);
+      fp->L[i].layer = l0 + li;
+      fp->L[i].in_index = li;
+      mg = f / F > mg ? f / F : mg;
+    }
+    if (mg == 0) continue;
+    dim3 grid((unsigned)mg, (unsigned)cnt, (unsigned)g.kv_heads);
+    k_cache_flush<<<grid, 256, smem, ctx->stream>>>(*fp);
+    st = kv_launched(ctx, op, "k_cache_flush");
+  }
+  free(fp);
+  return st;
+}
+
+kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+                             const void *v, kivi_dtype dtype, int64_t n) {
+  kivi_ctx_t ctx = c->ctx;
+  const kivi_cache_config &g = c->cfg;
+  const int64_t W = c->W, row = (int64_t)g.kv_heads * g.head_dim;
+  const int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
+  const uint64_t seq_win = (uint64_t)seq * g.layers * (uint64_t)W * (uint64_t)row;
+  kivi_status st = KIVI_OK;
+  kv_winw_params *wp = (kv_winw_params *)calloc(1, sizeof(kv_winw_params));
+  if (!wp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
+  wp->kwin = c->kwin + seq_win;
+  wp->vwin = c->vwin + seq_win;
+  wp->k = k;
+  wp->v = v;
+  wp->n = n;
+  wp->kvh = g.kv_heads;
+  wp->D = g.head_dim;
+  wp->W = (int32_t)W;
+  wp->dtype = dtype;
+  for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
+    const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
+    int64_t maxrows = 0;
+    for (int32_t i = 0; i < cnt; i++) {
+      const int32_t li = b0 + i;
+      const int64_t len = lens[l0 + li], ql = qlens[l0 + li];
+      const int64_t f = kivi_flush_count(&g, len, ql, n);
+      const int64_t r0 = ql + f - len > 0 ? ql + f - len : 0;
+      wp->L[i].len = len;
+      wp->L[i].r0 = r0;
+      wp->L[i].layer = l0 + li;
+      wp->L[i].in_index = li;
+      maxrows = n - r0 > maxrows ? n - r0 : maxrows;
+    }
+    if (maxrows == 0) continue;
+    const int64_t work = maxrows * row;
+    dim3 grid((unsigned)((work + 255) / 256), (unsigned)cnt);
+    k_cache_window<<<grid, 256, 0, ctx->stream>>>(*wp);
+    st = kv_launched(ctx, op, "k_cache_window");
+  }
+  free(wp);
+  return st;
+}
+
+void kv_append_commit(kivi_cache *c, int32_t seq, int32_t l0, int32_t nl, int64_t n, int64_t extra) {
+  const kivi_cache_config &g = c->cfg;
+  int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
+  c->nfree -= (int32_t)extra;
+  c->npages[seq] += (int32_t)extra;
+  for (int32_t i = 0; i < nl; i++) {
+    const int64_t len = lens[l0 + i], ql = qlens[l0 + i];
+    const int64_t f = kivi_flush_count(&g, len, ql, n);
+    lens[l0 + i] = len + n;
+    qlens[l0 + i] = ql + f;
+  }
+}
+
+extern "C" {
 
 KIVI_API kivi_status kivi_cache_read(kivi_cache_t cache, int32_t seq, int32_t layer, void *k, void *v,
                                      kivi_dtype dtype) {

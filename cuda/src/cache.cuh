@@ -32,6 +32,7 @@ struct kivi_cache {
 
   /* host mirror */
   uint8_t *live;            /* [max_seqs] */
+  uint32_t *gen;            /* [max_seqs] bumped when a slot is freed: batches tell a reused slot from theirs */
   int32_t *table;           /* [max_seqs][max_pages] */
   int32_t *npages;          /* [max_seqs] */
   int64_t *len, *qlen;      /* [max_seqs][layers] */
@@ -48,6 +49,22 @@ struct kivi_cache {
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
                              float scale, void *out, kivi_dtype out_dtype);
+
+/* The steps of an append, shared by kivi_cache_append and kivi_batch_append (batch.cu). n tokens to seq
+   in layers [l0, l0 + nl), k / v [nl][n][kv_heads][head_dim]; all host-side checks already made. */
+/** Pages the append needs beyond the sequence's block table. */
+int64_t kv_append_extra(const kivi_cache *c, int32_t seq, int32_t l0, int32_t nl, int64_t n);
+/** Writes the sequence's next `extra` host table entries from the free stack, below its top `skip`
+    pages (taken by sequences before it in the same batch). Uploading them is the caller's. */
+void kv_append_pages(kivi_cache *c, int32_t seq, int64_t extra, int64_t skip);
+/** Launches the flushes of the append (its pages already in the device table), from the host lengths. */
+kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+                            const void *v, kivi_dtype dtype, int64_t n);
+/** Launches the window writes of the append (after its flushes: they read the slots it overwrites). */
+kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+                             const void *v, kivi_dtype dtype, int64_t n);
+/** The host state after the launches: pages taken, lengths. */
+void kv_append_commit(kivi_cache *c, int32_t seq, int32_t l0, int32_t nl, int64_t n, int64_t extra);
 
 /** First non-finite element of x [n] (dtype), or with f16range also the first beyond fp16, into *first (-1 if
     none); waits. Uses scratch slot `slot`. */

@@ -42,6 +42,7 @@ export function loadBun(path: string): NativeLib {
     runtime: "bun",
     offThread: false,
     call: call as NativeLib["call"],
+    fn: ((name: SymbolName) => fns[name]) as NativeLib["fn"],
     callAsync: ((name: SymbolName, ...args: unknown[]) => Promise.resolve(call(name, ...args))) as NativeLib[
       "callAsync"
     ],

@@ -49,6 +49,7 @@ export function loadDeno(path: string): NativeLib {
     runtime: "deno",
     offThread: true,
     call: ((name: SymbolName, ...args: unknown[]) => finish(name, fns[name](...args))) as NativeLib["call"],
+    fn: ((name: SymbolName) => fns[name]) as NativeLib["fn"],
     callAsync: (async (name: SymbolName, ...args: unknown[]) =>
       finish(name, await (fns[name + asyncSuffix](...args) as Promise<unknown>))) as NativeLib["callAsync"],
     ptr: (view) => Deno.UnsafePointer.of(view as unknown as BufferSource) as unknown as Pointer,

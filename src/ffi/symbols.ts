@@ -362,6 +362,49 @@ export const symbols = {
     ],
     returns: "i32",
   },
+  kivi_batch_create: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "ptr", // const int32_t *seqs      host [batch]
+      "i32", // int32_t batch
+      "ptr", // const void *q            [batch][q_heads][head_dim] or NULL
+      "i32", // kivi_dtype q_dtype
+      "ptr", // void *out                [batch][q_heads][head_dim] or NULL
+      "i32", // kivi_dtype out_dtype
+      "f32", // float scale
+      "ptr", // const void *k            [batch][kv_heads][head_dim] or NULL
+      "ptr", // const void *v            [batch][kv_heads][head_dim] or NULL
+      "i32", // kivi_dtype kv_dtype
+      "i32", // int32_t flags
+      "ptr", // kivi_batch_t *out_batch
+    ],
+    returns: "i32",
+  },
+  kivi_batch_destroy: { args: ["ptr"], returns: "i32" }, // kivi_batch_t batch
+  kivi_batch_attend: {
+    args: [
+      "ptr", // kivi_batch_t batch
+      "i32", // int32_t layer
+    ],
+    returns: "i32",
+  },
+  kivi_batch_append: {
+    args: [
+      "ptr", // kivi_batch_t batch
+      "i32", // int32_t layer
+    ],
+    returns: "i32",
+  },
+  kivi_batch_status: {
+    args: [
+      "ptr", // kivi_batch_t batch
+      "i32", // int32_t wait
+      "ptr", // int64_t *report          host [n]
+      "i32", // int32_t n
+      "ptr", // uint8_t *bad             host [batch] or NULL
+    ],
+    returns: "i32",
+  },
 } as const satisfies Record<string, SymbolSpec>;
 
 /** The export names of kivi.h. */

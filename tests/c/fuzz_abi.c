@@ -21,6 +21,9 @@
  * Sizes that the rules accept are kept within the buffers the fuzzer owns (a valid call with a size
  * larger than its buffer is the caller's bug, which no library can detect); everything else is free.
  *
+ * Decode batches (kivi_batch_*) are made with hostile arguments and driven a few calls each, against
+ * the same model (fuzz_batch), deferred errors included.
+ *
  * Overlap of `out` with `seqs` in kivi_cache_attend is fuzzed too (KIVI_FUZZ_ATTEND_ALIAS=0 leaves it
  * out): see the note at fuzz_attend.
  */
@@ -653,6 +656,7 @@ typedef struct fcache {
 
 static fcache g_caches[MAX_CACHES];
 static int g_attend_alias;
+static int64_t g_batches, g_deferred; /* batches made, deferred errors read back */
 
 static void gen_config(int32_t *a) {
   static const int32_t D[] = {64, 64, 128}, GK[] = {32, 32, 64}, B[] = {2, 4, 16};
@@ -1045,6 +1049,173 @@ static void fuzz_cache_misc(fcache *c) {
   check_model(c);
 }
 
+/*
+ * Decode batches (kivi_batch_*): a batch made from random and hostile arguments, then a few calls on
+ * it (attend, append, status), each predicted from kivi.h: a failed call changes no sequence; a bad
+ * q or k / v passes the call (the check is deferred) and the next call fails with
+ * KIVI_ERR_NONFINITE until kivi_batch_status reads it, an attend's out then NaN; appends move the
+ * model as kivi_cache_append would, one token a sequence. The batch's buffers live in this call's
+ * arena layout, so the batch is destroyed before the call ends.
+ */
+static void fuzz_batch(fcache *c) {
+  g_op = "kivi_batch_create";
+  const int32_t L = c->cfg.layers, QH = c->cfg.q_heads, D = c->cfg.head_dim, H = c->cfg.kv_heads;
+  int32_t live = 0;
+  for (int32_t i = 0; i < c->cfg.max_seqs; i++) live += c->live[i];
+  int32_t batch = (int32_t)irange(1, live > 0 && !chance(0.1) ? live : c->cfg.max_seqs);
+  static const int32_t bad_batch[] = {0, -1, KIVI_BATCH_MAX + 1, INT32_MIN};
+  if (chance(P_BAD)) batch = pick32(bad_batch, 4);
+  const int32_t nb = batch >= 1 && batch <= MAX_S ? batch : 1;
+  const int with_q = chance(0.7), with_k = !with_q || chance(0.6);
+  const kivi_dtype qd = gen_dtype(), od = gen_dtype(), kd = gen_dtype();
+  const int32_t flags = gen_flags();
+  float scale = (float)(rng_unif() * 0.3 + 0.01);
+  if (chance(P_BAD)) scale = NAN;
+  const int64_t qe = (int64_t)nb * QH * D, ke = (int64_t)nb * H * D;
+  region r[7] = {{0, (size_t)nb * 4}, {0, (size_t)qe * 4}, {0, (size_t)qe * 4}, {0, (size_t)ke * 4},
+                 {0, (size_t)ke * 4}, {0, 8 * KIVI_REPORT_FIELDS}, {0, MAX_S}};
+  if (!layout(r, 7, 0)) return;
+  stset e = 0;
+  if (batch < 1 || batch > KIVI_BATCH_MAX) e |= S(KIVI_ERR_ARG);
+  /* distinct live sequences, mostly; sometimes a repeat, a dead or an out-of-range one */
+  int32_t *seqs = (int32_t *)at(&r[0]);
+  int32_t order[MAX_S], n_live = 0;
+  for (int32_t i = 0; i < c->cfg.max_seqs; i++)
+    if (c->live[i]) order[n_live++] = i;
+  for (int32_t i = n_live - 1; i > 0; i--) { /* live ones first, shuffled */
+    const int32_t j = (int32_t)irange(0, i), t = order[i];
+    order[i] = order[j], order[j] = t;
+  }
+  for (int32_t i = 0, m = n_live; i < c->cfg.max_seqs; i++)
+    if (!c->live[i]) order[m++] = i;
+  for (int32_t b = 0; b < nb; b++) {
+    seqs[b] = chance(0.1) ? gen_seq(c) : (chance(0.05) && b > 0 ? seqs[0] : order[b % c->cfg.max_seqs]);
+    const stset se = seq_errors(c, seqs[b]);
+    e |= se;
+    for (int32_t j = 0; j < b && !se; j++)
+      if (seqs[j] == seqs[b]) e |= S(KIVI_ERR_ARG);
+  }
+  void *q = with_q ? at(&r[1]) : NULL, *out = with_q ? at(&r[2]) : NULL;
+  void *k = with_k ? at(&r[3]) : NULL, *v = with_k ? at(&r[4]) : NULL;
+  if (chance(P_BAD)) (chance(0.5) ? (q = NULL) : (v = NULL));
+  if (chance(P_BAD) && with_q) out = q; /* out over q */
+  const int32_t *sp = chance(P_BAD) ? NULL : seqs;
+  if (!sp || !q != !out || !k != !v || (!q && !k)) e |= S(KIVI_ERR_ARG);
+  if (q && (!dtype_ok(qd) || !dtype_ok(od) || !isfinite(scale))) e |= S(KIVI_ERR_ARG);
+  if (k && !dtype_ok(kd)) e |= S(KIVI_ERR_ARG);
+  if (q && out == q) e |= S(KIVI_ERR_ARG);
+  if (!flags_ok(flags)) e |= S(KIVI_ERR_ARG);
+  if (q && dtype_ok(qd)) fill_data(&r[1], qd, qe);
+  if (k && dtype_ok(kd)) fill_data(&r[3], kd, ke), fill_data(&r[4], kd, ke);
+  kivi_batch_t *made = chance(P_BAD) ? NULL : (kivi_batch_t *)at(&r[5]);
+  if (!made) e |= S(KIVI_ERR_ARG);
+  snapshot();
+  kivi_status st = kivi_batch_create(c->h, sp, batch, q, qd, out, od, scale, k, v, kd, flags, made);
+  check_status(g_ctx, st, e ? e : S_OK);
+  if (st) return;
+  kivi_batch_t bh = *made;
+  g_batches++;
+  int pending = 0; /* a deferred error the next call must find */
+  for (int call = 0; call < 4; call++) {
+    int32_t layer = (int32_t)irange(0, L - 1);
+    if (chance(P_BAD)) layer = chance(0.5) ? -1 : L;
+    const int what = (int)irange(0, 3);
+    if (what == 3) { /* kivi_batch_status */
+      g_op = "kivi_batch_status";
+      int64_t rep[KIVI_REPORT_FIELDS];
+      uint8_t bad[MAX_S];
+      snapshot();
+      st = kivi_batch_status(bh, 0, rep, KIVI_REPORT_FIELDS, bad);
+      check_status(g_ctx, st, pending ? S(KIVI_ERR_NONFINITE) : S_OK);
+      CHECK(pending ? rep[KIVI_REPORT_OP] != 0 : rep[KIVI_REPORT_OP] == 0, "report op %lld", (long long)rep[0]);
+      g_deferred += pending;
+      pending = 0;
+      continue;
+    }
+    stset ce = (layer < 0 || layer >= L) ? S(KIVI_ERR_ARG) : 0;
+    if (what == 0) { /* attend */
+      g_op = "kivi_batch_attend";
+      if (!q) ce |= S(KIVI_ERR_STATE);
+      for (int32_t b = 0; b < nb && !ce; b++)
+        if (!c->live[seqs[b]] || c->len[seqs[b]][layer] < 1) ce |= S(KIVI_ERR_STATE);
+      int bad_q = 0;
+      if (q && !(flags & KIVI_FLAG_TRUSTED) && chance(0.15)) bad_q = poison(&r[1], qd, qe);
+      snapshot();
+      st = kivi_batch_attend(bh, layer);
+      check_status(g_ctx, st, pending ? (S(KIVI_ERR_NONFINITE) | ce) : (ce ? ce : S_OK));
+      if (!st && bad_q) {
+        int nan = 1;
+        for (int64_t i = 0; i < qe; i++) {
+          const float x = od == KIVI_F32 ? ((float *)out)[i]
+                          : od == KIVI_F16 ? kivi_f16_to_f32(((uint16_t *)out)[i])
+                                           : kivi_bf16_to_f32(((uint16_t *)out)[i]);
+          nan &= x != x;
+        }
+        CHECK(nan, "an attend whose q is not finite writes NaN");
+        pending = 1;
+      }
+      if (q && dtype_ok(qd)) fill_data(&r[1], qd, qe); /* finite again */
+    } else { /* append, or a sequence freed behind the batch's back first */
+      g_op = "kivi_batch_append";
+      if (what == 2 && chance(0.3)) {
+        const int32_t s = seqs[irange(0, nb - 1)];
+        if (c->live[s] && kivi_cache_seq_free(c->h, s) == KIVI_OK) {
+          c->live[s] = 0;
+          c->used -= c->n_pages[s];
+          c->n_pages[s] = 0;
+        }
+      }
+      if (!k) ce |= S(KIVI_ERR_STATE);
+      for (int32_t b = 0; b < nb; b++)
+        if (!c->live[seqs[b]]) ce |= S(KIVI_ERR_STATE);
+      int64_t extra = 0, f[MAX_S] = {0}, ex[MAX_S] = {0};
+      if (!ce) {
+        for (int32_t b = 0; b < nb; b++) {
+          const int32_t s = seqs[b];
+          f[b] = kivi_flush_count(&c->cfg, c->len[s][layer], c->qlen[s][layer], 1);
+          int64_t need = c->n_pages[s];
+          for (int32_t l = 0; l < L; l++) {
+            const int64_t p = (c->qlen[s][l] + (l == layer ? f[b] : 0) + c->cfg.page_tokens - 1) / c->cfg.page_tokens;
+            need = p > need ? p : need;
+          }
+          ex[b] = need - c->n_pages[s];
+          extra += ex[b];
+        }
+      }
+      int bad_kv = 0;
+      if (k && !(flags & KIVI_FLAG_TRUSTED) && chance(0.15)) bad_kv = poison(&r[chance(0.5) ? 3 : 4], kd, ke);
+      const stset want = pending ? (S(KIVI_ERR_NONFINITE) | ce)
+                         : ce      ? ce
+                         : extra > c->cfg.max_pages - c->used ? S(KIVI_ERR_CAPACITY)
+                                                              : S_OK;
+      uint64_t before[MAX_S] = {0};
+      for (int32_t b = 0; b < nb; b++) before[b] = c->live[seqs[b]] ? seq_digest(c, seqs[b]) : 0;
+      snapshot();
+      st = kivi_batch_append(bh, layer);
+      check_status(g_ctx, st, want);
+      if (!st) {
+        for (int32_t b = 0; b < nb; b++) {
+          const int32_t s = seqs[b];
+          c->len[s][layer] += 1;
+          c->qlen[s][layer] += f[b];
+          c->n_pages[s] += (int32_t)ex[b];
+          c->used += (int32_t)ex[b];
+        }
+        if (bad_kv) c->tainted = 1, pending = 1;
+      } else {
+        for (int32_t b = 0; b < nb; b++)
+          if (c->live[seqs[b]])
+            CHECK(seq_digest(c, seqs[b]) == before[b], "a failed batch append (%s) changed sequence %d",
+                  kivi_status_str(st), (int)seqs[b]);
+      }
+      if (k && dtype_ok(kd)) fill_data(&r[3], kd, ke), fill_data(&r[4], kd, ke);
+    }
+    check_model(c);
+  }
+  g_op = "kivi_batch_destroy";
+  CHECK(kivi_batch_destroy(bh) == KIVI_OK && kivi_batch_destroy(NULL) == KIVI_OK, "kivi_batch_destroy");
+}
+
 static void fuzz_cache(void) {
   fcache *c = &g_caches[irange(0, MAX_CACHES - 1)];
   if (!c->h || chance(0.02)) {
@@ -1073,13 +1244,21 @@ static void fuzz_cache(void) {
     CHECK(kivi_cache_bench_attend(NULL, 0, seqs, 1, q, KIVI_F32, 1.0f, o, KIVI_F32, 1, &ms) == KIVI_ERR_ARG, "bench");
     CHECK(kivi_cache_memory(NULL, rep, KIVI_MEM_FIELDS) == KIVI_ERR_ARG, "memory");
     CHECK(strstr(kivi_last_error(), "kivi_cache_memory") != NULL, "the message names the op");
+    int64_t rep64[KIVI_REPORT_FIELDS];
+    kivi_batch_t bh = NULL;
+    CHECK(kivi_batch_create(NULL, seqs, 1, q, KIVI_F32, o, KIVI_F32, 1.0f, NULL, NULL, KIVI_F32, 0, &bh) == KIVI_ERR_ARG, "batch_create");
+    CHECK(kivi_batch_attend(NULL, 0) == KIVI_ERR_ARG && kivi_batch_append(NULL, 0) == KIVI_ERR_ARG, "batch calls");
+    CHECK(kivi_batch_status(NULL, 1, rep64, KIVI_REPORT_FIELDS, NULL) == KIVI_ERR_ARG, "batch_status");
+    CHECK(kivi_batch_destroy(NULL) == KIVI_OK, "batch_destroy");
     return;
   }
   const double u = rng_unif();
-  if (u < 0.35)
+  if (u < 0.32)
     fuzz_append(c);
-  else if (u < 0.55)
+  else if (u < 0.5)
     fuzz_attend(c, chance(0.1));
+  else if (u < 0.6)
+    fuzz_batch(c);
   else
     fuzz_cache_misc(c);
 }
@@ -1123,9 +1302,10 @@ int main(int argc, char **argv) {
   kivi_ctx_destroy(g_ctx);
   free(arena);
   free(shadow);
-  printf("fuzz_abi: seed %llu, %lld iterations (library %lld, context %lld, memory %lld, quantizers %lld, cache %lld)\n",
+  printf("fuzz_abi: seed %llu, %lld iterations (library %lld, context %lld, memory %lld, quantizers %lld, cache %lld; "
+         "%lld batches made, %lld deferred errors read)\n",
          (unsigned long long)g_seed, (long long)g_iter, (long long)calls[0], (long long)calls[1], (long long)calls[2],
-         (long long)calls[3], (long long)calls[4]);
+         (long long)calls[3], (long long)calls[4], (long long)g_batches, (long long)g_deferred);
   printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }
