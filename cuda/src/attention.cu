@@ -725,7 +725,7 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
     return kv_fail(ctx, KIVI_ERR_UNSUPPORTED, "%s: head_dim %d with value groups of %d is not built into this library",
                    op, D, (int)g.v_group);
   /* a ring of nst stages a warp (32 tokens: key codes + params, value codes + param planes) */
-  const size_t stage = (size_t)32 * D / 4 + D * 4 + 2 * D * 4 + (cb ? 4 : 2) * (D / g.v_group) * 64;
+  const size_t stage = (size_t)kv_mma_stage_bytes(D, g.v_group, cb ? 4 : 2);
   const size_t ring = (size_t)KV_MMA_WARPS * nst * stage;
   const size_t merge = (size_t)KV_MMA_WARPS * KV_MMA_HEADS * (D + 2) * sizeof(float);
   const size_t abuf = kv_mma_abuf_bytes(D, g.q_heads / g.kv_heads);

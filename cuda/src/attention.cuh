@@ -121,6 +121,12 @@ __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const fl
    {lo, 0, lo, 0} (the zeros written once: the fragments load straight into MMA operands); a head's 4
    quad lanes padded by 4 words against bank conflicts */
 __host__ __device__ constexpr int kv_mma_aw(int D) { return 4 * 8 * (D / 32) + 4; }
+/** Bytes of one ring stage of the tensor-core kernel (32 tokens): key codes, key params (half2 a
+    channel), value codes, then the value param planes (scale and zero, or c0..c3 for a codebook: npl)
+    of D / VG groups, a half a token and group. */
+__host__ __device__ constexpr int kv_mma_stage_bytes(int D, int VG, int npl) {
+  return 32 * D / 4 + D * 4 + 2 * D * 4 + npl * (D / VG) * 64;
+}
 /** Bytes of the CTA's fragment slices: one per warp and head of the CTA (at most 8, the GQA ratio). */
 __host__ __device__ constexpr size_t kv_mma_abuf_bytes(int D, int ratio) {
   return (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw(D) * sizeof(uint32_t);

@@ -120,7 +120,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   constexpr int VPB = ngv * 64;    /* stage: one plane of value params (a half a token and group) of 32 tokens */
   constexpr int NPL = VK ? 4 : 2;  /* planes: scale, zero; or c0..c3 */
   constexpr int NVP = NPL * VPB / 16; /* 16-byte copies of the value params a tile */
-  constexpr int stage = KCB + KPB + VCB + NPL * VPB;
+  constexpr int stage = kv_mma_stage_bytes(D, VG, NPL);
+  static_assert(stage == KCB + KPB + VCB + NPL * VPB, "the stage layout the offsets below assume");
   const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* powers of two */
 
   for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
