@@ -1,6 +1,6 @@
 /*
  * attention.cu — fused decode attention over the paged cache (kivi_cache_attend) and the small
- * flash-decoding reduction. Caches in the tensor-core page layout (kivi_cache_mma_layout: uniform
+ * flash-decoding split. Caches in the tensor-core page layout (kivi_cache_mma_layout: uniform
  * 2-bit K, uniform or codebook 2-bit V, head_dim 64 or 128) run k_attend_mma (attention_mma.cuh,
  * instantiated in attention_mma_{uniform,codebook}.cu); every other format runs k_cache_attend below,
  * on CUDA cores. Both share the grid, the splits and the merges (attention.cuh).
@@ -10,8 +10,9 @@
  * the tensor-core kernel (larger ratios take several chunks, the last one partly empty where HC does
  * not divide the ratio; the chunks read the same pages at about the same time, mostly from L2).
  * Splits cut the sequence into chunks of whole tiles so that the grid fills the GPU; when there is
- * more than one, the CTA writes (max, sum, unnormalised output) per head and k_attend_combine merges
- * them (2 launches); with one split the CTA writes the output itself (1 launch).
+ * more than one, the CTA writes (max, sum, unnormalised output) per head to the workspace and the
+ * last split of a (batch entry, kv head, head chunk) to finish merges them (a counter per unit,
+ * kv_merge_warps); one launch either way.
  *
  * Inside a CTA the 4 warps are independent: warp w takes tiles w, w + 4, ... of the CTA's range
  * (page tiles of TT tokens, then fp16 window tiles of TTW tokens), each warp streams its tiles
@@ -136,7 +137,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   const int lp = lane % LPS, hsub = lane / LPS;
 
   const kv_cta cta = kv_cta_of(p);
-  const int hc = cta.hc, split = cta.split, hkv = cta.hkv, b = cta.b;
+  const int hc = cta.hc, hkv = cta.hkv, b = cta.b;
   const kv_seq_info si = cta.si;
   const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
   if (a0 >= si.len) return;
@@ -557,28 +558,8 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
     }
   }
   __syncthreads();
-  kv_merge_warps<D, KV_WARPS>(p, cw, HC, nq, (int64_t)b * p.qh + qh0, split);
+  kv_merge_warps<D, KV_WARPS>(p, cw, HC, nq, (int64_t)b * p.qh + qh0, cta);
 }
-
-/* Merges the splits of one (batch entry, query head): block of D threads. */
-template <int D>
-static __global__ void __launch_bounds__(D) k_attend_combine(const __grid_constant__ kv_attn_params p) {
-  const int oh = blockIdx.x, b = oh / p.qh, d = threadIdx.x;
-  const int len = p.seq[b].len;
-  const int ns = min(p.nsplit, (len + p.chunk - 1) / p.chunk);
-  const float *base = p.ws + (int64_t)oh * p.nsplit * (D + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < ns; s++) M = fmaxf(M, base[s * (D + 2)]);
-  float L = 0.0f, O = 0.0f;
-  for (int s = 0; s < ns; s++) {
-    const float *r = base + s * (D + 2);
-    const float f = r[0] == -INFINITY ? 0.0f : exp2f(r[0] - M);
-    L = fmaf(r[1], f, L);
-    O = fmaf(r[2 + d], f, O);
-  }
-  kv_store_out(p.out, p.out_dtype, (int64_t)oh * D + d, O / L);
-}
-
 
 /* ---------------------------------------------------------------- host side -------------- */
 
@@ -642,10 +623,40 @@ static kv_kernel_info *kernel_info(kivi_ctx_t ctx, kv_attn_kernel fn, const char
 static int64_t kv_units(const kivi_cache_t c, const kv_attn_params *p) { return (int64_t)p->batch * c->cfg.kv_heads * p->nhc; }
 static int64_t kv_sms(const kivi_ctx_t ctx) { return ctx->sm_count > 0 ? ctx->sm_count : 1; }
 
-/* Splits (minimising waves x tiles per CTA, plus a fixed cost per CTA), the workspace, the launch of
-   fn (grid = batch x kv heads x head chunks x splits) and, with more than one split, the merge. */
-static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *p, kv_attn_kernel fn, int threads,
-                                size_t smem, int bps, int TT, int64_t maxlen, const char *name) {
+/* The workspace: split counters [KV_ATTN_MAX_BATCH x q_heads] (zeroed once; the merging CTA zeroes its
+   own), the sequences of a batch larger than KV_SEQ_INLINE [KV_ATTN_MAX_BATCH], then the partials. */
+static uint64_t kv_ws_head(const kivi_cache_config &g) {
+  const uint64_t b = (uint64_t)KV_ATTN_MAX_BATCH * g.q_heads * sizeof(int32_t) + KV_ATTN_MAX_BATCH * sizeof(kv_seq_info);
+  return (b + 255) & ~(uint64_t)255;
+}
+static kivi_status kv_ws_ensure(kivi_cache_t c, const char *op, uint64_t partial_bytes) {
+  kivi_ctx_t ctx = c->ctx;
+  const uint64_t head = kv_ws_head(c->cfg), need = head + partial_bytes;
+  if (need <= c->ws_bytes) return KIVI_OK;
+  if (c->ws) {
+    (void)cudaStreamSynchronize(ctx->stream);
+    cudaFree(c->ws);
+    c->ws = NULL;
+    c->ws_bytes = 0;
+  }
+  const uint64_t want = head + partial_bytes + partial_bytes / 4;
+  kivi_status st;
+  if ((st = kv_cuda(ctx, cudaMalloc((void **)&c->ws, (size_t)want), op, "cudaMalloc (attention workspace)"))) return st;
+  if ((st = kv_cuda(ctx, cudaMemsetAsync(c->ws, 0, (size_t)head, ctx->stream), op, "cudaMemsetAsync (split counters)"))) {
+    cudaFree(c->ws);
+    c->ws = NULL;
+    return st;
+  }
+  c->ws_bytes = want;
+  return KIVI_OK;
+}
+
+/* Splits (minimising waves x tiles per CTA, plus a fixed cost per CTA), the workspace, the sequences of
+   a large batch (seq: host [batch]) and the launch of fn (grid = batch x kv heads x head chunks x
+   splits; the merge of the splits happens inside it). */
+static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *p, const kv_seq_info *seq,
+                                kv_attn_kernel fn, int threads, size_t smem, int bps, int TT, int64_t maxlen,
+                                const char *name) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int D = g.head_dim, batch = p->batch;
@@ -659,7 +670,7 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
     const int64_t real_ns = (maxlen + chunk - 1) / chunk;
     if (real_ns != ns) continue;
     const int64_t waves = (units * ns + slots - 1) / slots;
-    const double cost = (double)waves * ((double)chunk / TT + 3.0) + (ns > 1 ? 2.0 : 0.0);
+    const double cost = (double)waves * ((double)chunk / TT + 3.0) + (ns > 1 ? 1.0 : 0.0);
     if (cost < best - 1e-9) {
       best = cost;
       best_ns = ns;
@@ -669,40 +680,29 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
   p->nsplit = (int32_t)best_ns;
   p->chunk = (int32_t)chunk;
 
-  if (best_ns > 1) {
-    const uint64_t need = (uint64_t)batch * g.q_heads * best_ns * (D + 2) * sizeof(float);
-    if (need > c->ws_bytes) {
-      if (c->ws) {
-        (void)cudaStreamSynchronize(ctx->stream);
-        cudaFree(c->ws);
-        c->ws = NULL;
-        c->ws_bytes = 0;
-      }
-      const uint64_t want = need + need / 4;
-      if ((st = kv_cuda(ctx, cudaMalloc((void **)&c->ws, (size_t)want), op, "cudaMalloc (attention workspace)")))
-        return st;
-      c->ws_bytes = want;
-    }
-    p->ws = c->ws;
+  if (best_ns > 1 || batch > KV_SEQ_INLINE) {
+    const uint64_t partial = best_ns > 1 ? (uint64_t)batch * g.q_heads * best_ns * (D + 2) * sizeof(float) : 0;
+    if ((st = kv_ws_ensure(c, op, partial))) return st;
+    uint8_t *w = (uint8_t *)c->ws;
+    p->cnt = (int32_t *)w;
+    p->dseq = (const kv_seq_info *)(w + (uint64_t)KV_ATTN_MAX_BATCH * g.q_heads * sizeof(int32_t));
+    p->ws = (float *)(w + kv_ws_head(g));
+    /* pageable source: the copy takes the data before it returns (a few KB, stream-ordered) */
+    if (batch > KV_SEQ_INLINE &&
+        (st = kv_cuda(ctx, cudaMemcpyAsync((void *)p->dseq, seq, (size_t)batch * sizeof(kv_seq_info),
+                                           cudaMemcpyHostToDevice, ctx->stream),
+                      op, "cudaMemcpyAsync (attention sequences)")))
+      return st;
   }
 
   const unsigned grid = (unsigned)(units * best_ns);
   fn<<<grid, threads, smem, ctx->stream>>>(*p);
-  if ((st = kv_launched(ctx, op, name))) return st;
-  if (best_ns > 1) {
-    const unsigned cg = (unsigned)batch * (unsigned)g.q_heads;
-    switch (D) {
-      case 64: k_attend_combine<64><<<cg, 64, 0, ctx->stream>>>(*p); break;
-      case 128: k_attend_combine<128><<<cg, 128, 0, ctx->stream>>>(*p); break;
-      default: k_attend_combine<256><<<cg, 256, 0, ctx->stream>>>(*p); break;
-    }
-    st = kv_launched(ctx, op, "k_attend_combine");
-  }
-  return st;
+  return kv_launched(ctx, op, name);
 }
 
 /* The tensor-core kernel (caches in the tensor-core page layout): 32-token tiles, up to 8 heads a CTA. */
-static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p, int64_t maxlen) {
+static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p, const kv_seq_info *seq,
+                              int64_t maxlen) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int D = g.head_dim;
@@ -750,7 +750,7 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
     }
     bps = ki->occ < 1 ? 1 : ki->occ;
   }
-  return launch_split(c, op, p, fn, KV_MMA_THREADS, smem, bps, 32, maxlen, "k_attend_mma");
+  return launch_split(c, op, p, seq, fn, KV_MMA_THREADS, smem, bps, 32, maxlen, "k_attend_mma");
 }
 
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
@@ -803,14 +803,16 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
   p->qscale = scale * 1.4426950408889634f;
   p->batch = batch;
   int64_t maxlen = 0;
+  kv_seq_info seq[KV_ATTN_MAX_BATCH];
   for (int32_t i = 0; i < batch; i++) {
-    p->seq[i].slot = slot[i];
-    p->seq[i].len = (int32_t)len[i];
-    p->seq[i].qlen = (int32_t)qlen[i];
+    seq[i].slot = slot[i];
+    seq[i].len = (int32_t)len[i];
+    seq[i].qlen = (int32_t)qlen[i];
+    if (i < KV_SEQ_INLINE) p->seq[i] = seq[i];
     maxlen = len[i] > maxlen ? len[i] : maxlen;
   }
 
-  if (mma) return mma_launch(c, op, p, maxlen);
+  if (mma) return mma_launch(c, op, p, seq, maxlen);
 
   /* tiles and stages */
   const bool kq = g.k_bits != 16, vq = g.v_bits != 16;
@@ -865,7 +867,7 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
   }
   if (bps < 1) bps = 1;
 
-  return launch_split(c, op, p, fn, KV_THREADS, smem, bps, TT, maxlen, "k_cache_attend");
+  return launch_split(c, op, p, seq, fn, KV_THREADS, smem, bps, TT, maxlen, "k_cache_attend");
 }
 
 /* ---------------------------------------------------------------- export ----------------- */

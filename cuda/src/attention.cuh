@@ -15,6 +15,9 @@
 #define KV_THREADS (32 * KV_WARPS)
 #define KV_TT_MAX 64  /* page tile cap */
 #define KV_FULL 0xffffffffu
+/* sequences whose (slot, len, qlen) ride in the launch parameters; a larger batch's go to the workspace
+   (kernel parameters are copied at every launch: 512 entries made them 6 KB) */
+#define KV_SEQ_INLINE 16
 
 struct kv_seq_info {
   int32_t slot, len, qlen;
@@ -26,7 +29,9 @@ struct kv_attn_params {
   const int32_t *table;         /* device [max_seqs][max_pages] */
   const void *q;
   void *out;
-  float *ws; /* [batch][q_heads][nsplit][D + 2] */
+  float *ws;      /* [batch][q_heads][nsplit][D + 2] */
+  int32_t *cnt;   /* [batch][kv_heads][nhc]: splits of the unit done (the last one merges, then zeroes it) */
+  const kv_seq_info *dseq; /* [batch], where batch > KV_SEQ_INLINE */
   uint64_t kpage, vpage;
   uint32_t khead, vhead, kcodes, vcodes;
   int32_t max_pages, layers, layer, kvh, qh, ratio, nhc, W, P;
@@ -37,7 +42,7 @@ struct kv_attn_params {
   int32_t TT, TTW, nst, stage_bytes;
   /* bit patterns kept out of the immediates, so that (x & mask) | 1.0f is one LOP3 */
   uint32_t one, m19, m21, m4;
-  kv_seq_info seq[KV_ATTN_MAX_BATCH];
+  kv_seq_info seq[KV_SEQ_INLINE];
 };
 
 typedef void (*kv_attn_kernel)(const kv_attn_params);
@@ -59,7 +64,7 @@ __device__ __forceinline__ void kv_store_out(void *x, int dt, int64_t i, float v
    which covers tokens [a0, e0) of the sequence: pages up to pend, the fp16 window from ws0. A CTA
    with a0 >= si.len has nothing to do. */
 struct kv_cta {
-  int hc, split, hkv, b;
+  int hc, split, hkv, b, unit; /* unit: (batch entry, kv head, head chunk), the index of its split counter */
   kv_seq_info si;
   int a0, e0, pend, ws0;
 };
@@ -72,7 +77,8 @@ __device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
   bid /= p.nsplit;
   c.hkv = bid % p.kvh;
   c.b = bid / p.kvh;
-  c.si = p.seq[c.b];
+  c.unit = (c.b * p.kvh + c.hkv) * p.nhc + c.hc;
+  c.si = p.batch <= KV_SEQ_INLINE ? p.seq[c.b] : p.dseq[c.b];
   c.a0 = c.split * p.chunk;
   c.e0 = min(c.a0 + p.chunk, c.si.len);
   c.pend = min(c.e0, c.si.qlen);
@@ -82,10 +88,12 @@ __device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
 
 /* Merges NW warps' rows (max, sum, unnormalised output [D]) at cw + (w * rows + h) * (D + 2) for heads
    h < nh (a warp that saw no token has max -inf), then writes head oh0 + h's output, or its split's
-   partials to the workspace. */
+   partials to the workspace; the last split of the unit to finish (its counter says which) merges the
+   unit's splits and writes the output, so that no second kernel is launched. Every thread of the CTA
+   calls it. */
 template <int D, int NW>
 __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh, int64_t oh0,
-                                               int split) {
+                                               const kv_cta &cta) {
   for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
     const int h = idx / D, d = idx % D;
     float M = -INFINITY;
@@ -103,13 +111,42 @@ __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const fl
     if (p.nsplit == 1) {
       kv_store_out(p.out, p.out_dtype, oh * D + d, O / L);
     } else {
-      float *wr = p.ws + (oh * p.nsplit + split) * (D + 2);
+      float *wr = p.ws + (oh * p.nsplit + cta.split) * (D + 2);
       if (d == 0) {
         wr[0] = M;
         wr[1] = L;
       }
       wr[2 + d] = O;
     }
+  }
+  if (p.nsplit == 1) return;
+  /* the splits that hold tokens of this sequence (the others returned at once) */
+  const int ns = min(p.nsplit, (cta.si.len + p.chunk - 1) / p.chunk);
+  __shared__ int last;
+  __threadfence(); /* this CTA's partials are visible before its count */
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(p.cnt + cta.unit, 1) == ns - 1;
+    if (last) p.cnt[cta.unit] = 0; /* every other split has counted: ready for the next launch */
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
+    const int h = idx / D, d = idx % D;
+    const int64_t oh = oh0 + h;
+    const float *base = p.ws + oh * p.nsplit * (D + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < ns; s++) M = fmaxf(M, __ldcg(base + s * (D + 2)));
+    float L = 0.0f, O = 0.0f;
+    for (int s = 0; s < ns; s++) {
+      const float *r = base + s * (D + 2);
+      const float m = __ldcg(r);
+      const float f = m == -INFINITY ? 0.0f : exp2f(m - M);
+      L = fmaf(__ldcg(r + 1), f, L);
+      O = fmaf(__ldcg(r + 2 + d), f, O);
+    }
+    kv_store_out(p.out, p.out_dtype, oh * D + d, O / L);
   }
 }
 

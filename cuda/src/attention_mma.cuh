@@ -107,7 +107,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const int gid = kv_keep(lane >> 2), tig = kv_keep(lane & 3);
 
   const kv_cta cta = kv_cta_of(p);
-  const int hc = cta.hc, split = cta.split, hkv = cta.hkv, b = cta.b;
+  const int hc = cta.hc, hkv = cta.hkv, b = cta.b;
   const kv_seq_info si = cta.si;
   const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
   if (a0 >= si.len) return;
@@ -639,7 +639,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     }
   }
   __syncthreads();
-  kv_merge_warps<D, KV_MMA_WARPS>(p, cw, KV_MMA_HEADS, nq, (int64_t)b * p.qh + qh0, split);
+  kv_merge_warps<D, KV_MMA_WARPS>(p, cw, KV_MMA_HEADS, nq, (int64_t)b * p.qh + qh0, cta);
 }
 
 #endif /* KIVI_ATTENTION_MMA_CUH */
