@@ -140,7 +140,10 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   const int hc = cta.hc, hkv = cta.hkv, b = cta.b;
   const kv_seq_info si = cta.si;
   const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
-  if (a0 >= si.len) return;
+  if (a0 >= si.len) {
+    kv_attn_finish<D>(p);
+    return;
+  }
   const int TT = p.TT, TTW = p.TTW;
   const int npt = a0 < pend ? (pend - a0 + TT - 1) / TT : 0;
   const int nwt = e0 > ws0 ? (e0 - ws0 + TTW - 1) / TTW : 0;
@@ -172,6 +175,10 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
 #pragma unroll
     for (int c = 0; c < 8; c++)
       qf[h][c] = h < nq ? kv_load_any(p.q, p.q_dtype, ((int64_t)b * p.qh + qh0 + h) * D + 8 * lp + c) * p.qscale : 0.0f;
+  if (p.cdev && cta.split == 0 && warp == 0 && hsub == 0) /* lanes 0 .. LPS - 1 of warp 0 cover the rows */
+    for (int h = 0; h < nq; h++)
+      for (int c = 0; c < 8; c++)
+        kv_check_q(p, b, (int64_t)(qh0 + h) * D + 8 * lp + c, ((int64_t)b * p.qh + qh0 + h) * D + 8 * lp + c);
 
   uint8_t *ring = smem + (size_t)warp * p.nst * p.stage_bytes;
   float *pbuf = (float *)(smem + (size_t)KV_WARPS * p.nst * p.stage_bytes) + warp * KV_TT_MAX * HC;
@@ -558,7 +565,8 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
     }
   }
   __syncthreads();
-  kv_merge_warps<D, KV_WARPS>(p, cw, HC, nq, (int64_t)b * p.qh + qh0, cta);
+  kv_merge_warps<D, KV_WARPS>(p, cw, HC, nq, (int64_t)b * p.qh + qh0);
+  kv_attn_finish<D>(p);
 }
 
 /* ---------------------------------------------------------------- host side -------------- */
@@ -755,7 +763,7 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
 
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype, float scale,
-                             void *out, kivi_dtype out_dtype) {
+                             void *out, kivi_dtype out_dtype, const kv_attn_check *chk) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int D = g.head_dim, ratio = g.q_heads / g.kv_heads;
@@ -802,6 +810,11 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
   p->out_dtype = out_dtype;
   p->qscale = scale * 1.4426950408889634f;
   p->batch = batch;
+  if (chk) {
+    p->cdev = chk->dev;
+    p->crec = chk->rec;
+    p->cop = chk->op;
+  }
   int64_t maxlen = 0;
   kv_seq_info seq[KV_ATTN_MAX_BATCH];
   for (int32_t i = 0; i < batch; i++) {
@@ -934,7 +947,7 @@ KIVI_API kivi_status kivi_cache_attend(kivi_cache_t cache, int32_t layer, const 
                      (int)((bad % row) / g.head_dim), (int)(bad % g.head_dim));
     }
   }
-  return kv_attend_launch(cache, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype);
+  return kv_attend_launch(cache, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, NULL);
 }
 
 KIVI_API kivi_status kivi_cache_bench_attend(kivi_cache_t cache, int32_t layer, const int32_t *seqs, int32_t batch,

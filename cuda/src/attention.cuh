@@ -9,6 +9,7 @@
 
 #include <math.h>
 
+#include "batch.cuh"
 #include "cache.cuh"
 
 #define KV_WARPS 4
@@ -32,6 +33,9 @@ struct kv_attn_params {
   float *ws;      /* [batch][q_heads][nsplit][D + 2] */
   int32_t *cnt;   /* [batch][kv_heads][nhc]: splits of the unit done (the last one merges, then zeroes it) */
   const kv_seq_info *dseq; /* [batch], where batch > KV_SEQ_INLINE */
+  kv_batch_dev *cdev;      /* a checked decode batch: q is checked on the device (NULL: not checked) */
+  kivi_batch_record *crec;
+  int32_t cop;
   uint64_t kpage, vpage;
   uint32_t khead, vhead, kcodes, vcodes;
   int32_t max_pages, layers, layer, kvh, qh, ratio, nhc, W, P;
@@ -68,8 +72,7 @@ struct kv_cta {
   kv_seq_info si;
   int a0, e0, pend, ws0;
 };
-__device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
-  int bid = blockIdx.x;
+__device__ __forceinline__ kv_cta kv_cta_at(const kv_attn_params &p, int bid) {
   kv_cta c;
   c.hc = bid % p.nhc;
   bid /= p.nhc;
@@ -85,6 +88,35 @@ __device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
   c.ws0 = max(c.a0, c.si.qlen);
   return c;
 }
+__device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) { return kv_cta_at(p, blockIdx.x); }
+/** The CTA's work again, from a fresh read of %ctaid.x that the compiler cannot merge with the first:
+    what the merge needs is recomputed at the end rather than held in registers through the loops. */
+__device__ __forceinline__ kv_cta kv_cta_again(const kv_attn_params &p) {
+  int bid;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(bid));
+  return kv_cta_at(p, bid);
+}
+
+/* A checked batch (p.cdev): element gi of q, element elem of batch entry b's row, joins the call's
+   first bad element when it is NaN or infinite (rare: straight to the device word). */
+__device__ __forceinline__ void kv_check_q(const kv_attn_params &p, int b, int64_t elem, int64_t gi) {
+  const uint32_t u = p.q_dtype == KIVI_F32 ? ((const uint32_t *)p.q)[gi] : ((const uint16_t *)p.q)[gi];
+  const int32_t kind = kivi_bad_kind(u, p.q_dtype, 0);
+  if (kind >= 0) atomicMin(&p.cdev->first, (unsigned long long)kivi_check_key(b, 0, elem, kind));
+}
+/* The last thing every thread of every CTA does (a CTA with no tokens too): with a checked batch the
+   CTA counts itself done, and the launch's last CTA publishes a bad q to the batch's record and, when
+   this call or an unread earlier one met one, fills every out with NaN (kv_batch_finish). */
+template <int D> __device__ __forceinline__ void kv_attn_finish(const kv_attn_params &p) {
+  if (!p.cdev) return;
+  __threadfence(); /* this thread's outs and atomicMin come before the CTA's count */
+  if (!kv_batch_finish(KIVI_CHECK_NONE, p.cdev, p.crec, p.cop, p.layer)) return;
+  const int64_t n = (int64_t)p.batch * p.qh * D;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    if (p.out_dtype == KIVI_F32) ((uint32_t *)p.out)[i] = 0x7fc00000u;
+    else ((uint16_t *)p.out)[i] = p.out_dtype == KIVI_F16 ? 0x7e00u : 0x7fc0u;
+  }
+}
 
 /* Merges NW warps' rows (max, sum, unnormalised output [D]) at cw + (w * rows + h) * (D + 2) for heads
    h < nh (a warp that saw no token has max -inf), then writes head oh0 + h's output, or its split's
@@ -92,8 +124,8 @@ __device__ __forceinline__ kv_cta kv_cta_of(const kv_attn_params &p) {
    unit's splits and writes the output, so that no second kernel is launched. Every thread of the CTA
    calls it. */
 template <int D, int NW>
-__device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh, int64_t oh0,
-                                               const kv_cta &cta) {
+__device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh, int64_t oh0) {
+  const kv_cta cta = kv_cta_again(p);
   for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
     const int h = idx / D, d = idx % D;
     float M = -INFINITY;

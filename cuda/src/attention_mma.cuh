@@ -110,7 +110,10 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const int hc = cta.hc, hkv = cta.hkv, b = cta.b;
   const kv_seq_info si = cta.si;
   const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
-  if (a0 >= si.len) return;
+  if (a0 >= si.len) {
+    kv_attn_finish<D>(p);
+    return;
+  }
   const int npt = a0 < pend ? (pend - a0) / 32 : 0; /* qlen and chunk are multiples of 32 */
   const int nwt = e0 > ws0 ? (e0 - ws0 + 15) / 16 : 0;
   const int ntiles = npt + nwt;
@@ -127,6 +130,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
     const int h = i / D;
     qf[i] = h < nq ? kv_load_any(p.q, p.q_dtype, ((int64_t)b * p.qh + qh0 + h) * D + i % D) * p.qscale : 0.0f;
+    if (p.cdev && cta.split == 0 && h < nq)
+      kv_check_q(p, b, (int64_t)(qh0 + h) * D + i % D, ((int64_t)b * p.qh + qh0 + h) * D + i % D);
   }
   __syncthreads();
 
@@ -639,7 +644,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     }
   }
   __syncthreads();
-  kv_merge_warps<D, KV_MMA_WARPS>(p, cw, KV_MMA_HEADS, nq, (int64_t)b * p.qh + qh0, cta);
+  kv_merge_warps<D, KV_MMA_WARPS>(p, cw, KV_MMA_HEADS, nq, (int64_t)b * p.qh + qh0);
+  kv_attn_finish<D>(p);
 }
 
 #endif /* KIVI_ATTENTION_MMA_CUH */

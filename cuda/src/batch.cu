@@ -3,9 +3,9 @@
  * decode step, checked once on the host when the batch is made; each call then only enqueues work on
  * the context's stream, with no allocation and no wait for the device.
  *
- *   kivi_batch_attend: the cache's attention launch (attention.cu kv_attend_launch), then, unless
- *     trusted, k_batch_check: scans q, records a bad element, and fills out with NaN when this call or
- *     an earlier unread one met one.
+ *   kivi_batch_attend: the cache's attention launch (attention.cu kv_attend_launch), which, unless
+ *     trusted, checks q as it loads it, records a bad element, and fills out with NaN when this call or
+ *     an earlier unread one met one (no second launch).
  *   kivi_batch_append: the block-table entries of new pages (k_batch_table, only when a sequence needs
  *     a page), the flush of each sequence whose window is full (cache.cu's, per sequence), then
  *     k_batch_window: one launch writing every sequence's token into its window slot, checking it.
@@ -20,15 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "batch.cuh"
 #include "cache.cuh"
-#include "kivi_batch.h"
-
-/* Device words of a batch's checks. */
-struct kv_batch_dev {
-  unsigned long long pending; /* a call met a bad value that the host has not read: outs are NaN */
-  unsigned long long first;   /* the lowest key of the running call (the last block resets it) */
-  unsigned int done;          /* blocks of the running call past their scan (the last block resets it) */
-};
 
 template <int NB> struct kv_bwin_params;
 struct kv_btable_params;
@@ -50,79 +43,9 @@ struct kivi_batch {
 
 /* ---------------------------------------------------------------- kernels ---------------- */
 
-/* The end of a checking kernel, called by every thread of every block: the block's lowest key joins
-   the call's, and the last block to finish publishes the call's first bad element to the record (key
-   and call only when none is recorded yet, then `any`) and marks the batch pending. True in the last
-   block when outs must be poisoned: this call or an earlier unread one met a bad value. */
-static __device__ bool kv_batch_finish(unsigned long long mine, kv_batch_dev *dev, kivi_batch_record *rec, int32_t op,
-                                       int32_t layer) {
-  __shared__ unsigned long long warp_min[32];
-  __shared__ bool last, poison;
-  for (int o = 16; o > 0; o >>= 1) {
-    const unsigned long long w = __shfl_down_sync(0xffffffffu, mine, o);
-    mine = w < mine ? w : mine;
-  }
-  if ((threadIdx.x & 31) == 0) warp_min[threadIdx.x >> 5] = mine;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long m = KIVI_CHECK_NONE;
-    for (unsigned w = 0; w < (blockDim.x + 31) / 32; w++) m = warp_min[w] < m ? warp_min[w] : m;
-    if (m != KIVI_CHECK_NONE) atomicMin(&dev->first, m);
-    __threadfence();
-    last = atomicAdd(&dev->done, 1u) == gridDim.x - 1;
-    poison = false;
-    if (last) {
-      const unsigned long long key = atomicExch(&dev->first, (unsigned long long)KIVI_CHECK_NONE);
-      dev->done = 0;
-      if (key != KIVI_CHECK_NONE) {
-        dev->pending = 1;
-        if (rec->key == KIVI_CHECK_NONE) {
-          rec->key = key;
-          rec->op = op;
-          rec->layer = layer;
-        }
-        __threadfence_system();
-        rec->any = 1;
-        __threadfence_system();
-      }
-      poison = dev->pending != 0;
-    }
-  }
-  __syncthreads();
-  return last && poison;
-}
-
 template <int DT> __device__ __forceinline__ uint32_t kv_bits(const void *__restrict__ x, int64_t i) {
   if constexpr (DT == KIVI_F32) return ((const uint32_t *)x)[i];
   else return ((const uint16_t *)x)[i];
-}
-
-struct kv_check_params {
-  const void *q;      /* [n] */
-  void *out;          /* [n] */
-  int64_t n;
-  int32_t row;        /* q_heads * head_dim: elements of one sequence's row */
-  int32_t out_dtype, layer;
-  kv_batch_dev *dev;
-  kivi_batch_record *rec;
-};
-
-/* q scanned for NaN / Inf (grid-stride); out filled with NaN by the last block when poisoned. */
-template <int DT> static __global__ void __launch_bounds__(256) k_batch_check(const __grid_constant__ kv_check_params p) {
-  unsigned long long mine = KIVI_CHECK_NONE;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
-    const int32_t kind = kivi_bad_kind(kv_bits<DT>(p.q, i), DT, 0);
-    if (kind >= 0) {
-      const unsigned long long key = kivi_check_key(i / p.row, 0, i % p.row, kind);
-      mine = key < mine ? key : mine;
-    }
-  }
-  if (!kv_batch_finish(mine, p.dev, p.rec, 1, p.layer)) return;
-  for (int64_t i = threadIdx.x; i < p.n; i += blockDim.x) {
-    if (p.out_dtype == KIVI_F32) ((uint32_t *)p.out)[i] = 0x7fc00000u;
-    else ((uint16_t *)p.out)[i] = p.out_dtype == KIVI_F16 ? 0x7e00u : 0x7fc0u;
-  }
 }
 
 struct kv_bwin_row {
@@ -315,24 +238,10 @@ KIVI_API kivi_status kivi_batch_attend(kivi_batch_t b, int32_t layer) {
       return kv_fail(b->ctx, KIVI_ERR_UNSUPPORTED, "%s: seqs[%d] holds %lld tokens; attention supports below 2^31", op,
                      (int)i, (long long)b->len[i]);
   }
-  if ((st = kv_attend_launch(c, op, layer, b->a.batch, b->seqs, b->len, b->qlen, b->a.q, b->a.q_dtype, b->a.scale,
-                             (void *)b->a.out, b->a.out_dtype)))
-    return st;
-  if (b->a.flags & KIVI_FLAG_TRUSTED) return KIVI_OK;
-  kv_check_params p;
-  p.q = b->a.q;
-  p.out = (void *)b->a.out;
-  p.n = (int64_t)b->a.batch * g.q_heads * g.head_dim;
-  p.row = g.q_heads * g.head_dim;
-  p.out_dtype = b->a.out_dtype;
-  p.layer = layer;
-  p.dev = b->dev;
-  p.rec = b->d_record;
-  const unsigned grid = kv_grid(b->ctx, (p.n + 2047) / 2048, 1);
-#define KV_CHECK(DT) k_batch_check<DT><<<grid, 256, 0, b->ctx->stream>>>(p)
-  KV_DISPATCH_DT(b->a.q_dtype, KV_CHECK)
-#undef KV_CHECK
-  return kv_launched(b->ctx, op, "k_batch_check");
+  /* unless trusted, the attention kernel checks q as it loads it and its last CTA publishes what it met */
+  const kv_attn_check chk = {b->dev, b->d_record, 1};
+  return kv_attend_launch(c, op, layer, b->a.batch, b->seqs, b->len, b->qlen, b->a.q, b->a.q_dtype, b->a.scale,
+                          (void *)b->a.out, b->a.out_dtype, (b->a.flags & KIVI_FLAG_TRUSTED) ? NULL : &chk);
 }
 
 KIVI_API kivi_status kivi_batch_append(kivi_batch_t b, int32_t layer) {

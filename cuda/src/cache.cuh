@@ -13,6 +13,7 @@
 #define KIVI_CUDA_CACHE_CUH
 
 #include "common.cuh"
+#include "kivi_batch.h"
 
 /* Largest batch of kivi_cache_attend: the per-entry sequence info travels by value in the kernel
    parameters (12 bytes per entry, well inside CUDA 12.1+'s 32 KB parameter limit). */
@@ -44,11 +45,18 @@ struct kivi_cache {
   uint64_t ws_bytes;
 };
 
+struct kv_batch_dev;
+/** Where a checked decode batch's attention records a non-finite q (batch.cuh); op: the record's call. */
+struct kv_attn_check {
+  kv_batch_dev *dev;
+  kivi_batch_record *rec;
+  int32_t op;
+};
 /** Launches the fused decode attention (attention.cu); arguments already validated on the host.
-    slot/len/qlen: host [batch]. */
+    slot/len/qlen: host [batch]; chk: NULL, or check q on the device and record a bad element there. */
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
-                             float scale, void *out, kivi_dtype out_dtype);
+                             float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk);
 
 /* The steps of an append, shared by kivi_cache_append and kivi_batch_append (batch.cu). n tokens to seq
    in layers [l0, l0 + nl), k / v [nl][n][kv_heads][head_dim]; all host-side checks already made. */
