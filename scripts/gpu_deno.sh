@@ -21,6 +21,9 @@ gcc -std=c11 -O2 -Icuda/include tests/c/cache_gpu_vs_cpu.c -o build/cache_gpu_vs
 step c_cache build/cache_gpu_vs_cpu
 TAIL=12 step c_bench_mha build/cache_gpu_vs_cpu bench 64 32 -1 all
 TAIL=12 step c_bench_gqa8 build/cache_gpu_vs_cpu bench 64 8 3 all
+for ns in 4 8 12 16 24 32; do # the split count of 1x4096 against the cost model's choice
+  KIVI_NSPLIT=$ns TAIL=4 step c_bench_1x4096_ns$ns build/cache_gpu_vs_cpu bench 64 32 0 all
+done
 step sdpa python3 bench/sdpa_reference.py "$r/sdpa.json"
 TAIL=8 step ts_gpu deno test -A tests/batch_test.ts tests/cache_gpu_test.ts tests/hostile_fuzz_test.ts
 TAIL=40 step bench_attention deno run -A bench/attention.ts --torch "$r/sdpa.json" --out "$r/results"

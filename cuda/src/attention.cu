@@ -684,7 +684,11 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
       best_ns = ns;
     }
   }
-  const int64_t chunk = ((maxlen + best_ns - 1) / best_ns + TT - 1) / TT * TT;
+  /* KIVI_NSPLIT=n forces the split count (development: measure the cost model's choice against others) */
+  static const int64_t forced_ns = getenv("KIVI_NSPLIT") ? atoll(getenv("KIVI_NSPLIT")) : 0;
+  if (forced_ns > 0) best_ns = forced_ns < max_ns ? forced_ns : (max_ns > 0 ? max_ns : 1);
+  int64_t chunk = ((maxlen + best_ns - 1) / best_ns + TT - 1) / TT * TT;
+  best_ns = (maxlen + chunk - 1) / chunk;
   p->nsplit = (int32_t)best_ns;
   p->chunk = (int32_t)chunk;
 
