@@ -32,6 +32,7 @@ struct kv_attn_params {
   void *out;
   float *ws;      /* [batch][q_heads][nsplit][D + 2] */
   int32_t *cnt;   /* [batch][kv_heads][nhc]: splits of the unit done (the last one merges, then zeroes it) */
+  int32_t lastmerge; /* 1: the last split of a unit to finish merges the unit; 0: k_attend_combine does */
   const kv_seq_info *dseq; /* [batch], where batch > KV_SEQ_INLINE */
   kv_batch_dev *cdev;      /* a checked decode batch: q is checked on the device (NULL: not checked) */
   kivi_batch_record *crec;
@@ -67,6 +68,10 @@ __device__ __forceinline__ void kv_store_out(void *x, int dt, int64_t i, float v
 /* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`,
    which covers tokens [a0, e0) of the sequence: pages up to pend, the fp16 window from ws0. A CTA
    with a0 >= si.len has nothing to do. */
+__device__ __forceinline__ kv_seq_info kv_seq_of(const kv_attn_params &p, int b) {
+  return p.batch <= KV_SEQ_INLINE ? p.seq[b] : p.dseq[b];
+}
+
 struct kv_cta {
   int hc, split, hkv, b, unit; /* unit: (batch entry, kv head, head chunk), the index of its split counter */
   kv_seq_info si;
@@ -81,7 +86,7 @@ __device__ __forceinline__ kv_cta kv_cta_at(const kv_attn_params &p, int bid) {
   c.hkv = bid % p.kvh;
   c.b = bid / p.kvh;
   c.unit = (c.b * p.kvh + c.hkv) * p.nhc + c.hc;
-  c.si = p.batch <= KV_SEQ_INLINE ? p.seq[c.b] : p.dseq[c.b];
+  c.si = kv_seq_of(p, c.b);
   c.a0 = c.split * p.chunk;
   c.e0 = min(c.a0 + p.chunk, c.si.len);
   c.pend = min(c.e0, c.si.qlen);
@@ -104,11 +109,12 @@ __device__ __forceinline__ void kv_check_q(const kv_attn_params &p, int b, int64
   const int32_t kind = kivi_bad_kind(u, p.q_dtype, 0);
   if (kind >= 0) atomicMin(&p.cdev->first, (unsigned long long)kivi_check_key(b, 0, elem, kind));
 }
-/* The last thing every thread of every CTA does (a CTA with no tokens too): with a checked batch the
-   CTA counts itself done, and the launch's last CTA publishes a bad q to the batch's record and, when
+/* The last thing every thread of every CTA of the launch that writes the outs does (a CTA with no
+   tokens too; writes_out false in an attention kernel whose splits k_attend_combine merges, which then
+   calls it): with a checked batch the CTA counts itself done, and the launch's last CTA publishes a bad q to the batch's record and, when
    this call or an unread earlier one met one, fills every out with NaN (kv_batch_finish). */
-template <int D> __device__ __forceinline__ void kv_attn_finish(const kv_attn_params &p) {
-  if (!p.cdev) return;
+template <int D> __device__ __forceinline__ void kv_attn_finish(const kv_attn_params &p, bool writes_out = true) {
+  if (!p.cdev || !writes_out) return;
   __threadfence(); /* this thread's outs and atomicMin come before the CTA's count */
   if (!kv_batch_finish(KIVI_CHECK_NONE, p.cdev, p.crec, p.cop, p.layer)) return;
   const int64_t n = (int64_t)p.batch * p.qh * D;
@@ -118,11 +124,34 @@ template <int D> __device__ __forceinline__ void kv_attn_finish(const kv_attn_pa
   }
 }
 
+/* Splits of the launch that hold tokens of a sequence of len tokens (the others return at once). */
+__device__ __forceinline__ int kv_splits_of(const kv_attn_params &p, int len) {
+  return min(p.nsplit, (len + p.chunk - 1) / p.chunk);
+}
+/* Output channel d of query head oh (batch entry x q_heads + head) from its ns splits' partials in the
+   workspace (max, sum, unnormalised output), read past L1: other CTAs wrote them. */
+template <int D> __device__ __forceinline__ float kv_merge_splits(const kv_attn_params &p, int64_t oh, int d, int ns) {
+  const float *base = p.ws + oh * p.nsplit * (D + 2);
+  float M = -INFINITY;
+#pragma unroll 4
+  for (int s = 0; s < ns; s++) M = fmaxf(M, __ldcg(base + s * (D + 2)));
+  float L = 0.0f, O = 0.0f;
+#pragma unroll 4
+  for (int s = 0; s < ns; s++) {
+    const float *r = base + s * (D + 2);
+    const float m = __ldcg(r);
+    const float f = m == -INFINITY ? 0.0f : exp2f(m - M);
+    L = fmaf(__ldcg(r + 1), f, L);
+    O = fmaf(__ldcg(r + 2 + d), f, O);
+  }
+  return O / L;
+}
+
 /* Merges NW warps' rows (max, sum, unnormalised output [D]) at cw + (w * rows + h) * (D + 2) for heads
    h < nh (a warp that saw no token has max -inf), then writes head oh0 + h's output, or its split's
-   partials to the workspace; the last split of the unit to finish (its counter says which) merges the
-   unit's splits and writes the output, so that no second kernel is launched. Every thread of the CTA
-   calls it. */
+   partials to the workspace; with lastmerge, the last split of the unit to finish (its counter says
+   which) merges the unit's splits and writes the output, so that no second kernel is launched. Every
+   thread of the CTA calls it. */
 template <int D, int NW>
 __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh, int64_t oh0) {
   const kv_cta cta = kv_cta_again(p);
@@ -151,9 +180,9 @@ __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const fl
       wr[2 + d] = O;
     }
   }
-  if (p.nsplit == 1) return;
+  if (p.nsplit == 1 || !p.lastmerge) return;
   /* the splits that hold tokens of this sequence (the others returned at once) */
-  const int ns = min(p.nsplit, (cta.si.len + p.chunk - 1) / p.chunk);
+  const int ns = kv_splits_of(p, cta.si.len);
   __shared__ int last;
   __threadfence(); /* this CTA's partials are visible before its count */
   __syncthreads();
@@ -165,21 +194,19 @@ __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const fl
   if (!last) return;
   __threadfence();
   for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
-    const int h = idx / D, d = idx % D;
-    const int64_t oh = oh0 + h;
-    const float *base = p.ws + oh * p.nsplit * (D + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < ns; s++) M = fmaxf(M, __ldcg(base + s * (D + 2)));
-    float L = 0.0f, O = 0.0f;
-    for (int s = 0; s < ns; s++) {
-      const float *r = base + s * (D + 2);
-      const float m = __ldcg(r);
-      const float f = m == -INFINITY ? 0.0f : exp2f(m - M);
-      L = fmaf(__ldcg(r + 1), f, L);
-      O = fmaf(__ldcg(r + 2 + d), f, O);
-    }
-    kv_store_out(p.out, p.out_dtype, oh * D + d, O / L);
+    const int64_t oh = oh0 + idx / D;
+    kv_store_out(p.out, p.out_dtype, oh * D + idx % D, kv_merge_splits<D>(p, oh, idx % D, ns));
   }
+}
+
+/* Merges the splits of one (batch entry, query head): block of D threads (where the attention kernel's
+   CTAs do not: lastmerge 0). */
+template <int D>
+static __global__ void __launch_bounds__(D) k_attend_combine(const __grid_constant__ kv_attn_params p) {
+  const int oh = blockIdx.x, d = threadIdx.x;
+  const int ns = kv_splits_of(p, kv_seq_of(p, oh / p.qh).len);
+  kv_store_out(p.out, p.out_dtype, (int64_t)oh * D + d, kv_merge_splits<D>(p, oh, d, ns));
+  kv_attn_finish<D>(p);
 }
 
 #define KV_MMA_WARPS 4
