@@ -168,17 +168,15 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   /* value accumulation domain: 0 = 2-bit uniform (b 19 / 21), 1 = 4-bit uniform (b 19), 2 = direct */
   const int vmode = (vq && !vcb) ? (vbits == 2 ? 0 : 1) : 2;
 
-  /* query rows (scaled to log2 units) */
+  /* query rows (scaled to log2 units); a checked batch's first split checks them, warp 0 alone */
   float qf[HC][8];
 #pragma unroll
   for (int h = 0; h < HC; h++)
 #pragma unroll
     for (int c = 0; c < 8; c++)
-      qf[h][c] = h < nq ? kv_load_any(p.q, p.q_dtype, ((int64_t)b * p.qh + qh0 + h) * D + 8 * lp + c) * p.qscale : 0.0f;
-  if (p.cdev && cta.split == 0 && warp == 0 && hsub == 0) /* lanes 0 .. LPS - 1 of warp 0 cover the rows */
-    for (int h = 0; h < nq; h++)
-      for (int c = 0; c < 8; c++)
-        kv_check_q(p, b, (int64_t)(qh0 + h) * D + 8 * lp + c, ((int64_t)b * p.qh + qh0 + h) * D + 8 * lp + c);
+      qf[h][c] = h < nq ? kv_q_at(p, b, 0, ((int64_t)b * p.qh + qh0 + h) * D + 8 * lp + c, false) : 0.0f;
+  if (p.cdev && cta.split == 0 && warp == 0)
+    for (int i = lane; i < nq * D; i += 32) (void)kv_q_at(p, b, (int64_t)qh0 * D + i, ((int64_t)b * p.qh + qh0) * D + i, true);
 
   uint8_t *ring = smem + (size_t)warp * p.nst * p.stage_bytes;
   float *pbuf = (float *)(smem + (size_t)KV_WARPS * p.nst * p.stage_bytes) + warp * KV_TT_MAX * HC;

@@ -54,10 +54,12 @@ typedef void (*kv_attn_kernel)(const kv_attn_params);
 
 __device__ __forceinline__ float kv_h2f(uint32_t h16) { return __half2float(__ushort_as_half((unsigned short)h16)); }
 
-__device__ __forceinline__ float kv_load_any(const void *x, int dt, int64_t i) {
-  if (dt == KIVI_F32) return ((const float *)x)[i];
-  const uint32_t u = ((const uint16_t *)x)[i];
-  return dt == KIVI_F16 ? kv_h2f(u) : __uint_as_float(u << 16);
+/* element i of x as its bits (a 16-bit dtype in the low half), and those bits as a float */
+__device__ __forceinline__ uint32_t kv_bits_any(const void *x, int dt, int64_t i) {
+  return dt == KIVI_F32 ? ((const uint32_t *)x)[i] : ((const uint16_t *)x)[i];
+}
+__device__ __forceinline__ float kv_bits_float(uint32_t u, int dt) {
+  return dt == KIVI_F32 ? __uint_as_float(u) : dt == KIVI_F16 ? kv_h2f(u) : __uint_as_float(u << 16);
 }
 __device__ __forceinline__ void kv_store_out(void *x, int dt, int64_t i, float v) {
   if (dt == KIVI_F32) ((float *)x)[i] = v;
@@ -102,12 +104,16 @@ __device__ __forceinline__ kv_cta kv_cta_again(const kv_attn_params &p) {
   return kv_cta_at(p, bid);
 }
 
-/* A checked batch (p.cdev): element gi of q, element elem of batch entry b's row, joins the call's
-   first bad element when it is NaN or infinite (rare: straight to the device word). */
-__device__ __forceinline__ void kv_check_q(const kv_attn_params &p, int b, int64_t elem, int64_t gi) {
-  const uint32_t u = p.q_dtype == KIVI_F32 ? ((const uint32_t *)p.q)[gi] : ((const uint16_t *)p.q)[gi];
-  const int32_t kind = kivi_bad_kind(u, p.q_dtype, 0);
-  if (kind >= 0) atomicMin(&p.cdev->first, (unsigned long long)kivi_check_key(b, 0, elem, kind));
+/* q element gi (its bits u), element elem of batch entry b's row, scaled to log2 units; with a checked
+   batch (p.cdev, check) a NaN or Inf joins the call's first bad element (rare: straight to the device
+   word). */
+__device__ __forceinline__ float kv_q_at(const kv_attn_params &p, int b, int64_t elem, int64_t gi, bool check) {
+  const uint32_t u = kv_bits_any(p.q, p.q_dtype, gi);
+  if (check) {
+    const int32_t kind = kivi_bad_kind(u, p.q_dtype, 0);
+    if (kind >= 0) atomicMin(&p.cdev->first, (unsigned long long)kivi_check_key(b, 0, elem, kind));
+  }
+  return kv_bits_float(u, p.q_dtype) * p.qscale;
 }
 /* The last thing every thread of every CTA of the launch that writes the outs does (a CTA with no
    tokens too; writes_out false in an attention kernel whose splits k_attend_combine merges, which then

@@ -127,11 +127,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   static_assert(stage == KCB + KPB + VCB + NPL * VPB, "the stage layout the offsets below assume");
   const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* powers of two */
 
+  const bool qcheck = p.cdev && cta.split == 0; /* a checked batch: the first split checks q */
   for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
     const int h = i / D;
-    qf[i] = h < nq ? kv_load_any(p.q, p.q_dtype, ((int64_t)b * p.qh + qh0 + h) * D + i % D) * p.qscale : 0.0f;
-    if (p.cdev && cta.split == 0 && h < nq)
-      kv_check_q(p, b, (int64_t)(qh0 + h) * D + i % D, ((int64_t)b * p.qh + qh0 + h) * D + i % D);
+    qf[i] = h < nq ? kv_q_at(p, b, (int64_t)(qh0 + h) * D + i % D, ((int64_t)b * p.qh + qh0 + h) * D + i % D, qcheck)
+                   : 0.0f;
   }
   __syncthreads();
 
