@@ -10,9 +10,8 @@
  * the tensor-core kernel (larger ratios take several chunks, the last one partly empty where HC does
  * not divide the ratio; the chunks read the same pages at about the same time, mostly from L2).
  * Splits cut the sequence into chunks of whole tiles so that the grid fills the GPU; when there is
- * more than one, the CTA writes (max, sum, unnormalised output) per head to the workspace, and the
- * last split of a (batch entry, kv head, head chunk) to finish merges them (a counter per unit,
- * kv_merge_warps: one launch) where a unit has few heads x splits, else k_attend_combine (two).
+ * more than one, the CTA writes (max, sum, unnormalised output) per head to the workspace and
+ * k_attend_combine merges them (2 launches); with one split the CTA writes the output itself (1).
  *
  * Inside a CTA the 4 warps are independent: warp w takes tiles w, w + 4, ... of the CTA's range
  * (page tiles of TT tokens, then fp16 window tiles of TTW tokens), each warp streams its tiles
@@ -141,7 +140,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   const kv_seq_info si = cta.si;
   const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
   if (a0 >= si.len) {
-    kv_attn_finish<D>(p, p.nsplit == 1 || p.lastmerge);
+    kv_attn_finish<D>(p, p.nsplit == 1);
     return;
   }
   const int TT = p.TT, TTW = p.TTW;
@@ -564,7 +563,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   }
   __syncthreads();
   kv_merge_warps<D, KV_WARPS>(p, cw, HC, nq, (int64_t)b * p.qh + qh0);
-  kv_attn_finish<D>(p, p.nsplit == 1 || p.lastmerge);
+  kv_attn_finish<D>(p, p.nsplit == 1);
 }
 
 /* ---------------------------------------------------------------- host side -------------- */
@@ -629,11 +628,11 @@ static kv_kernel_info *kernel_info(kivi_ctx_t ctx, kv_attn_kernel fn, const char
 static int64_t kv_units(const kivi_cache_t c, const kv_attn_params *p) { return (int64_t)p->batch * c->cfg.kv_heads * p->nhc; }
 static int64_t kv_sms(const kivi_ctx_t ctx) { return ctx->sm_count > 0 ? ctx->sm_count : 1; }
 
-/* The workspace: split counters [KV_ATTN_MAX_BATCH x q_heads] (zeroed once; the merging CTA zeroes its
-   own), the sequences of a batch larger than KV_SEQ_INLINE [KV_ATTN_MAX_BATCH], then the partials. */
+/* The workspace: the sequences of a batch larger than KV_SEQ_INLINE [KV_ATTN_MAX_BATCH], then the
+   partials of the splits. */
 static uint64_t kv_ws_head(const kivi_cache_config &g) {
-  const uint64_t b = (uint64_t)KV_ATTN_MAX_BATCH * g.q_heads * sizeof(int32_t) + KV_ATTN_MAX_BATCH * sizeof(kv_seq_info);
-  return (b + 255) & ~(uint64_t)255;
+  (void)g;
+  return ((uint64_t)KV_ATTN_MAX_BATCH * sizeof(kv_seq_info) + 255) & ~(uint64_t)255;
 }
 static kivi_status kv_ws_ensure(kivi_cache_t c, const char *op, uint64_t partial_bytes) {
   kivi_ctx_t ctx = c->ctx;
@@ -648,11 +647,6 @@ static kivi_status kv_ws_ensure(kivi_cache_t c, const char *op, uint64_t partial
   const uint64_t want = head + partial_bytes + partial_bytes / 4;
   kivi_status st;
   if ((st = kv_cuda(ctx, cudaMalloc((void **)&c->ws, (size_t)want), op, "cudaMalloc (attention workspace)"))) return st;
-  if ((st = kv_cuda(ctx, cudaMemsetAsync(c->ws, 0, (size_t)head, ctx->stream), op, "cudaMemsetAsync (split counters)"))) {
-    cudaFree(c->ws);
-    c->ws = NULL;
-    return st;
-  }
   c->ws_bytes = want;
   return KIVI_OK;
 }
@@ -694,8 +688,7 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
     const uint64_t partial = best_ns > 1 ? (uint64_t)batch * g.q_heads * best_ns * (D + 2) * sizeof(float) : 0;
     if ((st = kv_ws_ensure(c, op, partial))) return st;
     uint8_t *w = (uint8_t *)c->ws;
-    p->cnt = (int32_t *)w;
-    p->dseq = (const kv_seq_info *)(w + (uint64_t)KV_ATTN_MAX_BATCH * g.q_heads * sizeof(int32_t));
+    p->dseq = (const kv_seq_info *)w;
     p->ws = (float *)(w + kv_ws_head(g));
     /* pageable source: the copy takes the data before it returns (a few KB, stream-ordered) */
     if (batch > KV_SEQ_INLINE &&
@@ -705,15 +698,9 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
       return st;
   }
 
-  /* The merge of the splits: by the last CTA of each unit where it has few (heads x splits) rows to read,
-     else by k_attend_combine, one CTA a query head. Measured on an H200: the last-CTA merge saves 1.2 us
-     at 1x4096 (12 splits, one head a CTA) but costs 4 us at GQA 32/8 (6 splits x 8 heads) and 11 us at
-     GQA 14/2 D64 (32 splits x 7 heads), where one CTA reads every split of its heads at the tail. */
-  const int64_t heads = (p->ratio + p->nhc - 1) / p->nhc; /* the most query heads of a CTA */
-  p->lastmerge = best_ns > 1 && heads * best_ns <= 16;
   const unsigned grid = (unsigned)(units * best_ns);
   fn<<<grid, threads, smem, ctx->stream>>>(*p);
-  if ((st = kv_launched(ctx, op, name)) || best_ns == 1 || p->lastmerge) return st;
+  if ((st = kv_launched(ctx, op, name)) || best_ns == 1) return st;
   const unsigned cg = (unsigned)batch * (unsigned)g.q_heads;
   switch (D) {
     case 64: k_attend_combine<64><<<cg, 64, 0, ctx->stream>>>(*p); break;

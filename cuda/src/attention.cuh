@@ -31,8 +31,6 @@ struct kv_attn_params {
   const void *q;
   void *out;
   float *ws;      /* [batch][q_heads][nsplit][D + 2] */
-  int32_t *cnt;   /* [batch][kv_heads][nhc]: splits of the unit done (the last one merges, then zeroes it) */
-  int32_t lastmerge; /* 1: the last split of a unit to finish merges the unit; 0: k_attend_combine does */
   const kv_seq_info *dseq; /* [batch], where batch > KV_SEQ_INLINE */
   kv_batch_dev *cdev;      /* a checked decode batch: q is checked on the device (NULL: not checked) */
   kivi_batch_record *crec;
@@ -75,7 +73,7 @@ __device__ __forceinline__ kv_seq_info kv_seq_of(const kv_attn_params &p, int b)
 }
 
 struct kv_cta {
-  int hc, split, hkv, b, unit; /* unit: (batch entry, kv head, head chunk), the index of its split counter */
+  int hc, split, hkv, b;
   kv_seq_info si;
   int a0, e0, pend, ws0;
 };
@@ -87,7 +85,6 @@ __device__ __forceinline__ kv_cta kv_cta_at(const kv_attn_params &p, int bid) {
   bid /= p.nsplit;
   c.hkv = bid % p.kvh;
   c.b = bid / p.kvh;
-  c.unit = (c.b * p.kvh + c.hkv) * p.nhc + c.hc;
   c.si = kv_seq_of(p, c.b);
   c.a0 = c.split * p.chunk;
   c.e0 = min(c.a0 + p.chunk, c.si.len);
@@ -135,29 +132,24 @@ __device__ __forceinline__ int kv_splits_of(const kv_attn_params &p, int len) {
   return min(p.nsplit, (len + p.chunk - 1) / p.chunk);
 }
 /* Output channel d of query head oh (batch entry x q_heads + head) from its ns splits' partials in the
-   workspace (max, sum, unnormalised output), read past L1: other CTAs wrote them. */
+   workspace (max, sum, unnormalised output). */
 template <int D> __device__ __forceinline__ float kv_merge_splits(const kv_attn_params &p, int64_t oh, int d, int ns) {
   const float *base = p.ws + oh * p.nsplit * (D + 2);
   float M = -INFINITY;
-#pragma unroll 4
-  for (int s = 0; s < ns; s++) M = fmaxf(M, __ldcg(base + s * (D + 2)));
+  for (int s = 0; s < ns; s++) M = fmaxf(M, base[s * (D + 2)]);
   float L = 0.0f, O = 0.0f;
-#pragma unroll 4
   for (int s = 0; s < ns; s++) {
     const float *r = base + s * (D + 2);
-    const float m = __ldcg(r);
-    const float f = m == -INFINITY ? 0.0f : exp2f(m - M);
-    L = fmaf(__ldcg(r + 1), f, L);
-    O = fmaf(__ldcg(r + 2 + d), f, O);
+    const float f = r[0] == -INFINITY ? 0.0f : exp2f(r[0] - M);
+    L = fmaf(r[1], f, L);
+    O = fmaf(r[2 + d], f, O);
   }
   return O / L;
 }
 
 /* Merges NW warps' rows (max, sum, unnormalised output [D]) at cw + (w * rows + h) * (D + 2) for heads
    h < nh (a warp that saw no token has max -inf), then writes head oh0 + h's output, or its split's
-   partials to the workspace; with lastmerge, the last split of the unit to finish (its counter says
-   which) merges the unit's splits and writes the output, so that no second kernel is launched. Every
-   thread of the CTA calls it. */
+   partials to the workspace (k_attend_combine merges them). */
 template <int D, int NW>
 __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh, int64_t oh0) {
   const kv_cta cta = kv_cta_again(p);
@@ -186,27 +178,11 @@ __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const fl
       wr[2 + d] = O;
     }
   }
-  if (p.nsplit == 1 || !p.lastmerge) return;
-  /* the splits that hold tokens of this sequence (the others returned at once) */
-  const int ns = kv_splits_of(p, cta.si.len);
-  __shared__ int last;
-  __threadfence(); /* this CTA's partials are visible before its count */
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(p.cnt + cta.unit, 1) == ns - 1;
-    if (last) p.cnt[cta.unit] = 0; /* every other split has counted: ready for the next launch */
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
-    const int64_t oh = oh0 + idx / D;
-    kv_store_out(p.out, p.out_dtype, oh * D + idx % D, kv_merge_splits<D>(p, oh, idx % D, ns));
-  }
 }
 
-/* Merges the splits of one (batch entry, query head): block of D threads (where the attention kernel's
-   CTAs do not: lastmerge 0). */
+/* Merges the splits of one (batch entry, query head): block of D threads. (Merging in the last CTA of
+   each unit to finish, with a counter a unit, saved 0.5 us at 1x4096 but cost 8-15 % at 8x32768 on an
+   H200, same run: it is not done.) */
 template <int D>
 static __global__ void __launch_bounds__(D) k_attend_combine(const __grid_constant__ kv_attn_params p) {
   const int oh = blockIdx.x, d = threadIdx.x;
