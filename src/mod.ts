@@ -56,3 +56,12 @@ export {
   type AppendOptions,
 } from "./cache.ts";
 export { BATCH_MAX, type BatchOptions, DecodeBatch } from "./batch.ts";
+export {
+  type Decoder,
+  type GeneratedToken,
+  type GenerateOptions,
+  LlamaModel,
+  type ModelCacheOptions,
+} from "./model/llama.ts";
+export { type LlamaConfig } from "./model/config.ts";
+export { ModelError } from "./model/safetensors.ts";
