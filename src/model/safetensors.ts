@@ -162,8 +162,9 @@ export function checkpointTensors(dir: string): Map<string, TensorEntry> {
       try {
         tensors = readHeader(path);
       } catch (e) {
-        if (e instanceof ModelError && e.message.includes("cannot open")) {
-          throw new ModelError(`${shard}: missing shard (model.safetensors.index.json puts tensor ${tname} there): ${e.message}`, path, tname);
+        if (e instanceof ModelError && e.message.startsWith(`${shard}: cannot open`)) {
+          const why = e.message.slice(`${shard}: `.length);
+          throw new ModelError(`${shard}: missing shard: ${why}; model.safetensors.index.json puts tensor ${tname} there`, path, tname);
         }
         throw e;
       }
