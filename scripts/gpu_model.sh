@@ -14,14 +14,8 @@ set -uo pipefail
 r=/tmp/model
 out="${OUT:-build/gpu-out}"
 mkdir -p "$r" "$out" build
-step() { # name, command...
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$r/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: exit $rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-3}" "$r/$name.log"
-  tar czf "$out/model.tgz" -C "$r" .
-}
+archive="$out/model.tgz"
+source "$(dirname "$0")/_step.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 ls /usr/local/cuda/lib64/libcublas.so.13 || echo "no libcublas.so.13 in /usr/local/cuda/lib64: kivi_model_linear will say so"
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)

@@ -26,9 +26,7 @@ static void nan_row(float *out, int64_t n) {
 
 KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens, int32_t rows, const uint16_t *table,
                                       int32_t vocab, int32_t dim, float *out) {
-  const kivi_model_args a = {
-      {{"tokens", tokens}, {"table", table}, {"out", out}},
-      {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"vocab", vocab, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}}};
+  const kivi_model_args a = kivi_model_embed_args(tokens, rows, table, vocab, dim, out);
   kivi_status st = check(ctx, "kivi_model_embed", &a);
   if (st) return st;
   for (int32_t r = 0; r < rows; r++) {
@@ -44,8 +42,7 @@ KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens, int
 
 KIVI_API kivi_status kivi_model_rmsnorm(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t dim,
                                         float eps, float *out) {
-  const kivi_model_args a = {{{"x", x}, {"w", w}, {"out", out}},
-                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}}};
+  const kivi_model_args a = kivi_model_rmsnorm_args(x, w, rows, dim, out);
   kivi_status st = check(ctx, "kivi_model_rmsnorm", &a);
   if (st) return st;
   for (int32_t r = 0; r < rows; r++) {
@@ -80,11 +77,7 @@ static void dot4(const float *x, const float *w, int32_t k, float out[4]) {
 KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
                                        int32_t k, int32_t accumulate, float *y) {
   static const char *op = "kivi_model_linear";
-  const kivi_model_args a = {{{"x", x}, {"w", w}, {"y", y}},
-                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS},
-                              {"n", n, 1, KIVI_MODEL_MAX_DIM},
-                              {"k", k, 1, KIVI_MODEL_MAX_DIM},
-                              {"accumulate", accumulate, 0, 1}}};
+  const kivi_model_args a = kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
   float *wf;
@@ -107,15 +100,9 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
 KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int32_t heads, int32_t dim,
                                      const int32_t *pos, const float *cs, int32_t max_pos) {
   static const char *op = "kivi_model_rope";
-  const kivi_model_args a = {{{"x", x}, {"pos", pos}, {"cs", cs}},
-                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS},
-                              {"heads", heads, 1, KIVI_MODEL_MAX_DIM},
-                              {"dim", dim, 2, KIVI_MODEL_MAX_DIM},
-                              {"max_pos", max_pos, 1, KIVI_MODEL_MAX_ROWS}}};
+  const kivi_model_args a = kivi_model_rope_args(x, rows, heads, dim, pos, cs, max_pos);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
-  char msg[CPU_ERR_LEN];
-  if ((st = kivi_model_check_even(op, "dim", dim, msg, sizeof msg))) return cpu_fail(ctx, st, "%s", msg);
   const int32_t half = dim / 2;
   for (int32_t r = 0; r < rows; r++) {
     float *xr = x + (int64_t)r * heads * dim;
@@ -138,7 +125,7 @@ KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int
 }
 
 KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate, const float *up, int32_t n, float *out) {
-  const kivi_model_args a = {{{"gate", gate}, {"up", up}, {"out", out}}, {{"n", n, 1, KIVI_MODEL_MAX_ROWS * 64}}};
+  const kivi_model_args a = kivi_model_swiglu_args(gate, up, n, out);
   kivi_status st = check(ctx, "kivi_model_swiglu", &a);
   if (st) return st;
   for (int32_t i = 0; i < n; i++) out[i] = kivi_swiglu1(gate[i], up[i]);
@@ -149,16 +136,9 @@ KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const 
                                           int32_t tokens, int32_t q_heads, int32_t kv_heads, int32_t head_dim,
                                           float scale, float *out) {
   static const char *op = "kivi_model_attention";
-  const kivi_model_args a = {{{"q", q}, {"k", k}, {"v", v}, {"out", out}},
-                             {{"batch", batch, 1, KIVI_MODEL_MAX_DIM},
-                              {"tokens", tokens, 1, KIVI_MODEL_MAX_TOKENS},
-                              {"q_heads", q_heads, 1, 1024},
-                              {"kv_heads", kv_heads, 1, 1024},
-                              {"head_dim", head_dim, 1, 1024}}};
+  const kivi_model_args a = kivi_model_attention_args(q, k, v, batch, tokens, q_heads, kv_heads, head_dim, out);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
-  char msg[CPU_ERR_LEN];
-  if ((st = kivi_model_check_heads(op, q_heads, kv_heads, msg, sizeof msg))) return cpu_fail(ctx, st, "%s", msg);
   float *p;
   if ((st = cpu_alloc(ctx, op, (size_t)tokens * sizeof(float), (void **)&p))) return st;
   const int32_t ratio = q_heads / kv_heads;
@@ -194,7 +174,7 @@ KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const 
 }
 
 KIVI_API kivi_status kivi_model_log_softmax(kivi_ctx_t ctx, float *x, int32_t rows, int32_t n) {
-  const kivi_model_args a = {{{"x", x}}, {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"n", n, 1, KIVI_MODEL_MAX_ROWS}}};
+  const kivi_model_args a = kivi_model_log_softmax_args(x, rows, n);
   kivi_status st = check(ctx, "kivi_model_log_softmax", &a);
   if (st) return st;
   for (int32_t r = 0; r < rows; r++) {

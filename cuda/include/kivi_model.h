@@ -29,10 +29,12 @@ typedef struct kivi_model_size {
 typedef struct kivi_model_args {
   kivi_model_ptr ptrs[KIVI_MODEL_MAX_ARGS];
   kivi_model_size sizes[KIVI_MODEL_MAX_ARGS];
+  const char *even; /* the name of sizes[2] when it must be even (rotary pairs), else NULL */
+  int32_t heads;    /* 1: sizes[2] (q_heads) must be a multiple of sizes[3] (kv_heads) */
 } kivi_model_args;
 
-/** KIVI_ERR_ARG with the message in msg [len] for the first NULL pointer or size out of [lo, hi], in
-    the order given; else KIVI_OK. */
+/** KIVI_ERR_ARG with the message in msg [len] for the first broken rule (a NULL pointer, a size out of
+    [lo, hi], in the order given, then the op's own rule); else KIVI_OK. */
 static inline kivi_status kivi_model_check(const char *op, const kivi_model_args *a, char *msg, size_t len) {
   for (int i = 0; i < KIVI_MODEL_MAX_ARGS && a->ptrs[i].name; i++) {
     if (!a->ptrs[i].p) {
@@ -48,26 +50,81 @@ static inline kivi_status kivi_model_check(const char *op, const kivi_model_args
       return KIVI_ERR_ARG;
     }
   }
-  return KIVI_OK;
-}
-
-/** The rules of kivi_model_attention beyond the sizes' ranges. */
-static inline kivi_status kivi_model_check_heads(const char *op, int32_t q_heads, int32_t kv_heads, char *msg,
-                                                 size_t len) {
-  if (q_heads % kv_heads != 0) {
-    snprintf(msg, len, "%s: q_heads must be a multiple of kv_heads (%d), got %d", op, (int)kv_heads, (int)q_heads);
+  if (a->even && a->sizes[2].v % 2 != 0) {
+    snprintf(msg, len, "%s: %s must be even, got %lld", op, a->even, (long long)a->sizes[2].v);
+    return KIVI_ERR_ARG;
+  }
+  if (a->heads && a->sizes[2].v % a->sizes[3].v != 0) {
+    snprintf(msg, len, "%s: q_heads must be a multiple of kv_heads (%lld), got %lld", op, (long long)a->sizes[3].v,
+             (long long)a->sizes[2].v);
     return KIVI_ERR_ARG;
   }
   return KIVI_OK;
 }
 
-/** dim even (rotary pairs). */
-static inline kivi_status kivi_model_check_even(const char *op, const char *name, int32_t v, char *msg, size_t len) {
-  if (v % 2 != 0) {
-    snprintf(msg, len, "%s: %s must be even, got %d", op, name, (int)v);
-    return KIVI_ERR_ARG;
-  }
-  return KIVI_OK;
+/* The arguments of each op, as kivi_model_check reads them (one list for both builds). */
+
+static inline kivi_model_args kivi_model_embed_args(const int32_t *tokens, int32_t rows, const uint16_t *table,
+                                                    int32_t vocab, int32_t dim, const float *out) {
+  const kivi_model_args a = {
+      {{"tokens", tokens}, {"table", table}, {"out", out}},
+      {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"vocab", vocab, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}},
+      NULL, 0};
+  return a;
+}
+
+static inline kivi_model_args kivi_model_rmsnorm_args(const float *x, const uint16_t *w, int32_t rows, int32_t dim,
+                                                      const float *out) {
+  const kivi_model_args a = {{{"x", x}, {"w", w}, {"out", out}},
+                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}}, NULL, 0};
+  return a;
+}
+
+static inline kivi_model_args kivi_model_linear_args(const float *x, const uint16_t *w, int32_t rows, int32_t n,
+                                                     int32_t k, int32_t accumulate, const float *y) {
+  const kivi_model_args a = {{{"x", x}, {"w", w}, {"y", y}},
+                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS},
+                              {"n", n, 1, KIVI_MODEL_MAX_DIM},
+                              {"k", k, 1, KIVI_MODEL_MAX_DIM},
+                              {"accumulate", accumulate, 0, 1}},
+                             NULL, 0};
+  return a;
+}
+
+static inline kivi_model_args kivi_model_rope_args(const float *x, int32_t rows, int32_t heads, int32_t dim,
+                                                   const int32_t *pos, const float *cs, int32_t max_pos) {
+  const kivi_model_args a = {{{"x", x}, {"pos", pos}, {"cs", cs}},
+                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS},
+                              {"heads", heads, 1, KIVI_MODEL_MAX_DIM},
+                              {"dim", dim, 2, KIVI_MODEL_MAX_DIM},
+                              {"max_pos", max_pos, 1, KIVI_MODEL_MAX_ROWS}},
+                             "dim", 0};
+  return a;
+}
+
+static inline kivi_model_args kivi_model_swiglu_args(const float *gate, const float *up, int32_t n, const float *out) {
+  const kivi_model_args a = {
+      {{"gate", gate}, {"up", up}, {"out", out}}, {{"n", n, 1, (int64_t)KIVI_MODEL_MAX_ROWS * 64}}, NULL, 0};
+  return a;
+}
+
+static inline kivi_model_args kivi_model_attention_args(const float *q, const float *k, const float *v, int32_t batch,
+                                                        int32_t tokens, int32_t q_heads, int32_t kv_heads,
+                                                        int32_t head_dim, const float *out) {
+  const kivi_model_args a = {{{"q", q}, {"k", k}, {"v", v}, {"out", out}},
+                             {{"batch", batch, 1, KIVI_MODEL_MAX_DIM},
+                              {"tokens", tokens, 1, KIVI_MODEL_MAX_TOKENS},
+                              {"q_heads", q_heads, 1, 1024},
+                              {"kv_heads", kv_heads, 1, 1024},
+                              {"head_dim", head_dim, 1, 1024}},
+                             NULL, 1};
+  return a;
+}
+
+static inline kivi_model_args kivi_model_log_softmax_args(const float *x, int32_t rows, int32_t n) {
+  const kivi_model_args a = {
+      {{"x", x}}, {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"n", n, 1, KIVI_MODEL_MAX_ROWS}}, NULL, 0};
+  return a;
 }
 
 /** silu(g) * u, in f32. */

@@ -235,9 +235,7 @@ static __global__ void k_log_softmax(float *x, int32_t n) {
 KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens, int32_t rows, const uint16_t *table,
                                       int32_t vocab, int32_t dim, float *out) {
   static const char *op = "kivi_model_embed";
-  const kivi_model_args a = {
-      {{"tokens", tokens}, {"table", table}, {"out", out}},
-      {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"vocab", vocab, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}}};
+  const kivi_model_args a = kivi_model_embed_args(tokens, rows, table, vocab, dim, out);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
   k_embed<<<kv_grid(ctx, ((int64_t)rows * dim + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(
@@ -248,8 +246,7 @@ KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens, int
 KIVI_API kivi_status kivi_model_rmsnorm(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t dim,
                                         float eps, float *out) {
   static const char *op = "kivi_model_rmsnorm";
-  const kivi_model_args a = {{{"x", x}, {"w", w}, {"out", out}},
-                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}}};
+  const kivi_model_args a = kivi_model_rmsnorm_args(x, w, rows, dim, out);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
   k_rmsnorm<<<rows, KV_THREADS, 0, ctx->stream>>>(x, (const __half *)w, dim, eps, out);
@@ -259,14 +256,10 @@ KIVI_API kivi_status kivi_model_rmsnorm(kivi_ctx_t ctx, const float *x, const ui
 KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
                                        int32_t k, int32_t accumulate, float *y) {
   static const char *op = "kivi_model_linear";
-  const kivi_model_args a = {{{"x", x}, {"w", w}, {"y", y}},
-                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS},
-                              {"n", n, 1, KIVI_MODEL_MAX_DIM},
-                              {"k", k, 1, KIVI_MODEL_MAX_DIM},
-                              {"accumulate", accumulate, 0, 1}}};
+  const kivi_model_args a = kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
-  kv_blas *b;
+  kv_blas *b = NULL;
   const int64_t nk = (int64_t)n * k;
   if ((st = blas_get(ctx, op, (size_t)nk, &b))) return st;
   k_widen<<<kv_grid(ctx, (nk + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>((const __half *)w, nk,
@@ -284,15 +277,9 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
 KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int32_t heads, int32_t dim,
                                      const int32_t *pos, const float *cs, int32_t max_pos) {
   static const char *op = "kivi_model_rope";
-  const kivi_model_args a = {{{"x", x}, {"pos", pos}, {"cs", cs}},
-                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS},
-                              {"heads", heads, 1, KIVI_MODEL_MAX_DIM},
-                              {"dim", dim, 2, KIVI_MODEL_MAX_DIM},
-                              {"max_pos", max_pos, 1, KIVI_MODEL_MAX_ROWS}}};
+  const kivi_model_args a = kivi_model_rope_args(x, rows, heads, dim, pos, cs, max_pos);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
-  char msg[KV_ERR_LEN];
-  if ((st = kivi_model_check_even(op, "dim", dim, msg, sizeof msg))) return kv_fail(ctx, st, "%s", msg);
   const int64_t n = (int64_t)rows * heads * (dim / 2);
   k_rope<<<kv_grid(ctx, (n + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(x, rows, heads, dim, pos,
                                                                                               cs, max_pos);
@@ -301,7 +288,7 @@ KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int
 
 KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate, const float *up, int32_t n, float *out) {
   static const char *op = "kivi_model_swiglu";
-  const kivi_model_args a = {{{"gate", gate}, {"up", up}, {"out", out}}, {{"n", n, 1, KIVI_MODEL_MAX_ROWS * 64}}};
+  const kivi_model_args a = kivi_model_swiglu_args(gate, up, n, out);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
   k_swiglu<<<kv_grid(ctx, ((int64_t)n + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(gate, up, n,
@@ -313,16 +300,9 @@ KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const 
                                           int32_t tokens, int32_t q_heads, int32_t kv_heads, int32_t head_dim,
                                           float scale, float *out) {
   static const char *op = "kivi_model_attention";
-  const kivi_model_args a = {{{"q", q}, {"k", k}, {"v", v}, {"out", out}},
-                             {{"batch", batch, 1, KIVI_MODEL_MAX_DIM},
-                              {"tokens", tokens, 1, KIVI_MODEL_MAX_TOKENS},
-                              {"q_heads", q_heads, 1, 1024},
-                              {"kv_heads", kv_heads, 1, 1024},
-                              {"head_dim", head_dim, 1, 1024}}};
+  const kivi_model_args a = kivi_model_attention_args(q, k, v, batch, tokens, q_heads, kv_heads, head_dim, out);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
-  char msg[KV_ERR_LEN];
-  if ((st = kivi_model_check_heads(op, q_heads, kv_heads, msg, sizeof msg))) return kv_fail(ctx, st, "%s", msg);
   const size_t smem = ((size_t)head_dim + (size_t)tokens) * sizeof(float); /* at most 36 KiB */
   k_attention<<<(unsigned)((int64_t)batch * tokens * q_heads), 128, smem, ctx->stream>>>(q, k, v, tokens, q_heads,
                                                                                         kv_heads, head_dim, scale, out);
@@ -331,7 +311,7 @@ KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const 
 
 KIVI_API kivi_status kivi_model_log_softmax(kivi_ctx_t ctx, float *x, int32_t rows, int32_t n) {
   static const char *op = "kivi_model_log_softmax";
-  const kivi_model_args a = {{{"x", x}}, {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"n", n, 1, KIVI_MODEL_MAX_ROWS}}};
+  const kivi_model_args a = kivi_model_log_softmax_args(x, rows, n);
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
   k_log_softmax<<<rows, KV_THREADS, 0, ctx->stream>>>(x, n);
