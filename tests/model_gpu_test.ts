@@ -13,7 +13,9 @@ import assert from "node:assert/strict";
 import { perplexity, teacherForcedBpb } from "../src/model/perplexity.ts";
 import { cpu } from "./_gpu.ts";
 import { gpuDescribe } from "./_gpu.ts";
-import { HELDOUT, MODEL_DIR } from "./_model.ts";
+import { rmSync } from "node:fs";
+import { ModelError } from "../src/mod.ts";
+import { convert, HELDOUT, MODEL_DIR, rawTensors, singleFile } from "./_model.ts";
 
 const BITS16 = { keys: { bits: 16 }, values: { bits: 16 } } as const;
 
@@ -58,5 +60,22 @@ gpuDescribe("model on CUDA", (gpu) => {
     const tf = teacherForcedBpb(mg, HELDOUT, { windows: 4 });
     const r4 = perplexity(mg, HELDOUT, { windows: 4, cache: BITS16 });
     assert.ok(Math.abs(tf - r4.bpb) < 1e-3, `teacher-forced ${tf} vs cached ${r4.bpb} (4 windows)`);
+  });
+
+  it("a checkpoint found bad mid-load frees the device memory it took", () => {
+    const big = rawTensors().map((t) => convert(t, "F32"));
+    new Float32Array(big.find((t) => t.name === "model.norm.weight")!.data.buffer)[5] = 1e6; // the last tensor read
+    const dir = singleFile(big);
+    try {
+      gpu.synchronizeSync();
+      const before = gpu.memInfo().free, tensors = gpu.liveTensors;
+      for (let i = 0; i < 5; i++) assert.throws(() => gpu.loadModel(dir), ModelError);
+      gpu.synchronizeSync();
+      assert.equal(gpu.liveTensors, tensors);
+      const lost = before - gpu.memInfo().free;
+      assert.ok(lost < 4 * 2 ** 20, `device free memory fell by ${lost} bytes over 5 failed loads of 19 MB each`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
