@@ -65,3 +65,13 @@ export {
 } from "./model/llama.ts";
 export { type LlamaConfig } from "./model/config.ts";
 export { ModelError } from "./model/safetensors.ts";
+export {
+  type CacheSpec,
+  compareCaches,
+  type CompareOptions,
+  type PerplexityOptions,
+  type PerplexityResult,
+  PROTOCOL_CACHES,
+  type ProtocolRow,
+  teacherForcedBpb,
+} from "./model/perplexity.ts";

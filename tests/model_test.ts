@@ -39,7 +39,7 @@ describe("model: byte-llama-9m on the CPU build", () => {
   let tf = 0, b16 = 0;
   it("the shortened protocol at bits 16 equals the teacher-forced forward within 1e-3 bits per byte", () => {
     tf = teacherForcedBpb(model, HELDOUT, SHORT);
-    const r = perplexity(model, HELDOUT, { ...SHORT, cache: BITS16 });
+    const r = model.perplexity(HELDOUT, { ...SHORT, cache: BITS16 });
     b16 = r.bpb;
     assert.equal(r.windows, 2);
     assert.equal(r.steps, 128);

@@ -16,6 +16,7 @@ import { Rng } from "../random.ts";
 import { ModelOps } from "./_ops.ts";
 import { expectedTensors, type LlamaConfig, readConfig } from "./config.ts";
 import { checkpointTensors, ModelError, readTensorF16 } from "./safetensors.ts";
+import { perplexity, type PerplexityOptions, type PerplexityResult } from "./perplexity.ts";
 
 /** The cache a model run uses (the model gives layers, heads and head_dim). */
 export interface ModelCacheOptions {
@@ -413,6 +414,17 @@ export class LlamaModel {
       decoder?.dispose();
       cache.dispose();
     }
+  }
+
+  /**
+   * The model card's perplexity protocol over `text` with the cache of `opts.cache` (by default 24
+   * windows of 2048 tokens, 256 prefilled, the rest decoded; every window in one decode batch): bits
+   * per token, decode tokens/s, and against `opts.reference` (a bits-16 run's `distributions`, kept
+   * with `keep: true`) the KL divergence and top-1 agreement of each step.
+   */
+  perplexity(text: string | Uint8Array, opts: PerplexityOptions = {}): PerplexityResult {
+    this.#live("perplexity");
+    return perplexity(this, text, opts);
   }
 
   /** Frees the weights. Idempotent. */
