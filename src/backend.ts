@@ -714,7 +714,7 @@ export class Backend {
    * import { openBackend } from "./mod.ts";
    * using kivi = await openBackend({ prefer: "cpu" });
    * using model = kivi.loadModel("../shared/models/byte-llama-9m");
-   * console.log(model.config.layers, model.weightBytes); // 6 19080960
+   * console.log(model.config.layers, model.weightBytes); // 6 19605248 (fp16 weights and the RoPE table)
    * ```
    */
   loadModel(dir: string): LlamaModel {

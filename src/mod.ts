@@ -57,7 +57,6 @@ export {
 } from "./cache.ts";
 export { BATCH_MAX, type BatchOptions, DecodeBatch } from "./batch.ts";
 export {
-  type Decoder,
   type GeneratedToken,
   type GenerateOptions,
   LlamaModel,

@@ -6,12 +6,11 @@
  * @module
  */
 import type { Backend, DeviceTensor } from "../backend.ts";
-import type { NativeLib, Pointer } from "../ffi/_native.ts";
+import type { Pointer } from "../ffi/_native.ts";
 
 /** Bound model ops of a backend. */
 export class ModelOps {
   #backend: Backend;
-  #lib: NativeLib;
   #ctx: Pointer;
   #embed;
   #rmsnorm;
@@ -24,7 +23,6 @@ export class ModelOps {
   constructor(backend: Backend) {
     const { lib, ctx } = backend._native("loadModel");
     this.#backend = backend;
-    this.#lib = lib;
     this.#ctx = ctx;
     this.#embed = lib.fn("kivi_model_embed");
     this.#rmsnorm = lib.fn("kivi_model_rmsnorm");
@@ -41,10 +39,6 @@ export class ModelOps {
 
   #ptr(t: DeviceTensor, op: string): Pointer {
     return t.pointer(op);
-  }
-
-  get lib(): NativeLib {
-    return this.#lib;
   }
 
   /** out [rows][dim] = table[tokens] */
