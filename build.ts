@@ -391,7 +391,7 @@ export async function build(opts: BuildOptions = {}): Promise<BuildResult> {
     if (linkReason === undefined) {
       targets.push({ name: "cuda", output: cudaOut, status: "up to date", reason: `no input changed; ${cuda.why}` });
     } else {
-      await run(root, log, nvcc, ["-shared", ...objects, "-o", cudaOut]);
+      await run(root, log, nvcc, ["-shared", ...objects, "-o", cudaOut, "-ldl"]);
       const what = force
         ? "--force"
         : compiled.length > 0

@@ -7,14 +7,8 @@
 set -uo pipefail
 r=/tmp/final
 mkdir -p "$r" build
-step() { # name, command...
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$r/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: exit $rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-3}" "$r/$name.log"
-  tar czf "$OUT/final.tgz" -C "$r" . # after every step: a call cut short still returns what ran
-}
+archive="$OUT/final.tgz"
+source "$(dirname "$0")/_step.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "${KIVI_PREBUILT:-}" ]; then
   step build bash -c "bun build.ts --cpu-only && cp '$KIVI_PREBUILT' build/libkivi_cuda.so"

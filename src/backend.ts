@@ -14,6 +14,7 @@ import { KiviError, Status } from "./errors.ts";
 import { checkElems, checkInt, checkOneOf, hostView, plainView, readOptions, show } from "./_checks.ts";
 import * as quant from "./quant.ts";
 import { type CacheOptions, KVCache } from "./cache.ts";
+import { LlamaModel } from "./model/llama.ts";
 import type {
   BlockStats,
   Bits,
@@ -701,6 +702,25 @@ export class Backend {
   createCache(options: CacheOptions): KVCache {
     this._native("createCache");
     return new KVCache(this, options);
+  }
+
+  /**
+   * Loads a Hugging Face Llama-family checkpoint (config.json and model.safetensors or a sharded
+   * index; fp16, bf16 or f32 tensors, held as fp16) onto this backend. A bad checkpoint throws a
+   * `ModelError` naming the file, the tensor and what was expected, with nothing allocated.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * using model = kivi.loadModel("../shared/models/byte-llama-9m");
+   * console.log(model.config.layers, model.weightBytes); // 6 19605248 (fp16 weights and the RoPE table)
+   * ```
+   */
+  loadModel(dir: string): LlamaModel {
+    if (typeof dir !== "string") throw new TypeError(`dir must be a string, got ${show(dir)}`);
+    this._native("loadModel");
+    return new LlamaModel(this, dir);
   }
 
   /** Frees every tensor of this backend, then the context and the library. Idempotent. */

@@ -6,6 +6,8 @@
  *   kivi demo      the Llama-shaped cache demo (what `npm start` runs); flags pass through
  *   kivi bench     the quantizer and attention benchmarks, results in bench/results/<device>.json
  *   kivi accuracy  attention error and bits per value of every format, bit width and group size
+ *   kivi generate  decode a Llama-family checkpoint over the cache (cli_model.ts)
+ *   kivi perplexity  the model card's perplexity protocol for every cache format (cli_model.ts)
  *
  * Every command takes --backend auto|cpu|cuda and --json. Exit codes: 0 ok, 1 a failure while
  * running, 2 a bad command line.
@@ -20,6 +22,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type Backend, bitsPerValue, type CacheFormat, type Format, KiviError, openBackend, Rng, synthKV } from "./mod.ts";
 import { ABI_VERSION } from "./backend.ts";
+import { MODEL_USAGE, modelMain } from "./cli_model.ts";
 
 /** A command-line mistake: printed with the usage, exit code 2. */
 export class UsageError extends Error {}
@@ -32,6 +35,7 @@ commands:
   bench                    quantizer and attention benchmarks -> bench/results/<device>.json and .md
   accuracy                 attention error and bits per value for every format, bits and group size
                            (--tokens N, default 1024; --seed N)
+${MODEL_USAGE}
 
 options for every command:
   --backend auto|cpu|cuda  which build to use (default auto: CUDA when a device is present)
@@ -314,6 +318,7 @@ function bench(backendArgs: string[], json: boolean, out: (s: string) => void): 
 
 /** Runs the CLI; returns the exit code. */
 export async function main(argv: string[], out = (s: string) => console.log(s), err = (s: string) => console.error(s)): Promise<number> {
+  if (argv[0] === "generate" || argv[0] === "perplexity") return await modelMain(argv, out, err, USAGE);
   let p: Parsed;
   try {
     p = parseCli(argv);

@@ -56,3 +56,21 @@ export {
   type AppendOptions,
 } from "./cache.ts";
 export { BATCH_MAX, type BatchOptions, DecodeBatch } from "./batch.ts";
+export {
+  type GeneratedToken,
+  type GenerateOptions,
+  LlamaModel,
+  type ModelCacheOptions,
+} from "./model/llama.ts";
+export { type LlamaConfig } from "./model/config.ts";
+export { ModelError } from "./model/safetensors.ts";
+export {
+  type CacheSpec,
+  compareCaches,
+  type CompareOptions,
+  type PerplexityOptions,
+  type PerplexityResult,
+  PROTOCOL_CACHES,
+  type ProtocolRow,
+  teacherForcedBpb,
+} from "./model/perplexity.ts";

@@ -418,6 +418,54 @@ KIVI_API kivi_status kivi_batch_append(kivi_batch_t batch, int32_t layer);
 KIVI_API kivi_status kivi_batch_status(kivi_batch_t batch, int32_t wait, int64_t *report /* host [n] out */,
                                        int32_t n, uint8_t *bad /* host [batch] out, or NULL */);
 
+/* ---------------------------------------------------------------- model ops -------------- */
+/*
+ * The building blocks of a Llama-family forward pass (src/model/llama.ts). Activations are f32 data
+ * [rows][n] ("data" memory as above); weights are fp16 data [n][k], a Hugging Face Linear's layout.
+ * Every op is ordered on the context's stream (asynchronous in the CUDA build) and computes in f32.
+ * Pointers and sizes are checked (KIVI_ERR_ARG naming the argument); the data is not: a token id or
+ * a position out of range gives a row of NaN, and nothing is read out of bounds. Sizes are limited
+ * to KIVI_MODEL_MAX_DIM per axis (rows to KIVI_MODEL_MAX_ROWS, attention to KIVI_MODEL_MAX_TOKENS).
+ */
+#define KIVI_MODEL_MAX_DIM 65536
+#define KIVI_MODEL_MAX_ROWS 1048576
+#define KIVI_MODEL_MAX_TOKENS 8192
+
+/** out[r] = table[tokens[r]] widened to f32. */
+KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens /* data [rows] */, int32_t rows,
+                                      const uint16_t *table /* data fp16 [vocab][dim] */, int32_t vocab,
+                                      int32_t dim, float *out /* data [rows][dim] */);
+/** RMSNorm of each row: out = x / sqrt(mean(x^2) + eps) * w. out may be x. */
+KIVI_API kivi_status kivi_model_rmsnorm(kivi_ctx_t ctx, const float *x /* data [rows][dim] */,
+                                        const uint16_t *w /* data fp16 [dim] */, int32_t rows, int32_t dim,
+                                        float eps, float *out /* data [rows][dim] */);
+/** y = x W^T, or y += x W^T when accumulate is 1: f32 products and sums over the fp16 weights widened
+    to f32 (the CUDA build runs cuBLAS SGEMM, loaded at run time from libcublas.so.13: without it,
+    KIVI_ERR_UNSUPPORTED saying so). y must not overlap x. */
+KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x /* data [rows][k] */,
+                                       const uint16_t *w /* data fp16 [n][k] */, int32_t rows, int32_t n, int32_t k,
+                                       int32_t accumulate, float *y /* data [rows][n] */);
+/** Rotary position embedding in the rotate-half convention, in place: for row r, head h and
+    i < dim / 2, with c = cs[pos[r]][i] and s = cs[pos[r]][dim / 2 + i], the pair (x[i], x[i + dim / 2])
+    becomes (x[i] c - x[i + dim / 2] s, x[i + dim / 2] c + x[i] s). dim even. */
+KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x /* data [rows][heads][dim] */, int32_t rows,
+                                     int32_t heads, int32_t dim, const int32_t *pos /* data [rows] */,
+                                     const float *cs /* data [max_pos][dim]: cos, then sin */, int32_t max_pos);
+/** SwiGLU: out = silu(gate) * up = gate / (1 + exp(-gate)) * up, element-wise. out may be gate or up. */
+KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate /* data [n] */,
+                                       const float *up /* data [n] */, int32_t n, float *out /* data [n] */);
+/** Exact causal attention in f32 over each of `batch` sequences of `tokens` tokens: query head h reads
+    KV head h / (q_heads / kv_heads); out[b][t][h] = sum over j <= t of softmax_j(q[b][t][h] .
+    k[b][j][kv] * scale) v[b][j][kv]. q_heads a multiple of kv_heads; out must not overlap the inputs. */
+KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q /* data [batch][tokens][q_heads][head_dim] */,
+                                          const float *k /* data [batch][tokens][kv_heads][head_dim] */,
+                                          const float *v /* data [batch][tokens][kv_heads][head_dim] */,
+                                          int32_t batch, int32_t tokens, int32_t q_heads, int32_t kv_heads,
+                                          int32_t head_dim, float scale,
+                                          float *out /* data [batch][tokens][q_heads][head_dim] */);
+/** x = log_softmax(x) of each row, in place (max subtracted, f32). */
+KIVI_API kivi_status kivi_model_log_softmax(kivi_ctx_t ctx, float *x /* data [rows][n] */, int32_t rows, int32_t n);
+
 /* ---------------------------------------------------------------- testing (not for use) -- */
 
 /** TEST ONLY, never call it outside tests: provokes a sticky CUDA fault on the context (a kernel

@@ -299,6 +299,7 @@ KIVI_API kivi_status kivi_device_count(int32_t *count) {
 /* ---------------------------------------------------------------- context ---------------- */
 
 static void ctx_release(kivi_ctx_t ctx) {
+  kv_blas_release(ctx);
   if (ctx->h_scratch) cudaFreeHost(ctx->h_scratch);
   if (ctx->d_scratch) cudaFree(ctx->d_scratch);
   if (ctx->ev_start) cudaEventDestroy(ctx->ev_start);

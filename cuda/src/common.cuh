@@ -30,7 +30,11 @@ struct kivi_ctx {
   char error[KV_ERR_LEN];
   unsigned long long *d_scratch; /* device [KV_SLOTS]: validation results */
   unsigned long long *h_scratch; /* pinned host mirror [KV_SLOTS] */
+  struct kv_blas *blas;          /* the model ops' cuBLAS handle and scratch (model.cu), made on first use */
 };
+
+/** Frees ctx->blas (model.cu); a no-op when no model op ran. */
+void kv_blas_release(kivi_ctx_t ctx);
 
 /* ---------------------------------------------------------------- errors ----------------- */
 

@@ -1,17 +1,16 @@
 /**
- * A decoding loop over kivi's quantized paged KV cache, under Bun: a tiny random Llama-shaped
- * attention stack prefills a short random prompt and decodes N steps, once over a 2-bit cache and
- * once over a bits-16 (fp16) cache, and compares the final hidden states (model and loop in
- * _tiny_llama.ts). Only the public API is used (`import ... from "kivi"`).
+ * A real model over kivi's 2-bit cache, under Bun: byte-llama-9m (a trained 6-layer byte-level
+ * Llama) generates greedily from a prompt over a 2-bit cache and over a bits-16 cache, step by step
+ * side by side (the loop in _byte_llama.ts). Only the public API is used (`import ... from "kivi"`).
  *
- *   bun src/examples/bun_decode.ts [--layers 4] [--prompt 96] [--steps 16] [--seed 7] [--backend auto|cpu|cuda]
+ *   bun src/examples/bun_decode.ts [--model DIR] [--prompt TEXT] [--steps 32] [--backend auto|cpu|cuda]
  *
- * Runs on the CPU build in about a second; on CUDA the inputs are uploaded and results read back.
+ * Runs on the CPU build in about a second.
  *
  * @module
  */
 import { openBackend } from "../mod.ts";
-import { decodeExample } from "./_tiny_llama.ts";
+import { decodeExample, DEFAULT_MODEL, DEFAULT_PROMPT } from "./_byte_llama.ts";
 
 // Bun's own globals, declared here so that `deno check` (which has no Bun types) accepts this file.
 declare const Bun: { nanoseconds(): number; argv: string[]; version: string };
@@ -26,5 +25,6 @@ const backend = Bun.argv.includes("--backend") ? Bun.argv[Bun.argv.indexOf("--ba
 if (backend !== "auto" && backend !== "cpu" && backend !== "cuda") throw new RangeError(`--backend must be auto, cpu or cuda, got ${backend}`);
 
 using kivi = await openBackend({ prefer: backend });
-const cfg = { layers: option("layers", 4), prompt: option("prompt", 96), steps: option("steps", 16), seed: option("seed", 7) };
+const text = (name: string, fallback: string) => (Bun.argv.includes(`--${name}`) ? Bun.argv[Bun.argv.indexOf(`--${name}`) + 1] : fallback);
+const cfg = { model: text("model", DEFAULT_MODEL), prompt: text("prompt", DEFAULT_PROMPT), steps: option("steps", 32) };
 await decodeExample(kivi, cfg, () => Bun.nanoseconds() / 1e6, `Bun ${Bun.version}`);

@@ -1,17 +1,16 @@
 /**
- * A decoding loop over kivi's quantized paged KV cache, under Deno: a tiny random Llama-shaped
- * attention stack prefills a short random prompt and decodes N steps, once over a 2-bit cache and
- * once over a bits-16 (fp16) cache, and compares the final hidden states (model and loop in
- * _tiny_llama.ts). Only the public API is used (`import ... from "kivi"`).
+ * A real model over kivi's 2-bit cache, under Deno: byte-llama-9m (a trained 6-layer byte-level
+ * Llama) generates greedily from a prompt over a 2-bit cache and over a bits-16 cache, step by step
+ * side by side (the loop in _byte_llama.ts). Only the public API is used (`import ... from "kivi"`).
  *
- *   deno run -A src/examples/deno_decode.ts [--layers 4] [--prompt 96] [--steps 16] [--seed 7] [--backend auto|cpu|cuda]
+ *   deno run -A src/examples/deno_decode.ts [--model DIR] [--prompt TEXT] [--steps 32] [--backend auto|cpu|cuda]
  *
- * Runs on the CPU build in about a second; on CUDA the inputs are uploaded and results read back.
+ * Runs on the CPU build in about a second.
  *
  * @module
  */
 import { openBackend } from "../mod.ts";
-import { decodeExample } from "./_tiny_llama.ts";
+import { decodeExample, DEFAULT_MODEL, DEFAULT_PROMPT } from "./_byte_llama.ts";
 
 function option(name: string, fallback: number): number {
   const i = Deno.args.indexOf(`--${name}`);
@@ -23,5 +22,6 @@ const backend = Deno.args.includes("--backend") ? Deno.args[Deno.args.indexOf("-
 if (backend !== "auto" && backend !== "cpu" && backend !== "cuda") throw new RangeError(`--backend must be auto, cpu or cuda, got ${backend}`);
 
 using kivi = await openBackend({ prefer: backend });
-const cfg = { layers: option("layers", 4), prompt: option("prompt", 96), steps: option("steps", 16), seed: option("seed", 7) };
+const text = (name: string, fallback: string) => (Deno.args.includes(`--${name}`) ? Deno.args[Deno.args.indexOf(`--${name}`) + 1] : fallback);
+const cfg = { model: text("model", DEFAULT_MODEL), prompt: text("prompt", DEFAULT_PROMPT), steps: option("steps", 32) };
 await decodeExample(kivi, cfg, () => performance.now(), `Deno ${Deno.version.deno}`);

@@ -405,6 +405,91 @@ export const symbols = {
     ],
     returns: "i32",
   },
+  kivi_model_embed: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const int32_t *tokens    [rows]
+      "i32", // int32_t rows
+      "ptr", // const uint16_t *table    fp16 [vocab][dim]
+      "i32", // int32_t vocab
+      "i32", // int32_t dim
+      "ptr", // float *out               [rows][dim]
+    ],
+    returns: "i32",
+  },
+  kivi_model_rmsnorm: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const float *x           [rows][dim]
+      "ptr", // const uint16_t *w        fp16 [dim]
+      "i32", // int32_t rows
+      "i32", // int32_t dim
+      "f32", // float eps
+      "ptr", // float *out               [rows][dim]
+    ],
+    returns: "i32",
+  },
+  kivi_model_linear: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const float *x           [rows][k]
+      "ptr", // const uint16_t *w        fp16 [n][k]
+      "i32", // int32_t rows
+      "i32", // int32_t n
+      "i32", // int32_t k
+      "i32", // int32_t accumulate
+      "ptr", // float *y                 [rows][n]
+    ],
+    returns: "i32",
+  },
+  kivi_model_rope: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // float *x                 [rows][heads][dim]
+      "i32", // int32_t rows
+      "i32", // int32_t heads
+      "i32", // int32_t dim
+      "ptr", // const int32_t *pos       [rows]
+      "ptr", // const float *cs          [max_pos][dim]
+      "i32", // int32_t max_pos
+    ],
+    returns: "i32",
+  },
+  kivi_model_swiglu: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const float *gate        [n]
+      "ptr", // const float *up          [n]
+      "i32", // int32_t n
+      "ptr", // float *out               [n]
+    ],
+    returns: "i32",
+  },
+  kivi_model_attention: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const float *q           [batch][tokens][q_heads][head_dim]
+      "ptr", // const float *k           [batch][tokens][kv_heads][head_dim]
+      "ptr", // const float *v           [batch][tokens][kv_heads][head_dim]
+      "i32", // int32_t batch
+      "i32", // int32_t tokens
+      "i32", // int32_t q_heads
+      "i32", // int32_t kv_heads
+      "i32", // int32_t head_dim
+      "f32", // float scale
+      "ptr", // float *out               [batch][tokens][q_heads][head_dim]
+    ],
+    returns: "i32",
+  },
+  kivi_model_log_softmax: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // float *x                 [rows][n]
+      "i32", // int32_t rows
+      "i32", // int32_t n
+    ],
+    returns: "i32",
+  },
 } as const satisfies Record<string, SymbolSpec>;
 
 /** The export names of kivi.h. */

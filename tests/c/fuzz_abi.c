@@ -1270,6 +1270,136 @@ static int64_t env_int(const char *name, int64_t dflt) {
   return v && *v ? strtoll(v, NULL, 10) : dflt;
 }
 
+/* ---------------------------------------------------------------- model ops -------------- */
+/* Each kivi_model_* op with small seeded sizes, or hostile ones (0, negative, one past the op's limit,
+   an odd rotary dim, q_heads not a multiple of kv_heads, a bad accumulate flag, a NULL pointer or
+   ctx): a hostile call returns KIVI_ERR_ARG naming the op and writes nothing; a valid one returns
+   KIVI_OK, token ids and positions out of range included (NaN rows, never a read out of bounds). */
+
+/* A size in [lo, hi], or (with probability P_BAD, *bad set) one the rules refuse. */
+static int32_t model_size(int32_t lo, int32_t hi, int64_t limit, int *bad) {
+  if (!chance(P_BAD)) return (int32_t)irange(lo, hi);
+  *bad = 1;
+  static const int32_t hostile[] = {0, -1, INT32_MIN};
+  return chance(0.3) && limit < INT32_MAX ? (int32_t)(limit + 1) : pick32(hostile, 3);
+}
+
+static void fill_ids(const region *r, int32_t n, int32_t hi) {
+  for (int32_t i = 0; i < n; i++) ((int32_t *)at(r))[i] = (int32_t)irange(-1, hi); /* -1 and hi are out of range */
+}
+
+static void fuzz_model(void) {
+  const int op = (int)irange(0, 6);
+  kivi_ctx_t ctx = gen_ctx();
+  int bad = !ctx, rows_bad = 0;
+  const int32_t rows = model_size(1, 6, KIVI_MODEL_MAX_ROWS, &rows_bad);
+  if (op != 5) bad |= rows_bad; /* attention has no rows */
+  kivi_status st = KIVI_OK;
+  region r[4];
+  int nr = 0;
+  /* buffer bytes: the valid call's, or 16 bytes the refused call must not touch */
+#define MB(n) (bad ? (size_t)16 : (size_t)(n))
+  switch (op) {
+    case 0: { /* embed: tokens, table, out */
+      g_op = "kivi_model_embed";
+      const int32_t vocab = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad), dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
+      region q[3] = {{0, MB(4 * rows)}, {0, MB(2 * vocab * dim)}, {0, MB(4 * rows * dim)}};
+      memcpy(r, q, sizeof q), nr = 3;
+      if (!layout(r, nr, 0)) return;
+      fill_canary(&r[2]);
+      if (!bad) fill_ids(&r[0], rows, vocab), fill_data(&r[1], KIVI_F16, (int64_t)vocab * dim);
+      void *t = maybe_null(&r[0]), *tab = maybe_null(&r[1]), *out = maybe_null(&r[2]);
+      bad |= !t || !tab || !out;
+      snapshot();
+      st = kivi_model_embed(ctx, t, rows, tab, vocab, dim, out);
+      break;
+    }
+    case 1:   /* rmsnorm: x, w, out */
+    case 4: { /* swiglu: gate, up, out (n = rows x dim) */
+      const int32_t dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
+      g_op = op == 1 ? "kivi_model_rmsnorm" : "kivi_model_swiglu";
+      region q[3] = {{0, MB(4 * rows * dim)}, {0, MB(op == 1 ? 2 * dim : 4 * rows * dim)}, {0, MB(4 * rows * dim)}};
+      memcpy(r, q, sizeof q), nr = 3;
+      if (!layout(r, nr, 0)) return;
+      fill_canary(&r[2]);
+      if (!bad) fill_data(&r[0], KIVI_F32, (int64_t)rows * dim), fill_data(&r[1], op == 1 ? KIVI_F16 : KIVI_F32, op == 1 ? dim : (int64_t)rows * dim);
+      void *a = maybe_null(&r[0]), *b = maybe_null(&r[1]), *out = maybe_null(&r[2]);
+      bad |= !a || !b || !out;
+      snapshot();
+      if (op == 1)
+        st = kivi_model_rmsnorm(ctx, a, b, rows, dim, 1e-5f, out);
+      else
+        st = kivi_model_swiglu(ctx, a, b, bad ? -1 : rows * dim, out);
+      break;
+    }
+    case 2: { /* linear: x, w, y */
+      g_op = "kivi_model_linear";
+      const int32_t n = model_size(1, 16, KIVI_MODEL_MAX_DIM, &bad), k = model_size(1, 40, KIVI_MODEL_MAX_DIM, &bad);
+      const int32_t acc = chance(P_BAD) ? (bad = 1, chance(0.5) ? 2 : -1) : (int32_t)irange(0, 1);
+      region q[3] = {{0, MB(4 * rows * k)}, {0, MB(2 * n * k)}, {0, MB(4 * rows * n)}};
+      memcpy(r, q, sizeof q), nr = 3;
+      if (!layout(r, nr, 0)) return;
+      if (!bad) fill_data(&r[0], KIVI_F32, (int64_t)rows * k), fill_data(&r[1], KIVI_F16, (int64_t)n * k), fill_data(&r[2], KIVI_F32, (int64_t)rows * n);
+      else fill_canary(&r[2]);
+      void *x = maybe_null(&r[0]), *w = maybe_null(&r[1]), *y = maybe_null(&r[2]);
+      bad |= !x || !w || !y;
+      snapshot();
+      st = kivi_model_linear(ctx, x, w, rows, n, k, acc, y);
+      break;
+    }
+    case 3: { /* rope: x (in place), pos, cs */
+      g_op = "kivi_model_rope";
+      const int32_t heads = model_size(1, 3, KIVI_MODEL_MAX_DIM, &bad), max_pos = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad);
+      int32_t dim = 2 * (int32_t)irange(1, 16);
+      if (chance(P_BAD)) dim += 1, bad = 1; /* odd */
+      region q[3] = {{0, MB(4 * rows * heads * dim)}, {0, MB(4 * rows)}, {0, MB(4 * max_pos * dim)}};
+      memcpy(r, q, sizeof q), nr = 3;
+      if (!layout(r, nr, 0)) return;
+      if (!bad) fill_data(&r[0], KIVI_F32, (int64_t)rows * heads * dim), fill_ids(&r[1], rows, max_pos), fill_data(&r[2], KIVI_F32, (int64_t)max_pos * dim);
+      else fill_canary(&r[0]);
+      void *x = maybe_null(&r[0]), *pos = maybe_null(&r[1]), *cs = maybe_null(&r[2]);
+      bad |= !x || !pos || !cs;
+      snapshot();
+      st = kivi_model_rope(ctx, x, rows, heads, dim, pos, cs, max_pos);
+      break;
+    }
+    case 5: { /* attention: q, k, v, out */
+      g_op = "kivi_model_attention";
+      const int32_t batch = model_size(1, 2, KIVI_MODEL_MAX_DIM, &bad), tokens = model_size(1, 8, KIVI_MODEL_MAX_TOKENS, &bad);
+      const int32_t kvh = model_size(1, 2, 1024, &bad), hd = model_size(1, 16, 1024, &bad);
+      int32_t qh = bad ? 2 : kvh * (int32_t)irange(1, 3);
+      if (chance(P_BAD) && !bad && kvh > 1) qh += 1, bad = 1; /* not a multiple of kv_heads */
+      const int64_t bt = (int64_t)batch * tokens;
+      region q[4] = {{0, MB(4 * bt * qh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * qh * hd)}};
+      memcpy(r, q, sizeof q), nr = 4;
+      if (!layout(r, nr, 0)) return;
+      fill_canary(&r[3]);
+      if (!bad) fill_data(&r[0], KIVI_F32, bt * qh * hd), fill_data(&r[1], KIVI_F32, bt * kvh * hd), fill_data(&r[2], KIVI_F32, bt * kvh * hd);
+      void *pq = maybe_null(&r[0]), *pk = maybe_null(&r[1]), *pv = maybe_null(&r[2]), *out = maybe_null(&r[3]);
+      bad |= !pq || !pk || !pv || !out;
+      snapshot();
+      st = kivi_model_attention(ctx, pq, pk, pv, batch, tokens, qh, kvh, hd, 0.25f, out);
+      break;
+    }
+    default: { /* log_softmax: x in place */
+      g_op = "kivi_model_log_softmax";
+      const int32_t n = model_size(1, 40, KIVI_MODEL_MAX_ROWS, &bad);
+      region q[1] = {{0, MB(4 * rows * n)}};
+      memcpy(r, q, sizeof q), nr = 1;
+      if (!layout(r, nr, 0)) return;
+      if (!bad) fill_data(&r[0], KIVI_F32, (int64_t)rows * n);
+      else fill_canary(&r[0]);
+      void *x = maybe_null(&r[0]);
+      bad |= !x;
+      snapshot();
+      st = kivi_model_log_softmax(ctx, x, rows, n);
+      break;
+    }
+  }
+#undef MB
+  check_status(ctx, st, bad ? S(KIVI_ERR_ARG) : S_OK);
+}
+
 int main(int argc, char **argv) {
   g_seed = (uint64_t)env_int("KIVI_FUZZ_SEED", 1);
   int64_t iters = env_int("KIVI_FUZZ_ITERS", 4000);
@@ -1284,16 +1414,17 @@ int main(int argc, char **argv) {
     return 1;
   }
   memset(arena, 0x5a, ARENA);
-  int64_t calls[5] = {0};
+  int64_t calls[6] = {0};
   for (g_iter = 0; g_iter < iters && n_fail < 40; g_iter++) {
     const double u = rng_unif();
-    const int area = u < 0.05 ? 0 : u < 0.12 ? 1 : u < 0.22 ? 2 : u < 0.55 ? 3 : 4;
+    const int area = u < 0.05 ? 0 : u < 0.12 ? 1 : u < 0.22 ? 2 : u < 0.55 ? 3 : u < 0.62 ? 5 : 4;
     calls[area]++;
     switch (area) {
       case 0: fuzz_library(); break;
       case 1: fuzz_ctx(); break;
       case 2: fuzz_mem(); break;
       case 3: fuzz_quant(); break;
+      case 5: fuzz_model(); break;
       default: fuzz_cache(); break;
     }
   }
@@ -1303,9 +1434,9 @@ int main(int argc, char **argv) {
   free(arena);
   free(shadow);
   printf("fuzz_abi: seed %llu, %lld iterations (library %lld, context %lld, memory %lld, quantizers %lld, cache %lld; "
-         "%lld batches made, %lld deferred errors read)\n",
+         "model ops %lld; %lld batches made, %lld deferred errors read)\n",
          (unsigned long long)g_seed, (long long)g_iter, (long long)calls[0], (long long)calls[1], (long long)calls[2],
-         (long long)calls[3], (long long)calls[4], (long long)g_batches, (long long)g_deferred);
+         (long long)calls[3], (long long)calls[4], (long long)calls[5], (long long)g_batches, (long long)g_deferred);
   printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }
