@@ -3,7 +3,7 @@
  * subclasses, Proxies), sizes past 32 bits, values past fp16's range, strict options, -0, the
  * command line, overlapping buffers; then the two accuracy claims as property tests over awkward
  * inputs (large offsets, subnormals), benchAttend's validation and the memory report. Each bad call
- * gives a typed error and changes nothing; each good one a correct, finite result. README "## Errors"
+ * gives a typed error and changes nothing; each good one a correct, finite result. docs/errors.md
  * names these tests in its rows 48 on.
  */
 import { describe, it } from "node:test";
