@@ -8,7 +8,7 @@
  */
 import type { NativeLib, Pointer } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
-import type { Backend, DeviceTensor, TensorFacts } from "./backend.ts";
+import type { BackendCore as Backend, DeviceTensor, TensorFacts } from "./tensor.ts";
 import { Staging } from "./_staging.ts";
 import { checkBool, checkInt, checkOneOf, checkShape, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
 import {
