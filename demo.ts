@@ -21,7 +21,7 @@ import { parseArgs } from "./bench/_report.ts";
 
 const USAGE = "usage: bun demo.ts [--layers N] [--heads N] [--kv-heads N] [--prompt N] [--steps N] [--seed N] [--backend auto|cpu|cuda] [--json]";
 const argv = process.argv.slice(2);
-const args = parseArgs(argv);
+let args = new Map<string, string>();
 /** A bad command line: the message and the usage, exit 2; any other failure: one line (a KiviError's
  * code, op and message), exit 1. */
 function fail(e: unknown): never {
@@ -35,7 +35,8 @@ function fail(e: unknown): never {
 
 let given;
 try {
-  given = parseDemoOptions(argv);
+  given = parseDemoOptions(argv); // a bad command line is a UsageError before parseArgs sees it
+  args = parseArgs(argv, ["layers", "heads", "kv-heads", "prompt", "steps", "seed", "backend"], ["json"]);
   if (!["auto", "cpu", "cuda"].includes(args.get("backend") ?? "auto")) throw new UsageError(`--backend must be auto, cpu or cuda, got "${args.get("backend")}"`);
   await demo(); // shapes that do not fit the backend's defaults are UsageErrors too
 } catch (e) {
