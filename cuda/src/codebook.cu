@@ -269,20 +269,7 @@ extern "C" {
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                        kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
-  kv_spec spec = kv_spec_init("kivi_codebook_fit",
-                              KV_NEED_MATRIX | KV_NEED_BITS | KV_NEED_FIT | KV_NEED_ITERS | KV_NEED_FLAGS);
-  spec.ptrs[0] = {"x", x};
-  spec.ptrs[1] = {"centroids", centroids};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.bits = bits;
-  spec.dtype_name = "dtype";
-  spec.dtype = dtype;
-  spec.fit = fit;
-  spec.max_iters = max_iters;
-  spec.flags = flags;
+  const kv_spec spec = kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -294,22 +281,7 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
                                           kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit,
                                           int32_t max_iters, kivi_assign assign, int32_t flags, uint16_t *centroids,
                                           uint32_t *codes) {
-  kv_spec spec = kv_spec_init("kivi_codebook_encode", KV_NEED_MATRIX | KV_NEED_BITS | KV_NEED_FIT | KV_NEED_ITERS |
-                                                          KV_NEED_ASSIGN | KV_NEED_FLAGS);
-  spec.ptrs[0] = {"x", x};
-  spec.ptrs[1] = {"centroids", centroids};
-  spec.ptrs[2] = {"codes", codes};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.bits = bits;
-  spec.dtype_name = "dtype";
-  spec.dtype = dtype;
-  spec.fit = fit;
-  spec.assign = assign;
-  spec.max_iters = max_iters;
-  spec.flags = flags;
+  const kv_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids, codes);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -320,20 +292,7 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
                                             int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                             const uint16_t *centroids, kivi_assign assign, int32_t flags,
                                             uint32_t *codes) {
-  kv_spec spec = kv_spec_init("kivi_codebook_quantize",
-                              KV_NEED_MATRIX | KV_NEED_BITS | KV_NEED_ASSIGN | KV_NEED_FLAGS);
-  spec.ptrs[0] = {"x", x};
-  spec.ptrs[1] = {"centroids", centroids};
-  spec.ptrs[2] = {"codes", codes};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.bits = bits;
-  spec.dtype_name = "dtype";
-  spec.dtype = dtype;
-  spec.assign = assign;
-  spec.flags = flags;
+  const kv_spec spec = kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -381,17 +340,7 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
 KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *centroids,
                                               int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                               void *out, kivi_dtype out_dtype) {
-  kv_spec spec = kv_spec_init("kivi_codebook_dequantize", KV_NEED_MATRIX | KV_NEED_BITS);
-  spec.ptrs[0] = {"codes", codes};
-  spec.ptrs[1] = {"centroids", centroids};
-  spec.ptrs[2] = {"out", out};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.bits = bits;
-  spec.dtype_name = "out_dtype";
-  spec.dtype = out_dtype;
+  const kv_spec spec = kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;

@@ -84,11 +84,7 @@ static __global__ void k_codes_unpack(const uint32_t *__restrict__ words, int64_
 extern "C" {
 
 KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes, int64_t n, int32_t bits, uint32_t *words) {
-  kv_spec spec = kv_spec_init("kivi_codes_pack", KV_NEED_N | KV_NEED_BITS);
-  spec.ptrs[0] = {"codes", codes};
-  spec.ptrs[1] = {"words", words};
-  spec.n = n;
-  spec.bits = bits;
+  const kv_spec spec = kivi_spec_codes(1, codes, words, n, bits);
   kivi_status st = kv_validate(ctx, &spec, NULL);
   if (st) return st;
   if ((st = kv_scratch_reset(ctx, spec.op))) return st;
@@ -117,11 +113,7 @@ KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes, int64
 
 KIVI_API kivi_status kivi_codes_unpack(kivi_ctx_t ctx, const uint32_t *words, int64_t n, int32_t bits,
                                        uint8_t *codes) {
-  kv_spec spec = kv_spec_init("kivi_codes_unpack", KV_NEED_N | KV_NEED_BITS);
-  spec.ptrs[0] = {"words", words};
-  spec.ptrs[1] = {"codes", codes};
-  spec.n = n;
-  spec.bits = bits;
+  const kv_spec spec = kivi_spec_codes(0, codes, words, n, bits);
   kivi_status st = kv_validate(ctx, &spec, NULL);
   if (st) return st;
   const int64_t nwords = n / kivi_codes_per_word(bits);

@@ -140,16 +140,7 @@ static __global__ void __launch_bounds__(256)
 extern "C" KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
                                                  int64_t cols, kivi_axis axis, int32_t group, float *stats,
                                                  int32_t *nonfinite) {
-  kv_spec spec = kv_spec_init("kivi_stats_block", KV_NEED_MATRIX);
-  spec.ptrs[0] = {"x", x};
-  spec.ptrs[1] = {"stats", stats};
-  spec.ptrs[2] = {"nonfinite", nonfinite};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.dtype_name = "dtype";
-  spec.dtype = dtype;
+  const kv_spec spec = kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;

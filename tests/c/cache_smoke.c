@@ -19,24 +19,8 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
-#include "test_rng.h"
+#include "harness.h"
 
-static int n_pass, n_fail;
-static uint64_t g_seed;
-
-#define CHECK(cond, ...)                                                                      \
-  do {                                                                                        \
-    if (cond) {                                                                               \
-      n_pass++;                                                                               \
-    } else {                                                                                  \
-      n_fail++;                                                                               \
-      if (n_fail <= 40) {                                                                     \
-        printf("FAIL %s:%d (seed %llu): ", __FILE__, __LINE__, (unsigned long long)g_seed); \
-        printf(__VA_ARGS__);                                                                  \
-        printf(" [last error: %s]\n", kivi_last_error());                                     \
-      }                                                                                       \
-    }                                                                                         \
-  } while (0)
 
 
 static void set_elem(void *x, kivi_dtype dt, int64_t i, float f) {
@@ -819,6 +803,7 @@ static void bench(kivi_ctx_t ctx) {
 int main(int argc, char **argv) {
   int do_bench = 0, quick = 0;
   g_seed = 20261128ull;
+  g_last_error = kivi_last_error;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--bench"))
       do_bench = 1;
@@ -856,6 +841,5 @@ int main(int argc, char **argv) {
   test_errors_unchanged(ctx);
   if (do_bench) bench(ctx);
   kivi_ctx_destroy(ctx);
-  printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
-  return n_fail ? 1 : 0;
+  return check_summary();
 }

@@ -17,25 +17,8 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
-#include "test_rng.h"
+#include "harness.h"
 
-static int n_pass, n_fail;
-static uint64_t g_seed;
-
-#define CHECK(cond, ...)                                       \
-  do {                                                         \
-    if (cond) {                                                \
-      n_pass++;                                                \
-    } else {                                                   \
-      n_fail++;                                                \
-      if (n_fail <= 40) {                                      \
-        printf("FAIL %s:%d (seed %llu): ", __FILE__, __LINE__, \
-               (unsigned long long)g_seed);                    \
-        printf(__VA_ARGS__);                                   \
-        printf("\n");                                          \
-      }                                                        \
-    }                                                          \
-  } while (0)
 
 /* ---------------------------------------------------------------- rng / data ------------- */
 
@@ -666,6 +649,5 @@ int main(int argc, char **argv) {
     }
   test_errors(ctx);
   kivi_ctx_destroy(ctx);
-  printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
-  return n_fail ? 1 : 0;
+  return check_summary();
 }
