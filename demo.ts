@@ -15,7 +15,7 @@
  * @module
  */
 import process from "node:process";
-import { type Backend, type CacheFormat, type DeviceTensor, KiviError, type KVCache, openBackend, Rng, type Sequence, synthKV } from "./src/mod.ts";
+import { type CacheFormat, type DeviceTensor, KiviError, openBackend, Rng, synthKV } from "./src/mod.ts";
 import { demoShape, parseDemoOptions, UsageError } from "./src/cli.ts";
 import { parseArgs } from "./bench/_report.ts";
 

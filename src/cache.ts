@@ -10,9 +10,9 @@ import { checkBool, checkInt, checkOneOf, hostView, type HostView, overlaps, pla
 import { checkHint, type DType, dtypeCode, dtypeOfKind, F16_LIMIT, firstBeyondFp16, type HostArray, hostArray, valueAt } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
-import { bitsPerValue, type Buf, type Fit, type GroupSize, type Input, type Mem, type MemOf } from "./quant.ts";
+import { bitsPerValue, type Buf, type Input, type MemOf } from "./quant.ts";
 import { type BatchOptions, DecodeBatch } from "./batch.ts";
-import { type CacheConfig, type CacheMemory, type CacheOptions, configArray, headBlockBytes, resolveCacheOptions } from "./cache_config.ts";
+import { type CacheConfig, type CacheMemory, type CacheOptions, configArray, resolveCacheOptions } from "./cache_config.ts";
 
 export {
   type CacheConfig,
@@ -418,7 +418,7 @@ export class KVCache {
     const n = kd.length / row;
     if (n > 2 ** 31 - 1) throw new RangeError(`k must hold fewer than 2^31 tokens, got ${n}`);
     const id = Sequence._usableId(seq, "append");
-    const { state, handle } = this.#live("append");
+    const { handle } = this.#live("append");
     if (!trusted) {
       checkFp16Range(this.#backend, "k", kd, c, n, layer);
       checkFp16Range(this.#backend, "v", vd, c, n, layer);

@@ -5,8 +5,8 @@
  *
  * @module
  */
-import { checkBool, checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
-import { bitsPerValue, type Fit, type GroupSize } from "./quant.ts";
+import { checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
+import type { Fit, GroupSize } from "./quant.ts";
 
 /** How keys or values are stored: a quantized format, or `{ bits: 16 }` for plain fp16. */
 export type CacheFormat =

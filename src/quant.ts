@@ -441,16 +441,26 @@ function flags(trusted: boolean): number {
 
 const AXES = ["token", "channel"] as const;
 
+/** x described once (describeInput), its axis read and its grouping checked: what every quantizer
+ * reads of its input before it takes native handles. */
+function groupedInput(kivi: Backend, x: unknown, o: Record<string, unknown>, groupOf: GroupSize | (() => GroupSize)) {
+  const d = describeInput(kivi, x, o.shape, o.dtype);
+  const axis = checkOneOf("axis", o.axis, AXES);
+  const group = typeof groupOf === "function" ? groupOf() : groupOf; // read after the axis, in that order
+  checkGrouping(d.shape, axis, group);
+  return { d, dtype: d.dtype, shape: d.shape, axis, group, groups: groupCount(d.shape, axis, group) };
+}
+
+/** The matrix arguments of the quantizer exports after x: dtype, rows, cols, axis, group, bits. */
+function matrixArgs(dtype: TensorDType, shape: readonly number[], axis: Axis, group: number, bits: number) {
+  return [dtypeCode[dtype as "f32"], shape[0], shape[1], axisCode[axis], group, bits] as const;
+}
+
 /** Block statistics per group (see {@link BlockStats}). */
 export function stats<X extends Input>(kivi: Backend, x: X, opts: StatsOptions<MemOf<X>>): BlockStats<MemOf<X>> {
   const o = readOptions("options", opts, ["shape", "dtype", "axis", "group", "out"], true);
   const out = readOptions("out", o.out, ["stats", "nonfinite"]);
-  const d = describeInput(kivi, x, o.shape, o.dtype);
-  const { dtype, shape } = d;
-  const axis = checkOneOf("axis", o.axis, AXES);
-  const group = checkOneOf("group", o.group ?? 32, GROUPS);
-  checkGrouping(shape, axis, group);
-  const groups = groupCount(shape, axis, group);
+  const { d, dtype, shape, axis, group, groups } = groupedInput(kivi, x, o, () => checkOneOf("group", o.group ?? 32, GROUPS));
   using c = new Call(kivi, d.mem as MemOf<X>, "stats");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const ist = c.output("stats", "f32", groups * 4, out.stats);
@@ -472,15 +482,11 @@ export function quantize<X extends Input>(kivi: Backend, x: X, opts: QuantizeOpt
     if (out[k] !== undefined) throw new TypeError(`out.${k} is not an output of the ${format.kind} format`);
   }
   const trusted = checkBool("trusted", o.trusted);
-  const d = describeInput(kivi, x, o.shape, o.dtype);
-  const { dtype, shape } = d;
-  const axis = checkOneOf("axis", o.axis, AXES);
-  checkGrouping(shape, axis, format.group);
-  const groups = groupCount(shape, axis, format.group);
+  const { d, dtype, shape, axis, groups } = groupedInput(kivi, x, o, format.group);
   using c = new Call(kivi, d.mem as MemOf<X>, "quantize");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const icodes = c.output("codes", "u32", wordCount(shape, format.bits), out.codes);
-  const dims = [dtypeCode[dtype], shape[0], shape[1], axisCode[axis], format.group, format.bits] as const;
+  const dims = matrixArgs(dtype, shape, axis, format.group, format.bits);
   if (format.kind === "uniform") {
     const is = c.output("scale", "f16", groups, out.scale);
     const iz = c.output("zero", "f16", groups, out.zero);
@@ -557,11 +563,7 @@ export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptio
   if (f.kind !== "codebook") throw new Error("unreachable");
   const trace = checkBool("trace", o.trace);
   const trusted = checkBool("trusted", o.trusted);
-  const d = describeInput(kivi, x, o.shape, o.dtype);
-  const { dtype, shape } = d;
-  const axis = checkOneOf("axis", o.axis, AXES);
-  checkGrouping(shape, axis, f.group);
-  const groups = groupCount(shape, axis, f.group);
+  const { d, dtype, shape, axis, groups } = groupedInput(kivi, x, o, f.group);
   using c = new Call(kivi, d.mem as MemOf<X>, "fitCodebook");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const ik = c.output("centroids", "f16", groups * 2 ** f.bits, out.centroids);
@@ -575,12 +577,7 @@ export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptio
       "kivi_codebook_fit",
       c.ctx,
       c.ptr(ix),
-      dtypeCode[dtype],
-      shape[0],
-      shape[1],
-      axisCode[axis],
-      f.group,
-      f.bits,
+      ...matrixArgs(dtype, shape, axis, f.group, f.bits),
       fitCode[f.fit],
       f.iterations,
       flags(trusted),
@@ -604,11 +601,7 @@ export function quantizeWithCodebook<X extends Input>(
   const format = resolveFormat({ kind: "codebook", bits: o.bits, group: o.group, assign: o.assign } as Format);
   if (format.kind !== "codebook") throw new Error("unreachable");
   const trusted = checkBool("trusted", o.trusted);
-  const d = describeInput(kivi, x, o.shape, o.dtype);
-  const { dtype, shape } = d;
-  const axis = checkOneOf("axis", o.axis, AXES);
-  checkGrouping(shape, axis, format.group);
-  const groups = groupCount(shape, axis, format.group);
+  const { d, dtype, shape, axis, groups } = groupedInput(kivi, x, o, format.group);
   using c = new Call(kivi, d.mem as MemOf<X>, "quantizeWithCodebook");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const ik = c.input("centroids", centroids, "f16", groups * 2 ** format.bits);
@@ -621,12 +614,7 @@ export function quantizeWithCodebook<X extends Input>(
       "kivi_codebook_quantize",
       c.ctx,
       c.ptr(ix),
-      dtypeCode[dtype],
-      shape[0],
-      shape[1],
-      axisCode[axis],
-      format.group,
-      format.bits,
+      ...matrixArgs(dtype, shape, axis, format.group, format.bits),
       c.ptr(ik),
       assignCode[format.assign],
       flags(trusted),

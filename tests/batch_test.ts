@@ -262,7 +262,7 @@ describe("decode batch: refusals", () => {
   it("bad arguments at creation are TypeErrors or RangeErrors naming them (or KiviErrors for dead objects); nothing is made", async () => {
     const w = await world("creation");
     using _ = w.kivi;
-    const { cache, seqs, q, out, k, v, kivi } = w;
+    const { cache, seqs, q, out, v, kivi } = w;
     using other = await openCpu();
     using foreign = other.upload(kvRows(w.rng, 2, QH, D));
     using q16 = kivi.alloc([2, QH, D], "f16"), small = kivi.alloc([1, QH, D], "f32"), u32 = kivi.alloc([2, QH, D], "u32");
@@ -443,7 +443,7 @@ describe("decode batch: the error record's rules (kivi.h)", () => {
 });
 
 gpuDescribe("decode batch on CUDA", (g) => {
-  it("attend and append give the general path's bytes on the device; a NaN q is deferred there too", async () => {
+  it("attend and append give the general path's bytes on the device; a NaN q is deferred there too", () => {
     const rng = new Rng("batch gpu");
     using cache = g.createCache(OPTS), twin = g.createCache(OPTS);
     const lens = [3, 40, 140];

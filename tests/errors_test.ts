@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { type Axis, defaultLibraryPath, type DeviceTensor, KiviError, type StatusName } from "../src/mod.ts";
 import type { NativeLib, Pointer } from "../src/ffi/_native.ts";
 import { loadNative } from "../src/ffi/load.ts";
-import { assertUntouched, type DataDType, DTYPES, f16Bits, openCpu, NONFINITE, randomMatrix, Rng, sentinel, setRaw, throwsNaming } from "./_helpers.ts";
+import { assertUntouched, DTYPES, f16Bits, openCpu, NONFINITE, randomMatrix, Rng, sentinel, setRaw, throwsNaming } from "./_helpers.ts";
 
 type Sentinel = { buf: ArrayBufferView; snap: Uint8Array };
 

@@ -23,8 +23,13 @@ function tsFiles(dir: string): string[] {
 function importGraph(files: string[]): Map<string, string[]> {
   const graph = new Map<string, string[]>();
   for (const f of files) {
-    const text = readFileSync(f, "utf8").replace(/\/\*[\s\S]*?\*\//g, "").replace(/^\s*\/\/.*$/gm, "");
-    const deps = [...text.matchAll(/(?:\bfrom\s*|\bimport\s*\(\s*)["'](\.{1,2}\/[^"']+)["']/g)].map((m) => resolve(dirname(f), m[1]));
+    const text = readFileSync(f, "utf8").replace(/\/\*[\s\S]*?\*\//g, "").replace(
+      /^\s*\/\/.*$/gm,
+      "",
+    );
+    const deps = [...text.matchAll(/(?:\bfrom\s*|\bimport\s*\(\s*)["'](\.{1,2}\/[^"']+)["']/g)].map(
+      (m) => resolve(dirname(f), m[1]),
+    );
     graph.set(f, deps.filter((d) => files.includes(d)));
   }
   return graph;
@@ -55,7 +60,9 @@ describe("src/ imports", () => {
     assert.deepEqual(circles(g), [["a", "b", "c", "a"]]);
   });
   it("has no import circles", () => {
-    const found = circles(importGraph(tsFiles(src))).map((c) => c.map((p) => relative(src, p)).join(" -> "));
+    const found = circles(importGraph(tsFiles(src))).map((c) =>
+      c.map((p) => relative(src, p)).join(" -> ")
+    );
     assert.deepEqual(found, []);
   });
 });

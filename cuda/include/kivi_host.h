@@ -100,8 +100,10 @@ static inline const char *kivi_axis_name(kivi_axis a) {
 /** The sizes rows x cols, grouped along axis: rows, cols and their product below 2^40, a valid group. */
 static inline kivi_status kivi_check_matrix(const kivi_spec *s, char *msg, size_t len) {
   const char *op = s->op;
-  if (s->rows < 1) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: rows must be >= 1, got %lld", op, (long long)s->rows);
-  if (s->cols < 1) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: cols must be >= 1, got %lld", op, (long long)s->cols);
+  if (s->rows < 1)
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: rows must be >= 1, got %lld", op, (long long)s->rows);
+  if (s->cols < 1)
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: cols must be >= 1, got %lld", op, (long long)s->cols);
   if (s->rows > (KIVI_MAX_ELEMS - 1) / s->cols)
     return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: rows * cols must be below 2^40, got %lld x %lld", op,
                          (long long)s->rows, (long long)s->cols);
@@ -113,8 +115,8 @@ static inline kivi_status kivi_check_matrix(const kivi_spec *s, char *msg, size_
 /** The axis, and a group dividing the grouped axis (after the bits and dtype, in kivi.h's order). */
 static inline kivi_status kivi_check_axis(const kivi_spec *s, char *msg, size_t len) {
   if (s->axis != KIVI_AXIS_TOKEN && s->axis != KIVI_AXIS_CHANNEL)
-    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: axis must be KIVI_AXIS_TOKEN (0) or KIVI_AXIS_CHANNEL (1), got %d",
-                         s->op, (int)s->axis);
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG,
+                         "%s: axis must be KIVI_AXIS_TOKEN (0) or KIVI_AXIS_CHANNEL (1), got %d", s->op, (int)s->axis);
   const int64_t along = s->axis == KIVI_AXIS_TOKEN ? s->rows : s->cols;
   if (along % s->group)
     return kivi_host_msg(msg, len, KIVI_ERR_SHAPE, "%s: %s (%lld) must be a multiple of group (%d) for %s", s->op,
@@ -199,8 +201,7 @@ static inline kivi_status kivi_spec_check(const kivi_spec *s, kivi_shape *sh, ch
 
 /** A spec with the required pointers (names NULL past the last). */
 static inline kivi_spec kivi_spec_make(const char *op, unsigned need, const char *n0, const void *p0, const char *n1,
-                                       const void *p1, const char *n2, const void *p2, const char *n3,
-                                       const void *p3) {
+                                       const void *p1, const char *n2, const void *p2, const char *n3, const void *p3) {
   kivi_spec s;
   memset(&s, 0, sizeof s);
   s.op = op;
@@ -250,8 +251,8 @@ static inline kivi_spec kivi_spec_uniform_quantize(const void *x, kivi_dtype dty
 static inline kivi_spec kivi_spec_uniform_dequantize(const void *codes, const void *scale, const void *zero,
                                                      int64_t rows, int64_t cols, kivi_axis axis, int32_t group,
                                                      int32_t bits, const void *out, kivi_dtype out_dtype) {
-  kivi_spec s = kivi_spec_make("kivi_uniform_dequantize", KIVI_NEED_QUANT, "codes", codes, "scale", scale, "zero",
-                               zero, "out", out);
+  kivi_spec s = kivi_spec_make("kivi_uniform_dequantize", KIVI_NEED_QUANT, "codes", codes, "scale", scale, "zero", zero,
+                               "out", out);
   kivi_spec_matrix(&s, rows, cols, axis, group, bits, "out_dtype", out_dtype);
   return s;
 }
@@ -267,9 +268,8 @@ static inline kivi_spec kivi_spec_codebook_fit(const void *x, kivi_dtype dtype, 
 }
 
 static inline kivi_spec kivi_spec_codebook_quantize(const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
-                                                    kivi_axis axis, int32_t group, int32_t bits,
-                                                    const void *centroids, kivi_assign assign, int32_t flags,
-                                                    const void *codes) {
+                                                    kivi_axis axis, int32_t group, int32_t bits, const void *centroids,
+                                                    kivi_assign assign, int32_t flags, const void *codes) {
   kivi_spec s = kivi_spec_make("kivi_codebook_quantize", KIVI_NEED_QUANT | KIVI_NEED_ASSIGN | KIVI_NEED_FLAGS, "x", x,
                                "centroids", centroids, "codes", codes, NULL, NULL);
   kivi_spec_matrix(&s, rows, cols, axis, group, bits, "dtype", dtype);
@@ -299,10 +299,9 @@ static inline kivi_spec kivi_spec_codebook_dequantize(const void *codes, const v
 }
 
 static inline kivi_spec kivi_spec_stats_block(const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
-                                              kivi_axis axis, int32_t group, const void *stats,
-                                              const void *nonfinite) {
-  kivi_spec s = kivi_spec_make("kivi_stats_block", KIVI_NEED_MATRIX, "x", x, "stats", stats, "nonfinite", nonfinite,
-                               NULL, NULL);
+                                              kivi_axis axis, int32_t group, const void *stats, const void *nonfinite) {
+  kivi_spec s =
+      kivi_spec_make("kivi_stats_block", KIVI_NEED_MATRIX, "x", x, "stats", stats, "nonfinite", nonfinite, NULL, NULL);
   kivi_spec_matrix(&s, rows, cols, axis, group, 0, "dtype", dtype);
   return s;
 }
@@ -311,8 +310,8 @@ static inline kivi_spec kivi_spec_stats_block(const void *x, kivi_dtype dtype, i
 static inline kivi_spec kivi_spec_codes(int pack, const void *codes, const void *words, int64_t n, int32_t bits) {
   kivi_spec s = pack ? kivi_spec_make("kivi_codes_pack", KIVI_NEED_N | KIVI_NEED_BITS, "codes", codes, "words", words,
                                       NULL, NULL, NULL, NULL)
-                     : kivi_spec_make("kivi_codes_unpack", KIVI_NEED_N | KIVI_NEED_BITS, "words", words, "codes",
-                                      codes, NULL, NULL, NULL, NULL);
+                     : kivi_spec_make("kivi_codes_unpack", KIVI_NEED_N | KIVI_NEED_BITS, "words", words, "codes", codes,
+                                      NULL, NULL, NULL, NULL);
   s.n = n;
   s.bits = bits;
   return s;
@@ -327,7 +326,7 @@ static const char *const kivi_cfg_names[KIVI_CFG_FIELDS] = {
     "KIVI_CFG_V_GROUP",  "KIVI_CFG_V_FIT",     "KIVI_CFG_V_ITERS"};
 static const char *const kivi_cfg_short[KIVI_CFG_FIELDS] = {
     "layers", "kv_heads", "q_heads", "head_dim", "page_tokens", "residual", "max_pages", "max_seqs", "k_kind",
-    "k_bits", "k_group",  "k_fit",   "k_iters",  "v_kind",      "v_bits",   "v_group",   "v_fit",     "v_iters"};
+    "k_bits", "k_group",  "k_fit",   "k_iters",  "v_kind",      "v_bits",   "v_group",   "v_fit",    "v_iters"};
 
 /** config[f] breaks its rule: "kivi_cache_create: config[KIVI_CFG_X] (x) must be <rule>, got <v>". */
 static inline kivi_status kivi_cfg_bad(char *msg, size_t len, const int32_t *a, int f, const char *rule) {
@@ -343,7 +342,8 @@ static inline kivi_status kivi_cfg_check_part(const int32_t *a, int part, char *
   if (kind != KIVI_KIND_UNIFORM && kind != KIVI_KIND_CODEBOOK)
     return kivi_cfg_bad(msg, len, a, KIVI_CFG_K_KIND + o, "KIVI_KIND_UNIFORM (0) or KIVI_KIND_CODEBOOK (1)");
   if (bits != 2 && bits != 4 && bits != 16) return kivi_cfg_bad(msg, len, a, KIVI_CFG_K_BITS + o, "2, 4 or 16");
-  if (part && !kivi_valid_group(a[KIVI_CFG_V_GROUP])) return kivi_cfg_bad(msg, len, a, KIVI_CFG_V_GROUP, "32, 64 or 128");
+  if (part && !kivi_valid_group(a[KIVI_CFG_V_GROUP]))
+    return kivi_cfg_bad(msg, len, a, KIVI_CFG_V_GROUP, "32, 64 or 128");
   if (part && D % a[KIVI_CFG_V_GROUP]) {
     snprintf(rule, sizeof rule, "a divisor of head_dim (%d)", (int)D);
     return kivi_cfg_bad(msg, len, a, KIVI_CFG_V_GROUP, rule);
@@ -371,7 +371,8 @@ static inline kivi_status kivi_cache_config_check(const int32_t *a, char *msg, s
   }
   if (D != 64 && D != 128 && D != 256) return kivi_cfg_bad(msg, len, a, KIVI_CFG_HEAD_DIM, "64, 128 or 256");
   if (!kivi_valid_group(Gk)) return kivi_cfg_bad(msg, len, a, KIVI_CFG_K_GROUP, "32, 64 or 128");
-  if (P != 32 && P != 64 && P != 128 && P != 256) return kivi_cfg_bad(msg, len, a, KIVI_CFG_PAGE_TOKENS, "32, 64, 128 or 256");
+  if (P != 32 && P != 64 && P != 128 && P != 256)
+    return kivi_cfg_bad(msg, len, a, KIVI_CFG_PAGE_TOKENS, "32, 64, 128 or 256");
   if (P % Gk) {
     snprintf(rule, sizeof rule, "a multiple of k_group (%d)", (int)Gk);
     return kivi_cfg_bad(msg, len, a, KIVI_CFG_PAGE_TOKENS, rule);
@@ -409,7 +410,8 @@ static inline kivi_status kivi_cache_create_check(const int32_t *config, int32_t
 static inline kivi_status kivi_seq_check(const char *op, const char *name, int32_t seq, int32_t max_seqs, int live,
                                          char *msg, size_t len) {
   if (seq < 0 || seq >= max_seqs)
-    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: %s must be in 0..%d, got %d", op, name, (int)max_seqs - 1, (int)seq);
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: %s must be in 0..%d, got %d", op, name, (int)max_seqs - 1,
+                         (int)seq);
   if (!live)
     return kivi_host_msg(msg, len, KIVI_ERR_STATE,
                          "%s: %s %d is not a live sequence (create it with kivi_cache_seq_create)", op, name, (int)seq);

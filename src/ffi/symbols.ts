@@ -18,6 +18,25 @@ export interface SymbolSpec {
   readonly blocking?: boolean;
 }
 
+// Runs of parameters several quantizer exports share, spread into their lists below.
+/** A matrix x [rows][cols] of dtype, in groups of `group` along `axis`. */
+const X_GROUPED = [
+  "ptr", // const void *x            [rows][cols]
+  "i32", // kivi_dtype dtype
+  "i64", // int64_t rows
+  "i64", // int64_t cols
+  "i32", // kivi_axis axis
+  "i32", // int32_t group
+] as const;
+/** The shape of packed codes: the matrix, its groups and the code width. */
+const CODES_SHAPE = [
+  "i64", // int64_t rows
+  "i64", // int64_t cols
+  "i32", // kivi_axis axis
+  "i32", // int32_t group
+  "i32", // int32_t bits
+] as const;
+
 export const symbols = {
   kivi_abi_version: { args: [], returns: "i32" },
   kivi_backend_kind: { args: [], returns: "i32" },
@@ -121,12 +140,7 @@ export const symbols = {
   kivi_stats_block: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
+      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
       "ptr", // float *stats             [groups][4]
       "ptr", // int32_t *nonfinite       [groups]
     ],
@@ -135,12 +149,7 @@ export const symbols = {
   kivi_uniform_quantize: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
+      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
       "i32", // int32_t bits
       "i32", // int32_t flags
       "ptr", // uint32_t *codes          packed
@@ -155,11 +164,7 @@ export const symbols = {
       "ptr", // const uint32_t *codes    packed
       "ptr", // const uint16_t *scale    fp16 [groups]
       "ptr", // const uint16_t *zero     fp16 [groups]
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
-      "i32", // int32_t bits
+      ...CODES_SHAPE, // int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits
       "ptr", // void *out                [rows][cols]
       "i32", // kivi_dtype out_dtype
     ],
@@ -168,12 +173,7 @@ export const symbols = {
   kivi_codebook_fit: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
+      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
       "i32", // int32_t bits
       "i32", // kivi_fit fit
       "i32", // int32_t max_iters
@@ -187,12 +187,7 @@ export const symbols = {
   kivi_codebook_quantize: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
+      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
       "i32", // int32_t bits
       "ptr", // const uint16_t *centroids fp16 [groups][2^bits]
       "i32", // kivi_assign assign
@@ -204,12 +199,7 @@ export const symbols = {
   kivi_codebook_encode: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
+      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
       "i32", // int32_t bits
       "i32", // kivi_fit fit
       "i32", // int32_t max_iters
@@ -225,11 +215,7 @@ export const symbols = {
       "ptr", // kivi_ctx_t ctx
       "ptr", // const uint32_t *codes    packed
       "ptr", // const uint16_t *centroids fp16 [groups][2^bits]
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
-      "i32", // int32_t bits
+      ...CODES_SHAPE, // int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits
       "ptr", // void *out                [rows][cols]
       "i32", // kivi_dtype out_dtype
     ],

@@ -46,7 +46,8 @@ static int g_max_printed = 40;
 static const char *(*g_last_error)(void);
 
 /* One check: counted, and the first g_max_printed failures printed with where they happened. */
-static inline void check_at(int ok, const char *file, int line, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static inline void check_at(int ok, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 static inline void check_at(int ok, const char *file, int line, const char *fmt, ...) {
   if (ok) {
     n_pass++;
