@@ -18,6 +18,7 @@ import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
+import { filesUnder } from "./_files.ts";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const DIRS = ["src", "tests", "bench", "scripts"];
@@ -49,21 +50,7 @@ function run(cmd: string, args: string[], capture = false): Promise<{ code: numb
 
 /** Every .ts file under the given folders plus the given files that exist, sorted, minus `except`. */
 function tsFiles(except: string[]): string[] {
-  const out: string[] = [];
-  const walk = (rel: string) => {
-    let entries: fs.Dirent[];
-    try {
-      entries = fs.readdirSync(path.join(ROOT, rel), { withFileTypes: true });
-    } catch {
-      return;
-    }
-    for (const e of entries) {
-      const child = `${rel}/${e.name}`;
-      if (e.isDirectory()) walk(child);
-      else if (e.isFile() && /\.tsx?$/.test(e.name) && !e.name.endsWith(".d.ts")) out.push(child);
-    }
-  };
-  DIRS.forEach(walk);
+  const out = DIRS.flatMap((d) => filesUnder(ROOT, d, (n) => /\.tsx?$/.test(n) && !n.endsWith(".d.ts")));
   for (const f of FILES) if (fs.existsSync(path.join(ROOT, f))) out.push(f);
   return out.filter((f) => !except.includes(f)).sort();
 }

@@ -16,6 +16,7 @@ import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
+import { filesUnder } from "./_files.ts";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 /** Folders holding C and CUDA sources, and the endings clang-format takes. */
@@ -57,17 +58,7 @@ function run(
 
 /** Every C and CUDA source under C_DIRS, relative to the root, sorted. */
 export function cSources(root = ROOT): string[] {
-  const out: string[] = [];
-  const walk = (rel: string) => {
-    if (!fs.existsSync(path.join(root, rel))) return;
-    for (const e of fs.readdirSync(path.join(root, rel), { withFileTypes: true })) {
-      const p = `${rel}/${e.name}`;
-      if (e.isDirectory()) walk(p);
-      else if (C_EXTS.some((x) => e.name.endsWith(x))) out.push(p);
-    }
-  };
-  for (const d of C_DIRS) walk(d);
-  return out.sort();
+  return C_DIRS.flatMap((d) => filesUnder(root, d, (n) => C_EXTS.some((x) => n.endsWith(x)))).sort();
 }
 
 /** clang-format's path and major version, or undefined (with a line saying how to get it). */

@@ -56,24 +56,23 @@ export type Input = HostArray | DeviceTensor;
 /** The memory an input lives in. */
 export type MemOf<X> = X extends DeviceTensor ? "device" : "host";
 
-/** Uniform (KIVI) codes: packed words plus fp16 scale and zero (the group minimum) per group. */
-export interface UniformQuantized<M extends Mem> {
-  readonly format: Extract<ResolvedFormat, { kind: "uniform" }>;
+/** What codes of either format carry: the format, the grouping and the packed words. */
+interface QuantizedCodes<M extends Mem, K extends ResolvedFormat["kind"]> {
+  readonly format: Extract<ResolvedFormat, { kind: K }>;
   readonly axis: Axis;
   readonly shape: readonly [number, number];
   readonly groups: number;
   readonly codes: Buf<M, "u32">;
+}
+
+/** Uniform (KIVI) codes: packed words plus fp16 scale and zero (the group minimum) per group. */
+export interface UniformQuantized<M extends Mem> extends QuantizedCodes<M, "uniform"> {
   readonly scale: Buf<M, "f16">;
   readonly zero: Buf<M, "f16">;
 }
 
 /** Codebook codes: packed words plus 2^bits sorted fp16 centroids per group. */
-export interface CodebookQuantized<M extends Mem> {
-  readonly format: Extract<ResolvedFormat, { kind: "codebook" }>;
-  readonly axis: Axis;
-  readonly shape: readonly [number, number];
-  readonly groups: number;
-  readonly codes: Buf<M, "u32">;
+export interface CodebookQuantized<M extends Mem> extends QuantizedCodes<M, "codebook"> {
   readonly centroids: Buf<M, "f16">;
 }
 

@@ -26,15 +26,9 @@ static int mul_size(uint64_t a, uint64_t b, uint64_t *out) {
 
 KIVI_API kivi_status kivi_cache_destroy(kivi_cache_t cache) {
   if (!cache) return KIVI_OK;
-  free(cache->kpool);
-  free(cache->vpool);
-  free(cache->kwin);
-  free(cache->vwin);
-  free(cache->seqs);
-  free(cache->tables);
-  free(cache->lens);
-  free(cache->free_pages);
-  free(cache);
+  void *owned[] = {cache->kpool,  cache->vpool, cache->kwin,       cache->vwin, cache->seqs,
+                   cache->tables, cache->lens,  cache->free_pages, cache};
+  for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
   return KIVI_OK;
 }
 
@@ -281,6 +275,20 @@ static inline __attribute__((always_inline)) void deq_codebook(const uint32_t *w
 #define DEQ_CODEBOOK(wd, nw, bits, cf, dst) \
   ((bits) == 2 ? deq_codebook(wd, nw, 2, cf, dst) : deq_codebook(wd, nw, 4, cf, dst))
 
+/* One group gi of a head block (the plain layout): wpg words wd, its params (uniform scale and zero,
+   or n centroids) into dst. */
+static inline void deq_group(int32_t kind, const uint16_t *params, int64_t gi, int32_t n, const uint32_t *wd,
+                             int32_t wpg, int32_t bits, float *dst) {
+  if (kind == KIVI_KIND_UNIFORM) {
+    const float s = kivi_f16_to_f32(params[gi * 2]), z = kivi_f16_to_f32(params[gi * 2 + 1]);
+    DEQ_UNIFORM(wd, wpg, bits, s, z, dst);
+  } else {
+    float cf[KIVI_MAX_CENTROIDS];
+    for (int32_t j = 0; j < n; j++) cf[j] = kivi_f16_to_f32(params[gi * n + j]);
+    DEQ_CODEBOOK(wd, wpg, bits, cf, dst);
+  }
+}
+
 void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, float *kd) {
   const kivi_cache_config *g = &c->cfg;
   const int32_t D = g->head_dim, P = g->page_tokens, Gk = g->k_group, bits = g->k_bits;
@@ -317,15 +325,7 @@ void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, flo
     for (int32_t k = 0; k < nt / Gk; k++) {
       const int64_t gi = (int64_t)d * gpr + k;
       const uint32_t *wd = codes + (int64_t)d * wpr + (int64_t)k * wpg;
-      float *dst = row + (int64_t)k * Gk;
-      if (g->k_kind == KIVI_KIND_UNIFORM) {
-        const float s = kivi_f16_to_f32(params[gi * 2]), z = kivi_f16_to_f32(params[gi * 2 + 1]);
-        DEQ_UNIFORM(wd, wpg, bits, s, z, dst);
-      } else {
-        float cf[KIVI_MAX_CENTROIDS];
-        for (int32_t j = 0; j < n; j++) cf[j] = kivi_f16_to_f32(params[gi * n + j]);
-        DEQ_CODEBOOK(wd, wpg, bits, cf, dst);
-      }
+      deq_group(g->k_kind, params, gi, n, wd, wpg, bits, row + (int64_t)k * Gk);
     }
   }
 }
@@ -394,15 +394,7 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
     for (int32_t k = 0; k < gpr; k++) {
       const int64_t gi = (int64_t)t * gpr + k;
       const uint32_t *wd = codes + (int64_t)t * wpr + (int64_t)k * wpg;
-      float *dst = vt + (int64_t)t * D + (int64_t)k * Gv;
-      if (g->v_kind == KIVI_KIND_UNIFORM) {
-        const float s = kivi_f16_to_f32(params[gi * 2]), z = kivi_f16_to_f32(params[gi * 2 + 1]);
-        DEQ_UNIFORM(wd, wpg, bits, s, z, dst);
-      } else {
-        float cf[KIVI_MAX_CENTROIDS];
-        for (int32_t j = 0; j < n; j++) cf[j] = kivi_f16_to_f32(params[gi * n + j]);
-        DEQ_CODEBOOK(wd, wpg, bits, cf, dst);
-      }
+      deq_group(g->v_kind, params, gi, n, wd, wpg, bits, vt + (int64_t)t * D + (int64_t)k * Gv);
     }
   }
 }
@@ -446,15 +438,10 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
                                        kivi_dtype dtype, int32_t n, int32_t flags) {
   static const char *op = "kivi_cache_append";
   kivi_status st = need_cache(c, op);
-  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 1))) return st;
-  if (n < 1) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: n_tokens must be >= 1, got %d", op, (int)n);
-  if (!k) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: k must not be NULL", op);
-  if (!v) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: v must not be NULL", op);
-  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
-                    op, (int)dtype);
-  if (flags & ~(int32_t)KIVI_FLAG_TRUSTED)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op, (int)flags);
+  char msg[CPU_ERR_LEN];
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
+  if ((st = kivi_cache_io_check(op, 1, layer, c->cfg.layers, n, k, v, dtype, flags, msg, sizeof msg)))
+    return cpu_fail(c->ctx, st, "%s", msg);
 
   const kivi_cache_config *g = &c->cfg;
   const int32_t L0 = layer < 0 ? 0 : layer, L1 = layer < 0 ? g->layers : layer + 1;
@@ -537,12 +524,10 @@ void cpu_cache_append_commit(cache_t *c, int32_t seq, int32_t L0, int32_t L1, co
 KIVI_API kivi_status kivi_cache_read(kivi_cache_t c, int32_t seq, int32_t layer, void *k, void *v, kivi_dtype dtype) {
   static const char *op = "kivi_cache_read";
   kivi_status st = need_cache(c, op);
-  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 0))) return st;
-  if (!k) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: k must not be NULL", op);
-  if (!v) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: v must not be NULL", op);
-  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
-                    op, (int)dtype);
+  char msg[CPU_ERR_LEN];
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
+  if ((st = kivi_cache_io_check(op, 0, layer, c->cfg.layers, 1, k, v, dtype, 0, msg, sizeof msg)))
+    return cpu_fail(c->ctx, st, "%s", msg);
   const kivi_cache_config *g = &c->cfg;
   const int32_t D = g->head_dim, H = g->kv_heads, P = g->page_tokens, W = c->W;
   const int64_t row = (int64_t)H * D, *ln = cpu_cache_len(c, seq, layer), len = ln[0], qlen = ln[1];

@@ -426,6 +426,26 @@ static inline kivi_status kivi_layer_check(const char *op, int32_t layer, int32_
                        (int)layers - 1, (int)layer);
 }
 
+/** The data arguments of kivi_cache_append (append: layer -1 for all, n_tokens, k, v, dtype, flags)
+    or of kivi_cache_read (layer, k, v, dtype), after the sequence. */
+static inline kivi_status kivi_cache_io_check(const char *op, int append, int32_t layer, int32_t layers,
+                                              int32_t n_tokens, const void *k, const void *v, kivi_dtype dtype,
+                                              int32_t flags, char *msg, size_t len) {
+  kivi_status st = kivi_layer_check(op, layer, layers, append, msg, len);
+  if (st) return st;
+  if (append && n_tokens < 1)
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: n_tokens must be >= 1, got %d", op, (int)n_tokens);
+  if (!k) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: k must not be NULL", op);
+  if (!v) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: v must not be NULL", op);
+  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
+                         op, (int)dtype);
+  if (append && (flags & ~(int32_t)KIVI_FLAG_TRUSTED))
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op,
+                         (int)flags);
+  return KIVI_OK;
+}
+
 /** Every slot taken (kivi_cache_seq_create found none free). */
 static inline kivi_status kivi_seq_full(int32_t max_seqs, char *msg, size_t len) {
   return kivi_host_msg(msg, len, KIVI_ERR_CAPACITY,

@@ -16,6 +16,15 @@ kivi_status kv_cache_enter(kivi_cache_t c, const char *op) {
   return kv_enter(c->ctx, op);
 }
 
+kivi_status kv_cache_io_enter(kivi_cache_t c, const char *op, int32_t seq, int append, int32_t layer, int32_t n_tokens,
+                              const void *k, const void *v, kivi_dtype dtype, int32_t flags) {
+  kivi_status st = kv_cache_enter(c, op);
+  if (st || (st = kv_cache_check_seq(c, op, seq))) return st;
+  char msg[KV_ERR_LEN];
+  st = kivi_cache_io_check(op, append, layer, c->cfg.layers, n_tokens, k, v, dtype, flags, msg, sizeof msg);
+  return st ? kv_fail(c->ctx, st, "%s", msg) : KIVI_OK;
+}
+
 kivi_status kv_cache_check_seq(kivi_cache_t c, const char *op, int32_t seq) {
   char msg[KV_ERR_LEN];
   const int live = seq >= 0 && seq < c->cfg.max_seqs && c->live[seq];
@@ -23,22 +32,21 @@ kivi_status kv_cache_check_seq(kivi_cache_t c, const char *op, int32_t seq) {
   return st ? kv_fail(c->ctx, st, "%s", msg) : KIVI_OK;
 }
 
+/* A slot's pages and lengths back to none (a new or a freed sequence). */
+static void slot_clear(kivi_cache_t c, int32_t s) {
+  c->npages[s] = 0;
+  const int64_t at = (int64_t)s * c->cfg.layers;
+  memset(c->len + at, 0, sizeof(int64_t) * (size_t)c->cfg.layers);
+  memset(c->qlen + at, 0, sizeof(int64_t) * (size_t)c->cfg.layers);
+}
+
 static void cache_release(kivi_cache_t c) {
-  if (c->kpool) cudaFree(c->kpool);
-  if (c->vpool) cudaFree(c->vpool);
-  if (c->kwin) cudaFree(c->kwin);
-  if (c->vwin) cudaFree(c->vwin);
-  if (c->d_table) cudaFree(c->d_table);
-  if (c->ws) cudaFree(c->ws);
+  void *device[] = {c->kpool, c->vpool, c->kwin, c->vwin, c->d_table, c->ws};
+  for (void *p : device)
+    if (p) cudaFree(p);
   (void)cudaGetLastError();
-  free(c->live);
-  free(c->gen);
-  free(c->table);
-  free(c->npages);
-  free(c->len);
-  free(c->qlen);
-  free(c->free_pages);
-  free(c);
+  void *host[] = {c->live, c->gen, c->table, c->npages, c->len, c->qlen, c->free_pages, c};
+  for (void *p : host) free(p);
 }
 
 /* ---------------------------------------------------------------- exports ---------------- */
@@ -132,11 +140,7 @@ KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t cache, int32_t *seq) {
   for (int32_t s = 0; s < cache->cfg.max_seqs; s++) {
     if (cache->live[s]) continue;
     cache->live[s] = 1;
-    cache->npages[s] = 0;
-    for (int32_t l = 0; l < cache->cfg.layers; l++) {
-      cache->len[(int64_t)s * cache->cfg.layers + l] = 0;
-      cache->qlen[(int64_t)s * cache->cfg.layers + l] = 0;
-    }
+    slot_clear(cache, s);
     *seq = s;
     return KIVI_OK;
   }
@@ -151,13 +155,9 @@ KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq) {
   if ((st = kv_cache_check_seq(cache, op, seq))) return st;
   kivi_pages_release(cache->free_pages, &cache->nfree, cache->table + (int64_t)seq * cache->cfg.max_pages,
                      cache->npages[seq]);
-  cache->npages[seq] = 0;
   cache->live[seq] = 0;
-  cache->gen[seq]++;
-  for (int32_t l = 0; l < cache->cfg.layers; l++) {
-    cache->len[(int64_t)seq * cache->cfg.layers + l] = 0;
-    cache->qlen[(int64_t)seq * cache->cfg.layers + l] = 0;
-  }
+  cache->gen[seq]++; /* a batch made before this sees the slot as another sequence */
+  slot_clear(cache, seq);
   return KIVI_OK;
 }
 

@@ -72,6 +72,11 @@ kivi_status kv_cache_enter(kivi_cache_t c, const char *op);
 /** seq names a live slot (kivi_seq_check's rules, reported on the cache's context). */
 kivi_status kv_cache_check_seq(kivi_cache_t c, const char *op, int32_t seq);
 
+/** kv_cache_enter, kv_cache_check_seq, then kivi_cache_io_check: the checks kivi_cache_append (append 1)
+    and kivi_cache_read (append 0) make before their own. */
+kivi_status kv_cache_io_enter(kivi_cache_t c, const char *op, int32_t seq, int append, int32_t layer, int32_t n_tokens,
+                              const void *k, const void *v, kivi_dtype dtype, int32_t flags);
+
 /** First non-finite element of x [n] (dtype), or with f16range also the first beyond fp16, into *first (-1 if
     none); waits. Uses scratch slot `slot`. */
 kivi_status kv_cache_scan(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, int64_t n, bool f16range,

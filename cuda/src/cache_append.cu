@@ -140,26 +140,13 @@ static __global__ void __launch_bounds__(256) k_cache_window(const __grid_consta
 
 extern "C" {
 
-KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t layer, const void *k, const void *v,
+KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t layer, const void *k, const void *v,
                                        kivi_dtype dtype, int32_t n_tokens, int32_t flags) {
   static const char *op = "kivi_cache_append";
-  kivi_status st = kv_cache_enter(cache, op);
+  kivi_status st = kv_cache_io_enter(c, op, seq, 1, layer, n_tokens, k, v, dtype, flags);
   if (st) return st;
-  kivi_cache_t c = cache;
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
-  if ((st = kv_cache_check_seq(c, op, seq))) return st;
-  if (layer < -1 || layer >= g.layers)
-    return kv_fail(ctx, KIVI_ERR_ARG, "%s: layer must be -1 (all) or in 0..%d, got %d", op, (int)g.layers - 1,
-                   (int)layer);
-  if (n_tokens < 1) return kv_fail(ctx, KIVI_ERR_ARG, "%s: n_tokens must be >= 1, got %d", op, (int)n_tokens);
-  if (!k) return kv_fail(ctx, KIVI_ERR_ARG, "%s: k must not be NULL", op);
-  if (!v) return kv_fail(ctx, KIVI_ERR_ARG, "%s: v must not be NULL", op);
-  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
-    return kv_fail(ctx, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op,
-                   (int)dtype);
-  if (flags & ~(int32_t)KIVI_FLAG_TRUSTED)
-    return kv_fail(ctx, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op, (int)flags);
 
   const int32_t l0 = layer < 0 ? 0 : layer, nl = layer < 0 ? g.layers : 1;
   const int64_t n = n_tokens, row = (int64_t)g.kv_heads * g.head_dim, total = (int64_t)nl * n * row;
@@ -217,15 +204,24 @@ void kv_append_pages(kivi_cache *c, int32_t seq, int64_t extra, int64_t skip) {
   for (int64_t i = 0; i < extra; i++) trow[have + i] = c->free_pages[c->nfree - 1 - skip - i];
 }
 
+/* Layer l0 + li of an append of n tokens to seq: its lengths before it and the tokens it flushes. */
+struct kv_layer_plan {
+  int64_t len, qlen, flush;
+};
+static kv_layer_plan layer_plan(const kivi_cache *c, int32_t seq, int32_t l0, int32_t li, int64_t n) {
+  const int64_t at = (int64_t)seq * c->cfg.layers + l0 + li;
+  const int64_t len = c->len[at], ql = c->qlen[at];
+  return {len, ql, kivi_flush_count(&c->cfg, len, ql, n)};
+}
+
 kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
                             const void *v, kivi_dtype dtype, int64_t n) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int64_t F = c->F, W = c->W, row = (int64_t)g.kv_heads * g.head_dim;
-  const int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
   int64_t max_groups = 0;
   for (int32_t i = 0; i < nl; i++) {
-    const int64_t f = kivi_flush_count(&g, lens[l0 + i], qlens[l0 + i], n);
+    const int64_t f = layer_plan(c, seq, l0, i, n).flush;
     max_groups = f / F > max_groups ? f / F : max_groups;
   }
   if (max_groups == 0) return KIVI_OK;
@@ -265,15 +261,13 @@ kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t 
     const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
     int64_t mg = 0;
     for (int32_t i = 0; i < cnt; i++) {
-      const int32_t li = b0 + i;
-      const int64_t len = lens[l0 + li], ql = qlens[l0 + li];
-      const int64_t f = kivi_flush_count(&g, len, ql, n);
-      fp->L[i].qlen = ql;
-      fp->L[i].len = len;
-      fp->L[i].nflush = (int32_t)(f / F);
-      fp->L[i].layer = l0 + li;
-      fp->L[i].in_index = li;
-      mg = f / F > mg ? f / F : mg;
+      const kv_layer_plan lp = layer_plan(c, seq, l0, b0 + i, n);
+      fp->L[i].qlen = lp.qlen;
+      fp->L[i].len = lp.len;
+      fp->L[i].nflush = (int32_t)(lp.flush / F);
+      fp->L[i].layer = l0 + b0 + i;
+      fp->L[i].in_index = b0 + i;
+      mg = lp.flush / F > mg ? lp.flush / F : mg;
     }
     if (mg == 0) continue;
     dim3 grid((unsigned)mg, (unsigned)cnt, (unsigned)g.kv_heads);
@@ -289,7 +283,6 @@ kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int64_t W = c->W, row = (int64_t)g.kv_heads * g.head_dim;
-  const int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
   const uint64_t seq_win = (uint64_t)seq * g.layers * (uint64_t)W * (uint64_t)row;
   kivi_status st = KIVI_OK;
   kv_winw_params *wp = (kv_winw_params *)calloc(1, sizeof(kv_winw_params));
@@ -307,14 +300,12 @@ kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t
     const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
     int64_t maxrows = 0;
     for (int32_t i = 0; i < cnt; i++) {
-      const int32_t li = b0 + i;
-      const int64_t len = lens[l0 + li], ql = qlens[l0 + li];
-      const int64_t f = kivi_flush_count(&g, len, ql, n);
-      const int64_t r0 = ql + f - len > 0 ? ql + f - len : 0;
-      wp->L[i].len = len;
+      const kv_layer_plan lp = layer_plan(c, seq, l0, b0 + i, n);
+      const int64_t r0 = lp.qlen + lp.flush - lp.len > 0 ? lp.qlen + lp.flush - lp.len : 0; /* first row kept */
+      wp->L[i].len = lp.len;
       wp->L[i].r0 = r0;
-      wp->L[i].layer = l0 + li;
-      wp->L[i].in_index = li;
+      wp->L[i].layer = l0 + b0 + i;
+      wp->L[i].in_index = b0 + i;
       maxrows = n - r0 > maxrows ? n - r0 : maxrows;
     }
     if (maxrows == 0) continue;
@@ -329,13 +320,12 @@ kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t
 
 void kv_append_commit(kivi_cache *c, int32_t seq, int32_t l0, int32_t nl, int64_t n, int64_t extra) {
   const kivi_cache_config &g = c->cfg;
-  int64_t *lens = c->len + (int64_t)seq * g.layers, *qlens = c->qlen + (int64_t)seq * g.layers;
   c->nfree -= (int32_t)extra;
   c->npages[seq] += (int32_t)extra;
   for (int32_t i = 0; i < nl; i++) {
-    const int64_t len = lens[l0 + i], ql = qlens[l0 + i];
-    const int64_t f = kivi_flush_count(&g, len, ql, n);
-    lens[l0 + i] = len + n;
-    qlens[l0 + i] = ql + f;
+    const kv_layer_plan lp = layer_plan(c, seq, l0, i, n);
+    const int64_t at = (int64_t)seq * g.layers + l0 + i;
+    c->len[at] = lp.len + n;
+    c->qlen[at] = lp.qlen + lp.flush;
   }
 }

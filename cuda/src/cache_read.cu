@@ -60,22 +60,12 @@ static __global__ void __launch_bounds__(256) k_cache_read(const __grid_constant
 
 extern "C" {
 
-KIVI_API kivi_status kivi_cache_read(kivi_cache_t cache, int32_t seq, int32_t layer, void *k, void *v,
-                                     kivi_dtype dtype) {
+KIVI_API kivi_status kivi_cache_read(kivi_cache_t c, int32_t seq, int32_t layer, void *k, void *v, kivi_dtype dtype) {
   static const char *op = "kivi_cache_read";
-  kivi_status st = kv_cache_enter(cache, op);
+  kivi_status st = kv_cache_io_enter(c, op, seq, 0, layer, 1, k, v, dtype, 0);
   if (st) return st;
-  kivi_cache_t c = cache;
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
-  if ((st = kv_cache_check_seq(c, op, seq))) return st;
-  if (layer < 0 || layer >= g.layers)
-    return kv_fail(ctx, KIVI_ERR_ARG, "%s: layer must be in 0..%d, got %d", op, (int)g.layers - 1, (int)layer);
-  if (!k) return kv_fail(ctx, KIVI_ERR_ARG, "%s: k must not be NULL", op);
-  if (!v) return kv_fail(ctx, KIVI_ERR_ARG, "%s: v must not be NULL", op);
-  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
-    return kv_fail(ctx, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op,
-                   (int)dtype);
   const int64_t len = c->len[(int64_t)seq * g.layers + layer];
   if (len == 0) return KIVI_OK;
   kv_read_params p;

@@ -166,11 +166,9 @@ static __global__ void __launch_bounds__(128)
                    int32_t fit, int32_t max_iters, int32_t assign, uint16_t *__restrict__ centroids,
                    int32_t *__restrict__ iters, float *__restrict__ inertia, uint32_t *__restrict__ codes) {
   constexpr int NC = 1 << BITS, CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < groups; t += stride) {
-    const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
+  for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     float v[G];
-    kv_load_group<DT, G>(x, l, aligned, v);
+    const kv_gloc l = kv_load_group_at<DT, G>(x, t, axis, rows, cols, aligned, v);
     uint16_t h[NC];
     float *trace = inertia ? inertia + l.g * (int64_t)(max_iters + 1) : nullptr;
     const int32_t it = kv_fit_group<G, NC>(v, fit, max_iters, h, trace);
@@ -187,11 +185,9 @@ static __global__ void __launch_bounds__(128)
                         bool aligned, const uint16_t *__restrict__ centroids, int32_t assign,
                         uint32_t *__restrict__ codes) {
   constexpr int NC = 1 << BITS, CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < groups; t += stride) {
-    const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
+  for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     float v[G];
-    kv_load_group<DT, G>(x, l, aligned, v);
+    const kv_gloc l = kv_load_group_at<DT, G>(x, t, axis, rows, cols, aligned, v);
     uint16_t h[NC];
 #pragma unroll
     for (int k = 0; k < NC; k++) h[k] = centroids[l.g * NC + k];
@@ -204,8 +200,7 @@ static __global__ void __launch_bounds__(128)
     k_codebook_dequantize(const uint32_t *__restrict__ codes, const uint16_t *__restrict__ centroids, int64_t rows,
                           int64_t cols, int32_t axis, int64_t groups, void *__restrict__ out) {
   constexpr int NC = 1 << BITS, CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < groups; t += stride) {
+  for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
     float c[NC];
 #pragma unroll

@@ -16,11 +16,9 @@ template <int DT, int G>
 static __global__ void __launch_bounds__(128)
     k_stats_block(const void *__restrict__ x, int64_t rows, int64_t cols, int32_t axis, int64_t groups, bool aligned,
                   float *__restrict__ stats, int32_t *__restrict__ nonfinite) {
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < groups; t += stride) {
-    const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
+  for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     float v[G];
-    kv_load_group<DT, G>(x, l, aligned, v);
+    const kv_gloc l = kv_load_group_at<DT, G>(x, t, axis, rows, cols, aligned, v);
     double sum = 0.0;
     float mn = 0.0f, mx = 0.0f;
     int32_t cnt = 0, bad = 0;

@@ -28,13 +28,15 @@ const X_GROUPED = [
   "i32", // kivi_axis axis
   "i32", // int32_t group
 ] as const;
-/** The shape of packed codes: the matrix, its groups and the code width. */
-const CODES_SHAPE = [
+/** What a dequantizer takes after its codes and params: their shape and where to write. */
+const DEQUANTIZE_TO = [
   "i64", // int64_t rows
   "i64", // int64_t cols
   "i32", // kivi_axis axis
   "i32", // int32_t group
   "i32", // int32_t bits
+  "ptr", // void *out                [rows][cols]
+  "i32", // kivi_dtype out_dtype
 ] as const;
 
 export const symbols = {
@@ -164,9 +166,7 @@ export const symbols = {
       "ptr", // const uint32_t *codes    packed
       "ptr", // const uint16_t *scale    fp16 [groups]
       "ptr", // const uint16_t *zero     fp16 [groups]
-      ...CODES_SHAPE, // int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits
-      "ptr", // void *out                [rows][cols]
-      "i32", // kivi_dtype out_dtype
+      ...DEQUANTIZE_TO, // rows, cols, axis, group, bits, void *out [rows][cols], kivi_dtype out_dtype
     ],
     returns: "i32",
   },
@@ -215,9 +215,7 @@ export const symbols = {
       "ptr", // kivi_ctx_t ctx
       "ptr", // const uint32_t *codes    packed
       "ptr", // const uint16_t *centroids fp16 [groups][2^bits]
-      ...CODES_SHAPE, // int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits
-      "ptr", // void *out                [rows][cols]
-      "i32", // kivi_dtype out_dtype
+      ...DEQUANTIZE_TO, // rows, cols, axis, group, bits, void *out [rows][cols], kivi_dtype out_dtype
     ],
     returns: "i32",
   },

@@ -30,12 +30,15 @@
 
 /* ---------------------------------------------------------------- the two libraries ------ */
 
+/* clang-format rewraps this X-macro list differently on every pass: */
+/* clang-format off */
 #define KV_FNS(X)                                                                                                  \
   X(abi_version) X(backend_kind) X(status_str) X(last_error) X(device_count) X(ctx_create) X(ctx_destroy)           \
   X(ctx_last_error) X(ctx_device_name) X(ctx_synchronize) X(ctx_query) X(mem_alloc) X(mem_free) X(mem_upload)      \
   X(mem_download) X(mem_copy) X(mem_info) X(timer_start) X(timer_stop) X(bench_copy) X(stats_block)                 \
   X(uniform_quantize) X(uniform_dequantize) X(codebook_fit) X(codebook_quantize) X(codebook_encode)                \
   X(codebook_dequantize) X(codes_pack) X(codes_unpack)
+/* clang-format on */
 
 typedef struct lib {
   const char *name;
