@@ -6,7 +6,7 @@
  * @module
  */
 import { type Pointer, scratchArray } from "./ffi/_native.ts";
-import type { BackendCore as Backend, DeviceTensor, NativeState, TensorFacts } from "./tensor.ts";
+import { type BackendCore as Backend, type DeviceTensor, handleRegistry, type NativeHeld, type NativeState, type TensorFacts } from "./tensor.ts";
 import type { CacheConfig } from "./cache_config.ts";
 import { checkBool, checkOneOf, readOptions, show } from "./_checks.ts";
 import { dtypeCode } from "./_dtype.ts";
@@ -61,14 +61,8 @@ export interface BatchHost<S extends object> {
   poison(s: S, what: string): void;
 }
 
-interface BatchHeld {
-  state: NativeState;
-  handle: Pointer;
-}
-const batchRegistry = new FinalizationRegistry<BatchHeld>((held) => {
-  held.state.lib.call("kivi_batch_destroy", held.handle);
-  held.state.release();
-});
+type BatchHeld = NativeHeld;
+const batchRegistry = handleRegistry("kivi_batch_destroy");
 
 /** A tensor option of a batch, read once: its facts (brand-checked), or undefined when not given. */
 function tensorOption(backend: Backend, name: string, x: unknown): TensorFacts | undefined {

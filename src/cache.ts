@@ -5,7 +5,7 @@
  * @module
  */
 import { type ArgsOf, type Pointer, scratchArray } from "./ffi/_native.ts";
-import type { BackendCore as Backend, DeviceTensor, NativeState, TensorFacts } from "./tensor.ts";
+import { type BackendCore as Backend, type DeviceTensor, handleRegistry, type NativeHeld, type TensorFacts } from "./tensor.ts";
 import { checkBool, checkInt, checkOneOf, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
 import { checkHint, type DType, dtypeCode, dtypeOfKind, F16_LIMIT, firstBeyondFp16, type HostArray, hostArray, valueAt } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
@@ -25,14 +25,8 @@ export {
   resolveCacheOptions,
 } from "./cache_config.ts";
 
-interface CacheHeld {
-  state: NativeState;
-  handle: Pointer;
-}
-const cacheRegistry = new FinalizationRegistry<CacheHeld>((held) => {
-  held.state.lib.call("kivi_cache_destroy", held.handle);
-  held.state.release();
-});
+type CacheHeld = NativeHeld;
+const cacheRegistry = handleRegistry("kivi_cache_destroy");
 
 
 /** A K, V or q argument described once: a host typed array (by its internal slots) or a tensor. */

@@ -7,6 +7,7 @@
  */
 import { checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
 import type { Fit, GroupSize } from "./quant.ts";
+import { codebookFit, refuseCodebookKeys, RULES } from "./_rules.ts";
 
 /** How keys or values are stored: a quantized format, or `{ bits: 16 }` for plain fp16. */
 export type CacheFormat =
@@ -87,23 +88,15 @@ const FIT = { free: 0, pinned: 1 } as const;
 function resolveCacheFormat(name: string, f: unknown, dflt: CacheFormat): CacheConfig["keys"] {
   if (f === null || (f !== undefined && typeof f !== "object")) throw new TypeError(`${name} must be a format object, got ${show(f)}`);
   const g = readOptions(name, f === undefined ? dflt : f, ["kind", "bits", "group", "fit", "iterations"], true);
-  const bits = checkOneOf(`${name}.bits`, g.bits, [2, 4, 16] as const);
-  const group = checkOneOf(`${name}.group`, g.group ?? 32, [32, 64, 128] as const);
+  const bits = checkOneOf(`${name}.bits`, g.bits, RULES.cacheBits);
+  const group = checkOneOf(`${name}.group`, g.group ?? 32, RULES.groups);
   if (bits === 16) return { kind: "uniform", bits, group, fit: "free", iterations: 1 };
-  const kind = checkOneOf(`${name}.kind`, g.kind, ["uniform", "codebook"] as const);
+  const kind = checkOneOf(`${name}.kind`, g.kind, RULES.kinds);
   if (kind === "uniform") {
-    for (const k of ["fit", "iterations"] as const) {
-      if (g[k] !== undefined) throw new TypeError(`${name}.${k} is an option of the codebook format, not of "uniform"`);
-    }
+    refuseCodebookKeys(name, g, ["fit", "iterations"]);
     return { kind, bits, group, fit: "free", iterations: 1 };
   }
-  return {
-    kind,
-    bits,
-    group,
-    fit: checkOneOf(`${name}.fit`, g.fit ?? "free", ["free", "pinned"] as const),
-    iterations: checkInt(`${name}.iterations`, g.iterations ?? 16, 1, 256),
-  };
+  return { kind, bits, group, ...codebookFit(name, g) };
 }
 
 /** Bytes of one head's K or V block of one page (kivi_format.h kivi_page_part, kept in step by a test). */
@@ -158,18 +151,18 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
   const layers = checkInt("layers", o.layers, 1, 4096);
   const kvHeads = checkInt("kvHeads", o.kvHeads, 1, 4096);
   const queryHeads = checkInt("queryHeads", o.queryHeads ?? kvHeads, 1, 4096 * 32);
-  if (queryHeads % kvHeads !== 0 || queryHeads / kvHeads > 32) {
+  if (queryHeads % kvHeads !== 0 || queryHeads / kvHeads > RULES.maxQueryRatio) {
     throw new RangeError(
-      `queryHeads must be a multiple of kvHeads (${kvHeads}) at most 32 times it, got ${queryHeads}`,
+      `queryHeads must be a multiple of kvHeads (${kvHeads}) at most ${RULES.maxQueryRatio} times it, got ${queryHeads}`,
     );
   }
-  const headDim = checkOneOf("headDim", o.headDim, [64, 128, 256] as const);
+  const headDim = checkOneOf("headDim", o.headDim, RULES.headDims);
   const keys = resolveCacheFormat("keys", o.keys, { kind: "uniform", bits: 2, group: 32 });
   const values = resolveCacheFormat("values", o.values, { kind: "codebook", bits: 2, group: 64 });
   if (headDim % values.group !== 0) {
     throw new RangeError(`values.group must divide headDim (${headDim}), got ${values.group}`);
   }
-  const pageTokens = checkOneOf("pageTokens", o.pageTokens ?? 64, [32, 64, 128, 256] as const);
+  const pageTokens = checkOneOf("pageTokens", o.pageTokens ?? 64, RULES.pageTokens);
   if (pageTokens % keys.group !== 0) {
     throw new RangeError(`pageTokens must be a multiple of keys.group (${keys.group}), got ${pageTokens}`);
   }

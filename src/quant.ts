@@ -9,8 +9,9 @@
 import type { NativeLib, Pointer } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
 import type { BackendCore as Backend, DeviceTensor, TensorFacts } from "./tensor.ts";
+import { codebookFit, refuseCodebookKeys, RULES } from "./_rules.ts";
 import { Staging } from "./_staging.ts";
-import { checkBool, checkInt, checkOneOf, checkShape, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
+import { checkBool, checkOneOf, checkShape, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
 import {
   checkHint,
   type DType,
@@ -148,8 +149,8 @@ export interface CodebookOptions<M extends Mem> extends InputOptions {
 const axisCode: Record<Axis, number> = { token: 0, channel: 1 };
 const fitCode: Record<Fit, number> = { free: 0, pinned: 1 };
 const assignCode: Record<Assign, number> = { nearest: 0, interval: 1 };
-const GROUPS = [32, 64, 128] as const;
-const BITS = [2, 4] as const;
+const GROUPS = RULES.groups;
+const BITS = RULES.bits;
 
 /**
  * Fills in a format's defaults and checks it.
@@ -166,23 +167,15 @@ export function resolveFormat(format: Format, name = "format"): ResolvedFormat {
     throw new TypeError(`${name} must be an object such as { kind: "uniform", bits: 2 }, got ${show(format)}`);
   }
   const f = readOptions(name, format, ["kind", "bits", "group", "fit", "iterations", "assign"]);
-  const kind = checkOneOf(`${name}.kind`, f.kind, ["uniform", "codebook"] as const);
+  const kind = checkOneOf(`${name}.kind`, f.kind, RULES.kinds);
   const bits = checkOneOf(`${name}.bits`, f.bits, BITS);
   const group = checkOneOf(`${name}.group`, f.group ?? 32, GROUPS);
   if (kind === "uniform") {
-    for (const k of ["fit", "iterations", "assign"] as const) {
-      if (f[k] !== undefined) throw new TypeError(`${name}.${k} is an option of the codebook format, not of "uniform"`);
-    }
+    refuseCodebookKeys(name, f, ["fit", "iterations", "assign"]);
     return { kind, bits, group };
   }
-  return {
-    kind,
-    bits,
-    group,
-    fit: checkOneOf(`${name}.fit`, f.fit ?? "free", ["free", "pinned"] as const),
-    iterations: checkInt(`${name}.iterations`, f.iterations ?? 16, 1, 256),
-    assign: checkOneOf(`${name}.assign`, f.assign ?? "nearest", ["nearest", "interval"] as const),
-  };
+  const { fit, iterations } = codebookFit(name, f);
+  return { kind, bits, group, fit, iterations, assign: checkOneOf(`${name}.assign`, f.assign ?? "nearest", RULES.assigns) };
 }
 
 /**

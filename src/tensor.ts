@@ -40,6 +40,21 @@ export class NativeState {
   }
 }
 
+/** A native handle a class owns (a cache, a decode batch) and the shared state it keeps alive. */
+export interface NativeHeld {
+  state: NativeState;
+  handle: Pointer;
+}
+
+/** The safety net of a class owning one native handle: a finalizer that destroys the handle with
+ * `destroy`, then releases the state. Explicit disposal unregisters. */
+export function handleRegistry(destroy: "kivi_cache_destroy" | "kivi_batch_destroy"): FinalizationRegistry<NativeHeld> {
+  return new FinalizationRegistry<NativeHeld>((held) => {
+    held.state.lib.call(destroy, held.handle);
+    held.state.release();
+  });
+}
+
 interface TensorHeld {
   state: NativeState;
   ptr: Pointer;

@@ -174,9 +174,8 @@ KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
   const cpu_spec spec = kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
   cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
+  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
-  if (!(flags & KIVI_FLAG_TRUSTED) && (st = cpu_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   const walk wk = {.kind = WALK_FIT,
                    .fit = fit,
                    .max_iters = max_iters,
@@ -206,9 +205,8 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
                                           uint32_t *codes) {
   const cpu_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids, codes);
   cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
+  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
-  if (!(flags & KIVI_FLAG_TRUSTED) && (st = cpu_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   const walk wk = {.kind = WALK_ENCODE,
                    .fit = fit,
                    .assign = assign,

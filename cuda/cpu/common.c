@@ -44,6 +44,12 @@ kivi_status cpu_validate(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh) {
   return KIVI_OK;
 }
 
+kivi_status cpu_validate_input(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh, const void *x) {
+  kivi_status st = cpu_validate(ctx, s, sh);
+  if (st || (s->flags & KIVI_FLAG_TRUSTED)) return st;
+  return cpu_check_finite(ctx, s->op, x, s->dtype, sh);
+}
+
 /* ---------------------------------------------------------------- NaN / Inf scan --------- */
 
 #define SCAN_CHUNK 4096

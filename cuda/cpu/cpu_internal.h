@@ -43,6 +43,9 @@ typedef kivi_shape cpu_shape;
 /** ctx, then kivi_spec_check (everything the spec names, in a fixed order); on success fills *sh (may be
     NULL). */
 kivi_status cpu_validate(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh);
+/** cpu_validate, then, unless the spec's flags say KIVI_FLAG_TRUSTED, the scan of the input x
+    (cpu_check_finite). */
+kivi_status cpu_validate_input(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh, const void *x);
 /** ctx non-null (for ops outside the quantizer rules). */
 kivi_status cpu_need_ctx(kivi_ctx_t ctx, const char *op);
 /** The quantizers' scan of x [rows][cols]: NaN, Inf, or a finite f32 / bf16 value beyond fp16's range

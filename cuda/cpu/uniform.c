@@ -159,9 +159,8 @@ KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_d
                                            uint32_t *codes, uint16_t *scale, uint16_t *zero) {
   const cpu_spec spec = kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero);
   cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
+  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
-  if (!(flags & KIVI_FLAG_TRUSTED) && (st = cpu_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   float *tmp = NULL;
   if (dtype != KIVI_F32 &&
       (st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))

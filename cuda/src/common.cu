@@ -92,6 +92,12 @@ kivi_status kv_validate(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh) {
   return KIVI_OK;
 }
 
+kivi_status kv_validate_input(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh, const void *x) {
+  kivi_status st = kv_validate(ctx, s, sh);
+  if (st || (s->flags & KIVI_FLAG_TRUSTED)) return st;
+  return kv_check_finite(ctx, s->op, x, s->dtype, sh);
+}
+
 kivi_status kv_scratch_reset(kivi_ctx_t ctx, const char *op) {
   return kv_cuda(ctx, cudaMemsetAsync(ctx->d_scratch, 0xff, KV_SLOTS * sizeof(unsigned long long), ctx->stream), op,
                  "cudaMemsetAsync (validation flags)");

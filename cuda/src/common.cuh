@@ -59,12 +59,19 @@ kivi_status kv_validate(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh);
     range: the params are fp16); waits for it. KIVI_ERR_NONFINITE naming the first bad element (row,
     col, group from sh) and nothing else happens. */
 kivi_status kv_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const kv_shape *sh);
+/** kv_validate, then, unless the spec's flags say KIVI_FLAG_TRUSTED, the device scan of the input x
+    (kv_check_finite). */
+kivi_status kv_validate_input(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh, const void *x);
 /** Resets the scratch slots (async, on the stream). */
 kivi_status kv_scratch_reset(kivi_ctx_t ctx, const char *op);
 /** Copies the scratch slots to ctx->h_scratch and waits. */
 kivi_status kv_scratch_read(kivi_ctx_t ctx, const char *op);
 
 /* ---------------------------------------------------------------- device helpers --------- */
+/** This thread's first index of a grid-stride loop, and the loop's stride. */
+__device__ __forceinline__ int64_t kv_grid_first() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t kv_grid_stride() { return (int64_t)gridDim.x * blockDim.x; }
+
 
 template <int DT> struct kv_dt;
 template <> struct kv_dt<KIVI_F32> { static constexpr int size = 4; };

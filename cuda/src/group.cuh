@@ -62,8 +62,4 @@ __device__ __forceinline__ kv_gloc kv_load_group_at(const void *__restrict__ x, 
   return l;
 }
 
-/** This thread's first index of a grid-stride loop, and the loop's stride. */
-__device__ __forceinline__ int64_t kv_grid_first() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
-__device__ __forceinline__ int64_t kv_grid_stride() { return (int64_t)gridDim.x * blockDim.x; }
-
 #endif /* KIVI_CUDA_GROUP_CUH */

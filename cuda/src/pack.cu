@@ -41,8 +41,7 @@ template <int BITS>
 static __global__ void k_codes_pack(const uint8_t *__restrict__ codes, int64_t nwords, bool aligned,
                                     uint32_t *__restrict__ words) {
   constexpr int CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t w = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; w < nwords; w += stride) {
+  for (int64_t w = kv_grid_first(); w < nwords; w += kv_grid_stride()) {
     uint8_t b[CPW];
     if (aligned) {
       typedef typename kv_bytes<BITS>::t vec;
@@ -63,8 +62,7 @@ template <int BITS>
 static __global__ void k_codes_unpack(const uint32_t *__restrict__ words, int64_t nwords, bool aligned,
                                       uint8_t *__restrict__ codes) {
   constexpr int CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t w = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; w < nwords; w += stride) {
+  for (int64_t w = kv_grid_first(); w < nwords; w += kv_grid_stride()) {
     const uint32_t word = words[w];
     uint8_t b[CPW];
 #pragma unroll

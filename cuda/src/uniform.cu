@@ -118,9 +118,8 @@ KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_d
                                            uint32_t *codes, uint16_t *scale, uint16_t *zero) {
   const kv_spec spec = kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero);
   kv_shape sh;
-  kivi_status st = kv_validate(ctx, &spec, &sh);
+  kivi_status st = kv_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
-  if (!(flags & KIVI_FLAG_TRUSTED) && (st = kv_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   if (sh.axis == KIVI_AXIS_TOKEN)
     kv_uniform_quantize_token(ctx, x, dtype, sh, codes, scale, zero);
   else

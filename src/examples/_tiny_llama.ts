@@ -181,6 +181,23 @@ async function run(
 }
 
 /** Size of the example run. */
+/** The examples' command line (`--layers --prompt --steps --seed` as non-negative integers,
+ * `--backend auto|cpu|cuda`), read from the runtime's arguments. */
+export function exampleOptions(argv: readonly string[]): { backend: "auto" | "cpu" | "cuda"; cfg: DecodeConfig } {
+  const option = (name: string, fallback: number): number => {
+    const i = argv.indexOf(`--${name}`);
+    const v = i >= 0 ? Number(argv[i + 1]) : fallback;
+    if (!Number.isInteger(v) || v < 0) throw new RangeError(`--${name} must be a non-negative integer, got ${argv[i + 1]}`);
+    return v;
+  };
+  const backend = argv.includes("--backend") ? argv[argv.indexOf("--backend") + 1] : "auto";
+  if (backend !== "auto" && backend !== "cpu" && backend !== "cuda") {
+    throw new RangeError(`--backend must be auto, cpu or cuda, got ${backend}`);
+  }
+  const cfg = { layers: option("layers", 4), prompt: option("prompt", 96), steps: option("steps", 16), seed: option("seed", 7) };
+  return { backend, cfg };
+}
+
 export interface DecodeConfig {
   layers: number;
   prompt: number;

@@ -11,20 +11,11 @@
  * @module
  */
 import { openBackend } from "../mod.ts";
-import { decodeExample } from "./_tiny_llama.ts";
+import { decodeExample, exampleOptions } from "./_tiny_llama.ts";
 
 // Bun's own globals, declared here so that `deno check` (which has no Bun types) accepts this file.
 declare const Bun: { nanoseconds(): number; argv: string[]; version: string };
 
-function option(name: string, fallback: number): number {
-  const i = Bun.argv.indexOf(`--${name}`);
-  const v = i >= 0 ? Number(Bun.argv[i + 1]) : fallback;
-  if (!Number.isInteger(v) || v < 0) throw new RangeError(`--${name} must be a non-negative integer, got ${Bun.argv[i + 1]}`);
-  return v;
-}
-const backend = Bun.argv.includes("--backend") ? Bun.argv[Bun.argv.indexOf("--backend") + 1] : "auto";
-if (backend !== "auto" && backend !== "cpu" && backend !== "cuda") throw new RangeError(`--backend must be auto, cpu or cuda, got ${backend}`);
-
+const { backend, cfg } = exampleOptions(Bun.argv);
 using kivi = await openBackend({ prefer: backend });
-const cfg = { layers: option("layers", 4), prompt: option("prompt", 96), steps: option("steps", 16), seed: option("seed", 7) };
 await decodeExample(kivi, cfg, () => Bun.nanoseconds() / 1e6, `Bun ${Bun.version}`);

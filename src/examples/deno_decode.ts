@@ -11,17 +11,8 @@
  * @module
  */
 import { openBackend } from "../mod.ts";
-import { decodeExample } from "./_tiny_llama.ts";
+import { decodeExample, exampleOptions } from "./_tiny_llama.ts";
 
-function option(name: string, fallback: number): number {
-  const i = Deno.args.indexOf(`--${name}`);
-  const v = i >= 0 ? Number(Deno.args[i + 1]) : fallback;
-  if (!Number.isInteger(v) || v < 0) throw new RangeError(`--${name} must be a non-negative integer, got ${Deno.args[i + 1]}`);
-  return v;
-}
-const backend = Deno.args.includes("--backend") ? Deno.args[Deno.args.indexOf("--backend") + 1] : "auto";
-if (backend !== "auto" && backend !== "cpu" && backend !== "cuda") throw new RangeError(`--backend must be auto, cpu or cuda, got ${backend}`);
-
+const { backend, cfg } = exampleOptions(Deno.args);
 using kivi = await openBackend({ prefer: backend });
-const cfg = { layers: option("layers", 4), prompt: option("prompt", 96), steps: option("steps", 16), seed: option("seed", 7) };
 await decodeExample(kivi, cfg, () => performance.now(), `Deno ${Deno.version.deno}`);

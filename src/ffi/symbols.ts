@@ -28,6 +28,11 @@ const X_GROUPED = [
   "i32", // kivi_axis axis
   "i32", // int32_t group
 ] as const;
+/** X_GROUPED and the code width: what a quantizer takes after ctx. */
+const X_CODED = [
+  ...X_GROUPED,
+  "i32", // int32_t bits
+] as const;
 /** What a dequantizer takes after its codes and params: their shape and where to write. */
 const DEQUANTIZE_TO = [
   "i64", // int64_t rows
@@ -37,6 +42,17 @@ const DEQUANTIZE_TO = [
   "i32", // int32_t bits
   "ptr", // void *out                [rows][cols]
   "i32", // kivi_dtype out_dtype
+] as const;
+
+/** What attention takes first: the cache, the layer, the batch's sequences and its queries. */
+const ATTEND_QUERY = [
+  "ptr", // kivi_cache_t cache
+  "i32", // int32_t layer
+  "ptr", // const int32_t *seqs      host [batch]
+  "i32", // int32_t batch
+  "ptr", // const void *q            [batch][q_heads][head_dim]
+  "i32", // kivi_dtype q_dtype
+  "f32", // float scale
 ] as const;
 
 export const symbols = {
@@ -151,8 +167,7 @@ export const symbols = {
   kivi_uniform_quantize: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
-      "i32", // int32_t bits
+      ...X_CODED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group, bits
       "i32", // int32_t flags
       "ptr", // uint32_t *codes          packed
       "ptr", // uint16_t *scale          fp16 [groups]
@@ -173,8 +188,7 @@ export const symbols = {
   kivi_codebook_fit: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
-      "i32", // int32_t bits
+      ...X_CODED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group, bits
       "i32", // kivi_fit fit
       "i32", // int32_t max_iters
       "i32", // int32_t flags
@@ -187,8 +201,7 @@ export const symbols = {
   kivi_codebook_quantize: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
-      "i32", // int32_t bits
+      ...X_CODED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group, bits
       "ptr", // const uint16_t *centroids fp16 [groups][2^bits]
       "i32", // kivi_assign assign
       "i32", // int32_t flags
@@ -199,8 +212,7 @@ export const symbols = {
   kivi_codebook_encode: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
-      "i32", // int32_t bits
+      ...X_CODED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group, bits
       "i32", // kivi_fit fit
       "i32", // int32_t max_iters
       "i32", // kivi_assign assign
@@ -298,13 +310,7 @@ export const symbols = {
   },
   kivi_cache_attend: {
     args: [
-      "ptr", // kivi_cache_t cache
-      "i32", // int32_t layer
-      "ptr", // const int32_t *seqs      host [batch]
-      "i32", // int32_t batch
-      "ptr", // const void *q            [batch][q_heads][head_dim]
-      "i32", // kivi_dtype q_dtype
-      "f32", // float scale
+      ...ATTEND_QUERY, // kivi_cache_t cache, int32_t layer, const int32_t *seqs, int32_t batch, q, q_dtype, scale
       "i32", // int32_t flags
       "ptr", // void *out                [batch][q_heads][head_dim]
       "i32", // kivi_dtype out_dtype
@@ -324,13 +330,7 @@ export const symbols = {
   },
   kivi_cache_bench_attend: {
     args: [
-      "ptr", // kivi_cache_t cache
-      "i32", // int32_t layer
-      "ptr", // const int32_t *seqs      host [batch]
-      "i32", // int32_t batch
-      "ptr", // const void *q            [batch][q_heads][head_dim]
-      "i32", // kivi_dtype q_dtype
-      "f32", // float scale
+      ...ATTEND_QUERY, // kivi_cache_t cache, int32_t layer, const int32_t *seqs, int32_t batch, q, q_dtype, scale
       "ptr", // void *out                [batch][q_heads][head_dim]
       "i32", // kivi_dtype out_dtype
       "i32", // int32_t iters

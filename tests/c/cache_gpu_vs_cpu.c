@@ -83,11 +83,7 @@ typedef struct lib {
 static int lib_open(lib *L, const char *path) {
   memset(L, 0, sizeof *L);
   L->name = path;
-  L->h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-  if (!L->h) {
-    fprintf(stderr, "dlopen %s: %s\n", path, dlerror());
-    return -1;
-  }
+  if (!(L->h = harness_dlopen(path))) return -1;
   SYM(L, ctx_create, "kivi_ctx_create", 1);
   SYM(L, ctx_destroy, "kivi_ctx_destroy", 1);
   SYM(L, ctx_synchronize, "kivi_ctx_synchronize", 1);

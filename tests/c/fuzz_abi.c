@@ -453,6 +453,19 @@ static int fill_centroids(const region *r, int64_t groups, int32_t n, int bad) {
   return 1;
 }
 
+/* Lays out the regions of a quantizer call (layout; 0 when they do not fit), fills the outputs r[1..n)
+   with canaries and, for a well-formed call, the input r[0] with data, now and then a NaN / Inf
+   (*nonfinite set) or a value beyond fp16. */
+static int quant_regions(region *r, int n, int overlap, int wellformed, kivi_dtype dt, int64_t elems, int *nonfinite) {
+  if (!layout(r, n, overlap)) return 0;
+  for (int i = 1; i < n; i++) fill_canary(&r[i]);
+  if (!wellformed || !dtype_ok(dt)) return 1;
+  fill_data(&r[0], dt, elems);
+  if (!overlap && chance(0.15)) *nonfinite = poison(&r[0], dt, elems);
+  if (!overlap && chance(0.05)) poison_big(&r[0], dt, elems);
+  return 1;
+}
+
 static void fuzz_quant(void) {
   const int op = (int)irange(0, 8);
   const int need_bits = op != 0;
@@ -494,13 +507,7 @@ static void fuzz_quant(void) {
     case 2: { /* codebook encode: x, centroids, codes */
       g_where = op == 1 ? "kivi_uniform_quantize" : "kivi_codebook_encode";
       region r[4] = {{0, xb}, {0, (size_t)z.words * 4}, {0, (size_t)z.groups * 2}, {0, (size_t)z.cents * 2}};
-      if (!layout(r, 4, overlap)) return;
-      for (int i = 1; i < 4; i++) fill_canary(&r[i]);
-      if (!e && dtype_ok(m.dtype)) {
-        fill_data(&r[0], m.dtype, z.elems);
-        if (!overlap && chance(0.15)) nonfinite = poison(&r[0], m.dtype, z.elems);
-        if (!overlap && chance(0.05)) poison_big(&r[0], m.dtype, z.elems);
-      }
+      if (!quant_regions(r, 4, overlap, !e, m.dtype, z.elems, &nonfinite)) return;
       void *x = maybe_null(&r[0]), *codes = maybe_null(&r[1]), *p1 = maybe_null(&r[2]), *p2 = maybe_null(&r[3]);
       if (!flags_ok(flags) || !x || !codes || !p2 || (op == 1 && !p1)) e |= S(KIVI_ERR_ARG);
       const kivi_fit fit = chance(P_BAD) ? pick32(bad_enum, 5) : (kivi_fit)irange(0, 1);
@@ -523,13 +530,7 @@ static void fuzz_quant(void) {
       const int32_t iters = chance(P_BAD) ? (chance(0.5) ? -1 : 1000) : (int32_t)irange(1, 12);
       const int64_t it_ok = iters >= 1 && iters <= 256 ? iters : 1;
       region r[4] = {{0, xb}, {0, (size_t)z.cents * 2}, {0, (size_t)z.groups * 4}, {0, (size_t)(z.groups * (it_ok + 1) * 4)}};
-      if (!layout(r, 4, overlap)) return;
-      for (int i = 1; i < 4; i++) fill_canary(&r[i]);
-      if (!e && dtype_ok(m.dtype)) {
-        fill_data(&r[0], m.dtype, z.elems);
-        if (!overlap && chance(0.15)) nonfinite = poison(&r[0], m.dtype, z.elems);
-        if (!overlap && chance(0.05)) poison_big(&r[0], m.dtype, z.elems);
-      }
+      if (!quant_regions(r, 4, overlap, !e, m.dtype, z.elems, &nonfinite)) return;
       void *x = maybe_null(&r[0]), *c = maybe_null(&r[1]);
       void *itp = chance(0.3) ? NULL : at(&r[2]), *inp = chance(0.3) ? NULL : at(&r[3]);
       if (!flags_ok(flags) || !x || !c || fit < 0 || fit > 1 || iters < 1 || iters > 256) e |= S(KIVI_ERR_ARG);

@@ -52,11 +52,7 @@ typedef struct lib {
 static int lib_open(lib *L, const char *name, const char *path) {
   memset(L, 0, sizeof *L);
   L->name = name;
-  L->h = dlopen(path, RTLD_LOCAL | RTLD_NOW);
-  if (!L->h) {
-    fprintf(stderr, "FAIL dlopen %s: %s\n", path, dlerror());
-    return -1;
-  }
+  if (!(L->h = harness_dlopen(path))) return -1;
 #define KV_SYM(n)                                                          \
   *(void **)&L->n = dlsym(L->h, "kivi_" #n);                               \
   if (!L->n) {                                                             \
@@ -176,6 +172,11 @@ static void buf_free(lib *C, lib *G, buf *b) {
   if (b->cpu) C->mem_free(C->ctx, b->cpu);
   if (b->gpu) G->mem_free(G->ctx, b->gpu);
   b->cpu = b->gpu = NULL;
+}
+
+/* buf_free of each buffer of a NULL-ended list. */
+static void bufs_free(lib *C, lib *G, buf *const *list) {
+  for (; *list; list++) buf_free(C, G, *list);
 }
 /* The GPU side's contents in a malloc'd host copy. */
 static void *buf_get(lib *G, const buf *b) {
@@ -381,17 +382,7 @@ out:
   free(h2);
   free(h3);
   free(x);
-  buf_free(C, G, &bx);
-  buf_free(C, G, &bcodes);
-  buf_free(C, G, &bscale);
-  buf_free(C, G, &bzero);
-  buf_free(C, G, &bout);
-  buf_free(C, G, &bstats);
-  buf_free(C, G, &bnf);
-  buf_free(C, G, &bcent);
-  buf_free(C, G, &bcodes2);
-  buf_free(C, G, &biters);
-  buf_free(C, G, &binert);
+  bufs_free(C, G, (buf *const[]){&bx, &bcodes, &bscale, &bzero, &bout, &bstats, &bnf, &bcent, &bcodes2, &biters, &binert, NULL});
 }
 
 /* ---------------------------------------------------------------- misaligned pointers ---- */
@@ -489,10 +480,7 @@ static void run_boundary(lib *C, lib *G) {
             same_bits(G, &bz, "zero", tag);
             if (n_fail == fails0) pass("%s", tag);
           out:
-            buf_free(C, G, &bx);
-            buf_free(C, G, &bc);
-            buf_free(C, G, &bs);
-            buf_free(C, G, &bz);
+            bufs_free(C, G, (buf *const[]){&bx, &bc, &bs, &bz, NULL});
             free(kind), free(p0), free(p1), free(lo), free(hi), free(x), free(z), free(sc);
           }
 }
@@ -533,12 +521,7 @@ static void run_unaligned(lib *C, lib *G) {
     out:
       free(x);
       free(xs1);
-      buf_free(C, G, &bx);
-      buf_free(C, G, &bc);
-      buf_free(C, G, &bs);
-      buf_free(C, G, &bz);
-      buf_free(C, G, &bo);
-      buf_free(C, G, &bcent);
+      bufs_free(C, G, (buf *const[]){&bx, &bc, &bs, &bz, &bo, &bcent, NULL});
     }
 }
 
@@ -586,9 +569,7 @@ static void run_pack(lib *C, lib *G) {
         if (n_fail == fails0) pass("%s", tag);
       out:
         free(q);
-        buf_free(C, G, &bq);
-        buf_free(C, G, &bw);
-        buf_free(C, G, &bu);
+        bufs_free(C, G, (buf *const[]){&bq, &bw, &bu, NULL});
       }
 }
 
@@ -730,11 +711,7 @@ static void run_errors(lib *C, lib *G) {
   }
 out:
   free(x);
-  buf_free(C, G, &bx);
-  buf_free(C, G, &bc);
-  buf_free(C, G, &bs);
-  buf_free(C, G, &bz);
-  buf_free(C, G, &bcent);
+  bufs_free(C, G, (buf *const[]){&bx, &bc, &bs, &bz, &bcent, NULL});
 }
 
 /* ---------------------------------------------------------------- bench ------------------ */

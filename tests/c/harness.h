@@ -7,13 +7,17 @@
 #ifndef KIVI_TEST_HARNESS_H
 #define KIVI_TEST_HARNESS_H
 
+#include <dlfcn.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "kivi.h"
+#include "kivi_format.h"
 
 static uint64_t rng_state;
 static inline uint64_t rng_next(void) {
@@ -30,6 +34,18 @@ static inline double rng_normal(void) {
 }
 
 static inline size_t dsize(kivi_dtype dt) { return dt == KIVI_F32 ? 4 : 2; }
+
+/** Element i of x in dtype dt, written from / read as a float (the library's conversions). */
+static inline void set_elem(void *x, kivi_dtype dt, int64_t i, float f) {
+  if (dt == KIVI_F32) ((float *)x)[i] = f;
+  else if (dt == KIVI_F16) ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
+  else ((uint16_t *)x)[i] = kivi_f32_to_bf16(f);
+}
+static inline float get_elem(const void *x, kivi_dtype dt, int64_t i) {
+  if (dt == KIVI_F32) return ((const float *)x)[i];
+  if (dt == KIVI_F16) return kivi_f16_to_f32(((const uint16_t *)x)[i]);
+  return kivi_bf16_to_f32(((const uint16_t *)x)[i]);
+}
 
 /* ------------------------------------------------------------------ checks ---------------- */
 
@@ -71,6 +87,46 @@ static inline void check_at(int ok, const char *file, int line, const char *fmt,
 static inline int check_summary(void) {
   printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
   return n_fail ? 1 : 0;
+}
+
+/* ------------------------------------------------------------------ a driver's start ------ */
+
+/**
+ * Reads a driver's command line, `[seed] [flags...]`: returns a bitmask of the flags given (bit i for
+ * flags[i]), sets g_seed (default `seed`) and the generator, and prints "<name> seed <n>".
+ */
+static inline unsigned harness_args(int argc, char **argv, const char *name, uint64_t seed, const char *const *flags,
+                                    int nflags) {
+  unsigned on = 0;
+  g_seed = seed;
+  for (int i = 1; i < argc; i++) {
+    int f = 0;
+    while (f < nflags && strcmp(argv[i], flags[f]) != 0) f++;
+    if (f < nflags)
+      on |= 1u << f;
+    else
+      g_seed = strtoull(argv[i], NULL, 10);
+  }
+  rng_state = g_seed;
+  printf("%s seed %llu\n", name, (unsigned long long)g_seed);
+  return on;
+}
+
+/** dlopen of a library the driver compares (GPU-vs-CPU drivers), or NULL after a line on stderr. */
+static inline void *harness_dlopen(const char *path) {
+  void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!h) fprintf(stderr, "FAIL dlopen %s: %s\n", path, dlerror());
+  return h;
+}
+
+/** A context on device 0, or NULL after a FAIL line. */
+static inline kivi_ctx_t harness_ctx(void) {
+  kivi_ctx_t ctx = NULL;
+  if (kivi_ctx_create(0, &ctx) != KIVI_OK) {
+    printf("FAIL: ctx_create: %s\n", kivi_last_error());
+    return NULL;
+  }
+  return ctx;
 }
 
 #endif /* KIVI_TEST_HARNESS_H */
