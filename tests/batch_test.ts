@@ -53,6 +53,13 @@ function snapshot(kivi: Backend, cache: KVCache, seqs: Sequence[], outs: DeviceT
   };
 }
 
+/** One sequence's q with a NaN at element `at`, uploaded. */
+function nanQ(kivi: Backend, rng: Rng, at: number): DeviceTensor {
+  const qv = kvRows(rng, 1, QH, D);
+  qv[at] = NaN;
+  return kivi.upload(qv);
+}
+
 describe("decode batch: the same bytes as the general path", () => {
   it("batch.attend gives cache.attend's output for every q and out dtype, GQA, every layer, sequences of different lengths", async () => {
     const rng = new Rng("batch attend");
@@ -168,9 +175,7 @@ describe("decode batch: deferred checks", () => {
     using kivi = await openCpu();
     using cache = kivi.createCache(OPTS);
     const seqs = [filled(cache, rng, 10)];
-    const qv = kvRows(rng, 1, QH, D);
-    qv[5] = NaN;
-    using q = kivi.upload(qv), out = kivi.alloc([1, QH, D], "f32");
+    using q = nanQ(kivi, rng, 5), out = kivi.alloc([1, QH, D], "f32");
     using batch = cache.batch(seqs, { q, out });
     for (const read of [() => batch.check(), () => batch.synchronizeSync()]) {
       batch.attend(0);
@@ -236,9 +241,7 @@ describe("decode batch: deferred checks", () => {
     using kivi = await openCpu();
     using cache = kivi.createCache(OPTS);
     const seqs = [filled(cache, rng, 50)];
-    const qv = kvRows(rng, 1, QH, D);
-    qv[0] = NaN;
-    using q = kivi.upload(qv), out = kivi.alloc([1, QH, D], "f32");
+    using q = nanQ(kivi, rng, 0), out = kivi.alloc([1, QH, D], "f32");
     using batch = cache.batch(seqs, { q, out, trusted: true });
     assert.equal(batch.trusted, true);
     batch.attend(0);

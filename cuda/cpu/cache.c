@@ -93,12 +93,6 @@ kivi_status cpu_cache_check_seq(const cache_t *c, const char *op, const char *na
   return st ? cpu_fail(c->ctx, st, "%s", msg) : KIVI_OK;
 }
 
-static kivi_status check_layer(const cache_t *c, const char *op, int32_t layer, int allow_all) {
-  char msg[CPU_ERR_LEN];
-  kivi_status st = kivi_layer_check(op, layer, c->cfg.layers, allow_all, msg, sizeof msg);
-  return st ? cpu_fail(c->ctx, st, "%s", msg) : KIVI_OK;
-}
-
 KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t c, int32_t *seq) {
   static const char *op = "kivi_cache_seq_create";
   kivi_status st = need_cache(c, op);
@@ -132,9 +126,10 @@ KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t c, int32_t seq, int32_t 
                                            int64_t *quantized) {
   static const char *op = "kivi_cache_seq_length";
   kivi_status st = need_cache(c, op);
-  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 0))) return st;
-  if (!length) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: length must not be NULL", op);
-  if (!quantized) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: quantized must not be NULL", op);
+  char msg[CPU_ERR_LEN];
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
+  if ((st = kivi_seq_length_check(layer, c->cfg.layers, length, quantized, msg, sizeof msg)))
+    return cpu_fail(c->ctx, st, "%s", msg);
   const int64_t *l = cpu_cache_len(c, seq, layer);
   *length = l[0];
   *quantized = l[1];

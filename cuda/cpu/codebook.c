@@ -172,7 +172,8 @@ static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, ki
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                        kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
-  const cpu_spec spec = kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
+  const cpu_spec spec =
+      kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
   cpu_shape sh;
   kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
@@ -189,7 +190,8 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
                                             int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                             const uint16_t *centroids, kivi_assign assign, int32_t flags,
                                             uint32_t *codes) {
-  const cpu_spec spec = kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
+  const cpu_spec spec =
+      kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
   cpu_shape sh;
   kivi_status st = cpu_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -203,7 +205,9 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
                                           kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit,
                                           int32_t max_iters, kivi_assign assign, int32_t flags, uint16_t *centroids,
                                           uint32_t *codes) {
-  const cpu_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids, codes);
+  const cpu_spec spec =
+      kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids,
+          codes);
   cpu_shape sh;
   kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;

@@ -438,8 +438,8 @@ static inline kivi_status kivi_cache_io_check(const char *op, int append, int32_
   if (!k) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: k must not be NULL", op);
   if (!v) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: v must not be NULL", op);
   if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
-    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
-                         op, (int)dtype);
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG,
+                         "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op, (int)dtype);
   if (append && (flags & ~(int32_t)KIVI_FLAG_TRUSTED))
     return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op,
                          (int)flags);
@@ -451,6 +451,17 @@ static inline kivi_status kivi_seq_full(int32_t max_seqs, char *msg, size_t len)
   return kivi_host_msg(msg, len, KIVI_ERR_CAPACITY,
                        "kivi_cache_seq_create: all %d sequence slots are taken (free one with kivi_cache_seq_free)",
                        (int)max_seqs);
+}
+
+/** kivi_cache_seq_length's arguments after the sequence: the layer and the two outputs. */
+static inline kivi_status kivi_seq_length_check(int32_t layer, int32_t layers, const int64_t *length,
+                                                const int64_t *quantized, char *msg, size_t len) {
+  static const char *op = "kivi_cache_seq_length";
+  kivi_status st = kivi_layer_check(op, layer, layers, 0, msg, len);
+  if (st) return st;
+  if (!length) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: length must not be NULL", op);
+  if (!quantized) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: quantized must not be NULL", op);
+  return KIVI_OK;
 }
 
 /** kivi_cache_seq_pages's output arguments. */

@@ -16,10 +16,15 @@ kivi_status kv_cache_enter(kivi_cache_t c, const char *op) {
   return kv_enter(c->ctx, op);
 }
 
+kivi_status kv_cache_seq_enter(kivi_cache_t c, const char *op, int32_t seq) {
+  kivi_status st = kv_cache_enter(c, op);
+  return st ? st : kv_cache_check_seq(c, op, seq);
+}
+
 kivi_status kv_cache_io_enter(kivi_cache_t c, const char *op, int32_t seq, int append, int32_t layer, int32_t n_tokens,
                               const void *k, const void *v, kivi_dtype dtype, int32_t flags) {
-  kivi_status st = kv_cache_enter(c, op);
-  if (st || (st = kv_cache_check_seq(c, op, seq))) return st;
+  kivi_status st = kv_cache_seq_enter(c, op, seq);
+  if (st) return st;
   char msg[KV_ERR_LEN];
   st = kivi_cache_io_check(op, append, layer, c->cfg.layers, n_tokens, k, v, dtype, flags, msg, sizeof msg);
   return st ? kv_fail(c->ctx, st, "%s", msg) : KIVI_OK;
@@ -149,10 +154,8 @@ KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t cache, int32_t *seq) {
 }
 
 KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq) {
-  static const char *op = "kivi_cache_seq_free";
-  kivi_status st = kv_cache_enter(cache, op);
+  kivi_status st = kv_cache_seq_enter(cache, "kivi_cache_seq_free", seq);
   if (st) return st;
-  if ((st = kv_cache_check_seq(cache, op, seq))) return st;
   kivi_pages_release(cache->free_pages, &cache->nfree, cache->table + (int64_t)seq * cache->cfg.max_pages,
                      cache->npages[seq]);
   cache->live[seq] = 0;
@@ -163,14 +166,11 @@ KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq) {
 
 KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t cache, int32_t seq, int32_t layer, int64_t *length,
                                            int64_t *quantized) {
-  static const char *op = "kivi_cache_seq_length";
-  kivi_status st = kv_cache_enter(cache, op);
-  if (st) return st;
   char msg[KV_ERR_LEN];
-  if ((st = kv_cache_check_seq(cache, op, seq))) return st;
-  if ((st = kivi_layer_check(op, layer, cache->cfg.layers, 0, msg, sizeof msg))) return kv_fail(cache->ctx, st, "%s", msg);
-  if (!length) return kv_fail(cache->ctx, KIVI_ERR_ARG, "%s: length must not be NULL", op);
-  if (!quantized) return kv_fail(cache->ctx, KIVI_ERR_ARG, "%s: quantized must not be NULL", op);
+  kivi_status st = kv_cache_seq_enter(cache, "kivi_cache_seq_length", seq);
+  if (st) return st;
+  if ((st = kivi_seq_length_check(layer, cache->cfg.layers, length, quantized, msg, sizeof msg)))
+    return kv_fail(cache->ctx, st, "%s", msg);
   *length = cache->len[(int64_t)seq * cache->cfg.layers + layer];
   *quantized = cache->qlen[(int64_t)seq * cache->cfg.layers + layer];
   return KIVI_OK;
@@ -178,11 +178,9 @@ KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t cache, int32_t seq, int3
 
 KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t cache, int32_t seq, int32_t *pages, int32_t cap,
                                           int32_t *count) {
-  static const char *op = "kivi_cache_seq_pages";
-  kivi_status st = kv_cache_enter(cache, op);
-  if (st) return st;
+  kivi_status st = kv_cache_seq_enter(cache, "kivi_cache_seq_pages", seq);
   char msg[KV_ERR_LEN];
-  if ((st = kv_cache_check_seq(cache, op, seq))) return st;
+  if (st) return st;
   if ((st = kivi_seq_pages_check(pages, cap, count, msg, sizeof msg))) return kv_fail(cache->ctx, st, "%s", msg);
   *count = kivi_seq_pages_copy(cache->table + (int64_t)seq * cache->cfg.max_pages, cache->npages[seq], pages, cap);
   return KIVI_OK;

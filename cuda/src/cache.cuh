@@ -72,7 +72,9 @@ kivi_status kv_cache_enter(kivi_cache_t c, const char *op);
 /** seq names a live slot (kivi_seq_check's rules, reported on the cache's context). */
 kivi_status kv_cache_check_seq(kivi_cache_t c, const char *op, int32_t seq);
 
-/** kv_cache_enter, kv_cache_check_seq, then kivi_cache_io_check: the checks kivi_cache_append (append 1)
+/** kv_cache_enter, then kv_cache_check_seq: what every export on one sequence checks first. */
+kivi_status kv_cache_seq_enter(kivi_cache_t c, const char *op, int32_t seq);
+/** kv_cache_seq_enter, then kivi_cache_io_check: the checks kivi_cache_append (append 1)
     and kivi_cache_read (append 0) make before their own. */
 kivi_status kv_cache_io_enter(kivi_cache_t c, const char *op, int32_t seq, int append, int32_t layer, int32_t n_tokens,
                               const void *k, const void *v, kivi_dtype dtype, int32_t flags);

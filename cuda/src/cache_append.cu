@@ -284,7 +284,6 @@ kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t
   const kivi_cache_config &g = c->cfg;
   const int64_t W = c->W, row = (int64_t)g.kv_heads * g.head_dim;
   const uint64_t seq_win = (uint64_t)seq * g.layers * (uint64_t)W * (uint64_t)row;
-  kivi_status st = KIVI_OK;
   kv_winw_params *wp = (kv_winw_params *)calloc(1, sizeof(kv_winw_params));
   if (!wp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
   wp->kwin = c->kwin + seq_win;
@@ -296,6 +295,7 @@ kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t
   wp->D = g.head_dim;
   wp->W = (int32_t)W;
   wp->dtype = dtype;
+  kivi_status st = KIVI_OK; /* of the launches: the first failure stops them */
   for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
     const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
     int64_t maxrows = 0;

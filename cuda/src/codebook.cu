@@ -264,7 +264,8 @@ extern "C" {
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                        kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
-  const kv_spec spec = kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
+  const kv_spec spec =
+      kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -276,7 +277,9 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
                                           kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit,
                                           int32_t max_iters, kivi_assign assign, int32_t flags, uint16_t *centroids,
                                           uint32_t *codes) {
-  const kv_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids, codes);
+  const kv_spec spec =
+      kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids,
+          codes);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -287,7 +290,8 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
                                             int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                             const uint16_t *centroids, kivi_assign assign, int32_t flags,
                                             uint32_t *codes) {
-  const kv_spec spec = kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
+  const kv_spec spec =
+      kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;

@@ -37,9 +37,12 @@ static inline size_t dsize(kivi_dtype dt) { return dt == KIVI_F32 ? 4 : 2; }
 
 /** Element i of x in dtype dt, written from / read as a float (the library's conversions). */
 static inline void set_elem(void *x, kivi_dtype dt, int64_t i, float f) {
-  if (dt == KIVI_F32) ((float *)x)[i] = f;
-  else if (dt == KIVI_F16) ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
-  else ((uint16_t *)x)[i] = kivi_f32_to_bf16(f);
+  if (dt == KIVI_F32)
+    ((float *)x)[i] = f;
+  else if (dt == KIVI_F16)
+    ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
+  else
+    ((uint16_t *)x)[i] = kivi_f32_to_bf16(f);
 }
 static inline float get_elem(const void *x, kivi_dtype dt, int64_t i) {
   if (dt == KIVI_F32) return ((const float *)x)[i];
