@@ -17,6 +17,128 @@
 
 #define KV_FLUSH_MAXL 128 /* layers per flush / window launch (more: several launches) */
 
+/* ---------------------------------------------------------------- flush device work ------ */
+
+/* Uniform params of one group x[i * stride] (G values): the CPU build's formulas and order (8 running
+   lanes, then across them), so results are identical even for +-0. */
+__device__ void kv_un_params(const uint16_t *x, int stride, int G, int bits, uint16_t *sh, uint16_t *zh) {
+  float lo[8], hi[8];
+#pragma unroll
+  for (int l = 0; l < 8; l++) lo[l] = hi[l] = kv_hf(x[l * stride]);
+  for (int i = 8; i < G; i += 8)
+#pragma unroll
+    for (int l = 0; l < 8; l++) {
+      const float v = kv_hf(x[(i + l) * stride]);
+      lo[l] = v < lo[l] ? v : lo[l];
+      hi[l] = v > hi[l] ? v : hi[l];
+    }
+  float mn = lo[0], mx = hi[0];
+#pragma unroll
+  for (int l = 1; l < 8; l++) {
+    mn = lo[l] < mn ? lo[l] : mn;
+    mx = hi[l] > mx ? hi[l] : mx;
+  }
+  kivi_uniform_params(mn, mx, bits, sh, zh);
+}
+
+/* Uniform params + codes of one group x[i * stride] (G values): the CPU build's formulas. */
+__device__ void kv_un_group(const uint16_t *x, int stride, int G, int bits, uint32_t *param, uint32_t *words) {
+  uint16_t sh, zh;
+  kv_un_params(x, stride, G, bits, &sh, &zh);
+  *param = (uint32_t)sh | ((uint32_t)zh << 16); /* half2 (scale, zero) */
+  const float s = kivi_f16_to_f32(sh), z = kivi_f16_to_f32(zh);
+  const int cpw = 32 / bits;
+  for (int w = 0; w < G / cpw; w++) {
+    uint32_t word = 0;
+    for (int j = 0; j < cpw; j++) word |= kivi_uniform_code(kv_hf(x[(w * cpw + j) * stride]), z, s, bits) << (bits * j);
+    words[w] = word;
+  }
+}
+
+/*
+ * The tensor-core layout (kivi_format.h), 2-bit: params of every group first (one thread a group; uniform
+ * params also kept as floats in sp/zp, codebook codes written over the group's own values in the tile),
+ * then every code word (one thread a word) from them. tile [F][D] holds the F tokens flushed at page
+ * offset o.
+ */
+__device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, uint16_t *tile, int o, int D, int F, int P,
+                             const kv_part_dev &vp, float *sp, float *zp) {
+  const int Gv = vp.group;
+  uint32_t *words = (uint32_t *)base;
+  if (part == 0) { /* keys: group = channel over the F tokens; codes [P][D / 16], params [P / F][D] */
+    uint32_t *par = (uint32_t *)(base + pbytes) + (int64_t)(o / F) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      uint16_t sh, zh;
+      kv_un_params(tile + d, D, F, 2, &sh, &zh);
+      par[d] = (uint32_t)sh | ((uint32_t)zh << 16);
+      sp[d] = kv_hf(sh);
+      zp[d] = kv_hf(zh);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < F * (D / 16); idx += blockDim.x) {
+      const int i = idx / (D / 16), w = idx % (D / 16);
+      uint32_t word = 0;
+      for (int j = 0; j < 16; j++) {
+        const int d = 16 * w + j;
+        word |= kivi_uniform_code(kv_hf(tile[i * D + d]), zp[d], sp[d], 2) << (2 * kivi_mma_key_slot(j));
+      }
+      words[(int64_t)(o + i) * (D / 16) + w] = word;
+    }
+  } else if (vp.kind == KIVI_KIND_CODEBOOK) { /* values: centroid planes c0..c3 [D / Gv][P], pair order */
+    const int gpr = D / Gv;
+    uint16_t *cp = (uint16_t *)(base + pbytes);
+    for (int g = threadIdx.x; g < F * gpr; g += blockDim.x) {
+      const int i = g / gpr, k = g % gpr;
+      uint16_t *x = tile + i * D + k * Gv;
+      uint16_t h[4];
+      kv_cb_fit<4>(x, 1, Gv, vp.fit, vp.iters, h);
+      float cf[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        cp[((int64_t)j * gpr + k) * P + kivi_pair_pos(o + i)] = h[j];
+        cf[j] = kivi_f16_to_f32(h[j]);
+      }
+      for (int e = 0; e < Gv; e++) x[e] = (uint16_t)kivi_nearest_code(kv_hf(x[e]), cf, 4); /* own values only */
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < (F / 16) * D; idx += blockDim.x) {
+      const int b = idx / D, w = idx % D;
+      uint32_t word = 0;
+      for (int j = 0; j < 16; j++) {
+        int32_t u, d;
+        kivi_mma_value_slot(D, w, j, &u, &d);
+        word |= (uint32_t)tile[(16 * b + u) * D + d] << (2 * j);
+      }
+      words[(int64_t)(o / 16 + b) * D + w] = word;
+    }
+  } else { /* values: group = token x Gv channels; codes [P / 16][D] (fragment order), params scale/zero [D / Gv][P] */
+    const int gpr = D / Gv;
+    uint16_t *sc = (uint16_t *)(base + pbytes), *ze = sc + (int64_t)gpr * P;
+    for (int g = threadIdx.x; g < F * gpr; g += blockDim.x) {
+      const int i = g / gpr, k = g % gpr;
+      uint16_t sh, zh;
+      kv_un_params(tile + i * D + k * Gv, 1, Gv, 2, &sh, &zh);
+      const int64_t at = (int64_t)k * P + kivi_pair_pos(o + i);
+      sc[at] = sh;
+      ze[at] = zh;
+      sp[g] = kv_hf(sh);
+      zp[g] = kv_hf(zh);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < (F / 16) * D; idx += blockDim.x) {
+      const int b = idx / D, w = idx % D; /* word w of run b: the codes of kivi_mma_value_slot */
+      uint32_t word = 0;
+      for (int j = 0; j < 16; j++) {
+        int32_t u, d;
+        kivi_mma_value_slot(D, w, j, &u, &d);
+        const int i = 16 * b + u, g = i * gpr + d / Gv;
+        word |= kivi_uniform_code(kv_hf(tile[i * D + d]), zp[g], sp[g], 2) << (2 * j);
+      }
+      words[(int64_t)(o / 16 + b) * D + w] = word;
+    }
+  }
+}
+
 /* ---------------------------------------------------------------- flush kernel ----------- */
 
 struct kv_flush_layer {
