@@ -13,12 +13,11 @@
  * Both run even when the first fails; files that do not exist yet are simply not listed.
  * Usage: `bun scripts/check.ts [--tsc-only | --deno-only]`.
  */
-import { spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { filesUnder } from "./_files.ts";
+import { bin, filesUnder, run } from "./_util.ts";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const DIRS = ["src", "tests", "bench", "scripts"];
@@ -28,25 +27,6 @@ const SHIM = "build/types/deno_ns.d.ts";
 /** Web types the Deno namespace refers to that Bun's types do not declare globally. */
 const WEB_TYPES = ["BufferSource"];
 
-function bin(name: string): string {
-  const local = path.join(ROOT, "node_modules", ".bin", name);
-  return fs.existsSync(local) ? local : name;
-}
-
-function run(cmd: string, args: string[], capture = false): Promise<{ code: number; stdout: string }> {
-  if (!capture) console.log(`$ ${[path.relative(ROOT, cmd) || cmd, ...args].join(" ")}`);
-  return new Promise((resolve) => {
-    const env = process.stdout.isTTY ? process.env : { ...process.env, NO_COLOR: "1" };
-    const child = spawn(cmd, args, { cwd: ROOT, env, stdio: ["ignore", capture ? "pipe" : "inherit", "inherit"] });
-    const chunks: Buffer[] = [];
-    child.stdout?.on("data", (c: Buffer) => chunks.push(c));
-    child.on("error", (err) => {
-      console.error(`${cmd}: ${err.message}`);
-      resolve({ code: 127, stdout: "" });
-    });
-    child.on("close", (code) => resolve({ code: code ?? 1, stdout: Buffer.concat(chunks).toString("utf8") }));
-  });
-}
 
 /** Every .ts file under the given folders plus the given files that exist, sorted, minus `except`. */
 function tsFiles(except: string[]): string[] {

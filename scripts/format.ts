@@ -11,50 +11,14 @@
  * `bun scripts/format.ts` formats the tree in place; `--check` changes nothing and fails (exit 1) on
  * an unformatted file or a lint error, after running every step. Each command is echoed first.
  */
-import { spawn } from "node:child_process";
-import fs from "node:fs";
-import path from "node:path";
 import process from "node:process";
-import { fileURLToPath } from "node:url";
-import { filesUnder } from "./_files.ts";
+import { bin, filesUnder, ROOT, run } from "./_util.ts";
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 /** Folders holding C and CUDA sources, and the endings clang-format takes. */
 const C_DIRS = ["cuda", "tests/c"];
 const C_EXTS = [".c", ".h", ".cu", ".cuh"];
 /** The clang-format major version CI uses (Debian 12); another one only gets a note. */
 const CLANG_FORMAT_MAJOR = 14;
-
-/** The local binary of an npm devDependency, else the name (found on PATH). */
-function bin(name: string): string {
-  const local = path.join(ROOT, "node_modules", ".bin", name);
-  return fs.existsSync(local) ? local : name;
-}
-
-/** Runs cmd (echoed first, unless quiet), resolving to its exit code and stdout. */
-function run(
-  cmd: string,
-  args: string[],
-  quiet = false,
-): Promise<{ code: number; stdout: string }> {
-  if (!quiet) console.log(`$ ${[path.relative(ROOT, cmd) || cmd, ...args].join(" ")}`);
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, {
-      cwd: ROOT,
-      stdio: ["ignore", quiet ? "pipe" : "inherit", "inherit"],
-    });
-    const chunks: Buffer[] = [];
-    child.stdout?.on("data", (c: Buffer) => chunks.push(c));
-    child.on("error", (err) => {
-      console.error(`${cmd}: ${err.message}`);
-      resolve({ code: 127, stdout: "" });
-    });
-    child.on(
-      "close",
-      (code) => resolve({ code: code ?? 1, stdout: Buffer.concat(chunks).toString("utf8") }),
-    );
-  });
-}
 
 /** Every C and CUDA source under C_DIRS, relative to the root, sorted. */
 export function cSources(root = ROOT): string[] {

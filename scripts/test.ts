@@ -21,7 +21,7 @@ import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { filesUnder } from "./_files.ts";
+import { filesUnder } from "./_util.ts";
 import { build } from "../build.ts";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
