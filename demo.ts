@@ -15,13 +15,13 @@
  * @module
  */
 import process from "node:process";
-import { type Backend, type CacheFormat, type DeviceTensor, KiviError, type KVCache, openBackend, Rng, type Sequence, synthKV } from "./src/mod.ts";
+import { type CacheFormat, type DeviceTensor, KiviError, openBackend, Rng, synthKV } from "./src/mod.ts";
 import { demoShape, parseDemoOptions, UsageError } from "./src/cli.ts";
 import { parseArgs } from "./bench/_report.ts";
 
 const USAGE = "usage: bun demo.ts [--layers N] [--heads N] [--kv-heads N] [--prompt N] [--steps N] [--seed N] [--backend auto|cpu|cuda] [--json]";
 const argv = process.argv.slice(2);
-const args = parseArgs(argv);
+let args = new Map<string, string>();
 /** A bad command line: the message and the usage, exit 2; any other failure: one line (a KiviError's
  * code, op and message), exit 1. */
 function fail(e: unknown): never {
@@ -35,7 +35,8 @@ function fail(e: unknown): never {
 
 let given;
 try {
-  given = parseDemoOptions(argv);
+  given = parseDemoOptions(argv); // a bad command line is a UsageError before parseArgs sees it
+  args = parseArgs(argv, ["layers", "heads", "kv-heads", "prompt", "steps", "seed", "backend"], ["json"]);
   if (!["auto", "cpu", "cuda"].includes(args.get("backend") ?? "auto")) throw new UsageError(`--backend must be auto, cpu or cuda, got "${args.get("backend")}"`);
   await demo(); // shapes that do not fit the backend's defaults are UsageErrors too
 } catch (e) {

@@ -7,6 +7,7 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import os from "node:os";
+import { parseArgs as parseArgv } from "node:util";
 
 /** GB/s (1e9 bytes per second) of `bytes` moved in `ms` milliseconds. */
 export function gbps(bytes: number, ms: number): number {
@@ -157,17 +158,13 @@ export function hostName(): string {
   return `${os.cpus()[0]?.model ?? "cpu"} x${os.cpus().length}`;
 }
 
-/** Parses `--name value` and `--flag` arguments. */
-export function parseArgs(argv: string[]): Map<string, string> {
-  const m = new Map<string, string>();
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    if (!a.startsWith("--")) continue;
-    const next = argv[i + 1];
-    if (next !== undefined && !next.startsWith("--")) {
-      m.set(a.slice(2), next);
-      i++;
-    } else m.set(a.slice(2), "true");
-  }
-  return m;
+/** Parses `--name value` options and `--flag` flags with node:util's parseArgs (in Bun and Deno alike):
+ * strict, so an unknown option or a missing value is an error that names it. Values come back as
+ * strings, a flag given as "true". */
+export function parseArgs(argv: string[], strings: readonly string[], flags: readonly string[] = []): Map<string, string> {
+  const options: Record<string, { type: "string" | "boolean" }> = {};
+  for (const n of strings) options[n] = { type: "string" };
+  for (const n of flags) options[n] = { type: "boolean" };
+  const { values } = parseArgv({ args: argv, options, strict: true, allowPositionals: false });
+  return new Map(Object.entries(values).map(([k, v]) => [k, String(v)]));
 }

@@ -28,7 +28,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { type Backend, type CacheFormat, type DeviceTensor, type KVCache, openBackend, Rng } from "../src/mod.ts";
 import { gbps, median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
-const args = parseArgs(process.argv.slice(2));
+const args = parseArgs(process.argv.slice(2), ["backend", "iters", "page", "torch", "case", "mode", "out", "json"]);
 using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
 const onGpu = kivi.kind === "cuda";
 const iters = Number(args.get("iters") ?? (onGpu ? 50 : 3));

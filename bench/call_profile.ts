@@ -16,7 +16,7 @@ import { hostView, plainView, readOptions } from "../src/_checks.ts";
 import { Staging } from "../src/_staging.ts";
 import { parseArgs } from "./_report.ts";
 
-const args = parseArgs(process.argv.slice(2));
+const args = parseArgs(process.argv.slice(2), ["backend", "n"]);
 using kivi = await openBackend({ prefer: (args.get("backend") ?? "cpu") as "auto" | "cpu" | "cuda" });
 const n = Number(args.get("n") ?? 200000);
 const { lib, ctx } = kivi._native("profile");

@@ -20,7 +20,7 @@ import { type DeviceTensor, type KVCache, openBackend, Rng, type Sequence } from
 import { configArray } from "../src/cache.ts";
 import { median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
-const args = parseArgs(process.argv.slice(2));
+const args = parseArgs(process.argv.slice(2), ["backend", "repeats", "ms", "out"], ["write"]);
 using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
 const onGpu = kivi.kind === "cuda";
 const repeats = Number(args.get("repeats") ?? 9);
@@ -229,6 +229,6 @@ const notes = `cost of a cache call from TypeScript (${kivi.runtime}) above the 
     `one call a sequence of the batch). The checked batch rows include the library's own scan of q or k/v.`;
 const result = section(kivi, kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5), notes, rows);
 if (args.has("out") || args.has("write")) {
-  const path = writeSection(`overhead-${kivi.runtime}`, result, args.get("out") === "true" ? undefined : args.get("out"));
+  const path = writeSection(`overhead-${kivi.runtime}`, result, args.get("out"));
   console.log(`wrote ${path}`);
 }

@@ -26,7 +26,7 @@ import {
 } from "../src/mod.ts";
 import { gbps, median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
-const args = parseArgs(process.argv.slice(2));
+const args = parseArgs(process.argv.slice(2), ["backend", "reps", "seed", "tensor", "format", "check", "out", "json"]);
 const prefer = (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda";
 const reps = Number(args.get("reps") ?? 10);
 const seed = Number(args.get("seed") ?? 1234);

@@ -21,6 +21,7 @@ import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
+import { filesUnder } from "./_util.ts";
 import { build } from "../build.ts";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
@@ -42,22 +43,7 @@ function plain(text: string): string {
 }
 
 function findTestFiles(dir: string): string[] {
-  const out: string[] = [];
-  const walk = (rel: string) => {
-    let entries: fs.Dirent[];
-    try {
-      entries = fs.readdirSync(path.join(ROOT, rel), { withFileTypes: true });
-    } catch {
-      return;
-    }
-    for (const e of entries) {
-      const child = `${rel}/${e.name}`;
-      if (e.isDirectory()) walk(child);
-      else if (e.isFile() && /_test\.tsx?$/.test(e.name)) out.push(child);
-    }
-  };
-  walk(dir);
-  return out.sort();
+  return filesUnder(ROOT, dir, (n) => /_test\.tsx?$/.test(n));
 }
 
 /** The binary of a runtime: node_modules/.bin first (npm-pinned), else the one on PATH. */

@@ -13,7 +13,7 @@
  * @module
  */
 import type { Pointer } from "./ffi/_native.ts";
-import type { Backend, DeviceTensor } from "./backend.ts";
+import type { BackendCore as Backend, DeviceTensor } from "./tensor.ts";
 import type { HostArray, TensorDType } from "./_dtype.ts";
 
 /** @internal tests set `always` to stage host arrays on the CPU backend too (its tensors are host

@@ -6,8 +6,8 @@
  * @module
  */
 import { type Pointer, scratchArray } from "./ffi/_native.ts";
-import type { Backend, DeviceTensor, NativeState, TensorFacts } from "./backend.ts";
-import type { CacheConfig, KVCache, Sequence } from "./cache.ts";
+import { type BackendCore as Backend, type DeviceTensor, handleRegistry, type NativeHeld, type NativeState, type TensorFacts } from "./tensor.ts";
+import type { CacheConfig } from "./cache_config.ts";
 import { checkBool, checkOneOf, readOptions, show } from "./_checks.ts";
 import { dtypeCode } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
@@ -25,7 +25,7 @@ export const BATCH_MAX = 512;
 /** kivi.h KIVI_REPORT_FIELDS. */
 const REPORT_FIELDS = 6;
 
-/** Options of {@link KVCache.batch}: the device buffers of one decode step, given once. */
+/** Options of `KVCache.batch`: the device buffers of one decode step, given once. */
 export interface BatchOptions {
   /** Queries, [batch][queryHeads][headDim] (f32, f16 or bf16), read by `attend`. */
   q?: DeviceTensor;
@@ -43,7 +43,7 @@ export interface BatchOptions {
 
 /** @internal What a batch needs of its cache (given by KVCache.batch: batch.ts imports no module
  * that imports it). */
-export interface BatchHost {
+export interface BatchHost<S extends object> {
   readonly backend: Backend;
   readonly config: CacheConfig;
   /** The cache's handle (KIVI_ERR_STATE once the cache or its backend is disposed). */
@@ -52,23 +52,17 @@ export interface BatchHost {
    * poisoned, so a batch re-checks its sequences only then. */
   readonly shared: { open: boolean; epoch: number };
   /** A Sequence of this cache (brand-checked), else a TypeError naming `name`. */
-  own(name: string, s: unknown): Sequence;
+  own(name: string, s: unknown): S;
   /** The slot of a sequence that can take data (KIVI_ERR_STATE once freed, KIVI_ERR_NONFINITE once
    * poisoned). */
-  usableId(s: Sequence, op: string): number;
+  usableId(s: S, op: string): number;
   /** Marks a sequence that holds a non-finite value: data calls on it fail from now on (`what`
    * follows "sequence <id> " in their message). */
-  poison(s: Sequence, what: string): void;
+  poison(s: S, what: string): void;
 }
 
-interface BatchHeld {
-  state: NativeState;
-  handle: Pointer;
-}
-const batchRegistry = new FinalizationRegistry<BatchHeld>((held) => {
-  held.state.lib.call("kivi_batch_destroy", held.handle);
-  held.state.release();
-});
+type BatchHeld = NativeHeld;
+const batchRegistry = handleRegistry("kivi_batch_destroy");
 
 /** A tensor option of a batch, read once: its facts (brand-checked), or undefined when not given. */
 function tensorOption(backend: Backend, name: string, x: unknown): TensorFacts | undefined {
@@ -130,11 +124,11 @@ function tensorOption(backend: Backend, name: string, x: unknown): TensorFacts |
  * console.log(seqs[0].length(0), out.readSync().length); // 20 2048
  * ```
  */
-export class DecodeBatch {
-  #host: BatchHost;
+export class DecodeBatch<S extends object = object> {
+  #host: BatchHost<S>;
   #held: BatchHeld | undefined;
   #gone = "the batch was disposed; make a new one with cache.batch()";
-  #seqs: readonly Sequence[];
+  #seqs: readonly S[];
   #q: TensorFacts | undefined;
   #out: TensorFacts | undefined;
   #k: TensorFacts | undefined;
@@ -150,13 +144,13 @@ export class DecodeBatch {
   #badPtr: Pointer;
 
   /** @internal use KVCache.batch */
-  constructor(host: BatchHost, seqsArg: unknown, opts: unknown) {
+  constructor(host: BatchHost<S>, seqsArg: unknown, opts: unknown) {
     const o = readOptions("options", opts, ["q", "out", "k", "v", "scale", "trusted"]);
     const c = host.config;
     const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once
     if (count === 0) throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
     if (count > BATCH_MAX) throw new RangeError(`seqs must hold at most ${BATCH_MAX} sequences, got ${count}`);
-    const seqs: Sequence[] = [];
+    const seqs: S[] = [];
     for (let i = 0; i < count; i++) {
       const s = host.own(`seqs[${i}]`, (seqsArg as unknown[])[i]);
       const j = seqs.indexOf(s);
@@ -224,7 +218,7 @@ export class DecodeBatch {
   }
 
   /** The sequences, in batch order. */
-  get sequences(): readonly Sequence[] {
+  get sequences(): readonly S[] {
     return this.#seqs;
   }
 

@@ -5,233 +5,28 @@
  * @module
  */
 import { type ArgsOf, type Pointer, scratchArray } from "./ffi/_native.ts";
-import type { Backend, DeviceTensor, NativeState, TensorFacts } from "./backend.ts";
+import { type BackendCore as Backend, type DeviceTensor, handleRegistry, type NativeHeld, type TensorFacts } from "./tensor.ts";
 import { checkBool, checkInt, checkOneOf, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
 import { checkHint, type DType, dtypeCode, dtypeOfKind, F16_LIMIT, firstBeyondFp16, type HostArray, hostArray, valueAt } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
-import { bitsPerValue, type Buf, type Fit, type GroupSize, type Input, type Mem, type MemOf } from "./quant.ts";
+import { bitsPerValue, type Buf, type Input, type MemOf } from "./quant.ts";
 import { type BatchOptions, DecodeBatch } from "./batch.ts";
+import { type CacheConfig, type CacheMemory, type CacheOptions, configArray, resolveCacheOptions } from "./cache_config.ts";
 
-/** How keys or values are stored: a quantized format, or `{ bits: 16 }` for plain fp16. */
-export type CacheFormat =
-  | { kind: "uniform"; bits: 2 | 4; group?: GroupSize }
-  | { kind: "codebook"; bits: 2 | 4; group?: GroupSize; fit?: Fit; iterations?: number }
-  | { bits: 16; group?: GroupSize };
+export {
+  type CacheConfig,
+  type CacheFormat,
+  type CacheMemory,
+  type CacheOptions,
+  configArray,
+  headBlockBytes,
+  pageBytes,
+  resolveCacheOptions,
+} from "./cache_config.ts";
 
-/** Options of {@link KVCache} creation (`backend.createCache`). */
-export interface CacheOptions {
-  layers: number;
-  kvHeads: number;
-  /** Query heads (default kvHeads); a multiple of kvHeads for GQA/MQA. */
-  queryHeads?: number;
-  /** 64, 128 or 256. */
-  headDim: number;
-  /** Tokens per page: 32, 64, 128 or 256, a multiple of the key group (default 64). */
-  pageTokens?: number;
-  /** Tokens kept in fp16 (R), a multiple of the key group (default 128). */
-  residual?: number;
-  /** Key format (default uniform 2-bit G32: per-channel groups keep the extremes exact). */
-  keys?: CacheFormat;
-  /** Value format (default codebook 2-bit G64: same 3.0 bits per value, lower error). */
-  values?: CacheFormat;
-  /** Pool size in pages; or give `budgetBytes`. */
-  maxPages?: number;
-  /** Pool size as a byte budget for the pages (all layers, K and V). */
-  budgetBytes?: number;
-  /** Sequence slots (default 64). */
-  maxSequences?: number;
-}
-
-/** Resolved numeric config, in kivi.h KIVI_CFG_* order. */
-export interface CacheConfig {
-  layers: number;
-  kvHeads: number;
-  queryHeads: number;
-  headDim: number;
-  pageTokens: number;
-  residual: number;
-  maxPages: number;
-  maxSequences: number;
-  keys: Required<Pick<CacheFormat & { kind?: string }, "bits" | "group">> & { kind: "uniform" | "codebook"; fit: Fit; iterations: number };
-  values: CacheConfig["keys"];
-}
-
-/** The memory report of a cache. */
-export interface CacheMemory {
-  /** Packed codes (or fp16 at 16 bits) of the pages in use, all layers. */
-  codeBytes: number;
-  /** Scale/zero or centroids of the pages in use. */
-  paramBytes: number;
-  /** fp16 tokens in the residual windows. */
-  residualBytes: number;
-  /** Block tables and per-sequence state. */
-  tableBytes: number;
-  /** Bytes allocated at creation for the pool and windows. */
-  poolBytes: number;
-  pagesUsed: number;
-  pagesTotal: number;
-  /** Tokens held, summed over sequences and layers. */
-  tokens: number;
-  /** Of which in pages. */
-  quantizedTokens: number;
-  /** Bits per K/V value held, counting the page storage in use: (codes + params + residual) x 8 /
-   * values. Pages are shared by all layers, so a page in use counts in every layer, filled or not:
-   * a layer (or a sequence's last page) holding fewer tokens than its pages raises this figure. */
-  bitsPerValue: number;
-  /** Bits per K/V value of the tokens held, each at its format's rate (code bits plus the params
-   * spread over the group; 16 in the fp16 window and at bits 16), whatever page storage they sit in. */
-  heldBitsPerValue: number;
-  /** (codes + params + residual + tables) / the same tokens in fp16. */
-  ratioToFp16: number;
-}
-
-const KIND = { uniform: 0, codebook: 1 } as const;
-const FIT = { free: 0, pinned: 1 } as const;
-
-function resolveCacheFormat(name: string, f: unknown, dflt: CacheFormat): CacheConfig["keys"] {
-  if (f === null || (f !== undefined && typeof f !== "object")) throw new TypeError(`${name} must be a format object, got ${show(f)}`);
-  const g = readOptions(name, f === undefined ? dflt : f, ["kind", "bits", "group", "fit", "iterations"], true);
-  const bits = checkOneOf(`${name}.bits`, g.bits, [2, 4, 16] as const);
-  const group = checkOneOf(`${name}.group`, g.group ?? 32, [32, 64, 128] as const);
-  if (bits === 16) return { kind: "uniform", bits, group, fit: "free", iterations: 1 };
-  const kind = checkOneOf(`${name}.kind`, g.kind, ["uniform", "codebook"] as const);
-  if (kind === "uniform") {
-    for (const k of ["fit", "iterations"] as const) {
-      if (g[k] !== undefined) throw new TypeError(`${name}.${k} is an option of the codebook format, not of "uniform"`);
-    }
-    return { kind, bits, group, fit: "free", iterations: 1 };
-  }
-  return {
-    kind,
-    bits,
-    group,
-    fit: checkOneOf(`${name}.fit`, g.fit ?? "free", ["free", "pinned"] as const),
-    iterations: checkInt(`${name}.iterations`, g.iterations ?? 16, 1, 256),
-  };
-}
-
-/** Bytes of one head's K or V block of one page (kivi_format.h kivi_page_part, kept in step by a test). */
-export function headBlockBytes(f: CacheConfig["keys"], pageTokens: number, headDim: number): number {
-  const values = pageTokens * headDim;
-  const raw = f.bits === 16
-    ? values * 2
-    : (values * f.bits) / 8 + (values / f.group) * (f.kind === "uniform" ? 4 : 2 * (1 << f.bits));
-  return Math.ceil(raw / 16) * 16;
-}
-
-/**
- * Bytes of one page across all layers, K and V.
- *
- * @example
- * ```ts
- * import { pageBytes, resolveCacheOptions } from "./mod.ts";
- * const cfg = resolveCacheOptions({ layers: 32, kvHeads: 8, headDim: 128, maxPages: 1 });
- * console.log(pageBytes(cfg)); // bytes one 64-token page takes in all 32 layers, K and V
- * ```
- */
-export function pageBytes(c: Omit<CacheConfig, "maxPages">): number {
-  return c.layers * c.kvHeads *
-    (headBlockBytes(c.keys, c.pageTokens, c.headDim) + headBlockBytes(c.values, c.pageTokens, c.headDim));
-}
-
-/**
- * Checks cache options and fills in defaults.
- *
- * @example
- * ```ts
- * import { resolveCacheOptions } from "./mod.ts";
- * const c = resolveCacheOptions({ layers: 2, kvHeads: 2, headDim: 64, budgetBytes: 1 << 20 });
- * console.log(c.maxPages, c.keys, c.values); // pages that fit in 1 MiB; uniform 2-bit G32 keys, codebook 2-bit G64 values
- * ```
- */
-export function resolveCacheOptions(options: CacheOptions): CacheConfig {
-  if (options === null || typeof options !== "object") throw new TypeError(`options must be an object, got ${show(options)}`);
-  const o = readOptions("options", options, [
-    "layers",
-    "kvHeads",
-    "queryHeads",
-    "headDim",
-    "pageTokens",
-    "residual",
-    "keys",
-    "values",
-    "maxPages",
-    "budgetBytes",
-    "maxSequences",
-  ], true);
-  const layers = checkInt("layers", o.layers, 1, 4096);
-  const kvHeads = checkInt("kvHeads", o.kvHeads, 1, 4096);
-  const queryHeads = checkInt("queryHeads", o.queryHeads ?? kvHeads, 1, 4096 * 32);
-  if (queryHeads % kvHeads !== 0 || queryHeads / kvHeads > 32) {
-    throw new RangeError(
-      `queryHeads must be a multiple of kvHeads (${kvHeads}) at most 32 times it, got ${queryHeads}`,
-    );
-  }
-  const headDim = checkOneOf("headDim", o.headDim, [64, 128, 256] as const);
-  const keys = resolveCacheFormat("keys", o.keys, { kind: "uniform", bits: 2, group: 32 });
-  const values = resolveCacheFormat("values", o.values, { kind: "codebook", bits: 2, group: 64 });
-  if (headDim % values.group !== 0) {
-    throw new RangeError(`values.group must divide headDim (${headDim}), got ${values.group}`);
-  }
-  const pageTokens = checkOneOf("pageTokens", o.pageTokens ?? 64, [32, 64, 128, 256] as const);
-  if (pageTokens % keys.group !== 0) {
-    throw new RangeError(`pageTokens must be a multiple of keys.group (${keys.group}), got ${pageTokens}`);
-  }
-  const residual = checkInt("residual", o.residual ?? 128, 0, 1 << 20);
-  if (residual % keys.group !== 0) {
-    throw new RangeError(`residual must be a multiple of keys.group (${keys.group}), got ${residual}`);
-  }
-  const maxSequences = checkInt("maxSequences", o.maxSequences ?? 64, 1, 1 << 16);
-  const partial = { layers, kvHeads, queryHeads, headDim, pageTokens, residual, maxSequences, keys, values };
-  let maxPages: number;
-  if (o.maxPages !== undefined) {
-    if (o.budgetBytes !== undefined) throw new TypeError(`give maxPages or budgetBytes, not both`);
-    maxPages = checkInt("maxPages", o.maxPages, 1, 1 << 30);
-  } else if (o.budgetBytes !== undefined) {
-    const per = pageBytes(partial);
-    const budget = checkInt("budgetBytes", o.budgetBytes, 1);
-    maxPages = Math.floor(budget / per);
-    if (maxPages < 1) throw new RangeError(`budgetBytes must hold at least one page (${per} bytes), got ${budget}`);
-  } else {
-    throw new TypeError(`give maxPages or budgetBytes to size the page pool`);
-  }
-  return { ...partial, maxPages };
-}
-
-/** @internal The int32 config array of kivi_cache_create (kivi.h KIVI_CFG_* order); benchmarks build a
- * twin native cache with it to time raw FFI calls. */
-export function configArray(c: CacheConfig): Int32Array {
-  return Int32Array.from([
-    c.layers,
-    c.kvHeads,
-    c.queryHeads,
-    c.headDim,
-    c.pageTokens,
-    c.residual,
-    c.maxPages,
-    c.maxSequences,
-    KIND[c.keys.kind],
-    c.keys.bits,
-    c.keys.group,
-    FIT[c.keys.fit],
-    c.keys.iterations,
-    KIND[c.values.kind],
-    c.values.bits,
-    c.values.group,
-    FIT[c.values.fit],
-    c.values.iterations,
-  ]);
-}
-
-interface CacheHeld {
-  state: NativeState;
-  handle: Pointer;
-}
-const cacheRegistry = new FinalizationRegistry<CacheHeld>((held) => {
-  held.state.lib.call("kivi_cache_destroy", held.handle);
-  held.state.release();
-});
+type CacheHeld = NativeHeld;
+const cacheRegistry = handleRegistry("kivi_cache_destroy");
 
 
 /** A K, V or q argument described once: a host typed array (by its internal slots) or a tensor. */
@@ -424,7 +219,7 @@ export class KVCache {
   #appendFn!: (...a: ArgsOf<"kivi_cache_append">) => number;
   /** Read by this cache's batches on every call: see BatchHost. */
   #shared = { open: true, epoch: 0 };
-  #batches = new Set<WeakRef<DecodeBatch>>();
+  #batches = new Set<WeakRef<DecodeBatch<Sequence>>>();
 
   /** @internal use Backend.createCache */
   constructor(backend: Backend, options: CacheOptions) {
@@ -515,9 +310,9 @@ export class KVCache {
    * console.log(out.readSync()[0]); // 2: one token, so every head reads its value
    * ```
    */
-  batch(seqs: readonly Sequence[], opts: BatchOptions): DecodeBatch {
+  batch(seqs: readonly Sequence[], opts: BatchOptions): DecodeBatch<Sequence> {
     this.#live("batch");
-    const b = new DecodeBatch({
+    const b = new DecodeBatch<Sequence>({
       backend: this.#backend,
       config: this.#config,
       live: (op) => this.#live(op),
@@ -617,7 +412,7 @@ export class KVCache {
     const n = kd.length / row;
     if (n > 2 ** 31 - 1) throw new RangeError(`k must hold fewer than 2^31 tokens, got ${n}`);
     const id = Sequence._usableId(seq, "append");
-    const { state, handle } = this.#live("append");
+    const { handle } = this.#live("append");
     if (!trusted) {
       checkFp16Range(this.#backend, "k", kd, c, n, layer);
       checkFp16Range(this.#backend, "v", vd, c, n, layer);

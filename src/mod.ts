@@ -13,7 +13,7 @@
  *
  * @module
  */
-export { ABI_VERSION, Backend, type BackendKind, defaultLibraryPath, DeviceTensor, openBackend, type OpenOptions } from "./backend.ts";
+export { ABI_VERSION, Backend, type BackendCore, type BackendKind, defaultLibraryPath, DeviceTensor, openBackend, type OpenOptions } from "./backend.ts";
 export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
 export { KiviError, Status, type StatusName } from "./errors.ts";
 export {

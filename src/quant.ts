@@ -8,9 +8,10 @@
  */
 import type { NativeLib, Pointer } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
-import type { Backend, DeviceTensor, TensorFacts } from "./backend.ts";
+import type { BackendCore as Backend, DeviceTensor, TensorFacts } from "./tensor.ts";
+import { codebookFit, refuseCodebookKeys, RULES } from "./_rules.ts";
 import { Staging } from "./_staging.ts";
-import { checkBool, checkInt, checkOneOf, checkShape, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
+import { checkBool, checkOneOf, checkShape, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
 import {
   checkHint,
   type DType,
@@ -56,24 +57,23 @@ export type Input = HostArray | DeviceTensor;
 /** The memory an input lives in. */
 export type MemOf<X> = X extends DeviceTensor ? "device" : "host";
 
-/** Uniform (KIVI) codes: packed words plus fp16 scale and zero (the group minimum) per group. */
-export interface UniformQuantized<M extends Mem> {
-  readonly format: Extract<ResolvedFormat, { kind: "uniform" }>;
+/** What codes of either format carry: the format, the grouping and the packed words. */
+interface QuantizedCodes<M extends Mem, K extends ResolvedFormat["kind"]> {
+  readonly format: Extract<ResolvedFormat, { kind: K }>;
   readonly axis: Axis;
   readonly shape: readonly [number, number];
   readonly groups: number;
   readonly codes: Buf<M, "u32">;
+}
+
+/** Uniform (KIVI) codes: packed words plus fp16 scale and zero (the group minimum) per group. */
+export interface UniformQuantized<M extends Mem> extends QuantizedCodes<M, "uniform"> {
   readonly scale: Buf<M, "f16">;
   readonly zero: Buf<M, "f16">;
 }
 
 /** Codebook codes: packed words plus 2^bits sorted fp16 centroids per group. */
-export interface CodebookQuantized<M extends Mem> {
-  readonly format: Extract<ResolvedFormat, { kind: "codebook" }>;
-  readonly axis: Axis;
-  readonly shape: readonly [number, number];
-  readonly groups: number;
-  readonly codes: Buf<M, "u32">;
+export interface CodebookQuantized<M extends Mem> extends QuantizedCodes<M, "codebook"> {
   readonly centroids: Buf<M, "f16">;
 }
 
@@ -149,8 +149,8 @@ export interface CodebookOptions<M extends Mem> extends InputOptions {
 const axisCode: Record<Axis, number> = { token: 0, channel: 1 };
 const fitCode: Record<Fit, number> = { free: 0, pinned: 1 };
 const assignCode: Record<Assign, number> = { nearest: 0, interval: 1 };
-const GROUPS = [32, 64, 128] as const;
-const BITS = [2, 4] as const;
+const GROUPS = RULES.groups;
+const BITS = RULES.bits;
 
 /**
  * Fills in a format's defaults and checks it.
@@ -167,23 +167,15 @@ export function resolveFormat(format: Format, name = "format"): ResolvedFormat {
     throw new TypeError(`${name} must be an object such as { kind: "uniform", bits: 2 }, got ${show(format)}`);
   }
   const f = readOptions(name, format, ["kind", "bits", "group", "fit", "iterations", "assign"]);
-  const kind = checkOneOf(`${name}.kind`, f.kind, ["uniform", "codebook"] as const);
+  const kind = checkOneOf(`${name}.kind`, f.kind, RULES.kinds);
   const bits = checkOneOf(`${name}.bits`, f.bits, BITS);
   const group = checkOneOf(`${name}.group`, f.group ?? 32, GROUPS);
   if (kind === "uniform") {
-    for (const k of ["fit", "iterations", "assign"] as const) {
-      if (f[k] !== undefined) throw new TypeError(`${name}.${k} is an option of the codebook format, not of "uniform"`);
-    }
+    refuseCodebookKeys(name, f, ["fit", "iterations", "assign"]);
     return { kind, bits, group };
   }
-  return {
-    kind,
-    bits,
-    group,
-    fit: checkOneOf(`${name}.fit`, f.fit ?? "free", ["free", "pinned"] as const),
-    iterations: checkInt(`${name}.iterations`, f.iterations ?? 16, 1, 256),
-    assign: checkOneOf(`${name}.assign`, f.assign ?? "nearest", ["nearest", "interval"] as const),
-  };
+  const { fit, iterations } = codebookFit(name, f);
+  return { kind, bits, group, fit, iterations, assign: checkOneOf(`${name}.assign`, f.assign ?? "nearest", RULES.assigns) };
 }
 
 /**
@@ -441,16 +433,26 @@ function flags(trusted: boolean): number {
 
 const AXES = ["token", "channel"] as const;
 
+/** x described once (describeInput), its axis read and its grouping checked: what every quantizer
+ * reads of its input before it takes native handles. */
+function groupedInput(kivi: Backend, x: unknown, o: Record<string, unknown>, groupOf: GroupSize | (() => GroupSize)) {
+  const d = describeInput(kivi, x, o.shape, o.dtype);
+  const axis = checkOneOf("axis", o.axis, AXES);
+  const group = typeof groupOf === "function" ? groupOf() : groupOf; // read after the axis, in that order
+  checkGrouping(d.shape, axis, group);
+  return { d, dtype: d.dtype, shape: d.shape, axis, group, groups: groupCount(d.shape, axis, group) };
+}
+
+/** The matrix arguments of the quantizer exports after x: dtype, rows, cols, axis, group, bits. */
+function matrixArgs(dtype: TensorDType, shape: readonly number[], axis: Axis, group: number, bits: number) {
+  return [dtypeCode[dtype as "f32"], shape[0], shape[1], axisCode[axis], group, bits] as const;
+}
+
 /** Block statistics per group (see {@link BlockStats}). */
 export function stats<X extends Input>(kivi: Backend, x: X, opts: StatsOptions<MemOf<X>>): BlockStats<MemOf<X>> {
   const o = readOptions("options", opts, ["shape", "dtype", "axis", "group", "out"], true);
   const out = readOptions("out", o.out, ["stats", "nonfinite"]);
-  const d = describeInput(kivi, x, o.shape, o.dtype);
-  const { dtype, shape } = d;
-  const axis = checkOneOf("axis", o.axis, AXES);
-  const group = checkOneOf("group", o.group ?? 32, GROUPS);
-  checkGrouping(shape, axis, group);
-  const groups = groupCount(shape, axis, group);
+  const { d, dtype, shape, axis, group, groups } = groupedInput(kivi, x, o, () => checkOneOf("group", o.group ?? 32, GROUPS));
   using c = new Call(kivi, d.mem as MemOf<X>, "stats");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const ist = c.output("stats", "f32", groups * 4, out.stats);
@@ -472,15 +474,11 @@ export function quantize<X extends Input>(kivi: Backend, x: X, opts: QuantizeOpt
     if (out[k] !== undefined) throw new TypeError(`out.${k} is not an output of the ${format.kind} format`);
   }
   const trusted = checkBool("trusted", o.trusted);
-  const d = describeInput(kivi, x, o.shape, o.dtype);
-  const { dtype, shape } = d;
-  const axis = checkOneOf("axis", o.axis, AXES);
-  checkGrouping(shape, axis, format.group);
-  const groups = groupCount(shape, axis, format.group);
+  const { d, dtype, shape, axis, groups } = groupedInput(kivi, x, o, format.group);
   using c = new Call(kivi, d.mem as MemOf<X>, "quantize");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const icodes = c.output("codes", "u32", wordCount(shape, format.bits), out.codes);
-  const dims = [dtypeCode[dtype], shape[0], shape[1], axisCode[axis], format.group, format.bits] as const;
+  const dims = matrixArgs(dtype, shape, axis, format.group, format.bits);
   if (format.kind === "uniform") {
     const is = c.output("scale", "f16", groups, out.scale);
     const iz = c.output("zero", "f16", groups, out.zero);
@@ -557,11 +555,7 @@ export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptio
   if (f.kind !== "codebook") throw new Error("unreachable");
   const trace = checkBool("trace", o.trace);
   const trusted = checkBool("trusted", o.trusted);
-  const d = describeInput(kivi, x, o.shape, o.dtype);
-  const { dtype, shape } = d;
-  const axis = checkOneOf("axis", o.axis, AXES);
-  checkGrouping(shape, axis, f.group);
-  const groups = groupCount(shape, axis, f.group);
+  const { d, dtype, shape, axis, groups } = groupedInput(kivi, x, o, f.group);
   using c = new Call(kivi, d.mem as MemOf<X>, "fitCodebook");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const ik = c.output("centroids", "f16", groups * 2 ** f.bits, out.centroids);
@@ -575,12 +569,7 @@ export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptio
       "kivi_codebook_fit",
       c.ctx,
       c.ptr(ix),
-      dtypeCode[dtype],
-      shape[0],
-      shape[1],
-      axisCode[axis],
-      f.group,
-      f.bits,
+      ...matrixArgs(dtype, shape, axis, f.group, f.bits),
       fitCode[f.fit],
       f.iterations,
       flags(trusted),
@@ -604,11 +593,7 @@ export function quantizeWithCodebook<X extends Input>(
   const format = resolveFormat({ kind: "codebook", bits: o.bits, group: o.group, assign: o.assign } as Format);
   if (format.kind !== "codebook") throw new Error("unreachable");
   const trusted = checkBool("trusted", o.trusted);
-  const d = describeInput(kivi, x, o.shape, o.dtype);
-  const { dtype, shape } = d;
-  const axis = checkOneOf("axis", o.axis, AXES);
-  checkGrouping(shape, axis, format.group);
-  const groups = groupCount(shape, axis, format.group);
+  const { d, dtype, shape, axis, groups } = groupedInput(kivi, x, o, format.group);
   using c = new Call(kivi, d.mem as MemOf<X>, "quantizeWithCodebook");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const ik = c.input("centroids", centroids, "f16", groups * 2 ** format.bits);
@@ -621,12 +606,7 @@ export function quantizeWithCodebook<X extends Input>(
       "kivi_codebook_quantize",
       c.ctx,
       c.ptr(ix),
-      dtypeCode[dtype],
-      shape[0],
-      shape[1],
-      axisCode[axis],
-      format.group,
-      format.bits,
+      ...matrixArgs(dtype, shape, axis, format.group, format.bits),
       c.ptr(ik),
       assignCode[format.assign],
       flags(trusted),

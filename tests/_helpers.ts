@@ -23,48 +23,25 @@ import {
   type StatusName,
   type UniformQuantized,
 } from "../src/mod.ts";
+import { Rng as SeededRng } from "../src/random.ts";
 
 /* ------------------------------------------------------------------ random --------------- */
 
 /** Base seed of the run: KIVI_TEST_SEED overrides it to reproduce a failure. */
 export const BASE_SEED: number = process.env.KIVI_TEST_SEED ? Number(process.env.KIVI_TEST_SEED) >>> 0 : 0x6b697669;
 
-/** mulberry32: small, fast, good enough for test data. `label` tells what to quote on failure. */
-export class Rng {
-  readonly seed: number;
-  #s: number;
-  #spare: number | undefined;
+/** The seed of a test's generator: `label` and `salt` hashed with BASE_SEED (FNV-1a). */
+function labelSeed(label: string, salt: number): number {
+  let h = (BASE_SEED ^ Math.imul(salt + 1, 0x9e3779b1)) >>> 0;
+  for (let i = 0; i < label.length; i++) h = Math.imul(h ^ label.charCodeAt(i), 0x01000193) >>> 0;
+  return h;
+}
+
+/** The library's seeded generator (src/random.ts), seeded from a label: `label` tells what to quote
+ * on failure. */
+export class Rng extends SeededRng {
   constructor(readonly label: string, salt = 0) {
-    let h = (BASE_SEED ^ Math.imul(salt + 1, 0x9e3779b1)) >>> 0;
-    for (let i = 0; i < label.length; i++) h = Math.imul(h ^ label.charCodeAt(i), 0x01000193) >>> 0;
-    this.seed = h;
-    this.#s = h;
-  }
-  /** Uniform in [0, 1). */
-  next(): number {
-    let t = (this.#s = (this.#s + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-  uniform(lo: number, hi: number): number {
-    return lo + (hi - lo) * this.next();
-  }
-  /** Integer in [0, n). */
-  int(n: number): number {
-    return Math.floor(this.next() * n);
-  }
-  /** Standard normal (Box-Muller). */
-  normal(): number {
-    if (this.#spare !== undefined) {
-      const s = this.#spare;
-      this.#spare = undefined;
-      return s;
-    }
-    const u = 1 - this.next(), v = this.next();
-    const r = Math.sqrt(-2 * Math.log(u));
-    this.#spare = r * Math.sin(2 * Math.PI * v);
-    return r * Math.cos(2 * Math.PI * v);
+    super(labelSeed(label, salt));
   }
   /** What an assertion message quotes so a failure can be replayed. */
   get tag(): string {

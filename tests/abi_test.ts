@@ -10,7 +10,7 @@ import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { type FfiType, symbols } from "../src/ffi/symbols.ts";
 import { ABI_VERSION, defaultLibraryPath, Status } from "../src/mod.ts";
-import { loadNative } from "../src/ffi/_native.ts";
+import { loadNative } from "../src/ffi/load.ts";
 
 const HEADER = fileURLToPath(new URL("../cuda/include/kivi.h", import.meta.url));
 

@@ -53,6 +53,13 @@ function snapshot(kivi: Backend, cache: KVCache, seqs: Sequence[], outs: DeviceT
   };
 }
 
+/** One sequence's q with a NaN at element `at`, uploaded. */
+function nanQ(kivi: Backend, rng: Rng, at: number): DeviceTensor {
+  const qv = kvRows(rng, 1, QH, D);
+  qv[at] = NaN;
+  return kivi.upload(qv);
+}
+
 describe("decode batch: the same bytes as the general path", () => {
   it("batch.attend gives cache.attend's output for every q and out dtype, GQA, every layer, sequences of different lengths", async () => {
     const rng = new Rng("batch attend");
@@ -168,9 +175,7 @@ describe("decode batch: deferred checks", () => {
     using kivi = await openCpu();
     using cache = kivi.createCache(OPTS);
     const seqs = [filled(cache, rng, 10)];
-    const qv = kvRows(rng, 1, QH, D);
-    qv[5] = NaN;
-    using q = kivi.upload(qv), out = kivi.alloc([1, QH, D], "f32");
+    using q = nanQ(kivi, rng, 5), out = kivi.alloc([1, QH, D], "f32");
     using batch = cache.batch(seqs, { q, out });
     for (const read of [() => batch.check(), () => batch.synchronizeSync()]) {
       batch.attend(0);
@@ -236,9 +241,7 @@ describe("decode batch: deferred checks", () => {
     using kivi = await openCpu();
     using cache = kivi.createCache(OPTS);
     const seqs = [filled(cache, rng, 50)];
-    const qv = kvRows(rng, 1, QH, D);
-    qv[0] = NaN;
-    using q = kivi.upload(qv), out = kivi.alloc([1, QH, D], "f32");
+    using q = nanQ(kivi, rng, 0), out = kivi.alloc([1, QH, D], "f32");
     using batch = cache.batch(seqs, { q, out, trusted: true });
     assert.equal(batch.trusted, true);
     batch.attend(0);
@@ -262,7 +265,7 @@ describe("decode batch: refusals", () => {
   it("bad arguments at creation are TypeErrors or RangeErrors naming them (or KiviErrors for dead objects); nothing is made", async () => {
     const w = await world("creation");
     using _ = w.kivi;
-    const { cache, seqs, q, out, k, v, kivi } = w;
+    const { cache, seqs, q, out, v, kivi } = w;
     using other = await openCpu();
     using foreign = other.upload(kvRows(w.rng, 2, QH, D));
     using q16 = kivi.alloc([2, QH, D], "f16"), small = kivi.alloc([1, QH, D], "f32"), u32 = kivi.alloc([2, QH, D], "u32");
@@ -443,7 +446,7 @@ describe("decode batch: the error record's rules (kivi.h)", () => {
 });
 
 gpuDescribe("decode batch on CUDA", (g) => {
-  it("attend and append give the general path's bytes on the device; a NaN q is deferred there too", async () => {
+  it("attend and append give the general path's bytes on the device; a NaN q is deferred there too", () => {
     const rng = new Rng("batch gpu");
     using cache = g.createCache(OPTS), twin = g.createCache(OPTS);
     const lens = [3, 40, 140];

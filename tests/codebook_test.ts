@@ -31,16 +31,12 @@ import {
 } from "./_helpers.ts";
 
 type Case = [axis: Axis, rows: number, cols: number, group: GroupSize];
-const CASES: Case[] = [
-  ["token", 96, 40, 32],
-  ["token", 160, 128, 32],
-  ["token", 4096, 40, 64],
-  ["token", 256, 40, 128],
-  ["channel", 1, 64, 32],
-  ["channel", 3, 128, 64],
-  ["channel", 17, 256, 128],
-  ["channel", 3, 640, 128],
-];
+/** [rows, cols, group] per axis, awkward on purpose. */
+const SHAPES: Record<Axis, [number, number, GroupSize][]> = {
+  token: [[96, 40, 32], [160, 128, 32], [4096, 40, 64], [256, 40, 128]],
+  channel: [[1, 64, 32], [3, 128, 64], [17, 256, 128], [3, 640, 128]],
+};
+const CASES: Case[] = (["token", "channel"] as const).flatMap((a) => SHAPES[a].map(([r, c, g]): Case => [a, r, c, g]));
 const FITS: readonly Fit[] = ["free", "pinned"];
 
 /** Sorted random fp16 centroids per group, inside and a little beyond the data's range, with a

@@ -3,7 +3,7 @@
  * message naming the argument and the expected value) and that nothing changed. "Nothing changed"
  * is a snapshot taken before and after: the attention output of every layer for a fixed query, the
  * memory report, each sequence's lengths per layer, block table and dequantized K/V, the live
- * sequences, and the backend's live tensors and native references. README "## Errors" lists each
+ * sequences, and the backend's live tensors and native references. docs/errors.md lists each
  * kind with the test that covers it.
  */
 import { describe, it } from "node:test";

@@ -6,8 +6,9 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { type Axis, defaultLibraryPath, type DeviceTensor, KiviError, type StatusName } from "../src/mod.ts";
-import { loadNative, type NativeLib, type Pointer } from "../src/ffi/_native.ts";
-import { assertUntouched, type DataDType, DTYPES, f16Bits, openCpu, NONFINITE, randomMatrix, Rng, sentinel, setRaw, throwsNaming } from "./_helpers.ts";
+import type { NativeLib, Pointer } from "../src/ffi/_native.ts";
+import { loadNative } from "../src/ffi/load.ts";
+import { assertUntouched, DTYPES, f16Bits, openCpu, NONFINITE, randomMatrix, Rng, sentinel, setRaw, throwsNaming } from "./_helpers.ts";
 
 type Sentinel = { buf: ArrayBufferView; snap: Uint8Array };
 
@@ -292,15 +293,20 @@ interface Native {
   ctx: Pointer;
 }
 
-async function openNative(): Promise<Native> {
+/** The CPU library and a context of its own, freed at the end of the `using` scope. */
+async function openNative(): Promise<Native & Disposable> {
   const lib = await loadNative(defaultLibraryPath("cpu"));
   const out = new BigUint64Array(1);
   assert.equal(lib.call("kivi_ctx_create", 0, lib.ptr(out)), 0);
-  return { lib, ctx: lib.pointerAt(out, 0) };
-}
-function closeNative(n: Native): void {
-  n.lib.call("kivi_ctx_destroy", n.ctx);
-  n.lib.close();
+  const ctx = lib.pointerAt(out, 0);
+  return {
+    lib,
+    ctx,
+    [Symbol.dispose]() {
+      lib.call("kivi_ctx_destroy", ctx);
+      lib.close();
+    },
+  };
 }
 
 /** Checks a failed status: its value, its name, and both error slots naming the argument. */
@@ -316,140 +322,128 @@ function expectStatus(n: Native, st: number, want: StatusName, names: RegExp, wh
 
 describe("bad arguments straight into the C exports", () => {
   it("kivi_uniform_quantize rejects each bad argument with kivi.h's status and writes nothing", async () => {
-    const n = await openNative();
-    try {
-      const { lib } = n;
-      const rows = 64, cols = 40;
-      const x = randomMatrix(new Rng("c uniform"), rows, cols, "f32").x as Float32Array;
-      const good = { x: lib.ptr(x) as Pointer, dtype: 0, rows, cols, axis: 0, group: 32, bits: 2, flags: 0 };
-      type Args = typeof good;
-      const cases: [string, Partial<Args> & { nullOut?: "codes" | "scale" | "zero"; nullCtx?: boolean }, StatusName, RegExp][] = [
-        ["group 48", { group: 48 }, "KIVI_ERR_ARG", /kivi_uniform_quantize: group must be 32, 64 or 128, got 48/],
-        ["group 0", { group: 0 }, "KIVI_ERR_ARG", /group/],
-        ["bits 3", { bits: 3 }, "KIVI_ERR_ARG", /bits must be 2 or 4, got 3/],
-        ["bits 8", { bits: 8 }, "KIVI_ERR_ARG", /bits/],
-        ["rows 48", { rows: 48 }, "KIVI_ERR_SHAPE", /rows \(48\) must be a multiple of group \(32\)/],
-        ["cols 40 per channel", { axis: 1 }, "KIVI_ERR_SHAPE", /cols \(40\) must be a multiple of group/],
-        ["rows 0", { rows: 0 }, "KIVI_ERR_ARG", /rows must be >= 1/],
-        ["rows -64", { rows: -64 }, "KIVI_ERR_ARG", /rows/],
-        ["cols 0", { cols: 0 }, "KIVI_ERR_ARG", /cols must be >= 1/],
-        ["rows * cols >= 2^40", { rows: 2 ** 35, cols: 2 ** 5 }, "KIVI_ERR_ARG", /rows \* cols must be below 2\^40/],
-        ["axis 2", { axis: 2 }, "KIVI_ERR_ARG", /axis/],
-        ["dtype 3", { dtype: 3 }, "KIVI_ERR_ARG", /\bdtype must be/],
-        ["dtype -1", { dtype: -1 }, "KIVI_ERR_ARG", /\bdtype/],
-        ["flags 2", { flags: 2 }, "KIVI_ERR_ARG", /flags/],
-        ["x NULL", { x: null }, "KIVI_ERR_ARG", /\bx must not be NULL/],
-        ["codes NULL", { nullOut: "codes" }, "KIVI_ERR_ARG", /\bcodes must not be NULL/],
-        ["scale NULL", { nullOut: "scale" }, "KIVI_ERR_ARG", /\bscale must not be NULL/],
-        ["zero NULL", { nullOut: "zero" }, "KIVI_ERR_ARG", /\bzero must not be NULL/],
-        ["ctx NULL", { nullCtx: true }, "KIVI_ERR_ARG", /\bctx must not be NULL/],
-      ];
-      for (const [what, mod, want, names] of cases) {
-        const a = { ...good, ...mod };
-        const o = { codes: sentinel(new Uint32Array(160)), scale: sentinel(new Uint16Array(80)), zero: sentinel(new Uint16Array(80)) };
-        const p = (k: "codes" | "scale" | "zero") => (mod.nullOut === k ? null : lib.ptr(o[k].buf));
-        const st = lib.call("kivi_uniform_quantize", mod.nullCtx ? null : n.ctx, a.x, a.dtype, a.rows, a.cols, a.axis, a.group, a.bits, a.flags, p("codes"), p("scale"), p("zero"));
-        expectStatus(n, st, want, names, what, !mod.nullCtx);
-        untouched(o, what);
-      }
-      // NaN, +Inf and -Inf (f32, f16 and bf16 bit patterns): KIVI_ERR_NONFINITE naming x
-      for (const dtype of DTYPES) {
-        for (const [label, v] of NONFINITE[dtype]) {
-          const code = { f32: 0, f16: 1, bf16: 2 }[dtype];
-          const inp = randomMatrix(new Rng(`c nonfinite ${dtype}`), rows, cols, dtype);
-          setRaw(inp.x, 77, v);
-          const o = { codes: sentinel(new Uint32Array(160)), scale: sentinel(new Uint16Array(80)), zero: sentinel(new Uint16Array(80)) };
-          const st = lib.call("kivi_uniform_quantize", n.ctx, lib.ptr(inp.x), code, rows, cols, 0, 32, 2, 0, lib.ptr(o.codes.buf), lib.ptr(o.scale.buf), lib.ptr(o.zero.buf));
-          expectStatus(n, st, "KIVI_ERR_NONFINITE", new RegExp(`\\bx must be finite, got ${label.replace("+", "\\+")} at index 77 \\(row 1, col 37`), `${dtype} ${label}`);
-          untouched(o, `${dtype} ${label}`);
-        }
-      }
-      // and a good call succeeds after all that
-      const o = { codes: new Uint32Array(160), scale: new Uint16Array(80), zero: new Uint16Array(80) };
-      assert.equal(lib.call("kivi_uniform_quantize", n.ctx, good.x, 0, rows, cols, 0, 32, 2, 0, lib.ptr(o.codes), lib.ptr(o.scale), lib.ptr(o.zero)), 0);
-    } finally {
-      closeNative(n);
+    using n = await openNative();
+    const { lib } = n;
+    const rows = 64, cols = 40;
+    const x = randomMatrix(new Rng("c uniform"), rows, cols, "f32").x as Float32Array;
+    const good = { x: lib.ptr(x) as Pointer, dtype: 0, rows, cols, axis: 0, group: 32, bits: 2, flags: 0 };
+    type Args = typeof good;
+    const cases: [string, Partial<Args> & { nullOut?: "codes" | "scale" | "zero"; nullCtx?: boolean }, StatusName, RegExp][] = [
+      ["group 48", { group: 48 }, "KIVI_ERR_ARG", /kivi_uniform_quantize: group must be 32, 64 or 128, got 48/],
+      ["group 0", { group: 0 }, "KIVI_ERR_ARG", /group/],
+      ["bits 3", { bits: 3 }, "KIVI_ERR_ARG", /bits must be 2 or 4, got 3/],
+      ["bits 8", { bits: 8 }, "KIVI_ERR_ARG", /bits/],
+      ["rows 48", { rows: 48 }, "KIVI_ERR_SHAPE", /rows \(48\) must be a multiple of group \(32\)/],
+      ["cols 40 per channel", { axis: 1 }, "KIVI_ERR_SHAPE", /cols \(40\) must be a multiple of group/],
+      ["rows 0", { rows: 0 }, "KIVI_ERR_ARG", /rows must be >= 1/],
+      ["rows -64", { rows: -64 }, "KIVI_ERR_ARG", /rows/],
+      ["cols 0", { cols: 0 }, "KIVI_ERR_ARG", /cols must be >= 1/],
+      ["rows * cols >= 2^40", { rows: 2 ** 35, cols: 2 ** 5 }, "KIVI_ERR_ARG", /rows \* cols must be below 2\^40/],
+      ["axis 2", { axis: 2 }, "KIVI_ERR_ARG", /axis/],
+      ["dtype 3", { dtype: 3 }, "KIVI_ERR_ARG", /\bdtype must be/],
+      ["dtype -1", { dtype: -1 }, "KIVI_ERR_ARG", /\bdtype/],
+      ["flags 2", { flags: 2 }, "KIVI_ERR_ARG", /flags/],
+      ["x NULL", { x: null }, "KIVI_ERR_ARG", /\bx must not be NULL/],
+      ["codes NULL", { nullOut: "codes" }, "KIVI_ERR_ARG", /\bcodes must not be NULL/],
+      ["scale NULL", { nullOut: "scale" }, "KIVI_ERR_ARG", /\bscale must not be NULL/],
+      ["zero NULL", { nullOut: "zero" }, "KIVI_ERR_ARG", /\bzero must not be NULL/],
+      ["ctx NULL", { nullCtx: true }, "KIVI_ERR_ARG", /\bctx must not be NULL/],
+    ];
+    for (const [what, mod, want, names] of cases) {
+      const a = { ...good, ...mod };
+      const o = { codes: sentinel(new Uint32Array(160)), scale: sentinel(new Uint16Array(80)), zero: sentinel(new Uint16Array(80)) };
+      const p = (k: "codes" | "scale" | "zero") => (mod.nullOut === k ? null : lib.ptr(o[k].buf));
+      const st = lib.call("kivi_uniform_quantize", mod.nullCtx ? null : n.ctx, a.x, a.dtype, a.rows, a.cols, a.axis, a.group, a.bits, a.flags, p("codes"), p("scale"), p("zero"));
+      expectStatus(n, st, want, names, what, !mod.nullCtx);
+      untouched(o, what);
     }
+    // NaN, +Inf and -Inf (f32, f16 and bf16 bit patterns): KIVI_ERR_NONFINITE naming x
+    for (const dtype of DTYPES) {
+      for (const [label, v] of NONFINITE[dtype]) {
+        const code = { f32: 0, f16: 1, bf16: 2 }[dtype];
+        const inp = randomMatrix(new Rng(`c nonfinite ${dtype}`), rows, cols, dtype);
+        setRaw(inp.x, 77, v);
+        const o = { codes: sentinel(new Uint32Array(160)), scale: sentinel(new Uint16Array(80)), zero: sentinel(new Uint16Array(80)) };
+        const st = lib.call("kivi_uniform_quantize", n.ctx, lib.ptr(inp.x), code, rows, cols, 0, 32, 2, 0, lib.ptr(o.codes.buf), lib.ptr(o.scale.buf), lib.ptr(o.zero.buf));
+        expectStatus(n, st, "KIVI_ERR_NONFINITE", new RegExp(`\\bx must be finite, got ${label.replace("+", "\\+")} at index 77 \\(row 1, col 37`), `${dtype} ${label}`);
+        untouched(o, `${dtype} ${label}`);
+      }
+    }
+    // and a good call succeeds after all that
+    const o = { codes: new Uint32Array(160), scale: new Uint16Array(80), zero: new Uint16Array(80) };
+    assert.equal(lib.call("kivi_uniform_quantize", n.ctx, good.x, 0, rows, cols, 0, 32, 2, 0, lib.ptr(o.codes), lib.ptr(o.scale), lib.ptr(o.zero)), 0);
   });
 
   it("the other quantizer exports reject bad arguments the same way", async () => {
-    const n = await openNative();
-    try {
-      const { lib } = n;
-      const x = randomMatrix(new Rng("c others"), 64, 32, "f32").x as Float32Array;
-      const px = lib.ptr(x);
-      const groups = 64; // channel axis, G 32: 64 rows x 1
-      const cent = new Uint16Array(groups * 4).map((_, i) => f16Bits([-1, 0, 1, 2][i % 4]));
-      const unsorted = cent.slice();
-      unsorted[4 * 9 + 2] = f16Bits(-2);
-      const infCent = cent.slice();
-      infCent[4 * 9 + 2] = 0x7c00;
-      const mk = () => ({ codes: sentinel(new Uint32Array(128)), cent: sentinel(new Uint16Array(groups * 4)), f32s: sentinel(new Float32Array(groups * 4)), i32s: sentinel(new Int32Array(groups)), inertia: sentinel(new Float32Array(groups * 17)), out: sentinel(new Float32Array(64 * 32)), bytes: sentinel(new Uint8Array(64 * 32)) });
-      type O = ReturnType<typeof mk>;
-      const cases: [string, (o: O) => number, StatusName, RegExp][] = [
-        ["fit max_iters 0", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 0, 0, lib.ptr(o.cent.buf), lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /max_iters must be in 1\.\.256, got 0/],
-        ["fit max_iters 257", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 257, 0, lib.ptr(o.cent.buf), null, null), "KIVI_ERR_ARG", /max_iters/],
-        ["fit fit 2", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 2, 16, 0, lib.ptr(o.cent.buf), null, null), "KIVI_ERR_ARG", /\bfit must be/],
-        ["fit centroids NULL", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, null, lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /centroids must not be NULL/],
-        ["fit group 48", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 48, 2, 0, 16, 0, lib.ptr(o.cent.buf), lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /group/],
-        ["quantize unsorted", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(unsorted), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must be sorted ascending.*group 9/],
-        ["quantize Inf centroid", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(infCent), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must be finite/],
-        ["quantize assign 2", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(cent), 2, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /assign/],
-        ["quantize bits 3", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 3, lib.ptr(cent), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /bits/],
-        ["quantize centroids NULL", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, null, 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must not be NULL/],
-        ["encode assign 5", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 5, 0, lib.ptr(o.cent.buf), lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /assign/],
-        ["encode cols 32 rows 48 token", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 48, 32, 0, 32, 2, 0, 16, 0, 0, lib.ptr(o.cent.buf), lib.ptr(o.codes.buf)), "KIVI_ERR_SHAPE", /rows \(48\)/],
-        ["encode codes NULL", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, 0, lib.ptr(o.cent.buf), null), "KIVI_ERR_ARG", /\bcodes must not be NULL/],
-        ["cb dequantize out NULL", () => lib.call("kivi_codebook_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(cent), 64, 32, 1, 32, 2, null, 0), "KIVI_ERR_ARG", /\bout must not be NULL/],
-        ["cb dequantize out_dtype 9", (o) => lib.call("kivi_codebook_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(cent), 64, 32, 1, 32, 2, lib.ptr(o.out.buf), 9), "KIVI_ERR_ARG", /out_dtype/],
-        ["uniform dequantize scale NULL", (o) => lib.call("kivi_uniform_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), null, lib.ptr(new Uint16Array(64)), 64, 32, 1, 32, 2, lib.ptr(o.out.buf), 0), "KIVI_ERR_ARG", /\bscale must not be NULL/],
-        ["uniform dequantize group 48", (o) => lib.call("kivi_uniform_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(new Uint16Array(64)), lib.ptr(new Uint16Array(64)), 64, 32, 1, 48, 2, lib.ptr(o.out.buf), 0), "KIVI_ERR_ARG", /group/],
-        ["stats nonfinite NULL", (o) => lib.call("kivi_stats_block", n.ctx, px, 0, 64, 32, 1, 32, lib.ptr(o.f32s.buf), null), "KIVI_ERR_ARG", /nonfinite must not be NULL/],
-        ["stats cols 48", (o) => lib.call("kivi_stats_block", n.ctx, px, 0, 32, 48, 1, 32, lib.ptr(o.f32s.buf), lib.ptr(o.i32s.buf)), "KIVI_ERR_SHAPE", /cols \(48\)/],
-        ["pack n 15", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(15)), 15, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_SHAPE", /\bn \(15\) must be a multiple of 16/],
-        ["pack n 0", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(16)), 0, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /\bn must be >= 1/],
-        ["pack code 4", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32).fill(4, 20, 21)), 32, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /codes\[20\] must be below 2\^bits/],
-        ["pack code 16 at 4 bits", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(8).fill(16, 7)), 8, 4, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /codes\[7\]/],
-        ["pack bits 3", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32)), 32, 3, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /bits/],
-        ["pack words NULL", () => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32)), 32, 2, null), "KIVI_ERR_ARG", /words must not be NULL/],
-        ["unpack n 20 at 4 bits", (o) => lib.call("kivi_codes_unpack", n.ctx, lib.ptr(new Uint32Array(4)), 20, 4, lib.ptr(o.bytes.buf)), "KIVI_ERR_SHAPE", /\bn \(20\)/],
-        ["unpack words NULL", (o) => lib.call("kivi_codes_unpack", n.ctx, null, 16, 2, lib.ptr(o.bytes.buf)), "KIVI_ERR_ARG", /words must not be NULL/],
-      ];
-      for (const [what, call, want, names] of cases) {
-        const o = mk();
-        expectStatus(n, call(o), want, names, what);
-        untouched(o, what);
-      }
-      // the fit accepts NULL iters and inertia ("or NULL")
-      const c = new Uint16Array(groups * 4);
-      assert.equal(lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, lib.ptr(c), null, null), 0);
-    } finally {
-      closeNative(n);
+    using n = await openNative();
+    const { lib } = n;
+    const x = randomMatrix(new Rng("c others"), 64, 32, "f32").x as Float32Array;
+    const px = lib.ptr(x);
+    const groups = 64; // channel axis, G 32: 64 rows x 1
+    const cent = new Uint16Array(groups * 4).map((_, i) => f16Bits([-1, 0, 1, 2][i % 4]));
+    const unsorted = cent.slice();
+    unsorted[4 * 9 + 2] = f16Bits(-2);
+    const infCent = cent.slice();
+    infCent[4 * 9 + 2] = 0x7c00;
+    const mk = () => ({ codes: sentinel(new Uint32Array(128)), cent: sentinel(new Uint16Array(groups * 4)), f32s: sentinel(new Float32Array(groups * 4)), i32s: sentinel(new Int32Array(groups)), inertia: sentinel(new Float32Array(groups * 17)), out: sentinel(new Float32Array(64 * 32)), bytes: sentinel(new Uint8Array(64 * 32)) });
+    type O = ReturnType<typeof mk>;
+    const cases: [string, (o: O) => number, StatusName, RegExp][] = [
+      ["fit max_iters 0", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 0, 0, lib.ptr(o.cent.buf), lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /max_iters must be in 1\.\.256, got 0/],
+      ["fit max_iters 257", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 257, 0, lib.ptr(o.cent.buf), null, null), "KIVI_ERR_ARG", /max_iters/],
+      ["fit fit 2", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 2, 16, 0, lib.ptr(o.cent.buf), null, null), "KIVI_ERR_ARG", /\bfit must be/],
+      ["fit centroids NULL", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, null, lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /centroids must not be NULL/],
+      ["fit group 48", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 48, 2, 0, 16, 0, lib.ptr(o.cent.buf), lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /group/],
+      ["quantize unsorted", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(unsorted), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must be sorted ascending.*group 9/],
+      ["quantize Inf centroid", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(infCent), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must be finite/],
+      ["quantize assign 2", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(cent), 2, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /assign/],
+      ["quantize bits 3", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 3, lib.ptr(cent), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /bits/],
+      ["quantize centroids NULL", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, null, 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must not be NULL/],
+      ["encode assign 5", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 5, 0, lib.ptr(o.cent.buf), lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /assign/],
+      ["encode cols 32 rows 48 token", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 48, 32, 0, 32, 2, 0, 16, 0, 0, lib.ptr(o.cent.buf), lib.ptr(o.codes.buf)), "KIVI_ERR_SHAPE", /rows \(48\)/],
+      ["encode codes NULL", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, 0, lib.ptr(o.cent.buf), null), "KIVI_ERR_ARG", /\bcodes must not be NULL/],
+      ["cb dequantize out NULL", () => lib.call("kivi_codebook_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(cent), 64, 32, 1, 32, 2, null, 0), "KIVI_ERR_ARG", /\bout must not be NULL/],
+      ["cb dequantize out_dtype 9", (o) => lib.call("kivi_codebook_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(cent), 64, 32, 1, 32, 2, lib.ptr(o.out.buf), 9), "KIVI_ERR_ARG", /out_dtype/],
+      ["uniform dequantize scale NULL", (o) => lib.call("kivi_uniform_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), null, lib.ptr(new Uint16Array(64)), 64, 32, 1, 32, 2, lib.ptr(o.out.buf), 0), "KIVI_ERR_ARG", /\bscale must not be NULL/],
+      ["uniform dequantize group 48", (o) => lib.call("kivi_uniform_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(new Uint16Array(64)), lib.ptr(new Uint16Array(64)), 64, 32, 1, 48, 2, lib.ptr(o.out.buf), 0), "KIVI_ERR_ARG", /group/],
+      ["stats nonfinite NULL", (o) => lib.call("kivi_stats_block", n.ctx, px, 0, 64, 32, 1, 32, lib.ptr(o.f32s.buf), null), "KIVI_ERR_ARG", /nonfinite must not be NULL/],
+      ["stats cols 48", (o) => lib.call("kivi_stats_block", n.ctx, px, 0, 32, 48, 1, 32, lib.ptr(o.f32s.buf), lib.ptr(o.i32s.buf)), "KIVI_ERR_SHAPE", /cols \(48\)/],
+      ["pack n 15", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(15)), 15, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_SHAPE", /\bn \(15\) must be a multiple of 16/],
+      ["pack n 0", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(16)), 0, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /\bn must be >= 1/],
+      ["pack code 4", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32).fill(4, 20, 21)), 32, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /codes\[20\] must be below 2\^bits/],
+      ["pack code 16 at 4 bits", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(8).fill(16, 7)), 8, 4, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /codes\[7\]/],
+      ["pack bits 3", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32)), 32, 3, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /bits/],
+      ["pack words NULL", () => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32)), 32, 2, null), "KIVI_ERR_ARG", /words must not be NULL/],
+      ["unpack n 20 at 4 bits", (o) => lib.call("kivi_codes_unpack", n.ctx, lib.ptr(new Uint32Array(4)), 20, 4, lib.ptr(o.bytes.buf)), "KIVI_ERR_SHAPE", /\bn \(20\)/],
+      ["unpack words NULL", (o) => lib.call("kivi_codes_unpack", n.ctx, null, 16, 2, lib.ptr(o.bytes.buf)), "KIVI_ERR_ARG", /words must not be NULL/],
+    ];
+    for (const [what, call, want, names] of cases) {
+      const o = mk();
+      expectStatus(n, call(o), want, names, what);
+      untouched(o, what);
     }
+    // the fit accepts NULL iters and inertia ("or NULL")
+    const c = new Uint16Array(groups * 4);
+    assert.equal(lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, lib.ptr(c), null, null), 0);
   });
 
   it("library and context exports report their own bad arguments", async () => {
-    const n = await openNative();
-    try {
-      const { lib } = n;
-      const out = sentinel(new BigUint64Array(1));
-      expectStatus(n, lib.call("kivi_ctx_create", 1, lib.ptr(out.buf)), "KIVI_ERR_NO_DEVICE", /device must be 0 in the CPU build, got 1/, "ctx device 1", false);
-      assertUntouched(out, "ctx_create out");
-      expectStatus(n, lib.call("kivi_ctx_create", 0, null), "KIVI_ERR_ARG", /\bout must not be NULL/, "ctx out NULL", false);
-      expectStatus(n, lib.call("kivi_device_count", null), "KIVI_ERR_ARG", /count must not be NULL/, "device_count NULL", false);
-      expectStatus(n, lib.call("kivi_mem_alloc", n.ctx, 0, lib.ptr(out.buf)), "KIVI_ERR_ARG", /bytes must be > 0/, "alloc 0");
-      assertUntouched(out, "mem_alloc out");
-      expectStatus(n, lib.call("kivi_ctx_query", n.ctx, null), "KIVI_ERR_ARG", /done must not be NULL/, "query NULL");
-      expectStatus(n, lib.call("kivi_bench_copy", n.ctx, 1024, 0, lib.ptr(new Float64Array(1))), "KIVI_ERR_ARG", /iters must be >= 1/, "bench iters 0");
-      assert.equal(lib.call("kivi_status_str", -42), "KIVI_ERR_UNKNOWN");
-      assert.equal(lib.call("kivi_status_str", 0), "KIVI_OK");
-      assert.equal(lib.call("kivi_ctx_destroy", null), 0, "destroy(NULL) is a no-op");
-      assert.equal(lib.call("kivi_mem_free", n.ctx, null), 0, "mem_free(NULL) is a no-op");
-      const cnt = new Int32Array(1);
-      assert.equal(lib.call("kivi_device_count", lib.ptr(cnt)), 0);
-      assert.equal(cnt[0], 1);
-    } finally {
-      closeNative(n);
-    }
+    using n = await openNative();
+    const { lib } = n;
+    const out = sentinel(new BigUint64Array(1));
+    expectStatus(n, lib.call("kivi_ctx_create", 1, lib.ptr(out.buf)), "KIVI_ERR_NO_DEVICE", /device must be 0 in the CPU build, got 1/, "ctx device 1", false);
+    assertUntouched(out, "ctx_create out");
+    expectStatus(n, lib.call("kivi_ctx_create", 0, null), "KIVI_ERR_ARG", /\bout must not be NULL/, "ctx out NULL", false);
+    expectStatus(n, lib.call("kivi_device_count", null), "KIVI_ERR_ARG", /count must not be NULL/, "device_count NULL", false);
+    expectStatus(n, lib.call("kivi_mem_alloc", n.ctx, 0, lib.ptr(out.buf)), "KIVI_ERR_ARG", /bytes must be > 0/, "alloc 0");
+    assertUntouched(out, "mem_alloc out");
+    expectStatus(n, lib.call("kivi_ctx_query", n.ctx, null), "KIVI_ERR_ARG", /done must not be NULL/, "query NULL");
+    expectStatus(n, lib.call("kivi_bench_copy", n.ctx, 1024, 0, lib.ptr(new Float64Array(1))), "KIVI_ERR_ARG", /iters must be >= 1/, "bench iters 0");
+    assert.equal(lib.call("kivi_status_str", -42), "KIVI_ERR_UNKNOWN");
+    assert.equal(lib.call("kivi_status_str", 0), "KIVI_OK");
+    assert.equal(lib.call("kivi_ctx_destroy", null), 0, "destroy(NULL) is a no-op");
+    assert.equal(lib.call("kivi_mem_free", n.ctx, null), 0, "mem_free(NULL) is a no-op");
+    const cnt = new Int32Array(1);
+    assert.equal(lib.call("kivi_device_count", lib.ptr(cnt)), 0);
+    assert.equal(cnt[0], 1);
   });
 });

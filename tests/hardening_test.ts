@@ -3,7 +3,7 @@
  * subclasses, Proxies), sizes past 32 bits, values past fp16's range, strict options, -0, the
  * command line, overlapping buffers; then the two accuracy claims as property tests over awkward
  * inputs (large offsets, subnormals), benchAttend's validation and the memory report. Each bad call
- * gives a typed error and changes nothing; each good one a correct, finite result. README "## Errors"
+ * gives a typed error and changes nothing; each good one a correct, finite result. docs/errors.md
  * names these tests in its rows 48 on.
  */
 import { describe, it } from "node:test";
@@ -528,7 +528,7 @@ gpuDescribe("issue 22 on CUDA", (gpu: Backend) => {
     }
   });
 
-  it("a group spanning [0, 65504] dequantizes to finite fp16; values past fp16 are KIVI_ERR_NONFINITE", async () => {
+  it("a group spanning [0, 65504] dequantizes to finite fp16; values past fp16 are KIVI_ERR_NONFINITE", () => {
     const x = Float32Array.from({ length: 64 }, (_, i) => (i % 32 === 0 ? 0 : i % 32 === 1 ? 65504 : (i * 977) % 65504));
     using t = gpu.upload(x, { shape: [2, 32] });
     const q = gpu.quantize(t, { axis: "channel", format: { kind: "uniform", bits: 2, group: 32 } });

@@ -11,16 +11,12 @@ import { assertSameBits, DTYPES, randomMatrix, Rng } from "./_helpers.ts";
 import { cpu, gpuDescribe } from "./_gpu.ts";
 
 type Case = [Axis, number, number, GroupSize];
-const CASES: Case[] = [
-  ["token", 96, 40, 32],
-  ["token", 4096, 128, 64],
-  ["token", 256, 4096, 128],
-  ["token", 32, 1, 32],
-  ["channel", 5, 64, 32],
-  ["channel", 17, 128, 64],
-  ["channel", 1000, 4096, 128],
-  ["channel", 1, 32, 32],
-];
+/** [rows, cols, group] per axis: awkward sizes and large ones. */
+const SHAPES: Record<Axis, [number, number, GroupSize][]> = {
+  token: [[96, 40, 32], [4096, 128, 64], [256, 4096, 128], [32, 1, 32]],
+  channel: [[5, 64, 32], [17, 128, 64], [1000, 4096, 128], [1, 32, 32]],
+};
+const CASES: Case[] = (["token", "channel"] as const).flatMap((a) => SHAPES[a].map(([r, c, g]): Case => [a, r, c, g]));
 
 function up(g: Backend, x: Float32Array | Float16Array | Uint16Array, dtype: "f32" | "f16" | "bf16", rows: number, cols: number): DeviceTensor {
   return g.upload(x, { shape: [rows, cols], dtype });

@@ -1,11 +1,11 @@
 /**
- * Every ```ts block of README.md runs as a test (imports of ./src/ rewritten to this checkout), so
+ * Every ```ts block of README.md and docs/*.md runs as a test (imports of ./src/ rewritten to this checkout), so
  * the documentation cannot go stale: once on the CPU build and, where there is a device, once on
  * CUDA, unchanged (KIVI_LIB_PATH names the build, so a block that asked for the other one would fail).
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
@@ -15,7 +15,11 @@ import { gpuDescribe } from "./_gpu.ts";
 
 const root = fileURLToPath(new URL("../", import.meta.url));
 const readme = readFileSync(join(root, "README.md"), "utf8");
-const blocks = [...readme.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]);
+const docs = readdirSync(join(root, "docs")).filter((f) => f.endsWith(".md")).map((f) => `docs/${f}`);
+const pages = ["README.md", ...docs].map((file) => ({ file, text: readFileSync(join(root, file), "utf8") }));
+const blocks = pages.flatMap((p) => [...p.text.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]));
+/** The error table lives in docs/errors.md (the README has the summary). */
+const errorsDoc = readFileSync(join(root, "docs/errors.md"), "utf8");
 
 /** Registers one test per block, each run with KIVI_LIB_PATH set to `lib`. */
 function runBlocks(lib: string): void {
@@ -49,11 +53,30 @@ gpuDescribe("README code blocks run unchanged on CUDA", () => runBlocks(defaultL
 /** Titles of the describe/it calls of a test file (template parts kept as written). */
 function testTitles(file: string): string[] {
   const text = readFileSync(join(root, file), "utf8");
-  return [...text.matchAll(/\b(?:it|describe)\(\s*(["`])((?:\\.|(?!\1).)*)\1/g)].map((m) => m[2].replaceAll('\\"', '"'));
+  // deno fmt writes a title holding double quotes in single quotes
+  return [...text.matchAll(/\b(?:it|describe)\(\s*(["'`])((?:\\.|(?!\1).)*)\1/g)].map((m) => m[2].replace(/\\(["'])/g, "$1"));
 }
 
-describe("README error table", () => {
-  const section = readme.slice(readme.indexOf("### Bad input, kind by kind"), readme.indexOf("## Measured figures"));
+describe("README for users", () => {
+  it("is at most 250 lines", () => {
+    const lines = readme.split("\n").length - (readme.endsWith("\n") ? 1 : 0);
+    assert.ok(lines <= 250, `README.md has ${lines} lines`);
+  });
+  it("points only at files in the repository", () => {
+    for (const { file, text } of pages) {
+      const base = file.startsWith("docs/") ? join(root, "docs") : root;
+      const links = [...text.matchAll(/\]\(([^)#\s]+)\)/g)].map((m) => m[1]).filter((l) => !/^[a-z]+:/.test(l)).map((l) => join(base, l));
+      const paths = [...text.matchAll(/`((?:src|cuda|bench|docs|tests|scripts)\/[\w./-]+)`/g)].map((m) => join(root, m[1]));
+      for (const p of [...links, ...paths]) {
+        if (p.includes("*")) continue;
+        assert.ok(existsSync(p), `${file} points at ${p.slice(root.length)}, which is not in the repository`);
+      }
+    }
+  });
+});
+
+describe("docs/errors.md error table", () => {
+  const section = errorsDoc.slice(errorsDoc.indexOf("### Bad input, kind by kind"), errorsDoc.indexOf("### Robustness tests"));
   const rows = section.split("\n").filter((l) => /^\| \d+ \|/.test(l));
   it("lists at least 30 kinds of bad input, numbered in order", () => {
     assert.ok(rows.length >= 30, `found ${rows.length} rows`);

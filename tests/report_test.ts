@@ -3,7 +3,7 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { attentionChart, deviceSlug, gbps, median, type Section } from "../bench/_report.ts";
+import { attentionChart, deviceSlug, gbps, median, parseArgs, type Section } from "../bench/_report.ts";
 
 describe("bench report", () => {
   it("counts GB/s in 1e9 bytes and takes medians", () => {
@@ -33,5 +33,15 @@ describe("bench report", () => {
     assert.equal((svg.match(/<polyline /g) ?? []).length, 4, "a line and a floor for each of 2 caches");
     assert.equal((svg.match(/<circle /g) ?? []).length, 4, "GQA row not on the tokens axis");
     assert.match(svg, /Test GPU \(copy 1000 GB\/s/);
+  });
+});
+
+describe("bench arguments", () => {
+  it("reads --name value and --flag with node:util parseArgs, refusing unknown options", () => {
+    const args = parseArgs(["--backend", "cpu", "--write"], ["backend", "out"], ["write"]);
+    assert.equal(args.get("backend"), "cpu");
+    assert.equal(args.get("write"), "true");
+    assert.equal(args.has("out"), false);
+    assert.throws(() => parseArgs(["--bogus"], ["backend"]), /bogus/);
   });
 });

@@ -17,69 +17,6 @@ typedef struct kivi_cache cache_t;
 
 /* ---------------------------------------------------------------- create / destroy ------- */
 
-static const char *const cfg_names[KIVI_CFG_FIELDS] = {
-    "KIVI_CFG_LAYERS",    "KIVI_CFG_KV_HEADS",  "KIVI_CFG_Q_HEADS",  "KIVI_CFG_HEAD_DIM", "KIVI_CFG_PAGE_TOKENS",
-    "KIVI_CFG_RESIDUAL",  "KIVI_CFG_MAX_PAGES", "KIVI_CFG_MAX_SEQS", "KIVI_CFG_K_KIND",   "KIVI_CFG_K_BITS",
-    "KIVI_CFG_K_GROUP",   "KIVI_CFG_K_FIT",     "KIVI_CFG_K_ITERS",  "KIVI_CFG_V_KIND",   "KIVI_CFG_V_BITS",
-    "KIVI_CFG_V_GROUP",   "KIVI_CFG_V_FIT",     "KIVI_CFG_V_ITERS"};
-static const char *const cfg_short[KIVI_CFG_FIELDS] = {
-    "layers", "kv_heads", "q_heads", "head_dim", "page_tokens", "residual", "max_pages", "max_seqs", "k_kind",
-    "k_bits", "k_group", "k_fit", "k_iters", "v_kind", "v_bits", "v_group", "v_fit", "v_iters"};
-
-static kivi_status bad_field(kivi_ctx_t ctx, const int32_t *cfg, int f, const char *rule) {
-  return cpu_fail(ctx, KIVI_ERR_ARG, "kivi_cache_create: config[%s] (%s) must be %s, got %d", cfg_names[f],
-                  cfg_short[f], rule, (int)cfg[f]);
-}
-
-static kivi_status check_config(kivi_ctx_t ctx, const int32_t *a) {
-  const int32_t D = a[KIVI_CFG_HEAD_DIM], P = a[KIVI_CFG_PAGE_TOKENS], Gk = a[KIVI_CFG_K_GROUP];
-  if (a[KIVI_CFG_LAYERS] < 1) return bad_field(ctx, a, KIVI_CFG_LAYERS, ">= 1");
-  if (a[KIVI_CFG_KV_HEADS] < 1) return bad_field(ctx, a, KIVI_CFG_KV_HEADS, ">= 1");
-  {
-    const int32_t kvh = a[KIVI_CFG_KV_HEADS], qh = a[KIVI_CFG_Q_HEADS];
-    if (qh < kvh || qh % kvh || qh / kvh > 32) {
-      char rule[96];
-      snprintf(rule, sizeof rule, "a multiple of kv_heads (%d) at most 32 times it", (int)kvh);
-      return bad_field(ctx, a, KIVI_CFG_Q_HEADS, rule);
-    }
-  }
-  if (D != 64 && D != 128 && D != 256) return bad_field(ctx, a, KIVI_CFG_HEAD_DIM, "64, 128 or 256");
-  if (!kivi_valid_group(Gk)) return bad_field(ctx, a, KIVI_CFG_K_GROUP, "32, 64 or 128");
-  if (P != 32 && P != 64 && P != 128 && P != 256)
-    return bad_field(ctx, a, KIVI_CFG_PAGE_TOKENS, "32, 64, 128 or 256");
-  if (P % Gk) {
-    char rule[64];
-    snprintf(rule, sizeof rule, "a multiple of k_group (%d)", (int)Gk);
-    return bad_field(ctx, a, KIVI_CFG_PAGE_TOKENS, rule);
-  }
-  if (a[KIVI_CFG_RESIDUAL] < 0 || a[KIVI_CFG_RESIDUAL] % Gk) {
-    char rule[64];
-    snprintf(rule, sizeof rule, ">= 0 and a multiple of k_group (%d)", (int)Gk);
-    return bad_field(ctx, a, KIVI_CFG_RESIDUAL, rule);
-  }
-  if (a[KIVI_CFG_MAX_PAGES] < 1) return bad_field(ctx, a, KIVI_CFG_MAX_PAGES, ">= 1");
-  if (a[KIVI_CFG_MAX_SEQS] < 1) return bad_field(ctx, a, KIVI_CFG_MAX_SEQS, ">= 1");
-  for (int part = 0; part < 2; part++) {
-    const int o = part ? KIVI_CFG_V_KIND - KIVI_CFG_K_KIND : 0;
-    const int32_t bits = a[KIVI_CFG_K_BITS + o], kind = a[KIVI_CFG_K_KIND + o];
-    if (kind != KIVI_KIND_UNIFORM && kind != KIVI_KIND_CODEBOOK)
-      return bad_field(ctx, a, KIVI_CFG_K_KIND + o, "KIVI_KIND_UNIFORM (0) or KIVI_KIND_CODEBOOK (1)");
-    if (bits != 2 && bits != 4 && bits != 16) return bad_field(ctx, a, KIVI_CFG_K_BITS + o, "2, 4 or 16");
-    if (part && !kivi_valid_group(a[KIVI_CFG_V_GROUP]))
-      return bad_field(ctx, a, KIVI_CFG_V_GROUP, "32, 64 or 128");
-    if (part && D % a[KIVI_CFG_V_GROUP]) {
-      char rule[64];
-      snprintf(rule, sizeof rule, "a divisor of head_dim (%d)", (int)D);
-      return bad_field(ctx, a, KIVI_CFG_V_GROUP, rule);
-    }
-    if (a[KIVI_CFG_K_FIT + o] != KIVI_FIT_FREE && a[KIVI_CFG_K_FIT + o] != KIVI_FIT_PINNED)
-      return bad_field(ctx, a, KIVI_CFG_K_FIT + o, "KIVI_FIT_FREE (0) or KIVI_FIT_PINNED (1)");
-    if (a[KIVI_CFG_K_ITERS + o] < 1 || a[KIVI_CFG_K_ITERS + o] > KIVI_MAX_ITERS)
-      return bad_field(ctx, a, KIVI_CFG_K_ITERS + o, "in 1..256");
-  }
-  return KIVI_OK;
-}
-
 /* a * b into *out; 0 on overflow of size_t. */
 static int mul_size(uint64_t a, uint64_t b, uint64_t *out) {
   if (a && b > (uint64_t)SIZE_MAX / a) return 0;
@@ -89,15 +26,9 @@ static int mul_size(uint64_t a, uint64_t b, uint64_t *out) {
 
 KIVI_API kivi_status kivi_cache_destroy(kivi_cache_t cache) {
   if (!cache) return KIVI_OK;
-  free(cache->kpool);
-  free(cache->vpool);
-  free(cache->kwin);
-  free(cache->vwin);
-  free(cache->seqs);
-  free(cache->tables);
-  free(cache->lens);
-  free(cache->free_pages);
-  free(cache);
+  void *owned[] = {cache->kpool,  cache->vpool, cache->kwin,       cache->vwin, cache->seqs,
+                   cache->tables, cache->lens,  cache->free_pages, cache};
+  for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
   return KIVI_OK;
 }
 
@@ -105,12 +36,8 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
   static const char *op = "kivi_cache_create";
   kivi_status st = cpu_need_ctx(ctx, op);
   if (st) return st;
-  if (!config) return cpu_fail(ctx, KIVI_ERR_ARG, "%s: config must not be NULL", op);
-  if (!out) return cpu_fail(ctx, KIVI_ERR_ARG, "%s: out must not be NULL", op);
-  if (n_fields != KIVI_CFG_FIELDS)
-    return cpu_fail(ctx, KIVI_ERR_ARG, "%s: n_fields must be KIVI_CFG_FIELDS (%d), got %d", op, KIVI_CFG_FIELDS,
-                    (int)n_fields);
-  if ((st = check_config(ctx, config))) return st;
+  char msg[CPU_ERR_LEN];
+  if ((st = kivi_cache_create_check(config, n_fields, out, msg, sizeof msg))) return cpu_fail(ctx, st, "%s", msg);
 
   cache_t *c = calloc(1, sizeof *c);
   if (!c) return cpu_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate %zu bytes", op, sizeof *c);
@@ -147,8 +74,7 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
                     op, (int)config[KIVI_CFG_LAYERS], (int)config[KIVI_CFG_MAX_PAGES], kb, vb);
   }
   c->pool_bytes = kpool + vpool + 2u * win;
-  for (int32_t i = 0; i < g->max_pages; i++) c->free_pages[i] = g->max_pages - 1 - i;
-  c->n_free = g->max_pages;
+  c->n_free = kivi_pages_init(c->free_pages, g->max_pages);
   *out = c;
   return KIVI_OK;
 }
@@ -161,19 +87,10 @@ static kivi_status need_cache(const cache_t *c, const char *op) {
 }
 
 kivi_status cpu_cache_check_seq(const cache_t *c, const char *op, const char *name, int32_t seq) {
-  if (seq < 0 || seq >= c->cfg.max_seqs)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: %s must be in 0..%d, got %d", op, name, (int)c->cfg.max_seqs - 1,
-                    (int)seq);
-  if (!c->seqs[seq].live)
-    return cpu_fail(c->ctx, KIVI_ERR_STATE, "%s: %s %d is not a live sequence (create it with kivi_cache_seq_create)",
-                    op, name, (int)seq);
-  return KIVI_OK;
-}
-
-static kivi_status check_layer(const cache_t *c, const char *op, int32_t layer, int allow_all) {
-  if (layer >= (allow_all ? -1 : 0) && layer < c->cfg.layers) return KIVI_OK;
-  return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: layer must be in %s..%d, got %d", op, allow_all ? "-1" : "0",
-                  (int)c->cfg.layers - 1, (int)layer);
+  char msg[CPU_ERR_LEN];
+  const int live = seq >= 0 && seq < c->cfg.max_seqs && c->seqs[seq].live;
+  kivi_status st = kivi_seq_check(op, name, seq, c->cfg.max_seqs, live, msg, sizeof msg);
+  return st ? cpu_fail(c->ctx, st, "%s", msg) : KIVI_OK;
 }
 
 KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t c, int32_t *seq) {
@@ -189,16 +106,15 @@ KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t c, int32_t *seq) {
     *seq = s;
     return KIVI_OK;
   }
-  return cpu_fail(c->ctx, KIVI_ERR_CAPACITY, "%s: all %d sequence slots are taken (free one with kivi_cache_seq_free)",
-                  op, (int)c->cfg.max_seqs);
+  char msg[CPU_ERR_LEN];
+  return cpu_fail(c->ctx, kivi_seq_full(c->cfg.max_seqs, msg, sizeof msg), "%s", msg);
 }
 
 KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t c, int32_t seq) {
   static const char *op = "kivi_cache_seq_free";
   kivi_status st = need_cache(c, op);
   if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
-  const int32_t *table = c->tables + (int64_t)seq * c->cfg.max_pages;
-  for (int32_t i = c->seqs[seq].n_pages - 1; i >= 0; i--) c->free_pages[c->n_free++] = table[i];
+  kivi_pages_release(c->free_pages, &c->n_free, c->tables + (int64_t)seq * c->cfg.max_pages, c->seqs[seq].n_pages);
   c->seqs[seq].live = 0;
   c->seqs[seq].n_pages = 0;
   c->seqs[seq].gen++; /* a batch made before this sees the slot as another sequence */
@@ -210,9 +126,10 @@ KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t c, int32_t seq, int32_t 
                                            int64_t *quantized) {
   static const char *op = "kivi_cache_seq_length";
   kivi_status st = need_cache(c, op);
-  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 0))) return st;
-  if (!length) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: length must not be NULL", op);
-  if (!quantized) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: quantized must not be NULL", op);
+  char msg[CPU_ERR_LEN];
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
+  if ((st = kivi_seq_length_check(layer, c->cfg.layers, length, quantized, msg, sizeof msg)))
+    return cpu_fail(c->ctx, st, "%s", msg);
   const int64_t *l = cpu_cache_len(c, seq, layer);
   *length = l[0];
   *quantized = l[1];
@@ -223,12 +140,9 @@ KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t c, int32_t seq, int32_t *
   static const char *op = "kivi_cache_seq_pages";
   kivi_status st = need_cache(c, op);
   if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
-  if (cap < 0) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: cap must be >= 0, got %d", op, (int)cap);
-  if (cap > 0 && !pages) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: pages must not be NULL when cap > 0", op);
-  if (!count) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: count must not be NULL", op);
-  const int32_t n = c->seqs[seq].n_pages, m = cap < n ? cap : n;
-  if (m) memcpy(pages, c->tables + (int64_t)seq * c->cfg.max_pages, sizeof(int32_t) * (size_t)m);
-  *count = n;
+  char msg[CPU_ERR_LEN];
+  if ((st = kivi_seq_pages_check(pages, cap, count, msg, sizeof msg))) return cpu_fail(c->ctx, st, "%s", msg);
+  *count = kivi_seq_pages_copy(c->tables + (int64_t)seq * c->cfg.max_pages, c->seqs[seq].n_pages, pages, cap);
   return KIVI_OK;
 }
 
@@ -356,6 +270,20 @@ static inline __attribute__((always_inline)) void deq_codebook(const uint32_t *w
 #define DEQ_CODEBOOK(wd, nw, bits, cf, dst) \
   ((bits) == 2 ? deq_codebook(wd, nw, 2, cf, dst) : deq_codebook(wd, nw, 4, cf, dst))
 
+/* One group gi of a head block (the plain layout): wpg words wd, its params (uniform scale and zero,
+   or n centroids) into dst. */
+static inline void deq_group(int32_t kind, const uint16_t *params, int64_t gi, int32_t n, const uint32_t *wd,
+                             int32_t wpg, int32_t bits, float *dst) {
+  if (kind == KIVI_KIND_UNIFORM) {
+    const float s = kivi_f16_to_f32(params[gi * 2]), z = kivi_f16_to_f32(params[gi * 2 + 1]);
+    DEQ_UNIFORM(wd, wpg, bits, s, z, dst);
+  } else {
+    float cf[KIVI_MAX_CENTROIDS];
+    for (int32_t j = 0; j < n; j++) cf[j] = kivi_f16_to_f32(params[gi * n + j]);
+    DEQ_CODEBOOK(wd, wpg, bits, cf, dst);
+  }
+}
+
 void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, float *kd) {
   const kivi_cache_config *g = &c->cfg;
   const int32_t D = g->head_dim, P = g->page_tokens, Gk = g->k_group, bits = g->k_bits;
@@ -392,15 +320,7 @@ void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, flo
     for (int32_t k = 0; k < nt / Gk; k++) {
       const int64_t gi = (int64_t)d * gpr + k;
       const uint32_t *wd = codes + (int64_t)d * wpr + (int64_t)k * wpg;
-      float *dst = row + (int64_t)k * Gk;
-      if (g->k_kind == KIVI_KIND_UNIFORM) {
-        const float s = kivi_f16_to_f32(params[gi * 2]), z = kivi_f16_to_f32(params[gi * 2 + 1]);
-        DEQ_UNIFORM(wd, wpg, bits, s, z, dst);
-      } else {
-        float cf[KIVI_MAX_CENTROIDS];
-        for (int32_t j = 0; j < n; j++) cf[j] = kivi_f16_to_f32(params[gi * n + j]);
-        DEQ_CODEBOOK(wd, wpg, bits, cf, dst);
-      }
+      deq_group(g->k_kind, params, gi, n, wd, wpg, bits, row + (int64_t)k * Gk);
     }
   }
 }
@@ -469,15 +389,7 @@ void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, flo
     for (int32_t k = 0; k < gpr; k++) {
       const int64_t gi = (int64_t)t * gpr + k;
       const uint32_t *wd = codes + (int64_t)t * wpr + (int64_t)k * wpg;
-      float *dst = vt + (int64_t)t * D + (int64_t)k * Gv;
-      if (g->v_kind == KIVI_KIND_UNIFORM) {
-        const float s = kivi_f16_to_f32(params[gi * 2]), z = kivi_f16_to_f32(params[gi * 2 + 1]);
-        DEQ_UNIFORM(wd, wpg, bits, s, z, dst);
-      } else {
-        float cf[KIVI_MAX_CENTROIDS];
-        for (int32_t j = 0; j < n; j++) cf[j] = kivi_f16_to_f32(params[gi * n + j]);
-        DEQ_CODEBOOK(wd, wpg, bits, cf, dst);
-      }
+      deq_group(g->v_kind, params, gi, n, wd, wpg, bits, vt + (int64_t)t * D + (int64_t)k * Gv);
     }
   }
 }
@@ -521,15 +433,10 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
                                        kivi_dtype dtype, int32_t n, int32_t flags) {
   static const char *op = "kivi_cache_append";
   kivi_status st = need_cache(c, op);
-  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 1))) return st;
-  if (n < 1) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: n_tokens must be >= 1, got %d", op, (int)n);
-  if (!k) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: k must not be NULL", op);
-  if (!v) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: v must not be NULL", op);
-  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
-                    op, (int)dtype);
-  if (flags & ~(int32_t)KIVI_FLAG_TRUSTED)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op, (int)flags);
+  char msg[CPU_ERR_LEN];
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
+  if ((st = kivi_cache_io_check(op, 1, layer, c->cfg.layers, n, k, v, dtype, flags, msg, sizeof msg)))
+    return cpu_fail(c->ctx, st, "%s", msg);
 
   const kivi_cache_config *g = &c->cfg;
   const int32_t L0 = layer < 0 ? 0 : layer, L1 = layer < 0 ? g->layers : layer + 1;
@@ -553,16 +460,8 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
 }
 
 int64_t cpu_cache_append_pages(const cache_t *c, int32_t seq, int32_t L0, int32_t L1, int32_t n) {
-  /* Pages the block table must cover after the append (over every layer: the table is shared). */
-  const int32_t P = c->cfg.page_tokens;
-  int64_t need = c->seqs[seq].n_pages;
-  for (int32_t l = 0; l < c->cfg.layers; l++) {
-    const int64_t *ln = cpu_cache_len(c, seq, l);
-    const int64_t f = (l >= L0 && l < L1) ? kivi_flush_count(&c->cfg, ln[0], ln[1], n) : 0;
-    const int64_t pages = (ln[1] + f + P - 1) / P;
-    need = pages > need ? pages : need;
-  }
-  return need - c->seqs[seq].n_pages;
+  const int64_t *ln = cpu_cache_len(c, seq, 0); /* len, qlen of each layer side by side */
+  return kivi_pages_needed(&c->cfg, c->seqs[seq].n_pages, ln, ln + 1, 2, L0, L1, n);
 }
 
 void cpu_cache_append_commit(cache_t *c, int32_t seq, int32_t L0, int32_t L1, const void *k, const void *v,
@@ -620,12 +519,10 @@ void cpu_cache_append_commit(cache_t *c, int32_t seq, int32_t L0, int32_t L1, co
 KIVI_API kivi_status kivi_cache_read(kivi_cache_t c, int32_t seq, int32_t layer, void *k, void *v, kivi_dtype dtype) {
   static const char *op = "kivi_cache_read";
   kivi_status st = need_cache(c, op);
-  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq)) || (st = check_layer(c, op, layer, 0))) return st;
-  if (!k) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: k must not be NULL", op);
-  if (!v) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: v must not be NULL", op);
-  if (dtype != KIVI_F32 && dtype != KIVI_F16 && dtype != KIVI_BF16)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
-                    op, (int)dtype);
+  char msg[CPU_ERR_LEN];
+  if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
+  if ((st = kivi_cache_io_check(op, 0, layer, c->cfg.layers, 1, k, v, dtype, 0, msg, sizeof msg)))
+    return cpu_fail(c->ctx, st, "%s", msg);
   const kivi_cache_config *g = &c->cfg;
   const int32_t D = g->head_dim, H = g->kv_heads, P = g->page_tokens, W = c->W;
   const int64_t row = (int64_t)H * D, *ln = cpu_cache_len(c, seq, layer), len = ln[0], qlen = ln[1];

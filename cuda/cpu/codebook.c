@@ -172,23 +172,11 @@ static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, ki
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                        kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
-  const cpu_spec spec = {.op = "kivi_codebook_fit",
-                         .need = CPU_NEED_MATRIX | CPU_NEED_BITS | CPU_NEED_FIT | CPU_NEED_ITERS | CPU_NEED_FLAGS,
-                         .ptrs = {{"x", x}, {"centroids", centroids}},
-                         .rows = rows,
-                         .cols = cols,
-                         .axis = axis,
-                         .group = group,
-                         .bits = bits,
-                         .dtype_name = "dtype",
-                         .dtype = dtype,
-                         .fit = fit,
-                         .max_iters = max_iters,
-                         .flags = flags};
+  const cpu_spec spec =
+      kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
   cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
+  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
-  if (!(flags & KIVI_FLAG_TRUSTED) && (st = cpu_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   const walk wk = {.kind = WALK_FIT,
                    .fit = fit,
                    .max_iters = max_iters,
@@ -202,18 +190,8 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
                                             int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                             const uint16_t *centroids, kivi_assign assign, int32_t flags,
                                             uint32_t *codes) {
-  const cpu_spec spec = {.op = "kivi_codebook_quantize",
-                         .need = CPU_NEED_MATRIX | CPU_NEED_BITS | CPU_NEED_ASSIGN | CPU_NEED_FLAGS,
-                         .ptrs = {{"x", x}, {"centroids", centroids}, {"codes", codes}},
-                         .rows = rows,
-                         .cols = cols,
-                         .axis = axis,
-                         .group = group,
-                         .bits = bits,
-                         .dtype_name = "dtype",
-                         .dtype = dtype,
-                         .assign = assign,
-                         .flags = flags};
+  const cpu_spec spec =
+      kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
   cpu_shape sh;
   kivi_status st = cpu_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -227,25 +205,12 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
                                           kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit,
                                           int32_t max_iters, kivi_assign assign, int32_t flags, uint16_t *centroids,
                                           uint32_t *codes) {
-  const cpu_spec spec = {.op = "kivi_codebook_encode",
-                         .need = CPU_NEED_MATRIX | CPU_NEED_BITS | CPU_NEED_FIT | CPU_NEED_ITERS | CPU_NEED_ASSIGN |
-                                 CPU_NEED_FLAGS,
-                         .ptrs = {{"x", x}, {"centroids", centroids}, {"codes", codes}},
-                         .rows = rows,
-                         .cols = cols,
-                         .axis = axis,
-                         .group = group,
-                         .bits = bits,
-                         .dtype_name = "dtype",
-                         .dtype = dtype,
-                         .fit = fit,
-                         .assign = assign,
-                         .max_iters = max_iters,
-                         .flags = flags};
+  const cpu_spec spec =
+      kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids,
+          codes);
   cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
+  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
-  if (!(flags & KIVI_FLAG_TRUSTED) && (st = cpu_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   const walk wk = {.kind = WALK_ENCODE,
                    .fit = fit,
                    .assign = assign,
@@ -258,16 +223,7 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
 KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *centroids,
                                               int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                               void *out, kivi_dtype out_dtype) {
-  const cpu_spec spec = {.op = "kivi_codebook_dequantize",
-                         .need = CPU_NEED_MATRIX | CPU_NEED_BITS,
-                         .ptrs = {{"codes", codes}, {"centroids", centroids}, {"out", out}},
-                         .rows = rows,
-                         .cols = cols,
-                         .axis = axis,
-                         .group = group,
-                         .bits = bits,
-                         .dtype_name = "out_dtype",
-                         .dtype = out_dtype};
+  const cpu_spec spec = kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype);
   cpu_shape sh;
   kivi_status st = cpu_validate(ctx, &spec, &sh);
   if (st) return st;

@@ -36,79 +36,18 @@ kivi_status cpu_alloc(kivi_ctx_t ctx, const char *op, size_t bytes, void **out) 
 
 /* ---------------------------------------------------------------- validation ------------- */
 
-static const char *axis_name(kivi_axis a) { return a == KIVI_AXIS_TOKEN ? "KIVI_AXIS_TOKEN" : "KIVI_AXIS_CHANNEL"; }
-
 kivi_status cpu_validate(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh) {
-  const char *op = s->op;
-  kivi_status st = cpu_need_ctx(ctx, op);
+  kivi_status st = cpu_need_ctx(ctx, s->op);
   if (st) return st;
-  for (int i = 0; i < CPU_MAX_PTRS && s->ptrs[i].name; i++)
-    if (!s->ptrs[i].p) return cpu_fail(ctx, KIVI_ERR_ARG, "%s: %s must not be NULL", op, s->ptrs[i].name);
-
-  if (s->need & CPU_NEED_N) {
-    if (s->n < 1) return cpu_fail(ctx, KIVI_ERR_ARG, "%s: n must be >= 1, got %lld", op, (long long)s->n);
-    if (s->n >= KIVI_MAX_ELEMS)
-      return cpu_fail(ctx, KIVI_ERR_ARG, "%s: n must be below 2^40, got %lld", op, (long long)s->n);
-  }
-  if (s->need & CPU_NEED_MATRIX) {
-    if (s->rows < 1) return cpu_fail(ctx, KIVI_ERR_ARG, "%s: rows must be >= 1, got %lld", op, (long long)s->rows);
-    if (s->cols < 1) return cpu_fail(ctx, KIVI_ERR_ARG, "%s: cols must be >= 1, got %lld", op, (long long)s->cols);
-    if (s->rows > (KIVI_MAX_ELEMS - 1) / s->cols)
-      return cpu_fail(ctx, KIVI_ERR_ARG, "%s: rows * cols must be below 2^40, got %lld x %lld", op,
-                      (long long)s->rows, (long long)s->cols);
-    if (!kivi_valid_group(s->group))
-      return cpu_fail(ctx, KIVI_ERR_ARG, "%s: group must be 32, 64 or 128, got %d", op, (int)s->group);
-  }
-  if ((s->need & CPU_NEED_BITS) && !kivi_valid_bits(s->bits))
-    return cpu_fail(ctx, KIVI_ERR_ARG, "%s: bits must be 2 or 4, got %d", op, (int)s->bits);
-  if (s->dtype_name && s->dtype != KIVI_F32 && s->dtype != KIVI_F16 && s->dtype != KIVI_BF16)
-    return cpu_fail(ctx, KIVI_ERR_ARG, "%s: %s must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op,
-                    s->dtype_name, (int)s->dtype);
-  if (s->need & CPU_NEED_MATRIX) {
-    if (s->axis != KIVI_AXIS_TOKEN && s->axis != KIVI_AXIS_CHANNEL)
-      return cpu_fail(ctx, KIVI_ERR_ARG, "%s: axis must be KIVI_AXIS_TOKEN (0) or KIVI_AXIS_CHANNEL (1), got %d", op,
-                      (int)s->axis);
-    const int64_t along = s->axis == KIVI_AXIS_TOKEN ? s->rows : s->cols;
-    if (along % s->group)
-      return cpu_fail(ctx, KIVI_ERR_SHAPE, "%s: %s (%lld) must be a multiple of group (%d) for %s", op,
-                      s->axis == KIVI_AXIS_TOKEN ? "rows" : "cols", (long long)along, (int)s->group,
-                      axis_name(s->axis));
-  }
-  if ((s->need & CPU_NEED_N) && (s->need & CPU_NEED_BITS) && s->n % kivi_codes_per_word(s->bits))
-    return cpu_fail(ctx, KIVI_ERR_SHAPE, "%s: n (%lld) must be a multiple of %d (codes per word at %d bits)", op,
-                    (long long)s->n, (int)kivi_codes_per_word(s->bits), (int)s->bits);
-  if ((s->need & CPU_NEED_FIT) && s->fit != KIVI_FIT_FREE && s->fit != KIVI_FIT_PINNED)
-    return cpu_fail(ctx, KIVI_ERR_ARG, "%s: fit must be KIVI_FIT_FREE (0) or KIVI_FIT_PINNED (1), got %d", op,
-                    (int)s->fit);
-  if ((s->need & CPU_NEED_ITERS) && (s->max_iters < 1 || s->max_iters > KIVI_MAX_ITERS))
-    return cpu_fail(ctx, KIVI_ERR_ARG, "%s: max_iters must be in 1..%d, got %d", op, KIVI_MAX_ITERS,
-                    (int)s->max_iters);
-  if ((s->need & CPU_NEED_ASSIGN) && s->assign != KIVI_ASSIGN_NEAREST && s->assign != KIVI_ASSIGN_INTERVAL)
-    return cpu_fail(ctx, KIVI_ERR_ARG,
-                    "%s: assign must be KIVI_ASSIGN_NEAREST (0) or KIVI_ASSIGN_INTERVAL (1), got %d", op,
-                    (int)s->assign);
-  if ((s->need & CPU_NEED_FLAGS) && (s->flags & ~(int32_t)KIVI_FLAG_TRUSTED))
-    return cpu_fail(ctx, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op, (int)s->flags);
-
-  if (sh) {
-    memset(sh, 0, sizeof *sh);
-    if (s->need & CPU_NEED_MATRIX) {
-      sh->rows = s->rows;
-      sh->cols = s->cols;
-      sh->axis = s->axis;
-      sh->group = s->group;
-      sh->row_groups = s->rows / s->group;
-      sh->col_groups = s->cols / s->group;
-      sh->groups = kivi_group_count(s->rows, s->cols, s->axis, s->group);
-    }
-    if (s->need & CPU_NEED_BITS) {
-      sh->bits = s->bits;
-      sh->cpw = kivi_codes_per_word(s->bits);
-      sh->levels = kivi_levels(s->bits);
-      sh->wpg = sh->group / sh->cpw;
-    }
-  }
+  char msg[CPU_ERR_LEN];
+  if ((st = kivi_spec_check(s, sh, msg, sizeof msg))) return cpu_fail(ctx, st, "%s", msg);
   return KIVI_OK;
+}
+
+kivi_status cpu_validate_input(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh, const void *x) {
+  kivi_status st = cpu_validate(ctx, s, sh);
+  if (st || (s->flags & KIVI_FLAG_TRUSTED)) return st;
+  return cpu_check_finite(ctx, s->op, x, s->dtype, sh);
 }
 
 /* ---------------------------------------------------------------- NaN / Inf scan --------- */
@@ -215,22 +154,7 @@ void cpu_tile_store(void *out, kivi_dtype dtype, int64_t cols, int64_t r0, int64
 KIVI_API int32_t kivi_abi_version(void) { return KIVI_ABI_VERSION; }
 KIVI_API int32_t kivi_backend_kind(void) { return 0; }
 
-KIVI_API const char *kivi_status_str(kivi_status code) {
-  switch (code) {
-    case KIVI_OK: return "KIVI_OK";
-    case KIVI_ERR_ARG: return "KIVI_ERR_ARG";
-    case KIVI_ERR_SHAPE: return "KIVI_ERR_SHAPE";
-    case KIVI_ERR_NONFINITE: return "KIVI_ERR_NONFINITE";
-    case KIVI_ERR_NOMEM: return "KIVI_ERR_NOMEM";
-    case KIVI_ERR_CUDA: return "KIVI_ERR_CUDA";
-    case KIVI_ERR_CUDA_STICKY: return "KIVI_ERR_CUDA_STICKY";
-    case KIVI_ERR_NO_DEVICE: return "KIVI_ERR_NO_DEVICE";
-    case KIVI_ERR_STATE: return "KIVI_ERR_STATE";
-    case KIVI_ERR_UNSUPPORTED: return "KIVI_ERR_UNSUPPORTED";
-    case KIVI_ERR_CAPACITY: return "KIVI_ERR_CAPACITY";
-    default: return "KIVI_ERR_UNKNOWN";
-  }
-}
+KIVI_API const char *kivi_status_str(kivi_status code) { return kivi_status_name(code); }
 
 KIVI_API const char *kivi_last_error(void) { return tl_err; }
 

@@ -11,6 +11,7 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
+#include "kivi_host.h"
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -21,7 +22,6 @@
    columns (channel axis; a multiple of every group size), small enough to stay in L2. */
 #define CPU_TILE_COLS 512
 #define CPU_MAX_GROUP 128
-#define CPU_MAX_PTRS 6
 
 struct kivi_ctx {
   int32_t device;
@@ -36,48 +36,16 @@ kivi_status cpu_fail(kivi_ctx_t ctx, kivi_status st, const char *fmt, ...)
 
 /* ---------------------------------------------------------------- validation ------------- */
 
-/* What cpu_validate checks beyond ctx and the required pointers. */
-enum {
-  CPU_NEED_MATRIX = 1 << 0, /* rows, cols, axis, group */
-  CPU_NEED_N = 1 << 1,      /* n (pack / unpack) */
-  CPU_NEED_BITS = 1 << 2,
-  CPU_NEED_FIT = 1 << 3,
-  CPU_NEED_ASSIGN = 1 << 4,
-  CPU_NEED_ITERS = 1 << 5,
-  CPU_NEED_FLAGS = 1 << 6
-};
+/* The argument rules and each export's spec are kivi_host.h's, shared with the CUDA build. */
+typedef kivi_spec cpu_spec;
+typedef kivi_shape cpu_shape;
 
-typedef struct cpu_ptr {
-  const char *name; /* NULL ends the list */
-  const void *p;
-} cpu_ptr;
-
-/** The arguments of one call, as the shared rules of kivi.h see them. */
-typedef struct cpu_spec {
-  const char *op;
-  unsigned need;
-  cpu_ptr ptrs[CPU_MAX_PTRS]; /* pointers that must not be NULL */
-  int64_t rows, cols, n;
-  kivi_axis axis;
-  int32_t group, bits;
-  const char *dtype_name; /* "dtype" or "out_dtype"; NULL: no dtype argument */
-  kivi_dtype dtype;
-  kivi_fit fit;
-  kivi_assign assign;
-  int32_t max_iters, flags;
-} cpu_spec;
-
-/** Derived sizes of a validated call. */
-typedef struct cpu_shape {
-  int64_t rows, cols, groups;
-  int64_t row_groups; /* groups per column (token axis: rows / group) */
-  int64_t col_groups; /* groups per row (channel axis: cols / group) */
-  int32_t axis, group, bits, cpw, levels;
-  int32_t wpg; /* packed words per group: group / cpw (a group's words are [g * wpg, (g + 1) * wpg)) */
-} cpu_shape;
-
-/** Checks everything the spec names, in a fixed order; on success fills *sh (may be NULL). */
+/** ctx, then kivi_spec_check (everything the spec names, in a fixed order); on success fills *sh (may be
+    NULL). */
 kivi_status cpu_validate(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh);
+/** cpu_validate, then, unless the spec's flags say KIVI_FLAG_TRUSTED, the scan of the input x
+    (cpu_check_finite). */
+kivi_status cpu_validate_input(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh, const void *x);
 /** ctx non-null (for ops outside the quantizer rules). */
 kivi_status cpu_need_ctx(kivi_ctx_t ctx, const char *op);
 /** The quantizers' scan of x [rows][cols]: NaN, Inf, or a finite f32 / bf16 value beyond fp16's range

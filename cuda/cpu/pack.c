@@ -4,11 +4,7 @@
 #include "cpu_internal.h"
 
 KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes, int64_t n, int32_t bits, uint32_t *words) {
-  const cpu_spec spec = {.op = "kivi_codes_pack",
-                         .need = CPU_NEED_N | CPU_NEED_BITS,
-                         .ptrs = {{"codes", codes}, {"words", words}},
-                         .n = n,
-                         .bits = bits};
+  const cpu_spec spec = kivi_spec_codes(1, codes, words, n, bits);
   kivi_status st = cpu_validate(ctx, &spec, NULL);
   if (st) return st;
   const uint8_t top = (uint8_t)(kivi_levels(bits) - 1);
@@ -26,11 +22,7 @@ KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes, int64
 
 KIVI_API kivi_status kivi_codes_unpack(kivi_ctx_t ctx, const uint32_t *words, int64_t n, int32_t bits,
                                        uint8_t *codes) {
-  const cpu_spec spec = {.op = "kivi_codes_unpack",
-                         .need = CPU_NEED_N | CPU_NEED_BITS,
-                         .ptrs = {{"words", words}, {"codes", codes}},
-                         .n = n,
-                         .bits = bits};
+  const cpu_spec spec = kivi_spec_codes(0, codes, words, n, bits);
   kivi_status st = cpu_validate(ctx, &spec, NULL);
   if (st) return st;
   cpu_unpack(words, n, bits, codes);

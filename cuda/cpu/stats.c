@@ -40,15 +40,7 @@ static void group_stats(const float *v, int32_t n, float *out4, int32_t *nonfini
 
 KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                       kivi_axis axis, int32_t group, float *stats, int32_t *nonfinite) {
-  const cpu_spec spec = {.op = "kivi_stats_block",
-                         .need = CPU_NEED_MATRIX,
-                         .ptrs = {{"x", x}, {"stats", stats}, {"nonfinite", nonfinite}},
-                         .rows = rows,
-                         .cols = cols,
-                         .axis = axis,
-                         .group = group,
-                         .dtype_name = "dtype",
-                         .dtype = dtype};
+  const cpu_spec spec = kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite);
   cpu_shape sh;
   kivi_status st = cpu_validate(ctx, &spec, &sh);
   if (st) return st;

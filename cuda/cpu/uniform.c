@@ -157,21 +157,10 @@ static void quantize_channel_tile(const cpu_shape *sh, const float *p, int64_t r
 KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
                                            int64_t cols, kivi_axis axis, int32_t group, int32_t bits, int32_t flags,
                                            uint32_t *codes, uint16_t *scale, uint16_t *zero) {
-  const cpu_spec spec = {.op = "kivi_uniform_quantize",
-                         .need = CPU_NEED_MATRIX | CPU_NEED_BITS | CPU_NEED_FLAGS,
-                         .ptrs = {{"x", x}, {"codes", codes}, {"scale", scale}, {"zero", zero}},
-                         .rows = rows,
-                         .cols = cols,
-                         .axis = axis,
-                         .group = group,
-                         .bits = bits,
-                         .dtype_name = "dtype",
-                         .dtype = dtype,
-                         .flags = flags};
+  const cpu_spec spec = kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero);
   cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
+  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
-  if (!(flags & KIVI_FLAG_TRUSTED) && (st = cpu_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   float *tmp = NULL;
   if (dtype != KIVI_F32 &&
       (st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))
@@ -196,16 +185,7 @@ KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_d
 KIVI_API kivi_status kivi_uniform_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *scale,
                                              const uint16_t *zero, int64_t rows, int64_t cols, kivi_axis axis,
                                              int32_t group, int32_t bits, void *out, kivi_dtype out_dtype) {
-  const cpu_spec spec = {.op = "kivi_uniform_dequantize",
-                         .need = CPU_NEED_MATRIX | CPU_NEED_BITS,
-                         .ptrs = {{"codes", codes}, {"scale", scale}, {"zero", zero}, {"out", out}},
-                         .rows = rows,
-                         .cols = cols,
-                         .axis = axis,
-                         .group = group,
-                         .bits = bits,
-                         .dtype_name = "out_dtype",
-                         .dtype = out_dtype};
+  const cpu_spec spec = kivi_spec_uniform_dequantize(codes, scale, zero, rows, cols, axis, group, bits, out, out_dtype);
   cpu_shape sh;
   kivi_status st = cpu_validate(ctx, &spec, &sh);
   if (st) return st;

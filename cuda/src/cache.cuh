@@ -1,6 +1,7 @@
 /*
  * cache.cuh — private to the CUDA build: the paged KV cache object shared by cache.cu (create,
- * sequences, append / flush, read, memory report) and attention.cu (fused decode attention).
+ * sequences, memory report), cache_append.cu, cache_read.cu, cache_scan.cu, batch.cu and attention.cu
+ * (fused decode attention).
  *
  * Device memory (allocated once by kivi_cache_create):
  *   K pool, V pool   bytes [layers][max_pages][kv_heads][part.head]   (kivi_format.h page layout)
@@ -73,6 +74,18 @@ kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t
                              const void *v, kivi_dtype dtype, int64_t n);
 /** The host state after the launches: pages taken, lengths. */
 void kv_append_commit(kivi_cache *c, int32_t seq, int32_t l0, int32_t nl, int64_t n, int64_t extra);
+
+/** The cache (KIVI_ERR_ARG when NULL) and its context (kv_enter). Every cache export starts here. */
+kivi_status kv_cache_enter(kivi_cache_t c, const char *op);
+/** seq names a live slot (kivi_seq_check's rules, reported on the cache's context). */
+kivi_status kv_cache_check_seq(kivi_cache_t c, const char *op, int32_t seq);
+
+/** kv_cache_enter, then kv_cache_check_seq: what every export on one sequence checks first. */
+kivi_status kv_cache_seq_enter(kivi_cache_t c, const char *op, int32_t seq);
+/** kv_cache_seq_enter, then kivi_cache_io_check: the checks kivi_cache_append (append 1)
+    and kivi_cache_read (append 0) make before their own. */
+kivi_status kv_cache_io_enter(kivi_cache_t c, const char *op, int32_t seq, int append, int32_t layer, int32_t n_tokens,
+                              const void *k, const void *v, kivi_dtype dtype, int32_t flags);
 
 /** First non-finite element of x [n] (dtype), or with f16range also the first beyond fp16, into *first (-1 if
     none); waits. Uses scratch slot `slot`. */

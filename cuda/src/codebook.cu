@@ -166,11 +166,9 @@ static __global__ void __launch_bounds__(128)
                    int32_t fit, int32_t max_iters, int32_t assign, uint16_t *__restrict__ centroids,
                    int32_t *__restrict__ iters, float *__restrict__ inertia, uint32_t *__restrict__ codes) {
   constexpr int NC = 1 << BITS, CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < groups; t += stride) {
-    const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
+  for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     float v[G];
-    kv_load_group<DT, G>(x, l, aligned, v);
+    const kv_gloc l = kv_load_group_at<DT, G>(x, t, axis, rows, cols, aligned, v);
     uint16_t h[NC];
     float *trace = inertia ? inertia + l.g * (int64_t)(max_iters + 1) : nullptr;
     const int32_t it = kv_fit_group<G, NC>(v, fit, max_iters, h, trace);
@@ -187,11 +185,9 @@ static __global__ void __launch_bounds__(128)
                         bool aligned, const uint16_t *__restrict__ centroids, int32_t assign,
                         uint32_t *__restrict__ codes) {
   constexpr int NC = 1 << BITS, CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < groups; t += stride) {
-    const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
+  for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     float v[G];
-    kv_load_group<DT, G>(x, l, aligned, v);
+    const kv_gloc l = kv_load_group_at<DT, G>(x, t, axis, rows, cols, aligned, v);
     uint16_t h[NC];
 #pragma unroll
     for (int k = 0; k < NC; k++) h[k] = centroids[l.g * NC + k];
@@ -204,8 +200,7 @@ static __global__ void __launch_bounds__(128)
     k_codebook_dequantize(const uint32_t *__restrict__ codes, const uint16_t *__restrict__ centroids, int64_t rows,
                           int64_t cols, int32_t axis, int64_t groups, void *__restrict__ out) {
   constexpr int NC = 1 << BITS, CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < groups; t += stride) {
+  for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
     float c[NC];
 #pragma unroll
@@ -269,20 +264,8 @@ extern "C" {
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                        kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
-  kv_spec spec = kv_spec_init("kivi_codebook_fit",
-                              KV_NEED_MATRIX | KV_NEED_BITS | KV_NEED_FIT | KV_NEED_ITERS | KV_NEED_FLAGS);
-  spec.ptrs[0] = {"x", x};
-  spec.ptrs[1] = {"centroids", centroids};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.bits = bits;
-  spec.dtype_name = "dtype";
-  spec.dtype = dtype;
-  spec.fit = fit;
-  spec.max_iters = max_iters;
-  spec.flags = flags;
+  const kv_spec spec =
+      kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -294,22 +277,9 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
                                           kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit,
                                           int32_t max_iters, kivi_assign assign, int32_t flags, uint16_t *centroids,
                                           uint32_t *codes) {
-  kv_spec spec = kv_spec_init("kivi_codebook_encode", KV_NEED_MATRIX | KV_NEED_BITS | KV_NEED_FIT | KV_NEED_ITERS |
-                                                          KV_NEED_ASSIGN | KV_NEED_FLAGS);
-  spec.ptrs[0] = {"x", x};
-  spec.ptrs[1] = {"centroids", centroids};
-  spec.ptrs[2] = {"codes", codes};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.bits = bits;
-  spec.dtype_name = "dtype";
-  spec.dtype = dtype;
-  spec.fit = fit;
-  spec.assign = assign;
-  spec.max_iters = max_iters;
-  spec.flags = flags;
+  const kv_spec spec =
+      kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids,
+          codes);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -320,20 +290,8 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
                                             int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                             const uint16_t *centroids, kivi_assign assign, int32_t flags,
                                             uint32_t *codes) {
-  kv_spec spec = kv_spec_init("kivi_codebook_quantize",
-                              KV_NEED_MATRIX | KV_NEED_BITS | KV_NEED_ASSIGN | KV_NEED_FLAGS);
-  spec.ptrs[0] = {"x", x};
-  spec.ptrs[1] = {"centroids", centroids};
-  spec.ptrs[2] = {"codes", codes};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.bits = bits;
-  spec.dtype_name = "dtype";
-  spec.dtype = dtype;
-  spec.assign = assign;
-  spec.flags = flags;
+  const kv_spec spec =
+      kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
@@ -381,17 +339,7 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
 KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *centroids,
                                               int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                               void *out, kivi_dtype out_dtype) {
-  kv_spec spec = kv_spec_init("kivi_codebook_dequantize", KV_NEED_MATRIX | KV_NEED_BITS);
-  spec.ptrs[0] = {"codes", codes};
-  spec.ptrs[1] = {"centroids", centroids};
-  spec.ptrs[2] = {"out", out};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.bits = bits;
-  spec.dtype_name = "out_dtype";
-  spec.dtype = out_dtype;
+  const kv_spec spec = kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;

@@ -12,9 +12,9 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
+#include "kivi_host.h"
 
 #define KV_ERR_LEN 512
-#define KV_MAX_PTRS 6
 
 /* Slots of the device scratch buffer (uint64 each, reset to ~0 before a check). */
 enum { KV_SLOT_NONFINITE = 0, KV_SLOT_CENTROIDS = 1, KV_SLOT_CODES = 2, KV_SLOTS = 4 };
@@ -52,56 +52,30 @@ unsigned kv_grid(kivi_ctx_t ctx, int64_t work, int per_sm);
 
 /* ---------------------------------------------------------------- validation ------------- */
 
-enum {
-  KV_NEED_MATRIX = 1 << 0,
-  KV_NEED_N = 1 << 1,
-  KV_NEED_BITS = 1 << 2,
-  KV_NEED_FIT = 1 << 3,
-  KV_NEED_ASSIGN = 1 << 4,
-  KV_NEED_ITERS = 1 << 5,
-  KV_NEED_FLAGS = 1 << 6
-};
+/* The argument rules and each export's spec are kivi_host.h's, shared with the CPU build. */
+typedef kivi_spec kv_spec;
+typedef kivi_shape kv_shape;
 
-struct kv_ptr {
-  const char *name; /* NULL ends the list */
-  const void *p;
-};
-
-struct kv_spec {
-  const char *op;
-  unsigned need;
-  kv_ptr ptrs[KV_MAX_PTRS];
-  int64_t rows, cols, n;
-  kivi_axis axis;
-  int32_t group, bits;
-  const char *dtype_name; /* "dtype" / "out_dtype"; NULL: none */
-  kivi_dtype dtype;
-  kivi_fit fit;
-  kivi_assign assign;
-  int32_t max_iters, flags;
-};
-
-struct kv_shape {
-  int64_t rows, cols, groups;
-  int64_t row_groups; /* rows / group (groups per column, token axis) */
-  int64_t col_groups; /* cols / group */
-  int32_t axis, group, bits, cpw, levels, wpg;
-};
-
-kv_spec kv_spec_init(const char *op, unsigned need);
-/** The shared argument rules of kivi.h, in the CPU build's order and words; fills *sh. Also runs
-    kv_enter (ctx checks + cudaSetDevice). */
+/** kv_enter (ctx checks + cudaSetDevice), then kivi_spec_check (the argument rules of kivi.h, as the
+    CPU build); fills *sh. */
 kivi_status kv_validate(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh);
 /** The quantizers' scan of x [n] on the device (NaN, Inf, or a finite f32 / bf16 value beyond fp16's
     range: the params are fp16); waits for it. KIVI_ERR_NONFINITE naming the first bad element (row,
     col, group from sh) and nothing else happens. */
 kivi_status kv_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const kv_shape *sh);
+/** kv_validate, then, unless the spec's flags say KIVI_FLAG_TRUSTED, the device scan of the input x
+    (kv_check_finite). */
+kivi_status kv_validate_input(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh, const void *x);
 /** Resets the scratch slots (async, on the stream). */
 kivi_status kv_scratch_reset(kivi_ctx_t ctx, const char *op);
 /** Copies the scratch slots to ctx->h_scratch and waits. */
 kivi_status kv_scratch_read(kivi_ctx_t ctx, const char *op);
 
 /* ---------------------------------------------------------------- device helpers --------- */
+/** This thread's first index of a grid-stride loop, and the loop's stride. */
+__device__ __forceinline__ int64_t kv_grid_first() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t kv_grid_stride() { return (int64_t)gridDim.x * blockDim.x; }
+
 
 template <int DT> struct kv_dt;
 template <> struct kv_dt<KIVI_F32> { static constexpr int size = 4; };

@@ -53,4 +53,13 @@ __device__ __forceinline__ void kv_load_group(const void *__restrict__ x, const 
   }
 }
 
+/** Group t's location, its G values loaded into v (kv_group_at, then kv_load_group). */
+template <int DT, int G>
+__device__ __forceinline__ kv_gloc kv_load_group_at(const void *__restrict__ x, int64_t t, int32_t axis, int64_t rows,
+                                                    int64_t cols, bool aligned, float (&v)[G]) {
+  const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
+  kv_load_group<DT, G>(x, l, aligned, v);
+  return l;
+}
+
 #endif /* KIVI_CUDA_GROUP_CUH */

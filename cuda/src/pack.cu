@@ -41,8 +41,7 @@ template <int BITS>
 static __global__ void k_codes_pack(const uint8_t *__restrict__ codes, int64_t nwords, bool aligned,
                                     uint32_t *__restrict__ words) {
   constexpr int CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t w = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; w < nwords; w += stride) {
+  for (int64_t w = kv_grid_first(); w < nwords; w += kv_grid_stride()) {
     uint8_t b[CPW];
     if (aligned) {
       typedef typename kv_bytes<BITS>::t vec;
@@ -63,8 +62,7 @@ template <int BITS>
 static __global__ void k_codes_unpack(const uint32_t *__restrict__ words, int64_t nwords, bool aligned,
                                       uint8_t *__restrict__ codes) {
   constexpr int CPW = 32 / BITS;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t w = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; w < nwords; w += stride) {
+  for (int64_t w = kv_grid_first(); w < nwords; w += kv_grid_stride()) {
     const uint32_t word = words[w];
     uint8_t b[CPW];
 #pragma unroll
@@ -81,14 +79,24 @@ static __global__ void k_codes_unpack(const uint32_t *__restrict__ words, int64_
   }
 }
 
+/* The pack (codes -> words) or unpack kernel over n codes, 256 threads a block; the byte side's
+   alignment picks the vector loads. */
+static kivi_status launch_codes(kivi_ctx_t ctx, const char *op, int pack, uint8_t *codes, uint32_t *words, int64_t n,
+                                int32_t bits) {
+  const int64_t nwords = n / kivi_codes_per_word(bits);
+  const bool aligned = ((uintptr_t)codes & (bits == 2 ? 15u : 7u)) == 0;
+  const unsigned grid = kv_grid(ctx, (nwords + 255) / 256, 8);
+  if (pack && bits == 2) k_codes_pack<2><<<grid, 256, 0, ctx->stream>>>(codes, nwords, aligned, words);
+  if (pack && bits == 4) k_codes_pack<4><<<grid, 256, 0, ctx->stream>>>(codes, nwords, aligned, words);
+  if (!pack && bits == 2) k_codes_unpack<2><<<grid, 256, 0, ctx->stream>>>(words, nwords, aligned, codes);
+  if (!pack && bits == 4) k_codes_unpack<4><<<grid, 256, 0, ctx->stream>>>(words, nwords, aligned, codes);
+  return kv_launched(ctx, op, pack ? "k_codes_pack" : "k_codes_unpack");
+}
+
 extern "C" {
 
 KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes, int64_t n, int32_t bits, uint32_t *words) {
-  kv_spec spec = kv_spec_init("kivi_codes_pack", KV_NEED_N | KV_NEED_BITS);
-  spec.ptrs[0] = {"codes", codes};
-  spec.ptrs[1] = {"words", words};
-  spec.n = n;
-  spec.bits = bits;
+  const kv_spec spec = kivi_spec_codes(1, codes, words, n, bits);
   kivi_status st = kv_validate(ctx, &spec, NULL);
   if (st) return st;
   if ((st = kv_scratch_reset(ctx, spec.op))) return st;
@@ -105,33 +113,15 @@ KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes, int64
     return kv_fail(ctx, KIVI_ERR_ARG, "%s: codes[%lld] must be below 2^bits (%d), got %u", spec.op, (long long)bad,
                    (int)kivi_levels(bits), (unsigned)b);
   }
-  const int64_t nwords = n / kivi_codes_per_word(bits);
-  const bool aligned = ((uintptr_t)codes & (bits == 2 ? 15u : 7u)) == 0;
-  const unsigned grid = kv_grid(ctx, (nwords + 255) / 256, 8);
-  if (bits == 2)
-    k_codes_pack<2><<<grid, 256, 0, ctx->stream>>>(codes, nwords, aligned, words);
-  else
-    k_codes_pack<4><<<grid, 256, 0, ctx->stream>>>(codes, nwords, aligned, words);
-  return kv_launched(ctx, spec.op, "k_codes_pack");
+  return launch_codes(ctx, spec.op, 1, (uint8_t *)codes, words, n, bits); /* reads codes */
 }
 
 KIVI_API kivi_status kivi_codes_unpack(kivi_ctx_t ctx, const uint32_t *words, int64_t n, int32_t bits,
                                        uint8_t *codes) {
-  kv_spec spec = kv_spec_init("kivi_codes_unpack", KV_NEED_N | KV_NEED_BITS);
-  spec.ptrs[0] = {"words", words};
-  spec.ptrs[1] = {"codes", codes};
-  spec.n = n;
-  spec.bits = bits;
+  const kv_spec spec = kivi_spec_codes(0, codes, words, n, bits);
   kivi_status st = kv_validate(ctx, &spec, NULL);
   if (st) return st;
-  const int64_t nwords = n / kivi_codes_per_word(bits);
-  const bool aligned = ((uintptr_t)codes & (bits == 2 ? 15u : 7u)) == 0;
-  const unsigned grid = kv_grid(ctx, (nwords + 255) / 256, 8);
-  if (bits == 2)
-    k_codes_unpack<2><<<grid, 256, 0, ctx->stream>>>(words, nwords, aligned, codes);
-  else
-    k_codes_unpack<4><<<grid, 256, 0, ctx->stream>>>(words, nwords, aligned, codes);
-  return kv_launched(ctx, spec.op, "k_codes_unpack");
+  return launch_codes(ctx, spec.op, 0, codes, (uint32_t *)words, n, bits); /* reads words */
 }
 
 } /* extern "C" */

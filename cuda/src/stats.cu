@@ -16,11 +16,9 @@ template <int DT, int G>
 static __global__ void __launch_bounds__(128)
     k_stats_block(const void *__restrict__ x, int64_t rows, int64_t cols, int32_t axis, int64_t groups, bool aligned,
                   float *__restrict__ stats, int32_t *__restrict__ nonfinite) {
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < groups; t += stride) {
-    const kv_gloc l = kv_group_at(t, axis, rows, cols, G);
+  for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     float v[G];
-    kv_load_group<DT, G>(x, l, aligned, v);
+    const kv_gloc l = kv_load_group_at<DT, G>(x, t, axis, rows, cols, aligned, v);
     double sum = 0.0;
     float mn = 0.0f, mx = 0.0f;
     int32_t cnt = 0, bad = 0;
@@ -140,16 +138,7 @@ static __global__ void __launch_bounds__(256)
 extern "C" KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
                                                  int64_t cols, kivi_axis axis, int32_t group, float *stats,
                                                  int32_t *nonfinite) {
-  kv_spec spec = kv_spec_init("kivi_stats_block", KV_NEED_MATRIX);
-  spec.ptrs[0] = {"x", x};
-  spec.ptrs[1] = {"stats", stats};
-  spec.ptrs[2] = {"nonfinite", nonfinite};
-  spec.rows = rows;
-  spec.cols = cols;
-  spec.axis = axis;
-  spec.group = group;
-  spec.dtype_name = "dtype";
-  spec.dtype = dtype;
+  const kv_spec spec = kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;

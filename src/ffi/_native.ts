@@ -1,6 +1,7 @@
 /**
  * The runtime-neutral face of the loaded library: both adapters (bun.ts, deno.ts) implement
- * `NativeLib`, so nothing above src/ffi/ knows which runtime it is on.
+ * `NativeLib`, so nothing above src/ffi/ knows which runtime it is on. load.ts picks the adapter;
+ * this module imports neither, so the adapters can import it.
  *
  * @module
  */
@@ -63,17 +64,3 @@ export function scratchArray<T extends ArrayBufferView>(Ctor: { new (b: ArrayBuf
 
 /** Names of every export, for adapters that build their tables from the spec. */
 export const symbolNames = Object.keys(symbols) as SymbolName[];
-
-/** Loads `path` with the adapter of the runtime we are on. */
-export async function loadNative(path: string): Promise<NativeLib> {
-  const g = globalThis as { Bun?: unknown; Deno?: unknown };
-  if (g.Bun !== undefined) {
-    const { loadBun } = await import("./bun.ts");
-    return loadBun(path);
-  }
-  if (g.Deno !== undefined) {
-    const { loadDeno } = await import("./deno.ts");
-    return loadDeno(path);
-  }
-  throw new Error("kivi runs on Bun or Deno: neither `Bun` nor `Deno` is defined in this runtime");
-}

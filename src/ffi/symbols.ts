@@ -18,6 +18,43 @@ export interface SymbolSpec {
   readonly blocking?: boolean;
 }
 
+// Runs of parameters several quantizer exports share, spread into their lists below.
+/** A matrix x [rows][cols] of dtype, in groups of `group` along `axis`. */
+const X_GROUPED = [
+  "ptr", // const void *x            [rows][cols]
+  "i32", // kivi_dtype dtype
+  "i64", // int64_t rows
+  "i64", // int64_t cols
+  "i32", // kivi_axis axis
+  "i32", // int32_t group
+] as const;
+/** X_GROUPED and the code width: what a quantizer takes after ctx. */
+const X_CODED = [
+  ...X_GROUPED,
+  "i32", // int32_t bits
+] as const;
+/** What a dequantizer takes after its codes and params: their shape and where to write. */
+const DEQUANTIZE_TO = [
+  "i64", // int64_t rows
+  "i64", // int64_t cols
+  "i32", // kivi_axis axis
+  "i32", // int32_t group
+  "i32", // int32_t bits
+  "ptr", // void *out                [rows][cols]
+  "i32", // kivi_dtype out_dtype
+] as const;
+
+/** What attention takes first: the cache, the layer, the batch's sequences and its queries. */
+const ATTEND_QUERY = [
+  "ptr", // kivi_cache_t cache
+  "i32", // int32_t layer
+  "ptr", // const int32_t *seqs      host [batch]
+  "i32", // int32_t batch
+  "ptr", // const void *q            [batch][q_heads][head_dim]
+  "i32", // kivi_dtype q_dtype
+  "f32", // float scale
+] as const;
+
 export const symbols = {
   kivi_abi_version: { args: [], returns: "i32" },
   kivi_backend_kind: { args: [], returns: "i32" },
@@ -121,12 +158,7 @@ export const symbols = {
   kivi_stats_block: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
+      ...X_GROUPED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group
       "ptr", // float *stats             [groups][4]
       "ptr", // int32_t *nonfinite       [groups]
     ],
@@ -135,13 +167,7 @@ export const symbols = {
   kivi_uniform_quantize: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
-      "i32", // int32_t bits
+      ...X_CODED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group, bits
       "i32", // int32_t flags
       "ptr", // uint32_t *codes          packed
       "ptr", // uint16_t *scale          fp16 [groups]
@@ -155,26 +181,14 @@ export const symbols = {
       "ptr", // const uint32_t *codes    packed
       "ptr", // const uint16_t *scale    fp16 [groups]
       "ptr", // const uint16_t *zero     fp16 [groups]
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
-      "i32", // int32_t bits
-      "ptr", // void *out                [rows][cols]
-      "i32", // kivi_dtype out_dtype
+      ...DEQUANTIZE_TO, // rows, cols, axis, group, bits, void *out [rows][cols], kivi_dtype out_dtype
     ],
     returns: "i32",
   },
   kivi_codebook_fit: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
-      "i32", // int32_t bits
+      ...X_CODED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group, bits
       "i32", // kivi_fit fit
       "i32", // int32_t max_iters
       "i32", // int32_t flags
@@ -187,13 +201,7 @@ export const symbols = {
   kivi_codebook_quantize: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
-      "i32", // int32_t bits
+      ...X_CODED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group, bits
       "ptr", // const uint16_t *centroids fp16 [groups][2^bits]
       "i32", // kivi_assign assign
       "i32", // int32_t flags
@@ -204,13 +212,7 @@ export const symbols = {
   kivi_codebook_encode: {
     args: [
       "ptr", // kivi_ctx_t ctx
-      "ptr", // const void *x            [rows][cols]
-      "i32", // kivi_dtype dtype
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
-      "i32", // int32_t bits
+      ...X_CODED, // const void *x, kivi_dtype dtype, int64_t rows, int64_t cols, kivi_axis axis, int32_t group, bits
       "i32", // kivi_fit fit
       "i32", // int32_t max_iters
       "i32", // kivi_assign assign
@@ -225,13 +227,7 @@ export const symbols = {
       "ptr", // kivi_ctx_t ctx
       "ptr", // const uint32_t *codes    packed
       "ptr", // const uint16_t *centroids fp16 [groups][2^bits]
-      "i64", // int64_t rows
-      "i64", // int64_t cols
-      "i32", // kivi_axis axis
-      "i32", // int32_t group
-      "i32", // int32_t bits
-      "ptr", // void *out                [rows][cols]
-      "i32", // kivi_dtype out_dtype
+      ...DEQUANTIZE_TO, // rows, cols, axis, group, bits, void *out [rows][cols], kivi_dtype out_dtype
     ],
     returns: "i32",
   },
@@ -314,13 +310,7 @@ export const symbols = {
   },
   kivi_cache_attend: {
     args: [
-      "ptr", // kivi_cache_t cache
-      "i32", // int32_t layer
-      "ptr", // const int32_t *seqs      host [batch]
-      "i32", // int32_t batch
-      "ptr", // const void *q            [batch][q_heads][head_dim]
-      "i32", // kivi_dtype q_dtype
-      "f32", // float scale
+      ...ATTEND_QUERY, // kivi_cache_t cache, int32_t layer, const int32_t *seqs, int32_t batch, q, q_dtype, scale
       "i32", // int32_t flags
       "ptr", // void *out                [batch][q_heads][head_dim]
       "i32", // kivi_dtype out_dtype
@@ -340,13 +330,7 @@ export const symbols = {
   },
   kivi_cache_bench_attend: {
     args: [
-      "ptr", // kivi_cache_t cache
-      "i32", // int32_t layer
-      "ptr", // const int32_t *seqs      host [batch]
-      "i32", // int32_t batch
-      "ptr", // const void *q            [batch][q_heads][head_dim]
-      "i32", // kivi_dtype q_dtype
-      "f32", // float scale
+      ...ATTEND_QUERY, // kivi_cache_t cache, int32_t layer, const int32_t *seqs, int32_t batch, q, q_dtype, scale
       "ptr", // void *out                [batch][q_heads][head_dim]
       "i32", // kivi_dtype out_dtype
       "i32", // int32_t iters

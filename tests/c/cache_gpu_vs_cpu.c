@@ -35,7 +35,7 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
-#include "test_rng.h"
+#include "harness.h"
 
 /* ---------------------------------------------------------------- the two libraries ------ */
 
@@ -83,11 +83,7 @@ typedef struct lib {
 static int lib_open(lib *L, const char *path) {
   memset(L, 0, sizeof *L);
   L->name = path;
-  L->h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-  if (!L->h) {
-    fprintf(stderr, "dlopen %s: %s\n", path, dlerror());
-    return -1;
-  }
+  if (!(L->h = harness_dlopen(path))) return -1;
   SYM(L, ctx_create, "kivi_ctx_create", 1);
   SYM(L, ctx_destroy, "kivi_ctx_destroy", 1);
   SYM(L, ctx_synchronize, "kivi_ctx_synchronize", 1);
@@ -118,23 +114,6 @@ static int lib_open(lib *L, const char *path) {
 
 /* ---------------------------------------------------------------- checks ----------------- */
 
-static int n_pass, n_fail;
-static uint64_t g_seed;
-static const char *g_where = "";
-
-#define CHECK(cond, ...)                                                                         \
-  do {                                                                                           \
-    if (cond) {                                                                                  \
-      n_pass++;                                                                                  \
-    } else {                                                                                     \
-      n_fail++;                                                                                  \
-      if (n_fail <= 60) {                                                                        \
-        printf("FAIL %s:%d [%s] (seed %llu): ", __FILE__, __LINE__, g_where, (unsigned long long)g_seed); \
-        printf(__VA_ARGS__);                                                                     \
-        printf("\n");                                                                            \
-      }                                                                                          \
-    }                                                                                            \
-  } while (0)
 
 #define OK(L, call)                                                                                       \
   do {                                                                                                    \
@@ -714,6 +693,7 @@ static void bench(lib *G, int P, int kvh, int only_case, const char *mode, int Q
 
 int main(int argc, char **argv) {
   lib G, C;
+  g_max_printed = 60;
   const char *gpath = getenv("KIVI_CUDA_LIB") ? getenv("KIVI_CUDA_LIB") : "build/libkivi_cuda.so";
   const char *cpath = getenv("KIVI_CPU_LIB") ? getenv("KIVI_CPU_LIB") : "build/libkivi_cpu.so";
   if (lib_open(&G, gpath)) return 2;
@@ -766,8 +746,7 @@ int main(int argc, char **argv) {
   const int only = getenv("KIVI_ONLY") ? atoi(getenv("KIVI_ONLY")) : -1;
   for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++)
     if (only < 0 || only == (int)i) run_spec(&G, have_cpu ? &C : NULL, &specs[i]);
-  printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
   G.ctx_destroy(G.ctx);
   if (have_cpu) C.ctx_destroy(C.ctx);
-  return n_fail ? 1 : 0;
+  return check_summary();
 }

@@ -19,36 +19,10 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
-#include "test_rng.h"
-
-static int n_pass, n_fail;
-static uint64_t g_seed;
-
-#define CHECK(cond, ...)                                                                      \
-  do {                                                                                        \
-    if (cond) {                                                                               \
-      n_pass++;                                                                               \
-    } else {                                                                                  \
-      n_fail++;                                                                               \
-      if (n_fail <= 40) {                                                                     \
-        printf("FAIL %s:%d (seed %llu): ", __FILE__, __LINE__, (unsigned long long)g_seed); \
-        printf(__VA_ARGS__);                                                                  \
-        printf(" [last error: %s]\n", kivi_last_error());                                     \
-      }                                                                                       \
-    }                                                                                         \
-  } while (0)
+#include "harness.h"
 
 
-static void set_elem(void *x, kivi_dtype dt, int64_t i, float f) {
-  if (dt == KIVI_F32) ((float *)x)[i] = f;
-  else if (dt == KIVI_F16) ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
-  else ((uint16_t *)x)[i] = kivi_f32_to_bf16(f);
-}
-static float get_elem(const void *x, kivi_dtype dt, int64_t i) {
-  if (dt == KIVI_F32) return ((const float *)x)[i];
-  if (dt == KIVI_F16) return kivi_f16_to_f32(((const uint16_t *)x)[i]);
-  return kivi_bf16_to_f32(((const uint16_t *)x)[i]);
-}
+
 static float f16r(float f) { return kivi_f16_to_f32(kivi_f32_to_f16(f)); }
 
 /* ---------------------------------------------------------------- config ----------------- */
@@ -61,26 +35,9 @@ typedef struct tcfg {
 static tcfg make_cfg(const char *name, int32_t layers, int32_t kvh, int32_t qh, int32_t D, int32_t P, int32_t R,
                      int32_t max_pages, int32_t max_seqs, int32_t kk, int32_t kb, int32_t kg, int32_t vk, int32_t vb,
                      int32_t vg) {
-  tcfg t = {name, {0}};
-  int32_t *a = t.a;
-  a[KIVI_CFG_LAYERS] = layers;
-  a[KIVI_CFG_KV_HEADS] = kvh;
-  a[KIVI_CFG_Q_HEADS] = qh;
-  a[KIVI_CFG_HEAD_DIM] = D;
-  a[KIVI_CFG_PAGE_TOKENS] = P;
-  a[KIVI_CFG_RESIDUAL] = R;
-  a[KIVI_CFG_MAX_PAGES] = max_pages;
-  a[KIVI_CFG_MAX_SEQS] = max_seqs;
-  a[KIVI_CFG_K_KIND] = kk;
-  a[KIVI_CFG_K_BITS] = kb;
-  a[KIVI_CFG_K_GROUP] = kg;
-  a[KIVI_CFG_K_FIT] = KIVI_FIT_PINNED;
-  a[KIVI_CFG_K_ITERS] = 12;
-  a[KIVI_CFG_V_KIND] = vk;
-  a[KIVI_CFG_V_BITS] = vb;
-  a[KIVI_CFG_V_GROUP] = vg;
-  a[KIVI_CFG_V_FIT] = KIVI_FIT_FREE;
-  a[KIVI_CFG_V_ITERS] = 20;
+  /* kivi.h's KIVI_CFG_* order; pinned codebook keys (12 iterations), free values (20) */
+  const tcfg t = {name, {layers, kvh, qh, D, P, R, max_pages, max_seqs, kk, kb, kg, KIVI_FIT_PINNED, 12, vk, vb, vg,
+                         KIVI_FIT_FREE, 20}};
   return t;
 }
 
@@ -817,23 +774,12 @@ static void bench(kivi_ctx_t ctx) {
 }
 
 int main(int argc, char **argv) {
-  int do_bench = 0, quick = 0;
-  g_seed = 20261128ull;
-  for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--bench"))
-      do_bench = 1;
-    else if (!strcmp(argv[i], "--quick")) /* the first config only: for valgrind */
-      quick = 1;
-    else
-      g_seed = strtoull(argv[i], NULL, 10);
-  }
-  rng_state = g_seed;
-  printf("cache_smoke seed %llu\n", (unsigned long long)g_seed);
-  kivi_ctx_t ctx;
-  if (kivi_ctx_create(0, &ctx) != KIVI_OK) {
-    printf("FAIL: ctx_create: %s\n", kivi_last_error());
-    return 1;
-  }
+  static const char *const flags[] = {"--bench", "--quick"}; /* --quick: the first config only, for valgrind */
+  const unsigned on = harness_args(argc, argv, "cache_smoke", 20261128ull, flags, 2);
+  const int do_bench = on & 1, quick = (on >> 1) & 1;
+  g_last_error = kivi_last_error;
+  kivi_ctx_t ctx = harness_ctx();
+  if (!ctx) return 1;
   const int U = KIVI_KIND_UNIFORM, C = KIVI_KIND_CODEBOOK;
   const tcfg cfgs[] = {
       /*       name                              L  kvh qh  D    P    R  pages seqs  K kind/bits/group  V kind/bits/group */
@@ -856,6 +802,5 @@ int main(int argc, char **argv) {
   test_errors_unchanged(ctx);
   if (do_bench) bench(ctx);
   kivi_ctx_destroy(ctx);
-  printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
-  return n_fail ? 1 : 0;
+  return check_summary();
 }

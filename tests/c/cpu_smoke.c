@@ -17,25 +17,8 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
-#include "test_rng.h"
+#include "harness.h"
 
-static int n_pass, n_fail;
-static uint64_t g_seed;
-
-#define CHECK(cond, ...)                                       \
-  do {                                                         \
-    if (cond) {                                                \
-      n_pass++;                                                \
-    } else {                                                   \
-      n_fail++;                                                \
-      if (n_fail <= 40) {                                      \
-        printf("FAIL %s:%d (seed %llu): ", __FILE__, __LINE__, \
-               (unsigned long long)g_seed);                    \
-        printf(__VA_ARGS__);                                   \
-        printf("\n");                                          \
-      }                                                        \
-    }                                                          \
-  } while (0)
 
 /* ---------------------------------------------------------------- rng / data ------------- */
 
@@ -69,16 +52,6 @@ static void *make_input(kivi_dtype dt, int64_t rows, int64_t cols, float **xf_ou
   return x;
 }
 
-static void set_elem(void *x, kivi_dtype dt, int64_t i, float f) {
-  if (dt == KIVI_F32) ((float *)x)[i] = f;
-  else if (dt == KIVI_F16) ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
-  else ((uint16_t *)x)[i] = kivi_f32_to_bf16(f);
-}
-static float get_elem(const void *x, kivi_dtype dt, int64_t i) {
-  if (dt == KIVI_F32) return ((const float *)x)[i];
-  if (dt == KIVI_F16) return kivi_f16_to_f32(((const uint16_t *)x)[i]);
-  return kivi_bf16_to_f32(((const uint16_t *)x)[i]);
-}
 
 /* Makes group 0 constant (every value equal to the group's first). */
 static void make_group0_constant(void *x, float *xf, kivi_dtype dt, int64_t rows, int64_t cols, kivi_axis axis,
@@ -431,6 +404,14 @@ static int outputs_untouched(void) {
          untouched(o_words, sizeof o_words);
 }
 
+/* A call that must fail with `want` and a message naming op and needle, its outputs untouched. */
+#define TRY_ERR(call, what, ...)     \
+  do {                               \
+    fill_outputs();                  \
+    const kivi_status st_ = (call);  \
+    expect_err(ctx, what, st_, __VA_ARGS__); \
+  } while (0)
+
 static void expect_err(kivi_ctx_t ctx, const char *what, kivi_status got, kivi_status want, const char *op,
                        const char *needle) {
   const char *msg = kivi_last_error();
@@ -486,52 +467,30 @@ static void test_errors(kivi_ctx_t ctx) {
   st = UQ(ctx, xh, KIVI_F16, R, C, 1, 64, 4, 0, o_codes, o_scale, o_zero);
   expect_err(ctx, "Inf xh", st, KIVI_ERR_NONFINITE, uq, "index 4095");
   xh[4095] = kivi_f32_to_bf16(1.0f) | 0x7f80; /* bf16 Inf/NaN pattern */
-  fill_outputs();
-  st = kivi_uniform_quantize(ctx, xh, KIVI_BF16, R, C, 1, 64, 4, 0, o_codes, o_scale, o_zero);
-  expect_err(ctx, "NaN bf16", st, KIVI_ERR_NONFINITE, uq, "x must be finite");
+  TRY_ERR(kivi_uniform_quantize(ctx, xh, KIVI_BF16, R, C, 1, 64, 4, 0, o_codes, o_scale, o_zero), "NaN bf16", KIVI_ERR_NONFINITE, uq, "x must be finite");
   xh[4095] = kivi_f32_to_f16(0.25f);
 
   const char *ud = "kivi_uniform_dequantize";
   static uint32_t codes[1024];
   static uint16_t sc[128], zr[128];
   memset(codes, 0, sizeof codes), memset(sc, 0, sizeof sc), memset(zr, 0, sizeof zr);
-  fill_outputs();
-  st = kivi_uniform_dequantize(ctx, codes, sc, zr, R, C, 0, 32, 2, o_f, 5);
-  expect_err(ctx, "dequant out_dtype", st, KIVI_ERR_ARG, ud, "out_dtype");
-  fill_outputs();
-  st = kivi_uniform_dequantize(ctx, codes, sc, NULL, R, C, 0, 32, 2, o_f, KIVI_F32);
-  expect_err(ctx, "dequant null zero", st, KIVI_ERR_ARG, ud, "zero");
-  fill_outputs();
-  st = kivi_uniform_dequantize(ctx, codes, sc, zr, R, C, 0, 128, 2, o_f, KIVI_F32);
-  expect_err(ctx, "dequant shape", st, KIVI_ERR_SHAPE, ud, "multiple of group");
+  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, zr, R, C, 0, 32, 2, o_f, 5), "dequant out_dtype", KIVI_ERR_ARG, ud, "out_dtype");
+  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, NULL, R, C, 0, 32, 2, o_f, KIVI_F32), "dequant null zero", KIVI_ERR_ARG, ud, "zero");
+  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, zr, R, C, 0, 128, 2, o_f, KIVI_F32), "dequant shape", KIVI_ERR_SHAPE, ud, "multiple of group");
 
   const char *cf = "kivi_codebook_fit";
-  fill_outputs();
-  st = kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 2, 10, 0, o_cent, o_i, o_inertia);
-  expect_err(ctx, "fit enum", st, KIVI_ERR_ARG, cf, "fit");
-  fill_outputs();
-  st = kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 0, 0, 0, o_cent, o_i, o_inertia);
-  expect_err(ctx, "max_iters 0", st, KIVI_ERR_ARG, cf, "max_iters");
-  fill_outputs();
-  st = kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 0, 257, 0, o_cent, o_i, o_inertia);
-  expect_err(ctx, "max_iters 257", st, KIVI_ERR_ARG, cf, "257");
+  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 2, 10, 0, o_cent, o_i, o_inertia), "fit enum", KIVI_ERR_ARG, cf, "fit");
+  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 0, 0, 0, o_cent, o_i, o_inertia), "max_iters 0", KIVI_ERR_ARG, cf, "max_iters");
+  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 0, 257, 0, o_cent, o_i, o_inertia), "max_iters 257", KIVI_ERR_ARG, cf, "257");
   x[4000] = -INFINITY;
-  fill_outputs();
-  st = kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, o_cent, o_i, o_inertia);
-  expect_err(ctx, "fit Inf", st, KIVI_ERR_NONFINITE, cf, "index 4000");
+  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, o_cent, o_i, o_inertia), "fit Inf", KIVI_ERR_NONFINITE, cf, "index 4000");
   fill_outputs();
   st = kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, KIVI_FLAG_TRUSTED, o_cent, o_i, o_inertia);
   CHECK(st == KIVI_OK, "trusted fit with Inf must not fail");
-  fill_outputs();
-  st = kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, 0, o_cent, o_codes);
-  expect_err(ctx, "encode Inf", st, KIVI_ERR_NONFINITE, "kivi_codebook_encode", "x must be finite");
+  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, 0, o_cent, o_codes), "encode Inf", KIVI_ERR_NONFINITE, "kivi_codebook_encode", "x must be finite");
   x[4000] = 1.0f;
-  fill_outputs();
-  st = kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 9, 0, o_cent, o_codes);
-  expect_err(ctx, "encode assign", st, KIVI_ERR_ARG, "kivi_codebook_encode", "assign");
-  fill_outputs();
-  st = kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, 0, NULL, o_codes);
-  expect_err(ctx, "encode null centroids", st, KIVI_ERR_ARG, "kivi_codebook_encode", "centroids");
+  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 9, 0, o_cent, o_codes), "encode assign", KIVI_ERR_ARG, "kivi_codebook_encode", "assign");
+  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, 0, NULL, o_codes), "encode null centroids", KIVI_ERR_ARG, "kivi_codebook_encode", "centroids");
 
   const char *cq = "kivi_codebook_quantize";
   static uint16_t cent[128 * 4];
@@ -544,46 +503,24 @@ static void test_errors(kivi_ctx_t ctx) {
         "valid codebook_quantize writes exactly its codes: %s", kivi_last_error());
   uint16_t keep = cent[77 * 4 + 2];
   cent[77 * 4 + 2] = kivi_f32_to_f16(-5.0f);
-  fill_outputs();
-  st = kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 0, 0, o_codes);
-  expect_err(ctx, "unsorted centroids", st, KIVI_ERR_ARG, cq, "group 77");
+  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 0, 0, o_codes), "unsorted centroids", KIVI_ERR_ARG, cq, "group 77");
   cent[77 * 4 + 2] = 0x7e00; /* NaN */
-  fill_outputs();
-  st = kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 1, 0, o_codes);
-  expect_err(ctx, "NaN centroid", st, KIVI_ERR_ARG, cq, "centroids must be finite");
+  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 1, 0, o_codes), "NaN centroid", KIVI_ERR_ARG, cq, "centroids must be finite");
   cent[77 * 4 + 2] = keep;
-  fill_outputs();
-  st = kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 2, 0, o_codes);
-  expect_err(ctx, "assign 2", st, KIVI_ERR_ARG, cq, "assign");
+  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 2, 0, o_codes), "assign 2", KIVI_ERR_ARG, cq, "assign");
 
-  fill_outputs();
-  st = kivi_codebook_dequantize(ctx, codes, cent, R, C, 0, 64, 4, NULL, KIVI_F32);
-  expect_err(ctx, "cb dequant null out", st, KIVI_ERR_ARG, "kivi_codebook_dequantize", "out");
-  fill_outputs();
-  st = kivi_stats_block(ctx, x, KIVI_F32, R, C, 0, 16, o_stats, o_nf);
-  expect_err(ctx, "stats group 16", st, KIVI_ERR_ARG, "kivi_stats_block", "group");
-  fill_outputs();
-  st = kivi_stats_block(ctx, x, KIVI_F32, R, 32, 1, 64, o_stats, o_nf);
-  expect_err(ctx, "stats shape", st, KIVI_ERR_SHAPE, "kivi_stats_block", "cols (32)");
+  TRY_ERR(kivi_codebook_dequantize(ctx, codes, cent, R, C, 0, 64, 4, NULL, KIVI_F32), "cb dequant null out", KIVI_ERR_ARG, "kivi_codebook_dequantize", "out");
+  TRY_ERR(kivi_stats_block(ctx, x, KIVI_F32, R, C, 0, 16, o_stats, o_nf), "stats group 16", KIVI_ERR_ARG, "kivi_stats_block", "group");
+  TRY_ERR(kivi_stats_block(ctx, x, KIVI_F32, R, 32, 1, 64, o_stats, o_nf), "stats shape", KIVI_ERR_SHAPE, "kivi_stats_block", "cols (32)");
 
   static uint8_t pc[64];
   for (int i = 0; i < 64; i++) pc[i] = (uint8_t)(i % 4);
   pc[37] = 4;
-  fill_outputs();
-  st = kivi_codes_pack(ctx, pc, 64, 2, o_words);
-  expect_err(ctx, "pack code 4", st, KIVI_ERR_ARG, "kivi_codes_pack", "codes[37]");
-  fill_outputs();
-  st = kivi_codes_pack(ctx, pc, 60, 4, o_words);
-  expect_err(ctx, "pack n % cpw", st, KIVI_ERR_SHAPE, "kivi_codes_pack", "n (60)");
-  fill_outputs();
-  st = kivi_codes_pack(ctx, pc, 0, 4, o_words);
-  expect_err(ctx, "pack n 0", st, KIVI_ERR_ARG, "kivi_codes_pack", "n");
-  fill_outputs();
-  st = kivi_codes_unpack(ctx, codes, 64, 8, o_u8);
-  expect_err(ctx, "unpack bits 8", st, KIVI_ERR_ARG, "kivi_codes_unpack", "bits");
-  fill_outputs();
-  st = kivi_codes_unpack(ctx, NULL, 64, 2, o_u8);
-  expect_err(ctx, "unpack null", st, KIVI_ERR_ARG, "kivi_codes_unpack", "words");
+  TRY_ERR(kivi_codes_pack(ctx, pc, 64, 2, o_words), "pack code 4", KIVI_ERR_ARG, "kivi_codes_pack", "codes[37]");
+  TRY_ERR(kivi_codes_pack(ctx, pc, 60, 4, o_words), "pack n % cpw", KIVI_ERR_SHAPE, "kivi_codes_pack", "n (60)");
+  TRY_ERR(kivi_codes_pack(ctx, pc, 0, 4, o_words), "pack n 0", KIVI_ERR_ARG, "kivi_codes_pack", "n");
+  TRY_ERR(kivi_codes_unpack(ctx, codes, 64, 8, o_u8), "unpack bits 8", KIVI_ERR_ARG, "kivi_codes_unpack", "bits");
+  TRY_ERR(kivi_codes_unpack(ctx, NULL, 64, 2, o_u8), "unpack null", KIVI_ERR_ARG, "kivi_codes_unpack", "words");
 }
 
 static void test_library(kivi_ctx_t ctx) {
@@ -630,21 +567,10 @@ static void test_library(kivi_ctx_t ctx) {
 }
 
 int main(int argc, char **argv) {
-  int quick = 0; /* --quick: the shapes of at most 8192 values only (for valgrind) */
-  g_seed = 20261128ull;
-  for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--quick"))
-      quick = 1;
-    else
-      g_seed = strtoull(argv[i], NULL, 10);
-  }
-  rng_state = g_seed;
-  printf("cpu_smoke seed %llu\n", (unsigned long long)g_seed);
-  kivi_ctx_t ctx;
-  if (kivi_ctx_create(0, &ctx) != KIVI_OK) {
-    printf("FAIL: ctx_create: %s\n", kivi_last_error());
-    return 1;
-  }
+  static const char *const flags[] = {"--quick"}; /* the shapes of at most 8192 values only (for valgrind) */
+  const int quick = harness_args(argc, argv, "cpu_smoke", 20261128ull, flags, 1) & 1;
+  kivi_ctx_t ctx = harness_ctx();
+  if (!ctx) return 1;
   test_library(ctx);
   test_pack(ctx);
   test_worked_example(ctx);
@@ -666,6 +592,5 @@ int main(int argc, char **argv) {
     }
   test_errors(ctx);
   kivi_ctx_destroy(ctx);
-  printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
-  return n_fail ? 1 : 0;
+  return check_summary();
 }

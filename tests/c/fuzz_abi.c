@@ -36,32 +36,11 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
-#include "test_rng.h"
+#include "harness.h"
 
 /* ---------------------------------------------------------------- harness ---------------- */
 
-static int n_pass, n_fail;
-static uint64_t g_seed;
-static int64_t g_iter;
-static const char *g_op = "";
-
-/* One check: counted, and the first 40 failures printed with where they happened. */
-static void check_at(int ok, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void check_at(int ok, int line, const char *fmt, ...) {
-  if (ok) {
-    n_pass++;
-    return;
-  }
-  if (++n_fail > 40) return;
-  printf("FAIL fuzz_abi.c:%d (seed %llu, iteration %lld, %s): ", line, (unsigned long long)g_seed, (long long)g_iter,
-         g_op);
-  va_list ap;
-  va_start(ap, fmt);
-  vprintf(fmt, ap);
-  va_end(ap);
-  printf("\n");
-}
-#define CHECK(cond, ...) check_at((cond) != 0, __LINE__, __VA_ARGS__)
+/* The check harness is harness.h's; g_where names the export being called. */
 
 /* A set of statuses: bit -st. */
 typedef uint32_t stset;
@@ -161,7 +140,7 @@ static void check_status(kivi_ctx_t ctx, kivi_status st, stset want) {
   CHECK(want & S(st), "returned %s (%d); expected one of mask 0x%x", kivi_status_str(st), (int)st, (unsigned)want);
   if (st == KIVI_OK) return;
   const char *msg = kivi_last_error();
-  CHECK(msg && strstr(msg, g_op), "kivi_last_error() must name %s, got \"%s\"", g_op, msg ? msg : "(null)");
+  CHECK(msg && strstr(msg, g_where), "kivi_last_error() must name %s, got \"%s\"", g_where, msg ? msg : "(null)");
   if (ctx) CHECK(strcmp(kivi_ctx_last_error(ctx), msg) == 0, "kivi_ctx_last_error differs from kivi_last_error");
   size_t i = 0;
   while (i < used_hi && arena[i] == shadow[i]) i++;
@@ -177,7 +156,7 @@ static int g_timer_started;
 static kivi_ctx_t gen_ctx(void) { return chance(P_BAD) ? NULL : g_ctx; }
 
 static void fuzz_library(void) {
-  g_op = "library";
+  g_where = "library";
   CHECK(kivi_abi_version() == KIVI_ABI_VERSION, "kivi_abi_version");
   CHECK(kivi_backend_kind() == 0, "kivi_backend_kind of the CPU build");
   const int32_t code = chance(0.5) ? (int32_t)irange(-12, 2) : (int32_t)rng_next();
@@ -192,7 +171,7 @@ static void fuzz_library(void) {
   fill_canary(&r[0]);
   snapshot();
   const int null = chance(0.3);
-  g_op = "kivi_device_count";
+  g_where = "kivi_device_count";
   kivi_status st = kivi_device_count(null ? NULL : (int32_t *)at(&r[0]));
   check_status(NULL, st, null ? S(KIVI_ERR_ARG) : S_OK);
   if (!st) CHECK(*(int32_t *)at(&r[0]) == 1, "the CPU build has one device");
@@ -205,13 +184,13 @@ static void fuzz_ctx(void) {
   snapshot();
   switch (irange(0, 6)) {
     case 6: {
-      g_op = "kivi_debug_fault"; /* test only: the CPU build has no device to fault */
+      g_where = "kivi_debug_fault"; /* test only: the CPU build has no device to fault */
       kivi_ctx_t ctx = gen_ctx();
       check_status(ctx, kivi_debug_fault(ctx), ctx ? S(KIVI_ERR_NO_DEVICE) : S(KIVI_ERR_ARG));
       break;
     }
     case 0: {
-      g_op = "kivi_ctx_create";
+      g_where = "kivi_ctx_create";
       static const int32_t devs[] = {0, 0, 0, 1, -1, 7, INT32_MIN, INT32_MAX};
       const int32_t dev = pick32(devs, 8);
       const int null = chance(0.2);
@@ -222,12 +201,12 @@ static void fuzz_ctx(void) {
         kivi_ctx_t c = *(kivi_ctx_t *)at(&r[0]);
         CHECK(kivi_ctx_destroy(c) == KIVI_OK, "kivi_ctx_destroy");
       }
-      g_op = "kivi_ctx_destroy";
+      g_where = "kivi_ctx_destroy";
       CHECK(kivi_ctx_destroy(NULL) == KIVI_OK, "kivi_ctx_destroy(NULL) is a no-op");
       break;
     }
     case 1: {
-      g_op = "kivi_ctx_device_name";
+      g_where = "kivi_ctx_device_name";
       static const int32_t bad[] = {0, -1, INT32_MIN};
       kivi_ctx_t ctx = gen_ctx();
       char *name = chance(P_BAD) ? NULL : (char *)at(&r[0]);
@@ -242,14 +221,14 @@ static void fuzz_ctx(void) {
       break;
     }
     case 2:
-      g_op = "kivi_ctx_synchronize";
+      g_where = "kivi_ctx_synchronize";
       {
         kivi_ctx_t ctx = gen_ctx();
         check_status(ctx, kivi_ctx_synchronize(ctx), ctx ? S_OK : S(KIVI_ERR_ARG));
       }
       break;
     case 3: {
-      g_op = "kivi_ctx_query";
+      g_where = "kivi_ctx_query";
       kivi_ctx_t ctx = gen_ctx();
       int32_t *done = chance(P_BAD) ? NULL : (int32_t *)at(&r[0]);
       kivi_status st = kivi_ctx_query(ctx, done);
@@ -258,7 +237,7 @@ static void fuzz_ctx(void) {
       break;
     }
     case 4: {
-      g_op = "kivi_timer_start";
+      g_where = "kivi_timer_start";
       kivi_ctx_t ctx = gen_ctx();
       kivi_status st = kivi_timer_start(ctx);
       check_status(ctx, st, ctx ? S_OK : S(KIVI_ERR_ARG));
@@ -266,7 +245,7 @@ static void fuzz_ctx(void) {
       break;
     }
     default: {
-      g_op = "kivi_timer_stop";
+      g_where = "kivi_timer_stop";
       kivi_ctx_t ctx = gen_ctx();
       float *ms = chance(P_BAD) ? NULL : (float *)at(&r[0]);
       stset want = (!ctx || !ms) ? S(KIVI_ERR_ARG) : (g_timer_started ? S_OK : S(KIVI_ERR_STATE));
@@ -296,7 +275,7 @@ static void fuzz_mem(void) {
   kivi_ctx_t ctx = gen_ctx();
   switch (irange(0, 5)) {
     case 0: {
-      g_op = "kivi_mem_alloc";
+      g_where = "kivi_mem_alloc";
       const int slot = (int)irange(0, MAX_ALLOCS - 1);
       void **out = chance(P_BAD) ? NULL : (void **)at(&r[2]);
       uint64_t bytes = (uint64_t)irange(1, 100000);
@@ -315,7 +294,7 @@ static void fuzz_mem(void) {
       break;
     }
     case 1: {
-      g_op = "kivi_mem_free";
+      g_where = "kivi_mem_free";
       const int slot = (int)irange(0, MAX_ALLOCS - 1);
       void *p = chance(0.2) ? NULL : g_allocs[slot];
       if (!ctx && p) ctx = g_ctx; /* a NULL ctx would leak it: tested with p == NULL only */
@@ -328,7 +307,7 @@ static void fuzz_mem(void) {
     case 3: {
       static const char *ops[] = {"kivi_mem_upload", "kivi_mem_download", "kivi_mem_copy"};
       const int which = (int)irange(0, 2);
-      g_op = ops[which];
+      g_where = ops[which];
       void *dst = chance(P_BAD) ? NULL : at(&r[1]);
       const void *src = chance(P_BAD) ? NULL : at(&r[0]);
       uint64_t bytes = (uint64_t)irange(0, 4096);
@@ -340,13 +319,13 @@ static void fuzz_mem(void) {
       check_status(ctx, st, valid ? S_OK : S(KIVI_ERR_ARG));
       if (!st && bytes) {
         /* memmove semantics even when the two overlap */
-        CHECK(memcmp(at(&r[1]), shadow + r[0].off, (size_t)bytes) == 0, "%s copied %llu bytes", g_op,
+        CHECK(memcmp(at(&r[1]), shadow + r[0].off, (size_t)bytes) == 0, "%s copied %llu bytes", g_where,
               (unsigned long long)bytes);
       }
       break;
     }
     case 4: {
-      g_op = "kivi_mem_info";
+      g_where = "kivi_mem_info";
       uint64_t *f = chance(P_BAD) ? NULL : (uint64_t *)at(&r[2]);
       uint64_t *t = chance(P_BAD) ? NULL : (uint64_t *)at(&r[2]) + 1;
       kivi_status st = kivi_mem_info(ctx, f, t);
@@ -355,7 +334,7 @@ static void fuzz_mem(void) {
       break;
     }
     default: {
-      g_op = "kivi_bench_copy";
+      g_where = "kivi_bench_copy";
       double *gbps = chance(P_BAD) ? NULL : (double *)at(&r[2]);
       uint64_t bytes = (uint64_t)irange(1, 4096);
       int32_t iters = (int32_t)irange(1, 3);
@@ -474,6 +453,19 @@ static int fill_centroids(const region *r, int64_t groups, int32_t n, int bad) {
   return 1;
 }
 
+/* Lays out the regions of a quantizer call (layout; 0 when they do not fit), fills the outputs r[1..n)
+   with canaries and, for a well-formed call, the input r[0] with data, now and then a NaN / Inf
+   (*nonfinite set) or a value beyond fp16. */
+static int quant_regions(region *r, int n, int overlap, int wellformed, kivi_dtype dt, int64_t elems, int *nonfinite) {
+  if (!layout(r, n, overlap)) return 0;
+  for (int i = 1; i < n; i++) fill_canary(&r[i]);
+  if (!wellformed || !dtype_ok(dt)) return 1;
+  fill_data(&r[0], dt, elems);
+  if (!overlap && chance(0.15)) *nonfinite = poison(&r[0], dt, elems);
+  if (!overlap && chance(0.05)) poison_big(&r[0], dt, elems);
+  return 1;
+}
+
 static void fuzz_quant(void) {
   const int op = (int)irange(0, 8);
   const int need_bits = op != 0;
@@ -496,7 +488,7 @@ static void fuzz_quant(void) {
   stset want;
   switch (op) {
     case 0: { /* stats: x, stats, nonfinite */
-      g_op = "kivi_stats_block";
+      g_where = "kivi_stats_block";
       region r[3] = {{0, xb}, {0, (size_t)z.groups * 16}, {0, (size_t)z.groups * 4}};
       if (!layout(r, 3, overlap)) return;
       fill_canary(&r[1]), fill_canary(&r[2]);
@@ -513,15 +505,9 @@ static void fuzz_quant(void) {
     }
     case 1:   /* uniform quantize: x, codes, scale, zero */
     case 2: { /* codebook encode: x, centroids, codes */
-      g_op = op == 1 ? "kivi_uniform_quantize" : "kivi_codebook_encode";
+      g_where = op == 1 ? "kivi_uniform_quantize" : "kivi_codebook_encode";
       region r[4] = {{0, xb}, {0, (size_t)z.words * 4}, {0, (size_t)z.groups * 2}, {0, (size_t)z.cents * 2}};
-      if (!layout(r, 4, overlap)) return;
-      for (int i = 1; i < 4; i++) fill_canary(&r[i]);
-      if (!e && dtype_ok(m.dtype)) {
-        fill_data(&r[0], m.dtype, z.elems);
-        if (!overlap && chance(0.15)) nonfinite = poison(&r[0], m.dtype, z.elems);
-        if (!overlap && chance(0.05)) poison_big(&r[0], m.dtype, z.elems);
-      }
+      if (!quant_regions(r, 4, overlap, !e, m.dtype, z.elems, &nonfinite)) return;
       void *x = maybe_null(&r[0]), *codes = maybe_null(&r[1]), *p1 = maybe_null(&r[2]), *p2 = maybe_null(&r[3]);
       if (!flags_ok(flags) || !x || !codes || !p2 || (op == 1 && !p1)) e |= S(KIVI_ERR_ARG);
       const kivi_fit fit = chance(P_BAD) ? pick32(bad_enum, 5) : (kivi_fit)irange(0, 1);
@@ -539,18 +525,12 @@ static void fuzz_quant(void) {
       break;
     }
     case 3: { /* codebook fit: x, centroids, iters (may be NULL), inertia (may be NULL) */
-      g_op = "kivi_codebook_fit";
+      g_where = "kivi_codebook_fit";
       const kivi_fit fit = chance(P_BAD) ? pick32(bad_enum, 5) : (kivi_fit)irange(0, 1);
       const int32_t iters = chance(P_BAD) ? (chance(0.5) ? -1 : 1000) : (int32_t)irange(1, 12);
       const int64_t it_ok = iters >= 1 && iters <= 256 ? iters : 1;
       region r[4] = {{0, xb}, {0, (size_t)z.cents * 2}, {0, (size_t)z.groups * 4}, {0, (size_t)(z.groups * (it_ok + 1) * 4)}};
-      if (!layout(r, 4, overlap)) return;
-      for (int i = 1; i < 4; i++) fill_canary(&r[i]);
-      if (!e && dtype_ok(m.dtype)) {
-        fill_data(&r[0], m.dtype, z.elems);
-        if (!overlap && chance(0.15)) nonfinite = poison(&r[0], m.dtype, z.elems);
-        if (!overlap && chance(0.05)) poison_big(&r[0], m.dtype, z.elems);
-      }
+      if (!quant_regions(r, 4, overlap, !e, m.dtype, z.elems, &nonfinite)) return;
       void *x = maybe_null(&r[0]), *c = maybe_null(&r[1]);
       void *itp = chance(0.3) ? NULL : at(&r[2]), *inp = chance(0.3) ? NULL : at(&r[3]);
       if (!flags_ok(flags) || !x || !c || fit < 0 || fit > 1 || iters < 1 || iters > 256) e |= S(KIVI_ERR_ARG);
@@ -566,7 +546,7 @@ static void fuzz_quant(void) {
       break;
     }
     case 4: { /* codebook quantize: x, centroids, codes */
-      g_op = "kivi_codebook_quantize";
+      g_where = "kivi_codebook_quantize";
       const kivi_assign asg = chance(P_BAD) ? pick32(bad_enum, 5) : (kivi_assign)irange(0, 1);
       region r[3] = {{0, xb}, {0, (size_t)z.cents * 2}, {0, (size_t)z.words * 4}};
       if (!layout(r, 3, overlap)) return;
@@ -589,7 +569,7 @@ static void fuzz_quant(void) {
     }
     case 5:   /* uniform dequantize: codes, scale, zero, out */
     case 6: { /* codebook dequantize: codes, centroids, out */
-      g_op = op == 5 ? "kivi_uniform_dequantize" : "kivi_codebook_dequantize";
+      g_where = op == 5 ? "kivi_uniform_dequantize" : "kivi_codebook_dequantize";
       region r[4] = {{0, (size_t)z.words * 4}, {0, (size_t)z.cents * 2}, {0, (size_t)z.groups * 2}, {0, xb}};
       if (!layout(r, 4, overlap)) return;
       fill_canary(&r[3]);
@@ -607,7 +587,7 @@ static void fuzz_quant(void) {
       break;
     }
     default: { /* pack (7) / unpack (8): n codes, n / cpw words */
-      g_op = op == 7 ? "kivi_codes_pack" : "kivi_codes_unpack";
+      g_where = op == 7 ? "kivi_codes_pack" : "kivi_codes_unpack";
       static const int64_t bad_n[] = {0, -1, -16, INT64_MIN, INT64_MAX, (int64_t)1 << 40};
       int64_t n = 16 * irange(1, 256);
       if (chance(P_BAD)) n = chance(0.5) ? pick64(bad_n, 6) : n + irange(1, 7);
@@ -764,7 +744,7 @@ static stset seq_errors(const fcache *c, int32_t s) {
 }
 
 static void fuzz_cache_create(void) {
-  g_op = "kivi_cache_create";
+  g_where = "kivi_cache_create";
   region r[2] = {{0, KIVI_CFG_FIELDS * 4}, {0, 8}};
   layout(r, 2, 0);
   int32_t *a = (int32_t *)at(&r[0]);
@@ -805,7 +785,7 @@ static void fuzz_cache_create(void) {
 }
 
 static void fuzz_append(fcache *c) {
-  g_op = "kivi_cache_append";
+  g_where = "kivi_cache_append";
   const int32_t s = gen_seq(c), L = c->cfg.layers;
   int32_t layer = (int32_t)irange(-1, L - 1);
   if (chance(P_BAD)) layer = chance(0.5) ? L : (chance(0.5) ? -2 : INT32_MIN);
@@ -871,7 +851,7 @@ static void fuzz_append(fcache *c) {
  * ids, and this case keeps it so.
  */
 static void fuzz_attend(fcache *c, int bench) {
-  g_op = bench ? "kivi_cache_bench_attend" : "kivi_cache_attend";
+  g_where = bench ? "kivi_cache_bench_attend" : "kivi_cache_attend";
   const int32_t L = c->cfg.layers, QH = c->cfg.q_heads, D = c->cfg.head_dim;
   int32_t layer = (int32_t)irange(0, L - 1);
   if (chance(P_BAD)) layer = chance(0.5) ? -1 : L;
@@ -921,7 +901,7 @@ static void fuzz_attend(fcache *c, int bench) {
   kivi_status st = bench ? kivi_cache_bench_attend(c->h, layer, sp, batch, q, qd, scale, out, od, iters, ms)
                          : kivi_cache_attend(c->h, layer, sp, batch, q, qd, scale, flags, out, od);
   /* bench_attend's warm-up names kivi_cache_attend in its messages */
-  if (bench && st && strstr(kivi_last_error(), "kivi_cache_attend")) g_op = "kivi_cache_attend";
+  if (bench && st && strstr(kivi_last_error(), "kivi_cache_attend")) g_where = "kivi_cache_attend";
   check_status(g_ctx, st, want);
   const int aliased = r[2].off < r[1].off + r[1].bytes && r[1].off < r[2].off + r[2].bytes;
   if (st == KIVI_OK && !aliased && !nonfinite && !c->tainted) {
@@ -942,7 +922,7 @@ static void fuzz_cache_misc(fcache *c) {
   region r[3] = {{0, 256}, {0, 256}, {0, 256}};
   switch (irange(0, 5)) {
     case 0: {
-      g_op = "kivi_cache_seq_create";
+      g_where = "kivi_cache_seq_create";
       layout(r, 1, 0);
       fill_canary(&r[0]);
       int32_t *out = maybe_null(&r[0]);
@@ -964,7 +944,7 @@ static void fuzz_cache_misc(fcache *c) {
       break;
     }
     case 1: {
-      g_op = "kivi_cache_seq_free";
+      g_where = "kivi_cache_seq_free";
       layout(r, 1, 0);
       snapshot();
       kivi_status st = kivi_cache_seq_free(c->h, s);
@@ -978,7 +958,7 @@ static void fuzz_cache_misc(fcache *c) {
       break;
     }
     case 2: {
-      g_op = "kivi_cache_seq_length";
+      g_where = "kivi_cache_seq_length";
       int32_t layer = (int32_t)irange(0, L - 1);
       if (chance(P_BAD)) layer = chance(0.5) ? -1 : L;
       layout(r, 2, chance(0.3));
@@ -990,7 +970,7 @@ static void fuzz_cache_misc(fcache *c) {
       break;
     }
     case 3: {
-      g_op = "kivi_cache_seq_pages";
+      g_where = "kivi_cache_seq_pages";
       static const int32_t bad[] = {-1, INT32_MIN};
       int32_t cap = (int32_t)irange(0, 64);
       if (chance(P_BAD)) cap = pick32(bad, 2);
@@ -1012,7 +992,7 @@ static void fuzz_cache_misc(fcache *c) {
       break;
     }
     case 4: {
-      g_op = "kivi_cache_read";
+      g_where = "kivi_cache_read";
       int32_t layer = (int32_t)irange(0, L - 1);
       if (chance(P_BAD)) layer = chance(0.5) ? -1 : L;
       const kivi_dtype dt = gen_dtype();
@@ -1028,7 +1008,7 @@ static void fuzz_cache_misc(fcache *c) {
       break;
     }
     default: {
-      g_op = "kivi_cache_memory";
+      g_where = "kivi_cache_memory";
       static const int32_t bad[] = {0, -1, INT32_MIN};
       int32_t n = chance(0.5) ? (int32_t)irange(1, KIVI_MEM_FIELDS) : (chance(0.5) ? INT32_MAX : KIVI_MEM_FIELDS + 3);
       if (chance(P_BAD)) n = pick32(bad, 3);
@@ -1058,7 +1038,7 @@ static void fuzz_cache_misc(fcache *c) {
  * arena layout, so the batch is destroyed before the call ends.
  */
 static void fuzz_batch(fcache *c) {
-  g_op = "kivi_batch_create";
+  g_where = "kivi_batch_create";
   const int32_t L = c->cfg.layers, QH = c->cfg.q_heads, D = c->cfg.head_dim, H = c->cfg.kv_heads;
   int32_t live = 0;
   for (int32_t i = 0; i < c->cfg.max_seqs; i++) live += c->live[i];
@@ -1121,7 +1101,7 @@ static void fuzz_batch(fcache *c) {
     if (chance(P_BAD)) layer = chance(0.5) ? -1 : L;
     const int what = (int)irange(0, 3);
     if (what == 3) { /* kivi_batch_status */
-      g_op = "kivi_batch_status";
+      g_where = "kivi_batch_status";
       int64_t rep[KIVI_REPORT_FIELDS];
       uint8_t bad[MAX_S];
       snapshot();
@@ -1134,7 +1114,7 @@ static void fuzz_batch(fcache *c) {
     }
     stset ce = (layer < 0 || layer >= L) ? S(KIVI_ERR_ARG) : 0;
     if (what == 0) { /* attend */
-      g_op = "kivi_batch_attend";
+      g_where = "kivi_batch_attend";
       if (!q) ce |= S(KIVI_ERR_STATE);
       for (int32_t b = 0; b < nb && !ce; b++)
         if (!c->live[seqs[b]] || c->len[seqs[b]][layer] < 1) ce |= S(KIVI_ERR_STATE);
@@ -1156,7 +1136,7 @@ static void fuzz_batch(fcache *c) {
       }
       if (q && dtype_ok(qd)) fill_data(&r[1], qd, qe); /* finite again */
     } else { /* append, or a sequence freed behind the batch's back first */
-      g_op = "kivi_batch_append";
+      g_where = "kivi_batch_append";
       if (what == 2 && chance(0.3)) {
         const int32_t s = seqs[irange(0, nb - 1)];
         if (c->live[s] && kivi_cache_seq_free(c->h, s) == KIVI_OK) {
@@ -1212,7 +1192,7 @@ static void fuzz_batch(fcache *c) {
     }
     check_model(c);
   }
-  g_op = "kivi_batch_destroy";
+  g_where = "kivi_batch_destroy";
   CHECK(kivi_batch_destroy(bh) == KIVI_OK && kivi_batch_destroy(NULL) == KIVI_OK, "kivi_batch_destroy");
 }
 
@@ -1223,13 +1203,13 @@ static void fuzz_cache(void) {
     return;
   }
   if (chance(0.01)) {
-    g_op = "kivi_cache_destroy";
+    g_where = "kivi_cache_destroy";
     CHECK(kivi_cache_destroy(c->h) == KIVI_OK && kivi_cache_destroy(NULL) == KIVI_OK, "kivi_cache_destroy");
     memset(c, 0, sizeof *c);
     return;
   }
   if (chance(0.03)) { /* every cache export with a NULL cache */
-    g_op = "NULL cache";
+    g_where = "NULL cache";
     int32_t i32 = 0, seqs[1] = {0};
     int64_t a = 0, b = 0;
     uint64_t rep[KIVI_MEM_FIELDS];
@@ -1437,6 +1417,5 @@ int main(int argc, char **argv) {
          "model ops %lld; %lld batches made, %lld deferred errors read)\n",
          (unsigned long long)g_seed, (long long)g_iter, (long long)calls[0], (long long)calls[1], (long long)calls[2],
          (long long)calls[3], (long long)calls[4], (long long)calls[5], (long long)g_batches, (long long)g_deferred);
-  printf("%s: %d passed, %d failed\n", n_fail ? "FAIL" : "PASS", n_pass, n_fail);
-  return n_fail ? 1 : 0;
+  return check_summary();
 }

@@ -26,15 +26,19 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
+#include "harness.h"
 
 /* ---------------------------------------------------------------- the two libraries ------ */
 
+/* clang-format rewraps this X-macro list differently on every pass: */
+/* clang-format off */
 #define KV_FNS(X)                                                                                                  \
   X(abi_version) X(backend_kind) X(status_str) X(last_error) X(device_count) X(ctx_create) X(ctx_destroy)           \
   X(ctx_last_error) X(ctx_device_name) X(ctx_synchronize) X(ctx_query) X(mem_alloc) X(mem_free) X(mem_upload)      \
   X(mem_download) X(mem_copy) X(mem_info) X(timer_start) X(timer_stop) X(bench_copy) X(stats_block)                 \
   X(uniform_quantize) X(uniform_dequantize) X(codebook_fit) X(codebook_quantize) X(codebook_encode)                \
   X(codebook_dequantize) X(codes_pack) X(codes_unpack)
+/* clang-format on */
 
 typedef struct lib {
   const char *name;
@@ -48,11 +52,7 @@ typedef struct lib {
 static int lib_open(lib *L, const char *name, const char *path) {
   memset(L, 0, sizeof *L);
   L->name = name;
-  L->h = dlopen(path, RTLD_LOCAL | RTLD_NOW);
-  if (!L->h) {
-    fprintf(stderr, "FAIL dlopen %s: %s\n", path, dlerror());
-    return -1;
-  }
+  if (!(L->h = harness_dlopen(path))) return -1;
 #define KV_SYM(n)                                                          \
   *(void **)&L->n = dlsym(L->h, "kivi_" #n);                               \
   if (!L->n) {                                                             \
@@ -71,8 +71,6 @@ static int lib_open(lib *L, const char *name, const char *path) {
 
 /* ---------------------------------------------------------------- reporting -------------- */
 
-static int n_fail = 0, n_pass = 0;
-static uint64_t g_seed = 12345;
 
 static void fail(const char *fmt, ...) {
   va_list ap;
@@ -105,17 +103,9 @@ static void pass(const char *fmt, ...) {
 
 /* ---------------------------------------------------------------- data ------------------- */
 
-static uint64_t rng_state;
-static uint64_t xs(void) {
-  rng_state ^= rng_state >> 12;
-  rng_state ^= rng_state << 25;
-  rng_state ^= rng_state >> 27;
-  return rng_state * 2685821657736338717ull;
-}
-static float urand(void) { return (float)((xs() >> 40) * (1.0 / 16777216.0)); } /* [0, 1) */
+static float urand(void) { return (float)((rng_next() >> 40) * (1.0 / 16777216.0)); } /* [0, 1) */
 static float nrand(void) { return urand() + urand() + urand() + urand() - 2.0f; }
 
-static size_t dsize(kivi_dtype dt) { return dt == KIVI_F32 ? 4 : 2; }
 static const char *dname(kivi_dtype dt) { return dt == KIVI_F32 ? "f32" : (dt == KIVI_F16 ? "f16" : "bf16"); }
 static const char *aname(kivi_axis a) { return a == KIVI_AXIS_TOKEN ? "token" : "channel"; }
 
@@ -182,6 +172,11 @@ static void buf_free(lib *C, lib *G, buf *b) {
   if (b->cpu) C->mem_free(C->ctx, b->cpu);
   if (b->gpu) G->mem_free(G->ctx, b->gpu);
   b->cpu = b->gpu = NULL;
+}
+
+/* buf_free of each buffer of a NULL-ended list. */
+static void bufs_free(lib *C, lib *G, buf *const *list) {
+  for (; *list; list++) buf_free(C, G, *list);
 }
 /* The GPU side's contents in a malloc'd host copy. */
 static void *buf_get(lib *G, const buf *b) {
@@ -387,17 +382,7 @@ out:
   free(h2);
   free(h3);
   free(x);
-  buf_free(C, G, &bx);
-  buf_free(C, G, &bcodes);
-  buf_free(C, G, &bscale);
-  buf_free(C, G, &bzero);
-  buf_free(C, G, &bout);
-  buf_free(C, G, &bstats);
-  buf_free(C, G, &bnf);
-  buf_free(C, G, &bcent);
-  buf_free(C, G, &bcodes2);
-  buf_free(C, G, &biters);
-  buf_free(C, G, &binert);
+  bufs_free(C, G, (buf *const[]){&bx, &bcodes, &bscale, &bzero, &bout, &bstats, &bnf, &bcent, &bcodes2, &biters, &binert, NULL});
 }
 
 /* ---------------------------------------------------------------- misaligned pointers ---- */
@@ -440,12 +425,12 @@ static void run_boundary(lib *C, lib *G) {
             float *z = malloc((size_t)groups * sizeof *z), *sc = malloc((size_t)groups * sizeof *sc);
             for (int64_t g = 0; g < groups; g++) {
               const int nk = trusted ? (dt == KIVI_BF16 ? 10 : 8) : 6;
-              kind[g] = (int)(xs() % (uint64_t)nk);
+              kind[g] = (int)(rng_next() % (uint64_t)nk);
               float base, range;
               const float S = 0.1f + 4.0f * urand();
               switch (kind[g]) {
                 case 0: base = 2.0f * nrand(); range = 0.5f + 3.0f * urand(); break;
-                case 1: base = (xs() & 1 ? 1.0f : -1.0f) * (900.0f + 200.0f * urand()); range = 1.0f + 7.0f * urand(); break;
+                case 1: base = (rng_next() & 1 ? 1.0f : -1.0f) * (900.0f + 200.0f * urand()); range = 1.0f + 7.0f * urand(); break;
                 case 2: base = -2e-5f * urand(); range = 1e-6f + 4e-5f * urand(); break;
                 case 3: base = -0.5f * (float)top * S; range = (float)top * S; break; /* a boundary at 0 */
                 case 4: base = nrand(); range = 0.0f; break;                            /* constant */
@@ -456,14 +441,14 @@ static void run_boundary(lib *C, lib *G) {
                 default: base = -9e4f - 1e4f * urand(); range = 5e4f; break;            /* z = -Inf */
               }
               lo[g] = to16(dt, base);
-              hi[g] = kind[g] == 5 ? step16(lo[g], 1 + (int)(xs() % 4)) : to16(dt, base + range);
+              hi[g] = kind[g] == 5 ? step16(lo[g], 1 + (int)(rng_next() % 4)) : to16(dt, base + range);
               if (from16(dt, hi[g]) < from16(dt, lo[g])) hi[g] = lo[g];
               uint16_t sh, zh;
               kivi_uniform_params(from16(dt, lo[g]), from16(dt, hi[g]), bits, &sh, &zh);
               sc[g] = kivi_f16_to_f32(sh);
               z[g] = kivi_f16_to_f32(zh);
-              p0[g] = (int)(xs() % (uint64_t)group);
-              p1[g] = (p0[g] + 1 + (int)(xs() % (uint64_t)(group - 1))) % group;
+              p0[g] = (int)(rng_next() % (uint64_t)group);
+              p1[g] = (p0[g] + 1 + (int)(rng_next() % (uint64_t)(group - 1))) % group;
             }
             for (int64_t r = 0; r < rows; r++)
               for (int64_t c = 0; c < cols; c++) {
@@ -474,9 +459,9 @@ static void run_boundary(lib *C, lib *G) {
                 else if (i == p1[g]) h = kind[g] == 7 ? to16(dt, INFINITY) : hi[g];
                 else if (kind[g] == 4) h = lo[g];
                 else {
-                  const int k = 1 + (int)(xs() % (uint64_t)top);
+                  const int k = 1 + (int)(rng_next() % (uint64_t)top);
                   const float b = z[g] + ((float)k - 0.5f) * sc[g];
-                  h = step16(to16(dt, b), (int)(xs() % 7) - 3);
+                  h = step16(to16(dt, b), (int)(rng_next() % 7) - 3);
                   const float v = from16(dt, h);
                   if (!(v >= from16(dt, lo[g]))) h = lo[g]; /* keep the group's min and max */
                   else if (!(v <= from16(dt, hi[g]))) h = hi[g];
@@ -495,10 +480,7 @@ static void run_boundary(lib *C, lib *G) {
             same_bits(G, &bz, "zero", tag);
             if (n_fail == fails0) pass("%s", tag);
           out:
-            buf_free(C, G, &bx);
-            buf_free(C, G, &bc);
-            buf_free(C, G, &bs);
-            buf_free(C, G, &bz);
+            bufs_free(C, G, (buf *const[]){&bx, &bc, &bs, &bz, NULL});
             free(kind), free(p0), free(p1), free(lo), free(hi), free(x), free(z), free(sc);
           }
 }
@@ -539,12 +521,7 @@ static void run_unaligned(lib *C, lib *G) {
     out:
       free(x);
       free(xs1);
-      buf_free(C, G, &bx);
-      buf_free(C, G, &bc);
-      buf_free(C, G, &bs);
-      buf_free(C, G, &bz);
-      buf_free(C, G, &bo);
-      buf_free(C, G, &bcent);
+      bufs_free(C, G, (buf *const[]){&bx, &bc, &bs, &bz, &bo, &bcent, NULL});
     }
 }
 
@@ -561,7 +538,7 @@ static void run_pack(lib *C, lib *G) {
         snprintf(tag, sizeof tag, "pack/unpack n=%lld bits=%d%s", (long long)n, bits, off ? " unaligned" : "");
         const int fails0 = n_fail;
         uint8_t *q = (uint8_t *)malloc((size_t)n + 1);
-        for (int64_t i = 0; i <= n; i++) q[i] = (uint8_t)(xs() & ((1u << bits) - 1));
+        for (int64_t i = 0; i <= n; i++) q[i] = (uint8_t)(rng_next() & ((1u << bits) - 1));
         buf bq = {0}, bw = {0}, bu = {0};
         void *h = NULL;
         if (buf_new(C, G, &bq, (size_t)n + 1, q, 0) || buf_new(C, G, &bw, (size_t)(n / cpw) * 4, NULL, 0x11) ||
@@ -592,9 +569,7 @@ static void run_pack(lib *C, lib *G) {
         if (n_fail == fails0) pass("%s", tag);
       out:
         free(q);
-        buf_free(C, G, &bq);
-        buf_free(C, G, &bw);
-        buf_free(C, G, &bu);
+        bufs_free(C, G, (buf *const[]){&bq, &bw, &bu, NULL});
       }
 }
 
@@ -736,11 +711,7 @@ static void run_errors(lib *C, lib *G) {
   }
 out:
   free(x);
-  buf_free(C, G, &bx);
-  buf_free(C, G, &bc);
-  buf_free(C, G, &bs);
-  buf_free(C, G, &bz);
-  buf_free(C, G, &bcent);
+  bufs_free(C, G, (buf *const[]){&bx, &bc, &bs, &bz, &bcent, NULL});
 }
 
 /* ---------------------------------------------------------------- bench ------------------ */
@@ -828,7 +799,7 @@ int main(int argc, char **argv) {
   const char *cpu_path = getenv("KIVI_CPU_LIB") ? getenv("KIVI_CPU_LIB") : "build/libkivi_cpu.so";
   const char *gpu_path = getenv("KIVI_CUDA_LIB") ? getenv("KIVI_CUDA_LIB") : "build/libkivi_cuda.so";
   const int is_bench = argc > 1 && !strcmp(argv[1], "bench");
-  if (argc > 1 && !is_bench) g_seed = strtoull(argv[1], NULL, 10);
+  g_seed = argc > 1 && !is_bench ? strtoull(argv[1], NULL, 10) : 12345;
   rng_state = g_seed * 0x9E3779B97F4A7C15ull + 1;
 
   lib C, G;
