@@ -85,7 +85,16 @@ export class BuildError extends Error {
 const ROOT = path.dirname(fileURLToPath(import.meta.url));
 const SELF = path.basename(fileURLToPath(import.meta.url));
 
-const CPU_FLAGS = ["-std=c11", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra"];
+const CPU_FLAGS = [
+  "-std=c11",
+  "-O3",
+  "-march=native",
+  "-fPIC",
+  "-shared",
+  "-fvisibility=hidden",
+  "-Wall",
+  "-Wextra",
+];
 const ASAN_FLAGS = [
   "-std=c11",
   "-O1",
@@ -143,7 +152,12 @@ function mtime(root: string, file: string): number | undefined {
 }
 
 /** Undefined when `output` is newer than every input, else the reason to rebuild it. */
-function staleReason(root: string, output: string, inputs: string[], force: boolean): string | undefined {
+function staleReason(
+  root: string,
+  output: string,
+  inputs: string[],
+  force: boolean,
+): string | undefined {
   if (force) return "--force";
   const out = mtime(root, output);
   if (out === undefined) return `no ${output} yet`;
@@ -232,17 +246,28 @@ export function decideCuda(
   env: Record<string, string | undefined> = process.env,
   probe: DeviceProbe = {},
 ): CudaDecision {
-  if (opts.cuda !== undefined) return { build: opts.cuda, asked: opts.cuda, why: opts.cuda ? "asked for (--cuda)" : "--cpu-only" };
+  if (opts.cuda !== undefined) {
+    return {
+      build: opts.cuda,
+      asked: opts.cuda,
+      why: opts.cuda ? "asked for (--cuda)" : "--cpu-only",
+    };
+  }
   const v = env.KIVI_BUILD_CUDA;
   if (v === "1") return { build: true, asked: true, why: "asked for (KIVI_BUILD_CUDA=1)" };
   if (v === "0") return { build: false, asked: false, why: "KIVI_BUILD_CUDA=0" };
-  if (v !== undefined && v !== "") throw new BuildError(`KIVI_BUILD_CUDA must be 1 or 0, got ${JSON.stringify(v)}`, "");
+  if (v !== undefined && v !== "") {
+    throw new BuildError(`KIVI_BUILD_CUDA must be 1 or 0, got ${JSON.stringify(v)}`, "");
+  }
   const device = findCudaDevice(probe);
-  if (device !== undefined) return { build: true, asked: false, why: `a CUDA device is present: ${device}` };
+  if (device !== undefined) {
+    return { build: true, asked: false, why: `a CUDA device is present: ${device}` };
+  }
   return {
     build: false,
     asked: false,
-    why: "no CUDA device here: no GPU under /proc/driver/nvidia/gpus, no /dev/nvidia<N>, none from nvidia-smi -L; " +
+    why:
+      "no CUDA device here: no GPU under /proc/driver/nvidia/gpus, no /dev/nvidia<N>, none from nvidia-smi -L; " +
       "--cuda or KIVI_BUILD_CUDA=1 builds it anyway",
   };
 }
@@ -252,7 +277,12 @@ function quote(arg: string): string {
 }
 
 /** Echoes `$ cmd args`, runs it in root, logs its output when it ends, throws BuildError on failure. */
-function run(root: string, log: (line: string) => void, cmd: string, args: string[]): Promise<void> {
+function run(
+  root: string,
+  log: (line: string) => void,
+  cmd: string,
+  args: string[],
+): Promise<void> {
   const line = [cmd, ...args].map(quote).join(" ");
   log(`$ ${line}`);
   return new Promise((resolve, reject) => {
@@ -300,13 +330,22 @@ function objectOf(src: string): string {
  * Compiles each `.cu` of `sources` to its object, `jobs` at once, with a line `[n/m] file (elapsed s)`
  * as each one ends and, during a long wait, a line every 30 s naming what is still compiling.
  */
-async function compileAll(root: string, log: (line: string) => void, nvcc: string, sources: string[], jobs: number): Promise<void> {
+async function compileAll(
+  root: string,
+  log: (line: string) => void,
+  nvcc: string,
+  sources: string[],
+  jobs: number,
+): Promise<void> {
   if (sources.length === 0) return;
   const t0 = performance.now();
   const elapsed = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
   const running = new Set<string>();
   let done = 0;
-  const tick = setInterval(() => log(`build: still compiling ${[...running].join(", ")} (${elapsed()})`), 30_000);
+  const tick = setInterval(
+    () => log(`build: still compiling ${[...running].join(", ")} (${elapsed()})`),
+    30_000,
+  );
   try {
     await pool(
       sources.map((src) => async () => {
@@ -323,7 +362,9 @@ async function compileAll(root: string, log: (line: string) => void, nvcc: strin
 }
 
 function availableParallelism(): number {
-  return typeof os.availableParallelism === "function" ? os.availableParallelism() : os.cpus().length || 1;
+  return typeof os.availableParallelism === "function"
+    ? os.availableParallelism()
+    : os.cpus().length || 1;
 }
 
 /**
@@ -353,11 +394,18 @@ export async function build(opts: BuildOptions = {}): Promise<BuildResult> {
     throw new BuildError("no C sources: cuda/cpu/*.c matched nothing", "");
   }
   const cpuVariants = [{ name: "cpu", output: "build/libkivi_cpu.so", flags: CPU_FLAGS }];
-  if (opts.asan) cpuVariants.push({ name: "cpu-asan", output: "build/libkivi_cpu_asan.so", flags: ASAN_FLAGS });
+  if (opts.asan) {
+    cpuVariants.push({ name: "cpu-asan", output: "build/libkivi_cpu_asan.so", flags: ASAN_FLAGS });
+  }
   for (const v of cpuVariants) {
     const reason = staleReason(root, v.output, [...cSources, ...common], force);
     if (reason === undefined) {
-      targets.push({ name: v.name, output: v.output, status: "up to date", reason: "no input changed" });
+      targets.push({
+        name: v.name,
+        output: v.output,
+        status: "up to date",
+        reason: "no input changed",
+      });
       continue;
     }
     await run(root, log, "gcc", [...v.flags, "-Icuda/include", ...cSources, "-o", v.output, "-lm"]);
@@ -375,33 +423,59 @@ export async function build(opts: BuildOptions = {}): Promise<BuildResult> {
     if (cuda.asked) throw new BuildError(why, "");
     targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: why });
   } else if (cuSources.length === 0) {
-    targets.push({ name: "cuda", output: cudaOut, status: "skipped", reason: "no cuda/src/*.cu sources" });
+    targets.push({
+      name: "cuda",
+      output: cudaOut,
+      status: "skipped",
+      reason: "no cuda/src/*.cu sources",
+    });
   } else {
     fs.mkdirSync(path.join(root, "build/cuda"), { recursive: true });
     const objects = cuSources.map(objectOf);
     // Objects of deleted sources would otherwise linger and confuse a later glob; the library relinks.
     const removed = listFiles(root, "build/cuda", [".o"]).filter((o) => !objects.includes(o));
     for (const stale of removed) fs.rmSync(path.join(root, stale));
-    const compiled = cuSources.filter((src, i) => staleReason(root, objects[i]!, [src, ...common], force) !== undefined);
+    const compiled = cuSources.filter((src, i) =>
+      staleReason(root, objects[i]!, [src, ...common], force) !== undefined
+    );
     if (compiled.length > 0) {
-      log(`build: CUDA library ${cuda.why}; compiling ${compiled.length} of ${cuSources.length} .cu, ${Math.min(jobs, compiled.length)} at a time`);
+      log(
+        `build: CUDA library ${cuda.why}; compiling ${compiled.length} of ${cuSources.length} .cu, ${
+          Math.min(jobs, compiled.length)
+        } at a time`,
+      );
     }
     await compileAll(root, log, nvcc, compiled, jobs);
-    const linkReason = removed.length > 0 ? `${removed.join(", ")} removed` : staleReason(root, cudaOut, objects, force);
+    const linkReason = removed.length > 0
+      ? `${removed.join(", ")} removed`
+      : staleReason(root, cudaOut, objects, force);
     if (linkReason === undefined) {
-      targets.push({ name: "cuda", output: cudaOut, status: "up to date", reason: `no input changed; ${cuda.why}` });
+      targets.push({
+        name: "cuda",
+        output: cudaOut,
+        status: "up to date",
+        reason: `no input changed; ${cuda.why}`,
+      });
     } else {
       await run(root, log, nvcc, ["-shared", ...objects, "-o", cudaOut, "-ldl"]);
       const what = force
         ? "--force"
         : compiled.length > 0
-        ? `${compiled.length} of ${cuSources.length} .cu recompiled: ${compiled.slice(0, 3).join(", ")}${compiled.length > 3 ? ", ..." : ""}`
+        ? `${compiled.length} of ${cuSources.length} .cu recompiled: ${
+          compiled.slice(0, 3).join(", ")
+        }${compiled.length > 3 ? ", ..." : ""}`
         : linkReason;
-      targets.push({ name: "cuda", output: cudaOut, status: "built", reason: `${what}; ${cuda.why}` });
+      targets.push({
+        name: "cuda",
+        output: cudaOut,
+        status: "built",
+        reason: `${what}; ${cuda.why}`,
+      });
     }
   }
 
-  const summary = "build: " + targets.map((t) => `${t.output} ${t.status} (${t.reason})`).join("; ");
+  const summary = "build: " +
+    targets.map((t) => `${t.output} ${t.status} (${t.reason})`).join("; ");
   log(summary);
   return { targets, summary };
 }
@@ -417,7 +491,9 @@ function parseArgs(argv: string[]): BuildOptions {
       console.log("usage: bun build.ts [--force] [--cuda | --cpu-only] [--asan]");
       process.exit(0);
     } else {
-      console.error(`build: unknown argument '${arg}' (expected --force, --cuda, --cpu-only or --asan)`);
+      console.error(
+        `build: unknown argument '${arg}' (expected --force, --cuda, --cpu-only or --asan)`,
+      );
       process.exit(2);
     }
   }

@@ -15,11 +15,19 @@
  * @module
  */
 import process from "node:process";
-import { type CacheFormat, type DeviceTensor, KiviError, openBackend, Rng, synthKV } from "./src/mod.ts";
+import {
+  type CacheFormat,
+  type DeviceTensor,
+  KiviError,
+  openBackend,
+  Rng,
+  synthKV,
+} from "./src/mod.ts";
 import { demoShape, parseDemoOptions, UsageError } from "./src/cli.ts";
 import { parseArgs } from "./bench/_report.ts";
 
-const USAGE = "usage: bun demo.ts [--layers N] [--heads N] [--kv-heads N] [--prompt N] [--steps N] [--seed N] [--backend auto|cpu|cuda] [--json]";
+const USAGE =
+  "usage: bun demo.ts [--layers N] [--heads N] [--kv-heads N] [--prompt N] [--steps N] [--seed N] [--backend auto|cpu|cuda] [--json]";
 const argv = process.argv.slice(2);
 let args = new Map<string, string>();
 /** A bad command line: the message and the usage, exit 2; any other failure: one line (a KiviError's
@@ -29,22 +37,36 @@ function fail(e: unknown): never {
     console.error(`demo: ${e.message}\n\n${USAGE}`);
     process.exit(2);
   }
-  console.error(`demo: ${e instanceof KiviError ? `${e.code} in ${e.op}: ${e.message}` : e instanceof Error ? e.message : String(e)}`);
+  console.error(
+    `demo: ${
+      e instanceof KiviError
+        ? `${e.code} in ${e.op}: ${e.message}`
+        : e instanceof Error
+        ? e.message
+        : String(e)
+    }`,
+  );
   process.exit(1);
 }
 
 let given;
 try {
   given = parseDemoOptions(argv); // a bad command line is a UsageError before parseArgs sees it
-  args = parseArgs(argv, ["layers", "heads", "kv-heads", "prompt", "steps", "seed", "backend"], ["json"]);
-  if (!["auto", "cpu", "cuda"].includes(args.get("backend") ?? "auto")) throw new UsageError(`--backend must be auto, cpu or cuda, got "${args.get("backend")}"`);
+  args = parseArgs(argv, ["layers", "heads", "kv-heads", "prompt", "steps", "seed", "backend"], [
+    "json",
+  ]);
+  if (!["auto", "cpu", "cuda"].includes(args.get("backend") ?? "auto")) {
+    throw new UsageError(`--backend must be auto, cpu or cuda, got "${args.get("backend")}"`);
+  }
   await demo(); // shapes that do not fit the backend's defaults are UsageErrors too
 } catch (e) {
   fail(e);
 }
 
 async function demo(): Promise<void> {
-  using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
+  using kivi = await openBackend({
+    prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda",
+  });
   const gpu = kivi.kind === "cuda";
   const { layers, heads, kvHeads, prompt, steps, seed } = demoShape(given!, gpu);
   const headDim = 128;
@@ -60,8 +82,16 @@ async function demo(): Promise<void> {
 
   const caches: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
     { name: "bits 16 (fp16 baseline)", keys: { bits: 16 }, values: { bits: 16 } },
-    { name: "uniform 2-bit (KIVI)", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 } },
-    { name: "codebook 2-bit (kivi default)", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "codebook", bits: 2, group: 64 } },
+    {
+      name: "uniform 2-bit (KIVI)",
+      keys: { kind: "uniform", bits: 2, group: 32 },
+      values: { kind: "uniform", bits: 2, group: 32 },
+    },
+    {
+      name: "codebook 2-bit (kivi default)",
+      keys: { kind: "uniform", bits: 2, group: 32 },
+      values: { kind: "codebook", bits: 2, group: 64 },
+    },
   ];
 
   type Data = Float32Array | Float16Array | DeviceTensor;
@@ -101,7 +131,11 @@ async function demo(): Promise<void> {
     progress(`\rprefill: layer ${l + 1}/${layers}`);
   }
   progress(`\r`);
-  say(`prefill: ${layers} layers x ${prompt} tokens in ${((performance.now() - t0) / 1e3).toFixed(1)} s`);
+  say(
+    `prefill: ${layers} layers x ${prompt} tokens in ${
+      ((performance.now() - t0) / 1e3).toFixed(1)
+    } s`,
+  );
 
   // Decode: each step appends one token per layer and attends with a query that leans on a few past
   // keys (peaked attention, as in real models), in every cache.
@@ -109,14 +143,24 @@ async function demo(): Promise<void> {
   const lastKeys: Float32Array[] = [];
   for (let step = 0; step < steps; step++) {
     for (let l = 0; l < layers; l++) {
-      const { keys, values } = synthKV({ seed: seed * 7777 + step * layers + l, tokens: 1, kvHeads, headDim, position: prompt + step });
+      const { keys, values } = synthKV({
+        seed: seed * 7777 + step * layers + l,
+        tokens: 1,
+        kvHeads,
+        headDim,
+        position: prompt + step,
+      });
       lastKeys[l] = keys;
       const qh = new Float32Array(heads * headDim);
       for (let h = 0; h < heads; h++) {
         const kh = Math.floor(h / (heads / kvHeads));
-        for (let d = 0; d < headDim; d++) qh[h * headDim + d] = 0.5 * keys[kh * headDim + d] + rng.normal();
+        for (let d = 0; d < headDim; d++) {
+          qh[h * headDim + d] = 0.5 * keys[kh * headDim + d] + rng.normal();
+        }
       }
-      const k = put(keys, [1, kvHeads, headDim]), v = put(values, [1, kvHeads, headDim]), q = put(qh, [1, heads, headDim]);
+      const k = put(keys, [1, kvHeads, headDim]),
+        v = put(values, [1, kvHeads, headDim]),
+        q = put(qh, [1, heads, headDim]);
       let ref: Float32Array | undefined;
       for (const r of runs) {
         const s = performance.now();
@@ -167,13 +211,16 @@ async function demo(): Promise<void> {
     }));
   } else {
     console.log(
-      "cache".padEnd(32) + "KV bytes".padStart(12) + "bits/value".padStart(12) + "vs fp16".padStart(9) +
+      "cache".padEnd(32) + "KV bytes".padStart(12) + "bits/value".padStart(12) +
+        "vs fp16".padStart(9) +
         "attn error vs fp16".padStart(20) + "ms/step (all layers)".padStart(22),
     );
     for (const t of table) {
       console.log(
-        t.cache.padEnd(32) + `${(t.kvBytes / 1e6).toFixed(1)} MB`.padStart(12) + t.bitsPerValue.toFixed(2).padStart(12) +
-          `${(t.ofFp16 * 100).toFixed(1)}%`.padStart(9) + (t.attentionError === null ? "-" : t.attentionError.toExponential(2)).padStart(20) +
+        t.cache.padEnd(32) + `${(t.kvBytes / 1e6).toFixed(1)} MB`.padStart(12) +
+          t.bitsPerValue.toFixed(2).padStart(12) +
+          `${(t.ofFp16 * 100).toFixed(1)}%`.padStart(9) +
+          (t.attentionError === null ? "-" : t.attentionError.toExponential(2)).padStart(20) +
           t.msPerStep.toFixed(2).padStart(22),
       );
     }

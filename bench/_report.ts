@@ -46,7 +46,9 @@ const resultsDir = fileURLToPath(new URL("./results/", import.meta.url));
 function table(rows: Row[]): string {
   if (rows.length === 0) return "";
   const cols = Object.keys(rows[0]);
-  const fmt = (v: string | number) => (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toPrecision(4)) : v);
+  const fmt = (
+    v: string | number,
+  ) => (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toPrecision(4)) : v);
   return [
     `| ${cols.join(" | ")} |`,
     `| ${cols.map(() => "---").join(" | ")} |`,
@@ -83,30 +85,71 @@ export function attentionChart(section: Section): string {
   const out: string[] = [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
     `<rect width="${W}" height="${H}" fill="white"/>`,
-    `<text x="${L}" y="22" font-size="14">Decode attention per layer-step, ${section.device} (copy ${section.copyGBps.toFixed(0)} GB/s, ${section.date})</text>`,
+    `<text x="${L}" y="22" font-size="14">Decode attention per layer-step, ${section.device} (copy ${
+      section.copyGBps.toFixed(0)
+    } GB/s, ${section.date})</text>`,
   ];
   for (let e = lx0; e <= lx1; e++) {
-    out.push(`<line x1="${px(10 ** e)}" y1="${T}" x2="${px(10 ** e)}" y2="${H - B}" stroke="#eee"/>`);
+    out.push(
+      `<line x1="${px(10 ** e)}" y1="${T}" x2="${px(10 ** e)}" y2="${H - B}" stroke="#eee"/>`,
+    );
     out.push(`<text x="${px(10 ** e)}" y="${H - B + 16}" text-anchor="middle">1e${e}</text>`);
   }
   for (let e = ly0; e <= ly1; e++) {
-    out.push(`<line x1="${L}" y1="${py(10 ** e)}" x2="${W - R}" y2="${py(10 ** e)}" stroke="#eee"/>`);
-    out.push(`<text x="${L - 6}" y="${py(10 ** e) + 4}" text-anchor="end">${10 ** e >= 1 ? 10 ** e : (10 ** e).toPrecision(1)}</text>`);
+    out.push(
+      `<line x1="${L}" y1="${py(10 ** e)}" x2="${W - R}" y2="${py(10 ** e)}" stroke="#eee"/>`,
+    );
+    out.push(
+      `<text x="${L - 6}" y="${py(10 ** e) + 4}" text-anchor="end">${
+        10 ** e >= 1 ? 10 ** e : (10 ** e).toPrecision(1)
+      }</text>`,
+    );
   }
-  out.push(`<text x="${(L + W - R) / 2}" y="${H - 12}" text-anchor="middle">KV tokens read per step (batch x context)</text>`);
-  out.push(`<text x="16" y="${(T + H - B) / 2}" transform="rotate(-90 16 ${(T + H - B) / 2})" text-anchor="middle">microseconds per step</text>`);
-  out.push(`<rect x="${L}" y="${T}" width="${W - L - R}" height="${H - T - B}" fill="none" stroke="#888"/>`);
+  out.push(
+    `<text x="${(L + W - R) / 2}" y="${
+      H - 12
+    }" text-anchor="middle">KV tokens read per step (batch x context)</text>`,
+  );
+  out.push(
+    `<text x="16" y="${(T + H - B) / 2}" transform="rotate(-90 16 ${
+      (T + H - B) / 2
+    })" text-anchor="middle">microseconds per step</text>`,
+  );
+  out.push(
+    `<rect x="${L}" y="${T}" width="${W - L - R}" height="${
+      H - T - B
+    }" fill="none" stroke="#888"/>`,
+  );
   [...series.entries()].forEach(([name, list], i) => {
     const c = colors[i % colors.length];
     const sorted = [...list].sort((a, b) => a.x - b.x);
-    const line = (key: "y" | "floor") => sorted.map((p) => `${px(p.x).toFixed(1)},${py(p[key]).toFixed(1)}`).join(" ");
+    const line = (key: "y" | "floor") =>
+      sorted.map((p) => `${px(p.x).toFixed(1)},${py(p[key]).toFixed(1)}`).join(" ");
     out.push(`<polyline points="${line("y")}" fill="none" stroke="${c}" stroke-width="2"/>`);
-    out.push(`<polyline points="${line("floor")}" fill="none" stroke="${c}" stroke-width="1" stroke-dasharray="5,4"/>`);
-    for (const p of sorted) out.push(`<circle cx="${px(p.x).toFixed(1)}" cy="${py(p.y).toFixed(1)}" r="3" fill="${c}"/>`);
+    out.push(
+      `<polyline points="${
+        line("floor")
+      }" fill="none" stroke="${c}" stroke-width="1" stroke-dasharray="5,4"/>`,
+    );
+    for (const p of sorted) {
+      out.push(`<circle cx="${px(p.x).toFixed(1)}" cy="${py(p.y).toFixed(1)}" r="3" fill="${c}"/>`);
+    }
     const ly = T + 14 + i * 36;
-    out.push(`<line x1="${W - R + 12}" y1="${ly}" x2="${W - R + 36}" y2="${ly}" stroke="${c}" stroke-width="2"/>`);
-    out.push(`<text x="${W - R + 42}" y="${ly + 4}">${name.replace(/&/g, "&amp;").replace(/</g, "&lt;")}</text>`);
-    out.push(`<line x1="${W - R + 12}" y1="${ly + 16}" x2="${W - R + 36}" y2="${ly + 16}" stroke="${c}" stroke-dasharray="5,4"/>`);
+    out.push(
+      `<line x1="${W - R + 12}" y1="${ly}" x2="${
+        W - R + 36
+      }" y2="${ly}" stroke="${c}" stroke-width="2"/>`,
+    );
+    out.push(
+      `<text x="${W - R + 42}" y="${ly + 4}">${
+        name.replace(/&/g, "&amp;").replace(/</g, "&lt;")
+      }</text>`,
+    );
+    out.push(
+      `<line x1="${W - R + 12}" y1="${ly + 16}" x2="${W - R + 36}" y2="${
+        ly + 16
+      }" stroke="${c}" stroke-dasharray="5,4"/>`,
+    );
     out.push(`<text x="${W - R + 42}" y="${ly + 20}" fill="#555">its bandwidth floor</text>`);
   });
   out.push("</svg>");
@@ -119,7 +162,9 @@ export function writeSection(name: string, section: Section, dir = resultsDir): 
   mkdirSync(dir, { recursive: true });
   const slug = deviceSlug(section.device);
   const jsonPath = `${dir}/${slug}.json`;
-  const all: Record<string, Section> = existsSync(jsonPath) ? JSON.parse(readFileSync(jsonPath, "utf8")) : {};
+  const all: Record<string, Section> = existsSync(jsonPath)
+    ? JSON.parse(readFileSync(jsonPath, "utf8"))
+    : {};
   all[name] = section;
   writeFileSync(jsonPath, JSON.stringify(all, null, 2) + "\n");
   const md = Object.entries(all).map(([k, s]) =>
@@ -161,7 +206,11 @@ export function hostName(): string {
 /** Parses `--name value` options and `--flag` flags with node:util's parseArgs (in Bun and Deno alike):
  * strict, so an unknown option or a missing value is an error that names it. Values come back as
  * strings, a flag given as "true". */
-export function parseArgs(argv: string[], strings: readonly string[], flags: readonly string[] = []): Map<string, string> {
+export function parseArgs(
+  argv: string[],
+  strings: readonly string[],
+  flags: readonly string[] = [],
+): Map<string, string> {
   const options: Record<string, { type: "string" | "boolean" }> = {};
   for (const n of strings) options[n] = { type: "string" };
   for (const n of flags) options[n] = { type: "boolean" };

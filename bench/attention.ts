@@ -25,11 +25,29 @@
  */
 import process from "node:process";
 import { readFileSync, writeFileSync } from "node:fs";
-import { type Backend, type CacheFormat, type DeviceTensor, type KVCache, openBackend, Rng } from "../src/mod.ts";
+import {
+  type Backend,
+  type CacheFormat,
+  type DeviceTensor,
+  type KVCache,
+  openBackend,
+  Rng,
+} from "../src/mod.ts";
 import { gbps, median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
-const args = parseArgs(process.argv.slice(2), ["backend", "iters", "page", "torch", "case", "mode", "out", "json"]);
-using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
+const args = parseArgs(process.argv.slice(2), [
+  "backend",
+  "iters",
+  "page",
+  "torch",
+  "case",
+  "mode",
+  "out",
+  "json",
+]);
+using kivi = await openBackend({
+  prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda",
+});
 const onGpu = kivi.kind === "cuda";
 const iters = Number(args.get("iters") ?? (onGpu ? 50 : 3));
 const repeats = onGpu ? 5 : 3;
@@ -42,7 +60,13 @@ interface Case {
   kvHeads: number;
   headDim: number;
 }
-const mha = (batch: number, context: number): Case => ({ batch, context, qHeads: 32, kvHeads: 32, headDim: 128 });
+const mha = (batch: number, context: number): Case => ({
+  batch,
+  context,
+  qHeads: 32,
+  kvHeads: 32,
+  headDim: 128,
+});
 const cases: Case[] = onGpu
   ? [
     mha(1, 4096),
@@ -58,29 +82,49 @@ const cases: Case[] = onGpu
   : [mha(1, 4096)];
 /** The row label of a case: `8x32768`, `8x32768 GQA 32/8`, `8x32768 GQA 14/2 D64`. */
 const label = (c: Case) =>
-  `${c.batch}x${c.context}${c.kvHeads !== c.qHeads ? ` GQA ${c.qHeads}/${c.kvHeads}` : ""}${c.headDim !== 128 ? ` D${c.headDim}` : ""}`;
+  `${c.batch}x${c.context}${c.kvHeads !== c.qHeads ? ` GQA ${c.qHeads}/${c.kvHeads}` : ""}${
+    c.headDim !== 128 ? ` D${c.headDim}` : ""
+  }`;
 
-const uniform = (bits: 2 | 4, group: 32 | 64 | 128 = 32): CacheFormat => ({ kind: "uniform", bits, group });
+const uniform = (bits: 2 | 4, group: 32 | 64 | 128 = 32): CacheFormat => ({
+  kind: "uniform",
+  bits,
+  group,
+});
 const modes: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
   { name: "bits 16 (baseline)", keys: { bits: 16 }, values: { bits: 16 } },
   { name: "uniform 2-bit K+V G32", keys: uniform(2), values: uniform(2) },
-  { name: "uniform K G32 + codebook V G64", keys: uniform(2), values: { kind: "codebook", bits: 2, group: 64 } },
+  {
+    name: "uniform K G32 + codebook V G64",
+    keys: uniform(2),
+    values: { kind: "codebook", bits: 2, group: 64 },
+  },
   { name: "uniform 4-bit K + 2-bit V G32", keys: uniform(4), values: uniform(2) },
 ];
 
 /** PyTorch fp16 SDPA per case label, from bench/sdpa_reference.py run in the same device call. */
 const torch = new Map<string, number>();
 if (args.has("torch")) {
-  const ref = JSON.parse(readFileSync(args.get("torch")!, "utf8")) as { rows: { case: string; us: number }[] };
+  const ref = JSON.parse(readFileSync(args.get("torch")!, "utf8")) as {
+    rows: { case: string; us: number }[];
+  };
   for (const r of ref.rows) torch.set(r.case, r.us);
 }
 
-console.log(`kivi bench/attention: ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}), page ${pageTokens} tokens`);
+console.log(
+  `kivi bench/attention: ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}), page ${pageTokens} tokens`,
+);
 const copy = kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5);
 console.log(`copy bandwidth: ${copy.toFixed(1)} GB/s`);
 
 /** Seeded fp16 (GPU) or fp32 (CPU) rows, [tokens][kvHeads][headDim], on the backend. */
-function chunk(k: Backend, rng: Rng, tokens: number, kvHeads: number, headDim: number): HostOrTensor {
+function chunk(
+  k: Backend,
+  rng: Rng,
+  tokens: number,
+  kvHeads: number,
+  headDim: number,
+): HostOrTensor {
   const n = tokens * kvHeads * headDim;
   const host = onGpu ? new Float16Array(n) : new Float32Array(n);
   for (let i = 0; i < n; i++) host[i] = rng.normal() * (i % headDim === 7 ? 8 : 1);
@@ -133,7 +177,9 @@ for (const c of cases) {
   const rng = new Rng(batch * 7919 + context + kvHeads + qHeads * 31 + headDim);
   const step = Math.min(context, 4096);
   const data = chunk(kivi, rng, step, kvHeads, headDim);
-  const qHost = onGpu ? new Float16Array(batch * qHeads * headDim) : new Float32Array(batch * qHeads * headDim);
+  const qHost = onGpu
+    ? new Float16Array(batch * qHeads * headDim)
+    : new Float32Array(batch * qHeads * headDim);
   for (let i = 0; i < qHost.length; i++) qHost[i] = rng.normal();
   const q = onGpu ? kivi.upload(qHost, { shape: [batch, qHeads, headDim] }) : qHost;
   const base: Record<string, number> = {};
@@ -173,11 +219,15 @@ for (const c of cases) {
     const checkedMs = loopMs(() => checked.attend(0));
     checked.synchronizeSync();
     // One-token appends into layer 1 (its tokens sit in the pages layer 0 already took).
-    const k1 = chunk(kivi, rng, 1, kvHeads, headDim), kb = chunk(kivi, rng, batch, kvHeads, headDim);
+    const k1 = chunk(kivi, rng, 1, kvHeads, headDim),
+      kb = chunk(kivi, rng, batch, kvHeads, headDim);
     const k1t = ArrayBuffer.isView(k1) ? kivi.upload(k1 as Float32Array) : k1;
     const kbt = ArrayBuffer.isView(kb) ? kivi.upload(kb as Float32Array) : kb;
     const appendIters = Math.min(iters, Math.floor(context / 4));
-    const seqAppendMs = loopMs(() => seqs[0].append(k1t, k1t, { layer: 1, trusted: true }), appendIters);
+    const seqAppendMs = loopMs(
+      () => seqs[0].append(k1t, k1t, { layer: 1, trusted: true }),
+      appendIters,
+    );
     const appendTrusted = cache.batch(seqs, { k: kbt, v: kbt, trusted: true });
     const appendChecked = cache.batch(seqs, { k: kbt, v: kbt });
     const batchAppendMs = loopMs(() => appendTrusted.append(1), appendIters);
@@ -210,11 +260,17 @@ for (const c of cases) {
     }
     rows.push(row);
     console.log(
-      `${String(row.case).padEnd(24)} ${m.name.padEnd(32)} ${(ms * 1e3).toFixed(1).padStart(9)} us  ${
-        (tsMs * 1e3).toFixed(1).padStart(8)
-      } us/call(TS)  batch ${(batchMs * 1e3).toFixed(1)} (+${((batchMs - ms) * 1e3).toFixed(1)}) checked ${(checkedMs * 1e3).toFixed(1)} (+${
+      `${String(row.case).padEnd(24)} ${m.name.padEnd(32)} ${
+        (ms * 1e3).toFixed(1).padStart(9)
+      } us  ${(tsMs * 1e3).toFixed(1).padStart(8)} us/call(TS)  batch ${
+        (batchMs * 1e3).toFixed(1)
+      } (+${((batchMs - ms) * 1e3).toFixed(1)}) checked ${(checkedMs * 1e3).toFixed(1)} (+${
         ((checkedMs - ms) * 1e3).toFixed(1)
-      })  append seq ${(seqAppendMs * 1e3).toFixed(1)} batch ${(batchAppendMs * 1e3).toFixed(1)} checked ${(batchCheckedMs * 1e3).toFixed(1)} us  ${(bytes / 1e6).toFixed(1).padStart(8)} MB  ${(row["GB/s"] as number).toFixed(0).padStart(6)} GB/s  ${
+      })  append seq ${(seqAppendMs * 1e3).toFixed(1)} batch ${
+        (batchAppendMs * 1e3).toFixed(1)
+      } checked ${(batchCheckedMs * 1e3).toFixed(1)} us  ${
+        (bytes / 1e6).toFixed(1).padStart(8)
+      } MB  ${(row["GB/s"] as number).toFixed(0).padStart(6)} GB/s  ${
         ((row["of copy"] as number) * 100).toFixed(1).padStart(5)
       }% of copy  ${(base.ms / ms).toFixed(2)}x vs bits 16`,
     );
@@ -224,16 +280,25 @@ for (const c of cases) {
   if (!ArrayBuffer.isView(q)) (q as DeviceTensor).dispose();
 }
 
-const notes = `decode attention per layer-step, one query token a sequence, 32 query heads and headDim 128 unless the case ` +
-    `says GQA q/kv or D, page ${pageTokens}, R 128; us/step = median of ${repeats} x ${iters} back-to-back launches ` +
-    `timed inside the library; "of copy" = bytes read (codes + params + residual) / time / copy bandwidth of the ` +
-    `same run; us/call = ${iters} calls from TypeScript (${kivi.runtime}) in a loop ending with a synchronize: ` +
-    `"from TS" cache.attend allocating its out, "batch" a decode batch (q, out made once, q trusted), "batch checked" ` +
-    `the same with q checked on the device, "over step" = us/call - us/step; one-token appends into an empty second ` +
-    `layer: "seq" seq.append of one sequence (tensors, trusted), "batch" batch.append of every sequence of the case ` +
-    `(trusted, checked)` + (torch.size ? `; torch fp16 SDPA = PyTorch scaled_dot_product_attention (enable_gqa) on the same ` +
-      `shapes in fp16, timed the same way in the same device call (bench/sdpa_reference.py)` : "") + ".";
+const notes =
+  `decode attention per layer-step, one query token a sequence, 32 query heads and headDim 128 unless the case ` +
+  `says GQA q/kv or D, page ${pageTokens}, R 128; us/step = median of ${repeats} x ${iters} back-to-back launches ` +
+  `timed inside the library; "of copy" = bytes read (codes + params + residual) / time / copy bandwidth of the ` +
+  `same run; us/call = ${iters} calls from TypeScript (${kivi.runtime}) in a loop ending with a synchronize: ` +
+  `"from TS" cache.attend allocating its out, "batch" a decode batch (q, out made once, q trusted), "batch checked" ` +
+  `the same with q checked on the device, "over step" = us/call - us/step; one-token appends into an empty second ` +
+  `layer: "seq" seq.append of one sequence (tensors, trusted), "batch" batch.append of every sequence of the case ` +
+  `(trusted, checked)` +
+  (torch.size
+    ? `; torch fp16 SDPA = PyTorch scaled_dot_product_attention (enable_gqa) on the same ` +
+      `shapes in fp16, timed the same way in the same device call (bench/sdpa_reference.py)`
+    : "") +
+  ".";
 const result = section(kivi, copy, notes, rows);
-const path = writeSection(kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`, result, args.get("out"));
+const path = writeSection(
+  kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`,
+  result,
+  args.get("out"),
+);
 if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));
 console.log(`wrote ${path}`);

@@ -17,7 +17,9 @@ import { Staging } from "../src/_staging.ts";
 import { parseArgs } from "./_report.ts";
 
 const args = parseArgs(process.argv.slice(2), ["backend", "n"]);
-using kivi = await openBackend({ prefer: (args.get("backend") ?? "cpu") as "auto" | "cpu" | "cuda" });
+using kivi = await openBackend({
+  prefer: (args.get("backend") ?? "cpu") as "auto" | "cpu" | "cuda",
+});
 const n = Number(args.get("n") ?? 200000);
 const { lib, ctx } = kivi._native("profile");
 let sink: unknown;
@@ -48,7 +50,13 @@ const phases: [string, () => void][] = [
     sink = 0;
   }],
   ["readOptions: 5 keys (attend's options)", () => {
-    sink = readOptions("options", { out: ot, trusted: true }, ["scale", "dtype", "qDtype", "out", "trusted"]);
+    sink = readOptions("options", { out: ot, trusted: true }, [
+      "scale",
+      "dtype",
+      "qDtype",
+      "out",
+      "trusted",
+    ]);
   }],
   ["hostView(q): intrinsic %TypedArray% getters", () => {
     sink = hostView("q", q);
@@ -116,12 +124,20 @@ phases.push(["FFI: kivi_abi_version() bound once (lib.fn, as the hot paths call)
   sink = bound();
 }]);
 
-console.log(`kivi bench/call_profile: ${kivi.kind} build, ${kivi.runtime}; ns per step (median of 7 x ${n})`);
+console.log(
+  `kivi bench/call_profile: ${kivi.kind} build, ${kivi.runtime}; ns per step (median of 7 x ${n})`,
+);
 console.log(`| step | ns (${kivi.runtime}) |\n| --- | --- |`);
 for (const [name, fn] of phases) console.log(`| ${name} | ${ns(fn).toFixed(0)} |`);
 const libNs = cache.benchAttend(0, seqs, qt, { iters: 20000 }) * 1e6;
-console.log(`| library alone: kivi_cache_bench_attend, per call (the attend calls below include it) | ${libNs.toFixed(0)} |`);
-for (const [name, fn] of calls) console.log(`| whole call: ${name} | ${ns(fn, Math.min(n, 50000)).toFixed(0)} |`);
+console.log(
+  `| library alone: kivi_cache_bench_attend, per call (the attend calls below include it) | ${
+    libNs.toFixed(0)
+  } |`,
+);
+for (const [name, fn] of calls) {
+  console.log(`| whole call: ${name} | ${ns(fn, Math.min(n, 50000)).toFixed(0)} |`);
+}
 void sink;
 batch.dispose();
 qt.dispose();

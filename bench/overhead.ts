@@ -21,7 +21,9 @@ import { configArray } from "../src/cache.ts";
 import { median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
 const args = parseArgs(process.argv.slice(2), ["backend", "repeats", "ms", "out"], ["write"]);
-using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
+using kivi = await openBackend({
+  prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda",
+});
 const onGpu = kivi.kind === "cuda";
 const repeats = Number(args.get("repeats") ?? 9);
 const budgetMs = Number(args.get("ms") ?? 25);
@@ -37,9 +39,30 @@ interface Case {
   context: number;
 }
 const cases: Case[] = [
-  { name: "1 seq x 16, 8/2 heads, D64", batch: 1, kvHeads: 2, queryHeads: 8, headDim: 64, context: 16 },
-  { name: "8 seqs x 16, 8/2 heads, D64", batch: 8, kvHeads: 2, queryHeads: 8, headDim: 64, context: 16 },
-  { name: "1 seq x 16, 32/8 heads, D128", batch: 1, kvHeads: 8, queryHeads: 32, headDim: 128, context: 16 },
+  {
+    name: "1 seq x 16, 8/2 heads, D64",
+    batch: 1,
+    kvHeads: 2,
+    queryHeads: 8,
+    headDim: 64,
+    context: 16,
+  },
+  {
+    name: "8 seqs x 16, 8/2 heads, D64",
+    batch: 8,
+    kvHeads: 2,
+    queryHeads: 8,
+    headDim: 64,
+    context: 16,
+  },
+  {
+    name: "1 seq x 16, 32/8 heads, D128",
+    batch: 1,
+    kvHeads: 8,
+    queryHeads: 32,
+    headDim: 128,
+    context: 16,
+  },
 ];
 
 const sync = () => {
@@ -99,7 +122,9 @@ function newCache(c: Case, maxPages: number): KVCache {
   });
 }
 
-console.log(`kivi bench/overhead: ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}), ${repeats} repeats of ~${budgetMs} ms`);
+console.log(
+  `kivi bench/overhead: ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}), ${repeats} repeats of ~${budgetMs} ms`,
+);
 for (const c of cases) {
   const rng = new Rng(c.batch * 131 + c.queryHeads * 7 + c.headDim);
   const row = c.kvHeads * c.headDim, qn = c.batch * c.queryHeads * c.headDim;
@@ -114,15 +139,31 @@ for (const c of cases) {
       seqs.push(s);
     }
     const q = tensor(rng, qn), out = kivi.alloc([qn], dt);
-    const qHost = onGpu ? new Float16Array(q.readSync() as Float16Array) : new Float32Array(q.readSync() as Float32Array);
+    const qHost = onGpu
+      ? new Float16Array(q.readSync() as Float16Array)
+      : new Float32Array(q.readSync() as Float32Array);
     const outHost = onGpu ? new Float16Array(qn) : new Float32Array(qn);
     const variants: [string, () => void][] = [
-      ["attend: host q, host out, trusted", () => void cache.attend(0, seqs, qHost, { out: outHost, dtype: dt, trusted: true })],
-      ["attend: tensor q, tensor out, trusted", () => void cache.attend(0, seqs, q, { out, dtype: dt, trusted: true })],
-      ["attend: tensor q, out allocated per call, trusted", () => (cache.attend(0, seqs, q, { dtype: dt, trusted: true }) as DeviceTensor).dispose()],
-      ["attend: tensor q, tensor out, q scanned", () => void cache.attend(0, seqs, q, { out, dtype: dt })],
+      [
+        "attend: host q, host out, trusted",
+        () => void cache.attend(0, seqs, qHost, { out: outHost, dtype: dt, trusted: true }),
+      ],
+      [
+        "attend: tensor q, tensor out, trusted",
+        () => void cache.attend(0, seqs, q, { out, dtype: dt, trusted: true }),
+      ],
+      [
+        "attend: tensor q, out allocated per call, trusted",
+        () => (cache.attend(0, seqs, q, { dtype: dt, trusted: true }) as DeviceTensor).dispose(),
+      ],
+      [
+        "attend: tensor q, tensor out, q scanned",
+        () => void cache.attend(0, seqs, q, { out, dtype: dt }),
+      ],
     ];
-    const batchOf = (cache as unknown as { batch?: (s: Sequence[], o: object) => { attend(l: number): void; dispose(): void } }).batch;
+    const batchOf = (cache as unknown as {
+      batch?: (s: Sequence[], o: object) => { attend(l: number): void; dispose(): void };
+    }).batch;
     const batches: { dispose(): void }[] = [];
     if (typeof batchOf === "function") {
       const trusted = batchOf.call(cache, seqs, { q, out, trusted: true });
@@ -151,11 +192,16 @@ for (const c of cases) {
     const prefill = tensor(rng, c.context * row);
     const k1 = tensor(rng, row), v1 = tensor(rng, row);
     const kb = tensor(rng, c.batch * row), vb = tensor(rng, c.batch * row);
-    const k1Host = onGpu ? new Float16Array(k1.readSync() as Float16Array) : new Float32Array(k1.readSync() as Float32Array);
+    const k1Host = onGpu
+      ? new Float16Array(k1.readSync() as Float16Array)
+      : new Float32Array(k1.readSync() as Float32Array);
     // The twin: a native cache of the same config, driven by raw FFI calls with prepared pointers.
     const cfg = configArray(cache.config);
     const h = new BigUint64Array(1);
-    kivi._check("kivi_cache_create", lib.call("kivi_cache_create", ctx, lib.ptr(cfg), cfg.length, lib.ptr(h)));
+    kivi._check(
+      "kivi_cache_create",
+      lib.call("kivi_cache_create", ctx, lib.ptr(cfg), cfg.length, lib.ptr(h)),
+    );
     const twin = lib.pointerAt(h, 0);
     const id = new Int32Array(1);
     const pk = k1.pointer("bench"), pv = v1.pointer("bench"), pp = prefill.pointer("bench");
@@ -173,14 +219,23 @@ for (const c of cases) {
         if (ids[b] >= 0) lib.call("kivi_cache_seq_free", twin, ids[b]);
         kivi._check("kivi_cache_seq_create", lib.call("kivi_cache_seq_create", twin, lib.ptr(id)));
         ids[b] = id[0];
-        kivi._check("kivi_cache_append", lib.call("kivi_cache_append", twin, ids[b], 0, pp, pp, code, c.context, 1));
+        kivi._check(
+          "kivi_cache_append",
+          lib.call("kivi_cache_append", twin, ids[b], 0, pp, pp, code, c.context, 1),
+        );
       }
     };
     const raw = () => void lib.call("kivi_cache_append", twin, ids[0], 0, pk, pv, code, 1, 1);
     const variants: [string, (s: Sequence) => () => void][] = [
-      ["seq.append: tensors, one layer, trusted", (s) => () => s.append(k1, v1, { layer: 0, trusted: true })],
+      [
+        "seq.append: tensors, one layer, trusted",
+        (s) => () => s.append(k1, v1, { layer: 0, trusted: true }),
+      ],
       ["seq.append: tensors, one layer, scanned", (s) => () => s.append(k1, v1, { layer: 0 })],
-      ["seq.append: host arrays, one layer, scanned", (s) => () => s.append(k1Host, k1Host, { layer: 0 })],
+      [
+        "seq.append: host arrays, one layer, scanned",
+        (s) => () => s.append(k1Host, k1Host, { layer: 0 }),
+      ],
     ];
     const lib1: number[][] = variants.map(() => []), ts1: number[][] = variants.map(() => []);
     for (let r = 0; r < repeats; r++) {
@@ -192,11 +247,16 @@ for (const c of cases) {
       });
     }
     if (c.batch === 1) variants.forEach(([name], i) => record(c, name, lib1[i], ts1[i]));
-    const batchOf = (cache as unknown as { batch?: (s: Sequence[], o: object) => { append(l: number): void; dispose(): void } }).batch;
+    const batchOf = (cache as unknown as {
+      batch?: (s: Sequence[], o: object) => { append(l: number): void; dispose(): void };
+    }).batch;
     if (typeof batchOf === "function") {
       // One call appends a token to each of the batch's sequences; the library figure is the raw
       // per-sequence append loop of the twin (one kivi_cache_append a sequence: batch FFI crossings).
-      const modes: [string, boolean][] = [["batch.append(layer), trusted", true], ["batch.append(layer), k/v checked on the device", false]];
+      const modes: [string, boolean][] = [["batch.append(layer), trusted", true], [
+        "batch.append(layer), k/v checked on the device",
+        false,
+      ]];
       for (const [name, trusted] of modes) {
         const lib2: number[] = [], ts2: number[] = [];
         for (let r = 0; r < repeats; r++) {
@@ -209,7 +269,9 @@ for (const c of cases) {
           freshTwin();
           const m = Math.floor(n / c.batch);
           lib2.push(perCall(m, () => {
-            for (let b = 0; b < c.batch; b++) lib.call("kivi_cache_append", twin, ids[b], 0, pk, pv, code, 1, 1);
+            for (let b = 0; b < c.batch; b++) {
+              lib.call("kivi_cache_append", twin, ids[b], 0, pk, pv, code, 1, 1);
+            }
           }));
           const batch = batchOf.call(cache, seqs, { k: kb, v: vb, trusted });
           ts2.push(perCall(m, () => batch.append(0)));
@@ -223,11 +285,17 @@ for (const c of cases) {
   }
 }
 
-const notes = `cost of a cache call from TypeScript (${kivi.runtime}) above the library's own time, µs per call, median over ` +
-    `${repeats} repeats of the paired difference; attend's library time is kivi_cache_bench_attend (a C loop of the same ` +
-    `call, trusted), append's a raw FFI loop of kivi_cache_append on a twin cache (FFI crossing included; for a batch, ` +
-    `one call a sequence of the batch). The checked batch rows include the library's own scan of q or k/v.`;
-const result = section(kivi, kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5), notes, rows);
+const notes =
+  `cost of a cache call from TypeScript (${kivi.runtime}) above the library's own time, µs per call, median over ` +
+  `${repeats} repeats of the paired difference; attend's library time is kivi_cache_bench_attend (a C loop of the same ` +
+  `call, trusted), append's a raw FFI loop of kivi_cache_append on a twin cache (FFI crossing included; for a batch, ` +
+  `one call a sequence of the batch). The checked batch rows include the library's own scan of q or k/v.`;
+const result = section(
+  kivi,
+  kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5),
+  notes,
+  rows,
+);
 if (args.has("out") || args.has("write")) {
   const path = writeSection(`overhead-${kivi.runtime}`, result, args.get("out"));
   console.log(`wrote ${path}`);

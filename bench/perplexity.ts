@@ -16,7 +16,7 @@ import process from "node:process";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { openBackend } from "../src/mod.ts";
-import { compareCaches, PROTOCOL_CACHES, protocol } from "../src/model/perplexity.ts";
+import { compareCaches, protocol, PROTOCOL_CACHES } from "../src/model/perplexity.ts";
 import { deviceSlug, hostName, parseArgs } from "./_report.ts";
 
 const args = parseArgs(process.argv.slice(2));
@@ -28,11 +28,15 @@ const num = (k: string) => (args.has(k) ? Number(args.get(k)) : undefined);
 const residuals = (args.get("residuals") ?? "128,32").split(",").map(Number);
 const caches = PROTOCOL_CACHES.filter((c) => c.name.includes(args.get("caches") ?? ""));
 
-using kivi = await openBackend({ prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda" });
+using kivi = await openBackend({
+  prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda",
+});
 using model = kivi.loadModel(modelDir);
 const text = readFileSync(textFile);
 const p = protocol(text.length, { windows: num("windows"), steps: num("steps") });
-console.log(`${kivi.kind} (${kivi.deviceName}) under ${kivi.runtime}: ${p.windows} windows of ${p.window} bytes, ${p.prefill} prefilled, ${p.steps} decoded`);
+console.log(
+  `${kivi.kind} (${kivi.deviceName}) under ${kivi.runtime}: ${p.windows} windows of ${p.window} bytes, ${p.prefill} prefilled, ${p.steps} decoded`,
+);
 const t0 = performance.now();
 let lastRun = "";
 const rows = compareCaches(model, text, {
@@ -41,8 +45,14 @@ const rows = compareCaches(model, text, {
   residuals,
   caches,
   onProgress: (run, done, total) => {
-    if (run !== lastRun) process.stderr.write(`${((performance.now() - t0) / 1000).toFixed(1)} s: ${(lastRun = run)}\n`);
-    if (done === total) process.stderr.write(`  done at ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
+    if (run !== lastRun) {
+      process.stderr.write(
+        `${((performance.now() - t0) / 1000).toFixed(1)} s: ${(lastRun = run)}\n`,
+      );
+    }
+    if (done === total) {
+      process.stderr.write(`  done at ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
+    }
   },
 });
 const seconds = (performance.now() - t0) / 1000;
@@ -61,9 +71,11 @@ const result = {
     steps: p.steps,
     starts: "floor(i * (n - 2049) / (windows - 1))",
     bpb: "mean over decoded positions of -log2 p(next byte)",
-    klVsBits16: "mean over decode steps of KL(bits 16 || cache) of the next-byte distribution, nats",
+    klVsBits16:
+      "mean over decode steps of KL(bits 16 || cache) of the next-byte distribution, nats",
     top1VsBits16: "share of decode steps whose most likely next byte is the bits-16 run's",
-    tokensPerSecond: `decoded bytes a second over the whole batch of ${p.windows} windows (decode loop only)`,
+    tokensPerSecond:
+      `decoded bytes a second over the whole batch of ${p.windows} windows (decode loop only)`,
     pageTokens: 64,
   },
   seconds: Number(seconds.toFixed(1)),
@@ -84,7 +96,9 @@ const md = [
   "| cache | residual | bits/byte | KL vs bits 16 | top-1 vs bits 16 | tokens/s |",
   "| --- | --- | --- | --- | --- | --- |",
   ...rows.map((r) =>
-    `| ${r.cache} | ${r.residual} | ${r.bpb.toFixed(4)} | ${r.klVsBits16.toExponential(2)} | ${(100 * r.top1VsBits16).toFixed(2)} % | ${r.tokensPerSecond.toFixed(0)} |`
+    `| ${r.cache} | ${r.residual} | ${r.bpb.toFixed(4)} | ${r.klVsBits16.toExponential(2)} | ${
+      (100 * r.top1VsBits16).toFixed(2)
+    } % | ${r.tokensPerSecond.toFixed(0)} |`
   ),
   "",
 ].join("\n");

@@ -26,7 +26,16 @@ import {
 } from "../src/mod.ts";
 import { gbps, median, parseArgs, type Row, section, writeSection } from "./_report.ts";
 
-const args = parseArgs(process.argv.slice(2), ["backend", "reps", "seed", "tensor", "format", "check", "out", "json"]);
+const args = parseArgs(process.argv.slice(2), [
+  "backend",
+  "reps",
+  "seed",
+  "tensor",
+  "format",
+  "check",
+  "out",
+  "json",
+]);
 const prefer = (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda";
 const reps = Number(args.get("reps") ?? 10);
 const seed = Number(args.get("seed") ?? 1234);
@@ -39,7 +48,9 @@ const cols = onGpu ? 32 * 128 : 4096;
 const dtype = onGpu ? "f16" : "f32";
 const elemBytes = onGpu ? 2 : 4;
 
-console.log(`kivi bench/quant: ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}); [${rows} x ${cols}] ${dtype}, seed ${seed}`);
+console.log(
+  `kivi bench/quant: ${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}); [${rows} x ${cols}] ${dtype}, seed ${seed}`,
+);
 const copy = kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 5);
 console.log(`copy bandwidth: ${copy.toFixed(1)} GB/s`);
 
@@ -50,18 +61,32 @@ function tiled(which: "keys" | "values"): HostArray {
   const block = kv[which];
   const out = onGpu ? new Float16Array(rows * cols) : new Float32Array(rows * cols);
   const src = onGpu ? Float16Array.from(block) : block;
-  for (let r = 0; r < rows; r += blockRows) out.set(src.subarray(0, Math.min(blockRows, rows - r) * cols), r * cols);
+  for (let r = 0; r < rows; r += blockRows) {
+    out.set(src.subarray(0, Math.min(blockRows, rows - r) * cols), r * cols);
+  }
   return out;
 }
 
 const formats: { name: string; format: Format }[] = [
   { name: "uniform 2-bit G32", format: { kind: "uniform", bits: 2, group: 32 } },
   { name: "uniform 4-bit G32", format: { kind: "uniform", bits: 4, group: 32 } },
-  { name: "codebook 2-bit G64 free", format: { kind: "codebook", bits: 2, group: 64, fit: "free" } },
-  { name: "codebook 2-bit G32 pinned", format: { kind: "codebook", bits: 2, group: 32, fit: "pinned" } },
+  {
+    name: "codebook 2-bit G64 free",
+    format: { kind: "codebook", bits: 2, group: 64, fit: "free" },
+  },
+  {
+    name: "codebook 2-bit G32 pinned",
+    format: { kind: "codebook", bits: 2, group: 32, fit: "pinned" },
+  },
 ];
 
-function measure(k: Backend, x: HostArray | DeviceTensor, axis: "token" | "channel", format: Format, trusted: boolean) {
+function measure(
+  k: Backend,
+  x: HostArray | DeviceTensor,
+  axis: "token" | "channel",
+  format: Format,
+  trusted: boolean,
+) {
   const shape = [rows, cols] as [number, number];
   const f = format as Required<Format>;
   const groups = groupCount(shape, axis, f.group);
@@ -72,7 +97,11 @@ function measure(k: Backend, x: HostArray | DeviceTensor, axis: "token" | "chann
   const buf = (n: number, dtype: "u32" | "f16") =>
     onGpu ? k.alloc([n], dtype) : dtype === "u32" ? new Uint32Array(n) : new Float16Array(n);
   const out: Record<string, unknown> = uniform
-    ? { codes: buf(wordCount(shape, f.bits), "u32"), scale: buf(groups, "f16"), zero: buf(groups, "f16") }
+    ? {
+      codes: buf(wordCount(shape, f.bits), "u32"),
+      scale: buf(groups, "f16"),
+      zero: buf(groups, "f16"),
+    }
     : { codes: buf(wordCount(shape, f.bits), "u32"), centroids: buf(groups << f.bits, "f16") };
   // deno-lint-ignore no-explicit-any
   const run = () => k.quantize(x as any, { shape, axis, format, trusted, out: out as any });
@@ -111,19 +140,22 @@ for (const which of ["keys", "values"] as const) {
       };
       rowsOut.push(row);
       console.log(
-        `${which.padEnd(6)} ${name.padEnd(26)} ${String(row.check).padEnd(18)} ${ms.toFixed(3).padStart(9)} ms  ${
-          (row["GB/s in"] as number).toFixed(1).padStart(7)
-        } GB/s in  ${(row["GB/s in+out"] as number).toFixed(1).padStart(7)} GB/s in+out  ${
-          ((row["of copy"] as number) * 100).toFixed(1)
-        }% of copy`,
+        `${which.padEnd(6)} ${name.padEnd(26)} ${String(row.check).padEnd(18)} ${
+          ms.toFixed(3).padStart(9)
+        } ms  ${(row["GB/s in"] as number).toFixed(1).padStart(7)} GB/s in  ${
+          (row["GB/s in+out"] as number).toFixed(1).padStart(7)
+        } GB/s in+out  ${((row["of copy"] as number) * 100).toFixed(1)}% of copy`,
       );
     }
   }
   if (!ArrayBuffer.isView(x)) (x as DeviceTensor).dispose();
 }
 
-const notes = `quantize+pack of [${rows} x ${cols}] ${dtype} (${onGpu ? "8 seq x 32768 tok x 32 heads x 128 dims" : "64 MiB"}), ` +
-    `median of ${reps} runs after a warm-up; "of copy" = (bytes read + written) / time / copy bandwidth.`;
+const notes =
+  `quantize+pack of [${rows} x ${cols}] ${dtype} (${
+    onGpu ? "8 seq x 32768 tok x 32 heads x 128 dims" : "64 MiB"
+  }), ` +
+  `median of ${reps} runs after a warm-up; "of copy" = (bytes read + written) / time / copy bandwidth.`;
 const result = section(kivi, copy, notes, rowsOut);
 const path = writeSection("quant", result, args.get("out"));
 if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));

@@ -19,18 +19,29 @@ export function bin(name: string): string {
 
 /** Runs cmd in ROOT (echoed first unless its stdout is captured), resolving to its exit code and the
  * captured stdout; colour is off where stdout is not a terminal. */
-export function run(cmd: string, args: string[], capture = false): Promise<{ code: number; stdout: string }> {
+export function run(
+  cmd: string,
+  args: string[],
+  capture = false,
+): Promise<{ code: number; stdout: string }> {
   if (!capture) console.log(`$ ${[path.relative(ROOT, cmd) || cmd, ...args].join(" ")}`);
   return new Promise((resolve) => {
     const env = process.stdout.isTTY ? process.env : { ...process.env, NO_COLOR: "1" };
-    const child = spawn(cmd, args, { cwd: ROOT, env, stdio: ["ignore", capture ? "pipe" : "inherit", "inherit"] });
+    const child = spawn(cmd, args, {
+      cwd: ROOT,
+      env,
+      stdio: ["ignore", capture ? "pipe" : "inherit", "inherit"],
+    });
     const chunks: Buffer[] = [];
     child.stdout?.on("data", (c: Buffer) => chunks.push(c));
     child.on("error", (err) => {
       console.error(`${cmd}: ${err.message}`);
       resolve({ code: 127, stdout: "" });
     });
-    child.on("close", (code) => resolve({ code: code ?? 1, stdout: Buffer.concat(chunks).toString("utf8") }));
+    child.on(
+      "close",
+      (code) => resolve({ code: code ?? 1, stdout: Buffer.concat(chunks).toString("utf8") }),
+    );
   });
 }
 

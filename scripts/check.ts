@@ -27,10 +27,11 @@ const SHIM = "build/types/deno_ns.d.ts";
 /** Web types the Deno namespace refers to that Bun's types do not declare globally. */
 const WEB_TYPES = ["BufferSource"];
 
-
 /** Every .ts file under the given folders plus the given files that exist, sorted, minus `except`. */
 function tsFiles(except: string[]): string[] {
-  const out = DIRS.flatMap((d) => filesUnder(ROOT, d, (n) => /\.tsx?$/.test(n) && !n.endsWith(".d.ts")));
+  const out = DIRS.flatMap((d) =>
+    filesUnder(ROOT, d, (n) => /\.tsx?$/.test(n) && !n.endsWith(".d.ts"))
+  );
   for (const f of FILES) if (fs.existsSync(path.join(ROOT, f))) out.push(f);
   return out.filter((f) => !except.includes(f)).sort();
 }
@@ -56,7 +57,9 @@ async function writeDenoShim(): Promise<boolean> {
     }
   }
   for (const name of WEB_TYPES) {
-    const decl = lines.find((l) => l.startsWith(`type ${name} = `) || l.startsWith(`declare type ${name} = `));
+    const decl = lines.find((l) =>
+      l.startsWith(`type ${name} = `) || l.startsWith(`declare type ${name} = `)
+    );
     if (decl) out.push(decl.startsWith("declare") ? decl : `declare ${decl}`);
   }
   const text = out.join("\n") + "\n";
@@ -71,14 +74,19 @@ async function main(argv: string[]): Promise<number> {
   const doDeno = !argv.includes("--tsc-only");
   const unknown = argv.filter((a) => a !== "--deno-only" && a !== "--tsc-only");
   if (unknown.length > 0) {
-    console.error(`check: unknown argument ${unknown.map((a) => `'${a}'`).join(", ")} (expected --tsc-only or --deno-only)`);
+    console.error(
+      `check: unknown argument ${
+        unknown.map((a) => `'${a}'`).join(", ")
+      } (expected --tsc-only or --deno-only)`,
+    );
     return 2;
   }
   const results: string[] = [];
   let failed = false;
 
   if (doTsc) {
-    const ok = (await writeDenoShim()) && (await run(bin("tsc"), ["--noEmit", "-p", "tsconfig.json"])).code === 0;
+    const ok = (await writeDenoShim()) &&
+      (await run(bin("tsc"), ["--noEmit", "-p", "tsconfig.json"])).code === 0;
     results.push(`tsc (Bun types) ${ok ? "ok" : "FAILED"}`);
     failed ||= !ok;
   }

@@ -22,7 +22,8 @@ const CLANG_FORMAT_MAJOR = 14;
 
 /** Every C and CUDA source under C_DIRS, relative to the root, sorted. */
 export function cSources(root = ROOT): string[] {
-  return C_DIRS.flatMap((d) => filesUnder(root, d, (n) => C_EXTS.some((x) => n.endsWith(x)))).sort();
+  return C_DIRS.flatMap((d) => filesUnder(root, d, (n) => C_EXTS.some((x) => n.endsWith(x))))
+    .sort();
 }
 
 /** clang-format's path and major version, or undefined (with a line saying how to get it). */

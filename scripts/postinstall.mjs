@@ -41,7 +41,8 @@ function installedAsDependency() {
   if (PKG.split(path.sep).includes("node_modules")) return true;
   // A linked folder install (`npm install /path/to/kivi`) runs here with INIT_CWD the consumer.
   const init = process.env.INIT_CWD;
-  return init !== undefined && real(init) !== real(PKG) && !real(init).startsWith(real(PKG) + path.sep);
+  return init !== undefined && real(init) !== real(PKG) &&
+    !real(init).startsWith(real(PKG) + path.sep);
 }
 
 /** The full path of an executable on PATH, or undefined. */
@@ -68,7 +69,9 @@ function run(cmd, args) {
 
 function listBuilt() {
   const dir = path.join(PKG, "build");
-  const libs = fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => /^libkivi_.*\.so$/.test(f)).sort() : [];
+  const libs = fs.existsSync(dir)
+    ? fs.readdirSync(dir).filter((f) => /^libkivi_.*\.so$/.test(f)).sort()
+    : [];
   return libs.map((f) => `build/${f}`);
 }
 
@@ -80,11 +83,16 @@ function main() {
   const dependency = installedAsDependency();
   // This repository: the CPU library only (the CUDA one takes minutes; `npm start` builds it where wanted).
   const args = dependency ? ["build.ts"] : ["build.ts", "--cpu-only"];
-  say(dependency ? `building the native libraries in ${PKG}` : "building the CPU library of this checkout");
+  say(
+    dependency
+      ? `building the native libraries in ${PKG}`
+      : "building the CPU library of this checkout",
+  );
 
   const bun = typeof process.versions.bun === "string" ? process.execPath : which("bun");
   const deno = bun ? undefined : which("deno");
-  const nvcc = which("nvcc") ?? (fs.existsSync("/usr/local/cuda/bin/nvcc") ? "/usr/local/cuda/bin/nvcc" : undefined);
+  const nvcc = which("nvcc") ??
+    (fs.existsSync("/usr/local/cuda/bin/nvcc") ? "/usr/local/cuda/bin/nvcc" : undefined);
   let result;
   if (bun) {
     result = run(bun, args);
@@ -93,16 +101,37 @@ function main() {
   } else {
     const gcc = which("gcc");
     if (!gcc) {
-      say("WARNING: no gcc on PATH, nothing built. Install gcc and run `npx bun build.ts` in " + PKG +
-        ", or point KIVI_LIB_PATH at a built libkivi_cpu.so / libkivi_cuda.so.");
+      say(
+        "WARNING: no gcc on PATH, nothing built. Install gcc and run `npx bun build.ts` in " + PKG +
+          ", or point KIVI_LIB_PATH at a built libkivi_cpu.so / libkivi_cuda.so.",
+      );
       return 0;
     }
-    const sources = fs.readdirSync(path.join(PKG, "cuda/cpu")).filter((f) => f.endsWith(".c")).sort().map((f) => `cuda/cpu/${f}`);
+    const sources = fs.readdirSync(path.join(PKG, "cuda/cpu")).filter((f) => f.endsWith(".c"))
+      .sort().map((f) => `cuda/cpu/${f}`);
     fs.mkdirSync(path.join(PKG, "build"), { recursive: true });
-    const flags = ["-std=c11", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra"];
-    result = run(gcc, [...flags, "-Icuda/include", ...sources, "-o", "build/libkivi_cpu.so", "-lm"]);
+    const flags = [
+      "-std=c11",
+      "-O3",
+      "-march=native",
+      "-fPIC",
+      "-shared",
+      "-fvisibility=hidden",
+      "-Wall",
+      "-Wextra",
+    ];
+    result = run(gcc, [
+      ...flags,
+      "-Icuda/include",
+      ...sources,
+      "-o",
+      "build/libkivi_cpu.so",
+      "-lm",
+    ]);
     if (result.ok && nvcc && dependency) {
-      say(`nvcc found (${nvcc}) but no bun or deno to run build.ts: the CUDA build was skipped; run \`npx bun build.ts\` in ${PKG}`);
+      say(
+        `nvcc found (${nvcc}) but no bun or deno to run build.ts: the CUDA build was skipped; run \`npx bun build.ts\` in ${PKG}`,
+      );
     }
   }
   if (!result.ok) {
@@ -110,7 +139,9 @@ function main() {
       say(`WARNING: the CPU build failed (${result.why}); \`npm run build\` shows the error again`);
       return 0;
     }
-    say(`FAILED (${result.why}); fix the compiler error above, or set KIVI_SKIP_BUILD=1 and use KIVI_LIB_PATH`);
+    say(
+      `FAILED (${result.why}); fix the compiler error above, or set KIVI_SKIP_BUILD=1 and use KIVI_LIB_PATH`,
+    );
     return 1;
   }
   const built = listBuilt();

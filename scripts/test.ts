@@ -53,10 +53,18 @@ function runtimeBin(name: "bun" | "deno"): string {
 }
 
 /** Runs a command in ROOT, streaming its stdout and stderr to our stdout, and returns both merged. */
-function runStreaming(cmd: string, args: string[], env: Record<string, string>): Promise<{ code: number; output: string }> {
+function runStreaming(
+  cmd: string,
+  args: string[],
+  env: Record<string, string>,
+): Promise<{ code: number; output: string }> {
   console.log(`$ ${[path.relative(ROOT, cmd) || cmd, ...args].join(" ")}`);
   return new Promise((resolve) => {
-    const child = spawn(cmd, args, { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+    const child = spawn(cmd, args, {
+      cwd: ROOT,
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, ...env },
+    });
     const chunks: string[] = [];
     const forward = (c: Buffer) => {
       chunks.push(c.toString("utf8"));
@@ -69,7 +77,10 @@ function runStreaming(cmd: string, args: string[], env: Record<string, string>):
       console.log(`${cmd}: ${err.message}`);
       resolve({ code: 127, output: chunks.join("") });
     });
-    child.on("close", (code, signal) => resolve({ code: code ?? (signal ? 128 : 1), output: chunks.join("") }));
+    child.on(
+      "close",
+      (code, signal) => resolve({ code: code ?? (signal ? 128 : 1), output: chunks.join("") }),
+    );
   });
 }
 
@@ -80,7 +91,12 @@ export function countBun(output: string, code: number): Counts {
     const m = text.match(new RegExp(`^\\s*(\\d+) ${word}\\s*$`, "m"));
     return m ? Number(m[1]) : 0;
   };
-  const c: Counts = { passed: num("pass"), failed: num("fail") + num("errors?"), skipped: num("skip") + num("todo"), problems: [] };
+  const c: Counts = {
+    passed: num("pass"),
+    failed: num("fail") + num("errors?"),
+    skipped: num("skip") + num("todo"),
+    problems: [],
+  };
   if (!/^Ran \d+ tests? across \d+ files?/m.test(text)) {
     c.problems.push(`bun printed no summary (exit code ${code})`);
   } else if (code !== 0 && c.failed === 0) {
@@ -148,22 +164,30 @@ export function countDeno(output: string, code: number): Counts {
       stack.push({ indent, name: open[2]!, children: 0, failedLeaves: 0 });
     }
   }
-  const summary = plain(output).match(/^(ok|FAILED) \| (\d+) passed(?: \((\d+) steps?\))? \| (\d+) failed(?: \((\d+) steps?\))?(?: \| (\d+) ignored(?: \((\d+) steps?\))?)?/m);
+  const summary = plain(output).match(
+    /^(ok|FAILED) \| (\d+) passed(?: \((\d+) steps?\))? \| (\d+) failed(?: \((\d+) steps?\))?(?: \| (\d+) ignored(?: \((\d+) steps?\))?)?/m,
+  );
   if (!summary) {
     c.problems.push(`deno printed no summary (exit code ${code})`);
   } else {
     const total = summary.slice(2).reduce((sum, n) => sum + Number(n ?? 0), 0);
     if (total !== resultLines) {
-      console.log(`deno: warning: parsed ${resultLines} results but the summary adds up to ${total}`);
+      console.log(
+        `deno: warning: parsed ${resultLines} results but the summary adds up to ${total}`,
+      );
     }
-    if (code !== 0 && c.failed === 0) c.problems.push(`deno exited with code ${code} but reported no failure`);
+    if (code !== 0 && c.failed === 0) {
+      c.problems.push(`deno exited with code ${code} but reported no failure`);
+    }
   }
   return c;
 }
 
 function line(name: string, c: Counts): string {
   const extra = c.problems.length > 0 ? ` (${c.problems.join("; ")})` : "";
-  return `${name}: ${c.passed} passed, ${c.failed + (c.problems.length > 0 ? 1 : 0)} failed, ${c.skipped} skipped${extra}`;
+  return `${name}: ${c.passed} passed, ${
+    c.failed + (c.problems.length > 0 ? 1 : 0)
+  } failed, ${c.skipped} skipped${extra}`;
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -176,7 +200,9 @@ async function main(argv: string[]): Promise<number> {
     else if (arg === "--deno-only") runBun = false;
     else if (arg === "--no-build") doBuild = false;
     else if (arg.startsWith("-")) {
-      console.log(`test: unknown flag '${arg}' (expected --bun-only, --deno-only, --no-build or file filters)`);
+      console.log(
+        `test: unknown flag '${arg}' (expected --bun-only, --deno-only, --no-build or file filters)`,
+      );
       return 2;
     } else filters.push(arg.replace(/^\.\//, ""));
   }
@@ -202,12 +228,18 @@ async function main(argv: string[]): Promise<number> {
   const all = findTestFiles("tests");
   const files = filters.length === 0 ? all : all.filter((f) => filters.some((p) => f.includes(p)));
   if (files.length === 0) {
-    return fail(filters.length ? `no test file matches ${filters.map((f) => `'${f}'`).join(", ")}` : "no tests/**/*_test.ts found");
+    return fail(
+      filters.length
+        ? `no test file matches ${filters.map((f) => `'${f}'`).join(", ")}`
+        : "no tests/**/*_test.ts found",
+    );
   }
   console.log(`test: ${files.length} file${files.length === 1 ? "" : "s"}`);
 
   // Colour only when a person watches; logs stay plain.
-  const env: Record<string, string> = process.stdout.isTTY ? { FORCE_COLOR: "1" } : { NO_COLOR: "1" };
+  const env: Record<string, string> = process.stdout.isTTY
+    ? { FORCE_COLOR: "1" }
+    : { NO_COLOR: "1" };
   const results: [string, Counts][] = [];
   if (runBun) {
     const { code, output } = await runStreaming(

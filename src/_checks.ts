@@ -45,8 +45,13 @@ export function hostView(name: string, x: unknown): HostView | undefined {
   const kind = apply(taTag, x, []) as string | undefined;
   if (kind === undefined) return undefined;
   const buffer = apply(taBuffer, x, []) as ArrayBufferLike;
-  if (abDetached !== undefined && !(buffer instanceof SharedArrayBuffer) && apply(abDetached, buffer, [])) {
-    throw new TypeError(`${name}'s buffer is detached (transferred); pass an array that owns its memory`);
+  if (
+    abDetached !== undefined && !(buffer instanceof SharedArrayBuffer) &&
+    apply(abDetached, buffer, [])
+  ) {
+    throw new TypeError(
+      `${name}'s buffer is detached (transferred); pass an array that owns its memory`,
+    );
   }
   return {
     view: x as ArrayBufferView,
@@ -98,7 +103,12 @@ export function show(v: unknown): string {
 }
 
 /** An integer in [min, max] (-0 is 0: Deno's FFI refuses -0 as an integer). */
-export function checkInt(name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
+export function checkInt(
+  name: string,
+  v: unknown,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number {
   if (typeof v !== "number") throw new TypeError(`${name} must be a number, got ${show(v)}`);
   if (!Number.isInteger(v)) throw new RangeError(`${name} must be an integer, got ${show(v)}`);
   if (v < min || v > max) {
@@ -115,7 +125,11 @@ export function checkBool(name: string, v: unknown, dflt = false): boolean {
 }
 
 /** One of a fixed set of values. */
-export function checkOneOf<T extends string | number>(name: string, v: unknown, allowed: readonly T[]): T {
+export function checkOneOf<T extends string | number>(
+  name: string,
+  v: unknown,
+  allowed: readonly T[],
+): T {
   if (!allowed.includes(v as T)) {
     const list = allowed.map(show).join(", ");
     const err = typeof v === typeof allowed[0] ? RangeError : TypeError;
@@ -130,7 +144,10 @@ export function checkShape(name: string, v: unknown): [number, number] {
     throw new TypeError(`${name} must be [rows, cols], got ${show(v)}`);
   }
   const a = v[0], b = v[1]; // each read once
-  const s: [number, number] = [checkInt(`${name}[0] (rows)`, a, 1, 2 ** 40), checkInt(`${name}[1] (cols)`, b, 1, 2 ** 40)];
+  const s: [number, number] = [
+    checkInt(`${name}[0] (rows)`, a, 1, 2 ** 40),
+    checkInt(`${name}[1] (cols)`, b, 1, 2 ** 40),
+  ];
   checkElems(name, s);
   return s;
 }
@@ -139,7 +156,9 @@ export function checkShape(name: string, v: unknown): [number, number] {
 export function checkElems(name: string, dims: readonly number[]): number {
   let n = 1;
   for (const d of dims) n *= d; // exact while below 2^53; compared before it can lose precision
-  if (n > MAX_ELEMS) throw new RangeError(`${name} must hold at most 2^40 elements, got ${dims.join(" x ")}`);
+  if (n > MAX_ELEMS) {
+    throw new RangeError(`${name} must hold at most 2^40 elements, got ${dims.join(" x ")}`);
+  }
   return n;
 }
 

@@ -20,7 +20,15 @@ export interface HostOf {
 }
 
 /** Byte size of one element of each tensor dtype. */
-export const dtypeBytes: Record<TensorDType, number> = { f32: 4, f16: 2, bf16: 2, u32: 4, u16: 2, u8: 1, i32: 4 };
+export const dtypeBytes: Record<TensorDType, number> = {
+  f32: 4,
+  f16: 2,
+  bf16: 2,
+  u32: 4,
+  u16: 2,
+  u8: 1,
+  i32: 4,
+};
 /** kivi_dtype codes of the data dtypes. */
 export const dtypeCode: Record<DType, number> = { f32: 0, f16: 1, bf16: 2 };
 
@@ -60,12 +68,23 @@ export function dtypeOfKind(kind: string, hint?: unknown): TensorDType | undefin
 }
 
 /** A dtype hint must fit the array: any of f16, bf16, u16 for a Uint16Array, else the array's own. */
-export function checkHint(hintName: string, hint: DType | TensorDType | undefined, name: string, kind: string): void {
+export function checkHint(
+  hintName: string,
+  hint: DType | TensorDType | undefined,
+  name: string,
+  kind: string,
+): void {
   if (hint === undefined) return;
   const own = kindDtype[kind];
-  const fits = kind === "Uint16Array" ? hint === "f16" || hint === "bf16" || hint === "u16" : hint === own;
+  const fits = kind === "Uint16Array"
+    ? hint === "f16" || hint === "bf16" || hint === "u16"
+    : hint === own;
   if (!fits) {
-    throw new TypeError(`${hintName} ${JSON.stringify(hint)} does not match ${name}, a ${kind}${own ? ` (${own})` : ""}`);
+    throw new TypeError(
+      `${hintName} ${JSON.stringify(hint)} does not match ${name}, a ${kind}${
+        own ? ` (${own})` : ""
+      }`,
+    );
   }
 }
 

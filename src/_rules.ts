@@ -28,7 +28,10 @@ export const RULES = {
 } as const;
 
 /** The codebook options of a format object `f` named `name`: fit and iterations, defaults filled. */
-export function codebookFit(name: string, f: Record<string, unknown>): { fit: "free" | "pinned"; iterations: number } {
+export function codebookFit(
+  name: string,
+  f: Record<string, unknown>,
+): { fit: "free" | "pinned"; iterations: number } {
   const { min, max } = RULES.iterations;
   return {
     fit: checkOneOf(`${name}.fit`, f.fit ?? "free", RULES.fits),
@@ -37,8 +40,14 @@ export function codebookFit(name: string, f: Record<string, unknown>): { fit: "f
 }
 
 /** A TypeError for a codebook option given to a uniform format. */
-export function refuseCodebookKeys(name: string, f: Record<string, unknown>, keys: readonly string[]): void {
+export function refuseCodebookKeys(
+  name: string,
+  f: Record<string, unknown>,
+  keys: readonly string[],
+): void {
   for (const k of keys) {
-    if (f[k] !== undefined) throw new TypeError(`${name}.${k} is an option of the codebook format, not of "uniform"`);
+    if (f[k] !== undefined) {
+      throw new TypeError(`${name}.${k} is an option of the codebook format, not of "uniform"`);
+    }
   }
 }

@@ -18,8 +18,8 @@ import * as quant from "./quant.ts";
 import { type CacheOptions, KVCache } from "./cache.ts";
 import { LlamaModel } from "./model/llama.ts";
 import type {
-  BlockStats,
   Bits,
+  BlockStats,
   Buf,
   CodebookOptions,
   CodebookQuantized,
@@ -47,7 +47,13 @@ export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
  */
 export const ABI_VERSION = 2;
 
-export { type BackendKind, BackendCore, DeviceTensor, NativeState, type TensorFacts } from "./tensor.ts";
+export {
+  BackendCore,
+  type BackendKind,
+  DeviceTensor,
+  NativeState,
+  type TensorFacts,
+} from "./tensor.ts";
 
 /** Options of {@link openBackend}. */
 export interface OpenOptions {
@@ -133,9 +139,18 @@ export class Backend extends BackendCore {
    * ```
    */
   dequantize(q: Quantized<"host">, opts?: { dtype?: "f32"; out?: Float32Array }): Float32Array;
-  dequantize(q: Quantized<"device">, opts?: { dtype?: "f32"; out?: DeviceTensor<"f32"> }): DeviceTensor<"f32">;
-  dequantize<M extends Mem>(q: Quantized<M>, opts?: { dtype?: DType; out?: Buf<M, DType> }): Buf<M, DType>;
-  dequantize<M extends Mem>(q: Quantized<M>, opts: { dtype?: DType; out?: Buf<M, DType> } = {}): Buf<M, DType> {
+  dequantize(
+    q: Quantized<"device">,
+    opts?: { dtype?: "f32"; out?: DeviceTensor<"f32"> },
+  ): DeviceTensor<"f32">;
+  dequantize<M extends Mem>(
+    q: Quantized<M>,
+    opts?: { dtype?: DType; out?: Buf<M, DType> },
+  ): Buf<M, DType>;
+  dequantize<M extends Mem>(
+    q: Quantized<M>,
+    opts: { dtype?: DType; out?: Buf<M, DType> } = {},
+  ): Buf<M, DType> {
     return quant.dequantize(this, q, opts);
   }
 
@@ -190,8 +205,14 @@ export class Backend extends BackendCore {
    * ```
    */
   pack(codes: Uint8Array, opts: { bits: Bits; out?: Uint32Array }): Uint32Array;
-  pack(codes: DeviceTensor<"u8">, opts: { bits: Bits; out?: DeviceTensor<"u32"> }): DeviceTensor<"u32">;
-  pack<M extends Mem>(codes: Buf<M, "u8">, opts: { bits: Bits; out?: Buf<M, "u32"> }): Buf<M, "u32"> {
+  pack(
+    codes: DeviceTensor<"u8">,
+    opts: { bits: Bits; out?: DeviceTensor<"u32"> },
+  ): DeviceTensor<"u32">;
+  pack<M extends Mem>(
+    codes: Buf<M, "u8">,
+    opts: { bits: Bits; out?: Buf<M, "u32"> },
+  ): Buf<M, "u32"> {
     return quant.pack(this, codes, opts);
   }
 
@@ -206,8 +227,14 @@ export class Backend extends BackendCore {
    * ```
    */
   unpack(words: Uint32Array, opts: { bits: Bits; out?: Uint8Array }): Uint8Array;
-  unpack(words: DeviceTensor<"u32">, opts: { bits: Bits; out?: DeviceTensor<"u8"> }): DeviceTensor<"u8">;
-  unpack<M extends Mem>(words: Buf<M, "u32">, opts: { bits: Bits; out?: Buf<M, "u8"> }): Buf<M, "u8"> {
+  unpack(
+    words: DeviceTensor<"u32">,
+    opts: { bits: Bits; out?: DeviceTensor<"u8"> },
+  ): DeviceTensor<"u8">;
+  unpack<M extends Mem>(
+    words: Buf<M, "u32">,
+    opts: { bits: Bits; out?: Buf<M, "u8"> },
+  ): Buf<M, "u8"> {
     return quant.unpack(this, words, opts);
   }
 
@@ -258,7 +285,9 @@ export class Backend extends BackendCore {
 async function cpuLibrary(): Promise<string> {
   const path = defaultLibraryPath("cpu");
   if (existsSync(path)) return path;
-  process.stderr.write(`kivi: ${path} is missing; building it now (gcc, a few seconds; \`bun build.ts\` builds it ahead of time)\n`);
+  process.stderr.write(
+    `kivi: ${path} is missing; building it now (gcc, a few seconds; \`bun build.ts\` builds it ahead of time)\n`,
+  );
   let why: string;
   try {
     const { build } = await import("../build.ts");
@@ -268,13 +297,20 @@ async function cpuLibrary(): Promise<string> {
   } catch (e) {
     why = (e as Error).message;
   }
-  throw new KiviError(Status.KIVI_ERR_STATE, "openBackend", `openBackend: ${path} is not built and building it failed (${why}); run \`bun build.ts\``);
+  throw new KiviError(
+    Status.KIVI_ERR_STATE,
+    "openBackend",
+    `openBackend: ${path} is not built and building it failed (${why}); run \`bun build.ts\``,
+  );
 }
 
 function tryLoadCuda(path: string, device: number): Promise<{ lib?: NativeLib; reason: string }> {
   return (async () => {
     if (!existsSync(path)) {
-      return { reason: `no CUDA build: ${path} is not built (build.ts builds it where a CUDA device is present, or with --cuda)` };
+      return {
+        reason:
+          `no CUDA build: ${path} is not built (build.ts builds it where a CUDA device is present, or with --cuda)`,
+      };
     }
     let lib: NativeLib;
     try {
@@ -286,7 +322,11 @@ function tryLoadCuda(path: string, device: number): Promise<{ lib?: NativeLib; r
     const st = lib.call("kivi_device_count", lib.ptr(n));
     if (st !== 0 || n[0] <= device) {
       lib.close();
-      return { reason: n[0] === 0 ? "no CUDA device found" : `CUDA device ${device} does not exist (${n[0]} found)` };
+      return {
+        reason: n[0] === 0
+          ? "no CUDA device found"
+          : `CUDA device ${device} does not exist (${n[0]} found)`,
+      };
     }
     return { lib, reason: `CUDA device ${device} found` };
   })();
@@ -317,11 +357,15 @@ export async function openBackend(opts: OpenOptions = {}): Promise<Backend> {
   let reason: string;
   if (override) {
     const what = o.libraryPath ? "libraryPath" : "KIVI_LIB_PATH";
-    if (!existsSync(override)) throw new TypeError(`${what} must name a kivi library, got ${show(override)}: no such file`);
+    if (!existsSync(override)) {
+      throw new TypeError(`${what} must name a kivi library, got ${show(override)}: no such file`);
+    }
     try {
       lib = await loadNative(override);
     } catch (e) {
-      throw new TypeError(`${what} must name a kivi library, got ${show(override)}: ${(e as Error).message}`);
+      throw new TypeError(
+        `${what} must name a kivi library, got ${show(override)}: ${(e as Error).message}`,
+      );
     }
     reason = `loaded ${override} (${what})`;
   } else if (prefer === "cpu") {
@@ -333,7 +377,11 @@ export async function openBackend(opts: OpenOptions = {}): Promise<Backend> {
       lib = cuda.lib;
       reason = cuda.reason;
     } else if (prefer === "cuda") {
-      throw new KiviError(Status.KIVI_ERR_NO_DEVICE, "openBackend", `openBackend: the CUDA build is unusable: ${cuda.reason}`);
+      throw new KiviError(
+        Status.KIVI_ERR_NO_DEVICE,
+        "openBackend",
+        `openBackend: the CUDA build is unusable: ${cuda.reason}`,
+      );
     } else {
       lib = await loadNative(await cpuLibrary());
       reason = `using the CPU reference build: ${cuda.reason}`;
@@ -351,7 +399,11 @@ export async function openBackend(opts: OpenOptions = {}): Promise<Backend> {
   const kind: BackendKind = lib.call("kivi_backend_kind") === 1 ? "cuda" : "cpu";
   if (prefer !== "auto" && kind !== prefer) {
     lib.close();
-    throw new KiviError(Status.KIVI_ERR_STATE, "openBackend", `openBackend: ${lib.path} is the ${kind} build, but prefer is ${show(prefer)}`);
+    throw new KiviError(
+      Status.KIVI_ERR_STATE,
+      "openBackend",
+      `openBackend: ${lib.path} is the ${kind} build, but prefer is ${show(prefer)}`,
+    );
   }
   const out = new BigUint64Array(1);
   const st = lib.call("kivi_ctx_create", device, lib.ptr(out));

@@ -6,7 +6,14 @@
  * @module
  */
 import { type Pointer, scratchArray } from "./ffi/_native.ts";
-import { type BackendCore as Backend, type DeviceTensor, handleRegistry, type NativeHeld, type NativeState, type TensorFacts } from "./tensor.ts";
+import {
+  type BackendCore as Backend,
+  type DeviceTensor,
+  handleRegistry,
+  type NativeHeld,
+  type NativeState,
+  type TensorFacts,
+} from "./tensor.ts";
 import type { CacheConfig } from "./cache_config.ts";
 import { checkBool, checkOneOf, readOptions, show } from "./_checks.ts";
 import { dtypeCode } from "./_dtype.ts";
@@ -70,11 +77,15 @@ function tensorOption(backend: Backend, name: string, x: unknown): TensorFacts |
   const t = backend._tensor(x);
   if (t === undefined) {
     throw new TypeError(
-      `${name} must be a DeviceTensor, got ${show(x)}: a batch keeps its buffers where the library works ` +
+      `${name} must be a DeviceTensor, got ${
+        show(x)
+      }: a batch keeps its buffers where the library works ` +
         `(kivi.upload a host array once, or use cache.attend / seq.append for host arrays)`,
     );
   }
-  if (t.backend !== backend) throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
+  if (t.backend !== backend) {
+    throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
+  }
   checkOneOf(`${name}.dtype`, t.dtype, ["f32", "f16", "bf16"] as const);
   return t;
 }
@@ -148,33 +159,68 @@ export class DecodeBatch<S extends object = object> {
     const o = readOptions("options", opts, ["q", "out", "k", "v", "scale", "trusted"]);
     const c = host.config;
     const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once
-    if (count === 0) throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
-    if (count > BATCH_MAX) throw new RangeError(`seqs must hold at most ${BATCH_MAX} sequences, got ${count}`);
+    if (count === 0) {
+      throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
+    }
+    if (count > BATCH_MAX) {
+      throw new RangeError(`seqs must hold at most ${BATCH_MAX} sequences, got ${count}`);
+    }
     const seqs: S[] = [];
     for (let i = 0; i < count; i++) {
       const s = host.own(`seqs[${i}]`, (seqsArg as unknown[])[i]);
       const j = seqs.indexOf(s);
-      if (j >= 0) throw new TypeError(`seqs[${i}] repeats seqs[${j}]; a batch holds each sequence once`);
+      if (j >= 0) {
+        throw new TypeError(`seqs[${i}] repeats seqs[${j}]; a batch holds each sequence once`);
+      }
       seqs.push(s);
     }
     const q = tensorOption(host.backend, "q", o.q), out = tensorOption(host.backend, "out", o.out);
     const k = tensorOption(host.backend, "k", o.k), v = tensorOption(host.backend, "v", o.v);
-    if ((q === undefined) !== (out === undefined)) throw new TypeError(`q and out must be given together, got ${q ? "q" : "out"} alone`);
-    if ((k === undefined) !== (v === undefined)) throw new TypeError(`k and v must be given together, got ${k ? "k" : "v"} alone`);
-    if (q === undefined && k === undefined) throw new TypeError(`a batch needs q and out (attend), k and v (append), or all four`);
+    if ((q === undefined) !== (out === undefined)) {
+      throw new TypeError(`q and out must be given together, got ${q ? "q" : "out"} alone`);
+    }
+    if ((k === undefined) !== (v === undefined)) {
+      throw new TypeError(`k and v must be given together, got ${k ? "k" : "v"} alone`);
+    }
+    if (q === undefined && k === undefined) {
+      throw new TypeError(`a batch needs q and out (attend), k and v (append), or all four`);
+    }
     const nq = count * c.queryHeads * c.headDim, nk = count * c.kvHeads * c.headDim;
-    const shape = (what: string, n: number) => `batch (${count}) x ${what} (${what === "queryHeads" ? c.queryHeads : c.kvHeads}) x headDim (${c.headDim}) = ${n}`;
-    if (q && q.length !== nq) throw new TypeError(`q must hold ${shape("queryHeads", nq)} values, got ${q.length}`);
-    if (out && out.length !== nq) throw new TypeError(`out must hold ${shape("queryHeads", nq)} values like q, got ${out.length}`);
-    if (k && k.length !== nk) throw new TypeError(`k must hold ${shape("kvHeads", nk)} values (one token a sequence), got ${k.length}`);
-    if (v && v.length !== nk) throw new TypeError(`v must hold ${shape("kvHeads", nk)} values (one token a sequence), got ${v.length}`);
-    if (k && v && k.dtype !== v.dtype) throw new TypeError(`k and v must have the same dtype, got ${k.dtype} and ${v.dtype}`);
+    const shape = (what: string, n: number) =>
+      `batch (${count}) x ${what} (${
+        what === "queryHeads" ? c.queryHeads : c.kvHeads
+      }) x headDim (${c.headDim}) = ${n}`;
+    if (q && q.length !== nq) {
+      throw new TypeError(`q must hold ${shape("queryHeads", nq)} values, got ${q.length}`);
+    }
+    if (out && out.length !== nq) {
+      throw new TypeError(
+        `out must hold ${shape("queryHeads", nq)} values like q, got ${out.length}`,
+      );
+    }
+    if (k && k.length !== nk) {
+      throw new TypeError(
+        `k must hold ${shape("kvHeads", nk)} values (one token a sequence), got ${k.length}`,
+      );
+    }
+    if (v && v.length !== nk) {
+      throw new TypeError(
+        `v must hold ${shape("kvHeads", nk)} values (one token a sequence), got ${v.length}`,
+      );
+    }
+    if (k && v && k.dtype !== v.dtype) {
+      throw new TypeError(`k and v must have the same dtype, got ${k.dtype} and ${v.dtype}`);
+    }
     for (const [name, t] of [["q", q], ["k", k], ["v", v]] as const) {
-      if (out && t && out.tensor === t.tensor) throw new TypeError(`out must not share memory with ${name}`);
+      if (out && t && out.tensor === t.tensor) {
+        throw new TypeError(`out must not share memory with ${name}`);
+      }
     }
     const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
     if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-      throw new RangeError(`scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`);
+      throw new RangeError(
+        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
+      );
     }
     const trusted = checkBool("trusted", o.trusted);
     // Native handles from here on, with no user code in between.
@@ -183,7 +229,11 @@ export class DecodeBatch<S extends object = object> {
     const ids = Int32Array.from(seqs, (s) => host.usableId(s, "batch"));
     const made = new BigUint64Array(1);
     const ptr = (t: TensorFacts | undefined, write?: string) =>
-      t === undefined ? null : write === undefined ? t.pointer("batch") : t.writePointer("batch", write);
+      t === undefined
+        ? null
+        : write === undefined
+        ? t.pointer("batch")
+        : t.writePointer("batch", write);
     const st = lib.call(
       "kivi_batch_create",
       handle,
@@ -243,9 +293,15 @@ export class DecodeBatch<S extends object = object> {
     const h = this.#held;
     if (h === undefined) throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: ${this.#gone}`);
     this.#host.live(op); // a disposed cache or backend, a sticky fault
-    if (typeof layer !== "number") throw new TypeError(`layer must be a number, got ${show(layer)}`);
-    if (!Number.isInteger(layer)) throw new RangeError(`layer must be an integer, got ${show(layer)}`);
-    if (layer < 0 || layer >= this.#layers) throw new RangeError(`layer must be between 0 and ${this.#layers - 1}, got ${show(layer)}`);
+    if (typeof layer !== "number") {
+      throw new TypeError(`layer must be a number, got ${show(layer)}`);
+    }
+    if (!Number.isInteger(layer)) {
+      throw new RangeError(`layer must be an integer, got ${show(layer)}`);
+    }
+    if (layer < 0 || layer >= this.#layers) {
+      throw new RangeError(`layer must be between 0 and ${this.#layers - 1}, got ${show(layer)}`);
+    }
     const epoch = this.#host.shared.epoch;
     for (const s of this.#seqs) this.#host.usableId(s, op);
     this.#epoch = epoch;
@@ -257,10 +313,20 @@ export class DecodeBatch<S extends object = object> {
    * with every sequence as it was. */
   append(layer: number): void {
     let h = this.#held;
-    if (h === undefined || h.state.broken !== undefined || !this.#host.shared.open || this.#epoch !== this.#host.shared.epoch || typeof layer !== "number" || !(layer >= 0 && layer < this.#layers && Number.isInteger(layer))) {
+    if (
+      h === undefined || h.state.broken !== undefined || !this.#host.shared.open ||
+      this.#epoch !== this.#host.shared.epoch || typeof layer !== "number" ||
+      !(layer >= 0 && layer < this.#layers && Number.isInteger(layer))
+    ) {
       h = this.#slow("append", layer);
     }
-    if (this.#k === undefined) throw new KiviError(Status.KIVI_ERR_STATE, "append", "append: the batch was made without k and v; make one with them");
+    if (this.#k === undefined) {
+      throw new KiviError(
+        Status.KIVI_ERR_STATE,
+        "append",
+        "append: the batch was made without k and v; make one with them",
+      );
+    }
     this.#k.pointer("append"); // a disposed tensor is KIVI_ERR_STATE
     this.#v!.pointer("append");
     const st = this.#appendFn(h.handle, layer === 0 ? 0 : layer);
@@ -270,10 +336,20 @@ export class DecodeBatch<S extends object = object> {
   /** Decode attention of `layer` for the batch: `out = softmax(q K^T * scale) V` per sequence and head. */
   attend(layer: number): void {
     let h = this.#held;
-    if (h === undefined || h.state.broken !== undefined || !this.#host.shared.open || this.#epoch !== this.#host.shared.epoch || typeof layer !== "number" || !(layer >= 0 && layer < this.#layers && Number.isInteger(layer))) {
+    if (
+      h === undefined || h.state.broken !== undefined || !this.#host.shared.open ||
+      this.#epoch !== this.#host.shared.epoch || typeof layer !== "number" ||
+      !(layer >= 0 && layer < this.#layers && Number.isInteger(layer))
+    ) {
       h = this.#slow("attend", layer);
     }
-    if (this.#q === undefined) throw new KiviError(Status.KIVI_ERR_STATE, "attend", "attend: the batch was made without q and out; make one with them");
+    if (this.#q === undefined) {
+      throw new KiviError(
+        Status.KIVI_ERR_STATE,
+        "attend",
+        "attend: the batch was made without q and out; make one with them",
+      );
+    }
     this.#q.pointer("attend");
     this.#out!.writePointer("attend", "out"); // disposed, or a read() in flight: KIVI_ERR_STATE
     const st = this.#attendFn(h.handle, layer === 0 ? 0 : layer);
@@ -293,7 +369,9 @@ export class DecodeBatch<S extends object = object> {
   /** Waits for the device without blocking the event loop, then throws a deferred
    * KIVI_ERR_NONFINITE, if any. */
   async synchronize(): Promise<void> {
-    if (this.#held === undefined) throw new KiviError(Status.KIVI_ERR_STATE, "synchronize", `synchronize: ${this.#gone}`);
+    if (this.#held === undefined) {
+      throw new KiviError(Status.KIVI_ERR_STATE, "synchronize", `synchronize: ${this.#gone}`);
+    }
     await this.#host.backend.synchronize();
     this.#status("synchronize", false);
   }
@@ -311,7 +389,14 @@ export class DecodeBatch<S extends object = object> {
     const h = this.#held;
     if (h === undefined) throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: ${this.#gone}`);
     this.#host.live(op);
-    const st = h.state.lib.call("kivi_batch_status", h.handle, wait ? 1 : 0, this.#reportPtr, REPORT_FIELDS, this.#badPtr);
+    const st = h.state.lib.call(
+      "kivi_batch_status",
+      h.handle,
+      wait ? 1 : 0,
+      this.#reportPtr,
+      REPORT_FIELDS,
+      this.#badPtr,
+    );
     if (st === 0) return;
     if (st === Status.KIVI_ERR_NONFINITE) {
       const msg = h.state.lib.call("kivi_ctx_last_error", h.state.ctx);
@@ -320,7 +405,9 @@ export class DecodeBatch<S extends object = object> {
         if (bad) {
           this.#host.poison(
             this.#seqs[b],
-            `holds a non-finite value that batch.append stored${layer >= 0 ? ` in layer ${layer}` : ""} (a deferred check); free it`,
+            `holds a non-finite value that batch.append stored${
+              layer >= 0 ? ` in layer ${layer}` : ""
+            } (a deferred check); free it`,
           );
         }
       });

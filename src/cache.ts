@@ -5,14 +5,46 @@
  * @module
  */
 import { type ArgsOf, type Pointer, scratchArray } from "./ffi/_native.ts";
-import { type BackendCore as Backend, type DeviceTensor, handleRegistry, type NativeHeld, type TensorFacts } from "./tensor.ts";
-import { checkBool, checkInt, checkOneOf, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
-import { checkHint, type DType, dtypeCode, dtypeOfKind, F16_LIMIT, firstBeyondFp16, type HostArray, hostArray, valueAt } from "./_dtype.ts";
+import {
+  type BackendCore as Backend,
+  type DeviceTensor,
+  handleRegistry,
+  type NativeHeld,
+  type TensorFacts,
+} from "./tensor.ts";
+import {
+  checkBool,
+  checkInt,
+  checkOneOf,
+  type HostView,
+  hostView,
+  overlaps,
+  plainView,
+  readOptions,
+  show,
+} from "./_checks.ts";
+import {
+  checkHint,
+  type DType,
+  dtypeCode,
+  dtypeOfKind,
+  F16_LIMIT,
+  firstBeyondFp16,
+  type HostArray,
+  hostArray,
+  valueAt,
+} from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
 import { bitsPerValue, type Buf, type Input, type MemOf } from "./quant.ts";
 import { type BatchOptions, DecodeBatch } from "./batch.ts";
-import { type CacheConfig, type CacheMemory, type CacheOptions, configArray, resolveCacheOptions } from "./cache_config.ts";
+import {
+  type CacheConfig,
+  type CacheMemory,
+  type CacheOptions,
+  configArray,
+  resolveCacheOptions,
+} from "./cache_config.ts";
 
 export {
   type CacheConfig,
@@ -28,7 +60,6 @@ export {
 type CacheHeld = NativeHeld;
 const cacheRegistry = handleRegistry("kivi_cache_destroy");
 
-
 /** A K, V or q argument described once: a host typed array (by its internal slots) or a tensor. */
 interface Data {
   dtype: DType;
@@ -42,7 +73,14 @@ interface Data {
  * reports them as KIVI_ERR_NONFINITE). Host arrays and the CPU backend's tensors (host memory) are
  * scanned here; the library's append scans CUDA tensors itself.
  */
-function checkFp16Range(backend: Backend, name: string, d: Data, c: CacheConfig, n: number, layer: number): void {
+function checkFp16Range(
+  backend: Backend,
+  name: string,
+  d: Data,
+  c: CacheConfig,
+  n: number,
+  layer: number,
+): void {
   if (d.dtype === "f16" || (d.tensor && backend.kind !== "cpu")) return;
   let a: Float32Array | Uint16Array;
   if (d.host) a = plainView(d.host) as Float32Array | Uint16Array;
@@ -53,10 +91,15 @@ function checkFp16Range(backend: Backend, name: string, d: Data, c: CacheConfig,
   const at = firstBeyondFp16(a, d.dtype);
   if (at < 0) return;
   const row = c.kvHeads * c.headDim;
-  const where = `layer ${layer === -1 ? Math.floor(at / (n * row)) : layer}, token ${Math.floor(at / row) % n}, ` +
+  const where =
+    `layer ${layer === -1 ? Math.floor(at / (n * row)) : layer}, token ${
+      Math.floor(at / row) % n
+    }, ` +
     `head ${Math.floor((at % row) / c.headDim)}, channel ${at % c.headDim}`;
   throw new RangeError(
-    `${name} must hold values below ${F16_LIMIT} in magnitude (the cache stores fp16), got ${valueAt(a, d.dtype, at)} at index ${at} (${where}); scale it down`,
+    `${name} must hold values below ${F16_LIMIT} in magnitude (the cache stores fp16), got ${
+      valueAt(a, d.dtype, at)
+    } at index ${at} (${where}); scale it down`,
   );
 }
 
@@ -111,7 +154,11 @@ export class Sequence {
 
   #live(op: string): number {
     if (this.#id === undefined) {
-      throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: the sequence was freed; create a new one`);
+      throw new KiviError(
+        Status.KIVI_ERR_STATE,
+        op,
+        `${op}: the sequence was freed; create a new one`,
+      );
     }
     return this.#id;
   }
@@ -132,7 +179,9 @@ export class Sequence {
    * batch): live, and holding no non-finite value a batch's deferred check found (KIVI_ERR_NONFINITE). */
   static _usableId(s: Sequence, op: string): number {
     const id = s.#live(op);
-    if (s.#poison !== undefined) throw new KiviError(Status.KIVI_ERR_NONFINITE, op, `${op}: ${s.#poison}`);
+    if (s.#poison !== undefined) {
+      throw new KiviError(Status.KIVI_ERR_NONFINITE, op, `${op}: ${s.#poison}`);
+    }
     return id;
   }
 
@@ -224,11 +273,21 @@ export class KVCache {
   /** @internal use Backend.createCache */
   constructor(backend: Backend, options: CacheOptions) {
     const config = resolveCacheOptions(options);
-    this.#config = Object.freeze({ ...config, keys: Object.freeze({ ...config.keys }), values: Object.freeze({ ...config.values }) });
+    this.#config = Object.freeze({
+      ...config,
+      keys: Object.freeze({ ...config.keys }),
+      values: Object.freeze({ ...config.values }),
+    });
     const state = backend._retainState("createCache");
     const out = new BigUint64Array(1);
     const cfg = configArray(this.#config);
-    const st = state.lib.call("kivi_cache_create", state.ctx, state.lib.ptr(cfg), cfg.length, state.lib.ptr(out));
+    const st = state.lib.call(
+      "kivi_cache_create",
+      state.ctx,
+      state.lib.ptr(cfg),
+      cfg.length,
+      state.lib.ptr(out),
+    );
     if (st !== 0) {
       const msg = state.lib.call("kivi_ctx_last_error", state.ctx);
       state.release();
@@ -266,7 +325,13 @@ export class KVCache {
 
   #live(op: string): CacheHeld {
     const h = this.#held;
-    if (h === undefined) throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: the cache was disposed; create a new one`);
+    if (h === undefined) {
+      throw new KiviError(
+        Status.KIVI_ERR_STATE,
+        op,
+        `${op}: the cache was disposed; create a new one`,
+      );
+    }
     this.#backend._native(op); // throws if the backend is disposed or broken
     return h;
   }
@@ -277,7 +342,9 @@ export class KVCache {
 
   /** A Sequence of this cache (brand-checked), else a TypeError naming `name`. */
   #own(name: string, s: unknown): Sequence {
-    if (Sequence._cacheOf(s) !== this) throw new TypeError(`${name} must be a Sequence of this cache, got ${show(s)}`);
+    if (Sequence._cacheOf(s) !== this) {
+      throw new TypeError(`${name} must be a Sequence of this cache, got ${show(s)}`);
+    }
     return s as Sequence;
   }
 
@@ -285,7 +352,10 @@ export class KVCache {
   createSequence(): Sequence {
     const { state, handle } = this.#live("createSequence");
     const out = new Int32Array(1);
-    this.#check("kivi_cache_seq_create", state.lib.call("kivi_cache_seq_create", handle, state.lib.ptr(out)));
+    this.#check(
+      "kivi_cache_seq_create",
+      state.lib.call("kivi_cache_seq_create", handle, state.lib.ptr(out)),
+    );
     const s = new Sequence(this, out[0]);
     this.#seqs.add(s);
     return s;
@@ -312,18 +382,22 @@ export class KVCache {
    */
   batch(seqs: readonly Sequence[], opts: BatchOptions): DecodeBatch<Sequence> {
     this.#live("batch");
-    const b = new DecodeBatch<Sequence>({
-      backend: this.#backend,
-      config: this.#config,
-      live: (op) => this.#live(op),
-      shared: this.#shared,
-      own: (name, s) => this.#own(name, s),
-      usableId: (s, op) => Sequence._usableId(s, op),
-      poison: (s, why) => {
-        Sequence._poison(s, why);
-        this.#shared.epoch++;
+    const b = new DecodeBatch<Sequence>(
+      {
+        backend: this.#backend,
+        config: this.#config,
+        live: (op) => this.#live(op),
+        shared: this.#shared,
+        own: (name, s) => this.#own(name, s),
+        usableId: (s, op) => Sequence._usableId(s, op),
+        poison: (s, why) => {
+          Sequence._poison(s, why);
+          this.#shared.epoch++;
+        },
       },
-    }, seqs, opts);
+      seqs,
+      opts,
+    );
     if (this.#batches.size >= 32) {
       for (const r of this.#batches) if (r.deref()?.disposed !== false) this.#batches.delete(r);
     }
@@ -346,7 +420,10 @@ export class KVCache {
     const { state, handle } = this.#live(op);
     const id = Sequence._liveId(seq, op);
     const [pl, pq] = this.#lensPtr;
-    this.#check("kivi_cache_seq_length", state.lib.call("kivi_cache_seq_length", handle, id, layer, pl, pq));
+    this.#check(
+      "kivi_cache_seq_length",
+      state.lib.call("kivi_cache_seq_length", handle, id, layer, pl, pq),
+    );
     return [Number(this.#lens[0]), Number(this.#lens[1])];
   }
 
@@ -357,7 +434,14 @@ export class KVCache {
     const n = new Int32Array(1);
     this.#check(
       "kivi_cache_seq_pages",
-      state.lib.call("kivi_cache_seq_pages", handle, id, state.lib.ptr(pages), pages.length, state.lib.ptr(n)),
+      state.lib.call(
+        "kivi_cache_seq_pages",
+        handle,
+        id,
+        state.lib.ptr(pages),
+        pages.length,
+        state.lib.ptr(n),
+      ),
     );
     return pages.slice(0, n[0]);
   }
@@ -367,16 +451,24 @@ export class KVCache {
   #data(name: string, x: unknown, hintName: string, hint: DType | undefined): Data {
     const t = this.#backend._tensor(x);
     if (t !== undefined) {
-      if (t.backend !== this.#backend) throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
+      if (t.backend !== this.#backend) {
+        throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
+      }
       const dtype = checkOneOf(`${name}.dtype`, t.dtype, ["f32", "f16", "bf16"] as const);
-      if (hint !== undefined && hint !== dtype) throw new TypeError(`${hintName} ${show(hint)} does not match ${name}, a ${dtype} tensor`);
+      if (hint !== undefined && hint !== dtype) {
+        throw new TypeError(`${hintName} ${show(hint)} does not match ${name}, a ${dtype} tensor`);
+      }
       return { dtype, length: t.length, tensor: t };
     }
     const v = hostView(name, x);
-    if (v === undefined) throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
+    if (v === undefined) {
+      throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
+    }
     const dtype = dtypeOfKind(v.kind, hint);
     if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
-      throw new TypeError(`${name} must be a Float32Array, Float16Array or Uint16Array, got ${v.kind}`);
+      throw new TypeError(
+        `${name} must be a Float32Array, Float16Array or Uint16Array, got ${v.kind}`,
+      );
     }
     checkHint(hintName, hint, name, v.kind);
     return { dtype, length: v.length, host: v };
@@ -398,17 +490,27 @@ export class KVCache {
     const c = this.#config;
     const o = readOptions("options", opts, ["layer", "dtype", "trusted"]);
     const layer = o.layer === undefined ? -1 : checkInt("layer", o.layer, 0, c.layers - 1);
-    const hint = o.dtype === undefined ? undefined : checkOneOf("dtype", o.dtype, ["f32", "f16", "bf16"] as const);
+    const hint = o.dtype === undefined
+      ? undefined
+      : checkOneOf("dtype", o.dtype, ["f32", "f16", "bf16"] as const);
     const trusted = checkBool("trusted", o.trusted);
     const kd = this.#data("k", k, "dtype", hint);
     const vd = this.#data("v", v, "dtype", hint);
-    if (kd.dtype !== vd.dtype) throw new TypeError(`k and v must have the same dtype, got ${kd.dtype} and ${vd.dtype}`);
-    const row = c.kvHeads * c.headDim * (layer === -1 ? c.layers : 1);
-    const what = layer === -1 ? `layers (${c.layers}) x kvHeads (${c.kvHeads}) x headDim (${c.headDim})` : `kvHeads (${c.kvHeads}) x headDim (${c.headDim})`;
-    if (kd.length === 0 || kd.length % row !== 0) {
-      throw new TypeError(`k.length must be a positive multiple of ${what} = ${row}, got ${kd.length}`);
+    if (kd.dtype !== vd.dtype) {
+      throw new TypeError(`k and v must have the same dtype, got ${kd.dtype} and ${vd.dtype}`);
     }
-    if (vd.length !== kd.length) throw new TypeError(`v.length must equal k.length (${kd.length}), got ${vd.length}`);
+    const row = c.kvHeads * c.headDim * (layer === -1 ? c.layers : 1);
+    const what = layer === -1
+      ? `layers (${c.layers}) x kvHeads (${c.kvHeads}) x headDim (${c.headDim})`
+      : `kvHeads (${c.kvHeads}) x headDim (${c.headDim})`;
+    if (kd.length === 0 || kd.length % row !== 0) {
+      throw new TypeError(
+        `k.length must be a positive multiple of ${what} = ${row}, got ${kd.length}`,
+      );
+    }
+    if (vd.length !== kd.length) {
+      throw new TypeError(`v.length must equal k.length (${kd.length}), got ${vd.length}`);
+    }
     const n = kd.length / row;
     if (n > 2 ** 31 - 1) throw new RangeError(`k must hold fewer than 2^31 tokens, got ${n}`);
     const id = Sequence._usableId(seq, "append");
@@ -419,7 +521,10 @@ export class KVCache {
     }
     using stage = new Staging(this.#backend, "append");
     const pk = this.#ptr(kd, "append", stage), pv = this.#ptr(vd, "append", stage);
-    this.#check("kivi_cache_append", this.#appendFn(handle, id, layer, pk, pv, dtypeCode[kd.dtype], n, trusted ? 1 : 0));
+    this.#check(
+      "kivi_cache_append",
+      this.#appendFn(handle, id, layer, pk, pv, dtypeCode[kd.dtype], n, trusted ? 1 : 0),
+    );
   }
 
   /** Reads and checks attention arguments once; no native handle is taken here. */
@@ -432,18 +537,26 @@ export class KVCache {
     const c = this.#config;
     const layer = checkInt("layer", layerArg, 0, c.layers - 1);
     const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once (after q's length agrees)
-    if (count === 0) throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
-    const qHint = o.qDtype === undefined ? undefined : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
+    if (count === 0) {
+      throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
+    }
+    const qHint = o.qDtype === undefined
+      ? undefined
+      : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
     const qd = this.#data("q", q, "qDtype", qHint);
     const n = count * c.queryHeads * c.headDim;
     if (qd.length !== n) {
-      throw new TypeError(`q must hold batch (${count}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`);
+      throw new TypeError(
+        `q must hold batch (${count}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`,
+      );
     }
     const seqs: Sequence[] = [];
     for (let i = 0; i < count; i++) seqs.push(this.#own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
     const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
     if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-      throw new RangeError(`scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`);
+      throw new RangeError(
+        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
+      );
     }
     const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
     const trusted = checkBool("trusted", o.trusted);
@@ -453,8 +566,13 @@ export class KVCache {
       const v = t === undefined ? hostView("out", o.out) : undefined;
       const od = t ? t.dtype : v ? dtypeOfKind(v.kind, dtype) : undefined;
       const len = t ? t.length : v?.length;
-      if ((t === undefined && v === undefined) || od !== dtype || len !== n || (t !== undefined) !== (qd.tensor !== undefined) || (t && t.backend !== this.#backend)) {
-        throw new TypeError(`out must be a ${dtype} ${qd.tensor ? "DeviceTensor" : "array"} of ${n} values like q`);
+      if (
+        (t === undefined && v === undefined) || od !== dtype || len !== n ||
+        (t !== undefined) !== (qd.tensor !== undefined) || (t && t.backend !== this.#backend)
+      ) {
+        throw new TypeError(
+          `out must be a ${dtype} ${qd.tensor ? "DeviceTensor" : "array"} of ${n} values like q`,
+        );
       }
       if ((v && qd.host && overlaps(v, qd.host)) || (t && t.tensor === qd.tensor?.tensor)) {
         throw new TypeError(`out must not share memory with q`);
@@ -482,10 +600,24 @@ export class KVCache {
     let made: DeviceTensor | undefined, po: Pointer;
     if (a.out !== undefined) po = a.out.tensor!.writePointer(op, "out");
     else {
-      made = this.#backend.alloc([a.seqs.length, this.#config.queryHeads, this.#config.headDim], a.dtype);
+      made = this.#backend.alloc(
+        [a.seqs.length, this.#config.queryHeads, this.#config.headDim],
+        a.dtype,
+      );
       po = this.#backend._tensor(made)!.pointer(op);
     }
-    const st = this.#attendFn(handle, a.layer, ids, a.seqs.length, pq, dtypeCode[a.q.dtype], a.scale, a.trusted ? 1 : 0, po, dtypeCode[a.dtype]);
+    const st = this.#attendFn(
+      handle,
+      a.layer,
+      ids,
+      a.seqs.length,
+      pq,
+      dtypeCode[a.q.dtype],
+      a.scale,
+      a.trusted ? 1 : 0,
+      po,
+      dtypeCode[a.dtype],
+    );
     if (st !== 0) {
       made?.dispose();
       this.#check("kivi_cache_attend", st);
@@ -498,7 +630,9 @@ export class KVCache {
   #attendBind(op: string, a: AttendArgs, stage: Staging) {
     const ids = this.#fillIds(a.seqs, op);
     const pq = this.#ptr(a.q, op, stage);
-    if (a.out !== undefined) return { ids, pq, out: a.out.buf, po: this.#ptr(a.out, op, stage, "out"), made: undefined };
+    if (a.out !== undefined) {
+      return { ids, pq, out: a.out.buf, po: this.#ptr(a.out, op, stage, "out"), made: undefined };
+    }
     const c = this.#config;
     if (a.q.tensor) {
       const made = this.#backend.alloc([a.seqs.length, c.queryHeads, c.headDim], a.dtype);
@@ -518,12 +652,20 @@ export class KVCache {
     layer: number,
     seqs: readonly Sequence[],
     q: X,
-    opts: { scale?: number; dtype?: DType; qDtype?: DType; out?: Buf<MemOf<X>, DType>; trusted?: boolean } = {},
+    opts: {
+      scale?: number;
+      dtype?: DType;
+      qDtype?: DType;
+      out?: Buf<MemOf<X>, DType>;
+      trusted?: boolean;
+    } = {},
   ): Buf<MemOf<X>, DType> {
     const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "trusted"]);
     const a = this.#attendArgs(layer, seqs, q, o);
     const { handle } = this.#live("attend");
-    if (a.q.tensor && a.out?.host === undefined) return this.#attendTensors("attend", a, handle) as Buf<MemOf<X>, DType>;
+    if (a.q.tensor && a.out?.host === undefined) {
+      return this.#attendTensors("attend", a, handle) as Buf<MemOf<X>, DType>;
+    }
     using stage = new Staging(this.#backend, "attend");
     const b = this.#attendBind("attend", a, stage);
     const st = this.#attendFn(
@@ -561,14 +703,32 @@ export class KVCache {
     const { state, handle } = this.#live("benchAttend");
     using stage = new Staging(this.#backend, "benchAttend");
     const b = this.#attendBind("benchAttend", a, stage);
-    const args = [handle, a.layer, b.ids, a.seqs.length, b.pq, dtypeCode[a.q.dtype], a.scale] as const;
+    const args = [
+      handle,
+      a.layer,
+      b.ids,
+      a.seqs.length,
+      b.pq,
+      dtypeCode[a.q.dtype],
+      a.scale,
+    ] as const;
     try {
       // The library's own warm-up trusts q; this call validates it (and everything else) first.
-      this.#check("kivi_cache_attend", state.lib.call("kivi_cache_attend", ...args, 0, b.po, dtypeCode[a.dtype]));
+      this.#check(
+        "kivi_cache_attend",
+        state.lib.call("kivi_cache_attend", ...args, 0, b.po, dtypeCode[a.dtype]),
+      );
       const ms = new Float32Array(1);
       this.#check(
         "kivi_cache_bench_attend",
-        state.lib.call("kivi_cache_bench_attend", ...args, b.po, dtypeCode[a.dtype], iters, state.lib.ptr(ms)),
+        state.lib.call(
+          "kivi_cache_bench_attend",
+          ...args,
+          b.po,
+          dtypeCode[a.dtype],
+          iters,
+          state.lib.ptr(ms),
+        ),
       );
       return ms[0];
     } finally {
@@ -578,7 +738,11 @@ export class KVCache {
 
   /** The dequantized keys and values of a sequence in one layer, [length][kvHeads][headDim], as the
    * attention kernel sees them (host arrays on the CPU backend, tensors on CUDA). */
-  read(seq: Sequence, layer: number, dtype: DType = "f32"): { keys: HostArray | DeviceTensor; values: HostArray | DeviceTensor } {
+  read(
+    seq: Sequence,
+    layer: number,
+    dtype: DType = "f32",
+  ): { keys: HostArray | DeviceTensor; values: HostArray | DeviceTensor } {
     const s = this.#own("seq", seq);
     checkOneOf("dtype", dtype, ["f32", "f16", "bf16"] as const);
     const l = checkInt("layer", layer, 0, this.#config.layers - 1);
@@ -589,9 +753,15 @@ export class KVCache {
     const n = len * c.kvHeads * c.headDim;
     if (n === 0) return { keys: hostArray(dtype, 0), values: hostArray(dtype, 0) };
     const onHost = this.#backend.kind === "cpu";
-    const k = onHost ? hostArray(dtype, n) : this.#backend.alloc([len, c.kvHeads, c.headDim], dtype);
-    const v = onHost ? hostArray(dtype, n) : this.#backend.alloc([len, c.kvHeads, c.headDim], dtype);
-    const ptr = (x: HostArray | DeviceTensor) => (onHost ? state.lib.ptr(x as HostArray) : this.#backend._tensor(x)!.pointer("read"));
+    const k = onHost
+      ? hostArray(dtype, n)
+      : this.#backend.alloc([len, c.kvHeads, c.headDim], dtype);
+    const v = onHost
+      ? hostArray(dtype, n)
+      : this.#backend.alloc([len, c.kvHeads, c.headDim], dtype);
+    const ptr = (
+      x: HostArray | DeviceTensor,
+    ) => (onHost ? state.lib.ptr(x as HostArray) : this.#backend._tensor(x)!.pointer("read"));
     const st = state.lib.call("kivi_cache_read", handle, id, l, ptr(k), ptr(v), dtypeCode[dtype]);
     if (st !== 0) {
       if (!onHost) (k as DeviceTensor).dispose();
@@ -606,15 +776,34 @@ export class KVCache {
   memory(): CacheMemory {
     const { state, handle } = this.#live("memory");
     const r = new BigUint64Array(9);
-    this.#check("kivi_cache_memory", state.lib.call("kivi_cache_memory", handle, state.lib.ptr(r), r.length));
-    const [codeBytes, paramBytes, residualBytes, tableBytes, poolBytes, pagesUsed, pagesTotal, tokens, quantizedTokens] =
-      Array.from(r, Number);
+    this.#check(
+      "kivi_cache_memory",
+      state.lib.call("kivi_cache_memory", handle, state.lib.ptr(r), r.length),
+    );
+    const [
+      codeBytes,
+      paramBytes,
+      residualBytes,
+      tableBytes,
+      poolBytes,
+      pagesUsed,
+      pagesTotal,
+      tokens,
+      quantizedTokens,
+    ] = Array.from(r, Number);
     const c = this.#config;
     const perToken = c.kvHeads * c.headDim; // values of K (and of V) per token and layer
     const values = tokens * perToken * 2; // K and V
     const stored = codeBytes + paramBytes + residualBytes;
-    const rate = (f: CacheConfig["keys"]) => (f.bits === 16 ? 16 : bitsPerValue(f.kind === "uniform" ? { kind: "uniform", bits: f.bits, group: f.group } : { kind: "codebook", bits: f.bits, group: f.group }));
-    const held = quantizedTokens * perToken * (rate(c.keys) + rate(c.values)) + (tokens - quantizedTokens) * perToken * 32;
+    const rate = (
+      f: CacheConfig["keys"],
+    ) => (f.bits === 16 ? 16 : bitsPerValue(
+      f.kind === "uniform"
+        ? { kind: "uniform", bits: f.bits, group: f.group }
+        : { kind: "codebook", bits: f.bits, group: f.group },
+    ));
+    const held = quantizedTokens * perToken * (rate(c.keys) + rate(c.values)) +
+      (tokens - quantizedTokens) * perToken * 32;
     return {
       codeBytes,
       paramBytes,

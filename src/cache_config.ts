@@ -49,7 +49,11 @@ export interface CacheConfig {
   residual: number;
   maxPages: number;
   maxSequences: number;
-  keys: Required<Pick<CacheFormat & { kind?: string }, "bits" | "group">> & { kind: "uniform" | "codebook"; fit: Fit; iterations: number };
+  keys: Required<Pick<CacheFormat & { kind?: string }, "bits" | "group">> & {
+    kind: "uniform" | "codebook";
+    fit: Fit;
+    iterations: number;
+  };
   values: CacheConfig["keys"];
 }
 
@@ -86,8 +90,16 @@ const KIND = { uniform: 0, codebook: 1 } as const;
 const FIT = { free: 0, pinned: 1 } as const;
 
 function resolveCacheFormat(name: string, f: unknown, dflt: CacheFormat): CacheConfig["keys"] {
-  if (f === null || (f !== undefined && typeof f !== "object")) throw new TypeError(`${name} must be a format object, got ${show(f)}`);
-  const g = readOptions(name, f === undefined ? dflt : f, ["kind", "bits", "group", "fit", "iterations"], true);
+  if (f === null || (f !== undefined && typeof f !== "object")) {
+    throw new TypeError(`${name} must be a format object, got ${show(f)}`);
+  }
+  const g = readOptions(name, f === undefined ? dflt : f, [
+    "kind",
+    "bits",
+    "group",
+    "fit",
+    "iterations",
+  ], true);
   const bits = checkOneOf(`${name}.bits`, g.bits, RULES.cacheBits);
   const group = checkOneOf(`${name}.group`, g.group ?? 32, RULES.groups);
   if (bits === 16) return { kind: "uniform", bits, group, fit: "free", iterations: 1 };
@@ -100,7 +112,11 @@ function resolveCacheFormat(name: string, f: unknown, dflt: CacheFormat): CacheC
 }
 
 /** Bytes of one head's K or V block of one page (kivi_format.h kivi_page_part, kept in step by a test). */
-export function headBlockBytes(f: CacheConfig["keys"], pageTokens: number, headDim: number): number {
+export function headBlockBytes(
+  f: CacheConfig["keys"],
+  pageTokens: number,
+  headDim: number,
+): number {
   const values = pageTokens * headDim;
   const raw = f.bits === 16
     ? values * 2
@@ -120,7 +136,8 @@ export function headBlockBytes(f: CacheConfig["keys"], pageTokens: number, headD
  */
 export function pageBytes(c: Omit<CacheConfig, "maxPages">): number {
   return c.layers * c.kvHeads *
-    (headBlockBytes(c.keys, c.pageTokens, c.headDim) + headBlockBytes(c.values, c.pageTokens, c.headDim));
+    (headBlockBytes(c.keys, c.pageTokens, c.headDim) +
+      headBlockBytes(c.values, c.pageTokens, c.headDim));
 }
 
 /**
@@ -134,7 +151,9 @@ export function pageBytes(c: Omit<CacheConfig, "maxPages">): number {
  * ```
  */
 export function resolveCacheOptions(options: CacheOptions): CacheConfig {
-  if (options === null || typeof options !== "object") throw new TypeError(`options must be an object, got ${show(options)}`);
+  if (options === null || typeof options !== "object") {
+    throw new TypeError(`options must be an object, got ${show(options)}`);
+  }
   const o = readOptions("options", options, [
     "layers",
     "kvHeads",
@@ -164,14 +183,28 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
   }
   const pageTokens = checkOneOf("pageTokens", o.pageTokens ?? 64, RULES.pageTokens);
   if (pageTokens % keys.group !== 0) {
-    throw new RangeError(`pageTokens must be a multiple of keys.group (${keys.group}), got ${pageTokens}`);
+    throw new RangeError(
+      `pageTokens must be a multiple of keys.group (${keys.group}), got ${pageTokens}`,
+    );
   }
   const residual = checkInt("residual", o.residual ?? 128, 0, 1 << 20);
   if (residual % keys.group !== 0) {
-    throw new RangeError(`residual must be a multiple of keys.group (${keys.group}), got ${residual}`);
+    throw new RangeError(
+      `residual must be a multiple of keys.group (${keys.group}), got ${residual}`,
+    );
   }
   const maxSequences = checkInt("maxSequences", o.maxSequences ?? 64, 1, 1 << 16);
-  const partial = { layers, kvHeads, queryHeads, headDim, pageTokens, residual, maxSequences, keys, values };
+  const partial = {
+    layers,
+    kvHeads,
+    queryHeads,
+    headDim,
+    pageTokens,
+    residual,
+    maxSequences,
+    keys,
+    values,
+  };
   let maxPages: number;
   if (o.maxPages !== undefined) {
     if (o.budgetBytes !== undefined) throw new TypeError(`give maxPages or budgetBytes, not both`);
@@ -180,7 +213,9 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
     const per = pageBytes(partial);
     const budget = checkInt("budgetBytes", o.budgetBytes, 1);
     maxPages = Math.floor(budget / per);
-    if (maxPages < 1) throw new RangeError(`budgetBytes must hold at least one page (${per} bytes), got ${budget}`);
+    if (maxPages < 1) {
+      throw new RangeError(`budgetBytes must hold at least one page (${per} bytes), got ${budget}`);
+    }
   } else {
     throw new TypeError(`give maxPages or budgetBytes to size the page pool`);
   }

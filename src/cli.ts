@@ -20,7 +20,16 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { type Backend, bitsPerValue, type CacheFormat, type Format, KiviError, openBackend, Rng, synthKV } from "./mod.ts";
+import {
+  type Backend,
+  bitsPerValue,
+  type CacheFormat,
+  type Format,
+  KiviError,
+  openBackend,
+  Rng,
+  synthKV,
+} from "./mod.ts";
 import { ABI_VERSION } from "./backend.ts";
 import { MODEL_USAGE, modelMain } from "./cli_model.ts";
 
@@ -91,7 +100,13 @@ export function parseDemoOptions(argv: readonly string[]): DemoOptions {
       continue;
     }
     const range = name === undefined ? undefined : DEMO_FLAGS[name];
-    if (range === undefined) throw new UsageError(`unknown demo option "${a}"; expected one of ${Object.keys(DEMO_FLAGS).map((f) => `--${f}`).join(", ")}`);
+    if (range === undefined) {
+      throw new UsageError(
+        `unknown demo option "${a}"; expected one of ${
+          Object.keys(DEMO_FLAGS).map((f) => `--${f}`).join(", ")
+        }`,
+      );
+    }
     const v = argv[++i];
     if (v === undefined || v.startsWith("--")) throw new UsageError(`option ${a} needs a value`);
     const n = Number(v);
@@ -107,7 +122,9 @@ export function parseDemoOptions(argv: readonly string[]): DemoOptions {
 
 function checkHeads(heads: number, kvHeads: number): void {
   if (heads % kvHeads !== 0 || heads / kvHeads > 32) {
-    throw new UsageError(`--heads (${heads}) must be a multiple of --kv-heads (${kvHeads}), at most 32 times it`);
+    throw new UsageError(
+      `--heads (${heads}) must be a multiple of --kv-heads (${kvHeads}), at most 32 times it`,
+    );
   }
 }
 
@@ -132,16 +149,24 @@ export function demoShape(o: DemoOptions, gpu: boolean): Required<DemoOptions> {
 /** Parses argv (without the runtime and script). Demo options pass through untouched. */
 export function parseCli(argv: string[]): Parsed {
   const [command = "help", ...args] = argv;
-  if (command === "--help" || command === "-h") return { command: "help", flags: new Map(), rest: [] };
-  if (!COMMANDS.includes(command)) throw new UsageError(`unknown command "${command}"; expected one of ${COMMANDS.join(", ")}`);
+  if (command === "--help" || command === "-h") {
+    return { command: "help", flags: new Map(), rest: [] };
+  }
+  if (!COMMANDS.includes(command)) {
+    throw new UsageError(`unknown command "${command}"; expected one of ${COMMANDS.join(", ")}`);
+  }
   const flags = new Map<string, string>();
   const rest: string[] = [];
   for (let i = 0; i < args.length; i++) {
     const a = args[i];
-    if (!a.startsWith("--")) throw new UsageError(`unexpected argument "${a}"; options start with --`);
+    if (!a.startsWith("--")) {
+      throw new UsageError(`unexpected argument "${a}"; options start with --`);
+    }
     const name = a.slice(2);
     // --tokens and --seed are accuracy's; the demo reads its own options (--seed among them).
-    const kind = (name === "tokens" || name === "seed") && command !== "accuracy" ? undefined : FLAGS[name];
+    const kind = (name === "tokens" || name === "seed") && command !== "accuracy"
+      ? undefined
+      : FLAGS[name];
     if (kind === undefined) {
       if (command !== "demo") throw new UsageError(`unknown option "${a}" for ${command}`);
       rest.push(a);
@@ -156,7 +181,9 @@ export function parseCli(argv: string[]): Parsed {
     }
   }
   const backend = flags.get("backend") ?? "auto";
-  if (!["auto", "cpu", "cuda"].includes(backend)) throw new UsageError(`--backend must be auto, cpu or cuda, got "${backend}"`);
+  if (!["auto", "cpu", "cuda"].includes(backend)) {
+    throw new UsageError(`--backend must be auto, cpu or cuda, got "${backend}"`);
+  }
   for (const n of ["tokens", "seed"]) {
     const v = flags.get(n);
     if (v !== undefined && !(/^[0-9]+$/.test(v) && Number(v) > 0 && Number(v) <= 2 ** 20)) {
@@ -173,7 +200,10 @@ function open(p: Parsed): Promise<Backend> {
 
 async function info(p: Parsed, out: (s: string) => void): Promise<void> {
   using kivi = await open(p);
-  const copy = kivi.copyBandwidth(kivi.kind === "cuda" ? 1 << 30 : 64 << 20, kivi.kind === "cuda" ? 20 : 5);
+  const copy = kivi.copyBandwidth(
+    kivi.kind === "cuda" ? 1 << 30 : 64 << 20,
+    kivi.kind === "cuda" ? 20 : 5,
+  );
   const mem = kivi.memInfo();
   const r = {
     backend: kivi.kind,
@@ -191,7 +221,11 @@ async function info(p: Parsed, out: (s: string) => void): Promise<void> {
   out(`device:    ${r.device}`);
   out(`runtime:   ${r.runtime}`);
   out(`library:   ${r.library} (ABI ${r.abiVersion})`);
-  out(`memory:    ${(r.memoryFreeBytes / 2 ** 30).toFixed(1)} GiB free of ${(r.memoryTotalBytes / 2 ** 30).toFixed(1)} GiB`);
+  out(
+    `memory:    ${(r.memoryFreeBytes / 2 ** 30).toFixed(1)} GiB free of ${
+      (r.memoryTotalBytes / 2 ** 30).toFixed(1)
+    } GiB`,
+  );
   out(`copy:      ${r.copyGBps} GB/s (read + write, measured now)`);
 }
 
@@ -236,7 +270,11 @@ function attentionError(
   return Math.sqrt(num / den);
 }
 
-async function accuracy(p: Parsed, out: (s: string) => void, progress: (s: string) => void): Promise<void> {
+async function accuracy(
+  p: Parsed,
+  out: (s: string) => void,
+  progress: (s: string) => void,
+): Promise<void> {
   using kivi = await open(p);
   const tokens = Number(p.flags.get("tokens") ?? 1024);
   const seed = Number(p.flags.get("seed") ?? 7);
@@ -249,14 +287,23 @@ async function accuracy(p: Parsed, out: (s: string) => void, progress: (s: strin
   for (const bits of [2, 4] as const) {
     for (const group of [32, 64, 128] as const) {
       formats.push({ label: `uniform ${bits}-bit G${group}`, f: { kind: "uniform", bits, group } });
-      formats.push({ label: `codebook ${bits}-bit G${group}`, f: { kind: "codebook", bits, group } });
+      formats.push({
+        label: `codebook ${bits}-bit G${group}`,
+        f: { kind: "codebook", bits, group },
+      });
     }
   }
   const rows: Record<string, string | number>[] = [];
   let done = 0;
   const total = cases.length * (formats.length * 2 + 2);
   for (const c of cases) {
-    const data = synthKV({ seed, tokens: shape.tokens, kvHeads: shape.kvHeads, headDim: shape.headDim, ...c.opts });
+    const data = synthKV({
+      seed,
+      tokens: shape.tokens,
+      kvHeads: shape.kvHeads,
+      headDim: shape.headDim,
+      ...c.opts,
+    });
     const rng = new Rng(seed + 1);
     // Queries that lean on past keys: attention is peaked in real models.
     const q = new Float32Array(shape.queryHeads * shape.headDim);
@@ -264,12 +311,19 @@ async function accuracy(p: Parsed, out: (s: string) => void, progress: (s: strin
     for (let h = 0; h < shape.queryHeads; h++) {
       const kh = Math.floor(h / (shape.queryHeads / shape.kvHeads));
       for (let d = 0; d < shape.headDim; d++) {
-        q[h * shape.headDim + d] = 0.5 * data.keys[(t0 * shape.kvHeads + kh) * shape.headDim + d] + rng.normal();
+        q[h * shape.headDim + d] = 0.5 * data.keys[(t0 * shape.kvHeads + kh) * shape.headDim + d] +
+          rng.normal();
       }
     }
     const measure = (what: string, label: string, k: CacheFormat, v: CacheFormat, bits: number) => {
       const err = attentionError(kivi, data, q, shape, k, v);
-      rows.push({ case: c.name, quantized: what, format: label, "bits/value": bits, "attention rel. error": Number(err.toExponential(3)) });
+      rows.push({
+        case: c.name,
+        quantized: what,
+        format: label,
+        "bits/value": bits,
+        "attention rel. error": Number(err.toExponential(3)),
+      });
       progress(`accuracy: ${++done}/${total}`);
     };
     // Bits per value of the quantized tensor: code bits plus its fp16 params spread over the group.
@@ -278,23 +332,57 @@ async function accuracy(p: Parsed, out: (s: string) => void, progress: (s: strin
       measure("keys", label, f, { bits: 16 }, bits);
       measure("values", label, { bits: 16 }, f, bits);
     }
-    measure("both", "KIVI: uniform K G32 + uniform V G32", { kind: "uniform", bits: 2, group: 32 }, { kind: "uniform", bits: 2, group: 32 }, 3);
-    measure("both", "kivi: uniform K G32 + codebook V G64", { kind: "uniform", bits: 2, group: 32 }, { kind: "codebook", bits: 2, group: 64 }, 3);
+    measure(
+      "both",
+      "KIVI: uniform K G32 + uniform V G32",
+      { kind: "uniform", bits: 2, group: 32 },
+      { kind: "uniform", bits: 2, group: 32 },
+      3,
+    );
+    measure(
+      "both",
+      "kivi: uniform K G32 + codebook V G64",
+      { kind: "uniform", bits: 2, group: 32 },
+      { kind: "codebook", bits: 2, group: 64 },
+      3,
+    );
   }
   progress("");
-  if (p.flags.has("json")) return out(JSON.stringify({ device: kivi.deviceName, backend: kivi.kind, tokens: shape.tokens, seed, rows }));
-  out(`attention error against a bits-16 cache; ${shape.tokens} tokens, ${shape.kvHeads} KV / ${shape.queryHeads} query heads x ${shape.headDim}, residual 0, seed ${seed}, ${kivi.deviceName}`);
-  out("case        quantized  format                                  bits/value  attention rel. error");
+  if (p.flags.has("json")) {
+    return out(
+      JSON.stringify({
+        device: kivi.deviceName,
+        backend: kivi.kind,
+        tokens: shape.tokens,
+        seed,
+        rows,
+      }),
+    );
+  }
+  out(
+    `attention error against a bits-16 cache; ${shape.tokens} tokens, ${shape.kvHeads} KV / ${shape.queryHeads} query heads x ${shape.headDim}, residual 0, seed ${seed}, ${kivi.deviceName}`,
+  );
+  out(
+    "case        quantized  format                                  bits/value  attention rel. error",
+  );
   for (const r of rows) {
-    out(`${String(r.case).padEnd(12)}${String(r.quantized).padEnd(11)}${String(r.format).padEnd(40)}${String(r["bits/value"]).padStart(10)}  ${r["attention rel. error"]}`);
+    out(
+      `${String(r.case).padEnd(12)}${String(r.quantized).padEnd(11)}${String(r.format).padEnd(40)}${
+        String(r["bits/value"]).padStart(10)
+      }  ${r["attention rel. error"]}`,
+    );
   }
 }
 
 /** Runs a script of the package with this runtime; `quiet` sends its stdout to our stderr. */
 function runScript(script: string, args: string[], quiet = false): number {
   const path = fileURLToPath(new URL(`../${script}`, import.meta.url));
-  const runtime = (globalThis as { Deno?: unknown }).Deno ? [process.execPath, "run", "-A", path] : [process.execPath, path];
-  const r = spawnSync(runtime[0], [...runtime.slice(1), ...args], { stdio: ["inherit", quiet ? 2 : "inherit", "inherit"] });
+  const runtime = (globalThis as { Deno?: unknown }).Deno
+    ? [process.execPath, "run", "-A", path]
+    : [process.execPath, path];
+  const r = spawnSync(runtime[0], [...runtime.slice(1), ...args], {
+    stdio: ["inherit", quiet ? 2 : "inherit", "inherit"],
+  });
   return r.status ?? 1;
 }
 
@@ -303,7 +391,9 @@ function bench(backendArgs: string[], json: boolean, out: (s: string) => void): 
   const dir = mkdtempSync(join(tmpdir(), "kivi-bench-"));
   try {
     const sections: Record<string, unknown> = {};
-    for (const [name, script] of [["quant", "bench/quant.ts"], ["attention", "bench/attention.ts"]]) {
+    for (
+      const [name, script] of [["quant", "bench/quant.ts"], ["attention", "bench/attention.ts"]]
+    ) {
       const file = join(dir, `${name}.json`);
       const rc = runScript(script, [...backendArgs, "--json", file], json);
       if (rc !== 0) return rc;
@@ -317,8 +407,14 @@ function bench(backendArgs: string[], json: boolean, out: (s: string) => void): 
 }
 
 /** Runs the CLI; returns the exit code. */
-export async function main(argv: string[], out = (s: string) => console.log(s), err = (s: string) => console.error(s)): Promise<number> {
-  if (argv[0] === "generate" || argv[0] === "perplexity") return await modelMain(argv, out, err, USAGE);
+export async function main(
+  argv: string[],
+  out = (s: string) => console.log(s),
+  err = (s: string) => console.error(s),
+): Promise<number> {
+  if (argv[0] === "generate" || argv[0] === "perplexity") {
+    return await modelMain(argv, out, err, USAGE);
+  }
   let p: Parsed;
   try {
     p = parseCli(argv);
@@ -348,13 +444,19 @@ export async function main(argv: string[], out = (s: string) => console.log(s), 
         return 0;
       case "demo":
         (await open(p)).dispose(); // a backend that cannot open is one line here, not the script's trace
-        return runScript("demo.ts", [...backendArgs, ...(p.flags.has("json") ? ["--json"] : []), ...p.rest]);
+        return runScript("demo.ts", [
+          ...backendArgs,
+          ...(p.flags.has("json") ? ["--json"] : []),
+          ...p.rest,
+        ]);
       case "bench":
         (await open(p)).dispose();
         return bench(backendArgs, p.flags.has("json"), out);
     }
   } catch (e) {
-    const msg = e instanceof KiviError ? `${e.code} in ${e.op}: ${e.message}` : (e as Error).message;
+    const msg = e instanceof KiviError
+      ? `${e.code} in ${e.op}: ${e.message}`
+      : (e as Error).message;
     err(`kivi ${p.command}: ${msg}`);
     return 1;
   }

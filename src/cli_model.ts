@@ -35,13 +35,24 @@ export class ModelUsageError extends Error {}
 export function parseFormat(flag: string, s: string): CacheFormat {
   if (s === "16") return { bits: 16 };
   const m = /^(uniform|codebook):(2|4):(32|64|128)$/.exec(s);
-  if (!m) throw new ModelUsageError(`--${flag} must be 16 or KIND:BITS:GROUP (uniform or codebook, 2 or 4, 32, 64 or 128), got "${s}"`);
+  if (!m) {
+    throw new ModelUsageError(
+      `--${flag} must be 16 or KIND:BITS:GROUP (uniform or codebook, 2 or 4, 32, 64 or 128), got "${s}"`,
+    );
+  }
   return { kind: m[1] as "uniform", bits: Number(m[2]) as 2, group: Number(m[3]) as 32 };
 }
 
-function int(flag: string, v: string | undefined, min: number, fallback?: number): number | undefined {
+function int(
+  flag: string,
+  v: string | undefined,
+  min: number,
+  fallback?: number,
+): number | undefined {
   if (v === undefined) return fallback;
-  if (!/^[0-9]+$/.test(v) || Number(v) < min || Number(v) > 2 ** 31 - 1) throw new ModelUsageError(`--${flag} must be an integer >= ${min}, got "${v}"`);
+  if (!/^[0-9]+$/.test(v) || Number(v) < min || Number(v) > 2 ** 31 - 1) {
+    throw new ModelUsageError(`--${flag} must be an integer >= ${min}, got "${v}"`);
+  }
   return Number(v);
 }
 
@@ -75,10 +86,20 @@ export function parseModelArgs(command: "generate" | "perplexity", args: string[
   }
   if (values.help) return values;
   const need = command === "generate" ? ["model", "prompt"] : ["model", "text"];
-  for (const n of need) if (values[n as "model"] === undefined) throw new ModelUsageError(`${command} needs --${n}`);
-  const wrong = command === "generate" ? ["text", "windows", "steps", "json"] : ["prompt", "max-tokens", "temperature", "top-k", "seed"];
-  for (const n of wrong) if (values[n as "text"] !== undefined) throw new ModelUsageError(`--${n} is not an option of ${command}`);
-  if (!["auto", "cpu", "cuda", undefined].includes(values.backend)) throw new ModelUsageError(`--backend must be auto, cpu or cuda, got "${values.backend}"`);
+  for (const n of need) {
+    if (values[n as "model"] === undefined) throw new ModelUsageError(`${command} needs --${n}`);
+  }
+  const wrong = command === "generate"
+    ? ["text", "windows", "steps", "json"]
+    : ["prompt", "max-tokens", "temperature", "top-k", "seed"];
+  for (const n of wrong) {
+    if (values[n as "text"] !== undefined) {
+      throw new ModelUsageError(`--${n} is not an option of ${command}`);
+    }
+  }
+  if (!["auto", "cpu", "cuda", undefined].includes(values.backend)) {
+    throw new ModelUsageError(`--backend must be auto, cpu or cuda, got "${values.backend}"`);
+  }
   if ((values.keys === undefined) !== (values.values === undefined) && command === "perplexity") {
     throw new ModelUsageError(`--keys and --values go together for perplexity`);
   }
@@ -93,11 +114,23 @@ function cacheOf(v: Values): { keys?: CacheFormat; values?: CacheFormat; residua
   };
 }
 
-async function generate(v: Values, out: (s: string) => void, write: (s: string) => void): Promise<void> {
+async function generate(
+  v: Values,
+  out: (s: string) => void,
+  write: (s: string) => void,
+): Promise<void> {
   const cache = cacheOf(v);
   const temperature = v.temperature === undefined ? 0 : Number(v.temperature);
-  if (!(temperature >= 0 && temperature < Infinity)) throw new ModelUsageError(`--temperature must be a number >= 0, got "${v.temperature}"`);
-  const opts = { maxTokens: int("max-tokens", v["max-tokens"], 1, 64), temperature, topK: int("top-k", v["top-k"], 0, 0), seed: int("seed", v.seed, 0, 0), cache };
+  if (!(temperature >= 0 && temperature < Infinity)) {
+    throw new ModelUsageError(`--temperature must be a number >= 0, got "${v.temperature}"`);
+  }
+  const opts = {
+    maxTokens: int("max-tokens", v["max-tokens"], 1, 64),
+    temperature,
+    topK: int("top-k", v["top-k"], 0, 0),
+    seed: int("seed", v.seed, 0, 0),
+    cache,
+  };
   using kivi = await openBackend({ prefer: (v.backend ?? "auto") as "auto" });
   using model = kivi.loadModel(v.model!);
   write(v.prompt!);
@@ -110,7 +143,11 @@ async function generate(v: Values, out: (s: string) => void, write: (s: string) 
   const t2 = performance.now();
   const rate = n > 1 ? ((n - 1) / ((t2 - t1) / 1000)).toFixed(1) : "-";
   write("\n");
-  out(`${n} tokens on ${kivi.kind} (${kivi.deviceName}): prefill ${(t1 - t0).toFixed(1)} ms, decode ${rate} tokens/s (batch 1)`);
+  out(
+    `${n} tokens on ${kivi.kind} (${kivi.deviceName}): prefill ${
+      (t1 - t0).toFixed(1)
+    } ms, decode ${rate} tokens/s (batch 1)`,
+  );
 }
 
 function bar(label: string, done: number, total: number): string {
@@ -118,9 +155,17 @@ function bar(label: string, done: number, total: number): string {
   return `${label.padEnd(48)} [${"#".repeat(f)}${"-".repeat(w - f)}] ${done}/${total}`;
 }
 
-async function perplexityCmd(v: Values, out: (s: string) => void, progress: (run: string, done: number, total: number) => void): Promise<void> {
+async function perplexityCmd(
+  v: Values,
+  out: (s: string) => void,
+  progress: (run: string, done: number, total: number) => void,
+): Promise<void> {
   const c = cacheOf(v);
-  const caches: CacheSpec[] = c.keys === undefined ? [...PROTOCOL_CACHES] : [PROTOCOL_CACHES[0], { name: `keys ${v.keys}, values ${v.values}`, keys: c.keys, values: c.values! }];
+  const caches: CacheSpec[] = c.keys === undefined ? [...PROTOCOL_CACHES] : [PROTOCOL_CACHES[0], {
+    name: `keys ${v.keys}, values ${v.values}`,
+    keys: c.keys,
+    values: c.values!,
+  }];
   const text = readFileSync(v.text!);
   using kivi = await openBackend({ prefer: (v.backend ?? "auto") as "auto" });
   using model = kivi.loadModel(v.model!);
@@ -132,14 +177,26 @@ async function perplexityCmd(v: Values, out: (s: string) => void, progress: (run
     onProgress: progress,
   });
   if (v.json) {
-    out(JSON.stringify({ backend: kivi.kind, device: kivi.deviceName, model: v.model, rows }, null, 2));
+    out(
+      JSON.stringify(
+        { backend: kivi.kind, device: kivi.deviceName, model: v.model, rows },
+        null,
+        2,
+      ),
+    );
     return;
   }
-  out(`${"cache".padEnd(34)} residual  bits/byte  KL vs bits 16  top-1 vs bits 16  tokens/s (batch)`);
+  out(
+    `${"cache".padEnd(34)} residual  bits/byte  KL vs bits 16  top-1 vs bits 16  tokens/s (batch)`,
+  );
   for (const r of rows) {
     out(
-      `${r.cache.padEnd(34)} ${String(r.residual).padStart(8)}  ${r.bpb.toFixed(4).padStart(9)}  ${r.klVsBits16.toExponential(3).padStart(13)}  ` +
-        `${(100 * r.top1VsBits16).toFixed(2).padStart(15)} %  ${r.tokensPerSecond.toFixed(0).padStart(16)}`,
+      `${r.cache.padEnd(34)} ${String(r.residual).padStart(8)}  ${r.bpb.toFixed(4).padStart(9)}  ${
+        r.klVsBits16.toExponential(3).padStart(13)
+      }  ` +
+        `${(100 * r.top1VsBits16).toFixed(2).padStart(15)} %  ${
+          r.tokensPerSecond.toFixed(0).padStart(16)
+        }`,
     );
   }
 }
@@ -169,8 +226,13 @@ export async function modelMain(
   // A bar redrawn in place on a terminal; in a log, a line at the start and each quarter of a run.
   const tty = (process.stderr as { isTTY?: boolean }).isTTY === true;
   const progress = (run: string, done: number, total: number) => {
-    if (tty) process.stderr.write(done === total ? `\r${" ".repeat(100)}\r` : `\r${bar(run, done, total)}`);
-    else if (done === 1 || Math.floor((4 * done) / total) !== Math.floor((4 * (done - 1)) / total)) process.stderr.write(`${bar(run, done, total)}\n`);
+    if (tty) {
+      process.stderr.write(
+        done === total ? `\r${" ".repeat(100)}\r` : `\r${bar(run, done, total)}`,
+      );
+    } else if (
+      done === 1 || Math.floor((4 * done) / total) !== Math.floor((4 * (done - 1)) / total)
+    ) process.stderr.write(`${bar(run, done, total)}\n`);
   };
   try {
     if (command === "generate") await generate(v, out, write);
@@ -181,7 +243,9 @@ export async function modelMain(
       err(`kivi: ${e.message}\n\n${usage}`);
       return 2;
     }
-    const msg = e instanceof KiviError ? `${e.code} in ${e.op}: ${e.message}` : (e as Error).message;
+    const msg = e instanceof KiviError
+      ? `${e.code} in ${e.op}: ${e.message}`
+      : (e as Error).message;
     err(`kivi ${command}: ${msg}`);
     return 1;
   }

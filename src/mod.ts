@@ -13,7 +13,16 @@
  *
  * @module
  */
-export { ABI_VERSION, Backend, type BackendCore, type BackendKind, defaultLibraryPath, DeviceTensor, openBackend, type OpenOptions } from "./backend.ts";
+export {
+  ABI_VERSION,
+  Backend,
+  type BackendCore,
+  type BackendKind,
+  defaultLibraryPath,
+  DeviceTensor,
+  openBackend,
+  type OpenOptions,
+} from "./backend.ts";
 export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
 export { KiviError, Status, type StatusName } from "./errors.ts";
 export {
@@ -36,15 +45,16 @@ export {
   type MemOf,
   type Quantized,
   type QuantizeOptions,
-  resolveFormat,
   type ResolvedFormat,
+  resolveFormat,
   type StatsOptions,
   type UniformQuantized,
   wordCount,
 } from "./quant.ts";
-export { synthKV, type SynthKV, type SynthOptions } from "./synth.ts";
+export { type SynthKV, synthKV, type SynthOptions } from "./synth.ts";
 export { Rng } from "./random.ts";
 export {
+  type AppendOptions,
   type CacheConfig,
   type CacheFormat,
   type CacheMemory,
@@ -53,7 +63,6 @@ export {
   pageBytes,
   resolveCacheOptions,
   Sequence,
-  type AppendOptions,
 } from "./cache.ts";
 export { BATCH_MAX, type BatchOptions, DecodeBatch } from "./batch.ts";
 export {

@@ -11,7 +11,17 @@ import type { SymbolName } from "./ffi/symbols.ts";
 import type { BackendCore as Backend, DeviceTensor, TensorFacts } from "./tensor.ts";
 import { codebookFit, refuseCodebookKeys, RULES } from "./_rules.ts";
 import { Staging } from "./_staging.ts";
-import { checkBool, checkOneOf, checkShape, hostView, type HostView, overlaps, plainView, readOptions, show } from "./_checks.ts";
+import {
+  checkBool,
+  checkOneOf,
+  checkShape,
+  type HostView,
+  hostView,
+  overlaps,
+  plainView,
+  readOptions,
+  show,
+} from "./_checks.ts";
 import {
   checkHint,
   type DType,
@@ -41,17 +51,32 @@ export type Assign = "nearest" | "interval";
 /** A quantization format. */
 export type Format =
   | { kind: "uniform"; bits: Bits; group?: GroupSize }
-  | { kind: "codebook"; bits: Bits; group?: GroupSize; fit?: Fit; iterations?: number; assign?: Assign };
+  | {
+    kind: "codebook";
+    bits: Bits;
+    group?: GroupSize;
+    fit?: Fit;
+    iterations?: number;
+    assign?: Assign;
+  };
 
 /** A format with every default filled in. */
 export type ResolvedFormat =
   | { kind: "uniform"; bits: Bits; group: GroupSize }
-  | { kind: "codebook"; bits: Bits; group: GroupSize; fit: Fit; iterations: number; assign: Assign };
+  | {
+    kind: "codebook";
+    bits: Bits;
+    group: GroupSize;
+    fit: Fit;
+    iterations: number;
+    assign: Assign;
+  };
 
 /** Where data lives: host typed arrays or backend tensors. */
 export type Mem = "host" | "device";
 /** The buffer type of dtype D in memory M. */
-export type Buf<M extends Mem, D extends TensorDType> = M extends "host" ? HostOf[D] : DeviceTensor<D>;
+export type Buf<M extends Mem, D extends TensorDType> = M extends "host" ? HostOf[D]
+  : DeviceTensor<D>;
 /** Inputs accepted by the quantizers. */
 export type Input = HostArray | DeviceTensor;
 /** The memory an input lives in. */
@@ -108,7 +133,12 @@ export interface QuantizeOptions<M extends Mem> extends InputOptions {
   format: Format;
   /** Skip the NaN/Inf scan (the caller promises finite data). Default false. */
   trusted?: boolean;
-  out?: { codes?: Buf<M, "u32">; scale?: Buf<M, "f16">; zero?: Buf<M, "f16">; centroids?: Buf<M, "f16"> };
+  out?: {
+    codes?: Buf<M, "u32">;
+    scale?: Buf<M, "f16">;
+    zero?: Buf<M, "f16">;
+    centroids?: Buf<M, "f16">;
+  };
 }
 
 /** Options of {@link fitCodebook}. */
@@ -164,7 +194,9 @@ const BITS = RULES.bits;
  */
 export function resolveFormat(format: Format, name = "format"): ResolvedFormat {
   if (format === null || typeof format !== "object") {
-    throw new TypeError(`${name} must be an object such as { kind: "uniform", bits: 2 }, got ${show(format)}`);
+    throw new TypeError(
+      `${name} must be an object such as { kind: "uniform", bits: 2 }, got ${show(format)}`,
+    );
   }
   const f = readOptions(name, format, ["kind", "bits", "group", "fit", "iterations", "assign"]);
   const kind = checkOneOf(`${name}.kind`, f.kind, RULES.kinds);
@@ -175,7 +207,14 @@ export function resolveFormat(format: Format, name = "format"): ResolvedFormat {
     return { kind, bits, group };
   }
   const { fit, iterations } = codebookFit(name, f);
-  return { kind, bits, group, fit, iterations, assign: checkOneOf(`${name}.assign`, f.assign ?? "nearest", RULES.assigns) };
+  return {
+    kind,
+    bits,
+    group,
+    fit,
+    iterations,
+    assign: checkOneOf(`${name}.assign`, f.assign ?? "nearest", RULES.assigns),
+  };
 }
 
 /**
@@ -234,7 +273,6 @@ interface Slot {
   buf?: unknown;
 }
 
-
 /**
  * One native call, in two phases. First every argument is recorded and checked (types, sizes,
  * overlaps) as plain values: whatever user code the arguments hold (getters, Proxies) has run by
@@ -256,16 +294,32 @@ class Call<M extends Mem> {
 
   /** Records an input buffer (host array or tensor) of `length` elements of `dtype`. */
   input(name: string, x: unknown, dtype: TensorDType, length: number): number {
-    return this.#add({ name, dtype, length, out: false, ...this.#describe(name, x, dtype, length) });
+    return this.#add({
+      name,
+      dtype,
+      length,
+      out: false,
+      ...this.#describe(name, x, dtype, length),
+    });
   }
 
   /** Records an output: the caller's buffer (checked, and not sharing memory with any buffer
    * recorded before it) or, when none is given, a new one made at bind(). */
   output(name: string, dtype: TensorDType, length: number, given?: unknown): number {
-    if (given === undefined) return this.#add({ name: `out.${name}`, dtype, length, out: true, make: true });
-    const slot: Slot = { name: `out.${name}`, dtype, length, out: true, ...this.#describe(`out.${name}`, given, dtype, length) };
+    if (given === undefined) {
+      return this.#add({ name: `out.${name}`, dtype, length, out: true, make: true });
+    }
+    const slot: Slot = {
+      name: `out.${name}`,
+      dtype,
+      length,
+      out: true,
+      ...this.#describe(`out.${name}`, given, dtype, length),
+    };
     for (const o of this.#slots) {
-      const shared = slot.host && o.host ? overlaps(slot.host, o.host) : slot.tensor !== undefined && slot.tensor.tensor === o.tensor?.tensor;
+      const shared = slot.host && o.host
+        ? overlaps(slot.host, o.host)
+        : slot.tensor !== undefined && slot.tensor.tensor === o.tensor?.tensor;
       if (shared) throw new TypeError(`${slot.name} must not share memory with ${o.name}`);
     }
     return this.#add(slot);
@@ -334,23 +388,38 @@ class Call<M extends Mem> {
     return this.#slots.length - 1;
   }
 
-  #describe(name: string, x: unknown, dtype: TensorDType, length: number): { host?: HostView; tensor?: TensorFacts } {
+  #describe(
+    name: string,
+    x: unknown,
+    dtype: TensorDType,
+    length: number,
+  ): { host?: HostView; tensor?: TensorFacts } {
     if (this.mem === "device") {
       const t = this.kivi._tensor(x);
-      if (t === undefined) throw new TypeError(`${name} must be a DeviceTensor like the input, got ${show(x)}`);
+      if (t === undefined) {
+        throw new TypeError(`${name} must be a DeviceTensor like the input, got ${show(x)}`);
+      }
       if (t.backend !== this.kivi) {
         throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
       }
       if (t.dtype !== dtype && !(dtype === "f16" && t.dtype === "u16")) {
         throw new TypeError(`${name} must have dtype ${show(dtype)}, got ${show(t.dtype)}`);
       }
-      if (t.length !== length) throw new TypeError(`${name} must have ${length} elements, got ${t.length}`);
+      if (t.length !== length) {
+        throw new TypeError(`${name} must have ${length} elements, got ${t.length}`);
+      }
       return { tensor: t };
     }
     const v = this.kivi._tensor(x) === undefined ? hostView(name, x) : undefined;
-    if (v === undefined) throw new TypeError(`${name} must be a host typed array like the input, got ${show(x)}`);
-    if (dtypeOfKind(v.kind, dtype) !== dtype) throw new TypeError(`${name} must be a ${dtype} array, got ${v.kind}`);
-    if (v.length !== length) throw new TypeError(`${name} must have ${length} elements, got ${v.length}`);
+    if (v === undefined) {
+      throw new TypeError(`${name} must be a host typed array like the input, got ${show(x)}`);
+    }
+    if (dtypeOfKind(v.kind, dtype) !== dtype) {
+      throw new TypeError(`${name} must be a ${dtype} array, got ${v.kind}`);
+    }
+    if (v.length !== length) {
+      throw new TypeError(`${name} must have ${length} elements, got ${v.length}`);
+    }
     return { host: v };
   }
 }
@@ -366,13 +435,25 @@ interface Described {
 
 /** Resolves where x lives, its dtype and its [rows, cols], checking them against the backend; the
  * dtype hint must fit (a Uint16Array holds f16 or bf16 bits; any other array or tensor its own). */
-function describeInput(kivi: Backend, x: unknown, shapeOpt: unknown, hintOpt: unknown, name = "x"): Described {
-  const hint = hintOpt === undefined ? undefined : checkOneOf("dtype", hintOpt, ["f32", "f16", "bf16"] as const);
+function describeInput(
+  kivi: Backend,
+  x: unknown,
+  shapeOpt: unknown,
+  hintOpt: unknown,
+  name = "x",
+): Described {
+  const hint = hintOpt === undefined
+    ? undefined
+    : checkOneOf("dtype", hintOpt, ["f32", "f16", "bf16"] as const);
   const t = kivi._tensor(x);
   if (t !== undefined) {
-    if (t.backend !== kivi) throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
+    if (t.backend !== kivi) {
+      throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
+    }
     const dtype = checkOneOf(`${name}.dtype`, t.dtype, ["f32", "f16", "bf16"] as const);
-    if (hint !== undefined && hint !== dtype) throw new TypeError(`dtype ${show(hint)} does not match ${name}, a ${dtype} tensor`);
+    if (hint !== undefined && hint !== dtype) {
+      throw new TypeError(`dtype ${show(hint)} does not match ${name}, a ${dtype} tensor`);
+    }
     const cols = t.shape[t.shape.length - 1];
     let shape: [number, number] = t.shape.length === 1 ? [1, cols] : [t.length / cols, cols];
     if (shapeOpt !== undefined) {
@@ -384,13 +465,21 @@ function describeInput(kivi: Backend, x: unknown, shapeOpt: unknown, hintOpt: un
     return { mem: "device", dtype, shape, tensor: t };
   }
   const v = hostView(name, x);
-  if (v === undefined) throw new TypeError(`${name} must be a Float32Array, Float16Array, Uint16Array or DeviceTensor, got ${show(x)}`);
+  if (v === undefined) {
+    throw new TypeError(
+      `${name} must be a Float32Array, Float16Array, Uint16Array or DeviceTensor, got ${show(x)}`,
+    );
+  }
   const dtype = dtypeOfKind(v.kind, hint);
   if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
-    throw new TypeError(`${name} must be a Float32Array, Float16Array or Uint16Array, got ${v.kind}`);
+    throw new TypeError(
+      `${name} must be a Float32Array, Float16Array or Uint16Array, got ${v.kind}`,
+    );
   }
   checkHint("dtype", hint, name, v.kind);
-  if (shapeOpt === undefined) throw new TypeError(`shape must be given as [rows, cols] for a host array`);
+  if (shapeOpt === undefined) {
+    throw new TypeError(`shape must be given as [rows, cols] for a host array`);
+  }
   const shape = checkShape("shape", shapeOpt);
   if (shape[0] * shape[1] !== v.length) {
     throw new TypeError(`shape ${show(shape)} must hold ${name}'s ${v.length} elements`);
@@ -415,15 +504,23 @@ function checkFp16Range(kivi: Backend, op: string, d: Described, name = "x"): vo
   if (at < 0) return;
   const cols = d.shape[1];
   throw new RangeError(
-    `${name} must hold values below ${F16_LIMIT} in magnitude (fp16 params), got ${valueAt(a, d.dtype, at)} at index ${at} ` +
-      `(row ${Math.floor(at / cols)}, col ${at % cols}); scale it down, or pass trusted: true to have it saturate`,
+    `${name} must hold values below ${F16_LIMIT} in magnitude (fp16 params), got ${
+      valueAt(a, d.dtype, at)
+    } at index ${at} ` +
+      `(row ${Math.floor(at / cols)}, col ${
+        at % cols
+      }); scale it down, or pass trusted: true to have it saturate`,
   );
 }
 
 function checkGrouping(shape: readonly [number, number], axis: Axis, group: number): void {
-  const [dim, label] = axis === "token" ? [shape[0], "shape[0] (rows)"] : [shape[1], "shape[1] (cols)"];
+  const [dim, label] = axis === "token"
+    ? [shape[0], "shape[0] (rows)"]
+    : [shape[1], "shape[1] (cols)"];
   if (dim % group !== 0) {
-    throw new RangeError(`${label} must be a multiple of group (${group}) for axis "${axis}", got ${dim}`);
+    throw new RangeError(
+      `${label} must be a multiple of group (${group}) for axis "${axis}", got ${dim}`,
+    );
   }
 }
 
@@ -435,24 +532,51 @@ const AXES = ["token", "channel"] as const;
 
 /** x described once (describeInput), its axis read and its grouping checked: what every quantizer
  * reads of its input before it takes native handles. */
-function groupedInput(kivi: Backend, x: unknown, o: Record<string, unknown>, groupOf: GroupSize | (() => GroupSize)) {
+function groupedInput(
+  kivi: Backend,
+  x: unknown,
+  o: Record<string, unknown>,
+  groupOf: GroupSize | (() => GroupSize),
+) {
   const d = describeInput(kivi, x, o.shape, o.dtype);
   const axis = checkOneOf("axis", o.axis, AXES);
   const group = typeof groupOf === "function" ? groupOf() : groupOf; // read after the axis, in that order
   checkGrouping(d.shape, axis, group);
-  return { d, dtype: d.dtype, shape: d.shape, axis, group, groups: groupCount(d.shape, axis, group) };
+  return {
+    d,
+    dtype: d.dtype,
+    shape: d.shape,
+    axis,
+    group,
+    groups: groupCount(d.shape, axis, group),
+  };
 }
 
 /** The matrix arguments of the quantizer exports after x: dtype, rows, cols, axis, group, bits. */
-function matrixArgs(dtype: TensorDType, shape: readonly number[], axis: Axis, group: number, bits: number) {
+function matrixArgs(
+  dtype: TensorDType,
+  shape: readonly number[],
+  axis: Axis,
+  group: number,
+  bits: number,
+) {
   return [dtypeCode[dtype as "f32"], shape[0], shape[1], axisCode[axis], group, bits] as const;
 }
 
 /** Block statistics per group (see {@link BlockStats}). */
-export function stats<X extends Input>(kivi: Backend, x: X, opts: StatsOptions<MemOf<X>>): BlockStats<MemOf<X>> {
+export function stats<X extends Input>(
+  kivi: Backend,
+  x: X,
+  opts: StatsOptions<MemOf<X>>,
+): BlockStats<MemOf<X>> {
   const o = readOptions("options", opts, ["shape", "dtype", "axis", "group", "out"], true);
   const out = readOptions("out", o.out, ["stats", "nonfinite"]);
-  const { d, dtype, shape, axis, group, groups } = groupedInput(kivi, x, o, () => checkOneOf("group", o.group ?? 32, GROUPS));
+  const { d, dtype, shape, axis, group, groups } = groupedInput(
+    kivi,
+    x,
+    o,
+    () => checkOneOf("group", o.group ?? 32, GROUPS),
+  );
   using c = new Call(kivi, d.mem as MemOf<X>, "stats");
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const ist = c.output("stats", "f32", groups * 4, out.stats);
@@ -460,18 +584,40 @@ export function stats<X extends Input>(kivi: Backend, x: X, opts: StatsOptions<M
   c.bind();
   c.run(
     "kivi_stats_block",
-    c.lib.call("kivi_stats_block", c.ctx, c.ptr(ix), dtypeCode[dtype], shape[0], shape[1], axisCode[axis], group, c.ptr(ist), c.ptr(inf)),
+    c.lib.call(
+      "kivi_stats_block",
+      c.ctx,
+      c.ptr(ix),
+      dtypeCode[dtype],
+      shape[0],
+      shape[1],
+      axisCode[axis],
+      group,
+      c.ptr(ist),
+      c.ptr(inf),
+    ),
   );
   return { groups, stats: c.buf(ist), nonfinite: c.buf(inf) };
 }
 
 /** Quantizes and packs x in one pass (codebook: fit, then quantize against the fp16 centroids). */
-export function quantize<X extends Input>(kivi: Backend, x: X, opts: QuantizeOptions<MemOf<X>>): Quantized<MemOf<X>> {
-  const o = readOptions("options", opts, ["shape", "dtype", "axis", "format", "trusted", "out"], true);
+export function quantize<X extends Input>(
+  kivi: Backend,
+  x: X,
+  opts: QuantizeOptions<MemOf<X>>,
+): Quantized<MemOf<X>> {
+  const o = readOptions(
+    "options",
+    opts,
+    ["shape", "dtype", "axis", "format", "trusted", "out"],
+    true,
+  );
   const format = resolveFormat(o.format as Format);
   const out = readOptions("out", o.out, ["codes", "scale", "zero", "centroids"]);
   for (const k of format.kind === "uniform" ? ["centroids"] as const : ["scale", "zero"] as const) {
-    if (out[k] !== undefined) throw new TypeError(`out.${k} is not an output of the ${format.kind} format`);
+    if (out[k] !== undefined) {
+      throw new TypeError(`out.${k} is not an output of the ${format.kind} format`);
+    }
   }
   const trusted = checkBool("trusted", o.trusted);
   const { d, dtype, shape, axis, groups } = groupedInput(kivi, x, o, format.group);
@@ -484,7 +630,19 @@ export function quantize<X extends Input>(kivi: Backend, x: X, opts: QuantizeOpt
     const iz = c.output("zero", "f16", groups, out.zero);
     if (!trusted) checkFp16Range(kivi, "quantize", d);
     c.bind();
-    c.run("kivi_uniform_quantize", c.lib.call("kivi_uniform_quantize", c.ctx, c.ptr(ix), ...dims, flags(trusted), c.ptr(icodes), c.ptr(is), c.ptr(iz)));
+    c.run(
+      "kivi_uniform_quantize",
+      c.lib.call(
+        "kivi_uniform_quantize",
+        c.ctx,
+        c.ptr(ix),
+        ...dims,
+        flags(trusted),
+        c.ptr(icodes),
+        c.ptr(is),
+        c.ptr(iz),
+      ),
+    );
     return { format, axis, shape, groups, codes: c.buf(icodes), scale: c.buf(is), zero: c.buf(iz) };
   }
   const ik = c.output("centroids", "f16", groups * 2 ** format.bits, out.centroids);
@@ -514,15 +672,23 @@ export function dequantize<M extends Mem>(
   q: Quantized<M>,
   opts: { dtype?: DType; out?: Buf<M, DType> } = {},
 ): Buf<M, DType> {
-  if (q === null || typeof q !== "object") throw new TypeError(`q must be the result of quantize(), got ${show(q)}`);
+  if (q === null || typeof q !== "object") {
+    throw new TypeError(`q must be the result of quantize(), got ${show(q)}`);
+  }
   // q is the caller's object: each field read once.
-  const qf = q as unknown as Partial<Record<"format" | "axis" | "shape" | "codes" | "scale" | "zero" | "centroids", unknown>>;
+  const qf = q as unknown as Partial<
+    Record<"format" | "axis" | "shape" | "codes" | "scale" | "zero" | "centroids", unknown>
+  >;
   const [qFormat, qAxis, qShape, qCodes] = [qf.format, qf.axis, qf.shape, qf.codes];
-  if (qCodes === undefined) throw new TypeError(`q must be the result of quantize(), got ${show(q)}`);
+  if (qCodes === undefined) {
+    throw new TypeError(`q must be the result of quantize(), got ${show(q)}`);
+  }
   const o = readOptions("options", opts, ["dtype", "out"]);
   const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
   const format = resolveFormat(qFormat as unknown as Format, "q.format");
-  const [qScale, qZero, qCentroids] = format.kind === "uniform" ? [qf.scale, qf.zero, undefined] : [undefined, undefined, qf.centroids];
+  const [qScale, qZero, qCentroids] = format.kind === "uniform"
+    ? [qf.scale, qf.zero, undefined]
+    : [undefined, undefined, qf.centroids];
   const axis = checkOneOf("q.axis", qAxis, AXES);
   const shape = checkShape("q.shape", qShape);
   checkGrouping(shape, axis, format.group);
@@ -537,21 +703,67 @@ export function dequantize<M extends Mem>(
     const iz = c.input("q.zero", qZero, "f16", groups);
     const io = c.output("out", dtype, n, o.out);
     c.bind();
-    c.run("kivi_uniform_dequantize", c.lib.call("kivi_uniform_dequantize", c.ctx, c.ptr(ic), c.ptr(is), c.ptr(iz), ...dims, c.ptr(io), dtypeCode[dtype]));
+    c.run(
+      "kivi_uniform_dequantize",
+      c.lib.call(
+        "kivi_uniform_dequantize",
+        c.ctx,
+        c.ptr(ic),
+        c.ptr(is),
+        c.ptr(iz),
+        ...dims,
+        c.ptr(io),
+        dtypeCode[dtype],
+      ),
+    );
     return c.buf(io);
   }
   const ik = c.input("q.centroids", qCentroids, "f16", groups * 2 ** format.bits);
   const io = c.output("out", dtype, n, o.out);
   c.bind();
-  c.run("kivi_codebook_dequantize", c.lib.call("kivi_codebook_dequantize", c.ctx, c.ptr(ic), c.ptr(ik), ...dims, c.ptr(io), dtypeCode[dtype]));
+  c.run(
+    "kivi_codebook_dequantize",
+    c.lib.call(
+      "kivi_codebook_dequantize",
+      c.ctx,
+      c.ptr(ic),
+      c.ptr(ik),
+      ...dims,
+      c.ptr(io),
+      dtypeCode[dtype],
+    ),
+  );
   return c.buf(io);
 }
 
 /** Fits 2^bits centroids per group by 1-D k-means (Lloyd-Max), starting from the uniform grid. */
-export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptions<MemOf<X>>): FitResult<MemOf<X>> {
-  const o = readOptions("options", opts, ["shape", "dtype", "axis", "bits", "group", "fit", "iterations", "trace", "trusted", "out"], true);
+export function fitCodebook<X extends Input>(
+  kivi: Backend,
+  x: X,
+  opts: FitOptions<MemOf<X>>,
+): FitResult<MemOf<X>> {
+  const o = readOptions("options", opts, [
+    "shape",
+    "dtype",
+    "axis",
+    "bits",
+    "group",
+    "fit",
+    "iterations",
+    "trace",
+    "trusted",
+    "out",
+  ], true);
   const out = readOptions("out", o.out, ["centroids"]);
-  const f = resolveFormat({ kind: "codebook", bits: o.bits, group: o.group, fit: o.fit, iterations: o.iterations } as Format);
+  const f = resolveFormat(
+    {
+      kind: "codebook",
+      bits: o.bits,
+      group: o.group,
+      fit: o.fit,
+      iterations: o.iterations,
+    } as Format,
+  );
   if (f.kind !== "codebook") throw new Error("unreachable");
   const trace = checkBool("trace", o.trace);
   const trusted = checkBool("trusted", o.trusted);
@@ -578,7 +790,12 @@ export function fitCodebook<X extends Input>(kivi: Backend, x: X, opts: FitOptio
       trace ? c.ptr(ine) : null,
     ),
   );
-  return { groups, centroids: c.buf(ik), iters: trace ? c.buf(ii) : undefined, inertia: trace ? c.buf(ine) : undefined };
+  return {
+    groups,
+    centroids: c.buf(ik),
+    iters: trace ? c.buf(ii) : undefined,
+    inertia: trace ? c.buf(ine) : undefined,
+  };
 }
 
 /** Codes of x against given centroids ([groups][2^bits] fp16, ascending per group). */
@@ -588,9 +805,20 @@ export function quantizeWithCodebook<X extends Input>(
   centroids: Buf<MemOf<X>, "f16">,
   opts: CodebookOptions<MemOf<X>>,
 ): CodebookQuantized<MemOf<X>> {
-  const o = readOptions("options", opts, ["shape", "dtype", "axis", "bits", "group", "assign", "trusted", "out"], true);
+  const o = readOptions("options", opts, [
+    "shape",
+    "dtype",
+    "axis",
+    "bits",
+    "group",
+    "assign",
+    "trusted",
+    "out",
+  ], true);
   const out = readOptions("out", o.out, ["codes"]);
-  const format = resolveFormat({ kind: "codebook", bits: o.bits, group: o.group, assign: o.assign } as Format);
+  const format = resolveFormat(
+    { kind: "codebook", bits: o.bits, group: o.group, assign: o.assign } as Format,
+  );
   if (format.kind !== "codebook") throw new Error("unreachable");
   const trusted = checkBool("trusted", o.trusted);
   const { d, dtype, shape, axis, groups } = groupedInput(kivi, x, o, format.group);
@@ -636,7 +864,9 @@ export function pack<M extends Mem>(
   const { mem, n } = codesInput(kivi, "codes", codes);
   const cpw = 32 / bits;
   if (n === 0 || n % cpw !== 0) {
-    throw new RangeError(`codes.length must be a positive multiple of ${cpw} (codes per word at ${bits} bits), got ${n}`);
+    throw new RangeError(
+      `codes.length must be a positive multiple of ${cpw} (codes per word at ${bits} bits), got ${n}`,
+    );
   }
   using c = new Call(kivi, mem as M, "pack");
   const ic = c.input("codes", codes, "u8", n);

@@ -35,7 +35,13 @@ export interface SynthKV {
 }
 
 /** The per-channel traits of one generator seed: which channels are outliers and their offsets. */
-function channelTraits(rng: Rng, heads: number, dim: number, outliers: number, outlierScale: number) {
+function channelTraits(
+  rng: Rng,
+  heads: number,
+  dim: number,
+  outliers: number,
+  outlierScale: number,
+) {
   const scale = new Float32Array(heads * dim);
   const offset = new Float32Array(heads * dim);
   for (let h = 0; h < heads; h++) {
@@ -66,7 +72,13 @@ export function synthKV(opts: SynthOptions): SynthKV {
   const { tokens, kvHeads: heads, headDim: dim } = opts;
   if (dim % 2 !== 0) throw new RangeError(`headDim must be even (rotary pairs), got ${dim}`);
   const rng = new Rng(opts.seed);
-  const { scale, offset } = channelTraits(rng, heads, dim, opts.outliers ?? 4, opts.outlierScale ?? 12);
+  const { scale, offset } = channelTraits(
+    rng,
+    heads,
+    dim,
+    opts.outliers ?? 4,
+    opts.outlierScale ?? 12,
+  );
   const nu = opts.valueTailNu ?? 4;
   const cols = heads * dim;
   const keys = new Float32Array(tokens * cols);
@@ -86,7 +98,8 @@ export function synthKV(opts: SynthOptions): SynthKV {
       }
       const tokenScale = 0.5 + rng.next();
       for (let d = 0; d < dim; d++) {
-        values[base + d] = tokenScale * (Number.isFinite(nu) ? rng.studentT(nu) * 0.7 : rng.normal());
+        values[base + d] = tokenScale *
+          (Number.isFinite(nu) ? rng.studentT(nu) * 0.7 : rng.normal());
       }
     }
   }

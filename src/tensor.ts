@@ -9,8 +9,24 @@
 import { KiviError, Status } from "./errors.ts";
 import { type NativeLib, type Pointer, scratchArray } from "./ffi/_native.ts";
 import type { SymbolName } from "./ffi/symbols.ts";
-import { checkElems, checkInt, checkOneOf, hostView, plainView, readOptions, show } from "./_checks.ts";
-import { checkHint, dtypeBytes, dtypeOfKind, type HostArray, hostArray, type HostOf, type TensorDType } from "./_dtype.ts";
+import {
+  checkElems,
+  checkInt,
+  checkOneOf,
+  hostView,
+  plainView,
+  readOptions,
+  show,
+} from "./_checks.ts";
+import {
+  checkHint,
+  dtypeBytes,
+  dtypeOfKind,
+  type HostArray,
+  hostArray,
+  type HostOf,
+  type TensorDType,
+} from "./_dtype.ts";
 
 export type { Pointer } from "./ffi/_native.ts";
 
@@ -48,7 +64,9 @@ export interface NativeHeld {
 
 /** The safety net of a class owning one native handle: a finalizer that destroys the handle with
  * `destroy`, then releases the state. Explicit disposal unregisters. */
-export function handleRegistry(destroy: "kivi_cache_destroy" | "kivi_batch_destroy"): FinalizationRegistry<NativeHeld> {
+export function handleRegistry(
+  destroy: "kivi_cache_destroy" | "kivi_batch_destroy",
+): FinalizationRegistry<NativeHeld> {
   return new FinalizationRegistry<NativeHeld>((held) => {
     held.state.lib.call(destroy, held.handle);
     held.state.release();
@@ -104,7 +122,13 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
   #bytes: number;
 
   /** @internal use Backend.alloc / Backend.upload */
-  constructor(backend: BackendCore, state: NativeState, ptr: Pointer, shape: readonly number[], dtype: D) {
+  constructor(
+    backend: BackendCore,
+    state: NativeState,
+    ptr: Pointer,
+    shape: readonly number[],
+    dtype: D,
+  ) {
     this.#backend = backend;
     this.#ptr = ptr;
     this.#shape = Object.freeze([...shape]);
@@ -171,7 +195,11 @@ export class DeviceTensor<D extends TensorDType = TensorDType> {
 
   #pointer(op: string): Pointer {
     if (this.#held === undefined) {
-      throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: the tensor was disposed; allocate a new one`);
+      throw new KiviError(
+        Status.KIVI_ERR_STATE,
+        op,
+        `${op}: the tensor was disposed; allocate a new one`,
+      );
     }
     return this.#ptr;
   }
@@ -280,7 +308,10 @@ export class BackendCore {
     this.device = device;
     this.reason = reason;
     const name = new Uint8Array(256);
-    this._check("kivi_ctx_device_name", lib.call("kivi_ctx_device_name", ctx, lib.ptr(name), name.length));
+    this._check(
+      "kivi_ctx_device_name",
+      lib.call("kivi_ctx_device_name", ctx, lib.ptr(name), name.length),
+    );
     this.deviceName = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
     this.#madePtr = lib.ptr(this.#made);
     backendRegistry.register(this, this.#state, this);
@@ -322,9 +353,15 @@ export class BackendCore {
   #live(op: string): NativeState {
     const s = this.#state;
     if (s === undefined) {
-      throw new KiviError(Status.KIVI_ERR_STATE, op, `${op}: the backend was disposed; open a new one with openBackend()`);
+      throw new KiviError(
+        Status.KIVI_ERR_STATE,
+        op,
+        `${op}: the backend was disposed; open a new one with openBackend()`,
+      );
     }
-    if (s.broken !== undefined) throw new KiviError(Status.KIVI_ERR_CUDA_STICKY, op, `${op}: ${s.broken}`);
+    if (s.broken !== undefined) {
+      throw new KiviError(Status.KIVI_ERR_CUDA_STICKY, op, `${op}: ${s.broken}`);
+    }
     return s;
   }
 
@@ -338,10 +375,13 @@ export class BackendCore {
   _check(op: SymbolName | string, status: number): void {
     if (status === 0) return;
     const s = this.#state;
-    if (s === undefined) throw new KiviError(status, op, `${op} failed while the backend was being disposed`);
+    if (s === undefined) {
+      throw new KiviError(status, op, `${op} failed while the backend was being disposed`);
+    }
     const msg = s.lib.call("kivi_ctx_last_error", s.ctx) || s.lib.call("kivi_last_error");
     if (status === Status.KIVI_ERR_CUDA_STICKY) {
-      s.broken = `the device context hit a sticky CUDA fault and is unusable (${msg}); start a new process`;
+      s.broken =
+        `the device context hit a sticky CUDA fault and is unusable (${msg}); start a new process`;
     }
     throw new KiviError(status, op, msg);
   }
@@ -355,7 +395,9 @@ export class BackendCore {
   alloc<D extends TensorDType>(shape: readonly number[], dtype: D): DeviceTensor<D> {
     checkOneOf("dtype", dtype, Object.keys(dtypeBytes) as TensorDType[]);
     const n = Array.isArray(shape) ? shape.length : 0; // read once, then each element once
-    if (n === 0) throw new TypeError(`shape must be a non-empty array of sizes, got ${show(shape)}`);
+    if (n === 0) {
+      throw new TypeError(`shape must be a non-empty array of sizes, got ${show(shape)}`);
+    }
     const dims: number[] = [];
     for (let i = 0; i < n; i++) dims.push(checkInt(`shape[${i}]`, shape[i], 1, 2 ** 40));
     const bytes = checkElems("shape", dims) * dtypeBytes[dtype];
@@ -374,12 +416,19 @@ export class BackendCore {
   upload(data: Uint8Array, opts?: { shape?: readonly number[] }): DeviceTensor<"u8">;
   upload(data: Int32Array, opts?: { shape?: readonly number[] }): DeviceTensor<"i32">;
   upload(data: HostArray, opts?: { shape?: readonly number[]; dtype?: TensorDType }): DeviceTensor;
-  upload(data: HostArray, opts: { shape?: readonly number[]; dtype?: TensorDType } = {}): DeviceTensor {
+  upload(
+    data: HostArray,
+    opts: { shape?: readonly number[]; dtype?: TensorDType } = {},
+  ): DeviceTensor {
     const o = readOptions("options", opts, ["shape", "dtype"]);
-    const hint = o.dtype === undefined ? undefined : checkOneOf("dtype", o.dtype, Object.keys(dtypeBytes) as TensorDType[]);
+    const hint = o.dtype === undefined
+      ? undefined
+      : checkOneOf("dtype", o.dtype, Object.keys(dtypeBytes) as TensorDType[]);
     const v = hostView("data", data);
     const dtype = v && dtypeOfKind(v.kind, hint);
-    if (v === undefined || dtype === undefined) throw new TypeError(`data must be a typed array of a kivi dtype, got ${show(data)}`);
+    if (v === undefined || dtype === undefined) {
+      throw new TypeError(`data must be a typed array of a kivi dtype, got ${show(data)}`);
+    }
     checkHint("dtype", hint, "data", v.kind);
     const t = this.alloc((o.shape ?? [v.length]) as readonly number[], dtype);
     try {
@@ -395,20 +444,35 @@ export class BackendCore {
   _upload(t: TensorFacts, data: unknown, op: string): void {
     const v = hostView("data", data);
     if (v === undefined || dtypeOfKind(v.kind, t.dtype) !== t.dtype || v.length !== t.length) {
-      throw new TypeError(`data must be a ${t.dtype} array of ${t.length} elements, got ${show(data)}${v ? ` of ${v.length}` : ""}`);
+      throw new TypeError(
+        `data must be a ${t.dtype} array of ${t.length} elements, got ${show(data)}${
+          v ? ` of ${v.length}` : ""
+        }`,
+      );
     }
     const { lib, ctx } = this._native(op);
     // The plain view: Deno's UnsafePointer.of reads a subclass's (overridable) getters.
-    this._check("kivi_mem_upload", lib.call("kivi_mem_upload", ctx, t.writePointer(op), lib.ptr(plainView(v)), v.byteLength));
+    this._check(
+      "kivi_mem_upload",
+      lib.call("kivi_mem_upload", ctx, t.writePointer(op), lib.ptr(plainView(v)), v.byteLength),
+    );
   }
 
   /** @internal */
   _download(out: ArrayBufferView, src: Pointer, bytes: number, async: true): Promise<void>;
   _download(out: ArrayBufferView, src: Pointer, bytes: number, async: false): void;
-  _download(out: ArrayBufferView, src: Pointer, bytes: number, async: boolean): Promise<void> | void {
+  _download(
+    out: ArrayBufferView,
+    src: Pointer,
+    bytes: number,
+    async: boolean,
+  ): Promise<void> | void {
     const { lib, ctx } = this._native("read");
     if (!async) {
-      this._check("kivi_mem_download", lib.call("kivi_mem_download", ctx, lib.ptr(out), src, bytes));
+      this._check(
+        "kivi_mem_download",
+        lib.call("kivi_mem_download", ctx, lib.ptr(out), src, bytes),
+      );
       return;
     }
     return (async () => {
@@ -475,7 +539,11 @@ export class BackendCore {
   _debugFault(): never {
     const { lib, ctx } = this._native("debugFault");
     this._check("kivi_debug_fault", lib.call("kivi_debug_fault", ctx));
-    throw new KiviError(Status.KIVI_ERR_STATE, "kivi_debug_fault", "kivi_debug_fault: returned without a fault");
+    throw new KiviError(
+      Status.KIVI_ERR_STATE,
+      "kivi_debug_fault",
+      "kivi_debug_fault: returned without a fault",
+    );
   }
 
   /** Free and total bytes of the device (the CPU build: physical memory). */
@@ -498,7 +566,11 @@ export class BackendCore {
       this._check("kivi_timer_start", lib.call("kivi_timer_start", ctx));
       fn();
       if (this.#state === undefined) {
-        throw new KiviError(Status.KIVI_ERR_STATE, "time", "time: the backend was disposed while fn ran; open a new one with openBackend()");
+        throw new KiviError(
+          Status.KIVI_ERR_STATE,
+          "time",
+          "time: the backend was disposed while fn ran; open a new one with openBackend()",
+        );
       }
       const ms = new Float32Array(1);
       this._check("kivi_timer_stop", lib.call("kivi_timer_stop", ctx, lib.ptr(ms)));

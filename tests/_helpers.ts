@@ -28,7 +28,9 @@ import { Rng as SeededRng } from "../src/random.ts";
 /* ------------------------------------------------------------------ random --------------- */
 
 /** Base seed of the run: KIVI_TEST_SEED overrides it to reproduce a failure. */
-export const BASE_SEED: number = process.env.KIVI_TEST_SEED ? Number(process.env.KIVI_TEST_SEED) >>> 0 : 0x6b697669;
+export const BASE_SEED: number = process.env.KIVI_TEST_SEED
+  ? Number(process.env.KIVI_TEST_SEED) >>> 0
+  : 0x6b697669;
 
 /** The seed of a test's generator: `label` and `salt` hashed with BASE_SEED (FNV-1a). */
 function labelSeed(label: string, salt: number): number {
@@ -131,7 +133,10 @@ export function toInput(vals: ArrayLike<number>, dtype: DataDType): Input {
  */
 export function randomMatrix(rng: Rng, rows: number, cols: number, dtype: DataDType): Input {
   const off = Array.from({ length: cols }, () => rng.uniform(-2, 2));
-  const sc = Array.from({ length: cols }, () => (rng.next() < 0.1 ? rng.uniform(5, 20) : rng.uniform(0.05, 1.5)));
+  const sc = Array.from(
+    { length: cols },
+    () => (rng.next() < 0.1 ? rng.uniform(5, 20) : rng.uniform(0.05, 1.5)),
+  );
   const vals = new Float64Array(rows * cols);
   for (let r = 0; r < rows; r++) {
     for (let c = 0; c < cols; c++) {
@@ -143,7 +148,10 @@ export function randomMatrix(rng: Rng, rows: number, cols: number, dtype: DataDT
 }
 
 /** Host array of `dtype` filled with a sentinel; returns it with a byte snapshot to compare later. */
-export function sentinel<T extends ArrayBufferView>(a: T, byte = 0xa5): { buf: T; snap: Uint8Array } {
+export function sentinel<T extends ArrayBufferView>(
+  a: T,
+  byte = 0xa5,
+): { buf: T; snap: Uint8Array } {
   const bytes = new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
   bytes.fill(byte);
   return { buf: a, snap: bytes.slice() };
@@ -190,7 +198,13 @@ export function groupCount(rows: number, cols: number, axis: Axis, G: number): n
   return axis === "token" ? cols * (rows / G) : rows * (cols / G);
 }
 /** Flat row-major indices of group g's members in group order (kivi.h "Matrices"). */
-export function groupMembers(rows: number, cols: number, axis: Axis, G: number, g: number): number[] {
+export function groupMembers(
+  rows: number,
+  cols: number,
+  axis: Axis,
+  G: number,
+  g: number,
+): number[] {
   const out = new Array<number>(G);
   if (axis === "token") {
     const per = rows / G, c = Math.floor(g / per), r0 = (g % per) * G;
@@ -202,19 +216,46 @@ export function groupMembers(rows: number, cols: number, axis: Axis, G: number, 
   return out;
 }
 /** Word index and slot of element (r, c) (kivi.h: token axis packed along tokens, channel along channels). */
-export function wordOf(r: number, c: number, rows: number, cols: number, axis: Axis, bits: number): [number, number] {
+export function wordOf(
+  r: number,
+  c: number,
+  rows: number,
+  cols: number,
+  axis: Axis,
+  bits: number,
+): [number, number] {
   const cpw = 32 / bits;
-  return axis === "token" ? [c * (rows / cpw) + Math.floor(r / cpw), r % cpw] : [r * (cols / cpw) + Math.floor(c / cpw), c % cpw];
+  return axis === "token"
+    ? [c * (rows / cpw) + Math.floor(r / cpw), r % cpw]
+    : [r * (cols / cpw) + Math.floor(c / cpw), c % cpw];
 }
 /** The code of element (r, c) read straight out of the packed words (code j at bit bits * j). */
-export function codeAt(words: Uint32Array, r: number, c: number, rows: number, cols: number, axis: Axis, bits: number): number {
+export function codeAt(
+  words: Uint32Array,
+  r: number,
+  c: number,
+  rows: number,
+  cols: number,
+  axis: Axis,
+  bits: number,
+): number {
   const [w, slot] = wordOf(r, c, rows, cols, axis, bits);
   return (words[w] >>> (bits * slot)) & ((1 << bits) - 1);
 }
 /** All codes [rows][cols] row-major, read from packed words by the layout formula. */
-export function codesOf(words: Uint32Array, rows: number, cols: number, axis: Axis, bits: number): Uint8Array {
+export function codesOf(
+  words: Uint32Array,
+  rows: number,
+  cols: number,
+  axis: Axis,
+  bits: number,
+): Uint8Array {
   const out = new Uint8Array(rows * cols);
-  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[r * cols + c] = codeAt(words, r, c, rows, cols, axis, bits);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) {
+      out[r * cols + c] = codeAt(words, r, c, rows, cols, axis, bits);
+    }
+  }
   return out;
 }
 
@@ -264,7 +305,8 @@ export function uniformParams(mn: number, mx: number, bits: number): [number, nu
   mn = Math.min(MAX, Math.max(-MAX, mn));
   mx = Math.min(MAX, Math.max(-MAX, mx));
   let s = f16(f32(f32(mx - mn) / top)), z = f16(mn);
-  const covers = f32(z - mn) <= 0.5 * s && f32((top + 0.5) * s + z) >= mx && f32(top * s + z) <= MAX;
+  const covers = f32(z - mn) <= 0.5 * s && f32((top + 0.5) * s + z) >= mx &&
+    f32(top * s + z) <= MAX;
   if (!covers) {
     z = f16Down(mn);
     s = f16Up(f32(f32(mx - z) / (top + 0.5)));
@@ -279,7 +321,14 @@ export function uniformParams(mn: number, mx: number, bits: number): [number, nu
  * x' = fmaf(q, s, z). The fma is exact here in double: q * s and z are fp16 values
  * (multiples of 2^-24 below 2^16 * 16), so q * s + z fits in 53 bits and one Math.fround is the fma.
  */
-export function uniformOracle(v: Float64Array, rows: number, cols: number, axis: Axis, G: number, bits: number): UniformOracle {
+export function uniformOracle(
+  v: Float64Array,
+  rows: number,
+  cols: number,
+  axis: Axis,
+  G: number,
+  bits: number,
+): UniformOracle {
   const groups = groupCount(rows, cols, axis, G);
   const top = (1 << bits) - 1;
   const o: UniformOracle = {
@@ -323,9 +372,17 @@ export function uniformOracle(v: Float64Array, rows: number, cols: number, axis:
  *    <= mx - (z + top * s).
  * So |x - x'| <= max(s / 2, z - mn, mx - (z + top s)) + 4u (|z| + |x| + top s).
  */
-export function uniformBound(x: number, s: number, z: number, mn: number, mx: number, bits: number): number {
+export function uniformBound(
+  x: number,
+  s: number,
+  z: number,
+  mn: number,
+  mx: number,
+  bits: number,
+): number {
   const top = (1 << bits) - 1;
-  return Math.max(s / 2, z - mn, mx - (z + top * s)) + 4 * U32 * (Math.abs(z) + Math.abs(x) + top * s);
+  return Math.max(s / 2, z - mn, mx - (z + top * s)) +
+    4 * U32 * (Math.abs(z) + Math.abs(x) + top * s);
 }
 
 /* ------------------------------------------------------------------ codebook oracles ----- */
@@ -382,15 +439,24 @@ export function groupMaxAbs(v: ArrayLike<number>, members: number[]): number {
 }
 
 /** Byte-exact equality of two typed arrays, reporting the first differing element. */
-export function assertSameBits(a: ArrayBufferView & { length: number }, b: ArrayBufferView & { length: number }, msg: string): void {
+export function assertSameBits(
+  a: ArrayBufferView & { length: number },
+  b: ArrayBufferView & { length: number },
+  msg: string,
+): void {
   assert.equal(a.length, b.length, `${msg}: length`);
-  const x = new Uint8Array(a.buffer, a.byteOffset, a.byteLength), y = new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
+  const x = new Uint8Array(a.buffer, a.byteOffset, a.byteLength),
+    y = new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
   assert.equal(x.length, y.length, `${msg}: byte length`);
   const per = x.length / a.length;
   for (let i = 0; i < x.length; i++) {
     if (x[i] !== y[i]) {
       const e = Math.floor(i / per);
-      assert.fail(`${msg}: element ${e} differs (${(a as unknown as number[])[e]} vs ${(b as unknown as number[])[e]})`);
+      assert.fail(
+        `${msg}: element ${e} differs (${(a as unknown as number[])[e]} vs ${
+          (b as unknown as number[])[e]
+        })`,
+      );
     }
   }
 }
@@ -410,9 +476,13 @@ export const NONFINITE: Record<DataDType, [string, number][]> = {
   bf16: [["NaN", 0x7fc0], ["+Inf", 0x7f80], ["-Inf", 0xff80]],
 };
 
-
 /** Asserts fn throws `kind` (an Error class, or a KiviError code) with a message matching `names`. */
-export function throwsNaming(fn: () => unknown, kind: (new (...a: never[]) => Error) | StatusName, names: RegExp, what: string): void {
+export function throwsNaming(
+  fn: () => unknown,
+  kind: (new (...a: never[]) => Error) | StatusName,
+  names: RegExp,
+  what: string,
+): void {
   assert.throws(fn, (e: unknown) => {
     if (typeof kind === "string") {
       assert.ok(e instanceof KiviError, `${what}: expected KiviError ${kind}, got ${e}`);
@@ -429,7 +499,13 @@ export function throwsNaming(fn: () => unknown, kind: (new (...a: never[]) => Er
 /* ------------------------------------------------------------------ cache oracle --------- */
 
 /** Seeded K/V rows [layers][n][kvHeads][headDim]; channel 3 of every head is an outlier, as in real keys. */
-export function kvRows(rng: Rng, n: number, kvHeads: number, headDim: number, layers = 1): Float32Array {
+export function kvRows(
+  rng: Rng,
+  n: number,
+  kvHeads: number,
+  headDim: number,
+  layers = 1,
+): Float32Array {
   const a = new Float32Array(layers * n * kvHeads * headDim);
   for (let i = 0; i < a.length; i++) a[i] = rng.normal() * (i % headDim === 3 ? 10 : 1);
   return a;
@@ -461,7 +537,7 @@ export function attentionOracle(
       m = Math.max(m, s[t]);
     }
     let sum = 0;
-    for (let t = 0; t < len; t++) sum += (s[t] = Math.exp(s[t] - m));
+    for (let t = 0; t < len; t++) sum += s[t] = Math.exp(s[t] - m);
     for (let t = 0; t < len; t++) {
       for (let d = 0; d < D; d++) out[h * D + d] += (s[t] / sum) * v[(t * kvHeads + kh) * D + d];
     }

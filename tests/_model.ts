@@ -4,22 +4,41 @@
  *
  * @module
  */
-import { closeSync, copyFileSync, mkdtempSync, openSync, readFileSync, readSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  copyFileSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  readSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { checkpointTensors } from "../src/model/safetensors.ts";
 
 /** byte-llama-9m: a trained byte-level Llama (config.json, two fp16 shards and their index). */
-export const MODEL_DIR = fileURLToPath(new URL("../../shared/models/byte-llama-9m", import.meta.url));
+export const MODEL_DIR = fileURLToPath(
+  new URL("../../shared/models/byte-llama-9m", import.meta.url),
+);
 /** Held-out English text the model never saw. */
-export const HELDOUT = readFileSync(fileURLToPath(new URL("../../shared/text/heldout.txt", import.meta.url)));
+export const HELDOUT = readFileSync(
+  fileURLToPath(new URL("../../shared/text/heldout.txt", import.meta.url)),
+);
 export const SHARD2 = "model-00002-of-00002.safetensors";
 
 /** A temporary copy of the model folder (files copied, so they can be changed). */
 export function copyModel(): string {
   const dir = mkdtempSync(join(tmpdir(), "kivi-model-"));
-  for (const f of ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", SHARD2]) {
+  for (
+    const f of [
+      "config.json",
+      "model.safetensors.index.json",
+      "model-00001-of-00002.safetensors",
+      SHARD2,
+    ]
+  ) {
     copyFileSync(join(MODEL_DIR, f), join(dir, f));
   }
   return dir;
@@ -47,7 +66,9 @@ export function rawTensors(): RawTensor[] {
 
 /** fp16 bytes as f32 or bf16 (round to nearest even) bytes. */
 export function convert(t: RawTensor, dtype: "F32" | "BF16"): RawTensor {
-  const f32 = new Float32Array(new Float16Array(t.data.buffer, t.data.byteOffset, t.data.byteLength / 2));
+  const f32 = new Float32Array(
+    new Float16Array(t.data.buffer, t.data.byteOffset, t.data.byteLength / 2),
+  );
   if (dtype === "F32") return { ...t, dtype, data: new Uint8Array(f32.buffer) };
   const u = new Uint32Array(f32.buffer), b = new Uint16Array(u.length);
   for (let i = 0; i < u.length; i++) b[i] = (u[i] + 0x7fff + ((u[i] >> 16) & 1)) >>> 16;
@@ -59,7 +80,11 @@ export function writeSafetensors(path: string, tensors: readonly RawTensor[]): v
   const header: Record<string, unknown> = { __metadata__: { format: "pt" } };
   let off = 0;
   for (const t of tensors) {
-    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [off, off + t.data.byteLength] };
+    header[t.name] = {
+      dtype: t.dtype,
+      shape: t.shape,
+      data_offsets: [off, off + t.data.byteLength],
+    };
     off += t.data.byteLength;
   }
   const json = new TextEncoder().encode(JSON.stringify(header));
@@ -75,7 +100,10 @@ export function writeSafetensors(path: string, tensors: readonly RawTensor[]): v
 }
 
 /** A folder holding a single-file checkpoint of `tensors` and the model's config.json changed by `edit`. */
-export function singleFile(tensors: readonly RawTensor[], edit: (c: Record<string, unknown>) => void = () => {}): string {
+export function singleFile(
+  tensors: readonly RawTensor[],
+  edit: (c: Record<string, unknown>) => void = () => {},
+): string {
   const dir = mkdtempSync(join(tmpdir(), "kivi-model-"));
   const config = JSON.parse(readFileSync(join(MODEL_DIR, "config.json"), "utf8"));
   edit(config);

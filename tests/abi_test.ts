@@ -29,21 +29,25 @@ function stripComments(src: string): string {
 }
 
 /** Every `KIVI_API <type> kivi_xxx(<params>);` of the header (params may span lines). */
-function parseHeader(src: string): { decls: Decl[]; int32Typedefs: Set<string>; pointerTypedefs: Set<string> } {
+function parseHeader(
+  src: string,
+): { decls: Decl[]; int32Typedefs: Set<string>; pointerTypedefs: Set<string> } {
   const text = stripComments(src);
-  const int32Typedefs = new Set([...text.matchAll(/typedef\s+int32_t\s+(\w+)\s*;/g)].map((m) => m[1]));
-  const pointerTypedefs = new Set([...text.matchAll(/typedef\s+[\w\s]+\*\s*(\w+)\s*;/g)].map((m) => m[1]));
+  const int32Typedefs = new Set(
+    [...text.matchAll(/typedef\s+int32_t\s+(\w+)\s*;/g)].map((m) => m[1]),
+  );
+  const pointerTypedefs = new Set(
+    [...text.matchAll(/typedef\s+[\w\s]+\*\s*(\w+)\s*;/g)].map((m) => m[1]),
+  );
   const decls: Decl[] = [];
   for (const m of text.matchAll(/KIVI_API\s+([^;(]*?)\b(kivi_\w+)\s*\(([^)]*)\)\s*;/g)) {
     const inner = m[3].replace(/\s+/g, " ").trim();
-    const params = inner === "void" || inner === ""
-      ? []
-      : inner.split(",").map((p) => {
-        const t = p.trim();
-        const pm = /^(.*?)(\w+)$/.exec(t);
-        assert.ok(pm, `cannot parse parameter "${t}" of ${m[2]}`);
-        return { type: pm[1].replace(/\s+/g, " ").trim(), name: pm[2] };
-      });
+    const params = inner === "void" || inner === "" ? [] : inner.split(",").map((p) => {
+      const t = p.trim();
+      const pm = /^(.*?)(\w+)$/.exec(t);
+      assert.ok(pm, `cannot parse parameter "${t}" of ${m[2]}`);
+      return { type: pm[1].replace(/\s+/g, " ").trim(), name: pm[2] };
+    });
     decls.push({ name: m[2], returns: m[1].replace(/\s+/g, " ").trim(), params });
   }
   return { decls, int32Typedefs, pointerTypedefs };
@@ -76,7 +80,11 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
     assert.ok(parsed.pointerTypedefs.has("kivi_ctx_t"), "kivi_ctx_t is a pointer typedef");
     const fit = parsed.decls.find((d) => d.name === "kivi_codebook_fit")!;
     assert.equal(fit.params.length, 14, "a declaration spanning lines keeps every parameter");
-    assert.equal(parsed.decls.find((d) => d.name === "kivi_abi_version")!.params.length, 0, "(void) is zero parameters");
+    assert.equal(
+      parsed.decls.find((d) => d.name === "kivi_abi_version")!.params.length,
+      0,
+      "(void) is zero parameters",
+    );
     const m = /#define\s+KIVI_ABI_VERSION\s+(\d+)/.exec(header);
     assert.equal(Number(m?.[1]), ABI_VERSION, "ABI_VERSION in backend.ts matches KIVI_ABI_VERSION");
   });
@@ -86,9 +94,15 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
     const inHeader = new Set(parsed.decls.map((d) => d.name));
     for (const d of parsed.decls) {
       assert.ok(d.name in table, `${d.name} is missing from src/ffi/symbols.ts`);
-      assert.equal(table[d.name].args.length, d.params.length, `${d.name}: ${table[d.name].args.length} args in the table, ${d.params.length} in kivi.h`);
+      assert.equal(
+        table[d.name].args.length,
+        d.params.length,
+        `${d.name}: ${table[d.name].args.length} args in the table, ${d.params.length} in kivi.h`,
+      );
     }
-    for (const name of Object.keys(table)) assert.ok(inHeader.has(name), `${name} is in the table but not exported by kivi.h`);
+    for (const name of Object.keys(table)) {
+      assert.ok(inHeader.has(name), `${name} is in the table but not exported by kivi.h`);
+    }
   });
 
   it("parameter and result types have exact widths: pointers ptr, int64_t i64, uint64_t u64, int32_t and enums i32", () => {
@@ -99,7 +113,11 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
       d.params.forEach((p, i) => {
         const want = ffiOf(p.type);
         assert.ok(want !== undefined, `${d.name}: unknown C type "${p.type}" of ${p.name}`);
-        assert.equal(spec.args[i], want === "cstring" ? "ptr" : want, `${d.name} parameter ${i} (${p.type} ${p.name})`);
+        assert.equal(
+          spec.args[i],
+          want === "cstring" ? "ptr" : want,
+          `${d.name} parameter ${i} (${p.type} ${p.name})`,
+        );
       });
       const r = ffiOf(d.returns);
       assert.ok(r !== undefined, `${d.name}: unknown return type "${d.returns}"`);
@@ -111,7 +129,9 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
   function exportsOf(lib: string): string[] | undefined {
     const r = spawnSync("nm", ["-D", "--defined-only", lib], { encoding: "utf8" });
     if (r.error || r.status !== 0) return undefined;
-    const exported = r.stdout.split("\n").map((l) => l.trim().split(/\s+/)).filter((f) => f.length === 3 && /[TtDdBbRrWwVvi]/.test(f[1])).map((f) => f[2]);
+    const exported = r.stdout.split("\n").map((l) => l.trim().split(/\s+/)).filter((f) =>
+      f.length === 3 && /[TtDdBbRrWwVvi]/.test(f[1])
+    ).map((f) => f[2]);
     return exported.filter((n) => !/^_(init|fini)$/.test(n)).sort();
   }
 
@@ -121,7 +141,11 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
       t.skip("nm is not available here");
       return;
     }
-    assert.deepEqual(ours, parsed.decls.map((d) => d.name).sort(), "defined dynamic symbols of build/libkivi_cpu.so");
+    assert.deepEqual(
+      ours,
+      parsed.decls.map((d) => d.name).sort(),
+      "defined dynamic symbols of build/libkivi_cpu.so",
+    );
   });
 
   // CI builds the CUDA library without a device (KIVI_BUILD_CUDA=1), so this runs there too.
@@ -133,19 +157,31 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
         t.skip("nm is not available here");
         return;
       }
-      assert.deepEqual(ours, parsed.decls.map((d) => d.name).sort(), "defined dynamic symbols of build/libkivi_cuda.so");
+      assert.deepEqual(
+        ours,
+        parsed.decls.map((d) => d.name).sort(),
+        "defined dynamic symbols of build/libkivi_cuda.so",
+      );
     });
   } else {
-    it("skipped: build/libkivi_cuda.so is not built (build.ts builds it where there is a CUDA device, or with KIVI_BUILD_CUDA=1 as CI does)", { skip: true }, () => {});
+    it(
+      "skipped: build/libkivi_cuda.so is not built (build.ts builds it where there is a CUDA device, or with KIVI_BUILD_CUDA=1 as CI does)",
+      { skip: true },
+      () => {},
+    );
   }
 
   it("status codes agree between kivi.h, src/errors.ts and kivi_status_str", async () => {
     const text = stripComments(header);
-    const inHeader = Object.fromEntries([...text.matchAll(/\b(KIVI_(?:OK|ERR_\w+))\s*=\s*(-?\d+)/g)].map((m) => [m[1], Number(m[2])]));
+    const inHeader = Object.fromEntries(
+      [...text.matchAll(/\b(KIVI_(?:OK|ERR_\w+))\s*=\s*(-?\d+)/g)].map((m) => [m[1], Number(m[2])]),
+    );
     assert.deepEqual(Status, inHeader, "Status in src/errors.ts vs the kivi_status enum");
     const lib = await loadNative(defaultLibraryPath("cpu"));
     try {
-      for (const [name, code] of Object.entries(inHeader)) assert.equal(lib.call("kivi_status_str", code), name);
+      for (const [name, code] of Object.entries(inHeader)) {
+        assert.equal(lib.call("kivi_status_str", code), name);
+      }
     } finally {
       lib.close();
     }
@@ -164,7 +200,11 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
   });
 
   it("kivi_debug_fault (test only) is declared as such; the CPU build refuses it with KIVI_ERR_NO_DEVICE", async () => {
-    assert.match(header, /TEST ONLY[^/]*\*\/\s*KIVI_API kivi_status kivi_debug_fault\(kivi_ctx_t ctx\);/, "kivi.h documents it as test-only");
+    assert.match(
+      header,
+      /TEST ONLY[^/]*\*\/\s*KIVI_API kivi_status kivi_debug_fault\(kivi_ctx_t ctx\);/,
+      "kivi.h documents it as test-only",
+    );
     const lib = await loadNative(defaultLibraryPath("cpu"));
     const out = new BigUint64Array(1);
     assert.equal(lib.call("kivi_ctx_create", 0, lib.ptr(out)), Status.KIVI_OK);
@@ -172,9 +212,16 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
     try {
       assert.equal(lib.call("kivi_debug_fault", null), Status.KIVI_ERR_ARG);
       assert.equal(lib.call("kivi_debug_fault", ctx), Status.KIVI_ERR_NO_DEVICE);
-      assert.match(lib.call("kivi_ctx_last_error", ctx), /^kivi_debug_fault: the CPU build has no CUDA device/);
+      assert.match(
+        lib.call("kivi_ctx_last_error", ctx),
+        /^kivi_debug_fault: the CPU build has no CUDA device/,
+      );
       const done = new Int32Array(1);
-      assert.equal(lib.call("kivi_ctx_query", ctx, lib.ptr(done)), Status.KIVI_OK, "the context still works");
+      assert.equal(
+        lib.call("kivi_ctx_query", ctx, lib.ptr(done)),
+        Status.KIVI_OK,
+        "the context still works",
+      );
     } finally {
       lib.call("kivi_ctx_destroy", ctx);
       lib.close();

@@ -7,8 +7,25 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { type Backend, defaultLibraryPath, type DeviceTensor, KiviError, openBackend, type TensorDType } from "../src/mod.ts";
-import { asCodebook, asUniform, bf16Bits, BITS, DTYPES, host, openCpu, randomMatrix, Rng } from "./_helpers.ts";
+import {
+  type Backend,
+  defaultLibraryPath,
+  type DeviceTensor,
+  KiviError,
+  openBackend,
+  type TensorDType,
+} from "../src/mod.ts";
+import {
+  asCodebook,
+  asUniform,
+  bf16Bits,
+  BITS,
+  DTYPES,
+  host,
+  openCpu,
+  randomMatrix,
+  Rng,
+} from "./_helpers.ts";
 
 /** Runs fn with KIVI_LIB_PATH set (or unset), restoring the caller's value after. */
 async function withLibPath<T>(value: string | undefined, fn: () => Promise<T>): Promise<T> {
@@ -24,7 +41,7 @@ async function withLibPath<T>(value: string | undefined, fn: () => Promise<T>): 
 }
 
 describe("openBackend", () => {
-  it("prefer \"cpu\" gives the CPU build with a reason", async () => {
+  it('prefer "cpu" gives the CPU build with a reason', async () => {
     await withLibPath(undefined, async () => {
       using kivi = await openBackend({ prefer: "cpu" });
       assert.equal(kivi.kind, "cpu");
@@ -40,7 +57,7 @@ describe("openBackend", () => {
     });
   });
 
-  it("prefer \"auto\" without a CUDA device falls back to the CPU build and says why", async (t) => {
+  it('prefer "auto" without a CUDA device falls back to the CPU build and says why', async (t) => {
     await withLibPath(undefined, async () => {
       using kivi = await openBackend({ prefer: "auto" });
       if (kivi.kind === "cuda") {
@@ -53,7 +70,7 @@ describe("openBackend", () => {
     });
   });
 
-  it("prefer \"cuda\" without a usable CUDA build or device is KIVI_ERR_NO_DEVICE saying why", async (t) => {
+  it('prefer "cuda" without a usable CUDA build or device is KIVI_ERR_NO_DEVICE saying why', async (t) => {
     await withLibPath(undefined, async () => {
       let kivi: Backend | undefined;
       try {
@@ -104,9 +121,18 @@ describe("openBackend", () => {
   });
 
   it("rejects bad options with a RangeError naming them", async () => {
-    await assert.rejects(openBackend({ prefer: "gpu" as "cuda" }), (e: unknown) => e instanceof RangeError && /prefer/.test(e.message));
-    await assert.rejects(openBackend({ prefer: "cpu", device: -1 }), (e: unknown) => e instanceof RangeError && /device/.test(e.message));
-    await assert.rejects(openBackend({ prefer: "cpu", device: 1 }), (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_NO_DEVICE");
+    await assert.rejects(
+      openBackend({ prefer: "gpu" as "cuda" }),
+      (e: unknown) => e instanceof RangeError && /prefer/.test(e.message),
+    );
+    await assert.rejects(
+      openBackend({ prefer: "cpu", device: -1 }),
+      (e: unknown) => e instanceof RangeError && /device/.test(e.message),
+    );
+    await assert.rejects(
+      openBackend({ prefer: "cpu", device: 1 }),
+      (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_NO_DEVICE",
+    );
   });
 });
 
@@ -119,7 +145,10 @@ describe("ownership", () => {
       assert.equal(kivi.disposed, false);
     }
     assert.equal(seen.disposed, true);
-    assert.throws(() => seen!.memInfo(), (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_STATE");
+    assert.throws(
+      () => seen!.memInfo(),
+      (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_STATE",
+    );
   });
 
   it("dispose is idempotent for backends and tensors", async () => {
@@ -144,7 +173,10 @@ describe("ownership", () => {
     kivi.dispose();
     assert.equal(a.disposed, true);
     assert.equal(b.disposed, true);
-    assert.throws(() => a.readSync(), (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_STATE");
+    assert.throws(
+      () => a.readSync(),
+      (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_STATE",
+    );
   });
 
   it("`using` disposes a tensor and the backend forgets it", async () => {
@@ -163,13 +195,23 @@ describe("ownership", () => {
   it("tensors, caches and decode batches dropped without dispose are freed by their finalizers", async () => {
     const g = globalThis as { Bun?: { gc(force: boolean): void }; gc?: () => void };
     const collect = () => (g.Bun ? g.Bun.gc(true) : g.gc?.());
-    if (!g.Bun && !g.gc) assert.fail("run with --expose-gc (deno test --v8-flags=--expose-gc), as npm test does");
+    if (!g.Bun && !g.gc) {
+      assert.fail("run with --expose-gc (deno test --v8-flags=--expose-gc), as npm test does");
+    }
     using kivi = await openCpu();
     (() => {
       for (let i = 0; i < 200; i++) kivi.upload(new Float32Array(1024).fill(i));
-      for (let i = 0; i < 5; i++) kivi.createCache({ layers: 1, kvHeads: 1, headDim: 64, maxPages: 2, maxSequences: 1 });
+      for (let i = 0; i < 5; i++) {
+        kivi.createCache({ layers: 1, kvHeads: 1, headDim: 64, maxPages: 2, maxSequences: 1 });
+      }
       // decode batches over a cache and tensors that are dropped with them
-      const cache = kivi.createCache({ layers: 1, kvHeads: 1, headDim: 64, maxPages: 2, maxSequences: 1 });
+      const cache = kivi.createCache({
+        layers: 1,
+        kvHeads: 1,
+        headDim: 64,
+        maxPages: 2,
+        maxSequences: 1,
+      });
       const seq = cache.createSequence();
       seq.append(new Float32Array(64).fill(0.5), new Float32Array(64).fill(0.25));
       const q = kivi.upload(new Float32Array(64).fill(1)), out = kivi.alloc([64], "f32");
@@ -181,7 +223,11 @@ describe("ownership", () => {
       collect();
       await new Promise((r) => setTimeout(r, 5));
     }
-    assert.equal(kivi._nativeRefs, 1, "every dropped tensor, cache and batch was freed by its finalizer");
+    assert.equal(
+      kivi._nativeRefs,
+      1,
+      "every dropped tensor, cache and batch was freed by its finalizer",
+    );
   });
 });
 
@@ -203,7 +249,9 @@ describe("tensors", () => {
       assert.equal(t.dtype, dtype);
       assert.equal(t.length, data.length);
       assert.deepEqual(t.shape, [data.length]);
-      const bytes = (a: ArrayBufferView) => [...new Uint8Array(a.buffer, a.byteOffset, a.byteLength)];
+      const bytes = (
+        a: ArrayBufferView,
+      ) => [...new Uint8Array(a.buffer, a.byteOffset, a.byteLength)];
       assert.equal(t.bytes, data.byteLength);
       const s = t.readSync();
       assert.equal(s.constructor, data.constructor);
@@ -212,7 +260,11 @@ describe("tensors", () => {
       const rev = (data as Uint8Array).slice().reverse();
       t.write(rev as never);
       assert.deepEqual(bytes(t.readSync()), bytes(rev));
-      assert.throws(() => t.write((data as Uint8Array).subarray(1) as never), TypeError, "write of a wrong length");
+      assert.throws(
+        () => t.write((data as Uint8Array).subarray(1) as never),
+        TypeError,
+        "write of a wrong length",
+      );
     });
   }
 
@@ -238,23 +290,52 @@ describe("tensors", () => {
           const shape = [rows, cols] as [number, number];
           using xt = kivi.upload(inp.x, { shape, dtype }) as DeviceTensor<"f32">;
 
-          const uh = asUniform(kivi.quantize(inp.x, { shape, dtype, axis, format: { kind: "uniform", bits } }));
+          const uh = asUniform(
+            kivi.quantize(inp.x, { shape, dtype, axis, format: { kind: "uniform", bits } }),
+          );
           const ut = asUniform(kivi.quantize(xt, { axis, format: { kind: "uniform", bits } }));
           assert.deepEqual([...ut.codes.readSync()], [...uh.codes], `uniform codes ${rng.tag}`);
           assert.deepEqual([...ut.scale.readSync()], [...uh.scale], `uniform scale ${rng.tag}`);
           assert.deepEqual([...ut.zero.readSync()], [...uh.zero], `uniform zero ${rng.tag}`);
           using ud = kivi.dequantize(ut) as DeviceTensor<"f32">;
-          assert.deepEqual([...ud.readSync()], [...host(kivi.dequantize(uh))], `uniform values ${rng.tag}`);
+          assert.deepEqual(
+            [...ud.readSync()],
+            [...host(kivi.dequantize(uh))],
+            `uniform values ${rng.tag}`,
+          );
 
-          const ch = asCodebook(kivi.quantize(inp.x, { shape, dtype, axis, format: { kind: "codebook", bits, fit: "pinned" } }));
-          const ct = asCodebook(kivi.quantize(xt, { axis, format: { kind: "codebook", bits, fit: "pinned" } }));
+          const ch = asCodebook(
+            kivi.quantize(inp.x, {
+              shape,
+              dtype,
+              axis,
+              format: { kind: "codebook", bits, fit: "pinned" },
+            }),
+          );
+          const ct = asCodebook(
+            kivi.quantize(xt, { axis, format: { kind: "codebook", bits, fit: "pinned" } }),
+          );
           assert.deepEqual([...ct.codes.readSync()], [...ch.codes], `codebook codes ${rng.tag}`);
-          assert.deepEqual([...ct.centroids.readSync()], [...ch.centroids], `codebook centroids ${rng.tag}`);
+          assert.deepEqual(
+            [...ct.centroids.readSync()],
+            [...ch.centroids],
+            `codebook centroids ${rng.tag}`,
+          );
 
           const sh = kivi.stats(inp.x, { shape, dtype, axis });
           const st = kivi.stats(xt, { axis });
           assert.deepEqual([...st.stats.readSync()], [...sh.stats], `stats ${rng.tag}`);
-          for (const tt of [ut.codes, ut.scale, ut.zero, ct.codes, ct.centroids, st.stats, st.nonfinite]) tt.dispose();
+          for (
+            const tt of [
+              ut.codes,
+              ut.scale,
+              ut.zero,
+              ct.codes,
+              ct.centroids,
+              st.stats,
+              st.nonfinite,
+            ]
+          ) tt.dispose();
         }
       }
     });
@@ -265,9 +346,17 @@ describe("tensors", () => {
     const rng = new Rng("tensor rank 3");
     const inp = randomMatrix(rng, 96, 64, "f16");
     using xt = kivi.upload(inp.x, { shape: [2, 48, 64] }) as DeviceTensor<"f16">;
-    const qt = asUniform(kivi.quantize(xt, { axis: "token", format: { kind: "uniform", bits: 2 } }));
+    const qt = asUniform(
+      kivi.quantize(xt, { axis: "token", format: { kind: "uniform", bits: 2 } }),
+    );
     assert.deepEqual(qt.shape, [96, 64]);
-    const qh = asUniform(kivi.quantize(inp.x, { shape: [96, 64], axis: "token", format: { kind: "uniform", bits: 2 } }));
+    const qh = asUniform(
+      kivi.quantize(inp.x, {
+        shape: [96, 64],
+        axis: "token",
+        format: { kind: "uniform", bits: 2 },
+      }),
+    );
     assert.deepEqual([...qt.codes.readSync()], [...qh.codes], rng.tag);
   });
 

@@ -6,7 +6,15 @@
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
-import { type Backend, type CacheFormat, type CacheOptions, type DeviceTensor, KiviError, type KVCache, type Sequence } from "../src/mod.ts";
+import {
+  type Backend,
+  type CacheFormat,
+  type CacheOptions,
+  type DeviceTensor,
+  KiviError,
+  type KVCache,
+  type Sequence,
+} from "../src/mod.ts";
 import { Rng } from "./_helpers.ts";
 import { cpu, gpuDescribe } from "./_gpu.ts";
 
@@ -42,15 +50,21 @@ class Pair {
     const scale = Math.fround(0.8 / Math.sqrt(c.headDim));
     const want = this.c.attend(layer, idx.map((i) => this.cs[i]), q, { scale }) as Float32Array;
     using qt = this.gpu.upload(q);
-    const got = this.g.attend(layer, idx.map((i) => this.gs[i]), qt, { scale }) as DeviceTensor<"f32">;
+    const got = this.g.attend(layer, idx.map((i) => this.gs[i]), qt, { scale }) as DeviceTensor<
+      "f32"
+    >;
     const g = await got.read();
     got.dispose();
     return [g, want];
   }
-  async reads(i: number, layer = 0): Promise<[Float32Array, Float32Array, Float32Array, Float32Array]> {
+  async reads(
+    i: number,
+    layer = 0,
+  ): Promise<[Float32Array, Float32Array, Float32Array, Float32Array]> {
     const w = this.c.read(this.cs[i], layer);
     const r = this.g.read(this.gs[i], layer);
-    const gk = await (r.keys as DeviceTensor<"f32">).read(), gv = await (r.values as DeviceTensor<"f32">).read();
+    const gk = await (r.keys as DeviceTensor<"f32">).read(),
+      gv = await (r.values as DeviceTensor<"f32">).read();
     (r.keys as DeviceTensor).dispose();
     (r.values as DeviceTensor).dispose();
     return [gk, gv, w.keys as Float32Array, w.values as Float32Array];
@@ -79,12 +93,32 @@ function assertAttention(got: Float32Array, want: Float32Array, msg: string): vo
 }
 
 const FORMATS: { name: string; keys: CacheFormat; values: CacheFormat; exact: boolean }[] = [
-  { name: "uniform 2/2", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 }, exact: true },
-  { name: "uniform 4/4", keys: { kind: "uniform", bits: 4, group: 32 }, values: { kind: "uniform", bits: 4, group: 64 }, exact: true },
-  { name: "uniform K 2 + codebook V 2", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "codebook", bits: 2, group: 64 }, exact: false },
+  {
+    name: "uniform 2/2",
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "uniform", bits: 2, group: 32 },
+    exact: true,
+  },
+  {
+    name: "uniform 4/4",
+    keys: { kind: "uniform", bits: 4, group: 32 },
+    values: { kind: "uniform", bits: 4, group: 64 },
+    exact: true,
+  },
+  {
+    name: "uniform K 2 + codebook V 2",
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "codebook", bits: 2, group: 64 },
+    exact: false,
+  },
   { name: "16/16", keys: { bits: 16 }, values: { bits: 16 }, exact: true },
   // tensor-core layout with longer key groups and codebook values in groups of 32
-  { name: "uniform K 2 G64 + codebook V 2 G32", keys: { kind: "uniform", bits: 2, group: 64 }, values: { kind: "codebook", bits: 2, group: 32 }, exact: false },
+  {
+    name: "uniform K 2 G64 + codebook V 2 G32",
+    keys: { kind: "uniform", bits: 2, group: 64 },
+    values: { kind: "codebook", bits: 2, group: 32 },
+    exact: false,
+  },
 ];
 
 gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
@@ -93,12 +127,31 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
   // or the D 64 one. Ratios 7 (14/2) and 32 take one and four chunks of 8 query heads a KV head.
   for (const f of FORMATS) {
     for (
-      const [pageTokens, kvHeads, queryHeads, headDim] of [[32, 2, 2, 64], [64, 2, 8, 128], [128, 1, 8, 128], [64, 4, 16, 64], [64, 8, 8, 128], [64, 2, 14, 64], [128, 1, 32, 128]] as const
+      const [pageTokens, kvHeads, queryHeads, headDim] of [
+        [32, 2, 2, 64],
+        [64, 2, 8, 128],
+        [128, 1, 8, 128],
+        [64, 4, 16, 64],
+        [64, 8, 8, 128],
+        [64, 2, 14, 64],
+        [128, 1, 32, 128],
+      ] as const
     ) {
       if (pageTokens % (f.keys.group ?? 32) !== 0) continue;
       it(`${f.name}, page ${pageTokens}, GQA ${queryHeads}/${kvHeads}, D ${headDim}`, async () => {
         const rng = new Rng(`gpu cache ${f.name} ${pageTokens} ${queryHeads}`);
-        const p = new Pair(gpu, { layers: 2, kvHeads, queryHeads, headDim, pageTokens, residual: 128, maxPages: 600, maxSequences: 20, keys: f.keys, values: f.values });
+        const p = new Pair(gpu, {
+          layers: 2,
+          kvHeads,
+          queryHeads,
+          headDim,
+          pageTokens,
+          residual: 128,
+          maxPages: 600,
+          maxSequences: 20,
+          keys: f.keys,
+          values: f.values,
+        });
         try {
           const lengths = [1, 31, 128, 160, 97, 4100, 3, 64, 65, 129, 300, 2, 7, 33, 250, 96, 1000];
           for (const n of lengths) {
@@ -107,7 +160,9 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
           }
           // Decode steps across a flush boundary for a few of them.
           for (let step = 0; step < 40; step++) {
-            for (const i of [1, 3, 4]) p.append(i, rows(rng, 1, kvHeads, headDim), rows(rng, 1, kvHeads, headDim));
+            for (const i of [1, 3, 4]) {
+              p.append(i, rows(rng, 1, kvHeads, headDim), rows(rng, 1, kvHeads, headDim));
+            }
           }
           for (let i = 0; i < p.cs.length; i++) {
             assert.equal(p.gs[i].length(0), p.cs[i].length(0));
@@ -122,7 +177,9 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
             } else {
               assert.deepEqual(gk, wk, `uniform keys of seq ${i} ${rng.tag}`);
               let differ = 0;
-              for (let j = 0; j < wv.length; j++) if (Math.abs(gv[j] - wv[j]) > 2e-3 * (Math.abs(wv[j]) + 1)) differ++;
+              for (let j = 0; j < wv.length; j++) {
+                if (Math.abs(gv[j] - wv[j]) > 2e-3 * (Math.abs(wv[j]) + 1)) differ++;
+              }
               assert.ok(differ <= wv.length * 2e-3, `${differ} codebook values differ ${rng.tag}`);
             }
           }
@@ -139,7 +196,14 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
 
   it("freed pages are reused with nothing of the old sequence visible", async () => {
     const rng = new Rng("gpu reuse");
-    const p = new Pair(gpu, { layers: 1, kvHeads: 2, headDim: 64, residual: 32, maxPages: 8, maxSequences: 4 });
+    const p = new Pair(gpu, {
+      layers: 1,
+      kvHeads: 2,
+      headDim: 64,
+      residual: 32,
+      maxPages: 8,
+      maxSequences: 4,
+    });
     try {
       const a = p.add();
       p.append(a, rows(rng, 400, 2, 64), rows(rng, 400, 2, 64));
@@ -160,7 +224,14 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
 
   it("host arrays: append and attend copy them to the device and give the tensor path's results", async () => {
     const rng = new Rng("gpu host arrays");
-    const opts = { layers: 2, kvHeads: 2, queryHeads: 8, headDim: 128, residual: 64, maxPages: 64 } as const;
+    const opts = {
+      layers: 2,
+      kvHeads: 2,
+      queryHeads: 8,
+      headDim: 128,
+      residual: 64,
+      maxPages: 64,
+    } as const;
     using viaHost = gpu.createCache(opts);
     using viaTensors = gpu.createCache(opts);
     using ref = cpu.createCache(opts);
@@ -179,22 +250,41 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
       assert.ok(got instanceof Float32Array, "a host q gives a host result");
       using qt = gpu.upload(q);
       const fromTensors = viaTensors.attend(layer, [t], qt) as DeviceTensor<"f32">;
-      assert.deepEqual(got, await fromTensors.read(), `layer ${layer}: same kernels, same bits ${rng.tag}`);
+      assert.deepEqual(
+        got,
+        await fromTensors.read(),
+        `layer ${layer}: same kernels, same bits ${rng.tag}`,
+      );
       fromTensors.dispose();
-      assertAttention(got, ref.attend(layer, [c], q) as Float32Array, `layer ${layer} vs CPU ${rng.tag}`);
+      assertAttention(
+        got,
+        ref.attend(layer, [c], q) as Float32Array,
+        `layer ${layer} vs CPU ${rng.tag}`,
+      );
       const out = new Float16Array(8 * 128).fill(7);
       viaHost.attend(layer, [h], Float16Array.from(q), { dtype: "f16", out });
       assert.ok(out.some((x) => x !== 7), "attend wrote into the host out array");
     }
     const big = rows(rng, 3, 2, 128);
     big[5] = 1e6;
-    assert.throws(() => h.append(big, big, { layer: 0 }), RangeError, "host arrays get the fp16 range check before the call");
+    assert.throws(
+      () => h.append(big, big, { layer: 0 }),
+      RangeError,
+      "host arrays get the fp16 range check before the call",
+    );
     assert.equal(gpu.liveTensors, live, "staging tensors freed");
   });
 
   it("a full pool and a NaN leave every sequence unchanged", async () => {
     const rng = new Rng("gpu all or nothing");
-    using cache = gpu.createCache({ layers: 1, kvHeads: 2, headDim: 64, residual: 32, pageTokens: 32, maxPages: 4 });
+    using cache = gpu.createCache({
+      layers: 1,
+      kvHeads: 2,
+      headDim: 64,
+      residual: 32,
+      pageTokens: 32,
+      maxPages: 4,
+    });
     const s = cache.createSequence();
     using k0 = gpu.upload(rows(rng, 100, 2, 64));
     s.append(k0, k0, { layer: 0 });
@@ -202,11 +292,17 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
     const before = await (cache.attend(0, [s], q) as DeviceTensor<"f32">).read();
     const mem = cache.memory();
     using big = gpu.upload(rows(rng, 300, 2, 64));
-    assert.throws(() => s.append(big, big, { layer: 0 }), (e) => e instanceof KiviError && e.code === "KIVI_ERR_CAPACITY");
+    assert.throws(
+      () => s.append(big, big, { layer: 0 }),
+      (e) => e instanceof KiviError && e.code === "KIVI_ERR_CAPACITY",
+    );
     const nan = rows(rng, 10, 2, 64);
     nan[17] = NaN;
     using bad = gpu.upload(nan);
-    assert.throws(() => s.append(bad, bad, { layer: 0 }), (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE");
+    assert.throws(
+      () => s.append(bad, bad, { layer: 0 }),
+      (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE",
+    );
     assert.deepEqual(await (cache.attend(0, [s], q) as DeviceTensor<"f32">).read(), before);
     assert.deepEqual(cache.memory(), mem);
   });

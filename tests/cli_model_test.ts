@@ -11,29 +11,95 @@ import { MODEL_DIR } from "./_model.ts";
 
 const TEXT = join(MODEL_DIR, "../../text/heldout.txt");
 
-async function run(...argv: string[]): Promise<{ code: number; out: string; err: string; written: string }> {
+async function run(
+  ...argv: string[]
+): Promise<{ code: number; out: string; err: string; written: string }> {
   const out: string[] = [], err: string[] = [], written: string[] = [];
-  const code = await modelMain(argv, (s) => out.push(s), (s) => err.push(s), "usage: kivi <command>", (s) => written.push(s));
+  const code = await modelMain(
+    argv,
+    (s) => out.push(s),
+    (s) => err.push(s),
+    "usage: kivi <command>",
+    (s) => written.push(s),
+  );
   return { code, out: out.join("\n"), err: err.join("\n"), written: written.join("") };
 }
 
 describe("kivi generate and kivi perplexity", () => {
   it("generate streams the prompt and the greedy continuation, then tokens/s", async () => {
-    const r = await run("generate", "--backend", "cpu", "--model", MODEL_DIR, "--prompt", "The President said that the", "--max-tokens", "20", "--keys", "16", "--values", "16");
+    const r = await run(
+      "generate",
+      "--backend",
+      "cpu",
+      "--model",
+      MODEL_DIR,
+      "--prompt",
+      "The President said that the",
+      "--max-tokens",
+      "20",
+      "--keys",
+      "16",
+      "--values",
+      "16",
+    );
     assert.equal(r.code, 0, r.err);
     assert.equal(r.written, "The President said that the Senate was a major \n");
-    assert.match(r.out, /^20 tokens on cpu \(.*\): prefill \d+\.\d ms, decode \d+\.\d tokens\/s \(batch 1\)$/);
+    assert.match(
+      r.out,
+      /^20 tokens on cpu \(.*\): prefill \d+\.\d ms, decode \d+\.\d tokens\/s \(batch 1\)$/,
+    );
   });
 
   it("perplexity prints a row per cache against bits 16, or JSON", async () => {
-    const r = await run("perplexity", "--backend", "cpu", "--model", MODEL_DIR, "--text", TEXT, "--windows", "2", "--steps", "16", "--keys", "uniform:2:32", "--values", "codebook:2:64", "--residual", "32", "--json");
+    const r = await run(
+      "perplexity",
+      "--backend",
+      "cpu",
+      "--model",
+      MODEL_DIR,
+      "--text",
+      TEXT,
+      "--windows",
+      "2",
+      "--steps",
+      "16",
+      "--keys",
+      "uniform:2:32",
+      "--values",
+      "codebook:2:64",
+      "--residual",
+      "32",
+      "--json",
+    );
     assert.equal(r.code, 0, r.err);
     const j = JSON.parse(r.out);
     assert.equal(j.backend, "cpu");
-    assert.deepEqual(j.rows.map((x: { cache: string; residual: number }) => [x.cache, x.residual]), [["bits 16", 32], ["keys uniform:2:32, values codebook:2:64", 32]]);
+    assert.deepEqual(
+      j.rows.map((x: { cache: string; residual: number }) => [x.cache, x.residual]),
+      [["bits 16", 32], ["keys uniform:2:32, values codebook:2:64", 32]],
+    );
     assert.equal(j.rows[0].klVsBits16, 0);
-    assert.ok(j.rows[1].bpb > 1 && j.rows[1].bpb < 3 && j.rows[1].top1VsBits16 > 0.5, JSON.stringify(j.rows[1]));
-    const t = await run("perplexity", "--backend", "cpu", "--model", MODEL_DIR, "--text", TEXT, "--windows", "1", "--steps", "4", "--keys", "16", "--values", "uniform:4:32");
+    assert.ok(
+      j.rows[1].bpb > 1 && j.rows[1].bpb < 3 && j.rows[1].top1VsBits16 > 0.5,
+      JSON.stringify(j.rows[1]),
+    );
+    const t = await run(
+      "perplexity",
+      "--backend",
+      "cpu",
+      "--model",
+      MODEL_DIR,
+      "--text",
+      TEXT,
+      "--windows",
+      "1",
+      "--steps",
+      "4",
+      "--keys",
+      "16",
+      "--values",
+      "uniform:4:32",
+    );
     assert.equal(t.code, 0, t.err);
     assert.match(t.out, /^cache +residual +bits\/byte/);
     assert.match(t.out, /\nbits 16 +128 +\d\.\d{4} /);
@@ -43,10 +109,22 @@ describe("kivi generate and kivi perplexity", () => {
     const cases: [string[], RegExp][] = [
       [["generate", "--prompt", "x"], /generate needs --model/],
       [["perplexity", "--model", "m"], /perplexity needs --text/],
-      [["generate", "--model", "m", "--prompt", "x", "--keys", "uniform:3:32"], /--keys must be 16 or KIND:BITS:GROUP .*got "uniform:3:32"/],
-      [["generate", "--model", "m", "--prompt", "x", "--max-tokens", "0"], /--max-tokens must be an integer >= 1, got "0"/],
-      [["generate", "--model", "m", "--prompt", "x", "--windows", "2"], /--windows is not an option of generate/],
-      [["perplexity", "--model", "m", "--text", "t", "--keys", "16"], /--keys and --values go together/],
+      [
+        ["generate", "--model", "m", "--prompt", "x", "--keys", "uniform:3:32"],
+        /--keys must be 16 or KIND:BITS:GROUP .*got "uniform:3:32"/,
+      ],
+      [
+        ["generate", "--model", "m", "--prompt", "x", "--max-tokens", "0"],
+        /--max-tokens must be an integer >= 1, got "0"/,
+      ],
+      [
+        ["generate", "--model", "m", "--prompt", "x", "--windows", "2"],
+        /--windows is not an option of generate/,
+      ],
+      [
+        ["perplexity", "--model", "m", "--text", "t", "--keys", "16"],
+        /--keys and --values go together/,
+      ],
       [["generate", "--model", "m", "--prompt", "x", "--frob"], /--frob/],
     ];
     for (const [argv, re] of cases) {
@@ -54,16 +132,34 @@ describe("kivi generate and kivi perplexity", () => {
       assert.equal(r.code, 2, argv.join(" "));
       assert.match(r.err, re, argv.join(" "));
     }
-    const r = await run("generate", "--backend", "cpu", "--model", "/nonexistent/model", "--prompt", "x");
+    const r = await run(
+      "generate",
+      "--backend",
+      "cpu",
+      "--model",
+      "/nonexistent/model",
+      "--prompt",
+      "x",
+    );
     assert.equal(r.code, 1);
-    assert.match(r.err, /kivi generate: config\.json: missing: \/nonexistent\/model\/config\.json does not exist/);
-    assert.deepEqual(parseFormat("values", "codebook:4:128"), { kind: "codebook", bits: 4, group: 128 });
+    assert.match(
+      r.err,
+      /kivi generate: config\.json: missing: \/nonexistent\/model\/config\.json does not exist/,
+    );
+    assert.deepEqual(parseFormat("values", "codebook:4:128"), {
+      kind: "codebook",
+      bits: 4,
+      group: 128,
+    });
   });
 
   it("the kivi command dispatches to them and lists them in its usage", async () => {
     const out: string[] = [];
     assert.equal(await main(["help"], (s) => out.push(s), () => {}), 0);
-    assert.match(out.join("\n"), /generate --model DIR --prompt TEXT[\s\S]*perplexity --model DIR --text FILE/);
+    assert.match(
+      out.join("\n"),
+      /generate --model DIR --prompt TEXT[\s\S]*perplexity --model DIR --text FILE/,
+    );
     const err: string[] = [];
     assert.equal(await main(["generate"], () => {}, (s) => err.push(s)), 2);
     assert.match(err.join("\n"), /generate needs --model/);

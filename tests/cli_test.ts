@@ -67,9 +67,20 @@ describe("kivi CLI", () => {
     const r = await run("accuracy", "--backend", "cpu", "--tokens", "256", "--json");
     assert.equal(r.code, 0, r.err);
     const j = JSON.parse(r.out);
-    const rows: { case: string; quantized: string; format: string; "bits/value": number; "attention rel. error": number }[] = j.rows;
+    const rows: {
+      case: string;
+      quantized: string;
+      format: string;
+      "bits/value": number;
+      "attention rel. error": number;
+    }[] = j.rows;
     assert.equal(rows.length, 2 * (12 * 2 + 2));
-    for (const row of rows) assert.ok(row["attention rel. error"] > 0 && Number.isFinite(row["attention rel. error"]), JSON.stringify(row));
+    for (const row of rows) {
+      assert.ok(
+        row["attention rel. error"] > 0 && Number.isFinite(row["attention rel. error"]),
+        JSON.stringify(row),
+      );
+    }
     const bits = (f: string) => rows.find((x) => x.format === f)!["bits/value"];
     assert.equal(bits("uniform 2-bit G32"), 3);
     assert.equal(bits("codebook 2-bit G64"), 3);
@@ -78,7 +89,10 @@ describe("kivi CLI", () => {
     // More bits never hurt: 4-bit error below 2-bit error for the same format and group.
     for (const c of ["llama-like", "gaussian"]) {
       for (const q of ["keys", "values"]) {
-        const err = (f: string) => rows.find((x) => x.case === c && x.quantized === q && x.format === f)!["attention rel. error"];
+        const err = (f: string) =>
+          rows.find((x) =>
+            x.case === c && x.quantized === q && x.format === f
+          )!["attention rel. error"];
         assert.ok(err("uniform 4-bit G32") < err("uniform 2-bit G32"), `${c} ${q}`);
       }
     }
@@ -87,12 +101,37 @@ describe("kivi CLI", () => {
   it("demo --json prints one JSON object with the three caches; human text goes to stderr", () => {
     const cli = fileURLToPath(new URL("../src/cli.ts", import.meta.url));
     const isDeno = (globalThis as { Deno?: unknown }).Deno !== undefined;
-    const args = ["demo", "--backend", "cpu", "--json", "--layers", "2", "--steps", "3", "--prompt", "200"];
-    const r = isDeno ? spawnSync(process.execPath, ["run", "-A", cli, ...args]) : spawnSync(process.execPath, [cli, ...args]);
+    const args = [
+      "demo",
+      "--backend",
+      "cpu",
+      "--json",
+      "--layers",
+      "2",
+      "--steps",
+      "3",
+      "--prompt",
+      "200",
+    ];
+    const r = isDeno
+      ? spawnSync(process.execPath, ["run", "-A", cli, ...args])
+      : spawnSync(process.execPath, [cli, ...args]);
     assert.equal(r.status, 0, String(r.stderr));
     const j = JSON.parse(String(r.stdout));
-    assert.deepEqual(j.model, { layers: 2, heads: 16, kvHeads: 4, headDim: 128, prompt: 200, steps: 3, seed: 42 });
-    assert.deepEqual(j.rows.map((x: { cache: string }) => x.cache), ["bits 16 (fp16 baseline)", "uniform 2-bit (KIVI)", "codebook 2-bit (kivi default)"]);
+    assert.deepEqual(j.model, {
+      layers: 2,
+      heads: 16,
+      kvHeads: 4,
+      headDim: 128,
+      prompt: 200,
+      steps: 3,
+      seed: 42,
+    });
+    assert.deepEqual(j.rows.map((x: { cache: string }) => x.cache), [
+      "bits 16 (fp16 baseline)",
+      "uniform 2-bit (KIVI)",
+      "codebook 2-bit (kivi default)",
+    ]);
     const [fp16, uni, cb] = j.rows;
     assert.equal(fp16.attentionError, null);
     assert.ok(uni.kvBytes < fp16.kvBytes && cb.kvBytes === uni.kvBytes, "2-bit caches are smaller");
@@ -103,7 +142,10 @@ describe("kivi CLI", () => {
   it("runs as a script: `src/cli.ts --help` exits 0, a bad flag exits 2", () => {
     const cli = fileURLToPath(new URL("../src/cli.ts", import.meta.url));
     const isDeno = (globalThis as { Deno?: unknown }).Deno !== undefined;
-    const cmd = (args: string[]) => isDeno ? spawnSync(process.execPath, ["run", "-A", cli, ...args]) : spawnSync(process.execPath, [cli, ...args]);
+    const cmd = (args: string[]) =>
+      isDeno
+        ? spawnSync(process.execPath, ["run", "-A", cli, ...args])
+        : spawnSync(process.execPath, [cli, ...args]);
     const ok = cmd(["--help"]);
     assert.equal(ok.status, 0, String(ok.stderr));
     assert.match(String(ok.stdout), /usage: kivi/);

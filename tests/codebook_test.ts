@@ -36,7 +36,9 @@ const SHAPES: Record<Axis, [number, number, GroupSize][]> = {
   token: [[96, 40, 32], [160, 128, 32], [4096, 40, 64], [256, 40, 128]],
   channel: [[1, 64, 32], [3, 128, 64], [17, 256, 128], [3, 640, 128]],
 };
-const CASES: Case[] = (["token", "channel"] as const).flatMap((a) => SHAPES[a].map(([r, c, g]): Case => [a, r, c, g]));
+const CASES: Case[] = (["token", "channel"] as const).flatMap((a) =>
+  SHAPES[a].map(([r, c, g]): Case => [a, r, c, g])
+);
 const FITS: readonly Fit[] = ["free", "pinned"];
 
 /** Sorted random fp16 centroids per group, inside and a little beyond the data's range, with a
@@ -61,13 +63,26 @@ describe("codebook fit", () => {
         for (const [axis, rows, cols, group] of CASES) {
           for (const cap of [16, 3]) {
             const dtype = DTYPES[(rows + cols + cap) % 3];
-            const rng = new Rng(`fit ${fit} ${bits} ${axis} ${rows}x${cols} G${group} cap ${cap} ${dtype}`);
+            const rng = new Rng(
+              `fit ${fit} ${bits} ${axis} ${rows}x${cols} G${group} cap ${cap} ${dtype}`,
+            );
             const inp = randomMatrix(rng, rows, cols, dtype);
-            const r = kivi.fitCodebook(inp.x, { shape: [rows, cols], dtype, axis, bits, group, fit, iterations: cap, trace: true });
+            const r = kivi.fitCodebook(inp.x, {
+              shape: [rows, cols],
+              dtype,
+              axis,
+              bits,
+              group,
+              fit,
+              iterations: cap,
+              trace: true,
+            });
             const groups = groupCount(rows, cols, axis, group);
             const n = 1 << bits;
             assert.equal(r.groups, groups);
-            const cent = host(r.centroids) as Float16Array, iters = host(r.iters!) as Int32Array, inertia = host(r.inertia!) as Float32Array;
+            const cent = host(r.centroids) as Float16Array,
+              iters = host(r.iters!) as Int32Array,
+              inertia = host(r.inertia!) as Float32Array;
             assert.equal(cent.length, groups * n);
             assert.equal(iters.length, groups);
             assert.equal(inertia.length, groups * (cap + 1));
@@ -78,9 +93,19 @@ describe("codebook fit", () => {
               // fp32 summation slack only (the brief's allowance): 1e-6 of the initial inertia
               const slack = 1e-6 * tr[0] + 1e-30;
               for (let k = 0; k < cap; k++) {
-                if (!(tr[k + 1] <= tr[k] + slack)) assert.fail(`inertia rose ${tr[k]} -> ${tr[k + 1]} at ${k} (group ${g}) ${rng.tag}`);
+                if (!(tr[k + 1] <= tr[k] + slack)) {
+                  assert.fail(
+                    `inertia rose ${tr[k]} -> ${tr[k + 1]} at ${k} (group ${g}) ${rng.tag}`,
+                  );
+                }
               }
-              for (let k = it + 1; k <= cap; k++) assert.equal(tr[k], tr[it], `inertia repeated after the stop (group ${g}) ${rng.tag}`);
+              for (let k = it + 1; k <= cap; k++) {
+                assert.equal(
+                  tr[k],
+                  tr[it],
+                  `inertia repeated after the stop (group ${g}) ${rng.tag}`,
+                );
+              }
               const m = groupMembers(rows, cols, axis, group, g);
               // trace[0] is the fp32 SSE of the uniform grid mn + i (mx - mn) / (n - 1), nearest assignment.
               // Float64 value within: G + 3 roundings of the sum of squares (relative u each), plus the
@@ -98,16 +123,36 @@ describe("codebook fit", () => {
                 sumAbs += e;
               }
               const M = groupMaxAbs(inp.v, m);
-              const tol0 = (group + 3) * U32 * sse0 + 2 * 4 * U32 * M * sumAbs + group * (4 * U32 * M) ** 2;
-              assert.ok(Math.abs(tr[0] - sse0) <= tol0, `inertia[0] ${tr[0]} vs uniform-grid SSE ${sse0} (group ${g}) ${rng.tag}`);
+              const tol0 = (group + 3) * U32 * sse0 + 2 * 4 * U32 * M * sumAbs +
+                group * (4 * U32 * M) ** 2;
+              assert.ok(
+                Math.abs(tr[0] - sse0) <= tol0,
+                `inertia[0] ${tr[0]} vs uniform-grid SSE ${sse0} (group ${g}) ${rng.tag}`,
+              );
               const c = cent.subarray(g * n, (g + 1) * n);
-              for (let k = 1; k < n; k++) assert.ok(c[k - 1] <= c[k], `centroids of group ${g} not ascending: ${[...c]} ${rng.tag}`);
+              for (let k = 1; k < n; k++) {
+                assert.ok(
+                  c[k - 1] <= c[k],
+                  `centroids of group ${g} not ascending: ${[...c]} ${rng.tag}`,
+                );
+              }
               assert.ok(c.every((v) => Number.isFinite(v)), `centroids finite ${rng.tag}`);
               if (fit === "pinned") {
-                assert.equal(c[0], f16(mn), `pinned: first centroid is half(min) (group ${g}) ${rng.tag}`);
-                assert.equal(c[n - 1], f16(mx), `pinned: last centroid is half(max) (group ${g}) ${rng.tag}`);
+                assert.equal(
+                  c[0],
+                  f16(mn),
+                  `pinned: first centroid is half(min) (group ${g}) ${rng.tag}`,
+                );
+                assert.equal(
+                  c[n - 1],
+                  f16(mx),
+                  `pinned: last centroid is half(max) (group ${g}) ${rng.tag}`,
+                );
               } else {
-                assert.ok(c[0] >= f16(mn) && c[n - 1] <= f16(mx), `free: centroids inside [min, max] (group ${g}) ${rng.tag}`);
+                assert.ok(
+                  c[0] >= f16(mn) && c[n - 1] <= f16(mx),
+                  `free: centroids inside [min, max] (group ${g}) ${rng.tag}`,
+                );
               }
             }
           }
@@ -126,9 +171,17 @@ describe("codebook fit", () => {
             const rng = new Rng(`sse ${fit} ${dtype} ${bits} ${axis} ${rows}x${cols} G${group}`);
             const inp = randomMatrix(rng, rows, cols, dtype);
             const opts = { shape: [rows, cols] as [number, number], dtype, axis };
-            const cb = asCodebook(kivi.quantize(inp.x, { ...opts, format: { kind: "codebook", bits, group, fit, iterations } }));
-            const un = asUniform(kivi.quantize(inp.x, { ...opts, format: { kind: "uniform", bits, group } }));
-            const dc = host(kivi.dequantize(cb)) as Float32Array, du = host(kivi.dequantize(un)) as Float32Array;
+            const cb = asCodebook(
+              kivi.quantize(inp.x, {
+                ...opts,
+                format: { kind: "codebook", bits, group, fit, iterations },
+              }),
+            );
+            const un = asUniform(
+              kivi.quantize(inp.x, { ...opts, format: { kind: "uniform", bits, group } }),
+            );
+            const dc = host(kivi.dequantize(cb)) as Float32Array,
+              du = host(kivi.dequantize(un)) as Float32Array;
             const top = (1 << bits) - 1;
             for (let g = 0; g < cb.groups; g++) {
               const m = groupMembers(rows, cols, axis, group, g);
@@ -147,11 +200,21 @@ describe("codebook fit", () => {
               //    fp32 midpoint off by <= 2 u M) adds <= sqrt(G) (G + 2) u M per update;
               //  - storing the centroids in fp16 moves each by <= 2^-11 M + 2^-25 (half an fp16 ulp).
               let delta = 0;
-              for (let i = 0; i <= top; i++) delta = Math.max(delta, Math.abs(mn + (i * (mx - mn)) / top - (un.zero[g] + i * un.scale[g])));
+              for (let i = 0; i <= top; i++) {
+                delta = Math.max(
+                  delta,
+                  Math.abs(mn + (i * (mx - mn)) / top - (un.zero[g] + i * un.scale[g])),
+                );
+              }
               delta += 4 * U32 * M;
-              const slack = Math.sqrt(group) * (delta + iterations * (group + 2) * U32 * M + 2 ** -11 * M + 2 ** -25);
+              const slack = Math.sqrt(group) *
+                (delta + iterations * (group + 2) * U32 * M + 2 ** -11 * M + 2 ** -25);
               const ec = Math.sqrt(groupSse(inp.v, dc, m)), eu = Math.sqrt(groupSse(inp.v, du, m));
-              if (!(ec <= eu + slack)) assert.fail(`group ${g}: codebook L2 error ${ec} > uniform ${eu} + ${slack} ${rng.tag}`);
+              if (!(ec <= eu + slack)) {
+                assert.fail(
+                  `group ${g}: codebook L2 error ${ec} > uniform ${eu} + ${slack} ${rng.tag}`,
+                );
+              }
             }
           }
         }
@@ -169,10 +232,20 @@ describe("codebook fit", () => {
             const rng = new Rng(`encode ${axis} ${rows}x${cols} ${bits} ${fit} ${assign} ${dtype}`);
             const inp = randomMatrix(rng, rows, cols, dtype);
             const opts = { shape: [rows, cols] as [number, number], dtype, axis };
-            const q = asCodebook(kivi.quantize(inp.x, { ...opts, format: { kind: "codebook", bits, group, fit, assign, iterations: 8 } }));
+            const q = asCodebook(
+              kivi.quantize(inp.x, {
+                ...opts,
+                format: { kind: "codebook", bits, group, fit, assign, iterations: 8 },
+              }),
+            );
             const f = kivi.fitCodebook(inp.x, { ...opts, bits, group, fit, iterations: 8 });
             assert.deepEqual([...q.centroids], [...f.centroids], `centroids ${rng.tag}`);
-            const w = kivi.quantizeWithCodebook(inp.x, q.centroids, { ...opts, bits, group, assign });
+            const w = kivi.quantizeWithCodebook(inp.x, q.centroids, {
+              ...opts,
+              bits,
+              group,
+              assign,
+            });
             assert.deepEqual([...w.codes], [...q.codes], `codes ${rng.tag}`);
             assert.equal(w.centroids, q.centroids);
           }
@@ -196,11 +269,21 @@ describe("codebook assignment", () => {
           // plant every exact midpoint (and every centroid) of each group among its values
           for (let g = 0; g < groups; g++) {
             const m = groupMembers(rows, cols, axis, group, g);
-            for (let k = 0; k + 1 < n; k++) vals[m[2 * k]] = (cent[g * n + k] + cent[g * n + k + 1]) / 2;
-            for (let k = 0; k < n && 2 * (n - 1) + k < group; k++) vals[m[2 * (n - 1) + k]] = cent[g * n + k];
+            for (let k = 0; k + 1 < n; k++) {
+              vals[m[2 * k]] = (cent[g * n + k] + cent[g * n + k + 1]) / 2;
+            }
+            for (let k = 0; k < n && 2 * (n - 1) + k < group; k++) {
+              vals[m[2 * (n - 1) + k]] = cent[g * n + k];
+            }
           }
           const inp = toInput(vals, dtype);
-          const q = kivi.quantizeWithCodebook(inp.x, cent, { shape: [rows, cols], dtype, axis, bits, group });
+          const q = kivi.quantizeWithCodebook(inp.x, cent, {
+            shape: [rows, cols],
+            dtype,
+            axis,
+            bits,
+            group,
+          });
           const codes = codesOf(q.codes, rows, cols, axis, bits);
           const deq = host(kivi.dequantize(q)) as Float32Array;
           let undecided = 0;
@@ -215,11 +298,18 @@ describe("codebook assignment", () => {
               }
               const want = nearestOracle(inp.v[i], c);
               if (codes[i] !== want) {
-                assert.fail(`x = ${inp.v[i]} got code ${codes[i]}, oracle ${want}; centroids ${[...c]} ${rng.tag}`);
+                assert.fail(
+                  `x = ${inp.v[i]} got code ${codes[i]}, oracle ${want}; centroids ${[
+                    ...c,
+                  ]} ${rng.tag}`,
+                );
               }
             }
           }
-          assert.ok(undecided <= rows * cols * 1e-3, `${undecided} values within fp32 rounding of a midpoint ${rng.tag}`);
+          assert.ok(
+            undecided <= rows * cols * 1e-3,
+            `${undecided} values within fp32 rounding of a midpoint ${rng.tag}`,
+          );
         }
       });
     }
@@ -235,17 +325,25 @@ describe("codebook assignment", () => {
     const codes = codesOf(q.codes, 1, 32, "channel", 2);
     for (let i = 0; i < 32; i++) assert.equal(codes[i], want[i % head.length], `x = ${x[i]}`);
     // duplicate centroids: the upper of equal ones wins
-    const d = kivi.quantizeWithCodebook(new Float32Array(32).fill(1), new Float16Array([0, 1, 1, 2]), { shape: [1, 32], axis: "channel", bits: 2 });
+    const d = kivi.quantizeWithCodebook(
+      new Float32Array(32).fill(1),
+      new Float16Array([0, 1, 1, 2]),
+      { shape: [1, 32], axis: "channel", bits: 2 },
+    );
     assert.ok(codesOf(d.codes, 1, 32, "channel", 2).every((v) => v === 2));
   });
 
   it("nearest: of two equal centroids, a value below them gets the first (kivi.h)", async () => {
     using kivi = await openCpu();
-    const q = kivi.quantizeWithCodebook(new Float32Array(32).fill(0.75), new Float16Array([0, 1, 1, 2]), {
-      shape: [1, 32],
-      axis: "channel",
-      bits: 2,
-    });
+    const q = kivi.quantizeWithCodebook(
+      new Float32Array(32).fill(0.75),
+      new Float16Array([0, 1, 1, 2]),
+      {
+        shape: [1, 32],
+        axis: "channel",
+        bits: 2,
+      },
+    );
     assert.ok(codesOf(q.codes, 1, 32, "channel", 2).every((v) => v === 1));
   });
 
@@ -263,14 +361,25 @@ describe("codebook assignment", () => {
             for (let k = 0; k < n; k++) vals[m[k]] = cent[g * n + k]; // boundaries exactly
           }
           const inp = toInput(vals, dtype as DataDType);
-          const q = kivi.quantizeWithCodebook(inp.x, cent, { shape: [rows, cols], dtype, axis, bits, group, assign: "interval" });
+          const q = kivi.quantizeWithCodebook(inp.x, cent, {
+            shape: [rows, cols],
+            dtype,
+            axis,
+            bits,
+            group,
+            assign: "interval",
+          });
           assert.equal(q.format.assign, "interval");
           const codes = codesOf(q.codes, rows, cols, axis, bits);
           for (let g = 0; g < groups; g++) {
             const c = cent.subarray(g * n, (g + 1) * n);
             for (const i of groupMembers(rows, cols, axis, group, g)) {
               const want = intervalOracle(inp.v[i], c);
-              if (codes[i] !== want) assert.fail(`x = ${inp.v[i]} got ${codes[i]}, table ${want}; centroids ${[...c]} ${rng.tag}`);
+              if (codes[i] !== want) {
+                assert.fail(
+                  `x = ${inp.v[i]} got ${codes[i]}, table ${want}; centroids ${[...c]} ${rng.tag}`,
+                );
+              }
             }
           }
         }
@@ -283,7 +392,13 @@ describe("codebook assignment", () => {
       using kivi = await openCpu();
       const rng = new Rng(`cb deq ${out}`);
       const inp = randomMatrix(rng, 96, 40, "f32");
-      const q = asCodebook(kivi.quantize(inp.x, { shape: [96, 40], axis: "token", format: { kind: "codebook", bits: 4 } }));
+      const q = asCodebook(
+        kivi.quantize(inp.x, {
+          shape: [96, 40],
+          axis: "token",
+          format: { kind: "codebook", bits: 4 },
+        }),
+      );
       const codes = codesOf(q.codes, 96, 40, "token", 4);
       const d = host(kivi.dequantize(q, { dtype: out }));
       for (let g = 0; g < q.groups; g++) {
@@ -310,7 +425,12 @@ describe("the seed's worked example", () => {
 
   it("interval assignment: codes [0,0,1,1,1,2,2,2], values [0,0,1,1,1,4,4,4], MAE 1.0375", async () => {
     using kivi = await openCpu();
-    const q = kivi.quantizeWithCodebook(x, centroids, { shape: [1, 32], axis: "channel", bits: 2, assign: "interval" });
+    const q = kivi.quantizeWithCodebook(x, centroids, {
+      shape: [1, 32],
+      axis: "channel",
+      bits: 2,
+      assign: "interval",
+    });
     const codes = codesOf(q.codes, 1, 32, "channel", 2);
     const deq = host(kivi.dequantize(q)) as Float32Array;
     for (let r = 0; r < 4; r++) {
@@ -334,7 +454,12 @@ describe("the seed's worked example", () => {
 
   it("is the same along the token axis (shape [32, 1])", async () => {
     using kivi = await openCpu();
-    const q = kivi.quantizeWithCodebook(x, centroids, { shape: [32, 1], axis: "token", bits: 2, assign: "interval" });
+    const q = kivi.quantizeWithCodebook(x, centroids, {
+      shape: [32, 1],
+      axis: "token",
+      bits: 2,
+      assign: "interval",
+    });
     const deq = host(kivi.dequantize(q)) as Float32Array;
     assert.deepEqual([...deq.subarray(0, 8)], [0, 0, 1, 1, 1, 4, 4, 4]);
   });

@@ -12,7 +12,10 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import * as mod from "../src/mod.ts";
 
 const srcDir = fileURLToPath(new URL("../src/", import.meta.url));
-const sources = readdirSync(srcDir).filter((f) => f.endsWith(".ts")).map((f) => ({ file: f, text: readFileSync(join(srcDir, f), "utf8") }));
+const sources = readdirSync(srcDir).filter((f) => f.endsWith(".ts")).map((f) => ({
+  file: f,
+  text: readFileSync(join(srcDir, f), "utf8"),
+}));
 
 /** The JSDoc block right before `export ... name`, if any. */
 function docOf(name: string): string | undefined {

@@ -8,13 +8,38 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { type Backend, type CacheOptions, KiviError, type KVCache, type Sequence } from "../src/mod.ts";
-import { DTYPES, kvRows, NONFINITE, openCpu, Rng, sentinel, assertUntouched, setRaw, throwsNaming, toInput } from "./_helpers.ts";
+import {
+  type Backend,
+  type CacheOptions,
+  KiviError,
+  type KVCache,
+  type Sequence,
+} from "../src/mod.ts";
+import {
+  assertUntouched,
+  DTYPES,
+  kvRows,
+  NONFINITE,
+  openCpu,
+  Rng,
+  sentinel,
+  setRaw,
+  throwsNaming,
+  toInput,
+} from "./_helpers.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
 const OPTS: CacheOptions = {
-  layers: L, kvHeads: H, queryHeads: QH, headDim: D, pageTokens: 32, residual: 32, maxPages: 8, maxSequences: 3,
-  keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "codebook", bits: 2, group: 32 },
+  layers: L,
+  kvHeads: H,
+  queryHeads: QH,
+  headDim: D,
+  pageTokens: 32,
+  residual: 32,
+  maxPages: 8,
+  maxSequences: 3,
+  keys: { kind: "uniform", bits: 2, group: 32 },
+  values: { kind: "codebook", bits: 2, group: 32 },
 };
 
 /** A cache with two sequences holding pages and window tokens in both layers (4 of 8 pages used). */
@@ -73,41 +98,182 @@ describe("cache options out of range", () => {
     const f = await fixture("options");
     using _ = f.kivi;
     const base = { layers: 1, kvHeads: 2, headDim: 64, maxPages: 4 } as CacheOptions;
-    const make = (o: Partial<CacheOptions> | null) => () => f.kivi.createCache(o === null ? (null as unknown as CacheOptions) : { ...base, ...o });
+    const make = (o: Partial<CacheOptions> | null) => () =>
+      f.kivi.createCache(o === null ? (null as unknown as CacheOptions) : { ...base, ...o });
     const uni = { kind: "uniform", bits: 2 } as const;
     expectEach(f, [
       ["options null", make(null), TypeError, /options must be an object, got null/],
       ["layers 0", make({ layers: 0 }), RangeError, /layers must be between 1 and 4096, got 0/],
-      ["layers negative", make({ layers: -2 }), RangeError, /layers must be between 1 and 4096, got -2/],
-      ["layers fractional", make({ layers: 1.5 }), RangeError, /layers must be an integer, got 1\.5/],
-      ["layers huge", make({ layers: 2 ** 53 }), RangeError, /layers must be between 1 and 4096, got 9007199254740992/],
+      [
+        "layers negative",
+        make({ layers: -2 }),
+        RangeError,
+        /layers must be between 1 and 4096, got -2/,
+      ],
+      [
+        "layers fractional",
+        make({ layers: 1.5 }),
+        RangeError,
+        /layers must be an integer, got 1\.5/,
+      ],
+      [
+        "layers huge",
+        make({ layers: 2 ** 53 }),
+        RangeError,
+        /layers must be between 1 and 4096, got 9007199254740992/,
+      ],
       ["layers NaN", make({ layers: NaN }), RangeError, /layers must be an integer, got NaN/],
-      ["layers a string", make({ layers: "2" as unknown as number }), TypeError, /layers must be a number, got "2"/],
-      ["kvHeads fractional", make({ kvHeads: 0.5 }), RangeError, /kvHeads must be an integer, got 0\.5/],
-      ["queryHeads not a multiple", make({ kvHeads: 4, queryHeads: 6 }), RangeError, /queryHeads must be a multiple of kvHeads \(4\) at most 32 times it, got 6/],
-      ["queryHeads over 32x", make({ kvHeads: 2, queryHeads: 66 }), RangeError, /queryHeads must be a multiple of kvHeads \(2\) at most 32 times it, got 66/],
-      ["headDim 96", make({ headDim: 96 }), RangeError, /headDim must be one of 64, 128, 256, got 96/],
-      ["headDim a string", make({ headDim: "64" as unknown as 64 }), TypeError, /headDim must be one of 64, 128, 256, got "64"/],
-      ["keys.bits 3", make({ keys: { kind: "uniform", bits: 3 as 2 } }), RangeError, /keys\.bits must be one of 2, 4, 16, got 3/],
-      ["values.bits 8", make({ values: { kind: "uniform", bits: 8 as 2 } }), RangeError, /values\.bits must be one of 2, 4, 16, got 8/],
-      ["keys.group 48", make({ keys: { ...uni, group: 48 as 32 } }), RangeError, /keys\.group must be one of 32, 64, 128, got 48/],
-      ["values.group not dividing headDim", make({ values: { ...uni, group: 128 } }), RangeError, /values\.group must divide headDim \(64\), got 128/],
-      ["keys.kind", make({ keys: { kind: "linear" as "uniform", bits: 2 } }), RangeError, /keys\.kind must be one of "uniform", "codebook", got "linear"/],
-      ["keys null", make({ keys: null as unknown as undefined }), TypeError, /keys must be a format object, got null/],
-      ["values.iterations 0", make({ values: { kind: "codebook", bits: 2, iterations: 0 } }), RangeError, /values\.iterations must be between 1 and 256, got 0/],
-      ["values.fit", make({ values: { kind: "codebook", bits: 2, fit: "loose" as "free" } }), RangeError, /values\.fit must be one of "free", "pinned", got "loose"/],
-      ["pageTokens 48", make({ pageTokens: 48 }), RangeError, /pageTokens must be one of 32, 64, 128, 256, got 48/],
-      ["pageTokens not a multiple of keys.group", make({ pageTokens: 32, keys: { ...uni, group: 64 } }), RangeError, /pageTokens must be a multiple of keys\.group \(64\), got 32/],
-      ["residual not a multiple of keys.group", make({ residual: 40 }), RangeError, /residual must be a multiple of keys\.group \(32\), got 40/],
-      ["residual negative", make({ residual: -32 }), RangeError, /residual must be between 0 and 1048576, got -32/],
-      ["maxPages 0", make({ maxPages: 0 }), RangeError, /maxPages must be between 1 and 1073741824, got 0/],
-      ["maxPages huge", make({ maxPages: 2 ** 40 }), RangeError, /maxPages must be between 1 and 1073741824, got 1099511627776/],
-      ["maxPages and budgetBytes", make({ budgetBytes: 1 << 20 }), TypeError, /give maxPages or budgetBytes, not both/],
-      ["neither maxPages nor budgetBytes", make({ maxPages: undefined }), TypeError, /give maxPages or budgetBytes to size the page pool/],
-      ["budgetBytes below one page", make({ maxPages: undefined, budgetBytes: 100 }), RangeError, /budgetBytes must hold at least one page \(\d+ bytes\), got 100/],
-      ["maxSequences 0", make({ maxSequences: 0 }), RangeError, /maxSequences must be between 1 and 65536, got 0/],
+      [
+        "layers a string",
+        make({ layers: "2" as unknown as number }),
+        TypeError,
+        /layers must be a number, got "2"/,
+      ],
+      [
+        "kvHeads fractional",
+        make({ kvHeads: 0.5 }),
+        RangeError,
+        /kvHeads must be an integer, got 0\.5/,
+      ],
+      [
+        "queryHeads not a multiple",
+        make({ kvHeads: 4, queryHeads: 6 }),
+        RangeError,
+        /queryHeads must be a multiple of kvHeads \(4\) at most 32 times it, got 6/,
+      ],
+      [
+        "queryHeads over 32x",
+        make({ kvHeads: 2, queryHeads: 66 }),
+        RangeError,
+        /queryHeads must be a multiple of kvHeads \(2\) at most 32 times it, got 66/,
+      ],
+      [
+        "headDim 96",
+        make({ headDim: 96 }),
+        RangeError,
+        /headDim must be one of 64, 128, 256, got 96/,
+      ],
+      [
+        "headDim a string",
+        make({ headDim: "64" as unknown as 64 }),
+        TypeError,
+        /headDim must be one of 64, 128, 256, got "64"/,
+      ],
+      [
+        "keys.bits 3",
+        make({ keys: { kind: "uniform", bits: 3 as 2 } }),
+        RangeError,
+        /keys\.bits must be one of 2, 4, 16, got 3/,
+      ],
+      [
+        "values.bits 8",
+        make({ values: { kind: "uniform", bits: 8 as 2 } }),
+        RangeError,
+        /values\.bits must be one of 2, 4, 16, got 8/,
+      ],
+      [
+        "keys.group 48",
+        make({ keys: { ...uni, group: 48 as 32 } }),
+        RangeError,
+        /keys\.group must be one of 32, 64, 128, got 48/,
+      ],
+      [
+        "values.group not dividing headDim",
+        make({ values: { ...uni, group: 128 } }),
+        RangeError,
+        /values\.group must divide headDim \(64\), got 128/,
+      ],
+      [
+        "keys.kind",
+        make({ keys: { kind: "linear" as "uniform", bits: 2 } }),
+        RangeError,
+        /keys\.kind must be one of "uniform", "codebook", got "linear"/,
+      ],
+      [
+        "keys null",
+        make({ keys: null as unknown as undefined }),
+        TypeError,
+        /keys must be a format object, got null/,
+      ],
+      [
+        "values.iterations 0",
+        make({ values: { kind: "codebook", bits: 2, iterations: 0 } }),
+        RangeError,
+        /values\.iterations must be between 1 and 256, got 0/,
+      ],
+      [
+        "values.fit",
+        make({ values: { kind: "codebook", bits: 2, fit: "loose" as "free" } }),
+        RangeError,
+        /values\.fit must be one of "free", "pinned", got "loose"/,
+      ],
+      [
+        "pageTokens 48",
+        make({ pageTokens: 48 }),
+        RangeError,
+        /pageTokens must be one of 32, 64, 128, 256, got 48/,
+      ],
+      [
+        "pageTokens not a multiple of keys.group",
+        make({ pageTokens: 32, keys: { ...uni, group: 64 } }),
+        RangeError,
+        /pageTokens must be a multiple of keys\.group \(64\), got 32/,
+      ],
+      [
+        "residual not a multiple of keys.group",
+        make({ residual: 40 }),
+        RangeError,
+        /residual must be a multiple of keys\.group \(32\), got 40/,
+      ],
+      [
+        "residual negative",
+        make({ residual: -32 }),
+        RangeError,
+        /residual must be between 0 and 1048576, got -32/,
+      ],
+      [
+        "maxPages 0",
+        make({ maxPages: 0 }),
+        RangeError,
+        /maxPages must be between 1 and 1073741824, got 0/,
+      ],
+      [
+        "maxPages huge",
+        make({ maxPages: 2 ** 40 }),
+        RangeError,
+        /maxPages must be between 1 and 1073741824, got 1099511627776/,
+      ],
+      [
+        "maxPages and budgetBytes",
+        make({ budgetBytes: 1 << 20 }),
+        TypeError,
+        /give maxPages or budgetBytes, not both/,
+      ],
+      [
+        "neither maxPages nor budgetBytes",
+        make({ maxPages: undefined }),
+        TypeError,
+        /give maxPages or budgetBytes to size the page pool/,
+      ],
+      [
+        "budgetBytes below one page",
+        make({ maxPages: undefined, budgetBytes: 100 }),
+        RangeError,
+        /budgetBytes must hold at least one page \(\d+ bytes\), got 100/,
+      ],
+      [
+        "maxSequences 0",
+        make({ maxSequences: 0 }),
+        RangeError,
+        /maxSequences must be between 1 and 65536, got 0/,
+      ],
       // In range for every field, but ~2^58 bytes: the library's allocation fails and says what it tried.
-      ["pool too large to allocate", make({ layers: 4096, kvHeads: 4096, headDim: 256, maxPages: 1 << 20 }), "KIVI_ERR_NOMEM", /kivi_cache_create: could not allocate the pool \(4096 layers x 1048576 pages/],
+      [
+        "pool too large to allocate",
+        make({ layers: 4096, kvHeads: 4096, headDim: 256, maxPages: 1 << 20 }),
+        "KIVI_ERR_NOMEM",
+        /kivi_cache_create: could not allocate the pool \(4096 layers x 1048576 pages/,
+      ],
     ]);
   });
 });
@@ -119,18 +285,78 @@ describe("appends with bad input", () => {
     const [s] = f.seqs;
     const k1 = kvRows(f.rng, 3, H, D), kAll = kvRows(f.rng, 3, H, D, L);
     expectEach(f, [
-      ["k a plain array", () => s.append([0.5] as unknown as Float32Array, k1, { layer: 0 }), TypeError, /\bk must be a typed array or DeviceTensor, got \[0\.5\]/],
-      ["k a Float64Array", () => s.append(new Float64Array(k1) as unknown as Float32Array, k1, { layer: 0 }), TypeError, /\bk must be a Float32Array, Float16Array or Uint16Array, got Float64Array/],
-      ["v an Int32Array", () => s.append(k1, new Int32Array(k1.length) as unknown as Float32Array, { layer: 0 }), TypeError, /\bv must be a Float32Array, Float16Array or Uint16Array, got Int32Array/],
-      ["k f32, v f16", () => s.append(k1, Float16Array.from(k1), { layer: 0 }), TypeError, /k and v must have the same dtype, got f32 and f16/],
-      ["k.length not a multiple of a row", () => s.append(k1.subarray(0, 100), k1.subarray(0, 100), { layer: 0 }), TypeError, /k\.length must be a positive multiple of kvHeads \(2\) x headDim \(64\) = 128, got 100/],
-      ["one layer's rows for every layer", () => s.append(k1.subarray(0, ROW), k1.subarray(0, ROW)), TypeError, /k\.length must be a positive multiple of layers \(2\) x kvHeads \(2\) x headDim \(64\) = 256, got 128/],
-      ["empty k", () => s.append(new Float32Array(0), new Float32Array(0), { layer: 0 }), TypeError, /k\.length must be a positive multiple of .* = 128, got 0/],
-      ["v shorter than k", () => s.append(kAll, kAll.subarray(0, 2 * ROW)), TypeError, /v\.length must equal k\.length \(768\), got 256/],
-      ["layer past the last", () => s.append(k1, k1, { layer: L }), RangeError, /\blayer must be between 0 and 1, got 2/],
-      ["layer negative", () => s.append(k1, k1, { layer: -1 }), RangeError, /\blayer must be between 0 and 1, got -1/],
-      ["layer fractional", () => s.append(k1, k1, { layer: 0.5 }), RangeError, /\blayer must be an integer, got 0\.5/],
-      ["opts null", () => s.append(k1, k1, null as unknown as undefined), TypeError, /options must be an object, got null/],
+      [
+        "k a plain array",
+        () => s.append([0.5] as unknown as Float32Array, k1, { layer: 0 }),
+        TypeError,
+        /\bk must be a typed array or DeviceTensor, got \[0\.5\]/,
+      ],
+      [
+        "k a Float64Array",
+        () => s.append(new Float64Array(k1) as unknown as Float32Array, k1, { layer: 0 }),
+        TypeError,
+        /\bk must be a Float32Array, Float16Array or Uint16Array, got Float64Array/,
+      ],
+      [
+        "v an Int32Array",
+        () => s.append(k1, new Int32Array(k1.length) as unknown as Float32Array, { layer: 0 }),
+        TypeError,
+        /\bv must be a Float32Array, Float16Array or Uint16Array, got Int32Array/,
+      ],
+      [
+        "k f32, v f16",
+        () => s.append(k1, Float16Array.from(k1), { layer: 0 }),
+        TypeError,
+        /k and v must have the same dtype, got f32 and f16/,
+      ],
+      [
+        "k.length not a multiple of a row",
+        () => s.append(k1.subarray(0, 100), k1.subarray(0, 100), { layer: 0 }),
+        TypeError,
+        /k\.length must be a positive multiple of kvHeads \(2\) x headDim \(64\) = 128, got 100/,
+      ],
+      [
+        "one layer's rows for every layer",
+        () => s.append(k1.subarray(0, ROW), k1.subarray(0, ROW)),
+        TypeError,
+        /k\.length must be a positive multiple of layers \(2\) x kvHeads \(2\) x headDim \(64\) = 256, got 128/,
+      ],
+      [
+        "empty k",
+        () => s.append(new Float32Array(0), new Float32Array(0), { layer: 0 }),
+        TypeError,
+        /k\.length must be a positive multiple of .* = 128, got 0/,
+      ],
+      [
+        "v shorter than k",
+        () => s.append(kAll, kAll.subarray(0, 2 * ROW)),
+        TypeError,
+        /v\.length must equal k\.length \(768\), got 256/,
+      ],
+      [
+        "layer past the last",
+        () => s.append(k1, k1, { layer: L }),
+        RangeError,
+        /\blayer must be between 0 and 1, got 2/,
+      ],
+      [
+        "layer negative",
+        () => s.append(k1, k1, { layer: -1 }),
+        RangeError,
+        /\blayer must be between 0 and 1, got -1/,
+      ],
+      [
+        "layer fractional",
+        () => s.append(k1, k1, { layer: 0.5 }),
+        RangeError,
+        /\blayer must be an integer, got 0\.5/,
+      ],
+      [
+        "opts null",
+        () => s.append(k1, k1, null as unknown as undefined),
+        TypeError,
+        /options must be an object, got null/,
+      ],
     ]);
   });
 
@@ -143,11 +369,23 @@ describe("appends with bad input", () => {
         for (const where of ["k", "v"] as const) {
           for (const layer of [undefined, 1]) {
             const n = 1 + f.rng.int(80), rows = n * (layer === undefined ? L : 1);
-            const k = toInput(kvRows(f.rng, rows, H, D), dtype).x, v = toInput(kvRows(f.rng, rows, H, D), dtype).x;
+            const k = toInput(kvRows(f.rng, rows, H, D), dtype).x,
+              v = toInput(kvRows(f.rng, rows, H, D), dtype).x;
             const at = f.rng.int(k.length);
             setRaw(where === "k" ? k : v, at, bits);
-            const names = new RegExp(`kivi_cache_append: ${where} must be finite, got ${label.replace("+", "\\+")} at index ${at} \\(layer ${layer ?? Math.floor(at / (n * ROW))}, token ${Math.floor(at / ROW) % n}`);
-            cases.push([`${label} in ${where}, layer ${layer ?? "all"}, ${n} tokens`, () => f.seqs[1].append(k, v, { layer, dtype }), "KIVI_ERR_NONFINITE", names]);
+            const names = new RegExp(
+              `kivi_cache_append: ${where} must be finite, got ${
+                label.replace("+", "\\+")
+              } at index ${at} \\(layer ${layer ?? Math.floor(at / (n * ROW))}, token ${
+                Math.floor(at / ROW) % n
+              }`,
+            );
+            cases.push([
+              `${label} in ${where}, layer ${layer ?? "all"}, ${n} tokens`,
+              () => f.seqs[1].append(k, v, { layer, dtype }),
+              "KIVI_ERR_NONFINITE",
+              names,
+            ]);
           }
         }
       }
@@ -167,11 +405,31 @@ describe("appends with bad input", () => {
     kEdge[0] = 65520; // the first value fp16 rounds to Inf
     using kt = f.kivi.upload(k), bigT = f.kivi.upload(big);
     expectEach(f, [
-      ["-1e5 in v", () => f.seqs[0].append(k, big), RangeError, /\bv must hold values below 65520 in magnitude \(the cache stores fp16\), got -100000 at index 333 \(layer 0, token 2, head 1, channel 13\)/],
-      ["65520 in k", () => f.seqs[0].append(kEdge, v), RangeError, /\bk must hold values below 65520 in magnitude.*got 65520 at index 0\b/],
-      ["3e30 in bf16 k", () => f.seqs[0].append(bfBig, bf, { layer: 1, dtype: "bf16" }), RangeError, /\bk must hold values below 65520 in magnitude.*at index 17 \(layer 1, token 0, head 0, channel 17\)/],
+      [
+        "-1e5 in v",
+        () => f.seqs[0].append(k, big),
+        RangeError,
+        /\bv must hold values below 65520 in magnitude \(the cache stores fp16\), got -100000 at index 333 \(layer 0, token 2, head 1, channel 13\)/,
+      ],
+      [
+        "65520 in k",
+        () => f.seqs[0].append(kEdge, v),
+        RangeError,
+        /\bk must hold values below 65520 in magnitude.*got 65520 at index 0\b/,
+      ],
+      [
+        "3e30 in bf16 k",
+        () => f.seqs[0].append(bfBig, bf, { layer: 1, dtype: "bf16" }),
+        RangeError,
+        /\bk must hold values below 65520 in magnitude.*at index 17 \(layer 1, token 0, head 0, channel 17\)/,
+      ],
       // The CPU backend's tensors are host memory and scanned too.
-      ["-1e5 in a v tensor", () => f.seqs[0].append(kt, bigT), RangeError, /\bv must hold values below 65520 in magnitude.*got -100000 at index 333\b/],
+      [
+        "-1e5 in a v tensor",
+        () => f.seqs[0].append(kt, bigT),
+        RangeError,
+        /\bv must hold values below 65520 in magnitude.*got -100000 at index 333\b/,
+      ],
     ]);
     // The largest value below the limit is accepted (it rounds to fp16's largest finite, 65504).
     const ok = k.slice();
@@ -187,8 +445,18 @@ describe("appends with bad input", () => {
     // 288 flush and b needs 320 / 32 = 10 pages, 9 more than it has; 4 are free.
     const k = kvRows(f.rng, 300, H, D, L), v = kvRows(f.rng, 300, H, D, L);
     expectEach(f, [
-      ["prefill of 300", () => f.seqs[1].append(k, v), "KIVI_ERR_CAPACITY", /the page pool is full: sequence \d+ needs 9 more page\(s\), 4 of 8 are free/],
-      ["prefill of 300 in one layer", () => f.seqs[1].append(k.subarray(0, 300 * ROW), v.subarray(0, 300 * ROW), { layer: 1 }), "KIVI_ERR_CAPACITY", /needs 9 more page\(s\), 4 of 8 are free/],
+      [
+        "prefill of 300",
+        () => f.seqs[1].append(k, v),
+        "KIVI_ERR_CAPACITY",
+        /the page pool is full: sequence \d+ needs 9 more page\(s\), 4 of 8 are free/,
+      ],
+      [
+        "prefill of 300 in one layer",
+        () => f.seqs[1].append(k.subarray(0, 300 * ROW), v.subarray(0, 300 * ROW), { layer: 1 }),
+        "KIVI_ERR_CAPACITY",
+        /needs 9 more page\(s\), 4 of 8 are free/,
+      ],
     ]);
   });
 
@@ -204,7 +472,10 @@ describe("appends with bad input", () => {
         a.append(k, v);
       } catch (e) {
         assert.ok(e instanceof KiviError && e.code === "KIVI_ERR_CAPACITY", `step ${steps}: ${e}`);
-        assert.match(e.message, /the page pool is full: sequence \d+ needs 1 more page\(s\), 0 of 8 are free/);
+        assert.match(
+          e.message,
+          /the page pool is full: sequence \d+ needs 1 more page\(s\), 0 of 8 are free/,
+        );
         assert.deepEqual(snapshot(f), before, `${f.rng.tag} the failed step changed the cache`);
         break;
       }
@@ -222,7 +493,12 @@ describe("appends with bad input", () => {
     const f = await fixture("slots");
     using _ = f.kivi;
     filled(f.cache, f.rng, 1);
-    expectEach(f, [["a 4th sequence", () => f.cache.createSequence(), "KIVI_ERR_CAPACITY", /kivi_cache_seq_create: all 3 sequence slots are taken \(free one with kivi_cache_seq_free\)/]]);
+    expectEach(f, [[
+      "a 4th sequence",
+      () => f.cache.createSequence(),
+      "KIVI_ERR_CAPACITY",
+      /kivi_cache_seq_create: all 3 sequence slots are taken \(free one with kivi_cache_seq_free\)/,
+    ]]);
   });
 });
 
@@ -236,24 +512,114 @@ describe("attention with bad input", () => {
     const out = sentinel(new Float32Array(q.length));
     const at = (o: Record<string, unknown>) => () => cache.attend(0, seqs, q, o);
     expectEach(f, [
-      ["layer past the last", () => cache.attend(L, seqs, q), RangeError, /\blayer must be between 0 and 1, got 2/],
-      ["layer fractional", () => cache.attend(0.5, seqs, q), RangeError, /\blayer must be an integer, got 0\.5/],
-      ["no sequences", () => cache.attend(0, [], q), TypeError, /seqs must be a non-empty array of Sequences, got \[\]/],
-      ["a Sequence, not an array", () => cache.attend(0, seqs[0] as unknown as Sequence[], q), TypeError, /seqs must be a non-empty array of Sequences, got Sequence/],
-      ["a sequence of another cache", () => cache.attend(0, [seqs[0], foreign], q), TypeError, /seqs\[1\] must be a Sequence of this cache/],
-      ["q one short", () => cache.attend(0, seqs, q.subarray(1)), TypeError, /\bq must hold batch \(2\) x queryHeads \(4\) x headDim \(64\) = 512 values, got 511/],
-      ["q for one sequence", () => cache.attend(0, seqs, q.subarray(0, 256)), TypeError, /\bq must hold batch \(2\) .* = 512 values, got 256/],
-      ["q a Float64Array", () => cache.attend(0, seqs, new Float64Array(q) as unknown as Float32Array), TypeError, /\bq must be a Float32Array, Float16Array or Uint16Array, got Float64Array/],
-      ["scale NaN", at({ scale: NaN }), RangeError, /scale must be a number finite in fp32 \(below 3\.4e38 in magnitude\), got NaN/],
-      ["scale Infinity", at({ scale: -Infinity }), RangeError, /scale must be a number finite in fp32.*got -Infinity/],
-      ["scale beyond fp32", at({ scale: 1e39 }), RangeError, /scale must be a number finite in fp32.*got 1e\+39/],
-      ["scale a string", at({ scale: "0.1" }), RangeError, /scale must be a number finite in fp32.*got "0\.1"/],
-      ["dtype f64", at({ dtype: "f64" }), RangeError, /\bdtype must be one of "f32", "f16", "bf16", got "f64"/],
-      ["out one short", at({ out: out.buf.subarray(1) }), TypeError, /\bout must be a f32 array of 512 values like q/],
-      ["out of another dtype", at({ out: new Float16Array(512) }), TypeError, /\bout must be a f32 array of 512 values like q/],
-      ["read: a sequence of another cache", () => cache.read(foreign, 0), TypeError, /\bseq must be a Sequence of this cache, got Sequence/],
-      ["read: layer past the last", () => cache.read(seqs[0], 7), RangeError, /\blayer must be between 0 and 1, got 7/],
-      ["read: dtype f64", () => cache.read(seqs[0], 0, "f64" as "f32"), RangeError, /\bdtype must be one of "f32", "f16", "bf16", got "f64"/],
+      [
+        "layer past the last",
+        () => cache.attend(L, seqs, q),
+        RangeError,
+        /\blayer must be between 0 and 1, got 2/,
+      ],
+      [
+        "layer fractional",
+        () => cache.attend(0.5, seqs, q),
+        RangeError,
+        /\blayer must be an integer, got 0\.5/,
+      ],
+      [
+        "no sequences",
+        () => cache.attend(0, [], q),
+        TypeError,
+        /seqs must be a non-empty array of Sequences, got \[\]/,
+      ],
+      [
+        "a Sequence, not an array",
+        () => cache.attend(0, seqs[0] as unknown as Sequence[], q),
+        TypeError,
+        /seqs must be a non-empty array of Sequences, got Sequence/,
+      ],
+      [
+        "a sequence of another cache",
+        () => cache.attend(0, [seqs[0], foreign], q),
+        TypeError,
+        /seqs\[1\] must be a Sequence of this cache/,
+      ],
+      [
+        "q one short",
+        () => cache.attend(0, seqs, q.subarray(1)),
+        TypeError,
+        /\bq must hold batch \(2\) x queryHeads \(4\) x headDim \(64\) = 512 values, got 511/,
+      ],
+      [
+        "q for one sequence",
+        () => cache.attend(0, seqs, q.subarray(0, 256)),
+        TypeError,
+        /\bq must hold batch \(2\) .* = 512 values, got 256/,
+      ],
+      [
+        "q a Float64Array",
+        () => cache.attend(0, seqs, new Float64Array(q) as unknown as Float32Array),
+        TypeError,
+        /\bq must be a Float32Array, Float16Array or Uint16Array, got Float64Array/,
+      ],
+      [
+        "scale NaN",
+        at({ scale: NaN }),
+        RangeError,
+        /scale must be a number finite in fp32 \(below 3\.4e38 in magnitude\), got NaN/,
+      ],
+      [
+        "scale Infinity",
+        at({ scale: -Infinity }),
+        RangeError,
+        /scale must be a number finite in fp32.*got -Infinity/,
+      ],
+      [
+        "scale beyond fp32",
+        at({ scale: 1e39 }),
+        RangeError,
+        /scale must be a number finite in fp32.*got 1e\+39/,
+      ],
+      [
+        "scale a string",
+        at({ scale: "0.1" }),
+        RangeError,
+        /scale must be a number finite in fp32.*got "0\.1"/,
+      ],
+      [
+        "dtype f64",
+        at({ dtype: "f64" }),
+        RangeError,
+        /\bdtype must be one of "f32", "f16", "bf16", got "f64"/,
+      ],
+      [
+        "out one short",
+        at({ out: out.buf.subarray(1) }),
+        TypeError,
+        /\bout must be a f32 array of 512 values like q/,
+      ],
+      [
+        "out of another dtype",
+        at({ out: new Float16Array(512) }),
+        TypeError,
+        /\bout must be a f32 array of 512 values like q/,
+      ],
+      [
+        "read: a sequence of another cache",
+        () => cache.read(foreign, 0),
+        TypeError,
+        /\bseq must be a Sequence of this cache, got Sequence/,
+      ],
+      [
+        "read: layer past the last",
+        () => cache.read(seqs[0], 7),
+        RangeError,
+        /\blayer must be between 0 and 1, got 7/,
+      ],
+      [
+        "read: dtype f64",
+        () => cache.read(seqs[0], 0, "f64" as "f32"),
+        RangeError,
+        /\bdtype must be one of "f32", "f16", "bf16", got "f64"/,
+      ],
     ]);
     assertUntouched(out, "out");
   });
@@ -270,8 +636,15 @@ describe("attention with bad input", () => {
         setRaw(q, at, bits);
         const out = sentinel(new Float32Array(f.q.length));
         outs.push(out);
-        const names = new RegExp(`\\bq must be finite, got ${label.replace("+", "\\+")} at index ${at}\\b`);
-        cases.push([`${label} in q`, () => f.cache.attend(1, f.seqs, q as Float32Array, { out: out.buf, qDtype: dtype }), "KIVI_ERR_NONFINITE", names]);
+        const names = new RegExp(
+          `\\bq must be finite, got ${label.replace("+", "\\+")} at index ${at}\\b`,
+        );
+        cases.push([
+          `${label} in q`,
+          () => f.cache.attend(1, f.seqs, q as Float32Array, { out: out.buf, qDtype: dtype }),
+          "KIVI_ERR_NONFINITE",
+          names,
+        ]);
       }
       expectEach(f, cases);
       outs.forEach((o, i) => assertUntouched(o, `out ${i}`));
@@ -285,9 +658,18 @@ describe("attention with bad input", () => {
     c.append(kvRows(f.rng, 5, H, D), kvRows(f.rng, 5, H, D), { layer: 1 }); // tokens in layer 1 only
     const q = kvRows(f.rng, 3, QH, D);
     const out = sentinel(new Float32Array(q.length));
-    expectEach(f, [["empty in layer 0", () => f.cache.attend(0, [...f.seqs, c], q, { out: out.buf }), "KIVI_ERR_STATE", /kivi_cache_attend: seqs\[2\] \(sequence \d+\) holds no token in layer 0/]]);
+    expectEach(f, [[
+      "empty in layer 0",
+      () => f.cache.attend(0, [...f.seqs, c], q, { out: out.buf }),
+      "KIVI_ERR_STATE",
+      /kivi_cache_attend: seqs\[2\] \(sequence \d+\) holds no token in layer 0/,
+    ]]);
     assertUntouched(out, "out");
-    assert.equal((f.cache.attend(1, [...f.seqs, c], q) as Float32Array).length, q.length, "layer 1 attends");
+    assert.equal(
+      (f.cache.attend(1, [...f.seqs, c], q) as Float32Array).length,
+      q.length,
+      "layer 1 attends",
+    );
   });
 });
 
@@ -336,8 +718,18 @@ describe("disposed and freed objects", () => {
     const { kivi, cache, seqs, q } = f;
     const want = cache.attend(0, seqs, q);
     kivi.dispose();
-    throwsNaming(() => kivi.createCache(OPTS), "KIVI_ERR_STATE", /createCache: the backend was disposed; open a new one with openBackend\(\)/, "createCache");
-    throwsNaming(() => cache.attend(0, seqs, q), "KIVI_ERR_STATE", /the cache was disposed/, "attend");
+    throwsNaming(
+      () => kivi.createCache(OPTS),
+      "KIVI_ERR_STATE",
+      /createCache: the backend was disposed; open a new one with openBackend\(\)/,
+      "createCache",
+    );
+    throwsNaming(
+      () => cache.attend(0, seqs, q),
+      "KIVI_ERR_STATE",
+      /the cache was disposed/,
+      "attend",
+    );
     throwsNaming(() => cache.memory(), "KIVI_ERR_STATE", /the cache was disposed/, "memory");
     throwsNaming(() => seqs[0].append(q, q), "KIVI_ERR_STATE", /the sequence was freed/, "append");
     assert.equal(kivi._nativeRefs, 0, "the context was released");
@@ -350,7 +742,8 @@ describe("disposed and freed objects", () => {
   it("a disposed tensor as k, v, q or out is KIVI_ERR_STATE naming the tensor", async () => {
     const f = await fixture("disposed tensor");
     using _ = f.kivi;
-    const k = f.kivi.upload(kvRows(f.rng, 2, H, D, L)), v = f.kivi.upload(kvRows(f.rng, 2, H, D, L));
+    const k = f.kivi.upload(kvRows(f.rng, 2, H, D, L)),
+      v = f.kivi.upload(kvRows(f.rng, 2, H, D, L));
     const q = f.kivi.upload(f.q), out = f.kivi.upload(new Float32Array(f.q.length));
     using live = f.kivi.upload(f.q);
     for (const t of [k, v, q, out]) t.dispose();
@@ -374,10 +767,30 @@ describe("disposed and freed objects", () => {
     using codes = f.kivi.upload(new Uint32Array(2 * L * ROW).fill(7));
     const upload = /belongs to another backend; upload it to this one first/;
     expectEach(f, [
-      ["k of another backend", () => f.seqs[0].append(kb, ka), TypeError, new RegExp(`\\bk ${upload.source}`)],
-      ["v of another backend", () => f.seqs[0].append(ka, kb), TypeError, new RegExp(`\\bv ${upload.source}`)],
-      ["q of another backend", () => f.cache.attend(0, f.seqs, qb), TypeError, new RegExp(`\\bq ${upload.source}`)],
-      ["k a u32 tensor", () => f.seqs[0].append(codes, codes), RangeError, /\bk\.dtype must be one of "f32", "f16", "bf16", got "u32"/],
+      [
+        "k of another backend",
+        () => f.seqs[0].append(kb, ka),
+        TypeError,
+        new RegExp(`\\bk ${upload.source}`),
+      ],
+      [
+        "v of another backend",
+        () => f.seqs[0].append(ka, kb),
+        TypeError,
+        new RegExp(`\\bv ${upload.source}`),
+      ],
+      [
+        "q of another backend",
+        () => f.cache.attend(0, f.seqs, qb),
+        TypeError,
+        new RegExp(`\\bq ${upload.source}`),
+      ],
+      [
+        "k a u32 tensor",
+        () => f.seqs[0].append(codes, codes),
+        RangeError,
+        /\bk\.dtype must be one of "f32", "f16", "bf16", got "u32"/,
+      ],
     ]);
   });
 });
@@ -400,8 +813,18 @@ describe("overlapping asynchronous operations", () => {
     // Meanwhile: a decode step on the sequence, and a second attention into the same output.
     f.seqs[0].append(kvRows(f.rng, 1, H, D, L), kvRows(f.rng, 1, H, D, L));
     expectEach(f, [
-      ["attend into out", () => f.cache.attend(0, f.seqs, q, { out }), "KIVI_ERR_STATE", /attend: out has a read\(\) in flight; await it before writing into the tensor/],
-      ["write into out", () => out.write(new Float32Array(out.length).fill(1)), "KIVI_ERR_STATE", /write: the tensor has a read\(\) in flight/],
+      [
+        "attend into out",
+        () => f.cache.attend(0, f.seqs, q, { out }),
+        "KIVI_ERR_STATE",
+        /attend: out has a read\(\) in flight; await it before writing into the tensor/,
+      ],
+      [
+        "write into out",
+        () => out.write(new Float32Array(out.length).fill(1)),
+        "KIVI_ERR_STATE",
+        /write: the tensor has a read\(\) in flight/,
+      ],
     ]);
     assert.deepEqual(await pending, first, "the read returns the result it was started on");
     assert.equal(out.reading, false);
@@ -413,14 +836,25 @@ describe("overlapping asynchronous operations", () => {
     const f = await fixture("overlap quantize");
     using _ = f.kivi;
     using x = f.kivi.upload(kvRows(f.rng, 64, 1, D), { shape: [64, D] });
-    using codes = f.kivi.alloc([64 * D / 16], "u32"), scale = f.kivi.alloc([2 * D], "f16"), zero = f.kivi.alloc([2 * D], "f16");
+    using codes = f.kivi.alloc([64 * D / 16], "u32"),
+      scale = f.kivi.alloc([2 * D], "f16"),
+      zero = f.kivi.alloc([2 * D], "f16");
     const fmt = { kind: "uniform", bits: 2 } as const;
     f.kivi.quantize(x, { axis: "token", format: fmt, out: { codes, scale, zero } });
     const before = [codes.readSync(), scale.readSync(), zero.readSync()];
     const pending = scale.read();
     using y = f.kivi.upload(kvRows(f.rng, 64, 1, D), { shape: [64, D] });
-    throwsNaming(() => f.kivi.quantize(y, { axis: "token", format: fmt, out: { codes, scale, zero } }), "KIVI_ERR_STATE", /out\.scale has a read\(\) in flight/, "quantize");
-    assert.deepEqual([codes.readSync(), await pending, zero.readSync()], before, "outputs untouched");
+    throwsNaming(
+      () => f.kivi.quantize(y, { axis: "token", format: fmt, out: { codes, scale, zero } }),
+      "KIVI_ERR_STATE",
+      /out\.scale has a read\(\) in flight/,
+      "quantize",
+    );
+    assert.deepEqual(
+      [codes.readSync(), await pending, zero.readSync()],
+      before,
+      "outputs untouched",
+    );
   });
 
   it("disposing a tensor or its backend while a read() is in flight frees it once the copy is done", async () => {
@@ -431,9 +865,17 @@ describe("overlapping asynchronous operations", () => {
     const p = t.read();
     t.dispose();
     assert.equal(t.disposed, true);
-    throwsNaming(() => t.readSync(), "KIVI_ERR_STATE", /readSync: the tensor was disposed/, "readSync after dispose");
+    throwsNaming(
+      () => t.readSync(),
+      "KIVI_ERR_STATE",
+      /readSync: the tensor was disposed/,
+      "readSync after dispose",
+    );
     // backend + u + the disposed t that the read holds (+ 1 on Deno while it waits off-thread)
-    assert.ok(kivi._nativeRefs >= 3, `the read keeps the memory and the context (refs ${kivi._nativeRefs})`);
+    assert.ok(
+      kivi._nativeRefs >= 3,
+      `the read keeps the memory and the context (refs ${kivi._nativeRefs})`,
+    );
     assert.deepEqual(await p, data, "the read completes with the tensor's data");
     assert.equal(kivi._nativeRefs, 2, "freed once the read settled");
     const r = u.read();

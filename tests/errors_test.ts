@@ -5,16 +5,35 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { type Axis, defaultLibraryPath, type DeviceTensor, KiviError, type StatusName } from "../src/mod.ts";
+import {
+  type Axis,
+  defaultLibraryPath,
+  type DeviceTensor,
+  KiviError,
+  type StatusName,
+} from "../src/mod.ts";
 import type { NativeLib, Pointer } from "../src/ffi/_native.ts";
 import { loadNative } from "../src/ffi/load.ts";
-import { assertUntouched, DTYPES, f16Bits, openCpu, NONFINITE, randomMatrix, Rng, sentinel, setRaw, throwsNaming } from "./_helpers.ts";
+import {
+  assertUntouched,
+  DTYPES,
+  f16Bits,
+  NONFINITE,
+  openCpu,
+  randomMatrix,
+  Rng,
+  sentinel,
+  setRaw,
+  throwsNaming,
+} from "./_helpers.ts";
 
 type Sentinel = { buf: ArrayBufferView; snap: Uint8Array };
 
 /** Sentinel-filled outputs of a uniform quantize of [rows][cols] (2 bits, G 32 unless told). */
 function uniformOuts(rows: number, cols: number, axis: Axis, bits = 2, group = 32) {
-  const groups = axis === "token" ? cols * Math.max(1, Math.floor(rows / group)) : rows * Math.max(1, Math.floor(cols / group));
+  const groups = axis === "token"
+    ? cols * Math.max(1, Math.floor(rows / group))
+    : rows * Math.max(1, Math.floor(cols / group));
   return {
     codes: sentinel(new Uint32Array(Math.max(1, Math.floor((rows * cols * bits) / 32)))),
     scale: sentinel(new Float16Array(groups)),
@@ -36,16 +55,32 @@ describe("bad input through the TypeScript API", () => {
     for (const shape of [[96, 41], [95, 40], [32, 40]] as [number, number][]) {
       const o = uniformOuts(96, 40, "token");
       throwsNaming(
-        () => kivi.quantize(x, { shape, axis: "token", format: { kind: "uniform", bits: 2 }, out: outOf(o) }),
+        () =>
+          kivi.quantize(x, {
+            shape,
+            axis: "token",
+            format: { kind: "uniform", bits: 2 },
+            out: outOf(o),
+          }),
         TypeError,
         /shape.*x's 3840 elements/,
         `shape ${shape}`,
       );
       untouched(o, `shape ${shape}`);
     }
-    throwsNaming(() => kivi.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 } }), TypeError, /shape must be given/, "no shape");
     throwsNaming(
-      () => kivi.quantize(new Float64Array(64) as unknown as Float32Array, { shape: [2, 32], axis: "channel", format: { kind: "uniform", bits: 2 } }),
+      () => kivi.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 } }),
+      TypeError,
+      /shape must be given/,
+      "no shape",
+    );
+    throwsNaming(
+      () =>
+        kivi.quantize(new Float64Array(64) as unknown as Float32Array, {
+          shape: [2, 32],
+          axis: "channel",
+          format: { kind: "uniform", bits: 2 },
+        }),
       TypeError,
       /\bx must be/,
       "Float64Array",
@@ -59,15 +94,28 @@ describe("bad input through the TypeScript API", () => {
     for (const bad of ["codes", "scale", "zero"] as const) {
       const o = uniformOuts(64, 64, "token");
       const out = outOf(o) as Record<string, ArrayBufferView>;
-      const wrong = bad === "codes" ? sentinel(new Uint32Array(255)) : sentinel(new Float16Array(127));
+      const wrong = bad === "codes"
+        ? sentinel(new Uint32Array(255))
+        : sentinel(new Float16Array(127));
       out[bad] = wrong.buf;
-      throwsNaming(() => kivi.quantize(x, { shape: [64, 64], axis: "token", format: fmt, out }), TypeError, new RegExp(`out\\.${bad}`), bad);
+      throwsNaming(
+        () => kivi.quantize(x, { shape: [64, 64], axis: "token", format: fmt, out }),
+        TypeError,
+        new RegExp(`out\\.${bad}`),
+        bad,
+      );
       untouched({ ...o, wrong }, `out.${bad}`);
     }
     const o = uniformOuts(64, 64, "token");
     const f32 = sentinel(new Float32Array(128));
     throwsNaming(
-      () => kivi.quantize(x, { shape: [64, 64], axis: "token", format: fmt, out: { ...outOf(o), scale: f32.buf as unknown as Float16Array } }),
+      () =>
+        kivi.quantize(x, {
+          shape: [64, 64],
+          axis: "token",
+          format: fmt,
+          out: { ...outOf(o), scale: f32.buf as unknown as Float16Array },
+        }),
       TypeError,
       /out\.scale must be a f16 array/,
       "Float32Array scale",
@@ -75,7 +123,12 @@ describe("bad input through the TypeScript API", () => {
     untouched({ ...o, f32 }, "Float32Array scale");
     const q = kivi.quantize(x, { shape: [64, 64], axis: "token", format: fmt });
     const d = sentinel(new Float32Array(64 * 64 - 1));
-    throwsNaming(() => kivi.dequantize(q, { out: d.buf }), TypeError, /\bout must have 4096 elements/, "dequantize out");
+    throwsNaming(
+      () => kivi.dequantize(q, { out: d.buf }),
+      TypeError,
+      /\bout must have 4096 elements/,
+      "dequantize out",
+    );
     assertUntouched(d, "dequantize out");
   });
 
@@ -91,31 +144,99 @@ describe("bad input through the TypeScript API", () => {
     for (const [axis, rows, cols, group, names] of cases) {
       const x = randomMatrix(rng, rows, cols, "f32").x;
       const o = uniformOuts(rows, cols, axis, 2, group);
-      throwsNaming(() => kivi.quantize(x, { shape: [rows, cols], axis, format: { kind: "uniform", bits: 2, group }, out: outOf(o) }), RangeError, names, `${axis} G${group}`);
+      throwsNaming(
+        () =>
+          kivi.quantize(x, {
+            shape: [rows, cols],
+            axis,
+            format: { kind: "uniform", bits: 2, group },
+            out: outOf(o),
+          }),
+        RangeError,
+        names,
+        `${axis} G${group}`,
+      );
       untouched(o, `${axis} G${group}`);
       const c = sentinel(new Float16Array(64));
-      throwsNaming(() => kivi.fitCodebook(x, { shape: [rows, cols], axis, bits: 2, group, out: { centroids: c.buf } }), RangeError, names, `fit ${axis} G${group}`);
+      throwsNaming(
+        () =>
+          kivi.fitCodebook(x, {
+            shape: [rows, cols],
+            axis,
+            bits: 2,
+            group,
+            out: { centroids: c.buf },
+          }),
+        RangeError,
+        names,
+        `fit ${axis} G${group}`,
+      );
       assertUntouched(c, "fit centroids");
     }
   });
 
-  it("bits other than 2 or 4, group 48, axis \"row\" and bad fit/assign/iterations are RangeErrors naming the option", async () => {
+  it('bits other than 2 or 4, group 48, axis "row" and bad fit/assign/iterations are RangeErrors naming the option', async () => {
     using kivi = await openCpu();
     const x = randomMatrix(new Rng("errors options"), 128, 64, "f32").x;
     const base = { shape: [128, 64] as [number, number], axis: "token" as Axis };
     const bad: [string, () => unknown, RegExp][] = [];
     for (const bits of [3, 1, 8, 0, 16]) {
-      bad.push([`bits ${bits}`, () => kivi.quantize(x, { ...base, format: { kind: "uniform", bits: bits as 2 } }), /format\.bits must be one of 2, 4, got \d+/]);
-      bad.push([`fit bits ${bits}`, () => kivi.fitCodebook(x, { ...base, bits: bits as 2 }), /format\.bits/]);
+      bad.push([
+        `bits ${bits}`,
+        () => kivi.quantize(x, { ...base, format: { kind: "uniform", bits: bits as 2 } }),
+        /format\.bits must be one of 2, 4, got \d+/,
+      ]);
+      bad.push([
+        `fit bits ${bits}`,
+        () => kivi.fitCodebook(x, { ...base, bits: bits as 2 }),
+        /format\.bits/,
+      ]);
     }
-    bad.push(["group 48", () => kivi.quantize(x, { ...base, format: { kind: "uniform", bits: 2, group: 48 as 32 } }), /format\.group must be one of 32, 64, 128, got 48/]);
-    bad.push(["cb group 48", () => kivi.quantize(x, { ...base, format: { kind: "codebook", bits: 2, group: 48 as 32 } }), /format\.group/]);
-    bad.push(["axis row", () => kivi.quantize(x, { ...base, axis: "row" as Axis, format: { kind: "uniform", bits: 2 } }), /axis must be one of "token", "channel", got "row"/]);
-    bad.push(["fit axis row", () => kivi.fitCodebook(x, { ...base, axis: "row" as Axis, bits: 2 }), /axis/]);
-    bad.push(["fit loose", () => kivi.quantize(x, { ...base, format: { kind: "codebook", bits: 2, fit: "loose" as "free" } }), /format\.fit/]);
-    bad.push(["assign far", () => kivi.quantize(x, { ...base, format: { kind: "codebook", bits: 2, assign: "far" as "nearest" } }), /format\.assign/]);
+    bad.push([
+      "group 48",
+      () => kivi.quantize(x, { ...base, format: { kind: "uniform", bits: 2, group: 48 as 32 } }),
+      /format\.group must be one of 32, 64, 128, got 48/,
+    ]);
+    bad.push([
+      "cb group 48",
+      () => kivi.quantize(x, { ...base, format: { kind: "codebook", bits: 2, group: 48 as 32 } }),
+      /format\.group/,
+    ]);
+    bad.push([
+      "axis row",
+      () =>
+        kivi.quantize(x, { ...base, axis: "row" as Axis, format: { kind: "uniform", bits: 2 } }),
+      /axis must be one of "token", "channel", got "row"/,
+    ]);
+    bad.push([
+      "fit axis row",
+      () => kivi.fitCodebook(x, { ...base, axis: "row" as Axis, bits: 2 }),
+      /axis/,
+    ]);
+    bad.push([
+      "fit loose",
+      () =>
+        kivi.quantize(x, {
+          ...base,
+          format: { kind: "codebook", bits: 2, fit: "loose" as "free" },
+        }),
+      /format\.fit/,
+    ]);
+    bad.push([
+      "assign far",
+      () =>
+        kivi.quantize(x, {
+          ...base,
+          format: { kind: "codebook", bits: 2, assign: "far" as "nearest" },
+        }),
+      /format\.assign/,
+    ]);
     for (const iterations of [0, 257, 1.5, -3]) {
-      bad.push([`iterations ${iterations}`, () => kivi.fitCodebook(x, { ...base, bits: 2, iterations }), /iterations/]);
+      bad.push([
+        `iterations ${iterations}`,
+        () => kivi.fitCodebook(x, { ...base, bits: 2, iterations }),
+        /iterations/,
+      ]);
     }
     for (const [what, fn, names] of bad) throwsNaming(fn, RangeError, names, what);
   });
@@ -132,7 +253,18 @@ describe("bad input through the TypeScript API", () => {
     ];
     for (const [shape, names] of cases) {
       const o = uniformOuts(96, 40, "token");
-      throwsNaming(() => kivi.quantize(x, { shape, axis: "token", format: { kind: "uniform", bits: 2 }, out: outOf(o) }), RangeError, names, `shape ${shape}`);
+      throwsNaming(
+        () =>
+          kivi.quantize(x, {
+            shape,
+            axis: "token",
+            format: { kind: "uniform", bits: 2 },
+            out: outOf(o),
+          }),
+        RangeError,
+        names,
+        `shape ${shape}`,
+      );
       untouched(o, `shape ${shape}`);
     }
   });
@@ -147,24 +279,72 @@ describe("bad input through the TypeScript API", () => {
           const at = rng.int(rows * cols);
           setRaw(inp.x, at, value);
           const shape = [rows, cols] as [number, number];
-          const names = new RegExp(`\\bx must be finite, got ${label.replace("+", "\\+")} at index ${at}\\b`);
+          const names = new RegExp(
+            `\\bx must be finite, got ${label.replace("+", "\\+")} at index ${at}\\b`,
+          );
           const what = `${dtype} ${label} ${axis} ${rng.tag}`;
           const o = uniformOuts(rows, cols, axis);
-          throwsNaming(() => kivi.quantize(inp.x, { shape, dtype, axis, format: { kind: "uniform", bits: 2 }, out: outOf(o) }), "KIVI_ERR_NONFINITE", names, what);
+          throwsNaming(
+            () =>
+              kivi.quantize(inp.x, {
+                shape,
+                dtype,
+                axis,
+                format: { kind: "uniform", bits: 2 },
+                out: outOf(o),
+              }),
+            "KIVI_ERR_NONFINITE",
+            names,
+            what,
+          );
           untouched(o, what);
           const groups = o.scale.buf.length;
-          const cb = { centroids: sentinel(new Float16Array(groups * 4)), codes: sentinel(new Uint32Array(o.codes.buf.length)) };
+          const cb = {
+            centroids: sentinel(new Float16Array(groups * 4)),
+            codes: sentinel(new Uint32Array(o.codes.buf.length)),
+          };
           throwsNaming(
-            () => kivi.quantize(inp.x, { shape, dtype, axis, format: { kind: "codebook", bits: 2 }, out: { centroids: cb.centroids.buf, codes: cb.codes.buf } }),
+            () =>
+              kivi.quantize(inp.x, {
+                shape,
+                dtype,
+                axis,
+                format: { kind: "codebook", bits: 2 },
+                out: { centroids: cb.centroids.buf, codes: cb.codes.buf },
+              }),
             "KIVI_ERR_NONFINITE",
             names,
             `encode ${what}`,
           );
           untouched(cb, `encode ${what}`);
-          throwsNaming(() => kivi.fitCodebook(inp.x, { shape, dtype, axis, bits: 2, out: { centroids: cb.centroids.buf } }), "KIVI_ERR_NONFINITE", names, `fit ${what}`);
+          throwsNaming(
+            () =>
+              kivi.fitCodebook(inp.x, {
+                shape,
+                dtype,
+                axis,
+                bits: 2,
+                out: { centroids: cb.centroids.buf },
+              }),
+            "KIVI_ERR_NONFINITE",
+            names,
+            `fit ${what}`,
+          );
           untouched(cb, `fit ${what}`);
           const cent = new Float16Array(groups * 4).map((_, i) => [-1, 0, 1, 2][i % 4]);
-          throwsNaming(() => kivi.quantizeWithCodebook(inp.x, cent, { shape, dtype, axis, bits: 2, out: { codes: cb.codes.buf } }), "KIVI_ERR_NONFINITE", names, `codebook ${what}`);
+          throwsNaming(
+            () =>
+              kivi.quantizeWithCodebook(inp.x, cent, {
+                shape,
+                dtype,
+                axis,
+                bits: 2,
+                out: { codes: cb.codes.buf },
+              }),
+            "KIVI_ERR_NONFINITE",
+            names,
+            `codebook ${what}`,
+          );
           untouched(cb, `codebook ${what}`);
         }
       }
@@ -189,23 +369,59 @@ describe("bad input through the TypeScript API", () => {
     for (const [what, cent, names] of cases) {
       for (const assign of ["nearest", "interval"] as const) {
         const codes = sentinel(new Uint32Array(12));
-        throwsNaming(() => kivi.quantizeWithCodebook(x, cent, { shape: [3, 64], axis: "channel", bits: 2, assign, out: { codes: codes.buf } }), "KIVI_ERR_ARG", names, `${what} ${assign}`);
+        throwsNaming(
+          () =>
+            kivi.quantizeWithCodebook(x, cent, {
+              shape: [3, 64],
+              axis: "channel",
+              bits: 2,
+              assign,
+              out: { codes: codes.buf },
+            }),
+          "KIVI_ERR_ARG",
+          names,
+          `${what} ${assign}`,
+        );
         assertUntouched(codes, `${what} ${assign}`);
       }
     }
     const short = sentinel(new Uint32Array(12));
-    throwsNaming(() => kivi.quantizeWithCodebook(x, good.subarray(0, 20), { shape: [3, 64], axis: "channel", bits: 2, out: { codes: short.buf } }), TypeError, /centroids must have 24 elements/, "short centroids");
+    throwsNaming(
+      () =>
+        kivi.quantizeWithCodebook(x, good.subarray(0, 20), {
+          shape: [3, 64],
+          axis: "channel",
+          bits: 2,
+          out: { codes: short.buf },
+        }),
+      TypeError,
+      /centroids must have 24 elements/,
+      "short centroids",
+    );
     assertUntouched(short, "short centroids");
   });
 
   it("a disposed backend is KIVI_ERR_STATE on every call", async () => {
     const kivi = await openCpu();
     const x = randomMatrix(new Rng("errors disposed backend"), 64, 32, "f32").x;
-    const q = kivi.quantize(x, { shape: [64, 32], axis: "token", format: { kind: "uniform", bits: 2 } });
+    const q = kivi.quantize(x, {
+      shape: [64, 32],
+      axis: "token",
+      format: { kind: "uniform", bits: 2 },
+    });
     kivi.dispose();
     const o = uniformOuts(64, 32, "token");
     const calls: [string, () => unknown][] = [
-      ["quantize", () => kivi.quantize(x, { shape: [64, 32], axis: "token", format: { kind: "uniform", bits: 2 }, out: outOf(o) })],
+      [
+        "quantize",
+        () =>
+          kivi.quantize(x, {
+            shape: [64, 32],
+            axis: "token",
+            format: { kind: "uniform", bits: 2 },
+            out: outOf(o),
+          }),
+      ],
       ["dequantize", () => kivi.dequantize(q)],
       ["fitCodebook", () => kivi.fitCodebook(x, { shape: [64, 32], axis: "token", bits: 2 })],
       ["stats", () => kivi.stats(x, { shape: [64, 32], axis: "token" })],
@@ -217,8 +433,13 @@ describe("bad input through the TypeScript API", () => {
       ["synchronizeSync", () => kivi.synchronizeSync()],
       ["libraryPath", () => kivi.libraryPath],
     ];
-    for (const [what, fn] of calls) throwsNaming(fn, "KIVI_ERR_STATE", /the backend was disposed; open a new one/, what);
-    await assert.rejects(kivi.synchronize(), (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_STATE");
+    for (const [what, fn] of calls) {
+      throwsNaming(fn, "KIVI_ERR_STATE", /the backend was disposed; open a new one/, what);
+    }
+    await assert.rejects(
+      kivi.synchronize(),
+      (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_STATE",
+    );
     untouched(o, "disposed backend");
   });
 
@@ -232,16 +453,42 @@ describe("bad input through the TypeScript API", () => {
     t.dispose();
     assert.equal(t.disposed, true);
     const fmt = { kind: "uniform", bits: 2 } as const;
-    throwsNaming(() => kivi.quantize(t, { axis: "token", format: fmt, out: { codes, scale, zero } }), "KIVI_ERR_STATE", /the tensor was disposed/, "input");
-    throwsNaming(() => t.readSync(), "KIVI_ERR_STATE", /readSync: the tensor was disposed/, "readSync");
-    await assert.rejects(t.read(), (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_STATE");
-    throwsNaming(() => t.write(inp.x as Float32Array), "KIVI_ERR_STATE", /the tensor was disposed/, "write");
+    throwsNaming(
+      () => kivi.quantize(t, { axis: "token", format: fmt, out: { codes, scale, zero } }),
+      "KIVI_ERR_STATE",
+      /the tensor was disposed/,
+      "input",
+    );
+    throwsNaming(
+      () => t.readSync(),
+      "KIVI_ERR_STATE",
+      /readSync: the tensor was disposed/,
+      "readSync",
+    );
+    await assert.rejects(
+      t.read(),
+      (e: unknown) => e instanceof KiviError && e.code === "KIVI_ERR_STATE",
+    );
+    throwsNaming(
+      () => t.write(inp.x as Float32Array),
+      "KIVI_ERR_STATE",
+      /the tensor was disposed/,
+      "write",
+    );
     assert.ok(codes.readSync().every((w) => w === 0xdeadbeef), "out.codes untouched");
-    assert.ok(scale.readSync().every((v) => v === -777) && zero.readSync().every((v) => v === -777), "out.scale/zero untouched");
+    assert.ok(
+      scale.readSync().every((v) => v === -777) && zero.readSync().every((v) => v === -777),
+      "out.scale/zero untouched",
+    );
     // a disposed output tensor
     using live = kivi.upload(inp.x, { shape: [64, 32] }) as DeviceTensor<"f32">;
     zero.dispose();
-    throwsNaming(() => kivi.quantize(live, { axis: "token", format: fmt, out: { codes, scale, zero } }), "KIVI_ERR_STATE", /the tensor was disposed/, "output");
+    throwsNaming(
+      () => kivi.quantize(live, { axis: "token", format: fmt, out: { codes, scale, zero } }),
+      "KIVI_ERR_STATE",
+      /the tensor was disposed/,
+      "output",
+    );
     assert.ok(codes.readSync().every((w) => w === 0xdeadbeef), "out.codes untouched");
     assert.ok(scale.readSync().every((v) => v === -777), "out.scale untouched");
     codes.dispose();
@@ -254,7 +501,13 @@ describe("bad input through the TypeScript API", () => {
     using codesT = kivi.upload(new Uint32Array(128).fill(0xdeadbeef)) as DeviceTensor<"u32">;
     const o = uniformOuts(64, 32, "token");
     throwsNaming(
-      () => kivi.quantize(inp.x, { shape: [64, 32], axis: "token", format: { kind: "uniform", bits: 2 }, out: { ...outOf(o), codes: codesT as unknown as Uint32Array } }),
+      () =>
+        kivi.quantize(inp.x, {
+          shape: [64, 32],
+          axis: "token",
+          format: { kind: "uniform", bits: 2 },
+          out: { ...outOf(o), codes: codesT as unknown as Uint32Array },
+        }),
       TypeError,
       /out\.codes must be a host typed array like the input/,
       "host x, tensor out",
@@ -263,18 +516,37 @@ describe("bad input through the TypeScript API", () => {
     assert.ok(codesT.readSync().every((w) => w === 0xdeadbeef));
     using xt = kivi.upload(inp.x, { shape: [64, 32] }) as DeviceTensor<"f32">;
     throwsNaming(
-      () => kivi.quantize(xt, { axis: "token", format: { kind: "uniform", bits: 2 }, out: { codes: o.codes.buf as unknown as DeviceTensor<"u32"> } }),
+      () =>
+        kivi.quantize(xt, {
+          axis: "token",
+          format: { kind: "uniform", bits: 2 },
+          out: { codes: o.codes.buf as unknown as DeviceTensor<"u32"> },
+        }),
       TypeError,
       /out\.codes must be a DeviceTensor like the input/,
       "tensor x, host out",
     );
     untouched(o, "tensor x, host out");
-    const q = kivi.quantize(inp.x, { shape: [64, 32], axis: "token", format: { kind: "uniform", bits: 2 } });
+    const q = kivi.quantize(inp.x, {
+      shape: [64, 32],
+      axis: "token",
+      format: { kind: "uniform", bits: 2 },
+    });
     using outT = kivi.alloc([64 * 32], "f32");
-    throwsNaming(() => kivi.dequantize(q, { out: outT as unknown as Float32Array }), TypeError, /\bout must be a host typed array/, "dequantize");
+    throwsNaming(
+      () => kivi.dequantize(q, { out: outT as unknown as Float32Array }),
+      TypeError,
+      /\bout must be a host typed array/,
+      "dequantize",
+    );
     const words = sentinel(new Uint32Array(1));
     using codes8 = kivi.upload(new Uint8Array(16)) as DeviceTensor<"u8">;
-    throwsNaming(() => kivi.pack(codes8, { bits: 2, out: words.buf as unknown as DeviceTensor<"u32"> }), TypeError, /out\.words must be a DeviceTensor/, "pack");
+    throwsNaming(
+      () => kivi.pack(codes8, { bits: 2, out: words.buf as unknown as DeviceTensor<"u32"> }),
+      TypeError,
+      /out\.words must be a DeviceTensor/,
+      "pack",
+    );
     assertUntouched(words, "pack");
   });
 
@@ -282,7 +554,12 @@ describe("bad input through the TypeScript API", () => {
     using a = await openCpu();
     using b = await openCpu();
     using t = b.upload(new Float32Array(64).fill(0.5), { shape: [2, 32] }) as DeviceTensor<"f32">;
-    throwsNaming(() => a.quantize(t, { axis: "channel", format: { kind: "uniform", bits: 2 } }), TypeError, /\bx belongs to another backend/, "x");
+    throwsNaming(
+      () => a.quantize(t, { axis: "channel", format: { kind: "uniform", bits: 2 } }),
+      TypeError,
+      /\bx belongs to another backend/,
+      "x",
+    );
   });
 });
 
@@ -310,14 +587,32 @@ async function openNative(): Promise<Native & Disposable> {
 }
 
 /** Checks a failed status: its value, its name, and both error slots naming the argument. */
-function expectStatus(n: Native, st: number, want: StatusName, names: RegExp, what: string, ctxSlot = true): void {
-  const code = { KIVI_ERR_ARG: -1, KIVI_ERR_SHAPE: -2, KIVI_ERR_NONFINITE: -3, KIVI_ERR_NO_DEVICE: -7 }[want as string];
-  assert.equal(st, code, `${what}: status ${st} (${n.lib.call("kivi_status_str", st)}), want ${want}`);
+function expectStatus(
+  n: Native,
+  st: number,
+  want: StatusName,
+  names: RegExp,
+  what: string,
+  ctxSlot = true,
+): void {
+  const code = {
+    KIVI_ERR_ARG: -1,
+    KIVI_ERR_SHAPE: -2,
+    KIVI_ERR_NONFINITE: -3,
+    KIVI_ERR_NO_DEVICE: -7,
+  }[want as string];
+  assert.equal(
+    st,
+    code,
+    `${what}: status ${st} (${n.lib.call("kivi_status_str", st)}), want ${want}`,
+  );
   assert.equal(n.lib.call("kivi_status_str", st), want, what);
   const msg = n.lib.call("kivi_last_error");
   assert.ok(msg.length > 0, `${what}: kivi_last_error() is empty`);
   assert.match(msg, names, what);
-  if (ctxSlot) assert.equal(n.lib.call("kivi_ctx_last_error", n.ctx), msg, `${what}: kivi_ctx_last_error`);
+  if (ctxSlot) {
+    assert.equal(n.lib.call("kivi_ctx_last_error", n.ctx), msg, `${what}: kivi_ctx_last_error`);
+  }
 }
 
 describe("bad arguments straight into the C exports", () => {
@@ -326,19 +621,48 @@ describe("bad arguments straight into the C exports", () => {
     const { lib } = n;
     const rows = 64, cols = 40;
     const x = randomMatrix(new Rng("c uniform"), rows, cols, "f32").x as Float32Array;
-    const good = { x: lib.ptr(x) as Pointer, dtype: 0, rows, cols, axis: 0, group: 32, bits: 2, flags: 0 };
+    const good = {
+      x: lib.ptr(x) as Pointer,
+      dtype: 0,
+      rows,
+      cols,
+      axis: 0,
+      group: 32,
+      bits: 2,
+      flags: 0,
+    };
     type Args = typeof good;
-    const cases: [string, Partial<Args> & { nullOut?: "codes" | "scale" | "zero"; nullCtx?: boolean }, StatusName, RegExp][] = [
-      ["group 48", { group: 48 }, "KIVI_ERR_ARG", /kivi_uniform_quantize: group must be 32, 64 or 128, got 48/],
+    const cases: [
+      string,
+      Partial<Args> & { nullOut?: "codes" | "scale" | "zero"; nullCtx?: boolean },
+      StatusName,
+      RegExp,
+    ][] = [
+      [
+        "group 48",
+        { group: 48 },
+        "KIVI_ERR_ARG",
+        /kivi_uniform_quantize: group must be 32, 64 or 128, got 48/,
+      ],
       ["group 0", { group: 0 }, "KIVI_ERR_ARG", /group/],
       ["bits 3", { bits: 3 }, "KIVI_ERR_ARG", /bits must be 2 or 4, got 3/],
       ["bits 8", { bits: 8 }, "KIVI_ERR_ARG", /bits/],
       ["rows 48", { rows: 48 }, "KIVI_ERR_SHAPE", /rows \(48\) must be a multiple of group \(32\)/],
-      ["cols 40 per channel", { axis: 1 }, "KIVI_ERR_SHAPE", /cols \(40\) must be a multiple of group/],
+      [
+        "cols 40 per channel",
+        { axis: 1 },
+        "KIVI_ERR_SHAPE",
+        /cols \(40\) must be a multiple of group/,
+      ],
       ["rows 0", { rows: 0 }, "KIVI_ERR_ARG", /rows must be >= 1/],
       ["rows -64", { rows: -64 }, "KIVI_ERR_ARG", /rows/],
       ["cols 0", { cols: 0 }, "KIVI_ERR_ARG", /cols must be >= 1/],
-      ["rows * cols >= 2^40", { rows: 2 ** 35, cols: 2 ** 5 }, "KIVI_ERR_ARG", /rows \* cols must be below 2\^40/],
+      [
+        "rows * cols >= 2^40",
+        { rows: 2 ** 35, cols: 2 ** 5 },
+        "KIVI_ERR_ARG",
+        /rows \* cols must be below 2\^40/,
+      ],
       ["axis 2", { axis: 2 }, "KIVI_ERR_ARG", /axis/],
       ["dtype 3", { dtype: 3 }, "KIVI_ERR_ARG", /\bdtype must be/],
       ["dtype -1", { dtype: -1 }, "KIVI_ERR_ARG", /\bdtype/],
@@ -351,9 +675,27 @@ describe("bad arguments straight into the C exports", () => {
     ];
     for (const [what, mod, want, names] of cases) {
       const a = { ...good, ...mod };
-      const o = { codes: sentinel(new Uint32Array(160)), scale: sentinel(new Uint16Array(80)), zero: sentinel(new Uint16Array(80)) };
+      const o = {
+        codes: sentinel(new Uint32Array(160)),
+        scale: sentinel(new Uint16Array(80)),
+        zero: sentinel(new Uint16Array(80)),
+      };
       const p = (k: "codes" | "scale" | "zero") => (mod.nullOut === k ? null : lib.ptr(o[k].buf));
-      const st = lib.call("kivi_uniform_quantize", mod.nullCtx ? null : n.ctx, a.x, a.dtype, a.rows, a.cols, a.axis, a.group, a.bits, a.flags, p("codes"), p("scale"), p("zero"));
+      const st = lib.call(
+        "kivi_uniform_quantize",
+        mod.nullCtx ? null : n.ctx,
+        a.x,
+        a.dtype,
+        a.rows,
+        a.cols,
+        a.axis,
+        a.group,
+        a.bits,
+        a.flags,
+        p("codes"),
+        p("scale"),
+        p("zero"),
+      );
       expectStatus(n, st, want, names, what, !mod.nullCtx);
       untouched(o, what);
     }
@@ -363,15 +705,62 @@ describe("bad arguments straight into the C exports", () => {
         const code = { f32: 0, f16: 1, bf16: 2 }[dtype];
         const inp = randomMatrix(new Rng(`c nonfinite ${dtype}`), rows, cols, dtype);
         setRaw(inp.x, 77, v);
-        const o = { codes: sentinel(new Uint32Array(160)), scale: sentinel(new Uint16Array(80)), zero: sentinel(new Uint16Array(80)) };
-        const st = lib.call("kivi_uniform_quantize", n.ctx, lib.ptr(inp.x), code, rows, cols, 0, 32, 2, 0, lib.ptr(o.codes.buf), lib.ptr(o.scale.buf), lib.ptr(o.zero.buf));
-        expectStatus(n, st, "KIVI_ERR_NONFINITE", new RegExp(`\\bx must be finite, got ${label.replace("+", "\\+")} at index 77 \\(row 1, col 37`), `${dtype} ${label}`);
+        const o = {
+          codes: sentinel(new Uint32Array(160)),
+          scale: sentinel(new Uint16Array(80)),
+          zero: sentinel(new Uint16Array(80)),
+        };
+        const st = lib.call(
+          "kivi_uniform_quantize",
+          n.ctx,
+          lib.ptr(inp.x),
+          code,
+          rows,
+          cols,
+          0,
+          32,
+          2,
+          0,
+          lib.ptr(o.codes.buf),
+          lib.ptr(o.scale.buf),
+          lib.ptr(o.zero.buf),
+        );
+        expectStatus(
+          n,
+          st,
+          "KIVI_ERR_NONFINITE",
+          new RegExp(
+            `\\bx must be finite, got ${label.replace("+", "\\+")} at index 77 \\(row 1, col 37`,
+          ),
+          `${dtype} ${label}`,
+        );
         untouched(o, `${dtype} ${label}`);
       }
     }
     // and a good call succeeds after all that
-    const o = { codes: new Uint32Array(160), scale: new Uint16Array(80), zero: new Uint16Array(80) };
-    assert.equal(lib.call("kivi_uniform_quantize", n.ctx, good.x, 0, rows, cols, 0, 32, 2, 0, lib.ptr(o.codes), lib.ptr(o.scale), lib.ptr(o.zero)), 0);
+    const o = {
+      codes: new Uint32Array(160),
+      scale: new Uint16Array(80),
+      zero: new Uint16Array(80),
+    };
+    assert.equal(
+      lib.call(
+        "kivi_uniform_quantize",
+        n.ctx,
+        good.x,
+        0,
+        rows,
+        cols,
+        0,
+        32,
+        2,
+        0,
+        lib.ptr(o.codes),
+        lib.ptr(o.scale),
+        lib.ptr(o.zero),
+      ),
+      0,
+    );
   });
 
   it("the other quantizer exports reject bad arguments the same way", async () => {
@@ -385,36 +774,504 @@ describe("bad arguments straight into the C exports", () => {
     unsorted[4 * 9 + 2] = f16Bits(-2);
     const infCent = cent.slice();
     infCent[4 * 9 + 2] = 0x7c00;
-    const mk = () => ({ codes: sentinel(new Uint32Array(128)), cent: sentinel(new Uint16Array(groups * 4)), f32s: sentinel(new Float32Array(groups * 4)), i32s: sentinel(new Int32Array(groups)), inertia: sentinel(new Float32Array(groups * 17)), out: sentinel(new Float32Array(64 * 32)), bytes: sentinel(new Uint8Array(64 * 32)) });
+    const mk = () => ({
+      codes: sentinel(new Uint32Array(128)),
+      cent: sentinel(new Uint16Array(groups * 4)),
+      f32s: sentinel(new Float32Array(groups * 4)),
+      i32s: sentinel(new Int32Array(groups)),
+      inertia: sentinel(new Float32Array(groups * 17)),
+      out: sentinel(new Float32Array(64 * 32)),
+      bytes: sentinel(new Uint8Array(64 * 32)),
+    });
     type O = ReturnType<typeof mk>;
     const cases: [string, (o: O) => number, StatusName, RegExp][] = [
-      ["fit max_iters 0", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 0, 0, lib.ptr(o.cent.buf), lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /max_iters must be in 1\.\.256, got 0/],
-      ["fit max_iters 257", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 257, 0, lib.ptr(o.cent.buf), null, null), "KIVI_ERR_ARG", /max_iters/],
-      ["fit fit 2", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 2, 16, 0, lib.ptr(o.cent.buf), null, null), "KIVI_ERR_ARG", /\bfit must be/],
-      ["fit centroids NULL", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, null, lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /centroids must not be NULL/],
-      ["fit group 48", (o) => lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 48, 2, 0, 16, 0, lib.ptr(o.cent.buf), lib.ptr(o.i32s.buf), lib.ptr(o.inertia.buf)), "KIVI_ERR_ARG", /group/],
-      ["quantize unsorted", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(unsorted), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must be sorted ascending.*group 9/],
-      ["quantize Inf centroid", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(infCent), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must be finite/],
-      ["quantize assign 2", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, lib.ptr(cent), 2, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /assign/],
-      ["quantize bits 3", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 3, lib.ptr(cent), 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /bits/],
-      ["quantize centroids NULL", (o) => lib.call("kivi_codebook_quantize", n.ctx, px, 0, 64, 32, 1, 32, 2, null, 0, 0, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /centroids must not be NULL/],
-      ["encode assign 5", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 5, 0, lib.ptr(o.cent.buf), lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /assign/],
-      ["encode cols 32 rows 48 token", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 48, 32, 0, 32, 2, 0, 16, 0, 0, lib.ptr(o.cent.buf), lib.ptr(o.codes.buf)), "KIVI_ERR_SHAPE", /rows \(48\)/],
-      ["encode codes NULL", (o) => lib.call("kivi_codebook_encode", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, 0, lib.ptr(o.cent.buf), null), "KIVI_ERR_ARG", /\bcodes must not be NULL/],
-      ["cb dequantize out NULL", () => lib.call("kivi_codebook_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(cent), 64, 32, 1, 32, 2, null, 0), "KIVI_ERR_ARG", /\bout must not be NULL/],
-      ["cb dequantize out_dtype 9", (o) => lib.call("kivi_codebook_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(cent), 64, 32, 1, 32, 2, lib.ptr(o.out.buf), 9), "KIVI_ERR_ARG", /out_dtype/],
-      ["uniform dequantize scale NULL", (o) => lib.call("kivi_uniform_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), null, lib.ptr(new Uint16Array(64)), 64, 32, 1, 32, 2, lib.ptr(o.out.buf), 0), "KIVI_ERR_ARG", /\bscale must not be NULL/],
-      ["uniform dequantize group 48", (o) => lib.call("kivi_uniform_dequantize", n.ctx, lib.ptr(new Uint32Array(128)), lib.ptr(new Uint16Array(64)), lib.ptr(new Uint16Array(64)), 64, 32, 1, 48, 2, lib.ptr(o.out.buf), 0), "KIVI_ERR_ARG", /group/],
-      ["stats nonfinite NULL", (o) => lib.call("kivi_stats_block", n.ctx, px, 0, 64, 32, 1, 32, lib.ptr(o.f32s.buf), null), "KIVI_ERR_ARG", /nonfinite must not be NULL/],
-      ["stats cols 48", (o) => lib.call("kivi_stats_block", n.ctx, px, 0, 32, 48, 1, 32, lib.ptr(o.f32s.buf), lib.ptr(o.i32s.buf)), "KIVI_ERR_SHAPE", /cols \(48\)/],
-      ["pack n 15", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(15)), 15, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_SHAPE", /\bn \(15\) must be a multiple of 16/],
-      ["pack n 0", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(16)), 0, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /\bn must be >= 1/],
-      ["pack code 4", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32).fill(4, 20, 21)), 32, 2, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /codes\[20\] must be below 2\^bits/],
-      ["pack code 16 at 4 bits", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(8).fill(16, 7)), 8, 4, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /codes\[7\]/],
-      ["pack bits 3", (o) => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32)), 32, 3, lib.ptr(o.codes.buf)), "KIVI_ERR_ARG", /bits/],
-      ["pack words NULL", () => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32)), 32, 2, null), "KIVI_ERR_ARG", /words must not be NULL/],
-      ["unpack n 20 at 4 bits", (o) => lib.call("kivi_codes_unpack", n.ctx, lib.ptr(new Uint32Array(4)), 20, 4, lib.ptr(o.bytes.buf)), "KIVI_ERR_SHAPE", /\bn \(20\)/],
-      ["unpack words NULL", (o) => lib.call("kivi_codes_unpack", n.ctx, null, 16, 2, lib.ptr(o.bytes.buf)), "KIVI_ERR_ARG", /words must not be NULL/],
+      [
+        "fit max_iters 0",
+        (o) =>
+          lib.call(
+            "kivi_codebook_fit",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            0,
+            0,
+            0,
+            lib.ptr(o.cent.buf),
+            lib.ptr(o.i32s.buf),
+            lib.ptr(o.inertia.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /max_iters must be in 1\.\.256, got 0/,
+      ],
+      [
+        "fit max_iters 257",
+        (o) =>
+          lib.call(
+            "kivi_codebook_fit",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            0,
+            257,
+            0,
+            lib.ptr(o.cent.buf),
+            null,
+            null,
+          ),
+        "KIVI_ERR_ARG",
+        /max_iters/,
+      ],
+      [
+        "fit fit 2",
+        (o) =>
+          lib.call(
+            "kivi_codebook_fit",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            2,
+            16,
+            0,
+            lib.ptr(o.cent.buf),
+            null,
+            null,
+          ),
+        "KIVI_ERR_ARG",
+        /\bfit must be/,
+      ],
+      [
+        "fit centroids NULL",
+        (o) =>
+          lib.call(
+            "kivi_codebook_fit",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            0,
+            16,
+            0,
+            null,
+            lib.ptr(o.i32s.buf),
+            lib.ptr(o.inertia.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /centroids must not be NULL/,
+      ],
+      [
+        "fit group 48",
+        (o) =>
+          lib.call(
+            "kivi_codebook_fit",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            48,
+            2,
+            0,
+            16,
+            0,
+            lib.ptr(o.cent.buf),
+            lib.ptr(o.i32s.buf),
+            lib.ptr(o.inertia.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /group/,
+      ],
+      [
+        "quantize unsorted",
+        (o) =>
+          lib.call(
+            "kivi_codebook_quantize",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            lib.ptr(unsorted),
+            0,
+            0,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /centroids must be sorted ascending.*group 9/,
+      ],
+      [
+        "quantize Inf centroid",
+        (o) =>
+          lib.call(
+            "kivi_codebook_quantize",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            lib.ptr(infCent),
+            0,
+            0,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /centroids must be finite/,
+      ],
+      [
+        "quantize assign 2",
+        (o) =>
+          lib.call(
+            "kivi_codebook_quantize",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            lib.ptr(cent),
+            2,
+            0,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /assign/,
+      ],
+      [
+        "quantize bits 3",
+        (o) =>
+          lib.call(
+            "kivi_codebook_quantize",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            3,
+            lib.ptr(cent),
+            0,
+            0,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /bits/,
+      ],
+      [
+        "quantize centroids NULL",
+        (o) =>
+          lib.call(
+            "kivi_codebook_quantize",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            null,
+            0,
+            0,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /centroids must not be NULL/,
+      ],
+      [
+        "encode assign 5",
+        (o) =>
+          lib.call(
+            "kivi_codebook_encode",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            0,
+            16,
+            5,
+            0,
+            lib.ptr(o.cent.buf),
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /assign/,
+      ],
+      [
+        "encode cols 32 rows 48 token",
+        (o) =>
+          lib.call(
+            "kivi_codebook_encode",
+            n.ctx,
+            px,
+            0,
+            48,
+            32,
+            0,
+            32,
+            2,
+            0,
+            16,
+            0,
+            0,
+            lib.ptr(o.cent.buf),
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_SHAPE",
+        /rows \(48\)/,
+      ],
+      [
+        "encode codes NULL",
+        (o) =>
+          lib.call(
+            "kivi_codebook_encode",
+            n.ctx,
+            px,
+            0,
+            64,
+            32,
+            1,
+            32,
+            2,
+            0,
+            16,
+            0,
+            0,
+            lib.ptr(o.cent.buf),
+            null,
+          ),
+        "KIVI_ERR_ARG",
+        /\bcodes must not be NULL/,
+      ],
+      [
+        "cb dequantize out NULL",
+        () =>
+          lib.call(
+            "kivi_codebook_dequantize",
+            n.ctx,
+            lib.ptr(new Uint32Array(128)),
+            lib.ptr(cent),
+            64,
+            32,
+            1,
+            32,
+            2,
+            null,
+            0,
+          ),
+        "KIVI_ERR_ARG",
+        /\bout must not be NULL/,
+      ],
+      [
+        "cb dequantize out_dtype 9",
+        (o) =>
+          lib.call(
+            "kivi_codebook_dequantize",
+            n.ctx,
+            lib.ptr(new Uint32Array(128)),
+            lib.ptr(cent),
+            64,
+            32,
+            1,
+            32,
+            2,
+            lib.ptr(o.out.buf),
+            9,
+          ),
+        "KIVI_ERR_ARG",
+        /out_dtype/,
+      ],
+      [
+        "uniform dequantize scale NULL",
+        (o) =>
+          lib.call(
+            "kivi_uniform_dequantize",
+            n.ctx,
+            lib.ptr(new Uint32Array(128)),
+            null,
+            lib.ptr(new Uint16Array(64)),
+            64,
+            32,
+            1,
+            32,
+            2,
+            lib.ptr(o.out.buf),
+            0,
+          ),
+        "KIVI_ERR_ARG",
+        /\bscale must not be NULL/,
+      ],
+      [
+        "uniform dequantize group 48",
+        (o) =>
+          lib.call(
+            "kivi_uniform_dequantize",
+            n.ctx,
+            lib.ptr(new Uint32Array(128)),
+            lib.ptr(new Uint16Array(64)),
+            lib.ptr(new Uint16Array(64)),
+            64,
+            32,
+            1,
+            48,
+            2,
+            lib.ptr(o.out.buf),
+            0,
+          ),
+        "KIVI_ERR_ARG",
+        /group/,
+      ],
+      [
+        "stats nonfinite NULL",
+        (o) => lib.call("kivi_stats_block", n.ctx, px, 0, 64, 32, 1, 32, lib.ptr(o.f32s.buf), null),
+        "KIVI_ERR_ARG",
+        /nonfinite must not be NULL/,
+      ],
+      [
+        "stats cols 48",
+        (o) =>
+          lib.call(
+            "kivi_stats_block",
+            n.ctx,
+            px,
+            0,
+            32,
+            48,
+            1,
+            32,
+            lib.ptr(o.f32s.buf),
+            lib.ptr(o.i32s.buf),
+          ),
+        "KIVI_ERR_SHAPE",
+        /cols \(48\)/,
+      ],
+      [
+        "pack n 15",
+        (o) =>
+          lib.call(
+            "kivi_codes_pack",
+            n.ctx,
+            lib.ptr(new Uint8Array(15)),
+            15,
+            2,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_SHAPE",
+        /\bn \(15\) must be a multiple of 16/,
+      ],
+      [
+        "pack n 0",
+        (o) =>
+          lib.call(
+            "kivi_codes_pack",
+            n.ctx,
+            lib.ptr(new Uint8Array(16)),
+            0,
+            2,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /\bn must be >= 1/,
+      ],
+      [
+        "pack code 4",
+        (o) =>
+          lib.call(
+            "kivi_codes_pack",
+            n.ctx,
+            lib.ptr(new Uint8Array(32).fill(4, 20, 21)),
+            32,
+            2,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /codes\[20\] must be below 2\^bits/,
+      ],
+      [
+        "pack code 16 at 4 bits",
+        (o) =>
+          lib.call(
+            "kivi_codes_pack",
+            n.ctx,
+            lib.ptr(new Uint8Array(8).fill(16, 7)),
+            8,
+            4,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /codes\[7\]/,
+      ],
+      [
+        "pack bits 3",
+        (o) =>
+          lib.call(
+            "kivi_codes_pack",
+            n.ctx,
+            lib.ptr(new Uint8Array(32)),
+            32,
+            3,
+            lib.ptr(o.codes.buf),
+          ),
+        "KIVI_ERR_ARG",
+        /bits/,
+      ],
+      [
+        "pack words NULL",
+        () => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32)), 32, 2, null),
+        "KIVI_ERR_ARG",
+        /words must not be NULL/,
+      ],
+      [
+        "unpack n 20 at 4 bits",
+        (o) =>
+          lib.call(
+            "kivi_codes_unpack",
+            n.ctx,
+            lib.ptr(new Uint32Array(4)),
+            20,
+            4,
+            lib.ptr(o.bytes.buf),
+          ),
+        "KIVI_ERR_SHAPE",
+        /\bn \(20\)/,
+      ],
+      [
+        "unpack words NULL",
+        (o) => lib.call("kivi_codes_unpack", n.ctx, null, 16, 2, lib.ptr(o.bytes.buf)),
+        "KIVI_ERR_ARG",
+        /words must not be NULL/,
+      ],
     ];
     for (const [what, call, want, names] of cases) {
       const o = mk();
@@ -423,21 +1280,79 @@ describe("bad arguments straight into the C exports", () => {
     }
     // the fit accepts NULL iters and inertia ("or NULL")
     const c = new Uint16Array(groups * 4);
-    assert.equal(lib.call("kivi_codebook_fit", n.ctx, px, 0, 64, 32, 1, 32, 2, 0, 16, 0, lib.ptr(c), null, null), 0);
+    assert.equal(
+      lib.call(
+        "kivi_codebook_fit",
+        n.ctx,
+        px,
+        0,
+        64,
+        32,
+        1,
+        32,
+        2,
+        0,
+        16,
+        0,
+        lib.ptr(c),
+        null,
+        null,
+      ),
+      0,
+    );
   });
 
   it("library and context exports report their own bad arguments", async () => {
     using n = await openNative();
     const { lib } = n;
     const out = sentinel(new BigUint64Array(1));
-    expectStatus(n, lib.call("kivi_ctx_create", 1, lib.ptr(out.buf)), "KIVI_ERR_NO_DEVICE", /device must be 0 in the CPU build, got 1/, "ctx device 1", false);
+    expectStatus(
+      n,
+      lib.call("kivi_ctx_create", 1, lib.ptr(out.buf)),
+      "KIVI_ERR_NO_DEVICE",
+      /device must be 0 in the CPU build, got 1/,
+      "ctx device 1",
+      false,
+    );
     assertUntouched(out, "ctx_create out");
-    expectStatus(n, lib.call("kivi_ctx_create", 0, null), "KIVI_ERR_ARG", /\bout must not be NULL/, "ctx out NULL", false);
-    expectStatus(n, lib.call("kivi_device_count", null), "KIVI_ERR_ARG", /count must not be NULL/, "device_count NULL", false);
-    expectStatus(n, lib.call("kivi_mem_alloc", n.ctx, 0, lib.ptr(out.buf)), "KIVI_ERR_ARG", /bytes must be > 0/, "alloc 0");
+    expectStatus(
+      n,
+      lib.call("kivi_ctx_create", 0, null),
+      "KIVI_ERR_ARG",
+      /\bout must not be NULL/,
+      "ctx out NULL",
+      false,
+    );
+    expectStatus(
+      n,
+      lib.call("kivi_device_count", null),
+      "KIVI_ERR_ARG",
+      /count must not be NULL/,
+      "device_count NULL",
+      false,
+    );
+    expectStatus(
+      n,
+      lib.call("kivi_mem_alloc", n.ctx, 0, lib.ptr(out.buf)),
+      "KIVI_ERR_ARG",
+      /bytes must be > 0/,
+      "alloc 0",
+    );
     assertUntouched(out, "mem_alloc out");
-    expectStatus(n, lib.call("kivi_ctx_query", n.ctx, null), "KIVI_ERR_ARG", /done must not be NULL/, "query NULL");
-    expectStatus(n, lib.call("kivi_bench_copy", n.ctx, 1024, 0, lib.ptr(new Float64Array(1))), "KIVI_ERR_ARG", /iters must be >= 1/, "bench iters 0");
+    expectStatus(
+      n,
+      lib.call("kivi_ctx_query", n.ctx, null),
+      "KIVI_ERR_ARG",
+      /done must not be NULL/,
+      "query NULL",
+    );
+    expectStatus(
+      n,
+      lib.call("kivi_bench_copy", n.ctx, 1024, 0, lib.ptr(new Float64Array(1))),
+      "KIVI_ERR_ARG",
+      /iters must be >= 1/,
+      "bench iters 0",
+    );
     assert.equal(lib.call("kivi_status_str", -42), "KIVI_ERR_UNKNOWN");
     assert.equal(lib.call("kivi_status_str", 0), "KIVI_OK");
     assert.equal(lib.call("kivi_ctx_destroy", null), 0, "destroy(NULL) is a no-op");

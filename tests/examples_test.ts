@@ -40,7 +40,9 @@ function runExample(cmd: string, args: string[]): string {
 }
 
 function checkSummary(out: string): void {
-  const steps = [...out.matchAll(/^step +\d+: ".+" log p (-?\d+\.\d+) \(bits 16: ".+" (-?\d+\.\d+)\)$/gm)];
+  const steps = [
+    ...out.matchAll(/^step +\d+: ".+" log p (-?\d+\.\d+) \(bits 16: ".+" (-?\d+\.\d+)\)$/gm),
+  ];
   assert.equal(steps.length, STEPS, `expected ${STEPS} step lines in:\n${out}`);
   for (const m of steps) assert.ok(Number(m[1]) <= 0 && Number(m[2]) <= 0, m[0]);
   assert.match(out, /^2-bit cache: ".*The President said that the.+"$/m);
@@ -58,10 +60,16 @@ describe("examples", () => {
 
   // On a machine with only Bun (the lent GPU, where one runtime is carried at a time) there is no Deno to run.
   if (spawnSync(runtime("deno"), ["--version"]).error !== undefined) {
-    it("skipped: src/examples/deno_decode.ts needs deno (npm ci installs it)", { skip: true }, () => {});
+    it(
+      "skipped: src/examples/deno_decode.ts needs deno (npm ci installs it)",
+      { skip: true },
+      () => {},
+    );
     return;
   }
   it("src/examples/deno_decode.ts runs under Deno", () => {
-    checkSummary(runExample(runtime("deno"), ["run", "-A", "src/examples/deno_decode.ts", ...ARGS]));
+    checkSummary(
+      runExample(runtime("deno"), ["run", "-A", "src/examples/deno_decode.ts", ...ARGS]),
+    );
   });
 });

@@ -32,7 +32,12 @@ function kivi(dir: string, args: string[], env: Record<string, string> = {}) {
   const argv = isDeno ? ["run", "-A", cli, ...args] : [cli, ...args];
   // KIVI_LIB_PATH would bypass build/ altogether.
   const { KIVI_LIB_PATH: _, ...rest } = process.env;
-  return spawnSync(process.execPath, argv, { cwd: dir, encoding: "utf8", env: { ...rest, NO_COLOR: "1", ...env }, timeout: 120_000 });
+  return spawnSync(process.execPath, argv, {
+    cwd: dir,
+    encoding: "utf8",
+    env: { ...rest, NO_COLOR: "1", ...env },
+    timeout: 120_000,
+  });
 }
 
 describe("first run of a fresh checkout", () => {
@@ -43,7 +48,10 @@ describe("first run of a fresh checkout", () => {
       assert.equal(r.status, 0, r.stderr);
       const notice = r.stderr.trim().split("\n");
       assert.equal(notice.length, 1, `one line on stderr, got:\n${r.stderr}`);
-      assert.match(notice[0], /^kivi: .*build\/libkivi_cpu\.so is missing; building it now \(gcc, a few seconds; `bun build\.ts` builds it ahead of time\)$/);
+      assert.match(
+        notice[0],
+        /^kivi: .*build\/libkivi_cpu\.so is missing; building it now \(gcc, a few seconds; `bun build\.ts` builds it ahead of time\)$/,
+      );
       const info = JSON.parse(r.stdout);
       assert.equal(info.backend, "cpu");
       assert.equal(info.library, join(dir, "build/libkivi_cpu.so"));
@@ -62,7 +70,10 @@ describe("first run of a fresh checkout", () => {
       mkdirSync(join(dir, "empty-path"));
       const r = kivi(dir, ["info"], { PATH: join(dir, "empty-path") });
       assert.equal(r.status, 1, r.stderr);
-      assert.match(r.stderr, /is not built and building it failed \(gcc: .*\); run `bun build\.ts`/);
+      assert.match(
+        r.stderr,
+        /is not built and building it failed \(gcc: .*\); run `bun build\.ts`/,
+      );
       assert.ok(!existsSync(join(dir, "build/libkivi_cpu.so")));
     } finally {
       rmSync(dir, { recursive: true, force: true });
@@ -72,7 +83,9 @@ describe("first run of a fresh checkout", () => {
   // The postinstall step is a node script, whatever runtime runs the tests: once is enough.
   const node = spawnSync("node", ["--version"]);
   if (isDeno || node.error !== undefined || node.status !== 0) {
-    const why = isDeno ? "run once, under bun test" : "the postinstall step needs node, which is not here";
+    const why = isDeno
+      ? "run once, under bun test"
+      : "the postinstall step needs node, which is not here";
     it(`skipped: npm ci's postinstall: ${why}`, { skip: true }, () => {});
     return;
   }

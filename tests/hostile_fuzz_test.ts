@@ -35,8 +35,12 @@ interface Report {
 
 /** Runs one batch; resolves with its report, or rejects with the replay command and its output. */
 function batch(seed: number, calls: number, backend: "cpu" | "cuda"): Promise<Report> {
-  const args = isBun ? [child, String(seed), String(calls), backend] : ["run", "-A", child, String(seed), String(calls), backend];
-  const replay = `${isBun ? "bun" : "deno run -A"} tests/_hostile_child.ts ${seed} ${calls} ${backend}`;
+  const args = isBun
+    ? [child, String(seed), String(calls), backend]
+    : ["run", "-A", child, String(seed), String(calls), backend];
+  const replay = `${
+    isBun ? "bun" : "deno run -A"
+  } tests/_hostile_child.ts ${seed} ${calls} ${backend}`;
   return new Promise((resolve, reject) => {
     const p = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
     let out = "", err = "";
@@ -54,7 +58,13 @@ function batch(seed: number, calls: number, backend: "cpu" | "cuda"): Promise<Re
       }
       if (code === 0 && report !== undefined) return resolve(report);
       const why = signal ? `killed by ${signal} (a crash)` : `exit ${code}`;
-      reject(new Error(`batch seed ${seed} (${backend}): ${why}; replay: ${replay}\n${report ? report.failures.join("\n") : ""}\n${err.slice(-4000)}`));
+      reject(
+        new Error(
+          `batch seed ${seed} (${backend}): ${why}; replay: ${replay}\n${
+            report ? report.failures.join("\n") : ""
+          }\n${err.slice(-4000)}`,
+        ),
+      );
     });
   });
 }
@@ -80,21 +90,42 @@ async function fuzz(backend: "cpu" | "cuda"): Promise<void> {
   assert.deepEqual(errors, [], errors.join("\n\n"));
   const total = reports.reduce((s, r) => s + r.calls, 0);
   const outcomes: Record<string, number> = {};
-  for (const r of reports) for (const [k, n] of Object.entries(r.counts)) outcomes[k.split(" ")[1]] = (outcomes[k.split(" ")[1]] ?? 0) + n;
-  console.log(`hostile fuzz (${backend}, ${isBun ? "bun" : "deno"}): ${total} calls in ${reports.length} processes, seeds from ${SEED}: ${JSON.stringify(outcomes)}`);
+  for (const r of reports) {
+    for (const [k, n] of Object.entries(r.counts)) {
+      outcomes[k.split(" ")[1]] = (outcomes[k.split(" ")[1]] ?? 0) + n;
+    }
+  }
+  console.log(
+    `hostile fuzz (${backend}, ${
+      isBun ? "bun" : "deno"
+    }): ${total} calls in ${reports.length} processes, seeds from ${SEED}: ${
+      JSON.stringify(outcomes)
+    }`,
+  );
   assert.ok(total >= CALLS, `${total} calls made, ${CALLS} asked for`);
   // Both outcomes happened: valid calls went through and hostile ones were refused.
-  assert.ok((outcomes.ok ?? 0) > total / 10 && total - (outcomes.ok ?? 0) > total / 10, JSON.stringify(outcomes));
+  assert.ok(
+    (outcomes.ok ?? 0) > total / 10 && total - (outcomes.ok ?? 0) > total / 10,
+    JSON.stringify(outcomes),
+  );
 }
 
 describe("hostile-input fuzzer", () => {
-  it(`CPU: ${CALLS} hostile calls in ${BATCHES} child processes, each a correct result or a typed error that changed nothing`, { timeout: 600_000 }, async () => {
-    await fuzz("cpu");
-  });
+  it(
+    `CPU: ${CALLS} hostile calls in ${BATCHES} child processes, each a correct result or a typed error that changed nothing`,
+    { timeout: 600_000 },
+    async () => {
+      await fuzz("cpu");
+    },
+  );
 });
 
 gpuDescribe("hostile-input fuzzer on CUDA", () => {
-  it(`CUDA: ${CALLS} hostile calls in ${BATCHES} child processes, each a correct result or a typed error that changed nothing`, { timeout: 600_000 }, async () => {
-    await fuzz("cuda");
-  });
+  it(
+    `CUDA: ${CALLS} hostile calls in ${BATCHES} child processes, each a correct result or a typed error that changed nothing`,
+    { timeout: 600_000 },
+    async () => {
+      await fuzz("cuda");
+    },
+  );
 });

@@ -20,7 +20,14 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import { type Backend, type DeviceTensor, type KVCache, openBackend, Rng, type Sequence } from "../src/mod.ts";
+import {
+  type Backend,
+  type DeviceTensor,
+  type KVCache,
+  openBackend,
+  Rng,
+  type Sequence,
+} from "../src/mod.ts";
 import { gpuDescribe } from "./_gpu.ts";
 
 const MiB = 2 ** 20;
@@ -70,11 +77,23 @@ interface Cycle {
 }
 
 /** The cache, sequence and step buffers the batch cycles share, per backend. */
-const batchWorlds = new WeakMap<Backend, { cache: KVCache; seq: Sequence; bufs: Record<string, DeviceTensor> }>();
+const batchWorlds = new WeakMap<
+  Backend,
+  { cache: KVCache; seq: Sequence; bufs: Record<string, DeviceTensor> }
+>();
 function batchWorld(kivi: Backend) {
   let w = batchWorlds.get(kivi);
   if (w === undefined) {
-    const cache = kivi.createCache({ layers: 1, kvHeads: 1, queryHeads: 2, headDim: 64, pageTokens: 32, residual: 32, maxPages: 64, maxSequences: 1 });
+    const cache = kivi.createCache({
+      layers: 1,
+      kvHeads: 1,
+      queryHeads: 2,
+      headDim: 64,
+      pageTokens: 32,
+      residual: 32,
+      maxPages: 64,
+      maxSequences: 1,
+    });
     const seq = cache.createSequence();
     const [k, v] = [data.subarray(0, 4 * 64), data.subarray(4 * 64, 8 * 64)];
     if (kivi.kind === "cpu") seq.append(k, v);
@@ -82,7 +101,12 @@ function batchWorld(kivi: Backend) {
       using kd = kivi.upload(k), vd = kivi.upload(v);
       seq.append(kd, vd);
     }
-    const bufs = { q: kivi.upload(data.subarray(0, 128)), out: kivi.alloc([1, 2, 64], "f32"), k: kivi.upload(data.subarray(128, 192)), v: kivi.upload(data.subarray(192, 256)) };
+    const bufs = {
+      q: kivi.upload(data.subarray(0, 128)),
+      out: kivi.alloc([1, 2, 64], "f32"),
+      k: kivi.upload(data.subarray(128, 192)),
+      v: kivi.upload(data.subarray(192, 256)),
+    };
     w = { cache, seq, bufs };
     batchWorlds.set(kivi, w);
   }
@@ -105,13 +129,23 @@ const CYCLES: Cycle[] = [
     name: "caches (create, every 100th with a sequence of 16 tokens, dispose)",
     cycles: 100_000,
     run: (kivi, i) => {
-      const cache = kivi.createCache({ layers: 1, kvHeads: 1, queryHeads: 1, headDim: 64, pageTokens: 32, residual: 32, maxPages: 2, maxSequences: 1 });
+      const cache = kivi.createCache({
+        layers: 1,
+        kvHeads: 1,
+        queryHeads: 1,
+        headDim: 64,
+        pageTokens: 32,
+        residual: 32,
+        maxPages: 2,
+        maxSequences: 1,
+      });
       if (i % 100 === 0) {
         const seq = cache.createSequence();
         const [k, v] = [data.subarray(0, 16 * 64), data.subarray(16 * 64, 32 * 64)];
         if (kivi.kind === "cpu") seq.append(k, v);
         else {
-          using kd = kivi.upload(k, { shape: [16, 1, 64] }), vd = kivi.upload(v, { shape: [16, 1, 64] });
+          using kd = kivi.upload(k, { shape: [16, 1, 64] }),
+            vd = kivi.upload(v, { shape: [16, 1, 64] });
           seq.append(kd, vd);
         }
         assert.equal(seq.length(0), 16);
@@ -120,7 +154,8 @@ const CYCLES: Cycle[] = [
     },
   },
   {
-    name: "decode batches (made over a sequence with q, out, k and v; every 1000th appends and attends; disposed)",
+    name:
+      "decode batches (made over a sequence with q, out, k and v; every 1000th appends and attends; disposed)",
     cycles: 100_000,
     run: (kivi, i) => {
       const w = batchWorld(kivi);
@@ -175,25 +210,42 @@ const grew = (a: number, b: number) => `${mib(a)} -> ${mib(b)} MiB`;
 
 function leakSuite(name: string, open: () => Promise<Backend>, device: boolean) {
   for (const c of CYCLES) {
-    it(`${name}: ${c.cycles} cycles of ${c.name} keep host memory flat${device ? " and device memory flat" : ""}`, { timeout: 600_000 }, async () => {
-      const kivi = await open();
-      try {
-        const { m0, m1, ms, warm, deviceGrowth } = await measure(kivi, c, device);
-        const fig = `after ${warm} warm-up cycles: RSS ${grew(m0.rss, m1.rss)}, native (RSS - heapTotal) ${grew(m0.native, m1.native)}, ` +
-          `JS heap used ${grew(m0.heapUsed, m1.heapUsed)}; ${(ms * 1000 / c.cycles).toFixed(1)} µs a cycle` +
-          (device ? `; device free memory -${mib(deviceGrowth)} MiB` : "");
-        console.log(`leaks: ${name}, ${c.cycles} x ${c.name}: ${fig}`);
-        assert.ok(m1.native - m0.native < BOUND, `native memory grew by ${mib(BOUND)} MiB or more: ${fig}`);
-        assert.ok(m1.heapUsed - m0.heapUsed < BOUND, `the JS heap in use grew by ${mib(BOUND)} MiB or more: ${fig}`);
-        assert.ok(m1.rss - m0.rss < BOUND, `host RSS grew by ${mib(BOUND)} MiB or more: ${fig}`);
-        if (device) assert.ok(deviceGrowth < 4 * MiB, `device memory not returned: ${fig}`);
-        c.done?.(kivi);
-        assert.equal(kivi.liveTensors, 0, "no tensor left alive");
-        assert.equal(kivi._nativeRefs, 1, "the backend holds no native reference but its own");
-      } finally {
-        kivi.dispose();
-      }
-    });
+    it(
+      `${name}: ${c.cycles} cycles of ${c.name} keep host memory flat${
+        device ? " and device memory flat" : ""
+      }`,
+      { timeout: 600_000 },
+      async () => {
+        const kivi = await open();
+        try {
+          const { m0, m1, ms, warm, deviceGrowth } = await measure(kivi, c, device);
+          const fig =
+            `after ${warm} warm-up cycles: RSS ${grew(m0.rss, m1.rss)}, native (RSS - heapTotal) ${
+              grew(m0.native, m1.native)
+            }, ` +
+            `JS heap used ${grew(m0.heapUsed, m1.heapUsed)}; ${
+              (ms * 1000 / c.cycles).toFixed(1)
+            } µs a cycle` +
+            (device ? `; device free memory -${mib(deviceGrowth)} MiB` : "");
+          console.log(`leaks: ${name}, ${c.cycles} x ${c.name}: ${fig}`);
+          assert.ok(
+            m1.native - m0.native < BOUND,
+            `native memory grew by ${mib(BOUND)} MiB or more: ${fig}`,
+          );
+          assert.ok(
+            m1.heapUsed - m0.heapUsed < BOUND,
+            `the JS heap in use grew by ${mib(BOUND)} MiB or more: ${fig}`,
+          );
+          assert.ok(m1.rss - m0.rss < BOUND, `host RSS grew by ${mib(BOUND)} MiB or more: ${fig}`);
+          if (device) assert.ok(deviceGrowth < 4 * MiB, `device memory not returned: ${fig}`);
+          c.done?.(kivi);
+          assert.equal(kivi.liveTensors, 0, "no tensor left alive");
+          assert.equal(kivi._nativeRefs, 1, "the backend holds no native reference but its own");
+        } finally {
+          kivi.dispose();
+        }
+      },
+    );
   }
 }
 

@@ -39,11 +39,20 @@ gpuDescribe("model on CUDA", (gpu) => {
   it("decoded log-probabilities over each cache agree with the CPU build", () => {
     using mc = cpu.loadModel(MODEL_DIR);
     using mg = gpu.loadModel(MODEL_DIR);
-    for (const cache of [BITS16, { residual: 32 }, { keys: { kind: "uniform", bits: 4, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 } }] as const) {
+    for (
+      const cache of [BITS16, { residual: 32 }, {
+        keys: { kind: "uniform", bits: 4, group: 32 },
+        values: { kind: "uniform", bits: 2, group: 32 },
+      }] as const
+    ) {
       const o = { windows: 3, steps: 96, keep: true, cache };
       const c = perplexity(mc, HELDOUT, o), g = perplexity(mg, HELDOUT, o);
       const w = worst(g.distributions!, c.distributions!);
-      console.log(`${JSON.stringify(cache)}: bits/byte CPU ${c.bpb.toFixed(5)} CUDA ${g.bpb.toFixed(5)}, worst ${w.toExponential(3)}`);
+      console.log(
+        `${JSON.stringify(cache)}: bits/byte CPU ${c.bpb.toFixed(5)} CUDA ${
+          g.bpb.toFixed(5)
+        }, worst ${w.toExponential(3)}`,
+      );
       // a quantized cache can flip a code where CPU and CUDA K/V differ in the last bit: looser there
       assert.ok(w < (cache === BITS16 ? 2e-3 : 5e-2), `${JSON.stringify(cache)}: ${w}`);
       assert.ok(Math.abs(g.bpb - c.bpb) < (cache === BITS16 ? 1e-4 : 2e-3), `${g.bpb} vs ${c.bpb}`);
@@ -53,7 +62,11 @@ gpuDescribe("model on CUDA", (gpu) => {
   it("bits 16 under the model card's full protocol gives 1.8206 bits per byte within 0.001", () => {
     using mg = gpu.loadModel(MODEL_DIR);
     const r = perplexity(mg, HELDOUT, { cache: BITS16 });
-    console.log(`full protocol, bits 16 on CUDA: ${r.bpb.toFixed(5)} bits per byte, ${r.tokensPerSecond.toFixed(0)} tokens/s over ${r.windows} windows`);
+    console.log(
+      `full protocol, bits 16 on CUDA: ${r.bpb.toFixed(5)} bits per byte, ${
+        r.tokensPerSecond.toFixed(0)
+      } tokens/s over ${r.windows} windows`,
+    );
     assert.equal(r.windows, 24);
     assert.equal(r.steps, 1792);
     assert.ok(Math.abs(r.bpb - 1.8206) < 1e-3, `${r.bpb}`);
@@ -73,7 +86,10 @@ gpuDescribe("model on CUDA", (gpu) => {
       gpu.synchronizeSync();
       assert.equal(gpu.liveTensors, tensors);
       const lost = before - gpu.memInfo().free;
-      assert.ok(lost < 4 * 2 ** 20, `device free memory fell by ${lost} bytes over 5 failed loads of 19 MB each`);
+      assert.ok(
+        lost < 4 * 2 ** 20,
+        `device free memory fell by ${lost} bytes over 5 failed loads of 19 MB each`,
+      );
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -17,7 +17,11 @@ const model = kivi.loadModel(MODEL_DIR);
 const SHORT = { windows: 2, steps: 128 };
 const BITS16 = { keys: { bits: 16 }, values: { bits: 16 } } as const;
 
-async function generated(m: LlamaModel, prompt: string, opts: GenerateOptions): Promise<{ tokens: number[]; text: string }> {
+async function generated(
+  m: LlamaModel,
+  prompt: string,
+  opts: GenerateOptions,
+): Promise<{ tokens: number[]; text: string }> {
   const tokens: number[] = [];
   let text = "";
   for await (const t of m.generate(prompt, opts)) {
@@ -30,7 +34,16 @@ async function generated(m: LlamaModel, prompt: string, opts: GenerateOptions): 
 describe("model: byte-llama-9m on the CPU build", () => {
   it("reads the config and holds the weights in fp16", () => {
     const c = model.config;
-    assert.deepEqual([c.layers, c.hidden, c.heads, c.kvHeads, c.headDim, c.intermediate, c.vocab, c.context], [6, 384, 6, 2, 64, 1024, 256, 2048]);
+    assert.deepEqual([
+      c.layers,
+      c.hidden,
+      c.heads,
+      c.kvHeads,
+      c.headDim,
+      c.intermediate,
+      c.vocab,
+      c.context,
+    ], [6, 384, 6, 2, 64, 1024, 256, 2048]);
     assert.equal(c.ropeTheta, 10000);
     assert.equal(c.tied, true);
     assert.equal(model.weightBytes, 19080960 + 2048 * 64 * 4); // the card's total_size, plus the RoPE table
@@ -50,17 +63,32 @@ describe("model: byte-llama-9m on the CPU build", () => {
   it("2-bit caches stay close to bits 16 (KL and top-1 of each step against the bits-16 run)", () => {
     const ref = perplexity(model, HELDOUT, { ...SHORT, cache: BITS16, keep: true });
     assert.equal(ref.distributions!.length, 128 * 2 * 256);
-    const r = perplexity(model, HELDOUT, { ...SHORT, reference: ref.distributions, cache: { residual: 32 } });
+    const r = perplexity(model, HELDOUT, {
+      ...SHORT,
+      reference: ref.distributions,
+      cache: { residual: 32 },
+    });
     assert.ok(r.klVsReference! > 0 && r.klVsReference! < 0.05, `KL ${r.klVsReference}`);
     assert.ok(r.top1VsReference! > 0.85, `top-1 ${r.top1VsReference}`);
     assert.ok(Math.abs(r.bpb - ref.bpb) < 0.05, `${r.bpb} vs ${ref.bpb}`);
-    const self = perplexity(model, HELDOUT, { windows: 2, steps: 16, reference: ref.distributions!.subarray(0, 16 * 2 * 256), cache: BITS16 });
+    const self = perplexity(model, HELDOUT, {
+      windows: 2,
+      steps: 16,
+      reference: ref.distributions!.subarray(0, 16 * 2 * 256),
+      cache: BITS16,
+    });
     assert.equal(self.top1VsReference, 1);
-    assert.ok(Math.abs(self.klVsReference!) < 1e-9, `bits 16 against itself: KL ${self.klVsReference}`);
+    assert.ok(
+      Math.abs(self.klVsReference!) < 1e-9,
+      `bits 16 against itself: KL ${self.klVsReference}`,
+    );
   });
 
   it("greedy decoding gives the model card's continuation", async () => {
-    const { text } = await generated(model, "The President said that the", { maxTokens: 60, cache: BITS16 });
+    const { text } = await generated(model, "The President said that the", {
+      maxTokens: 60,
+      cache: BITS16,
+    });
     assert.equal(text, " Senate was a major program of the United States in the past");
   });
 
@@ -79,9 +107,17 @@ describe("model: byte-llama-9m on the CPU build", () => {
     const want = model.teacherForced(seq);
     const raw = rawTensors();
     const embed = raw.find((t) => t.name === "model.embed_tokens.weight")!;
-    const cases: [string, ReturnType<typeof rawTensors>, (c: Record<string, unknown>) => void, number][] = [
+    const cases: [
+      string,
+      ReturnType<typeof rawTensors>,
+      (c: Record<string, unknown>) => void,
+      number,
+    ][] = [
       ["f32, single file", raw.map((t) => convert(t, "F32")), () => {}, 0],
-      ["separate lm_head, rope_theta at the top level", [...raw, { ...embed, name: "lm_head.weight" }], (c) => {
+      ["separate lm_head, rope_theta at the top level", [...raw, {
+        ...embed,
+        name: "lm_head.weight",
+      }], (c) => {
         c.tie_word_embeddings = false;
         c.rope_theta = 10000;
         delete c.rope_parameters;
@@ -100,8 +136,16 @@ describe("model: byte-llama-9m on the CPU build", () => {
         const got = m.teacherForced(seq);
         let worst = 0;
         for (let i = 0; i < got.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]));
-        if (tol === 0) assert.equal(worst, 0, `${name}: the same fp16 weights must give the same log-probabilities`);
-        else assert.ok(worst > 0 && worst < tol, `${name}: bf16 rounding of the weights moved a log-probability by ${worst}`);
+        if (tol === 0) {
+          assert.equal(
+            worst,
+            0,
+            `${name}: the same fp16 weights must give the same log-probabilities`,
+          );
+        } else {assert.ok(
+            worst > 0 && worst < tol,
+            `${name}: bf16 rounding of the weights moved a log-probability by ${worst}`,
+          );}
       } finally {
         rmSync(dir, { recursive: true, force: true });
       }

@@ -25,9 +25,20 @@ describe("pack", () => {
 
   it("puts code j at nibble j at 4 bits", async () => {
     using kivi = await openCpu();
-    const words = host(kivi.pack(new Uint8Array([1, 2, 3, 4, 5, 6, 7, 8, 15, 0, 0, 0, 0, 0, 0, 15]), { bits: 4 }));
+    const words = host(
+      kivi.pack(new Uint8Array([1, 2, 3, 4, 5, 6, 7, 8, 15, 0, 0, 0, 0, 0, 0, 15]), { bits: 4 }),
+    );
     assert.deepEqual([...words], [0x87654321, 0xf000000f]);
-    assert.deepEqual([...host(kivi.unpack(new Uint32Array([0x87654321]), { bits: 4 }))], [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert.deepEqual([...host(kivi.unpack(new Uint32Array([0x87654321]), { bits: 4 }))], [
+      1,
+      2,
+      3,
+      4,
+      5,
+      6,
+      7,
+      8,
+    ]);
   });
 
   for (const bits of BITS) {
@@ -39,7 +50,11 @@ describe("pack", () => {
         const codes = new Uint8Array(words * cpw).map(() => rng.int(1 << bits));
         const packed = host(kivi.pack(codes, { bits }));
         assertSameBits(packed, packOracle(codes, bits), `pack vs oracle ${rng.tag}`);
-        assertSameBits(host(kivi.unpack(packed, { bits })), codes, `unpack(pack(codes)) ${rng.tag}`);
+        assertSameBits(
+          host(kivi.unpack(packed, { bits })),
+          codes,
+          `unpack(pack(codes)) ${rng.tag}`,
+        );
       }
     });
 

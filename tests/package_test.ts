@@ -43,19 +43,45 @@ describe("package.json", () => {
       assert.ok(exists(file), `bin ${name}: ${file} does not exist`);
       assert.ok(shipped(file), `bin ${name}: ${file} is not in "files"`);
       const first = readFileSync(join(root, file), "utf8").split("\n")[0];
-      assert.match(first!, /^#!\/usr\/bin\/env (bun|node|deno)\b/, `bin ${name}: ${file} has no shebang`);
+      assert.match(
+        first!,
+        /^#!\/usr\/bin\/env (bun|node|deno)\b/,
+        `bin ${name}: ${file} has no shebang`,
+      );
     }
   });
 
   it("files exist and ship the sources, the build script and the install step", () => {
-    for (const f of pkg.files as string[]) assert.ok(exists(f), `"files" entry ${f} does not exist`);
+    for (const f of pkg.files as string[]) {
+      assert.ok(exists(f), `"files" entry ${f} does not exist`);
+    }
     // The CLI's demo and bench commands run these scripts from the installed package.
-    for (const need of ["src/mod.ts", "src/backend.ts", "cuda/include/kivi.h", "build.ts", "README.md", "demo.ts", "bench/quant.ts", "bench/attention.ts", "bench/_report.ts"]) {
+    for (
+      const need of [
+        "src/mod.ts",
+        "src/backend.ts",
+        "cuda/include/kivi.h",
+        "build.ts",
+        "README.md",
+        "demo.ts",
+        "bench/quant.ts",
+        "bench/attention.ts",
+        "bench/_report.ts",
+      ]
+    ) {
       assert.ok(shipped(need), `${need} is not in "files"`);
     }
     assert.ok(statSync(join(root, "cuda/cpu")).isDirectory() && shipped("cuda/cpu/cache.c"));
     assert.ok(shipped("cuda/src/cache.cu"));
-    for (const never of ["node_modules/bun", "build/libkivi_cpu.so", "tests/package_test.ts", "bench/results/nvidia-h200.json", ".gpu/bun.xz"]) {
+    for (
+      const never of [
+        "node_modules/bun",
+        "build/libkivi_cpu.so",
+        "tests/package_test.ts",
+        "bench/results/nvidia-h200.json",
+        ".gpu/bun.xz",
+      ]
+    ) {
       assert.ok(!shipped(never), `${never} would be shipped`);
     }
   });
@@ -70,7 +96,11 @@ describe("package.json", () => {
     const text = readFileSync(join(root, script), "utf8");
     // Node 20 runs no TypeScript: no type annotations or TS-only syntax in the script.
     assert.doesNotMatch(text, /^\s*(import type|interface |type \w+ =)/m);
-    assert.doesNotMatch(text, /from "\.\.?\/.*\.ts"/, "the postinstall script must not import TypeScript");
+    assert.doesNotMatch(
+      text,
+      /from "\.\.?\/.*\.ts"/,
+      "the postinstall script must not import TypeScript",
+    );
     // It tells a dependency install from `npm ci` in this repository, where it builds the CPU
     // library only (tests/first_run_test.ts runs it).
     assert.match(text, /installedAsDependency/);

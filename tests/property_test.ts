@@ -36,20 +36,62 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import { type CacheFormat, type CacheOptions, KiviError, type KVCache, pageBytes, resolveCacheOptions, Rng, type Sequence } from "../src/mod.ts";
-import { attentionOracle, BASE_SEED, type DataDType, f16, NONFINITE, openCpu, setRaw, toInput, uniformOracle } from "./_helpers.ts";
+import {
+  type CacheFormat,
+  type CacheOptions,
+  KiviError,
+  type KVCache,
+  pageBytes,
+  resolveCacheOptions,
+  Rng,
+  type Sequence,
+} from "../src/mod.ts";
+import {
+  attentionOracle,
+  BASE_SEED,
+  type DataDType,
+  f16,
+  NONFINITE,
+  openCpu,
+  setRaw,
+  toInput,
+  uniformOracle,
+} from "./_helpers.ts";
 
 const STEPS = process.env.KIVI_PROPERTY_STEPS ? Number(process.env.KIVI_PROPERTY_STEPS) : 100;
-assert.ok(Number.isInteger(STEPS) && STEPS >= 1, `KIVI_PROPERTY_STEPS must be a positive integer, got ${process.env.KIVI_PROPERTY_STEPS}`);
+assert.ok(
+  Number.isInteger(STEPS) && STEPS >= 1,
+  `KIVI_PROPERTY_STEPS must be a positive integer, got ${process.env.KIVI_PROPERTY_STEPS}`,
+);
 
 /** One configuration per run: every format is covered; sizes are drawn from the run's seed. */
 const RUNS: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
-  { name: "uniform 2 / uniform 2", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 } },
-  { name: "uniform 4 G64 / uniform 4 G64", keys: { kind: "uniform", bits: 4, group: 64 }, values: { kind: "uniform", bits: 4, group: 64 } },
+  {
+    name: "uniform 2 / uniform 2",
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "uniform", bits: 2, group: 32 },
+  },
+  {
+    name: "uniform 4 G64 / uniform 4 G64",
+    keys: { kind: "uniform", bits: 4, group: 64 },
+    values: { kind: "uniform", bits: 4, group: 64 },
+  },
   { name: "bits 16 / bits 16", keys: { bits: 16 }, values: { bits: 16 } },
-  { name: "uniform 2 / codebook 2 G64", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "codebook", bits: 2, group: 64 } },
-  { name: "codebook 4 pinned / uniform 2 G64", keys: { kind: "codebook", bits: 4, group: 32, fit: "pinned" }, values: { kind: "uniform", bits: 2, group: 64 } },
-  { name: "uniform 4 G128 / bits 16", keys: { kind: "uniform", bits: 4, group: 128 }, values: { bits: 16 } },
+  {
+    name: "uniform 2 / codebook 2 G64",
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "codebook", bits: 2, group: 64 },
+  },
+  {
+    name: "codebook 4 pinned / uniform 2 G64",
+    keys: { kind: "codebook", bits: 4, group: 32, fit: "pinned" },
+    values: { kind: "uniform", bits: 2, group: 64 },
+  },
+  {
+    name: "uniform 4 G128 / bits 16",
+    keys: { kind: "uniform", bits: 4, group: 128 },
+    values: { bits: 16 },
+  },
 ];
 
 type Cfg = ReturnType<typeof resolveCacheOptions>;
@@ -85,17 +127,29 @@ class Model {
   }
   /** Pages the block table needs after appending n tokens to `layers`, and each layer's flush. */
   plan(s: ModelSeq, layers: number[], n: number): { need: number; flush: Map<number, number> } {
-    const flush = new Map(layers.map((l) => [l, this.flushCount(s.layers[l].k.length, s.layers[l].qlen, n)]));
+    const flush = new Map(
+      layers.map((l) => [l, this.flushCount(s.layers[l].k.length, s.layers[l].qlen, n)]),
+    );
     let need = s.pages;
-    s.layers.forEach((ly, l) => (need = Math.max(need, Math.ceil((ly.qlen + (flush.get(l) ?? 0)) / this.c.pageTokens))));
+    s.layers.forEach((
+      ly,
+      l,
+    ) => (need = Math.max(need, Math.ceil((ly.qlen + (flush.get(l) ?? 0)) / this.c.pageTokens))));
     return { need, flush };
   }
 }
 
 /** The dequantized values of one F-token unit of one head ([F][D] row-major) in a uniform or bits-16 part. */
-function quantizeUnit(block: Float64Array, F: number, D: number, p: Part, isValue: boolean): Float64Array {
+function quantizeUnit(
+  block: Float64Array,
+  F: number,
+  D: number,
+  p: Part,
+  isValue: boolean,
+): Float64Array {
   if (p.bits === 16) return block;
-  return uniformOracle(block, F, D, isValue ? "channel" : "token", isValue ? p.group : F, p.bits).deq;
+  return uniformOracle(block, F, D, isValue ? "channel" : "token", isValue ? p.group : F, p.bits)
+    .deq;
 }
 
 /**
@@ -103,22 +157,40 @@ function quantizeUnit(block: Float64Array, F: number, D: number, p: Part, isValu
  * group at most 2^b distinct values, each inside the group's [min, max], and each element's value the
  * nearest of them (up to a tie at an fp32-rounded midpoint).
  */
-function checkCodebookUnit(x: Float64Array, got: Float64Array, F: number, D: number, p: Part, isValue: boolean, msg: string): void {
+function checkCodebookUnit(
+  x: Float64Array,
+  got: Float64Array,
+  F: number,
+  D: number,
+  p: Part,
+  isValue: boolean,
+  msg: string,
+): void {
   const G = isValue ? p.group : F;
   const groups = isValue ? F * (D / G) : D;
   for (let g = 0; g < groups; g++) {
     const idx: number[] = [];
-    if (isValue) for (let i = 0; i < G; i++) idx.push(Math.floor(g / (D / G)) * D + (g % (D / G)) * G + i);
-    else for (let t = 0; t < F; t++) idx.push(t * D + g);
+    if (isValue) {
+      for (let i = 0; i < G; i++) idx.push(Math.floor(g / (D / G)) * D + (g % (D / G)) * G + i);
+    } else for (let t = 0; t < F; t++) idx.push(t * D + g);
     let mn = Infinity, mx = -Infinity;
     for (const i of idx) (mn = Math.min(mn, x[i])), (mx = Math.max(mx, x[i]));
     const cents = [...new Set(idx.map((i) => got[i]))];
-    assert.ok(cents.length <= 1 << p.bits, `${msg}: group ${g} holds ${cents.length} values, more than 2^${p.bits}`);
+    assert.ok(
+      cents.length <= 1 << p.bits,
+      `${msg}: group ${g} holds ${cents.length} values, more than 2^${p.bits}`,
+    );
     for (const i of idx) {
-      assert.ok(got[i] >= mn && got[i] <= mx, `${msg}: group ${g} value ${got[i]} outside its range [${mn}, ${mx}]`);
+      assert.ok(
+        got[i] >= mn && got[i] <= mx,
+        `${msg}: group ${g} value ${got[i]} outside its range [${mn}, ${mx}]`,
+      );
       const best = Math.min(...cents.map((c) => Math.abs(x[i] - c)));
       const slack = 2 ** -23 * (Math.abs(x[i]) + Math.max(...cents.map(Math.abs)));
-      assert.ok(Math.abs(x[i] - got[i]) <= best + slack, `${msg}: element ${i} = ${x[i]} got ${got[i]}, not the nearest of ${cents}`);
+      assert.ok(
+        Math.abs(x[i] - got[i]) <= best + slack,
+        `${msg}: element ${i} = ${x[i]} got ${got[i]}, not the nearest of ${cents}`,
+      );
     }
   }
 }
@@ -133,13 +205,23 @@ function checkRead(cache: KVCache, m: Model, s: ModelSeq, l: number, where: stri
   const r = cache.read(s.seq, l);
   const ly = s.layers[l];
   const keys = r.keys as Float32Array, values = r.values as Float32Array;
-  if (keys.length !== ly.k.length * H * D) fail(`${where}: read() of seq #${s.n} layer ${l} has ${keys.length / (H * D)} tokens, model ${ly.k.length}`);
+  if (keys.length !== ly.k.length * H * D) {
+    fail(
+      `${where}: read() of seq #${s.n} layer ${l} has ${
+        keys.length / (H * D)
+      } tokens, model ${ly.k.length}`,
+    );
+  }
   for (let t = 0; t < ly.k.length; t++) {
     for (let j = 0; j < H * D; j++) {
       const a = keys[t * H * D + j], b = values[t * H * D + j];
       if (a !== ly.k[t][j] || b !== ly.v[t][j]) {
-        fail(`${where}: seq #${s.n} layer ${l} token ${t} (${t < ly.qlen ? "in pages" : "in the window"}) element ${j}: ` +
-          `cache k ${a} v ${b}, model k ${ly.k[t][j]} v ${ly.v[t][j]}`);
+        fail(
+          `${where}: seq #${s.n} layer ${l} token ${t} (${
+            t < ly.qlen ? "in pages" : "in the window"
+          }) element ${j}: ` +
+            `cache k ${a} v ${b}, model k ${ly.k[t][j]} v ${ly.v[t][j]}`,
+        );
       }
     }
   }
@@ -154,31 +236,46 @@ function checkState(cache: KVCache, m: Model, tableBytes: number, where: string)
     for (let l = 0; l < c.layers; l++) {
       const ly = s.layers[l];
       const len = s.seq.length(l), q = s.seq.quantizedLength(l);
-      if (len !== ly.k.length || q !== ly.qlen) fail(`${where}: seq #${s.n} layer ${l} length ${len} quantized ${q}, model ${ly.k.length} / ${ly.qlen}`);
+      if (len !== ly.k.length || q !== ly.qlen) {
+        fail(
+          `${where}: seq #${s.n} layer ${l} length ${len} quantized ${q}, model ${ly.k.length} / ${ly.qlen}`,
+        );
+      }
       // The window rule: between R and R + F - 1 tokens once the layer has more than R + F - 1 tokens.
       const w = len - q;
       if (q % m.F !== 0 || w >= c.residual + m.F || (len >= c.residual + m.F && w < c.residual)) {
-        fail(`${where}: seq #${s.n} layer ${l} window of ${w} tokens (length ${len}, R ${c.residual}, F ${m.F})`);
+        fail(
+          `${where}: seq #${s.n} layer ${l} window of ${w} tokens (length ${len}, R ${c.residual}, F ${m.F})`,
+        );
       }
       tokens += len, quantized += q, resid += w;
     }
     const pages = s.seq.pages();
-    if (pages.length !== s.pages) fail(`${where}: seq #${s.n} holds ${pages.length} pages, model ${s.pages}`);
+    if (pages.length !== s.pages) {
+      fail(`${where}: seq #${s.n} holds ${pages.length} pages, model ${s.pages}`);
+    }
     for (const p of pages) {
-      if (!(p >= 0 && p < c.maxPages)) fail(`${where}: seq #${s.n} holds page ${p}, outside 0..${c.maxPages - 1}`);
-      if (owner.has(p)) fail(`${where}: page ${p} is owned by seq #${owner.get(p)} and seq #${s.n}`);
+      if (!(p >= 0 && p < c.maxPages)) {
+        fail(`${where}: seq #${s.n} holds page ${p}, outside 0..${c.maxPages - 1}`);
+      }
+      if (owner.has(p)) {
+        fail(`${where}: page ${p} is owned by seq #${owner.get(p)} and seq #${s.n}`);
+      }
       owner.set(p, s.n);
     }
   }
   const used = owner.size, heads = c.layers * c.kvHeads, vals = c.pageTokens * c.headDim;
   const codes = (p: Part) => (vals * p.bits) / 8;
-  const params = (p: Part) => (p.bits === 16 ? 0 : (vals / p.group) * (p.kind === "uniform" ? 4 : 2 << p.bits));
+  const params = (
+    p: Part,
+  ) => (p.bits === 16 ? 0 : (vals / p.group) * (p.kind === "uniform" ? 4 : 2 << p.bits));
   const want = {
     codeBytes: used * heads * (codes(c.keys) + codes(c.values)),
     paramBytes: used * heads * (params(c.keys) + params(c.values)),
     residualBytes: resid * c.kvHeads * c.headDim * 4,
     tableBytes,
-    poolBytes: pageBytes(c) * c.maxPages + c.maxSequences * c.layers * (c.residual + m.F) * c.kvHeads * c.headDim * 4,
+    poolBytes: pageBytes(c) * c.maxPages +
+      c.maxSequences * c.layers * (c.residual + m.F) * c.kvHeads * c.headDim * 4,
     pagesUsed: used,
     pagesTotal: c.maxPages,
     tokens,
@@ -187,12 +284,18 @@ function checkState(cache: KVCache, m: Model, tableBytes: number, where: string)
     heldBitsPerValue: 0,
     ratioToFp16: 0,
   };
-  const values = tokens * c.kvHeads * c.headDim * 2, stored = want.codeBytes + want.paramBytes + want.residualBytes;
+  const values = tokens * c.kvHeads * c.headDim * 2,
+    stored = want.codeBytes + want.paramBytes + want.residualBytes;
   want.bitsPerValue = values === 0 ? 0 : (stored * 8) / values;
   // Each held token at its format's rate: code bits plus the params spread over the group; 16 in the window.
-  const rate = (p: Part) => (p.bits === 16 ? 16 : p.bits + (p.kind === "uniform" ? 32 : 16 << p.bits) / p.group);
+  const rate = (
+    p: Part,
+  ) => (p.bits === 16 ? 16 : p.bits + (p.kind === "uniform" ? 32 : 16 << p.bits) / p.group);
   const per = c.kvHeads * c.headDim;
-  want.heldBitsPerValue = values === 0 ? 0 : (quantized * per * (rate(c.keys) + rate(c.values)) + (tokens - quantized) * per * 32) / values;
+  want.heldBitsPerValue = values === 0
+    ? 0
+    : (quantized * per * (rate(c.keys) + rate(c.values)) + (tokens - quantized) * per * 32) /
+      values;
   want.ratioToFp16 = values === 0 ? 0 : (stored + tableBytes) / (values * 2);
   assert.deepEqual(cache.memory(), want, `${where}: memory report`);
 }
@@ -211,7 +314,11 @@ function data(rng: Rng, rows: number, H: number, D: number): Float64Array {
 
 /** Expects fn to throw KiviError `code`, and the cache to be as the model says afterwards. */
 function expectRefused(fn: () => unknown, code: string, where: string): void {
-  assert.throws(fn, (e: unknown) => e instanceof KiviError && e.code === code, `${where}: expected ${code}`);
+  assert.throws(
+    fn,
+    (e: unknown) => e instanceof KiviError && e.code === code,
+    `${where}: expected ${code}`,
+  );
 }
 
 interface Stats {
@@ -254,34 +361,64 @@ async function run(r: number): Promise<Stats> {
   using cache = kivi.createCache(opts);
   const m = new Model(c);
   const tableBytes = cache.memory().tableBytes;
-  const stats: Stats = { steps: 0, appended: 0, flushed: 0, attended: 0, full: 0, nan: 0, slots: 0, reused: 0 };
-  const where = (step: number, op: string) => `${tag} step ${step} (${op}; config ${JSON.stringify(opts)})`;
+  const stats: Stats = {
+    steps: 0,
+    appended: 0,
+    flushed: 0,
+    attended: 0,
+    full: 0,
+    nan: 0,
+    slots: 0,
+    reused: 0,
+  };
+  const where = (step: number, op: string) =>
+    `${tag} step ${step} (${op}; config ${JSON.stringify(opts)})`;
 
   const create = (step: number) => {
     if (m.seqs.length === c.maxSequences) {
-      expectRefused(() => cache.createSequence(), "KIVI_ERR_CAPACITY", where(step, "create past maxSequences"));
+      expectRefused(
+        () => cache.createSequence(),
+        "KIVI_ERR_CAPACITY",
+        where(step, "create past maxSequences"),
+      );
       stats.slots++;
       return;
     }
     const seq = cache.createSequence();
-    m.seqs.push({ seq, n: m.created++, layers: Array.from({ length: L }, () => ({ k: [], v: [], qlen: 0 })), pages: 0 });
+    m.seqs.push({
+      seq,
+      n: m.created++,
+      layers: Array.from({ length: L }, () => ({ k: [], v: [], qlen: 0 })),
+      pages: 0,
+    });
   };
 
   const append = (step: number, s: ModelSeq, n: number, layer: number | undefined) => {
     const targets = layer === undefined ? [...Array(L).keys()] : [layer];
     const dtype: DataDType = (["f32", "f32", "f16", "bf16"] as const)[rng.int(4)];
-    const k = toInput(data(rng, n * targets.length, H, D), dtype), v = toInput(data(rng, n * targets.length, H, D), dtype);
-    const op = `append ${n} token(s) ${dtype} to seq #${s.n} ${layer === undefined ? "in every layer" : `in layer ${layer}`}`;
+    const k = toInput(data(rng, n * targets.length, H, D), dtype),
+      v = toInput(data(rng, n * targets.length, H, D), dtype);
+    const op = `append ${n} token(s) ${dtype} to seq #${s.n} ${
+      layer === undefined ? "in every layer" : `in layer ${layer}`
+    }`;
     const { need, flush } = m.plan(s, targets, n);
     if (rng.next() < 0.05) {
       const bad = k.x.slice();
       setRaw(bad, rng.int(bad.length), NONFINITE[dtype][0][1]);
-      expectRefused(() => s.seq.append(bad, v.x, { layer, dtype }), "KIVI_ERR_NONFINITE", where(step, `${op} with a NaN`));
+      expectRefused(
+        () => s.seq.append(bad, v.x, { layer, dtype }),
+        "KIVI_ERR_NONFINITE",
+        where(step, `${op} with a NaN`),
+      );
       stats.nan++;
       return;
     }
     if (need - s.pages > m.freePages) {
-      expectRefused(() => s.seq.append(k.x, v.x, { layer, dtype }), "KIVI_ERR_CAPACITY", where(step, `${op}, ${need - s.pages} page(s) short of ${m.freePages} free`));
+      expectRefused(
+        () => s.seq.append(k.x, v.x, { layer, dtype }),
+        "KIVI_ERR_CAPACITY",
+        where(step, `${op}, ${need - s.pages} page(s) short of ${m.freePages} free`),
+      );
       stats.full++;
       return;
     }
@@ -297,7 +434,9 @@ async function run(r: number): Promise<Stats> {
         ly.v.push(Float64Array.from(v.v.subarray(at, at + H * D), f16));
       }
       const f = flush.get(l)!;
-      const read = f > 0 && (c.keys.kind === "codebook" && c.keys.bits !== 16 || c.values.kind === "codebook" && c.values.bits !== 16)
+      const read = f > 0 &&
+          (c.keys.kind === "codebook" && c.keys.bits !== 16 ||
+            c.values.kind === "codebook" && c.values.bits !== 16)
         ? cache.read(s.seq, l)
         : undefined;
       for (let p = ly.qlen; p < ly.qlen + f; p += m.F) {
@@ -306,13 +445,27 @@ async function run(r: number): Promise<Stats> {
             const part = isValue ? c.values : c.keys;
             const rows = isValue ? ly.v : ly.k;
             const block = new Float64Array(m.F * D);
-            for (let t = 0; t < m.F; t++) block.set(rows[p + t].subarray(h * D, (h + 1) * D), t * D);
+            for (let t = 0; t < m.F; t++) {
+              block.set(rows[p + t].subarray(h * D, (h + 1) * D), t * D);
+            }
             let deq: Float64Array;
             if (part.kind === "codebook" && part.bits !== 16) {
               const back = (isValue ? read!.values : read!.keys) as Float32Array;
               deq = new Float64Array(m.F * D);
-              for (let t = 0; t < m.F; t++) for (let d = 0; d < D; d++) deq[t * D + d] = back[((p + t) * H + h) * D + d];
-              checkCodebookUnit(block, deq, m.F, D, part, isValue, `${where(step, op)}: ${isValue ? "values" : "keys"} of layer ${l} head ${h} tokens ${p}..${p + m.F - 1}`);
+              for (let t = 0; t < m.F; t++) {
+                for (let d = 0; d < D; d++) deq[t * D + d] = back[((p + t) * H + h) * D + d];
+              }
+              checkCodebookUnit(
+                block,
+                deq,
+                m.F,
+                D,
+                part,
+                isValue,
+                `${where(step, op)}: ${
+                  isValue ? "values" : "keys"
+                } of layer ${l} head ${h} tokens ${p}..${p + m.F - 1}`,
+              );
             } else {
               deq = quantizeUnit(block, m.F, D, part, isValue);
             }
@@ -353,8 +506,15 @@ async function run(r: number): Promise<Stats> {
       for (let i = 0; i < want.length; i++) {
         const tol = 2 ** -23 * Math.abs(want[i]) + 2 ** -30 * maxV;
         if (!(Math.abs(got[i] - want[i]) <= tol)) {
-          fail(`${where(step, `attend layer ${layer} over seqs ${batch.map((x) => `#${x.n}`)}`)}: batch ${b} (seq #${s.n}, ${len} tokens, ${ly.qlen} in pages) ` +
-            `output ${i} is ${got[i]}, model ${want[i]} (tolerance ${tol})`);
+          fail(
+            `${
+              where(
+                step,
+                `attend layer ${layer} over seqs ${batch.map((x) => `#${x.n}`)}`,
+              )
+            }: batch ${b} (seq #${s.n}, ${len} tokens, ${ly.qlen} in pages) ` +
+              `output ${i} is ${got[i]}, model ${want[i]} (tolerance ${tol})`,
+          );
         }
       }
     });
@@ -368,7 +528,11 @@ async function run(r: number): Promise<Stats> {
     const used = cache.memory().pagesUsed;
     s.seq.free();
     m.seqs.splice(i, 1);
-    assert.equal(cache.memory().pagesUsed, used - s.pages, `${where(step, `free seq #${s.n}`)}: its pages went back`);
+    assert.equal(
+      cache.memory().pagesUsed,
+      used - s.pages,
+      `${where(step, `free seq #${s.n}`)}: its pages went back`,
+    );
   };
 
   create(0);
@@ -388,12 +552,23 @@ async function run(r: number): Promise<Stats> {
     stats.steps++;
   }
   // Every sequence's contents once more, after all the others' appends, frees and reuse.
-  for (const s of m.seqs) for (let l = 0; l < L; l++) checkRead(cache, m, s, l, `${tag} at the end`);
+  for (const s of m.seqs) {
+    for (let l = 0; l < L; l++) checkRead(cache, m, s, l, `${tag} at the end`);
+  }
   return stats;
 }
 
 describe("the cache against a float64 model, random operations", () => {
-  const totals: Stats = { steps: 0, appended: 0, flushed: 0, attended: 0, full: 0, nan: 0, slots: 0, reused: 0 };
+  const totals: Stats = {
+    steps: 0,
+    appended: 0,
+    flushed: 0,
+    attended: 0,
+    full: 0,
+    nan: 0,
+    slots: 0,
+    reused: 0,
+  };
   RUNS.forEach((spec, r) => {
     // Bun's default of 5 s per test would cut a long run short: allow 200 ms a step.
     it(`${spec.name}: ${STEPS} steps`, { timeout: Math.max(60_000, STEPS * 200) }, async () => {
@@ -409,7 +584,9 @@ describe("the cache against a float64 model, random operations", () => {
     console.log(`property totals: ${JSON.stringify(totals)}`);
     assert.ok(totals.flushed > 0, `tokens quantized: ${JSON.stringify(totals)}`);
     if (STEPS >= 100) {
-      for (const k of ["full", "nan", "slots", "reused"] as const) assert.ok(totals[k] > 0, `${k}: ${JSON.stringify(totals)}`);
+      for (const k of ["full", "nan", "slots", "reused"] as const) {
+        assert.ok(totals[k] > 0, `${k}: ${JSON.stringify(totals)}`);
+      }
     }
   });
 });

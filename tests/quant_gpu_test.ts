@@ -6,7 +6,16 @@
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
-import { type Axis, type Backend, type Bits, type CodebookQuantized, type DeviceTensor, type GroupSize, KiviError, type UniformQuantized } from "../src/mod.ts";
+import {
+  type Axis,
+  type Backend,
+  type Bits,
+  type CodebookQuantized,
+  type DeviceTensor,
+  type GroupSize,
+  KiviError,
+  type UniformQuantized,
+} from "../src/mod.ts";
 import { assertSameBits, DTYPES, randomMatrix, Rng } from "./_helpers.ts";
 import { cpu, gpuDescribe } from "./_gpu.ts";
 
@@ -16,9 +25,17 @@ const SHAPES: Record<Axis, [number, number, GroupSize][]> = {
   token: [[96, 40, 32], [4096, 128, 64], [256, 4096, 128], [32, 1, 32]],
   channel: [[5, 64, 32], [17, 128, 64], [1000, 4096, 128], [1, 32, 32]],
 };
-const CASES: Case[] = (["token", "channel"] as const).flatMap((a) => SHAPES[a].map(([r, c, g]): Case => [a, r, c, g]));
+const CASES: Case[] = (["token", "channel"] as const).flatMap((a) =>
+  SHAPES[a].map(([r, c, g]): Case => [a, r, c, g])
+);
 
-function up(g: Backend, x: Float32Array | Float16Array | Uint16Array, dtype: "f32" | "f16" | "bf16", rows: number, cols: number): DeviceTensor {
+function up(
+  g: Backend,
+  x: Float32Array | Float16Array | Uint16Array,
+  dtype: "f32" | "f16" | "bf16",
+  rows: number,
+  cols: number,
+): DeviceTensor {
   return g.upload(x, { shape: [rows, cols], dtype });
 }
 
@@ -36,16 +53,39 @@ gpuDescribe("CUDA uniform quantize and dequantize equal the CPU reference bit fo
           const rng = new Rng(`gpu uniform ${bits} ${axis} ${rows}x${cols} ${dtype}`);
           const inp = randomMatrix(rng, rows, cols, dtype);
           const format = { kind: "uniform", bits, group } as const;
-          const want = cpu.quantize(inp.x, { shape: [rows, cols], dtype, axis, format }) as UniformQuantized<"host">;
+          const want = cpu.quantize(inp.x, {
+            shape: [rows, cols],
+            dtype,
+            axis,
+            format,
+          }) as UniformQuantized<"host">;
           using x = up(g, inp.x, dtype, rows, cols);
           const got = g.quantize(x, { axis, format }) as UniformQuantized<"device">;
           assert.equal(firstDiff(await got.codes.read(), want.codes), -1, `codes ${rng.tag}`);
-          assert.equal(firstDiff(new Uint16Array((await got.scale.read()).buffer), new Uint16Array(want.scale.buffer)), -1, `scale ${rng.tag}`);
-          assert.equal(firstDiff(new Uint16Array((await got.zero.read()).buffer), new Uint16Array(want.zero.buffer)), -1, `zero ${rng.tag}`);
+          assert.equal(
+            firstDiff(
+              new Uint16Array((await got.scale.read()).buffer),
+              new Uint16Array(want.scale.buffer),
+            ),
+            -1,
+            `scale ${rng.tag}`,
+          );
+          assert.equal(
+            firstDiff(
+              new Uint16Array((await got.zero.read()).buffer),
+              new Uint16Array(want.zero.buffer),
+            ),
+            -1,
+            `zero ${rng.tag}`,
+          );
           for (const od of DTYPES) {
             const back = g.dequantize(got, { dtype: od }) as DeviceTensor;
             const ref = cpu.dequantize(want, { dtype: od });
-            assert.equal(firstDiff(await back.read(), ref as ArrayLike<number>), -1, `dequantize to ${od} ${rng.tag}`);
+            assert.equal(
+              firstDiff(await back.read(), ref as ArrayLike<number>),
+              -1,
+              `dequantize to ${od} ${rng.tag}`,
+            );
             back.dispose();
           }
           for (const t of [got.codes, got.scale, got.zero]) t.dispose();
@@ -63,7 +103,11 @@ gpuDescribe("CUDA codebook fit and encode agree with the CPU reference", (g) => 
           const rng = new Rng(`gpu codebook ${bits} ${fit} ${axis} ${rows}x${cols}`);
           const inp = randomMatrix(rng, rows, cols, "f32");
           const format = { kind: "codebook", bits, group, fit, iterations: 16 } as const;
-          const want = cpu.quantize(inp.x, { shape: [rows, cols], axis, format }) as CodebookQuantized<"host">;
+          const want = cpu.quantize(inp.x, {
+            shape: [rows, cols],
+            axis,
+            format,
+          }) as CodebookQuantized<"host">;
           using x = up(g, inp.x, "f32", rows, cols);
           const got = g.quantize(x, { axis, format }) as CodebookQuantized<"device">;
           const gc = await got.centroids.read(), wc = want.centroids;
@@ -82,7 +126,10 @@ gpuDescribe("CUDA codebook fit and encode agree with the CPU reference", (g) => 
               const ulp = Math.abs(b) * 2 ** -10 + 2 ** -24;
               const d = Math.abs(a - b);
               maxRel = Math.max(maxRel, d / range);
-              assert.ok(d <= 1e-3 * range + ulp, `group ${gi} centroid ${k}: ${a} vs ${b} ${rng.tag}`);
+              assert.ok(
+                d <= 1e-3 * range + ulp,
+                `group ${gi} centroid ${k}: ${a} vs ${b} ${rng.tag}`,
+              );
             }
           }
           // Codes: dequantized values may differ only by the centroid difference above or where
@@ -90,11 +137,20 @@ gpuDescribe("CUDA codebook fit and encode agree with the CPU reference", (g) => 
           const gd = await (g.dequantize(got) as DeviceTensor<"f32">).read();
           const wd = cpu.dequantize(want) as Float32Array;
           let differ = 0;
-          for (let i = 0; i < wd.length; i++) if (Math.abs(gd[i] - wd[i]) > 2e-3 * Math.abs(wd[i]) + 1e-6) differ++;
-          assert.ok(differ <= wd.length * 1e-3, `${differ} of ${wd.length} values differ beyond the centroid bound ${rng.tag}`);
+          for (let i = 0; i < wd.length; i++) {
+            if (Math.abs(gd[i] - wd[i]) > 2e-3 * Math.abs(wd[i]) + 1e-6) differ++;
+          }
+          assert.ok(
+            differ <= wd.length * 1e-3,
+            `${differ} of ${wd.length} values differ beyond the centroid bound ${rng.tag}`,
+          );
           got.codes.dispose();
           got.centroids.dispose();
-          console.log(`  max centroid difference ${(maxRel * 100).toExponential(2)}% of the group range; ${differ} codes differ`);
+          console.log(
+            `  max centroid difference ${
+              (maxRel * 100).toExponential(2)
+            }% of the group range; ${differ} codes differ`,
+          );
         });
       }
     }
@@ -121,7 +177,11 @@ gpuDescribe("CUDA block statistics and pack/unpack", (g) => {
         // min and max are exact. The mean is an fp32 sum of <= 128 terms against the CPU's double
         // sum: |err| <= 128 * 2^-24 * mag (plus the final rounding); the variance, a mean of squared
         // deviations bounded by (2 mag)^2, likewise with (2 mag)^2 in place of mag.
-        const tol = i % 4 < 2 ? 0 : i % 4 === 2 ? 130 * 2 ** -24 * mag : 130 * 2 ** -24 * (2 * mag) ** 2 * 2;
+        const tol = i % 4 < 2
+          ? 0
+          : i % 4 === 2
+          ? 130 * 2 ** -24 * mag
+          : 130 * 2 ** -24 * (2 * mag) ** 2 * 2;
         assert.ok(Math.abs(gs[i] - w) <= tol + 1e-30, `stats[${i}] ${gs[i]} vs ${w} ${rng.tag}`);
       }
       got.stats.dispose();
@@ -141,7 +201,10 @@ gpuDescribe("CUDA block statistics and pack/unpack", (g) => {
       codes[77] = 1 << bits;
       using bad = g.upload(codes);
       using out = g.upload(new Uint32Array(codes.length / (32 / bits)).fill(0xdeadbeef));
-      assert.throws(() => g.pack(bad, { bits, out }), (e) => e instanceof KiviError && e.code === "KIVI_ERR_ARG");
+      assert.throws(
+        () => g.pack(bad, { bits, out }),
+        (e) => e instanceof KiviError && e.code === "KIVI_ERR_ARG",
+      );
       assert.ok((await out.read()).every((w) => w === 0xdeadbeef), "out untouched");
       words.dispose();
       back.dispose();
@@ -167,7 +230,9 @@ gpuDescribe("CUDA errors come back as KiviError and the backend keeps working", 
     const { total } = g.memInfo();
     assert.throws(
       () => g.alloc([total * 4], "u8"),
-      (e) => e instanceof KiviError && (e.code === "KIVI_ERR_NOMEM" || e.code === "KIVI_ERR_CUDA") && /memory/i.test(e.message),
+      (e) =>
+        e instanceof KiviError && (e.code === "KIVI_ERR_NOMEM" || e.code === "KIVI_ERR_CUDA") &&
+        /memory/i.test(e.message),
     );
     using t = g.upload(new Float32Array([1, 2, 3, 4]));
     assert.deepEqual(await t.read(), new Float32Array([1, 2, 3, 4]));
@@ -180,7 +245,9 @@ gpuDescribe("CUDA quantizers take host arrays: copied to the device and the resu
   async function readAll(r: object): Promise<Record<string, unknown>> {
     const out: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(r)) {
-      out[k] = v !== null && typeof v === "object" && "read" in v ? await (v as DeviceTensor).read() : v;
+      out[k] = v !== null && typeof v === "object" && "read" in v
+        ? await (v as DeviceTensor).read()
+        : v;
       if (v !== null && typeof v === "object" && "read" in v) (v as DeviceTensor).dispose();
     }
     return out;
@@ -193,14 +260,62 @@ gpuDescribe("CUDA quantizers take host arrays: copied to the device and the resu
     for (const dtype of DTYPES) {
       const inp = randomMatrix(rng, rows, cols, dtype);
       using x = up(g, inp.x, dtype, rows, cols);
-      const cent = new Float16Array(((rows * cols) / 32) * 4).map((_, i) => (i % 4) - 1.5 + rng.uniform(-0.4, 0.4));
+      const cent = new Float16Array(((rows * cols) / 32) * 4).map((_, i) =>
+        (i % 4) - 1.5 + rng.uniform(-0.4, 0.4)
+      );
       using ct = g.upload(cent);
       const calls: [string, () => object, () => object][] = [
-        ["uniform", () => g.quantize(inp.x, { shape: [rows, cols], dtype, axis: "token", format: { kind: "uniform", bits: 2 } }), () => g.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 } })],
-        ["codebook", () => g.quantize(inp.x, { shape: [rows, cols], dtype, axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } }), () => g.quantize(x, { axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } })],
-        ["stats", () => g.stats(inp.x, { shape: [rows, cols], dtype, axis: "token", group: 32 }), () => g.stats(x, { axis: "token", group: 32 })],
-        ["fit", () => g.fitCodebook(inp.x, { shape: [rows, cols], dtype, axis: "token", bits: 2, trace: true }), () => g.fitCodebook(x, { axis: "token", bits: 2, trace: true })],
-        ["given centroids", () => g.quantizeWithCodebook(inp.x, cent, { shape: [rows, cols], dtype, axis: "channel", bits: 2 }), () => g.quantizeWithCodebook(x, ct, { axis: "channel", bits: 2 })],
+        [
+          "uniform",
+          () =>
+            g.quantize(inp.x, {
+              shape: [rows, cols],
+              dtype,
+              axis: "token",
+              format: { kind: "uniform", bits: 2 },
+            }),
+          () => g.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 } }),
+        ],
+        [
+          "codebook",
+          () =>
+            g.quantize(inp.x, {
+              shape: [rows, cols],
+              dtype,
+              axis: "channel",
+              format: { kind: "codebook", bits: 4, group: 32 },
+            }),
+          () =>
+            g.quantize(x, { axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } }),
+        ],
+        [
+          "stats",
+          () => g.stats(inp.x, { shape: [rows, cols], dtype, axis: "token", group: 32 }),
+          () => g.stats(x, { axis: "token", group: 32 }),
+        ],
+        [
+          "fit",
+          () =>
+            g.fitCodebook(inp.x, {
+              shape: [rows, cols],
+              dtype,
+              axis: "token",
+              bits: 2,
+              trace: true,
+            }),
+          () => g.fitCodebook(x, { axis: "token", bits: 2, trace: true }),
+        ],
+        [
+          "given centroids",
+          () =>
+            g.quantizeWithCodebook(inp.x, cent, {
+              shape: [rows, cols],
+              dtype,
+              axis: "channel",
+              bits: 2,
+            }),
+          () => g.quantizeWithCodebook(x, ct, { axis: "channel", bits: 2 }),
+        ],
       ];
       for (const [name, viaHost, viaTensor] of calls) {
         const got = viaHost() as Record<string, unknown>;
@@ -212,10 +327,24 @@ gpuDescribe("CUDA quantizers take host arrays: copied to the device and the resu
         }
       }
       // Uniform codes equal the CPU's bit for bit, through host arrays as through tensors.
-      const want = cpu.quantize(inp.x, { shape: [rows, cols], dtype, axis: "token", format: { kind: "uniform", bits: 2 } }) as UniformQuantized<"host">;
-      const got = g.quantize(inp.x, { shape: [rows, cols], dtype, axis: "token", format: { kind: "uniform", bits: 2 } }) as UniformQuantized<"host">;
+      const want = cpu.quantize(inp.x, {
+        shape: [rows, cols],
+        dtype,
+        axis: "token",
+        format: { kind: "uniform", bits: 2 },
+      }) as UniformQuantized<"host">;
+      const got = g.quantize(inp.x, {
+        shape: [rows, cols],
+        dtype,
+        axis: "token",
+        format: { kind: "uniform", bits: 2 },
+      }) as UniformQuantized<"host">;
       assertSameBits(got.codes, want.codes, `codes vs CPU ${rng.tag}`);
-      assertSameBits(g.dequantize(got, { dtype: "f16" }) as Float16Array, cpu.dequantize(want, { dtype: "f16" }) as Float16Array, `dequantize vs CPU ${rng.tag}`);
+      assertSameBits(
+        g.dequantize(got, { dtype: "f16" }) as Float16Array,
+        cpu.dequantize(want, { dtype: "f16" }) as Float16Array,
+        `dequantize vs CPU ${rng.tag}`,
+      );
     }
     const codes = Uint8Array.from({ length: 16 * 300 }, () => rng.int(4));
     const words = g.pack(codes, { bits: 2 });
@@ -227,15 +356,34 @@ gpuDescribe("CUDA quantizers take host arrays: copied to the device and the resu
   it("writes into host out arrays; a NaN leaves them untouched", () => {
     const rng = new Rng("gpu host out");
     const inp = randomMatrix(rng, 64, 128, "f32");
-    const want = cpu.quantize(inp.x, { shape: [64, 128], axis: "channel", format: { kind: "uniform", bits: 4 } }) as UniformQuantized<"host">;
-    const out = { codes: new Uint32Array(want.codes.length), scale: new Float16Array(want.scale.length), zero: new Float16Array(want.zero.length) };
-    g.quantize(inp.x, { shape: [64, 128], axis: "channel", format: { kind: "uniform", bits: 4 }, out });
+    const want = cpu.quantize(inp.x, {
+      shape: [64, 128],
+      axis: "channel",
+      format: { kind: "uniform", bits: 4 },
+    }) as UniformQuantized<"host">;
+    const out = {
+      codes: new Uint32Array(want.codes.length),
+      scale: new Float16Array(want.scale.length),
+      zero: new Float16Array(want.zero.length),
+    };
+    g.quantize(inp.x, {
+      shape: [64, 128],
+      axis: "channel",
+      format: { kind: "uniform", bits: 4 },
+      out,
+    });
     assertSameBits(out.codes, want.codes, `out.codes ${rng.tag}`);
     assertSameBits(out.scale, want.scale, `out.scale ${rng.tag}`);
     (inp.x as Float32Array)[99] = NaN;
     const codes = new Uint32Array(want.codes.length).fill(7);
     assert.throws(
-      () => g.quantize(inp.x, { shape: [64, 128], axis: "channel", format: { kind: "uniform", bits: 4 }, out: { codes } }),
+      () =>
+        g.quantize(inp.x, {
+          shape: [64, 128],
+          axis: "channel",
+          format: { kind: "uniform", bits: 4 },
+          out: { codes },
+        }),
       (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE",
     );
     assert.ok(codes.every((w) => w === 7), "out.codes untouched");

@@ -15,8 +15,13 @@ import { gpuDescribe } from "./_gpu.ts";
 
 const root = fileURLToPath(new URL("../", import.meta.url));
 const readme = readFileSync(join(root, "README.md"), "utf8");
-const docs = readdirSync(join(root, "docs")).filter((f) => f.endsWith(".md")).map((f) => `docs/${f}`);
-const pages = ["README.md", ...docs].map((file) => ({ file, text: readFileSync(join(root, file), "utf8") }));
+const docs = readdirSync(join(root, "docs")).filter((f) => f.endsWith(".md")).map((f) =>
+  `docs/${f}`
+);
+const pages = ["README.md", ...docs].map((file) => ({
+  file,
+  text: readFileSync(join(root, file), "utf8"),
+}));
 const blocks = pages.flatMap((p) => [...p.text.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]));
 /** The error table lives in docs/errors.md (the README has the summary). */
 const errorsDoc = readFileSync(join(root, "docs/errors.md"), "utf8");
@@ -48,13 +53,18 @@ describe("README code blocks run", () => {
   runBlocks(defaultLibraryPath("cpu"));
 });
 
-gpuDescribe("README code blocks run unchanged on CUDA", () => runBlocks(defaultLibraryPath("cuda")));
+gpuDescribe(
+  "README code blocks run unchanged on CUDA",
+  () => runBlocks(defaultLibraryPath("cuda")),
+);
 
 /** Titles of the describe/it calls of a test file (template parts kept as written). */
 function testTitles(file: string): string[] {
   const text = readFileSync(join(root, file), "utf8");
   // deno fmt writes a title holding double quotes in single quotes
-  return [...text.matchAll(/\b(?:it|describe)\(\s*(["'`])((?:\\.|(?!\1).)*)\1/g)].map((m) => m[2].replace(/\\(["'])/g, "$1"));
+  return [...text.matchAll(/\b(?:it|describe)\(\s*(["'`])((?:\\.|(?!\1).)*)\1/g)].map((m) =>
+    m[2].replace(/\\(["'])/g, "$1")
+  );
 }
 
 describe("README for users", () => {
@@ -65,22 +75,34 @@ describe("README for users", () => {
   it("points only at files in the repository", () => {
     for (const { file, text } of pages) {
       const base = file.startsWith("docs/") ? join(root, "docs") : root;
-      const links = [...text.matchAll(/\]\(([^)#\s]+)\)/g)].map((m) => m[1]).filter((l) => !/^[a-z]+:/.test(l)).map((l) => join(base, l));
-      const paths = [...text.matchAll(/`((?:src|cuda|bench|docs|tests|scripts)\/[\w./-]+)`/g)].map((m) => join(root, m[1]));
+      const links = [...text.matchAll(/\]\(([^)#\s]+)\)/g)].map((m) => m[1]).filter((l) =>
+        !/^[a-z]+:/.test(l)
+      ).map((l) => join(base, l));
+      const paths = [...text.matchAll(/`((?:src|cuda|bench|docs|tests|scripts)\/[\w./-]+)`/g)].map((
+        m,
+      ) => join(root, m[1]));
       for (const p of [...links, ...paths]) {
         if (p.includes("*")) continue;
-        assert.ok(existsSync(p), `${file} points at ${p.slice(root.length)}, which is not in the repository`);
+        assert.ok(
+          existsSync(p),
+          `${file} points at ${p.slice(root.length)}, which is not in the repository`,
+        );
       }
     }
   });
 });
 
 describe("docs/errors.md error table", () => {
-  const section = errorsDoc.slice(errorsDoc.indexOf("### Bad input, kind by kind"), errorsDoc.indexOf("### Robustness tests"));
+  const section = errorsDoc.slice(
+    errorsDoc.indexOf("### Bad input, kind by kind"),
+    errorsDoc.indexOf("### Robustness tests"),
+  );
   const rows = section.split("\n").filter((l) => /^\| \d+ \|/.test(l));
   it("lists at least 30 kinds of bad input, numbered in order", () => {
     assert.ok(rows.length >= 30, `found ${rows.length} rows`);
-    rows.forEach((r, i) => assert.ok(r.startsWith(`| ${i + 1} |`), `row ${i + 1}: ${r.slice(0, 40)}`));
+    rows.forEach((r, i) =>
+      assert.ok(r.startsWith(`| ${i + 1} |`), `row ${i + 1}: ${r.slice(0, 40)}`)
+    );
   });
   it("names, in every row, tests that exist", () => {
     for (const row of rows) {
@@ -91,7 +113,10 @@ describe("docs/errors.md error table", () => {
       for (const [, file, frags] of parts) {
         const titles = testTitles(file);
         for (const frag of frags.split(";").map((f) => f.trim()).filter(Boolean)) {
-          assert.ok(titles.some((t) => t.includes(frag)), `${row.slice(0, 12)}: no test in ${file} whose name holds "${frag}"`);
+          assert.ok(
+            titles.some((t) => t.includes(frag)),
+            `${row.slice(0, 12)}: no test in ${file} whose name holds "${frag}"`,
+          );
         }
       }
     }

@@ -3,7 +3,14 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { attentionChart, deviceSlug, gbps, median, parseArgs, type Section } from "../bench/_report.ts";
+import {
+  attentionChart,
+  deviceSlug,
+  gbps,
+  median,
+  parseArgs,
+  type Section,
+} from "../bench/_report.ts";
 
 describe("bench report", () => {
   it("counts GB/s in 1e9 bytes and takes medians", () => {
@@ -14,7 +21,12 @@ describe("bench report", () => {
   });
 
   it("charts time per step against tokens read, one line and one floor per cache, GQA left out", () => {
-    const row = (c: string, cache: string, us: number, mb: number) => ({ case: c, cache, "us/step": us, "MB read": mb });
+    const row = (c: string, cache: string, us: number, mb: number) => ({
+      case: c,
+      cache,
+      "us/step": us,
+      "MB read": mb,
+    });
     const s: Section = {
       device: "Test GPU",
       backend: "cuda",
@@ -23,14 +35,20 @@ describe("bench report", () => {
       host: "x",
       copyGBps: 1000,
       rows: [
-        row("1x4096", "bits 16", 100, 67), row("8x8192", "bits 16", 900, 1074),
-        row("1x4096", "2-bit", 30, 14), row("8x8192", "2-bit", 200, 215),
+        row("1x4096", "bits 16", 100, 67),
+        row("8x8192", "bits 16", 900, 1074),
+        row("1x4096", "2-bit", 30, 14),
+        row("8x8192", "2-bit", 200, 215),
         row("8x32768 GQA 32/8", "2-bit", 300, 205),
       ],
     };
     const svg = attentionChart(s);
     assert.match(svg, /^<svg /);
-    assert.equal((svg.match(/<polyline /g) ?? []).length, 4, "a line and a floor for each of 2 caches");
+    assert.equal(
+      (svg.match(/<polyline /g) ?? []).length,
+      4,
+      "a line and a floor for each of 2 caches",
+    );
     assert.equal((svg.match(/<circle /g) ?? []).length, 4, "GQA row not on the tokens axis");
     assert.match(svg, /Test GPU \(copy 1000 GB\/s/);
   });

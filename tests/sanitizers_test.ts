@@ -22,9 +22,18 @@ const root = fileURLToPath(new URL("../", import.meta.url));
 const isBun = (globalThis as { Bun?: unknown }).Bun !== undefined;
 const hasGcc = spawnSync("gcc", ["--version"]).status === 0;
 const hasValgrind = spawnSync("valgrind", ["--version"]).status === 0;
-const SAN_FLAGS = ["-std=c11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"];
+const SAN_FLAGS = [
+  "-std=c11",
+  "-O1",
+  "-g",
+  "-fsanitize=address,undefined",
+  "-fno-omit-frame-pointer",
+  "-fno-sanitize-recover=undefined",
+];
 const VG_FLAGS = ["-std=c11", "-O2", "-g"];
-const sources = readdirSync(join(root, "cuda/cpu")).filter((f) => f.endsWith(".c")).map((f) => join(root, "cuda/cpu", f));
+const sources = readdirSync(join(root, "cuda/cpu")).filter((f) => f.endsWith(".c")).map((f) =>
+  join(root, "cuda/cpu", f)
+);
 const fuzzIters = process.env.KIVI_FUZZ_ITERS ?? "6000";
 const fuzzSeed = process.env.KIVI_FUZZ_SEED ?? "1";
 
@@ -39,10 +48,22 @@ function buildAndRun(p: Program, flags: string[], wrap: string[], env: Record<st
   const dir = mkdtempSync(join(tmpdir(), "kivi-c-"));
   try {
     const exe = join(dir, p.name);
-    const cc = spawnSync("gcc", [...flags, `-I${join(root, "cuda/include")}`, ...sources, join(root, "tests/c", `${p.name}.c`), "-lm", "-o", exe], { encoding: "utf8" });
+    const cc = spawnSync("gcc", [
+      ...flags,
+      `-I${join(root, "cuda/include")}`,
+      ...sources,
+      join(root, "tests/c", `${p.name}.c`),
+      "-lm",
+      "-o",
+      exe,
+    ], { encoding: "utf8" });
     assert.equal(cc.status, 0, `gcc failed:\n${cc.stderr}`);
     const cmd = [...wrap, exe, ...p.args];
-    const r = spawnSync(cmd[0], cmd.slice(1), { encoding: "utf8", env: { ...process.env, ...env, ...p.env }, maxBuffer: 64 << 20 });
+    const r = spawnSync(cmd[0], cmd.slice(1), {
+      encoding: "utf8",
+      env: { ...process.env, ...env, ...p.env },
+      maxBuffer: 64 << 20,
+    });
     const tail = `${cmd.join(" ")}\n${r.stdout.slice(-2000)}\n${r.stderr.slice(-4000)}`;
     return { status: r.status, stdout: r.stdout, stderr: r.stderr, tail };
   } finally {
@@ -57,7 +78,11 @@ describe("CPU reference C tests under AddressSanitizer and UBSan", () => {
     it(`skipped: ${hasGcc ? "run once, under bun test" : "no gcc"}`, { skip: true }, () => {});
     return;
   }
-  const programs: Program[] = [{ name: "cpu_smoke", args: [] }, { name: "cache_smoke", args: [] }, fuzz(fuzzIters)];
+  const programs: Program[] = [
+    { name: "cpu_smoke", args: [] },
+    { name: "cache_smoke", args: [] },
+    fuzz(fuzzIters),
+  ];
   for (const p of programs) {
     it(`${[p.name, ...p.args].join(" ")} is clean`, { timeout: 300_000 }, () => {
       // allocator_may_return_null: the fuzzer asks for 2^50-byte buffers and expects KIVI_ERR_NOMEM.
@@ -67,14 +92,22 @@ describe("CPU reference C tests under AddressSanitizer and UBSan", () => {
       });
       assert.equal(r.status, 0, `${p.name} exited ${r.status}:\n${r.tail}`);
       assert.match(r.stdout, /PASS: \d+ passed, 0 failed/, r.tail);
-      assert.doesNotMatch(r.stderr, /ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:/, r.tail);
+      assert.doesNotMatch(
+        r.stderr,
+        /ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:/,
+        r.tail,
+      );
     });
   }
 });
 
 describe("CPU reference C tests under valgrind memcheck", () => {
   if (!isBun || !hasGcc || !hasValgrind) {
-    const why = !hasGcc ? "no gcc" : !hasValgrind ? "valgrind is not installed (apt-get install valgrind; .ci/run does)" : "run once, under bun test";
+    const why = !hasGcc
+      ? "no gcc"
+      : !hasValgrind
+      ? "valgrind is not installed (apt-get install valgrind; .ci/run does)"
+      : "run once, under bun test";
     it(`skipped: ${why}`, { skip: true }, () => {});
     return;
   }
@@ -85,10 +118,23 @@ describe("CPU reference C tests under valgrind memcheck", () => {
   ];
   for (const p of programs) {
     it(`${[p.name, ...p.args].join(" ")} is clean`, { timeout: 300_000 }, () => {
-      const r = buildAndRun(p, VG_FLAGS, ["valgrind", "-q", "--error-exitcode=9", "--leak-check=full"], {});
-      assert.equal(r.status, 0, `${p.name} exited ${r.status} (9: valgrind found errors):\n${r.tail}`);
+      const r = buildAndRun(p, VG_FLAGS, [
+        "valgrind",
+        "-q",
+        "--error-exitcode=9",
+        "--leak-check=full",
+      ], {});
+      assert.equal(
+        r.status,
+        0,
+        `${p.name} exited ${r.status} (9: valgrind found errors):\n${r.tail}`,
+      );
       assert.match(r.stdout, /PASS: \d+ passed, 0 failed/, r.tail);
-      assert.doesNotMatch(r.stderr, /Invalid (read|write)|uninitialised|definitely lost|indirectly lost/, r.tail);
+      assert.doesNotMatch(
+        r.stderr,
+        /Invalid (read|write)|uninitialised|definitely lost|indirectly lost/,
+        r.tail,
+      );
     });
   }
 });

@@ -10,7 +10,16 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { type Backend, KiviError, type UniformQuantized } from "../src/mod.ts";
 import { stagingMode } from "../src/_staging.ts";
-import { assertSameBits, assertUntouched, bf16Bits, kvRows, openCpu, randomMatrix, Rng, sentinel } from "./_helpers.ts";
+import {
+  assertSameBits,
+  assertUntouched,
+  bf16Bits,
+  kvRows,
+  openCpu,
+  randomMatrix,
+  Rng,
+  sentinel,
+} from "./_helpers.ts";
 
 const kivi: Backend = await openCpu();
 
@@ -41,10 +50,13 @@ function bytes(a: ArrayBufferView): Uint8Array {
 
 /** Every field of two results that holds a typed array: same type and the same bytes. */
 function assertSameArrays(got: object, want: object, msg: string): void {
-  const keys = Object.keys(want).filter((k) => ArrayBuffer.isView((want as Record<string, unknown>)[k]));
+  const keys = Object.keys(want).filter((k) =>
+    ArrayBuffer.isView((want as Record<string, unknown>)[k])
+  );
   assert.ok(keys.length > 0, `${msg}: no arrays to compare`);
   for (const k of keys) {
-    const g = (got as Record<string, ArrayBufferView>)[k], w = (want as Record<string, ArrayBufferView>)[k];
+    const g = (got as Record<string, ArrayBufferView>)[k],
+      w = (want as Record<string, ArrayBufferView>)[k];
     assert.ok(ArrayBuffer.isView(g), `${msg}: ${k} is not a host array`);
     assert.equal(g.constructor, w.constructor, `${msg}: ${k}`);
     assert.deepEqual(bytes(g), bytes(w), `${msg}: ${k}`);
@@ -54,18 +66,30 @@ function assertSameArrays(got: object, want: object, msg: string): void {
 describe("host arrays staged through tensors (the CUDA path, run on the CPU build)", () => {
   const rng = new Rng("staging quant");
   const [rows, cols] = [192, 64];
-  const inputs = (["f32", "f16", "bf16"] as const).map((dtype) => randomMatrix(rng, rows, cols, dtype));
+  const inputs = (["f32", "f16", "bf16"] as const).map((dtype) =>
+    randomMatrix(rng, rows, cols, dtype)
+  );
 
   it("quantize, dequantize and stats give the direct call's bytes, for every dtype and both formats", () => {
     for (const { x, dtype } of inputs) {
-      for (const format of [{ kind: "uniform", bits: 2, group: 32 }, { kind: "codebook", bits: 4, group: 64 }] as const) {
+      for (
+        const format of [{ kind: "uniform", bits: 2, group: 32 }, {
+          kind: "codebook",
+          bits: 4,
+          group: 64,
+        }] as const
+      ) {
         for (const axis of ["token", "channel"] as const) {
           const opts = { shape: [rows, cols] as const, dtype, axis, format };
           const want = kivi.quantize(x, opts);
           const got = staged(() => kivi.quantize(x, opts));
           const msg = `${dtype} ${format.kind} ${axis} ${rng.tag}`;
           assertSameArrays(got, want, msg);
-          assertSameBits(staged(() => kivi.dequantize(got, { dtype: "bf16" })) as Uint16Array, kivi.dequantize(want, { dtype: "bf16" }) as Uint16Array, msg);
+          assertSameBits(
+            staged(() => kivi.dequantize(got, { dtype: "bf16" })) as Uint16Array,
+            kivi.dequantize(want, { dtype: "bf16" }) as Uint16Array,
+            msg,
+          );
           const st = { shape: [rows, cols] as const, dtype, axis, group: 32 as const };
           assertSameArrays(staged(() => kivi.stats(x, st)), kivi.stats(x, st), msg);
         }
@@ -75,13 +99,32 @@ describe("host arrays staged through tensors (the CUDA path, run on the CPU buil
 
   it("fitCodebook (with its trace), quantizeWithCodebook, pack and unpack give the direct call's bytes", () => {
     const { x } = inputs[0];
-    const fit = { shape: [rows, cols] as const, axis: "channel" as const, bits: 2 as const, group: 64 as const, trace: true };
+    const fit = {
+      shape: [rows, cols] as const,
+      axis: "channel" as const,
+      bits: 2 as const,
+      group: 64 as const,
+      trace: true,
+    };
     const want = kivi.fitCodebook(x, fit);
     const got = staged(() => kivi.fitCodebook(x, fit));
     assertSameArrays(got, want, `fit ${rng.tag}`);
-    assert.ok(got.iters instanceof Int32Array && got.inertia instanceof Float32Array, "the trace comes back as host arrays");
-    const wc = { shape: [rows, cols] as const, axis: "channel" as const, bits: 2 as const, group: 64 as const, assign: "interval" as const };
-    assertSameArrays(staged(() => kivi.quantizeWithCodebook(x, want.centroids, wc)), kivi.quantizeWithCodebook(x, want.centroids, wc), `codes ${rng.tag}`);
+    assert.ok(
+      got.iters instanceof Int32Array && got.inertia instanceof Float32Array,
+      "the trace comes back as host arrays",
+    );
+    const wc = {
+      shape: [rows, cols] as const,
+      axis: "channel" as const,
+      bits: 2 as const,
+      group: 64 as const,
+      assign: "interval" as const,
+    };
+    assertSameArrays(
+      staged(() => kivi.quantizeWithCodebook(x, want.centroids, wc)),
+      kivi.quantizeWithCodebook(x, want.centroids, wc),
+      `codes ${rng.tag}`,
+    );
     const codes = Uint8Array.from({ length: 256 }, () => rng.int(4));
     const words = staged(() => kivi.pack(codes, { bits: 2 }));
     assert.deepEqual(words, kivi.pack(codes, { bits: 2 }));
@@ -90,28 +133,57 @@ describe("host arrays staged through tensors (the CUDA path, run on the CPU buil
 
   it("writes into the caller's out arrays, and a failed call leaves them untouched", () => {
     const { x } = inputs[0];
-    const opts = { shape: [rows, cols] as const, axis: "token" as const, format: { kind: "uniform", bits: 4, group: 32 } as const };
+    const opts = {
+      shape: [rows, cols] as const,
+      axis: "token" as const,
+      format: { kind: "uniform", bits: 4, group: 32 } as const,
+    };
     const want = kivi.quantize(x, opts) as UniformQuantized<"host">;
-    const out = { codes: new Uint32Array(want.codes.length), scale: new Float16Array(want.scale.length), zero: new Float16Array(want.zero.length) };
+    const out = {
+      codes: new Uint32Array(want.codes.length),
+      scale: new Float16Array(want.scale.length),
+      zero: new Float16Array(want.zero.length),
+    };
     const q = staged(() => kivi.quantize(x, { ...opts, out })) as UniformQuantized<"host">;
     assert.equal(q.codes, out.codes, "the result is the out array itself");
     assertSameArrays(out, want, `out ${rng.tag}`);
 
     const bad = Float32Array.from(x as Float32Array);
     bad[1234] = NaN;
-    const s = { codes: sentinel(new Uint32Array(want.codes.length)), scale: sentinel(new Float16Array(want.scale.length)), zero: sentinel(new Float16Array(want.zero.length)) };
+    const s = {
+      codes: sentinel(new Uint32Array(want.codes.length)),
+      scale: sentinel(new Float16Array(want.scale.length)),
+      zero: sentinel(new Float16Array(want.zero.length)),
+    };
     assert.throws(
-      () => staged(() => kivi.quantize(bad, { ...opts, out: { codes: s.codes.buf, scale: s.scale.buf, zero: s.zero.buf } })),
+      () =>
+        staged(() =>
+          kivi.quantize(bad, {
+            ...opts,
+            out: { codes: s.codes.buf, scale: s.scale.buf, zero: s.zero.buf },
+          })
+        ),
       (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE",
     );
     for (const [k, v] of Object.entries(s)) assertUntouched(v, `out.${k} after a NaN`);
     // An argument mistake is found before x is uploaded (Call.bind stages after every argument was read).
-    assert.throws(() => staged(() => kivi.quantize(x, { ...opts, out: { codes: new Uint32Array(3) } }), false), TypeError);
+    assert.throws(
+      () => staged(() => kivi.quantize(x, { ...opts, out: { codes: new Uint32Array(3) } }), false),
+      TypeError,
+    );
   });
 
   it("the cache: append and attend give the direct call's results, into a given out too", () => {
     const crng = new Rng("staging cache");
-    const opts = { layers: 2, kvHeads: 2, queryHeads: 4, headDim: 64, residual: 32, maxPages: 32, values: { kind: "uniform", bits: 2, group: 32 } } as const;
+    const opts = {
+      layers: 2,
+      kvHeads: 2,
+      queryHeads: 4,
+      headDim: 64,
+      residual: 32,
+      maxPages: 32,
+      values: { kind: "uniform", bits: 2, group: 32 },
+    } as const;
     using direct = kivi.createCache(opts);
     using viaTensors = kivi.createCache(opts);
     const a = direct.createSequence(), b = viaTensors.createSequence();
@@ -124,31 +196,53 @@ describe("host arrays staged through tensors (the CUDA path, run on the CPU buil
     a.append(kh, kh, { layer: 1, dtype: "bf16" });
     staged(() => b.append(kh, kh, { layer: 1, dtype: "bf16" }));
     for (const layer of [0, 1]) {
-      assert.deepEqual(viaTensors.read(b, layer), direct.read(a, layer), `layer ${layer} ${crng.tag}`);
+      assert.deepEqual(
+        viaTensors.read(b, layer),
+        direct.read(a, layer),
+        `layer ${layer} ${crng.tag}`,
+      );
       const q = kvRows(crng, 1, 4, 64);
       const want = direct.attend(layer, [a], q) as Float32Array;
       const got = staged(() => viaTensors.attend(layer, [b], q));
       assert.ok(got instanceof Float32Array, "a host q gives a host result");
       assert.deepEqual(got, want, `attend layer ${layer} ${crng.tag}`);
       const out = sentinel(new Float16Array(4 * 64));
-      staged(() => viaTensors.attend(layer, [b], Float16Array.from(q), { dtype: "f16", out: out.buf }));
-      assert.deepEqual(out.buf, direct.attend(layer, [a], Float16Array.from(q), { dtype: "f16" }), `attend into out ${crng.tag}`);
+      staged(() =>
+        viaTensors.attend(layer, [b], Float16Array.from(q), { dtype: "f16", out: out.buf })
+      );
+      assert.deepEqual(
+        out.buf,
+        direct.attend(layer, [a], Float16Array.from(q), { dtype: "f16" }),
+        `attend into out ${crng.tag}`,
+      );
     }
   });
 
   it("the cache: a failed append changes nothing and frees its uploads", () => {
     const crng = new Rng("staging cache failure");
-    using cache = kivi.createCache({ layers: 1, kvHeads: 2, headDim: 64, residual: 32, maxPages: 4 });
+    using cache = kivi.createCache({
+      layers: 1,
+      kvHeads: 2,
+      headDim: 64,
+      residual: 32,
+      maxPages: 4,
+    });
     const s = cache.createSequence();
     staged(() => s.append(kvRows(crng, 40, 2, 64), kvRows(crng, 40, 2, 64)));
     const before = cache.read(s, 0), mem = cache.memory();
     const bad = kvRows(crng, 5, 2, 64);
     bad[77] = Infinity;
-    assert.throws(() => staged(() => s.append(bad, bad)), (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE");
+    assert.throws(
+      () => staged(() => s.append(bad, bad)),
+      (e) => e instanceof KiviError && e.code === "KIVI_ERR_NONFINITE",
+    );
     const big = kvRows(crng, 5, 2, 64);
     big[3] = 70000;
     assert.throws(() => staged(() => s.append(big, big), false), RangeError);
-    assert.throws(() => staged(() => s.append(kvRows(crng, 1, 2, 64), new Float32Array(7)), false), TypeError);
+    assert.throws(
+      () => staged(() => s.append(kvRows(crng, 1, 2, 64), new Float32Array(7)), false),
+      TypeError,
+    );
     assert.deepEqual(cache.read(s, 0), before);
     assert.deepEqual(cache.memory(), mem);
   });

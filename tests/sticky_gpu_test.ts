@@ -19,9 +19,17 @@ const isBun = (globalThis as { Bun?: unknown }).Bun !== undefined;
 const SEED = 20261129;
 
 function runChild(kind: "cpu" | "cuda", mode: "fault" | "clean"): ChildReport {
-  const args = isBun ? [child, kind, mode, String(SEED)] : ["run", "-A", child, kind, mode, String(SEED)];
-  const r = spawnSync(process.execPath, args, { encoding: "utf8", timeout: 180_000, maxBuffer: 16 << 20 });
-  const out = `${process.execPath} ${args.join(" ")} (seed ${SEED}) exited ${r.status}\n${r.stdout}\n${r.stderr}`;
+  const args = isBun
+    ? [child, kind, mode, String(SEED)]
+    : ["run", "-A", child, kind, mode, String(SEED)];
+  const r = spawnSync(process.execPath, args, {
+    encoding: "utf8",
+    timeout: 180_000,
+    maxBuffer: 16 << 20,
+  });
+  const out = `${process.execPath} ${
+    args.join(" ")
+  } (seed ${SEED}) exited ${r.status}\n${r.stdout}\n${r.stderr}`;
   assert.equal(r.status, 0, out);
   const line = r.stdout.trim().split("\n").at(-1) ?? "";
   return JSON.parse(line) as ChildReport;
@@ -54,9 +62,17 @@ gpuDescribe("sticky CUDA faults (child processes)", () => {
     assert.match(r.fault?.message ?? "", /illegal/i, "CUDA's name of the fault is in the message");
     assert.ok(r.after.length >= 7, "every kind of call was tried after the fault");
     for (const s of r.after) {
-      assert.equal(s.code, "KIVI_ERR_CUDA_STICKY", `${s.op} after the fault: ${s.ok ? "succeeded" : `${s.code} ${s.message}`}`);
+      assert.equal(
+        s.code,
+        "KIVI_ERR_CUDA_STICKY",
+        `${s.op} after the fault: ${s.ok ? "succeeded" : `${s.code} ${s.message}`}`,
+      );
       assert.match(s.message ?? "", /sticky CUDA fault/, `${s.op}: the message says why`);
-      assert.match(s.message ?? "", /new process|destroy it/, `${s.op}: the message says what to do`);
+      assert.match(
+        s.message ?? "",
+        /new process|destroy it/,
+        `${s.op}: the message says what to do`,
+      );
     }
     assert.ok(r.disposed.ok, `dispose after the fault must not throw: ${r.disposed.message}`);
   });

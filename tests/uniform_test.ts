@@ -29,11 +29,23 @@ import { DTYPES } from "./_helpers.ts";
 type Case = [rows: number, cols: number, group: GroupSize];
 
 /** Keys: G consecutive tokens of a channel. 520, 530 and 600 columns cross the CPU build's 512-column tile. */
-const TOKEN_CASES: Case[] = [[96, 40, 32], [160, 128, 32], [4096, 40, 64], [4096, 128, 128], [64, 600, 32], [128, 520, 64], [256, 530, 128]];
+const TOKEN_CASES: Case[] = [
+  [96, 40, 32],
+  [160, 128, 32],
+  [4096, 40, 64],
+  [4096, 128, 128],
+  [64, 600, 32],
+  [128, 520, 64],
+  [256, 530, 128],
+];
 /** Values: G consecutive channels of a token. 544 and 640 columns cross the 512-column tile. */
 const CHANNEL_CASES: Case[] = [];
 for (const rows of [1, 3, 17]) {
-  for (const cols of [64, 128, 256]) for (const g of [32, 64, 128] as const) if (cols % g === 0) CHANNEL_CASES.push([rows, cols, g]);
+  for (const cols of [64, 128, 256]) {
+    for (const g of [32, 64, 128] as const) {
+      if (cols % g === 0) CHANNEL_CASES.push([rows, cols, g]);
+    }
+  }
 }
 CHANNEL_CASES.push([3, 640, 128], [2, 544, 32]);
 
@@ -50,21 +62,36 @@ describe("uniform", () => {
           for (const [rows, cols, group] of casesOf(axis)) {
             const rng = new Rng(`uniform ${axis} ${dtype} ${bits} ${rows}x${cols} G${group}`);
             const inp = randomMatrix(rng, rows, cols, dtype);
-            const q = asUniform(kivi.quantize(inp.x, { shape: [rows, cols], dtype, axis, format: { kind: "uniform", bits, group } }));
+            const q = asUniform(
+              kivi.quantize(inp.x, {
+                shape: [rows, cols],
+                dtype,
+                axis,
+                format: { kind: "uniform", bits, group },
+              }),
+            );
             const o = uniformOracle(inp.v, rows, cols, axis, group, bits);
             const groups = o.scale.length;
             assert.equal(q.groups, groups, rng.tag);
             assert.equal(q.codes.length, (rows * cols * bits) / 32, rng.tag);
             for (let g = 0; g < groups; g++) {
               if (!Object.is(q.scale[g], o.scale[g]) || !Object.is(q.zero[g], o.zero[g])) {
-                assert.fail(`group ${g}: scale/zero ${q.scale[g]}/${q.zero[g]}, oracle ${o.scale[g]}/${o.zero[g]} ${rng.tag}`);
+                assert.fail(
+                  `group ${g}: scale/zero ${q.scale[g]}/${q.zero[g]}, oracle ${o.scale[g]}/${
+                    o.zero[g]
+                  } ${rng.tag}`,
+                );
               }
             }
             // codes read out of the words by kivi.h's index formula
             const codes = codesOf(q.codes, rows, cols, axis, bits);
             for (let i = 0; i < codes.length; i++) {
               if (codes[i] !== o.codes[i]) {
-                assert.fail(`code of (${Math.floor(i / cols)}, ${i % cols}) is ${codes[i]}, oracle ${o.codes[i]} ${rng.tag}`);
+                assert.fail(
+                  `code of (${Math.floor(i / cols)}, ${i % cols}) is ${codes[i]}, oracle ${
+                    o.codes[i]
+                  } ${rng.tag}`,
+                );
               }
             }
             // x' = fmaf(q, s, z): exact in the oracle (see uniformOracle), so equal, not merely close.
@@ -72,10 +99,14 @@ describe("uniform", () => {
             assert.ok(deq instanceof Float32Array);
             for (let g = 0; g < groups; g++) {
               for (const i of groupMembers(rows, cols, axis, group, g)) {
-                if (deq[i] !== o.deq[i]) assert.fail(`x'[${i}] = ${deq[i]}, fmaf(q, s, z) = ${o.deq[i]} ${rng.tag}`);
+                if (deq[i] !== o.deq[i]) {
+                  assert.fail(`x'[${i}] = ${deq[i]}, fmaf(q, s, z) = ${o.deq[i]} ${rng.tag}`);
+                }
                 const err = Math.abs(inp.v[i] - deq[i]);
                 const bound = uniformBound(inp.v[i], o.scale[g], o.zero[g], o.mn[g], o.mx[g], bits);
-                if (!(err <= bound)) assert.fail(`|x - x'| = ${err} > ${bound} at ${i} (group ${g}) ${rng.tag}`);
+                if (!(err <= bound)) {
+                  assert.fail(`|x - x'| = ${err} > ${bound} at ${i} (group ${g}) ${rng.tag}`);
+                }
               }
             }
           }
@@ -91,7 +122,13 @@ describe("uniform", () => {
         const [rows, cols, group] = axis === "token" ? [96, 40, 32] as Case : [3, 256, 64] as Case;
         const rng = new Rng(`layout ${axis} ${bits}`);
         const inp = randomMatrix(rng, rows, cols, "f32");
-        const q = asUniform(kivi.quantize(inp.x, { shape: [rows, cols], axis, format: { kind: "uniform", bits, group } }));
+        const q = asUniform(
+          kivi.quantize(inp.x, {
+            shape: [rows, cols],
+            axis,
+            format: { kind: "uniform", bits, group },
+          }),
+        );
         const o = uniformOracle(inp.v, rows, cols, axis, group, bits);
         const unpacked = host(kivi.unpack(q.codes, { bits })) as Uint8Array;
         assert.equal(unpacked.length, rows * cols);
@@ -99,13 +136,19 @@ describe("uniform", () => {
         for (let r = 0; r < rows; r++) {
           for (let c = 0; c < cols; c++) {
             const [w, slot] = wordOf(r, c, rows, cols, axis, bits);
-            assert.equal(unpacked[w * cpw + slot], o.codes[r * cols + c], `(${r}, ${c}) word ${w} slot ${slot} ${rng.tag}`);
+            assert.equal(
+              unpacked[w * cpw + slot],
+              o.codes[r * cols + c],
+              `(${r}, ${c}) word ${w} slot ${slot} ${rng.tag}`,
+            );
           }
         }
         // each group's codes are one contiguous run of group / cpw words, in group order
         const g = 7;
         const m = groupMembers(rows, cols, axis, group, g);
-        for (let i = 0; i < group; i++) assert.equal(unpacked[g * group + i], o.codes[m[i]], `group ${g} member ${i} ${rng.tag}`);
+        for (let i = 0; i < group; i++) {
+          assert.equal(unpacked[g * group + i], o.codes[m[i]], `group ${g} member ${i} ${rng.tag}`);
+        }
       }
     });
   }
@@ -115,14 +158,27 @@ describe("uniform", () => {
       using kivi = await openCpu();
       for (const axis of ["token", "channel"] as const) {
         for (const bits of BITS) {
-          const [rows, cols, group] = axis === "token" ? [96, 40, 32] as Case : [3, 128, 32] as Case;
+          const [rows, cols, group] = axis === "token"
+            ? [96, 40, 32] as Case
+            : [3, 128, 32] as Case;
           const rng = new Rng(`constant ${dtype} ${axis} ${bits}`);
           const base = randomMatrix(rng, rows, cols, "f32");
           const vals = Float64Array.from(base.v);
           const consts = [Math.PI, -1234.567, 0.0001234, 0.5];
-          for (let k = 0; k < consts.length; k++) for (const i of groupMembers(rows, cols, axis, group, 2 * k + 1)) vals[i] = consts[k];
+          for (let k = 0; k < consts.length; k++) {
+            for (const i of groupMembers(rows, cols, axis, group, 2 * k + 1)) {
+              vals[i] = consts[k];
+            }
+          }
           const inp = toInput(vals, dtype);
-          const q = asUniform(kivi.quantize(inp.x, { shape: [rows, cols], dtype, axis, format: { kind: "uniform", bits, group } }));
+          const q = asUniform(
+            kivi.quantize(inp.x, {
+              shape: [rows, cols],
+              dtype,
+              axis,
+              format: { kind: "uniform", bits, group },
+            }),
+          );
           const deq = host(kivi.dequantize(q)) as Float32Array;
           assert.ok(deq.every((d) => Number.isFinite(d)), `no NaN/Inf in the output ${rng.tag}`);
           const codes = codesOf(q.codes, rows, cols, axis, bits);
@@ -136,11 +192,17 @@ describe("uniform", () => {
               assert.equal(q.zero[g], c, `zero of constant group ${g} ${rng.tag}`);
             } else {
               // It lies between two fp16 values: zero is the lower, and one step brings it within half of it.
-              assert.ok(q.zero[g] < c && q.scale[g] > 0, `params of constant group ${g}: ${q.zero[g]}, ${q.scale[g]} ${rng.tag}`);
+              assert.ok(
+                q.zero[g] < c && q.scale[g] > 0,
+                `params of constant group ${g}: ${q.zero[g]}, ${q.scale[g]} ${rng.tag}`,
+              );
             }
             for (const i of m) {
               assert.equal(codes[i], codes[m[0]], `one code in constant group ${g} ${rng.tag}`);
-              assert.ok(Math.abs(deq[i] - c) <= q.scale[g] / 2 + 2 ** -24 * Math.abs(c), `|x' - c| <= scale / 2 ${rng.tag}`);
+              assert.ok(
+                Math.abs(deq[i] - c) <= q.scale[g] / 2 + 2 ** -24 * Math.abs(c),
+                `|x' - c| <= scale / 2 ${rng.tag}`,
+              );
               // no worse than fp16 rounding of a normal number: relative error <= 2^-11
               assert.ok(Math.abs(deq[i] - c) <= 2 ** -11 * Math.abs(c), `|x' - c| ${rng.tag}`);
             }
@@ -156,7 +218,13 @@ describe("uniform", () => {
     const head = [0, 3, 0.5, 1.5, 2.5, 1, 2, 0.49999997, 2.5000002];
     const want = [0, 3, 0, 2, 2, 1, 2, 0, 3];
     const vals = new Float32Array(32).map((_, i) => head[i % head.length]);
-    const q = asUniform(kivi.quantize(vals, { shape: [1, 32], axis: "channel", format: { kind: "uniform", bits: 2 } }));
+    const q = asUniform(
+      kivi.quantize(vals, {
+        shape: [1, 32],
+        axis: "channel",
+        format: { kind: "uniform", bits: 2 },
+      }),
+    );
     assert.equal(q.scale[0], 1);
     assert.equal(q.zero[0], 0);
     const codes = codesOf(q.codes, 1, 32, "channel", 2);
@@ -168,7 +236,13 @@ describe("uniform", () => {
     // range 2^-23 over 15 steps is below 2^-25, half of fp16's smallest subnormal: KIVI's scale rounds to
     // 0 (every value would become 1); the smallest step 2^-24 reaches 1 + 2^-23 with code 2, exactly
     const vals = new Float32Array(32).map((_, i) => (i % 2 ? 1 + 2 ** -23 : 1));
-    const q = asUniform(kivi.quantize(vals, { shape: [1, 32], axis: "channel", format: { kind: "uniform", bits: 4 } }));
+    const q = asUniform(
+      kivi.quantize(vals, {
+        shape: [1, 32],
+        axis: "channel",
+        format: { kind: "uniform", bits: 4 },
+      }),
+    );
     assert.equal(q.scale[0], 2 ** -24);
     assert.equal(q.zero[0], 1);
     assert.deepEqual([...host(kivi.dequantize(q))], [...vals]);
@@ -177,20 +251,41 @@ describe("uniform", () => {
   for (const out of ["f16", "bf16"] as const) {
     it(`dequantizes to ${out}: the fp32 value fmaf(q, s, z) rounded once to ${out}`, async () => {
       using kivi = await openCpu();
-      for (const [axis, rows, cols, group] of [["token", 160, 40, 32], ["token", 64, 600, 64], ["channel", 17, 256, 64], ["channel", 3, 640, 128]] as const) {
+      for (
+        const [axis, rows, cols, group] of [["token", 160, 40, 32], ["token", 64, 600, 64], [
+          "channel",
+          17,
+          256,
+          64,
+        ], ["channel", 3, 640, 128]] as const
+      ) {
         for (const bits of BITS) {
           const rng = new Rng(`deq ${out} ${axis} ${bits}`);
           const inp = randomMatrix(rng, rows, cols, "f32");
-          const q = asUniform(kivi.quantize(inp.x, { shape: [rows, cols], axis, format: { kind: "uniform", bits, group } }));
+          const q = asUniform(
+            kivi.quantize(inp.x, {
+              shape: [rows, cols],
+              axis,
+              format: { kind: "uniform", bits, group },
+            }),
+          );
           const o = uniformOracle(inp.v, rows, cols, axis, group, bits);
           const d = host(kivi.dequantize(q, { dtype: out }));
           if (out === "f16") {
             assert.ok(d instanceof Float16Array);
-            for (let i = 0; i < d.length; i++) if (d[i] !== f16(o.deq[i])) assert.fail(`f16 x'[${i}] ${d[i]} vs ${f16(o.deq[i])} ${rng.tag}`);
+            for (let i = 0; i < d.length; i++) {
+              if (d[i] !== f16(o.deq[i])) {
+                assert.fail(`f16 x'[${i}] ${d[i]} vs ${f16(o.deq[i])} ${rng.tag}`);
+              }
+            }
           } else {
             assert.ok(d instanceof Uint16Array);
             for (let i = 0; i < d.length; i++) {
-              if (d[i] !== bf16Bits(o.deq[i])) assert.fail(`bf16 x'[${i}] ${bf16Value(d[i])} vs ${bf16Value(bf16Bits(o.deq[i]))} ${rng.tag}`);
+              if (d[i] !== bf16Bits(o.deq[i])) {
+                assert.fail(
+                  `bf16 x'[${i}] ${bf16Value(d[i])} vs ${bf16Value(bf16Bits(o.deq[i]))} ${rng.tag}`,
+                );
+              }
             }
           }
         }
@@ -204,16 +299,26 @@ describe("uniform", () => {
     const rng = new Rng("uniform out");
     const inp = randomMatrix(rng, rows, cols, "f16" as DataDType);
     const fmt = { kind: "uniform", bits, group } as const;
-    const ref = asUniform(kivi.quantize(inp.x, { shape: [rows, cols], axis: "token", format: fmt }));
-    const out = { codes: new Uint32Array(ref.codes.length), scale: new Float16Array(ref.groups), zero: new Float16Array(ref.groups) };
-    const q = asUniform(kivi.quantize(inp.x, { shape: [rows, cols], axis: "token", format: fmt, out }));
+    const ref = asUniform(
+      kivi.quantize(inp.x, { shape: [rows, cols], axis: "token", format: fmt }),
+    );
+    const out = {
+      codes: new Uint32Array(ref.codes.length),
+      scale: new Float16Array(ref.groups),
+      zero: new Float16Array(ref.groups),
+    };
+    const q = asUniform(
+      kivi.quantize(inp.x, { shape: [rows, cols], axis: "token", format: fmt, out }),
+    );
     assert.equal(q.codes, out.codes);
     assert.equal(q.scale, out.scale);
     assert.equal(q.zero, out.zero);
     assert.deepEqual([...q.codes], [...ref.codes], rng.tag);
     assert.deepEqual([...q.scale], [...ref.scale], rng.tag);
     assert.deepEqual([...q.zero], [...ref.zero], rng.tag);
-    const t = asUniform(kivi.quantize(inp.x, { shape: [rows, cols], axis: "token", format: fmt, trusted: true }));
+    const t = asUniform(
+      kivi.quantize(inp.x, { shape: [rows, cols], axis: "token", format: fmt, trusted: true }),
+    );
     assert.deepEqual([...t.codes], [...ref.codes], rng.tag);
     const deqOut = new Float32Array(rows * cols);
     assert.equal(kivi.dequantize(q, { out: deqOut }), deqOut);

@@ -64,11 +64,11 @@ KIVI_API kivi_status kivi_cache_attend(kivi_cache_t c, int32_t layer, const int3
   if (!q) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: q must not be NULL", op);
   if (!out) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: out must not be NULL", op);
   if (q_dtype != KIVI_F32 && q_dtype != KIVI_F16 && q_dtype != KIVI_BF16)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: q_dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
-                    op, (int)q_dtype);
+    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: q_dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op,
+                    (int)q_dtype);
   if (out_dtype != KIVI_F32 && out_dtype != KIVI_F16 && out_dtype != KIVI_BF16)
-    return cpu_fail(c->ctx, KIVI_ERR_ARG,
-                    "%s: out_dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op, (int)out_dtype);
+    return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: out_dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d",
+                    op, (int)out_dtype);
   if (!isfinite(scale)) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: scale must be finite, got %g", op, (double)scale);
   if (flags & ~(int32_t)KIVI_FLAG_TRUSTED)
     return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op, (int)flags);

@@ -15,11 +15,11 @@
 struct kivi_batch {
   struct kivi_cache *cache;
   kivi_batch_args a;
-  int32_t *seqs;              /* [batch] slots (a copy: the caller's array may change) */
-  uint32_t *gens;             /* [batch] the slots' generations when the batch was made */
-  int pending;                /* an error not read yet: later outs are NaN (the CUDA build's device word) */
-  kivi_batch_record *record;  /* + bad[batch] */
-  float *tok;                 /* [k_group][head_dim]: the append's flush scratch */
+  int32_t *seqs;             /* [batch] slots (a copy: the caller's array may change) */
+  uint32_t *gens;            /* [batch] the slots' generations when the batch was made */
+  int pending;               /* an error not read yet: later outs are NaN (the CUDA build's device word) */
+  kivi_batch_record *record; /* + bad[batch] */
+  float *tok;                /* [k_group][head_dim]: the append's flush scratch */
 };
 
 static int slot_live(const void *c, int32_t s) { return ((const struct kivi_cache *)c)->seqs[s].live; }
@@ -75,8 +75,8 @@ static kivi_batch_slot slot_of(const void *cache, int32_t s, int32_t layer) {
 static kivi_status enter(kivi_batch_t b, const char *op, int32_t layer, int need_kv) {
   if (!b) return cpu_fail(NULL, KIVI_ERR_ARG, "%s: batch must not be NULL", op);
   char msg[CPU_ERR_LEN];
-  const kivi_status st =
-      kivi_batch_enter(&b->cache->cfg, &b->a, b->record, b->gens, b->cache, slot_of, op, layer, need_kv, msg, sizeof msg);
+  const kivi_status st = kivi_batch_enter(&b->cache->cfg, &b->a, b->record, b->gens, b->cache, slot_of, op, layer,
+                                          need_kv, msg, sizeof msg);
   return st ? cpu_fail(b->cache->ctx, st, "%s", msg) : KIVI_OK;
 }
 
@@ -99,7 +99,8 @@ static uint64_t scan_row(const void *x, kivi_dtype dtype, int64_t n, int32_t row
   const int64_t e = f16range ? cpu_first_unquantizable(p, dtype, n) : cpu_first_nonfinite(p, dtype, n);
   if (e < 0) return KIVI_CHECK_NONE;
   uint32_t u = 0;
-  if (es == 4) memcpy(&u, p + e * 4, 4);
+  if (es == 4)
+    memcpy(&u, p + e * 4, 4);
   else {
     uint16_t h;
     memcpy(&h, p + e * 2, 2);

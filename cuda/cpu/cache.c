@@ -203,7 +203,8 @@ static void quantize_v_rows(const cache_t *c, uint8_t *block, int32_t o, const f
     return;
   }
   for (int32_t i = 0; i < F; i++)
-    for (int32_t k = 0; k < D / Gv; k++) quantize_group(c, 1, block, tok + (int64_t)i * D + (int64_t)k * Gv, Gv, o + i, k * Gv, 0, 1);
+    for (int32_t k = 0; k < D / Gv; k++)
+      quantize_group(c, 1, block, tok + (int64_t)i * D + (int64_t)k * Gv, Gv, o + i, k * Gv, 0, 1);
 }
 
 /* Unpacking: AVX2 where the build targets it (a vector shift by per-lane counts; _mm256_fmadd_ps is
@@ -326,7 +327,7 @@ void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, flo
 }
 
 /* kv_spread4[x]: the four 2-bit codes of byte x as four bytes (a compile-time table) */
-#define KV_SP(x) (((x) & 0x3u) | ((x) & 0xcu) << 6 | ((x) & 0x30u) << 12 | ((x) & 0xc0u) << 18)
+#define KV_SP(x) (((x)&0x3u) | ((x)&0xcu) << 6 | ((x)&0x30u) << 12 | ((x)&0xc0u) << 18)
 #define KV_SP4(x) KV_SP((x)), KV_SP((x) + 1u), KV_SP((x) + 2u), KV_SP((x) + 3u)
 #define KV_SP16(x) KV_SP4((x)), KV_SP4((x) + 4u), KV_SP4((x) + 8u), KV_SP4((x) + 12u)
 #define KV_SP64(x) KV_SP16((x)), KV_SP16((x) + 16u), KV_SP16((x) + 32u), KV_SP16((x) + 48u)
@@ -425,8 +426,8 @@ static kivi_status scan_input(const cache_t *c, const char *op, const char *name
                   "%s: %s must be finite, got %s at index %lld (layer %lld, token %lld, head %lld, channel %lld); "
                   "pass KIVI_FLAG_TRUSTED only for data known to be finite",
                   op, name, v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"), (long long)i,
-                  (long long)(layer0 + i / (row * n)), (long long)(i / row % n),
-                  (long long)(i % row / c->cfg.head_dim), (long long)(i % c->cfg.head_dim));
+                  (long long)(layer0 + i / (row * n)), (long long)(i / row % n), (long long)(i % row / c->cfg.head_dim),
+                  (long long)(i % c->cfg.head_dim));
 }
 
 KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t layer, const void *k, const void *v,
@@ -450,8 +451,8 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
   const int64_t extra = cpu_cache_append_pages(c, seq, L0, L1, n);
   if (extra > c->n_free)
     return cpu_fail(c->ctx, KIVI_ERR_CAPACITY,
-                    "%s: the page pool is full: sequence %d needs %lld more page(s), %d of %d are free", op,
-                    (int)seq, (long long)extra, (int)c->n_free, (int)g->max_pages);
+                    "%s: the page pool is full: sequence %d needs %lld more page(s), %d of %d are free", op, (int)seq,
+                    (long long)extra, (int)c->n_free, (int)g->max_pages);
   float *tok = NULL; /* one head's F flushed tokens [F][D] */
   if ((st = cpu_alloc(c->ctx, op, sizeof(float) * (size_t)F * (size_t)D, (void **)&tok))) return st;
   cpu_cache_append_commit(c, seq, L0, L1, k, v, dtype, n, extra, tok);
@@ -534,10 +535,12 @@ KIVI_API kivi_status kivi_cache_read(kivi_cache_t c, int32_t seq, int32_t layer,
     for (int32_t h = 0; h < H; h++) {
       cpu_cache_dequant_k(c, cpu_cache_block(c, 0, layer, table[t0 / P], h), nt, buf);
       for (int32_t t = 0; t < nt; t++)
-        for (int32_t d = 0; d < D; d++) cpu_store(k, dtype, (t0 + t) * row + (int64_t)h * D + d, buf[(int64_t)d * P + t]);
+        for (int32_t d = 0; d < D; d++)
+          cpu_store(k, dtype, (t0 + t) * row + (int64_t)h * D + d, buf[(int64_t)d * P + t]);
       cpu_cache_dequant_v(c, cpu_cache_block(c, 1, layer, table[t0 / P], h), nt, buf);
       for (int32_t t = 0; t < nt; t++)
-        for (int32_t d = 0; d < D; d++) cpu_store(v, dtype, (t0 + t) * row + (int64_t)h * D + d, buf[(int64_t)t * D + d]);
+        for (int32_t d = 0; d < D; d++)
+          cpu_store(v, dtype, (t0 + t) * row + (int64_t)h * D + d, buf[(int64_t)t * D + d]);
     }
   }
   for (int64_t p = qlen; p < len; p++) {

@@ -31,7 +31,7 @@ static int assign_nearest(const float *v, int32_t G, const float *c, int32_t n, 
 /* Fits the n centroids of one group v [G] (kivi.h kivi_codebook_fit) and writes them as sorted
    fp16 into h [n]. trace [max_iters + 1] may be NULL. Returns the number of updates applied. */
 int32_t cpu_codebook_fit_group(const float *v, int32_t G, int32_t n, kivi_fit fit, int32_t max_iters, uint16_t *h,
-                         float *trace) {
+                               float *trace) {
   float mn = v[0], mx = v[0];
   for (int32_t i = 1; i < G; i++) {
     mn = v[i] < mn ? v[i] : mn;
@@ -92,7 +92,7 @@ int32_t cpu_codebook_fit_group(const float *v, int32_t G, int32_t n, kivi_fit fi
 
 /* Codes of v [G] against fp16 centroids h [n], packed into the group's words. */
 void cpu_codebook_code_group(const float *v, int32_t G, const uint16_t *h, int32_t n, kivi_assign assign, int32_t bits,
-                       uint32_t *words) {
+                             uint32_t *words) {
   float c[KIVI_MAX_CENTROIDS];
   uint8_t q[CPU_MAX_GROUP];
   for (int32_t k = 0; k < n; k++) c[k] = kivi_f16_to_f32(h[k]);
@@ -140,8 +140,7 @@ static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, ki
                                const walk *wk) {
   float *tmp = NULL;
   kivi_status st;
-  if (dtype != KIVI_F32 &&
-      (st = cpu_alloc(ctx, op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))
+  if (dtype != KIVI_F32 && (st = cpu_alloc(ctx, op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))
     return st;
   const int32_t nr = cpu_tile_rows(sh), n = sh->levels;
   float v[CPU_MAX_GROUP];
@@ -154,14 +153,16 @@ static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, ki
         const int64_t g = cpu_tile_group(sh, r0, c0, k);
         cpu_tile_gather(sh, p, stride, k, v);
         if (wk->kind == WALK_QUANTIZE) {
-          cpu_codebook_code_group(v, sh->group, wk->centroids_in + g * n, n, wk->assign, sh->bits, wk->codes + g * sh->wpg);
+          cpu_codebook_code_group(v, sh->group, wk->centroids_in + g * n, n, wk->assign, sh->bits,
+                                  wk->codes + g * sh->wpg);
           continue;
         }
         uint16_t *h = wk->centroids_out + g * n;
         float *trace = wk->inertia ? wk->inertia + g * (wk->max_iters + 1) : NULL;
         const int32_t it = cpu_codebook_fit_group(v, sh->group, n, wk->fit, wk->max_iters, h, trace);
         if (wk->iters) wk->iters[g] = it;
-        if (wk->kind == WALK_ENCODE) cpu_codebook_code_group(v, sh->group, h, n, wk->assign, sh->bits, wk->codes + g * sh->wpg);
+        if (wk->kind == WALK_ENCODE)
+          cpu_codebook_code_group(v, sh->group, h, n, wk->assign, sh->bits, wk->codes + g * sh->wpg);
       }
     }
   }
@@ -186,10 +187,9 @@ KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype
   return walk_groups(ctx, spec.op, x, dtype, &sh, &wk);
 }
 
-KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
-                                            int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
-                                            const uint16_t *centroids, kivi_assign assign, int32_t flags,
-                                            uint32_t *codes) {
+KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
+                                            kivi_axis axis, int32_t group, int32_t bits, const uint16_t *centroids,
+                                            kivi_assign assign, int32_t flags, uint32_t *codes) {
   const cpu_spec spec =
       kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
   cpu_shape sh;
@@ -202,12 +202,10 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
 }
 
 KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
-                                          kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit,
-                                          int32_t max_iters, kivi_assign assign, int32_t flags, uint16_t *centroids,
-                                          uint32_t *codes) {
-  const cpu_spec spec =
-      kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids,
-          codes);
+                                          kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
+                                          kivi_assign assign, int32_t flags, uint16_t *centroids, uint32_t *codes) {
+  const cpu_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign,
+                                                  flags, centroids, codes);
   cpu_shape sh;
   kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;

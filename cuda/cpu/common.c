@@ -172,8 +172,7 @@ KIVI_API kivi_status kivi_ctx_create(int32_t device, kivi_ctx_t *out) {
     return cpu_fail(NULL, KIVI_ERR_NO_DEVICE, "kivi_ctx_create: device must be 0 in the CPU build, got %d",
                     (int)device);
   kivi_ctx_t ctx = calloc(1, sizeof *ctx);
-  if (!ctx)
-    return cpu_fail(NULL, KIVI_ERR_NOMEM, "kivi_ctx_create: could not allocate %zu bytes", sizeof *ctx);
+  if (!ctx) return cpu_fail(NULL, KIVI_ERR_NOMEM, "kivi_ctx_create: could not allocate %zu bytes", sizeof *ctx);
   ctx->device = device;
   *out = ctx;
   return KIVI_OK;
@@ -246,8 +245,7 @@ KIVI_API kivi_status kivi_mem_alloc(kivi_ctx_t ctx, uint64_t bytes, void **out) 
     return cpu_fail(ctx, KIVI_ERR_NOMEM, "%s: cannot allocate %llu bytes", op, (unsigned long long)bytes);
   const size_t rounded = ((size_t)bytes + 255u) & ~(size_t)255u;
   void *p = aligned_alloc(256, rounded);
-  if (!p)
-    return cpu_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate %llu bytes", op, (unsigned long long)bytes);
+  if (!p) return cpu_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate %llu bytes", op, (unsigned long long)bytes);
   *out = p;
   return KIVI_OK;
 }

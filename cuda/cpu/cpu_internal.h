@@ -31,8 +31,7 @@ struct kivi_ctx {
 };
 
 /** Writes the message into the thread-local slot and (if ctx) the context's slot; returns st. */
-kivi_status cpu_fail(kivi_ctx_t ctx, kivi_status st, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+kivi_status cpu_fail(kivi_ctx_t ctx, kivi_status st, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* ---------------------------------------------------------------- validation ------------- */
 
@@ -50,8 +49,7 @@ kivi_status cpu_validate_input(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh,
 kivi_status cpu_need_ctx(kivi_ctx_t ctx, const char *op);
 /** The quantizers' scan of x [rows][cols]: NaN, Inf, or a finite f32 / bf16 value beyond fp16's range
     (|x| >= 65520; the params are fp16): KIVI_ERR_NONFINITE naming the first such element. */
-kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype,
-                             const cpu_shape *sh);
+kivi_status cpu_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const cpu_shape *sh);
 /** Index of the first element of x[0 .. n) the quantizers refuse (kivi_unquantizable: NaN, Inf, or a
     finite f32 / bf16 value fp16 turns into Inf), or -1. */
 int64_t cpu_first_unquantizable(const void *x, kivi_dtype dtype, int64_t total);
@@ -163,8 +161,8 @@ void cpu_uniform_group(const float *v, int32_t G, int32_t bits, uint16_t *scale,
 int32_t cpu_codebook_fit_group(const float *v, int32_t G, int32_t n, kivi_fit fit, int32_t max_iters, uint16_t *h,
                                float *trace);
 /** Codes of group v [G] against fp16 centroids h [n] under `assign`, packed into G / cpw words. */
-void cpu_codebook_code_group(const float *v, int32_t G, const uint16_t *h, int32_t n, kivi_assign assign,
-                             int32_t bits, uint32_t *words);
+void cpu_codebook_code_group(const float *v, int32_t G, const uint16_t *h, int32_t n, kivi_assign assign, int32_t bits,
+                             uint32_t *words);
 
 /* ---------------------------------------------------------------- paged cache ------------ */
 

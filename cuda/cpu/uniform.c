@@ -82,8 +82,8 @@ static void quantize_token(const cpu_shape *sh, const void *x, kivi_dtype dtype,
 }
 
 /* Dequantize one super-tile's worth: words from codes, values per row across columns. */
-static void dequantize_token(const cpu_shape *sh, const uint32_t *codes, const uint16_t *scale,
-                             const uint16_t *zero, void *out, kivi_dtype out_dtype, float *tmp) {
+static void dequantize_token(const cpu_shape *sh, const uint32_t *codes, const uint16_t *scale, const uint16_t *zero,
+                             void *out, kivi_dtype out_dtype, float *tmp) {
   uint32_t stage[STAGE_WORDS * TOKEN_COLS];
   float s[TOKEN_COLS], z[TOKEN_COLS];
   const int32_t G = sh->group, B = token_blocks(sh), bits = sh->bits, cpw = sh->cpw;
@@ -154,16 +154,15 @@ static void quantize_channel_tile(const cpu_shape *sh, const float *p, int64_t r
   }
 }
 
-KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
-                                           int64_t cols, kivi_axis axis, int32_t group, int32_t bits, int32_t flags,
-                                           uint32_t *codes, uint16_t *scale, uint16_t *zero) {
+KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
+                                           kivi_axis axis, int32_t group, int32_t bits, int32_t flags, uint32_t *codes,
+                                           uint16_t *scale, uint16_t *zero) {
   const cpu_spec spec = kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero);
   cpu_shape sh;
   kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
   if (st) return st;
   float *tmp = NULL;
-  if (dtype != KIVI_F32 &&
-      (st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))
+  if (dtype != KIVI_F32 && (st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))
     return st;
 
   if (axis == KIVI_AXIS_TOKEN) {

@@ -54,16 +54,16 @@ extern "C" {
 typedef int32_t kivi_status;
 enum {
   KIVI_OK = 0,
-  KIVI_ERR_ARG = -1,          /* a null pointer or an argument out of its documented range */
-  KIVI_ERR_SHAPE = -2,        /* sizes that do not fit together (group does not divide the axis, ...) */
-  KIVI_ERR_NONFINITE = -3,    /* NaN or Inf in the input data */
-  KIVI_ERR_NOMEM = -4,        /* host or device allocation failed */
-  KIVI_ERR_CUDA = -5,         /* a CUDA runtime error; the context stays usable */
-  KIVI_ERR_CUDA_STICKY = -6,  /* a sticky CUDA fault (illegal address, ...): the context is unusable */
-  KIVI_ERR_NO_DEVICE = -7,    /* no CUDA device, or the device index does not exist */
-  KIVI_ERR_STATE = -8,        /* an object used in a state that does not allow it */
-  KIVI_ERR_UNSUPPORTED = -9,  /* a valid request this build does not implement */
-  KIVI_ERR_CAPACITY = -10     /* the page pool or the sequence slots are full */
+  KIVI_ERR_ARG = -1,         /* a null pointer or an argument out of its documented range */
+  KIVI_ERR_SHAPE = -2,       /* sizes that do not fit together (group does not divide the axis, ...) */
+  KIVI_ERR_NONFINITE = -3,   /* NaN or Inf in the input data */
+  KIVI_ERR_NOMEM = -4,       /* host or device allocation failed */
+  KIVI_ERR_CUDA = -5,        /* a CUDA runtime error; the context stays usable */
+  KIVI_ERR_CUDA_STICKY = -6, /* a sticky CUDA fault (illegal address, ...): the context is unusable */
+  KIVI_ERR_NO_DEVICE = -7,   /* no CUDA device, or the device index does not exist */
+  KIVI_ERR_STATE = -8,       /* an object used in a state that does not allow it */
+  KIVI_ERR_UNSUPPORTED = -9, /* a valid request this build does not implement */
+  KIVI_ERR_CAPACITY = -10    /* the page pool or the sequence slots are full */
 };
 
 typedef int32_t kivi_dtype;
@@ -74,17 +74,17 @@ enum { KIVI_AXIS_TOKEN = 0, KIVI_AXIS_CHANNEL = 1 };
 
 typedef int32_t kivi_fit;
 enum {
-  KIVI_FIT_FREE = 0,   /* every centroid moves (Lloyd-Max, MSE-optimal from the uniform grid) */
-  KIVI_FIT_PINNED = 1  /* the outer two stay at the group's min and max; error never above uniform */
+  KIVI_FIT_FREE = 0,  /* every centroid moves (Lloyd-Max, MSE-optimal from the uniform grid) */
+  KIVI_FIT_PINNED = 1 /* the outer two stay at the group's min and max; error never above uniform */
 };
 
 typedef int32_t kivi_assign;
 enum {
-  KIVI_ASSIGN_NEAREST = 0,  /* code of the nearest centroid: the number of midpoints (c_i + c_(i+1)) / 2
-                               that are <= x, so a value on a midpoint goes up and, of equal centroids,
-                               the first is used */
-  KIVI_ASSIGN_INTERVAL = 1  /* the seed's table: x < c1 -> 0, c_i <= x < c_(i+1) -> i (1 <= i <= n-3),
-                               c_(n-2) <= x <= c_(n-1) -> n-2, x > c_(n-1) -> n-1 */
+  KIVI_ASSIGN_NEAREST = 0, /* code of the nearest centroid: the number of midpoints (c_i + c_(i+1)) / 2
+                              that are <= x, so a value on a midpoint goes up and, of equal centroids,
+                              the first is used */
+  KIVI_ASSIGN_INTERVAL = 1 /* the seed's table: x < c1 -> 0, c_i <= x < c_(i+1) -> i (1 <= i <= n-3),
+                              c_(n-2) <= x <= c_(n-1) -> n-2, x > c_(n-1) -> n-1 */
 };
 
 /* Flags for quantizer ops. */
@@ -174,19 +174,17 @@ KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x /* data [row
     z = float(zero)) q = s > 0 ? clamp(rint((x - z) / s), 0, 2^bits - 1) : 0, all in fp32
     with IEEE division (kivi_format.h: kivi_uniform_code), so both builds give identical codes. */
 KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x /* data [rows][cols] */, kivi_dtype dtype,
-                                           int64_t rows, int64_t cols, kivi_axis axis, int32_t group,
-                                           int32_t bits, int32_t flags,
-                                           uint32_t *codes /* data packed, see Matrices, out */,
+                                           int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
+                                           int32_t flags, uint32_t *codes /* data packed, see Matrices, out */,
                                            uint16_t *scale /* data fp16 [groups] out */,
                                            uint16_t *zero /* data fp16 [groups] out */);
 
 /** Unpack and dequantize: out = fmaf(q, float(scale), float(zero)), written as out_dtype. */
 KIVI_API kivi_status kivi_uniform_dequantize(kivi_ctx_t ctx, const uint32_t *codes /* data packed */,
                                              const uint16_t *scale /* data fp16 [groups] */,
-                                             const uint16_t *zero /* data fp16 [groups] */,
-                                             int64_t rows, int64_t cols, kivi_axis axis, int32_t group,
-                                             int32_t bits, void *out /* data [rows][cols] out */,
-                                             kivi_dtype out_dtype);
+                                             const uint16_t *zero /* data fp16 [groups] */, int64_t rows, int64_t cols,
+                                             kivi_axis axis, int32_t group, int32_t bits,
+                                             void *out /* data [rows][cols] out */, kivi_dtype out_dtype);
 
 /** Fits 2^bits centroids per group by 1-D k-means (Lloyd-Max) in fp32: start from the uniform
     grid min + i * (max - min) / (n - 1); each iteration assigns every value to its nearest
@@ -198,8 +196,8 @@ KIVI_API kivi_status kivi_uniform_dequantize(kivi_ctx_t ctx, const uint32_t *cod
     fp32 sum of squared errors at the start and after each update (repeated after an early stop),
     never increasing. */
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x /* data [rows][cols] */, kivi_dtype dtype,
-                                       int64_t rows, int64_t cols, kivi_axis axis, int32_t group,
-                                       int32_t bits, kivi_fit fit, int32_t max_iters, int32_t flags,
+                                       int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
+                                       kivi_fit fit, int32_t max_iters, int32_t flags,
                                        uint16_t *centroids /* data fp16 [groups][2^bits] out */,
                                        int32_t *iters /* data [groups] out, or NULL */,
                                        float *inertia /* data [groups][max_iters + 1] out, or NULL */);
@@ -207,31 +205,28 @@ KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x /* data [ro
 /** Codes for given centroids (fp16 [groups][2^bits], ascending; KIVI_ERR_ARG if a group's are not
     sorted or not finite) under `assign`, packed. */
 KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x /* data [rows][cols] */, kivi_dtype dtype,
-                                            int64_t rows, int64_t cols, kivi_axis axis, int32_t group,
-                                            int32_t bits, const uint16_t *centroids /* data fp16 [groups][2^bits] */,
-                                            kivi_assign assign, int32_t flags,
-                                            uint32_t *codes /* data packed out */);
+                                            int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
+                                            const uint16_t *centroids /* data fp16 [groups][2^bits] */,
+                                            kivi_assign assign, int32_t flags, uint32_t *codes /* data packed out */);
 
 /** Fused fit + quantize + pack (one read of x): the centroids of kivi_codebook_fit, then the codes
     of kivi_codebook_quantize against those fp16 centroids. */
 KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x /* data [rows][cols] */, kivi_dtype dtype,
-                                          int64_t rows, int64_t cols, kivi_axis axis, int32_t group,
-                                          int32_t bits, kivi_fit fit, int32_t max_iters, kivi_assign assign,
-                                          int32_t flags,
+                                          int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
+                                          kivi_fit fit, int32_t max_iters, kivi_assign assign, int32_t flags,
                                           uint16_t *centroids /* data fp16 [groups][2^bits] out */,
                                           uint32_t *codes /* data packed out */);
 
 /** Unpack and look up: out = float(centroids[g][q]) as out_dtype. */
 KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *codes /* data packed */,
-                                              const uint16_t *centroids /* data fp16 [groups][2^bits] */,
-                                              int64_t rows, int64_t cols, kivi_axis axis, int32_t group,
-                                              int32_t bits, void *out /* data [rows][cols] out */,
-                                              kivi_dtype out_dtype);
+                                              const uint16_t *centroids /* data fp16 [groups][2^bits] */, int64_t rows,
+                                              int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
+                                              void *out /* data [rows][cols] out */, kivi_dtype out_dtype);
 
 /** Packs n codes (one per byte, each < 2^bits, else KIVI_ERR_ARG and nothing written) into
     n / cpw words, LSB first. n % cpw == 0 (KIVI_ERR_SHAPE otherwise). */
-KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes /* data [n] */, int64_t n,
-                                     int32_t bits, uint32_t *words /* data [n / cpw] out */);
+KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes /* data [n] */, int64_t n, int32_t bits,
+                                     uint32_t *words /* data [n / cpw] out */);
 
 /** Unpacks n / cpw words into n codes, one per byte. n % cpw == 0. */
 KIVI_API kivi_status kivi_codes_unpack(kivi_ctx_t ctx, const uint32_t *words /* data [n / cpw] */, int64_t n,
@@ -254,25 +249,25 @@ KIVI_API kivi_status kivi_codes_unpack(kivi_ctx_t ctx, const uint32_t *words /* 
 
 /** Fields of the int32 config array given to kivi_cache_create, in this order. */
 enum {
-  KIVI_CFG_LAYERS = 0,      /* >= 1 */
-  KIVI_CFG_KV_HEADS,        /* >= 1 */
-  KIVI_CFG_Q_HEADS,         /* a multiple of kv_heads, q_heads / kv_heads <= 32 */
-  KIVI_CFG_HEAD_DIM,        /* 64, 128 or 256 */
-  KIVI_CFG_PAGE_TOKENS,     /* 32, 64, 128 or 256, a multiple of the key group */
-  KIVI_CFG_RESIDUAL,        /* R >= 0, a multiple of the key group */
-  KIVI_CFG_MAX_PAGES,       /* pool size in pages, >= 1 */
-  KIVI_CFG_MAX_SEQS,        /* sequence slots, >= 1 */
-  KIVI_CFG_K_KIND,          /* KIVI_KIND_UNIFORM or KIVI_KIND_CODEBOOK (ignored at 16 bits) */
-  KIVI_CFG_K_BITS,          /* 2, 4 or 16 */
-  KIVI_CFG_K_GROUP,         /* 32, 64 or 128: tokens per key group, and the flush unit F */
-  KIVI_CFG_K_FIT,           /* kivi_fit for codebook keys */
-  KIVI_CFG_K_ITERS,         /* k-means iteration cap for codebook keys, 1..256 */
-  KIVI_CFG_V_KIND,          /* as for keys */
-  KIVI_CFG_V_BITS,          /* 2, 4 or 16 */
-  KIVI_CFG_V_GROUP,         /* 32, 64 or 128 channels per value group, dividing head_dim */
+  KIVI_CFG_LAYERS = 0,  /* >= 1 */
+  KIVI_CFG_KV_HEADS,    /* >= 1 */
+  KIVI_CFG_Q_HEADS,     /* a multiple of kv_heads, q_heads / kv_heads <= 32 */
+  KIVI_CFG_HEAD_DIM,    /* 64, 128 or 256 */
+  KIVI_CFG_PAGE_TOKENS, /* 32, 64, 128 or 256, a multiple of the key group */
+  KIVI_CFG_RESIDUAL,    /* R >= 0, a multiple of the key group */
+  KIVI_CFG_MAX_PAGES,   /* pool size in pages, >= 1 */
+  KIVI_CFG_MAX_SEQS,    /* sequence slots, >= 1 */
+  KIVI_CFG_K_KIND,      /* KIVI_KIND_UNIFORM or KIVI_KIND_CODEBOOK (ignored at 16 bits) */
+  KIVI_CFG_K_BITS,      /* 2, 4 or 16 */
+  KIVI_CFG_K_GROUP,     /* 32, 64 or 128: tokens per key group, and the flush unit F */
+  KIVI_CFG_K_FIT,       /* kivi_fit for codebook keys */
+  KIVI_CFG_K_ITERS,     /* k-means iteration cap for codebook keys, 1..256 */
+  KIVI_CFG_V_KIND,      /* as for keys */
+  KIVI_CFG_V_BITS,      /* 2, 4 or 16 */
+  KIVI_CFG_V_GROUP,     /* 32, 64 or 128 channels per value group, dividing head_dim */
   KIVI_CFG_V_FIT,
   KIVI_CFG_V_ITERS,
-  KIVI_CFG_FIELDS           /* number of fields */
+  KIVI_CFG_FIELDS /* number of fields */
 };
 
 typedef int32_t kivi_kind;
@@ -280,11 +275,11 @@ enum { KIVI_KIND_UNIFORM = 0, KIVI_KIND_CODEBOOK = 1 };
 
 /** Fields of the uint64 report written by kivi_cache_memory, in this order. */
 enum {
-  KIVI_MEM_CODE_BYTES = 0,   /* packed codes (or fp16 at 16 bits) of the pages in use, all layers */
-  KIVI_MEM_PARAM_BYTES,      /* scale/zero or centroids of the pages in use */
-  KIVI_MEM_RESIDUAL_BYTES,   /* fp16 residual tokens currently held */
-  KIVI_MEM_TABLE_BYTES,      /* block tables and per-sequence state */
-  KIVI_MEM_POOL_BYTES,       /* bytes allocated for the whole pool and residual windows */
+  KIVI_MEM_CODE_BYTES = 0, /* packed codes (or fp16 at 16 bits) of the pages in use, all layers */
+  KIVI_MEM_PARAM_BYTES,    /* scale/zero or centroids of the pages in use */
+  KIVI_MEM_RESIDUAL_BYTES, /* fp16 residual tokens currently held */
+  KIVI_MEM_TABLE_BYTES,    /* block tables and per-sequence state */
+  KIVI_MEM_POOL_BYTES,     /* bytes allocated for the whole pool and residual windows */
   KIVI_MEM_PAGES_USED,
   KIVI_MEM_PAGES_TOTAL,
   KIVI_MEM_TOKENS,           /* sum over live sequences and layers of their lengths */
@@ -306,8 +301,7 @@ KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t cache, int32_t *seq /* h
 KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq);
 /** Tokens held by `seq` in `layer` (pages plus residual), and how many of them are in pages. */
 KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t cache, int32_t seq, int32_t layer,
-                                           int64_t *length /* host [1] out */,
-                                           int64_t *quantized /* host [1] out */);
+                                           int64_t *length /* host [1] out */, int64_t *quantized /* host [1] out */);
 /** The block table of `seq`: up to `cap` page ids in order, and their number. */
 KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t cache, int32_t seq, int32_t *pages /* host [cap] out */,
                                           int32_t cap, int32_t *count /* host [1] out */);
@@ -317,8 +311,8 @@ KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t cache, int32_t seq, int32
     sequence exactly as it was. */
 KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t layer,
                                        const void *k /* data [n_tokens][kv_heads][head_dim] */,
-                                       const void *v /* data [n_tokens][kv_heads][head_dim] */,
-                                       kivi_dtype dtype, int32_t n_tokens, int32_t flags);
+                                       const void *v /* data [n_tokens][kv_heads][head_dim] */, kivi_dtype dtype,
+                                       int32_t n_tokens, int32_t flags);
 /** Decode attention of one layer for a batch of sequences (each with >= 1 token in the layer):
     out[b][h] = softmax(scale * q[b][h] . K_s^T) V_s over the sequence's dequantized pages and fp16
     residual; fp32 math with an online softmax in the CUDA build, double in the CPU reference (the
@@ -327,21 +321,19 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t cache, int32_t seq, int32_t 
 KIVI_API kivi_status kivi_cache_attend(kivi_cache_t cache, int32_t layer, const int32_t *seqs /* host [batch] */,
                                        int32_t batch, const void *q /* data [batch][q_heads][head_dim] */,
                                        kivi_dtype q_dtype, float scale, int32_t flags,
-                                       void *out /* data [batch][q_heads][head_dim] out */,
-                                       kivi_dtype out_dtype);
+                                       void *out /* data [batch][q_heads][head_dim] out */, kivi_dtype out_dtype);
 /** The dequantized keys and values of `seq` in `layer`, as the attention kernel sees them
     ([length][kv_heads][head_dim], pages first, then the residual), for tests and inspection. */
 KIVI_API kivi_status kivi_cache_read(kivi_cache_t cache, int32_t seq, int32_t layer,
                                      void *k /* data [length][kv_heads][head_dim] out */,
-                                     void *v /* data [length][kv_heads][head_dim] out */,
-                                     kivi_dtype dtype);
+                                     void *v /* data [length][kv_heads][head_dim] out */, kivi_dtype dtype);
 /** Benchmark of kivi_cache_attend: one warm-up call, then `iters` calls back to back (trusted q),
     timed on the stream (CUDA events; CPU: wall clock); *ms = milliseconds per call. */
 KIVI_API kivi_status kivi_cache_bench_attend(kivi_cache_t cache, int32_t layer, const int32_t *seqs /* host [batch] */,
                                              int32_t batch, const void *q /* data [batch][q_heads][head_dim] */,
                                              kivi_dtype q_dtype, float scale,
-                                             void *out /* data [batch][q_heads][head_dim] out */,
-                                             kivi_dtype out_dtype, int32_t iters, float *ms /* host [1] out */);
+                                             void *out /* data [batch][q_heads][head_dim] out */, kivi_dtype out_dtype,
+                                             int32_t iters, float *ms /* host [1] out */);
 /** Memory report (see KIVI_MEM_*). */
 KIVI_API kivi_status kivi_cache_memory(kivi_cache_t cache, uint64_t *report /* host [n_fields] out */,
                                        int32_t n_fields);
@@ -380,24 +372,22 @@ typedef struct kivi_batch *kivi_batch_t;
 
 /** Fields of the int64 report written by kivi_batch_status, in this order. */
 enum {
-  KIVI_REPORT_OP = 0,   /* 0: no error; 1: kivi_batch_attend (q); 2: kivi_batch_append (k or v); -1: an error
-                           whose details were overwritten (the fields below are -1) */
-  KIVI_REPORT_LAYER,    /* the layer of the call that met it */
-  KIVI_REPORT_INDEX,    /* the batch index of the first bad row */
-  KIVI_REPORT_PART,     /* 0: q (attend) or k (append); 1: v */
-  KIVI_REPORT_ELEMENT,  /* the element within that row ([q_heads][head_dim] or [kv_heads][head_dim]) */
-  KIVI_REPORT_KIND,     /* 0: NaN, 1: +Inf, 2: -Inf, 3: a finite value beyond fp16's range */
+  KIVI_REPORT_OP = 0,  /* 0: no error; 1: kivi_batch_attend (q); 2: kivi_batch_append (k or v); -1: an error
+                          whose details were overwritten (the fields below are -1) */
+  KIVI_REPORT_LAYER,   /* the layer of the call that met it */
+  KIVI_REPORT_INDEX,   /* the batch index of the first bad row */
+  KIVI_REPORT_PART,    /* 0: q (attend) or k (append); 1: v */
+  KIVI_REPORT_ELEMENT, /* the element within that row ([q_heads][head_dim] or [kv_heads][head_dim]) */
+  KIVI_REPORT_KIND,    /* 0: NaN, 1: +Inf, 2: -Inf, 3: a finite value beyond fp16's range */
   KIVI_REPORT_FIELDS
 };
 
 /** Makes a batch (KIVI_ERR_ARG naming a bad argument, KIVI_ERR_STATE for a sequence that is not live,
     KIVI_ERR_NOMEM). flags: 0 (deferred checks) or KIVI_FLAG_TRUSTED. */
 KIVI_API kivi_status kivi_batch_create(kivi_cache_t cache, const int32_t *seqs /* host [batch] */, int32_t batch,
-                                       const void *q /* data [batch][q_heads][head_dim] or NULL */,
-                                       kivi_dtype q_dtype,
-                                       void *out /* data [batch][q_heads][head_dim] or NULL */,
-                                       kivi_dtype out_dtype, float scale,
-                                       const void *k /* data [batch][kv_heads][head_dim] or NULL */,
+                                       const void *q /* data [batch][q_heads][head_dim] or NULL */, kivi_dtype q_dtype,
+                                       void *out /* data [batch][q_heads][head_dim] or NULL */, kivi_dtype out_dtype,
+                                       float scale, const void *k /* data [batch][kv_heads][head_dim] or NULL */,
                                        const void *v /* data [batch][kv_heads][head_dim] or NULL */,
                                        kivi_dtype kv_dtype, int32_t flags, kivi_batch_t *out_batch /* host [1] out */);
 /** Frees the batch (its pending error, if any, is dropped). NULL is a no-op. */
@@ -415,8 +405,8 @@ KIVI_API kivi_status kivi_batch_append(kivi_batch_t batch, int32_t layer);
     report [n] (KIVI_REPORT_*; op 0 when there is none) and, when bad is not NULL, bad[b] = 1 for each
     sequence b that took a non-finite token since the last read (0 for the others), then clears it and
     returns KIVI_ERR_NONFINITE with a message naming the call, or KIVI_OK when there was none. */
-KIVI_API kivi_status kivi_batch_status(kivi_batch_t batch, int32_t wait, int64_t *report /* host [n] out */,
-                                       int32_t n, uint8_t *bad /* host [batch] out, or NULL */);
+KIVI_API kivi_status kivi_batch_status(kivi_batch_t batch, int32_t wait, int64_t *report /* host [n] out */, int32_t n,
+                                       uint8_t *bad /* host [batch] out, or NULL */);
 
 /* ---------------------------------------------------------------- model ops -------------- */
 /*
@@ -433,12 +423,12 @@ KIVI_API kivi_status kivi_batch_status(kivi_batch_t batch, int32_t wait, int64_t
 
 /** out[r] = table[tokens[r]] widened to f32. */
 KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens /* data [rows] */, int32_t rows,
-                                      const uint16_t *table /* data fp16 [vocab][dim] */, int32_t vocab,
-                                      int32_t dim, float *out /* data [rows][dim] */);
+                                      const uint16_t *table /* data fp16 [vocab][dim] */, int32_t vocab, int32_t dim,
+                                      float *out /* data [rows][dim] */);
 /** RMSNorm of each row: out = x / sqrt(mean(x^2) + eps) * w. out may be x. */
 KIVI_API kivi_status kivi_model_rmsnorm(kivi_ctx_t ctx, const float *x /* data [rows][dim] */,
-                                        const uint16_t *w /* data fp16 [dim] */, int32_t rows, int32_t dim,
-                                        float eps, float *out /* data [rows][dim] */);
+                                        const uint16_t *w /* data fp16 [dim] */, int32_t rows, int32_t dim, float eps,
+                                        float *out /* data [rows][dim] */);
 /** y = x W^T, or y += x W^T when accumulate is 1: f32 products and sums over the fp16 weights widened
     to f32 (the CUDA build runs cuBLAS SGEMM, loaded at run time from libcublas.so.13: without it,
     KIVI_ERR_UNSUPPORTED saying so). y must not overlap x. */
@@ -452,17 +442,16 @@ KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x /* data [rows][hea
                                      int32_t heads, int32_t dim, const int32_t *pos /* data [rows] */,
                                      const float *cs /* data [max_pos][dim]: cos, then sin */, int32_t max_pos);
 /** SwiGLU: out = silu(gate) * up = gate / (1 + exp(-gate)) * up, element-wise. out may be gate or up. */
-KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate /* data [n] */,
-                                       const float *up /* data [n] */, int32_t n, float *out /* data [n] */);
+KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate /* data [n] */, const float *up /* data [n] */,
+                                       int32_t n, float *out /* data [n] */);
 /** Exact causal attention in f32 over each of `batch` sequences of `tokens` tokens: query head h reads
     KV head h / (q_heads / kv_heads); out[b][t][h] = sum over j <= t of softmax_j(q[b][t][h] .
     k[b][j][kv] * scale) v[b][j][kv]. q_heads a multiple of kv_heads; out must not overlap the inputs. */
 KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q /* data [batch][tokens][q_heads][head_dim] */,
                                           const float *k /* data [batch][tokens][kv_heads][head_dim] */,
-                                          const float *v /* data [batch][tokens][kv_heads][head_dim] */,
-                                          int32_t batch, int32_t tokens, int32_t q_heads, int32_t kv_heads,
-                                          int32_t head_dim, float scale,
-                                          float *out /* data [batch][tokens][q_heads][head_dim] */);
+                                          const float *v /* data [batch][tokens][kv_heads][head_dim] */, int32_t batch,
+                                          int32_t tokens, int32_t q_heads, int32_t kv_heads, int32_t head_dim,
+                                          float scale, float *out /* data [batch][tokens][q_heads][head_dim] */);
 /** x = log_softmax(x) of each row, in place (max subtracted, f32). */
 KIVI_API kivi_status kivi_model_log_softmax(kivi_ctx_t ctx, float *x /* data [rows][n] */, int32_t rows, int32_t n);
 

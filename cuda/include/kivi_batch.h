@@ -45,10 +45,10 @@ KIVI_HD uint64_t kivi_check_key(int64_t b, int32_t part, int64_t elem, int32_t k
     write it (a call that met a bad value sets bad[b] for each bad sequence b, then the key and call
     when no error is recorded yet, then `any`); the host reads and clears it (kivi_batch_take). */
 typedef struct kivi_batch_record {
-  volatile uint64_t key;  /* KIVI_CHECK_NONE, or the key of the first unread error */
-  volatile int32_t op;    /* its call: 1 kivi_batch_attend, 2 kivi_batch_append */
+  volatile uint64_t key; /* KIVI_CHECK_NONE, or the key of the first unread error */
+  volatile int32_t op;   /* its call: 1 kivi_batch_attend, 2 kivi_batch_append */
   volatile int32_t layer;
-  volatile uint32_t any;  /* some call met a bad value since the last read */
+  volatile uint32_t any; /* some call met a bad value since the last read */
   uint32_t pad;
 } kivi_batch_record;
 KIVI_STATIC_ASSERT(sizeof(kivi_batch_record) == 24, "the record is shared with the device");
@@ -157,20 +157,25 @@ static inline kivi_status kivi_batch_validate(const kivi_cache_config *g, const 
   if (!a->seqs) return snprintf(msg, len, "%s: seqs must not be NULL", op), KIVI_ERR_ARG;
   if (a->batch < 1 || a->batch > KIVI_BATCH_MAX)
     return snprintf(msg, len, "%s: batch must be in 1..%d, got %d", op, KIVI_BATCH_MAX, (int)a->batch), KIVI_ERR_ARG;
-  if (!a->q != !a->out) return snprintf(msg, len, "%s: q and out must be given together (or both NULL)", op), KIVI_ERR_ARG;
+  if (!a->q != !a->out)
+    return snprintf(msg, len, "%s: q and out must be given together (or both NULL)", op), KIVI_ERR_ARG;
   if (!a->k != !a->v) return snprintf(msg, len, "%s: k and v must be given together (or both NULL)", op), KIVI_ERR_ARG;
-  if (!a->q && !a->k) return snprintf(msg, len, "%s: a batch needs q and out, or k and v, or all four", op), KIVI_ERR_ARG;
+  if (!a->q && !a->k)
+    return snprintf(msg, len, "%s: a batch needs q and out, or k and v, or all four", op), KIVI_ERR_ARG;
   if (a->q && !kivi_batch_dtype_ok(a->q_dtype))
     return snprintf(msg, len, "%s: q_dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op,
-                    (int)a->q_dtype), KIVI_ERR_ARG;
+                    (int)a->q_dtype),
+           KIVI_ERR_ARG;
   if (a->q && !kivi_batch_dtype_ok(a->out_dtype))
     return snprintf(msg, len, "%s: out_dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op,
-                    (int)a->out_dtype), KIVI_ERR_ARG;
+                    (int)a->out_dtype),
+           KIVI_ERR_ARG;
   if (a->q && !isfinite(a->scale))
     return snprintf(msg, len, "%s: scale must be finite, got %g", op, (double)a->scale), KIVI_ERR_ARG;
   if (a->k && !kivi_batch_dtype_ok(a->kv_dtype))
     return snprintf(msg, len, "%s: kv_dtype must be KIVI_F32 (0), KIVI_F16 (1) or KIVI_BF16 (2), got %d", op,
-                    (int)a->kv_dtype), KIVI_ERR_ARG;
+                    (int)a->kv_dtype),
+           KIVI_ERR_ARG;
   if (a->flags & ~(int32_t)KIVI_FLAG_TRUSTED)
     return snprintf(msg, len, "%s: flags must be 0 or KIVI_FLAG_TRUSTED (1), got %d", op, (int)a->flags), KIVI_ERR_ARG;
   const uint64_t es_q = a->q_dtype == KIVI_F32 ? 4 : 2, es_o = a->out_dtype == KIVI_F32 ? 4 : 2;
@@ -193,7 +198,8 @@ static inline kivi_status kivi_batch_validate(const kivi_cache_config *g, const 
     for (int32_t j = 0; j < i; j++)
       if (a->seqs[j] == s)
         return snprintf(msg, len, "%s: seqs[%d] repeats seqs[%d] (sequence %d); a batch holds each sequence once", op,
-                        (int)i, (int)j, (int)s), KIVI_ERR_ARG;
+                        (int)i, (int)j, (int)s),
+               KIVI_ERR_ARG;
   }
   return KIVI_OK;
 }
@@ -225,7 +231,8 @@ static inline kivi_status kivi_batch_enter(const kivi_cache_config *g, const kiv
     return KIVI_ERR_NONFINITE;
   }
   if (need_kv ? !a->k : !a->q)
-    return snprintf(msg, len, "%s: the batch was made without %s", op, need_kv ? "k and v" : "q and out"), KIVI_ERR_STATE;
+    return snprintf(msg, len, "%s: the batch was made without %s", op, need_kv ? "k and v" : "q and out"),
+           KIVI_ERR_STATE;
   if (layer < 0 || layer >= g->layers)
     return snprintf(msg, len, "%s: layer must be in 0..%d, got %d", op, (int)g->layers - 1, (int)layer), KIVI_ERR_ARG;
   for (int32_t i = 0; i < a->batch; i++) {
@@ -233,9 +240,11 @@ static inline kivi_status kivi_batch_enter(const kivi_cache_config *g, const kiv
     const kivi_batch_slot at = slot(cache, s, layer);
     if (!at.live || at.gen != gens[i])
       return snprintf(msg, len, "%s: seqs[%d] (sequence %d) was freed after the batch was made; make a new batch", op,
-                      (int)i, (int)s), KIVI_ERR_STATE;
+                      (int)i, (int)s),
+             KIVI_ERR_STATE;
     if (!need_kv && at.len < 1)
-      return snprintf(msg, len, "%s: seqs[%d] (sequence %d) holds no token in layer %d", op, (int)i, (int)s, (int)layer),
+      return snprintf(msg, len, "%s: seqs[%d] (sequence %d) holds no token in layer %d", op, (int)i, (int)s,
+                      (int)layer),
              KIVI_ERR_STATE;
   }
   return KIVI_OK;

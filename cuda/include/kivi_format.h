@@ -69,8 +69,8 @@ KIVI_HD uint16_t kivi_f32_to_f16(float f) {
     return (uint16_t)(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0u));
   }
   if (absx >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: Inf */
-  if (absx < 0x38800000u) {                                    /* below 2^-14: subnormal or zero */
-    if (absx < 0x33000000u) return (uint16_t)sign;             /* below 2^-25: rounds to 0 */
+  if (absx < 0x38800000u) {                                   /* below 2^-14: subnormal or zero */
+    if (absx < 0x33000000u) return (uint16_t)sign;            /* below 2^-25: rounds to 0 */
     uint32_t e = absx >> 23;
     uint32_t m = (absx & 0x7fffffu) | 0x800000u;
     uint32_t shift = 126u - e; /* 14..24 */
@@ -115,7 +115,9 @@ KIVI_HD float kivi_bf16_to_f32(uint16_t b) { return kivi_bits_f32((uint32_t)b <<
     bf16 value that fp16 rounds to Inf (|x| >= 65520, as kivi_f32_to_f16; bf16 from 65536 up). `u`
     holds the element's bits (a 16-bit dtype in the low half); dtype is kivi_dtype (0 f32, 1 f16, 2 bf16). */
 KIVI_HD int kivi_unquantizable(uint32_t u, int32_t dtype) {
-  return dtype == 0 ? (u & 0x7fffffffu) >= 0x477ff000u : dtype == 1 ? (u & 0x7c00u) == 0x7c00u : (u & 0x7fffu) >= 0x4780u;
+  return dtype == 0   ? (u & 0x7fffffffu) >= 0x477ff000u
+         : dtype == 1 ? (u & 0x7c00u) == 0x7c00u
+                      : (u & 0x7fffu) >= 0x4780u;
 }
 
 /** The message both builds give for the first element x[i] (value v, at row r, col c, group g) that
@@ -124,10 +126,13 @@ static inline void kivi_unquantizable_message(char *buf, size_t len, const char 
                                               int64_t c, int64_t g) {
   const int finite = isfinite(v);
   char got[32];
-  if (finite) snprintf(got, sizeof got, "%g", (double)v);
-  else snprintf(got, sizeof got, "%s", v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
-  snprintf(buf, len, "%s: x must be %s, got %s at index %lld (row %lld, col %lld, group %lld); pass KIVI_FLAG_TRUSTED %s",
-           op, finite ? "within fp16's range (|x| < 65520) that the params are stored in" : "finite", got, (long long)i,
+  if (finite)
+    snprintf(got, sizeof got, "%g", (double)v);
+  else
+    snprintf(got, sizeof got, "%s", v != v ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+  snprintf(buf, len,
+           "%s: x must be %s, got %s at index %lld (row %lld, col %lld, group %lld); pass KIVI_FLAG_TRUSTED %s", op,
+           finite ? "within fp16's range (|x| < 65520) that the params are stored in" : "finite", got, (long long)i,
            (long long)r, (long long)c, (long long)g,
            finite ? "to have such values saturate" : "only for data known to be finite");
 }
@@ -139,7 +144,9 @@ static inline void kivi_unquantizable_message(char *buf, size_t len, const char 
 
 /** v clamped to fp16's finite range [-65504, 65504] (NaN stays NaN). The params are computed from the
     clamped min and max, so values beyond it (trusted input, or f32 in (65504, 65520)) saturate. */
-KIVI_HD float kivi_f16_clamp(float v) { return v < -KIVI_F16_MAX ? -KIVI_F16_MAX : (v > KIVI_F16_MAX ? KIVI_F16_MAX : v); }
+KIVI_HD float kivi_f16_clamp(float v) {
+  return v < -KIVI_F16_MAX ? -KIVI_F16_MAX : (v > KIVI_F16_MAX ? KIVI_F16_MAX : v);
+}
 
 /** The smallest fp16 >= f, for finite f >= 0 below 65504 (RN, then one step up where RN went below). */
 KIVI_HD uint16_t kivi_f32_to_f16_up(float f) {
@@ -150,7 +157,8 @@ KIVI_HD uint16_t kivi_f32_to_f16_up(float f) {
 /** The largest fp16 <= f, for f in [-65504, 65504]. */
 KIVI_HD uint16_t kivi_f32_to_f16_down(float f) {
   uint16_t h = kivi_f32_to_f16(f);
-  if (kivi_f16_to_f32(h) > f) h = (h & 0x8000u) ? (uint16_t)(h + 1u) : (h == 0u ? (uint16_t)0x8001u : (uint16_t)(h - 1u));
+  if (kivi_f16_to_f32(h) > f)
+    h = (h & 0x8000u) ? (uint16_t)(h + 1u) : (h == 0u ? (uint16_t)0x8001u : (uint16_t)(h - 1u));
   return h;
 }
 
@@ -249,7 +257,6 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
   return r * (cols / cpw) + c / cpw;
 }
 
-
 /* ------------------------------------------------------------------ paged cache layout --- */
 /*
  * Pool layout. Each layer has its own storage for every page id; a page holds page_tokens (P)
@@ -300,9 +307,7 @@ typedef struct kivi_part_layout {
 KIVI_HD uint64_t kivi_round16(uint64_t x) { return (x + 15u) & ~(uint64_t)15u; }
 
 /** Params bytes per group: 4 (half2 scale, zero) for uniform, 2 * 2^bits for codebook. */
-KIVI_HD uint64_t kivi_param_bytes(int32_t kind, int32_t bits) {
-  return kind == 0 ? 4u : 2u * (uint64_t)(1 << bits);
-}
+KIVI_HD uint64_t kivi_param_bytes(int32_t kind, int32_t bits) { return kind == 0 ? 4u : 2u * (uint64_t)(1 << bits); }
 
 /** Layout of the key part (is_value = 0) or the value part (is_value = 1) of a page. */
 KIVI_HD kivi_part_layout kivi_page_part(const kivi_cache_config *c, int is_value) {
@@ -376,8 +381,7 @@ KIVI_HD int64_t kivi_page_code_at(const kivi_cache_config *c, int is_value, int3
 KIVI_HD int64_t kivi_page_group_at(const kivi_cache_config *c, int is_value, int32_t t, int32_t d) {
   const int64_t P = c->page_tokens, D = c->head_dim;
   const int32_t G = is_value ? c->v_group : c->k_group;
-  if (kivi_cache_mma_layout(c))
-    return is_value ? (int64_t)(d / G) * P + t : (int64_t)(t / G) * D + d;
+  if (kivi_cache_mma_layout(c)) return is_value ? (int64_t)(d / G) * P + t : (int64_t)(t / G) * D + d;
   return is_value ? (int64_t)t * (D / G) + d / G : (int64_t)d * (P / G) + t / G;
 }
 

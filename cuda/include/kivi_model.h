@@ -66,17 +66,21 @@ static inline kivi_status kivi_model_check(const char *op, const kivi_model_args
 
 static inline kivi_model_args kivi_model_embed_args(const int32_t *tokens, int32_t rows, const uint16_t *table,
                                                     int32_t vocab, int32_t dim, const float *out) {
-  const kivi_model_args a = {
-      {{"tokens", tokens}, {"table", table}, {"out", out}},
-      {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"vocab", vocab, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}},
-      NULL, 0};
+  const kivi_model_args a = {{{"tokens", tokens}, {"table", table}, {"out", out}},
+                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS},
+                              {"vocab", vocab, 1, KIVI_MODEL_MAX_ROWS},
+                              {"dim", dim, 1, KIVI_MODEL_MAX_DIM}},
+                             NULL,
+                             0};
   return a;
 }
 
 static inline kivi_model_args kivi_model_rmsnorm_args(const float *x, const uint16_t *w, int32_t rows, int32_t dim,
                                                       const float *out) {
   const kivi_model_args a = {{{"x", x}, {"w", w}, {"out", out}},
-                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}}, NULL, 0};
+                             {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"dim", dim, 1, KIVI_MODEL_MAX_DIM}},
+                             NULL,
+                             0};
   return a;
 }
 
@@ -87,7 +91,8 @@ static inline kivi_model_args kivi_model_linear_args(const float *x, const uint1
                               {"n", n, 1, KIVI_MODEL_MAX_DIM},
                               {"k", k, 1, KIVI_MODEL_MAX_DIM},
                               {"accumulate", accumulate, 0, 1}},
-                             NULL, 0};
+                             NULL,
+                             0};
   return a;
 }
 
@@ -98,7 +103,8 @@ static inline kivi_model_args kivi_model_rope_args(const float *x, int32_t rows,
                               {"heads", heads, 1, KIVI_MODEL_MAX_DIM},
                               {"dim", dim, 2, KIVI_MODEL_MAX_DIM},
                               {"max_pos", max_pos, 1, KIVI_MODEL_MAX_ROWS}},
-                             "dim", 0};
+                             "dim",
+                             0};
   return a;
 }
 
@@ -117,7 +123,8 @@ static inline kivi_model_args kivi_model_attention_args(const float *q, const fl
                               {"q_heads", q_heads, 1, 1024},
                               {"kv_heads", kv_heads, 1, 1024},
                               {"head_dim", head_dim, 1, 1024}},
-                             NULL, 1};
+                             NULL,
+                             1};
   return a;
 }
 

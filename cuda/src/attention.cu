@@ -59,18 +59,24 @@ __device__ __forceinline__ void kv_copy_rows(uint32_t s, const uint8_t *g, int64
 }
 __device__ __forceinline__ void kv_copy_rows_any(uint32_t s, const uint8_t *g, int64_t gs, int rows, int rb,
                                                  bool transpose, int lps, int lane) {
-  if (rb % 16 == 0) kv_copy_rows<16>(s, g, gs, rows, rb, transpose, lps, lane);
-  else if (rb % 8 == 0) kv_copy_rows<8>(s, g, gs, rows, rb, transpose, lps, lane);
-  else kv_copy_rows<4>(s, g, gs, rows, rb, transpose, lps, lane);
+  if (rb % 16 == 0)
+    kv_copy_rows<16>(s, g, gs, rows, rb, transpose, lps, lane);
+  else if (rb % 8 == 0)
+    kv_copy_rows<8>(s, g, gs, rows, rb, transpose, lps, lane);
+  else
+    kv_copy_rows<4>(s, g, gs, rows, rb, transpose, lps, lane);
 }
 /* contiguous bytes (a multiple of 16, 16-byte aligned both sides) */
 __device__ __forceinline__ void kv_copy_flat(uint32_t s, const uint8_t *g, int bytes, int lane) {
   for (int i = lane * 16; i < bytes; i += 32 * 16) kv_cpa<16>(s + (uint32_t)i, g + i);
 }
 
-template <int K> __device__ __forceinline__ uint32_t kv_sh(uint32_t w) {
-  if constexpr (K >= 0) return w << K;
-  else return w >> (-K);
+template <int K>
+__device__ __forceinline__ uint32_t kv_sh(uint32_t w) {
+  if constexpr (K >= 0)
+    return w << K;
+  else
+    return w >> (-K);
 }
 /* 1 + (bits b.. of x) / 2^(23-b): x already shifted, mask selects the code; one LOP3 (0xEA: (a & b) | c) */
 __device__ __forceinline__ float kv_mf(uint32_t x, uint32_t mask, uint32_t one) {
@@ -158,9 +164,9 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   const bool kq = kbits != 16, vq = vbits != 16;
   const bool kcb = kq && p.kkind == KIVI_KIND_CODEBOOK, vcb = vq && p.vkind == KIVI_KIND_CODEBOOK;
   const int keb = kcb ? 2 << kbits : 4, veb = vcb ? 2 << vbits : 4;
-  const int KWB = kq ? TT * kbits / 8 : 0;                    /* key code bytes per channel row */
-  const int NGK = kq ? (TT > p.kg ? TT / p.kg : 1) : 0;       /* key groups per tile */
-  const int KPB = NGK * keb;                                  /* key param bytes per channel row */
+  const int KWB = kq ? TT * kbits / 8 : 0;              /* key code bytes per channel row */
+  const int NGK = kq ? (TT > p.kg ? TT / p.kg : 1) : 0; /* key groups per tile */
+  const int KPB = NGK * keb;                            /* key param bytes per channel row */
   const int kbytes = kq ? D * (KWB + KPB) : TT * D * 2;
   const int vcbytes = vq ? TT * D * vbits / 8 : TT * D * 2;
   const int vgpr = D / p.vg;
@@ -175,7 +181,8 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
     for (int c = 0; c < 8; c++)
       qf[h][c] = h < nq ? kv_q_at(p, b, 0, ((int64_t)b * p.qh + qh0 + h) * D + 8 * lp + c, false) : 0.0f;
   if (p.cdev && cta.split == 0 && warp == 0)
-    for (int i = lane; i < nq * D; i += 32) (void)kv_q_at(p, b, (int64_t)qh0 * D + i, ((int64_t)b * p.qh + qh0) * D + i, true);
+    for (int i = lane; i < nq * D; i += 32)
+      (void)kv_q_at(p, b, (int64_t)qh0 * D + i, ((int64_t)b * p.qh + qh0) * D + i, true);
 
   uint8_t *ring = smem + (size_t)warp * p.nst * p.stage_bytes;
   float *pbuf = (float *)(smem + (size_t)KV_WARPS * p.nst * p.stage_bytes) + warp * KV_TT_MAX * HC;
@@ -290,7 +297,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
               }
 #pragma unroll
               for (int h = 0; h < HC; h++) {
-                init_lo[h] = fmaf(Bs[h], 0.0625f, -As[h]);                    /* b = 19 */
+                init_lo[h] = fmaf(Bs[h], 0.0625f, -As[h]);                         /* b = 19 */
                 init_hi[h] = kbits == 2 ? fmaf(Bs[h], 0.25f, -As[h]) : init_lo[h]; /* b = 21 */
               }
             }
@@ -308,10 +315,18 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
                 float f[8];
                 {
                   uint32_t x;
-                  x = kv_sh<19>(w); f[0] = kv_mf(x, M19, ONE); f[1] = kv_mf(x, M21, ONE);
-                  x = kv_sh<15>(w); f[2] = kv_mf(x, M19, ONE); f[3] = kv_mf(x, M21, ONE);
-                  x = kv_sh<11>(w); f[4] = kv_mf(x, M19, ONE); f[5] = kv_mf(x, M21, ONE);
-                  x = kv_sh<7>(w);  f[6] = kv_mf(x, M19, ONE); f[7] = kv_mf(x, M21, ONE);
+                  x = kv_sh<19>(w);
+                  f[0] = kv_mf(x, M19, ONE);
+                  f[1] = kv_mf(x, M21, ONE);
+                  x = kv_sh<15>(w);
+                  f[2] = kv_mf(x, M19, ONE);
+                  f[3] = kv_mf(x, M21, ONE);
+                  x = kv_sh<11>(w);
+                  f[4] = kv_mf(x, M19, ONE);
+                  f[5] = kv_mf(x, M21, ONE);
+                  x = kv_sh<7>(w);
+                  f[6] = kv_mf(x, M19, ONE);
+                  f[7] = kv_mf(x, M21, ONE);
                 }
 #pragma unroll
                 for (int t = 0; t < 8; t++)
@@ -452,10 +467,18 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
           }
           float f[8];
           uint32_t x;
-          x = kv_sh<19>(w); f[0] = kv_mf(x, M19, ONE); f[1] = kv_mf(x, M21, ONE);
-          x = kv_sh<15>(w); f[2] = kv_mf(x, M19, ONE); f[3] = kv_mf(x, M21, ONE);
-          x = kv_sh<11>(w); f[4] = kv_mf(x, M19, ONE); f[5] = kv_mf(x, M21, ONE);
-          x = kv_sh<7>(w);  f[6] = kv_mf(x, M19, ONE); f[7] = kv_mf(x, M21, ONE);
+          x = kv_sh<19>(w);
+          f[0] = kv_mf(x, M19, ONE);
+          f[1] = kv_mf(x, M21, ONE);
+          x = kv_sh<15>(w);
+          f[2] = kv_mf(x, M19, ONE);
+          f[3] = kv_mf(x, M21, ONE);
+          x = kv_sh<11>(w);
+          f[4] = kv_mf(x, M19, ONE);
+          f[5] = kv_mf(x, M21, ONE);
+          x = kv_sh<7>(w);
+          f[6] = kv_mf(x, M19, ONE);
+          f[7] = kv_mf(x, M21, ONE);
 #pragma unroll
           for (int j = 0; j < 8; j++)
 #pragma unroll
@@ -544,7 +567,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) lsum[h] += __shfl_xor_sync(KV_FULL, lsum[h], off);
 
-  __syncthreads(); /* every warp is done with its ring: reuse it for the merge */
+  __syncthreads();           /* every warp is done with its ring: reuse it for the merge */
   float *cw = (float *)smem; /* [warps][HC][D + 2] */
   {
     const float ilo = vmode == 2 ? 1.0f : 16.0f, ihi = vmode == 0 ? 4.0f : ilo;
@@ -573,7 +596,8 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
 #else
 #define KV_D_OK(D) true
 #endif
-template <int D> static kv_attn_kernel pick_hc(int hc) {
+template <int D>
+static kv_attn_kernel pick_hc(int hc) {
   if constexpr (!KV_D_OK(D)) {
     (void)hc;
     return NULL;
@@ -599,7 +623,7 @@ struct kv_kernel_info {
   int device;
   int regs;
   size_t smem_set; /* dynamic smem limit already set */
-  size_t occ_smem;  /* occupancy below was computed for this dynamic smem */
+  size_t occ_smem; /* occupancy below was computed for this dynamic smem */
   int occ;
 };
 
@@ -625,7 +649,9 @@ static kv_kernel_info *kernel_info(kivi_ctx_t ctx, kv_attn_kernel fn, const char
 }
 
 /* CTAs of a launch before splitting (batch x kv heads x head chunks), and the SMs they spread over */
-static int64_t kv_units(const kivi_cache_t c, const kv_attn_params *p) { return (int64_t)p->batch * c->cfg.kv_heads * p->nhc; }
+static int64_t kv_units(const kivi_cache_t c, const kv_attn_params *p) {
+  return (int64_t)p->batch * c->cfg.kv_heads * p->nhc;
+}
 static int64_t kv_sms(const kivi_ctx_t ctx) { return ctx->sm_count > 0 ? ctx->sm_count : 1; }
 
 /* The workspace: the sequences of a batch larger than KV_SEQ_INLINE [KV_ATTN_MAX_BATCH], then the
@@ -692,8 +718,9 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
     p->ws = (float *)(w + kv_ws_head(g));
     /* pageable source: the copy takes the data before it returns (a few KB, stream-ordered) */
     if (batch > KV_SEQ_INLINE &&
-        (st = kv_cuda(ctx, cudaMemcpyAsync((void *)p->dseq, seq, (size_t)batch * sizeof(kv_seq_info),
-                                           cudaMemcpyHostToDevice, ctx->stream),
+        (st = kv_cuda(ctx,
+                      cudaMemcpyAsync((void *)p->dseq, seq, (size_t)batch * sizeof(kv_seq_info), cudaMemcpyHostToDevice,
+                                      ctx->stream),
                       op, "cudaMemcpyAsync (attention sequences)")))
       return st;
   }
@@ -730,7 +757,8 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
   /* one query head a KV head: the key MMA takes tokens as rows and the three planes as columns (T1) */
   const bool one = g.q_heads == g.kv_heads;
   const bool cb = g.v_kind == KIVI_KIND_CODEBOOK;
-  kv_attn_kernel fn = cb ? kv_mma_kernel_codebook(D, g.v_group, one, many) : kv_mma_kernel_uniform(D, g.v_group, one, many);
+  kv_attn_kernel fn =
+      cb ? kv_mma_kernel_codebook(D, g.v_group, one, many) : kv_mma_kernel_uniform(D, g.v_group, one, many);
   if (!fn)
     return kv_fail(ctx, KIVI_ERR_UNSUPPORTED, "%s: head_dim %d with value groups of %d is not built into this library",
                    op, D, (int)g.v_group);
@@ -747,13 +775,15 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
     kv_kernel_info *ki = kernel_info(ctx, fn, op, &st);
     if (!ki) return st;
     if (smem > ki->smem_set) {
-      if ((st = kv_cuda(ctx, cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+      if ((st = kv_cuda(ctx,
+                        cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                         op, "cudaFuncSetAttribute (k_attend_mma)")))
         return st;
       ki->smem_set = smem;
     }
     if (ki->occ_smem != smem) {
-      if ((st = kv_cuda(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ki->occ, (const void *)fn, KV_MMA_THREADS, smem),
+      if ((st = kv_cuda(ctx,
+                        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ki->occ, (const void *)fn, KV_MMA_THREADS, smem),
                         op, "cudaOccupancyMaxActiveBlocksPerMultiprocessor")))
         return st;
       ki->occ_smem = smem;
@@ -869,16 +899,17 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
   if (smem < merge) smem = merge;
   p->nst = nst;
   if (smem > ki->smem_set) {
-    if ((st = kv_cuda(ctx, cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+    if ((st = kv_cuda(ctx,
+                      cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                       op, "cudaFuncSetAttribute (k_cache_attend)"))) {
-            return st;
+      return st;
     }
     ki->smem_set = smem;
   }
   int bps = 1;
   if ((st = kv_cuda(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, (const void *)fn, KV_THREADS, smem), op,
                     "cudaOccupancyMaxActiveBlocksPerMultiprocessor"))) {
-        return st;
+    return st;
   }
   if (bps < 1) bps = 1;
 

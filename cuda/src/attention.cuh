@@ -14,7 +14,7 @@
 
 #define KV_WARPS 4
 #define KV_THREADS (32 * KV_WARPS)
-#define KV_TT_MAX 64  /* page tile cap */
+#define KV_TT_MAX 64 /* page tile cap */
 #define KV_FULL 0xffffffffu
 /* sequences whose (slot, len, qlen) ride in the launch parameters; a larger batch's go to the workspace
    (kernel parameters are copied at every launch: 512 entries made them 6 KB) */
@@ -30,7 +30,7 @@ struct kv_attn_params {
   const int32_t *table;         /* device [max_seqs][max_pages] */
   const void *q;
   void *out;
-  float *ws;      /* [batch][q_heads][nsplit][D + 2] */
+  float *ws;               /* [batch][q_heads][nsplit][D + 2] */
   const kv_seq_info *dseq; /* [batch], where batch > KV_SEQ_INLINE */
   kv_batch_dev *cdev;      /* a checked decode batch: q is checked on the device (NULL: not checked) */
   kivi_batch_record *crec;
@@ -60,9 +60,12 @@ __device__ __forceinline__ float kv_bits_float(uint32_t u, int dt) {
   return dt == KIVI_F32 ? __uint_as_float(u) : dt == KIVI_F16 ? kv_h2f(u) : __uint_as_float(u << 16);
 }
 __device__ __forceinline__ void kv_store_out(void *x, int dt, int64_t i, float v) {
-  if (dt == KIVI_F32) ((float *)x)[i] = v;
-  else if (dt == KIVI_F16) ((uint16_t *)x)[i] = __half_as_ushort(__float2half_rn(v));
-  else ((uint16_t *)x)[i] = kivi_f32_to_bf16(v);
+  if (dt == KIVI_F32)
+    ((float *)x)[i] = v;
+  else if (dt == KIVI_F16)
+    ((uint16_t *)x)[i] = __half_as_ushort(__float2half_rn(v));
+  else
+    ((uint16_t *)x)[i] = kivi_f32_to_bf16(v);
 }
 
 /* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`,
@@ -114,16 +117,19 @@ __device__ __forceinline__ float kv_q_at(const kv_attn_params &p, int b, int64_t
 }
 /* The last thing every thread of every CTA of the launch that writes the outs does (a CTA with no
    tokens too; writes_out false in an attention kernel whose splits k_attend_combine merges, which then
-   calls it): with a checked batch the CTA counts itself done, and the launch's last CTA publishes a bad q to the batch's record and, when
-   this call or an unread earlier one met one, fills every out with NaN (kv_batch_finish). */
-template <int D> __device__ __forceinline__ void kv_attn_finish(const kv_attn_params &p, bool writes_out = true) {
+   calls it): with a checked batch the CTA counts itself done, and the launch's last CTA publishes a bad q to the
+   batch's record and, when this call or an unread earlier one met one, fills every out with NaN (kv_batch_finish). */
+template <int D>
+__device__ __forceinline__ void kv_attn_finish(const kv_attn_params &p, bool writes_out = true) {
   if (!p.cdev || !writes_out) return;
   __threadfence(); /* this thread's outs and atomicMin come before the CTA's count */
   if (!kv_batch_finish(KIVI_CHECK_NONE, p.cdev, p.crec, p.cop, p.layer)) return;
   const int64_t n = (int64_t)p.batch * p.qh * D;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    if (p.out_dtype == KIVI_F32) ((uint32_t *)p.out)[i] = 0x7fc00000u;
-    else ((uint16_t *)p.out)[i] = p.out_dtype == KIVI_F16 ? 0x7e00u : 0x7fc0u;
+    if (p.out_dtype == KIVI_F32)
+      ((uint32_t *)p.out)[i] = 0x7fc00000u;
+    else
+      ((uint16_t *)p.out)[i] = p.out_dtype == KIVI_F16 ? 0x7e00u : 0x7fc0u;
   }
 }
 
@@ -133,7 +139,8 @@ __device__ __forceinline__ int kv_splits_of(const kv_attn_params &p, int len) {
 }
 /* Output channel d of query head oh (batch entry x q_heads + head) from its ns splits' partials in the
    workspace (max, sum, unnormalised output). */
-template <int D> __device__ __forceinline__ float kv_merge_splits(const kv_attn_params &p, int64_t oh, int d, int ns) {
+template <int D>
+__device__ __forceinline__ float kv_merge_splits(const kv_attn_params &p, int64_t oh, int d, int ns) {
   const float *base = p.ws + oh * p.nsplit * (D + 2);
   float M = -INFINITY;
   for (int s = 0; s < ns; s++) M = fmaxf(M, base[s * (D + 2)]);
@@ -151,7 +158,8 @@ template <int D> __device__ __forceinline__ float kv_merge_splits(const kv_attn_
    h < nh (a warp that saw no token has max -inf), then writes head oh0 + h's output, or its split's
    partials to the workspace (k_attend_combine merges them). */
 template <int D, int NW>
-__device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh, int64_t oh0) {
+__device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const float *cw, int rows, int nh,
+                                               int64_t oh0) {
   const kv_cta cta = kv_cta_again(p);
   for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
     const int h = idx / D, d = idx % D;

@@ -54,17 +54,15 @@
 #include "attention.cuh"
 
 __device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], const uint4 a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+               : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ void kv_mma_u8s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                             uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ void kv_mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                            uint32_t b0, uint32_t b1) {
@@ -95,12 +93,12 @@ __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) { return kv_h
    cap); NST: ring stages; T1: one query head a KV head (the turned-around key MMA above) */
 template <int D, int VG, int VK, int MINB, int NST, bool T1>
 static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
-  constexpr int NCH = D / 32;  /* key MMA k-chunks */
-  constexpr int NMT = D / 16;  /* value MMA m-tiles */
+  constexpr int NCH = D / 32;                                   /* key MMA k-chunks */
+  constexpr int NMT = D / 16;                                   /* value MMA m-tiles */
   constexpr int KCB = 32 * D / 4, KPB = D * 4, VCB = 2 * D * 4; /* stage: key codes, key params, value codes */
   extern __shared__ __align__(16) uint8_t smem[];
-  float *qf = (float *)smem;                                       /* [8][D], log2 units */
-  const int nqa = min(KV_MMA_HEADS, p.ratio); /* heads of any CTA */
+  float *qf = (float *)smem;                                              /* [8][D], log2 units */
+  const int nqa = min(KV_MMA_HEADS, p.ratio);                             /* heads of any CTA */
   uint32_t *abuf = (uint32_t *)(smem + KV_MMA_HEADS * D * sizeof(float)); /* per warp: kv_mma_aw(D) x nqa */
   uint8_t *rings = smem + KV_MMA_HEADS * D * sizeof(float) + kv_mma_abuf_bytes(D, p.ratio); /* per warp [NST][stage] */
   const int warp = kv_keep(threadIdx.x >> 5), lane = kv_keep(threadIdx.x & 31);
@@ -119,9 +117,9 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const int ntiles = npt + nwt;
   const int qh0 = hkv * p.ratio + hc * KV_MMA_HEADS;
   const int nq = min(KV_MMA_HEADS, p.ratio - hc * KV_MMA_HEADS);
-  constexpr int ngv = D / VG;      /* value groups */
-  constexpr int VPB = ngv * 64;    /* stage: one plane of value params (a half a token and group) of 32 tokens */
-  constexpr int NPL = VK ? 4 : 2;  /* planes: scale, zero; or c0..c3 */
+  constexpr int ngv = D / VG;         /* value groups */
+  constexpr int VPB = ngv * 64;       /* stage: one plane of value params (a half a token and group) of 32 tokens */
+  constexpr int NPL = VK ? 4 : 2;     /* planes: scale, zero; or c0..c3 */
   constexpr int NVP = NPL * VPB / 16; /* 16-byte copies of the value params a tile */
   constexpr int stage = kv_mma_stage_bytes(D, VG, NPL);
   static_assert(stage == KCB + KPB + VCB + NPL * VPB, "the stage layout the offsets below assume");
@@ -144,7 +142,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
 #pragma unroll
   for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   uint4 ahm[T1 ? 1 : NCH], alo[T1 ? 1 : NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
-  uint32_t bq[T1 ? NCH : 1][2];                 /* T1: key B fragments, column gid = plane gid (0 past 2) */
+  uint32_t bq[T1 ? NCH : 1][2];               /* T1: key B fragments, column gid = plane gid (0 past 2) */
 #pragma unroll
   for (int i = 0; i < (T1 ? 1 : NCH); i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
@@ -171,7 +169,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   /* T1: the slice holds plane p's words of lane L at p 8 NCH + L, and lane (p, tig) reads its 2 NCH B words
      (chunk i, register rg at 2i + rg) at lane 2 NCH: the writer roles above list them in that order */
   const uint32_t o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane % (8 * NCH) : awr)));
-  const uint32_t o_ar = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane * 2 * NCH : gid * kv_mma_aw(D) + tig * 8 * NCH)));
+  const uint32_t o_ar =
+      kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane * 2 * NCH : gid * kv_mma_aw(D) + tig * 8 * NCH)));
   float ksc = 0.0f, kqz = 0.0f; /* this lane's head: score = ((254 hi + mid) 254 + lo) ksc + kqz */
   int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
 
@@ -188,7 +187,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     zacc[1] *= c1;
   };
   /* one online-softmax step over this lane's scores s[4][2] (head gid), then p (in place) */
-  auto softmax = [&](float (&s)[4][2], int nb) {
+  auto softmax = [&](float(&s)[4][2], int nb) {
     float tm = -INFINITY;
 #pragma unroll
     for (int j = 0; j < 4; j++)
@@ -317,7 +316,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
           mb[b2] = __float_as_uint(t1);
           lb[b2] = __float_as_uint(fmaf(r1 - (t1 - MAG), 254.0f, MAG));
         }
-        auto pack = [](const uint32_t (&v)[4]) {
+        auto pack = [](const uint32_t(&v)[4]) {
           return __byte_perm(__byte_perm(v[0], v[1], 0x0040), __byte_perm(v[2], v[3], 0x0040), 0x5410);
         };
         if (a_writer) {
@@ -361,9 +360,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     if constexpr (T1) {
       /* one query head: tokens are the rows (m-tile r, row g: token 16 r + g), the hi / mid / lo planes
          columns 0-2 (B); A = the codes of a lane's two tokens, 4 consecutive channels a register */
-      auto ka = [&](const uint32_t (&w)[2], int i, bool second) {
-        if constexpr (D == 128) return (w[second] >> (2 * i)) & 0x03030303u;
-        else return (w[0] >> (4 * i + (second ? 2 : 0))) & 0x03030303u;
+      auto ka = [&](const uint32_t(&w)[2], int i, bool second) {
+        if constexpr (D == 128)
+          return (w[second] >> (2 * i)) & 0x03030303u;
+        else
+          return (w[0] >> (4 * i + (second ? 2 : 0))) & 0x03030303u;
       };
 #pragma unroll
       for (int r = 0; r < 2; r++) {
@@ -382,8 +383,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
         int acc[4] = {0, 0, 0, 0}; /* lane (g, 0): hi, mid of rows g, g + 8; lane (g, 1): lo of them */
 #pragma unroll
         for (int i = 0; i < NCH; i++)
-          kv_mma_u8s8(acc, ka(kw[0], i, false), ka(kw[1], i, false), ka(kw[0], i, true), ka(kw[1], i, true),
-                      bq[i][0], bq[i][1]);
+          kv_mma_u8s8(acc, ka(kw[0], i, false), ka(kw[1], i, false), ka(kw[0], i, true), ka(kw[1], i, true), bq[i][0],
+                      bq[i][1]);
         const int lo0 = __shfl_xor_sync(KV_FULL, acc[0], 1), lo8 = __shfl_xor_sync(KV_FULL, acc[2], 1);
         /* |hi sums| <= 64 x 3 x D, |mid|, |lo| sums <= 127 x 3 x D: below 2^31 at D 128 */
         s[r][0] = tig == 0 ? fmaf((float)((254 * acc[0] + acc[1]) * 254 + lo0), ksc, kqz) : -INFINITY;
@@ -535,8 +536,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
                      b0p[g1][1]);
           kv_mma_f16(o[2 * q + 1], w & 0x00200020u, w & 0x00800080u, w8 & 0x00200020u, w8 & 0x00800080u, b1p[g1][0],
                      b1p[g1][1]);
-          kv_mma_f16(o[2 * q + 1], ww & 0x00100010u, ww & 0x00400040u, ww8 & 0x00100010u, ww8 & 0x00400040u,
-                     b2p[g1][0], b2p[g1][1]);
+          kv_mma_f16(o[2 * q + 1], ww & 0x00100010u, ww & 0x00400040u, ww8 & 0x00100010u, ww8 & 0x00400040u, b2p[g1][0],
+                     b2p[g1][1]);
         }
       }
     }
@@ -564,9 +565,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   for (int g = npt + ((warp - npt % KV_MMA_WARPS) + KV_MMA_WARPS) % KV_MMA_WARPS; g < ntiles; g += KV_MMA_WARPS) {
     /* ---------------- window tile: 16 fp16 tokens ---------------- */
     const int t0 = ws0 + (g - npt) * 16;
-    auto row = [&](int t, const uint16_t *win) {
-      return win + ((wbase + t % p.W) * p.kvh + hkv) * (int64_t)D;
-    };
+    auto row = [&](int t, const uint16_t *win) { return win + ((wbase + t % p.W) * p.kvh + hkv) * (int64_t)D; };
     float s[4][2];
 #pragma unroll
     for (int j = 0; j < 2; j++) {

@@ -14,7 +14,8 @@
 #define KV_MMA_D64 1
 #endif
 
-template <int D, int VG, int VK> static kv_attn_kernel kv_mma_pick_vg(bool one, bool many) {
+template <int D, int VG, int VK>
+static kv_attn_kernel kv_mma_pick_vg(bool one, bool many) {
   constexpr int N = KV_MMA_NST;
   if constexpr (D == 128) {
     if (one) return many ? k_attend_mma<D, VG, VK, 4, N, true> : k_attend_mma<D, VG, VK, 3, N, true>;
@@ -25,7 +26,8 @@ template <int D, int VG, int VK> static kv_attn_kernel kv_mma_pick_vg(bool one, 
   }
 }
 
-template <int VK> static kv_attn_kernel kv_mma_pick(int D, int VG, bool one, bool many) {
+template <int VK>
+static kv_attn_kernel kv_mma_pick(int D, int VG, bool one, bool many) {
   if (D == 128) {
     switch (VG) {
       case 32: return kv_mma_pick_vg<128, 32, VK>(one, many);

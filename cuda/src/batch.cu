@@ -23,17 +23,18 @@
 #include "batch.cuh"
 #include "cache.cuh"
 
-template <int NB> struct kv_bwin_params;
+template <int NB>
+struct kv_bwin_params;
 struct kv_btable_params;
 
 struct kivi_batch {
   kivi_ctx_t ctx;
   kivi_cache_t cache;
   kivi_batch_args a;
-  int32_t *seqs;               /* [batch] slots (a copy) */
-  uint32_t *gens;              /* [batch] the slots' generations when the batch was made */
-  int64_t *len, *qlen;         /* [batch] the lengths handed to kv_attend_launch */
-  int64_t *extra;              /* [batch] pages each sequence's append takes */
+  int32_t *seqs;                      /* [batch] slots (a copy) */
+  uint32_t *gens;                     /* [batch] the slots' generations when the batch was made */
+  int64_t *len, *qlen;                /* [batch] the lengths handed to kv_attend_launch */
+  int64_t *extra;                     /* [batch] pages each sequence's append takes */
   kv_bwin_params<KIVI_BATCH_MAX> *wp; /* the append's launch parameters (made once: no allocation a call) */
   kv_btable_params *tp;
   kv_batch_dev *dev;           /* device */
@@ -43,13 +44,16 @@ struct kivi_batch {
 
 /* ---------------------------------------------------------------- kernels ---------------- */
 
-template <int DT> __device__ __forceinline__ uint32_t kv_bits(const void *__restrict__ x, int64_t i) {
-  if constexpr (DT == KIVI_F32) return ((const uint32_t *)x)[i];
-  else return ((const uint16_t *)x)[i];
+template <int DT>
+__device__ __forceinline__ uint32_t kv_bits(const void *__restrict__ x, int64_t i) {
+  if constexpr (DT == KIVI_F32)
+    return ((const uint32_t *)x)[i];
+  else
+    return ((const uint16_t *)x)[i];
 }
 
 struct kv_bwin_row {
-  uint64_t win; /* element offset of the token's window slot in kwin / vwin */
+  uint64_t win;  /* element offset of the token's window slot in kwin / vwin */
   int32_t write; /* 0 when the token went into a page with its flush (a window of R = 0) */
   int32_t pad;
 };
@@ -57,13 +61,14 @@ struct kv_bwin_row {
 /* The rows ride in the launch parameters, in an array of NB entries: the smallest of 8, 64 and
    KIVI_BATCH_MAX that holds the batch, so that a small batch does not pay for copying 8 KB of
    parameters at every launch. */
-template <int NB> struct kv_bwin_params {
+template <int NB>
+struct kv_bwin_params {
   uint16_t *kwin, *vwin;
-  const void *k, *v;       /* [batch][row] */
+  const void *k, *v; /* [batch][row] */
   int32_t row, batch, check, layer;
   kv_batch_dev *dev;
   kivi_batch_record *rec;
-  uint8_t *bad;            /* the record's bad[batch] (device address) */
+  uint8_t *bad; /* the record's bad[batch] (device address) */
   kv_bwin_row R[NB];
 };
 
@@ -88,8 +93,10 @@ static __global__ void __launch_bounds__(256) k_batch_window(const __grid_consta
     }
     if (p.check) {
       const int32_t kk = kivi_bad_kind(ku, DT, 1), vk = kivi_bad_kind(vu, DT, 1);
-      if (kk >= 0) mine = kivi_check_key(b, 0, e, kk);
-      else if (vk >= 0) mine = kivi_check_key(b, 1, e, vk);
+      if (kk >= 0)
+        mine = kivi_check_key(b, 0, e, kk);
+      else if (vk >= 0)
+        mine = kivi_check_key(b, 1, e, vk);
       if (mine != KIVI_CHECK_NONE) {
         ((volatile uint8_t *)p.bad)[b] = 1; /* the token is stored: its sequence holds it */
         __threadfence_system();
@@ -128,7 +135,8 @@ static kivi_status enter(kivi_batch_t b, const char *op, int32_t layer, int need
   kivi_status st = kv_enter(b->ctx, op);
   if (st) return st;
   char msg[KV_ERR_LEN];
-  st = kivi_batch_enter(&b->cache->cfg, &b->a, b->record, b->gens, b->cache, slot_of, op, layer, need_kv, msg, sizeof msg);
+  st = kivi_batch_enter(&b->cache->cfg, &b->a, b->record, b->gens, b->cache, slot_of, op, layer, need_kv, msg,
+                        sizeof msg);
   return st ? kv_fail(b->ctx, st, "%s", msg) : KIVI_OK;
 }
 
@@ -148,7 +156,8 @@ static void batch_release(kivi_batch_t b) {
 }
 
 /* k_batch_window for b's rows (b->wp filled), with parameters of nb rows. */
-template <int NB> static kivi_status window_launch_nb(kivi_batch_t b) {
+template <int NB>
+static kivi_status window_launch_nb(kivi_batch_t b) {
   kv_bwin_params<NB> p;
   memcpy(&p, b->wp, offsetof(kv_bwin_params<NB>, R));
   memcpy(p.R, b->wp->R, sizeof(kv_bwin_row) * (size_t)b->a.batch);
@@ -175,7 +184,8 @@ KIVI_API kivi_status kivi_batch_create(kivi_cache_t cache, const int32_t *seqs, 
   if (!out_batch) return kv_fail(ctx, KIVI_ERR_ARG, "%s: out_batch must not be NULL", op);
   const kivi_batch_args a = {seqs, batch, q, q_dtype, out, out_dtype, scale, k, v, kv_dtype, flags};
   char msg[KV_ERR_LEN];
-  if ((st = kivi_batch_validate(&cache->cfg, &a, cache, slot_live, msg, sizeof msg))) return kv_fail(ctx, st, "%s", msg);
+  if ((st = kivi_batch_validate(&cache->cfg, &a, cache, slot_live, msg, sizeof msg)))
+    return kv_fail(ctx, st, "%s", msg);
   kivi_batch_t b = (kivi_batch_t)calloc(1, sizeof *b);
   if (!b) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate a batch of %d", op, (int)batch);
   b->seqs = (int32_t *)malloc(sizeof(int32_t) * (size_t)batch);

@@ -19,8 +19,8 @@ struct kv_batch_dev {
    the call's, and the last block to finish publishes the call's first bad element to the record (key
    and call only when none is recorded yet, then `any`) and marks the batch pending. True in the last
    block when outs must be poisoned: this call or an earlier unread one met a bad value. */
-__device__ __forceinline__ bool kv_batch_finish(unsigned long long mine, kv_batch_dev *dev, kivi_batch_record *rec, int32_t op,
-                                       int32_t layer) {
+__device__ __forceinline__ bool kv_batch_finish(unsigned long long mine, kv_batch_dev *dev, kivi_batch_record *rec,
+                                                int32_t op, int32_t layer) {
   __shared__ unsigned long long warp_min[32];
   __shared__ bool last, poison;
   for (int o = 16; o > 0; o >>= 1) {

@@ -27,18 +27,18 @@ struct kivi_cache {
   int32_t F, W, P, D;
 
   /* device */
-  uint8_t *kpool, *vpool;   /* [layers][max_pages][kv_heads][part.head] */
-  uint16_t *kwin, *vwin;    /* half [max_seqs][layers][W][kv_heads][D] */
-  int32_t *d_table;         /* [max_seqs][max_pages] */
-  uint64_t pool_bytes;      /* kpool + vpool + both windows */
+  uint8_t *kpool, *vpool; /* [layers][max_pages][kv_heads][part.head] */
+  uint16_t *kwin, *vwin;  /* half [max_seqs][layers][W][kv_heads][D] */
+  int32_t *d_table;       /* [max_seqs][max_pages] */
+  uint64_t pool_bytes;    /* kpool + vpool + both windows */
 
   /* host mirror */
-  uint8_t *live;            /* [max_seqs] */
-  uint32_t *gen;            /* [max_seqs] bumped when a slot is freed: batches tell a reused slot from theirs */
-  int32_t *table;           /* [max_seqs][max_pages] */
-  int32_t *npages;          /* [max_seqs] */
-  int64_t *len, *qlen;      /* [max_seqs][layers] */
-  int32_t *free_pages;      /* LIFO stack [max_pages]; top at nfree - 1 */
+  uint8_t *live;       /* [max_seqs] */
+  uint32_t *gen;       /* [max_seqs] bumped when a slot is freed: batches tell a reused slot from theirs */
+  int32_t *table;      /* [max_seqs][max_pages] */
+  int32_t *npages;     /* [max_seqs] */
+  int64_t *len, *qlen; /* [max_seqs][layers] */
+  int32_t *free_pages; /* LIFO stack [max_pages]; top at nfree - 1 */
   int32_t nfree;
 
   /* attention workspace (split partials), grown on demand */
@@ -56,8 +56,8 @@ struct kv_attn_check {
 /** Launches the fused decode attention (attention.cu); arguments already validated on the host.
     slot/len/qlen: host [batch]; chk: NULL, or check q on the device and record a bad element there. */
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
-                             const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
-                             float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk);
+                             const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype, float scale,
+                             void *out, kivi_dtype out_dtype, const kv_attn_check *chk);
 
 /* The steps of an append, shared by kivi_cache_append and kivi_batch_append (batch.cu). n tokens to seq
    in layers [l0, l0 + nl), k / v [nl][n][kv_heads][head_dim]; all host-side checks already made. */

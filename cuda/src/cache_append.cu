@@ -149,9 +149,9 @@ struct kv_flush_layer {
 
 struct kv_flush_params {
   uint8_t *kpool, *vpool;
-  const uint16_t *kwin, *vwin; /* this sequence's windows: [layers][W][kv_heads][D] */
-  const void *k, *v;           /* [in layers][n][kv_heads][D] */
-  const int32_t *table;        /* device row of the sequence */
+  const uint16_t *kwin, *vwin;             /* this sequence's windows: [layers][W][kv_heads][D] */
+  const void *k, *v;                       /* [in layers][n][kv_heads][D] */
+  const int32_t *table;                    /* device row of the sequence */
   uint64_t layer_stride_k, layer_stride_v; /* max_pages * page bytes */
   kv_part_dev kp, vp;
   int64_t n;
@@ -307,7 +307,8 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
                                                  cudaMemcpyHostToDevice, ctx->stream),
                                  op, "cudaMemcpyAsync (block table)")))
     return st;
-  if ((st = kv_append_flush(c, op, seq, l0, nl, k, v, dtype, n)) || (st = kv_append_window(c, op, seq, l0, nl, k, v, dtype, n)))
+  if ((st = kv_append_flush(c, op, seq, l0, nl, k, v, dtype, n)) ||
+      (st = kv_append_window(c, op, seq, l0, nl, k, v, dtype, n)))
     return st;
   kv_append_commit(c, seq, l0, nl, n, extra);
   return KIVI_OK;

@@ -37,8 +37,7 @@ __device__ void kv_cb_fit(const uint16_t *x, int stride, int G, int fit, int ite
   }
   float c[NC];
 #pragma unroll
-  for (int i = 0; i < NC; i++)
-    c[i] = __fadd_rn(mn, __fdiv_rn(__fmul_rn((float)i, __fsub_rn(mx, mn)), (float)(NC - 1)));
+  for (int i = 0; i < NC; i++) c[i] = __fadd_rn(mn, __fdiv_rn(__fmul_rn((float)i, __fsub_rn(mx, mn)), (float)(NC - 1)));
   c[NC - 1] = mx;
   const bool pinned = fit == KIVI_FIT_PINNED;
   for (int it = 0; it < iters; it++) {
@@ -92,8 +91,7 @@ __device__ void kv_cb_fit(const uint16_t *x, int stride, int G, int fit, int ite
 
 /* Fit + codes of one group x[i * stride] (G values, G % cpw == 0); centroids to cent[NC], codes to words. */
 template <int NC>
-__device__ void kv_cb_group(const uint16_t *x, int stride, int G, int fit, int iters, uint16_t *cent,
-                            uint32_t *words) {
+__device__ void kv_cb_group(const uint16_t *x, int stride, int G, int fit, int iters, uint16_t *cent, uint32_t *words) {
   constexpr int BITS = NC == 4 ? 2 : 4, CPW = 32 / BITS;
   uint16_t h[NC];
   kv_cb_fit<NC>(x, stride, G, fit, iters, h);
@@ -105,8 +103,7 @@ __device__ void kv_cb_group(const uint16_t *x, int stride, int G, int fit, int i
   }
   for (int w = 0; w < G / CPW; w++) {
     uint32_t word = 0;
-    for (int j = 0; j < CPW; j++)
-      word |= kivi_nearest_code(kv_hf(x[(w * CPW + j) * stride]), cf, NC) << (BITS * j);
+    for (int j = 0; j < CPW; j++) word |= kivi_nearest_code(kv_hf(x[(w * CPW + j) * stride]), cf, NC) << (BITS * j);
     words[w] = word;
   }
 }

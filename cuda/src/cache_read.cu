@@ -7,8 +7,8 @@
 /* ---------------------------------------------------------------- read kernel ------------ */
 
 struct kv_read_params {
-  const uint8_t *kpool, *vpool;  /* layer bases */
-  const uint16_t *kwin, *vwin;   /* this sequence's window of the layer: [W][kv_heads][D] */
+  const uint8_t *kpool, *vpool; /* layer bases */
+  const uint16_t *kwin, *vwin;  /* this sequence's window of the layer: [W][kv_heads][D] */
   const int32_t *table;
   void *k, *v;
   kv_part_dev kp, vp;
@@ -18,9 +18,12 @@ struct kv_read_params {
 };
 
 __device__ __forceinline__ void kv_store_any(void *out, kivi_dtype dt, int64_t i, float v) {
-  if (dt == KIVI_F32) kv_st<KIVI_F32>(out, i, v);
-  else if (dt == KIVI_F16) kv_st<KIVI_F16>(out, i, v);
-  else kv_st<KIVI_BF16>(out, i, v);
+  if (dt == KIVI_F32)
+    kv_st<KIVI_F32>(out, i, v);
+  else if (dt == KIVI_F16)
+    kv_st<KIVI_F16>(out, i, v);
+  else
+    kv_st<KIVI_BF16>(out, i, v);
 }
 
 static __global__ void __launch_bounds__(256) k_cache_read(const __grid_constant__ kv_read_params p) {

@@ -10,11 +10,15 @@
 /* ---------------------------------------------------------------- NaN / Inf scan --------- */
 
 /* NaN / Inf, or with f16range also a finite f32 / bf16 that fp16 rounds to Inf (|x| >= 65520) */
-template <int DT> __device__ __forceinline__ bool kv_c_bad(uint32_t u, bool f16range) {
+template <int DT>
+__device__ __forceinline__ bool kv_c_bad(uint32_t u, bool f16range) {
   const uint32_t lim = f16range ? 0x477ff000u : 0x7f800000u;
-  if constexpr (DT == KIVI_F32) return (u & 0x7fffffffu) >= lim;
-  else if constexpr (DT == KIVI_F16) return (u & 0x7c00u) == 0x7c00u;
-  else return ((u << 16) & 0x7fffffffu) >= lim;
+  if constexpr (DT == KIVI_F32)
+    return (u & 0x7fffffffu) >= lim;
+  else if constexpr (DT == KIVI_F16)
+    return (u & 0x7c00u) == 0x7c00u;
+  else
+    return ((u << 16) & 0x7fffffffu) >= lim;
 }
 
 /* Grid-stride over x [n]; the lowest bad index goes to *first by atomicMin (only finders touch it). */
@@ -73,9 +77,9 @@ const char *kv_cache_bad_name(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, i
     return "a non-finite value";
   }
   (void)ctx;
-  const float v = dtype == KIVI_F32 ? kivi_bits_f32(bits)
-                                    : (dtype == KIVI_F16 ? kivi_f16_to_f32((uint16_t)bits)
-                                                         : kivi_bf16_to_f32((uint16_t)bits));
+  const float v = dtype == KIVI_F32
+                      ? kivi_bits_f32(bits)
+                      : (dtype == KIVI_F16 ? kivi_f16_to_f32((uint16_t)bits) : kivi_bf16_to_f32((uint16_t)bits));
   if (v == v && v != INFINITY && v != -INFINITY) {
     snprintf(buf, sizeof buf, "%g (beyond fp16)", (double)v);
     return buf;

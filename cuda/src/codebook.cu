@@ -13,8 +13,7 @@
 
 /* Nearest code of a under sorted centroids c (kivi_nearest_code's comparisons) and that centroid. */
 template <int NC>
-__device__ __forceinline__ uint32_t kv_nearest(float a, const float (&mid)[NC - 1], const float (&c)[NC],
-                                               float *cq) {
+__device__ __forceinline__ uint32_t kv_nearest(float a, const float (&mid)[NC - 1], const float (&c)[NC], float *cq) {
   uint32_t q = 0;
 #pragma unroll
   for (int i = 0; i < NC - 1; i++) q += (a >= mid[i]) ? 1u : 0u;
@@ -25,7 +24,8 @@ __device__ __forceinline__ uint32_t kv_nearest(float a, const float (&mid)[NC - 
   return q;
 }
 
-template <int NC> __device__ __forceinline__ void kv_mids(const float (&c)[NC], float (&mid)[NC - 1]) {
+template <int NC>
+__device__ __forceinline__ void kv_mids(const float (&c)[NC], float (&mid)[NC - 1]) {
 #pragma unroll
   for (int i = 0; i < NC - 1; i++) mid[i] = __fmul_rn(0.5f, __fadd_rn(c[i], c[i + 1]));
 }
@@ -251,7 +251,7 @@ static kivi_status fit_or_encode(kivi_ctx_t ctx, const char *op, const void *x, 
   if (!(flags & KIVI_FLAG_TRUSTED) && (st = kv_check_finite(ctx, op, x, dtype, &sh))) return st;
   const bool aligned = ((uintptr_t)x & 15u) == 0;
   const unsigned grid = kv_grid(ctx, (sh.groups + 127) / 128, 16);
-#define KV_FIT_GB(G, B)                                                                                            \
+#define KV_FIT_GB(G, B)                                                                                          \
   k_codebook_fit<DT, G, B><<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, sh.axis, sh.groups, aligned, fit, \
                                                           max_iters, assign, centroids, iters, inertia, codes)
   KV_DISPATCH_DT_GB(dtype, sh.group, sh.bits, KV_FIT_GB)
@@ -274,22 +274,19 @@ KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype
 }
 
 KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
-                                          kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit,
-                                          int32_t max_iters, kivi_assign assign, int32_t flags, uint16_t *centroids,
-                                          uint32_t *codes) {
-  const kv_spec spec =
-      kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags, centroids,
-          codes);
+                                          kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
+                                          kivi_assign assign, int32_t flags, uint16_t *centroids, uint32_t *codes) {
+  const kv_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags,
+                                                 centroids, codes);
   kv_shape sh;
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
   return fit_or_encode(ctx, spec.op, x, dtype, sh, fit, max_iters, assign, flags, centroids, nullptr, nullptr, codes);
 }
 
-KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
-                                            int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
-                                            const uint16_t *centroids, kivi_assign assign, int32_t flags,
-                                            uint32_t *codes) {
+KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
+                                            kivi_axis axis, int32_t group, int32_t bits, const uint16_t *centroids,
+                                            kivi_assign assign, int32_t flags, uint32_t *codes) {
   const kv_spec spec =
       kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
   kv_shape sh;
@@ -328,9 +325,9 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
 
   const bool aligned = ((uintptr_t)x & 15u) == 0;
   const unsigned grid = kv_grid(ctx, (sh.groups + 127) / 128, 16);
-#define KV_CQ_GB(G, B)                                                                                             \
-  k_codebook_quantize<DT, G, B><<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, sh.axis, sh.groups, aligned, \
-                                                               centroids, assign, codes)
+#define KV_CQ_GB(G, B)          \
+  k_codebook_quantize<DT, G, B> \
+      <<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, sh.axis, sh.groups, aligned, centroids, assign, codes)
   KV_DISPATCH_DT_GB(dtype, sh.group, sh.bits, KV_CQ_GB)
 #undef KV_CQ_GB
   return kv_launched(ctx, spec.op, "k_codebook_quantize");
@@ -344,9 +341,9 @@ KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *co
   kivi_status st = kv_validate(ctx, &spec, &sh);
   if (st) return st;
   const unsigned grid = kv_grid(ctx, (sh.groups + 127) / 128, 16);
-#define KV_CD_GB(G, B)                                                                                             \
-  k_codebook_dequantize<DT, G, B><<<grid, 128, 0, ctx->stream>>>(codes, centroids, sh.rows, sh.cols, sh.axis,    \
-                                                                 sh.groups, out)
+#define KV_CD_GB(G, B)            \
+  k_codebook_dequantize<DT, G, B> \
+      <<<grid, 128, 0, ctx->stream>>>(codes, centroids, sh.rows, sh.cols, sh.axis, sh.groups, out)
   KV_DISPATCH_DT_GB(out_dtype, sh.group, sh.bits, KV_CD_GB)
 #undef KV_CD_GB
   return kv_launched(ctx, spec.op, "k_codebook_dequantize");

@@ -39,10 +39,8 @@ static bool kv_is_sticky(cudaError_t e) {
     case cudaErrorExternalDevice:
     case cudaErrorTensorMemoryLeak:
     case cudaErrorContextIsDestroyed:
-    case cudaErrorPriorLaunchFailure:
-      return true;
-    default:
-      return false;
+    case cudaErrorPriorLaunchFailure: return true;
+    default: return false;
   }
 }
 
@@ -50,8 +48,8 @@ kivi_status kv_cuda(kivi_ctx_t ctx, cudaError_t e, const char *op, const char *w
   if (e == cudaSuccess) return KIVI_OK;
   if (kv_is_sticky(e)) {
     kivi_status st = kv_fail(ctx, KIVI_ERR_CUDA_STICKY,
-                             "%s: %s failed with a sticky CUDA fault: %s (%s); the context is unusable, destroy it",
-                             op, what, cudaGetErrorString(e), cudaGetErrorName(e));
+                             "%s: %s failed with a sticky CUDA fault: %s (%s); the context is unusable, destroy it", op,
+                             what, cudaGetErrorString(e), cudaGetErrorName(e));
     if (ctx && !ctx->sticky) {
       ctx->sticky = 1;
       snprintf(ctx->sticky_msg, sizeof ctx->sticky_msg, "%s", tl_err);
@@ -116,7 +114,10 @@ kivi_status kv_scratch_read(kivi_ctx_t ctx, const char *op) {
 
 /* What the quantizers (fp16 params) refuse: Inf or NaN, or a finite f32 / bf16 value that fp16 rounds
    to Inf (|x| >= 65520, as kivi_f32_to_f16; bf16 from 65536 up). Same rule as the CPU build's scan. */
-template <int DT> __device__ __forceinline__ bool kv_bad_bits(uint32_t u) { return kivi_unquantizable(u, DT); }
+template <int DT>
+__device__ __forceinline__ bool kv_bad_bits(uint32_t u) {
+  return kivi_unquantizable(u, DT);
+}
 
 /* x [n]: 16-byte loads when aligned (grid-stride), records the first bad index by atomicMin (only
    threads that found one touch the flag). */
@@ -137,8 +138,10 @@ static __global__ void k_scan_nonfinite(const void *__restrict__ x, int64_t n, b
       bool any = false;
 #pragma unroll
       for (int k = 0; k < 4; k++) {
-        if constexpr (DT == KIVI_F32) any |= kv_bad_bits<DT>(w[k]);
-        else any |= kv_bad_bits<DT>(w[k] & 0xffffu) | kv_bad_bits<DT>(w[k] >> 16);
+        if constexpr (DT == KIVI_F32)
+          any |= kv_bad_bits<DT>(w[k]);
+        else
+          any |= kv_bad_bits<DT>(w[k] & 0xffffu) | kv_bad_bits<DT>(w[k] >> 16);
       }
       if (any) {
         for (int k = 0; k < V; k++) {
@@ -182,11 +185,13 @@ kivi_status kv_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_
   st = kv_cuda(ctx, cudaMemcpy(&bits, (const char *)x + (size_t)i * es, es, cudaMemcpyDeviceToHost), op,
                "cudaMemcpy (bad element)");
   if (st) return st;
-  float v = dtype == KIVI_F32 ? kivi_bits_f32(bits)
-                              : (dtype == KIVI_F16 ? kivi_f16_to_f32((uint16_t)bits) : kivi_bf16_to_f32((uint16_t)bits));
+  float v = dtype == KIVI_F32
+                ? kivi_bits_f32(bits)
+                : (dtype == KIVI_F16 ? kivi_f16_to_f32((uint16_t)bits) : kivi_bf16_to_f32((uint16_t)bits));
   const int64_t r = i / sh->cols, c = i % sh->cols;
   char msg[KV_ERR_LEN];
-  kivi_unquantizable_message(msg, sizeof msg, op, v, i, r, c, kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
+  kivi_unquantizable_message(msg, sizeof msg, op, v, i, r, c,
+                             kivi_group_of(r, c, sh->rows, sh->cols, sh->axis, sh->group));
   return kv_fail(ctx, KIVI_ERR_NONFINITE, "%s", msg);
 }
 
@@ -347,8 +352,8 @@ KIVI_API kivi_status kivi_mem_upload(kivi_ctx_t ctx, void *dst_data, const void 
                   true);
 }
 KIVI_API kivi_status kivi_mem_download(kivi_ctx_t ctx, void *dst_host, const void *src_data, uint64_t bytes) {
-  return mem_move(ctx, "kivi_mem_download", "dst_host", dst_host, "src_data", src_data, bytes,
-                  cudaMemcpyDeviceToHost, true);
+  return mem_move(ctx, "kivi_mem_download", "dst_host", dst_host, "src_data", src_data, bytes, cudaMemcpyDeviceToHost,
+                  true);
 }
 KIVI_API kivi_status kivi_mem_copy(kivi_ctx_t ctx, void *dst_data, const void *src_data, uint64_t bytes) {
   return mem_move(ctx, "kivi_mem_copy", "dst_data", dst_data, "src_data", src_data, bytes, cudaMemcpyDeviceToDevice,
@@ -388,8 +393,7 @@ KIVI_API kivi_status kivi_timer_stop(kivi_ctx_t ctx, float *ms) {
   if ((st = kv_cuda(ctx, cudaEventRecord(ctx->ev_stop, ctx->stream), op, "cudaEventRecord"))) return st;
   if ((st = kv_cuda(ctx, cudaEventSynchronize(ctx->ev_stop), op, "cudaEventSynchronize"))) return st;
   float t = 0.0f;
-  if ((st = kv_cuda(ctx, cudaEventElapsedTime(&t, ctx->ev_start, ctx->ev_stop), op, "cudaEventElapsedTime")))
-    return st;
+  if ((st = kv_cuda(ctx, cudaEventElapsedTime(&t, ctx->ev_start, ctx->ev_stop), op, "cudaEventElapsedTime"))) return st;
   *ms = t;
   return KIVI_OK;
 }

@@ -25,7 +25,7 @@ struct kivi_ctx {
   cudaStream_t stream; /* non-blocking: never serialises with the legacy default stream */
   cudaEvent_t ev_start, ev_stop;
   int timer_started;
-  int sticky;                 /* a sticky fault happened: every later call fails */
+  int sticky; /* a sticky fault happened: every later call fails */
   char sticky_msg[KV_ERR_LEN];
   char error[KV_ERR_LEN];
   unsigned long long *d_scratch; /* device [KV_SLOTS]: validation results */
@@ -76,45 +76,70 @@ kivi_status kv_scratch_read(kivi_ctx_t ctx, const char *op);
 __device__ __forceinline__ int64_t kv_grid_first() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t kv_grid_stride() { return (int64_t)gridDim.x * blockDim.x; }
 
-
-template <int DT> struct kv_dt;
-template <> struct kv_dt<KIVI_F32> { static constexpr int size = 4; };
-template <> struct kv_dt<KIVI_F16> { static constexpr int size = 2; };
-template <> struct kv_dt<KIVI_BF16> { static constexpr int size = 2; };
+template <int DT>
+struct kv_dt;
+template <>
+struct kv_dt<KIVI_F32> {
+  static constexpr int size = 4;
+};
+template <>
+struct kv_dt<KIVI_F16> {
+  static constexpr int size = 2;
+};
+template <>
+struct kv_dt<KIVI_BF16> {
+  static constexpr int size = 2;
+};
 
 /** 16-bit pattern -> float (exact), per dtype. */
-template <int DT> __device__ __forceinline__ float kv_h2f(uint32_t h) {
-  if constexpr (DT == KIVI_F16) return __half2float(__ushort_as_half((unsigned short)h));
-  else return __uint_as_float(h << 16);
+template <int DT>
+__device__ __forceinline__ float kv_h2f(uint32_t h) {
+  if constexpr (DT == KIVI_F16)
+    return __half2float(__ushort_as_half((unsigned short)h));
+  else
+    return __uint_as_float(h << 16);
 }
 
 /** Element i of x as float. */
-template <int DT> __device__ __forceinline__ float kv_ld(const void *__restrict__ x, int64_t i) {
-  if constexpr (DT == KIVI_F32) return ((const float *)x)[i];
-  else return kv_h2f<DT>(((const uint16_t *)x)[i]);
+template <int DT>
+__device__ __forceinline__ float kv_ld(const void *__restrict__ x, int64_t i) {
+  if constexpr (DT == KIVI_F32)
+    return ((const float *)x)[i];
+  else
+    return kv_h2f<DT>(((const uint16_t *)x)[i]);
 }
 
 /** Element e (0 or 1) of a 32-bit word holding two 16-bit elements (or one f32). */
-template <int DT> __device__ __forceinline__ float kv_word_elem(uint32_t w, int e) {
-  if constexpr (DT == KIVI_F32) return __uint_as_float(w);
-  else return kv_h2f<DT>(e ? (w >> 16) : (w & 0xffffu));
+template <int DT>
+__device__ __forceinline__ float kv_word_elem(uint32_t w, int e) {
+  if constexpr (DT == KIVI_F32)
+    return __uint_as_float(w);
+  else
+    return kv_h2f<DT>(e ? (w >> 16) : (w & 0xffffu));
 }
 
 /** float -> stored pattern of a 16-bit dtype (f16 by the hardware's RNE conversion, which is
     kivi_f32_to_f16 for every input; bf16 by kivi_format.h). */
-template <int DT> __device__ __forceinline__ uint16_t kv_f2h(float v) {
-  if constexpr (DT == KIVI_F16) return __half_as_ushort(__float2half_rn(v));
-  else return kivi_f32_to_bf16(v);
+template <int DT>
+__device__ __forceinline__ uint16_t kv_f2h(float v) {
+  if constexpr (DT == KIVI_F16)
+    return __half_as_ushort(__float2half_rn(v));
+  else
+    return kivi_f32_to_bf16(v);
 }
 
 /** Stores v as element i of out. */
-template <int DT> __device__ __forceinline__ void kv_st(void *__restrict__ out, int64_t i, float v) {
-  if constexpr (DT == KIVI_F32) ((float *)out)[i] = v;
-  else ((uint16_t *)out)[i] = kv_f2h<DT>(v);
+template <int DT>
+__device__ __forceinline__ void kv_st(void *__restrict__ out, int64_t i, float v) {
+  if constexpr (DT == KIVI_F32)
+    ((float *)out)[i] = v;
+  else
+    ((uint16_t *)out)[i] = kv_f2h<DT>(v);
 }
 
 /** cp.async of N bytes (16: L2 only; 4 or 8: through L1) from global g to shared address saddr. */
-template <int N> __device__ __forceinline__ void kv_cpa(uint32_t saddr, const void *g) {
+template <int N>
+__device__ __forceinline__ void kv_cpa(uint32_t saddr, const void *g) {
   if constexpr (N == 16)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(g));
   else
@@ -123,14 +148,21 @@ template <int N> __device__ __forceinline__ void kv_cpa(uint32_t saddr, const vo
 __device__ __forceinline__ void kv_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 /** Waits until at most `pending` (0..3) of this thread's cp.async groups are still in flight. */
 __device__ __forceinline__ void kv_wait(int pending) {
-  if (pending <= 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-  else if (pending == 1) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-  else if (pending == 2) asm volatile("cp.async.wait_group 2;\n" ::: "memory");
-  else asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+  if (pending <= 0)
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  else if (pending == 1)
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  else if (pending == 2)
+    asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+  else
+    asm volatile("cp.async.wait_group 3;\n" ::: "memory");
 }
 
 /** Values per 16-byte chunk. */
-template <int DT> struct kv_vec { static constexpr int n = 16 / kv_dt<DT>::size; };
+template <int DT>
+struct kv_vec {
+  static constexpr int n = 16 / kv_dt<DT>::size;
+};
 
 /** The 16-byte chunk of x starting at element e (a multiple of kv_vec<DT>::n) as floats; one
     vector load when x is 16-byte aligned, element loads otherwise. */
@@ -143,8 +175,10 @@ __device__ __forceinline__ void kv_ld_chunk(const void *__restrict__ x, int64_t 
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < N; i++) {
-      if constexpr (DT == KIVI_F32) v[i] = __uint_as_float(w[i]);
-      else v[i] = kv_word_elem<DT>(w[i / 2], i & 1);
+      if constexpr (DT == KIVI_F32)
+        v[i] = __uint_as_float(w[i]);
+      else
+        v[i] = kv_word_elem<DT>(w[i / 2], i & 1);
     }
   } else {
 #pragma unroll
@@ -153,32 +187,40 @@ __device__ __forceinline__ void kv_ld_chunk(const void *__restrict__ x, int64_t 
 }
 
 /** Launch dispatch over the runtime dtype (f(std::integral_constant)). */
-#define KV_DISPATCH_DT(dt, F)                          \
-  switch (dt) {                                        \
-    case KIVI_F32: F(KIVI_F32); break;                 \
-    case KIVI_F16: F(KIVI_F16); break;                 \
-    default: F(KIVI_BF16); break;                      \
+#define KV_DISPATCH_DT(dt, F)          \
+  switch (dt) {                        \
+    case KIVI_F32: F(KIVI_F32); break; \
+    case KIVI_F16: F(KIVI_F16); break; \
+    default: F(KIVI_BF16); break;      \
   }
 
 /** F(G, BITS) for the six supported (group, bits) pairs. */
-#define KV_DISPATCH_GB(group, bits, F)     \
-  switch ((group) * 8 + (bits)) {          \
-    case 32 * 8 + 2: F(32, 2); break;      \
-    case 32 * 8 + 4: F(32, 4); break;      \
-    case 64 * 8 + 2: F(64, 2); break;      \
-    case 64 * 8 + 4: F(64, 4); break;      \
-    case 128 * 8 + 2: F(128, 2); break;    \
-    default: F(128, 4); break;             \
+#define KV_DISPATCH_GB(group, bits, F)  \
+  switch ((group)*8 + (bits)) {         \
+    case 32 * 8 + 2: F(32, 2); break;   \
+    case 32 * 8 + 4: F(32, 4); break;   \
+    case 64 * 8 + 2: F(64, 2); break;   \
+    case 64 * 8 + 4: F(64, 4); break;   \
+    case 128 * 8 + 2: F(128, 2); break; \
+    default: F(128, 4); break;          \
   }
 
 /** F(G, BITS) with `DT` a constexpr of the runtime dtype in scope: one dispatch over all three. */
-#define KV_DISPATCH_DT_GB(dt, group, bits, F)                               \
-  switch (dt) {                                                             \
-    case KIVI_F32: { constexpr int DT = KIVI_F32; KV_DISPATCH_GB(group, bits, F) break; } \
-    case KIVI_F16: { constexpr int DT = KIVI_F16; KV_DISPATCH_GB(group, bits, F) break; } \
-    default: { constexpr int DT = KIVI_BF16; KV_DISPATCH_GB(group, bits, F) break; }      \
+#define KV_DISPATCH_DT_GB(dt, group, bits, F) \
+  switch (dt) {                               \
+    case KIVI_F32: {                          \
+      constexpr int DT = KIVI_F32;            \
+      KV_DISPATCH_GB(group, bits, F) break;   \
+    }                                         \
+    case KIVI_F16: {                          \
+      constexpr int DT = KIVI_F16;            \
+      KV_DISPATCH_GB(group, bits, F) break;   \
+    }                                         \
+    default: {                                \
+      constexpr int DT = KIVI_BF16;           \
+      KV_DISPATCH_GB(group, bits, F) break;   \
+    }                                         \
   }
-
 
 /** Fitted fp32 centroids to the stored fp16 ones, sorted ascending by a stable sort (adjacent swaps
     of strictly greater pairs: the CPU build's insertion sort gives the same order). Shared by the

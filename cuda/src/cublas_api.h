@@ -20,12 +20,13 @@ typedef kv_cublas_status (*kv_cublas_create_fn)(kv_cublas_handle *handle);
 typedef kv_cublas_status (*kv_cublas_destroy_fn)(kv_cublas_handle handle);
 typedef kv_cublas_status (*kv_cublas_set_stream_fn)(kv_cublas_handle handle, cudaStream_t stream);
 /* C = alpha op(A) op(B) + beta C, column-major: op(A) m x k, op(B) k x n, C m x n. */
-typedef kv_cublas_status (*kv_cublas_sgemm_fn)(kv_cublas_handle handle, kv_cublas_op transa, kv_cublas_op transb,
-                                               int m, int n, int k, const float *alpha, const float *A, int lda,
+typedef kv_cublas_status (*kv_cublas_sgemm_fn)(kv_cublas_handle handle, kv_cublas_op transa, kv_cublas_op transb, int m,
+                                               int n, int k, const float *alpha, const float *A, int lda,
                                                const float *B, int ldb, const float *beta, float *C, int ldc);
 
 /** The library names tried, in order (the loader path first, then the toolkit's usual folder). */
-#define KV_CUBLAS_LIBS {"libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.13"}
+#define KV_CUBLAS_LIBS \
+  { "libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.13" }
 
 /** The entry points, resolved once per process. */
 typedef struct kv_cublas_api {

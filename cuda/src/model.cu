@@ -39,7 +39,10 @@ static kv_cublas_loaded load_cublas() {
     err = dlerror();
   }
   if (!lib) {
-    snprintf(r.why, sizeof r.why, "cuBLAS is not available (dlopen of libcublas.so.13 failed: %s); install the CUDA 13 toolkit's cuBLAS or add its folder to LD_LIBRARY_PATH", err ? err : "?");
+    snprintf(r.why, sizeof r.why,
+             "cuBLAS is not available (dlopen of libcublas.so.13 failed: %s); install the CUDA 13 toolkit's cuBLAS or "
+             "add its folder to LD_LIBRARY_PATH",
+             err ? err : "?");
     return r;
   }
   r.api.create = (kv_cublas_create_fn)dlsym(lib, "cublasCreate_v2");
@@ -47,7 +50,9 @@ static kv_cublas_loaded load_cublas() {
   r.api.set_stream = (kv_cublas_set_stream_fn)dlsym(lib, "cublasSetStream_v2");
   r.api.sgemm = (kv_cublas_sgemm_fn)dlsym(lib, "cublasSgemm_v2");
   if (!r.api.create || !r.api.destroy || !r.api.set_stream || !r.api.sgemm)
-    snprintf(r.why, sizeof r.why, "the loaded libcublas.so.13 lacks cublasCreate_v2, cublasDestroy_v2, cublasSetStream_v2 or cublasSgemm_v2");
+    snprintf(
+        r.why, sizeof r.why,
+        "the loaded libcublas.so.13 lacks cublasCreate_v2, cublasDestroy_v2, cublasSetStream_v2 or cublasSgemm_v2");
   return r;
 }
 
@@ -110,7 +115,8 @@ static kivi_status check(kivi_ctx_t ctx, const char *op, const kivi_model_args *
 }
 
 /** Sum (max when MAX) over the block; every thread gets the result. blockDim.x a multiple of 32. */
-template <bool MAX> __device__ float block_reduce(float v, float *red) {
+template <bool MAX>
+__device__ float block_reduce(float v, float *red) {
   for (int o = 16; o > 0; o >>= 1) {
     const float w = __shfl_xor_sync(0xffffffffu, v, o);
     v = MAX ? fmaxf(v, w) : v + w;
@@ -263,7 +269,7 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
   const int64_t nk = (int64_t)n * k;
   if ((st = blas_get(ctx, op, (size_t)nk, &b))) return st;
   k_widen<<<kv_grid(ctx, (nk + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>((const __half *)w, nk,
-                                                                                                 b->w);
+                                                                                               b->w);
   if ((st = kv_launched(ctx, op, "k_widen"))) return st;
   /* Row-major y [rows][n] = x [rows][k] W^T is column-major y^T (n x rows) = W32^T (W32 column-major
      k x n) times x^T (k x rows). */
@@ -282,7 +288,7 @@ KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int
   if (st) return st;
   const int64_t n = (int64_t)rows * heads * (dim / 2);
   k_rope<<<kv_grid(ctx, (n + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(x, rows, heads, dim, pos,
-                                                                                              cs, max_pos);
+                                                                                             cs, max_pos);
   return kv_launched(ctx, op, "k_rope");
 }
 
@@ -292,7 +298,7 @@ KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate, const 
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
   k_swiglu<<<kv_grid(ctx, ((int64_t)n + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(gate, up, n,
-                                                                                                         out);
+                                                                                                        out);
   return kv_launched(ctx, op, "k_swiglu");
 }
 
@@ -304,8 +310,8 @@ KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const 
   kivi_status st = check(ctx, op, &a);
   if (st) return st;
   const size_t smem = ((size_t)head_dim + (size_t)tokens) * sizeof(float); /* at most 36 KiB */
-  k_attention<<<(unsigned)((int64_t)batch * tokens * q_heads), 128, smem, ctx->stream>>>(q, k, v, tokens, q_heads,
-                                                                                        kv_heads, head_dim, scale, out);
+  k_attention<<<(unsigned)((int64_t)batch * tokens * q_heads), 128, smem, ctx->stream>>>(
+      q, k, v, tokens, q_heads, kv_heads, head_dim, scale, out);
   return kv_launched(ctx, op, "k_attention");
 }
 

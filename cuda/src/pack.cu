@@ -6,9 +6,16 @@
  */
 #include "common.cuh"
 
-template <int BITS> struct kv_bytes;
-template <> struct kv_bytes<2> { typedef uint4 t; };
-template <> struct kv_bytes<4> { typedef uint2 t; };
+template <int BITS>
+struct kv_bytes;
+template <>
+struct kv_bytes<2> {
+  typedef uint4 t;
+};
+template <>
+struct kv_bytes<4> {
+  typedef uint2 t;
+};
 
 /* First index of a byte >= 2^bits, by atomicMin; 16-byte loads when aligned. */
 static __global__ void k_check_codes(const uint8_t *__restrict__ codes, int64_t n, int32_t bits, bool aligned,
@@ -102,7 +109,7 @@ KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes, int64
   if ((st = kv_scratch_reset(ctx, spec.op))) return st;
   const bool caligned = ((uintptr_t)codes & 15u) == 0;
   k_check_codes<<<kv_grid(ctx, (n + 4095) / 4096, 8), 256, 0, ctx->stream>>>(codes, n, bits, caligned,
-                                                                              ctx->d_scratch + KV_SLOT_CODES);
+                                                                             ctx->d_scratch + KV_SLOT_CODES);
   if ((st = kv_launched(ctx, spec.op, "k_check_codes"))) return st;
   if ((st = kv_scratch_read(ctx, spec.op))) return st;
   const unsigned long long bad = ctx->h_scratch[KV_SLOT_CODES];
@@ -116,8 +123,7 @@ KIVI_API kivi_status kivi_codes_pack(kivi_ctx_t ctx, const uint8_t *codes, int64
   return launch_codes(ctx, spec.op, 1, (uint8_t *)codes, words, n, bits); /* reads codes */
 }
 
-KIVI_API kivi_status kivi_codes_unpack(kivi_ctx_t ctx, const uint32_t *words, int64_t n, int32_t bits,
-                                       uint8_t *codes) {
+KIVI_API kivi_status kivi_codes_unpack(kivi_ctx_t ctx, const uint32_t *words, int64_t n, int32_t bits, uint8_t *codes) {
   const kv_spec spec = kivi_spec_codes(0, codes, words, n, bits);
   kivi_status st = kv_validate(ctx, &spec, NULL);
   if (st) return st;

@@ -54,7 +54,6 @@ static __global__ void __launch_bounds__(128)
   }
 }
 
-
 /** Lanes sharing one channel-axis group. */
 constexpr int KV_STATS_LANES = 8;
 
@@ -145,16 +144,20 @@ extern "C" KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x, 
   const bool aligned = ((uintptr_t)x & 15u) == 0;
   const unsigned grid = kv_grid(ctx, (sh.groups + 127) / 128, 16);
   const unsigned grid_c = kv_grid(ctx, (sh.groups * KV_STATS_LANES + 255) / 256, 8);
-#define KV_ST_G(DT, G)                                                                                              \
-  if (sh.axis == KIVI_AXIS_CHANNEL)                                                                                 \
-    k_stats_channel<DT, G><<<grid_c, 256, 0, ctx->stream>>>(x, sh.groups, aligned, stats, nonfinite);               \
-  else                                                                                                              \
-    k_stats_block<DT, G><<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, sh.axis, sh.groups, aligned, stats,  \
-                                                        nonfinite)
-#define KV_ST(DT)                           \
-  if (group == 32) { KV_ST_G(DT, 32); }     \
-  else if (group == 64) { KV_ST_G(DT, 64); } \
-  else { KV_ST_G(DT, 128); }
+#define KV_ST_G(DT, G)                                                                                \
+  if (sh.axis == KIVI_AXIS_CHANNEL)                                                                   \
+    k_stats_channel<DT, G><<<grid_c, 256, 0, ctx->stream>>>(x, sh.groups, aligned, stats, nonfinite); \
+  else                                                                                                \
+    k_stats_block<DT, G>                                                                              \
+        <<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, sh.axis, sh.groups, aligned, stats, nonfinite)
+#define KV_ST(DT)           \
+  if (group == 32) {        \
+    KV_ST_G(DT, 32);        \
+  } else if (group == 64) { \
+    KV_ST_G(DT, 64);        \
+  } else {                  \
+    KV_ST_G(DT, 128);       \
+  }
   KV_DISPATCH_DT(dtype, KV_ST)
 #undef KV_ST
 #undef KV_ST_G

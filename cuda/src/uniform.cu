@@ -55,8 +55,10 @@ __device__ __forceinline__ void kv_st_run(void *__restrict__ out, int64_t e, boo
       uint32_t w[4];
 #pragma unroll
       for (int k = 0; k < 4; k++) {
-        if constexpr (ES == 4) w[k] = __float_as_uint(o[q * 4 + k]);
-        else w[k] = (uint32_t)kv_f2h<ODT>(o[q * 8 + 2 * k]) | ((uint32_t)kv_f2h<ODT>(o[q * 8 + 2 * k + 1]) << 16);
+        if constexpr (ES == 4)
+          w[k] = __float_as_uint(o[q * 4 + k]);
+        else
+          w[k] = (uint32_t)kv_f2h<ODT>(o[q * 8 + 2 * k]) | ((uint32_t)kv_f2h<ODT>(o[q * 8 + 2 * k + 1]) << 16);
       }
       dst[q] = make_uint4(w[0], w[1], w[2], w[3]);
     }
@@ -95,9 +97,9 @@ static void launch_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint1
     const int64_t gps = sh.group >= 128 ? 1 : 128 / sh.group;
     const int64_t ntasks = ncolblk * ((sh.row_groups + gps - 1) / gps);
     const unsigned grid = kv_grid(ctx, ntasks, 16);
-#define KV_D_TOKEN(G, B)                                                                                      \
-  k_uniform_dequantize_token<ODT, G, B><<<grid, 128, 0, ctx->stream>>>(codes, scale, zero, sh.rows, sh.cols, \
-                                                                      ncolblk, ntasks, out);
+#define KV_D_TOKEN(G, B)                \
+  k_uniform_dequantize_token<ODT, G, B> \
+      <<<grid, 128, 0, ctx->stream>>>(codes, scale, zero, sh.rows, sh.cols, ncolblk, ntasks, out);
     KV_DISPATCH_GB(sh.group, sh.bits, KV_D_TOKEN)
 #undef KV_D_TOKEN
   } else {
@@ -113,9 +115,9 @@ static void launch_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint1
 
 extern "C" {
 
-KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
-                                           int64_t cols, kivi_axis axis, int32_t group, int32_t bits, int32_t flags,
-                                           uint32_t *codes, uint16_t *scale, uint16_t *zero) {
+KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
+                                           kivi_axis axis, int32_t group, int32_t bits, int32_t flags, uint32_t *codes,
+                                           uint16_t *scale, uint16_t *zero) {
   const kv_spec spec = kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero);
   kv_shape sh;
   kivi_status st = kv_validate_input(ctx, &spec, &sh, x);

@@ -54,7 +54,8 @@ struct kv_up {
   uint16_t sh, zh;
   float s, z, rinv;
 };
-template <int BITS> __device__ __forceinline__ kv_up kv_uparams(float mn, float mx) {
+template <int BITS>
+__device__ __forceinline__ kv_up kv_uparams(float mn, float mx) {
   kv_up p;
   mn = kivi_f16_clamp(mn);
   mx = kivi_f16_clamp(mx);
@@ -95,7 +96,8 @@ __device__ __forceinline__ uint32_t kv_h_from_ord(int o) { return o >= 0 ? (uint
  * gives the side; r == e (rounded onto it) is left undecided. Returns 1, 0, or -1 (undecided, or s
  * not a finite number >= 2^-100). For the 2-bit levels k = 1, 2, 3 only (h is spelled out for them).
  */
-template <int DT> __device__ __forceinline__ int kv_code_ge_exact(uint32_t y, float z, float s, int k) {
+template <int DT>
+__device__ __forceinline__ int kv_code_ge_exact(uint32_t y, float z, float s, int k) {
   if (!(s >= 0x1p-100f && s < INFINITY)) return -1;
   const float b = (float)k - 0.5f;
   const float e = (k == 1 ? 0x1p-25f : k == 2 ? -0x1p-24f : 0x1p-23f) * s; /* the sign: odd k strict */
@@ -142,8 +144,10 @@ __device__ __noinline__ uint32_t kv_threshold(float z, float s, int k) {
   }
   while (hi - lo > 1) {
     const int m = lo + (hi - lo) / 2;
-    if (kv_code_ge<DT>(kv_h_from_ord(m), z, s, k)) hi = m;
-    else lo = m;
+    if (kv_code_ge<DT>(kv_h_from_ord(m), z, s, k))
+      hi = m;
+    else
+      lo = m;
   }
   return kv_h_from_ord(hi);
 }
@@ -168,28 +172,37 @@ __device__ __forceinline__ uint32_t kv_threshold_near(float z, float s, int k) {
 }
 
 /** Both halves of a and b compared: 0xffff in each half where a >= b (false for NaN). */
-template <int DT> __device__ __forceinline__ uint32_t kv_ge2(uint32_t a, uint32_t b) {
+template <int DT>
+__device__ __forceinline__ uint32_t kv_ge2(uint32_t a, uint32_t b) {
   if constexpr (DT == KIVI_F16)
     return __hge2_mask(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
   else
     return __hge2_mask(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
 }
 /** Both halves' min (MAX false) or max of a and b; a NaN half gives the other value, as fminf. */
-template <int DT, bool MAX> __device__ __forceinline__ uint32_t kv_mm2(uint32_t a, uint32_t b) {
+template <int DT, bool MAX>
+__device__ __forceinline__ uint32_t kv_mm2(uint32_t a, uint32_t b) {
   using T = typename std::conditional<DT == KIVI_F16, __half2, __nv_bfloat162>::type;
   const T x = *reinterpret_cast<const T *>(&a), y = *reinterpret_cast<const T *>(&b);
   const T m = MAX ? __hmax2(x, y) : __hmin2(x, y);
   return *reinterpret_cast<const uint32_t *>(&m);
 }
-template <int DT> __device__ __forceinline__ uint32_t kv_min2(uint32_t a, uint32_t b) { return kv_mm2<DT, false>(a, b); }
-template <int DT> __device__ __forceinline__ uint32_t kv_max2(uint32_t a, uint32_t b) { return kv_mm2<DT, true>(a, b); }
+template <int DT>
+__device__ __forceinline__ uint32_t kv_min2(uint32_t a, uint32_t b) {
+  return kv_mm2<DT, false>(a, b);
+}
+template <int DT>
+__device__ __forceinline__ uint32_t kv_max2(uint32_t a, uint32_t b) {
+  return kv_mm2<DT, true>(a, b);
+}
 
 /** A 2-bit group's params (as kivi_uniform_params) and its thresholds, for one column of values. */
 struct kv_u2 {
   uint16_t sh, zh;
   uint32_t t1, t2, t3;
 };
-template <int DT> __device__ __forceinline__ kv_u2 kv_u2_group(float mn, float mx) {
+template <int DT>
+__device__ __forceinline__ kv_u2 kv_u2_group(float mn, float mx) {
   kv_u2 g;
   const kv_up p = kv_uparams<2>(mn, mx);
   g.sh = p.sh;
@@ -227,7 +240,8 @@ __device__ __forceinline__ uint32_t kv_ucode_word(const uint32_t (&raw)[G], int 
   constexpr int CPW = 32 / BITS;
   uint32_t word = 0;
 #pragma unroll
-  for (int j = 0; j < CPW; j++) word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[w * CPW + j], e), p.z, p.s, p.rinv) << (BITS * j);
+  for (int j = 0; j < CPW; j++)
+    word |= kv_ucode<BITS>(kv_word_elem<DT>(raw[w * CPW + j], e), p.z, p.s, p.rinv) << (BITS * j);
   return word;
 }
 
@@ -251,7 +265,7 @@ __device__ __forceinline__ void kv_group_minmax(const uint32_t (&raw)[G], int e,
 void kv_uniform_quantize_token(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, const kv_shape &sh, uint32_t *codes,
                                uint16_t *scale, uint16_t *zero);
 /** The channel-axis quantize (values: a group is G consecutive columns), uniform_channel.cu. */
-void kv_uniform_quantize_channel(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, const kv_shape &sh,
-                                 uint32_t *codes, uint16_t *scale, uint16_t *zero);
+void kv_uniform_quantize_channel(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, const kv_shape &sh, uint32_t *codes,
+                                 uint16_t *scale, uint16_t *zero);
 
 #endif /* KIVI_CUDA_UNIFORM_CUH */

@@ -14,9 +14,8 @@
 /* Chunk i = elements [i * V, (i + 1) * V) of the flat matrix; group of chunk i = i / L. */
 template <int DT, int G, int BITS>
 static __global__ void __launch_bounds__(256)
-    k_uniform_quantize_channel(const void *__restrict__ x, int64_t nchunks, bool aligned,
-                               uint32_t *__restrict__ codes, uint16_t *__restrict__ scale,
-                               uint16_t *__restrict__ zero) {
+    k_uniform_quantize_channel(const void *__restrict__ x, int64_t nchunks, bool aligned, uint32_t *__restrict__ codes,
+                               uint16_t *__restrict__ scale, uint16_t *__restrict__ zero) {
   constexpr int V = kv_vec<DT>::n, L = G / V, CB = V * BITS, LPW = 32 / CB;
   static_assert(L >= 1 && L <= 32 && (L & (L - 1)) == 0, "lanes per group");
   static_assert(CB <= 32 && 32 % CB == 0 && L % LPW == 0, "lanes per word");
@@ -80,7 +79,8 @@ static __global__ void __launch_bounds__(256)
  */
 #define KV_CL_WARPS 4
 
-template <int G> struct kv_cl {
+template <int G>
+struct kv_cl {
   static constexpr int CPG = G / 8;            /* 16-byte chunks per group */
   static constexpr int NST = G >= 128 ? 2 : 3; /* stages per warp */
   static constexpr int SLOT = 32 * (CPG + 1);  /* chunks per stage, pads included */
@@ -90,7 +90,7 @@ template <int G> struct kv_cl {
 template <int DT, int G, int BITS>
 static __global__ void __launch_bounds__(KV_CL_WARPS * 32)
     k_uniform_quantize_channel_lane(const void *__restrict__ x, int64_t ngroups, uint32_t *__restrict__ codes,
-                                  uint16_t *__restrict__ scale, uint16_t *__restrict__ zero) {
+                                    uint16_t *__restrict__ scale, uint16_t *__restrict__ zero) {
   using C = kv_cl<G>;
   constexpr int CPG = C::CPG, NST = C::NST, SLOT = C::SLOT, WPG = G * BITS / 32;
   extern __shared__ uint4 kv_cl_ring[];
@@ -180,16 +180,16 @@ static void launch_channel(kivi_ctx_t ctx, const void *x, const kv_shape &sh, ui
   if constexpr (DT != KIVI_F32) {
     if (aligned) {
       const int64_t nblk = (sh.groups + 31) / 32;
-#define KV_Q_CHANNEL_LANE(G, B)                                                                                 \
-{                                                                                                             \
-  static bool big_smem = false; /* kv_cl<G>::SMEM may pass the 48 KiB default: allow it once */             \
-  if (!big_smem)                                                                                              \
-    big_smem = cudaFuncSetAttribute((const void *)k_uniform_quantize_channel_lane<DT, G, B>,                      \
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kv_cl<G>::SMEM) == cudaSuccess; \
-  const unsigned grid = kv_grid(ctx, (nblk + KV_CL_WARPS - 1) / KV_CL_WARPS, 228 * 1024 / (kv_cl<G>::SMEM + 1024)); \
-  k_uniform_quantize_channel_lane<DT, G, B>                                                                     \
-      <<<grid, KV_CL_WARPS * 32, kv_cl<G>::SMEM, ctx->stream>>>(x, sh.groups, codes, scale, zero);           \
-}
+#define KV_Q_CHANNEL_LANE(G, B)                                                                                       \
+  {                                                                                                                   \
+    static bool big_smem = false; /* kv_cl<G>::SMEM may pass the 48 KiB default: allow it once */                     \
+    if (!big_smem)                                                                                                    \
+      big_smem = cudaFuncSetAttribute((const void *)k_uniform_quantize_channel_lane<DT, G, B>,                        \
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kv_cl<G>::SMEM) == cudaSuccess;    \
+    const unsigned grid = kv_grid(ctx, (nblk + KV_CL_WARPS - 1) / KV_CL_WARPS, 228 * 1024 / (kv_cl<G>::SMEM + 1024)); \
+    k_uniform_quantize_channel_lane<DT, G, B>                                                                         \
+        <<<grid, KV_CL_WARPS * 32, kv_cl<G>::SMEM, ctx->stream>>>(x, sh.groups, codes, scale, zero);                  \
+  }
       KV_DISPATCH_GB(sh.group, sh.bits, KV_Q_CHANNEL_LANE)
 #undef KV_Q_CHANNEL_LANE
       return;
@@ -197,13 +197,13 @@ static void launch_channel(kivi_ctx_t ctx, const void *x, const kv_shape &sh, ui
   }
   const unsigned grid = kv_grid(ctx, (nchunks + 256 * KV_U - 1) / (256 * KV_U), 8);
 #define KV_Q_CHANNEL(G, B) \
-k_uniform_quantize_channel<DT, G, B><<<grid, 256, 0, ctx->stream>>>(x, nchunks, aligned, codes, scale, zero);
+  k_uniform_quantize_channel<DT, G, B><<<grid, 256, 0, ctx->stream>>>(x, nchunks, aligned, codes, scale, zero);
   KV_DISPATCH_GB(sh.group, sh.bits, KV_Q_CHANNEL)
 #undef KV_Q_CHANNEL
 }
 
-void kv_uniform_quantize_channel(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, const kv_shape &sh,
-                                 uint32_t *codes, uint16_t *scale, uint16_t *zero) {
+void kv_uniform_quantize_channel(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, const kv_shape &sh, uint32_t *codes,
+                                 uint16_t *scale, uint16_t *zero) {
 #define KV_Q(DT) launch_channel<DT>(ctx, x, sh, codes, scale, zero)
   KV_DISPATCH_DT(dtype, KV_Q)
 #undef KV_Q

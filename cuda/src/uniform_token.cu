@@ -14,8 +14,7 @@
 template <int DT, int EPT, int G, int BITS>
 static __global__ void __launch_bounds__(128)
     k_uniform_quantize_token(const void *__restrict__ x, int64_t rows, int64_t cols, int64_t ncolblk, int64_t ntasks,
-                             uint32_t *__restrict__ codes, uint16_t *__restrict__ scale,
-                             uint16_t *__restrict__ zero) {
+                             uint32_t *__restrict__ codes, uint16_t *__restrict__ scale, uint16_t *__restrict__ zero) {
   constexpr int CPW = 32 / BITS, WPG = G / CPW, GPS = KV_STRIP_ROWS / G;
   constexpr int K = G >= 64 ? 1 : 2; /* groups loaded per step: >= 64 loads in flight */
   constexpr int ES = kv_dt<DT>::size;
@@ -37,8 +36,10 @@ static __global__ void __launch_bounds__(128)
 #pragma unroll
           for (int i = 0; i < G; i++) {
             const char *q = p + (int64_t)i * cols * ES;
-            if constexpr (ES == 4 || EPT == 2) raw[k][i] = *(const uint32_t *)q;
-            else raw[k][i] = *(const uint16_t *)q;
+            if constexpr (ES == 4 || EPT == 2)
+              raw[k][i] = *(const uint32_t *)q;
+            else
+              raw[k][i] = *(const uint16_t *)q;
           }
         } else {
 #pragma unroll
@@ -107,9 +108,9 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
   constexpr int CPW = 32 / BITS, WPG = G / CPW;
   constexpr int K = kv_ts_k(G, BITS, EPT, DB);
   constexpr int NW = KV_TS_THREADS / 32, GPI = NW * K; /* groups per column per step */
-  constexpr int TC = 32 * EPT;                          /* columns per tile */
-  constexpr int RW = GPI * WPG;                         /* words per column per step (>= 16) */
-  constexpr int RWP = RW + 1;                           /* padded row of s_codes */
+  constexpr int TC = 32 * EPT;                         /* columns per tile */
+  constexpr int RW = GPI * WPG;                        /* words per column per step (>= 16) */
+  constexpr int RWP = RW + 1;                          /* padded row of s_codes */
   constexpr int ES = kv_dt<DT>::size;
   static_assert(EPT == 1 || (EPT == 2 && ES == 2), "pairs are 16-bit values");
   static_assert(RW % 16 == 0, "a warp's readout covers whole 64-byte runs of a column");
@@ -122,7 +123,7 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
   auto task_cols = [&](int64_t t) { return (int64_t)((uint32_t)t % (uint32_t)ncolblk) * TC; };
   auto task_groups = [&](int64_t t) { return (int64_t)((uint32_t)t / (uint32_t)ncolblk) * GPI; };
   /* the rows of task t into raw (zeros where out of range: past the columns or groups) */
-  auto load = [&](int64_t t, uint32_t (&raw)[K][G]) {
+  auto load = [&](int64_t t, uint32_t(&raw)[K][G]) {
     const int64_t c0 = task_cols(t) + lane * EPT;
     const bool col_ok = c0 < cols; /* cols % EPT == 0: the pair is all in or all out */
     const int64_t g0 = task_groups(t) + warp * K;
@@ -133,8 +134,10 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
 #pragma unroll
         for (int i = 0; i < G; i++) {
           const char *q = p + (int64_t)i * cols * ES;
-          if constexpr (ES == 4 || EPT == 2) raw[k][i] = __ldcs((const unsigned int *)q);
-          else raw[k][i] = __ldcs((const unsigned short *)q);
+          if constexpr (ES == 4 || EPT == 2)
+            raw[k][i] = __ldcs((const unsigned int *)q);
+          else
+            raw[k][i] = __ldcs((const unsigned short *)q);
         }
       } else {
 #pragma unroll
@@ -143,14 +146,14 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
     }
   };
   /* codes and params of task t from raw, staged in buffer `slot` and written out */
-  auto work = [&](int64_t t, const uint32_t (&raw)[K][G], int slot) {
+  auto work = [&](int64_t t, const uint32_t(&raw)[K][G], int slot) {
     const int64_t cbase = task_cols(t);
     const int64_t gbase = task_groups(t);
     uint32_t *s_codes = sb_codes[DB ? slot : 0];
     uint16_t *s_scale = sb_scale[DB ? slot : 0], *s_zero = sb_zero[DB ? slot : 0];
 #pragma unroll
     for (int k = 0; k < K; k++) {
-      const int gl = warp * K + k; /* group of the step */
+      const int gl = warp * K + k;           /* group of the step */
       if constexpr (BITS == 2 && EPT == 2) { /* by thresholds: the pair of columns in one 32-bit lane */
         uint32_t mn2 = raw[k][0], mx2 = mn2;
 #pragma unroll
@@ -172,8 +175,10 @@ static __global__ void __launch_bounds__(KV_TS_THREADS, kv_ts_ctas(DT, G, BITS, 
 #pragma unroll
           for (int j = 0; j < 16; j++) {
             const uint32_t bits = kv_u2_pair<DT>(raw[k][w * 16 + j], t1, t2, t3, j & 7);
-            if (j < 8) r0 |= bits;
-            else r8 |= bits;
+            if (j < 8)
+              r0 |= bits;
+            else
+              r8 |= bits;
           }
           s_codes[2 * lane * RWP + gl * WPG + w] = __byte_perm(r0, r8, 0x5410);
           s_codes[(2 * lane + 1) * RWP + gl * WPG + w] = __byte_perm(r0, r8, 0x7632);
@@ -264,13 +269,13 @@ static void launch_token(kivi_ctx_t ctx, const void *x, const kv_shape &sh, uint
             <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);
       return;
     }
-#define KV_Q_TOKEN_S(G, B)                                                                                     \
-if (pairs)                                                                                                   \
-  k_uniform_quantize_token_staged<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, G, B>                                \
-      <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);  \
-else                                                                                                         \
-  k_uniform_quantize_token_staged<DT, 1, G, B>                                                               \
-      <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);
+#define KV_Q_TOKEN_S(G, B)                                                                                   \
+  if (pairs)                                                                                                 \
+    k_uniform_quantize_token_staged<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, G, B>                               \
+        <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero); \
+  else                                                                                                       \
+    k_uniform_quantize_token_staged<DT, 1, G, B>                                                             \
+        <<<grid, KV_TS_THREADS, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);
     switch (sh.group * 8 + sh.bits) {
       case 32 * 8 + 2: KV_Q_TOKEN_S(32, 2); break;
       case 32 * 8 + 4: KV_Q_TOKEN_S(32, 4); break;
@@ -285,13 +290,13 @@ else                                                                            
   const int64_t nstrip = (sh.row_groups * sh.group + KV_STRIP_ROWS - 1) / KV_STRIP_ROWS;
   const int64_t ntasks = ncolblk * nstrip;
   const unsigned grid = kv_grid(ctx, ntasks, 16);
-#define KV_Q_TOKEN(G, B)                                                                                       \
-if (pairs)                                                                                                   \
-  k_uniform_quantize_token<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, G, B>                                       \
-      <<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);            \
-else                                                                                                         \
-  k_uniform_quantize_token<DT, 1, G, B><<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, \
-                                                                       codes, scale, zero);
+#define KV_Q_TOKEN(G, B)                                                                           \
+  if (pairs)                                                                                       \
+    k_uniform_quantize_token<(DT == KIVI_F32 ? KIVI_F16 : DT), 2, G, B>                            \
+        <<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero); \
+  else                                                                                             \
+    k_uniform_quantize_token<DT, 1, G, B>                                                          \
+        <<<grid, 128, 0, ctx->stream>>>(x, sh.rows, sh.cols, ncolblk, ntasks, codes, scale, zero);
   KV_DISPATCH_GB(sh.group, sh.bits, KV_Q_TOKEN)
 #undef KV_Q_TOKEN
 }

@@ -19,25 +19,44 @@ export interface ExampleConfig {
 }
 
 /** The default checkpoint: ../shared/models/byte-llama-9m beside the repository. */
-export const DEFAULT_MODEL = fileURLToPath(new URL("../../../shared/models/byte-llama-9m", import.meta.url));
+export const DEFAULT_MODEL = fileURLToPath(
+  new URL("../../../shared/models/byte-llama-9m", import.meta.url),
+);
 
 /** The default prompt: long enough that the 2-bit cache quantizes most of it at prefill. */
-export const DEFAULT_PROMPT = "I am pleased to report to the Congress that the state of the Union is strong, and that our " +
+export const DEFAULT_PROMPT =
+  "I am pleased to report to the Congress that the state of the Union is strong, and that our " +
   "people are at work. The President said that the";
 
 const KEYS = { kind: "uniform", bits: 2, group: 32 } as const;
 const VALUES = { kind: "codebook", bits: 2, group: 64 } as const;
 
-async function run(kivi: Backend, cfg: ExampleConfig, keys: CacheFormat, values: CacheFormat, clock: () => number) {
+async function run(
+  kivi: Backend,
+  cfg: ExampleConfig,
+  keys: CacheFormat,
+  values: CacheFormat,
+  clock: () => number,
+) {
   using model = kivi.loadModel(cfg.model);
   const out: GeneratedToken[] = [];
   const t0 = clock();
-  for await (const t of model.generate(cfg.prompt, { maxTokens: cfg.steps, cache: { keys, values, residual: 32 } })) out.push(t);
+  for await (
+    const t of model.generate(cfg.prompt, {
+      maxTokens: cfg.steps,
+      cache: { keys, values, residual: 32 },
+    })
+  ) out.push(t);
   return { tokens: out, ms: clock() - t0, config: model.config };
 }
 
 /** Runs the example and prints it. `clock` is the runtime's millisecond clock; `runtime` names it. */
-export async function decodeExample(kivi: Backend, cfg: ExampleConfig, clock: () => number, runtime: string): Promise<void> {
+export async function decodeExample(
+  kivi: Backend,
+  cfg: ExampleConfig,
+  clock: () => number,
+  runtime: string,
+): Promise<void> {
   console.log(`kivi ${kivi.kind} backend under ${runtime}: ${kivi.reason}`);
   const q = await run(kivi, cfg, KEYS, VALUES, clock);
   const b = await run(kivi, cfg, { bits: 16 }, { bits: 16 }, clock);
@@ -51,13 +70,21 @@ export async function decodeExample(kivi: Backend, cfg: ExampleConfig, clock: ()
   q.tokens.forEach((t, i) => {
     const r = b.tokens[i];
     if (t.token === r.token) agree++;
-    console.log(`step ${String(i + 1).padStart(3)}: ${show(t)} log p ${t.logprob.toFixed(3)} (bits 16: ${show(r)} ${r.logprob.toFixed(3)})`);
+    console.log(
+      `step ${String(i + 1).padStart(3)}: ${show(t)} log p ${t.logprob.toFixed(3)} (bits 16: ${
+        show(r)
+      } ${r.logprob.toFixed(3)})`,
+    );
   });
   console.log(`2-bit cache: ${JSON.stringify(cfg.prompt + q.tokens.map((t) => t.text).join(""))}`);
-  console.log(`bits-16 cache: ${JSON.stringify(cfg.prompt + b.tokens.map((t) => t.text).join(""))}`);
+  console.log(
+    `bits-16 cache: ${JSON.stringify(cfg.prompt + b.tokens.map((t) => t.text).join(""))}`,
+  );
   console.log(
     `keys ${bitsPerValue(KEYS)} and values ${bitsPerValue(VALUES)} bits per value ` +
-      `outside the 32-token fp16 window; ${(q.ms / cfg.steps).toFixed(2)} ms a token (bits 16: ${(b.ms / cfg.steps).toFixed(2)})`,
+      `outside the 32-token fp16 window; ${(q.ms / cfg.steps).toFixed(2)} ms a token (bits 16: ${
+        (b.ms / cfg.steps).toFixed(2)
+      })`,
   );
   console.log(`agreement with bits 16: ${agree} of ${cfg.steps} tokens`);
 }

@@ -24,9 +24,13 @@ export type ArgsOf<K extends SymbolName> = MapArgs<Spec<K>["args"]>;
 /** The JS result of export K. */
 export type ResultOf<K extends SymbolName> = JsOf<Spec<K>["returns"]>;
 /** Exports returning a number (every export but the `cstring` ones). */
-export type NumericName = { [K in SymbolName]: Spec<K>["returns"] extends "cstring" ? never : K }[SymbolName];
+export type NumericName = {
+  [K in SymbolName]: Spec<K>["returns"] extends "cstring" ? never : K;
+}[SymbolName];
 /** Exports that block until device work is done, and so get an async variant. */
-export type BlockingName = { [K in SymbolName]: Spec<K> extends { blocking: true } ? K : never }[SymbolName];
+export type BlockingName = {
+  [K in SymbolName]: Spec<K> extends { blocking: true } ? K : never;
+}[SymbolName];
 
 /** A loaded kivi library, as both runtime adapters present it. */
 export interface NativeLib {
@@ -58,7 +62,10 @@ export interface NativeLib {
  * view of its own ArrayBuffer. (Bun moves the storage of a small typed array made directly the first
  * time a view of it is made or its buffer read, so an address taken before that goes stale.)
  */
-export function scratchArray<T extends ArrayBufferView>(Ctor: { new (b: ArrayBuffer): T; BYTES_PER_ELEMENT: number }, n: number): T {
+export function scratchArray<T extends ArrayBufferView>(
+  Ctor: { new (b: ArrayBuffer): T; BYTES_PER_ELEMENT: number },
+  n: number,
+): T {
   return new Ctor(new ArrayBuffer(n * Ctor.BYTES_PER_ELEMENT));
 }
 

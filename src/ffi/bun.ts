@@ -43,9 +43,10 @@ export function loadBun(path: string): NativeLib {
     offThread: false,
     call: call as NativeLib["call"],
     fn: ((name: SymbolName) => fns[name]) as NativeLib["fn"],
-    callAsync: ((name: SymbolName, ...args: unknown[]) => Promise.resolve(call(name, ...args))) as NativeLib[
-      "callAsync"
-    ],
+    callAsync:
+      ((name: SymbolName, ...args: unknown[]) => Promise.resolve(call(name, ...args))) as NativeLib[
+        "callAsync"
+      ],
     ptr: (view) => bunPtr(view as Uint8Array) as unknown as Pointer,
     pointerAt: (out, index) => {
       const a = out[index];

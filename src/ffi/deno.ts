@@ -48,13 +48,20 @@ export function loadDeno(path: string): NativeLib {
     path,
     runtime: "deno",
     offThread: true,
-    call: ((name: SymbolName, ...args: unknown[]) => finish(name, fns[name](...args))) as NativeLib["call"],
+    call: ((name: SymbolName, ...args: unknown[]) => finish(name, fns[name](...args))) as NativeLib[
+      "call"
+    ],
     fn: ((name: SymbolName) => fns[name]) as NativeLib["fn"],
-    callAsync: (async (name: SymbolName, ...args: unknown[]) =>
-      finish(name, await (fns[name + asyncSuffix](...args) as Promise<unknown>))) as NativeLib["callAsync"],
+    callAsync:
+      (async (name: SymbolName, ...args: unknown[]) =>
+        finish(name, await (fns[name + asyncSuffix](...args) as Promise<unknown>))) as NativeLib[
+          "callAsync"
+        ],
     ptr: (view) => Deno.UnsafePointer.of(view as unknown as BufferSource) as unknown as Pointer,
     pointerAt: (out, index) => Deno.UnsafePointer.create(out[index]) as unknown as Pointer,
-    address: (p) => (p === null ? 0n : BigInt(Deno.UnsafePointer.value(p as unknown as Deno.PointerObject))),
+    address: (
+      p,
+    ) => (p === null ? 0n : BigInt(Deno.UnsafePointer.value(p as unknown as Deno.PointerObject))),
     close: () => lib.close(),
   };
   return native;

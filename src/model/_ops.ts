@@ -42,30 +42,109 @@ export class ModelOps {
   }
 
   /** out [rows][dim] = table[tokens] */
-  embed(tokens: DeviceTensor, rows: number, table: DeviceTensor, vocab: number, dim: number, out: DeviceTensor): void {
+  embed(
+    tokens: DeviceTensor,
+    rows: number,
+    table: DeviceTensor,
+    vocab: number,
+    dim: number,
+    out: DeviceTensor,
+  ): void {
     const op = "kivi_model_embed";
-    this.#ok(op, this.#embed(this.#ctx, this.#ptr(tokens, op), rows, this.#ptr(table, op), vocab, dim, this.#ptr(out, op)));
+    this.#ok(
+      op,
+      this.#embed(
+        this.#ctx,
+        this.#ptr(tokens, op),
+        rows,
+        this.#ptr(table, op),
+        vocab,
+        dim,
+        this.#ptr(out, op),
+      ),
+    );
   }
 
-  rmsnorm(x: DeviceTensor, w: DeviceTensor, rows: number, dim: number, eps: number, out: DeviceTensor): void {
+  rmsnorm(
+    x: DeviceTensor,
+    w: DeviceTensor,
+    rows: number,
+    dim: number,
+    eps: number,
+    out: DeviceTensor,
+  ): void {
     const op = "kivi_model_rmsnorm";
-    this.#ok(op, this.#rmsnorm(this.#ctx, this.#ptr(x, op), this.#ptr(w, op), rows, dim, eps, this.#ptr(out, op)));
+    this.#ok(
+      op,
+      this.#rmsnorm(
+        this.#ctx,
+        this.#ptr(x, op),
+        this.#ptr(w, op),
+        rows,
+        dim,
+        eps,
+        this.#ptr(out, op),
+      ),
+    );
   }
 
   /** y [rows][n] (+)= x [rows][k] W^T, W fp16 [n][k]. */
-  linear(x: DeviceTensor, w: DeviceTensor, rows: number, n: number, k: number, y: DeviceTensor, accumulate = false): void {
+  linear(
+    x: DeviceTensor,
+    w: DeviceTensor,
+    rows: number,
+    n: number,
+    k: number,
+    y: DeviceTensor,
+    accumulate = false,
+  ): void {
     const op = "kivi_model_linear";
-    this.#ok(op, this.#linear(this.#ctx, this.#ptr(x, op), this.#ptr(w, op), rows, n, k, accumulate ? 1 : 0, this.#ptr(y, op)));
+    this.#ok(
+      op,
+      this.#linear(
+        this.#ctx,
+        this.#ptr(x, op),
+        this.#ptr(w, op),
+        rows,
+        n,
+        k,
+        accumulate ? 1 : 0,
+        this.#ptr(y, op),
+      ),
+    );
   }
 
-  rope(x: DeviceTensor, rows: number, heads: number, dim: number, pos: DeviceTensor, cs: DeviceTensor, maxPos: number): void {
+  rope(
+    x: DeviceTensor,
+    rows: number,
+    heads: number,
+    dim: number,
+    pos: DeviceTensor,
+    cs: DeviceTensor,
+    maxPos: number,
+  ): void {
     const op = "kivi_model_rope";
-    this.#ok(op, this.#rope(this.#ctx, this.#ptr(x, op), rows, heads, dim, this.#ptr(pos, op), this.#ptr(cs, op), maxPos));
+    this.#ok(
+      op,
+      this.#rope(
+        this.#ctx,
+        this.#ptr(x, op),
+        rows,
+        heads,
+        dim,
+        this.#ptr(pos, op),
+        this.#ptr(cs, op),
+        maxPos,
+      ),
+    );
   }
 
   swiglu(gate: DeviceTensor, up: DeviceTensor, n: number, out: DeviceTensor): void {
     const op = "kivi_model_swiglu";
-    this.#ok(op, this.#swiglu(this.#ctx, this.#ptr(gate, op), this.#ptr(up, op), n, this.#ptr(out, op)));
+    this.#ok(
+      op,
+      this.#swiglu(this.#ctx, this.#ptr(gate, op), this.#ptr(up, op), n, this.#ptr(out, op)),
+    );
   }
 
   /** Exact causal attention over `batch` sequences of `tokens` tokens. */

@@ -28,7 +28,10 @@ export interface LlamaConfig {
   tied: boolean;
 }
 
-const ARCHS: Record<string, "llama" | "mistral"> = { LlamaForCausalLM: "llama", MistralForCausalLM: "mistral" };
+const ARCHS: Record<string, "llama" | "mistral"> = {
+  LlamaForCausalLM: "llama",
+  MistralForCausalLM: "mistral",
+};
 
 /** Reads and checks `dir/config.json`. */
 export function readConfig(dir: string): LlamaConfig {
@@ -38,7 +41,12 @@ export function readConfig(dir: string): LlamaConfig {
     c = JSON.parse(readFileSync(file, "utf8"));
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    throw new ModelError(`config.json: ${code === "ENOENT" ? `missing: ${file} does not exist` : (e as Error).message}`, file);
+    throw new ModelError(
+      `config.json: ${
+        code === "ENOENT" ? `missing: ${file} does not exist` : (e as Error).message
+      }`,
+      file,
+    );
   }
   const fail = (what: string): never => {
     throw new ModelError(`config.json: ${what}`, file);
@@ -46,13 +54,23 @@ export function readConfig(dir: string): LlamaConfig {
   const archs = c.architectures;
   const arch = Array.isArray(archs) && typeof archs[0] === "string" ? archs[0] : undefined;
   if (arch === undefined || !(arch in ARCHS)) {
-    fail(`unsupported architecture ${JSON.stringify(arch ?? archs)}; kivi runs ${Object.keys(ARCHS).join(" and ")}`);
+    fail(
+      `unsupported architecture ${JSON.stringify(arch ?? archs)}; kivi runs ${
+        Object.keys(ARCHS).join(" and ")
+      }`,
+    );
   }
   const modelType = ARCHS[arch!];
-  if (c.model_type !== undefined && c.model_type !== modelType) fail(`model_type ${JSON.stringify(c.model_type)} does not match ${arch} (expected "${modelType}")`);
+  if (c.model_type !== undefined && c.model_type !== modelType) {
+    fail(
+      `model_type ${JSON.stringify(c.model_type)} does not match ${arch} (expected "${modelType}")`,
+    );
+  }
   const int = (key: string, fallback?: number): number => {
     const v = c[key] ?? fallback;
-    if (!Number.isSafeInteger(v) || (v as number) < 1) fail(`${key} must be a positive integer, got ${JSON.stringify(v)}`);
+    if (!Number.isSafeInteger(v) || (v as number) < 1) {
+      fail(`${key} must be a positive integer, got ${JSON.stringify(v)}`);
+    }
     return v as number;
   };
   const hidden = int("hidden_size"), heads = int("num_attention_heads");
@@ -71,16 +89,30 @@ export function readConfig(dir: string): LlamaConfig {
     context: int("max_position_embeddings"),
     tied: c.tie_word_embeddings === true,
   };
-  if (heads % cfg.kvHeads !== 0) fail(`num_attention_heads (${heads}) must be a multiple of num_key_value_heads (${cfg.kvHeads})`);
-  if ((c.hidden_act ?? "silu") !== "silu") fail(`hidden_act ${JSON.stringify(c.hidden_act)} is not supported; expected "silu"`);
-  if (c.attention_bias === true || c.mlp_bias === true) fail(`attention_bias and mlp_bias are not supported; expected false`);
+  if (heads % cfg.kvHeads !== 0) {
+    fail(
+      `num_attention_heads (${heads}) must be a multiple of num_key_value_heads (${cfg.kvHeads})`,
+    );
+  }
+  if ((c.hidden_act ?? "silu") !== "silu") {
+    fail(`hidden_act ${JSON.stringify(c.hidden_act)} is not supported; expected "silu"`);
+  }
+  if (c.attention_bias === true || c.mlp_bias === true) {
+    fail(`attention_bias and mlp_bias are not supported; expected false`);
+  }
   const rope = (c.rope_parameters ?? c.rope_scaling) as Record<string, unknown> | null | undefined;
   const theta = rope?.rope_theta ?? c.rope_theta ?? 10000;
-  if (typeof theta !== "number" || !(theta > 0)) fail(`rope_theta must be a positive number, got ${JSON.stringify(theta)}`);
+  if (typeof theta !== "number" || !(theta > 0)) {
+    fail(`rope_theta must be a positive number, got ${JSON.stringify(theta)}`);
+  }
   cfg.ropeTheta = theta as number;
   const ropeType = rope?.rope_type ?? rope?.type ?? "default";
-  if (ropeType !== "default") fail(`rope_type ${JSON.stringify(ropeType)} is not supported; expected "default"`);
-  if (typeof c.sliding_window === "number" && c.sliding_window < cfg.context) cfg.context = c.sliding_window;
+  if (ropeType !== "default") {
+    fail(`rope_type ${JSON.stringify(ropeType)} is not supported; expected "default"`);
+  }
+  if (typeof c.sliding_window === "number" && c.sliding_window < cfg.context) {
+    cfg.context = c.sliding_window;
+  }
   return cfg;
 }
 

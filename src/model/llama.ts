@@ -123,7 +123,10 @@ export interface Decoder {
 /** RoPE's cos and sin as Hugging Face computes them in f32: [positions][headDim], cos then sin. */
 function ropeTable(c: LlamaConfig): Float32Array {
   const half = c.headDim / 2, f = Math.fround;
-  const inv = Float64Array.from({ length: half }, (_, i) => f(1 / f(c.ropeTheta ** f((2 * i) / c.headDim))));
+  const inv = Float64Array.from(
+    { length: half },
+    (_, i) => f(1 / f(c.ropeTheta ** f((2 * i) / c.headDim))),
+  );
   const out = new Float32Array(c.context * c.headDim);
   for (let p = 0; p < c.context; p++) {
     for (let i = 0; i < half; i++) {
@@ -170,14 +173,23 @@ export class LlamaModel {
     const entries = checkpointTensors(dir);
     const want = expectedTensors(config);
     // Every name and shape is checked before anything is allocated: a bad checkpoint loads nothing.
-    const sizes = `hidden_size ${config.hidden}, intermediate_size ${config.intermediate}, vocab_size ${config.vocab}, ` +
+    const sizes =
+      `hidden_size ${config.hidden}, intermediate_size ${config.intermediate}, vocab_size ${config.vocab}, ` +
       `${config.heads} heads and ${config.kvHeads} KV heads of head_dim ${config.headDim}`;
     for (const w of want) {
       const t = entries.get(w.name);
-      if (t === undefined) throw new ModelError(`missing tensor ${w.name} (shape [${w.shape.join(", ")}]) in ${dir}`, dir, w.name);
+      if (t === undefined) {
+        throw new ModelError(
+          `missing tensor ${w.name} (shape [${w.shape.join(", ")}]) in ${dir}`,
+          dir,
+          w.name,
+        );
+      }
       if (t.shape.length !== w.shape.length || t.shape.some((d, i) => d !== w.shape[i])) {
         throw new ModelError(
-          `${basename(t.file)}: tensor ${w.name} has shape [${t.shape.join(", ")}]; config.json (${sizes}) implies [${w.shape.join(", ")}]`,
+          `${basename(t.file)}: tensor ${w.name} has shape [${
+            t.shape.join(", ")
+          }]; config.json (${sizes}) implies [${w.shape.join(", ")}]`,
           t.file,
           w.name,
         );
@@ -231,7 +243,11 @@ export class LlamaModel {
   encode(text: string | Uint8Array | Int32Array): Int32Array {
     if (text instanceof Int32Array) {
       for (let i = 0; i < text.length; i++) {
-        if (!(text[i] >= 0 && text[i] < this.config.vocab)) throw new RangeError(`token ${i} must be between 0 and ${this.config.vocab - 1}, got ${text[i]}`);
+        if (!(text[i] >= 0 && text[i] < this.config.vocab)) {
+          throw new RangeError(
+            `token ${i} must be between 0 and ${this.config.vocab - 1}, got ${text[i]}`,
+          );
+        }
       }
       return text;
     }
@@ -306,7 +322,11 @@ export class LlamaModel {
 
   #checkLength(n: number, what: string): void {
     if (n < 1) throw new RangeError(`${what} must hold at least one token, got 0`);
-    if (n > this.config.context) throw new RangeError(`${what} holds ${n} tokens, longer than the model's context of ${this.config.context} (max_position_embeddings)`);
+    if (n > this.config.context) {
+      throw new RangeError(
+        `${what} holds ${n} tokens, longer than the model's context of ${this.config.context} (max_position_embeddings)`,
+      );
+    }
   }
 
   /**
@@ -318,7 +338,9 @@ export class LlamaModel {
     this.#live("teacherForced");
     const b = seqs.length, t = seqs[0]?.length ?? 0;
     this.#checkLength(t, "each sequence");
-    if (seqs.some((s) => s.length !== t)) throw new TypeError(`every sequence must hold ${t} tokens like the first`);
+    if (seqs.some((s) => s.length !== t)) {
+      throw new TypeError(`every sequence must hold ${t} tokens like the first`);
+    }
     const a = new Activations(this.backend, this.config, b * t);
     try {
       a.tokens.write(Int32Array.from(seqs.flatMap((s) => [...this.encode(s)])));
@@ -383,18 +405,32 @@ export class LlamaModel {
    * time as they are decoded: prefill with exact attention, then one decode step a token over the
    * cache. The prompt plus `maxTokens` must fit the model's context and the cache's pool.
    */
-  async *generate(prompt: string | Uint8Array | Int32Array, opts: GenerateOptions = {}): AsyncGenerator<GeneratedToken> {
+  async *generate(
+    prompt: string | Uint8Array | Int32Array,
+    opts: GenerateOptions = {},
+  ): AsyncGenerator<GeneratedToken> {
     this.#live("generate");
     const ids = this.encode(prompt);
-    const maxTokens = opts.maxTokens ?? 64, temperature = opts.temperature ?? 0, topK = opts.topK ?? 0, seed = opts.seed ?? 0;
-    if (!Number.isInteger(maxTokens) || maxTokens < 1) throw new RangeError(`maxTokens must be a positive integer, got ${maxTokens}`);
-    if (!(temperature >= 0 && temperature < Infinity)) throw new RangeError(`temperature must be a finite number >= 0, got ${temperature}`);
-    if (!Number.isInteger(topK) || topK < 0) throw new RangeError(`topK must be an integer >= 0, got ${topK}`);
+    const maxTokens = opts.maxTokens ?? 64,
+      temperature = opts.temperature ?? 0,
+      topK = opts.topK ?? 0,
+      seed = opts.seed ?? 0;
+    if (!Number.isInteger(maxTokens) || maxTokens < 1) {
+      throw new RangeError(`maxTokens must be a positive integer, got ${maxTokens}`);
+    }
+    if (!(temperature >= 0 && temperature < Infinity)) {
+      throw new RangeError(`temperature must be a finite number >= 0, got ${temperature}`);
+    }
+    if (!Number.isInteger(topK) || topK < 0) {
+      throw new RangeError(`topK must be an integer >= 0, got ${topK}`);
+    }
     if (!Number.isInteger(seed)) throw new RangeError(`seed must be an integer, got ${seed}`);
     this.#checkLength(ids.length, "the prompt");
     if (ids.length + maxTokens > this.config.context) {
       throw new RangeError(
-        `the prompt (${ids.length} tokens) plus maxTokens (${maxTokens}) must fit the model's context of ${this.config.context}; ask for at most ${this.config.context - ids.length} tokens`,
+        `the prompt (${ids.length} tokens) plus maxTokens (${maxTokens}) must fit the model's context of ${this.config.context}; ask for at most ${
+          this.config.context - ids.length
+        } tokens`,
       );
     }
     const cache = this._createCache(opts.cache ?? {}, 1, ids.length + maxTokens);
@@ -406,9 +442,13 @@ export class LlamaModel {
       const rng = new Rng(seed), text = new TextDecoder("utf-8");
       for (let i = 0; i < maxTokens; i++) {
         const token = sample(lp, temperature, topK, rng);
-        const piece = this.#bytes ? text.decode(new Uint8Array([token]), { stream: i + 1 < maxTokens }) : "";
+        const piece = this.#bytes
+          ? text.decode(new Uint8Array([token]), { stream: i + 1 < maxTokens })
+          : "";
         yield { token, text: piece, logprob: lp[token] };
-        if (i + 1 < maxTokens) lp = decoder.step(new Int32Array([token]), new Int32Array([ids.length + i]));
+        if (i + 1 < maxTokens) {
+          lp = decoder.step(new Int32Array([token]), new Int32Array([ids.length + i]));
+        }
       }
     } finally {
       decoder?.dispose();

@@ -59,25 +59,47 @@ export interface Protocol {
 }
 
 /** Window starts and sizes for a text of `n` tokens; RangeError when the text or the sizes do not fit. */
-export function protocol(n: number, o: Pick<PerplexityOptions, "windows" | "window" | "prefill" | "steps"> = {}): Protocol {
+export function protocol(
+  n: number,
+  o: Pick<PerplexityOptions, "windows" | "window" | "prefill" | "steps"> = {},
+): Protocol {
   const windows = o.windows ?? 24, window = o.window ?? 2048, prefill = o.prefill ?? 256;
   const steps = o.steps ?? window - prefill;
   for (const [k, v] of Object.entries({ windows, window, prefill, steps })) {
-    if (!Number.isInteger(v) || v < 1) throw new RangeError(`${k} must be a positive integer, got ${v}`);
+    if (!Number.isInteger(v) || v < 1) {
+      throw new RangeError(`${k} must be a positive integer, got ${v}`);
+    }
   }
-  if (prefill + steps > window) throw new RangeError(`prefill (${prefill}) + steps (${steps}) must fit the window of ${window} tokens`);
-  if (n < window + 1) throw new RangeError(`the text must hold at least window + 1 = ${window + 1} tokens, got ${n}`);
-  const starts = Array.from({ length: windows }, (_, i) => windows === 1 ? 0 : Math.floor((i * (n - window - 1)) / (windows - 1)));
+  if (prefill + steps > window) {
+    throw new RangeError(
+      `prefill (${prefill}) + steps (${steps}) must fit the window of ${window} tokens`,
+    );
+  }
+  if (n < window + 1) {
+    throw new RangeError(`the text must hold at least window + 1 = ${window + 1} tokens, got ${n}`);
+  }
+  const starts = Array.from(
+    { length: windows },
+    (_, i) => windows === 1 ? 0 : Math.floor((i * (n - window - 1)) / (windows - 1)),
+  );
   return { windows, window, prefill, steps, starts };
 }
 
 /** Runs the protocol over `text` with the cache of `opts.cache`. */
-export function perplexity(model: LlamaModel, text: string | Uint8Array, opts: PerplexityOptions = {}): PerplexityResult {
+export function perplexity(
+  model: LlamaModel,
+  text: string | Uint8Array,
+  opts: PerplexityOptions = {},
+): PerplexityResult {
   const ids = model.encode(text);
   const p = protocol(ids.length, opts);
   const V = model.config.vocab, W = p.windows;
   if (opts.reference !== undefined && opts.reference.length !== p.steps * W * V) {
-    throw new RangeError(`reference must hold steps (${p.steps}) x windows (${W}) x vocab (${V}) = ${p.steps * W * V} values, got ${opts.reference.length}`);
+    throw new RangeError(
+      `reference must hold steps (${p.steps}) x windows (${W}) x vocab (${V}) = ${
+        p.steps * W * V
+      } values, got ${opts.reference.length}`,
+    );
   }
   const cache = model._createCache(opts.cache ?? {}, W, p.prefill + p.steps);
   let decoder;
@@ -111,7 +133,9 @@ export function perplexity(model: LlamaModel, text: string | Uint8Array, opts: P
       windows: W,
       steps: p.steps,
       bpb: nll / n / Math.LN2,
-      ...(opts.reference !== undefined ? { klVsReference: kl / n, top1VsReference: agree / n } : {}),
+      ...(opts.reference !== undefined
+        ? { klVsReference: kl / n, top1VsReference: agree / n }
+        : {}),
       tokensPerSecond: n / seconds,
       decodeSeconds: seconds,
       ...(kept ? { distributions: kept } : {}),
@@ -124,7 +148,11 @@ export function perplexity(model: LlamaModel, text: string | Uint8Array, opts: P
 
 /** Bits per token over the protocol's decoded positions from the teacher-forced forward (exact
  * causal attention over each whole window, no cache): what a bits-16 run must reproduce. */
-export function teacherForcedBpb(model: LlamaModel, text: string | Uint8Array, opts: Pick<PerplexityOptions, "windows" | "window" | "prefill" | "steps"> = {}): number {
+export function teacherForcedBpb(
+  model: LlamaModel,
+  text: string | Uint8Array,
+  opts: Pick<PerplexityOptions, "windows" | "window" | "prefill" | "steps"> = {},
+): number {
   const ids = model.encode(text);
   const p = protocol(ids.length, opts);
   const V = model.config.vocab, T = p.prefill + p.steps;
@@ -152,10 +180,26 @@ export interface CacheSpec {
 /** The caches of the results table, bits 16 (the reference) first. */
 export const PROTOCOL_CACHES: readonly CacheSpec[] = [
   { name: "bits 16", keys: { bits: 16 }, values: { bits: 16 } },
-  { name: "uniform 2-bit K+V G32", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 } },
-  { name: "uniform K G32 + codebook V G64", keys: { kind: "uniform", bits: 2, group: 32 }, values: { kind: "codebook", bits: 2, group: 64 } },
-  { name: "uniform 4-bit K + 2-bit V G32", keys: { kind: "uniform", bits: 4, group: 32 }, values: { kind: "uniform", bits: 2, group: 32 } },
-  { name: "uniform 4-bit K+V G32", keys: { kind: "uniform", bits: 4, group: 32 }, values: { kind: "uniform", bits: 4, group: 32 } },
+  {
+    name: "uniform 2-bit K+V G32",
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "uniform", bits: 2, group: 32 },
+  },
+  {
+    name: "uniform K G32 + codebook V G64",
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "codebook", bits: 2, group: 64 },
+  },
+  {
+    name: "uniform 4-bit K + 2-bit V G32",
+    keys: { kind: "uniform", bits: 4, group: 32 },
+    values: { kind: "uniform", bits: 2, group: 32 },
+  },
+  {
+    name: "uniform 4-bit K+V G32",
+    keys: { kind: "uniform", bits: 4, group: 32 },
+    values: { kind: "uniform", bits: 4, group: 32 },
+  },
 ];
 
 /** One row of the comparison. */
@@ -170,7 +214,8 @@ export interface ProtocolRow {
 }
 
 /** Options of {@link compareCaches}. */
-export interface CompareOptions extends Pick<PerplexityOptions, "windows" | "window" | "prefill" | "steps"> {
+export interface CompareOptions
+  extends Pick<PerplexityOptions, "windows" | "window" | "prefill" | "steps"> {
   /** Residual windows to run each cache at (default [128, 32]). */
   residuals?: readonly number[];
   /** Caches (default PROTOCOL_CACHES); a bits-16 run is made first as the reference either way. */
@@ -180,23 +225,42 @@ export interface CompareOptions extends Pick<PerplexityOptions, "windows" | "win
 }
 
 /** The protocol for every cache at every residual, each against the bits-16 run of its residual. */
-export function compareCaches(model: LlamaModel, text: string | Uint8Array, o: CompareOptions = {}): ProtocolRow[] {
+export function compareCaches(
+  model: LlamaModel,
+  text: string | Uint8Array,
+  o: CompareOptions = {},
+): ProtocolRow[] {
   const rows: ProtocolRow[] = [];
   const caches = o.caches ?? PROTOCOL_CACHES;
   const sizes = { windows: o.windows, window: o.window, prefill: o.prefill, steps: o.steps };
   for (const residual of o.residuals ?? [128, 32]) {
     const label = (c: CacheSpec) => `${c.name}, residual ${residual}`;
     const ref = PROTOCOL_CACHES[0];
-    const progress = (c: CacheSpec) => (done: number, total: number) => o.onProgress?.(label(c), done, total);
-    const base = perplexity(model, text, { ...sizes, keep: true, cache: { keys: ref.keys, values: ref.values, residual }, onProgress: progress(ref) });
+    const progress = (c: CacheSpec) => (done: number, total: number) =>
+      o.onProgress?.(label(c), done, total);
+    const base = perplexity(model, text, {
+      ...sizes,
+      keep: true,
+      cache: { keys: ref.keys, values: ref.values, residual },
+      onProgress: progress(ref),
+    });
     for (const c of caches) {
-      const r = c.name === ref.name ? { ...base, klVsReference: 0, top1VsReference: 1 } : perplexity(model, text, {
-        ...sizes,
-        reference: base.distributions,
-        cache: { keys: c.keys, values: c.values, residual },
-        onProgress: progress(c),
+      const r = c.name === ref.name
+        ? { ...base, klVsReference: 0, top1VsReference: 1 }
+        : perplexity(model, text, {
+          ...sizes,
+          reference: base.distributions,
+          cache: { keys: c.keys, values: c.values, residual },
+          onProgress: progress(c),
+        });
+      rows.push({
+        cache: c.name,
+        residual,
+        bpb: r.bpb,
+        klVsBits16: r.klVsReference!,
+        top1VsBits16: r.top1VsReference!,
+        tokensPerSecond: r.tokensPerSecond,
       });
-      rows.push({ cache: c.name, residual, bpb: r.bpb, klVsBits16: r.klVsReference!, top1VsBits16: r.top1VsReference!, tokensPerSecond: r.tokensPerSecond });
     }
   }
   return rows;

@@ -51,16 +51,29 @@ export function readHeader(file: string): Map<string, TensorEntry> {
   try {
     fd = openSync(file, "r");
   } catch (e) {
-    throw new ModelError(`${name}: cannot open ${file} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, file);
+    throw new ModelError(
+      `${name}: cannot open ${file} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`,
+      file,
+    );
   }
   try {
     const size = fstatSync(fd).size;
-    if (size < 8) throw new ModelError(`${name}: the file holds ${size} bytes, less than the 8-byte header length`, file);
+    if (size < 8) {
+      throw new ModelError(
+        `${name}: the file holds ${size} bytes, less than the 8-byte header length`,
+        file,
+      );
+    }
     const lenBuf = new Uint8Array(8);
     readSync(fd, lenBuf, 0, 8, 0);
     const len = Number(new DataView(lenBuf.buffer).getBigUint64(0, true));
     if (8 + len > size) {
-      throw new ModelError(`${name}: the header claims ${len} bytes, past the end of the file (${size} bytes, so at most ${size - 8})`, file);
+      throw new ModelError(
+        `${name}: the header claims ${len} bytes, past the end of the file (${size} bytes, so at most ${
+          size - 8
+        })`,
+        file,
+      );
     }
     const headerBuf = new Uint8Array(len);
     readSync(fd, headerBuf, 0, len, 8);
@@ -70,7 +83,9 @@ export function readHeader(file: string): Map<string, TensorEntry> {
     } catch (e) {
       throw new ModelError(`${name}: the header is not JSON (${(e as Error).message})`, file);
     }
-    if (header === null || typeof header !== "object" || Array.isArray(header)) throw new ModelError(`${name}: the header must be a JSON object`, file);
+    if (header === null || typeof header !== "object" || Array.isArray(header)) {
+      throw new ModelError(`${name}: the header must be a JSON object`, file);
+    }
     const out = new Map<string, TensorEntry>();
     for (const [tname, raw] of Object.entries(header)) {
       if (tname === "__metadata__") continue;
@@ -82,33 +97,70 @@ export function readHeader(file: string): Map<string, TensorEntry> {
   }
 }
 
-function entry(file: string, name: string, tname: string, raw: unknown, base: number, size: number): TensorEntry {
+function entry(
+  file: string,
+  name: string,
+  tname: string,
+  raw: unknown,
+  base: number,
+  size: number,
+): TensorEntry {
   const r = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
   const where = `${name}: tensor ${tname}`;
   if (typeof r?.dtype !== "string" || !(r.dtype in ELEM)) {
-    throw new ModelError(`${where} has dtype ${JSON.stringify(r?.dtype)}; expected F16, BF16 or F32`, file, tname);
-  }
-  const dtype = r.dtype as SafetensorsDType;
-  const shape = r.shape;
-  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-    throw new ModelError(`${where} has shape ${JSON.stringify(shape)}; expected an array of sizes`, file, tname);
-  }
-  const offs = r.data_offsets;
-  if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((d) => Number.isSafeInteger(d) && d >= 0) || offs[1] < offs[0]) {
-    throw new ModelError(`${where} has data_offsets ${JSON.stringify(offs)}; expected [begin, end]`, file, tname);
-  }
-  const need = shape.reduce((a: number, b: number) => a * b, 1) * ELEM[dtype];
-  if (offs[1] - offs[0] !== need) {
-    throw new ModelError(`${where}: data_offsets span ${offs[1] - offs[0]} bytes, but shape [${shape.join(", ")}] of ${dtype} needs ${need}`, file, tname);
-  }
-  if (base + offs[1] > size) {
     throw new ModelError(
-      `${where} runs past the end of the file: it needs bytes ${base + offs[0]}..${base + offs[1]}, the file holds ${size} (truncated?)`,
+      `${where} has dtype ${JSON.stringify(r?.dtype)}; expected F16, BF16 or F32`,
       file,
       tname,
     );
   }
-  return { name: tname, dtype, shape: shape as number[], file, offset: base + offs[0], bytes: need };
+  const dtype = r.dtype as SafetensorsDType;
+  const shape = r.shape;
+  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+    throw new ModelError(
+      `${where} has shape ${JSON.stringify(shape)}; expected an array of sizes`,
+      file,
+      tname,
+    );
+  }
+  const offs = r.data_offsets;
+  if (
+    !Array.isArray(offs) || offs.length !== 2 ||
+    !offs.every((d) => Number.isSafeInteger(d) && d >= 0) || offs[1] < offs[0]
+  ) {
+    throw new ModelError(
+      `${where} has data_offsets ${JSON.stringify(offs)}; expected [begin, end]`,
+      file,
+      tname,
+    );
+  }
+  const need = shape.reduce((a: number, b: number) => a * b, 1) * ELEM[dtype];
+  if (offs[1] - offs[0] !== need) {
+    throw new ModelError(
+      `${where}: data_offsets span ${offs[1] - offs[0]} bytes, but shape [${
+        shape.join(", ")
+      }] of ${dtype} needs ${need}`,
+      file,
+      tname,
+    );
+  }
+  if (base + offs[1] > size) {
+    throw new ModelError(
+      `${where} runs past the end of the file: it needs bytes ${base + offs[0]}..${
+        base + offs[1]
+      }, the file holds ${size} (truncated?)`,
+      file,
+      tname,
+    );
+  }
+  return {
+    name: tname,
+    dtype,
+    shape: shape as number[],
+    file,
+    offset: base + offs[0],
+    bytes: need,
+  };
 }
 
 /** Reads one tensor as fp16 (bf16 and f32 converted; a value fp16 cannot hold is refused). */
@@ -117,14 +169,30 @@ export function readTensorF16(t: TensorEntry, fd: number): Float16Array {
   let got = 0;
   while (got < t.bytes) {
     const n = readSync(fd, buf, got, t.bytes - got, t.offset + got);
-    if (n === 0) throw new ModelError(`${basename(t.file)}: tensor ${t.name} ends early: read ${got} of ${t.bytes} bytes (truncated?)`, t.file, t.name);
+    if (n === 0) {
+      throw new ModelError(
+        `${
+          basename(t.file)
+        }: tensor ${t.name} ends early: read ${got} of ${t.bytes} bytes (truncated?)`,
+        t.file,
+        t.name,
+      );
+    }
     got += n;
   }
   if (t.dtype === "F16") return new Float16Array(buf.buffer);
-  const f32 = t.dtype === "F32" ? new Float32Array(buf.buffer) : bf16ToF32(new Uint16Array(buf.buffer));
+  const f32 = t.dtype === "F32"
+    ? new Float32Array(buf.buffer)
+    : bf16ToF32(new Uint16Array(buf.buffer));
   for (let i = 0; i < f32.length; i++) {
     if (!(Math.abs(f32[i]) < 65520)) {
-      throw new ModelError(`${basename(t.file)}: tensor ${t.name} holds ${f32[i]} at index ${i}, which fp16 cannot hold; kivi keeps weights in fp16`, t.file, t.name);
+      throw new ModelError(
+        `${basename(t.file)}: tensor ${t.name} holds ${
+          f32[i]
+        } at index ${i}, which fp16 cannot hold; kivi keeps weights in fp16`,
+        t.file,
+        t.name,
+      );
     }
   }
   return new Float16Array(f32);
@@ -145,16 +213,26 @@ export function checkpointTensors(dir: string): Map<string, TensorEntry> {
   try {
     index = JSON.parse(readFileSync(indexFile, "utf8"));
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw new ModelError(`model.safetensors.index.json: ${(e as Error).message}`, indexFile);
+    if ((e as NodeJS.ErrnoException).code !== "ENOENT") {
+      throw new ModelError(`model.safetensors.index.json: ${(e as Error).message}`, indexFile);
+    }
   }
   if (index === undefined) return readHeader(join(dir, "model.safetensors"));
   const map = index.weight_map;
-  if (map === null || typeof map !== "object") throw new ModelError(`model.safetensors.index.json: no weight_map object`, indexFile);
+  if (map === null || typeof map !== "object") {
+    throw new ModelError(`model.safetensors.index.json: no weight_map object`, indexFile);
+  }
   const shards = new Map<string, Map<string, TensorEntry>>();
   const out = new Map<string, TensorEntry>();
   for (const [tname, shard] of Object.entries(map)) {
     if (typeof shard !== "string" || shard.includes("/") || shard.includes("\\")) {
-      throw new ModelError(`model.safetensors.index.json: tensor ${tname} names shard ${JSON.stringify(shard)}; expected a file name in ${dir}`, indexFile, tname);
+      throw new ModelError(
+        `model.safetensors.index.json: tensor ${tname} names shard ${
+          JSON.stringify(shard)
+        }; expected a file name in ${dir}`,
+        indexFile,
+        tname,
+      );
     }
     let tensors = shards.get(shard);
     if (tensors === undefined) {
@@ -164,14 +242,24 @@ export function checkpointTensors(dir: string): Map<string, TensorEntry> {
       } catch (e) {
         if (e instanceof ModelError && e.message.startsWith(`${shard}: cannot open`)) {
           const why = e.message.slice(`${shard}: `.length);
-          throw new ModelError(`${shard}: missing shard: ${why}; model.safetensors.index.json puts tensor ${tname} there`, path, tname);
+          throw new ModelError(
+            `${shard}: missing shard: ${why}; model.safetensors.index.json puts tensor ${tname} there`,
+            path,
+            tname,
+          );
         }
         throw e;
       }
       shards.set(shard, tensors);
     }
     const t = tensors.get(tname);
-    if (t === undefined) throw new ModelError(`${shard}: has no tensor ${tname}, which model.safetensors.index.json puts there`, join(dir, shard), tname);
+    if (t === undefined) {
+      throw new ModelError(
+        `${shard}: has no tensor ${tname}, which model.safetensors.index.json puts there`,
+        join(dir, shard),
+        tname,
+      );
+    }
     out.set(tname, t);
   }
   return out;

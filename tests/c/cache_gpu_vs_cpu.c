@@ -9,21 +9,19 @@
  *        mode 16, u2 (uniform K+V G32), def (uniform K G32 + codebook V G64) or all; bits 16 always runs)
  *
  * Checks, per config (head_dim 64/128/256, page 32/64/128/256, GQA 1/2/3/4/6/7/8/16/32, uniform 2/4-bit,
- * 16-bit, codebook; key and value groups 32/64/128 on the tensor-core layout): lengths, quantized lengths and block tables after prefills of 1, 31, 128, 160, 97 and
- * 5000 tokens (per layer and all layers at once, f32 / f16 / bf16 input) and after decode steps across
- * flushes; kivi_cache_read bit-identical (f32 output) for uniform and 16-bit formats, codebook within
- * the bound stated below; kivi_cache_attend GPU vs CPU and GPU vs a float64 reference computed here
- * from the GPU's own kivi_cache_read, within 2e-3 relative (per output row, L2) for batches 1 / 3 / 17
- * of mixed lengths with repeats; capacity and NaN errors on both builds with the state unchanged; the
- * memory report. Why 2e-3: both builds dequantize to the same values; the differences are fp32
- * vs float64 accumulation order and exp2 vs exp (~1e-6 relative), the CUDA-core kernel's fp32 sums of
- * (1 + c/4)-style codes (at most 16x fp32 rounding, ~1e-5), the tensor-core kernel's roundings (2-bit
- * uniform keys: q.s in three int8 planes, ~2^-22 of max |q_c s_c| per term of a score; p and p.s, or for
- * codebook values p times centroid differences formed in fp16, rounded to fp16, 2^-11 relative per
- * weight (twice for the differences), random across tokens: ~2.5e-4 on a row, 1e-3 seen at worst), and
- * the output dtype (fp16 output rounds by up to 4.9e-4 relative): 2e-3 still leaves a 2x margin and
- * catches any real bug (a wrong token or channel moves a row by >1e-2). bf16 output: 8e-3 (its
- * rounding is 3.9e-3).
+ * 16-bit, codebook; key and value groups 32/64/128 on the tensor-core layout): lengths, quantized lengths and block
+ * tables after prefills of 1, 31, 128, 160, 97 and 5000 tokens (per layer and all layers at once, f32 / f16 / bf16
+ * input) and after decode steps across flushes; kivi_cache_read bit-identical (f32 output) for uniform and 16-bit
+ * formats, codebook within the bound stated below; kivi_cache_attend GPU vs CPU and GPU vs a float64 reference computed
+ * here from the GPU's own kivi_cache_read, within 2e-3 relative (per output row, L2) for batches 1 / 3 / 17 of mixed
+ * lengths with repeats; capacity and NaN errors on both builds with the state unchanged; the memory report. Why 2e-3:
+ * both builds dequantize to the same values; the differences are fp32 vs float64 accumulation order and exp2 vs exp
+ * (~1e-6 relative), the CUDA-core kernel's fp32 sums of (1 + c/4)-style codes (at most 16x fp32 rounding, ~1e-5), the
+ * tensor-core kernel's roundings (2-bit uniform keys: q.s in three int8 planes, ~2^-22 of max |q_c s_c| per term of a
+ * score; p and p.s, or for codebook values p times centroid differences formed in fp16, rounded to fp16, 2^-11 relative
+ * per weight (twice for the differences), random across tokens: ~2.5e-4 on a row, 1e-3 seen at worst), and the output
+ * dtype (fp16 output rounds by up to 4.9e-4 relative): 2e-3 still leaves a 2x margin and catches any real bug (a wrong
+ * token or channel moves a row by >1e-2). bf16 output: 8e-3 (its rounding is 3.9e-3).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -71,13 +69,13 @@ typedef struct lib {
   kivi_ctx_t ctx;
 } lib;
 
-#define SYM(L, field, sym, required)                                              \
-  do {                                                                            \
-    *(void **)&(L)->field = dlsym((L)->h, sym);                                   \
-    if (!(L)->field && (required)) {                                              \
-      fprintf(stderr, "%s: missing %s\n", (L)->name, sym);                        \
-      return -1;                                                                  \
-    }                                                                             \
+#define SYM(L, field, sym, required)                       \
+  do {                                                     \
+    *(void **)&(L)->field = dlsym((L)->h, sym);            \
+    if (!(L)->field && (required)) {                       \
+      fprintf(stderr, "%s: missing %s\n", (L)->name, sym); \
+      return -1;                                           \
+    }                                                      \
   } while (0)
 
 static int lib_open(lib *L, const char *path) {
@@ -107,26 +105,24 @@ static int lib_open(lib *L, const char *path) {
   SYM(L, read, "kivi_cache_read", 0);
   SYM(L, memory, "kivi_cache_memory", 0);
   SYM(L, bench_attend, "kivi_cache_bench_attend", 0);
-  L->has_cache = L->cache_create && L->cache_destroy && L->seq_create && L->seq_free && L->seq_length &&
-                 L->seq_pages && L->append && L->attend && L->read && L->memory;
+  L->has_cache = L->cache_create && L->cache_destroy && L->seq_create && L->seq_free && L->seq_length && L->seq_pages &&
+                 L->append && L->attend && L->read && L->memory;
   return 0;
 }
 
 /* ---------------------------------------------------------------- checks ----------------- */
 
-
-#define OK(L, call)                                                                                       \
-  do {                                                                                                    \
-    kivi_status st_ = (call);                                                                             \
-    if (st_ != KIVI_OK) {                                                                                 \
-      n_fail++;                                                                                           \
+#define OK(L, call)                                                                                         \
+  do {                                                                                                      \
+    kivi_status st_ = (call);                                                                               \
+    if (st_ != KIVI_OK) {                                                                                   \
+      n_fail++;                                                                                             \
       printf("FAIL %s:%d [%s] %s: %s -> %d: %s\n", __FILE__, __LINE__, g_where, (L)->name, #call, (int)st_, \
-             (L)->last_error());                                                                         \
-    }                                                                                                     \
+             (L)->last_error());                                                                            \
+    }                                                                                                       \
   } while (0)
 
 /* ---------------------------------------------------------------- data ------------------- */
-
 
 /* n values of [rows][heads][D] in dtype: keys have outlier channels (x8 on every 13th channel) and a
    per-channel offset; values are plain normal. */
@@ -138,9 +134,12 @@ static void *make_kv(kivi_dtype dt, int64_t rows, int heads, int D, int is_key) 
     double v = rng_normal();
     if (is_key) v = v * (d % 13 == 0 ? 8.0 : 1.0) + 0.5 * sin(d * 0.7);
     const float f = (float)v;
-    if (dt == KIVI_F32) ((float *)x)[i] = f;
-    else if (dt == KIVI_F16) ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
-    else ((uint16_t *)x)[i] = kivi_f32_to_bf16(f);
+    if (dt == KIVI_F32)
+      ((float *)x)[i] = f;
+    else if (dt == KIVI_F16)
+      ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
+    else
+      ((uint16_t *)x)[i] = kivi_f32_to_bf16(f);
   }
   return x;
 }
@@ -148,7 +147,7 @@ static void *make_kv(kivi_dtype dt, int64_t rows, int heads, int D, int is_key) 
 /* ---------------------------------------------------------------- a pair of caches ------- */
 
 typedef struct pair {
-  lib *g, *c;            /* GPU, CPU */
+  lib *g, *c; /* GPU, CPU */
   kivi_cache_t cg, cc;
   int32_t cfg[KIVI_CFG_FIELDS];
   int use_cpu;
@@ -259,13 +258,15 @@ static void compare_reads(pair *p, int32_t seq) {
         CHECK(diff <= 2 * n / 1000 && sqrt(d2) <= 1e-3 * sqrt(r2) + 1e-30,
               "seq %d layer %d codebook read: %lld of %lld differ, rel L2 %.3g", seq, l, (long long)diff,
               (long long)(2 * n), sqrt(d2 / (r2 + 1e-300)));
-        if (diff) printf("  note: codebook read seq %d layer %d: %lld of %lld elements differ\n", seq, l,
-                         (long long)diff, (long long)(2 * n));
+        if (diff)
+          printf("  note: codebook read seq %d layer %d: %lld of %lld elements differ\n", seq, l, (long long)diff,
+                 (long long)(2 * n));
       } else {
-        CHECK(diff == 0, "seq %d layer %d read: %lld of %lld differ (first %s at token %lld head %lld ch %lld: gpu %.9g cpu %.9g)",
-              seq, l, (long long)diff, (long long)(2 * n), first < n ? "K" : "V",
-              (long long)((first % n) / (kvh * D)), (long long)((first % n) / D % kvh), (long long)(first % D),
-              first < n ? kg[first] : vg[first - n], first < n ? kc[first] : vc[first - n]);
+        CHECK(diff == 0,
+              "seq %d layer %d read: %lld of %lld differ (first %s at token %lld head %lld ch %lld: gpu %.9g cpu %.9g)",
+              seq, l, (long long)diff, (long long)(2 * n), first < n ? "K" : "V", (long long)((first % n) / (kvh * D)),
+              (long long)((first % n) / D % kvh), (long long)(first % D), first < n ? kg[first] : vg[first - n],
+              first < n ? kc[first] : vc[first - n]);
       }
     }
     free(kg);
@@ -377,7 +378,8 @@ static void compare_memory(pair *p) {
   OK(p->g, p->g->memory(p->cg, rg, KIVI_MEM_FIELDS));
   OK(p->c, p->c->memory(p->cc, rc, KIVI_MEM_FIELDS));
   for (int i = 0; i < KIVI_MEM_FIELDS; i++)
-    CHECK(rg[i] == rc[i], "memory field %d: gpu %llu cpu %llu", i, (unsigned long long)rg[i], (unsigned long long)rc[i]);
+    CHECK(rg[i] == rc[i], "memory field %d: gpu %llu cpu %llu", i, (unsigned long long)rg[i],
+          (unsigned long long)rc[i]);
 }
 
 /* ---------------------------------------------------------------- one config ------------- */
@@ -389,9 +391,8 @@ typedef struct spec {
 
 static void run_spec(lib *G, lib *C, const spec *s) {
   g_where = s->name;
-  printf("config %s: layers %d kv_heads %d ratio %d D %d P %d R %d K %s%d/G%d V %s%d/G%d\n", s->name, s->layers,
-         s->kvh, s->ratio, s->D, s->P, s->R, s->kkind ? "cb" : "u", s->kbits, s->kg, s->vkind ? "cb" : "u", s->vbits,
-         s->vg);
+  printf("config %s: layers %d kv_heads %d ratio %d D %d P %d R %d K %s%d/G%d V %s%d/G%d\n", s->name, s->layers, s->kvh,
+         s->ratio, s->D, s->P, s->R, s->kkind ? "cb" : "u", s->kbits, s->kg, s->vkind ? "cb" : "u", s->vbits, s->vg);
   pair p;
   memset(&p, 0, sizeof p);
   p.g = G;
@@ -439,7 +440,8 @@ static void run_spec(lib *G, lib *C, const spec *s) {
     const int n = lens[i];
     if (i < 3) {
       const kivi_dtype dt = (kivi_dtype)i;
-      void *k = make_kv(dt, (int64_t)s->layers * n, s->kvh, s->D, 1), *v = make_kv(dt, (int64_t)s->layers * n, s->kvh, s->D, 0);
+      void *k = make_kv(dt, (int64_t)s->layers * n, s->kvh, s->D, 1),
+           *v = make_kv(dt, (int64_t)s->layers * n, s->kvh, s->D, 0);
       CHECK(pair_append(&p, seqs[i], -1, k, v, dt, n, 0) == KIVI_OK, "prefill %d", i);
       free(k);
       free(v);

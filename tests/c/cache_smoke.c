@@ -21,8 +21,6 @@
 #include "kivi_format.h"
 #include "harness.h"
 
-
-
 static float f16r(float f) { return kivi_f16_to_f32(kivi_f32_to_f16(f)); }
 
 /* ---------------------------------------------------------------- config ----------------- */
@@ -36,8 +34,9 @@ static tcfg make_cfg(const char *name, int32_t layers, int32_t kvh, int32_t qh, 
                      int32_t max_pages, int32_t max_seqs, int32_t kk, int32_t kb, int32_t kg, int32_t vk, int32_t vb,
                      int32_t vg) {
   /* kivi.h's KIVI_CFG_* order; pinned codebook keys (12 iterations), free values (20) */
-  const tcfg t = {name, {layers, kvh, qh, D, P, R, max_pages, max_seqs, kk, kb, kg, KIVI_FIT_PINNED, 12, vk, vb, vg,
-                         KIVI_FIT_FREE, 20}};
+  const tcfg t = {
+      name,
+      {layers, kvh, qh, D, P, R, max_pages, max_seqs, kk, kb, kg, KIVI_FIT_PINNED, 12, vk, vb, vg, KIVI_FIT_FREE, 20}};
   return t;
 }
 
@@ -97,9 +96,7 @@ static kivi_status do_append(tcache *t, mirror *ms, int32_t seq, int32_t layer, 
   return st;
 }
 
-static int64_t expect_qlen(const tcache *t, int64_t len) {
-  return len >= t->R + t->F ? (len - t->R) / t->F * t->F : 0;
-}
+static int64_t expect_qlen(const tcache *t, int64_t len) { return len >= t->R + t->F ? (len - t->R) / t->F * t->F : 0; }
 
 /* Lengths of every layer against the mirrors, and the page count. */
 static void check_lengths(const tcache *t, const mirror *ms, int32_t seq, const char *what) {
@@ -687,19 +684,19 @@ static void test_bad_config(kivi_ctx_t ctx) {
     int field;
     int32_t value;
   } bad[] = {
-      {KIVI_CFG_LAYERS, 0},      {KIVI_CFG_KV_HEADS, 0},     {KIVI_CFG_Q_HEADS, 3},       {KIVI_CFG_Q_HEADS, 1},
-      {KIVI_CFG_Q_HEADS, 66},    {KIVI_CFG_HEAD_DIM, 96},    {KIVI_CFG_HEAD_DIM, 0},      {KIVI_CFG_PAGE_TOKENS, 48},
-      {KIVI_CFG_PAGE_TOKENS, 16}, {KIVI_CFG_RESIDUAL, -32},  {KIVI_CFG_RESIDUAL, 40},     {KIVI_CFG_MAX_PAGES, 0},
-      {KIVI_CFG_MAX_SEQS, 0},    {KIVI_CFG_K_KIND, 2},       {KIVI_CFG_K_BITS, 3},        {KIVI_CFG_K_BITS, 8},
-      {KIVI_CFG_K_GROUP, 16},    {KIVI_CFG_K_GROUP, 128},    {KIVI_CFG_K_FIT, 2},         {KIVI_CFG_K_ITERS, 0},
-      {KIVI_CFG_K_ITERS, 257},   {KIVI_CFG_V_KIND, -1},      {KIVI_CFG_V_BITS, 1},        {KIVI_CFG_V_GROUP, 48},
-      {KIVI_CFG_V_FIT, 5},       {KIVI_CFG_V_ITERS, 0},
+      {KIVI_CFG_LAYERS, 0},       {KIVI_CFG_KV_HEADS, 0},   {KIVI_CFG_Q_HEADS, 3},   {KIVI_CFG_Q_HEADS, 1},
+      {KIVI_CFG_Q_HEADS, 66},     {KIVI_CFG_HEAD_DIM, 96},  {KIVI_CFG_HEAD_DIM, 0},  {KIVI_CFG_PAGE_TOKENS, 48},
+      {KIVI_CFG_PAGE_TOKENS, 16}, {KIVI_CFG_RESIDUAL, -32}, {KIVI_CFG_RESIDUAL, 40}, {KIVI_CFG_MAX_PAGES, 0},
+      {KIVI_CFG_MAX_SEQS, 0},     {KIVI_CFG_K_KIND, 2},     {KIVI_CFG_K_BITS, 3},    {KIVI_CFG_K_BITS, 8},
+      {KIVI_CFG_K_GROUP, 16},     {KIVI_CFG_K_GROUP, 128},  {KIVI_CFG_K_FIT, 2},     {KIVI_CFG_K_ITERS, 0},
+      {KIVI_CFG_K_ITERS, 257},    {KIVI_CFG_V_KIND, -1},    {KIVI_CFG_V_BITS, 1},    {KIVI_CFG_V_GROUP, 48},
+      {KIVI_CFG_V_FIT, 5},        {KIVI_CFG_V_ITERS, 0},
   };
-  static const char *names[] = {"KIVI_CFG_LAYERS", "KIVI_CFG_KV_HEADS", "KIVI_CFG_Q_HEADS", "KIVI_CFG_HEAD_DIM",
-                                "KIVI_CFG_PAGE_TOKENS", "KIVI_CFG_RESIDUAL", "KIVI_CFG_MAX_PAGES",
-                                "KIVI_CFG_MAX_SEQS", "KIVI_CFG_K_KIND", "KIVI_CFG_K_BITS", "KIVI_CFG_K_GROUP",
-                                "KIVI_CFG_K_FIT", "KIVI_CFG_K_ITERS", "KIVI_CFG_V_KIND", "KIVI_CFG_V_BITS",
-                                "KIVI_CFG_V_GROUP", "KIVI_CFG_V_FIT", "KIVI_CFG_V_ITERS"};
+  static const char *names[] = {"KIVI_CFG_LAYERS",      "KIVI_CFG_KV_HEADS", "KIVI_CFG_Q_HEADS",   "KIVI_CFG_HEAD_DIM",
+                                "KIVI_CFG_PAGE_TOKENS", "KIVI_CFG_RESIDUAL", "KIVI_CFG_MAX_PAGES", "KIVI_CFG_MAX_SEQS",
+                                "KIVI_CFG_K_KIND",      "KIVI_CFG_K_BITS",   "KIVI_CFG_K_GROUP",   "KIVI_CFG_K_FIT",
+                                "KIVI_CFG_K_ITERS",     "KIVI_CFG_V_KIND",   "KIVI_CFG_V_BITS",    "KIVI_CFG_V_GROUP",
+                                "KIVI_CFG_V_FIT",       "KIVI_CFG_V_ITERS"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     tcfg c = good;
     c.a[bad[i].field] = bad[i].value;
@@ -764,9 +761,10 @@ static void bench(kivi_ctx_t ctx) {
           "bench_attend");
     uint64_t rep[KIVI_MEM_FIELDS];
     kivi_cache_memory(t.c, rep, KIVI_MEM_FIELDS);
-    printf("bench attend 1 x %d tokens x %d heads x %d dims, K/V %2d-bit: %.3f ms/call (pages %.2f MiB, residual "
-           "%.2f MiB)\n",
-           T, H, D, bits[i], ms, (double)(rep[0] + rep[1]) / 1048576.0, (double)rep[2] / 1048576.0);
+    printf(
+        "bench attend 1 x %d tokens x %d heads x %d dims, K/V %2d-bit: %.3f ms/call (pages %.2f MiB, residual "
+        "%.2f MiB)\n",
+        T, H, D, bits[i], ms, (double)(rep[0] + rep[1]) / 1048576.0, (double)rep[2] / 1048576.0);
     free(q);
     free(out);
     kivi_cache_destroy(t.c);
@@ -782,7 +780,8 @@ int main(int argc, char **argv) {
   if (!ctx) return 1;
   const int U = KIVI_KIND_UNIFORM, C = KIVI_KIND_CODEBOOK;
   const tcfg cfgs[] = {
-      /*       name                              L  kvh qh  D    P    R  pages seqs  K kind/bits/group  V kind/bits/group */
+      /*       name                              L  kvh qh  D    P    R  pages seqs  K kind/bits/group  V
+         kind/bits/group */
       make_cfg("K uni2 G32 / V cb2 G64, P32 R32", 2, 2, 2, 64, 32, 32, 128, 3, U, 2, 32, C, 2, 64),
       make_cfg("K uni2 G32 / V cb2 G64, P64 R0 GQA4", 1, 2, 8, 128, 64, 0, 64, 3, U, 2, 32, C, 2, 64),
       make_cfg("K/V uni4 G64/G32, P128 R128 GQA4", 2, 2, 8, 128, 128, 128, 32, 3, U, 4, 64, U, 4, 32),

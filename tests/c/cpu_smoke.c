@@ -19,9 +19,7 @@
 #include "kivi_format.h"
 #include "harness.h"
 
-
 /* ---------------------------------------------------------------- rng / data ------------- */
-
 
 static const char *dname(kivi_dtype dt) { return dt == KIVI_F32 ? "f32" : dt == KIVI_F16 ? "f16" : "bf16"; }
 
@@ -52,7 +50,6 @@ static void *make_input(kivi_dtype dt, int64_t rows, int64_t cols, float **xf_ou
   return x;
 }
 
-
 /* Makes group 0 constant (every value equal to the group's first). */
 static void make_group0_constant(void *x, float *xf, kivi_dtype dt, int64_t rows, int64_t cols, kivi_axis axis,
                                  int32_t G) {
@@ -73,8 +70,8 @@ static uint32_t code_at(const uint32_t *codes, int64_t r, int64_t c, int64_t row
 }
 
 /* Values of group g, in axis order, from xf. */
-static void group_values(const float *xf, int64_t rows, int64_t cols, kivi_axis axis, int32_t G, int64_t g,
-                         float *v, int64_t *idx) {
+static void group_values(const float *xf, int64_t rows, int64_t cols, kivi_axis axis, int32_t G, int64_t g, float *v,
+                         int64_t *idx) {
   for (int32_t k = 0; k < G; k++) {
     int64_t r, c;
     if (axis == KIVI_AXIS_TOKEN) {
@@ -108,8 +105,8 @@ static void test_uniform(kivi_ctx_t ctx, cfg k) {
   uint16_t *scale = malloc(groups * 2), *zero = malloc(groups * 2);
   float *out = malloc(n * 4);
   uint16_t *out16 = malloc(n * 2);
-  kivi_status st = kivi_uniform_quantize(ctx, x, k.dtype, k.rows, k.cols, k.axis, k.group, k.bits, 0, codes, scale,
-                                         zero);
+  kivi_status st =
+      kivi_uniform_quantize(ctx, x, k.dtype, k.rows, k.cols, k.axis, k.group, k.bits, 0, codes, scale, zero);
   CHECK(st == KIVI_OK, "uniform_quantize %s: %s", dname(k.dtype), kivi_last_error());
   st = kivi_uniform_dequantize(ctx, codes, scale, zero, k.rows, k.cols, k.axis, k.group, k.bits, out, KIVI_F32);
   CHECK(st == KIVI_OK, "uniform_dequantize: %s", kivi_last_error());
@@ -132,7 +129,8 @@ static void test_uniform(kivi_ctx_t ctx, cfg k) {
     if (sh != scale[g] || zh != zero[g]) bad_params++;
     float s = kivi_f16_to_f32(sh), z = kivi_f16_to_f32(zh);
     double s_true = ((double)mx - mn) / top;
-    double bound = s / 2.0 + fabs((double)mn - z) + top * fabs(s_true - s) + 8 * FLT_EPSILON * (fabs(mx) + fabs(mn) + s);
+    double bound =
+        s / 2.0 + fabs((double)mn - z) + top * fabs(s_true - s) + 8 * FLT_EPSILON * (fabs(mx) + fabs(mn) + s);
     for (int32_t i = 0; i < G; i++) {
       int64_t r = idx[i] / k.cols, c = idx[i] % k.cols;
       uint32_t q = code_at(codes, r, c, k.rows, k.cols, k.axis, k.bits);
@@ -154,8 +152,8 @@ static void test_uniform(kivi_ctx_t ctx, cfg k) {
       }
     }
   }
-  CHECK(bad_params == 0, "uniform %s axis %d G %d b %d: %d groups with wrong params", dname(k.dtype), k.axis, G,
-        k.bits, bad_params);
+  CHECK(bad_params == 0, "uniform %s axis %d G %d b %d: %d groups with wrong params", dname(k.dtype), k.axis, G, k.bits,
+        bad_params);
   CHECK(bad_codes == 0, "uniform %s axis %d G %d b %d: %d wrong codes", dname(k.dtype), k.axis, G, k.bits, bad_codes);
   CHECK(bad_deq == 0, "uniform dequant: %d values differ from fmaf(q, s, z)", bad_deq);
   CHECK(bad_err == 0, "uniform %s: %d values outside scale/2 + slack", dname(k.dtype), bad_err);
@@ -200,8 +198,8 @@ static void test_codebook(kivi_ctx_t ctx, cfg k, kivi_fit fit) {
   uint16_t *scale = malloc(groups * 2), *zero = malloc(groups * 2);
   float *d_cb = malloc(n * 4), *d_un = malloc(n * 4);
 
-  kivi_status st = kivi_codebook_fit(ctx, x, k.dtype, k.rows, k.cols, k.axis, G, k.bits, fit, max_iters, 0, cent,
-                                     iters, inertia);
+  kivi_status st =
+      kivi_codebook_fit(ctx, x, k.dtype, k.rows, k.cols, k.axis, G, k.bits, fit, max_iters, 0, cent, iters, inertia);
   CHECK(st == KIVI_OK, "codebook_fit: %s", kivi_last_error());
   int bad_sorted = 0, bad_trace = 0, bad_iters = 0, bad_pin = 0;
   float v[128];
@@ -333,8 +331,7 @@ static void test_pack(kivi_ctx_t ctx) {
     for (int64_t i = 0; i < n; i++)
       if (kivi_word_get(w[i / (32 / bits)], (int32_t)(i % (32 / bits)), bits) != c[i]) bad++;
     CHECK(bad == 0, "pack layout wrong at %d codes (bits %d)", bad, bits);
-    CHECK(kivi_codes_unpack(ctx, w, n, bits, c2) == KIVI_OK && !memcmp(c, c2, n), "unpack round trip (bits %d)",
-          bits);
+    CHECK(kivi_codes_unpack(ctx, w, n, bits, c2) == KIVI_OK && !memcmp(c, c2, n), "unpack round trip (bits %d)", bits);
     free(c), free(c2), free(w);
   }
 }
@@ -397,18 +394,17 @@ static void fill_outputs(void) {
   memset(o_u8, SENT, sizeof o_u8), memset(o_words, SENT, sizeof o_words);
 }
 static int outputs_untouched(void) {
-  return untouched(o_codes, sizeof o_codes) && untouched(o_scale, sizeof o_scale) &&
-         untouched(o_zero, sizeof o_zero) && untouched(o_cent, sizeof o_cent) && untouched(o_f, sizeof o_f) &&
-         untouched(o_stats, sizeof o_stats) && untouched(o_inertia, sizeof o_inertia) &&
-         untouched(o_i, sizeof o_i) && untouched(o_nf, sizeof o_nf) && untouched(o_u8, sizeof o_u8) &&
-         untouched(o_words, sizeof o_words);
+  return untouched(o_codes, sizeof o_codes) && untouched(o_scale, sizeof o_scale) && untouched(o_zero, sizeof o_zero) &&
+         untouched(o_cent, sizeof o_cent) && untouched(o_f, sizeof o_f) && untouched(o_stats, sizeof o_stats) &&
+         untouched(o_inertia, sizeof o_inertia) && untouched(o_i, sizeof o_i) && untouched(o_nf, sizeof o_nf) &&
+         untouched(o_u8, sizeof o_u8) && untouched(o_words, sizeof o_words);
 }
 
 /* A call that must fail with `want` and a message naming op and needle, its outputs untouched. */
-#define TRY_ERR(call, what, ...)     \
-  do {                               \
-    fill_outputs();                  \
-    const kivi_status st_ = (call);  \
+#define TRY_ERR(call, what, ...)             \
+  do {                                       \
+    fill_outputs();                          \
+    const kivi_status st_ = (call);          \
     expect_err(ctx, what, st_, __VA_ARGS__); \
   } while (0)
 
@@ -467,30 +463,41 @@ static void test_errors(kivi_ctx_t ctx) {
   st = UQ(ctx, xh, KIVI_F16, R, C, 1, 64, 4, 0, o_codes, o_scale, o_zero);
   expect_err(ctx, "Inf xh", st, KIVI_ERR_NONFINITE, uq, "index 4095");
   xh[4095] = kivi_f32_to_bf16(1.0f) | 0x7f80; /* bf16 Inf/NaN pattern */
-  TRY_ERR(kivi_uniform_quantize(ctx, xh, KIVI_BF16, R, C, 1, 64, 4, 0, o_codes, o_scale, o_zero), "NaN bf16", KIVI_ERR_NONFINITE, uq, "x must be finite");
+  TRY_ERR(kivi_uniform_quantize(ctx, xh, KIVI_BF16, R, C, 1, 64, 4, 0, o_codes, o_scale, o_zero), "NaN bf16",
+          KIVI_ERR_NONFINITE, uq, "x must be finite");
   xh[4095] = kivi_f32_to_f16(0.25f);
 
   const char *ud = "kivi_uniform_dequantize";
   static uint32_t codes[1024];
   static uint16_t sc[128], zr[128];
   memset(codes, 0, sizeof codes), memset(sc, 0, sizeof sc), memset(zr, 0, sizeof zr);
-  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, zr, R, C, 0, 32, 2, o_f, 5), "dequant out_dtype", KIVI_ERR_ARG, ud, "out_dtype");
-  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, NULL, R, C, 0, 32, 2, o_f, KIVI_F32), "dequant null zero", KIVI_ERR_ARG, ud, "zero");
-  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, zr, R, C, 0, 128, 2, o_f, KIVI_F32), "dequant shape", KIVI_ERR_SHAPE, ud, "multiple of group");
+  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, zr, R, C, 0, 32, 2, o_f, 5), "dequant out_dtype", KIVI_ERR_ARG, ud,
+          "out_dtype");
+  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, NULL, R, C, 0, 32, 2, o_f, KIVI_F32), "dequant null zero",
+          KIVI_ERR_ARG, ud, "zero");
+  TRY_ERR(kivi_uniform_dequantize(ctx, codes, sc, zr, R, C, 0, 128, 2, o_f, KIVI_F32), "dequant shape", KIVI_ERR_SHAPE,
+          ud, "multiple of group");
 
   const char *cf = "kivi_codebook_fit";
-  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 2, 10, 0, o_cent, o_i, o_inertia), "fit enum", KIVI_ERR_ARG, cf, "fit");
-  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 0, 0, 0, o_cent, o_i, o_inertia), "max_iters 0", KIVI_ERR_ARG, cf, "max_iters");
-  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 0, 257, 0, o_cent, o_i, o_inertia), "max_iters 257", KIVI_ERR_ARG, cf, "257");
+  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 2, 10, 0, o_cent, o_i, o_inertia), "fit enum",
+          KIVI_ERR_ARG, cf, "fit");
+  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 0, 0, 0, o_cent, o_i, o_inertia), "max_iters 0",
+          KIVI_ERR_ARG, cf, "max_iters");
+  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 0, 32, 2, 0, 257, 0, o_cent, o_i, o_inertia), "max_iters 257",
+          KIVI_ERR_ARG, cf, "257");
   x[4000] = -INFINITY;
-  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, o_cent, o_i, o_inertia), "fit Inf", KIVI_ERR_NONFINITE, cf, "index 4000");
+  TRY_ERR(kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, o_cent, o_i, o_inertia), "fit Inf",
+          KIVI_ERR_NONFINITE, cf, "index 4000");
   fill_outputs();
   st = kivi_codebook_fit(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, KIVI_FLAG_TRUSTED, o_cent, o_i, o_inertia);
   CHECK(st == KIVI_OK, "trusted fit with Inf must not fail");
-  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, 0, o_cent, o_codes), "encode Inf", KIVI_ERR_NONFINITE, "kivi_codebook_encode", "x must be finite");
+  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, 0, o_cent, o_codes), "encode Inf",
+          KIVI_ERR_NONFINITE, "kivi_codebook_encode", "x must be finite");
   x[4000] = 1.0f;
-  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 9, 0, o_cent, o_codes), "encode assign", KIVI_ERR_ARG, "kivi_codebook_encode", "assign");
-  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, 0, NULL, o_codes), "encode null centroids", KIVI_ERR_ARG, "kivi_codebook_encode", "centroids");
+  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 9, 0, o_cent, o_codes), "encode assign",
+          KIVI_ERR_ARG, "kivi_codebook_encode", "assign");
+  TRY_ERR(kivi_codebook_encode(ctx, x, KIVI_F32, R, C, 1, 32, 4, 1, 10, 0, 0, NULL, o_codes), "encode null centroids",
+          KIVI_ERR_ARG, "kivi_codebook_encode", "centroids");
 
   const char *cq = "kivi_codebook_quantize";
   static uint16_t cent[128 * 4];
@@ -503,15 +510,21 @@ static void test_errors(kivi_ctx_t ctx) {
         "valid codebook_quantize writes exactly its codes: %s", kivi_last_error());
   uint16_t keep = cent[77 * 4 + 2];
   cent[77 * 4 + 2] = kivi_f32_to_f16(-5.0f);
-  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 0, 0, o_codes), "unsorted centroids", KIVI_ERR_ARG, cq, "group 77");
+  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 0, 0, o_codes), "unsorted centroids",
+          KIVI_ERR_ARG, cq, "group 77");
   cent[77 * 4 + 2] = 0x7e00; /* NaN */
-  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 1, 0, o_codes), "NaN centroid", KIVI_ERR_ARG, cq, "centroids must be finite");
+  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 1, 0, o_codes), "NaN centroid", KIVI_ERR_ARG,
+          cq, "centroids must be finite");
   cent[77 * 4 + 2] = keep;
-  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 2, 0, o_codes), "assign 2", KIVI_ERR_ARG, cq, "assign");
+  TRY_ERR(kivi_codebook_quantize(ctx, x, KIVI_F32, R, C, 0, 32, 2, cent, 2, 0, o_codes), "assign 2", KIVI_ERR_ARG, cq,
+          "assign");
 
-  TRY_ERR(kivi_codebook_dequantize(ctx, codes, cent, R, C, 0, 64, 4, NULL, KIVI_F32), "cb dequant null out", KIVI_ERR_ARG, "kivi_codebook_dequantize", "out");
-  TRY_ERR(kivi_stats_block(ctx, x, KIVI_F32, R, C, 0, 16, o_stats, o_nf), "stats group 16", KIVI_ERR_ARG, "kivi_stats_block", "group");
-  TRY_ERR(kivi_stats_block(ctx, x, KIVI_F32, R, 32, 1, 64, o_stats, o_nf), "stats shape", KIVI_ERR_SHAPE, "kivi_stats_block", "cols (32)");
+  TRY_ERR(kivi_codebook_dequantize(ctx, codes, cent, R, C, 0, 64, 4, NULL, KIVI_F32), "cb dequant null out",
+          KIVI_ERR_ARG, "kivi_codebook_dequantize", "out");
+  TRY_ERR(kivi_stats_block(ctx, x, KIVI_F32, R, C, 0, 16, o_stats, o_nf), "stats group 16", KIVI_ERR_ARG,
+          "kivi_stats_block", "group");
+  TRY_ERR(kivi_stats_block(ctx, x, KIVI_F32, R, 32, 1, 64, o_stats, o_nf), "stats shape", KIVI_ERR_SHAPE,
+          "kivi_stats_block", "cols (32)");
 
   static uint8_t pc[64];
   for (int i = 0; i < 64; i++) pc[i] = (uint8_t)(i % 4);
@@ -534,8 +547,7 @@ static void test_library(kivi_ctx_t ctx) {
   CHECK(kivi_ctx_create(1, &bad) == KIVI_ERR_NO_DEVICE && bad == (kivi_ctx_t)1, "ctx_create(1)");
   CHECK(strstr(kivi_last_error(), "device") != NULL, "ctx_create message");
   char name[128];
-  CHECK(kivi_ctx_device_name(ctx, name, sizeof name) == KIVI_OK && !strncmp(name, "CPU", 3), "device name '%s'",
-        name);
+  CHECK(kivi_ctx_device_name(ctx, name, sizeof name) == KIVI_OK && !strncmp(name, "CPU", 3), "device name '%s'", name);
   char tiny[4];
   CHECK(kivi_ctx_device_name(ctx, tiny, 4) == KIVI_OK && strlen(tiny) == 3, "device name truncation");
   int32_t done = 0;
@@ -575,10 +587,10 @@ int main(int argc, char **argv) {
   test_pack(ctx);
   test_worked_example(ctx);
   const cfg shapes[] = {
-      {96, 40, KIVI_AXIS_TOKEN, 32, 2, 0},    {5, 192, KIVI_AXIS_CHANNEL, 64, 2, 0},
-      {128, 600, KIVI_AXIS_TOKEN, 64, 4, 0},  {3, 1152, KIVI_AXIS_CHANNEL, 128, 4, 0},
-      {256, 17, KIVI_AXIS_TOKEN, 128, 2, 0},  {7, 96, KIVI_AXIS_CHANNEL, 32, 4, 0},
-      {640, 40, KIVI_AXIS_TOKEN, 32, 2, 0},   {320, 136, KIVI_AXIS_TOKEN, 32, 4, 0}, /* several super-tiles */
+      {96, 40, KIVI_AXIS_TOKEN, 32, 2, 0},   {5, 192, KIVI_AXIS_CHANNEL, 64, 2, 0},
+      {128, 600, KIVI_AXIS_TOKEN, 64, 4, 0}, {3, 1152, KIVI_AXIS_CHANNEL, 128, 4, 0},
+      {256, 17, KIVI_AXIS_TOKEN, 128, 2, 0}, {7, 96, KIVI_AXIS_CHANNEL, 32, 4, 0},
+      {640, 40, KIVI_AXIS_TOKEN, 32, 2, 0},  {320, 136, KIVI_AXIS_TOKEN, 32, 4, 0}, /* several super-tiles */
   };
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (kivi_dtype dt = KIVI_F32; dt <= KIVI_BF16; dt++) {

@@ -162,7 +162,9 @@ static void fuzz_library(void) {
   const int32_t code = chance(0.5) ? (int32_t)irange(-12, 2) : (int32_t)rng_next();
   const char *s = kivi_status_str(code);
   CHECK(s != NULL && strncmp(s, "KIVI_", 5) == 0, "kivi_status_str(%d)", (int)code);
-  if (s) CHECK((strcmp(s, "KIVI_ERR_UNKNOWN") == 0) == (code > 0 || code < KIVI_ERR_CAPACITY), "kivi_status_str(%d) = %s", (int)code, s);
+  if (s)
+    CHECK((strcmp(s, "KIVI_ERR_UNKNOWN") == 0) == (code > 0 || code < KIVI_ERR_CAPACITY), "kivi_status_str(%d) = %s",
+          (int)code, s);
   const char *e = kivi_last_error();
   CHECK(e != NULL && strlen(e) < 512, "kivi_last_error is a NUL-terminated message");
   CHECK(kivi_ctx_last_error(NULL) != NULL, "kivi_ctx_last_error(NULL)");
@@ -280,8 +282,10 @@ static void fuzz_mem(void) {
       void **out = chance(P_BAD) ? NULL : (void **)at(&r[2]);
       uint64_t bytes = (uint64_t)irange(1, 100000);
       stset want = S_OK;
-      if (chance(P_BAD)) bytes = 0;
-      else if (chance(P_BAD)) bytes = huge_sizes[rng_next() % 4], want = S(KIVI_ERR_NOMEM);
+      if (chance(P_BAD))
+        bytes = 0;
+      else if (chance(P_BAD))
+        bytes = huge_sizes[rng_next() % 4], want = S(KIVI_ERR_NOMEM);
       if (!ctx || !out || bytes == 0) want = S(KIVI_ERR_ARG);
       if (g_allocs[slot] && want == S_OK) break; /* keep at most one allocation per slot */
       kivi_status st = kivi_mem_alloc(ctx, bytes, out);
@@ -339,8 +343,10 @@ static void fuzz_mem(void) {
       uint64_t bytes = (uint64_t)irange(1, 4096);
       int32_t iters = (int32_t)irange(1, 3);
       stset want = S_OK;
-      if (chance(P_BAD)) bytes = 0;
-      else if (chance(P_BAD)) bytes = huge_sizes[rng_next() % 4], want = S(KIVI_ERR_NOMEM);
+      if (chance(P_BAD))
+        bytes = 0;
+      else if (chance(P_BAD))
+        bytes = huge_sizes[rng_next() % 4], want = S(KIVI_ERR_NOMEM);
       if (chance(P_BAD)) iters = chance(0.5) ? 0 : INT32_MIN;
       if (!ctx || !gbps || bytes == 0 || iters < 1) want = S(KIVI_ERR_ARG);
       kivi_status st = kivi_bench_copy(ctx, bytes, iters, gbps);
@@ -371,8 +377,8 @@ static mat gen_mat(int need_bits) {
   m.cols = m.axis == KIVI_AXIS_TOKEN ? other : along;
   m.bits = chance(0.5) ? 2 : 4;
   m.dtype = gen_dtype();
-  static const int64_t bad_size[] = {0, -1, -32, INT64_MIN, INT64_MAX, (int64_t)1 << 40, ((int64_t)1 << 40) + 32,
-                                     (int64_t)1 << 20};
+  static const int64_t bad_size[] = {
+      0, -1, -32, INT64_MIN, INT64_MAX, (int64_t)1 << 40, ((int64_t)1 << 40) + 32, (int64_t)1 << 20};
   static const int32_t bad_group[] = {0, -32, 16, 33, 96, 256, INT32_MAX, INT32_MIN};
   static const int32_t bad_bits[] = {0, 1, 3, 8, 16, -2, INT32_MAX};
   if (chance(P_BAD)) m.rows = chance(0.5) ? pick64(bad_size, 8) : m.rows + irange(1, 31);
@@ -390,7 +396,8 @@ static stset mat_errors(const mat *m, int need_bits, int has_dtype) {
   if (!kivi_valid_group(m->group)) e |= S(KIVI_ERR_ARG);
   if (need_bits && !kivi_valid_bits(m->bits)) e |= S(KIVI_ERR_ARG);
   if (has_dtype && !dtype_ok(m->dtype)) e |= S(KIVI_ERR_ARG);
-  if (m->axis != KIVI_AXIS_TOKEN && m->axis != KIVI_AXIS_CHANNEL) e |= S(KIVI_ERR_ARG);
+  if (m->axis != KIVI_AXIS_TOKEN && m->axis != KIVI_AXIS_CHANNEL)
+    e |= S(KIVI_ERR_ARG);
   else if (m->rows >= 1 && m->cols >= 1 && kivi_valid_group(m->group) &&
            (m->axis == KIVI_AXIS_TOKEN ? m->rows : m->cols) % m->group)
     e |= S(KIVI_ERR_SHAPE);
@@ -428,8 +435,10 @@ static int unquantizable(const region *r, kivi_dtype dt, int64_t n) {
 static void poison_big(const region *r, kivi_dtype dt, int64_t n) {
   const int64_t i = irange(0, n - 1);
   const float v = chance(0.5) ? 65520.0f : -1e6f;
-  if (dt == KIVI_F32) ((float *)at(r))[i] = v;
-  else if (dt == KIVI_BF16) ((uint16_t *)at(r))[i] = kivi_f32_to_bf16(v);
+  if (dt == KIVI_F32)
+    ((float *)at(r))[i] = v;
+  else if (dt == KIVI_BF16)
+    ((uint16_t *)at(r))[i] = kivi_f32_to_bf16(v);
 }
 
 /* Sorted finite fp16 centroids for every group (or, with bad, one group's unsorted / non-finite). */
@@ -519,8 +528,8 @@ static void fuzz_quant(void) {
       if (op == 1)
         st = kivi_uniform_quantize(ctx, x, m.dtype, m.rows, m.cols, m.axis, m.group, m.bits, flags, codes, p1, p2);
       else
-        st = kivi_codebook_encode(ctx, x, m.dtype, m.rows, m.cols, m.axis, m.group, m.bits, fit, iters, asg, flags,
-                                  p2, codes);
+        st = kivi_codebook_encode(ctx, x, m.dtype, m.rows, m.cols, m.axis, m.group, m.bits, fit, iters, asg, flags, p2,
+                                  codes);
       want = e ? e : (nonfinite && !(flags & KIVI_FLAG_TRUSTED) ? S(KIVI_ERR_NONFINITE) : S_OK);
       break;
     }
@@ -529,7 +538,8 @@ static void fuzz_quant(void) {
       const kivi_fit fit = chance(P_BAD) ? pick32(bad_enum, 5) : (kivi_fit)irange(0, 1);
       const int32_t iters = chance(P_BAD) ? (chance(0.5) ? -1 : 1000) : (int32_t)irange(1, 12);
       const int64_t it_ok = iters >= 1 && iters <= 256 ? iters : 1;
-      region r[4] = {{0, xb}, {0, (size_t)z.cents * 2}, {0, (size_t)z.groups * 4}, {0, (size_t)(z.groups * (it_ok + 1) * 4)}};
+      region r[4] = {
+          {0, xb}, {0, (size_t)z.cents * 2}, {0, (size_t)z.groups * 4}, {0, (size_t)(z.groups * (it_ok + 1) * 4)}};
       if (!quant_regions(r, 4, overlap, !e, m.dtype, z.elems, &nonfinite)) return;
       void *x = maybe_null(&r[0]), *c = maybe_null(&r[1]);
       void *itp = chance(0.3) ? NULL : at(&r[2]), *inp = chance(0.3) ? NULL : at(&r[3]);
@@ -563,7 +573,8 @@ static void fuzz_quant(void) {
       snapshot();
       st = kivi_codebook_quantize(ctx, x, m.dtype, m.rows, m.cols, m.axis, m.group, m.bits, c, asg, flags, codes);
       want = e ? e
-               : (bad_cent ? S(KIVI_ERR_ARG) : 0) | (nonfinite && !(flags & KIVI_FLAG_TRUSTED) ? S(KIVI_ERR_NONFINITE) : 0);
+               : (bad_cent ? S(KIVI_ERR_ARG) : 0) |
+                     (nonfinite && !(flags & KIVI_FLAG_TRUSTED) ? S(KIVI_ERR_NONFINITE) : 0);
       if (!want) want = S_OK;
       break;
     }
@@ -592,8 +603,10 @@ static void fuzz_quant(void) {
       int64_t n = 16 * irange(1, 256);
       if (chance(P_BAD)) n = chance(0.5) ? pick64(bad_n, 6) : n + irange(1, 7);
       e = ctx ? 0 : S(KIVI_ERR_ARG);
-      if (!kivi_valid_bits(m.bits) || n < 1 || n >= KIVI_MAX_ELEMS) e |= S(KIVI_ERR_ARG);
-      else if (n % kivi_codes_per_word(m.bits)) e |= S(KIVI_ERR_SHAPE);
+      if (!kivi_valid_bits(m.bits) || n < 1 || n >= KIVI_MAX_ELEMS)
+        e |= S(KIVI_ERR_ARG);
+      else if (n % kivi_codes_per_word(m.bits))
+        e |= S(KIVI_ERR_SHAPE);
       const int64_t nn = e ? 64 : n;
       region r[2] = {{0, (size_t)nn}, {0, (size_t)nn / 2}};
       if (!layout(r, 2, overlap)) return;
@@ -661,7 +674,8 @@ static void gen_config(int32_t *a) {
 /* kivi.h's rules for a config (0: valid). */
 static int config_ok(const int32_t *a) {
   const int32_t L = a[KIVI_CFG_LAYERS], H = a[KIVI_CFG_KV_HEADS], QH = a[KIVI_CFG_Q_HEADS], D = a[KIVI_CFG_HEAD_DIM];
-  const int32_t P = a[KIVI_CFG_PAGE_TOKENS], R = a[KIVI_CFG_RESIDUAL], Gk = a[KIVI_CFG_K_GROUP], Gv = a[KIVI_CFG_V_GROUP];
+  const int32_t P = a[KIVI_CFG_PAGE_TOKENS], R = a[KIVI_CFG_RESIDUAL], Gk = a[KIVI_CFG_K_GROUP],
+                Gv = a[KIVI_CFG_V_GROUP];
   if (L < 1 || H < 1 || QH < H || QH % H || QH / H > 32) return 0;
   if (D != 64 && D != 128 && D != 256) return 0;
   if (P != 32 && P != 64 && P != 128 && P != 256) return 0;
@@ -755,12 +769,14 @@ static void fuzz_cache_create(void) {
     const int f = (int)irange(0, KIVI_CFG_FIELDS - 1);
     a[f] = pick32(bad, 10);
     /* INT32_MAX is valid for these four: a pool that cannot be allocated (KIVI_ERR_NOMEM) */
-    if (a[f] == INT32_MAX && (f == KIVI_CFG_LAYERS || f == KIVI_CFG_KV_HEADS || f == KIVI_CFG_MAX_PAGES || f == KIVI_CFG_MAX_SEQS)) {
+    if (a[f] == INT32_MAX &&
+        (f == KIVI_CFG_LAYERS || f == KIVI_CFG_KV_HEADS || f == KIVI_CFG_MAX_PAGES || f == KIVI_CFG_MAX_SEQS)) {
       if (f == KIVI_CFG_KV_HEADS) a[KIVI_CFG_Q_HEADS] = INT32_MAX;
       huge = 1;
     }
     /* a valid value beyond the model's arrays: made invalid instead */
-    if (!huge && config_ok(a) && (a[KIVI_CFG_LAYERS] > MAX_L || a[KIVI_CFG_MAX_SEQS] > MAX_S || a[KIVI_CFG_MAX_PAGES] > 64))
+    if (!huge && config_ok(a) &&
+        (a[KIVI_CFG_LAYERS] > MAX_L || a[KIVI_CFG_MAX_SEQS] > MAX_S || a[KIVI_CFG_MAX_PAGES] > 64))
       a[f] = 0;
   }
   static const int32_t bad_n[] = {0, -1, KIVI_CFG_FIELDS - 1, KIVI_CFG_FIELDS + 1, INT32_MIN, INT32_MAX};
@@ -821,9 +837,10 @@ static void fuzz_append(fcache *c) {
   }
   const int64_t extra = need - (e ? 0 : c->n_pages[s]);
   stset want = e;
-  if (!want) want = nonfinite && !(flags & KIVI_FLAG_TRUSTED) ? S(KIVI_ERR_NONFINITE)
-                    : extra > c->cfg.max_pages - c->used      ? S(KIVI_ERR_CAPACITY)
-                                                              : S_OK;
+  if (!want)
+    want = nonfinite && !(flags & KIVI_FLAG_TRUSTED) ? S(KIVI_ERR_NONFINITE)
+           : extra > c->cfg.max_pages - c->used      ? S(KIVI_ERR_CAPACITY)
+                                                     : S_OK;
   const int32_t watch = (s >= 0 && s < c->cfg.max_seqs && c->live[s]) ? s : -1;
   const uint64_t before = watch >= 0 ? seq_digest(c, watch) : 0;
   snapshot();
@@ -907,7 +924,7 @@ static void fuzz_attend(fcache *c, int bench) {
   if (st == KIVI_OK && !aliased && !nonfinite && !c->tainted) {
     int finite = 1;
     for (int64_t i = 0; i < qe; i++) {
-      const float x = od == KIVI_F32 ? ((float *)out)[i]
+      const float x = od == KIVI_F32   ? ((float *)out)[i]
                       : od == KIVI_F16 ? kivi_f16_to_f32(((uint16_t *)out)[i])
                                        : kivi_bf16_to_f32(((uint16_t *)out)[i]);
       finite &= isfinite(x) != 0;
@@ -1052,7 +1069,7 @@ static void fuzz_batch(fcache *c) {
   float scale = (float)(rng_unif() * 0.3 + 0.01);
   if (chance(P_BAD)) scale = NAN;
   const int64_t qe = (int64_t)nb * QH * D, ke = (int64_t)nb * H * D;
-  region r[7] = {{0, (size_t)nb * 4}, {0, (size_t)qe * 4}, {0, (size_t)qe * 4}, {0, (size_t)ke * 4},
+  region r[7] = {{0, (size_t)nb * 4}, {0, (size_t)qe * 4},         {0, (size_t)qe * 4}, {0, (size_t)ke * 4},
                  {0, (size_t)ke * 4}, {0, 8 * KIVI_REPORT_FIELDS}, {0, MAX_S}};
   if (!layout(r, 7, 0)) return;
   stset e = 0;
@@ -1126,7 +1143,7 @@ static void fuzz_batch(fcache *c) {
       if (!st && bad_q) {
         int nan = 1;
         for (int64_t i = 0; i < qe; i++) {
-          const float x = od == KIVI_F32 ? ((float *)out)[i]
+          const float x = od == KIVI_F32   ? ((float *)out)[i]
                           : od == KIVI_F16 ? kivi_f16_to_f32(((uint16_t *)out)[i])
                                            : kivi_bf16_to_f32(((uint16_t *)out)[i]);
           nan &= x != x;
@@ -1135,7 +1152,7 @@ static void fuzz_batch(fcache *c) {
         pending = 1;
       }
       if (q && dtype_ok(qd)) fill_data(&r[1], qd, qe); /* finite again */
-    } else { /* append, or a sequence freed behind the batch's back first */
+    } else {                                           /* append, or a sequence freed behind the batch's back first */
       g_where = "kivi_batch_append";
       if (what == 2 && chance(0.3)) {
         const int32_t s = seqs[irange(0, nb - 1)];
@@ -1164,8 +1181,8 @@ static void fuzz_batch(fcache *c) {
       }
       int bad_kv = 0;
       if (k && !(flags & KIVI_FLAG_TRUSTED) && chance(0.15)) bad_kv = poison(&r[chance(0.5) ? 3 : 4], kd, ke);
-      const stset want = pending ? (S(KIVI_ERR_NONFINITE) | ce)
-                         : ce      ? ce
+      const stset want = pending                              ? (S(KIVI_ERR_NONFINITE) | ce)
+                         : ce                                 ? ce
                          : extra > c->cfg.max_pages - c->used ? S(KIVI_ERR_CAPACITY)
                                                               : S_OK;
       uint64_t before[MAX_S] = {0};
@@ -1226,7 +1243,9 @@ static void fuzz_cache(void) {
     CHECK(strstr(kivi_last_error(), "kivi_cache_memory") != NULL, "the message names the op");
     int64_t rep64[KIVI_REPORT_FIELDS];
     kivi_batch_t bh = NULL;
-    CHECK(kivi_batch_create(NULL, seqs, 1, q, KIVI_F32, o, KIVI_F32, 1.0f, NULL, NULL, KIVI_F32, 0, &bh) == KIVI_ERR_ARG, "batch_create");
+    CHECK(
+        kivi_batch_create(NULL, seqs, 1, q, KIVI_F32, o, KIVI_F32, 1.0f, NULL, NULL, KIVI_F32, 0, &bh) == KIVI_ERR_ARG,
+        "batch_create");
     CHECK(kivi_batch_attend(NULL, 0) == KIVI_ERR_ARG && kivi_batch_append(NULL, 0) == KIVI_ERR_ARG, "batch calls");
     CHECK(kivi_batch_status(NULL, 1, rep64, KIVI_REPORT_FIELDS, NULL) == KIVI_ERR_ARG, "batch_status");
     CHECK(kivi_batch_destroy(NULL) == KIVI_OK, "batch_destroy");
@@ -1282,7 +1301,8 @@ static void fuzz_model(void) {
   switch (op) {
     case 0: { /* embed: tokens, table, out */
       g_op = "kivi_model_embed";
-      const int32_t vocab = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad), dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
+      const int32_t vocab = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad),
+                    dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
       region q[3] = {{0, MB(4 * rows)}, {0, MB(2 * vocab * dim)}, {0, MB(4 * rows * dim)}};
       memcpy(r, q, sizeof q), nr = 3;
       if (!layout(r, nr, 0)) return;
@@ -1302,7 +1322,9 @@ static void fuzz_model(void) {
       memcpy(r, q, sizeof q), nr = 3;
       if (!layout(r, nr, 0)) return;
       fill_canary(&r[2]);
-      if (!bad) fill_data(&r[0], KIVI_F32, (int64_t)rows * dim), fill_data(&r[1], op == 1 ? KIVI_F16 : KIVI_F32, op == 1 ? dim : (int64_t)rows * dim);
+      if (!bad)
+        fill_data(&r[0], KIVI_F32, (int64_t)rows * dim),
+            fill_data(&r[1], op == 1 ? KIVI_F16 : KIVI_F32, op == 1 ? dim : (int64_t)rows * dim);
       void *a = maybe_null(&r[0]), *b = maybe_null(&r[1]), *out = maybe_null(&r[2]);
       bad |= !a || !b || !out;
       snapshot();
@@ -1319,8 +1341,11 @@ static void fuzz_model(void) {
       region q[3] = {{0, MB(4 * rows * k)}, {0, MB(2 * n * k)}, {0, MB(4 * rows * n)}};
       memcpy(r, q, sizeof q), nr = 3;
       if (!layout(r, nr, 0)) return;
-      if (!bad) fill_data(&r[0], KIVI_F32, (int64_t)rows * k), fill_data(&r[1], KIVI_F16, (int64_t)n * k), fill_data(&r[2], KIVI_F32, (int64_t)rows * n);
-      else fill_canary(&r[2]);
+      if (!bad)
+        fill_data(&r[0], KIVI_F32, (int64_t)rows * k), fill_data(&r[1], KIVI_F16, (int64_t)n * k),
+            fill_data(&r[2], KIVI_F32, (int64_t)rows * n);
+      else
+        fill_canary(&r[2]);
       void *x = maybe_null(&r[0]), *w = maybe_null(&r[1]), *y = maybe_null(&r[2]);
       bad |= !x || !w || !y;
       snapshot();
@@ -1329,14 +1354,18 @@ static void fuzz_model(void) {
     }
     case 3: { /* rope: x (in place), pos, cs */
       g_op = "kivi_model_rope";
-      const int32_t heads = model_size(1, 3, KIVI_MODEL_MAX_DIM, &bad), max_pos = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad);
+      const int32_t heads = model_size(1, 3, KIVI_MODEL_MAX_DIM, &bad),
+                    max_pos = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad);
       int32_t dim = 2 * (int32_t)irange(1, 16);
       if (chance(P_BAD)) dim += 1, bad = 1; /* odd */
       region q[3] = {{0, MB(4 * rows * heads * dim)}, {0, MB(4 * rows)}, {0, MB(4 * max_pos * dim)}};
       memcpy(r, q, sizeof q), nr = 3;
       if (!layout(r, nr, 0)) return;
-      if (!bad) fill_data(&r[0], KIVI_F32, (int64_t)rows * heads * dim), fill_ids(&r[1], rows, max_pos), fill_data(&r[2], KIVI_F32, (int64_t)max_pos * dim);
-      else fill_canary(&r[0]);
+      if (!bad)
+        fill_data(&r[0], KIVI_F32, (int64_t)rows * heads * dim), fill_ids(&r[1], rows, max_pos),
+            fill_data(&r[2], KIVI_F32, (int64_t)max_pos * dim);
+      else
+        fill_canary(&r[0]);
       void *x = maybe_null(&r[0]), *pos = maybe_null(&r[1]), *cs = maybe_null(&r[2]);
       bad |= !x || !pos || !cs;
       snapshot();
@@ -1345,16 +1374,20 @@ static void fuzz_model(void) {
     }
     case 5: { /* attention: q, k, v, out */
       g_op = "kivi_model_attention";
-      const int32_t batch = model_size(1, 2, KIVI_MODEL_MAX_DIM, &bad), tokens = model_size(1, 8, KIVI_MODEL_MAX_TOKENS, &bad);
+      const int32_t batch = model_size(1, 2, KIVI_MODEL_MAX_DIM, &bad),
+                    tokens = model_size(1, 8, KIVI_MODEL_MAX_TOKENS, &bad);
       const int32_t kvh = model_size(1, 2, 1024, &bad), hd = model_size(1, 16, 1024, &bad);
       int32_t qh = bad ? 2 : kvh * (int32_t)irange(1, 3);
       if (chance(P_BAD) && !bad && kvh > 1) qh += 1, bad = 1; /* not a multiple of kv_heads */
       const int64_t bt = (int64_t)batch * tokens;
-      region q[4] = {{0, MB(4 * bt * qh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * qh * hd)}};
+      region q[4] = {
+          {0, MB(4 * bt * qh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * qh * hd)}};
       memcpy(r, q, sizeof q), nr = 4;
       if (!layout(r, nr, 0)) return;
       fill_canary(&r[3]);
-      if (!bad) fill_data(&r[0], KIVI_F32, bt * qh * hd), fill_data(&r[1], KIVI_F32, bt * kvh * hd), fill_data(&r[2], KIVI_F32, bt * kvh * hd);
+      if (!bad)
+        fill_data(&r[0], KIVI_F32, bt * qh * hd), fill_data(&r[1], KIVI_F32, bt * kvh * hd),
+            fill_data(&r[2], KIVI_F32, bt * kvh * hd);
       void *pq = maybe_null(&r[0]), *pk = maybe_null(&r[1]), *pv = maybe_null(&r[2]), *out = maybe_null(&r[3]);
       bad |= !pq || !pk || !pv || !out;
       snapshot();
@@ -1367,8 +1400,10 @@ static void fuzz_model(void) {
       region q[1] = {{0, MB(4 * rows * n)}};
       memcpy(r, q, sizeof q), nr = 1;
       if (!layout(r, nr, 0)) return;
-      if (!bad) fill_data(&r[0], KIVI_F32, (int64_t)rows * n);
-      else fill_canary(&r[0]);
+      if (!bad)
+        fill_data(&r[0], KIVI_F32, (int64_t)rows * n);
+      else
+        fill_canary(&r[0]);
       void *x = maybe_null(&r[0]);
       bad |= !x;
       snapshot();
@@ -1413,9 +1448,10 @@ int main(int argc, char **argv) {
   kivi_ctx_destroy(g_ctx);
   free(arena);
   free(shadow);
-  printf("fuzz_abi: seed %llu, %lld iterations (library %lld, context %lld, memory %lld, quantizers %lld, cache %lld; "
-         "model ops %lld; %lld batches made, %lld deferred errors read)\n",
-         (unsigned long long)g_seed, (long long)g_iter, (long long)calls[0], (long long)calls[1], (long long)calls[2],
-         (long long)calls[3], (long long)calls[4], (long long)calls[5], (long long)g_batches, (long long)g_deferred);
+  printf(
+      "fuzz_abi: seed %llu, %lld iterations (library %lld, context %lld, memory %lld, quantizers %lld, cache %lld; "
+      "model ops %lld; %lld batches made, %lld deferred errors read)\n",
+      (unsigned long long)g_seed, (long long)g_iter, (long long)calls[0], (long long)calls[1], (long long)calls[2],
+      (long long)calls[3], (long long)calls[4], (long long)calls[5], (long long)g_batches, (long long)g_deferred);
   return check_summary();
 }

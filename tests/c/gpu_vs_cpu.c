@@ -53,11 +53,11 @@ static int lib_open(lib *L, const char *name, const char *path) {
   memset(L, 0, sizeof *L);
   L->name = name;
   if (!(L->h = harness_dlopen(path))) return -1;
-#define KV_SYM(n)                                                          \
-  *(void **)&L->n = dlsym(L->h, "kivi_" #n);                               \
-  if (!L->n) {                                                             \
-    fprintf(stderr, "FAIL %s: missing export kivi_%s\n", path, #n);        \
-    return -1;                                                             \
+#define KV_SYM(n)                                                   \
+  *(void **)&L->n = dlsym(L->h, "kivi_" #n);                        \
+  if (!L->n) {                                                      \
+    fprintf(stderr, "FAIL %s: missing export kivi_%s\n", path, #n); \
+    return -1;                                                      \
   }
   KV_FNS(KV_SYM)
 #undef KV_SYM
@@ -70,7 +70,6 @@ static int lib_open(lib *L, const char *name, const char *path) {
 }
 
 /* ---------------------------------------------------------------- reporting -------------- */
-
 
 static void fail(const char *fmt, ...) {
   va_list ap;
@@ -92,13 +91,13 @@ static void pass(const char *fmt, ...) {
 }
 
 /* A call that must succeed; on failure records it with the library's message. */
-#define OK(L, call)                                                                                   \
-  do {                                                                                                \
-    kivi_status st_ = (L)->call;                                                                      \
-    if (st_) {                                                                                        \
-      fail("%s: %s -> %s: %s", (L)->name, #call, (L)->status_str(st_), (L)->last_error());           \
-      goto out;                                                                                       \
-    }                                                                                                 \
+#define OK(L, call)                                                                        \
+  do {                                                                                     \
+    kivi_status st_ = (L)->call;                                                           \
+    if (st_) {                                                                             \
+      fail("%s: %s -> %s: %s", (L)->name, #call, (L)->status_str(st_), (L)->last_error()); \
+      goto out;                                                                            \
+    }                                                                                      \
   } while (0)
 
 /* ---------------------------------------------------------------- data ------------------- */
@@ -115,9 +114,12 @@ static float load_as(const void *x, kivi_dtype dt, int64_t i) {
   return dt == KIVI_F16 ? kivi_f16_to_f32(h) : kivi_bf16_to_f32(h);
 }
 static void store_as(void *x, kivi_dtype dt, int64_t i, float v) {
-  if (dt == KIVI_F32) ((float *)x)[i] = v;
-  else if (dt == KIVI_F16) ((uint16_t *)x)[i] = kivi_f32_to_f16(v);
-  else ((uint16_t *)x)[i] = kivi_f32_to_bf16(v);
+  if (dt == KIVI_F32)
+    ((float *)x)[i] = v;
+  else if (dt == KIVI_F16)
+    ((uint16_t *)x)[i] = kivi_f32_to_f16(v);
+  else
+    ((uint16_t *)x)[i] = kivi_f32_to_bf16(v);
 }
 
 /* Keys-like data: a few outlier columns, constant columns/rows (scale 0), exact half-step grids
@@ -127,8 +129,10 @@ static void *make_x(int64_t rows, int64_t cols, kivi_dtype dt) {
   for (int64_t r = 0; r < rows; r++)
     for (int64_t c = 0; c < cols; c++) {
       float v;
-      if (c % 31 == 7 || r % 11 == 4) v = 1.5f;
-      else if (c % 23 == 11 || r % 13 == 6) v = (float)((c % 23 == 11 ? r : c) % 7) * 0.5f;
+      if (c % 31 == 7 || r % 11 == 4)
+        v = 1.5f;
+      else if (c % 23 == 11 || r % 13 == 6)
+        v = (float)((c % 23 == 11 ? r : c) % 7) * 0.5f;
       else {
         v = nrand() + 0.05f * (float)(c % 9);
         if (c % 13 == 5) v = v * 30.0f + 4.0f;
@@ -206,7 +210,8 @@ static int same_bits(lib *G, const buf *b, const char *what, const char *tag) {
   if (!h) return 0;
   int64_t first;
   int64_t d = bytes_diff(h, b->cpu, b->bytes, &first);
-  if (d) fail("%s %s: %lld of %zu bytes differ, first at byte %lld", tag, what, (long long)d, b->bytes, (long long)first);
+  if (d)
+    fail("%s %s: %lld of %zu bytes differ, first at byte %lld", tag, what, (long long)d, b->bytes, (long long)first);
   free(h);
   return d == 0;
 }
@@ -258,7 +263,10 @@ static void run_case(lib *C, lib *G, kivi_axis axis, int64_t rows, int64_t cols,
   OK(G, mem_upload(G->ctx, bzero.gpu, bzero.cpu, bzero.bytes));
   OK(C, uniform_dequantize(C->ctx, bcodes.cpu, bscale.cpu, bzero.cpu, rows, cols, axis, group, bits, bout.cpu, odt));
   OK(G, uniform_dequantize(G->ctx, bcodes.gpu, bscale.gpu, bzero.gpu, rows, cols, axis, group, bits, bout.gpu, odt));
-  same_bits(G, &bout, odt == KIVI_F32 ? "uniform dequant f32" : (odt == KIVI_F16 ? "uniform dequant f16" : "uniform dequant bf16"), tag);
+  same_bits(
+      G, &bout,
+      odt == KIVI_F32 ? "uniform dequant f32" : (odt == KIVI_F16 ? "uniform dequant f16" : "uniform dequant bf16"),
+      tag);
 
   /* stats */
   OK(C, stats_block(C->ctx, bx.cpu, dt, rows, cols, axis, group, bstats.cpu, bnf.cpu));
@@ -284,7 +292,8 @@ static void run_case(lib *C, lib *G, kivi_axis axis, int64_t rows, int64_t cols,
     const kivi_fit fit = (kivi_fit)(iter_no & 1);
     const kivi_assign assign = (kivi_assign)((iter_no >> 1) & 1);
     if (buf_new(C, G, &bcent, (size_t)groups * nc * 2, NULL, 0xab) ||
-        buf_new(C, G, &bcodes2, (size_t)nwords * 4, NULL, 0xab) || buf_new(C, G, &biters, (size_t)groups * 4, NULL, 0xab) ||
+        buf_new(C, G, &bcodes2, (size_t)nwords * 4, NULL, 0xab) ||
+        buf_new(C, G, &biters, (size_t)groups * 4, NULL, 0xab) ||
         buf_new(C, G, &binert, (size_t)groups * (max_iters + 1) * 4, NULL, 0xab))
       goto out;
     OK(C, codebook_fit(C->ctx, bx.cpu, dt, rows, cols, axis, group, bits, fit, max_iters, 0, bcent.cpu, biters.cpu,
@@ -311,7 +320,8 @@ static void run_case(lib *C, lib *G, kivi_axis axis, int64_t rows, int64_t cols,
       diff_groups += gdiff[g];
       if (((const int32_t *)h2)[g] != ((const int32_t *)biters.cpu)[g]) iters_diffs++;
       for (int32_t k = 0; k <= max_iters; k++) {
-        const float a = ((const float *)h3)[g * (max_iters + 1) + k], b = ((const float *)binert.cpu)[g * (max_iters + 1) + k];
+        const float a = ((const float *)h3)[g * (max_iters + 1) + k],
+                    b = ((const float *)binert.cpu)[g * (max_iters + 1) + k];
         const double rel = fabs((double)a - (double)b) / (fabs((double)b) + 1e-20);
         if (rel > max_inertia_rel && fabs(a - b) > 1e-30) max_inertia_rel = rel;
         if (k && a > ((const float *)h3)[g * (max_iters + 1) + k - 1] * (1.0f + 1e-6f) + 1e-30f)
@@ -357,8 +367,10 @@ static void run_case(lib *C, lib *G, kivi_axis axis, int64_t rows, int64_t cols,
             const float t = assign == KIVI_ASSIGN_NEAREST ? 0.5f * (c0 + c1) : c1;
             if (fabs(v - t) < near) near = fabs(v - t);
           }
-          if (gdiff[g] && near <= bound[g] + f16ulp(v)) code_boundary_diffs++;
-          else hard++;
+          if (gdiff[g] && near <= bound[g] + f16ulp(v))
+            code_boundary_diffs++;
+          else
+            hard++;
         }
       }
       if (hard) fail("%s codebook_encode: %lld codes differ away from any decision boundary", tag, (long long)hard);
@@ -382,7 +394,9 @@ out:
   free(h2);
   free(h3);
   free(x);
-  bufs_free(C, G, (buf *const[]){&bx, &bcodes, &bscale, &bzero, &bout, &bstats, &bnf, &bcent, &bcodes2, &biters, &binert, NULL});
+  bufs_free(
+      C, G,
+      (buf *const[]){&bx, &bcodes, &bscale, &bzero, &bout, &bstats, &bnf, &bcent, &bcodes2, &biters, &binert, NULL});
 }
 
 /* ---------------------------------------------------------------- misaligned pointers ---- */
@@ -429,16 +443,46 @@ static void run_boundary(lib *C, lib *G) {
               float base, range;
               const float S = 0.1f + 4.0f * urand();
               switch (kind[g]) {
-                case 0: base = 2.0f * nrand(); range = 0.5f + 3.0f * urand(); break;
-                case 1: base = (rng_next() & 1 ? 1.0f : -1.0f) * (900.0f + 200.0f * urand()); range = 1.0f + 7.0f * urand(); break;
-                case 2: base = -2e-5f * urand(); range = 1e-6f + 4e-5f * urand(); break;
-                case 3: base = -0.5f * (float)top * S; range = (float)top * S; break; /* a boundary at 0 */
-                case 4: base = nrand(); range = 0.0f; break;                            /* constant */
-                case 5: base = 3.0f + nrand(); range = 0.0f; break;                     /* 1-4 steps: set below */
-                case 6: base = nrand(); range = 2.0f; break;                            /* with -Inf */
-                case 7: base = nrand(); range = 2.0f; break;                            /* with +Inf */
-                case 8: base = 7e4f + 1e4f * urand(); range = 5e4f; break;              /* z = +Inf */
-                default: base = -9e4f - 1e4f * urand(); range = 5e4f; break;            /* z = -Inf */
+                case 0:
+                  base = 2.0f * nrand();
+                  range = 0.5f + 3.0f * urand();
+                  break;
+                case 1:
+                  base = (rng_next() & 1 ? 1.0f : -1.0f) * (900.0f + 200.0f * urand());
+                  range = 1.0f + 7.0f * urand();
+                  break;
+                case 2:
+                  base = -2e-5f * urand();
+                  range = 1e-6f + 4e-5f * urand();
+                  break;
+                case 3:
+                  base = -0.5f * (float)top * S;
+                  range = (float)top * S;
+                  break; /* a boundary at 0 */
+                case 4:
+                  base = nrand();
+                  range = 0.0f;
+                  break; /* constant */
+                case 5:
+                  base = 3.0f + nrand();
+                  range = 0.0f;
+                  break; /* 1-4 steps: set below */
+                case 6:
+                  base = nrand();
+                  range = 2.0f;
+                  break; /* with -Inf */
+                case 7:
+                  base = nrand();
+                  range = 2.0f;
+                  break; /* with +Inf */
+                case 8:
+                  base = 7e4f + 1e4f * urand();
+                  range = 5e4f;
+                  break; /* z = +Inf */
+                default:
+                  base = -9e4f - 1e4f * urand();
+                  range = 5e4f;
+                  break; /* z = -Inf */
               }
               lo[g] = to16(dt, base);
               hi[g] = kind[g] == 5 ? step16(lo[g], 1 + (int)(rng_next() % 4)) : to16(dt, base + range);
@@ -455,22 +499,28 @@ static void run_boundary(lib *C, lib *G) {
                 const int64_t g = kivi_group_of(r, c, rows, cols, axis, group);
                 const int i = (int)(axis ? c % group : r % group);
                 uint16_t h;
-                if (i == p0[g]) h = kind[g] == 6 ? to16(dt, -INFINITY) : lo[g];
-                else if (i == p1[g]) h = kind[g] == 7 ? to16(dt, INFINITY) : hi[g];
-                else if (kind[g] == 4) h = lo[g];
+                if (i == p0[g])
+                  h = kind[g] == 6 ? to16(dt, -INFINITY) : lo[g];
+                else if (i == p1[g])
+                  h = kind[g] == 7 ? to16(dt, INFINITY) : hi[g];
+                else if (kind[g] == 4)
+                  h = lo[g];
                 else {
                   const int k = 1 + (int)(rng_next() % (uint64_t)top);
                   const float b = z[g] + ((float)k - 0.5f) * sc[g];
                   h = step16(to16(dt, b), (int)(rng_next() % 7) - 3);
                   const float v = from16(dt, h);
-                  if (!(v >= from16(dt, lo[g]))) h = lo[g]; /* keep the group's min and max */
-                  else if (!(v <= from16(dt, hi[g]))) h = hi[g];
+                  if (!(v >= from16(dt, lo[g])))
+                    h = lo[g]; /* keep the group's min and max */
+                  else if (!(v <= from16(dt, hi[g])))
+                    h = hi[g];
                 }
                 x[r * cols + c] = h;
               }
             buf bx = {0}, bc = {0}, bs = {0}, bz = {0};
             if (buf_new(C, G, &bx, (size_t)n * 2, x, 0) || buf_new(C, G, &bc, (size_t)nwords * 4, NULL, 0xab) ||
-                buf_new(C, G, &bs, (size_t)groups * 2, NULL, 0xab) || buf_new(C, G, &bz, (size_t)groups * 2, NULL, 0xab))
+                buf_new(C, G, &bs, (size_t)groups * 2, NULL, 0xab) ||
+                buf_new(C, G, &bz, (size_t)groups * 2, NULL, 0xab))
               goto out;
             const int32_t flags = trusted ? KIVI_FLAG_TRUSTED : 0;
             OK(C, uniform_quantize(C->ctx, bx.cpu, dt, rows, cols, axis, group, bits, flags, bc.cpu, bs.cpu, bz.cpu));
@@ -504,8 +554,10 @@ static void run_unaligned(lib *C, lib *G) {
           buf_new(C, G, &bo, (size_t)(n + 1) * es, NULL, 0x5a) ||
           buf_new(C, G, &bcent, (size_t)groups * (1 << bits) * 2, NULL, 0))
         goto out;
-      OK(C, uniform_quantize(C->ctx, (char *)bx.cpu + es, dt, rows, cols, axis, group, bits, 0, bc.cpu, bs.cpu, bz.cpu));
-      OK(G, uniform_quantize(G->ctx, (char *)bx.gpu + es, dt, rows, cols, axis, group, bits, 0, bc.gpu, bs.gpu, bz.gpu));
+      OK(C,
+         uniform_quantize(C->ctx, (char *)bx.cpu + es, dt, rows, cols, axis, group, bits, 0, bc.cpu, bs.cpu, bz.cpu));
+      OK(G,
+         uniform_quantize(G->ctx, (char *)bx.gpu + es, dt, rows, cols, axis, group, bits, 0, bc.gpu, bs.gpu, bz.gpu));
       same_bits(G, &bc, "codes", tag);
       same_bits(G, &bs, "scale", tag);
       OK(C, uniform_dequantize(C->ctx, bc.cpu, bs.cpu, bz.cpu, rows, cols, axis, group, bits, (char *)bo.cpu + es, dt));
@@ -561,8 +613,10 @@ static void run_pack(lib *C, lib *G) {
           char mc[512];
           snprintf(mc, sizeof mc, "%s", C->last_error());
           kivi_status sg = G->codes_pack(G->ctx, (uint8_t *)bq.gpu + off, n, bits, (uint32_t *)bw.gpu);
-          if (sg != KIVI_ERR_ARG || sc != KIVI_ERR_ARG) fail("%s bad code: cpu %d gpu %d", tag, sc, sg);
-          else if (strcmp(mc, G->last_error())) fail("%s bad code messages differ:\n  cpu: %s\n  gpu: %s", tag, mc, G->last_error());
+          if (sg != KIVI_ERR_ARG || sc != KIVI_ERR_ARG)
+            fail("%s bad code: cpu %d gpu %d", tag, sc, sg);
+          else if (strcmp(mc, G->last_error()))
+            fail("%s bad code messages differ:\n  cpu: %s\n  gpu: %s", tag, mc, G->last_error());
           same_bits(G, &bw, "words after a rejected pack", tag);
         }
         (void)h;
@@ -577,9 +631,12 @@ static void run_pack(lib *C, lib *G) {
 
 static void expect_same_error(lib *C, lib *G, const char *what, kivi_status sc, const char *mc, kivi_status sg,
                               const char *mg) {
-  if (sc == KIVI_OK || sg != sc) fail("%s: cpu %s, gpu %s (%s)", what, C->status_str(sc), G->status_str(sg), mg);
-  else if (strcmp(mc, mg)) fail("%s: messages differ\n  cpu: %s\n  gpu: %s", what, mc, mg);
-  else pass("%s -> %s: %s", what, G->status_str(sg), mg);
+  if (sc == KIVI_OK || sg != sc)
+    fail("%s: cpu %s, gpu %s (%s)", what, C->status_str(sc), G->status_str(sg), mg);
+  else if (strcmp(mc, mg))
+    fail("%s: messages differ\n  cpu: %s\n  gpu: %s", what, mc, mg);
+  else
+    pass("%s -> %s: %s", what, G->status_str(sg), mg);
 }
 
 static void run_errors(lib *C, lib *G) {
@@ -593,10 +650,10 @@ static void run_errors(lib *C, lib *G) {
       buf_new(C, G, &bcent, 4096 * 8, NULL, 0x3c))
     goto out;
 
-#define BOTH(what, call_c, call_g)                                 \
-  sc = C->call_c;                                                  \
-  snprintf(mc, sizeof mc, "%s", C->last_error());                  \
-  sg = G->call_g;                                                  \
+#define BOTH(what, call_c, call_g)                \
+  sc = C->call_c;                                 \
+  snprintf(mc, sizeof mc, "%s", C->last_error()); \
+  sg = G->call_g;                                 \
   expect_same_error(C, G, what, sc, mc, sg, G->last_error());
 
   BOTH("group 48", uniform_quantize(C->ctx, bx.cpu, KIVI_F32, rows, cols, 0, 48, 2, 0, bc.cpu, bs.cpu, bz.cpu),
@@ -628,8 +685,10 @@ static void run_errors(lib *C, lib *G) {
     OK(G, mem_upload(G->ctx, bcent.gpu, cent, (size_t)groups * 8));
     free(cent);
     BOTH("unsorted centroids",
-         codebook_quantize(C->ctx, bx.cpu, KIVI_F32, rows, cols, 0, 32, 2, (uint16_t *)bcent.cpu, 0, 0, (uint32_t *)bc.cpu),
-         codebook_quantize(G->ctx, bx.gpu, KIVI_F32, rows, cols, 0, 32, 2, (uint16_t *)bcent.gpu, 0, 0, (uint32_t *)bc.gpu))
+         codebook_quantize(C->ctx, bx.cpu, KIVI_F32, rows, cols, 0, 32, 2, (uint16_t *)bcent.cpu, 0, 0,
+                           (uint32_t *)bc.cpu),
+         codebook_quantize(G->ctx, bx.gpu, KIVI_F32, rows, cols, 0, 32, 2, (uint16_t *)bcent.gpu, 0, 0,
+                           (uint32_t *)bc.gpu))
     same_bits(G, &bc, "codes after rejected centroids", "errors");
   }
 
@@ -645,10 +704,13 @@ static void run_errors(lib *C, lib *G) {
       BOTH(k == 0 ? "NaN in x (uniform)" : (k == 1 ? "+Inf in x (uniform)" : "-Inf in x (uniform)"),
            uniform_quantize(C->ctx, bx.cpu, KIVI_F32, rows, cols, k % 2, 32, 2, 0, bc.cpu, bs.cpu, bz.cpu),
            uniform_quantize(G->ctx, bx.gpu, KIVI_F32, rows, cols, k % 2, 32, 2, 0, bc.gpu, bs.gpu, bz.gpu))
-      if (sg != KIVI_ERR_NONFINITE || !strstr(G->last_error(), " x ")) fail("nonfinite: message must name x: %s", G->last_error());
+      if (sg != KIVI_ERR_NONFINITE || !strstr(G->last_error(), " x "))
+        fail("nonfinite: message must name x: %s", G->last_error());
       BOTH("NaN/Inf in x (codebook_encode)",
-           codebook_encode(C->ctx, bx.cpu, KIVI_F32, rows, cols, 0, 32, 2, 0, 4, 0, 0, (uint16_t *)bcent.cpu, (uint32_t *)bc.cpu),
-           codebook_encode(G->ctx, bx.gpu, KIVI_F32, rows, cols, 0, 32, 2, 0, 4, 0, 0, (uint16_t *)bcent.gpu, (uint32_t *)bc.gpu))
+           codebook_encode(C->ctx, bx.cpu, KIVI_F32, rows, cols, 0, 32, 2, 0, 4, 0, 0, (uint16_t *)bcent.cpu,
+                           (uint32_t *)bc.cpu),
+           codebook_encode(G->ctx, bx.gpu, KIVI_F32, rows, cols, 0, 32, 2, 0, 4, 0, 0, (uint16_t *)bcent.gpu,
+                           (uint32_t *)bc.gpu))
       BOTH("NaN/Inf in x (codebook_fit)",
            codebook_fit(C->ctx, bx.cpu, KIVI_F32, rows, cols, 1, 32, 4, 1, 4, 0, (uint16_t *)bcent.cpu, NULL, NULL),
            codebook_fit(G->ctx, bx.gpu, KIVI_F32, rows, cols, 1, 32, 4, 1, 4, 0, (uint16_t *)bcent.gpu, NULL, NULL))
@@ -656,12 +718,15 @@ static void run_errors(lib *C, lib *G) {
       same_bits(G, &bs, "scale after NaN rejection (sentinel untouched)", "errors");
       same_bits(G, &bcent, "centroids after NaN rejection (sentinel untouched)", "errors");
       /* trusted: must not fault; ctx still fine */
-      sg = G->uniform_quantize(G->ctx, bx.gpu, KIVI_F32, rows, cols, 0, 32, 2, KIVI_FLAG_TRUSTED, bc.gpu, bs.gpu, bz.gpu);
-      if (sg || (sg = G->codebook_encode(G->ctx, bx.gpu, KIVI_F32, rows, cols, 1, 32, 4, 0, 16, 0, KIVI_FLAG_TRUSTED,
-                                         (uint16_t *)bcent.gpu, (uint32_t *)bc.gpu)) ||
+      sg = G->uniform_quantize(G->ctx, bx.gpu, KIVI_F32, rows, cols, 0, 32, 2, KIVI_FLAG_TRUSTED, bc.gpu, bs.gpu,
+                               bz.gpu);
+      if (sg ||
+          (sg = G->codebook_encode(G->ctx, bx.gpu, KIVI_F32, rows, cols, 1, 32, 4, 0, 16, 0, KIVI_FLAG_TRUSTED,
+                                   (uint16_t *)bcent.gpu, (uint32_t *)bc.gpu)) ||
           (sg = G->ctx_synchronize(G->ctx)))
         fail("trusted NaN input: %s %s", G->status_str(sg), G->last_error());
-      else pass("trusted NaN/Inf input runs without a fault");
+      else
+        pass("trusted NaN/Inf input runs without a fault");
       /* restore the sentinels for the next round */
       memset(bc.cpu, 0x3c, bc.bytes);
       memset(bs.cpu, 0x3c, bs.bytes);
@@ -681,7 +746,8 @@ static void run_errors(lib *C, lib *G) {
     if (buf_new(C, G, &bst, (size_t)groups * 16, NULL, 0) || buf_new(C, G, &bnf, (size_t)groups * 4, NULL, 0)) goto out;
     OK(C, stats_block(C->ctx, bx.cpu, KIVI_F32, rows, cols, 1, 32, (float *)bst.cpu, (int32_t *)bnf.cpu));
     OK(G, stats_block(G->ctx, bx.gpu, KIVI_F32, rows, cols, 1, 32, (float *)bst.gpu, (int32_t *)bnf.gpu));
-    if (same_bits(G, &bnf, "nonfinite counts", "stats with NaN") & same_bits(G, &bst, "stats (finite values only)", "stats with NaN"))
+    if (same_bits(G, &bnf, "nonfinite counts", "stats with NaN") &
+        same_bits(G, &bst, "stats (finite values only)", "stats with NaN"))
       pass("stats with NaN/Inf: counts and finite-only stats match");
     buf_free(C, G, &bst);
     buf_free(C, G, &bnf);
@@ -706,7 +772,8 @@ static void run_errors(lib *C, lib *G) {
       if (G->mem_alloc(G->ctx, 16, &q) || G->mem_upload(G->ctx, q, a, 16) || G->mem_download(G->ctx, b, q, 16) ||
           memcmp(a, b, 16) || G->mem_free(G->ctx, q) || G->ctx_synchronize(G->ctx))
         fail("context unusable after a failed allocation: %s", G->last_error());
-      else pass("context works after the failed allocation");
+      else
+        pass("context works after the failed allocation");
     }
   }
 out:
@@ -811,8 +878,10 @@ int main(int argc, char **argv) {
   if (C.backend_kind() != 0 || G.backend_kind() != 1) fail("backend kinds %d/%d", C.backend_kind(), G.backend_kind());
   int32_t count = 0;
   char dev[256] = "";
-  if (G.device_count(&count) || count < 1 || G.ctx_device_name(G.ctx, dev, sizeof dev)) fail("device: %s", G.last_error());
-  else pass("device %s (%d visible), seed %llu", dev, count, (unsigned long long)g_seed);
+  if (G.device_count(&count) || count < 1 || G.ctx_device_name(G.ctx, dev, sizeof dev))
+    fail("device: %s", G.last_error());
+  else
+    pass("device %s (%d visible), seed %llu", dev, count, (unsigned long long)g_seed);
 
   /* "gpu_vs_cpu SEED quick": the boundary and unaligned cases only (small: for compute-sanitizer) */
   const int quick = argc > 2 && !strcmp(argv[2], "quick");
@@ -834,10 +903,11 @@ int main(int argc, char **argv) {
               const int do_cb = !big || (dt == KIVI_F16 && gi == 0);
               run_case(&C, &G, (kivi_axis)axis, rows, cols, (kivi_dtype)dt, group, b, do_cb, iter_no++);
             }
-  printf("codebook: max |centroid diff| %.3g, max diff / bound %.3g, codes differing near a boundary %lld, "
-         "iters differing %lld, max inertia rel diff %.3g; stats max rel diff %.3g\n",
-         max_cent_diff, max_cent_excess, (long long)code_boundary_diffs, (long long)iters_diffs, max_inertia_rel,
-         max_stats_rel);
+  printf(
+      "codebook: max |centroid diff| %.3g, max diff / bound %.3g, codes differing near a boundary %lld, "
+      "iters differing %lld, max inertia rel diff %.3g; stats max rel diff %.3g\n",
+      max_cent_diff, max_cent_excess, (long long)code_boundary_diffs, (long long)iters_diffs, max_inertia_rel,
+      max_stats_rel);
   run_boundary(&C, &G);
   run_unaligned(&C, &G);
   if (!quick) {
