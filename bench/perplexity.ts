@@ -19,7 +19,16 @@ import { openBackend } from "../src/mod.ts";
 import { compareCaches, protocol, PROTOCOL_CACHES } from "../src/model/perplexity.ts";
 import { deviceSlug, hostName, parseArgs } from "./_report.ts";
 
-const args = parseArgs(process.argv.slice(2));
+const args = parseArgs(process.argv.slice(2), [
+  "backend",
+  "windows",
+  "steps",
+  "residuals",
+  "caches",
+  "model",
+  "text",
+  "out",
+]);
 const root = fileURLToPath(new URL("../", import.meta.url));
 const modelDir = args.get("model") ?? `${root}../shared/models/byte-llama-9m`;
 const textFile = args.get("text") ?? `${root}../shared/text/heldout.txt`;
