@@ -1300,7 +1300,7 @@ static void fuzz_model(void) {
 #define MB(n) (bad ? (size_t)16 : (size_t)(n))
   switch (op) {
     case 0: { /* embed: tokens, table, out */
-      g_op = "kivi_model_embed";
+      g_where = "kivi_model_embed";
       const int32_t vocab = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad),
                     dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
       region q[3] = {{0, MB(4 * rows)}, {0, MB(2 * vocab * dim)}, {0, MB(4 * rows * dim)}};
@@ -1317,7 +1317,7 @@ static void fuzz_model(void) {
     case 1:   /* rmsnorm: x, w, out */
     case 4: { /* swiglu: gate, up, out (n = rows x dim) */
       const int32_t dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
-      g_op = op == 1 ? "kivi_model_rmsnorm" : "kivi_model_swiglu";
+      g_where = op == 1 ? "kivi_model_rmsnorm" : "kivi_model_swiglu";
       region q[3] = {{0, MB(4 * rows * dim)}, {0, MB(op == 1 ? 2 * dim : 4 * rows * dim)}, {0, MB(4 * rows * dim)}};
       memcpy(r, q, sizeof q), nr = 3;
       if (!layout(r, nr, 0)) return;
@@ -1335,7 +1335,7 @@ static void fuzz_model(void) {
       break;
     }
     case 2: { /* linear: x, w, y */
-      g_op = "kivi_model_linear";
+      g_where = "kivi_model_linear";
       const int32_t n = model_size(1, 16, KIVI_MODEL_MAX_DIM, &bad), k = model_size(1, 40, KIVI_MODEL_MAX_DIM, &bad);
       const int32_t acc = chance(P_BAD) ? (bad = 1, chance(0.5) ? 2 : -1) : (int32_t)irange(0, 1);
       region q[3] = {{0, MB(4 * rows * k)}, {0, MB(2 * n * k)}, {0, MB(4 * rows * n)}};
@@ -1353,7 +1353,7 @@ static void fuzz_model(void) {
       break;
     }
     case 3: { /* rope: x (in place), pos, cs */
-      g_op = "kivi_model_rope";
+      g_where = "kivi_model_rope";
       const int32_t heads = model_size(1, 3, KIVI_MODEL_MAX_DIM, &bad),
                     max_pos = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad);
       int32_t dim = 2 * (int32_t)irange(1, 16);
@@ -1373,7 +1373,7 @@ static void fuzz_model(void) {
       break;
     }
     case 5: { /* attention: q, k, v, out */
-      g_op = "kivi_model_attention";
+      g_where = "kivi_model_attention";
       const int32_t batch = model_size(1, 2, KIVI_MODEL_MAX_DIM, &bad),
                     tokens = model_size(1, 8, KIVI_MODEL_MAX_TOKENS, &bad);
       const int32_t kvh = model_size(1, 2, 1024, &bad), hd = model_size(1, 16, 1024, &bad);
@@ -1395,7 +1395,7 @@ static void fuzz_model(void) {
       break;
     }
     default: { /* log_softmax: x in place */
-      g_op = "kivi_model_log_softmax";
+      g_where = "kivi_model_log_softmax";
       const int32_t n = model_size(1, 40, KIVI_MODEL_MAX_ROWS, &bad);
       region q[1] = {{0, MB(4 * rows * n)}};
       memcpy(r, q, sizeof q), nr = 1;
