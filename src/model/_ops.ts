@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { Backend, DeviceTensor } from "../backend.ts";
+import type { BackendCore as Backend, DeviceTensor } from "../tensor.ts";
 import type { Pointer } from "../ffi/_native.ts";
 
 /** Bound model ops of a backend. */

@@ -9,28 +9,17 @@
  */
 import { closeSync, existsSync, openSync } from "node:fs";
 import { basename, join } from "node:path";
-import type { Backend, DeviceTensor } from "../backend.ts";
-import type { CacheFormat, KVCache, Sequence } from "../cache.ts";
+import type { BackendCore as Backend, DeviceTensor } from "../tensor.ts";
+import { KVCache, type Sequence } from "../cache.ts";
 import type { DecodeBatch } from "../batch.ts";
 import { Rng } from "../random.ts";
 import { ModelOps } from "./_ops.ts";
 import { expectedTensors, type LlamaConfig, readConfig } from "./config.ts";
 import { checkpointTensors, ModelError, readTensorF16 } from "./safetensors.ts";
 import { perplexity, type PerplexityOptions, type PerplexityResult } from "./perplexity.ts";
+import type { Decoder, ModelCacheOptions } from "./types.ts";
 
-/** The cache a model run uses (the model gives layers, heads and head_dim). */
-export interface ModelCacheOptions {
-  /** Key format (the cache's default: uniform 2-bit G32). */
-  keys?: CacheFormat;
-  /** Value format (the cache's default: codebook 2-bit G64). */
-  values?: CacheFormat;
-  /** Tokens kept in fp16 (default 128). */
-  residual?: number;
-  /** Tokens per page (default 64). */
-  pageTokens?: number;
-  /** Pool size in pages (default: what the run needs). */
-  maxPages?: number;
-}
+export type { ModelCacheOptions } from "./types.ts";
 
 /** Options of {@link LlamaModel.generate}. */
 export interface GenerateOptions {
@@ -111,13 +100,6 @@ class Activations {
   dispose(): void {
     for (const t of this.all) t.dispose();
   }
-}
-
-/** The decode loop state of a batch of sequences: its buffers and its decode batch. */
-export interface Decoder {
-  /** One step: token b at position pos[b] into sequence b; the next-token log-probabilities [batch][vocab]. */
-  step(tokens: Int32Array, pos: Int32Array): Float32Array;
-  dispose(): void;
 }
 
 /** RoPE's cos and sin as Hugging Face computes them in f32: [positions][headDim], cos then sin. */
@@ -270,7 +252,8 @@ export class LlamaModel {
         `cache.maxPages must hold the run: ${sequences} sequence(s) of up to ${tokens} tokens need ${need} pages of ${pageTokens} tokens, got ${maxPages}`,
       );
     }
-    return this.backend.createCache({
+    this.backend._native("createCache");
+    return new KVCache(this.backend, {
       layers: c.layers,
       kvHeads: c.kvHeads,
       queryHeads: c.heads,

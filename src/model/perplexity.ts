@@ -9,7 +9,7 @@
  * @module
  */
 import type { CacheFormat } from "../cache.ts";
-import type { LlamaModel, ModelCacheOptions } from "./llama.ts";
+import type { ModelCacheOptions, ProtocolModel } from "./types.ts";
 
 /** Options of {@link perplexity}; the defaults are the model card's protocol. */
 export interface PerplexityOptions {
@@ -87,7 +87,7 @@ export function protocol(
 
 /** Runs the protocol over `text` with the cache of `opts.cache`. */
 export function perplexity(
-  model: LlamaModel,
+  model: ProtocolModel,
   text: string | Uint8Array,
   opts: PerplexityOptions = {},
 ): PerplexityResult {
@@ -149,7 +149,7 @@ export function perplexity(
 /** Bits per token over the protocol's decoded positions from the teacher-forced forward (exact
  * causal attention over each whole window, no cache): what a bits-16 run must reproduce. */
 export function teacherForcedBpb(
-  model: LlamaModel,
+  model: ProtocolModel,
   text: string | Uint8Array,
   opts: Pick<PerplexityOptions, "windows" | "window" | "prefill" | "steps"> = {},
 ): number {
@@ -226,7 +226,7 @@ export interface CompareOptions
 
 /** The protocol for every cache at every residual, each against the bits-16 run of its residual. */
 export function compareCaches(
-  model: LlamaModel,
+  model: ProtocolModel,
   text: string | Uint8Array,
   o: CompareOptions = {},
 ): ProtocolRow[] {
