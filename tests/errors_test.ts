@@ -7,6 +7,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import {
   type Axis,
+  type Backend,
   defaultLibraryPath,
   type DeviceTensor,
   KiviError,
@@ -28,6 +29,7 @@ import {
 } from "./_helpers.ts";
 
 type Sentinel = { buf: ArrayBufferView; snap: Uint8Array };
+const UNIFORM2 = { kind: "uniform", bits: 2 } as const;
 
 /** Sentinel-filled outputs of a uniform quantize of [rows][cols] (2 bits, G 32 unless told). */
 function uniformOuts(rows: number, cols: number, axis: Axis, bits = 2, group = 32) {
@@ -47,26 +49,32 @@ function untouched(o: Record<string, Sentinel>, what: string): void {
   for (const [k, s] of Object.entries(o)) assertUntouched(s, `${what}: out.${k}`);
 }
 
+/** A uniform 2-bit quantize of x (96 x 40 values, axis "token") with `shape` into sentinel outputs
+ * throws `kind` naming `names`, and writes nothing. */
+function refusesShape(
+  kivi: Backend,
+  x: Float32Array,
+  shape: [number, number],
+  kind: new (...a: never[]) => Error,
+  names: RegExp,
+): void {
+  const o = uniformOuts(96, 40, "token");
+  throwsNaming(
+    () => kivi.quantize(x, { shape, axis: "token", format: UNIFORM2, out: outOf(o) }),
+    kind,
+    names,
+    `shape ${shape}`,
+  );
+  untouched(o, `shape ${shape}`);
+}
+
 describe("bad input through the TypeScript API", () => {
   it("a shape that does not match the array is a TypeError naming shape and x", async () => {
     using kivi = await openCpu();
     const rng = new Rng("errors length");
     const x = randomMatrix(rng, 96, 40, "f32").x;
     for (const shape of [[96, 41], [95, 40], [32, 40]] as [number, number][]) {
-      const o = uniformOuts(96, 40, "token");
-      throwsNaming(
-        () =>
-          kivi.quantize(x, {
-            shape,
-            axis: "token",
-            format: { kind: "uniform", bits: 2 },
-            out: outOf(o),
-          }),
-        TypeError,
-        /shape.*x's 3840 elements/,
-        `shape ${shape}`,
-      );
-      untouched(o, `shape ${shape}`);
+      refusesShape(kivi, x as Float32Array, shape, TypeError, /shape.*x's 3840 elements/);
     }
     throwsNaming(
       () => kivi.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 } }),
@@ -251,22 +259,7 @@ describe("bad input through the TypeScript API", () => {
       [[96, -40], /shape\[1\] \(cols\) must be between 1 and/],
       [[0, 40], /shape\[0\] \(rows\)/],
     ];
-    for (const [shape, names] of cases) {
-      const o = uniformOuts(96, 40, "token");
-      throwsNaming(
-        () =>
-          kivi.quantize(x, {
-            shape,
-            axis: "token",
-            format: { kind: "uniform", bits: 2 },
-            out: outOf(o),
-          }),
-        RangeError,
-        names,
-        `shape ${shape}`,
-      );
-      untouched(o, `shape ${shape}`);
-    }
+    for (const [shape, names] of cases) refusesShape(kivi, x, shape, RangeError, names);
   });
 
   for (const dtype of DTYPES) {
@@ -303,49 +296,34 @@ describe("bad input through the TypeScript API", () => {
             centroids: sentinel(new Float16Array(groups * 4)),
             codes: sentinel(new Uint32Array(o.codes.buf.length)),
           };
-          throwsNaming(
-            () =>
+          const cent = new Float16Array(groups * 4).map((_, i) => [-1, 0, 1, 2][i % 4]);
+          const base = { shape, dtype, axis };
+          const calls: [string, () => unknown][] = [
+            ["encode", () =>
               kivi.quantize(inp.x, {
-                shape,
-                dtype,
-                axis,
+                ...base,
                 format: { kind: "codebook", bits: 2 },
                 out: { centroids: cb.centroids.buf, codes: cb.codes.buf },
-              }),
-            "KIVI_ERR_NONFINITE",
-            names,
-            `encode ${what}`,
-          );
-          untouched(cb, `encode ${what}`);
-          throwsNaming(
-            () =>
-              kivi.fitCodebook(inp.x, {
-                shape,
-                dtype,
-                axis,
-                bits: 2,
-                out: { centroids: cb.centroids.buf },
-              }),
-            "KIVI_ERR_NONFINITE",
-            names,
-            `fit ${what}`,
-          );
-          untouched(cb, `fit ${what}`);
-          const cent = new Float16Array(groups * 4).map((_, i) => [-1, 0, 1, 2][i % 4]);
-          throwsNaming(
-            () =>
-              kivi.quantizeWithCodebook(inp.x, cent, {
-                shape,
-                dtype,
-                axis,
-                bits: 2,
-                out: { codes: cb.codes.buf },
-              }),
-            "KIVI_ERR_NONFINITE",
-            names,
-            `codebook ${what}`,
-          );
-          untouched(cb, `codebook ${what}`);
+              })],
+            [
+              "fit",
+              () =>
+                kivi.fitCodebook(inp.x, { ...base, bits: 2, out: { centroids: cb.centroids.buf } }),
+            ],
+            [
+              "codebook",
+              () =>
+                kivi.quantizeWithCodebook(inp.x, cent, {
+                  ...base,
+                  bits: 2,
+                  out: { codes: cb.codes.buf },
+                }),
+            ],
+          ];
+          for (const [op, call] of calls) {
+            throwsNaming(call, "KIVI_ERR_NONFINITE", names, `${op} ${what}`);
+            untouched(cb, `${op} ${what}`);
+          }
         }
       }
     });
@@ -784,312 +762,115 @@ describe("bad arguments straight into the C exports", () => {
       bytes: sentinel(new Uint8Array(64 * 32)),
     });
     type O = ReturnType<typeof mk>;
+    // x: 64 x 32 f32 grouped by 32 along the channel axis at 2 bits; each call below changes one
+    // argument by name and keeps the others valid
+    type Dims = { rows?: number; cols?: number; axis?: number; group?: number; bits?: number };
+    const dims = (d: Dims) =>
+      [d.rows ?? 64, d.cols ?? 32, d.axis ?? 1, d.group ?? 32, d.bits ?? 2] as const;
+    const fit = (
+      o: O,
+      a: Dims & { fit?: number; iters?: number; cent?: Pointer; trace?: false } = {},
+    ) =>
+      lib.call(
+        "kivi_codebook_fit",
+        n.ctx,
+        px,
+        0,
+        ...dims(a),
+        a.fit ?? 0,
+        a.iters ?? 16,
+        0,
+        a.cent === undefined ? lib.ptr(o.cent.buf) : a.cent,
+        a.trace === false ? null : lib.ptr(o.i32s.buf),
+        a.trace === false ? null : lib.ptr(o.inertia.buf),
+      );
+    const quantize = (o: O, a: Dims & { cent?: Pointer; assign?: number } = {}) =>
+      lib.call(
+        "kivi_codebook_quantize",
+        n.ctx,
+        px,
+        0,
+        ...dims(a),
+        a.cent === undefined ? lib.ptr(cent) : a.cent,
+        a.assign ?? 0,
+        0,
+        lib.ptr(o.codes.buf),
+      );
+    const encode = (o: O, a: Dims & { assign?: number; codes?: null } = {}) =>
+      lib.call(
+        "kivi_codebook_encode",
+        n.ctx,
+        px,
+        0,
+        ...dims(a),
+        0,
+        16,
+        a.assign ?? 0,
+        0,
+        lib.ptr(o.cent.buf),
+        a.codes === null ? null : lib.ptr(o.codes.buf),
+      );
+    const words = () => lib.ptr(new Uint32Array(128));
+    const pack = (codes: Uint8Array, count: number, bits: number, out: Pointer) =>
+      lib.call("kivi_codes_pack", n.ctx, lib.ptr(codes), count, bits, out);
     const cases: [string, (o: O) => number, StatusName, RegExp][] = [
       [
         "fit max_iters 0",
-        (o) =>
-          lib.call(
-            "kivi_codebook_fit",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            0,
-            0,
-            0,
-            lib.ptr(o.cent.buf),
-            lib.ptr(o.i32s.buf),
-            lib.ptr(o.inertia.buf),
-          ),
+        (o) => fit(o, { iters: 0 }),
         "KIVI_ERR_ARG",
         /max_iters must be in 1\.\.256, got 0/,
       ],
       [
         "fit max_iters 257",
-        (o) =>
-          lib.call(
-            "kivi_codebook_fit",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            0,
-            257,
-            0,
-            lib.ptr(o.cent.buf),
-            null,
-            null,
-          ),
+        (o) => fit(o, { iters: 257, trace: false }),
         "KIVI_ERR_ARG",
         /max_iters/,
       ],
-      [
-        "fit fit 2",
-        (o) =>
-          lib.call(
-            "kivi_codebook_fit",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            2,
-            16,
-            0,
-            lib.ptr(o.cent.buf),
-            null,
-            null,
-          ),
-        "KIVI_ERR_ARG",
-        /\bfit must be/,
-      ],
+      ["fit fit 2", (o) => fit(o, { fit: 2, trace: false }), "KIVI_ERR_ARG", /\bfit must be/],
       [
         "fit centroids NULL",
-        (o) =>
-          lib.call(
-            "kivi_codebook_fit",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            0,
-            16,
-            0,
-            null,
-            lib.ptr(o.i32s.buf),
-            lib.ptr(o.inertia.buf),
-          ),
+        (o) => fit(o, { cent: null }),
         "KIVI_ERR_ARG",
         /centroids must not be NULL/,
       ],
-      [
-        "fit group 48",
-        (o) =>
-          lib.call(
-            "kivi_codebook_fit",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            48,
-            2,
-            0,
-            16,
-            0,
-            lib.ptr(o.cent.buf),
-            lib.ptr(o.i32s.buf),
-            lib.ptr(o.inertia.buf),
-          ),
-        "KIVI_ERR_ARG",
-        /group/,
-      ],
+      ["fit group 48", (o) => fit(o, { group: 48 }), "KIVI_ERR_ARG", /group/],
       [
         "quantize unsorted",
-        (o) =>
-          lib.call(
-            "kivi_codebook_quantize",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            lib.ptr(unsorted),
-            0,
-            0,
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => quantize(o, { cent: lib.ptr(unsorted) }),
         "KIVI_ERR_ARG",
         /centroids must be sorted ascending.*group 9/,
       ],
       [
         "quantize Inf centroid",
-        (o) =>
-          lib.call(
-            "kivi_codebook_quantize",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            lib.ptr(infCent),
-            0,
-            0,
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => quantize(o, { cent: lib.ptr(infCent) }),
         "KIVI_ERR_ARG",
         /centroids must be finite/,
       ],
-      [
-        "quantize assign 2",
-        (o) =>
-          lib.call(
-            "kivi_codebook_quantize",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            lib.ptr(cent),
-            2,
-            0,
-            lib.ptr(o.codes.buf),
-          ),
-        "KIVI_ERR_ARG",
-        /assign/,
-      ],
-      [
-        "quantize bits 3",
-        (o) =>
-          lib.call(
-            "kivi_codebook_quantize",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            3,
-            lib.ptr(cent),
-            0,
-            0,
-            lib.ptr(o.codes.buf),
-          ),
-        "KIVI_ERR_ARG",
-        /bits/,
-      ],
+      ["quantize assign 2", (o) => quantize(o, { assign: 2 }), "KIVI_ERR_ARG", /assign/],
+      ["quantize bits 3", (o) => quantize(o, { bits: 3 }), "KIVI_ERR_ARG", /bits/],
       [
         "quantize centroids NULL",
-        (o) =>
-          lib.call(
-            "kivi_codebook_quantize",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            null,
-            0,
-            0,
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => quantize(o, { cent: null }),
         "KIVI_ERR_ARG",
         /centroids must not be NULL/,
       ],
-      [
-        "encode assign 5",
-        (o) =>
-          lib.call(
-            "kivi_codebook_encode",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            0,
-            16,
-            5,
-            0,
-            lib.ptr(o.cent.buf),
-            lib.ptr(o.codes.buf),
-          ),
-        "KIVI_ERR_ARG",
-        /assign/,
-      ],
+      ["encode assign 5", (o) => encode(o, { assign: 5 }), "KIVI_ERR_ARG", /assign/],
       [
         "encode cols 32 rows 48 token",
-        (o) =>
-          lib.call(
-            "kivi_codebook_encode",
-            n.ctx,
-            px,
-            0,
-            48,
-            32,
-            0,
-            32,
-            2,
-            0,
-            16,
-            0,
-            0,
-            lib.ptr(o.cent.buf),
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => encode(o, { rows: 48, axis: 0 }),
         "KIVI_ERR_SHAPE",
         /rows \(48\)/,
       ],
       [
         "encode codes NULL",
-        (o) =>
-          lib.call(
-            "kivi_codebook_encode",
-            n.ctx,
-            px,
-            0,
-            64,
-            32,
-            1,
-            32,
-            2,
-            0,
-            16,
-            0,
-            0,
-            lib.ptr(o.cent.buf),
-            null,
-          ),
+        (o) => encode(o, { codes: null }),
         "KIVI_ERR_ARG",
         /\bcodes must not be NULL/,
       ],
       [
         "cb dequantize out NULL",
         () =>
-          lib.call(
-            "kivi_codebook_dequantize",
-            n.ctx,
-            lib.ptr(new Uint32Array(128)),
-            lib.ptr(cent),
-            64,
-            32,
-            1,
-            32,
-            2,
-            null,
-            0,
-          ),
+          lib.call("kivi_codebook_dequantize", n.ctx, words(), lib.ptr(cent), ...dims({}), null, 0),
         "KIVI_ERR_ARG",
         /\bout must not be NULL/,
       ],
@@ -1099,13 +880,9 @@ describe("bad arguments straight into the C exports", () => {
           lib.call(
             "kivi_codebook_dequantize",
             n.ctx,
-            lib.ptr(new Uint32Array(128)),
+            words(),
             lib.ptr(cent),
-            64,
-            32,
-            1,
-            32,
-            2,
+            ...dims({}),
             lib.ptr(o.out.buf),
             9,
           ),
@@ -1118,14 +895,10 @@ describe("bad arguments straight into the C exports", () => {
           lib.call(
             "kivi_uniform_dequantize",
             n.ctx,
-            lib.ptr(new Uint32Array(128)),
+            words(),
             null,
             lib.ptr(new Uint16Array(64)),
-            64,
-            32,
-            1,
-            32,
-            2,
+            ...dims({}),
             lib.ptr(o.out.buf),
             0,
           ),
@@ -1134,21 +907,19 @@ describe("bad arguments straight into the C exports", () => {
       ],
       [
         "uniform dequantize group 48",
-        (o) =>
-          lib.call(
+        (o) => {
+          const half = () => lib.ptr(new Uint16Array(64));
+          return lib.call(
             "kivi_uniform_dequantize",
             n.ctx,
-            lib.ptr(new Uint32Array(128)),
-            lib.ptr(new Uint16Array(64)),
-            lib.ptr(new Uint16Array(64)),
-            64,
-            32,
-            1,
-            48,
-            2,
+            words(),
+            half(),
+            half(),
+            ...dims({ group: 48 }),
             lib.ptr(o.out.buf),
             0,
-          ),
+          );
+        },
         "KIVI_ERR_ARG",
         /group/,
       ],
@@ -1178,77 +949,37 @@ describe("bad arguments straight into the C exports", () => {
       ],
       [
         "pack n 15",
-        (o) =>
-          lib.call(
-            "kivi_codes_pack",
-            n.ctx,
-            lib.ptr(new Uint8Array(15)),
-            15,
-            2,
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => pack(new Uint8Array(15), 15, 2, lib.ptr(o.codes.buf)),
         "KIVI_ERR_SHAPE",
         /\bn \(15\) must be a multiple of 16/,
       ],
       [
         "pack n 0",
-        (o) =>
-          lib.call(
-            "kivi_codes_pack",
-            n.ctx,
-            lib.ptr(new Uint8Array(16)),
-            0,
-            2,
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => pack(new Uint8Array(16), 0, 2, lib.ptr(o.codes.buf)),
         "KIVI_ERR_ARG",
         /\bn must be >= 1/,
       ],
       [
         "pack code 4",
-        (o) =>
-          lib.call(
-            "kivi_codes_pack",
-            n.ctx,
-            lib.ptr(new Uint8Array(32).fill(4, 20, 21)),
-            32,
-            2,
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => pack(new Uint8Array(32).fill(4, 20, 21), 32, 2, lib.ptr(o.codes.buf)),
         "KIVI_ERR_ARG",
         /codes\[20\] must be below 2\^bits/,
       ],
       [
         "pack code 16 at 4 bits",
-        (o) =>
-          lib.call(
-            "kivi_codes_pack",
-            n.ctx,
-            lib.ptr(new Uint8Array(8).fill(16, 7)),
-            8,
-            4,
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => pack(new Uint8Array(8).fill(16, 7), 8, 4, lib.ptr(o.codes.buf)),
         "KIVI_ERR_ARG",
         /codes\[7\]/,
       ],
       [
         "pack bits 3",
-        (o) =>
-          lib.call(
-            "kivi_codes_pack",
-            n.ctx,
-            lib.ptr(new Uint8Array(32)),
-            32,
-            3,
-            lib.ptr(o.codes.buf),
-          ),
+        (o) => pack(new Uint8Array(32), 32, 3, lib.ptr(o.codes.buf)),
         "KIVI_ERR_ARG",
         /bits/,
       ],
       [
         "pack words NULL",
-        () => lib.call("kivi_codes_pack", n.ctx, lib.ptr(new Uint8Array(32)), 32, 2, null),
+        () => pack(new Uint8Array(32), 32, 2, null),
         "KIVI_ERR_ARG",
         /words must not be NULL/,
       ],
@@ -1280,26 +1011,7 @@ describe("bad arguments straight into the C exports", () => {
     }
     // the fit accepts NULL iters and inertia ("or NULL")
     const c = new Uint16Array(groups * 4);
-    assert.equal(
-      lib.call(
-        "kivi_codebook_fit",
-        n.ctx,
-        px,
-        0,
-        64,
-        32,
-        1,
-        32,
-        2,
-        0,
-        16,
-        0,
-        lib.ptr(c),
-        null,
-        null,
-      ),
-      0,
-    );
+    assert.equal(fit(mk(), { cent: lib.ptr(c), trace: false }), 0);
   });
 
   it("library and context exports report their own bad arguments", async () => {
