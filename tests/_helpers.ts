@@ -544,3 +544,27 @@ export function attentionOracle(
   }
   return out;
 }
+
+/** The cache options the cache tests share: uniform 2-bit keys and codebook 2-bit values in groups
+ * of 32, pages of 32 tokens and a residual window of 32; sizes as given. */
+export function cacheOptions(
+  layers: number,
+  kvHeads: number,
+  queryHeads: number,
+  headDim: number,
+  maxPages: number,
+  maxSequences: number,
+) {
+  return {
+    layers,
+    kvHeads,
+    queryHeads,
+    headDim,
+    pageTokens: 32,
+    residual: 32,
+    maxPages,
+    maxSequences,
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "codebook", bits: 2, group: 32 },
+  } as const;
+}

@@ -19,6 +19,7 @@ import {
   type Sequence,
 } from "../src/mod.ts";
 import {
+  cacheOptions,
   DTYPES,
   kvRows,
   NONFINITE,
@@ -31,18 +32,7 @@ import {
 import { gpu, gpuDescribe } from "./_gpu.ts";
 
 const L = 3, H = 2, QH = 8, D = 64, ROW = H * D;
-const OPTS: CacheOptions = {
-  layers: L,
-  kvHeads: H,
-  queryHeads: QH,
-  headDim: D,
-  pageTokens: 32,
-  residual: 32,
-  maxPages: 64,
-  maxSequences: 6,
-  keys: { kind: "uniform", bits: 2, group: 32 },
-  values: { kind: "codebook", bits: 2, group: 32 },
-};
+const OPTS = cacheOptions(L, H, QH, D, 64, 6);
 
 type DT = "f32" | "f16" | "bf16";
 /** Host data of a dtype, as a tensor of the backend. */

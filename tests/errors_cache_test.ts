@@ -17,6 +17,7 @@ import {
 } from "../src/mod.ts";
 import {
   assertUntouched,
+  cacheOptions,
   DTYPES,
   kvRows,
   NONFINITE,
@@ -29,18 +30,7 @@ import {
 } from "./_helpers.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
-const OPTS: CacheOptions = {
-  layers: L,
-  kvHeads: H,
-  queryHeads: QH,
-  headDim: D,
-  pageTokens: 32,
-  residual: 32,
-  maxPages: 8,
-  maxSequences: 3,
-  keys: { kind: "uniform", bits: 2, group: 32 },
-  values: { kind: "codebook", bits: 2, group: 32 },
-};
+const OPTS = cacheOptions(L, H, QH, D, 8, 3);
 
 /** A cache with two sequences holding pages and window tokens in both layers (4 of 8 pages used). */
 interface Fixture {

@@ -11,7 +11,6 @@ import assert from "node:assert/strict";
 import process from "node:process";
 import {
   type Backend,
-  type CacheOptions,
   type DeviceTensor,
   KiviError,
   type KVCache,
@@ -20,6 +19,7 @@ import {
 import { demoShape, main, parseDemoOptions } from "../src/cli.ts";
 import {
   assertUntouched,
+  cacheOptions,
   f16,
   f32,
   kvRows,
@@ -32,18 +32,7 @@ import {
 import { gpuDescribe } from "./_gpu.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
-const OPTS: CacheOptions = {
-  layers: L,
-  kvHeads: H,
-  queryHeads: QH,
-  headDim: D,
-  pageTokens: 32,
-  residual: 32,
-  maxPages: 8,
-  maxSequences: 3,
-  keys: { kind: "uniform", bits: 2, group: 32 },
-  values: { kind: "codebook", bits: 2, group: 32 },
-};
+const OPTS = cacheOptions(L, H, QH, D, 8, 3);
 
 /** A backend, a cache with one sequence of 70 tokens in every layer, a query and a snapshot of it. */
 async function setup(label: string) {
