@@ -14,7 +14,17 @@ import {
   resolveCacheOptions,
   type Sequence,
 } from "../src/mod.ts";
-import { attentionOracle, f16, kvRows, openCpu, Rng } from "./_helpers.ts";
+import {
+  attentionOracle,
+  CB2_G64,
+  CB4_G32,
+  f16,
+  kvRows,
+  openCpu,
+  Rng,
+  U2_G32,
+  U4_G32,
+} from "./_helpers.ts";
 
 const kivi = await openCpu();
 
@@ -77,21 +87,9 @@ function checkAttention(
 }
 
 const formats: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
-  {
-    name: "uniform 2/uniform 2",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "uniform", bits: 2, group: 32 },
-  },
-  {
-    name: "uniform 2/codebook 2",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 64 },
-  },
-  {
-    name: "codebook 4/uniform 4",
-    keys: { kind: "codebook", bits: 4, group: 32 },
-    values: { kind: "uniform", bits: 4, group: 32 },
-  },
+  { name: "uniform 2/uniform 2", keys: U2_G32, values: U2_G32 },
+  { name: "uniform 2/codebook 2", keys: U2_G32, values: CB2_G64 },
+  { name: "codebook 4/uniform 4", keys: CB4_G32, values: U4_G32 },
   { name: "16/16", keys: { bits: 16 }, values: { bits: 16 } },
 ];
 

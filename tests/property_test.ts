@@ -49,12 +49,17 @@ import {
 import {
   attentionOracle,
   BASE_SEED,
+  CB2_G64,
   type DataDType,
   f16,
   NONFINITE,
   openCpu,
   setRaw,
   toInput,
+  U2_G32,
+  U2_G64,
+  U4_G128,
+  U4_G64,
   uniformOracle,
 } from "./_helpers.ts";
 
@@ -66,32 +71,16 @@ assert.ok(
 
 /** One configuration per run: every format is covered; sizes are drawn from the run's seed. */
 const RUNS: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
-  {
-    name: "uniform 2 / uniform 2",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "uniform", bits: 2, group: 32 },
-  },
-  {
-    name: "uniform 4 G64 / uniform 4 G64",
-    keys: { kind: "uniform", bits: 4, group: 64 },
-    values: { kind: "uniform", bits: 4, group: 64 },
-  },
+  { name: "uniform 2 / uniform 2", keys: U2_G32, values: U2_G32 },
+  { name: "uniform 4 G64 / uniform 4 G64", keys: U4_G64, values: U4_G64 },
   { name: "bits 16 / bits 16", keys: { bits: 16 }, values: { bits: 16 } },
-  {
-    name: "uniform 2 / codebook 2 G64",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 64 },
-  },
+  { name: "uniform 2 / codebook 2 G64", keys: U2_G32, values: CB2_G64 },
   {
     name: "codebook 4 pinned / uniform 2 G64",
     keys: { kind: "codebook", bits: 4, group: 32, fit: "pinned" },
-    values: { kind: "uniform", bits: 2, group: 64 },
+    values: U2_G64,
   },
-  {
-    name: "uniform 4 G128 / bits 16",
-    keys: { kind: "uniform", bits: 4, group: 128 },
-    values: { bits: 16 },
-  },
+  { name: "uniform 4 G128 / bits 16", keys: U4_G128, values: { bits: 16 } },
 ];
 
 type Cfg = ReturnType<typeof resolveCacheOptions>;
