@@ -247,19 +247,26 @@ export function configArray(c: CacheConfig): Int32Array {
   ]);
 }
 
+/** The counters kivi_cache_memory fills, in its order. */
+const MEMORY_FIELDS = [
+  "codeBytes",
+  "paramBytes",
+  "residualBytes",
+  "tableBytes",
+  "poolBytes",
+  "pagesUsed",
+  "pagesTotal",
+  "tokens",
+  "quantizedTokens",
+] as const;
+
 /** The figures of {@link CacheMemory} from the nine counters kivi_cache_memory fills. */
 export function memoryOf(r: BigUint64Array, c: CacheConfig): CacheMemory {
-  const [
-    codeBytes,
-    paramBytes,
-    residualBytes,
-    tableBytes,
-    poolBytes,
-    pagesUsed,
-    pagesTotal,
-    tokens,
-    quantizedTokens,
-  ] = Array.from(r, Number);
+  const m = Object.fromEntries(MEMORY_FIELDS.map((k, i) => [k, Number(r[i])])) as Record<
+    (typeof MEMORY_FIELDS)[number],
+    number
+  >;
+  const { codeBytes, paramBytes, residualBytes, tableBytes, tokens, quantizedTokens } = m;
   const perToken = c.kvHeads * c.headDim; // values of K (and of V) per token and layer
   const values = tokens * perToken * 2; // K and V
   const stored = codeBytes + paramBytes + residualBytes;
@@ -273,15 +280,7 @@ export function memoryOf(r: BigUint64Array, c: CacheConfig): CacheMemory {
   const held = quantizedTokens * perToken * (rate(c.keys) + rate(c.values)) +
     (tokens - quantizedTokens) * perToken * 32;
   return {
-    codeBytes,
-    paramBytes,
-    residualBytes,
-    tableBytes,
-    poolBytes,
-    pagesUsed,
-    pagesTotal,
-    tokens,
-    quantizedTokens,
+    ...m,
     bitsPerValue: values === 0 ? 0 : (stored * 8) / values,
     heldBitsPerValue: values === 0 ? 0 : held / values,
     ratioToFp16: values === 0 ? 0 : (stored + tableBytes) / (values * 2),

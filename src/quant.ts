@@ -459,24 +459,21 @@ export function dequantize<M extends Mem>(
   return c.buf(io);
 }
 
+/** The options both codebook calls read first. */
+const CODEBOOK_KEYS = ["shape", "dtype", "axis", "bits", "group"] as const;
+
 /** Fits 2^bits centroids per group by 1-D k-means (Lloyd-Max), starting from the uniform grid. */
 export function fitCodebook<X extends Input>(
   kivi: Backend,
   x: X,
   opts: FitOptions<MemOf<X>>,
 ): FitResult<MemOf<X>> {
-  const o = readOptions("options", opts, [
-    "shape",
-    "dtype",
-    "axis",
-    "bits",
-    "group",
-    "fit",
-    "iterations",
-    "trace",
-    "trusted",
-    "out",
-  ], true);
+  const o = readOptions(
+    "options",
+    opts,
+    [...CODEBOOK_KEYS, "fit", "iterations", "trace", "trusted", "out"],
+    true,
+  );
   const out = readOptions("out", o.out, ["centroids"]);
   const f = resolveFormat(
     {
@@ -528,16 +525,7 @@ export function quantizeWithCodebook<X extends Input>(
   centroids: Buf<MemOf<X>, "f16">,
   opts: CodebookOptions<MemOf<X>>,
 ): CodebookQuantized<MemOf<X>> {
-  const o = readOptions("options", opts, [
-    "shape",
-    "dtype",
-    "axis",
-    "bits",
-    "group",
-    "assign",
-    "trusted",
-    "out",
-  ], true);
+  const o = readOptions("options", opts, [...CODEBOOK_KEYS, "assign", "trusted", "out"], true);
   const out = readOptions("out", o.out, ["codes"]);
   const format = resolveFormat(
     { kind: "codebook", bits: o.bits, group: o.group, assign: o.assign } as Format,
