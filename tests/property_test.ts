@@ -322,6 +322,17 @@ interface Stats {
   /** Pages handed to a sequence that some freed sequence had held. */
   reused: number;
 }
+/** Stats with every count at zero. */
+const noStats = (): Stats => ({
+  steps: 0,
+  appended: 0,
+  flushed: 0,
+  attended: 0,
+  full: 0,
+  nan: 0,
+  slots: 0,
+  reused: 0,
+});
 
 async function run(r: number): Promise<Stats> {
   const spec = RUNS[r];
@@ -350,16 +361,7 @@ async function run(r: number): Promise<Stats> {
   using cache = kivi.createCache(opts);
   const m = new Model(c);
   const tableBytes = cache.memory().tableBytes;
-  const stats: Stats = {
-    steps: 0,
-    appended: 0,
-    flushed: 0,
-    attended: 0,
-    full: 0,
-    nan: 0,
-    slots: 0,
-    reused: 0,
-  };
+  const stats = noStats();
   const where = (step: number, op: string) =>
     `${tag} step ${step} (${op}; config ${JSON.stringify(opts)})`;
 
@@ -548,16 +550,7 @@ async function run(r: number): Promise<Stats> {
 }
 
 describe("the cache against a float64 model, random operations", () => {
-  const totals: Stats = {
-    steps: 0,
-    appended: 0,
-    flushed: 0,
-    attended: 0,
-    full: 0,
-    nan: 0,
-    slots: 0,
-    reused: 0,
-  };
+  const totals = noStats();
   RUNS.forEach((spec, r) => {
     // Bun's default of 5 s per test would cut a long run short: allow 200 ms a step.
     it(`${spec.name}: ${STEPS} steps`, { timeout: Math.max(60_000, STEPS * 200) }, async () => {
