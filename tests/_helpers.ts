@@ -577,3 +577,16 @@ export const U2_G64 = { kind: "uniform", bits: 2, group: 64 } as const;
 export const U4_G128 = { kind: "uniform", bits: 4, group: 128 } as const;
 export const U4_G32 = { kind: "uniform", bits: 4, group: 32 } as const;
 export const U4_G64 = { kind: "uniform", bits: 4, group: 64 } as const;
+
+/** A one-layer cache of four 32-token pages, for the full-pool tests. */
+export const FOUR_PAGES = {
+  layers: 1,
+  kvHeads: 2,
+  headDim: 64,
+  residual: 32,
+  pageTokens: 32,
+  maxPages: 4,
+} as const;
+
+/** The head size and residual window most cache tests use. */
+export const D64_R32 = { headDim: 64, residual: 32 } as const;

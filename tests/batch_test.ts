@@ -672,28 +672,23 @@ describe("decode batch: refusals", () => {
       kept.dispose();
     }
     // a batch without k and v cannot append; one without q and out cannot attend
-    using qo = cache.batch(seqs, {
-      q: q3.readSync().length === 3 * QH * D ? kivi.alloc([2, QH, D], "f32") : q3,
-      out: kivi.alloc([2, QH, D], "f32"),
-    });
-    check(
-      "append without k and v",
-      () => qo.append(0),
-      "KIVI_ERR_STATE",
-      /append: the batch was made without k and v; make one with them/,
-      [],
-    );
-    using kvOnly = cache.batch(seqs, {
-      k: kivi.alloc([2, H, D], "f32"),
-      v: kivi.alloc([2, H, D], "f32"),
-    });
-    check(
-      "attend without q and out",
-      () => kvOnly.attend(0),
-      "KIVI_ERR_STATE",
-      /attend: the batch was made without q and out; make one with them/,
-      [],
-    );
+    const halves = [
+      ["append", "k and v", {
+        q: q3.readSync().length === 3 * QH * D ? kivi.alloc([2, QH, D], "f32") : q3,
+        out: kivi.alloc([2, QH, D], "f32"),
+      }],
+      ["attend", "q and out", { k: kivi.alloc([2, H, D], "f32"), v: kivi.alloc([2, H, D], "f32") }],
+    ] as const;
+    for (const [op, without, opts] of halves) {
+      using half = cache.batch(seqs, opts);
+      check(
+        `${op} without ${without}`,
+        () => half[op](0),
+        "KIVI_ERR_STATE",
+        new RegExp(`${op}: the batch was made without ${without}; make one with them`),
+        [],
+      );
+    }
     // a disposed batch
     const dead = cache.batch(seqs, {
       q: kivi.alloc([2, QH, D], "f32"),

@@ -18,7 +18,9 @@ import {
   attentionOracle,
   CB2_G64,
   CB4_G32,
+  D64_R32,
   f16,
+  FOUR_PAGES,
   kvRows,
   openCpu,
   Rng,
@@ -132,13 +134,7 @@ describe("cache lengths and the residual window", () => {
 
   it("tracks each layer on its own when appended one layer at a time", () => {
     const rng = new Rng("layers");
-    using cache = kivi.createCache({
-      layers: 3,
-      kvHeads: 1,
-      headDim: 64,
-      residual: 32,
-      maxPages: 16,
-    });
+    using cache = kivi.createCache({ ...D64_R32, layers: 3, kvHeads: 1, maxPages: 16 });
     using s = cache.createSequence();
     s.append(rows(rng, 100, 1, 64), rows(rng, 100, 1, 64), { layer: 1 });
     assert.deepEqual([0, 1, 2].map((l) => s.length(l)), [0, 100, 0]);
@@ -306,13 +302,7 @@ describe("cache attention against a float64 oracle", () => {
 describe("cache pages are freed and reused without leaking data", () => {
   it("a new sequence on reused pages sees only its own tokens", () => {
     const rng = new Rng("reuse");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      maxPages: 6,
-    });
+    using cache = kivi.createCache({ ...D64_R32, layers: 1, kvHeads: 2, maxPages: 6 });
     const a = cache.createSequence();
     a.append(rows(rng, 300, 2, 64), rows(rng, 300, 2, 64), { layer: 0 });
     const pagesA = [...a.pages()];
@@ -324,13 +314,7 @@ describe("cache pages are freed and reused without leaking data", () => {
     b.append(kb, vb, { layer: 0 });
     assert.deepEqual([...b.pages()].sort(), pagesA.sort(), `${rng.tag} the same pages are reused`);
     // b's cache equals what a fresh cache gives for b's tokens alone.
-    using fresh = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      maxPages: 6,
-    });
+    using fresh = kivi.createCache({ ...D64_R32, layers: 1, kvHeads: 2, maxPages: 6 });
     using f = fresh.createSequence();
     f.append(kb, vb, { layer: 0 });
     assert.deepEqual(
@@ -357,14 +341,7 @@ describe("cache appends are all or nothing", () => {
 
   it("a full pool gives KIVI_ERR_CAPACITY and changes nothing", () => {
     const rng = new Rng("full");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      pageTokens: 32,
-      maxPages: 4,
-    });
+    using cache = kivi.createCache(FOUR_PAGES);
     const s1 = cache.createSequence(), s2 = cache.createSequence();
     s1.append(rows(rng, 100, 2, 64), rows(rng, 100, 2, 64), { layer: 0 });
     s2.append(rows(rng, 40, 2, 64), rows(rng, 40, 2, 64), { layer: 0 });
@@ -380,13 +357,7 @@ describe("cache appends are all or nothing", () => {
   for (const [where, bad] of [["k", NaN], ["v", Infinity], ["k", -Infinity]] as const) {
     it(`a ${bad} in ${where} gives KIVI_ERR_NONFINITE naming ${where} and changes nothing`, () => {
       const rng = new Rng(`nan ${where} ${bad}`);
-      using cache = kivi.createCache({
-        layers: 2,
-        kvHeads: 2,
-        headDim: 64,
-        residual: 32,
-        maxPages: 16,
-      });
+      using cache = kivi.createCache({ ...D64_R32, layers: 2, kvHeads: 2, maxPages: 16 });
       using s = cache.createSequence();
       s.append(rows(rng, 150, 2, 64, 2), rows(rng, 150, 2, 64, 2));
       const q = rows(rng, 1, 2, 64);

@@ -217,16 +217,17 @@ describe("issue 22: sizes past 32 bits", () => {
     }
     using _x = x;
     using small = kivi.alloc([16], "f16");
+    const fitInto = (input: DeviceTensor) => () =>
+      kivi.fitCodebook(input, {
+        axis: "channel",
+        bits: 4,
+        group: 32,
+        iterations: 1,
+        trusted: true,
+        out: { centroids: small },
+      });
     throwsNaming(
-      () =>
-        kivi.fitCodebook(x, {
-          axis: "channel",
-          bits: 4,
-          group: 32,
-          iterations: 1,
-          trusted: true,
-          out: { centroids: small },
-        }),
+      fitInto(x),
       TypeError,
       /out\.centroids must have 4294967312 elements, got 16/,
       "2^33 + 32 values",
@@ -234,15 +235,7 @@ describe("issue 22: sizes past 32 bits", () => {
     _x.dispose();
     using x32 = kivi.alloc([2 ** 32], "f16");
     throwsNaming(
-      () =>
-        kivi.fitCodebook(x32, {
-          axis: "channel",
-          bits: 4,
-          group: 32,
-          iterations: 1,
-          trusted: true,
-          out: { centroids: small },
-        }),
+      fitInto(x32),
       TypeError,
       /out\.centroids must have 2147483648 elements, got 16/,
       "2^32 values",

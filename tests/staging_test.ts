@@ -14,6 +14,7 @@ import {
   assertSameBits,
   assertUntouched,
   bf16Bits,
+  D64_R32,
   kvRows,
   openCpu,
   randomMatrix,
@@ -220,13 +221,7 @@ describe("host arrays staged through tensors (the CUDA path, run on the CPU buil
 
   it("the cache: a failed append changes nothing and frees its uploads", () => {
     const crng = new Rng("staging cache failure");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      maxPages: 4,
-    });
+    using cache = kivi.createCache({ ...D64_R32, layers: 1, kvHeads: 2, maxPages: 4 });
     const s = cache.createSequence();
     staged(() => s.append(kvRows(crng, 40, 2, 64), kvRows(crng, 40, 2, 64)));
     const before = cache.read(s, 0), mem = cache.memory();
