@@ -11,18 +11,9 @@
  */
 import process from "node:process";
 import assert from "node:assert/strict";
-import {
-  type Axis,
-  type Backend,
-  type Bits,
-  type CodebookQuantized,
-  type DeviceTensor,
-  KiviError,
-  openBackend,
-  type Quantized,
-  type StatusName,
-  type UniformQuantized,
-} from "../src/mod.ts";
+import type { Axis, Backend, Bits, CodebookQuantized, DeviceTensor } from "../src/mod.ts";
+import type { Quantized, StatusName, UniformQuantized } from "../src/mod.ts";
+import { KiviError, openBackend } from "../src/mod.ts";
 import { Rng as SeededRng } from "../src/random.ts";
 
 /* ------------------------------------------------------------------ random --------------- */

@@ -14,14 +14,8 @@
  * @module
  */
 import process from "node:process";
-import {
-  type Backend,
-  type DeviceTensor,
-  KiviError,
-  type KVCache,
-  openBackend,
-  type Sequence,
-} from "../src/mod.ts";
+import type { Backend, DeviceTensor, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError, openBackend } from "../src/mod.ts";
 import { cacheOptions } from "./_helpers.ts";
 
 const [seedArg = "1", callsArg = "1000", preferArg = "cpu"] = process.argv.slice(2);

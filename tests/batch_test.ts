@@ -9,26 +9,11 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Backend,
-  type CacheOptions,
-  type DecodeBatch,
-  type DeviceTensor,
-  KiviError,
-  type KVCache,
-  type Sequence,
-} from "../src/mod.ts";
-import {
-  cacheOptions,
-  DTYPES,
-  kvRows,
-  NONFINITE,
-  openCpu,
-  Rng,
-  setRaw,
-  throwsNaming,
-  toInput,
-} from "./_helpers.ts";
+import type { Backend, CacheOptions, DecodeBatch, DeviceTensor, KVCache } from "../src/mod.ts";
+import type { Sequence } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
+import { cacheOptions, DTYPES, kvRows, NONFINITE, openCpu, Rng, setRaw } from "./_helpers.ts";
+import { throwsNaming, toInput } from "./_helpers.ts";
 import { gpu, gpuDescribe } from "./_gpu.ts";
 
 const L = 3, H = 2, QH = 8, D = 64, ROW = H * D;

@@ -6,15 +6,9 @@
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Backend,
-  type CacheFormat,
-  type CacheOptions,
-  type DeviceTensor,
-  KiviError,
-  type KVCache,
-  type Sequence,
-} from "../src/mod.ts";
+import type { Backend, CacheFormat, CacheOptions, DeviceTensor, KVCache } from "../src/mod.ts";
+import type { Sequence } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
 import { FOUR_PAGES, Rng } from "./_helpers.ts";
 import { cpu, gpuDescribe } from "./_gpu.ts";
 

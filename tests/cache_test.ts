@@ -5,28 +5,10 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type CacheFormat,
-  type CacheOptions,
-  KiviError,
-  type KVCache,
-  pageBytes,
-  resolveCacheOptions,
-  type Sequence,
-} from "../src/mod.ts";
-import {
-  attentionOracle,
-  CB2_G64,
-  CB4_G32,
-  D64_R32,
-  f16,
-  FOUR_PAGES,
-  kvRows,
-  openCpu,
-  Rng,
-  U2_G32,
-  U4_G32,
-} from "./_helpers.ts";
+import type { CacheFormat, CacheOptions, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError, pageBytes, resolveCacheOptions } from "../src/mod.ts";
+import { attentionOracle, CB2_G64, CB4_G32, D64_R32, f16, FOUR_PAGES, kvRows } from "./_helpers.ts";
+import { openCpu, Rng, U2_G32, U4_G32 } from "./_helpers.ts";
 
 const kivi = await openCpu();
 

@@ -6,29 +6,11 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import type { Axis, Backend, Fit, GroupSize } from "../src/mod.ts";
-import {
-  asCodebook,
-  asUniform,
-  bf16Bits,
-  BITS,
-  codesOf,
-  type DataDType,
-  DTYPES,
-  f16,
-  groupCount,
-  groupMaxAbs,
-  groupMembers,
-  groupSse,
-  host,
-  intervalOracle,
-  nearestOracle,
-  nearMidpoint,
-  openCpu,
-  randomMatrix,
-  Rng,
-  toInput,
-  U32,
-} from "./_helpers.ts";
+import type { DataDType } from "./_helpers.ts";
+import { asCodebook, asUniform, bf16Bits, BITS, codesOf, DTYPES, f16 } from "./_helpers.ts";
+import { groupCount, groupMaxAbs, groupMembers, groupSse, host } from "./_helpers.ts";
+import { intervalOracle, nearestOracle, nearMidpoint, openCpu, randomMatrix } from "./_helpers.ts";
+import { Rng, toInput, U32 } from "./_helpers.ts";
 
 type Case = [axis: Axis, rows: number, cols: number, group: GroupSize];
 /** [rows, cols, group] per axis, awkward on purpose. */

@@ -8,26 +8,10 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Backend,
-  type CacheOptions,
-  KiviError,
-  type KVCache,
-  type Sequence,
-} from "../src/mod.ts";
-import {
-  assertUntouched,
-  cacheOptions,
-  DTYPES,
-  kvRows,
-  NONFINITE,
-  openCpu,
-  Rng,
-  sentinel,
-  setRaw,
-  throwsNaming,
-  toInput,
-} from "./_helpers.ts";
+import type { Backend, CacheOptions, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
+import { assertUntouched, cacheOptions, DTYPES, kvRows, NONFINITE, openCpu } from "./_helpers.ts";
+import { Rng, sentinel, setRaw, throwsNaming, toInput } from "./_helpers.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
 const OPTS = cacheOptions(L, H, QH, D, 8, 3);

@@ -5,28 +5,12 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Axis,
-  type Backend,
-  defaultLibraryPath,
-  type DeviceTensor,
-  KiviError,
-  type StatusName,
-} from "../src/mod.ts";
+import type { Axis, Backend, DeviceTensor, StatusName } from "../src/mod.ts";
+import { defaultLibraryPath, KiviError } from "../src/mod.ts";
 import type { NativeLib, Pointer } from "../src/ffi/_native.ts";
 import { loadNative } from "../src/ffi/load.ts";
-import {
-  assertUntouched,
-  DTYPES,
-  f16Bits,
-  NONFINITE,
-  openCpu,
-  randomMatrix,
-  Rng,
-  sentinel,
-  setRaw,
-  throwsNaming,
-} from "./_helpers.ts";
+import { assertUntouched, DTYPES, f16Bits, NONFINITE, openCpu, randomMatrix } from "./_helpers.ts";
+import { Rng, sentinel, setRaw, throwsNaming } from "./_helpers.ts";
 
 type Sentinel = { buf: ArrayBufferView; snap: Uint8Array };
 const UNIFORM2 = { kind: "uniform", bits: 2 } as const;

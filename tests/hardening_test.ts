@@ -9,26 +9,11 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import {
-  type Backend,
-  type DeviceTensor,
-  KiviError,
-  type KVCache,
-  type Sequence,
-} from "../src/mod.ts";
+import type { Backend, DeviceTensor, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
 import { demoShape, main, parseDemoOptions } from "../src/cli.ts";
-import {
-  assertUntouched,
-  cacheOptions,
-  f16,
-  f32,
-  kvRows,
-  openCpu,
-  Rng,
-  sentinel,
-  throwsNaming,
-  toInput,
-} from "./_helpers.ts";
+import { assertUntouched, cacheOptions, f16, f32, kvRows, openCpu, Rng } from "./_helpers.ts";
+import { sentinel, throwsNaming, toInput } from "./_helpers.ts";
 import { gpuDescribe } from "./_gpu.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;

@@ -36,32 +36,11 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import {
-  type CacheFormat,
-  type CacheOptions,
-  KiviError,
-  type KVCache,
-  pageBytes,
-  resolveCacheOptions,
-  Rng,
-  type Sequence,
-} from "../src/mod.ts";
-import {
-  attentionOracle,
-  BASE_SEED,
-  CB2_G64,
-  type DataDType,
-  f16,
-  NONFINITE,
-  openCpu,
-  setRaw,
-  toInput,
-  U2_G32,
-  U2_G64,
-  U4_G128,
-  U4_G64,
-  uniformOracle,
-} from "./_helpers.ts";
+import type { CacheFormat, CacheOptions, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError, pageBytes, resolveCacheOptions, Rng } from "../src/mod.ts";
+import type { DataDType } from "./_helpers.ts";
+import { attentionOracle, BASE_SEED, CB2_G64, f16, NONFINITE, openCpu } from "./_helpers.ts";
+import { setRaw, toInput, U2_G32, U2_G64, U4_G128, U4_G64, uniformOracle } from "./_helpers.ts";
 
 const STEPS = process.env.KIVI_PROPERTY_STEPS ? Number(process.env.KIVI_PROPERTY_STEPS) : 100;
 assert.ok(

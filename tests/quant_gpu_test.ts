@@ -6,16 +6,9 @@
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Axis,
-  type Backend,
-  type Bits,
-  type CodebookQuantized,
-  type DeviceTensor,
-  type GroupSize,
-  KiviError,
-  type UniformQuantized,
-} from "../src/mod.ts";
+import type { Axis, Backend, Bits, CodebookQuantized, DeviceTensor } from "../src/mod.ts";
+import type { GroupSize, UniformQuantized } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
 import { assertSameBits, DTYPES, randomMatrix, Rng } from "./_helpers.ts";
 import { cpu, gpuDescribe } from "./_gpu.ts";
 

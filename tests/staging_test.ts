@@ -10,17 +10,8 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { type Backend, KiviError, type UniformQuantized } from "../src/mod.ts";
 import { stagingMode } from "../src/_staging.ts";
-import {
-  assertSameBits,
-  assertUntouched,
-  bf16Bits,
-  D64_R32,
-  kvRows,
-  openCpu,
-  randomMatrix,
-  Rng,
-  sentinel,
-} from "./_helpers.ts";
+import { assertSameBits, assertUntouched, bf16Bits, D64_R32, kvRows, openCpu } from "./_helpers.ts";
+import { randomMatrix, Rng, sentinel } from "./_helpers.ts";
 
 const kivi: Backend = await openCpu();
 

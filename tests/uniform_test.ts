@@ -6,23 +6,9 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import type { Axis, Backend, Bits, GroupSize } from "../src/mod.ts";
-import {
-  asUniform,
-  bf16Bits,
-  bf16Value,
-  BITS,
-  codesOf,
-  f16,
-  groupMembers,
-  host,
-  openCpu,
-  randomMatrix,
-  Rng,
-  toInput,
-  uniformBound,
-  uniformOracle,
-  wordOf,
-} from "./_helpers.ts";
+import { asUniform, bf16Bits, bf16Value, BITS, codesOf, f16, groupMembers } from "./_helpers.ts";
+import { host, openCpu, randomMatrix, Rng, toInput, uniformBound } from "./_helpers.ts";
+import { uniformOracle, wordOf } from "./_helpers.ts";
 import type { DataDType } from "./_helpers.ts";
 import { DTYPES } from "./_helpers.ts";
 
