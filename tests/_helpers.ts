@@ -206,31 +206,19 @@ export function groupMembers(
   }
   return out;
 }
+/** Element (r, c) of a [rows][cols] matrix packed along `axis` at `bits`. */
+type Place = [r: number, c: number, rows: number, cols: number, axis: Axis, bits: number];
 /** Word index and slot of element (r, c) (kivi.h: token axis packed along tokens, channel along channels). */
-export function wordOf(
-  r: number,
-  c: number,
-  rows: number,
-  cols: number,
-  axis: Axis,
-  bits: number,
-): [number, number] {
+export function wordOf(...[r, c, rows, cols, axis, bits]: Place): [number, number] {
   const cpw = 32 / bits;
   return axis === "token"
     ? [c * (rows / cpw) + Math.floor(r / cpw), r % cpw]
     : [r * (cols / cpw) + Math.floor(c / cpw), c % cpw];
 }
 /** The code of element (r, c) read straight out of the packed words (code j at bit bits * j). */
-export function codeAt(
-  words: Uint32Array,
-  r: number,
-  c: number,
-  rows: number,
-  cols: number,
-  axis: Axis,
-  bits: number,
-): number {
-  const [w, slot] = wordOf(r, c, rows, cols, axis, bits);
+export function codeAt(words: Uint32Array, ...place: Place): number {
+  const [w, slot] = wordOf(...place);
+  const bits = place[5];
   return (words[w] >>> (bits * slot)) & ((1 << bits) - 1);
 }
 /** All codes [rows][cols] row-major, read from packed words by the layout formula. */

@@ -372,6 +372,13 @@ function mutSlot<T>(what: string[], label: string, mut: () => Mut<T>, set: (v: T
   };
 }
 
+/** The sequences behind a Proxy: the call must come out the same. */
+const proxySeqs = (hs: unknown): Mut<unknown> => ({
+  value: new Proxy(hs as Sequence[], {}),
+  expect: "same",
+  what: "Proxy seqs",
+});
+
 /** Applies up to two mutations chosen from `slots` (each a function making one argument hostile). */
 function mutate(slots: Slot[]): Expect {
   let e: Expect = "same";
@@ -992,11 +999,7 @@ const cacheOp: Op = (w) => {
     mutSlot(what, "q: ", () => mutBuf(hq, vs), (v) => (hq = v)),
     wrapping(mutSlot(what, "", () => mutOptions(ho, vs), (v) => (ho = v))),
     mutSlot(what, "layer ", () => mutInt(layer), (v) => (hl = v)),
-    wrapping(() => {
-      hs = new Proxy(hs as Sequence[], {});
-      what.push("Proxy seqs");
-      return "same";
-    }),
+    wrapping(mutSlot(what, "", () => proxySeqs(hs), (v) => (hs = v))),
     () => {
       hs = [...batch.slice(1), { cache: w.cache, id: 0, _id: () => 0 }];
       what.push("duck sequence");
@@ -1080,11 +1083,7 @@ const batchOp: Op = (w) => {
       return m.expect;
     },
     mutSlot(what, "layer ", () => mutInt(layer), (v) => (hl = v)),
-    wrapping(() => {
-      hs = new Proxy(hs as Sequence[], {});
-      what.push("Proxy seqs");
-      return "same";
-    }),
+    wrapping(mutSlot(what, "", () => proxySeqs(hs), (v) => (hs = v))),
     () => {
       hs = pick([[...seqs, seqs[0]], [{ cache: w.cache, id: 0 }], [new Proxy(seqs[0], {})]]);
       what.push("repeated, duck or Proxy sequence");

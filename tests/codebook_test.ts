@@ -259,13 +259,8 @@ describe("codebook assignment", () => {
             }
           }
           const inp = toInput(vals, dtype);
-          const q = kivi.quantizeWithCodebook(inp.x, cent, {
-            shape: [rows, cols],
-            dtype,
-            axis,
-            bits,
-            group,
-          });
+          const shape: [number, number] = [rows, cols];
+          const q = kivi.quantizeWithCodebook(inp.x, cent, { shape, dtype, axis, bits, group });
           const codes = codesOf(q.codes, rows, cols, axis, bits);
           const deq = host(kivi.dequantize(q)) as Float32Array;
           let undecided = 0;
@@ -343,8 +338,9 @@ describe("codebook assignment", () => {
             for (let k = 0; k < n; k++) vals[m[k]] = cent[g * n + k]; // boundaries exactly
           }
           const inp = toInput(vals, dtype as DataDType);
+          const shape: [number, number] = [rows, cols];
           const q = kivi.quantizeWithCodebook(inp.x, cent, {
-            shape: [rows, cols],
+            shape,
             dtype,
             axis,
             bits,
