@@ -11,6 +11,9 @@ import { attentionOracle, CB2_G64, CB4_G32, D64_R32, f16, FOUR_PAGES, kvRows } f
 import { openCpu, Rng, U2_G32, U4_G32 } from "./_helpers.ts";
 
 const kivi = await openCpu();
+/** A one-layer cache of 64-dim heads. */
+const oneLayer = (o: Omit<CacheOptions, "layers" | "headDim">) =>
+  kivi.createCache({ layers: 1, headDim: 64, ...o });
 
 /**
  * float64 attention over the dequantized cache of one sequence. The CPU build accumulates in double
@@ -193,15 +196,8 @@ describe("cache pages hold what the standalone quantizer gives", () => {
 
   it("bits 16 stores the fp16-rounded input exactly", () => {
     const rng = new Rng("fp16");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 3,
-      headDim: 64,
-      residual: 0,
-      maxPages: 8,
-      keys: { bits: 16 },
-      values: { bits: 16 },
-    });
+    const bits16 = { bits: 16 } as const;
+    using cache = oneLayer({ kvHeads: 3, residual: 0, maxPages: 8, keys: bits16, values: bits16 });
     using s = cache.createSequence();
     const k = rows(rng, 200, 3, 64), v = rows(rng, 200, 3, 64);
     s.append(k, v, { layer: 0 });
@@ -252,13 +248,7 @@ describe("cache attention against a float64 oracle", () => {
 
   it("batches of 1, 3 and 17 with a sequence of 4096 tokens, each equal to its single-sequence result", () => {
     const rng = new Rng("batch");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      queryHeads: 4,
-      headDim: 64,
-      maxPages: 512,
-    });
+    using cache = oneLayer({ kvHeads: 2, queryHeads: 4, maxPages: 512 });
     const lengths = [4096, 1, 31, 128, 160, 97, 5, 64, 65, 129, 300, 2, 7, 33, 250, 96, 1000];
     const seqs = lengths.map((n) => {
       const s = cache.createSequence();

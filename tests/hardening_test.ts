@@ -541,14 +541,19 @@ function toBf(b: number): number {
   return new Float32Array(new Uint32Array([b << 16]).buffer)[0];
 }
 
+/** setup(), then what the option tests pass: a snapshot, two tokens k1, a 32 x 32 x and a format. */
+async function optionSetup(label: string) {
+  const s = await setup(label);
+  const before = snap(s.cache, s.seq, s.q);
+  const k1 = kvRows(s.rng, 2, H, D);
+  const x = kvRows(s.rng, 32, 1, 32);
+  return { ...s, before, k1, x, uni: { kind: "uniform", bits: 2, group: 32 } as const };
+}
+
 describe("issue 22: strict options", () => {
   it("an unknown key is a TypeError naming it and the closest known key, everywhere", async () => {
-    const { rng, kivi, cache, seq, q } = await setup("unknown keys");
+    const { kivi, cache, seq, q, before, k1, x, uni } = await optionSetup("unknown keys");
     using _k = kivi;
-    const before = snap(cache, seq, q);
-    const k1 = kvRows(rng, 2, H, D);
-    const x = kvRows(rng, 32, 1, 32);
-    const uni = { kind: "uniform", bits: 2, group: 32 } as const;
     const cases: [string, () => unknown, RegExp][] = [
       [
         "createCache",
@@ -616,13 +621,9 @@ describe("issue 22: strict options", () => {
   });
 
   it("booleans must be booleans and dtype hints must match the array", async () => {
-    const { rng, kivi, cache, seq, q } = await setup("booleans");
+    const { kivi, cache, seq, q, before, k1, x, uni } = await optionSetup("booleans");
     using _k = kivi;
-    const before = snap(cache, seq, q);
-    const k1 = kvRows(rng, 2, H, D);
     k1[5] = NaN;
-    const x = kvRows(rng, 32, 1, 32);
-    const uni = { kind: "uniform", bits: 2, group: 32 } as const;
     const cases: [string, () => unknown, new (...a: never[]) => Error, RegExp][] = [
       [
         "trusted a string",
