@@ -550,7 +550,9 @@ export function cacheOptions(
 
 /** Cache formats by name: U (uniform) or CB (codebook), bits, G group. */
 export const CB2_G64 = { kind: "codebook", bits: 2, group: 64 } as const;
+export const CB2_G32 = { kind: "codebook", bits: 2, group: 32 } as const;
 export const CB4_G32 = { kind: "codebook", bits: 4, group: 32 } as const;
+export const CB4_G64 = { kind: "codebook", bits: 4, group: 64 } as const;
 export const U2_G32 = { kind: "uniform", bits: 2, group: 32 } as const;
 export const U2_G64 = { kind: "uniform", bits: 2, group: 64 } as const;
 export const U4_G128 = { kind: "uniform", bits: 4, group: 128 } as const;

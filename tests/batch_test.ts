@@ -36,6 +36,19 @@ function filled(cache: KVCache, rng: Rng, n: number): Sequence {
   return s;
 }
 
+/** Each of `ops` on the batch is KIVI_ERR_STATE with the message "<op>: <why>". */
+function refusedOps(
+  batch: DecodeBatch<Sequence>,
+  ops: readonly ("attend" | "append" | "check")[],
+  why: string,
+  what: string,
+): void {
+  for (const op of ops) {
+    const call = () => (op === "check" ? batch.check() : batch[op](0));
+    throwsNaming(call, "KIVI_ERR_STATE", new RegExp(`${op}: ${why}`), `${what}: ${op}`);
+  }
+}
+
 /** Everything a failed call must leave as it was. */
 function snapshot(kivi: Backend, cache: KVCache, seqs: Sequence[], outs: DeviceTensor[] = []) {
   return {
@@ -621,18 +634,7 @@ describe("decode batch: refusals", () => {
     );
     const live = [...seqs, reuse];
     const before = snapshot(kivi, cache, live, [out3]);
-    throwsNaming(
-      () => batch.attend(0),
-      "KIVI_ERR_STATE",
-      /attend: the sequence was freed; create a new one/,
-      "freed",
-    );
-    throwsNaming(
-      () => batch.append(0),
-      "KIVI_ERR_STATE",
-      /append: the sequence was freed; create a new one/,
-      "freed",
-    );
+    refusedOps(batch, ["attend", "append"], "the sequence was freed; create a new one", "freed");
     assert.deepEqual(
       snapshot(kivi, cache, live, [out3]),
       before,
@@ -728,18 +730,7 @@ describe("decode batch: refusals", () => {
     cache.dispose();
     assert.equal(batch.disposed, true);
     assert.equal(kivi._nativeRefs, refs - 2, "the batch and the cache let go of the context");
-    throwsNaming(
-      () => batch.attend(0),
-      "KIVI_ERR_STATE",
-      /attend: the cache was disposed; create a new one/,
-      "cache",
-    );
-    throwsNaming(
-      () => batch.check(),
-      "KIVI_ERR_STATE",
-      /check: the cache was disposed; create a new one/,
-      "check",
-    );
+    refusedOps(batch, ["attend", "check"], "the cache was disposed; create a new one", "cache");
     const c2 = kivi.createCache(OPTS);
     const b2 = c2.batch([filled(c2, rng, 3)], { q, out });
     kivi.dispose();

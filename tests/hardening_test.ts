@@ -13,7 +13,7 @@ import type { Backend, DeviceTensor, KVCache, Sequence } from "../src/mod.ts";
 import { KiviError } from "../src/mod.ts";
 import { demoShape, main, parseDemoOptions } from "../src/cli.ts";
 import { assertUntouched, cacheOptions, f16, f32, kvRows, openCpu, Rng } from "./_helpers.ts";
-import { sentinel, throwsNaming, toInput } from "./_helpers.ts";
+import { CB2_G32, sentinel, throwsNaming, toInput, U2_G32 } from "./_helpers.ts";
 import { gpuDescribe } from "./_gpu.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
@@ -411,11 +411,7 @@ describe("issue 22: values past fp16's range", () => {
     const re =
       /\bx must hold values below 65520 in magnitude \(fp16 params\), got 80000 at index 4 \(row 0, col 4\)/;
     for (
-      const format of [{ kind: "uniform", bits: 2, group: 32 }, {
-        kind: "codebook",
-        bits: 2,
-        group: 32,
-      }] as const
+      const format of [U2_G32, CB2_G32]
     ) {
       throwsNaming(
         () => kivi.quantize(big, { shape, axis: "channel", format }),
