@@ -36,6 +36,24 @@ function filled(cache: KVCache, rng: Rng, n: number): Sequence {
   return s;
 }
 
+/** A CPU backend, a cache of OPTS, one sequence of `tokens` tokens, and a batch over it whose q
+ * holds a NaN at `nanAt`; disposing it disposes them all, the batch first. */
+async function nanBatch(label: string, tokens: number, nanAt: number, trusted = false) {
+  const rng = new Rng(label);
+  const kivi = await openCpu();
+  const cache = kivi.createCache(OPTS);
+  const seqs = [filled(cache, rng, tokens)];
+  const q = nanQ(kivi, rng, nanAt), out = kivi.alloc([1, QH, D], "f32");
+  const batch = cache.batch(seqs, trusted ? { q, out, trusted } : { q, out });
+  return {
+    out,
+    batch,
+    [Symbol.dispose]() {
+      for (const d of [batch, out, q, cache, kivi]) d.dispose();
+    },
+  };
+}
+
 /** Each of `ops` on the batch is KIVI_ERR_STATE with the message "<op>: <why>". */
 function refusedOps(
   batch: DecodeBatch<Sequence>,
@@ -238,12 +256,8 @@ describe("decode batch: deferred checks", () => {
   }
 
   it("check() and synchronizeSync() throw a deferred error once; synchronize() too", async () => {
-    const rng = new Rng("batch check");
-    using kivi = await openCpu();
-    using cache = kivi.createCache(OPTS);
-    const seqs = [filled(cache, rng, 10)];
-    using q = nanQ(kivi, rng, 5), out = kivi.alloc([1, QH, D], "f32");
-    using batch = cache.batch(seqs, { q, out });
+    using f = await nanBatch("batch check", 10, 5);
+    const { batch } = f;
     for (const read of [() => batch.check(), () => batch.synchronizeSync()]) {
       batch.attend(0);
       throwsNaming(
@@ -352,12 +366,8 @@ describe("decode batch: deferred checks", () => {
   }
 
   it("a trusted batch checks nothing: a NaN q gives what the kernel gives, and no error follows", async () => {
-    const rng = new Rng("batch trusted");
-    using kivi = await openCpu();
-    using cache = kivi.createCache(OPTS);
-    const seqs = [filled(cache, rng, 50)];
-    using q = nanQ(kivi, rng, 0), out = kivi.alloc([1, QH, D], "f32");
-    using batch = cache.batch(seqs, { q, out, trusted: true });
+    using f = await nanBatch("batch trusted", 50, 0, true);
+    const { out, batch } = f;
     assert.equal(batch.trusted, true);
     batch.attend(0);
     batch.synchronizeSync();

@@ -550,6 +550,9 @@ describe("issue 22: strict options", () => {
   it("an unknown key is a TypeError naming it and the closest known key, everywhere", async () => {
     const { kivi, cache, seq, q, before, k1, x, uni } = await optionSetup("unknown keys");
     using _k = kivi;
+    // quantize of x with one option added or replaced
+    const quantize = (o: Record<string, unknown>) => () =>
+      kivi.quantize(x, { shape: [32, 32], axis: "channel", format: uni, ...o } as never);
     const cases: [string, () => unknown, RegExp][] = [
       [
         "createCache",
@@ -563,21 +566,12 @@ describe("issue 22: strict options", () => {
       ],
       [
         "quantize format",
-        () =>
-          kivi.quantize(x, {
-            shape: [32, 32],
-            axis: "channel",
-            format: { kind: "uniform", bits: 2, grop: 64 } as never,
-          }),
+        quantize({ format: { kind: "uniform", bits: 2, grop: 64 } }),
         /format has an unknown key "grop"; did you mean "group"\?/,
       ],
       [
         "quantize options",
-        () =>
-          kivi.quantize(
-            x,
-            { shape: [32, 32], axis: "channel", format: uni, trustd: true } as never,
-          ),
+        quantize({ trustd: true }),
         /options has an unknown key "trustd"; did you mean "trusted"\?/,
       ],
       [
@@ -592,13 +586,7 @@ describe("issue 22: strict options", () => {
       ],
       [
         "out",
-        () =>
-          kivi.quantize(x, {
-            shape: [32, 32],
-            axis: "channel",
-            format: uni,
-            out: { code: new Uint32Array(64) } as never,
-          }),
+        quantize({ out: { code: new Uint32Array(64) } }),
         /out has an unknown key "code"; did you mean "codes"\?/,
       ],
       [
