@@ -30,6 +30,15 @@ async function setup(label: string) {
   return { rng, kivi, cache, seq, q };
 }
 
+/** A uniform 2-bit quantize of x ([rows, 32], channel axis) into `out`, as a thunk. */
+const quantizeInto = (kivi: Backend, x: Float32Array, rows: number, out: object) => () =>
+  kivi.quantize(x, {
+    shape: [rows, 32],
+    axis: "channel",
+    format: { kind: "uniform", bits: 2 },
+    out: out as never,
+  });
+
 /** What a failed call must leave as it was: lengths, block table, contents and attention. */
 function snap(cache: KVCache, seq: Sequence, q: Float32Array) {
   return {
@@ -348,13 +357,7 @@ describe("issue 22: lying subclasses, duck-typed tensors and Proxies", () => {
     );
     const x = new Float32Array(1024).fill(0.25);
     throwsNaming(
-      () =>
-        kivi.quantize(x, {
-          shape: [32, 32],
-          axis: "channel",
-          format: { kind: "uniform", bits: 2 },
-          out: { codes: duck as never },
-        }),
+      quantizeInto(kivi, x, 32, { codes: duck }),
       TypeError,
       /out\.codes must be a host typed array like the input/,
       "duck out",
@@ -705,29 +708,17 @@ describe("issue 22: overlapping buffers", () => {
     const x = kvRows(rng, 64, 1, 32);
     const words = new Uint32Array(x.buffer, 0, 64 * 32 / 16);
     throwsNaming(
-      () =>
-        kivi.quantize(x, {
-          shape: [64, 32],
-          axis: "channel",
-          format: { kind: "uniform", bits: 2 },
-          out: { codes: words },
-        }),
+      quantizeInto(kivi, x, 64, { codes: words }),
       TypeError,
       /out\.codes must not share memory with x/,
       "codes over x",
     );
     const p = new Uint16Array(64);
     throwsNaming(
-      () =>
-        kivi.quantize(x, {
-          shape: [64, 32],
-          axis: "channel",
-          format: { kind: "uniform", bits: 2 },
-          out: {
-            scale: p.subarray(0, 64) as never,
-            zero: new Uint16Array(p.buffer, 0, 64) as never,
-          },
-        }),
+      quantizeInto(kivi, x, 64, {
+        scale: p.subarray(0, 64),
+        zero: new Uint16Array(p.buffer, 0, 64),
+      }),
       TypeError,
       /out\.zero must not share memory with out\.scale/,
       "zero over scale",

@@ -173,11 +173,8 @@ static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, ki
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                        kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
-  const cpu_spec spec =
-      kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
-  cpu_shape sh;
-  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids),
+                  cpu_validate_input(ctx, &spec, &sh, x));
   const walk wk = {.kind = WALK_FIT,
                    .fit = fit,
                    .max_iters = max_iters,
@@ -190,11 +187,8 @@ KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype
 KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                             kivi_axis axis, int32_t group, int32_t bits, const uint16_t *centroids,
                                             kivi_assign assign, int32_t flags, uint32_t *codes) {
-  const cpu_spec spec =
-      kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
-  cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes),
+                  cpu_validate(ctx, &spec, &sh));
   if ((st = check_centroids(ctx, spec.op, centroids, &sh))) return st;
   if (!(flags & KIVI_FLAG_TRUSTED) && (st = cpu_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   const walk wk = {.kind = WALK_QUANTIZE, .assign = assign, .centroids_in = centroids, .codes = codes};
@@ -204,11 +198,9 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
 KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                           kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                           kivi_assign assign, int32_t flags, uint16_t *centroids, uint32_t *codes) {
-  const cpu_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign,
-                                                  flags, centroids, codes);
-  cpu_shape sh;
-  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags,
+                                            centroids, codes),
+                  cpu_validate_input(ctx, &spec, &sh, x));
   const walk wk = {.kind = WALK_ENCODE,
                    .fit = fit,
                    .assign = assign,
@@ -221,10 +213,8 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
 KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *centroids,
                                               int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                               void *out, kivi_dtype out_dtype) {
-  const cpu_spec spec = kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype);
-  cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype),
+                  cpu_validate(ctx, &spec, &sh));
   float *tmp = NULL;
   if ((st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp))) return st;
 

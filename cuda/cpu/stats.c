@@ -40,10 +40,8 @@ static void group_stats(const float *v, int32_t n, float *out4, int32_t *nonfini
 
 KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                       kivi_axis axis, int32_t group, float *stats, int32_t *nonfinite) {
-  const cpu_spec spec = kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite);
-  cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite),
+                  cpu_validate(ctx, &spec, &sh));
   float *tmp = NULL;
   if ((st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp))) return st;
 

@@ -194,6 +194,15 @@ static inline kivi_status kivi_spec_check(const kivi_spec *s, kivi_shape *sh, ch
   return KIVI_OK;
 }
 
+/* The start of a quantizer export in either build: `spec` (what `make` returns: a kivi_spec_* of the
+ * export's arguments), its shape `sh` and the status `st`, which `validate` (the build's validator,
+ * an expression of ctx, &spec and &sh) sets; a refusal returns it from the export. */
+#define KIVI_SPEC_ENTER(make, validate) \
+  const kivi_spec spec = make;          \
+  kivi_shape sh;                        \
+  kivi_status st = validate;            \
+  if (st) return st
+
 /* ------------------------------------------------------------------ the exports' specs ---- */
 
 /* One spec per quantizer export of kivi.h: its name, what it checks and its required pointers, so

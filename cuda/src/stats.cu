@@ -137,10 +137,8 @@ static __global__ void __launch_bounds__(256)
 extern "C" KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
                                                  int64_t cols, kivi_axis axis, int32_t group, float *stats,
                                                  int32_t *nonfinite) {
-  const kv_spec spec = kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite);
-  kv_shape sh;
-  kivi_status st = kv_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite),
+                  kv_validate(ctx, &spec, &sh));
   const bool aligned = ((uintptr_t)x & 15u) == 0;
   const unsigned grid = kv_grid(ctx, (sh.groups + 127) / 128, 16);
   const unsigned grid_c = kv_grid(ctx, (sh.groups * KV_STATS_LANES + 255) / 256, 8);
