@@ -797,65 +797,46 @@ describe("bad arguments straight into the C exports", () => {
     const words = () => lib.ptr(new Uint32Array(128));
     const pack = (codes: Uint8Array, count: number, bits: number, out: Pointer) =>
       lib.call("kivi_codes_pack", n.ctx, lib.ptr(codes), count, bits, out);
+    const ARG = "KIVI_ERR_ARG", SHAPE = "KIVI_ERR_SHAPE";
     const cases: [string, (o: O) => number, StatusName, RegExp][] = [
-      [
-        "fit max_iters 0",
-        (o) => fit(o, { iters: 0 }),
-        "KIVI_ERR_ARG",
-        /max_iters must be in 1\.\.256, got 0/,
-      ],
-      [
-        "fit max_iters 257",
-        (o) => fit(o, { iters: 257, trace: false }),
-        "KIVI_ERR_ARG",
-        /max_iters/,
-      ],
-      ["fit fit 2", (o) => fit(o, { fit: 2, trace: false }), "KIVI_ERR_ARG", /\bfit must be/],
-      [
-        "fit centroids NULL",
-        (o) => fit(o, { cent: null }),
-        "KIVI_ERR_ARG",
-        /centroids must not be NULL/,
-      ],
-      ["fit group 48", (o) => fit(o, { group: 48 }), "KIVI_ERR_ARG", /group/],
+      ["fit max_iters 0", (o) => fit(o, { iters: 0 }), ARG, /max_iters must be in 1\.\.256, got 0/],
+      ["fit max_iters 257", (o) => fit(o, { iters: 257, trace: false }), ARG, /max_iters/],
+      ["fit fit 2", (o) => fit(o, { fit: 2, trace: false }), ARG, /\bfit must be/],
+      ["fit centroids NULL", (o) => fit(o, { cent: null }), ARG, /centroids must not be NULL/],
+      ["fit group 48", (o) => fit(o, { group: 48 }), ARG, /group/],
       [
         "quantize unsorted",
         (o) => quantize(o, { cent: lib.ptr(unsorted) }),
-        "KIVI_ERR_ARG",
+        ARG,
         /centroids must be sorted ascending.*group 9/,
       ],
       [
         "quantize Inf centroid",
         (o) => quantize(o, { cent: lib.ptr(infCent) }),
-        "KIVI_ERR_ARG",
+        ARG,
         /centroids must be finite/,
       ],
-      ["quantize assign 2", (o) => quantize(o, { assign: 2 }), "KIVI_ERR_ARG", /assign/],
-      ["quantize bits 3", (o) => quantize(o, { bits: 3 }), "KIVI_ERR_ARG", /bits/],
+      ["quantize assign 2", (o) => quantize(o, { assign: 2 }), ARG, /assign/],
+      ["quantize bits 3", (o) => quantize(o, { bits: 3 }), ARG, /bits/],
       [
         "quantize centroids NULL",
         (o) => quantize(o, { cent: null }),
-        "KIVI_ERR_ARG",
+        ARG,
         /centroids must not be NULL/,
       ],
-      ["encode assign 5", (o) => encode(o, { assign: 5 }), "KIVI_ERR_ARG", /assign/],
+      ["encode assign 5", (o) => encode(o, { assign: 5 }), ARG, /assign/],
       [
         "encode cols 32 rows 48 token",
         (o) => encode(o, { rows: 48, axis: 0 }),
-        "KIVI_ERR_SHAPE",
+        SHAPE,
         /rows \(48\)/,
       ],
-      [
-        "encode codes NULL",
-        (o) => encode(o, { codes: null }),
-        "KIVI_ERR_ARG",
-        /\bcodes must not be NULL/,
-      ],
+      ["encode codes NULL", (o) => encode(o, { codes: null }), ARG, /\bcodes must not be NULL/],
       [
         "cb dequantize out NULL",
         () =>
           lib.call("kivi_codebook_dequantize", n.ctx, words(), lib.ptr(cent), ...dims({}), null, 0),
-        "KIVI_ERR_ARG",
+        ARG,
         /\bout must not be NULL/,
       ],
       [
@@ -870,7 +851,7 @@ describe("bad arguments straight into the C exports", () => {
             lib.ptr(o.out.buf),
             9,
           ),
-        "KIVI_ERR_ARG",
+        ARG,
         /out_dtype/,
       ],
       [
@@ -886,7 +867,7 @@ describe("bad arguments straight into the C exports", () => {
             lib.ptr(o.out.buf),
             0,
           ),
-        "KIVI_ERR_ARG",
+        ARG,
         /\bscale must not be NULL/,
       ],
       [
@@ -904,13 +885,13 @@ describe("bad arguments straight into the C exports", () => {
             0,
           );
         },
-        "KIVI_ERR_ARG",
+        ARG,
         /group/,
       ],
       [
         "stats nonfinite NULL",
         (o) => lib.call("kivi_stats_block", n.ctx, px, 0, 64, 32, 1, 32, lib.ptr(o.f32s.buf), null),
-        "KIVI_ERR_ARG",
+        ARG,
         /nonfinite must not be NULL/,
       ],
       [
@@ -928,43 +909,38 @@ describe("bad arguments straight into the C exports", () => {
             lib.ptr(o.f32s.buf),
             lib.ptr(o.i32s.buf),
           ),
-        "KIVI_ERR_SHAPE",
+        SHAPE,
         /cols \(48\)/,
       ],
       [
         "pack n 15",
         (o) => pack(new Uint8Array(15), 15, 2, lib.ptr(o.codes.buf)),
-        "KIVI_ERR_SHAPE",
+        SHAPE,
         /\bn \(15\) must be a multiple of 16/,
       ],
       [
         "pack n 0",
         (o) => pack(new Uint8Array(16), 0, 2, lib.ptr(o.codes.buf)),
-        "KIVI_ERR_ARG",
+        ARG,
         /\bn must be >= 1/,
       ],
       [
         "pack code 4",
         (o) => pack(new Uint8Array(32).fill(4, 20, 21), 32, 2, lib.ptr(o.codes.buf)),
-        "KIVI_ERR_ARG",
+        ARG,
         /codes\[20\] must be below 2\^bits/,
       ],
       [
         "pack code 16 at 4 bits",
         (o) => pack(new Uint8Array(8).fill(16, 7), 8, 4, lib.ptr(o.codes.buf)),
-        "KIVI_ERR_ARG",
+        ARG,
         /codes\[7\]/,
       ],
-      [
-        "pack bits 3",
-        (o) => pack(new Uint8Array(32), 32, 3, lib.ptr(o.codes.buf)),
-        "KIVI_ERR_ARG",
-        /bits/,
-      ],
+      ["pack bits 3", (o) => pack(new Uint8Array(32), 32, 3, lib.ptr(o.codes.buf)), ARG, /bits/],
       [
         "pack words NULL",
         () => pack(new Uint8Array(32), 32, 2, null),
-        "KIVI_ERR_ARG",
+        ARG,
         /words must not be NULL/,
       ],
       [
@@ -978,13 +954,13 @@ describe("bad arguments straight into the C exports", () => {
             4,
             lib.ptr(o.bytes.buf),
           ),
-        "KIVI_ERR_SHAPE",
+        SHAPE,
         /\bn \(20\)/,
       ],
       [
         "unpack words NULL",
         (o) => lib.call("kivi_codes_unpack", n.ctx, null, 16, 2, lib.ptr(o.bytes.buf)),
-        "KIVI_ERR_ARG",
+        ARG,
         /words must not be NULL/,
       ],
     ];
