@@ -249,58 +249,25 @@ gpuDescribe("CUDA quantizers take host arrays: copied to the device and the resu
         (i % 4) - 1.5 + rng.uniform(-0.4, 0.4)
       );
       using ct = g.upload(cent);
+      // each call made on the host array (with its shape and dtype) and on the tensor
+      type Call = (x: unknown, o: Record<string, unknown>) => object;
+      const both = (call: Call, o: Record<string, unknown>) =>
+        [() => call(inp.x, { shape: [rows, cols], dtype, ...o }), () => call(x, o)] as const;
+      const quantize: Call = (v, o) => g.quantize(v as never, o as never);
+      const fit: Call = (v, o) => g.fitCodebook(v as never, o as never);
+      const stats: Call = (v, o) => g.stats(v as never, o as never);
+      // the centroids where x lives: the host array's for it, the tensor's for the tensor
+      const given: Call = (v, o) =>
+        g.quantizeWithCodebook(v as never, (v === inp.x ? cent : ct) as never, o as never);
       const calls: [string, () => object, () => object][] = [
-        [
-          "uniform",
-          () =>
-            g.quantize(inp.x, {
-              shape: [rows, cols],
-              dtype,
-              axis: "token",
-              format: { kind: "uniform", bits: 2 },
-            }),
-          () => g.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 } }),
-        ],
+        ["uniform", ...both(quantize, { axis: "token", format: { kind: "uniform", bits: 2 } })],
         [
           "codebook",
-          () =>
-            g.quantize(inp.x, {
-              shape: [rows, cols],
-              dtype,
-              axis: "channel",
-              format: { kind: "codebook", bits: 4, group: 32 },
-            }),
-          () =>
-            g.quantize(x, { axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } }),
+          ...both(quantize, { axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } }),
         ],
-        [
-          "stats",
-          () => g.stats(inp.x, { shape: [rows, cols], dtype, axis: "token", group: 32 }),
-          () => g.stats(x, { axis: "token", group: 32 }),
-        ],
-        [
-          "fit",
-          () =>
-            g.fitCodebook(inp.x, {
-              shape: [rows, cols],
-              dtype,
-              axis: "token",
-              bits: 2,
-              trace: true,
-            }),
-          () => g.fitCodebook(x, { axis: "token", bits: 2, trace: true }),
-        ],
-        [
-          "given centroids",
-          () =>
-            g.quantizeWithCodebook(inp.x, cent, {
-              shape: [rows, cols],
-              dtype,
-              axis: "channel",
-              bits: 2,
-            }),
-          () => g.quantizeWithCodebook(x, ct, { axis: "channel", bits: 2 }),
-        ],
+        ["stats", ...both(stats, { axis: "token", group: 32 })],
+        ["fit", ...both(fit, { axis: "token", bits: 2, trace: true })],
+        ["given centroids", ...both(given, { axis: "channel", bits: 2 })],
       ];
       for (const [name, viaHost, viaTensor] of calls) {
         const got = viaHost() as Record<string, unknown>;

@@ -136,6 +136,12 @@ typedef struct walk {
   uint32_t *codes;              /* QUANTIZE, ENCODE */
 } walk;
 
+/* A walk that fits centroids (kivi_codebook_fit, kivi_codebook_encode); the rest left zero. */
+static walk fitting(walk_kind kind, kivi_fit fit, int32_t max_iters, uint16_t *centroids) {
+  const walk wk = {.kind = kind, .fit = fit, .max_iters = max_iters, .centroids_out = centroids};
+  return wk;
+}
+
 static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const cpu_shape *sh,
                                const walk *wk) {
   float *tmp = NULL;
@@ -175,12 +181,9 @@ KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
   KIVI_SPEC_ENTER(kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids),
                   cpu_validate_input(ctx, &spec, &sh, x));
-  const walk wk = {.kind = WALK_FIT,
-                   .fit = fit,
-                   .max_iters = max_iters,
-                   .centroids_out = centroids,
-                   .iters = iters,
-                   .inertia = inertia};
+  walk wk = fitting(WALK_FIT, fit, max_iters, centroids);
+  wk.iters = iters;
+  wk.inertia = inertia;
   return walk_groups(ctx, spec.op, x, dtype, &sh, &wk);
 }
 
@@ -201,12 +204,9 @@ KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dt
   KIVI_SPEC_ENTER(kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags,
                                             centroids, codes),
                   cpu_validate_input(ctx, &spec, &sh, x));
-  const walk wk = {.kind = WALK_ENCODE,
-                   .fit = fit,
-                   .assign = assign,
-                   .max_iters = max_iters,
-                   .centroids_out = centroids,
-                   .codes = codes};
+  walk wk = fitting(WALK_ENCODE, fit, max_iters, centroids);
+  wk.assign = assign;
+  wk.codes = codes;
   return walk_groups(ctx, spec.op, x, dtype, &sh, &wk);
 }
 
