@@ -279,18 +279,14 @@ gpuDescribe("CUDA quantizers take host arrays: copied to the device and the resu
         }
       }
       // Uniform codes equal the CPU's bit for bit, through host arrays as through tensors.
-      const want = cpu.quantize(inp.x, {
+      const opts = {
         shape: [rows, cols],
         dtype,
         axis: "token",
         format: { kind: "uniform", bits: 2 },
-      }) as UniformQuantized<"host">;
-      const got = g.quantize(inp.x, {
-        shape: [rows, cols],
-        dtype,
-        axis: "token",
-        format: { kind: "uniform", bits: 2 },
-      }) as UniformQuantized<"host">;
+      };
+      const want = cpu.quantize(inp.x, opts as never) as UniformQuantized<"host">;
+      const got = g.quantize(inp.x, opts as never) as UniformQuantized<"host">;
       assertSameBits(got.codes, want.codes, `codes vs CPU ${rng.tag}`);
       assertSameBits(
         g.dequantize(got, { dtype: "f16" }) as Float16Array,

@@ -13,13 +13,12 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
+#include "kivi_host.h"
 
 #define KIVI_MODEL_MAX_ARGS 6
 
-typedef struct kivi_model_ptr {
-  const char *name; /* NULL ends the list */
-  const void *p;
-} kivi_model_ptr;
+/* A named pointer argument, as kivi_host.h's specs hold them. */
+typedef kivi_arg_ptr kivi_model_ptr;
 
 typedef struct kivi_model_size {
   const char *name; /* NULL ends the list */
