@@ -751,49 +751,26 @@ describe("bad arguments straight into the C exports", () => {
     type Dims = { rows?: number; cols?: number; axis?: number; group?: number; bits?: number };
     const dims = (d: Dims) =>
       [d.rows ?? 64, d.cols ?? 32, d.axis ?? 1, d.group ?? 32, d.bits ?? 2] as const;
+    // x and its dtype, then the sizes
+    const matrix = (d: Dims) => [px, 0, ...dims(d)] as const;
     const fit = (
       o: O,
       a: Dims & { fit?: number; iters?: number; cent?: Pointer; trace?: false } = {},
-    ) =>
-      lib.call(
-        "kivi_codebook_fit",
-        n.ctx,
-        px,
-        0,
-        ...dims(a),
-        a.fit ?? 0,
-        a.iters ?? 16,
-        0,
-        a.cent === undefined ? lib.ptr(o.cent.buf) : a.cent,
-        a.trace === false ? null : lib.ptr(o.i32s.buf),
-        a.trace === false ? null : lib.ptr(o.inertia.buf),
-      );
-    const quantize = (o: O, a: Dims & { cent?: Pointer; assign?: number } = {}) =>
-      lib.call(
-        "kivi_codebook_quantize",
-        n.ctx,
-        px,
-        0,
-        ...dims(a),
-        a.cent === undefined ? lib.ptr(cent) : a.cent,
-        a.assign ?? 0,
-        0,
-        lib.ptr(o.codes.buf),
-      );
-    const encode = (o: O, a: Dims & { assign?: number; codes?: null } = {}) =>
-      lib.call(
-        "kivi_codebook_encode",
-        n.ctx,
-        px,
-        0,
-        ...dims(a),
-        0,
-        16,
-        a.assign ?? 0,
-        0,
-        lib.ptr(o.cent.buf),
-        a.codes === null ? null : lib.ptr(o.codes.buf),
-      );
+    ) => {
+      const c = a.cent === undefined ? lib.ptr(o.cent.buf) : a.cent;
+      const traced = (s: Sentinel) => (a.trace === false ? null : lib.ptr(s.buf));
+      const rest = [a.fit ?? 0, a.iters ?? 16, 0, c, traced(o.i32s), traced(o.inertia)] as const;
+      return lib.call("kivi_codebook_fit", n.ctx, ...matrix(a), ...rest);
+    };
+    const quantize = (o: O, a: Dims & { cent?: Pointer; assign?: number } = {}) => {
+      const c = a.cent === undefined ? lib.ptr(cent) : a.cent, out = lib.ptr(o.codes.buf);
+      return lib.call("kivi_codebook_quantize", n.ctx, ...matrix(a), c, a.assign ?? 0, 0, out);
+    };
+    const encode = (o: O, a: Dims & { assign?: number; codes?: null } = {}) => {
+      const out = a.codes === null ? null : lib.ptr(o.codes.buf);
+      const rest = [0, 16, a.assign ?? 0, 0, lib.ptr(o.cent.buf), out] as const;
+      return lib.call("kivi_codebook_encode", n.ctx, ...matrix(a), ...rest);
+    };
     const words = () => lib.ptr(new Uint32Array(128));
     const pack = (codes: Uint8Array, count: number, bits: number, out: Pointer) =>
       lib.call("kivi_codes_pack", n.ctx, lib.ptr(codes), count, bits, out);
