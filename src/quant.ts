@@ -323,18 +323,16 @@ export function stats<X extends Input>(
   return { groups, stats: c.buf(ist), nonfinite: c.buf(inf) };
 }
 
+/** The options quantize reads. */
+const QUANTIZE_KEYS = ["shape", "dtype", "axis", "format", "trusted", "out"] as const;
+
 /** Quantizes and packs x in one pass (codebook: fit, then quantize against the fp16 centroids). */
 export function quantize<X extends Input>(
   kivi: Backend,
   x: X,
   opts: QuantizeOptions<MemOf<X>>,
 ): Quantized<MemOf<X>> {
-  const o = readOptions(
-    "options",
-    opts,
-    ["shape", "dtype", "axis", "format", "trusted", "out"],
-    true,
-  );
+  const o = readOptions("options", opts, QUANTIZE_KEYS, true);
   const format = resolveFormat(o.format as Format);
   const out = readOptions("out", o.out, ["codes", "scale", "zero", "centroids"]);
   for (const k of format.kind === "uniform" ? ["centroids"] as const : ["scale", "zero"] as const) {
@@ -461,6 +459,8 @@ export function dequantize<M extends Mem>(
 
 /** The options both codebook calls read first. */
 const CODEBOOK_KEYS = ["shape", "dtype", "axis", "bits", "group"] as const;
+/** The options fitCodebook reads. */
+const FIT_KEYS = [...CODEBOOK_KEYS, "fit", "iterations", "trace", "trusted", "out"] as const;
 
 /** Fits 2^bits centroids per group by 1-D k-means (Lloyd-Max), starting from the uniform grid. */
 export function fitCodebook<X extends Input>(
@@ -468,12 +468,7 @@ export function fitCodebook<X extends Input>(
   x: X,
   opts: FitOptions<MemOf<X>>,
 ): FitResult<MemOf<X>> {
-  const o = readOptions(
-    "options",
-    opts,
-    [...CODEBOOK_KEYS, "fit", "iterations", "trace", "trusted", "out"],
-    true,
-  );
+  const o = readOptions("options", opts, FIT_KEYS, true);
   const out = readOptions("out", o.out, ["centroids"]);
   const f = resolveFormat(
     {
@@ -564,15 +559,20 @@ function codesInput(kivi: Backend, name: string, x: unknown): { mem: Mem; n: num
   throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
 }
 
+/** The options of pack and unpack (bits checked), then where their input lives. */
+function codesArgs(kivi: Backend, opts: unknown, name: string, x: unknown) {
+  const o = readOptions("options", opts, ["bits", "out"], true);
+  const bits = checkOneOf("bits", o.bits, BITS);
+  return { o, bits, ...codesInput(kivi, name, x) };
+}
+
 /** Packs codes (one per byte, each < 2^bits) into uint32 words, LSB first. */
 export function pack<M extends Mem>(
   kivi: Backend,
   codes: Buf<M, "u8">,
   opts: { bits: Bits; out?: Buf<M, "u32"> },
 ): Buf<M, "u32"> {
-  const o = readOptions("options", opts, ["bits", "out"], true);
-  const bits = checkOneOf("bits", o.bits, BITS);
-  const { mem, n } = codesInput(kivi, "codes", codes);
+  const { o, bits, mem, n } = codesArgs(kivi, opts, "codes", codes);
   const cpw = 32 / bits;
   if (n === 0 || n % cpw !== 0) {
     throw new RangeError(
@@ -593,9 +593,7 @@ export function unpack<M extends Mem>(
   words: Buf<M, "u32">,
   opts: { bits: Bits; out?: Buf<M, "u8"> },
 ): Buf<M, "u8"> {
-  const o = readOptions("options", opts, ["bits", "out"], true);
-  const bits = checkOneOf("bits", o.bits, BITS);
-  const { mem, n: nw } = codesInput(kivi, "words", words);
+  const { o, bits, mem, n: nw } = codesArgs(kivi, opts, "words", words);
   if (nw === 0) throw new RangeError(`words must hold at least one word, got 0`);
   const n = nw * (32 / bits);
   using c = new Call(kivi, mem as M, "unpack");

@@ -1298,14 +1298,17 @@ static void fuzz_model(void) {
   int nr = 0;
   /* buffer bytes: the valid call's, or 16 bytes the refused call must not touch */
 #define MB(n) (bad ? (size_t)16 : (size_t)(n))
+/* The regions q, laid out at random into r (returns from the op when they do not fit). */
+#define LAY_OUT(q)                                            \
+  memcpy(r, q, sizeof q), nr = (int)(sizeof q / sizeof q[0]); \
+  if (!layout(r, nr, 0)) return
   switch (op) {
     case 0: { /* embed: tokens, table, out */
-      g_op = "kivi_model_embed";
+      g_where = "kivi_model_embed";
       const int32_t vocab = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad),
                     dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
       region q[3] = {{0, MB(4 * rows)}, {0, MB(2 * vocab * dim)}, {0, MB(4 * rows * dim)}};
-      memcpy(r, q, sizeof q), nr = 3;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       fill_canary(&r[2]);
       if (!bad) fill_ids(&r[0], rows, vocab), fill_data(&r[1], KIVI_F16, (int64_t)vocab * dim);
       void *t = maybe_null(&r[0]), *tab = maybe_null(&r[1]), *out = maybe_null(&r[2]);
@@ -1317,10 +1320,9 @@ static void fuzz_model(void) {
     case 1:   /* rmsnorm: x, w, out */
     case 4: { /* swiglu: gate, up, out (n = rows x dim) */
       const int32_t dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
-      g_op = op == 1 ? "kivi_model_rmsnorm" : "kivi_model_swiglu";
+      g_where = op == 1 ? "kivi_model_rmsnorm" : "kivi_model_swiglu";
       region q[3] = {{0, MB(4 * rows * dim)}, {0, MB(op == 1 ? 2 * dim : 4 * rows * dim)}, {0, MB(4 * rows * dim)}};
-      memcpy(r, q, sizeof q), nr = 3;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       fill_canary(&r[2]);
       if (!bad)
         fill_data(&r[0], KIVI_F32, (int64_t)rows * dim),
@@ -1335,12 +1337,11 @@ static void fuzz_model(void) {
       break;
     }
     case 2: { /* linear: x, w, y */
-      g_op = "kivi_model_linear";
+      g_where = "kivi_model_linear";
       const int32_t n = model_size(1, 16, KIVI_MODEL_MAX_DIM, &bad), k = model_size(1, 40, KIVI_MODEL_MAX_DIM, &bad);
       const int32_t acc = chance(P_BAD) ? (bad = 1, chance(0.5) ? 2 : -1) : (int32_t)irange(0, 1);
       region q[3] = {{0, MB(4 * rows * k)}, {0, MB(2 * n * k)}, {0, MB(4 * rows * n)}};
-      memcpy(r, q, sizeof q), nr = 3;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       if (!bad)
         fill_data(&r[0], KIVI_F32, (int64_t)rows * k), fill_data(&r[1], KIVI_F16, (int64_t)n * k),
             fill_data(&r[2], KIVI_F32, (int64_t)rows * n);
@@ -1353,14 +1354,13 @@ static void fuzz_model(void) {
       break;
     }
     case 3: { /* rope: x (in place), pos, cs */
-      g_op = "kivi_model_rope";
+      g_where = "kivi_model_rope";
       const int32_t heads = model_size(1, 3, KIVI_MODEL_MAX_DIM, &bad),
                     max_pos = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad);
       int32_t dim = 2 * (int32_t)irange(1, 16);
       if (chance(P_BAD)) dim += 1, bad = 1; /* odd */
       region q[3] = {{0, MB(4 * rows * heads * dim)}, {0, MB(4 * rows)}, {0, MB(4 * max_pos * dim)}};
-      memcpy(r, q, sizeof q), nr = 3;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       if (!bad)
         fill_data(&r[0], KIVI_F32, (int64_t)rows * heads * dim), fill_ids(&r[1], rows, max_pos),
             fill_data(&r[2], KIVI_F32, (int64_t)max_pos * dim);
@@ -1373,7 +1373,7 @@ static void fuzz_model(void) {
       break;
     }
     case 5: { /* attention: q, k, v, out */
-      g_op = "kivi_model_attention";
+      g_where = "kivi_model_attention";
       const int32_t batch = model_size(1, 2, KIVI_MODEL_MAX_DIM, &bad),
                     tokens = model_size(1, 8, KIVI_MODEL_MAX_TOKENS, &bad);
       const int32_t kvh = model_size(1, 2, 1024, &bad), hd = model_size(1, 16, 1024, &bad);
@@ -1382,8 +1382,7 @@ static void fuzz_model(void) {
       const int64_t bt = (int64_t)batch * tokens;
       region q[4] = {
           {0, MB(4 * bt * qh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * qh * hd)}};
-      memcpy(r, q, sizeof q), nr = 4;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       fill_canary(&r[3]);
       if (!bad)
         fill_data(&r[0], KIVI_F32, bt * qh * hd), fill_data(&r[1], KIVI_F32, bt * kvh * hd),
@@ -1395,11 +1394,10 @@ static void fuzz_model(void) {
       break;
     }
     default: { /* log_softmax: x in place */
-      g_op = "kivi_model_log_softmax";
+      g_where = "kivi_model_log_softmax";
       const int32_t n = model_size(1, 40, KIVI_MODEL_MAX_ROWS, &bad);
       region q[1] = {{0, MB(4 * rows * n)}};
-      memcpy(r, q, sizeof q), nr = 1;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       if (!bad)
         fill_data(&r[0], KIVI_F32, (int64_t)rows * n);
       else
@@ -1412,6 +1410,7 @@ static void fuzz_model(void) {
     }
   }
 #undef MB
+#undef LAY_OUT
   check_status(ctx, st, bad ? S(KIVI_ERR_ARG) : S_OK);
 }
 
