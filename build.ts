@@ -85,27 +85,16 @@ export class BuildError extends Error {
 const ROOT = path.dirname(fileURLToPath(import.meta.url));
 const SELF = path.basename(fileURLToPath(import.meta.url));
 
-const CPU_FLAGS = [
-  "-std=c11",
-  "-O3",
-  "-march=native",
-  "-fPIC",
-  "-shared",
-  "-fvisibility=hidden",
-  "-Wall",
-  "-Wextra",
-];
+/** What every CPU build shares: a shared library exporting only kivi.h's functions, warnings on. */
+const LIB_FLAGS = ["-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra"];
+const CPU_FLAGS = ["-std=c11", "-O3", "-march=native", ...LIB_FLAGS];
 const ASAN_FLAGS = [
   "-std=c11",
   "-O1",
   "-g",
   "-fno-omit-frame-pointer",
   "-fsanitize=address,undefined",
-  "-fPIC",
-  "-shared",
-  "-fvisibility=hidden",
-  "-Wall",
-  "-Wextra",
+  ...LIB_FLAGS,
 ];
 /** `KIVI_CUDA_ARCH=90` (say) builds for that one architecture only: a quicker build on the device. */
 const ONE_ARCH = process.env.KIVI_CUDA_ARCH?.match(/^\d{2,3}$/)?.[0];

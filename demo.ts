@@ -80,18 +80,12 @@ async function demo(): Promise<void> {
     `model: ${layers} layers x ${heads} query heads / ${kvHeads} KV heads x ${headDim} dims; prompt ${prompt} tokens, ${steps} decode steps, seed ${seed}\n`,
   );
 
+  const CB2_G64 = { kind: "codebook", bits: 2, group: 64 } as const;
+  const U2_G32 = { kind: "uniform", bits: 2, group: 32 } as const;
   const caches: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
     { name: "bits 16 (fp16 baseline)", keys: { bits: 16 }, values: { bits: 16 } },
-    {
-      name: "uniform 2-bit (KIVI)",
-      keys: { kind: "uniform", bits: 2, group: 32 },
-      values: { kind: "uniform", bits: 2, group: 32 },
-    },
-    {
-      name: "codebook 2-bit (kivi default)",
-      keys: { kind: "uniform", bits: 2, group: 32 },
-      values: { kind: "codebook", bits: 2, group: 64 },
-    },
+    { name: "uniform 2-bit (KIVI)", keys: U2_G32, values: U2_G32 },
+    { name: "codebook 2-bit (kivi default)", keys: U2_G32, values: CB2_G64 },
   ];
 
   type Data = Float32Array | Float16Array | DeviceTensor;

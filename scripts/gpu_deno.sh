@@ -8,14 +8,8 @@ set -uo pipefail
 r=/tmp/deno-run
 mkdir -p "$r/results" build
 cp bench/results/nvidia-h200.json bench/results/nvidia-h200.md "$r/results/" 2>/dev/null
-step() { # name, command...
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$r/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: exit $rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-3}" "$r/$name.log"
-  tar czf "$OUT/deno.tgz" -C "$r" .
-}
+archive="$OUT/deno.tgz"
+source "$(dirname "$0")/_step.sh"
 step build bash -c "deno run -A build.ts --cpu-only && cp '$KIVI_PREBUILT' build/libkivi_cuda.so"
 gcc -std=c11 -O2 -Icuda/include tests/c/cache_gpu_vs_cpu.c -o build/cache_gpu_vs_cpu -ldl -lm
 step c_cache build/cache_gpu_vs_cpu

@@ -36,6 +36,9 @@ import type { DType } from "./_dtype.ts";
 
 export type { DType, HostArray, HostOf, TensorDType } from "./_dtype.ts";
 
+/** Options of {@link Backend.pack} and {@link Backend.unpack}: the code width, and an out buffer. */
+type PackOptions<Out> = { bits: Bits; out?: Out };
+
 /**
  * The ABI version this TypeScript code was written against (kivi.h KIVI_ABI_VERSION).
  *
@@ -204,15 +207,9 @@ export class Backend extends BackendCore {
    * console.log(words[0].toString(16)); // "39393939"
    * ```
    */
-  pack(codes: Uint8Array, opts: { bits: Bits; out?: Uint32Array }): Uint32Array;
-  pack(
-    codes: DeviceTensor<"u8">,
-    opts: { bits: Bits; out?: DeviceTensor<"u32"> },
-  ): DeviceTensor<"u32">;
-  pack<M extends Mem>(
-    codes: Buf<M, "u8">,
-    opts: { bits: Bits; out?: Buf<M, "u32"> },
-  ): Buf<M, "u32"> {
+  pack(codes: Uint8Array, opts: PackOptions<Uint32Array>): Uint32Array;
+  pack(codes: DeviceTensor<"u8">, opts: PackOptions<DeviceTensor<"u32">>): DeviceTensor<"u32">;
+  pack<M extends Mem>(codes: Buf<M, "u8">, opts: PackOptions<Buf<M, "u32">>): Buf<M, "u32"> {
     return quant.pack(this, codes, opts);
   }
 
@@ -226,15 +223,9 @@ export class Backend extends BackendCore {
    * console.log(kivi.unpack(new Uint32Array([0x39393939]), { bits: 2 }).slice(0, 4)); // [1, 2, 3, 0]
    * ```
    */
-  unpack(words: Uint32Array, opts: { bits: Bits; out?: Uint8Array }): Uint8Array;
-  unpack(
-    words: DeviceTensor<"u32">,
-    opts: { bits: Bits; out?: DeviceTensor<"u8"> },
-  ): DeviceTensor<"u8">;
-  unpack<M extends Mem>(
-    words: Buf<M, "u32">,
-    opts: { bits: Bits; out?: Buf<M, "u8"> },
-  ): Buf<M, "u8"> {
+  unpack(words: Uint32Array, opts: PackOptions<Uint8Array>): Uint8Array;
+  unpack(words: DeviceTensor<"u32">, opts: PackOptions<DeviceTensor<"u8">>): DeviceTensor<"u8">;
+  unpack<M extends Mem>(words: Buf<M, "u32">, opts: PackOptions<Buf<M, "u8">>): Buf<M, "u8"> {
     return quant.unpack(this, words, opts);
   }
 

@@ -90,6 +90,15 @@ function tensorOption(backend: Backend, name: string, x: unknown): TensorFacts |
   return t;
 }
 
+/** KIVI_ERR_STATE for `op` on a batch made without the tensors it needs. */
+function without(op: string, what: string): KiviError {
+  return new KiviError(
+    Status.KIVI_ERR_STATE,
+    op,
+    `${op}: the batch was made without ${what}; make one with them`,
+  );
+}
+
 /**
  * A decode batch: distinct sequences of one cache and the device buffers of a decode step, checked
  * once. Each layer of each step is then `batch.append(layer)` (one token per sequence from `k` and
@@ -308,24 +317,27 @@ export class DecodeBatch<S extends object = object> {
     return h;
   }
 
-  /** Appends one token to each sequence of the batch in `layer`: row b of `k` and `v` to sequence b
-   * (a flush into pages where a window is full, as `seq.append`). A full pool is KIVI_ERR_CAPACITY
-   * with every sequence as it was. */
-  append(layer: number): void {
-    let h = this.#held;
+  /** The native handles for `op` on `layer`: taken straight when the batch is live, of this cache
+   * epoch and the layer an integer in range (the per-token path), else by #slow's checks. */
+  #ready(op: "append" | "attend", layer: number) {
+    const h = this.#held;
     if (
       h === undefined || h.state.broken !== undefined || !this.#host.shared.open ||
       this.#epoch !== this.#host.shared.epoch || typeof layer !== "number" ||
       !(layer >= 0 && layer < this.#layers && Number.isInteger(layer))
     ) {
-      h = this.#slow("append", layer);
+      return this.#slow(op, layer);
     }
+    return h;
+  }
+
+  /** Appends one token to each sequence of the batch in `layer`: row b of `k` and `v` to sequence b
+   * (a flush into pages where a window is full, as `seq.append`). A full pool is KIVI_ERR_CAPACITY
+   * with every sequence as it was. */
+  append(layer: number): void {
+    const h = this.#ready("append", layer);
     if (this.#k === undefined) {
-      throw new KiviError(
-        Status.KIVI_ERR_STATE,
-        "append",
-        "append: the batch was made without k and v; make one with them",
-      );
+      throw without("append", "k and v");
     }
     this.#k.pointer("append"); // a disposed tensor is KIVI_ERR_STATE
     this.#v!.pointer("append");
@@ -335,20 +347,9 @@ export class DecodeBatch<S extends object = object> {
 
   /** Decode attention of `layer` for the batch: `out = softmax(q K^T * scale) V` per sequence and head. */
   attend(layer: number): void {
-    let h = this.#held;
-    if (
-      h === undefined || h.state.broken !== undefined || !this.#host.shared.open ||
-      this.#epoch !== this.#host.shared.epoch || typeof layer !== "number" ||
-      !(layer >= 0 && layer < this.#layers && Number.isInteger(layer))
-    ) {
-      h = this.#slow("attend", layer);
-    }
+    const h = this.#ready("attend", layer);
     if (this.#q === undefined) {
-      throw new KiviError(
-        Status.KIVI_ERR_STATE,
-        "attend",
-        "attend: the batch was made without q and out; make one with them",
-      );
+      throw without("attend", "q and out");
     }
     this.#q.pointer("attend");
     this.#out!.writePointer("attend", "out"); // disposed, or a read() in flight: KIVI_ERR_STATE

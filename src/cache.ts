@@ -10,41 +10,22 @@ import {
   type DeviceTensor,
   handleRegistry,
   type NativeHeld,
-  type TensorFacts,
 } from "./tensor.ts";
-import {
-  checkBool,
-  checkInt,
-  checkOneOf,
-  type HostView,
-  hostView,
-  overlaps,
-  plainView,
-  readOptions,
-  show,
-} from "./_checks.ts";
-import {
-  checkHint,
-  type DType,
-  dtypeCode,
-  dtypeOfKind,
-  F16_LIMIT,
-  firstBeyondFp16,
-  type HostArray,
-  hostArray,
-  valueAt,
-} from "./_dtype.ts";
+import { checkBool, checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
+import { type DType, dtypeCode, type HostArray, hostArray } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
-import { bitsPerValue, type Buf, type Input, type MemOf } from "./quant.ts";
+import { type Buf, type Input, type MemOf } from "./quant.ts";
 import { type BatchOptions, DecodeBatch } from "./batch.ts";
 import {
   type CacheConfig,
   type CacheMemory,
   type CacheOptions,
   configArray,
+  memoryOf,
   resolveCacheOptions,
 } from "./cache_config.ts";
+import { checkCacheRange, type Data, dataPtr, describeData, describeOut } from "./_input.ts";
 
 export {
   type CacheConfig,
@@ -59,49 +40,6 @@ export {
 
 type CacheHeld = NativeHeld;
 const cacheRegistry = handleRegistry("kivi_cache_destroy");
-
-/** A K, V or q argument described once: a host typed array (by its internal slots) or a tensor. */
-interface Data {
-  dtype: DType;
-  length: number;
-  host?: HostView;
-  tensor?: TensorFacts;
-}
-
-/**
- * Rejects a finite value that fp16 cannot hold (NaN and Inf are left to the library's scan, which
- * reports them as KIVI_ERR_NONFINITE). Host arrays and the CPU backend's tensors (host memory) are
- * scanned here; the library's append scans CUDA tensors itself.
- */
-function checkFp16Range(
-  backend: Backend,
-  name: string,
-  d: Data,
-  c: CacheConfig,
-  n: number,
-  layer: number,
-): void {
-  if (d.dtype === "f16" || (d.tensor && backend.kind !== "cpu")) return;
-  let a: Float32Array | Uint16Array;
-  if (d.host) a = plainView(d.host) as Float32Array | Uint16Array;
-  else {
-    a = d.dtype === "f32" ? new Float32Array(d.length) : new Uint16Array(d.length);
-    backend._download(a, d.tensor!.pointer("append"), d.tensor!.bytes, false);
-  }
-  const at = firstBeyondFp16(a, d.dtype);
-  if (at < 0) return;
-  const row = c.kvHeads * c.headDim;
-  const where =
-    `layer ${layer === -1 ? Math.floor(at / (n * row)) : layer}, token ${
-      Math.floor(at / row) % n
-    }, ` +
-    `head ${Math.floor((at % row) / c.headDim)}, channel ${at % c.headDim}`;
-  throw new RangeError(
-    `${name} must hold values below ${F16_LIMIT} in magnitude (the cache stores fp16), got ${
-      valueAt(a, d.dtype, at)
-    } at index ${at} (${where}); scale it down`,
-  );
-}
 
 /** Options of {@link Sequence.append}. */
 export interface AppendOptions {
@@ -446,45 +384,6 @@ export class KVCache {
     return pages.slice(0, n[0]);
   }
 
-  /** Describes k, v or q once: dtype and length from a tensor's private fields or a typed array's
-   * internal slots; `hint` must fit a host array (f16 or bf16 for a Uint16Array). */
-  #data(name: string, x: unknown, hintName: string, hint: DType | undefined): Data {
-    const t = this.#backend._tensor(x);
-    if (t !== undefined) {
-      if (t.backend !== this.#backend) {
-        throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
-      }
-      const dtype = checkOneOf(`${name}.dtype`, t.dtype, ["f32", "f16", "bf16"] as const);
-      if (hint !== undefined && hint !== dtype) {
-        throw new TypeError(`${hintName} ${show(hint)} does not match ${name}, a ${dtype} tensor`);
-      }
-      return { dtype, length: t.length, tensor: t };
-    }
-    const v = hostView(name, x);
-    if (v === undefined) {
-      throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
-    }
-    const dtype = dtypeOfKind(v.kind, hint);
-    if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
-      throw new TypeError(
-        `${name} must be a Float32Array, Float16Array or Uint16Array, got ${v.kind}`,
-      );
-    }
-    checkHint(hintName, hint, name, v.kind);
-    return { dtype, length: v.length, host: v };
-  }
-
-  /** The address of described data (after every argument was read); host arrays go through
-   * `stage` (copied to the device and, for an output, back by `stage.finish()` where the backend
-   * needs it). */
-  #ptr(d: Data, op: string, stage: Staging, write?: string): Pointer {
-    if (d.host) {
-      const plain = plainView(d.host) as HostArray;
-      return write === undefined ? stage.input(plain, d.dtype) : stage.output(plain, d.dtype);
-    }
-    return write === undefined ? d.tensor!.pointer(op) : d.tensor!.writePointer(op, write);
-  }
-
   /** @internal */
   _append(seq: Sequence, k: Input, v: Input, opts: AppendOptions): void {
     const c = this.#config;
@@ -494,8 +393,8 @@ export class KVCache {
       ? undefined
       : checkOneOf("dtype", o.dtype, ["f32", "f16", "bf16"] as const);
     const trusted = checkBool("trusted", o.trusted);
-    const kd = this.#data("k", k, "dtype", hint);
-    const vd = this.#data("v", v, "dtype", hint);
+    const kd = describeData(this.#backend, "k", k, "dtype", hint);
+    const vd = describeData(this.#backend, "v", v, "dtype", hint);
     if (kd.dtype !== vd.dtype) {
       throw new TypeError(`k and v must have the same dtype, got ${kd.dtype} and ${vd.dtype}`);
     }
@@ -516,11 +415,11 @@ export class KVCache {
     const id = Sequence._usableId(seq, "append");
     const { handle } = this.#live("append");
     if (!trusted) {
-      checkFp16Range(this.#backend, "k", kd, c, n, layer);
-      checkFp16Range(this.#backend, "v", vd, c, n, layer);
+      checkCacheRange(this.#backend, "k", kd, c, n, layer);
+      checkCacheRange(this.#backend, "v", vd, c, n, layer);
     }
     using stage = new Staging(this.#backend, "append");
-    const pk = this.#ptr(kd, "append", stage), pv = this.#ptr(vd, "append", stage);
+    const pk = dataPtr(kd, "append", stage), pv = dataPtr(vd, "append", stage);
     this.#check(
       "kivi_cache_append",
       this.#appendFn(handle, id, layer, pk, pv, dtypeCode[kd.dtype], n, trusted ? 1 : 0),
@@ -543,7 +442,7 @@ export class KVCache {
     const qHint = o.qDtype === undefined
       ? undefined
       : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
-    const qd = this.#data("q", q, "qDtype", qHint);
+    const qd = describeData(this.#backend, "q", q, "qDtype", qHint);
     const n = count * c.queryHeads * c.headDim;
     if (qd.length !== n) {
       throw new TypeError(
@@ -560,25 +459,7 @@ export class KVCache {
     }
     const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
     const trusted = checkBool("trusted", o.trusted);
-    let out: AttendArgs["out"];
-    if (o.out !== undefined) {
-      const t = this.#backend._tensor(o.out);
-      const v = t === undefined ? hostView("out", o.out) : undefined;
-      const od = t ? t.dtype : v ? dtypeOfKind(v.kind, dtype) : undefined;
-      const len = t ? t.length : v?.length;
-      if (
-        (t === undefined && v === undefined) || od !== dtype || len !== n ||
-        (t !== undefined) !== (qd.tensor !== undefined) || (t && t.backend !== this.#backend)
-      ) {
-        throw new TypeError(
-          `out must be a ${dtype} ${qd.tensor ? "DeviceTensor" : "array"} of ${n} values like q`,
-        );
-      }
-      if ((v && qd.host && overlaps(v, qd.host)) || (t && t.tensor === qd.tensor?.tensor)) {
-        throw new TypeError(`out must not share memory with q`);
-      }
-      out = { dtype, length: n, host: v, tensor: t, buf: o.out };
-    }
+    const out = o.out === undefined ? undefined : describeOut(this.#backend, o.out, dtype, n, qd);
     return { layer, seqs, q: qd, scale, dtype, trusted, out, n };
   }
 
@@ -606,6 +487,19 @@ export class KVCache {
       );
       po = this.#backend._tensor(made)!.pointer(op);
     }
+    this.#runAttend(handle, a, ids, pq, po, made);
+    return a.out !== undefined ? a.out.buf : made;
+  }
+
+  /** Runs the bound attention export; on failure frees the output it made and throws. */
+  #runAttend(
+    handle: Pointer,
+    a: AttendArgs & { layer: number },
+    ids: Pointer,
+    pq: Pointer,
+    po: Pointer,
+    made: DeviceTensor | undefined,
+  ): void {
     const st = this.#attendFn(
       handle,
       a.layer,
@@ -622,16 +516,15 @@ export class KVCache {
       made?.dispose();
       this.#check("kivi_cache_attend", st);
     }
-    return a.out !== undefined ? a.out.buf : made;
   }
 
   /** Takes the native handles of attention arguments: live sequence ids, q's address and the
    * output (the caller's, or one allocated where q lives). */
   #attendBind(op: string, a: AttendArgs, stage: Staging) {
     const ids = this.#fillIds(a.seqs, op);
-    const pq = this.#ptr(a.q, op, stage);
+    const pq = dataPtr(a.q, op, stage);
     if (a.out !== undefined) {
-      return { ids, pq, out: a.out.buf, po: this.#ptr(a.out, op, stage, "out"), made: undefined };
+      return { ids, pq, out: a.out.buf, po: dataPtr(a.out, op, stage, "out"), made: undefined };
     }
     const c = this.#config;
     if (a.q.tensor) {
@@ -668,22 +561,7 @@ export class KVCache {
     }
     using stage = new Staging(this.#backend, "attend");
     const b = this.#attendBind("attend", a, stage);
-    const st = this.#attendFn(
-      handle,
-      a.layer,
-      b.ids,
-      a.seqs.length,
-      b.pq,
-      dtypeCode[a.q.dtype],
-      a.scale,
-      a.trusted ? 1 : 0,
-      b.po,
-      dtypeCode[a.dtype],
-    );
-    if (st !== 0) {
-      b.made?.dispose();
-      this.#check("kivi_cache_attend", st);
-    }
+    this.#runAttend(handle, a, b.ids, b.pq, b.po, b.made);
     stage.finish();
     return b.out as Buf<MemOf<X>, DType>;
   }
@@ -780,44 +658,7 @@ export class KVCache {
       "kivi_cache_memory",
       state.lib.call("kivi_cache_memory", handle, state.lib.ptr(r), r.length),
     );
-    const [
-      codeBytes,
-      paramBytes,
-      residualBytes,
-      tableBytes,
-      poolBytes,
-      pagesUsed,
-      pagesTotal,
-      tokens,
-      quantizedTokens,
-    ] = Array.from(r, Number);
-    const c = this.#config;
-    const perToken = c.kvHeads * c.headDim; // values of K (and of V) per token and layer
-    const values = tokens * perToken * 2; // K and V
-    const stored = codeBytes + paramBytes + residualBytes;
-    const rate = (
-      f: CacheConfig["keys"],
-    ) => (f.bits === 16 ? 16 : bitsPerValue(
-      f.kind === "uniform"
-        ? { kind: "uniform", bits: f.bits, group: f.group }
-        : { kind: "codebook", bits: f.bits, group: f.group },
-    ));
-    const held = quantizedTokens * perToken * (rate(c.keys) + rate(c.values)) +
-      (tokens - quantizedTokens) * perToken * 32;
-    return {
-      codeBytes,
-      paramBytes,
-      residualBytes,
-      tableBytes,
-      poolBytes,
-      pagesUsed,
-      pagesTotal,
-      tokens,
-      quantizedTokens,
-      bitsPerValue: values === 0 ? 0 : (stored * 8) / values,
-      heldBitsPerValue: values === 0 ? 0 : held / values,
-      ratioToFp16: values === 0 ? 0 : (stored + tableBytes) / (values * 2),
-    };
+    return memoryOf(r, this.#config);
   }
 
   /** Frees every sequence and the cache. Idempotent. */

@@ -6,7 +6,7 @@
  * @module
  */
 import { checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
-import type { Fit, GroupSize } from "./quant.ts";
+import { bitsPerValue, type Fit, type GroupSize } from "./quant.ts";
 import { codebookFit, refuseCodebookKeys, RULES } from "./_rules.ts";
 
 /** How keys or values are stored: a quantized format, or `{ bits: 16 }` for plain fp16. */
@@ -245,4 +245,44 @@ export function configArray(c: CacheConfig): Int32Array {
     FIT[c.values.fit],
     c.values.iterations,
   ]);
+}
+
+/** The counters kivi_cache_memory fills, in its order. */
+const MEMORY_FIELDS = [
+  "codeBytes",
+  "paramBytes",
+  "residualBytes",
+  "tableBytes",
+  "poolBytes",
+  "pagesUsed",
+  "pagesTotal",
+  "tokens",
+  "quantizedTokens",
+] as const;
+
+/** The figures of {@link CacheMemory} from the nine counters kivi_cache_memory fills. */
+export function memoryOf(r: BigUint64Array, c: CacheConfig): CacheMemory {
+  const m = Object.fromEntries(MEMORY_FIELDS.map((k, i) => [k, Number(r[i])])) as Record<
+    (typeof MEMORY_FIELDS)[number],
+    number
+  >;
+  const { codeBytes, paramBytes, residualBytes, tableBytes, tokens, quantizedTokens } = m;
+  const perToken = c.kvHeads * c.headDim; // values of K (and of V) per token and layer
+  const values = tokens * perToken * 2; // K and V
+  const stored = codeBytes + paramBytes + residualBytes;
+  const rate = (
+    f: CacheConfig["keys"],
+  ) => (f.bits === 16 ? 16 : bitsPerValue(
+    f.kind === "uniform"
+      ? { kind: "uniform", bits: f.bits, group: f.group }
+      : { kind: "codebook", bits: f.bits, group: f.group },
+  ));
+  const held = quantizedTokens * perToken * (rate(c.keys) + rate(c.values)) +
+    (tokens - quantizedTokens) * perToken * 32;
+  return {
+    ...m,
+    bitsPerValue: values === 0 ? 0 : (stored * 8) / values,
+    heldBitsPerValue: values === 0 ? 0 : held / values,
+    ratioToFp16: values === 0 ? 0 : (stored + tableBytes) / (values * 2),
+  };
 }

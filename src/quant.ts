@@ -6,35 +6,12 @@
  *
  * @module
  */
-import type { NativeLib, Pointer } from "./ffi/_native.ts";
-import type { SymbolName } from "./ffi/symbols.ts";
-import type { BackendCore as Backend, DeviceTensor, TensorFacts } from "./tensor.ts";
+import type { BackendCore as Backend, DeviceTensor } from "./tensor.ts";
 import { codebookFit, refuseCodebookKeys, RULES } from "./_rules.ts";
-import { Staging } from "./_staging.ts";
-import {
-  checkBool,
-  checkOneOf,
-  checkShape,
-  type HostView,
-  hostView,
-  overlaps,
-  plainView,
-  readOptions,
-  show,
-} from "./_checks.ts";
-import {
-  checkHint,
-  type DType,
-  dtypeCode,
-  dtypeOfKind,
-  F16_LIMIT,
-  firstBeyondFp16,
-  type HostArray,
-  hostArray,
-  type HostOf,
-  type TensorDType,
-  valueAt,
-} from "./_dtype.ts";
+import { checkBool, checkOneOf, checkShape, hostView, readOptions, show } from "./_checks.ts";
+import { type DType, dtypeCode, type HostArray, type HostOf, type TensorDType } from "./_dtype.ts";
+import { Call } from "./_call.ts";
+import { checkParamRange, describeInput } from "./_input.ts";
 
 /** Grouping axis: "token" groups G consecutive tokens of one channel (keys, KIVI's per-channel
  * quantization); "channel" groups G consecutive channels of one token (values, per-token). */
@@ -259,260 +236,6 @@ export function bitsPerValue(format: Format): number {
   return f.bits + paramBits / f.group;
 }
 
-/** A buffer of one call, described once: a host typed array (by its internal slots) or a tensor. */
-interface Slot {
-  readonly name: string;
-  readonly dtype: TensorDType;
-  readonly length: number;
-  readonly host?: HostView;
-  readonly tensor?: TensorFacts;
-  /** An output the call allocates at bind(). */
-  readonly make?: boolean;
-  readonly out: boolean;
-  p?: Pointer;
-  buf?: unknown;
-}
-
-/**
- * One native call, in two phases. First every argument is recorded and checked (types, sizes,
- * overlaps) as plain values: whatever user code the arguments hold (getters, Proxies) has run by
- * then. Then bind() takes the native handles (the backend's context, tensor addresses, liveness) and
- * allocates the outputs, and the export runs with nothing of the caller's in between. A failed call
- * disposes what it allocated, so it leaves nothing behind.
- */
-class Call<M extends Mem> {
-  lib!: NativeLib;
-  ctx!: Pointer;
-  #slots: Slot[] = [];
-  #made: DeviceTensor[] = [];
-  /** Host arrays staged through device memory where the backend needs it (`using` frees that). */
-  readonly #stage: Staging;
-
-  constructor(readonly kivi: Backend, readonly mem: M, readonly op: string) {
-    this.#stage = new Staging(kivi, op);
-  }
-
-  /** Records an input buffer (host array or tensor) of `length` elements of `dtype`. */
-  input(name: string, x: unknown, dtype: TensorDType, length: number): number {
-    return this.#add({
-      name,
-      dtype,
-      length,
-      out: false,
-      ...this.#describe(name, x, dtype, length),
-    });
-  }
-
-  /** Records an output: the caller's buffer (checked, and not sharing memory with any buffer
-   * recorded before it) or, when none is given, a new one made at bind(). */
-  output(name: string, dtype: TensorDType, length: number, given?: unknown): number {
-    if (given === undefined) {
-      return this.#add({ name: `out.${name}`, dtype, length, out: true, make: true });
-    }
-    const slot: Slot = {
-      name: `out.${name}`,
-      dtype,
-      length,
-      out: true,
-      ...this.#describe(`out.${name}`, given, dtype, length),
-    };
-    for (const o of this.#slots) {
-      const shared = slot.host && o.host
-        ? overlaps(slot.host, o.host)
-        : slot.tensor !== undefined && slot.tensor.tensor === o.tensor?.tensor;
-      if (shared) throw new TypeError(`${slot.name} must not share memory with ${o.name}`);
-    }
-    return this.#add(slot);
-  }
-
-  /** Takes the native handles and allocates the outputs; call it after every argument was read. */
-  bind(): void {
-    const n = this.kivi._native(this.op);
-    this.lib = n.lib;
-    this.ctx = n.ctx;
-    try {
-      for (const s of this.#slots) {
-        if (s.host) {
-          s.buf = s.host.view;
-          const plain = plainView(s.host) as HostArray;
-          s.p = s.out ? this.#stage.output(plain, s.dtype) : this.#stage.input(plain, s.dtype);
-        } else if (s.tensor) {
-          s.buf = s.tensor.tensor;
-          s.p = s.out ? s.tensor.writePointer(this.op, s.name) : s.tensor.pointer(this.op);
-        } else if (this.mem === "host") {
-          const a = hostArray(s.dtype, s.length);
-          s.buf = a;
-          s.p = this.#stage.output(a, s.dtype);
-        } else {
-          const t = this.kivi.alloc([s.length], s.dtype);
-          this.#made.push(t as DeviceTensor);
-          s.buf = t;
-          s.p = this.kivi._tensor(t)!.pointer(this.op);
-        }
-      }
-    } catch (e) {
-      this.#dispose();
-      throw e;
-    }
-  }
-
-  /** The address of slot i (after bind). */
-  ptr(i: number): Pointer {
-    return this.#slots[i].p!;
-  }
-
-  /** The buffer of slot i (after bind): the caller's or the one made. */
-  buf<B>(i: number): B {
-    return this.#slots[i].buf as B;
-  }
-
-  /** Runs the export; on failure frees what this call allocated and throws. */
-  run<K extends SymbolName>(name: K, status: number): void {
-    if (status === 0) return this.#stage.finish();
-    this.#dispose();
-    this.kivi._check(name, status);
-  }
-
-  /** Frees the staging tensors of host arrays (the results stay). */
-  [Symbol.dispose](): void {
-    this.#stage[Symbol.dispose]();
-  }
-
-  #dispose(): void {
-    for (const t of this.#made) t.dispose();
-    this.#made = [];
-  }
-
-  #add(s: Slot): number {
-    this.#slots.push(s);
-    return this.#slots.length - 1;
-  }
-
-  #describe(
-    name: string,
-    x: unknown,
-    dtype: TensorDType,
-    length: number,
-  ): { host?: HostView; tensor?: TensorFacts } {
-    if (this.mem === "device") {
-      const t = this.kivi._tensor(x);
-      if (t === undefined) {
-        throw new TypeError(`${name} must be a DeviceTensor like the input, got ${show(x)}`);
-      }
-      if (t.backend !== this.kivi) {
-        throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
-      }
-      if (t.dtype !== dtype && !(dtype === "f16" && t.dtype === "u16")) {
-        throw new TypeError(`${name} must have dtype ${show(dtype)}, got ${show(t.dtype)}`);
-      }
-      if (t.length !== length) {
-        throw new TypeError(`${name} must have ${length} elements, got ${t.length}`);
-      }
-      return { tensor: t };
-    }
-    const v = this.kivi._tensor(x) === undefined ? hostView(name, x) : undefined;
-    if (v === undefined) {
-      throw new TypeError(`${name} must be a host typed array like the input, got ${show(x)}`);
-    }
-    if (dtypeOfKind(v.kind, dtype) !== dtype) {
-      throw new TypeError(`${name} must be a ${dtype} array, got ${v.kind}`);
-    }
-    if (v.length !== length) {
-      throw new TypeError(`${name} must have ${length} elements, got ${v.length}`);
-    }
-    return { host: v };
-  }
-}
-
-/** An input described once: where it lives, its dtype and [rows, cols], and the buffer itself. */
-interface Described {
-  mem: Mem;
-  dtype: DType;
-  shape: [number, number];
-  host?: HostView;
-  tensor?: TensorFacts;
-}
-
-/** Resolves where x lives, its dtype and its [rows, cols], checking them against the backend; the
- * dtype hint must fit (a Uint16Array holds f16 or bf16 bits; any other array or tensor its own). */
-function describeInput(
-  kivi: Backend,
-  x: unknown,
-  shapeOpt: unknown,
-  hintOpt: unknown,
-  name = "x",
-): Described {
-  const hint = hintOpt === undefined
-    ? undefined
-    : checkOneOf("dtype", hintOpt, ["f32", "f16", "bf16"] as const);
-  const t = kivi._tensor(x);
-  if (t !== undefined) {
-    if (t.backend !== kivi) {
-      throw new TypeError(`${name} belongs to another backend; upload it to this one first`);
-    }
-    const dtype = checkOneOf(`${name}.dtype`, t.dtype, ["f32", "f16", "bf16"] as const);
-    if (hint !== undefined && hint !== dtype) {
-      throw new TypeError(`dtype ${show(hint)} does not match ${name}, a ${dtype} tensor`);
-    }
-    const cols = t.shape[t.shape.length - 1];
-    let shape: [number, number] = t.shape.length === 1 ? [1, cols] : [t.length / cols, cols];
-    if (shapeOpt !== undefined) {
-      shape = checkShape("shape", shapeOpt);
-      if (shape[0] * shape[1] !== t.length) {
-        throw new TypeError(`shape ${show(shape)} must hold the tensor's ${t.length} elements`);
-      }
-    }
-    return { mem: "device", dtype, shape, tensor: t };
-  }
-  const v = hostView(name, x);
-  if (v === undefined) {
-    throw new TypeError(
-      `${name} must be a Float32Array, Float16Array, Uint16Array or DeviceTensor, got ${show(x)}`,
-    );
-  }
-  const dtype = dtypeOfKind(v.kind, hint);
-  if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
-    throw new TypeError(
-      `${name} must be a Float32Array, Float16Array or Uint16Array, got ${v.kind}`,
-    );
-  }
-  checkHint("dtype", hint, name, v.kind);
-  if (shapeOpt === undefined) {
-    throw new TypeError(`shape must be given as [rows, cols] for a host array`);
-  }
-  const shape = checkShape("shape", shapeOpt);
-  if (shape[0] * shape[1] !== v.length) {
-    throw new TypeError(`shape ${show(shape)} must hold ${name}'s ${v.length} elements`);
-  }
-  return { mem: "host", dtype, shape, host: v };
-}
-
-/**
- * The quantizers store fp16 params (scale and zero, centroids), so a finite f32 or bf16 value fp16
- * cannot hold (|x| >= 65520) is refused, as the cache refuses it: a RangeError here for host arrays
- * and the CPU backend's tensors (host memory); the library's own scan reports it for CUDA tensors.
- */
-function checkFp16Range(kivi: Backend, op: string, d: Described, name = "x"): void {
-  if (d.dtype === "f16" || (d.tensor && kivi.kind !== "cpu")) return;
-  let a: Float32Array | Uint16Array;
-  if (d.host) a = plainView(d.host) as Float32Array | Uint16Array;
-  else {
-    a = d.dtype === "f32" ? new Float32Array(d.tensor!.length) : new Uint16Array(d.tensor!.length);
-    kivi._download(a, d.tensor!.pointer(op), d.tensor!.bytes, false);
-  }
-  const at = firstBeyondFp16(a, d.dtype);
-  if (at < 0) return;
-  const cols = d.shape[1];
-  throw new RangeError(
-    `${name} must hold values below ${F16_LIMIT} in magnitude (fp16 params), got ${
-      valueAt(a, d.dtype, at)
-    } at index ${at} ` +
-      `(row ${Math.floor(at / cols)}, col ${
-        at % cols
-      }); scale it down, or pass trusted: true to have it saturate`,
-  );
-}
-
 function checkGrouping(shape: readonly [number, number], axis: Axis, group: number): void {
   const [dim, label] = axis === "token"
     ? [shape[0], "shape[0] (rows)"]
@@ -600,18 +323,16 @@ export function stats<X extends Input>(
   return { groups, stats: c.buf(ist), nonfinite: c.buf(inf) };
 }
 
+/** The options quantize reads. */
+const QUANTIZE_KEYS = ["shape", "dtype", "axis", "format", "trusted", "out"] as const;
+
 /** Quantizes and packs x in one pass (codebook: fit, then quantize against the fp16 centroids). */
 export function quantize<X extends Input>(
   kivi: Backend,
   x: X,
   opts: QuantizeOptions<MemOf<X>>,
 ): Quantized<MemOf<X>> {
-  const o = readOptions(
-    "options",
-    opts,
-    ["shape", "dtype", "axis", "format", "trusted", "out"],
-    true,
-  );
+  const o = readOptions("options", opts, QUANTIZE_KEYS, true);
   const format = resolveFormat(o.format as Format);
   const out = readOptions("out", o.out, ["codes", "scale", "zero", "centroids"]);
   for (const k of format.kind === "uniform" ? ["centroids"] as const : ["scale", "zero"] as const) {
@@ -628,7 +349,7 @@ export function quantize<X extends Input>(
   if (format.kind === "uniform") {
     const is = c.output("scale", "f16", groups, out.scale);
     const iz = c.output("zero", "f16", groups, out.zero);
-    if (!trusted) checkFp16Range(kivi, "quantize", d);
+    if (!trusted) checkParamRange(kivi, "quantize", d);
     c.bind();
     c.run(
       "kivi_uniform_quantize",
@@ -646,7 +367,7 @@ export function quantize<X extends Input>(
     return { format, axis, shape, groups, codes: c.buf(icodes), scale: c.buf(is), zero: c.buf(iz) };
   }
   const ik = c.output("centroids", "f16", groups * 2 ** format.bits, out.centroids);
-  if (!trusted) checkFp16Range(kivi, "quantize", d);
+  if (!trusted) checkParamRange(kivi, "quantize", d);
   c.bind();
   c.run(
     "kivi_codebook_encode",
@@ -736,24 +457,18 @@ export function dequantize<M extends Mem>(
   return c.buf(io);
 }
 
+/** The options both codebook calls read first. */
+const CODEBOOK_KEYS = ["shape", "dtype", "axis", "bits", "group"] as const;
+/** The options fitCodebook reads. */
+const FIT_KEYS = [...CODEBOOK_KEYS, "fit", "iterations", "trace", "trusted", "out"] as const;
+
 /** Fits 2^bits centroids per group by 1-D k-means (Lloyd-Max), starting from the uniform grid. */
 export function fitCodebook<X extends Input>(
   kivi: Backend,
   x: X,
   opts: FitOptions<MemOf<X>>,
 ): FitResult<MemOf<X>> {
-  const o = readOptions("options", opts, [
-    "shape",
-    "dtype",
-    "axis",
-    "bits",
-    "group",
-    "fit",
-    "iterations",
-    "trace",
-    "trusted",
-    "out",
-  ], true);
+  const o = readOptions("options", opts, FIT_KEYS, true);
   const out = readOptions("out", o.out, ["centroids"]);
   const f = resolveFormat(
     {
@@ -773,7 +488,7 @@ export function fitCodebook<X extends Input>(
   const ik = c.output("centroids", "f16", groups * 2 ** f.bits, out.centroids);
   const ii = trace ? c.output("iters", "i32", groups) : -1;
   const ine = trace ? c.output("inertia", "f32", groups * (f.iterations + 1)) : -1;
-  if (!trusted) checkFp16Range(kivi, "fitCodebook", d);
+  if (!trusted) checkParamRange(kivi, "fitCodebook", d);
   c.bind();
   c.run(
     "kivi_codebook_fit",
@@ -805,16 +520,7 @@ export function quantizeWithCodebook<X extends Input>(
   centroids: Buf<MemOf<X>, "f16">,
   opts: CodebookOptions<MemOf<X>>,
 ): CodebookQuantized<MemOf<X>> {
-  const o = readOptions("options", opts, [
-    "shape",
-    "dtype",
-    "axis",
-    "bits",
-    "group",
-    "assign",
-    "trusted",
-    "out",
-  ], true);
+  const o = readOptions("options", opts, [...CODEBOOK_KEYS, "assign", "trusted", "out"], true);
   const out = readOptions("out", o.out, ["codes"]);
   const format = resolveFormat(
     { kind: "codebook", bits: o.bits, group: o.group, assign: o.assign } as Format,
@@ -826,7 +532,7 @@ export function quantizeWithCodebook<X extends Input>(
   const ix = c.input("x", x, dtype, shape[0] * shape[1]);
   const ik = c.input("centroids", centroids, "f16", groups * 2 ** format.bits);
   const icodes = c.output("codes", "u32", wordCount(shape, format.bits), out.codes);
-  if (!trusted) checkFp16Range(kivi, "quantizeWithCodebook", d);
+  if (!trusted) checkParamRange(kivi, "quantizeWithCodebook", d);
   c.bind();
   c.run(
     "kivi_codebook_quantize",
@@ -853,15 +559,20 @@ function codesInput(kivi: Backend, name: string, x: unknown): { mem: Mem; n: num
   throw new TypeError(`${name} must be a typed array or DeviceTensor, got ${show(x)}`);
 }
 
+/** The options of pack and unpack (bits checked), then where their input lives. */
+function codesArgs(kivi: Backend, opts: unknown, name: string, x: unknown) {
+  const o = readOptions("options", opts, ["bits", "out"], true);
+  const bits = checkOneOf("bits", o.bits, BITS);
+  return { o, bits, ...codesInput(kivi, name, x) };
+}
+
 /** Packs codes (one per byte, each < 2^bits) into uint32 words, LSB first. */
 export function pack<M extends Mem>(
   kivi: Backend,
   codes: Buf<M, "u8">,
   opts: { bits: Bits; out?: Buf<M, "u32"> },
 ): Buf<M, "u32"> {
-  const o = readOptions("options", opts, ["bits", "out"], true);
-  const bits = checkOneOf("bits", o.bits, BITS);
-  const { mem, n } = codesInput(kivi, "codes", codes);
+  const { o, bits, mem, n } = codesArgs(kivi, opts, "codes", codes);
   const cpw = 32 / bits;
   if (n === 0 || n % cpw !== 0) {
     throw new RangeError(
@@ -882,9 +593,7 @@ export function unpack<M extends Mem>(
   words: Buf<M, "u32">,
   opts: { bits: Bits; out?: Buf<M, "u8"> },
 ): Buf<M, "u8"> {
-  const o = readOptions("options", opts, ["bits", "out"], true);
-  const bits = checkOneOf("bits", o.bits, BITS);
-  const { mem, n: nw } = codesInput(kivi, "words", words);
+  const { o, bits, mem, n: nw } = codesArgs(kivi, opts, "words", words);
   if (nw === 0) throw new RangeError(`words must hold at least one word, got 0`);
   const n = nw * (32 / bits);
   using c = new Call(kivi, mem as M, "unpack");

@@ -11,18 +11,9 @@
  */
 import process from "node:process";
 import assert from "node:assert/strict";
-import {
-  type Axis,
-  type Backend,
-  type Bits,
-  type CodebookQuantized,
-  type DeviceTensor,
-  KiviError,
-  openBackend,
-  type Quantized,
-  type StatusName,
-  type UniformQuantized,
-} from "../src/mod.ts";
+import type { Axis, Backend, Bits, CodebookQuantized, DeviceTensor } from "../src/mod.ts";
+import type { Quantized, StatusName, UniformQuantized } from "../src/mod.ts";
+import { KiviError, openBackend } from "../src/mod.ts";
 import { Rng as SeededRng } from "../src/random.ts";
 
 /* ------------------------------------------------------------------ random --------------- */
@@ -215,31 +206,19 @@ export function groupMembers(
   }
   return out;
 }
+/** Element (r, c) of a [rows][cols] matrix packed along `axis` at `bits`. */
+type Place = [r: number, c: number, rows: number, cols: number, axis: Axis, bits: number];
 /** Word index and slot of element (r, c) (kivi.h: token axis packed along tokens, channel along channels). */
-export function wordOf(
-  r: number,
-  c: number,
-  rows: number,
-  cols: number,
-  axis: Axis,
-  bits: number,
-): [number, number] {
+export function wordOf(...[r, c, rows, cols, axis, bits]: Place): [number, number] {
   const cpw = 32 / bits;
   return axis === "token"
     ? [c * (rows / cpw) + Math.floor(r / cpw), r % cpw]
     : [r * (cols / cpw) + Math.floor(c / cpw), c % cpw];
 }
 /** The code of element (r, c) read straight out of the packed words (code j at bit bits * j). */
-export function codeAt(
-  words: Uint32Array,
-  r: number,
-  c: number,
-  rows: number,
-  cols: number,
-  axis: Axis,
-  bits: number,
-): number {
-  const [w, slot] = wordOf(r, c, rows, cols, axis, bits);
+export function codeAt(words: Uint32Array, ...place: Place): number {
+  const [w, slot] = wordOf(...place);
+  const bits = place[5];
   return (words[w] >>> (bits * slot)) & ((1 << bits) - 1);
 }
 /** All codes [rows][cols] row-major, read from packed words by the layout formula. */
@@ -544,3 +523,51 @@ export function attentionOracle(
   }
   return out;
 }
+
+/** The cache options the cache tests share: uniform 2-bit keys and codebook 2-bit values in groups
+ * of 32, pages of 32 tokens and a residual window of 32; sizes as given. */
+export function cacheOptions(
+  layers: number,
+  kvHeads: number,
+  queryHeads: number,
+  headDim: number,
+  maxPages: number,
+  maxSequences: number,
+) {
+  return {
+    layers,
+    kvHeads,
+    queryHeads,
+    headDim,
+    pageTokens: 32,
+    residual: 32,
+    maxPages,
+    maxSequences,
+    keys: { kind: "uniform", bits: 2, group: 32 },
+    values: { kind: "codebook", bits: 2, group: 32 },
+  } as const;
+}
+
+/** Cache formats by name: U (uniform) or CB (codebook), bits, G group. */
+export const CB2_G64 = { kind: "codebook", bits: 2, group: 64 } as const;
+export const CB2_G32 = { kind: "codebook", bits: 2, group: 32 } as const;
+export const CB4_G32 = { kind: "codebook", bits: 4, group: 32 } as const;
+export const CB4_G64 = { kind: "codebook", bits: 4, group: 64 } as const;
+export const U2_G32 = { kind: "uniform", bits: 2, group: 32 } as const;
+export const U2_G64 = { kind: "uniform", bits: 2, group: 64 } as const;
+export const U4_G128 = { kind: "uniform", bits: 4, group: 128 } as const;
+export const U4_G32 = { kind: "uniform", bits: 4, group: 32 } as const;
+export const U4_G64 = { kind: "uniform", bits: 4, group: 64 } as const;
+
+/** A one-layer cache of four 32-token pages, for the full-pool tests. */
+export const FOUR_PAGES = {
+  layers: 1,
+  kvHeads: 2,
+  headDim: 64,
+  residual: 32,
+  pageTokens: 32,
+  maxPages: 4,
+} as const;
+
+/** The head size and residual window most cache tests use. */
+export const D64_R32 = { headDim: 64, residual: 32 } as const;

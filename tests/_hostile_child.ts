@@ -14,14 +14,9 @@
  * @module
  */
 import process from "node:process";
-import {
-  type Backend,
-  type DeviceTensor,
-  KiviError,
-  type KVCache,
-  openBackend,
-  type Sequence,
-} from "../src/mod.ts";
+import type { Backend, DeviceTensor, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError, openBackend } from "../src/mod.ts";
+import { cacheOptions } from "./_helpers.ts";
 
 const [seedArg = "1", callsArg = "1000", preferArg = "cpu"] = process.argv.slice(2);
 const SEED = Number(seedArg) >>> 0;
@@ -71,18 +66,7 @@ function check(ok: unknown, msg: string): void {
 /* ------------------------------------------------------------------ the world ------------ */
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
-const CACHE = {
-  layers: L,
-  kvHeads: H,
-  queryHeads: QH,
-  headDim: D,
-  pageTokens: 32,
-  residual: 32,
-  maxPages: 24,
-  maxSequences: 4,
-  keys: { kind: "uniform", bits: 2, group: 32 },
-  values: { kind: "codebook", bits: 2, group: 32 },
-} as const;
+const CACHE = cacheOptions(L, H, QH, D, 24, 4);
 
 interface World {
   kivi: Backend;
@@ -377,6 +361,24 @@ const wrapping = (f: () => Expect | undefined): Slot => Object.assign(f, { order
  * (and skips itself when that replaced the input, whose copy no longer overlaps). */
 const overlapping = (f: () => Expect | undefined): Slot => Object.assign(f, { order: 1 });
 
+/** A slot that makes one argument hostile with `mut`, hands the value to `set` and records what it
+ * did (after `label`) in `what`. */
+function mutSlot<T>(what: string[], label: string, mut: () => Mut<T>, set: (v: T) => void): Slot {
+  return () => {
+    const m = mut();
+    set(m.value);
+    what.push(label + m.what);
+    return m.expect;
+  };
+}
+
+/** The sequences behind a Proxy: the call must come out the same. */
+const proxySeqs = (hs: unknown): Mut<unknown> => ({
+  value: new Proxy(hs as Sequence[], {}),
+  expect: "same",
+  what: "Proxy seqs",
+});
+
 /** Applies up to two mutations chosen from `slots` (each a function making one argument hostile). */
 function mutate(slots: Slot[]): Expect {
   let e: Expect = "same";
@@ -569,18 +571,10 @@ const quantizerOp: Op = (w) => {
   const xt = isTensor(x) ? [["x", x, true] as [string, DeviceTensor, boolean]] : [];
   const vs = victims(w, { kivi: true }, xt);
   const slots: Slot[] = [
-    () => {
-      const m = mutBuf(hx, vs);
-      hx = m.value;
-      what.push(m.what);
-      return m.expect;
-    },
-    wrapping(() => {
-      const m = mutOptions(ho, vs);
-      ho = m.value as Record<string, unknown>;
-      what.push(m.what);
-      return m.expect;
-    }),
+    mutSlot(what, "", () => mutBuf(hx, vs), (v) => (hx = v)),
+    wrapping(
+      mutSlot(what, "", () => mutOptions(ho, vs), (v) => (ho = v as Record<string, unknown>)),
+    ),
     () => {
       if (!ho.format) return;
       const m = mutOptions(ho.format as object, vs);
@@ -662,12 +656,9 @@ const dequantOp: Op = (w) => {
   const what: string[] = [];
   const vs = victims(w, {}, isTensor(q.codes) ? [["q.codes", q.codes as DeviceTensor, true]] : []);
   const slots: Slot[] = [
-    wrapping(() => {
-      const m = mutOptions(ho, vs);
-      ho = m.value as Record<string, unknown>;
-      what.push(m.what);
-      return m.expect;
-    }),
+    wrapping(
+      mutSlot(what, "", () => mutOptions(ho, vs), (v) => (ho = v as Record<string, unknown>)),
+    ),
     () => {
       const m = mutBuf(q.codes, vs);
       hq = { ...hq, codes: m.value };
@@ -774,12 +765,7 @@ const memoryOp: Op = (w) => {
     let ha: unknown = a, ho: Record<string, unknown> = { shape: [a.length] };
     const vs = victims(w, {}, [["the tensor written", t, kind === "write"]]);
     const slots: Slot[] = [
-      () => {
-        const m = mutArray(a, vs);
-        ha = m.value;
-        what.push(m.what);
-        return m.expect;
-      },
+      mutSlot(what, "", () => mutArray(a, vs), (v) => (ha = v)),
       wrapping(() => {
         if (kind !== "upload") return;
         const m = mutOptions(ho, vs);
@@ -829,18 +815,10 @@ const memoryOp: Op = (w) => {
   let hx: unknown = x, ho: Record<string, unknown> = { bits };
   const vs = victims(w, {}, isTensor(x) ? [["codes", x, true]] : []);
   const slots: Slot[] = [
-    () => {
-      const m = mutBuf(hx, vs);
-      hx = m.value;
-      what.push(m.what);
-      return m.expect;
-    },
-    wrapping(() => {
-      const m = mutOptions(ho, vs);
-      ho = m.value as Record<string, unknown>;
-      what.push(m.what);
-      return m.expect;
-    }),
+    mutSlot(what, "", () => mutBuf(hx, vs), (v) => (hx = v)),
+    wrapping(
+      mutSlot(what, "", () => mutOptions(ho, vs), (v) => (ho = v as Record<string, unknown>)),
+    ),
     overlapping(() => {
       if (isTensor(x) || hx !== x) return;
       const a = x as Uint8Array | Uint32Array;
@@ -880,24 +858,11 @@ const cacheOp: Op = (w) => {
       ...(isTensor(k) ? [["k", k, true] as [string, DeviceTensor, boolean]] : []),
     ]);
     const slots: Slot[] = [
-      () => {
-        const m = mutBuf(hk, vs);
-        hk = m.value;
-        what.push(`k: ${m.what}`);
-        return m.expect;
-      },
-      () => {
-        const m = mutBuf(hv, vs);
-        hv = m.value;
-        what.push(`v: ${m.what}`);
-        return m.expect;
-      },
-      wrapping(() => {
-        const m = mutOptions(ho, vs);
-        ho = m.value as Record<string, unknown>;
-        what.push(m.what);
-        return m.expect;
-      }),
+      mutSlot(what, "k: ", () => mutBuf(hk, vs), (v) => (hk = v)),
+      mutSlot(what, "v: ", () => mutBuf(hv, vs), (v) => (hv = v)),
+      wrapping(
+        mutSlot(what, "", () => mutOptions(ho, vs), (v) => (ho = v as Record<string, unknown>)),
+      ),
       () => {
         if (!one) return;
         const m = mutInt(layer);
@@ -952,12 +917,7 @@ const cacheOp: Op = (w) => {
         what.push("duck or Proxy sequence");
         return kind === "read" ? "fail" : undefined;
       },
-      () => {
-        const m = mutInt(layer);
-        hl = m.value;
-        what.push(`layer ${m.what}`);
-        return m.expect;
-      },
+      mutSlot(what, "layer ", () => mutInt(layer), (v) => (hl = v)),
     ];
     const expect = mutate(slots);
     if (kind === "length" && hs !== s) hs = s;
@@ -998,12 +958,9 @@ const cacheOp: Op = (w) => {
     const expected = made(ho);
     const vs = victims(w, {});
     const slots: Slot[] = [
-      wrapping(() => {
-        const m = mutOptions(ho, vs);
-        ho = m.value as Record<string, unknown>;
-        what.push(m.what);
-        return m.expect;
-      }),
+      wrapping(
+        mutSlot(what, "", () => mutOptions(ho, vs), (v) => (ho = v as Record<string, unknown>)),
+      ),
       () => {
         const m = mutOptions(CACHE.keys as object, vs);
         ho = { ...ho, keys: m.value };
@@ -1039,29 +996,10 @@ const cacheOp: Op = (w) => {
   let hq: unknown = q, hs: unknown = batch, hl: unknown = layer, ho = { ...base };
   const vs = victims(w, { cache: true, seqs: batch }, isTensor(q) ? [["q", q, true]] : []);
   const slots: Slot[] = [
-    () => {
-      const m = mutBuf(hq, vs);
-      hq = m.value;
-      what.push(`q: ${m.what}`);
-      return m.expect;
-    },
-    wrapping(() => {
-      const m = mutOptions(ho, vs);
-      ho = m.value;
-      what.push(m.what);
-      return m.expect;
-    }),
-    () => {
-      const m = mutInt(layer);
-      hl = m.value;
-      what.push(`layer ${m.what}`);
-      return m.expect;
-    },
-    wrapping(() => {
-      hs = new Proxy(hs as Sequence[], {});
-      what.push("Proxy seqs");
-      return "same";
-    }),
+    mutSlot(what, "q: ", () => mutBuf(hq, vs), (v) => (hq = v)),
+    wrapping(mutSlot(what, "", () => mutOptions(ho, vs), (v) => (ho = v))),
+    mutSlot(what, "layer ", () => mutInt(layer), (v) => (hl = v)),
+    wrapping(mutSlot(what, "", () => proxySeqs(hs), (v) => (hs = v))),
     () => {
       hs = [...batch.slice(1), { cache: w.cache, id: 0, _id: () => 0 }];
       what.push("duck sequence");
@@ -1134,12 +1072,9 @@ const batchOp: Op = (w) => {
     kind === "attend" ? [["q", q, true], ["out", out, true]] : [["k", k, true], ["v", v, true]],
   );
   const slots: Slot[] = [
-    wrapping(() => {
-      const m = mutOptions(ho, vs);
-      ho = m.value as Record<string, unknown>;
-      what.push(m.what);
-      return m.expect;
-    }),
+    wrapping(
+      mutSlot(what, "", () => mutOptions(ho, vs), (v) => (ho = v as Record<string, unknown>)),
+    ),
     () => {
       const key = kind === "attend" ? pick(["q", "out"]) : pick(["k", "v"]);
       const m = mutTensor(ho[key] as DeviceTensor);
@@ -1147,17 +1082,8 @@ const batchOp: Op = (w) => {
       what.push(`${key}: ${m.what}`);
       return m.expect;
     },
-    () => {
-      const m = mutInt(layer);
-      hl = m.value;
-      what.push(`layer ${m.what}`);
-      return m.expect;
-    },
-    wrapping(() => {
-      hs = new Proxy(hs as Sequence[], {});
-      what.push("Proxy seqs");
-      return "same";
-    }),
+    mutSlot(what, "layer ", () => mutInt(layer), (v) => (hl = v)),
+    wrapping(mutSlot(what, "", () => proxySeqs(hs), (v) => (hs = v))),
     () => {
       hs = pick([[...seqs, seqs[0]], [{ cache: w.cache, id: 0 }], [new Proxy(seqs[0], {})]]);
       what.push("repeated, duck or Proxy sequence");

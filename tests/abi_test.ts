@@ -135,8 +135,9 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
     return exported.filter((n) => !/^_(init|fini)$/.test(n)).sort();
   }
 
-  it("the built CPU library exports exactly kivi.h's symbols (nm -D)", (t) => {
-    const ours = exportsOf(defaultLibraryPath("cpu"));
+  /** The library's defined dynamic symbols are exactly kivi.h's (skipped without nm). */
+  function exportsExactly(t: { skip(why: string): void }, lib: string, name: string): void {
+    const ours = exportsOf(lib);
     if (ours === undefined) {
       t.skip("nm is not available here");
       return;
@@ -144,24 +145,19 @@ describe("ABI: kivi.h vs src/ffi/symbols.ts", () => {
     assert.deepEqual(
       ours,
       parsed.decls.map((d) => d.name).sort(),
-      "defined dynamic symbols of build/libkivi_cpu.so",
+      `defined dynamic symbols of build/${name}`,
     );
+  }
+
+  it("the built CPU library exports exactly kivi.h's symbols (nm -D)", (t) => {
+    exportsExactly(t, defaultLibraryPath("cpu"), "libkivi_cpu.so");
   });
 
   // CI builds the CUDA library without a device (KIVI_BUILD_CUDA=1), so this runs there too.
   const cudaLib = defaultLibraryPath("cuda");
   if (existsSync(cudaLib)) {
     it("the built CUDA library exports exactly kivi.h's symbols (nm -D)", (t) => {
-      const ours = exportsOf(cudaLib);
-      if (ours === undefined) {
-        t.skip("nm is not available here");
-        return;
-      }
-      assert.deepEqual(
-        ours,
-        parsed.decls.map((d) => d.name).sort(),
-        "defined dynamic symbols of build/libkivi_cuda.so",
-      );
+      exportsExactly(t, cudaLib, "libkivi_cuda.so");
     });
   } else {
     it(

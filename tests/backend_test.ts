@@ -7,25 +7,10 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import {
-  type Backend,
-  defaultLibraryPath,
-  type DeviceTensor,
-  KiviError,
-  openBackend,
-  type TensorDType,
-} from "../src/mod.ts";
-import {
-  asCodebook,
-  asUniform,
-  bf16Bits,
-  BITS,
-  DTYPES,
-  host,
-  openCpu,
-  randomMatrix,
-  Rng,
-} from "./_helpers.ts";
+import type { Backend, DeviceTensor, TensorDType } from "../src/mod.ts";
+import { defaultLibraryPath, KiviError, openBackend } from "../src/mod.ts";
+import { asCodebook, asUniform, bf16Bits, BITS, DTYPES, host, openCpu } from "./_helpers.ts";
+import { randomMatrix, Rng } from "./_helpers.ts";
 
 /** Runs fn with KIVI_LIB_PATH set (or unset), restoring the caller's value after. */
 async function withLibPath<T>(value: string | undefined, fn: () => Promise<T>): Promise<T> {

@@ -9,40 +9,15 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Backend,
-  type CacheOptions,
-  type DecodeBatch,
-  type DeviceTensor,
-  KiviError,
-  type KVCache,
-  type Sequence,
-} from "../src/mod.ts";
-import {
-  DTYPES,
-  kvRows,
-  NONFINITE,
-  openCpu,
-  Rng,
-  setRaw,
-  throwsNaming,
-  toInput,
-} from "./_helpers.ts";
+import type { Backend, CacheOptions, DecodeBatch, DeviceTensor, KVCache } from "../src/mod.ts";
+import type { Sequence } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
+import { cacheOptions, DTYPES, kvRows, NONFINITE, openCpu, Rng, setRaw } from "./_helpers.ts";
+import { throwsNaming, toInput } from "./_helpers.ts";
 import { gpu, gpuDescribe } from "./_gpu.ts";
 
 const L = 3, H = 2, QH = 8, D = 64, ROW = H * D;
-const OPTS: CacheOptions = {
-  layers: L,
-  kvHeads: H,
-  queryHeads: QH,
-  headDim: D,
-  pageTokens: 32,
-  residual: 32,
-  maxPages: 64,
-  maxSequences: 6,
-  keys: { kind: "uniform", bits: 2, group: 32 },
-  values: { kind: "codebook", bits: 2, group: 32 },
-};
+const OPTS = cacheOptions(L, H, QH, D, 64, 6);
 
 type DT = "f32" | "f16" | "bf16";
 /** Host data of a dtype, as a tensor of the backend. */
@@ -59,6 +34,37 @@ function filled(cache: KVCache, rng: Rng, n: number): Sequence {
   const s = cache.createSequence();
   if (n > 0) s.append(kvRows(rng, n, H, D, L), kvRows(rng, n, H, D, L));
   return s;
+}
+
+/** A CPU backend, a cache of OPTS, one sequence of `tokens` tokens, and a batch over it whose q
+ * holds a NaN at `nanAt`; disposing it disposes them all, the batch first. */
+async function nanBatch(label: string, tokens: number, nanAt: number, trusted = false) {
+  const rng = new Rng(label);
+  const kivi = await openCpu();
+  const cache = kivi.createCache(OPTS);
+  const seqs = [filled(cache, rng, tokens)];
+  const q = nanQ(kivi, rng, nanAt), out = kivi.alloc([1, QH, D], "f32");
+  const batch = cache.batch(seqs, trusted ? { q, out, trusted } : { q, out });
+  return {
+    out,
+    batch,
+    [Symbol.dispose]() {
+      for (const d of [batch, out, q, cache, kivi]) d.dispose();
+    },
+  };
+}
+
+/** Each of `ops` on the batch is KIVI_ERR_STATE with the message "<op>: <why>". */
+function refusedOps(
+  batch: DecodeBatch<Sequence>,
+  ops: readonly ("attend" | "append" | "check")[],
+  why: string,
+  what: string,
+): void {
+  for (const op of ops) {
+    const call = () => (op === "check" ? batch.check() : batch[op](0));
+    throwsNaming(call, "KIVI_ERR_STATE", new RegExp(`${op}: ${why}`), `${what}: ${op}`);
+  }
 }
 
 /** Everything a failed call must leave as it was. */
@@ -250,12 +256,8 @@ describe("decode batch: deferred checks", () => {
   }
 
   it("check() and synchronizeSync() throw a deferred error once; synchronize() too", async () => {
-    const rng = new Rng("batch check");
-    using kivi = await openCpu();
-    using cache = kivi.createCache(OPTS);
-    const seqs = [filled(cache, rng, 10)];
-    using q = nanQ(kivi, rng, 5), out = kivi.alloc([1, QH, D], "f32");
-    using batch = cache.batch(seqs, { q, out });
+    using f = await nanBatch("batch check", 10, 5);
+    const { batch } = f;
     for (const read of [() => batch.check(), () => batch.synchronizeSync()]) {
       batch.attend(0);
       throwsNaming(
@@ -364,12 +366,8 @@ describe("decode batch: deferred checks", () => {
   }
 
   it("a trusted batch checks nothing: a NaN q gives what the kernel gives, and no error follows", async () => {
-    const rng = new Rng("batch trusted");
-    using kivi = await openCpu();
-    using cache = kivi.createCache(OPTS);
-    const seqs = [filled(cache, rng, 50)];
-    using q = nanQ(kivi, rng, 0), out = kivi.alloc([1, QH, D], "f32");
-    using batch = cache.batch(seqs, { q, out, trusted: true });
+    using f = await nanBatch("batch trusted", 50, 0, true);
+    const { out, batch } = f;
     assert.equal(batch.trusted, true);
     batch.attend(0);
     batch.synchronizeSync();
@@ -646,18 +644,7 @@ describe("decode batch: refusals", () => {
     );
     const live = [...seqs, reuse];
     const before = snapshot(kivi, cache, live, [out3]);
-    throwsNaming(
-      () => batch.attend(0),
-      "KIVI_ERR_STATE",
-      /attend: the sequence was freed; create a new one/,
-      "freed",
-    );
-    throwsNaming(
-      () => batch.append(0),
-      "KIVI_ERR_STATE",
-      /append: the sequence was freed; create a new one/,
-      "freed",
-    );
+    refusedOps(batch, ["attend", "append"], "the sequence was freed; create a new one", "freed");
     assert.deepEqual(
       snapshot(kivi, cache, live, [out3]),
       before,
@@ -682,28 +669,23 @@ describe("decode batch: refusals", () => {
       kept.dispose();
     }
     // a batch without k and v cannot append; one without q and out cannot attend
-    using qo = cache.batch(seqs, {
-      q: q3.readSync().length === 3 * QH * D ? kivi.alloc([2, QH, D], "f32") : q3,
-      out: kivi.alloc([2, QH, D], "f32"),
-    });
-    check(
-      "append without k and v",
-      () => qo.append(0),
-      "KIVI_ERR_STATE",
-      /append: the batch was made without k and v; make one with them/,
-      [],
-    );
-    using kvOnly = cache.batch(seqs, {
-      k: kivi.alloc([2, H, D], "f32"),
-      v: kivi.alloc([2, H, D], "f32"),
-    });
-    check(
-      "attend without q and out",
-      () => kvOnly.attend(0),
-      "KIVI_ERR_STATE",
-      /attend: the batch was made without q and out; make one with them/,
-      [],
-    );
+    const halves = [
+      ["append", "k and v", {
+        q: q3.readSync().length === 3 * QH * D ? kivi.alloc([2, QH, D], "f32") : q3,
+        out: kivi.alloc([2, QH, D], "f32"),
+      }],
+      ["attend", "q and out", { k: kivi.alloc([2, H, D], "f32"), v: kivi.alloc([2, H, D], "f32") }],
+    ] as const;
+    for (const [op, without, opts] of halves) {
+      using half = cache.batch(seqs, opts);
+      check(
+        `${op} without ${without}`,
+        () => half[op](0),
+        "KIVI_ERR_STATE",
+        new RegExp(`${op}: the batch was made without ${without}; make one with them`),
+        [],
+      );
+    }
     // a disposed batch
     const dead = cache.batch(seqs, {
       q: kivi.alloc([2, QH, D], "f32"),
@@ -758,18 +740,7 @@ describe("decode batch: refusals", () => {
     cache.dispose();
     assert.equal(batch.disposed, true);
     assert.equal(kivi._nativeRefs, refs - 2, "the batch and the cache let go of the context");
-    throwsNaming(
-      () => batch.attend(0),
-      "KIVI_ERR_STATE",
-      /attend: the cache was disposed; create a new one/,
-      "cache",
-    );
-    throwsNaming(
-      () => batch.check(),
-      "KIVI_ERR_STATE",
-      /check: the cache was disposed; create a new one/,
-      "check",
-    );
+    refusedOps(batch, ["attend", "check"], "the cache was disposed; create a new one", "cache");
     const c2 = kivi.createCache(OPTS);
     const b2 = c2.batch([filled(c2, rng, 3)], { q, out });
     kivi.dispose();

@@ -6,16 +6,10 @@
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Backend,
-  type CacheFormat,
-  type CacheOptions,
-  type DeviceTensor,
-  KiviError,
-  type KVCache,
-  type Sequence,
-} from "../src/mod.ts";
-import { Rng } from "./_helpers.ts";
+import type { Backend, CacheFormat, CacheOptions, DeviceTensor, KVCache } from "../src/mod.ts";
+import type { Sequence } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
+import { FOUR_PAGES, Rng } from "./_helpers.ts";
 import { cpu, gpuDescribe } from "./_gpu.ts";
 
 function rows(rng: Rng, n: number, kvHeads: number, headDim: number): Float32Array {
@@ -277,14 +271,7 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
 
   it("a full pool and a NaN leave every sequence unchanged", async () => {
     const rng = new Rng("gpu all or nothing");
-    using cache = gpu.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      pageTokens: 32,
-      maxPages: 4,
-    });
+    using cache = gpu.createCache(FOUR_PAGES);
     const s = cache.createSequence();
     using k0 = gpu.upload(rows(rng, 100, 2, 64));
     s.append(k0, k0, { layer: 0 });

@@ -5,18 +5,15 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type CacheFormat,
-  type CacheOptions,
-  KiviError,
-  type KVCache,
-  pageBytes,
-  resolveCacheOptions,
-  type Sequence,
-} from "../src/mod.ts";
-import { attentionOracle, f16, kvRows, openCpu, Rng } from "./_helpers.ts";
+import type { CacheFormat, CacheOptions, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError, pageBytes, resolveCacheOptions } from "../src/mod.ts";
+import { attentionOracle, CB2_G64, CB4_G32, D64_R32, f16, FOUR_PAGES, kvRows } from "./_helpers.ts";
+import { openCpu, Rng, U2_G32, U4_G32 } from "./_helpers.ts";
 
 const kivi = await openCpu();
+/** A one-layer cache of 64-dim heads. */
+const oneLayer = (o: Omit<CacheOptions, "layers" | "headDim">) =>
+  kivi.createCache({ layers: 1, headDim: 64, ...o });
 
 /**
  * float64 attention over the dequantized cache of one sequence. The CPU build accumulates in double
@@ -77,21 +74,9 @@ function checkAttention(
 }
 
 const formats: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
-  {
-    name: "uniform 2/uniform 2",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "uniform", bits: 2, group: 32 },
-  },
-  {
-    name: "uniform 2/codebook 2",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 64 },
-  },
-  {
-    name: "codebook 4/uniform 4",
-    keys: { kind: "codebook", bits: 4, group: 32 },
-    values: { kind: "uniform", bits: 4, group: 32 },
-  },
+  { name: "uniform 2/uniform 2", keys: U2_G32, values: U2_G32 },
+  { name: "uniform 2/codebook 2", keys: U2_G32, values: CB2_G64 },
+  { name: "codebook 4/uniform 4", keys: CB4_G32, values: U4_G32 },
   { name: "16/16", keys: { bits: 16 }, values: { bits: 16 } },
 ];
 
@@ -134,13 +119,7 @@ describe("cache lengths and the residual window", () => {
 
   it("tracks each layer on its own when appended one layer at a time", () => {
     const rng = new Rng("layers");
-    using cache = kivi.createCache({
-      layers: 3,
-      kvHeads: 1,
-      headDim: 64,
-      residual: 32,
-      maxPages: 16,
-    });
+    using cache = kivi.createCache({ ...D64_R32, layers: 3, kvHeads: 1, maxPages: 16 });
     using s = cache.createSequence();
     s.append(rows(rng, 100, 1, 64), rows(rng, 100, 1, 64), { layer: 1 });
     assert.deepEqual([0, 1, 2].map((l) => s.length(l)), [0, 100, 0]);
@@ -217,15 +196,8 @@ describe("cache pages hold what the standalone quantizer gives", () => {
 
   it("bits 16 stores the fp16-rounded input exactly", () => {
     const rng = new Rng("fp16");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 3,
-      headDim: 64,
-      residual: 0,
-      maxPages: 8,
-      keys: { bits: 16 },
-      values: { bits: 16 },
-    });
+    const bits16 = { bits: 16 } as const;
+    using cache = oneLayer({ kvHeads: 3, residual: 0, maxPages: 8, keys: bits16, values: bits16 });
     using s = cache.createSequence();
     const k = rows(rng, 200, 3, 64), v = rows(rng, 200, 3, 64);
     s.append(k, v, { layer: 0 });
@@ -276,13 +248,7 @@ describe("cache attention against a float64 oracle", () => {
 
   it("batches of 1, 3 and 17 with a sequence of 4096 tokens, each equal to its single-sequence result", () => {
     const rng = new Rng("batch");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      queryHeads: 4,
-      headDim: 64,
-      maxPages: 512,
-    });
+    using cache = oneLayer({ kvHeads: 2, queryHeads: 4, maxPages: 512 });
     const lengths = [4096, 1, 31, 128, 160, 97, 5, 64, 65, 129, 300, 2, 7, 33, 250, 96, 1000];
     const seqs = lengths.map((n) => {
       const s = cache.createSequence();
@@ -308,13 +274,7 @@ describe("cache attention against a float64 oracle", () => {
 describe("cache pages are freed and reused without leaking data", () => {
   it("a new sequence on reused pages sees only its own tokens", () => {
     const rng = new Rng("reuse");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      maxPages: 6,
-    });
+    using cache = kivi.createCache({ ...D64_R32, layers: 1, kvHeads: 2, maxPages: 6 });
     const a = cache.createSequence();
     a.append(rows(rng, 300, 2, 64), rows(rng, 300, 2, 64), { layer: 0 });
     const pagesA = [...a.pages()];
@@ -326,13 +286,7 @@ describe("cache pages are freed and reused without leaking data", () => {
     b.append(kb, vb, { layer: 0 });
     assert.deepEqual([...b.pages()].sort(), pagesA.sort(), `${rng.tag} the same pages are reused`);
     // b's cache equals what a fresh cache gives for b's tokens alone.
-    using fresh = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      maxPages: 6,
-    });
+    using fresh = kivi.createCache({ ...D64_R32, layers: 1, kvHeads: 2, maxPages: 6 });
     using f = fresh.createSequence();
     f.append(kb, vb, { layer: 0 });
     assert.deepEqual(
@@ -359,14 +313,7 @@ describe("cache appends are all or nothing", () => {
 
   it("a full pool gives KIVI_ERR_CAPACITY and changes nothing", () => {
     const rng = new Rng("full");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      pageTokens: 32,
-      maxPages: 4,
-    });
+    using cache = kivi.createCache(FOUR_PAGES);
     const s1 = cache.createSequence(), s2 = cache.createSequence();
     s1.append(rows(rng, 100, 2, 64), rows(rng, 100, 2, 64), { layer: 0 });
     s2.append(rows(rng, 40, 2, 64), rows(rng, 40, 2, 64), { layer: 0 });
@@ -382,13 +329,7 @@ describe("cache appends are all or nothing", () => {
   for (const [where, bad] of [["k", NaN], ["v", Infinity], ["k", -Infinity]] as const) {
     it(`a ${bad} in ${where} gives KIVI_ERR_NONFINITE naming ${where} and changes nothing`, () => {
       const rng = new Rng(`nan ${where} ${bad}`);
-      using cache = kivi.createCache({
-        layers: 2,
-        kvHeads: 2,
-        headDim: 64,
-        residual: 32,
-        maxPages: 16,
-      });
+      using cache = kivi.createCache({ ...D64_R32, layers: 2, kvHeads: 2, maxPages: 16 });
       using s = cache.createSequence();
       s.append(rows(rng, 150, 2, 64, 2), rows(rng, 150, 2, 64, 2));
       const q = rows(rng, 1, 2, 64);

@@ -25,22 +25,19 @@ async function run(
   return { code, out: out.join("\n"), err: err.join("\n"), written: written.join("") };
 }
 
+/** run() with --backend cpu and --model `model` after the command. */
+const onCpu = (cmd: string, model: string, ...rest: string[]) =>
+  run(cmd, "--backend", "cpu", "--model", model, ...rest);
+const words = (s: string) => s.split(" ");
+
 describe("kivi generate and kivi perplexity", () => {
   it("generate streams the prompt and the greedy continuation, then tokens/s", async () => {
-    const r = await run(
+    const r = await onCpu(
       "generate",
-      "--backend",
-      "cpu",
-      "--model",
       MODEL_DIR,
       "--prompt",
       "The President said that the",
-      "--max-tokens",
-      "20",
-      "--keys",
-      "16",
-      "--values",
-      "16",
+      ...words("--max-tokens 20 --keys 16 --values 16"),
     );
     assert.equal(r.code, 0, r.err);
     assert.equal(r.written, "The President said that the Senate was a major \n");
@@ -51,25 +48,14 @@ describe("kivi generate and kivi perplexity", () => {
   });
 
   it("perplexity prints a row per cache against bits 16, or JSON", async () => {
-    const r = await run(
+    const r = await onCpu(
       "perplexity",
-      "--backend",
-      "cpu",
-      "--model",
       MODEL_DIR,
       "--text",
       TEXT,
-      "--windows",
-      "2",
-      "--steps",
-      "16",
-      "--keys",
-      "uniform:2:32",
-      "--values",
-      "codebook:2:64",
-      "--residual",
-      "32",
-      "--json",
+      ...words(
+        "--windows 2 --steps 16 --keys uniform:2:32 --values codebook:2:64 --residual 32 --json",
+      ),
     );
     assert.equal(r.code, 0, r.err);
     const j = JSON.parse(r.out);
@@ -83,22 +69,12 @@ describe("kivi generate and kivi perplexity", () => {
       j.rows[1].bpb > 1 && j.rows[1].bpb < 3 && j.rows[1].top1VsBits16 > 0.5,
       JSON.stringify(j.rows[1]),
     );
-    const t = await run(
+    const t = await onCpu(
       "perplexity",
-      "--backend",
-      "cpu",
-      "--model",
       MODEL_DIR,
       "--text",
       TEXT,
-      "--windows",
-      "1",
-      "--steps",
-      "4",
-      "--keys",
-      "16",
-      "--values",
-      "uniform:4:32",
+      ...words("--windows 1 --steps 4 --keys 16 --values uniform:4:32"),
     );
     assert.equal(t.code, 0, t.err);
     assert.match(t.out, /^cache +residual +bits\/byte/);
@@ -132,15 +108,7 @@ describe("kivi generate and kivi perplexity", () => {
       assert.equal(r.code, 2, argv.join(" "));
       assert.match(r.err, re, argv.join(" "));
     }
-    const r = await run(
-      "generate",
-      "--backend",
-      "cpu",
-      "--model",
-      "/nonexistent/model",
-      "--prompt",
-      "x",
-    );
+    const r = await onCpu("generate", "/nonexistent/model", ...words("--prompt x"));
     assert.equal(r.code, 1);
     assert.match(
       r.err,

@@ -5,30 +5,12 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import type { Axis, Fit, GroupSize } from "../src/mod.ts";
-import {
-  asCodebook,
-  asUniform,
-  bf16Bits,
-  BITS,
-  codesOf,
-  type DataDType,
-  DTYPES,
-  f16,
-  groupCount,
-  groupMaxAbs,
-  groupMembers,
-  groupSse,
-  host,
-  intervalOracle,
-  nearestOracle,
-  nearMidpoint,
-  openCpu,
-  randomMatrix,
-  Rng,
-  toInput,
-  U32,
-} from "./_helpers.ts";
+import type { Axis, Backend, Fit, GroupSize } from "../src/mod.ts";
+import type { DataDType } from "./_helpers.ts";
+import { asCodebook, asUniform, bf16Bits, BITS, codesOf, DTYPES, f16 } from "./_helpers.ts";
+import { groupCount, groupMaxAbs, groupMembers, groupSse, host } from "./_helpers.ts";
+import { intervalOracle, nearestOracle, nearMidpoint, openCpu, randomMatrix } from "./_helpers.ts";
+import { Rng, toInput, U32 } from "./_helpers.ts";
 
 type Case = [axis: Axis, rows: number, cols: number, group: GroupSize];
 /** [rows, cols, group] per axis, awkward on purpose. */
@@ -277,13 +259,8 @@ describe("codebook assignment", () => {
             }
           }
           const inp = toInput(vals, dtype);
-          const q = kivi.quantizeWithCodebook(inp.x, cent, {
-            shape: [rows, cols],
-            dtype,
-            axis,
-            bits,
-            group,
-          });
+          const shape: [number, number] = [rows, cols];
+          const q = kivi.quantizeWithCodebook(inp.x, cent, { shape, dtype, axis, bits, group });
           const codes = codesOf(q.codes, rows, cols, axis, bits);
           const deq = host(kivi.dequantize(q)) as Float32Array;
           let undecided = 0;
@@ -361,8 +338,9 @@ describe("codebook assignment", () => {
             for (let k = 0; k < n; k++) vals[m[k]] = cent[g * n + k]; // boundaries exactly
           }
           const inp = toInput(vals, dtype as DataDType);
+          const shape: [number, number] = [rows, cols];
           const q = kivi.quantizeWithCodebook(inp.x, cent, {
-            shape: [rows, cols],
+            shape,
             dtype,
             axis,
             bits,
@@ -417,6 +395,14 @@ describe("the seed's worked example", () => {
   const x = new Float32Array(32).map((_, i) => data[i % 8]);
   const centroids = new Float16Array([0, 1, 4, 6]); // v_min, v1, v2, v_max
 
+  /** x against the centroids along `axis` (one group: shape [1, 32] or [32, 1]), dequantized. */
+  function coded(kivi: Backend, axis: Axis, assign?: "interval") {
+    const shape: [number, number] = axis === "channel" ? [1, 32] : [32, 1];
+    const opts = { shape, axis, bits: 2, ...(assign ? { assign } : {}) } as const;
+    const q = kivi.quantizeWithCodebook(x, centroids, opts);
+    return { q, deq: host(kivi.dequantize(q)) as Float32Array };
+  }
+
   function mae(deq: Float32Array): number {
     let s = 0;
     for (let i = 0; i < 32; i++) s += Math.abs(x[i] - deq[i]);
@@ -425,14 +411,8 @@ describe("the seed's worked example", () => {
 
   it("interval assignment: codes [0,0,1,1,1,2,2,2], values [0,0,1,1,1,4,4,4], MAE 1.0375", async () => {
     using kivi = await openCpu();
-    const q = kivi.quantizeWithCodebook(x, centroids, {
-      shape: [1, 32],
-      axis: "channel",
-      bits: 2,
-      assign: "interval",
-    });
+    const { q, deq } = coded(kivi, "channel", "interval");
     const codes = codesOf(q.codes, 1, 32, "channel", 2);
-    const deq = host(kivi.dequantize(q)) as Float32Array;
     for (let r = 0; r < 4; r++) {
       assert.deepEqual([...codes.subarray(8 * r, 8 * r + 8)], [0, 0, 1, 1, 1, 2, 2, 2]);
       assert.deepEqual([...deq.subarray(8 * r, 8 * r + 8)], [0, 0, 1, 1, 1, 4, 4, 4]);
@@ -443,9 +423,8 @@ describe("the seed's worked example", () => {
 
   it("nearest assignment on the same centroids: MAE 0.4625", async () => {
     using kivi = await openCpu();
-    const q = kivi.quantizeWithCodebook(x, centroids, { shape: [1, 32], axis: "channel", bits: 2 });
+    const { q, deq } = coded(kivi, "channel");
     const codes = codesOf(q.codes, 1, 32, "channel", 2);
-    const deq = host(kivi.dequantize(q)) as Float32Array;
     // 0.5 and 2.5 are exact midpoints (0|1 and 1|4): ties go up
     assert.deepEqual([...codes.subarray(0, 8)], [0, 1, 1, 2, 2, 2, 3, 3]);
     assert.deepEqual([...deq.subarray(0, 8)], [0, 1, 1, 4, 4, 4, 6, 6]);
@@ -454,13 +433,7 @@ describe("the seed's worked example", () => {
 
   it("is the same along the token axis (shape [32, 1])", async () => {
     using kivi = await openCpu();
-    const q = kivi.quantizeWithCodebook(x, centroids, {
-      shape: [32, 1],
-      axis: "token",
-      bits: 2,
-      assign: "interval",
-    });
-    const deq = host(kivi.dequantize(q)) as Float32Array;
+    const { deq } = coded(kivi, "token", "interval");
     assert.deepEqual([...deq.subarray(0, 8)], [0, 0, 1, 1, 1, 4, 4, 4]);
   });
 });

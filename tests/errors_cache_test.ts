@@ -8,39 +8,13 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Backend,
-  type CacheOptions,
-  KiviError,
-  type KVCache,
-  type Sequence,
-} from "../src/mod.ts";
-import {
-  assertUntouched,
-  DTYPES,
-  kvRows,
-  NONFINITE,
-  openCpu,
-  Rng,
-  sentinel,
-  setRaw,
-  throwsNaming,
-  toInput,
-} from "./_helpers.ts";
+import type { Backend, CacheOptions, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
+import { assertUntouched, cacheOptions, DTYPES, kvRows, NONFINITE, openCpu } from "./_helpers.ts";
+import { Rng, sentinel, setRaw, throwsNaming, toInput } from "./_helpers.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
-const OPTS: CacheOptions = {
-  layers: L,
-  kvHeads: H,
-  queryHeads: QH,
-  headDim: D,
-  pageTokens: 32,
-  residual: 32,
-  maxPages: 8,
-  maxSequences: 3,
-  keys: { kind: "uniform", bits: 2, group: 32 },
-  values: { kind: "codebook", bits: 2, group: 32 },
-};
+const OPTS = cacheOptions(L, H, QH, D, 8, 3);
 
 /** A cache with two sequences holding pages and window tokens in both layers (4 of 8 pages used). */
 interface Fixture {
@@ -101,170 +75,146 @@ describe("cache options out of range", () => {
     const make = (o: Partial<CacheOptions> | null) => () =>
       f.kivi.createCache(o === null ? (null as unknown as CacheOptions) : { ...base, ...o });
     const uni = { kind: "uniform", bits: 2 } as const;
+    const R = RangeError, T = TypeError;
     expectEach(f, [
-      ["options null", make(null), TypeError, /options must be an object, got null/],
-      ["layers 0", make({ layers: 0 }), RangeError, /layers must be between 1 and 4096, got 0/],
-      [
-        "layers negative",
-        make({ layers: -2 }),
-        RangeError,
-        /layers must be between 1 and 4096, got -2/,
-      ],
-      [
-        "layers fractional",
-        make({ layers: 1.5 }),
-        RangeError,
-        /layers must be an integer, got 1\.5/,
-      ],
+      ["options null", make(null), T, /options must be an object, got null/],
+      ["layers 0", make({ layers: 0 }), R, /layers must be between 1 and 4096, got 0/],
+      ["layers negative", make({ layers: -2 }), R, /layers must be between 1 and 4096, got -2/],
+      ["layers fractional", make({ layers: 1.5 }), R, /layers must be an integer, got 1\.5/],
       [
         "layers huge",
         make({ layers: 2 ** 53 }),
-        RangeError,
+        R,
         /layers must be between 1 and 4096, got 9007199254740992/,
       ],
-      ["layers NaN", make({ layers: NaN }), RangeError, /layers must be an integer, got NaN/],
+      ["layers NaN", make({ layers: NaN }), R, /layers must be an integer, got NaN/],
       [
         "layers a string",
         make({ layers: "2" as unknown as number }),
-        TypeError,
+        T,
         /layers must be a number, got "2"/,
       ],
-      [
-        "kvHeads fractional",
-        make({ kvHeads: 0.5 }),
-        RangeError,
-        /kvHeads must be an integer, got 0\.5/,
-      ],
+      ["kvHeads fractional", make({ kvHeads: 0.5 }), R, /kvHeads must be an integer, got 0\.5/],
       [
         "queryHeads not a multiple",
         make({ kvHeads: 4, queryHeads: 6 }),
-        RangeError,
+        R,
         /queryHeads must be a multiple of kvHeads \(4\) at most 32 times it, got 6/,
       ],
       [
         "queryHeads over 32x",
         make({ kvHeads: 2, queryHeads: 66 }),
-        RangeError,
+        R,
         /queryHeads must be a multiple of kvHeads \(2\) at most 32 times it, got 66/,
       ],
-      [
-        "headDim 96",
-        make({ headDim: 96 }),
-        RangeError,
-        /headDim must be one of 64, 128, 256, got 96/,
-      ],
+      ["headDim 96", make({ headDim: 96 }), R, /headDim must be one of 64, 128, 256, got 96/],
       [
         "headDim a string",
         make({ headDim: "64" as unknown as 64 }),
-        TypeError,
+        T,
         /headDim must be one of 64, 128, 256, got "64"/,
       ],
       [
         "keys.bits 3",
         make({ keys: { kind: "uniform", bits: 3 as 2 } }),
-        RangeError,
+        R,
         /keys\.bits must be one of 2, 4, 16, got 3/,
       ],
       [
         "values.bits 8",
         make({ values: { kind: "uniform", bits: 8 as 2 } }),
-        RangeError,
+        R,
         /values\.bits must be one of 2, 4, 16, got 8/,
       ],
       [
         "keys.group 48",
         make({ keys: { ...uni, group: 48 as 32 } }),
-        RangeError,
+        R,
         /keys\.group must be one of 32, 64, 128, got 48/,
       ],
       [
         "values.group not dividing headDim",
         make({ values: { ...uni, group: 128 } }),
-        RangeError,
+        R,
         /values\.group must divide headDim \(64\), got 128/,
       ],
       [
         "keys.kind",
         make({ keys: { kind: "linear" as "uniform", bits: 2 } }),
-        RangeError,
+        R,
         /keys\.kind must be one of "uniform", "codebook", got "linear"/,
       ],
       [
         "keys null",
         make({ keys: null as unknown as undefined }),
-        TypeError,
+        T,
         /keys must be a format object, got null/,
       ],
       [
         "values.iterations 0",
         make({ values: { kind: "codebook", bits: 2, iterations: 0 } }),
-        RangeError,
+        R,
         /values\.iterations must be between 1 and 256, got 0/,
       ],
       [
         "values.fit",
         make({ values: { kind: "codebook", bits: 2, fit: "loose" as "free" } }),
-        RangeError,
+        R,
         /values\.fit must be one of "free", "pinned", got "loose"/,
       ],
       [
         "pageTokens 48",
         make({ pageTokens: 48 }),
-        RangeError,
+        R,
         /pageTokens must be one of 32, 64, 128, 256, got 48/,
       ],
       [
         "pageTokens not a multiple of keys.group",
         make({ pageTokens: 32, keys: { ...uni, group: 64 } }),
-        RangeError,
+        R,
         /pageTokens must be a multiple of keys\.group \(64\), got 32/,
       ],
       [
         "residual not a multiple of keys.group",
         make({ residual: 40 }),
-        RangeError,
+        R,
         /residual must be a multiple of keys\.group \(32\), got 40/,
       ],
       [
         "residual negative",
         make({ residual: -32 }),
-        RangeError,
+        R,
         /residual must be between 0 and 1048576, got -32/,
       ],
-      [
-        "maxPages 0",
-        make({ maxPages: 0 }),
-        RangeError,
-        /maxPages must be between 1 and 1073741824, got 0/,
-      ],
+      ["maxPages 0", make({ maxPages: 0 }), R, /maxPages must be between 1 and 1073741824, got 0/],
       [
         "maxPages huge",
         make({ maxPages: 2 ** 40 }),
-        RangeError,
+        R,
         /maxPages must be between 1 and 1073741824, got 1099511627776/,
       ],
       [
         "maxPages and budgetBytes",
         make({ budgetBytes: 1 << 20 }),
-        TypeError,
+        T,
         /give maxPages or budgetBytes, not both/,
       ],
       [
         "neither maxPages nor budgetBytes",
         make({ maxPages: undefined }),
-        TypeError,
+        T,
         /give maxPages or budgetBytes to size the page pool/,
       ],
       [
         "budgetBytes below one page",
         make({ maxPages: undefined, budgetBytes: 100 }),
-        RangeError,
+        R,
         /budgetBytes must hold at least one page \(\d+ bytes\), got 100/,
       ],
       [
         "maxSequences 0",
         make({ maxSequences: 0 }),
-        RangeError,
+        R,
         /maxSequences must be between 1 and 65536, got 0/,
       ],
       // In range for every field, but ~2^58 bytes: the library's allocation fails and says what it tried.

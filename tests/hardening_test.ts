@@ -9,41 +9,15 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import {
-  type Backend,
-  type CacheOptions,
-  type DeviceTensor,
-  KiviError,
-  type KVCache,
-  type Sequence,
-} from "../src/mod.ts";
+import type { Backend, DeviceTensor, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
 import { demoShape, main, parseDemoOptions } from "../src/cli.ts";
-import {
-  assertUntouched,
-  f16,
-  f32,
-  kvRows,
-  openCpu,
-  Rng,
-  sentinel,
-  throwsNaming,
-  toInput,
-} from "./_helpers.ts";
+import { assertUntouched, cacheOptions, f16, f32, kvRows, openCpu, Rng } from "./_helpers.ts";
+import { CB2_G32, sentinel, throwsNaming, toInput, U2_G32 } from "./_helpers.ts";
 import { gpuDescribe } from "./_gpu.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
-const OPTS: CacheOptions = {
-  layers: L,
-  kvHeads: H,
-  queryHeads: QH,
-  headDim: D,
-  pageTokens: 32,
-  residual: 32,
-  maxPages: 8,
-  maxSequences: 3,
-  keys: { kind: "uniform", bits: 2, group: 32 },
-  values: { kind: "codebook", bits: 2, group: 32 },
-};
+const OPTS = cacheOptions(L, H, QH, D, 8, 3);
 
 /** A backend, a cache with one sequence of 70 tokens in every layer, a query and a snapshot of it. */
 async function setup(label: string) {
@@ -55,6 +29,15 @@ async function setup(label: string) {
   const q = kvRows(rng, 1, QH, D);
   return { rng, kivi, cache, seq, q };
 }
+
+/** A uniform 2-bit quantize of x ([rows, 32], channel axis) into `out`, as a thunk. */
+const quantizeInto = (kivi: Backend, x: Float32Array, rows: number, out: object) => () =>
+  kivi.quantize(x, {
+    shape: [rows, 32],
+    axis: "channel",
+    format: { kind: "uniform", bits: 2 },
+    out: out as never,
+  });
 
 /** What a failed call must leave as it was: lengths, block table, contents and attention. */
 function snap(cache: KVCache, seq: Sequence, q: Float32Array) {
@@ -228,16 +211,17 @@ describe("issue 22: sizes past 32 bits", () => {
     }
     using _x = x;
     using small = kivi.alloc([16], "f16");
+    const fitInto = (input: DeviceTensor) => () =>
+      kivi.fitCodebook(input, {
+        axis: "channel",
+        bits: 4,
+        group: 32,
+        iterations: 1,
+        trusted: true,
+        out: { centroids: small },
+      });
     throwsNaming(
-      () =>
-        kivi.fitCodebook(x, {
-          axis: "channel",
-          bits: 4,
-          group: 32,
-          iterations: 1,
-          trusted: true,
-          out: { centroids: small },
-        }),
+      fitInto(x),
       TypeError,
       /out\.centroids must have 4294967312 elements, got 16/,
       "2^33 + 32 values",
@@ -245,15 +229,7 @@ describe("issue 22: sizes past 32 bits", () => {
     _x.dispose();
     using x32 = kivi.alloc([2 ** 32], "f16");
     throwsNaming(
-      () =>
-        kivi.fitCodebook(x32, {
-          axis: "channel",
-          bits: 4,
-          group: 32,
-          iterations: 1,
-          trusted: true,
-          out: { centroids: small },
-        }),
+      fitInto(x32),
       TypeError,
       /out\.centroids must have 2147483648 elements, got 16/,
       "2^32 values",
@@ -381,13 +357,7 @@ describe("issue 22: lying subclasses, duck-typed tensors and Proxies", () => {
     );
     const x = new Float32Array(1024).fill(0.25);
     throwsNaming(
-      () =>
-        kivi.quantize(x, {
-          shape: [32, 32],
-          axis: "channel",
-          format: { kind: "uniform", bits: 2 },
-          out: { codes: duck as never },
-        }),
+      quantizeInto(kivi, x, 32, { codes: duck }),
       TypeError,
       /out\.codes must be a host typed array like the input/,
       "duck out",
@@ -444,11 +414,7 @@ describe("issue 22: values past fp16's range", () => {
     const re =
       /\bx must hold values below 65520 in magnitude \(fp16 params\), got 80000 at index 4 \(row 0, col 4\)/;
     for (
-      const format of [{ kind: "uniform", bits: 2, group: 32 }, {
-        kind: "codebook",
-        bits: 2,
-        group: 32,
-      }] as const
+      const format of [U2_G32, CB2_G32]
     ) {
       throwsNaming(
         () => kivi.quantize(big, { shape, axis: "channel", format }),
@@ -574,14 +540,22 @@ function toBf(b: number): number {
   return new Float32Array(new Uint32Array([b << 16]).buffer)[0];
 }
 
+/** setup(), then what the option tests pass: a snapshot, two tokens k1, a 32 x 32 x and a format. */
+async function optionSetup(label: string) {
+  const s = await setup(label);
+  const before = snap(s.cache, s.seq, s.q);
+  const k1 = kvRows(s.rng, 2, H, D);
+  const x = kvRows(s.rng, 32, 1, 32);
+  return { ...s, before, k1, x, uni: { kind: "uniform", bits: 2, group: 32 } as const };
+}
+
 describe("issue 22: strict options", () => {
   it("an unknown key is a TypeError naming it and the closest known key, everywhere", async () => {
-    const { rng, kivi, cache, seq, q } = await setup("unknown keys");
+    const { kivi, cache, seq, q, before, k1, x, uni } = await optionSetup("unknown keys");
     using _k = kivi;
-    const before = snap(cache, seq, q);
-    const k1 = kvRows(rng, 2, H, D);
-    const x = kvRows(rng, 32, 1, 32);
-    const uni = { kind: "uniform", bits: 2, group: 32 } as const;
+    // quantize of x with one option added or replaced
+    const quantize = (o: Record<string, unknown>) => () =>
+      kivi.quantize(x, { shape: [32, 32], axis: "channel", format: uni, ...o } as never);
     const cases: [string, () => unknown, RegExp][] = [
       [
         "createCache",
@@ -595,21 +569,12 @@ describe("issue 22: strict options", () => {
       ],
       [
         "quantize format",
-        () =>
-          kivi.quantize(x, {
-            shape: [32, 32],
-            axis: "channel",
-            format: { kind: "uniform", bits: 2, grop: 64 } as never,
-          }),
+        quantize({ format: { kind: "uniform", bits: 2, grop: 64 } }),
         /format has an unknown key "grop"; did you mean "group"\?/,
       ],
       [
         "quantize options",
-        () =>
-          kivi.quantize(
-            x,
-            { shape: [32, 32], axis: "channel", format: uni, trustd: true } as never,
-          ),
+        quantize({ trustd: true }),
         /options has an unknown key "trustd"; did you mean "trusted"\?/,
       ],
       [
@@ -624,13 +589,7 @@ describe("issue 22: strict options", () => {
       ],
       [
         "out",
-        () =>
-          kivi.quantize(x, {
-            shape: [32, 32],
-            axis: "channel",
-            format: uni,
-            out: { code: new Uint32Array(64) } as never,
-          }),
+        quantize({ out: { code: new Uint32Array(64) } }),
         /out has an unknown key "code"; did you mean "codes"\?/,
       ],
       [
@@ -649,13 +608,9 @@ describe("issue 22: strict options", () => {
   });
 
   it("booleans must be booleans and dtype hints must match the array", async () => {
-    const { rng, kivi, cache, seq, q } = await setup("booleans");
+    const { kivi, cache, seq, q, before, k1, x, uni } = await optionSetup("booleans");
     using _k = kivi;
-    const before = snap(cache, seq, q);
-    const k1 = kvRows(rng, 2, H, D);
     k1[5] = NaN;
-    const x = kvRows(rng, 32, 1, 32);
-    const uni = { kind: "uniform", bits: 2, group: 32 } as const;
     const cases: [string, () => unknown, new (...a: never[]) => Error, RegExp][] = [
       [
         "trusted a string",
@@ -753,29 +708,17 @@ describe("issue 22: overlapping buffers", () => {
     const x = kvRows(rng, 64, 1, 32);
     const words = new Uint32Array(x.buffer, 0, 64 * 32 / 16);
     throwsNaming(
-      () =>
-        kivi.quantize(x, {
-          shape: [64, 32],
-          axis: "channel",
-          format: { kind: "uniform", bits: 2 },
-          out: { codes: words },
-        }),
+      quantizeInto(kivi, x, 64, { codes: words }),
       TypeError,
       /out\.codes must not share memory with x/,
       "codes over x",
     );
     const p = new Uint16Array(64);
     throwsNaming(
-      () =>
-        kivi.quantize(x, {
-          shape: [64, 32],
-          axis: "channel",
-          format: { kind: "uniform", bits: 2 },
-          out: {
-            scale: p.subarray(0, 64) as never,
-            zero: new Uint16Array(p.buffer, 0, 64) as never,
-          },
-        }),
+      quantizeInto(kivi, x, 64, {
+        scale: p.subarray(0, 64),
+        zero: new Uint16Array(p.buffer, 0, 64),
+      }),
       TypeError,
       /out\.zero must not share memory with out\.scale/,
       "zero over scale",

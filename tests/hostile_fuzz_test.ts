@@ -110,22 +110,18 @@ async function fuzz(backend: "cpu" | "cuda"): Promise<void> {
   );
 }
 
-describe("hostile-input fuzzer", () => {
-  it(
-    `CPU: ${CALLS} hostile calls in ${BATCHES} child processes, each a correct result or a typed error that changed nothing`,
-    { timeout: 600_000 },
-    async () => {
-      await fuzz("cpu");
-    },
-  );
-});
-
-gpuDescribe("hostile-input fuzzer on CUDA", () => {
-  it(
-    `CUDA: ${CALLS} hostile calls in ${BATCHES} child processes, each a correct result or a typed error that changed nothing`,
-    { timeout: 600_000 },
-    async () => {
-      await fuzz("cuda");
-    },
-  );
-});
+const RUNS = [
+  [describe, "hostile-input fuzzer", "CPU", "cpu"],
+  [gpuDescribe, "hostile-input fuzzer on CUDA", "CUDA", "cuda"],
+] as const;
+for (const [suite, title, label, kind] of RUNS) {
+  suite(title, () => {
+    it(
+      `${label}: ${CALLS} hostile calls in ${BATCHES} child processes, each a correct result or a typed error that changed nothing`,
+      { timeout: 600_000 },
+      async () => {
+        await fuzz(kind);
+      },
+    );
+  });
+}

@@ -20,14 +20,8 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import {
-  type Backend,
-  type DeviceTensor,
-  type KVCache,
-  openBackend,
-  Rng,
-  type Sequence,
-} from "../src/mod.ts";
+import type { Backend, DeviceTensor, KVCache, Sequence } from "../src/mod.ts";
+import { openBackend, Rng } from "../src/mod.ts";
 import { gpuDescribe } from "./_gpu.ts";
 
 const MiB = 2 ** 20;

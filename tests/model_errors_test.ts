@@ -5,27 +5,12 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  closeSync,
-  openSync,
-  readFileSync,
-  rmSync,
-  statSync,
-  truncateSync,
-  unlinkSync,
-  writeSync,
-} from "node:fs";
+import { closeSync, openSync, readFileSync, rmSync, statSync, truncateSync } from "node:fs";
+import { unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { ModelError, openBackend } from "../src/mod.ts";
-import {
-  convert,
-  copyModel,
-  editConfig,
-  MODEL_DIR,
-  rawTensors,
-  SHARD2,
-  singleFile,
-} from "./_model.ts";
+import { convert, copyModel, editConfig, MODEL_DIR, rawTensors, SHARD2 } from "./_model.ts";
+import { singleFile } from "./_model.ts";
 
 const kivi = await openBackend({ prefer: "cpu" });
 

@@ -36,27 +36,11 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import {
-  type CacheFormat,
-  type CacheOptions,
-  KiviError,
-  type KVCache,
-  pageBytes,
-  resolveCacheOptions,
-  Rng,
-  type Sequence,
-} from "../src/mod.ts";
-import {
-  attentionOracle,
-  BASE_SEED,
-  type DataDType,
-  f16,
-  NONFINITE,
-  openCpu,
-  setRaw,
-  toInput,
-  uniformOracle,
-} from "./_helpers.ts";
+import type { CacheFormat, CacheOptions, KVCache, Sequence } from "../src/mod.ts";
+import { KiviError, pageBytes, resolveCacheOptions, Rng } from "../src/mod.ts";
+import type { DataDType } from "./_helpers.ts";
+import { attentionOracle, BASE_SEED, CB2_G64, f16, NONFINITE, openCpu } from "./_helpers.ts";
+import { setRaw, toInput, U2_G32, U2_G64, U4_G128, U4_G64, uniformOracle } from "./_helpers.ts";
 
 const STEPS = process.env.KIVI_PROPERTY_STEPS ? Number(process.env.KIVI_PROPERTY_STEPS) : 100;
 assert.ok(
@@ -66,32 +50,16 @@ assert.ok(
 
 /** One configuration per run: every format is covered; sizes are drawn from the run's seed. */
 const RUNS: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
-  {
-    name: "uniform 2 / uniform 2",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "uniform", bits: 2, group: 32 },
-  },
-  {
-    name: "uniform 4 G64 / uniform 4 G64",
-    keys: { kind: "uniform", bits: 4, group: 64 },
-    values: { kind: "uniform", bits: 4, group: 64 },
-  },
+  { name: "uniform 2 / uniform 2", keys: U2_G32, values: U2_G32 },
+  { name: "uniform 4 G64 / uniform 4 G64", keys: U4_G64, values: U4_G64 },
   { name: "bits 16 / bits 16", keys: { bits: 16 }, values: { bits: 16 } },
-  {
-    name: "uniform 2 / codebook 2 G64",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 64 },
-  },
+  { name: "uniform 2 / codebook 2 G64", keys: U2_G32, values: CB2_G64 },
   {
     name: "codebook 4 pinned / uniform 2 G64",
     keys: { kind: "codebook", bits: 4, group: 32, fit: "pinned" },
-    values: { kind: "uniform", bits: 2, group: 64 },
+    values: U2_G64,
   },
-  {
-    name: "uniform 4 G128 / bits 16",
-    keys: { kind: "uniform", bits: 4, group: 128 },
-    values: { bits: 16 },
-  },
+  { name: "uniform 4 G128 / bits 16", keys: U4_G128, values: { bits: 16 } },
 ];
 
 type Cfg = ReturnType<typeof resolveCacheOptions>;
@@ -333,6 +301,17 @@ interface Stats {
   /** Pages handed to a sequence that some freed sequence had held. */
   reused: number;
 }
+/** Stats with every count at zero. */
+const noStats = (): Stats => ({
+  steps: 0,
+  appended: 0,
+  flushed: 0,
+  attended: 0,
+  full: 0,
+  nan: 0,
+  slots: 0,
+  reused: 0,
+});
 
 async function run(r: number): Promise<Stats> {
   const spec = RUNS[r];
@@ -361,16 +340,7 @@ async function run(r: number): Promise<Stats> {
   using cache = kivi.createCache(opts);
   const m = new Model(c);
   const tableBytes = cache.memory().tableBytes;
-  const stats: Stats = {
-    steps: 0,
-    appended: 0,
-    flushed: 0,
-    attended: 0,
-    full: 0,
-    nan: 0,
-    slots: 0,
-    reused: 0,
-  };
+  const stats = noStats();
   const where = (step: number, op: string) =>
     `${tag} step ${step} (${op}; config ${JSON.stringify(opts)})`;
 
@@ -559,16 +529,7 @@ async function run(r: number): Promise<Stats> {
 }
 
 describe("the cache against a float64 model, random operations", () => {
-  const totals: Stats = {
-    steps: 0,
-    appended: 0,
-    flushed: 0,
-    attended: 0,
-    full: 0,
-    nan: 0,
-    slots: 0,
-    reused: 0,
-  };
+  const totals = noStats();
   RUNS.forEach((spec, r) => {
     // Bun's default of 5 s per test would cut a long run short: allow 200 ms a step.
     it(`${spec.name}: ${STEPS} steps`, { timeout: Math.max(60_000, STEPS * 200) }, async () => {

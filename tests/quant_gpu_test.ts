@@ -6,16 +6,9 @@
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  type Axis,
-  type Backend,
-  type Bits,
-  type CodebookQuantized,
-  type DeviceTensor,
-  type GroupSize,
-  KiviError,
-  type UniformQuantized,
-} from "../src/mod.ts";
+import type { Axis, Backend, Bits, CodebookQuantized, DeviceTensor } from "../src/mod.ts";
+import type { GroupSize, UniformQuantized } from "../src/mod.ts";
+import { KiviError } from "../src/mod.ts";
 import { assertSameBits, DTYPES, randomMatrix, Rng } from "./_helpers.ts";
 import { cpu, gpuDescribe } from "./_gpu.ts";
 
@@ -45,6 +38,12 @@ function firstDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return -1;
 }
 
+/** A device fp16 result holds the same bits as the host's. */
+async function sameHalves(got: DeviceTensor, want: Float16Array, what: string): Promise<void> {
+  const bits = new Uint16Array((await got.read()).buffer);
+  assert.equal(firstDiff(bits, new Uint16Array(want.buffer)), -1, what);
+}
+
 gpuDescribe("CUDA uniform quantize and dequantize equal the CPU reference bit for bit", (g) => {
   for (const bits of [2, 4] as Bits[]) {
     for (const [axis, rows, cols, group] of CASES) {
@@ -62,22 +61,8 @@ gpuDescribe("CUDA uniform quantize and dequantize equal the CPU reference bit fo
           using x = up(g, inp.x, dtype, rows, cols);
           const got = g.quantize(x, { axis, format }) as UniformQuantized<"device">;
           assert.equal(firstDiff(await got.codes.read(), want.codes), -1, `codes ${rng.tag}`);
-          assert.equal(
-            firstDiff(
-              new Uint16Array((await got.scale.read()).buffer),
-              new Uint16Array(want.scale.buffer),
-            ),
-            -1,
-            `scale ${rng.tag}`,
-          );
-          assert.equal(
-            firstDiff(
-              new Uint16Array((await got.zero.read()).buffer),
-              new Uint16Array(want.zero.buffer),
-            ),
-            -1,
-            `zero ${rng.tag}`,
-          );
+          await sameHalves(got.scale, want.scale, `scale ${rng.tag}`);
+          await sameHalves(got.zero, want.zero, `zero ${rng.tag}`);
           for (const od of DTYPES) {
             const back = g.dequantize(got, { dtype: od }) as DeviceTensor;
             const ref = cpu.dequantize(want, { dtype: od });
@@ -264,58 +249,25 @@ gpuDescribe("CUDA quantizers take host arrays: copied to the device and the resu
         (i % 4) - 1.5 + rng.uniform(-0.4, 0.4)
       );
       using ct = g.upload(cent);
+      // each call made on the host array (with its shape and dtype) and on the tensor
+      type Call = (x: unknown, o: Record<string, unknown>) => object;
+      const both = (call: Call, o: Record<string, unknown>) =>
+        [() => call(inp.x, { shape: [rows, cols], dtype, ...o }), () => call(x, o)] as const;
+      const quantize: Call = (v, o) => g.quantize(v as never, o as never);
+      const fit: Call = (v, o) => g.fitCodebook(v as never, o as never);
+      const stats: Call = (v, o) => g.stats(v as never, o as never);
+      // the centroids where x lives: the host array's for it, the tensor's for the tensor
+      const given: Call = (v, o) =>
+        g.quantizeWithCodebook(v as never, (v === inp.x ? cent : ct) as never, o as never);
       const calls: [string, () => object, () => object][] = [
-        [
-          "uniform",
-          () =>
-            g.quantize(inp.x, {
-              shape: [rows, cols],
-              dtype,
-              axis: "token",
-              format: { kind: "uniform", bits: 2 },
-            }),
-          () => g.quantize(x, { axis: "token", format: { kind: "uniform", bits: 2 } }),
-        ],
+        ["uniform", ...both(quantize, { axis: "token", format: { kind: "uniform", bits: 2 } })],
         [
           "codebook",
-          () =>
-            g.quantize(inp.x, {
-              shape: [rows, cols],
-              dtype,
-              axis: "channel",
-              format: { kind: "codebook", bits: 4, group: 32 },
-            }),
-          () =>
-            g.quantize(x, { axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } }),
+          ...both(quantize, { axis: "channel", format: { kind: "codebook", bits: 4, group: 32 } }),
         ],
-        [
-          "stats",
-          () => g.stats(inp.x, { shape: [rows, cols], dtype, axis: "token", group: 32 }),
-          () => g.stats(x, { axis: "token", group: 32 }),
-        ],
-        [
-          "fit",
-          () =>
-            g.fitCodebook(inp.x, {
-              shape: [rows, cols],
-              dtype,
-              axis: "token",
-              bits: 2,
-              trace: true,
-            }),
-          () => g.fitCodebook(x, { axis: "token", bits: 2, trace: true }),
-        ],
-        [
-          "given centroids",
-          () =>
-            g.quantizeWithCodebook(inp.x, cent, {
-              shape: [rows, cols],
-              dtype,
-              axis: "channel",
-              bits: 2,
-            }),
-          () => g.quantizeWithCodebook(x, ct, { axis: "channel", bits: 2 }),
-        ],
+        ["stats", ...both(stats, { axis: "token", group: 32 })],
+        ["fit", ...both(fit, { axis: "token", bits: 2, trace: true })],
+        ["given centroids", ...both(given, { axis: "channel", bits: 2 })],
       ];
       for (const [name, viaHost, viaTensor] of calls) {
         const got = viaHost() as Record<string, unknown>;
@@ -327,18 +279,14 @@ gpuDescribe("CUDA quantizers take host arrays: copied to the device and the resu
         }
       }
       // Uniform codes equal the CPU's bit for bit, through host arrays as through tensors.
-      const want = cpu.quantize(inp.x, {
+      const opts = {
         shape: [rows, cols],
         dtype,
         axis: "token",
         format: { kind: "uniform", bits: 2 },
-      }) as UniformQuantized<"host">;
-      const got = g.quantize(inp.x, {
-        shape: [rows, cols],
-        dtype,
-        axis: "token",
-        format: { kind: "uniform", bits: 2 },
-      }) as UniformQuantized<"host">;
+      };
+      const want = cpu.quantize(inp.x, opts as never) as UniformQuantized<"host">;
+      const got = g.quantize(inp.x, opts as never) as UniformQuantized<"host">;
       assertSameBits(got.codes, want.codes, `codes vs CPU ${rng.tag}`);
       assertSameBits(
         g.dequantize(got, { dtype: "f16" }) as Float16Array,

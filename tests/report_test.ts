@@ -3,14 +3,8 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import {
-  attentionChart,
-  deviceSlug,
-  gbps,
-  median,
-  parseArgs,
-  type Section,
-} from "../bench/_report.ts";
+import type { Section } from "../bench/_report.ts";
+import { attentionChart, deviceSlug, gbps, median, parseArgs } from "../bench/_report.ts";
 
 describe("bench report", () => {
   it("counts GB/s in 1e9 bytes and takes medians", () => {

@@ -10,16 +10,8 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { type Backend, KiviError, type UniformQuantized } from "../src/mod.ts";
 import { stagingMode } from "../src/_staging.ts";
-import {
-  assertSameBits,
-  assertUntouched,
-  bf16Bits,
-  kvRows,
-  openCpu,
-  randomMatrix,
-  Rng,
-  sentinel,
-} from "./_helpers.ts";
+import { assertSameBits, assertUntouched, bf16Bits, D64_R32, kvRows, openCpu } from "./_helpers.ts";
+import { CB4_G64, randomMatrix, Rng, sentinel, U2_G32 } from "./_helpers.ts";
 
 const kivi: Backend = await openCpu();
 
@@ -73,11 +65,7 @@ describe("host arrays staged through tensors (the CUDA path, run on the CPU buil
   it("quantize, dequantize and stats give the direct call's bytes, for every dtype and both formats", () => {
     for (const { x, dtype } of inputs) {
       for (
-        const format of [{ kind: "uniform", bits: 2, group: 32 }, {
-          kind: "codebook",
-          bits: 4,
-          group: 64,
-        }] as const
+        const format of [U2_G32, CB4_G64]
       ) {
         for (const axis of ["token", "channel"] as const) {
           const opts = { shape: [rows, cols] as const, dtype, axis, format };
@@ -175,15 +163,7 @@ describe("host arrays staged through tensors (the CUDA path, run on the CPU buil
 
   it("the cache: append and attend give the direct call's results, into a given out too", () => {
     const crng = new Rng("staging cache");
-    const opts = {
-      layers: 2,
-      kvHeads: 2,
-      queryHeads: 4,
-      headDim: 64,
-      residual: 32,
-      maxPages: 32,
-      values: { kind: "uniform", bits: 2, group: 32 },
-    } as const;
+    const opts = { ...D64_R32, layers: 2, kvHeads: 2, queryHeads: 4, maxPages: 32, values: U2_G32 };
     using direct = kivi.createCache(opts);
     using viaTensors = kivi.createCache(opts);
     const a = direct.createSequence(), b = viaTensors.createSequence();
@@ -220,13 +200,7 @@ describe("host arrays staged through tensors (the CUDA path, run on the CPU buil
 
   it("the cache: a failed append changes nothing and frees its uploads", () => {
     const crng = new Rng("staging cache failure");
-    using cache = kivi.createCache({
-      layers: 1,
-      kvHeads: 2,
-      headDim: 64,
-      residual: 32,
-      maxPages: 4,
-    });
+    using cache = kivi.createCache({ ...D64_R32, layers: 1, kvHeads: 2, maxPages: 4 });
     const s = cache.createSequence();
     staged(() => s.append(kvRows(crng, 40, 2, 64), kvRows(crng, 40, 2, 64)));
     const before = cache.read(s, 0), mem = cache.memory();

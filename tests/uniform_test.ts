@@ -5,24 +5,10 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import type { Axis, Bits, GroupSize } from "../src/mod.ts";
-import {
-  asUniform,
-  bf16Bits,
-  bf16Value,
-  BITS,
-  codesOf,
-  f16,
-  groupMembers,
-  host,
-  openCpu,
-  randomMatrix,
-  Rng,
-  toInput,
-  uniformBound,
-  uniformOracle,
-  wordOf,
-} from "./_helpers.ts";
+import type { Axis, Backend, Bits, GroupSize } from "../src/mod.ts";
+import { asUniform, bf16Bits, bf16Value, BITS, codesOf, f16, groupMembers } from "./_helpers.ts";
+import { host, openCpu, randomMatrix, Rng, toInput, uniformBound } from "./_helpers.ts";
+import { uniformOracle, wordOf } from "./_helpers.ts";
 import type { DataDType } from "./_helpers.ts";
 import { DTYPES } from "./_helpers.ts";
 
@@ -53,6 +39,30 @@ function casesOf(axis: Axis): Case[] {
   return axis === "token" ? TOKEN_CASES : CHANNEL_CASES;
 }
 
+/** A seeded [rows, cols] matrix (`dtype`, f32 by default, then passed as the hint), quantized
+ * uniformly, and the oracle's answer for it. */
+function againstOracle(
+  kivi: Backend,
+  tag: string,
+  [rows, cols]: [number, number],
+  axis: Axis,
+  group: GroupSize,
+  bits: Bits,
+  dtype?: DataDType,
+) {
+  const rng = new Rng(tag);
+  const inp = randomMatrix(rng, rows, cols, dtype ?? "f32");
+  const q = asUniform(
+    kivi.quantize(inp.x, {
+      shape: [rows, cols],
+      ...(dtype === undefined ? {} : { dtype }),
+      axis,
+      format: { kind: "uniform", bits, group },
+    }),
+  );
+  return { rng, inp, q, o: uniformOracle(inp.v, rows, cols, axis, group, bits) };
+}
+
 describe("uniform", () => {
   for (const axis of ["token", "channel"] as const) {
     for (const dtype of DTYPES) {
@@ -60,17 +70,15 @@ describe("uniform", () => {
         it(`axis ${axis}, ${dtype}, ${bits} bits: params, codes and values equal the oracle`, async () => {
           using kivi = await openCpu();
           for (const [rows, cols, group] of casesOf(axis)) {
-            const rng = new Rng(`uniform ${axis} ${dtype} ${bits} ${rows}x${cols} G${group}`);
-            const inp = randomMatrix(rng, rows, cols, dtype);
-            const q = asUniform(
-              kivi.quantize(inp.x, {
-                shape: [rows, cols],
-                dtype,
-                axis,
-                format: { kind: "uniform", bits, group },
-              }),
+            const { rng, inp, q, o } = againstOracle(
+              kivi,
+              `uniform ${axis} ${dtype} ${bits} ${rows}x${cols} G${group}`,
+              [rows, cols],
+              axis,
+              group,
+              bits,
+              dtype,
             );
-            const o = uniformOracle(inp.v, rows, cols, axis, group, bits);
             const groups = o.scale.length;
             assert.equal(q.groups, groups, rng.tag);
             assert.equal(q.codes.length, (rows * cols * bits) / 32, rng.tag);
@@ -120,16 +128,14 @@ describe("uniform", () => {
       using kivi = await openCpu();
       for (const bits of BITS) {
         const [rows, cols, group] = axis === "token" ? [96, 40, 32] as Case : [3, 256, 64] as Case;
-        const rng = new Rng(`layout ${axis} ${bits}`);
-        const inp = randomMatrix(rng, rows, cols, "f32");
-        const q = asUniform(
-          kivi.quantize(inp.x, {
-            shape: [rows, cols],
-            axis,
-            format: { kind: "uniform", bits, group },
-          }),
+        const { rng, q, o } = againstOracle(
+          kivi,
+          `layout ${axis} ${bits}`,
+          [rows, cols],
+          axis,
+          group,
+          bits,
         );
-        const o = uniformOracle(inp.v, rows, cols, axis, group, bits);
         const unpacked = host(kivi.unpack(q.codes, { bits })) as Uint8Array;
         assert.equal(unpacked.length, rows * cols);
         const cpw = 32 / bits;
@@ -260,16 +266,14 @@ describe("uniform", () => {
         ], ["channel", 3, 640, 128]] as const
       ) {
         for (const bits of BITS) {
-          const rng = new Rng(`deq ${out} ${axis} ${bits}`);
-          const inp = randomMatrix(rng, rows, cols, "f32");
-          const q = asUniform(
-            kivi.quantize(inp.x, {
-              shape: [rows, cols],
-              axis,
-              format: { kind: "uniform", bits, group },
-            }),
+          const { rng, q, o } = againstOracle(
+            kivi,
+            `deq ${out} ${axis} ${bits}`,
+            [rows, cols],
+            axis,
+            group,
+            bits,
           );
-          const o = uniformOracle(inp.v, rows, cols, axis, group, bits);
           const d = host(kivi.dequantize(q, { dtype: out }));
           if (out === "f16") {
             assert.ok(d instanceof Float16Array);

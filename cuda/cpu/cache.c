@@ -36,8 +36,7 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
   static const char *op = "kivi_cache_create";
   kivi_status st = cpu_need_ctx(ctx, op);
   if (st) return st;
-  char msg[CPU_ERR_LEN];
-  if ((st = kivi_cache_create_check(config, n_fields, out, msg, sizeof msg))) return cpu_fail(ctx, st, "%s", msg);
+  KIVI_HOST_REFUSE(cpu_fail, ctx, st, kivi_cache_create_check(config, n_fields, out, msg, sizeof msg));
 
   cache_t *c = calloc(1, sizeof *c);
   if (!c) return cpu_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate %zu bytes", op, sizeof *c);
@@ -140,8 +139,7 @@ KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t c, int32_t seq, int32_t *
   static const char *op = "kivi_cache_seq_pages";
   kivi_status st = need_cache(c, op);
   if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
-  char msg[CPU_ERR_LEN];
-  if ((st = kivi_seq_pages_check(pages, cap, count, msg, sizeof msg))) return cpu_fail(c->ctx, st, "%s", msg);
+  KIVI_HOST_REFUSE(cpu_fail, c->ctx, st, kivi_seq_pages_check(pages, cap, count, msg, sizeof msg));
   *count = kivi_seq_pages_copy(c->tables + (int64_t)seq * c->cfg.max_pages, c->seqs[seq].n_pages, pages, cap);
   return KIVI_OK;
 }

@@ -136,6 +136,12 @@ typedef struct walk {
   uint32_t *codes;              /* QUANTIZE, ENCODE */
 } walk;
 
+/* A walk that fits centroids (kivi_codebook_fit, kivi_codebook_encode); the rest left zero. */
+static walk fitting(walk_kind kind, kivi_fit fit, int32_t max_iters, uint16_t *centroids) {
+  const walk wk = {.kind = kind, .fit = fit, .max_iters = max_iters, .centroids_out = centroids};
+  return wk;
+}
+
 static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, kivi_dtype dtype, const cpu_shape *sh,
                                const walk *wk) {
   float *tmp = NULL;
@@ -173,28 +179,19 @@ static kivi_status walk_groups(kivi_ctx_t ctx, const char *op, const void *x, ki
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                        kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
-  const cpu_spec spec =
-      kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
-  cpu_shape sh;
-  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
-  if (st) return st;
-  const walk wk = {.kind = WALK_FIT,
-                   .fit = fit,
-                   .max_iters = max_iters,
-                   .centroids_out = centroids,
-                   .iters = iters,
-                   .inertia = inertia};
+  KIVI_SPEC_ENTER(kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids),
+                  cpu_validate_input(ctx, &spec, &sh, x));
+  walk wk = fitting(WALK_FIT, fit, max_iters, centroids);
+  wk.iters = iters;
+  wk.inertia = inertia;
   return walk_groups(ctx, spec.op, x, dtype, &sh, &wk);
 }
 
 KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                             kivi_axis axis, int32_t group, int32_t bits, const uint16_t *centroids,
                                             kivi_assign assign, int32_t flags, uint32_t *codes) {
-  const cpu_spec spec =
-      kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
-  cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes),
+                  cpu_validate(ctx, &spec, &sh));
   if ((st = check_centroids(ctx, spec.op, centroids, &sh))) return st;
   if (!(flags & KIVI_FLAG_TRUSTED) && (st = cpu_check_finite(ctx, spec.op, x, dtype, &sh))) return st;
   const walk wk = {.kind = WALK_QUANTIZE, .assign = assign, .centroids_in = centroids, .codes = codes};
@@ -204,27 +201,20 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
 KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                           kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                           kivi_assign assign, int32_t flags, uint16_t *centroids, uint32_t *codes) {
-  const cpu_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign,
-                                                  flags, centroids, codes);
-  cpu_shape sh;
-  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
-  if (st) return st;
-  const walk wk = {.kind = WALK_ENCODE,
-                   .fit = fit,
-                   .assign = assign,
-                   .max_iters = max_iters,
-                   .centroids_out = centroids,
-                   .codes = codes};
+  KIVI_SPEC_ENTER(kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags,
+                                            centroids, codes),
+                  cpu_validate_input(ctx, &spec, &sh, x));
+  walk wk = fitting(WALK_ENCODE, fit, max_iters, centroids);
+  wk.assign = assign;
+  wk.codes = codes;
   return walk_groups(ctx, spec.op, x, dtype, &sh, &wk);
 }
 
 KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *centroids,
                                               int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                               void *out, kivi_dtype out_dtype) {
-  const cpu_spec spec = kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype);
-  cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype),
+                  cpu_validate(ctx, &spec, &sh));
   float *tmp = NULL;
   if ((st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp))) return st;
 

@@ -39,8 +39,7 @@ kivi_status cpu_alloc(kivi_ctx_t ctx, const char *op, size_t bytes, void **out) 
 kivi_status cpu_validate(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh) {
   kivi_status st = cpu_need_ctx(ctx, s->op);
   if (st) return st;
-  char msg[CPU_ERR_LEN];
-  if ((st = kivi_spec_check(s, sh, msg, sizeof msg))) return cpu_fail(ctx, st, "%s", msg);
+  KIVI_HOST_REFUSE(cpu_fail, ctx, st, kivi_spec_check(s, sh, msg, sizeof msg));
   return KIVI_OK;
 }
 

@@ -26,9 +26,7 @@ static void nan_row(float *out, int64_t n) {
 
 KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens, int32_t rows, const uint16_t *table,
                                       int32_t vocab, int32_t dim, float *out) {
-  const kivi_model_args a = kivi_model_embed_args(tokens, rows, table, vocab, dim, out);
-  kivi_status st = check(ctx, "kivi_model_embed", &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_embed, tokens, rows, table, vocab, dim, out);
   for (int32_t r = 0; r < rows; r++) {
     float *o = out + (int64_t)r * dim;
     const int32_t t = tokens[r];
@@ -42,9 +40,7 @@ KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens, int
 
 KIVI_API kivi_status kivi_model_rmsnorm(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t dim,
                                         float eps, float *out) {
-  const kivi_model_args a = kivi_model_rmsnorm_args(x, w, rows, dim, out);
-  kivi_status st = check(ctx, "kivi_model_rmsnorm", &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_rmsnorm, x, w, rows, dim, out);
   for (int32_t r = 0; r < rows; r++) {
     const float *xr = x + (int64_t)r * dim;
     float *o = out + (int64_t)r * dim;
@@ -76,10 +72,7 @@ static void dot4(const float *x, const float *w, int32_t k, float out[4]) {
 
 KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
                                        int32_t k, int32_t accumulate, float *y) {
-  static const char *op = "kivi_model_linear";
-  const kivi_model_args a = kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_linear, x, w, rows, n, k, accumulate, y);
   float *wf;
   if ((st = cpu_alloc(ctx, op, (size_t)4 * (size_t)k * sizeof(float), (void **)&wf))) return st;
   for (int32_t n0 = 0; n0 < n; n0 += 4) {
@@ -99,10 +92,7 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
 
 KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int32_t heads, int32_t dim,
                                      const int32_t *pos, const float *cs, int32_t max_pos) {
-  static const char *op = "kivi_model_rope";
-  const kivi_model_args a = kivi_model_rope_args(x, rows, heads, dim, pos, cs, max_pos);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_rope, x, rows, heads, dim, pos, cs, max_pos);
   const int32_t half = dim / 2;
   for (int32_t r = 0; r < rows; r++) {
     float *xr = x + (int64_t)r * heads * dim;
@@ -125,9 +115,7 @@ KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int
 }
 
 KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate, const float *up, int32_t n, float *out) {
-  const kivi_model_args a = kivi_model_swiglu_args(gate, up, n, out);
-  kivi_status st = check(ctx, "kivi_model_swiglu", &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_swiglu, gate, up, n, out);
   for (int32_t i = 0; i < n; i++) out[i] = kivi_swiglu1(gate[i], up[i]);
   return KIVI_OK;
 }
@@ -135,10 +123,7 @@ KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate, const 
 KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const float *k, const float *v, int32_t batch,
                                           int32_t tokens, int32_t q_heads, int32_t kv_heads, int32_t head_dim,
                                           float scale, float *out) {
-  static const char *op = "kivi_model_attention";
-  const kivi_model_args a = kivi_model_attention_args(q, k, v, batch, tokens, q_heads, kv_heads, head_dim, out);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_attention, q, k, v, batch, tokens, q_heads, kv_heads, head_dim, out);
   float *p;
   if ((st = cpu_alloc(ctx, op, (size_t)tokens * sizeof(float), (void **)&p))) return st;
   const int32_t ratio = q_heads / kv_heads;
@@ -174,9 +159,7 @@ KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const 
 }
 
 KIVI_API kivi_status kivi_model_log_softmax(kivi_ctx_t ctx, float *x, int32_t rows, int32_t n) {
-  const kivi_model_args a = kivi_model_log_softmax_args(x, rows, n);
-  kivi_status st = check(ctx, "kivi_model_log_softmax", &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_log_softmax, x, rows, n);
   for (int32_t r = 0; r < rows; r++) {
     float *xr = x + (int64_t)r * n;
     float m = -INFINITY;

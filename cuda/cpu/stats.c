@@ -7,43 +7,29 @@
 #include "cpu_internal.h"
 
 static void group_stats(const float *v, int32_t n, float *out4, int32_t *nonfinite) {
-  double sum = 0.0;
-  float mn = 0.0f, mx = 0.0f;
-  int32_t cnt = 0, bad = 0;
-  for (int32_t i = 0; i < n; i++) {
-    const float x = v[i];
-    if (!isfinite(x)) {
-      bad++;
-      continue;
-    }
-    if (cnt == 0 || x < mn) mn = x;
-    if (cnt == 0 || x > mx) mx = x;
-    sum += x;
-    cnt++;
-  }
+  kivi_minmax s = {0};
+  for (int32_t i = 0; i < n; i++) kivi_minmax_add(&s, v[i]);
   double mean = 0.0, var = 0.0;
-  if (cnt) {
-    mean = sum / cnt;
+  if (s.cnt) {
+    mean = s.sum / s.cnt;
     for (int32_t i = 0; i < n; i++) {
       if (!isfinite(v[i])) continue;
       const double d = (double)v[i] - mean;
       var += d * d;
     }
-    var /= cnt;
+    var /= s.cnt;
   }
-  out4[0] = mn;
-  out4[1] = mx;
+  out4[0] = s.mn;
+  out4[1] = s.mx;
   out4[2] = (float)mean;
   out4[3] = (float)var;
-  *nonfinite = bad;
+  *nonfinite = s.bad;
 }
 
 KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                       kivi_axis axis, int32_t group, float *stats, int32_t *nonfinite) {
-  const cpu_spec spec = kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite);
-  cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite),
+                  cpu_validate(ctx, &spec, &sh));
   float *tmp = NULL;
   if ((st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp))) return st;
 

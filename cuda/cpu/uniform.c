@@ -157,10 +157,8 @@ static void quantize_channel_tile(const cpu_shape *sh, const float *p, int64_t r
 KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                            kivi_axis axis, int32_t group, int32_t bits, int32_t flags, uint32_t *codes,
                                            uint16_t *scale, uint16_t *zero) {
-  const cpu_spec spec = kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero);
-  cpu_shape sh;
-  kivi_status st = cpu_validate_input(ctx, &spec, &sh, x);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero),
+                  cpu_validate_input(ctx, &spec, &sh, x));
   float *tmp = NULL;
   if (dtype != KIVI_F32 && (st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))
     return st;
@@ -184,10 +182,8 @@ KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_d
 KIVI_API kivi_status kivi_uniform_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *scale,
                                              const uint16_t *zero, int64_t rows, int64_t cols, kivi_axis axis,
                                              int32_t group, int32_t bits, void *out, kivi_dtype out_dtype) {
-  const cpu_spec spec = kivi_spec_uniform_dequantize(codes, scale, zero, rows, cols, axis, group, bits, out, out_dtype);
-  cpu_shape sh;
-  kivi_status st = cpu_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_uniform_dequantize(codes, scale, zero, rows, cols, axis, group, bits, out, out_dtype),
+                  cpu_validate(ctx, &spec, &sh));
   float *tmp = NULL; /* f32 output is written in place */
   if (out_dtype != KIVI_F32 &&
       (st = cpu_alloc(ctx, spec.op, sizeof(float) * CPU_MAX_GROUP * CPU_TILE_COLS, (void **)&tmp)))

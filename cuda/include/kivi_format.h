@@ -34,6 +34,25 @@ KIVI_STATIC_ASSERT(sizeof(float) == 4, "fp32 math");
 #define KIVI_MAX_ELEMS (((int64_t)1) << 40)
 
 /** Codes per uint32 word: 16 at 2 bits, 8 at 4 bits. */
+/* Running min, max and sum of a group's finite values, with the count of its non-finite ones
+ * (kivi_stats_block in both builds): the sum in double, one addition per value. */
+typedef struct kivi_minmax {
+  double sum;
+  float mn, mx;
+  int32_t cnt, bad;
+} kivi_minmax;
+
+KIVI_HD void kivi_minmax_add(kivi_minmax *s, float x) {
+  if (!isfinite(x)) {
+    s->bad++;
+    return;
+  }
+  if (s->cnt == 0 || x < s->mn) s->mn = x;
+  if (s->cnt == 0 || x > s->mx) s->mx = x;
+  s->sum += (double)x;
+  s->cnt++;
+}
+
 KIVI_HD int32_t kivi_codes_per_word(int32_t bits) { return KIVI_WORD_BITS / bits; }
 /** Number of levels (centroids) of a b-bit code. */
 KIVI_HD int32_t kivi_levels(int32_t bits) { return 1 << bits; }

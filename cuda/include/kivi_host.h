@@ -194,6 +194,24 @@ static inline kivi_status kivi_spec_check(const kivi_spec *s, kivi_shape *sh, ch
   return KIVI_OK;
 }
 
+/* Runs `check`, a rule check of these headers that writes its message into `msg` (the char[512]
+ * this declares; pass msg, sizeof msg), into `st`, and returns a refusal from the export through the
+ * build's `fail` (cpu_fail, kv_fail) on `ctx`, with that message. */
+#define KIVI_HOST_REFUSE(fail, ctx, st, check)             \
+  do {                                                     \
+    char msg[512];                                         \
+    if (((st) = (check))) return fail(ctx, st, "%s", msg); \
+  } while (0)
+
+/* The start of a quantizer export in either build: `spec` (what `make` returns: a kivi_spec_* of the
+ * export's arguments), its shape `sh` and the status `st`, which `validate` (the build's validator,
+ * an expression of ctx, &spec and &sh) sets; a refusal returns it from the export. */
+#define KIVI_SPEC_ENTER(make, validate) \
+  const kivi_spec spec = make;          \
+  kivi_shape sh;                        \
+  kivi_status st = validate;            \
+  if (st) return st
+
 /* ------------------------------------------------------------------ the exports' specs ---- */
 
 /* One spec per quantizer export of kivi.h: its name, what it checks and its required pointers, so

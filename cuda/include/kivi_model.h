@@ -13,13 +13,12 @@
 
 #include "kivi.h"
 #include "kivi_format.h"
+#include "kivi_host.h"
 
 #define KIVI_MODEL_MAX_ARGS 6
 
-typedef struct kivi_model_ptr {
-  const char *name; /* NULL ends the list */
-  const void *p;
-} kivi_model_ptr;
+/* A named pointer argument, as kivi_host.h's specs hold them. */
+typedef kivi_arg_ptr kivi_model_ptr;
 
 typedef struct kivi_model_size {
   const char *name; /* NULL ends the list */
@@ -63,6 +62,14 @@ static inline kivi_status kivi_model_check(const char *op, const kivi_model_args
 }
 
 /* The arguments of each op, as kivi_model_check reads them (one list for both builds). */
+/* The start of every kivi_model_* export, in both builds: `op` names it, and the arguments that
+ * NAME_args makes of the rest pass the build's own `check` (a static function of ctx, op and the
+ * args) before anything else runs; a failure returns its status from the export. */
+#define KIVI_MODEL_ENTER(name, ...)                   \
+  static const char *op = #name;                      \
+  const kivi_model_args a = name##_args(__VA_ARGS__); \
+  kivi_status st = check(ctx, op, &a);                \
+  if (st) return st
 
 static inline kivi_model_args kivi_model_embed_args(const int32_t *tokens, int32_t rows, const uint16_t *table,
                                                     int32_t vocab, int32_t dim, const float *out) {

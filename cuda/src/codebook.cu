@@ -264,11 +264,8 @@ extern "C" {
 KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                        kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                        int32_t flags, uint16_t *centroids, int32_t *iters, float *inertia) {
-  const kv_spec spec =
-      kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids);
-  kv_shape sh;
-  kivi_status st = kv_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_fit(x, dtype, rows, cols, axis, group, bits, fit, max_iters, flags, centroids),
+                  kv_validate(ctx, &spec, &sh));
   return fit_or_encode(ctx, spec.op, x, dtype, sh, fit, max_iters, KIVI_ASSIGN_NEAREST, flags, centroids, iters,
                        inertia, nullptr);
 }
@@ -276,22 +273,17 @@ KIVI_API kivi_status kivi_codebook_fit(kivi_ctx_t ctx, const void *x, kivi_dtype
 KIVI_API kivi_status kivi_codebook_encode(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                           kivi_axis axis, int32_t group, int32_t bits, kivi_fit fit, int32_t max_iters,
                                           kivi_assign assign, int32_t flags, uint16_t *centroids, uint32_t *codes) {
-  const kv_spec spec = kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags,
-                                                 centroids, codes);
-  kv_shape sh;
-  kivi_status st = kv_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_encode(x, dtype, rows, cols, axis, group, bits, fit, max_iters, assign, flags,
+                                            centroids, codes),
+                  kv_validate(ctx, &spec, &sh));
   return fit_or_encode(ctx, spec.op, x, dtype, sh, fit, max_iters, assign, flags, centroids, nullptr, nullptr, codes);
 }
 
 KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                             kivi_axis axis, int32_t group, int32_t bits, const uint16_t *centroids,
                                             kivi_assign assign, int32_t flags, uint32_t *codes) {
-  const kv_spec spec =
-      kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes);
-  kv_shape sh;
-  kivi_status st = kv_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_quantize(x, dtype, rows, cols, axis, group, bits, centroids, assign, flags, codes),
+                  kv_validate(ctx, &spec, &sh));
 
   /* centroids first (as the CPU build), then x */
   if ((st = kv_scratch_reset(ctx, spec.op))) return st;
@@ -336,10 +328,8 @@ KIVI_API kivi_status kivi_codebook_quantize(kivi_ctx_t ctx, const void *x, kivi_
 KIVI_API kivi_status kivi_codebook_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *centroids,
                                               int64_t rows, int64_t cols, kivi_axis axis, int32_t group, int32_t bits,
                                               void *out, kivi_dtype out_dtype) {
-  const kv_spec spec = kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype);
-  kv_shape sh;
-  kivi_status st = kv_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_codebook_dequantize(codes, centroids, rows, cols, axis, group, bits, out, out_dtype),
+                  kv_validate(ctx, &spec, &sh));
   const unsigned grid = kv_grid(ctx, (sh.groups + 127) / 128, 16);
 #define KV_CD_GB(G, B)            \
   k_codebook_dequantize<DT, G, B> \

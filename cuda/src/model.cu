@@ -240,10 +240,7 @@ static __global__ void k_log_softmax(float *x, int32_t n) {
 
 KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens, int32_t rows, const uint16_t *table,
                                       int32_t vocab, int32_t dim, float *out) {
-  static const char *op = "kivi_model_embed";
-  const kivi_model_args a = kivi_model_embed_args(tokens, rows, table, vocab, dim, out);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_embed, tokens, rows, table, vocab, dim, out);
   k_embed<<<kv_grid(ctx, ((int64_t)rows * dim + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(
       tokens, rows, (const __half *)table, vocab, dim, out);
   return kv_launched(ctx, op, "k_embed");
@@ -251,20 +248,14 @@ KIVI_API kivi_status kivi_model_embed(kivi_ctx_t ctx, const int32_t *tokens, int
 
 KIVI_API kivi_status kivi_model_rmsnorm(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t dim,
                                         float eps, float *out) {
-  static const char *op = "kivi_model_rmsnorm";
-  const kivi_model_args a = kivi_model_rmsnorm_args(x, w, rows, dim, out);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_rmsnorm, x, w, rows, dim, out);
   k_rmsnorm<<<rows, KV_THREADS, 0, ctx->stream>>>(x, (const __half *)w, dim, eps, out);
   return kv_launched(ctx, op, "k_rmsnorm");
 }
 
 KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
                                        int32_t k, int32_t accumulate, float *y) {
-  static const char *op = "kivi_model_linear";
-  const kivi_model_args a = kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_linear, x, w, rows, n, k, accumulate, y);
   kv_blas *b = NULL;
   const int64_t nk = (int64_t)n * k;
   if ((st = blas_get(ctx, op, (size_t)nk, &b))) return st;
@@ -282,10 +273,7 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
 
 KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int32_t heads, int32_t dim,
                                      const int32_t *pos, const float *cs, int32_t max_pos) {
-  static const char *op = "kivi_model_rope";
-  const kivi_model_args a = kivi_model_rope_args(x, rows, heads, dim, pos, cs, max_pos);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_rope, x, rows, heads, dim, pos, cs, max_pos);
   const int64_t n = (int64_t)rows * heads * (dim / 2);
   k_rope<<<kv_grid(ctx, (n + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(x, rows, heads, dim, pos,
                                                                                              cs, max_pos);
@@ -293,10 +281,7 @@ KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int
 }
 
 KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate, const float *up, int32_t n, float *out) {
-  static const char *op = "kivi_model_swiglu";
-  const kivi_model_args a = kivi_model_swiglu_args(gate, up, n, out);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_swiglu, gate, up, n, out);
   k_swiglu<<<kv_grid(ctx, ((int64_t)n + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(gate, up, n,
                                                                                                         out);
   return kv_launched(ctx, op, "k_swiglu");
@@ -305,10 +290,7 @@ KIVI_API kivi_status kivi_model_swiglu(kivi_ctx_t ctx, const float *gate, const 
 KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const float *k, const float *v, int32_t batch,
                                           int32_t tokens, int32_t q_heads, int32_t kv_heads, int32_t head_dim,
                                           float scale, float *out) {
-  static const char *op = "kivi_model_attention";
-  const kivi_model_args a = kivi_model_attention_args(q, k, v, batch, tokens, q_heads, kv_heads, head_dim, out);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_attention, q, k, v, batch, tokens, q_heads, kv_heads, head_dim, out);
   const size_t smem = ((size_t)head_dim + (size_t)tokens) * sizeof(float); /* at most 36 KiB */
   k_attention<<<(unsigned)((int64_t)batch * tokens * q_heads), 128, smem, ctx->stream>>>(
       q, k, v, tokens, q_heads, kv_heads, head_dim, scale, out);
@@ -316,10 +298,7 @@ KIVI_API kivi_status kivi_model_attention(kivi_ctx_t ctx, const float *q, const 
 }
 
 KIVI_API kivi_status kivi_model_log_softmax(kivi_ctx_t ctx, float *x, int32_t rows, int32_t n) {
-  static const char *op = "kivi_model_log_softmax";
-  const kivi_model_args a = kivi_model_log_softmax_args(x, rows, n);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_log_softmax, x, rows, n);
   k_log_softmax<<<rows, KV_THREADS, 0, ctx->stream>>>(x, n);
   return kv_launched(ctx, op, "k_log_softmax");
 }

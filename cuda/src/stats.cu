@@ -19,38 +19,26 @@ static __global__ void __launch_bounds__(128)
   for (int64_t t = kv_grid_first(); t < groups; t += kv_grid_stride()) {
     float v[G];
     const kv_gloc l = kv_load_group_at<DT, G>(x, t, axis, rows, cols, aligned, v);
-    double sum = 0.0;
-    float mn = 0.0f, mx = 0.0f;
-    int32_t cnt = 0, bad = 0;
+    kivi_minmax s = {};
 #pragma unroll
-    for (int i = 0; i < G; i++) {
-      const float a = v[i];
-      if (!isfinite(a)) {
-        bad++;
-        continue;
-      }
-      if (cnt == 0 || a < mn) mn = a;
-      if (cnt == 0 || a > mx) mx = a;
-      sum = __dadd_rn(sum, (double)a);
-      cnt++;
-    }
+    for (int i = 0; i < G; i++) kivi_minmax_add(&s, v[i]);
     double mean = 0.0, var = 0.0;
-    if (cnt) {
-      mean = __ddiv_rn(sum, (double)cnt);
+    if (s.cnt) {
+      mean = __ddiv_rn(s.sum, (double)s.cnt);
 #pragma unroll
       for (int i = 0; i < G; i++) {
         if (!isfinite(v[i])) continue;
         const double d = __dsub_rn((double)v[i], mean);
         var = __dadd_rn(var, __dmul_rn(d, d));
       }
-      var = __ddiv_rn(var, (double)cnt);
+      var = __ddiv_rn(var, (double)s.cnt);
     }
     float *o = stats + 4 * l.g;
-    o[0] = mn;
-    o[1] = mx;
+    o[0] = s.mn;
+    o[1] = s.mx;
     o[2] = (float)mean;
     o[3] = (float)var;
-    nonfinite[l.g] = bad;
+    nonfinite[l.g] = s.bad;
   }
 }
 
@@ -137,10 +125,8 @@ static __global__ void __launch_bounds__(256)
 extern "C" KIVI_API kivi_status kivi_stats_block(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows,
                                                  int64_t cols, kivi_axis axis, int32_t group, float *stats,
                                                  int32_t *nonfinite) {
-  const kv_spec spec = kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite);
-  kv_shape sh;
-  kivi_status st = kv_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_stats_block(x, dtype, rows, cols, axis, group, stats, nonfinite),
+                  kv_validate(ctx, &spec, &sh));
   const bool aligned = ((uintptr_t)x & 15u) == 0;
   const unsigned grid = kv_grid(ctx, (sh.groups + 127) / 128, 16);
   const unsigned grid_c = kv_grid(ctx, (sh.groups * KV_STATS_LANES + 255) / 256, 8);

@@ -118,10 +118,8 @@ extern "C" {
 KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_dtype dtype, int64_t rows, int64_t cols,
                                            kivi_axis axis, int32_t group, int32_t bits, int32_t flags, uint32_t *codes,
                                            uint16_t *scale, uint16_t *zero) {
-  const kv_spec spec = kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero);
-  kv_shape sh;
-  kivi_status st = kv_validate_input(ctx, &spec, &sh, x);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_uniform_quantize(x, dtype, rows, cols, axis, group, bits, flags, codes, scale, zero),
+                  kv_validate_input(ctx, &spec, &sh, x));
   if (sh.axis == KIVI_AXIS_TOKEN)
     kv_uniform_quantize_token(ctx, x, dtype, sh, codes, scale, zero);
   else
@@ -132,10 +130,8 @@ KIVI_API kivi_status kivi_uniform_quantize(kivi_ctx_t ctx, const void *x, kivi_d
 KIVI_API kivi_status kivi_uniform_dequantize(kivi_ctx_t ctx, const uint32_t *codes, const uint16_t *scale,
                                              const uint16_t *zero, int64_t rows, int64_t cols, kivi_axis axis,
                                              int32_t group, int32_t bits, void *out, kivi_dtype out_dtype) {
-  const kv_spec spec = kivi_spec_uniform_dequantize(codes, scale, zero, rows, cols, axis, group, bits, out, out_dtype);
-  kv_shape sh;
-  kivi_status st = kv_validate(ctx, &spec, &sh);
-  if (st) return st;
+  KIVI_SPEC_ENTER(kivi_spec_uniform_dequantize(codes, scale, zero, rows, cols, axis, group, bits, out, out_dtype),
+                  kv_validate(ctx, &spec, &sh));
 #define KV_D(DT) launch_dequantize<DT>(ctx, codes, scale, zero, sh, out)
   KV_DISPATCH_DT(out_dtype, KV_D)
 #undef KV_D

@@ -28,6 +28,35 @@ export const DEFAULT_PROMPT =
   "I am pleased to report to the Congress that the state of the Union is strong, and that our " +
   "people are at work. The President said that the";
 
+/** The examples' command line: `--model DIR`, `--prompt TEXT`, `--steps N` (32) and `--backend
+ * auto|cpu|cuda` (auto), read from `args` (the runtime's arguments). */
+export function exampleOptions(
+  args: readonly string[],
+): { backend: "auto" | "cpu" | "cuda"; cfg: ExampleConfig } {
+  const text = (name: string, fallback: string) =>
+    args.includes(`--${name}`) ? args[args.indexOf(`--${name}`) + 1] : fallback;
+  const option = (name: string, fallback: number): number => {
+    const i = args.indexOf(`--${name}`);
+    const v = i >= 0 ? Number(args[i + 1]) : fallback;
+    if (!Number.isInteger(v) || v < 0) {
+      throw new RangeError(`--${name} must be a non-negative integer, got ${args[i + 1]}`);
+    }
+    return v;
+  };
+  const backend = text("backend", "auto");
+  if (backend !== "auto" && backend !== "cpu" && backend !== "cuda") {
+    throw new RangeError(`--backend must be auto, cpu or cuda, got ${backend}`);
+  }
+  return {
+    backend,
+    cfg: {
+      model: text("model", DEFAULT_MODEL),
+      prompt: text("prompt", DEFAULT_PROMPT),
+      steps: option("steps", 32),
+    },
+  };
+}
+
 const KEYS = { kind: "uniform", bits: 2, group: 32 } as const;
 const VALUES = { kind: "codebook", bits: 2, group: 64 } as const;
 

@@ -37,8 +37,9 @@ export class ModelOps {
     if (st !== 0) this.#backend._check(op, st);
   }
 
-  #ptr(t: DeviceTensor, op: string): Pointer {
-    return t.pointer(op);
+  /** The addresses of `ts` for `op`, in order (a disposed tensor is KIVI_ERR_STATE). */
+  #ptrs(op: string, ...ts: DeviceTensor[]): Pointer[] {
+    return ts.map((t) => t.pointer(op));
   }
 
   /** out [rows][dim] = table[tokens] */
@@ -51,18 +52,8 @@ export class ModelOps {
     out: DeviceTensor,
   ): void {
     const op = "kivi_model_embed";
-    this.#ok(
-      op,
-      this.#embed(
-        this.#ctx,
-        this.#ptr(tokens, op),
-        rows,
-        this.#ptr(table, op),
-        vocab,
-        dim,
-        this.#ptr(out, op),
-      ),
-    );
+    const [pTokens, pTable, pOut] = this.#ptrs(op, tokens, table, out);
+    this.#ok(op, this.#embed(this.#ctx, pTokens, rows, pTable, vocab, dim, pOut));
   }
 
   rmsnorm(
@@ -74,18 +65,8 @@ export class ModelOps {
     out: DeviceTensor,
   ): void {
     const op = "kivi_model_rmsnorm";
-    this.#ok(
-      op,
-      this.#rmsnorm(
-        this.#ctx,
-        this.#ptr(x, op),
-        this.#ptr(w, op),
-        rows,
-        dim,
-        eps,
-        this.#ptr(out, op),
-      ),
-    );
+    const [px, pw, pOut] = this.#ptrs(op, x, w, out);
+    this.#ok(op, this.#rmsnorm(this.#ctx, px, pw, rows, dim, eps, pOut));
   }
 
   /** y [rows][n] (+)= x [rows][k] W^T, W fp16 [n][k]. */
@@ -99,19 +80,8 @@ export class ModelOps {
     accumulate = false,
   ): void {
     const op = "kivi_model_linear";
-    this.#ok(
-      op,
-      this.#linear(
-        this.#ctx,
-        this.#ptr(x, op),
-        this.#ptr(w, op),
-        rows,
-        n,
-        k,
-        accumulate ? 1 : 0,
-        this.#ptr(y, op),
-      ),
-    );
+    const [px, pw, py] = this.#ptrs(op, x, w, y);
+    this.#ok(op, this.#linear(this.#ctx, px, pw, rows, n, k, accumulate ? 1 : 0, py));
   }
 
   rope(
@@ -124,27 +94,14 @@ export class ModelOps {
     maxPos: number,
   ): void {
     const op = "kivi_model_rope";
-    this.#ok(
-      op,
-      this.#rope(
-        this.#ctx,
-        this.#ptr(x, op),
-        rows,
-        heads,
-        dim,
-        this.#ptr(pos, op),
-        this.#ptr(cs, op),
-        maxPos,
-      ),
-    );
+    const [px, pPos, pCs] = this.#ptrs(op, x, pos, cs);
+    this.#ok(op, this.#rope(this.#ctx, px, rows, heads, dim, pPos, pCs, maxPos));
   }
 
   swiglu(gate: DeviceTensor, up: DeviceTensor, n: number, out: DeviceTensor): void {
     const op = "kivi_model_swiglu";
-    this.#ok(
-      op,
-      this.#swiglu(this.#ctx, this.#ptr(gate, op), this.#ptr(up, op), n, this.#ptr(out, op)),
-    );
+    const [pGate, pUp, pOut] = this.#ptrs(op, gate, up, out);
+    this.#ok(op, this.#swiglu(this.#ctx, pGate, pUp, n, pOut));
   }
 
   /** Exact causal attention over `batch` sequences of `tokens` tokens. */
@@ -157,24 +114,27 @@ export class ModelOps {
   ): void {
     const op = "kivi_model_attention";
     const { batch, tokens, qHeads, kvHeads, headDim } = shape;
+    const [pq, pk, pv, pOut] = this.#ptrs(op, q, k, v, out);
+    const scale = 1 / Math.sqrt(headDim);
     const st = this.#attention(
       this.#ctx,
-      this.#ptr(q, op),
-      this.#ptr(k, op),
-      this.#ptr(v, op),
+      pq,
+      pk,
+      pv,
       batch,
       tokens,
       qHeads,
       kvHeads,
       headDim,
-      1 / Math.sqrt(headDim),
-      this.#ptr(out, op),
+      scale,
+      pOut,
     );
     this.#ok(op, st);
   }
 
   logSoftmax(x: DeviceTensor, rows: number, n: number): void {
     const op = "kivi_model_log_softmax";
-    this.#ok(op, this.#logSoftmax(this.#ctx, this.#ptr(x, op), rows, n));
+    const [px] = this.#ptrs(op, x);
+    this.#ok(op, this.#logSoftmax(this.#ctx, px, rows, n));
   }
 }

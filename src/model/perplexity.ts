@@ -177,29 +177,16 @@ export interface CacheSpec {
   values: CacheFormat;
 }
 
+const CB2_G64 = { kind: "codebook", bits: 2, group: 64 } as const;
+const U2_G32 = { kind: "uniform", bits: 2, group: 32 } as const;
+const U4_G32 = { kind: "uniform", bits: 4, group: 32 } as const;
 /** The caches of the results table, bits 16 (the reference) first. */
 export const PROTOCOL_CACHES: readonly CacheSpec[] = [
   { name: "bits 16", keys: { bits: 16 }, values: { bits: 16 } },
-  {
-    name: "uniform 2-bit K+V G32",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "uniform", bits: 2, group: 32 },
-  },
-  {
-    name: "uniform K G32 + codebook V G64",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 64 },
-  },
-  {
-    name: "uniform 4-bit K + 2-bit V G32",
-    keys: { kind: "uniform", bits: 4, group: 32 },
-    values: { kind: "uniform", bits: 2, group: 32 },
-  },
-  {
-    name: "uniform 4-bit K+V G32",
-    keys: { kind: "uniform", bits: 4, group: 32 },
-    values: { kind: "uniform", bits: 4, group: 32 },
-  },
+  { name: "uniform 2-bit K+V G32", keys: U2_G32, values: U2_G32 },
+  { name: "uniform K G32 + codebook V G64", keys: U2_G32, values: CB2_G64 },
+  { name: "uniform 4-bit K + 2-bit V G32", keys: U4_G32, values: U2_G32 },
+  { name: "uniform 4-bit K+V G32", keys: U4_G32, values: U4_G32 },
 ];
 
 /** One row of the comparison. */

@@ -133,13 +133,7 @@ static void *make_kv(kivi_dtype dt, int64_t rows, int heads, int D, int is_key) 
     const int d = (int)(i % D);
     double v = rng_normal();
     if (is_key) v = v * (d % 13 == 0 ? 8.0 : 1.0) + 0.5 * sin(d * 0.7);
-    const float f = (float)v;
-    if (dt == KIVI_F32)
-      ((float *)x)[i] = f;
-    else if (dt == KIVI_F16)
-      ((uint16_t *)x)[i] = kivi_f32_to_f16(f);
-    else
-      ((uint16_t *)x)[i] = kivi_f32_to_bf16(f);
+    set_elem(x, dt, i, (float)v);
   }
   return x;
 }

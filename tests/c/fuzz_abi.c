@@ -1298,14 +1298,17 @@ static void fuzz_model(void) {
   int nr = 0;
   /* buffer bytes: the valid call's, or 16 bytes the refused call must not touch */
 #define MB(n) (bad ? (size_t)16 : (size_t)(n))
+/* The regions q, laid out at random into r (returns from the op when they do not fit). */
+#define LAY_OUT(q)                                            \
+  memcpy(r, q, sizeof q), nr = (int)(sizeof q / sizeof q[0]); \
+  if (!layout(r, nr, 0)) return
   switch (op) {
     case 0: { /* embed: tokens, table, out */
       g_where = "kivi_model_embed";
       const int32_t vocab = model_size(1, 8, KIVI_MODEL_MAX_ROWS, &bad),
                     dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
       region q[3] = {{0, MB(4 * rows)}, {0, MB(2 * vocab * dim)}, {0, MB(4 * rows * dim)}};
-      memcpy(r, q, sizeof q), nr = 3;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       fill_canary(&r[2]);
       if (!bad) fill_ids(&r[0], rows, vocab), fill_data(&r[1], KIVI_F16, (int64_t)vocab * dim);
       void *t = maybe_null(&r[0]), *tab = maybe_null(&r[1]), *out = maybe_null(&r[2]);
@@ -1319,8 +1322,7 @@ static void fuzz_model(void) {
       const int32_t dim = model_size(1, 32, KIVI_MODEL_MAX_DIM, &bad);
       g_where = op == 1 ? "kivi_model_rmsnorm" : "kivi_model_swiglu";
       region q[3] = {{0, MB(4 * rows * dim)}, {0, MB(op == 1 ? 2 * dim : 4 * rows * dim)}, {0, MB(4 * rows * dim)}};
-      memcpy(r, q, sizeof q), nr = 3;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       fill_canary(&r[2]);
       if (!bad)
         fill_data(&r[0], KIVI_F32, (int64_t)rows * dim),
@@ -1339,8 +1341,7 @@ static void fuzz_model(void) {
       const int32_t n = model_size(1, 16, KIVI_MODEL_MAX_DIM, &bad), k = model_size(1, 40, KIVI_MODEL_MAX_DIM, &bad);
       const int32_t acc = chance(P_BAD) ? (bad = 1, chance(0.5) ? 2 : -1) : (int32_t)irange(0, 1);
       region q[3] = {{0, MB(4 * rows * k)}, {0, MB(2 * n * k)}, {0, MB(4 * rows * n)}};
-      memcpy(r, q, sizeof q), nr = 3;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       if (!bad)
         fill_data(&r[0], KIVI_F32, (int64_t)rows * k), fill_data(&r[1], KIVI_F16, (int64_t)n * k),
             fill_data(&r[2], KIVI_F32, (int64_t)rows * n);
@@ -1359,8 +1360,7 @@ static void fuzz_model(void) {
       int32_t dim = 2 * (int32_t)irange(1, 16);
       if (chance(P_BAD)) dim += 1, bad = 1; /* odd */
       region q[3] = {{0, MB(4 * rows * heads * dim)}, {0, MB(4 * rows)}, {0, MB(4 * max_pos * dim)}};
-      memcpy(r, q, sizeof q), nr = 3;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       if (!bad)
         fill_data(&r[0], KIVI_F32, (int64_t)rows * heads * dim), fill_ids(&r[1], rows, max_pos),
             fill_data(&r[2], KIVI_F32, (int64_t)max_pos * dim);
@@ -1382,8 +1382,7 @@ static void fuzz_model(void) {
       const int64_t bt = (int64_t)batch * tokens;
       region q[4] = {
           {0, MB(4 * bt * qh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * kvh * hd)}, {0, MB(4 * bt * qh * hd)}};
-      memcpy(r, q, sizeof q), nr = 4;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       fill_canary(&r[3]);
       if (!bad)
         fill_data(&r[0], KIVI_F32, bt * qh * hd), fill_data(&r[1], KIVI_F32, bt * kvh * hd),
@@ -1398,8 +1397,7 @@ static void fuzz_model(void) {
       g_where = "kivi_model_log_softmax";
       const int32_t n = model_size(1, 40, KIVI_MODEL_MAX_ROWS, &bad);
       region q[1] = {{0, MB(4 * rows * n)}};
-      memcpy(r, q, sizeof q), nr = 1;
-      if (!layout(r, nr, 0)) return;
+      LAY_OUT(q);
       if (!bad)
         fill_data(&r[0], KIVI_F32, (int64_t)rows * n);
       else
@@ -1412,6 +1410,7 @@ static void fuzz_model(void) {
     }
   }
 #undef MB
+#undef LAY_OUT
   check_status(ctx, st, bad ? S(KIVI_ERR_ARG) : S_OK);
 }
 

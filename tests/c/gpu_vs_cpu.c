@@ -108,20 +108,6 @@ static float nrand(void) { return urand() + urand() + urand() + urand() - 2.0f; 
 static const char *dname(kivi_dtype dt) { return dt == KIVI_F32 ? "f32" : (dt == KIVI_F16 ? "f16" : "bf16"); }
 static const char *aname(kivi_axis a) { return a == KIVI_AXIS_TOKEN ? "token" : "channel"; }
 
-static float load_as(const void *x, kivi_dtype dt, int64_t i) {
-  if (dt == KIVI_F32) return ((const float *)x)[i];
-  uint16_t h = ((const uint16_t *)x)[i];
-  return dt == KIVI_F16 ? kivi_f16_to_f32(h) : kivi_bf16_to_f32(h);
-}
-static void store_as(void *x, kivi_dtype dt, int64_t i, float v) {
-  if (dt == KIVI_F32)
-    ((float *)x)[i] = v;
-  else if (dt == KIVI_F16)
-    ((uint16_t *)x)[i] = kivi_f32_to_f16(v);
-  else
-    ((uint16_t *)x)[i] = kivi_f32_to_bf16(v);
-}
-
 /* Keys-like data: a few outlier columns, constant columns/rows (scale 0), exact half-step grids
    (rounding ties), the rest roughly Gaussian with a per-column offset. */
 static void *make_x(int64_t rows, int64_t cols, kivi_dtype dt) {
@@ -137,7 +123,7 @@ static void *make_x(int64_t rows, int64_t cols, kivi_dtype dt) {
         v = nrand() + 0.05f * (float)(c % 9);
         if (c % 13 == 5) v = v * 30.0f + 4.0f;
       }
-      store_as(x, dt, r * cols + c, v);
+      set_elem(x, dt, r * cols + c, v);
     }
   return x;
 }
@@ -360,7 +346,7 @@ static void run_case(lib *C, lib *G, kivi_axis axis, int64_t rows, int64_t cols,
           } else {
             e = g * group + i;
           }
-          const float v = load_as(x, dt, e);
+          const float v = get_elem(x, dt, e);
           double near = INFINITY;
           for (int32_t k = 0; k + 1 < nc; k++) {
             const float c0 = kivi_f16_to_f32(cc[k]), c1 = kivi_f16_to_f32(cc[k + 1]);
