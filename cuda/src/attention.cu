@@ -89,15 +89,12 @@ static int64_t kv_units(const kivi_cache_t c, const kv_attn_params *p) {
 }
 static int64_t kv_sms(const kivi_ctx_t ctx) { return ctx->sm_count > 0 ? ctx->sm_count : 1; }
 
-/* The workspace: the sequences of a batch larger than KV_SEQ_INLINE [KV_ATTN_MAX_BATCH], then the
-   partials of the splits. */
-static uint64_t kv_ws_head(const kivi_cache_config &g) {
-  (void)g;
-  return ((uint64_t)KV_ATTN_MAX_BATCH * sizeof(kv_seq_info) + 255) & ~(uint64_t)255;
-}
+/* The workspace: the sequences of a batch larger than KV_SEQ_INLINE [KV_ATTN_MAX_BATCH], then (at
+   KV_WS_HEAD bytes) the partials of the splits. */
+static const uint64_t KV_WS_HEAD = ((uint64_t)KV_ATTN_MAX_BATCH * sizeof(kv_seq_info) + 255) & ~(uint64_t)255;
 static kivi_status kv_ws_ensure(kivi_cache_t c, const char *op, uint64_t partial_bytes) {
   kivi_ctx_t ctx = c->ctx;
-  const uint64_t head = kv_ws_head(c->cfg), need = head + partial_bytes;
+  const uint64_t head = KV_WS_HEAD, need = head + partial_bytes;
   if (need <= c->ws_bytes) return KIVI_OK;
   if (c->ws) {
     (void)cudaStreamSynchronize(ctx->stream);
@@ -113,8 +110,8 @@ static kivi_status kv_ws_ensure(kivi_cache_t c, const char *op, uint64_t partial
 }
 
 /* Splits (minimising waves x tiles per CTA, plus a fixed cost per CTA), the workspace, the sequences of
-   a large batch (seq: host [batch]) and the launch of fn (grid = batch x kv heads x head chunks x
-   splits; the merge of the splits happens inside it). */
+   a large batch (seq: host [batch]), the launch of fn (grid = batch x kv heads x head chunks x splits)
+   and, with more than one split, k_attend_combine. */
 static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *p, const kv_seq_info *seq,
                                 kv_attn_kernel fn, int threads, size_t smem, int bps, int TT, int64_t maxlen,
                                 const char *name) {
@@ -150,7 +147,7 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
     if ((st = kv_ws_ensure(c, op, partial))) return st;
     uint8_t *w = (uint8_t *)c->ws;
     p->dseq = (const kv_seq_info *)w;
-    p->ws = (float *)(w + kv_ws_head(g));
+    p->ws = (float *)(w + KV_WS_HEAD);
     /* pageable source: the copy takes the data before it returns (a few KB, stream-ordered) */
     if (batch > KV_SEQ_INLINE &&
         (st = kv_cuda(ctx,

@@ -116,12 +116,13 @@ __device__ __forceinline__ float kv_q_at(const kv_attn_params &p, int b, int64_t
   return kv_bits_float(u, p.q_dtype) * p.qscale;
 }
 /* The last thing every thread of every CTA of the launch that writes the outs does (a CTA with no
-   tokens too; writes_out false in an attention kernel whose splits k_attend_combine merges, which then
-   calls it): with a checked batch the CTA counts itself done, and the launch's last CTA publishes a bad q to the
-   batch's record and, when this call or an unread earlier one met one, fills every out with NaN (kv_batch_finish). */
+   tokens too): with a checked batch the CTA counts itself done, and the launch's last CTA publishes a
+   bad q to the batch's record and, when this call or an unread earlier one met one, fills every out
+   with NaN (kv_batch_finish). k_attend_combine calls it when the sequence is split, else the attention
+   kernel (kv_attn_cta_done). */
 template <int D>
-__device__ __forceinline__ void kv_attn_finish(const kv_attn_params &p, bool writes_out = true) {
-  if (!p.cdev || !writes_out) return;
+__device__ __forceinline__ void kv_attn_finish(const kv_attn_params &p) {
+  if (!p.cdev) return;
   __threadfence(); /* this thread's outs and atomicMin come before the CTA's count */
   if (!kv_batch_finish(KIVI_CHECK_NONE, p.cdev, p.crec, p.cop, p.layer)) return;
   const int64_t n = (int64_t)p.batch * p.qh * D;
@@ -131,6 +132,12 @@ __device__ __forceinline__ void kv_attn_finish(const kv_attn_params &p, bool wri
     else
       ((uint16_t *)p.out)[i] = p.out_dtype == KIVI_F16 ? 0x7e00u : 0x7fc0u;
   }
+}
+/* The end of an attention kernel's CTA: it writes the outs (and so finishes a checked batch) only when
+   the sequence is not split. */
+template <int D>
+__device__ __forceinline__ void kv_attn_cta_done(const kv_attn_params &p) {
+  if (p.nsplit == 1) kv_attn_finish<D>(p);
 }
 
 /* Splits of the launch that hold tokens of a sequence of len tokens (the others return at once). */

@@ -109,7 +109,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const kv_seq_info si = cta.si;
   const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
   if (a0 >= si.len) {
-    kv_attn_finish<D>(p, p.nsplit == 1);
+    kv_attn_cta_done<D>(p);
     return;
   }
   const int npt = a0 < pend ? (pend - a0) / 32 : 0; /* qlen and chunk are multiples of 32 */
@@ -644,7 +644,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   }
   __syncthreads();
   kv_merge_warps<D, KV_MMA_WARPS>(p, cw, KV_MMA_HEADS, nq, (int64_t)b * p.qh + qh0);
-  kv_attn_finish<D>(p, p.nsplit == 1);
+  kv_attn_cta_done<D>(p);
 }
 
 #endif /* KIVI_ATTENTION_MMA_CUH */

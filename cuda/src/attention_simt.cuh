@@ -132,7 +132,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   const kv_seq_info si = cta.si;
   const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
   if (a0 >= si.len) {
-    kv_attn_finish<D>(p, p.nsplit == 1);
+    kv_attn_cta_done<D>(p);
     return;
   }
   const int TT = p.TT, TTW = p.TTW;
@@ -572,7 +572,7 @@ static __global__ void __launch_bounds__(KV_THREADS, HC == 4 ? 2 : 4)
   }
   __syncthreads();
   kv_merge_warps<D, KV_WARPS>(p, cw, HC, nq, (int64_t)b * p.qh + qh0);
-  kv_attn_finish<D>(p, p.nsplit == 1);
+  kv_attn_cta_done<D>(p);
 }
 
 #endif /* KIVI_ATTENTION_SIMT_CUH */
