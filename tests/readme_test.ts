@@ -1,5 +1,6 @@
 /**
- * Every ```ts block of README.md and docs/*.md runs as a test (imports of ./src/ rewritten to this checkout), so
+ * Every ```ts block of README.md and docs/*.md runs as a test (imports of ./src/ rewritten to this
+ * checkout, the examples' model folder ./byte-llama-9m to the tests' copy of it), so
  * the documentation cannot go stale: once on the CPU build and, where there is a device, once on
  * CUDA, unchanged (KIVI_LIB_PATH names the build, so a block that asked for the other one would fail).
  */
@@ -12,6 +13,7 @@ import process from "node:process";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { defaultLibraryPath } from "../src/mod.ts";
 import { gpuDescribe } from "./_gpu.ts";
+import { MODEL_DIR } from "./_model.ts";
 
 const root = fileURLToPath(new URL("../", import.meta.url));
 const readme = readFileSync(join(root, "README.md"), "utf8");
@@ -31,7 +33,8 @@ function runBlocks(lib: string): void {
   blocks.forEach((code, i) => {
     const title = code.split("\n").find((l) => l.trim() && !l.startsWith("import"))?.trim() ?? "";
     it(`block ${i + 1}: ${title.slice(0, 60)}`, async () => {
-      const src = code.replaceAll('"./src/', `"${pathToFileURL(join(root, "src"))}/`);
+      const src = code.replaceAll('"./src/', `"${pathToFileURL(join(root, "src"))}/`)
+        .replaceAll('"./byte-llama-9m"', JSON.stringify(MODEL_DIR));
       const dir = mkdtempSync(join(tmpdir(), "kivi-readme-"));
       const file = join(dir, `block_${i + 1}.ts`);
       writeFileSync(file, src);
