@@ -267,7 +267,7 @@ KIVI_API kivi_status kivi_batch_append(kivi_batch_t b, int32_t layer) {
     return kv_fail(b->ctx, KIVI_ERR_CAPACITY,
                    "%s: the page pool is full: the batch's %d sequences need %lld more page(s), %d of %d are free", op,
                    (int)n, (long long)extra, (int)c->nfree, (int)g.max_pages);
-  const int64_t row = (int64_t)g.kv_heads * g.head_dim, es = b->a.kv_dtype == KIVI_F32 ? 4 : 2;
+  const int64_t row = (int64_t)g.kv_heads * g.head_dim;
   /* pages: host table entries now, device entries by value in one small launch */
   if (extra > 0) {
     kv_btable_params *tp = b->tp;
@@ -300,16 +300,18 @@ KIVI_API kivi_status kivi_batch_append(kivi_batch_t b, int32_t layer) {
   wp->dev = b->dev;
   wp->rec = b->d_record;
   wp->bad = (uint8_t *)(b->d_record + 1);
+  kv_flush_entry fe[KIVI_BATCH_MAX];
+  int32_t nf = 0;
   for (int32_t i = 0; i < n; i++) {
     const int32_t s = b->seqs[i];
     const int64_t len = c->len[(int64_t)s * g.layers + layer], ql = c->qlen[(int64_t)s * g.layers + layer];
     const int64_t f = kivi_flush_count(&g, len, ql, 1);
     wp->R[i].win = (((uint64_t)s * g.layers + layer) * (uint64_t)c->W + (uint64_t)(len % c->W)) * (uint64_t)row;
     wp->R[i].write = ql + f - len <= 0; /* the token stays in fp16 (else its flush took it from the input) */
-    if (f > 0 && (st = kv_append_flush(c, op, s, layer, 1, (const uint8_t *)b->a.k + i * row * es,
-                                       (const uint8_t *)b->a.v + i * row * es, b->a.kv_dtype, 1)))
-      return st;
+    if (f > 0) fe[nf++] = {s, layer, i};
   }
+  /* the sequences that flush at this token, in one launch (their input rows: k + i * row) */
+  if (nf > 0 && (st = kv_flush_launch(c, op, fe, nf, b->a.k, b->a.v, b->a.kv_dtype, 1))) return st;
   if ((st = window_launch(b, n <= 8 ? 8 : n <= 64 ? 64 : KIVI_BATCH_MAX))) return st;
   for (int32_t i = 0; i < n; i++) kv_append_commit(c, b->seqs[i], layer, 1, 1, b->extra[i]);
   return KIVI_OK;

@@ -21,22 +21,23 @@ struct kv_batch_dev {
    block when outs must be poisoned: this call or an earlier unread one met a bad value. */
 __device__ __forceinline__ bool kv_batch_finish(unsigned long long mine, kv_batch_dev *dev, kivi_batch_record *rec,
                                                 int32_t op, int32_t layer) {
-  __shared__ unsigned long long warp_min[32];
-  __shared__ bool last, poison;
+  /* No static shared memory: it would be added to every attention kernel's CTA (their dynamic shared
+     memory is sized to fit a number of CTAs a SM). Each warp's lowest key goes to the call's by an
+     atomic of its own (only where a warp met a bad value), and the block's answer comes back through
+     __syncthreads_or. */
   for (int o = 16; o > 0; o >>= 1) {
     const unsigned long long w = __shfl_down_sync(0xffffffffu, mine, o);
     mine = w < mine ? w : mine;
   }
-  if ((threadIdx.x & 31) == 0) warp_min[threadIdx.x >> 5] = mine;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long m = KIVI_CHECK_NONE;
-    for (unsigned w = 0; w < (blockDim.x + 31) / 32; w++) m = warp_min[w] < m ? warp_min[w] : m;
-    if (m != KIVI_CHECK_NONE) atomicMin(&dev->first, m);
+  if ((threadIdx.x & 31) == 0 && mine != KIVI_CHECK_NONE) {
+    atomicMin(&dev->first, mine);
     __threadfence();
-    last = atomicAdd(&dev->done, 1u) == gridDim.x - 1;
-    poison = false;
-    if (last) {
+  }
+  __syncthreads();
+  bool out = false;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&dev->done, 1u) == gridDim.x - 1) {
       const unsigned long long key = atomicExch(&dev->first, (unsigned long long)KIVI_CHECK_NONE);
       dev->done = 0;
       if (key != KIVI_CHECK_NONE) {
@@ -50,11 +51,10 @@ __device__ __forceinline__ bool kv_batch_finish(unsigned long long mine, kv_batc
         rec->any = 1;
         __threadfence_system();
       }
-      poison = dev->pending != 0;
+      out = dev->pending != 0;
     }
   }
-  __syncthreads();
-  return last && poison;
+  return __syncthreads_or(out);
 }
 
 #endif /* KIVI_BATCH_CUH */

@@ -66,6 +66,15 @@ int64_t kv_append_extra(const kivi_cache *c, int32_t seq, int32_t l0, int32_t nl
 /** Writes the sequence's next `extra` host table entries from the free stack, below its top `skip`
     pages (taken by sequences before it in the same batch). Uploading them is the caller's. */
 void kv_append_pages(kivi_cache *c, int32_t seq, int64_t extra, int64_t skip);
+/** One (sequence, layer) of a flush launch; in_index its block of the input (k + in_index * n rows). */
+struct kv_flush_entry {
+  int32_t seq, layer, in_index;
+};
+/** Launches the flushes of cnt entries' appends of n tokens each (their pages already in the device
+    table), from the host lengths: one launch for up to 128 entries (the ones with nothing to flush
+    are skipped). */
+kivi_status kv_flush_launch(kivi_cache *c, const char *op, const kv_flush_entry *e, int32_t cnt, const void *k,
+                            const void *v, kivi_dtype dtype, int64_t n);
 /** Launches the flushes of the append (its pages already in the device table), from the host lengths. */
 kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
                             const void *v, kivi_dtype dtype, int64_t n);

@@ -144,18 +144,18 @@ __device__ void kv_flush_mma(int part, uint8_t *base, uint64_t pbytes, uint16_t 
 struct kv_flush_layer {
   int64_t qlen, len; /* before the append */
   int32_t nflush;    /* groups of F tokens flushed by this append */
-  int32_t layer, in_index;
+  int32_t seq, layer, in_index;
 };
 
 struct kv_flush_params {
   uint8_t *kpool, *vpool;
-  const uint16_t *kwin, *vwin;             /* this sequence's windows: [layers][W][kv_heads][D] */
-  const void *k, *v;                       /* [in layers][n][kv_heads][D] */
-  const int32_t *table;                    /* device row of the sequence */
+  const uint16_t *kwin, *vwin;             /* the cache's windows: [seqs][layers][W][kv_heads][D] */
+  const void *k, *v;                       /* [in_index][n][kv_heads][D] */
+  const int32_t *table;                    /* the device block tables [seqs][max_pages] */
   uint64_t layer_stride_k, layer_stride_v; /* max_pages * page bytes */
   kv_part_dev kp, vp;
   int64_t n;
-  int32_t kvh, D, P, F, W, dtype;
+  int32_t kvh, D, P, F, W, dtype, layers, max_pages;
   int32_t mma, nparam; /* tensor-core layout; floats of each of the two param arrays in shared memory */
   kv_flush_layer L[KV_FLUSH_MAXL];
 };
@@ -167,11 +167,11 @@ static __global__ void __launch_bounds__(256) k_cache_flush(const __grid_constan
   if (j >= L.nflush) return;
   const int D = p.D, F = p.F, P = p.P;
   const int64_t pos = L.qlen + (int64_t)j * F;
-  const int64_t page = p.table[pos / P];
+  const int64_t page = p.table[(int64_t)L.seq * p.max_pages + pos / P];
   const int o = (int)(pos % P);
   for (int part = 0; part < 2; part++) {
     const kv_part_dev &pt = part ? p.vp : p.kp;
-    const uint16_t *win = (part ? p.vwin : p.kwin) + (int64_t)L.layer * p.W * p.kvh * D;
+    const uint16_t *win = (part ? p.vwin : p.kwin) + ((int64_t)L.seq * p.layers + L.layer) * p.W * p.kvh * D;
     const void *in = part ? p.v : p.k;
     for (int idx = threadIdx.x; idx < F * D; idx += blockDim.x) {
       const int i = idx / D, d = idx % D;
@@ -337,67 +337,80 @@ static kv_layer_plan layer_plan(const kivi_cache *c, int32_t seq, int32_t l0, in
   return {len, ql, kivi_flush_count(&c->cfg, len, ql, n)};
 }
 
-kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+kivi_status kv_flush_launch(kivi_cache *c, const char *op, const kv_flush_entry *e, int32_t cnt, const void *k,
                             const void *v, kivi_dtype dtype, int64_t n) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
-  const int64_t F = c->F, W = c->W, row = (int64_t)g.kv_heads * g.head_dim;
-  int64_t max_groups = 0;
-  for (int32_t i = 0; i < nl; i++) {
-    const int64_t f = layer_plan(c, seq, l0, i, n).flush;
-    max_groups = f / F > max_groups ? f / F : max_groups;
-  }
-  if (max_groups == 0) return KIVI_OK;
+  const int64_t F = c->F;
+  kv_flush_params *fp = NULL;
   kivi_status st = KIVI_OK;
-  const uint64_t seq_win = (uint64_t)seq * g.layers * (uint64_t)W * (uint64_t)row;
-  const int mma = kivi_cache_mma_layout(&g);
-  const int64_t vgroups = F * (g.head_dim / g.v_group);
-  const int32_t nparam = mma ? (int32_t)(vgroups > g.head_dim ? vgroups : g.head_dim) : 0;
-  const size_t smem = (size_t)F * g.head_dim * 2 + (size_t)nparam * 2 * sizeof(float);
-  if (smem > 48 * 1024 &&
-      (st = kv_cuda(ctx, cudaFuncSetAttribute(k_cache_flush, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                    op, "cudaFuncSetAttribute (k_cache_flush)")))
-    return st;
-  kv_flush_params *fp = (kv_flush_params *)calloc(1, sizeof(kv_flush_params));
-  if (!fp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
-  fp->kpool = c->kpool;
-  fp->vpool = c->vpool;
-  fp->kwin = c->kwin + seq_win;
-  fp->vwin = c->vwin + seq_win;
-  fp->k = k;
-  fp->v = v;
-  fp->table = c->d_table + (int64_t)seq * g.max_pages;
-  fp->layer_stride_k = (uint64_t)g.max_pages * c->kp.page;
-  fp->layer_stride_v = (uint64_t)g.max_pages * c->vp.page;
-  fp->kp = kv_part_dev_of(&g, c->kp, 0);
-  fp->vp = kv_part_dev_of(&g, c->vp, 1);
-  fp->n = n;
-  fp->kvh = g.kv_heads;
-  fp->D = g.head_dim;
-  fp->P = g.page_tokens;
-  fp->F = (int32_t)F;
-  fp->W = (int32_t)W;
-  fp->dtype = dtype;
-  fp->mma = mma;
-  fp->nparam = nparam;
-  for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
-    const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
-    int64_t mg = 0;
-    for (int32_t i = 0; i < cnt; i++) {
-      const kv_layer_plan lp = layer_plan(c, seq, l0, b0 + i, n);
-      fp->L[i].qlen = lp.qlen;
-      fp->L[i].len = lp.len;
-      fp->L[i].nflush = (int32_t)(lp.flush / F);
-      fp->L[i].layer = l0 + b0 + i;
-      fp->L[i].in_index = b0 + i;
+  int32_t m = 0;   /* entries in fp */
+  int64_t mg = 0;  /* the most groups an entry of fp flushes */
+  size_t smem = 0; /* set with the first launch */
+  for (int32_t i = 0; i <= cnt && !st; i++) {
+    if (i < cnt) {
+      const kv_layer_plan lp = layer_plan(c, e[i].seq, e[i].layer, 0, n);
+      if (lp.flush == 0) continue;
+      if (!fp) {
+        const int mma = kivi_cache_mma_layout(&g);
+        const int64_t vgroups = F * (g.head_dim / g.v_group);
+        const int32_t nparam = mma ? (int32_t)(vgroups > g.head_dim ? vgroups : g.head_dim) : 0;
+        smem = (size_t)F * g.head_dim * 2 + (size_t)nparam * 2 * sizeof(float);
+        if (smem > 48 * 1024 &&
+            (st = kv_cuda(ctx,
+                          cudaFuncSetAttribute(k_cache_flush, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                          op, "cudaFuncSetAttribute (k_cache_flush)")))
+          return st;
+        fp = (kv_flush_params *)calloc(1, sizeof(kv_flush_params));
+        if (!fp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
+        fp->kpool = c->kpool;
+        fp->vpool = c->vpool;
+        fp->kwin = c->kwin;
+        fp->vwin = c->vwin;
+        fp->k = k;
+        fp->v = v;
+        fp->table = c->d_table;
+        fp->layer_stride_k = (uint64_t)g.max_pages * c->kp.page;
+        fp->layer_stride_v = (uint64_t)g.max_pages * c->vp.page;
+        fp->kp = kv_part_dev_of(&g, c->kp, 0);
+        fp->vp = kv_part_dev_of(&g, c->vp, 1);
+        fp->n = n;
+        fp->kvh = g.kv_heads;
+        fp->D = g.head_dim;
+        fp->P = g.page_tokens;
+        fp->F = (int32_t)F;
+        fp->W = (int32_t)c->W;
+        fp->dtype = dtype;
+        fp->layers = g.layers;
+        fp->max_pages = g.max_pages;
+        fp->mma = mma;
+        fp->nparam = nparam;
+      }
+      fp->L[m] = {lp.qlen, lp.len, (int32_t)(lp.flush / F), e[i].seq, e[i].layer, e[i].in_index};
       mg = lp.flush / F > mg ? lp.flush / F : mg;
+      if (++m < KV_FLUSH_MAXL) continue;
     }
-    if (mg == 0) continue;
-    dim3 grid((unsigned)mg, (unsigned)cnt, (unsigned)g.kv_heads);
+    if (m == 0) continue;
+    /* one launch for up to KV_FLUSH_MAXL (sequence, layer) entries */
+    dim3 grid((unsigned)mg, (unsigned)m, (unsigned)g.kv_heads);
     k_cache_flush<<<grid, 256, smem, ctx->stream>>>(*fp);
     st = kv_launched(ctx, op, "k_cache_flush");
+    m = 0;
+    mg = 0;
   }
   free(fp);
+  return st;
+}
+
+kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+                            const void *v, kivi_dtype dtype, int64_t n) {
+  kv_flush_entry e[KV_FLUSH_MAXL];
+  kivi_status st = KIVI_OK;
+  for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
+    const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
+    for (int32_t i = 0; i < cnt; i++) e[i] = {seq, l0 + b0 + i, b0 + i};
+    st = kv_flush_launch(c, op, e, cnt, k, v, dtype, n);
+  }
   return st;
 }
 
