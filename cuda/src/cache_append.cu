@@ -147,7 +147,9 @@ struct kv_flush_layer {
   int32_t seq, layer, in_index;
 };
 
-struct kv_flush_params {
+/* Launch parameters of NL entries: a few for an append to one layer or a small batch (a launch copies
+   its whole parameter block), KV_FLUSH_MAXL otherwise. */
+template <int NL> struct kv_flush_params {
   uint8_t *kpool, *vpool;
   const uint16_t *kwin, *vwin;             /* the cache's windows: [seqs][layers][W][kv_heads][D] */
   const void *k, *v;                       /* [in_index][n][kv_heads][D] */
@@ -157,10 +159,11 @@ struct kv_flush_params {
   int64_t n;
   int32_t kvh, D, P, F, W, dtype, layers, max_pages;
   int32_t mma, nparam; /* tensor-core layout; floats of each of the two param arrays in shared memory */
-  kv_flush_layer L[KV_FLUSH_MAXL];
+  kv_flush_layer L[NL];
 };
 
-static __global__ void __launch_bounds__(256) k_cache_flush(const __grid_constant__ kv_flush_params p) {
+template <int NL>
+static __global__ void __launch_bounds__(256) k_cache_flush(const __grid_constant__ kv_flush_params<NL> p) {
   extern __shared__ uint16_t tile[]; /* [F][D] fp16 bits */
   const kv_flush_layer L = p.L[blockIdx.y];
   const int j = blockIdx.x, h = blockIdx.z;
@@ -237,15 +240,16 @@ struct kv_winw_layer {
   int32_t layer, in_index;
 };
 
-struct kv_winw_params {
+template <int NL> struct kv_winw_params {
   uint16_t *kwin, *vwin; /* this sequence's windows */
   const void *k, *v;
   int64_t n;
   int32_t kvh, D, W, dtype;
-  kv_winw_layer L[KV_FLUSH_MAXL];
+  kv_winw_layer L[NL];
 };
 
-static __global__ void __launch_bounds__(256) k_cache_window(const __grid_constant__ kv_winw_params p) {
+template <int NL>
+static __global__ void __launch_bounds__(256) k_cache_window(const __grid_constant__ kv_winw_params<NL> p) {
   const kv_winw_layer L = p.L[blockIdx.y];
   const int64_t row = (int64_t)p.kvh * p.D;
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -337,69 +341,77 @@ static kv_layer_plan layer_plan(const kivi_cache *c, int32_t seq, int32_t l0, in
   return {len, ql, kivi_flush_count(&c->cfg, len, ql, n)};
 }
 
-kivi_status kv_flush_launch(kivi_cache *c, const char *op, const kv_flush_entry *e, int32_t cnt, const void *k,
-                            const void *v, kivi_dtype dtype, int64_t n) {
+/* The flushes of cnt entries with a parameter block of NL entries (several launches when more flush). */
+template <int NL>
+static kivi_status flush_launch(kivi_cache *c, const char *op, const kv_flush_entry *e, int32_t cnt, const void *k,
+                                const void *v, kivi_dtype dtype, int64_t n) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int64_t F = c->F;
-  kv_flush_params *fp = NULL;
+  const int mma = kivi_cache_mma_layout(&g);
+  const int64_t vgroups = F * (g.head_dim / g.v_group);
+  const int32_t nparam = mma ? (int32_t)(vgroups > g.head_dim ? vgroups : g.head_dim) : 0;
+  const size_t smem = (size_t)F * g.head_dim * 2 + (size_t)nparam * 2 * sizeof(float);
   kivi_status st = KIVI_OK;
-  int32_t m = 0;   /* entries in fp */
-  int64_t mg = 0;  /* the most groups an entry of fp flushes */
-  size_t smem = 0; /* set with the first launch */
+  if (smem > 48 * 1024 &&
+      (st = kv_cuda(ctx, cudaFuncSetAttribute(k_cache_flush<NL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                    op, "cudaFuncSetAttribute (k_cache_flush)")))
+    return st;
+  /* a small block on the stack; the large one (4 KB) from the heap */
+  kv_flush_params<NL> small, *fp = NL <= 8 ? &small : (kv_flush_params<NL> *)malloc(sizeof(kv_flush_params<NL>));
+  if (!fp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
+  memset(fp, 0, sizeof(*fp));
+  fp->kpool = c->kpool;
+  fp->vpool = c->vpool;
+  fp->kwin = c->kwin;
+  fp->vwin = c->vwin;
+  fp->k = k;
+  fp->v = v;
+  fp->table = c->d_table;
+  fp->layer_stride_k = (uint64_t)g.max_pages * c->kp.page;
+  fp->layer_stride_v = (uint64_t)g.max_pages * c->vp.page;
+  fp->kp = kv_part_dev_of(&g, c->kp, 0);
+  fp->vp = kv_part_dev_of(&g, c->vp, 1);
+  fp->n = n;
+  fp->kvh = g.kv_heads;
+  fp->D = g.head_dim;
+  fp->P = g.page_tokens;
+  fp->F = (int32_t)F;
+  fp->W = (int32_t)c->W;
+  fp->dtype = dtype;
+  fp->layers = g.layers;
+  fp->max_pages = g.max_pages;
+  fp->mma = mma;
+  fp->nparam = nparam;
+  int32_t m = 0;  /* entries in fp */
+  int64_t mg = 0; /* the most groups an entry of fp flushes */
   for (int32_t i = 0; i <= cnt && !st; i++) {
     if (i < cnt) {
       const kv_layer_plan lp = layer_plan(c, e[i].seq, e[i].layer, 0, n);
       if (lp.flush == 0) continue;
-      if (!fp) {
-        const int mma = kivi_cache_mma_layout(&g);
-        const int64_t vgroups = F * (g.head_dim / g.v_group);
-        const int32_t nparam = mma ? (int32_t)(vgroups > g.head_dim ? vgroups : g.head_dim) : 0;
-        smem = (size_t)F * g.head_dim * 2 + (size_t)nparam * 2 * sizeof(float);
-        if (smem > 48 * 1024 &&
-            (st = kv_cuda(ctx,
-                          cudaFuncSetAttribute(k_cache_flush, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                          op, "cudaFuncSetAttribute (k_cache_flush)")))
-          return st;
-        fp = (kv_flush_params *)calloc(1, sizeof(kv_flush_params));
-        if (!fp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
-        fp->kpool = c->kpool;
-        fp->vpool = c->vpool;
-        fp->kwin = c->kwin;
-        fp->vwin = c->vwin;
-        fp->k = k;
-        fp->v = v;
-        fp->table = c->d_table;
-        fp->layer_stride_k = (uint64_t)g.max_pages * c->kp.page;
-        fp->layer_stride_v = (uint64_t)g.max_pages * c->vp.page;
-        fp->kp = kv_part_dev_of(&g, c->kp, 0);
-        fp->vp = kv_part_dev_of(&g, c->vp, 1);
-        fp->n = n;
-        fp->kvh = g.kv_heads;
-        fp->D = g.head_dim;
-        fp->P = g.page_tokens;
-        fp->F = (int32_t)F;
-        fp->W = (int32_t)c->W;
-        fp->dtype = dtype;
-        fp->layers = g.layers;
-        fp->max_pages = g.max_pages;
-        fp->mma = mma;
-        fp->nparam = nparam;
-      }
       fp->L[m] = {lp.qlen, lp.len, (int32_t)(lp.flush / F), e[i].seq, e[i].layer, e[i].in_index};
       mg = lp.flush / F > mg ? lp.flush / F : mg;
-      if (++m < KV_FLUSH_MAXL) continue;
+      if (++m < NL) continue;
     }
     if (m == 0) continue;
-    /* one launch for up to KV_FLUSH_MAXL (sequence, layer) entries */
     dim3 grid((unsigned)mg, (unsigned)m, (unsigned)g.kv_heads);
-    k_cache_flush<<<grid, 256, smem, ctx->stream>>>(*fp);
+    k_cache_flush<NL><<<grid, 256, smem, ctx->stream>>>(*fp);
     st = kv_launched(ctx, op, "k_cache_flush");
     m = 0;
     mg = 0;
   }
-  free(fp);
+  if (fp != &small) free(fp);
   return st;
+}
+
+kivi_status kv_flush_launch(kivi_cache *c, const char *op, const kv_flush_entry *e, int32_t cnt, const void *k,
+                            const void *v, kivi_dtype dtype, int64_t n) {
+  /* most calls flush nothing: look before building a launch */
+  int32_t nf = 0;
+  for (int32_t i = 0; i < cnt; i++) nf += layer_plan(c, e[i].seq, e[i].layer, 0, n).flush > 0;
+  if (nf == 0) return KIVI_OK;
+  return nf <= 8 ? flush_launch<8>(c, op, e, cnt, k, v, dtype, n)
+                 : flush_launch<KV_FLUSH_MAXL>(c, op, e, cnt, k, v, dtype, n);
 }
 
 kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
@@ -414,14 +426,17 @@ kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t 
   return st;
 }
 
-kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
-                             const void *v, kivi_dtype dtype, int64_t n) {
+/* The window writes of layers [l0, l0 + nl) with a parameter block of NL layers. */
+template <int NL>
+static kivi_status window_launch(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+                                 const void *v, kivi_dtype dtype, int64_t n) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int64_t W = c->W, row = (int64_t)g.kv_heads * g.head_dim;
   const uint64_t seq_win = (uint64_t)seq * g.layers * (uint64_t)W * (uint64_t)row;
-  kv_winw_params *wp = (kv_winw_params *)calloc(1, sizeof(kv_winw_params));
+  kv_winw_params<NL> small, *wp = NL <= 8 ? &small : (kv_winw_params<NL> *)malloc(sizeof(kv_winw_params<NL>));
   if (!wp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
+  memset(wp, 0, sizeof(*wp));
   wp->kwin = c->kwin + seq_win;
   wp->vwin = c->vwin + seq_win;
   wp->k = k;
@@ -432,8 +447,8 @@ kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t
   wp->W = (int32_t)W;
   wp->dtype = dtype;
   kivi_status st = KIVI_OK; /* of the launches: the first failure stops them */
-  for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
-    const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
+  for (int32_t b0 = 0; b0 < nl && !st; b0 += NL) {
+    const int32_t cnt = nl - b0 < NL ? nl - b0 : NL;
     int64_t maxrows = 0;
     for (int32_t i = 0; i < cnt; i++) {
       const kv_layer_plan lp = layer_plan(c, seq, l0, b0 + i, n);
@@ -447,11 +462,17 @@ kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t
     if (maxrows == 0) continue;
     const int64_t work = maxrows * row;
     dim3 grid((unsigned)((work + 255) / 256), (unsigned)cnt);
-    k_cache_window<<<grid, 256, 0, ctx->stream>>>(*wp);
+    k_cache_window<NL><<<grid, 256, 0, ctx->stream>>>(*wp);
     st = kv_launched(ctx, op, "k_cache_window");
   }
-  free(wp);
+  if (wp != &small) free(wp);
   return st;
+}
+
+kivi_status kv_append_window(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+                             const void *v, kivi_dtype dtype, int64_t n) {
+  return nl <= 8 ? window_launch<8>(c, op, seq, l0, nl, k, v, dtype, n)
+                 : window_launch<KV_FLUSH_MAXL>(c, op, seq, l0, nl, k, v, dtype, n);
 }
 
 void kv_append_commit(kivi_cache *c, int32_t seq, int32_t l0, int32_t nl, int64_t n, int64_t extra) {
