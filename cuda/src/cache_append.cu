@@ -149,7 +149,8 @@ struct kv_flush_layer {
 
 /* Launch parameters of NL entries: a few for an append to one layer or a small batch (a launch copies
    its whole parameter block), KV_FLUSH_MAXL otherwise. */
-template <int NL> struct kv_flush_params {
+template <int NL>
+struct kv_flush_params {
   uint8_t *kpool, *vpool;
   const uint16_t *kwin, *vwin;             /* the cache's windows: [seqs][layers][W][kv_heads][D] */
   const void *k, *v;                       /* [in_index][n][kv_heads][D] */
@@ -240,7 +241,8 @@ struct kv_winw_layer {
   int32_t layer, in_index;
 };
 
-template <int NL> struct kv_winw_params {
+template <int NL>
+struct kv_winw_params {
   uint16_t *kwin, *vwin; /* this sequence's windows */
   const void *k, *v;
   int64_t n;
@@ -354,8 +356,9 @@ static kivi_status flush_launch(kivi_cache *c, const char *op, const kv_flush_en
   const size_t smem = (size_t)F * g.head_dim * 2 + (size_t)nparam * 2 * sizeof(float);
   kivi_status st = KIVI_OK;
   if (smem > 48 * 1024 &&
-      (st = kv_cuda(ctx, cudaFuncSetAttribute(k_cache_flush<NL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                    op, "cudaFuncSetAttribute (k_cache_flush)")))
+      (st =
+           kv_cuda(ctx, cudaFuncSetAttribute(k_cache_flush<NL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                   op, "cudaFuncSetAttribute (k_cache_flush)")))
     return st;
   /* a small block on the stack; the large one (4 KB) from the heap */
   kv_flush_params<NL> small, *fp = NL <= 8 ? &small : (kv_flush_params<NL> *)malloc(sizeof(kv_flush_params<NL>));
