@@ -163,6 +163,66 @@ KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq) {
   return KIVI_OK;
 }
 
+KIVI_API kivi_status kivi_cache_seq_copy(kivi_cache_t cache, int32_t src, int32_t *dst) {
+  static const char *op = "kivi_cache_seq_copy";
+  kivi_status st = kv_cache_enter(cache, op);
+  if (st) return st;
+  char msg[KV_ERR_LEN];
+  const int live = src >= 0 && src < cache->cfg.max_seqs && cache->live[src];
+  if ((st = kivi_seq_check(op, "src", src, cache->cfg.max_seqs, live, msg, sizeof msg)))
+    return kv_fail(cache->ctx, st, "%s", msg);
+  const kivi_cache_config &g = cache->cfg;
+  kivi_ctx_t ctx = cache->ctx;
+  int32_t s = 0;
+  while (s < g.max_seqs && cache->live[s]) s++;
+  const int32_t np = cache->npages[src];
+  if ((st = kivi_seq_copy_check(src, dst, s < g.max_seqs ? s : -1, g.max_seqs, np, cache->nfree, g.max_pages,
+                                g.page_tokens, msg, sizeof msg)))
+    return kv_fail(ctx, st, "%s", msg);
+  int32_t *row = cache->table + (int64_t)s * g.max_pages;
+  const int32_t *srow = cache->table + (int64_t)src * g.max_pages;
+  const int32_t nfree = cache->nfree;
+  kivi_pages_take(cache->free_pages, &cache->nfree, row, np);
+  /* A page id's blocks of every layer are max_pages pages apart: one 2D copy a page and pool. */
+  const struct {
+    uint8_t *pool;
+    size_t page;
+  } pools[2] = {{cache->kpool, cache->kp.page}, {cache->vpool, cache->vp.page}};
+  for (int32_t i = 0; i < np && !st; i++) {
+    for (int p = 0; p < 2 && !st; p++) {
+      const size_t pitch = pools[p].page * (size_t)g.max_pages;
+      st = kv_cuda(ctx,
+                   cudaMemcpy2DAsync(pools[p].pool + (size_t)row[i] * pools[p].page, pitch,
+                                     pools[p].pool + (size_t)srow[i] * pools[p].page, pitch, pools[p].page,
+                                     (size_t)g.layers, cudaMemcpyDeviceToDevice, ctx->stream),
+                   op, "cudaMemcpy2DAsync (pages)");
+    }
+  }
+  const size_t win = sizeof(uint16_t) * (size_t)g.layers * (size_t)cache->W * (size_t)g.kv_heads * (size_t)g.head_dim;
+  uint16_t *wins[2] = {cache->kwin, cache->vwin};
+  for (int p = 0; p < 2 && !st; p++)
+    st = kv_cuda(ctx,
+                 cudaMemcpyAsync((uint8_t *)wins[p] + (size_t)s * win, (const uint8_t *)wins[p] + (size_t)src * win, win,
+                                 cudaMemcpyDeviceToDevice, ctx->stream),
+                 op, "cudaMemcpyAsync (window)");
+  if (!st && np > 0)
+    st = kv_cuda(ctx,
+                 cudaMemcpyAsync(cache->d_table + (int64_t)s * g.max_pages, row, (size_t)np * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice, ctx->stream),
+                 op, "cudaMemcpyAsync (block table)");
+  if (st) { /* the pages back on the stack as they were: the slot stays free */
+    cache->nfree = nfree;
+    return st;
+  }
+  cache->live[s] = 1;
+  cache->npages[s] = np;
+  const int64_t at = (int64_t)s * g.layers, from = (int64_t)src * g.layers;
+  memcpy(cache->len + at, cache->len + from, sizeof(int64_t) * (size_t)g.layers);
+  memcpy(cache->qlen + at, cache->qlen + from, sizeof(int64_t) * (size_t)g.layers);
+  *dst = s;
+  return KIVI_OK;
+}
+
 KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t cache, int32_t seq, int32_t layer, int64_t *length,
                                            int64_t *quantized) {
   char msg[KV_ERR_LEN];
