@@ -70,12 +70,16 @@ const MAX_DIM = 65536, MAX_ROWS = 1048576;
 /** The LlamaConfig of a random model's sizes, checked (TypeError / RangeError naming the field). */
 export function randomConfig(c: RandomModelConfig): LlamaConfig {
   if (c === null || typeof c !== "object") {
-    throw new TypeError(`config must be an object of model sizes, got ${c === null ? "null" : typeof c}`);
+    throw new TypeError(
+      `config must be an object of model sizes, got ${c === null ? "null" : typeof c}`,
+    );
   }
   const int = (key: keyof RandomModelConfig, hi: number): number => {
     const v = c[key];
     if (!Number.isSafeInteger(v) || (v as number) < 1 || (v as number) > hi) {
-      throw new RangeError(`config.${key} must be an integer between 1 and ${hi}, got ${String(v)}`);
+      throw new RangeError(
+        `config.${key} must be an integer between 1 and ${hi}, got ${String(v)}`,
+      );
     }
     return v as number;
   };
@@ -103,7 +107,9 @@ export function randomConfig(c: RandomModelConfig): LlamaConfig {
     tied: false,
   };
   if (heads % kvHeads !== 0) {
-    throw new RangeError(`config.heads must be a multiple of config.kvHeads (${kvHeads}), got ${heads}`);
+    throw new RangeError(
+      `config.heads must be a multiple of config.kvHeads (${kvHeads}), got ${heads}`,
+    );
   }
   if (headDim % 2 !== 0) throw new RangeError(`config.headDim must be even, got ${headDim}`);
   if (heads * headDim > MAX_DIM) {
@@ -267,9 +273,17 @@ export class LlamaModel {
           const t = backend.alloc(w.shape, "f16");
           tensors.push(t);
           const [mean, std] = randomStats(w.name);
-          this.#ops.fillNormal(t, w.shape.reduce((a, b) => a * b, 1), source.seed * 65536 + i, mean, std);
+          this.#ops.fillNormal(
+            t,
+            w.shape.reduce((a, b) => a * b, 1),
+            source.seed * 65536 + i,
+            mean,
+            std,
+          );
         });
-        tensors.push(backend.upload(ropeTable(config), { shape: [config.context, config.headDim] }));
+        tensors.push(
+          backend.upload(ropeTable(config), { shape: [config.context, config.headDim] }),
+        );
       } else {
         this.#loadCheckpoint(backend, source, config, want, tensors);
         this.#ops = new ModelOps(backend);
@@ -404,7 +418,11 @@ export class LlamaModel {
   #forward(a: Activations, attend: (layer: number) => void, skipGemm = false): void {
     const c = this.config, o = this.#ops, rows = a.rows;
     const qd = c.heads * c.headDim, kvd = c.kvHeads * c.headDim;
-    const lin = skipGemm ? () => {} : this.matmul === "f16" ? o.linearF16.bind(o) : o.linear.bind(o);
+    const lin = skipGemm
+      ? () => {}
+      : this.matmul === "f16"
+      ? o.linearF16.bind(o)
+      : o.linear.bind(o);
     o.embed(a.tokens, rows, this.#embed, c.vocab, c.hidden, a.x);
     for (let l = 0; l < c.layers; l++) {
       const w = this.#layers[l];
@@ -500,15 +518,23 @@ export class LlamaModel {
       a.dispose();
       throw e;
     }
-    const attend = skip === "attention" ? () => {} : (l: number) => {
+    const attend = (l: number) => {
       batch.append(l);
       batch.attend(l);
     };
+    // The first step runs whole, so that the buffers a skipped part writes hold a real step's values.
+    let first = true;
     return {
       step: (tokens, pos) => {
         if (tokens !== undefined) a.tokens.write(tokens);
         if (pos !== undefined) a.pos.write(pos);
-        this.#forward(a, attend, skip === "gemm");
+        const whole = first || skip === undefined;
+        first = false;
+        this.#forward(
+          a,
+          whole || skip !== "attention" ? attend : () => {},
+          !whole && skip === "gemm",
+        );
         if (!logits) return new Float32Array(0);
         const out = a.logits.readSync();
         batch.check();

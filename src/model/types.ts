@@ -26,8 +26,9 @@ export interface ModelCacheOptions {
 export interface DecodeOptions {
   /** Read the log-probabilities and check the batch after each step (default true). */
   logits?: boolean;
-  /** Leave a part of each step out, for the decode bench's shares of step time: the cache's append
-   * and attention, or every linear layer. */
+  /** Leave a part of each step after the first out, for the decode bench's shares of step time: the
+   * cache's append and attention, or every linear layer (the first step runs whole, so the buffers
+   * the part writes hold a real step's values). */
   skip?: "attention" | "gemm";
 }
 
