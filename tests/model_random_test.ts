@@ -378,3 +378,14 @@ describe("bench/e2e.ts --quick", () => {
     }
   });
 });
+
+describe("kivi bench --e2e", () => {
+  it("passes the bench's own options through and is refused on other commands", async () => {
+    const { parseCli } = await import("../src/cli.ts");
+    const p = parseCli(["bench", "--e2e", "--quick", "--layers", "2", "--backend", "cpu"]);
+    assert.equal(p.flags.get("e2e"), "true");
+    assert.deepEqual(p.rest, ["--quick", "--layers", "2"]);
+    assert.throws(() => parseCli(["info", "--e2e"]), /unknown option "--e2e" for info/);
+    assert.throws(() => parseCli(["bench", "--layers", "2"]), /unknown option "--layers" for bench/);
+  });
+});
