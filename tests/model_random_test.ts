@@ -386,6 +386,9 @@ describe("kivi bench --e2e", () => {
     assert.equal(p.flags.get("e2e"), "true");
     assert.deepEqual(p.rest, ["--quick", "--layers", "2"]);
     assert.throws(() => parseCli(["info", "--e2e"]), /unknown option "--e2e" for info/);
-    assert.throws(() => parseCli(["bench", "--layers", "2"]), /unknown option "--layers" for bench/);
+    assert.throws(
+      () => parseCli(["bench", "--layers", "2"]),
+      /unknown option "--layers" for bench/,
+    );
   });
 });

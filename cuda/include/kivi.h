@@ -446,14 +446,14 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x /* data [r
     A and B fp16, C f32, compute 32F; the CPU build rounds x the same way and sums in f32), reading the
     weights once at their fp16 size. Otherwise as kivi_model_linear. */
 KIVI_API kivi_status kivi_model_linear_f16(kivi_ctx_t ctx, const float *x /* data [rows][k] */,
-                                           const uint16_t *w /* data fp16 [n][k] */, int32_t rows, int32_t n,
-                                           int32_t k, int32_t accumulate, float *y /* data [rows][n] */);
+                                           const uint16_t *w /* data fp16 [n][k] */, int32_t rows, int32_t n, int32_t k,
+                                           int32_t accumulate, float *y /* data [rows][n] */);
 /** out[i] = fp16(mean + std z_i) for i < n, where z_i is a standard-normal-like draw that depends only
     on (seed, i): the centred sum of eight 16-bit uniforms of a splitmix64 hash of (seed, i), scaled to
     unit variance (bounded at about 4.9 sigma). Integer math and one fmaf, so both builds write the
     same bits. For seeded test and benchmark data made on the device; mean and std finite, std >= 0. */
-KIVI_API kivi_status kivi_model_fill_normal(kivi_ctx_t ctx, uint16_t *out /* data fp16 [n] */, int64_t n,
-                                            uint64_t seed, float mean, float std);
+KIVI_API kivi_status kivi_model_fill_normal(kivi_ctx_t ctx, uint16_t *out /* data fp16 [n] */, int64_t n, uint64_t seed,
+                                            float mean, float std);
 /** Rotary position embedding in the rotate-half convention, in place: for row r, head h and
     i < dim / 2, with c = cs[pos[r]][i] and s = cs[pos[r]][dim / 2 + i], the pair (x[i], x[i + dim / 2])
     becomes (x[i] c - x[i + dim / 2] s, x[i + dim / 2] c + x[i] s). dim even. */

@@ -482,9 +482,10 @@ static inline kivi_status kivi_seq_copy_check(int32_t src, const int32_t *dst, i
     return kivi_host_msg(msg, len, KIVI_ERR_CAPACITY,
                          "%s: all %d sequence slots are taken (free one with kivi_cache_seq_free)", op, (int)max_seqs);
   if (src_pages > nfree)
-    return kivi_host_msg(msg, len, KIVI_ERR_CAPACITY,
-                         "%s: the page pool is full: copying sequence %d needs %d pages of %d tokens, %d of %d are free",
-                         op, (int)src, (int)src_pages, (int)page_tokens, (int)nfree, (int)max_pages);
+    return kivi_host_msg(
+        msg, len, KIVI_ERR_CAPACITY,
+        "%s: the page pool is full: copying sequence %d needs %d pages of %d tokens, %d of %d are free", op, (int)src,
+        (int)src_pages, (int)page_tokens, (int)nfree, (int)max_pages);
   return KIVI_OK;
 }
 

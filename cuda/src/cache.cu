@@ -202,8 +202,8 @@ KIVI_API kivi_status kivi_cache_seq_copy(kivi_cache_t cache, int32_t src, int32_
   uint16_t *wins[2] = {cache->kwin, cache->vwin};
   for (int p = 0; p < 2 && !st; p++)
     st = kv_cuda(ctx,
-                 cudaMemcpyAsync((uint8_t *)wins[p] + (size_t)s * win, (const uint8_t *)wins[p] + (size_t)src * win, win,
-                                 cudaMemcpyDeviceToDevice, ctx->stream),
+                 cudaMemcpyAsync((uint8_t *)wins[p] + (size_t)s * win, (const uint8_t *)wins[p] + (size_t)src * win,
+                                 win, cudaMemcpyDeviceToDevice, ctx->stream),
                  op, "cudaMemcpyAsync (window)");
   if (!st && np > 0)
     st = kv_cuda(ctx,

@@ -113,8 +113,8 @@ static kivi_status blas_get(kivi_ctx_t ctx, const char *op, size_t floats, size_
     if (ss != 0) return kv_fail(ctx, KIVI_ERR_CUDA, "%s: cublasSetStream failed with cublasStatus_t %d", op, ss);
   }
   kv_blas *b = ctx->blas;
-  if ((st = scratch_grow(ctx, op, (void **)&b->w, &b->w_floats, floats, sizeof(float),
-                         "cudaMalloc (weight scratch)")) ||
+  if ((st =
+           scratch_grow(ctx, op, (void **)&b->w, &b->w_floats, floats, sizeof(float), "cudaMalloc (weight scratch)")) ||
       (st = scratch_grow(ctx, op, (void **)&b->x16, &b->x16_n, halves, sizeof(__half),
                          "cudaMalloc (activation scratch)")))
     return st;
@@ -300,8 +300,8 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
   return kv_launched(ctx, op, "cublasSgemm");
 }
 
-KIVI_API kivi_status kivi_model_linear_f16(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows,
-                                           int32_t n, int32_t k, int32_t accumulate, float *y) {
+KIVI_API kivi_status kivi_model_linear_f16(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
+                                           int32_t k, int32_t accumulate, float *y) {
   static const char *op = "kivi_model_linear_f16";
   const kivi_model_args a = kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
   kivi_status st = check(ctx, op, &a);
@@ -313,9 +313,9 @@ KIVI_API kivi_status kivi_model_linear_f16(kivi_ctx_t ctx, const float *x, const
   if ((st = kv_launched(ctx, op, "k_narrow"))) return st;
   /* As kivi_model_linear: column-major y^T (n x rows) = W^T (W column-major k x n) times x16^T. */
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  const kv_cublas_status cs = cublas().api.gemm_ex(b->handle, KV_CUBLAS_OP_T, KV_CUBLAS_OP_N, n, rows, k, &alpha, w,
-                                                   KV_CUDA_R_16F, k, b->x16, KV_CUDA_R_16F, k, &beta, y, KV_CUDA_R_32F,
-                                                   n, KV_CUBLAS_COMPUTE_32F, KV_CUBLAS_GEMM_DEFAULT);
+  const kv_cublas_status cs =
+      cublas().api.gemm_ex(b->handle, KV_CUBLAS_OP_T, KV_CUBLAS_OP_N, n, rows, k, &alpha, w, KV_CUDA_R_16F, k, b->x16,
+                           KV_CUDA_R_16F, k, &beta, y, KV_CUDA_R_32F, n, KV_CUBLAS_COMPUTE_32F, KV_CUBLAS_GEMM_DEFAULT);
   if (cs != 0) return kv_fail(ctx, KIVI_ERR_CUDA, "%s: cublasGemmEx failed with cublasStatus_t %d", op, cs);
   return kv_launched(ctx, op, "cublasGemmEx");
 }

@@ -1351,7 +1351,8 @@ static void fuzz_model(void) {
       void *x = maybe_null(&r[0]), *w = maybe_null(&r[1]), *y = maybe_null(&r[2]);
       bad |= !x || !w || !y;
       snapshot();
-      st = f16 ? kivi_model_linear_f16(ctx, x, w, rows, n, k, acc, y) : kivi_model_linear(ctx, x, w, rows, n, k, acc, y);
+      st =
+          f16 ? kivi_model_linear_f16(ctx, x, w, rows, n, k, acc, y) : kivi_model_linear(ctx, x, w, rows, n, k, acc, y);
       break;
     }
     case 6: { /* fill_normal: out; a NaN mean or a negative std is refused */
