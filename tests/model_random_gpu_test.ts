@@ -44,14 +44,12 @@ gpuDescribe("end-to-end bench pieces on CUDA", (gpu) => {
 
   it("kivi_model_linear_f16 (cublasGemmEx) agrees with the CPU's f16 path within 2 k 2^-24 sum |x w|", () => {
     const rng = new Rng("gemm ex");
-    for (
-      const [rows, n, k, acc] of [[1, 4096, 4096, false], [8, 1031, 4096, true], [
-        37,
-        128,
-        14336,
-        false,
-      ]]
-    ) {
+    const shapes: [number, number, number, boolean][] = [
+      [1, 4096, 4096, false],
+      [8, 1031, 4096, true],
+      [37, 128, 14336, false],
+    ];
+    for (const [rows, n, k, acc] of shapes) {
       const x = Float32Array.from({ length: rows * k }, () => rng.normal());
       const w = Float16Array.from({ length: n * k }, () => rng.normal() * 0.02);
       const y0 = Float32Array.from({ length: rows * n }, () => rng.normal());
