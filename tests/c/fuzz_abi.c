@@ -937,7 +937,35 @@ static void fuzz_attend(fcache *c, int bench) {
 static void fuzz_cache_misc(fcache *c) {
   const int32_t s = gen_seq(c), L = c->cfg.layers;
   region r[3] = {{0, 256}, {0, 256}, {0, 256}};
-  switch (irange(0, 5)) {
+  switch (irange(0, 6)) {
+    case 5: {
+      g_where = "kivi_cache_seq_copy";
+      layout(r, 1, 0);
+      fill_canary(&r[0]);
+      int32_t *out = maybe_null(&r[0]);
+      int32_t slot = -1;
+      for (int32_t i = c->cfg.max_seqs - 1; i >= 0; i--)
+        if (!c->live[i]) slot = i;
+      stset e = seq_errors(c, s);
+      if (!e)
+        e = !out || slot < 0 || c->cfg.max_pages - c->used < c->n_pages[s] ? S(!out ? KIVI_ERR_ARG : KIVI_ERR_CAPACITY)
+                                                                           : 0;
+      snapshot();
+      kivi_status st = kivi_cache_seq_copy(c->h, s, out);
+      check_status(g_ctx, st, e ? e : S_OK);
+      if (!st) {
+        const int32_t id = *out;
+        CHECK(id == slot, "a copy takes the first free slot (%d), got %d", (int)slot, (int)id);
+        if (id >= 0 && id < c->cfg.max_seqs) {
+          c->live[id] = 1;
+          memcpy(c->len[id], c->len[s], sizeof c->len[id]);
+          memcpy(c->qlen[id], c->qlen[s], sizeof c->qlen[id]);
+          c->n_pages[id] = c->n_pages[s];
+          c->used += c->n_pages[s];
+        }
+      }
+      break;
+    }
     case 0: {
       g_where = "kivi_cache_seq_create";
       layout(r, 1, 0);
