@@ -341,7 +341,7 @@ const report: E2eReport = {
   device: kivi.deviceName,
   date: new Date().toISOString().slice(0, 10),
   config: {
-    shape: quick ? "--quick (a tiny model for the CPU build)" : "Llama-3-8B",
+    shape: quick ? "the --quick shape (a tiny model for the CPU build)" : "Llama-3-8B's shape",
     ...config,
     context,
     steps,
@@ -370,7 +370,7 @@ function markdown(r: E2eReport): string {
   const lines = [
     `# End-to-end decode: ${r.device}`,
     "",
-    `${r.date}; ${String(r.config.layers)} layers of ${String(r.config.shape)}'s shape (hidden ${
+    `${r.date}; ${String(r.config.layers)} layers of ${String(r.config.shape)} (hidden ${
       String(r.config.hidden)
     }, ${String(r.config.heads)}/${String(r.config.kvHeads)} heads of ${
       String(r.config.headDim)
