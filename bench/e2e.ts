@@ -363,7 +363,22 @@ mkdirSync(outDir, { recursive: true });
 const slug = `${deviceSlug(kivi.deviceName)}-e2e`;
 writeFileSync(`${outDir}/${slug}.json`, JSON.stringify(report, null, 2) + "\n");
 writeFileSync(`${outDir}/${slug}.md`, markdown(report));
+for (const x of rows) {
+  log(
+    `${x.cache}, batch ${x.batch}${x.maxBatch ? " (largest)" : ""}: ${
+      x.tokensPerSecond.toFixed(1)
+    } tokens/s, ${vsBits16(report, x) || "?"} bits 16's`,
+  );
+}
 log(`wrote ${outDir}/${slug}.json and .md`);
+
+/** tokens/s against bits 16's row of the same kind (batch `--batch`, or each cache's largest). */
+function vsBits16(r: E2eReport, x: E2eRow): string {
+  const base = r.rows.find((b) =>
+    b.cache === CACHES[0].name && (x.maxBatch ? b.maxBatch : b.batch === x.batch)
+  );
+  return base === undefined ? "" : `${(x.tokensPerSecond / base.tokensPerSecond).toFixed(2)}x`;
+}
 
 function markdown(r: E2eReport): string {
   const pct = (x: number) => `${(x * 100).toFixed(0)}%`;
@@ -384,14 +399,16 @@ function markdown(r: E2eReport): string {
       String(r.config.steps)
     } steps timed with the cache's append + attention left out, and with every linear layer left out; "other" is the remainder. Bytes per step: the linear weights plus the batch's cache (codes, params, fp16 residual).`,
     "",
-    "| cache | batch | context | largest | tokens/s | ms/step | attention | GEMMs | other | cache GB | GB/step | of copy |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| cache | batch | context | largest | tokens/s | vs bits 16 | ms/step | attention | GEMMs | other | cache GB | GB/step | of copy |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ...r.rows.map((x) =>
       `| ${x.cache} | ${x.batch} | ${x.context} | ${x.maxBatch ? "yes" : ""} | ${
         x.tokensPerSecond.toFixed(1)
-      } | ${x.msPerStep.toFixed(2)} | ${pct(x.attentionShare)} | ${pct(x.gemmShare)} | ${
-        pct(x.otherShare)
-      } | ${x.cacheGB.toFixed(2)} | ${(x.bytesPerStep / 1e9).toFixed(2)} | ${pct(x.ofCopy)} |`
+      } | ${vsBits16(r, x)} | ${x.msPerStep.toFixed(2)} | ${pct(x.attentionShare)} | ${
+        pct(x.gemmShare)
+      } | ${pct(x.otherShare)} | ${x.cacheGB.toFixed(2)} | ${(x.bytesPerStep / 1e9).toFixed(2)} | ${
+        pct(x.ofCopy)
+      } |`
     ),
     "",
   ];
