@@ -19,15 +19,16 @@
  * A step is the model's decode loop (LlamaModel._decoder) with nothing read back and no wait: the
  * tokens and positions are written once (a step's cost does not depend on them), and `steps`
  * back-to-back steps are timed with device timers (kivi_timer_start/stop, CUDA events) after two
- * warm-up steps. The shares of step time come from timing the same steps with parts left out: the
- * cache's append and attention ("attention"), and every linear layer ("gemm"); the rest (norms,
- * RoPE, SwiGLU, embedding, log-softmax, launch gaps) is what remains. The bytes a step reads are the
+ * warm-up steps, three times on a GPU (the median is reported). The shares of step time come from
+ * timing the same steps with parts left out: the cache's append and attention ("attention"), and
+ * every linear layer ("gemm"); the rest (norms, RoPE, SwiGLU, embedding, log-softmax, launch gaps)
+ * is what remains. The bytes a step reads are the
  * linear weights plus the batch's cache (codes, params and fp16 residual of `cache.memory()`), as a
  * fraction of the copy bandwidth measured in the same run.
  *
  * The largest batch: free device memory after the weights (`kivi_mem_info`), less a headroom for
  * activations, scratch and fragmentation (2 GiB or 3% of the device, whichever is more), divided by
- * one sequence's pool bytes (its pages at context + 256 tokens, from `cache.memory()` of a one-page
+ * one sequence's pool bytes (its pages at context + 1024 tokens, from `cache.memory()` of a one-page
  * cache, plus its residual windows).
  *
  * Output: bench/results/<device>-e2e.json and .md (`--out` another folder). Progress on stderr.
@@ -50,7 +51,7 @@ import {
 } from "../src/mod.ts";
 import { ModelOps } from "../src/model/_ops.ts";
 import type { Decoder } from "../src/model/types.ts";
-import { deviceSlug, hostName, parseArgs } from "./_report.ts";
+import { deviceSlug, hostName, median, parseArgs } from "./_report.ts";
 
 /** Llama-3-8B's sizes (the RoPE table sized to the bench's context). */
 export const LLAMA3_8B: Omit<RandomModelConfig, "context"> = {
@@ -118,8 +119,9 @@ const CACHES: { name: string; keys: CacheFormat; values: CacheFormat }[] = [
   },
 ];
 
-/** Tokens each sequence can take beyond the context: the warm-up and timed steps of two rows. */
-const SPARE = 256;
+/** Tokens each sequence can take beyond the context: the warm-up and timed steps of two rows (three
+ * decoders a row, each 2 + REPEATS x steps, steps up to 40). */
+const SPARE = 1024;
 /** Key channels of each head scaled 8x (a trained model's keys have a few such outliers). */
 const OUTLIERS = [7, 70];
 
@@ -150,6 +152,9 @@ const layers = int("layers", base.layers);
 const context = int("context", quick ? 256 : 32768, 64);
 const batch = int("batch", quick ? 2 : 8);
 const steps = int("steps", quick ? 2 : 20);
+if (steps > 40) {
+  throw new RangeError(`--steps must be at most 40 (the sequences' spare room), got ${steps}`);
+}
 const maxBatchCap = int("max-batch", quick ? 4 : 512);
 const seed = int("seed", 0, 0);
 const outDir = args.get("out") ?? fileURLToPath(new URL("./results/", import.meta.url));
@@ -158,6 +163,8 @@ using kivi = await openBackend({
   prefer: (args.get("backend") ?? (quick ? "cpu" : "auto")) as "auto" | "cpu" | "cuda",
 });
 const onGpu = kivi.kind === "cuda";
+/** Timed runs of `steps` steps per figure: the median is reported. */
+const repeats = onGpu ? 3 : 1;
 log(`${kivi.deviceName} (${kivi.kind}, ${kivi.runtime}); ${layers} layers, context ${context}`);
 const copyGBps = kivi.copyBandwidth(onGpu ? 1 << 30 : 64 << 20, onGpu ? 20 : 3);
 log(`copy bandwidth ${copyGBps.toFixed(1)} GB/s`);
@@ -223,11 +230,14 @@ function msPerStep(m: LlamaModel, cache: KVCache, seqs: Sequence[], skip?: "atte
     );
     dec.step();
     dec.finish();
-    const ms = kivi.time(() => {
-      for (let i = 0; i < steps; i++) dec.step();
-    });
-    dec.finish();
-    return ms / steps;
+    const runs: number[] = [];
+    for (let r = 0; r < repeats; r++) {
+      runs.push(kivi.time(() => {
+        for (let i = 0; i < steps; i++) dec.step();
+      }));
+      dec.finish();
+    }
+    return median(runs) / steps;
   } finally {
     dec.dispose();
   }
