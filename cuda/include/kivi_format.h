@@ -347,6 +347,15 @@ KIVI_HD kivi_part_layout kivi_page_part(const kivi_cache_config *c, int is_value
   return l;
 }
 
+/** One layer's view of a cache: the cache's config with the layer's key and value formats, the
+    byte sizes of its page parts, and where its storage starts in the K and V pools (layer l's page p
+    is at base + p * part.page). A single-format cache's layer l has base l * max_pages * part.page. */
+typedef struct kivi_layer_layout {
+  kivi_cache_config cfg;
+  kivi_part_layout kp, vp;
+  uint64_t kbase, vbase;
+} kivi_layer_layout;
+
 /** 1 when the cache's pages use the tensor-core layout (see above): uniform 2-bit keys, uniform or
     codebook 2-bit values, groups of 32, 64 or 128 each, head_dim 64 or 128, any number of query heads a
     KV head. */

@@ -153,6 +153,7 @@ struct kv_flush_params {
   const void *k, *v;                       /* [in layers][n][kv_heads][D] */
   const int32_t *table;                    /* device row of the sequence */
   uint64_t layer_stride_k, layer_stride_v; /* max_pages * page bytes */
+  int32_t layer0;                          /* the layer kpool / vpool start at (layers of one format) */
   kv_part_dev kp, vp;
   int64_t n;
   int32_t kvh, D, P, F, W, dtype;
@@ -186,7 +187,8 @@ static __global__ void __launch_bounds__(256) k_cache_flush(const __grid_constan
       tile[idx] = hv;
     }
     __syncthreads();
-    uint8_t *base = (part ? p.vpool : p.kpool) + (uint64_t)L.layer * (part ? p.layer_stride_v : p.layer_stride_k) +
+    uint8_t *base = (part ? p.vpool : p.kpool) +
+                    (uint64_t)(L.layer - p.layer0) * (part ? p.layer_stride_v : p.layer_stride_k) +
                     (uint64_t)page * pt.page + (uint64_t)h * pt.head;
     if (pt.bits == 16) {
       uint16_t *dst = (uint16_t *)base + (int64_t)o * D;
@@ -337,14 +339,18 @@ static kv_layer_plan layer_plan(const kivi_cache *c, int32_t seq, int32_t l0, in
   return {len, ql, kivi_flush_count(&c->cfg, len, ql, n)};
 }
 
-kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
-                            const void *v, kivi_dtype dtype, int64_t n) {
+/* The flushes of layers [r0, r0 + nr) of an append to layers from l0 (k / v [..][n][kv_heads][D] from
+   layer l0), all of one format: the launches of one kernel configuration. */
+static kivi_status flush_run(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t r0, int32_t nr,
+                             const void *k, const void *v, kivi_dtype dtype, int64_t n) {
   kivi_ctx_t ctx = c->ctx;
-  const kivi_cache_config &g = c->cfg;
+  const kivi_layer_layout &ly = c->lay[r0];
+  const kivi_cache_config &g = ly.cfg;
   const int64_t F = c->F, W = c->W, row = (int64_t)g.kv_heads * g.head_dim;
+  const int32_t off = r0 - l0; /* the run's first layer in the append's input */
   int64_t max_groups = 0;
-  for (int32_t i = 0; i < nl; i++) {
-    const int64_t f = layer_plan(c, seq, l0, i, n).flush;
+  for (int32_t i = 0; i < nr; i++) {
+    const int64_t f = layer_plan(c, seq, l0, off + i, n).flush;
     max_groups = f / F > max_groups ? f / F : max_groups;
   }
   if (max_groups == 0) return KIVI_OK;
@@ -360,17 +366,18 @@ kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t 
     return st;
   kv_flush_params *fp = (kv_flush_params *)calloc(1, sizeof(kv_flush_params));
   if (!fp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
-  fp->kpool = c->kpool;
-  fp->vpool = c->vpool;
+  fp->kpool = c->kpool + ly.kbase;
+  fp->vpool = c->vpool + ly.vbase;
+  fp->layer0 = r0;
   fp->kwin = c->kwin + seq_win;
   fp->vwin = c->vwin + seq_win;
   fp->k = k;
   fp->v = v;
   fp->table = c->d_table + (int64_t)seq * g.max_pages;
-  fp->layer_stride_k = (uint64_t)g.max_pages * c->kp.page;
-  fp->layer_stride_v = (uint64_t)g.max_pages * c->vp.page;
-  fp->kp = kv_part_dev_of(&g, c->kp, 0);
-  fp->vp = kv_part_dev_of(&g, c->vp, 1);
+  fp->layer_stride_k = (uint64_t)g.max_pages * ly.kp.page;
+  fp->layer_stride_v = (uint64_t)g.max_pages * ly.vp.page;
+  fp->kp = kv_part_dev_of(&g, ly.kp, 0);
+  fp->vp = kv_part_dev_of(&g, ly.vp, 1);
   fp->n = n;
   fp->kvh = g.kv_heads;
   fp->D = g.head_dim;
@@ -380,16 +387,16 @@ kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t 
   fp->dtype = dtype;
   fp->mma = mma;
   fp->nparam = nparam;
-  for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
-    const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
+  for (int32_t b0 = 0; b0 < nr && !st; b0 += KV_FLUSH_MAXL) {
+    const int32_t cnt = nr - b0 < KV_FLUSH_MAXL ? nr - b0 : KV_FLUSH_MAXL;
     int64_t mg = 0;
     for (int32_t i = 0; i < cnt; i++) {
-      const kv_layer_plan lp = layer_plan(c, seq, l0, b0 + i, n);
+      const kv_layer_plan lp = layer_plan(c, seq, l0, off + b0 + i, n);
       fp->L[i].qlen = lp.qlen;
       fp->L[i].len = lp.len;
       fp->L[i].nflush = (int32_t)(lp.flush / F);
-      fp->L[i].layer = l0 + b0 + i;
-      fp->L[i].in_index = b0 + i;
+      fp->L[i].layer = r0 + b0 + i;
+      fp->L[i].in_index = off + b0 + i;
       mg = lp.flush / F > mg ? lp.flush / F : mg;
     }
     if (mg == 0) continue;
@@ -398,6 +405,18 @@ kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t 
     st = kv_launched(ctx, op, "k_cache_flush");
   }
   free(fp);
+  return st;
+}
+
+kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
+                            const void *v, kivi_dtype dtype, int64_t n) {
+  /* one run of launches per stretch of layers of one format: a single-format cache makes one */
+  kivi_status st = KIVI_OK;
+  for (int32_t a = 0, b; a < nl && !st; a = b) {
+    for (b = a + 1; b < nl && !memcmp(&c->lay[l0 + a].cfg, &c->lay[l0 + b].cfg, sizeof(kivi_cache_config)); b++) {
+    }
+    st = flush_run(c, op, seq, l0, l0 + a, b - a, k, v, dtype, n);
+  }
   return st;
 }
 
