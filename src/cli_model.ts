@@ -6,7 +6,7 @@
  *   kivi perplexity --model DIR --text FILE [--windows N] [--steps N] [--residual R] [--keys F --values F]
  *                   [--plan plan.json] [--backend auto|cpu|cuda] [--json]
  *   kivi calibrate --model DIR --text FILE --budget BITS [--residual R] [--out plan.json] [--bytes FROM:TO]
- *                  [--windows N] [--steps N] [--backend auto|cpu|cuda]
+ *                  [--windows N] [--window N] [--prefill N] [--steps N] [--backend auto|cpu|cuda]
  *
  * generate takes --plan too: a calibrated plan's per-layer formats and residual.
  * A cache format F is `16` (fp16) or `KIND:BITS:GROUP` (`uniform:2:32`, `codebook:2:64`).
@@ -37,8 +37,9 @@ export const MODEL_USAGE = `  generate --model DIR --prompt TEXT
                            values, quantized in each candidate format) over a calibration text, then pick
                            per-layer formats within BITS bits per value (2..16, window excluded); writes the
                            plan JSON to --out FILE or stdout (--residual R, default 128; --bytes FROM:TO of
-                           the text, default all; --windows N, --steps N: the calibration protocol, default
-                           4 windows of 1024 tokens, 512 prefilled, 256 decoded). generate and perplexity
+                           the text, default all; --windows N, --window N, --prefill N, --steps N: the
+                           calibration protocol, default 4 windows of 1024 tokens, 512 prefilled, 256
+                           decoded). generate and perplexity
                            take it with --plan FILE`;
 
 /** Thrown for a bad model command line (exit code 2). */
@@ -81,6 +82,8 @@ const OPTIONS = {
   values: { type: "string" },
   residual: { type: "string" },
   windows: { type: "string" },
+  window: { type: "string" },
+  prefill: { type: "string" },
   steps: { type: "string" },
   backend: { type: "string" },
   json: { type: "boolean" },
@@ -112,10 +115,10 @@ export function parseModelArgs(command: "generate" | "perplexity" | "calibrate",
   }
   const sampling = ["prompt", "max-tokens", "temperature", "top-k", "seed"];
   const wrong = command === "generate"
-    ? ["text", "windows", "steps", "json", "budget", "out", "bytes"]
+    ? ["text", "windows", "window", "prefill", "steps", "json", "budget", "out", "bytes"]
     : command === "calibrate"
     ? [...sampling, "keys", "values", "json", "plan"]
-    : [...sampling, "budget", "out", "bytes"];
+    : [...sampling, "budget", "out", "bytes", "window", "prefill"];
   for (const n of wrong) {
     if (values[n as "text"] !== undefined) {
       throw new ModelUsageError(`--${n} is not an option of ${command}`);
@@ -293,6 +296,8 @@ async function calibrateCmd(
     budget,
     residual,
     windows: int("windows", v.windows, 1),
+    window: int("window", v.window, 2),
+    prefill: int("prefill", v.prefill, 1),
     steps: int("steps", v.steps, 1),
     onProgress: progress,
   });
