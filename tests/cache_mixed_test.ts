@@ -14,6 +14,7 @@ import {
   readPlan,
   resolveCacheOptions,
 } from "../src/mod.ts";
+import { configArray } from "../src/cache.ts";
 import { attentionOracle, CB2_G64, CB4_G32, kvRows, openCpu, Rng } from "./_helpers.ts";
 import { U2_G32, U2_G64, U4_G32, U4_G64 } from "./_helpers.ts";
 
@@ -160,6 +161,30 @@ describe("a cache with per-layer formats", () => {
     });
     assert.deepEqual(same.perLayer?.map((l) => l.keys.bits), [4, 4]);
     assert.deepEqual(same.perLayer?.map((l) => l.values.bits), [2, 2]);
+    // kivi.h: KIVI_CFG_FIELDS (18) ints, then KIVI_LAYER_FIELDS (10) a layer only with perLayer
+    assert.equal(configArray(one).length, 18);
+    assert.deepEqual([...configArray(same).subarray(18)], [
+      0,
+      4,
+      32,
+      0,
+      1,
+      0,
+      2,
+      32,
+      0,
+      1,
+      0,
+      4,
+      32,
+      0,
+      1,
+      0,
+      2,
+      32,
+      0,
+      1,
+    ]);
   });
 
   it("takes a plan's JSON (round trip through JSON.stringify) as perLayer", () => {
