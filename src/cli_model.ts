@@ -4,7 +4,7 @@
  *   kivi generate --model DIR --prompt "..." [--max-tokens N] [--temperature T] [--top-k K] [--seed S]
  *                 [--keys F] [--values F] [--residual R] [--backend auto|cpu|cuda]
  *   kivi perplexity --model DIR --text FILE [--windows N] [--steps N] [--residual R] [--keys F --values F]
- *                   [--plan plan.json] [--backend auto|cpu|cuda] [--json]
+ *                   [--plan plan.json] [--bytes FROM:TO] [--backend auto|cpu|cuda] [--json]
  *   kivi calibrate --model DIR --text FILE --budget BITS [--residual R] [--out plan.json] [--bytes FROM:TO]
  *                  [--windows N] [--window N] [--prefill N] [--steps N] [--backend auto|cpu|cuda]
  *
@@ -31,7 +31,7 @@ export const MODEL_USAGE = `  generate --model DIR --prompt TEXT
                            the rest decoded) for each cache of the results table, a progress bar each
                            (--windows N, --steps N to shorten it; --residual R, default 128; --keys F
                            --values F: that cache only, against bits 16; --plan FILE: a calibrated plan,
-                           against bits 16)
+                           against bits 16; --bytes FROM:TO of the text, default all)
   calibrate --model DIR --text FILE --budget BITS
                            measure each layer's sensitivity (KL against bits 16 with only its keys, or its
                            values, quantized in each candidate format) over a calibration text, then pick
@@ -118,7 +118,7 @@ export function parseModelArgs(command: "generate" | "perplexity" | "calibrate",
     ? ["text", "windows", "window", "prefill", "steps", "json", "budget", "out", "bytes"]
     : command === "calibrate"
     ? [...sampling, "keys", "values", "json", "plan"]
-    : [...sampling, "budget", "out", "bytes", "window", "prefill"];
+    : [...sampling, "budget", "out", "window", "prefill"];
   for (const n of wrong) {
     if (values[n as "text"] !== undefined) {
       throw new ModelUsageError(`--${n} is not an option of ${command}`);
@@ -244,7 +244,9 @@ async function perplexityCmd(
     values: c.values!,
     perLayer: c.perLayer,
   }];
-  const text = readFileSync(v.text!);
+  const all = readFileSync(v.text!);
+  const [from, to] = bytesOf(v.bytes, all.length);
+  const text = all.subarray(from, to);
   using kivi = await openBackend({ prefer: (v.backend ?? "auto") as "auto" });
   using model = kivi.loadModel(v.model!);
   const rows = compareCaches(model, text, {

@@ -201,7 +201,7 @@ describe("kivi calibrate and --plan", () => {
     assert.equal(plan.residual, 32);
     const p = await cli(
       "perplexity",
-      ...`--backend cpu --model ${MODEL_DIR} --text ${TEXT} --windows 1 --steps 4 --plan ${file}`
+      ...`--backend cpu --model ${MODEL_DIR} --text ${TEXT} --bytes 32768:40000 --windows 1 --steps 4 --plan ${file}`
         .split(" "),
     );
     assert.equal(p.code, 0, p.err);
