@@ -50,9 +50,10 @@ export function splitHeldout(
 const U = (bits: 2 | 4, group: 32 | 64 | 128) => ({ kind: "uniform", bits, group }) as const;
 const CB = (bits: 2 | 4, group: 32 | 64 | 128) => ({ kind: "codebook", bits, group }) as const;
 
-/** Key formats tried a layer (their group is the cache's key group, 32: the flush unit all layers
- * share). Bits 16 is a candidate too, with KL 0 and no run. */
-export const KEY_CANDIDATES: readonly CacheFormat[] = [U(2, 32), U(4, 32)];
+/** Key formats tried a layer (by default those whose group divides the residual window and the
+ * page). All layers of a plan share one key group (the flush unit), so the plan is solved once a key
+ * group and the best kept. Bits 16 is a candidate too, with KL 0 and no run. */
+export const KEY_CANDIDATES: readonly CacheFormat[] = [U(2, 32), U(4, 32), U(2, 64), U(4, 64)];
 /** Value formats tried a layer (by default those whose group divides the model's head_dim). */
 export const VALUE_CANDIDATES: readonly CacheFormat[] = [
   U(2, 128),
@@ -181,7 +182,10 @@ export function measureSensitivity(
   const F16 = { bits: 16 } as const;
   const base = { keys: F16, values: F16, residual, pageTokens };
   // checks the candidates (and the residual) before the runs
-  const kc = o.keyCandidates ?? KEY_CANDIDATES;
+  const kc = o.keyCandidates ??
+    KEY_CANDIDATES.filter((f) =>
+      residual % (f.group ?? 32) === 0 && pageTokens % (f.group ?? 32) === 0
+    );
   const vc = o.valueCandidates ??
     VALUE_CANDIDATES.filter((f) => f.bits === 16 || m.headDim % (f.group ?? 32) === 0);
   const kcs = kc.map((f, i) => ({ layer: 0, keys: f, name: `keyCandidates[${i}]` }));
@@ -213,7 +217,12 @@ export function measureSensitivity(
         const r = perplexity(model, text, {
           ...p,
           reference: ref.distributions,
-          cache: { ...base, perLayer: [{ layer, [part]: f }] },
+          // the cache's key group is the candidate's (bits 16 keys in that group elsewhere)
+          cache: {
+            ...base,
+            keys: part === "keys" ? { bits: 16, group: f.group } : F16,
+            perLayer: [{ layer, [part]: f }],
+          },
           onProgress: progress(`layer ${layer} ${part} ${formatName(f)}`),
         });
         entries.push({
@@ -239,7 +248,8 @@ export function measureSensitivity(
 /**
  * The plan of least predicted KL (the sum of the chosen parts' measured increments) whose bits per
  * value (the mean over layers of (K bits + V bits) / 2) is at most `budget`: an exact multiple-choice
- * knapsack over the 2 x layers parts, by dynamic programming over the bits spent in 1/64-bit steps.
+ * knapsack over the 2 x layers parts, by dynamic programming over the bits spent in 1/64-bit steps,
+ * solved once for each key group measured (all layers share the cache's key group) and the best kept.
  *
  * @example
  * ```ts ignore
@@ -249,24 +259,51 @@ export function measureSensitivity(
  */
 export function planFromSensitivity(s: Sensitivity, budgetArg: number): Plan {
   const budget = checkBudget(budgetArg);
+  const groupOf = (e: SensitivityEntry) => e.format.group ?? 32;
+  const groups = [
+    ...new Set(
+      s.entries.filter((e) => e.part === "keys" && e.format.bits !== 16).map(groupOf),
+    ),
+  ];
+  let best: Plan | undefined, cheapest = Infinity;
+  for (const g of groups.length > 0 ? groups : [32]) {
+    const entries = s.entries.filter((e) =>
+      e.part !== "keys" || e.format.bits === 16 || groupOf(e) === g
+    );
+    const r = solve(s, entries, budget, g);
+    if (typeof r === "number") cheapest = Math.min(cheapest, r);
+    else if (best === undefined || r.predictedKl < best.predictedKl) best = r;
+  }
+  if (best === undefined) {
+    throw new RangeError(
+      `budget must be at least the cheapest plan's ${
+        cheapest.toFixed(3)
+      } bits per value, got ${budget}`,
+    );
+  }
+  return best;
+}
+
+/** The knapsack of planFromSensitivity for one key group g: the plan, or (none fits) the cheapest
+ * plan's bits per value. */
+function solve(
+  s: Sensitivity,
+  entries: SensitivityEntry[],
+  budget: number,
+  g: number,
+): Plan | number {
   const STEP = 64;
   const parts: SensitivityEntry[][] = [];
   for (let l = 0; l < s.layers; l++) {
     for (const part of ["keys", "values"] as const) {
-      parts.push(s.entries.filter((e) => e.layer === l && e.part === part));
+      parts.push(entries.filter((e) => e.layer === l && e.part === part));
     }
   }
   const cost = (e: SensitivityEntry) => Math.ceil(e.bits * STEP - 1e-9);
   const cap = Math.floor(budget * 2 * s.layers * STEP + 1e-9);
   const cheapest = parts.reduce((sum, c) => sum + Math.min(...c.map(cost)), 0);
-  if (cheapest > cap) {
-    throw new RangeError(
-      `budget must be at least the cheapest plan's ${
-        (cheapest / (2 * s.layers * STEP)).toFixed(3)
-      } bits per value, got ${budget}`,
-    );
-  }
-  // best[i][b]: least KL of parts [0, i) spending exactly b steps; pick[i][b]: the choice of part i - 1
+  if (cheapest > cap) return cheapest / (2 * s.layers * STEP);
+  // best[b]: least KL of the parts so far spending exactly b steps; pick[i][b]: part i's choice there
   let best = new Float64Array(cap + 1).fill(Infinity);
   best[0] = 0;
   const pick: Int16Array[] = [];
@@ -287,18 +324,18 @@ export function planFromSensitivity(s: Sensitivity, budgetArg: number): Plan {
     best = next;
   }
   let end = 0;
-  for (let b = 0; b <= cap; b++) {
-    if (best[b] < best[end] || (best[b] === best[end] && b < end)) end = b;
-  }
+  for (let b = 0; b <= cap; b++) if (best[b] < best[end]) end = b;
   const predictedKl = best[end];
   const chosen: SensitivityEntry[] = new Array(parts.length);
   for (let i = parts.length - 1; i >= 0; i--) {
     chosen[i] = parts[i][pick[i][end]];
     end -= cost(chosen[i]);
   }
+  // bits-16 keys in the plan's key group (the cache's, which every layer shares)
+  const key = (f: CacheFormat): CacheFormat => f.bits === 16 ? { bits: 16, group: g as 32 } : f;
   const perLayer = Array.from({ length: s.layers }, (_, l) => ({
     layer: l,
-    keys: chosen[2 * l].format,
+    keys: key(chosen[2 * l].format),
     values: chosen[2 * l + 1].format,
   }));
   const bitsPerValue = chosen.reduce((a, e) => a + e.bits, 0) / (2 * s.layers);
@@ -310,7 +347,7 @@ export function planFromSensitivity(s: Sensitivity, budgetArg: number): Plan {
     residual: s.residual,
     predictedKl,
     layers: s.layers,
-    keys: perLayer[0].keys,
+    keys: perLayer.find((l) => l.keys.bits !== 16)?.keys ?? key({ bits: 16 }),
     values: perLayer[0].values,
     perLayer,
     calibration: s.protocol,
