@@ -82,6 +82,46 @@ describe("the calibration plan", () => {
     }
   });
 
+  it("shares one key group across layers: solved a group at a time, as the brute force over one-group choices finds", () => {
+    const rng = new Rng("knapsack groups");
+    const s = synthetic(rng, 3);
+    for (let layer = 0; layer < 3; layer++) { // keys in groups of 64: cheaper, a little worse
+      for (const bits of [2.5, 4.5]) {
+        s.entries.push({
+          layer,
+          part: "keys",
+          format: { ...U2_64, bits: bits === 2.5 ? 2 : 4 },
+          bits,
+          kl: rng.uniform(0, 1) * 2e-3 / bits,
+        });
+      }
+    }
+    const keysOf = (l: number, g: number) =>
+      s.entries.filter((e) =>
+        e.layer === l && e.part === "keys" && (e.format.bits === 16 || (e.format.group ?? 32) === g)
+      );
+    for (const budget of [2.5, 2.75, 3.0, 3.3]) {
+      let best = Infinity;
+      for (const g of [32, 64]) {
+        const parts = [0, 1, 2].flatMap((l) => [
+          keysOf(l, g),
+          s.entries.filter((e) => e.layer === l && e.part === "values"),
+        ]);
+        const walk = (i: number, bits: number, kl: number) => {
+          if (bits > budget * 6 + 1e-9) return;
+          if (i === 6) return void (best = Math.min(best, kl));
+          for (const e of parts[i]) walk(i + 1, bits + e.bits, kl + e.kl);
+        };
+        walk(0, 0, 0);
+      }
+      const plan = planFromSensitivity(s, budget);
+      assert.ok(Math.abs(plan.predictedKl - best) <= 1e-15, `${rng.tag} budget ${budget}`);
+      const groups = new Set(plan.perLayer.map((l) => l.keys.group ?? 32));
+      assert.equal(groups.size, 1, `one key group: ${[...groups]}`);
+      assert.equal(plan.keys.group ?? 32, [...groups][0]);
+    }
+  });
+
   it("calibrates byte-llama-9m on a short text: within the budget, every layer named, KL the sum of its parts", async () => {
     using kivi = await openBackend({ prefer: "cpu" });
     using model = kivi.loadModel(MODEL_DIR);
