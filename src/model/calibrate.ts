@@ -188,18 +188,22 @@ export function measureSensitivity(
     );
   const vc = o.valueCandidates ??
     VALUE_CANDIDATES.filter((f) => f.bits === 16 || m.headDim % (f.group ?? 32) === 0);
-  const kcs = kc.map((f, i) => ({ layer: 0, keys: f, name: `keyCandidates[${i}]` }));
-  const vcs = vc.map((f, i) => ({ layer: 0, values: f, name: `valueCandidates[${i}]` }));
-  for (const c of [...kcs, ...vcs]) {
-    const { name: _, ...entry } = c;
-    resolveCacheOptions({
-      layers: m.layers,
-      kvHeads: m.kvHeads,
-      headDim: m.headDim,
-      ...base,
-      perLayer: [entry],
-      maxPages: 1,
-    });
+  /** The cache of a run with only `part` of `layer` in format f (keys: the cache's key group f's). */
+  const runCache = (layer: number, part: "keys" | "values", f: CacheFormat) => ({
+    ...base,
+    keys: part === "keys" ? { bits: 16, group: f.group } as CacheFormat : F16,
+    perLayer: [{ layer, [part]: f }],
+  });
+  for (const [part, cands] of [["keys", kc], ["values", vc]] as const) {
+    for (const f of cands) {
+      resolveCacheOptions({
+        layers: m.layers,
+        kvHeads: m.kvHeads,
+        headDim: m.headDim,
+        ...runCache(0, part, f),
+        maxPages: 1,
+      });
+    }
   }
   const progress = (run: string) => (done: number, total: number) =>
     o.onProgress?.(run, done, total);
@@ -217,12 +221,7 @@ export function measureSensitivity(
         const r = perplexity(model, text, {
           ...p,
           reference: ref.distributions,
-          // the cache's key group is the candidate's (bits 16 keys in that group elsewhere)
-          cache: {
-            ...base,
-            keys: part === "keys" ? { bits: 16, group: f.group } : F16,
-            perLayer: [{ layer, [part]: f }],
-          },
+          cache: runCache(layer, part, f),
           onProgress: progress(`layer ${layer} ${part} ${formatName(f)}`),
         });
         entries.push({
