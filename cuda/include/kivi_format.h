@@ -280,7 +280,9 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
 /*
  * Pool layout. Each layer has its own storage for every page id; a page holds page_tokens (P)
  * tokens of every KV head. Page (layer, page) starts at layer_base + page * page_bytes, where the
- * K pool and the V pool are separate allocations. Inside a page the heads follow each other, each
+ * K pool and the V pool are separate allocations, the layers one after the other, each with the page
+ * bytes of its own format (kivi_layer_layout: a cache may give each layer its own key and value
+ * format; one format: layer_base = layer * max_pages * page_bytes). Inside a page the heads follow each other, each
  * head block 16-byte aligned:
  *   keys   quantized: codes  uint32 [D][P / cpw]            (per channel, packed along tokens)
  *                     params uniform: half2 (scale, zero) [D][P / Gk]
