@@ -32,3 +32,46 @@ export function describeLse(
   }
   return { dtype: "f32", length: n, host: v, tensor: t, buf: given };
 }
+
+/**
+ * Exact causal attention of a chunk of n tokens over itself, in float64, with k and v rounded to fp16
+ * (what the cache stores) and q as given: out [n][queryHeads][headDim] and the natural log-sum-exp
+ * [n][queryHeads] (f32). Query i sees the chunk's tokens 0..i.
+ */
+export function chunkAttention(
+  q: ArrayLike<number>,
+  k: ArrayLike<number>,
+  v: ArrayLike<number>,
+  n: number,
+  c: { readonly kvHeads: number; readonly queryHeads: number; readonly headDim: number },
+  scale: number,
+): { out: Float32Array; lse: Float32Array } {
+  const { kvHeads: H, queryHeads: QH, headDim: D } = c;
+  const ratio = QH / H, f16 = Math.f16round;
+  const kh16 = Float64Array.from(k, f16), vh16 = Float64Array.from(v, f16);
+  const out = new Float32Array(n * QH * D), lse = new Float32Array(n * QH);
+  const s = new Float64Array(n), acc = new Float64Array(D);
+  for (let i = 0; i < n; i++) {
+    for (let h = 0; h < QH; h++) {
+      const kh = Math.floor(h / ratio), qo = (i * QH + h) * D;
+      let m = -Infinity;
+      for (let t = 0; t <= i; t++) {
+        let dot = 0;
+        const ko = (t * H + kh) * D;
+        for (let d = 0; d < D; d++) dot += q[qo + d] * kh16[ko + d];
+        s[t] = dot * scale;
+        if (s[t] > m) m = s[t];
+      }
+      let sum = 0;
+      acc.fill(0);
+      for (let t = 0; t <= i; t++) {
+        const w = Math.exp(s[t] - m), vo = (t * H + kh) * D;
+        sum += w;
+        for (let d = 0; d < D; d++) acc[d] += w * vh16[vo + d];
+      }
+      for (let d = 0; d < D; d++) out[qo + d] = acc[d] / sum;
+      lse[i * QH + h] = m + Math.log(sum);
+    }
+  }
+  return { out, lse };
+}

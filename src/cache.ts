@@ -11,7 +11,7 @@ import {
   handleRegistry,
   type NativeHeld,
 } from "./tensor.ts";
-import { checkBool, checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
+import { checkBool, checkInt, checkOneOf, hostView, readOptions, show } from "./_checks.ts";
 import { type DType, dtypeCode, type HostArray, hostArray } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
@@ -26,7 +26,7 @@ import {
   resolveCacheOptions,
 } from "./cache_config.ts";
 import { checkCacheRange, type Data, dataPtr, describeData, describeOut } from "./_input.ts";
-import { describeLse } from "./_multi.ts";
+import { chunkAttention, describeLse } from "./_multi.ts";
 
 export {
   type CacheConfig,
@@ -958,6 +958,101 @@ export class KVCache {
     );
     stage.finish();
     return { out, lse };
+  }
+
+  /**
+   * One chunk of a chunked prefill in `layer`: the chunk's n queries attend over what the cache holds
+   * of `seq` (its earlier chunks, quantized pages and window, every query seeing all of it) and,
+   * causally and exactly, over the chunk's own keys and values at fp16; the two are merged by their
+   * log-sum-exp ({@link KVCache.mergeAttention}); then the chunk's k and v are appended to the layer.
+   * q [n][queryHeads][headDim], k and v [n][kvHeads][headDim] (Float32Arrays, or f32 DeviceTensors read
+   * to the host); returns the attention output [n][queryHeads][headDim] (f32, host). The chunk's own
+   * part runs in float64 on the host in this version.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * using cache = kivi.createCache({ layers: 1, kvHeads: 2, queryHeads: 4, headDim: 64, maxPages: 16 });
+   * using seq = cache.createSequence();
+   * const rows = (n: number, h: number) => Float32Array.from({ length: n * h * 64 }, (_, i) => Math.sin(i * 0.37));
+   * for (let chunk = 0; chunk < 3; chunk++) {
+   *   const out = cache.prefill(0, seq, rows(100, 4), rows(100, 2), rows(100, 2));
+   *   console.log(out.length, seq.length(0)); // 25600, then 100, 200, 300
+   * }
+   * ```
+   */
+  prefill(
+    layer: number,
+    seq: Sequence,
+    q: Float32Array | DeviceTensor,
+    k: Float32Array | DeviceTensor,
+    v: Float32Array | DeviceTensor,
+    opts: { scale?: number } = {},
+  ): Float32Array {
+    const c = this.#config;
+    const o = readOptions("options", opts, ["scale"]);
+    const l = checkInt("layer", layer, 0, c.layers - 1);
+    const s = this.#own("seq", seq);
+    const host = (name: string, x: unknown): Float32Array => {
+      if (hostView(name, x)?.kind === "Float32Array") return x as Float32Array;
+      const t = this.#backend._tensor(x);
+      if (t !== undefined && t.dtype === "f32") {
+        return (x as DeviceTensor).readSync() as Float32Array;
+      }
+      throw new TypeError(`${name} must be a Float32Array or an f32 DeviceTensor, got ${show(x)}`);
+    };
+    const kh = host("k", k), vh = host("v", v), qh = host("q", q);
+    const row = c.kvHeads * c.headDim;
+    if (kh.length === 0 || kh.length % row !== 0) {
+      throw new TypeError(
+        `k.length must be a positive multiple of kvHeads (${c.kvHeads}) x headDim (${c.headDim}) = ${row}, got ${kh.length}`,
+      );
+    }
+    const n = kh.length / row;
+    if (vh.length !== kh.length) {
+      throw new TypeError(`v.length must equal k.length (${kh.length}), got ${vh.length}`);
+    }
+    if (qh.length !== n * c.queryHeads * c.headDim) {
+      throw new TypeError(
+        `q must hold the chunk's tokens (${n}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${
+          n * c.queryHeads * c.headDim
+        } values, got ${qh.length}`,
+      );
+    }
+    const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
+    if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
+      throw new RangeError(
+        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
+      );
+    }
+    const f = Math.fround(scale);
+    const own = chunkAttention(qh, kh, vh, n, c, f);
+    let out = own.out;
+    if (s.length(l) > 0) {
+      // every query sees the whole cache: the sequence repeated, one query each
+      const qrow = c.queryHeads * c.headDim, prior = new Float32Array(n * qrow);
+      const plse = new Float32Array(n * c.queryHeads);
+      for (let a = 0; a < n; a += 512) {
+        const m = Math.min(512, n - a);
+        const lse = new Float32Array(m * c.queryHeads);
+        const part = this.attendMulti(
+          l,
+          new Array<Sequence>(m).fill(s),
+          new Array<number>(m).fill(1),
+          qh.slice(a * qrow, (a + m) * qrow),
+          {
+            scale: f,
+            lse,
+          },
+        ) as Float32Array;
+        prior.set(part, a * qrow);
+        plse.set(lse, a * c.queryHeads);
+      }
+      out = this.mergeAttention([prior, own.out], [plse, own.lse]).out;
+    }
+    s.append(kh, vh, { layer: l });
+    return out;
   }
 
   /** Frees every sequence and the cache. Idempotent. */

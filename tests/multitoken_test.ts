@@ -276,6 +276,36 @@ describe("mergeAttention", () => {
   });
 });
 
+describe("chunked prefill", () => {
+  it("each chunk sees the earlier chunks as the cache holds them and itself exactly at fp16, causal", async () => {
+    using kivi = await openCpu();
+    const rng = new Rng("prefill");
+    using cache = kivi.createCache(multiOptions(1, 32, 2));
+    using seq = cache.createSequence();
+    const scale = Math.fround(0.9 / 8);
+    for (const n of [100, 77, 128, 1]) {
+      const before = cache.read(seq, 0);
+      const len = seq.length(0);
+      const q = kvRows(rng, n, QH, D), k = kvRows(rng, n, H, D), v = kvRows(rng, n, H, D);
+      const out = cache.prefill(0, seq, q, k, v, { scale });
+      assert.equal(seq.length(0), len + n);
+      const kk = new Float32Array((len + n) * ROW), vv = new Float32Array((len + n) * ROW);
+      kk.set(before.keys as Float32Array);
+      vv.set(before.values as Float32Array);
+      kk.set(k.map(Math.f16round), len * ROW);
+      vv.set(v.map(Math.f16round), len * ROW);
+      const want = causalOracle(kk, vv, q, len + n, n, cache.config, scale);
+      // the two parts cross in f32 (outputs and log-sum-exps): a weight moves by |lse| 2^-24
+      const big = (x: ArrayLike<number>) => Math.max(...Array.from(x, Math.abs));
+      const tol = 4 * (big(want.lse) + 1) * 2 ** -23 * big(want.out) + 1e-6;
+      assert.ok(
+        maxDiff(out, want.out) < tol,
+        `chunk of ${n} after ${len}: ${maxDiff(out, want.out)} ${rng.tag}`,
+      );
+    }
+  });
+});
+
 /* ------------------------------------------------------------------ errors --------------- */
 
 interface Fixture {
