@@ -81,11 +81,12 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
       for (int32_t h = 0; h < QH; h++) {
         const int32_t kh = h / ratio;
         const int64_t qo = t * row + (int64_t)h * D;
-        double m = -INFINITY, sum = 0.0;
+        double m = -INFINITY, sum = 0.0, qd[256];
+        for (int32_t d = 0; d < D; d++) qd[d] = (double)cpu_load(q, q_dtype, qo + d);
         for (int64_t j = 0; j < see; j++) {
           const float *kr = kbuf + (j * H + kh) * D;
           double s = 0.0;
-          for (int32_t d = 0; d < D; d++) s += (double)cpu_load(q, q_dtype, qo + d) * (double)kr[d];
+          for (int32_t d = 0; d < D; d++) s += qd[d] * (double)kr[d];
           sc[j] = s * (double)scale;
           m = sc[j] > m ? sc[j] : m;
         }
