@@ -16,7 +16,13 @@ import { checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
 import { BackendCore, type BackendKind, type DeviceTensor } from "./tensor.ts";
 import * as quant from "./quant.ts";
 import { type CacheOptions, KVCache } from "./cache.ts";
-import { LlamaModel } from "./model/llama.ts";
+import {
+  LlamaModel,
+  type LoadModelOptions,
+  type Matmul,
+  type RandomModelConfig,
+  type RandomModelOptions,
+} from "./model/llama.ts";
 import type {
   Bits,
   BlockStats,
@@ -261,10 +267,40 @@ export class Backend extends BackendCore {
    * console.log(model.config.layers, model.weightBytes); // 6 19605248 (fp16 weights and the RoPE table)
    * ```
    */
-  loadModel(dir: string): LlamaModel {
+  loadModel(dir: string, opts?: LoadModelOptions): LlamaModel {
     if (typeof dir !== "string") throw new TypeError(`dir must be a string, got ${show(dir)}`);
+    const o = readOptions("opts", opts, ["matmul"]);
+    const matmul = o.matmul === undefined
+      ? undefined
+      : checkOneOf<Matmul>("opts.matmul", o.matmul, ["f32", "f16"]);
     this._native("loadModel");
-    return new LlamaModel(this, dir);
+    return new LlamaModel(this, dir, matmul);
+  }
+
+  /**
+   * A Llama-family model of the given sizes with seeded random weights, made on this backend with no
+   * checkpoint (for timings: its outputs mean nothing). Every weight is drawn on the device by
+   * `kivi_model_fill_normal` from (seed, tensor, element), so a seed gives the same bits on the CPU
+   * and CUDA builds: projections and embeddings N(0, 0.02), norms N(1, 0.02). The linear layers run in
+   * fp16 (`matmul: "f16"`) unless asked otherwise. A bad size is a RangeError naming the field.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * const config = { vocab: 256, hidden: 64, layers: 2, heads: 4, kvHeads: 2, headDim: 16, intermediate: 128, context: 64 };
+   * using model = kivi.randomModel(config, { seed: 1 });
+   * console.log(model.config.layers, model.matmul); // 2 f16
+   * ```
+   */
+  randomModel(config: RandomModelConfig, opts?: RandomModelOptions): LlamaModel {
+    const o = readOptions("opts", opts, ["seed", "matmul"]);
+    const seed = o.seed === undefined ? 0 : checkInt("opts.seed", o.seed, 0, 2 ** 32 - 1);
+    const matmul = o.matmul === undefined
+      ? undefined
+      : checkOneOf<Matmul>("opts.matmul", o.matmul, ["f32", "f16"]);
+    this._native("randomModel");
+    return new LlamaModel(this, { config, seed }, matmul);
   }
 }
 

@@ -341,6 +341,23 @@ export class KVCache {
     return s;
   }
 
+  /** @internal A new sequence holding a deep copy of `src` (its pages copied into fresh pages of the
+   * pool, its residual window and lengths copied): it attends exactly like src until either takes
+   * another append. KIVI_ERR_CAPACITY, with nothing changed, when no slot or too few free pages are
+   * left. For benchmarks that need many long sequences without appending each (bench/e2e.ts). */
+  _copySequence(src: Sequence): Sequence {
+    const { state, handle } = this.#live("copySequence");
+    const id = Sequence._usableId(this.#own("src", src), "copySequence");
+    const out = new Int32Array(1);
+    this.#check(
+      "kivi_cache_seq_copy",
+      state.lib.call("kivi_cache_seq_copy", handle, id, state.lib.ptr(out)),
+    );
+    const s = new Sequence(this, out[0]);
+    this.#seqs.add(s);
+    return s;
+  }
+
   /**
    * A decode batch over `seqs` (distinct sequences of this cache) with the device buffers of one
    * step, checked once: then `batch.append(layer)` and `batch.attend(layer)` are one native call

@@ -42,6 +42,9 @@ commands:
   info                     backend, device, library path, ABI version, copy bandwidth
   demo [demo options]      Llama-shaped cache demo (--layers --heads --kv-heads --prompt --steps --seed)
   bench                    quantizer and attention benchmarks -> bench/results/<device>.json and .md
+  bench --e2e [options]    decode tokens/s of a Llama-3-8B-shaped model with seeded random weights
+                           (timing only) at a long context, per cache -> bench/results/<device>-e2e.*
+                           (--layers --context --batch --steps --max-batch --seed --quick --out)
   accuracy                 attention error and bits per value for every format, bits and group size
                            (--tokens N, default 1024; --seed N)
 ${MODEL_USAGE}
@@ -63,6 +66,7 @@ const FLAGS: Record<string, "value" | "switch"> = {
   help: "switch",
   tokens: "value",
   seed: "value",
+  e2e: "switch",
 };
 const COMMANDS = ["info", "demo", "bench", "accuracy", "help"];
 
@@ -164,11 +168,15 @@ export function parseCli(argv: string[]): Parsed {
     }
     const name = a.slice(2);
     // --tokens and --seed are accuracy's; the demo reads its own options (--seed among them).
-    const kind = (name === "tokens" || name === "seed") && command !== "accuracy"
+    const kind = ((name === "tokens" || name === "seed") && command !== "accuracy") ||
+        (name === "e2e" && command !== "bench")
       ? undefined
       : FLAGS[name];
     if (kind === undefined) {
-      if (command !== "demo") throw new UsageError(`unknown option "${a}" for ${command}`);
+      // The demo and the end-to-end bench read their own options.
+      if (command !== "demo" && !(command === "bench" && args.includes("--e2e"))) {
+        throw new UsageError(`unknown option "${a}" for ${command}`);
+      }
       rest.push(a);
       if (args[i + 1] !== undefined && !args[i + 1].startsWith("--")) rest.push(args[++i]);
       continue;
@@ -451,6 +459,7 @@ export async function main(
         ]);
       case "bench":
         (await open(p)).dispose();
+        if (p.flags.has("e2e")) return runScript("bench/e2e.ts", [...backendArgs, ...p.rest]);
         return bench(backendArgs, p.flags.has("json"), out);
     }
   } catch (e) {

@@ -69,7 +69,11 @@ export {
   type GeneratedToken,
   type GenerateOptions,
   LlamaModel,
+  type LoadModelOptions,
+  type Matmul,
   type ModelCacheOptions,
+  type RandomModelConfig,
+  type RandomModelOptions,
 } from "./model/llama.ts";
 export { type LlamaConfig } from "./model/config.ts";
 export { ModelError } from "./model/safetensors.ts";

@@ -124,6 +124,36 @@ KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t c, int32_t seq) {
   return KIVI_OK;
 }
 
+KIVI_API kivi_status kivi_cache_seq_copy(kivi_cache_t c, int32_t src, int32_t *dst) {
+  static const char *op = "kivi_cache_seq_copy";
+  kivi_status st = need_cache(c, op);
+  if (st || (st = cpu_cache_check_seq(c, op, "src", src))) return st;
+  const kivi_cache_config *g = &c->cfg;
+  int32_t s = 0;
+  while (s < g->max_seqs && c->seqs[s].live) s++;
+  const int32_t np = c->seqs[src].n_pages;
+  KIVI_HOST_REFUSE(cpu_fail, c->ctx, st,
+                   kivi_seq_copy_check(src, dst, s < g->max_seqs ? s : -1, g->max_seqs, np, c->n_free, g->max_pages,
+                                       g->page_tokens, msg, sizeof msg));
+  int32_t *row = c->tables + (int64_t)s * g->max_pages;
+  const int32_t *srow = c->tables + (int64_t)src * g->max_pages;
+  kivi_pages_take(c->free_pages, &c->n_free, row, np);
+  for (int32_t l = 0; l < g->layers; l++) {
+    for (int32_t i = 0; i < np; i++) {
+      memcpy(cpu_cache_block(c, 0, l, row[i], 0), cpu_cache_block(c, 0, l, srow[i], 0), c->kpart.page);
+      memcpy(cpu_cache_block(c, 1, l, row[i], 0), cpu_cache_block(c, 1, l, srow[i], 0), c->vpart.page);
+    }
+  }
+  const size_t win = sizeof(uint16_t) * (size_t)g->layers * (size_t)c->W * (size_t)g->kv_heads * (size_t)g->head_dim;
+  memcpy(cpu_cache_win(c, 0, s, 0, 0), cpu_cache_win(c, 0, src, 0, 0), win);
+  memcpy(cpu_cache_win(c, 1, s, 0, 0), cpu_cache_win(c, 1, src, 0, 0), win);
+  memcpy(cpu_cache_len(c, s, 0), cpu_cache_len(c, src, 0), sizeof(int64_t) * 2u * (size_t)g->layers);
+  c->seqs[s].live = 1;
+  c->seqs[s].n_pages = np;
+  *dst = s;
+  return KIVI_OK;
+}
+
 KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t c, int32_t seq, int32_t layer, int64_t *length,
                                            int64_t *quantized) {
   static const char *op = "kivi_cache_seq_length";

@@ -70,10 +70,11 @@ static void dot4(const float *x, const float *w, int32_t k, float out[4]) {
   }
 }
 
-KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
-                                       int32_t k, int32_t accumulate, float *y) {
-  KIVI_MODEL_ENTER(kivi_model_linear, x, w, rows, n, k, accumulate, y);
+/* y (+)= x W^T for checked arguments: each fp16 weight row widened once, four rows a pass. */
+static kivi_status linear(kivi_ctx_t ctx, const char *op, const float *x, const uint16_t *w, int32_t rows, int32_t n,
+                          int32_t k, int32_t accumulate, float *y) {
   float *wf;
+  kivi_status st;
   if ((st = cpu_alloc(ctx, op, (size_t)4 * (size_t)k * sizeof(float), (void **)&wf))) return st;
   for (int32_t n0 = 0; n0 < n; n0 += 4) {
     const int32_t nr = n - n0 < 4 ? n - n0 : 4;
@@ -87,6 +88,38 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
     }
   }
   free(wf);
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
+                                       int32_t k, int32_t accumulate, float *y) {
+  KIVI_MODEL_ENTER(kivi_model_linear, x, w, rows, n, k, accumulate, y);
+  return linear(ctx, op, x, w, rows, n, k, accumulate, y);
+}
+
+/* The CUDA build's tensor-core GEMM multiplies fp16 x by fp16 W exactly and sums in f32: rounding x
+   to fp16 first makes this the same math (the order of the sums aside). */
+KIVI_API kivi_status kivi_model_linear_f16(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
+                                           int32_t k, int32_t accumulate, float *y) {
+  static const char *op = "kivi_model_linear_f16";
+  const kivi_model_args a = kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
+  kivi_status st = check(ctx, op, &a);
+  if (st) return st;
+  float *xh;
+  const int64_t m = (int64_t)rows * k;
+  if ((st = cpu_alloc(ctx, op, (size_t)m * sizeof(float), (void **)&xh))) return st;
+  for (int64_t i = 0; i < m; i++) xh[i] = kivi_f16_to_f32(kivi_f32_to_f16(x[i]));
+  st = linear(ctx, op, xh, w, rows, n, k, accumulate, y);
+  free(xh);
+  return st;
+}
+
+KIVI_API kivi_status kivi_model_fill_normal(kivi_ctx_t ctx, uint16_t *out, int64_t n, uint64_t seed, float mean,
+                                            float std) {
+  KIVI_MODEL_ENTER(kivi_model_fill_normal, out, n);
+  char msg[CPU_ERR_LEN];
+  if ((st = kivi_model_fill_check(op, mean, std, msg, sizeof msg))) return cpu_fail(ctx, st, "%s", msg);
+  for (int64_t i = 0; i < n; i++) out[i] = kivi_fill_normal1(seed, i, mean, std);
   return KIVI_OK;
 }
 

@@ -299,6 +299,12 @@ KIVI_API kivi_status kivi_cache_destroy(kivi_cache_t cache);
 KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t cache, int32_t *seq /* host [1] out */);
 /** Frees a sequence and returns its pages to the pool (KIVI_ERR_STATE if it is not live). */
 KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq);
+/** Claims a free slot and makes it a deep copy of `src` into *dst: every page of src copied into
+    fresh pages of the pool, its fp16 residual windows and lengths copied, so that the copy attends
+    exactly as src does and the two diverge only by what is appended afterwards. KIVI_ERR_STATE if src
+    is not live; KIVI_ERR_CAPACITY when no slot is free or the pool holds fewer free pages than src
+    holds (nothing changed). Ordered on the context's stream like an append. */
+KIVI_API kivi_status kivi_cache_seq_copy(kivi_cache_t cache, int32_t src, int32_t *dst /* host [1] out */);
 /** Tokens held by `seq` in `layer` (pages plus residual), and how many of them are in pages. */
 KIVI_API kivi_status kivi_cache_seq_length(kivi_cache_t cache, int32_t seq, int32_t layer,
                                            int64_t *length /* host [1] out */, int64_t *quantized /* host [1] out */);
@@ -477,10 +483,23 @@ KIVI_API kivi_status kivi_model_rmsnorm(kivi_ctx_t ctx, const float *x /* data [
                                         float *out /* data [rows][dim] */);
 /** y = x W^T, or y += x W^T when accumulate is 1: f32 products and sums over the fp16 weights widened
     to f32 (the CUDA build runs cuBLAS SGEMM, loaded at run time from libcublas.so.13: without it,
-    KIVI_ERR_UNSUPPORTED saying so). y must not overlap x. */
+    KIVI_ERR_UNSUPPORTED saying so). y must not overlap x. n may reach KIVI_MODEL_MAX_ROWS (a vocabulary). */
 KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x /* data [rows][k] */,
                                        const uint16_t *w /* data fp16 [n][k] */, int32_t rows, int32_t n, int32_t k,
                                        int32_t accumulate, float *y /* data [rows][n] */);
+/** y = x16 W^T, or y += x16 W^T when accumulate is 1, where x16 is x rounded to fp16 (round to
+    nearest even): fp16 products with f32 sums (the CUDA build runs cublasGemmEx on the tensor cores,
+    A and B fp16, C f32, compute 32F; the CPU build rounds x the same way and sums in f32), reading the
+    weights once at their fp16 size. Otherwise as kivi_model_linear. */
+KIVI_API kivi_status kivi_model_linear_f16(kivi_ctx_t ctx, const float *x /* data [rows][k] */,
+                                           const uint16_t *w /* data fp16 [n][k] */, int32_t rows, int32_t n, int32_t k,
+                                           int32_t accumulate, float *y /* data [rows][n] */);
+/** out[i] = fp16(mean + std z_i) for i < n, where z_i is a standard-normal-like draw that depends only
+    on (seed, i): the centred sum of eight 16-bit uniforms of a splitmix64 hash of (seed, i), scaled to
+    unit variance (bounded at about 4.9 sigma). Integer math and one fmaf, so both builds write the
+    same bits. For seeded test and benchmark data made on the device; mean and std finite, std >= 0. */
+KIVI_API kivi_status kivi_model_fill_normal(kivi_ctx_t ctx, uint16_t *out /* data fp16 [n] */, int64_t n, uint64_t seed,
+                                            float mean, float std);
 /** Rotary position embedding in the rotate-half convention, in place: for row r, head h and
     i < dim / 2, with c = cs[pos[r]][i] and s = cs[pos[r]][dim / 2 + i], the pair (x[i], x[i + dim / 2])
     becomes (x[i] c - x[i + dim / 2] s, x[i + dim / 2] c + x[i] s). dim even. */

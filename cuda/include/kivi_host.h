@@ -471,6 +471,30 @@ static inline kivi_status kivi_seq_full(int32_t max_seqs, char *msg, size_t len)
                        (int)max_seqs);
 }
 
+/** kivi_cache_seq_copy's plan, after src was found live: dst not NULL, a free slot (`slot`, -1 when
+    none) and as many free pages as src holds. Nothing is taken here, so a refusal changes nothing. */
+static inline kivi_status kivi_seq_copy_check(int32_t src, const int32_t *dst, int32_t slot, int32_t max_seqs,
+                                              int32_t src_pages, int32_t nfree, int32_t max_pages, int32_t page_tokens,
+                                              char *msg, size_t len) {
+  static const char *op = "kivi_cache_seq_copy";
+  if (!dst) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: dst must not be NULL", op);
+  if (slot < 0)
+    return kivi_host_msg(msg, len, KIVI_ERR_CAPACITY,
+                         "%s: all %d sequence slots are taken (free one with kivi_cache_seq_free)", op, (int)max_seqs);
+  if (src_pages > nfree)
+    return kivi_host_msg(
+        msg, len, KIVI_ERR_CAPACITY,
+        "%s: the page pool is full: copying sequence %d needs %d pages of %d tokens, %d of %d are free", op, (int)src,
+        (int)src_pages, (int)page_tokens, (int)nfree, (int)max_pages);
+  return KIVI_OK;
+}
+
+/** Pops n pages off the free stack into a block table row (the copy's pages, in the order an append
+    would take them). */
+static inline void kivi_pages_take(int32_t *free_pages, int32_t *nfree, int32_t *row, int32_t n) {
+  for (int32_t i = 0; i < n; i++) row[i] = free_pages[--(*nfree)];
+}
+
 /** kivi_cache_seq_length's arguments after the sequence: the layer and the two outputs. */
 static inline kivi_status kivi_seq_length_check(int32_t layer, int32_t layers, const int64_t *length,
                                                 const int64_t *quantized, char *msg, size_t len) {

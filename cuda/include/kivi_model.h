@@ -95,7 +95,7 @@ static inline kivi_model_args kivi_model_linear_args(const float *x, const uint1
                                                      int32_t k, int32_t accumulate, const float *y) {
   const kivi_model_args a = {{{"x", x}, {"w", w}, {"y", y}},
                              {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS},
-                              {"n", n, 1, KIVI_MODEL_MAX_DIM},
+                              {"n", n, 1, KIVI_MODEL_MAX_ROWS},
                               {"k", k, 1, KIVI_MODEL_MAX_DIM},
                               {"accumulate", accumulate, 0, 1}},
                              NULL,
@@ -139,6 +139,43 @@ static inline kivi_model_args kivi_model_log_softmax_args(const float *x, int32_
   const kivi_model_args a = {
       {{"x", x}}, {{"rows", rows, 1, KIVI_MODEL_MAX_ROWS}, {"n", n, 1, KIVI_MODEL_MAX_ROWS}}, NULL, 0};
   return a;
+}
+
+static inline kivi_model_args kivi_model_fill_normal_args(const uint16_t *out, int64_t n) {
+  const kivi_model_args a = {{{"out", out}}, {{"n", n, 1, KIVI_MAX_ELEMS - 1}}, NULL, 0};
+  return a;
+}
+
+/** kivi_model_fill_normal's mean and std (finite, std >= 0), after kivi_model_check. */
+static inline kivi_status kivi_model_fill_check(const char *op, float mean, float std, char *msg, size_t len) {
+  if (!isfinite(mean)) {
+    snprintf(msg, len, "%s: mean must be finite, got %g", op, (double)mean);
+    return KIVI_ERR_ARG;
+  }
+  if (!(std >= 0.0f && isfinite(std))) {
+    snprintf(msg, len, "%s: std must be finite and >= 0, got %g", op, (double)std);
+    return KIVI_ERR_ARG;
+  }
+  return KIVI_OK;
+}
+
+/** splitmix64's finalizer: a bijective mix of 64 bits. */
+KIVI_HD uint64_t kivi_mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/** Element i of kivi_model_fill_normal: two hashes of (seed, i) give eight 16-bit uniforms whose
+    centred sum, times 1 / sqrt(8 (2^32 - 1) / 12), has mean 0 and variance 1. Integer math, an exact
+    int-to-float conversion, one product and one fmaf: the same bits in C and CUDA. */
+KIVI_HD uint16_t kivi_fill_normal1(uint64_t seed, int64_t i, float mean, float std) {
+  const uint64_t base = kivi_mix64(seed + 0x9e3779b97f4a7c15ull) + (uint64_t)i * 2u;
+  const uint64_t h0 = kivi_mix64(base), h1 = kivi_mix64(base + 1u);
+  int64_t s = 0;
+  for (int j = 0; j < 4; j++) s += (int64_t)((h0 >> (16 * j)) & 0xffffu) + (int64_t)((h1 >> (16 * j)) & 0xffffu);
+  const float z = (float)(s - 262140) * 1.8688124e-05f; /* 1 / sqrt(8 * (65536^2 - 1) / 12) */
+  return kivi_f32_to_f16(fmaf(std, z, mean));
 }
 
 /** silu(g) * u, in f32. */

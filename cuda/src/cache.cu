@@ -1,7 +1,8 @@
 /*
  * cache.cu — the paged 2-bit / 4-bit KV cache of the CUDA build: kivi_cache_create / _destroy,
- * sequence slots and kivi_cache_memory. The append is in cache_append.cu, the read in cache_read.cu,
- * the input scan in cache_scan.cu, attention in attention.cu; the bookkeeping rules are kivi_host.h's.
+ * sequence slots (a deep copy of one included: k_copy_pages) and kivi_cache_memory. The append is in
+ * cache_append.cu, the read in cache_read.cu, the input scan in cache_scan.cu, attention in
+ * attention.cu; the bookkeeping rules are kivi_host.h's.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,6 +54,17 @@ static void cache_release(kivi_cache_t c) {
   (void)cudaGetLastError();
   void *host[] = {c->live, c->gen, c->table, c->npages, c->len, c->qlen, c->free_pages, c->page_refs, c};
   for (void *p : host) free(p);
+}
+
+/* Page (blockIdx.x, the i-th of a block table row) of layer blockIdx.y: its block of `page16` 16-byte
+   words copied from the source row's page to the copy's (kivi_cache_seq_copy). Block tables live on
+   the device, so one launch a pool copies a whole sequence. */
+static __global__ void k_copy_pages(uint8_t *pool, uint64_t page16, int32_t max_pages, const int32_t *src_row,
+                                    const int32_t *dst_row) {
+  const uint64_t layer = (uint64_t)blockIdx.y * (uint64_t)max_pages;
+  const uint4 *from = (const uint4 *)pool + (layer + (uint64_t)src_row[blockIdx.x]) * page16;
+  uint4 *to = (uint4 *)pool + (layer + (uint64_t)dst_row[blockIdx.x]) * page16;
+  for (uint64_t j = threadIdx.x; j < page16; j += blockDim.x) to[j] = from[j];
 }
 
 /* ---------------------------------------------------------------- exports ---------------- */
@@ -162,6 +174,59 @@ KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq) {
   cache->live[seq] = 0;
   cache->gen[seq]++; /* a batch made before this sees the slot as another sequence */
   slot_clear(cache, seq);
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_cache_seq_copy(kivi_cache_t cache, int32_t src, int32_t *dst) {
+  static const char *op = "kivi_cache_seq_copy";
+  kivi_status st = kv_cache_enter(cache, op);
+  if (st) return st;
+  char msg[KV_ERR_LEN];
+  const int live = src >= 0 && src < cache->cfg.max_seqs && cache->live[src];
+  if ((st = kivi_seq_check(op, "src", src, cache->cfg.max_seqs, live, msg, sizeof msg)))
+    return kv_fail(cache->ctx, st, "%s", msg);
+  const kivi_cache_config &g = cache->cfg;
+  kivi_ctx_t ctx = cache->ctx;
+  int32_t s = 0;
+  while (s < g.max_seqs && cache->live[s]) s++;
+  const int32_t np = cache->npages[src];
+  if ((st = kivi_seq_copy_check(src, dst, s < g.max_seqs ? s : -1, g.max_seqs, np, cache->nfree, g.max_pages,
+                                g.page_tokens, msg, sizeof msg)))
+    return kv_fail(ctx, st, "%s", msg);
+  int32_t *row = cache->table + (int64_t)s * g.max_pages;
+  const int32_t nfree = cache->nfree;
+  kivi_pages_take(cache->free_pages, &cache->nfree, row, np);
+  /* The copy's block-table row first (the page kernels read both rows from the device table). */
+  if (np > 0)
+    st = kv_cuda(ctx,
+                 cudaMemcpyAsync(cache->d_table + (int64_t)s * g.max_pages, row, (size_t)np * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice, ctx->stream),
+                 op, "cudaMemcpyAsync (block table)");
+  const uint8_t *pools[2] = {cache->kpool, cache->vpool};
+  const uint64_t pages[2] = {cache->kp.page, cache->vp.page};
+  for (int p = 0; p < 2 && !st && np > 0; p++) {
+    k_copy_pages<<<dim3((unsigned)np, (unsigned)g.layers), 256, 0, ctx->stream>>>(
+        (uint8_t *)pools[p], pages[p] / 16u, g.max_pages, cache->d_table + (int64_t)src * g.max_pages,
+        cache->d_table + (int64_t)s * g.max_pages);
+    st = kv_launched(ctx, op, "k_copy_pages");
+  }
+  const size_t win = sizeof(uint16_t) * (size_t)g.layers * (size_t)cache->W * (size_t)g.kv_heads * (size_t)g.head_dim;
+  uint16_t *wins[2] = {cache->kwin, cache->vwin};
+  for (int p = 0; p < 2 && !st; p++)
+    st = kv_cuda(ctx,
+                 cudaMemcpyAsync((uint8_t *)wins[p] + (size_t)s * win, (const uint8_t *)wins[p] + (size_t)src * win,
+                                 win, cudaMemcpyDeviceToDevice, ctx->stream),
+                 op, "cudaMemcpyAsync (window)");
+  if (st) { /* the pages back on the stack as they were: the slot stays free */
+    cache->nfree = nfree;
+    return st;
+  }
+  cache->live[s] = 1;
+  cache->npages[s] = np;
+  const int64_t at = (int64_t)s * g.layers, from = (int64_t)src * g.layers;
+  memcpy(cache->len + at, cache->len + from, sizeof(int64_t) * (size_t)g.layers);
+  memcpy(cache->qlen + at, cache->qlen + from, sizeof(int64_t) * (size_t)g.layers);
+  *dst = s;
   return KIVI_OK;
 }
 

@@ -2,7 +2,10 @@
  * model.cu — the model ops of the CUDA build (kivi.h kivi_model_*): the small ops of a Llama forward
  * pass as kernels of ours, the linear layers as cuBLAS SGEMMs over the fp16 weights widened to f32
  * (one widening kernel a call into a scratch buffer of the context, so the weights stay fp16 in device
- * memory and the products and sums are those of an f32 model). cuBLAS is loaded at run time
+ * memory and the products and sums are those of an f32 model), or, for kivi_model_linear_f16, as a
+ * cublasGemmEx on the tensor cores over the fp16 weights as they are and the activations rounded to
+ * fp16 (the weights read once at 2 bytes each: at 8B scale the widening moves 5x the bytes of the
+ * product). The fill op is a counter-based hash (kivi_model.h). cuBLAS is loaded at run time
  * (cublas_api.h); a machine without it gets KIVI_ERR_UNSUPPORTED from kivi_model_linear only.
  */
 #include <dlfcn.h>
@@ -20,6 +23,8 @@ struct kv_blas {
   kv_cublas_handle handle;
   float *w;        /* device scratch: one weight matrix widened to f32 */
   size_t w_floats; /* its capacity */
+  __half *x16;     /* device scratch: the activations of kivi_model_linear_f16 rounded to fp16 */
+  size_t x16_n;    /* its capacity */
 };
 
 struct kv_cublas_loaded {
@@ -49,10 +54,11 @@ static kv_cublas_loaded load_cublas() {
   r.api.destroy = (kv_cublas_destroy_fn)dlsym(lib, "cublasDestroy_v2");
   r.api.set_stream = (kv_cublas_set_stream_fn)dlsym(lib, "cublasSetStream_v2");
   r.api.sgemm = (kv_cublas_sgemm_fn)dlsym(lib, "cublasSgemm_v2");
-  if (!r.api.create || !r.api.destroy || !r.api.set_stream || !r.api.sgemm)
-    snprintf(
-        r.why, sizeof r.why,
-        "the loaded libcublas.so.13 lacks cublasCreate_v2, cublasDestroy_v2, cublasSetStream_v2 or cublasSgemm_v2");
+  r.api.gemm_ex = (kv_cublas_gemm_ex_fn)dlsym(lib, "cublasGemmEx");
+  if (!r.api.create || !r.api.destroy || !r.api.set_stream || !r.api.sgemm || !r.api.gemm_ex)
+    snprintf(r.why, sizeof r.why,
+             "the loaded libcublas.so.13 lacks cublasCreate_v2, cublasDestroy_v2, cublasSetStream_v2, cublasSgemm_v2 "
+             "or cublasGemmEx");
   return r;
 }
 
@@ -67,12 +73,30 @@ void kv_blas_release(kivi_ctx_t ctx) {
   if (!b) return;
   if (b->handle) cublas().api.destroy(b->handle);
   if (b->w) cudaFree(b->w);
+  if (b->x16) cudaFree(b->x16);
   free(b);
   ctx->blas = NULL;
 }
 
-/** ctx's cuBLAS handle on its stream, with a scratch of at least `floats` f32. */
-static kivi_status blas_get(kivi_ctx_t ctx, const char *op, size_t floats, kv_blas **out) {
+/** Grows a device scratch *p of *cap elements of `size` bytes to at least n. */
+static kivi_status scratch_grow(kivi_ctx_t ctx, const char *op, void **p, size_t *cap, size_t n, size_t size,
+                                const char *what) {
+  if (*cap >= n) return KIVI_OK;
+  kivi_status st;
+  if (*p) {
+    /* cudaFree waits for the work in flight that may still read the old scratch */
+    if ((st = kv_cuda(ctx, cudaFree(*p), op, what))) return st;
+    *p = NULL;
+    *cap = 0;
+  }
+  if ((st = kv_cuda(ctx, cudaMalloc(p, n * size), op, what))) return st;
+  *cap = n;
+  return KIVI_OK;
+}
+
+/** ctx's cuBLAS handle on its stream, with scratches of at least `floats` f32 (the widened weights)
+    and `halves` fp16 (the rounded activations). */
+static kivi_status blas_get(kivi_ctx_t ctx, const char *op, size_t floats, size_t halves, kv_blas **out) {
   const kv_cublas_loaded &cb = cublas();
   if (cb.why[0]) return kv_fail(ctx, KIVI_ERR_UNSUPPORTED, "%s: %s", op, cb.why);
   kivi_status st;
@@ -89,17 +113,11 @@ static kivi_status blas_get(kivi_ctx_t ctx, const char *op, size_t floats, kv_bl
     if (ss != 0) return kv_fail(ctx, KIVI_ERR_CUDA, "%s: cublasSetStream failed with cublasStatus_t %d", op, ss);
   }
   kv_blas *b = ctx->blas;
-  if (b->w_floats < floats) {
-    if (b->w) {
-      /* cudaFree waits for the work in flight that may still read the old scratch */
-      if ((st = kv_cuda(ctx, cudaFree(b->w), op, "cudaFree (weight scratch)"))) return st;
-      b->w = NULL;
-      b->w_floats = 0;
-    }
-    if ((st = kv_cuda(ctx, cudaMalloc((void **)&b->w, floats * sizeof(float)), op, "cudaMalloc (weight scratch)")))
-      return st;
-    b->w_floats = floats;
-  }
+  if ((st =
+           scratch_grow(ctx, op, (void **)&b->w, &b->w_floats, floats, sizeof(float), "cudaMalloc (weight scratch)")) ||
+      (st = scratch_grow(ctx, op, (void **)&b->x16, &b->x16_n, halves, sizeof(__half),
+                         "cudaMalloc (activation scratch)")))
+    return st;
   *out = b;
   return KIVI_OK;
 }
@@ -158,6 +176,17 @@ static __global__ void k_rmsnorm(const float *__restrict__ x, const __half *__re
 static __global__ void k_widen(const __half *__restrict__ w, int64_t n, float *__restrict__ out) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = __half2float(w[i]);
+}
+
+static __global__ void k_narrow(const float *__restrict__ x, int64_t n, __half *__restrict__ out) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = __float2half_rn(x[i]);
+}
+
+static __global__ void k_fill_normal(uint16_t *__restrict__ out, int64_t n, uint64_t seed, float mean, float std) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    out[i] = kivi_fill_normal1(seed, i, mean, std);
 }
 
 static __global__ void k_rope(float *__restrict__ x, int64_t rows, int32_t heads, int32_t dim,
@@ -258,7 +287,7 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
   KIVI_MODEL_ENTER(kivi_model_linear, x, w, rows, n, k, accumulate, y);
   kv_blas *b = NULL;
   const int64_t nk = (int64_t)n * k;
-  if ((st = blas_get(ctx, op, (size_t)nk, &b))) return st;
+  if ((st = blas_get(ctx, op, (size_t)nk, 0, &b))) return st;
   k_widen<<<kv_grid(ctx, (nk + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>((const __half *)w, nk,
                                                                                                b->w);
   if ((st = kv_launched(ctx, op, "k_widen"))) return st;
@@ -269,6 +298,36 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
       cublas().api.sgemm(b->handle, KV_CUBLAS_OP_T, KV_CUBLAS_OP_N, n, rows, k, &alpha, b->w, k, x, k, &beta, y, n);
   if (cs != 0) return kv_fail(ctx, KIVI_ERR_CUDA, "%s: cublasSgemm failed with cublasStatus_t %d", op, cs);
   return kv_launched(ctx, op, "cublasSgemm");
+}
+
+KIVI_API kivi_status kivi_model_linear_f16(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
+                                           int32_t k, int32_t accumulate, float *y) {
+  static const char *op = "kivi_model_linear_f16";
+  const kivi_model_args a = kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
+  kivi_status st = check(ctx, op, &a);
+  if (st) return st;
+  kv_blas *b = NULL;
+  const int64_t xk = (int64_t)rows * k;
+  if ((st = blas_get(ctx, op, 0, (size_t)xk, &b))) return st;
+  k_narrow<<<kv_grid(ctx, (xk + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(x, xk, b->x16);
+  if ((st = kv_launched(ctx, op, "k_narrow"))) return st;
+  /* As kivi_model_linear: column-major y^T (n x rows) = W^T (W column-major k x n) times x16^T. */
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const kv_cublas_status cs =
+      cublas().api.gemm_ex(b->handle, KV_CUBLAS_OP_T, KV_CUBLAS_OP_N, n, rows, k, &alpha, w, KV_CUDA_R_16F, k, b->x16,
+                           KV_CUDA_R_16F, k, &beta, y, KV_CUDA_R_32F, n, KV_CUBLAS_COMPUTE_32F, KV_CUBLAS_GEMM_DEFAULT);
+  if (cs != 0) return kv_fail(ctx, KIVI_ERR_CUDA, "%s: cublasGemmEx failed with cublasStatus_t %d", op, cs);
+  return kv_launched(ctx, op, "cublasGemmEx");
+}
+
+KIVI_API kivi_status kivi_model_fill_normal(kivi_ctx_t ctx, uint16_t *out, int64_t n, uint64_t seed, float mean,
+                                            float std) {
+  KIVI_MODEL_ENTER(kivi_model_fill_normal, out, n);
+  char msg[KV_ERR_LEN];
+  if ((st = kivi_model_fill_check(op, mean, std, msg, sizeof msg))) return kv_fail(ctx, st, "%s", msg);
+  k_fill_normal<<<kv_grid(ctx, (n + KV_THREADS - 1) / KV_THREADS, 8), KV_THREADS, 0, ctx->stream>>>(out, n, seed, mean,
+                                                                                                    std);
+  return kv_launched(ctx, op, "k_fill_normal");
 }
 
 KIVI_API kivi_status kivi_model_rope(kivi_ctx_t ctx, float *x, int32_t rows, int32_t heads, int32_t dim,

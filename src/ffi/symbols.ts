@@ -275,6 +275,14 @@ export const symbols = {
     ],
     returns: "i32",
   },
+  kivi_cache_seq_copy: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t src
+      "ptr", // int32_t *dst
+    ],
+    returns: "i32",
+  },
   kivi_cache_seq_length: {
     args: [
       "ptr", // kivi_cache_t cache
@@ -470,6 +478,30 @@ export const symbols = {
       "i32", // int32_t k
       "i32", // int32_t accumulate
       "ptr", // float *y                 [rows][n]
+    ],
+    returns: "i32",
+  },
+  kivi_model_linear_f16: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // const float *x           [rows][k]
+      "ptr", // const uint16_t *w        fp16 [n][k]
+      "i32", // int32_t rows
+      "i32", // int32_t n
+      "i32", // int32_t k
+      "i32", // int32_t accumulate
+      "ptr", // float *y                 [rows][n]
+    ],
+    returns: "i32",
+  },
+  kivi_model_fill_normal: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "ptr", // uint16_t *out            fp16 [n]
+      "i64", // int64_t n
+      "u64", // uint64_t seed
+      "f32", // float mean
+      "f32", // float std
     ],
     returns: "i32",
   },

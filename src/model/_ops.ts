@@ -15,6 +15,8 @@ export class ModelOps {
   #embed;
   #rmsnorm;
   #linear;
+  #linearF16;
+  #fillNormal;
   #rope;
   #swiglu;
   #attention;
@@ -27,6 +29,8 @@ export class ModelOps {
     this.#embed = lib.fn("kivi_model_embed");
     this.#rmsnorm = lib.fn("kivi_model_rmsnorm");
     this.#linear = lib.fn("kivi_model_linear");
+    this.#linearF16 = lib.fn("kivi_model_linear_f16");
+    this.#fillNormal = lib.fn("kivi_model_fill_normal");
     this.#rope = lib.fn("kivi_model_rope");
     this.#swiglu = lib.fn("kivi_model_swiglu");
     this.#attention = lib.fn("kivi_model_attention");
@@ -82,6 +86,28 @@ export class ModelOps {
     const op = "kivi_model_linear";
     const [px, pw, py] = this.#ptrs(op, x, w, y);
     this.#ok(op, this.#linear(this.#ctx, px, pw, rows, n, k, accumulate ? 1 : 0, py));
+  }
+
+  /** As {@link linear}, with x rounded to fp16 and fp16 products summed in f32 (tensor cores on CUDA). */
+  linearF16(
+    x: DeviceTensor,
+    w: DeviceTensor,
+    rows: number,
+    n: number,
+    k: number,
+    y: DeviceTensor,
+    accumulate = false,
+  ): void {
+    const op = "kivi_model_linear_f16";
+    const [px, pw, py] = this.#ptrs(op, x, w, y);
+    this.#ok(op, this.#linearF16(this.#ctx, px, pw, rows, n, k, accumulate ? 1 : 0, py));
+  }
+
+  /** out fp16 [n] = mean + std * (a normal-like draw of (seed, i)), the same bits in both builds. */
+  fillNormal(out: DeviceTensor, n: number, seed: number, mean: number, std: number): void {
+    const op = "kivi_model_fill_normal";
+    const [pOut] = this.#ptrs(op, out);
+    this.#ok(op, this.#fillNormal(this.#ctx, pOut, n, seed, mean, std));
   }
 
   rope(

@@ -17,9 +17,115 @@ import { ModelOps } from "./_ops.ts";
 import { expectedTensors, type LlamaConfig, readConfig } from "./config.ts";
 import { checkpointTensors, ModelError, readTensorF16 } from "./safetensors.ts";
 import { perplexity, type PerplexityOptions, type PerplexityResult } from "./perplexity.ts";
-import type { Decoder, ModelCacheOptions } from "./types.ts";
+import type { DecodeOptions, Decoder, ModelCacheOptions } from "./types.ts";
 
 export type { ModelCacheOptions } from "./types.ts";
+
+/**
+ * The precision of the linear layers: `"f32"` widens the fp16 weights to f32 and multiplies in f32
+ * (cuBLAS SGEMM; the figures of the perplexity bench were made so), `"f16"` rounds the activations to
+ * fp16 and multiplies on the tensor cores with f32 sums (cublasGemmEx), reading the weights once at
+ * their fp16 size.
+ */
+export type Matmul = "f32" | "f16";
+
+/** Options of {@link Backend.loadModel}. */
+export interface LoadModelOptions {
+  /** The linear layers' precision (default `"f32"`). */
+  matmul?: Matmul;
+}
+
+/** The sizes of a model with seeded random weights (see {@link Backend.randomModel}). */
+export interface RandomModelConfig {
+  vocab: number;
+  hidden: number;
+  layers: number;
+  /** Query heads. */
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  /** The MLP's inner size. */
+  intermediate: number;
+  /** Positions the RoPE table covers: the longest sequence the model takes. */
+  context: number;
+  /** RMSNorm epsilon (default 1e-5). */
+  eps?: number;
+  /** RoPE base (default 500000, Llama 3's). */
+  ropeTheta?: number;
+}
+
+/** Options of {@link Backend.randomModel}. */
+export interface RandomModelOptions {
+  /** Seed of the weights (default 0): a seed gives the same weights on every backend. */
+  seed?: number;
+  /** The linear layers' precision (default `"f16"`). */
+  matmul?: Matmul;
+}
+
+/** Where a LlamaModel's weights come from: a checkpoint folder, or a config and a seed. */
+type ModelSource = string | { config: RandomModelConfig; seed: number };
+
+const MAX_DIM = 65536, MAX_ROWS = 1048576;
+
+/** The LlamaConfig of a random model's sizes, checked (TypeError / RangeError naming the field). */
+export function randomConfig(c: RandomModelConfig): LlamaConfig {
+  if (c === null || typeof c !== "object") {
+    throw new TypeError(
+      `config must be an object of model sizes, got ${c === null ? "null" : typeof c}`,
+    );
+  }
+  const int = (key: keyof RandomModelConfig, hi: number): number => {
+    const v = c[key];
+    if (!Number.isSafeInteger(v) || (v as number) < 1 || (v as number) > hi) {
+      throw new RangeError(
+        `config.${key} must be an integer between 1 and ${hi}, got ${String(v)}`,
+      );
+    }
+    return v as number;
+  };
+  const num = (key: "eps" | "ropeTheta", fallback: number): number => {
+    const v = c[key] ?? fallback;
+    if (typeof v !== "number" || !(v > 0 && v < Infinity)) {
+      throw new RangeError(`config.${key} must be a finite number > 0, got ${String(v)}`);
+    }
+    return v;
+  };
+  const heads = int("heads", 1024), kvHeads = int("kvHeads", 1024), headDim = int("headDim", 1024);
+  const cfg: LlamaConfig = {
+    architecture: "LlamaForCausalLM",
+    modelType: "llama",
+    vocab: int("vocab", MAX_ROWS),
+    hidden: int("hidden", MAX_DIM),
+    layers: int("layers", 1024),
+    heads,
+    kvHeads,
+    headDim,
+    intermediate: int("intermediate", MAX_DIM),
+    eps: num("eps", 1e-5),
+    ropeTheta: num("ropeTheta", 500000),
+    context: int("context", MAX_ROWS),
+    tied: false,
+  };
+  if (heads % kvHeads !== 0) {
+    throw new RangeError(
+      `config.heads must be a multiple of config.kvHeads (${kvHeads}), got ${heads}`,
+    );
+  }
+  if (headDim % 2 !== 0) throw new RangeError(`config.headDim must be even, got ${headDim}`);
+  if (heads * headDim > MAX_DIM) {
+    throw new RangeError(
+      `config.heads * config.headDim must be at most ${MAX_DIM}, got ${heads} * ${headDim}`,
+    );
+  }
+  return cfg;
+}
+
+/** The mean and std of each random tensor, in load order: projections and embeddings N(0, 0.02)
+ * (Llama's initializer_range), norms N(1, 0.02). Weights of this scale keep the activations of a
+ * 32-layer stack finite and of a trained model's order, which is all a timing needs. */
+function randomStats(name: string): [number, number] {
+  return name.endsWith("norm.weight") ? [1, 0.02] : [0, 0.02];
+}
 
 /** Options of {@link LlamaModel.generate}. */
 export interface GenerateOptions {
@@ -137,7 +243,7 @@ function ropeTable(c: LlamaConfig): Float32Array {
 export class LlamaModel {
   /** The sizes read from config.json. */
   readonly config: LlamaConfig;
-  /** The checkpoint folder. */
+  /** The checkpoint folder (a random model: "(random weights, seed N)"). */
   readonly dir: string;
   readonly backend: Backend;
   #ops: ModelOps;
@@ -149,12 +255,71 @@ export class LlamaModel {
   #rope: DeviceTensor;
   #bytes: boolean;
 
-  /** @internal use Backend.loadModel */
-  constructor(backend: Backend, dir: string) {
-    const config = readConfig(dir);
-    const entries = checkpointTensors(dir);
+  /** The linear layers' precision. */
+  readonly matmul: Matmul;
+
+  /** @internal use Backend.loadModel or Backend.randomModel */
+  constructor(backend: Backend, source: ModelSource, matmul?: Matmul) {
+    const random = typeof source !== "string";
+    const config = random ? randomConfig(source.config) : readConfig(source);
+    const dir = random ? `(random weights, seed ${source.seed})` : source;
     const want = expectedTensors(config);
-    // Every name and shape is checked before anything is allocated: a bad checkpoint loads nothing.
+    const tensors: DeviceTensor[] = [];
+    try {
+      if (random) {
+        this.#ops = new ModelOps(backend);
+        // Seeds of the tensors: the model's seed times 2^16 plus the index (the fill hashes the seed).
+        want.forEach((w, i) => {
+          const t = backend.alloc(w.shape, "f16");
+          tensors.push(t);
+          const [mean, std] = randomStats(w.name);
+          this.#ops.fillNormal(
+            t,
+            w.shape.reduce((a, b) => a * b, 1),
+            source.seed * 65536 + i,
+            mean,
+            std,
+          );
+        });
+        tensors.push(
+          backend.upload(ropeTable(config), { shape: [config.context, config.headDim] }),
+        );
+      } else {
+        this.#loadCheckpoint(backend, source, config, want, tensors);
+        this.#ops = new ModelOps(backend);
+      }
+    } catch (e) {
+      for (const t of tensors) t.dispose();
+      throw e;
+    }
+    this.config = config;
+    this.dir = dir;
+    this.backend = backend;
+    this.matmul = matmul ?? (random ? "f16" : "f32");
+    this.#tensors = tensors;
+    let i = 0;
+    this.#embed = tensors[i++];
+    this.#layers = Array.from({ length: config.layers }, () => {
+      const [ln1, wq, wk, wv, wo, ln2, gate, up, down] = tensors.slice(i, i += 9);
+      return { ln1, wq, wk, wv, wo, ln2, gate, up, down };
+    });
+    this.#norm = tensors[i++];
+    this.#head = config.tied ? this.#embed : tensors[i++];
+    this.#rope = tensors[i++];
+    this.#bytes = !random && config.vocab === 256 && !existsSync(join(dir, "tokenizer.json"));
+    backend._adopt(this);
+  }
+
+  /** Checks the checkpoint's names and shapes against `want` (nothing allocated on a mismatch), then
+   * uploads its tensors and the RoPE table into `tensors`. */
+  #loadCheckpoint(
+    backend: Backend,
+    dir: string,
+    config: LlamaConfig,
+    want: { name: string; shape: number[] }[],
+    tensors: DeviceTensor[],
+  ): void {
+    const entries = checkpointTensors(dir);
     const sizes =
       `hidden_size ${config.hidden}, intermediate_size ${config.intermediate}, vocab_size ${config.vocab}, ` +
       `${config.heads} heads and ${config.kvHeads} KV heads of head_dim ${config.headDim}`;
@@ -177,7 +342,6 @@ export class LlamaModel {
         );
       }
     }
-    const tensors: DeviceTensor[] = [];
     const fds = new Map<string, number>();
     try {
       for (const w of want) {
@@ -187,28 +351,9 @@ export class LlamaModel {
         tensors.push(backend.upload(readTensorF16(t, fd), { shape: w.shape }));
       }
       tensors.push(backend.upload(ropeTable(config), { shape: [config.context, config.headDim] }));
-      this.#ops = new ModelOps(backend);
-    } catch (e) {
-      for (const t of tensors) t.dispose();
-      throw e;
     } finally {
       for (const fd of fds.values()) closeSync(fd);
     }
-    this.config = config;
-    this.dir = dir;
-    this.backend = backend;
-    this.#tensors = tensors;
-    let i = 0;
-    this.#embed = tensors[i++];
-    this.#layers = Array.from({ length: config.layers }, () => {
-      const [ln1, wq, wk, wv, wo, ln2, gate, up, down] = tensors.slice(i, i += 9);
-      return { ln1, wq, wk, wv, wo, ln2, gate, up, down };
-    });
-    this.#norm = tensors[i++];
-    this.#head = config.tied ? this.#embed : tensors[i++];
-    this.#rope = tensors[i++];
-    this.#bytes = config.vocab === 256 && !existsSync(join(dir, "tokenizer.json"));
-    backend._adopt(this);
   }
 
   /** True once disposed. */
@@ -268,29 +413,35 @@ export class LlamaModel {
   }
 
   /** The stack over `rows` rows embedded in a.x (a.pos holding their positions); `attend(layer)` fills
-   * a.att from a.q, a.k, a.v; leaves log-probabilities in a.logits. */
-  #forward(a: Activations, attend: (layer: number) => void): void {
+   * a.att from a.q, a.k, a.v; leaves log-probabilities in a.logits. `skipGemm` leaves every linear
+   * layer out (the decode bench's timing of the rest). */
+  #forward(a: Activations, attend: (layer: number) => void, skipGemm = false): void {
     const c = this.config, o = this.#ops, rows = a.rows;
     const qd = c.heads * c.headDim, kvd = c.kvHeads * c.headDim;
+    const lin = skipGemm
+      ? () => {}
+      : this.matmul === "f16"
+      ? o.linearF16.bind(o)
+      : o.linear.bind(o);
     o.embed(a.tokens, rows, this.#embed, c.vocab, c.hidden, a.x);
     for (let l = 0; l < c.layers; l++) {
       const w = this.#layers[l];
       o.rmsnorm(a.x, w.ln1, rows, c.hidden, c.eps, a.h);
-      o.linear(a.h, w.wq, rows, qd, c.hidden, a.q);
-      o.linear(a.h, w.wk, rows, kvd, c.hidden, a.k);
-      o.linear(a.h, w.wv, rows, kvd, c.hidden, a.v);
+      lin(a.h, w.wq, rows, qd, c.hidden, a.q);
+      lin(a.h, w.wk, rows, kvd, c.hidden, a.k);
+      lin(a.h, w.wv, rows, kvd, c.hidden, a.v);
       o.rope(a.q, rows, c.heads, c.headDim, a.pos, this.#rope, c.context);
       o.rope(a.k, rows, c.kvHeads, c.headDim, a.pos, this.#rope, c.context);
       attend(l);
-      o.linear(a.att, w.wo, rows, c.hidden, qd, a.x, true);
+      lin(a.att, w.wo, rows, c.hidden, qd, a.x, true);
       o.rmsnorm(a.x, w.ln2, rows, c.hidden, c.eps, a.h);
-      o.linear(a.h, w.gate, rows, c.intermediate, c.hidden, a.g);
-      o.linear(a.h, w.up, rows, c.intermediate, c.hidden, a.u);
+      lin(a.h, w.gate, rows, c.intermediate, c.hidden, a.g);
+      lin(a.h, w.up, rows, c.intermediate, c.hidden, a.u);
       o.swiglu(a.g, a.u, rows * c.intermediate, a.g);
-      o.linear(a.g, w.down, rows, c.hidden, c.intermediate, a.x, true);
+      lin(a.g, w.down, rows, c.hidden, c.intermediate, a.x, true);
     }
     o.rmsnorm(a.x, this.#norm, rows, c.hidden, c.eps, a.h);
-    o.linear(a.h, this.#head, rows, c.vocab, c.hidden, a.logits);
+    lin(a.h, this.#head, rows, c.vocab, c.hidden, a.logits);
     o.logSoftmax(a.logits, rows, c.vocab);
   }
 
@@ -354,8 +505,11 @@ export class LlamaModel {
     }
   }
 
-  /** A decode loop over `seqs` of `cache`: one decode batch, its buffers made once. */
-  _decoder(cache: KVCache, seqs: Sequence[]): Decoder {
+  /** A decode loop over `seqs` of `cache`: one decode batch, its buffers made once. With `logits:
+   * false` a step neither reads the log-probabilities nor checks the batch (no wait for the device:
+   * the caller synchronizes), and tokens / positions are written only when given. */
+  _decoder(cache: KVCache, seqs: Sequence[], opts: DecodeOptions = {}): Decoder {
+    const logits = opts.logits ?? true, skip = opts.skip;
     const a = new Activations(this.backend, this.config, seqs.length);
     let batch: DecodeBatch;
     try {
@@ -364,18 +518,29 @@ export class LlamaModel {
       a.dispose();
       throw e;
     }
+    const attend = (l: number) => {
+      batch.append(l);
+      batch.attend(l);
+    };
+    // The first step runs whole, so that the buffers a skipped part writes hold a real step's values.
+    let first = true;
     return {
       step: (tokens, pos) => {
-        a.tokens.write(tokens);
-        a.pos.write(pos);
-        this.#forward(a, (l) => {
-          batch.append(l);
-          batch.attend(l);
-        });
+        if (tokens !== undefined) a.tokens.write(tokens);
+        if (pos !== undefined) a.pos.write(pos);
+        const whole = first || skip === undefined;
+        first = false;
+        this.#forward(
+          a,
+          whole || skip !== "attention" ? attend : () => {},
+          !whole && skip === "gemm",
+        );
+        if (!logits) return new Float32Array(0);
         const out = a.logits.readSync();
         batch.check();
         return out;
       },
+      finish: () => batch.synchronizeSync(),
       dispose: () => {
         batch.dispose();
         a.dispose();

@@ -22,10 +22,23 @@ export interface ModelCacheOptions {
   maxPages?: number;
 }
 
+/** Options of a decode loop (LlamaModel._decoder). */
+export interface DecodeOptions {
+  /** Read the log-probabilities and check the batch after each step (default true). */
+  logits?: boolean;
+  /** Leave a part of each step after the first out, for the decode bench's shares of step time: the
+   * cache's append and attention, or every linear layer (the first step runs whole, so the buffers
+   * the part writes hold a real step's values). */
+  skip?: "attention" | "gemm";
+}
+
 /** The decode loop state of a batch of sequences: its buffers and its decode batch. */
 export interface Decoder {
-  /** One step: token b at position pos[b] into sequence b; the next-token log-probabilities [batch][vocab]. */
-  step(tokens: Int32Array, pos: Int32Array): Float32Array;
+  /** One step: token b at position pos[b] into sequence b (either left as the last step's when
+   * undefined); the next-token log-probabilities [batch][vocab] (empty with `logits: false`). */
+  step(tokens?: Int32Array, pos?: Int32Array): Float32Array;
+  /** Waits for the device, then throws a deferred error of the batch, if any. */
+  finish(): void;
   dispose(): void;
 }
 

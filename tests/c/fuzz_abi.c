@@ -937,7 +937,35 @@ static void fuzz_attend(fcache *c, int bench) {
 static void fuzz_cache_misc(fcache *c) {
   const int32_t s = gen_seq(c), L = c->cfg.layers;
   region r[3] = {{0, 256}, {0, 256}, {0, 256}};
-  switch (irange(0, 5)) {
+  switch (irange(0, 6)) {
+    case 5: {
+      g_where = "kivi_cache_seq_copy";
+      layout(r, 1, 0);
+      fill_canary(&r[0]);
+      int32_t *out = maybe_null(&r[0]);
+      int32_t slot = -1;
+      for (int32_t i = c->cfg.max_seqs - 1; i >= 0; i--)
+        if (!c->live[i]) slot = i;
+      stset e = seq_errors(c, s);
+      if (!e)
+        e = !out || slot < 0 || c->cfg.max_pages - c->used < c->n_pages[s] ? S(!out ? KIVI_ERR_ARG : KIVI_ERR_CAPACITY)
+                                                                           : 0;
+      snapshot();
+      kivi_status st = kivi_cache_seq_copy(c->h, s, out);
+      check_status(g_ctx, st, e ? e : S_OK);
+      if (!st) {
+        const int32_t id = *out;
+        CHECK(id == slot, "a copy takes the first free slot (%d), got %d", (int)slot, (int)id);
+        if (id >= 0 && id < c->cfg.max_seqs) {
+          c->live[id] = 1;
+          memcpy(c->len[id], c->len[s], sizeof c->len[id]);
+          memcpy(c->qlen[id], c->qlen[s], sizeof c->qlen[id]);
+          c->n_pages[id] = c->n_pages[s];
+          c->used += c->n_pages[s];
+        }
+      }
+      break;
+    }
     case 0: {
       g_where = "kivi_cache_seq_create";
       layout(r, 1, 0);
@@ -1288,11 +1316,11 @@ static void fill_ids(const region *r, int32_t n, int32_t hi) {
 }
 
 static void fuzz_model(void) {
-  const int op = (int)irange(0, 6);
+  const int op = (int)irange(0, 7);
   kivi_ctx_t ctx = gen_ctx();
   int bad = !ctx, rows_bad = 0;
   const int32_t rows = model_size(1, 6, KIVI_MODEL_MAX_ROWS, &rows_bad);
-  if (op != 5) bad |= rows_bad; /* attention has no rows */
+  if (op != 5 && op != 6) bad |= rows_bad; /* attention and the fill have no rows */
   kivi_status st = KIVI_OK;
   region r[4];
   int nr = 0;
@@ -1336,9 +1364,10 @@ static void fuzz_model(void) {
         st = kivi_model_swiglu(ctx, a, b, bad ? -1 : rows * dim, out);
       break;
     }
-    case 2: { /* linear: x, w, y */
-      g_where = "kivi_model_linear";
-      const int32_t n = model_size(1, 16, KIVI_MODEL_MAX_DIM, &bad), k = model_size(1, 40, KIVI_MODEL_MAX_DIM, &bad);
+    case 2: { /* linear (the f32 or the f16 path: the same rules): x, w, y */
+      const int f16 = chance(0.5);
+      g_where = f16 ? "kivi_model_linear_f16" : "kivi_model_linear";
+      const int32_t n = model_size(1, 16, KIVI_MODEL_MAX_ROWS, &bad), k = model_size(1, 40, KIVI_MODEL_MAX_DIM, &bad);
       const int32_t acc = chance(P_BAD) ? (bad = 1, chance(0.5) ? 2 : -1) : (int32_t)irange(0, 1);
       region q[3] = {{0, MB(4 * rows * k)}, {0, MB(2 * n * k)}, {0, MB(4 * rows * n)}};
       LAY_OUT(q);
@@ -1350,7 +1379,28 @@ static void fuzz_model(void) {
       void *x = maybe_null(&r[0]), *w = maybe_null(&r[1]), *y = maybe_null(&r[2]);
       bad |= !x || !w || !y;
       snapshot();
-      st = kivi_model_linear(ctx, x, w, rows, n, k, acc, y);
+      st =
+          f16 ? kivi_model_linear_f16(ctx, x, w, rows, n, k, acc, y) : kivi_model_linear(ctx, x, w, rows, n, k, acc, y);
+      break;
+    }
+    case 6: { /* fill_normal: out; a NaN mean or a negative std is refused */
+      g_where = "kivi_model_fill_normal";
+      const int32_t n = model_size(1, 64, KIVI_MAX_ELEMS - 1, &bad);
+      float mean = 0.5f, std = 0.25f;
+      if (chance(P_BAD)) {
+        bad = 1;
+        if (chance(0.5))
+          mean = NAN;
+        else
+          std = -1.0f;
+      }
+      region q[1] = {{0, MB(2 * (int64_t)n)}};
+      LAY_OUT(q);
+      fill_canary(&r[0]);
+      void *out = maybe_null(&r[0]);
+      bad |= !out;
+      snapshot();
+      st = kivi_model_fill_normal(ctx, out, n, g_seed + (uint64_t)g_iter, mean, std);
       break;
     }
     case 3: { /* rope: x (in place), pos, cs */
