@@ -225,9 +225,28 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
   return launch_split(c, op, p, seq, fn, KV_MMA_THREADS, smem, bps, 32, maxlen, "k_attend_mma");
 }
 
+static kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch,
+                                         const int32_t *slot, const int64_t *len, const int64_t *qlen, const void *q,
+                                         kivi_dtype q_dtype, float scale, void *out, kivi_dtype out_dtype,
+                                         const kv_attn_check *chk, float *lse);
+
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype, float scale,
                              void *out, kivi_dtype out_dtype, const kv_attn_check *chk) {
+  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, chk, NULL);
+}
+
+kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                                 const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                                 float scale, void *out, kivi_dtype out_dtype, float *lse) {
+  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, NULL, lse);
+}
+
+/* kv_attend_launch with the log-sum-exp output (lse: device [batch][q_heads] or NULL). */
+static kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch,
+                                         const int32_t *slot, const int64_t *len, const int64_t *qlen, const void *q,
+                                         kivi_dtype q_dtype, float scale, void *out, kivi_dtype out_dtype,
+                                         const kv_attn_check *chk, float *lse) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int D = g.head_dim, ratio = g.q_heads / g.kv_heads;
@@ -249,6 +268,7 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
   p->table = c->d_table;
   p->q = q;
   p->out = out;
+  p->lse = lse;
   p->kpage = c->kp.page;
   p->vpage = c->vp.page;
   p->khead = (uint32_t)c->kp.head;

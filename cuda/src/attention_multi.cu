@@ -238,8 +238,8 @@ KIVI_API kivi_status kivi_attention_merge(kivi_ctx_t ctx, int32_t parts, int64_t
   kivi_status st = kv_enter(ctx, op);
   if (st) return st;
   KIVI_HOST_REFUSE(kv_fail, ctx, st, kivi_merge_check(parts, rows, head_dim, outs, lses, out, msg, sizeof msg));
-  k_merge < <<(unsigned)rows, head_dim<256 ? 64 : 256, 0, ctx->stream>>>(parts, rows, head_dim, outs, lses, out,
-                                                                         lse_out);
+  const unsigned grid = (unsigned)rows, threads = head_dim < 256 ? 64u : 256u;
+  k_merge<<<grid, threads, 0, ctx->stream>>>(parts, rows, head_dim, outs, lses, out, lse_out);
   return kv_launched(ctx, op, "k_merge");
 }
 
