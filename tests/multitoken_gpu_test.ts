@@ -220,6 +220,41 @@ gpuDescribe("CUDA multi-token attention, truncate and fork equal the CPU referen
     });
   }
 
+  it("a decode batch's log-sum-exp equals the CPU's", () => {
+    const rng = new Rng("batch lse gpu");
+    const t = new Twin(gpu, {
+      layers: 1,
+      kvHeads: 2,
+      queryHeads: 8,
+      headDim: 128,
+      pageTokens: 64,
+      residual: 64,
+      maxPages: 64,
+      maxSequences: 3,
+      keys: { kind: "uniform", bits: 2, group: 32 },
+      values: { kind: "codebook", bits: 2, group: 64 },
+    });
+    try {
+      for (const n of [70, 1000, 333]) t.append(t.add(), rng, n);
+      const qh = kvRows(rng, 3, 8, 128);
+      const want = new Float32Array(3 * 8);
+      const wo = t.c.attend(0, t.cs, qh, { lse: want }) as Float32Array;
+      using q = gpu.upload(qh),
+        out = gpu.alloc([3, 8, 128], "f32"),
+        lse = gpu.alloc([3 * 8], "f32");
+      using batch = t.g.batch(t.gs, { q, out, lse });
+      batch.attend(0);
+      near(out.readSync(), wo, rng.tag);
+      const gl = lse.readSync();
+      assert.ok(
+        maxDiff(gl, want) <= 2e-3 * (1 + Math.max(...want.map(Math.abs))),
+        `lse ${maxDiff(gl, want)} ${rng.tag}`,
+      );
+    } finally {
+      t.dispose();
+    }
+  });
+
   it("mergeAttention and a chunked prefill equal the CPU's", () => {
     const rng = new Rng("merge prefill gpu");
     const opts: CacheOptions = {

@@ -227,6 +227,36 @@ describe("multi-token attention", () => {
   });
 });
 
+describe("decode batch log-sum-exp", () => {
+  it("a batch made with lse writes attend's log-sum-exp at every step; lse without q is a TypeError", async () => {
+    using kivi = await openCpu();
+    const rng = new Rng("batch lse");
+    using cache = kivi.createCache(multiOptions(2, 32, 4));
+    const seqs = [cache.createSequence(), cache.createSequence()];
+    seqs.forEach((s, i) => feed(s, rng, 50 + 90 * i, 2, 17));
+    const qh = kvRows(rng, 2, QH, D);
+    using q = kivi.upload(qh),
+      out = kivi.alloc([2, QH, D], "f32"),
+      lse = kivi.alloc([2 * QH], "f32");
+    using batch = cache.batch(seqs, { q, out, lse });
+    for (const layer of [0, 1]) {
+      batch.attend(layer);
+      const want = new Float32Array(2 * QH);
+      const o = cache.attend(layer, seqs, qh, { lse: want }) as Float32Array;
+      assert.deepEqual(out.readSync(), o, rng.tag);
+      assert.deepEqual(lse.readSync(), want, rng.tag);
+    }
+    using k = kivi.upload(kvRows(rng, 2, H, D));
+    throwsNaming(
+      () => cache.batch(seqs, { k, v: k, lse }),
+      TypeError,
+      /lse must be an f32 tensor of batch \(2\) x queryHeads \(8\) = 16 values, given with q and out/,
+      "lse without q",
+    );
+    for (const s of seqs) s.free();
+  });
+});
+
 describe("mergeAttention", () => {
   it("merges the attention of disjoint key ranges into the attention of their union, exactly", async () => {
     using kivi = await openCpu();

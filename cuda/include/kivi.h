@@ -444,6 +444,11 @@ KIVI_API kivi_status kivi_batch_create(kivi_cache_t cache, const int32_t *seqs /
                                        kivi_dtype kv_dtype, int32_t flags, kivi_batch_t *out_batch /* host [1] out */);
 /** Frees the batch (its pending error, if any, is dropped). NULL is a no-op. */
 KIVI_API kivi_status kivi_batch_destroy(kivi_batch_t batch);
+/** From now on every kivi_batch_attend of the batch also writes the natural log-sum-exp of each (sequence,
+    query head) into lse (data float [batch][q_heads]; NULL: no longer), as kivi_cache_attend_multi does.
+    KIVI_ERR_STATE for a batch made without q and out. Where a deferred check fills out with NaN, lse is
+    unspecified. */
+KIVI_API kivi_status kivi_batch_set_lse(kivi_batch_t batch, float *lse /* data [batch][q_heads] or NULL */);
 /** Decode attention of `layer` for the batch, as kivi_cache_attend(cache, layer, seqs, batch, q, q_dtype,
     scale, flags, out, out_dtype) with the q check deferred (see above). KIVI_ERR_STATE for a batch made
     without q and out, or a sequence freed since or holding no token in the layer. */

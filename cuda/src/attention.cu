@@ -225,11 +225,6 @@ static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p,
   return launch_split(c, op, p, seq, fn, KV_MMA_THREADS, smem, bps, 32, maxlen, "k_attend_mma");
 }
 
-static kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch,
-                                         const int32_t *slot, const int64_t *len, const int64_t *qlen, const void *q,
-                                         kivi_dtype q_dtype, float scale, void *out, kivi_dtype out_dtype,
-                                         const kv_attn_check *chk, float *lse);
-
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype, float scale,
                              void *out, kivi_dtype out_dtype, const kv_attn_check *chk) {
@@ -243,10 +238,9 @@ kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, 
 }
 
 /* kv_attend_launch with the log-sum-exp output (lse: device [batch][q_heads] or NULL). */
-static kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch,
-                                         const int32_t *slot, const int64_t *len, const int64_t *qlen, const void *q,
-                                         kivi_dtype q_dtype, float scale, void *out, kivi_dtype out_dtype,
-                                         const kv_attn_check *chk, float *lse) {
+kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                                  const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                                  float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int D = g.head_dim, ratio = g.q_heads / g.kv_heads;

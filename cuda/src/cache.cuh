@@ -60,6 +60,11 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype, float scale,
                              void *out, kivi_dtype out_dtype, const kv_attn_check *chk);
 /** kv_attend_launch that also writes the natural log-sum-exp of each (batch entry, query head) into lse
+    (device f32 [batch][q_heads]) where lse is not NULL (a decode batch with kivi_batch_set_lse). */
+kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                                  const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                                  float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse);
+/** kv_attend_launch that also writes the natural log-sum-exp of each (batch entry, query head) into lse
     (device f32 [batch][q_heads]) where lse is not NULL (kivi_cache_attend_multi). */
 kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                  const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,

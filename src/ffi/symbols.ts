@@ -354,6 +354,13 @@ export const symbols = {
     ],
     returns: "i32",
   },
+  kivi_batch_set_lse: {
+    args: [
+      "ptr", // kivi_batch_t batch
+      "ptr", // float *lse               [batch][q_heads] or NULL
+    ],
+    returns: "i32",
+  },
   kivi_cache_seq_truncate: {
     args: [
       "ptr", // kivi_cache_t cache
