@@ -16,8 +16,6 @@
 #include <math.h>
 #include <string.h>
 
-#include <vector>
-
 #include "attention.cuh"
 #include "kivi_seq.h"
 
@@ -100,12 +98,12 @@ static kivi_status ref_launch(kivi_cache_t c, const char *op, int32_t layer, int
   const kivi_cache_config &g = c->cfg;
   kivi_status st;
   if ((st = kivi_cache_read(c, seq, layer, kbuf, vbuf, KIVI_F32))) return st;
-  std::vector<int32_t> h((size_t)2 * n);
-  memcpy(h.data(), rows, sizeof(int32_t) * (size_t)n);
-  memcpy(h.data() + n, see, sizeof(int32_t) * (size_t)n);
-  if ((st = kv_cuda(
-           ctx, cudaMemcpyAsync(idx, h.data(), sizeof(int32_t) * 2u * (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
-           op, "cudaMemcpyAsync (reference rows)")))
+  /* pageable sources: each copy takes the data before it returns */
+  if ((st = kv_cuda(ctx, cudaMemcpyAsync(idx, rows, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
+                    op, "cudaMemcpyAsync (reference rows)")) ||
+      (st =
+           kv_cuda(ctx, cudaMemcpyAsync(idx + n, see, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
+                   op, "cudaMemcpyAsync (reference lengths)")))
     return st;
   const dim3 grid((unsigned)n, (unsigned)g.q_heads);
   switch (g.head_dim) {
@@ -155,8 +153,16 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
   const bool mma = kivi_cache_mma_layout(&g);
   /* the plan, on the host: per position, the decode kernel's entries; per batch entry, its reference
      queries (host lengths read once: nothing below changes them) */
-  std::vector<int32_t> t0((size_t)batch), slot((size_t)batch);
-  std::vector<int64_t> blen((size_t)batch), bq((size_t)batch);
+  /* host plan arrays, one block: int32 t0, slot [batch], roff [batch + 1], pos_off [max_q + 1], krow, kslot,
+     rrow, rsee [tokens]; int64 blen, bq [batch], klen, kql [tokens] */
+  const size_t n32 = 3 * (size_t)batch + 2 + (size_t)max_q + 4 * (size_t)tokens,
+               n64 = 2 * (size_t)batch + 2 * (size_t)tokens;
+  int64_t *plan64 = (int64_t *)malloc(n64 * sizeof(int64_t) + n32 * sizeof(int32_t));
+  if (!plan64)
+    return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the plan of %lld tokens", op, (long long)tokens);
+  int64_t *blen = plan64, *bq = blen + batch, *klen = bq + batch, *kql = klen + tokens;
+  int32_t *t0 = (int32_t *)(kql + tokens), *slot = t0 + batch, *roff = slot + batch, *pos_off = roff + batch + 1;
+  int32_t *krow = pos_off + max_q + 1, *kslot = krow + tokens, *rrow = kslot + tokens, *rsee = rrow + tokens;
   int64_t maxlen = 0, at = 0;
   for (int32_t b = 0; b < batch; b++) {
     t0[b] = (int32_t)at;
@@ -166,52 +172,62 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
     bq[b] = c->qlen[(int64_t)seqs[b] * g.layers + layer];
     maxlen = blen[b] > maxlen ? blen[b] : maxlen;
   }
-  /* by position: rows (token index) of the kernel's entries, their (slot, len, qlen) */
-  std::vector<int32_t> pos_off((size_t)max_q + 1, 0), krow, kslot;
-  std::vector<int64_t> klen, kql;
-  std::vector<std::vector<int32_t>> rrow((size_t)batch), rsee((size_t)batch);
+  /* query i of entry b sees `see` tokens, `ql` of them in pages; the tensor-core kernel cannot stop inside a
+     32-token page tile: those queries take the reference path */
+#define KV_SEE(b, i) (blen[b] - qlens[b] + (i) + 1)
+#define KV_QL(b, i) (bq[b] < KV_SEE(b, i) ? bq[b] : KV_SEE(b, i))
+#define KV_REF(b, i) (mma && KV_QL(b, i) % 32)
+  int32_t nref = 0;
+  for (int32_t b = 0; b < batch; b++) {
+    roff[b] = nref;
+    for (int32_t i = 0; i < qlens[b]; i++)
+      if (KV_REF(b, i)) {
+        rrow[nref] = t0[b] + i;
+        rsee[nref++] = (int32_t)KV_SEE(b, i);
+      }
+  }
+  roff[batch] = nref;
+  int32_t nk = 0; /* by position: rows (token index) of the kernel's entries, their (slot, len, qlen) */
+  pos_off[0] = 0;
   for (int32_t i = 0; i < max_q; i++) {
     for (int32_t b = 0; b < batch; b++) {
-      if (qlens[b] <= i) continue;
-      const int64_t see = blen[b] - qlens[b] + i + 1, ql = bq[b] < see ? bq[b] : see;
-      if (mma && ql % 32) {
-        rrow[b].push_back(t0[b] + i);
-        rsee[b].push_back((int32_t)see);
-        continue;
-      }
-      krow.push_back(t0[b] + i);
-      kslot.push_back(slot[b]);
-      klen.push_back(see);
-      kql.push_back(ql);
+      if (qlens[b] <= i || KV_REF(b, i)) continue;
+      krow[nk] = t0[b] + i;
+      kslot[nk] = slot[b];
+      klen[nk] = KV_SEE(b, i);
+      kql[nk++] = KV_QL(b, i);
     }
-    pos_off[i + 1] = (int32_t)krow.size();
+    pos_off[i + 1] = nk;
   }
-  int64_t nref = 0;
-  for (int32_t b = 0; b < batch; b++) nref += (int64_t)rrow[b].size();
+#undef KV_REF
+#undef KV_QL
+#undef KV_SEE
 
   /* device scratch, stream ordered: the gathered q and the outputs of one position (f32), the rows of
      every position, and (for the reference path) one sequence's keys and values */
   const size_t mb = (size_t)(batch < KV_ATTN_MAX_BATCH ? batch : KV_ATTN_MAX_BATCH);
   const size_t qbytes = mb * (size_t)row * 4u, lbytes = mb * (size_t)g.q_heads * 4u;
-  const size_t ibytes = ((krow.size() + 2u * (size_t)(nref > 0 ? nref : 0)) * 4u + 255u) & ~(size_t)255u;
+  const size_t ibytes = (((size_t)nk + 2u * (size_t)nref) * 4u + 255u) & ~(size_t)255u;
   const size_t kvbytes = nref > 0 ? (size_t)maxlen * g.kv_heads * g.head_dim * 4u : 0;
   const size_t total = 2 * qbytes + lbytes + ibytes + 2 * kvbytes + 1024;
   uint8_t *scratch = NULL;
-  if ((st = kv_cuda(ctx, cudaMallocAsync((void **)&scratch, total, ctx->stream), op, "cudaMallocAsync (scratch)")))
+  if ((st = kv_cuda(ctx, cudaMallocAsync((void **)&scratch, total, ctx->stream), op, "cudaMallocAsync (scratch)"))) {
+    free(plan64);
     return st;
+  }
   float *qtmp = (float *)scratch, *otmp = (float *)(scratch + qbytes), *ltmp = (float *)(scratch + 2 * qbytes);
   int32_t *didx = (int32_t *)(scratch + ((2 * qbytes + lbytes + 255) & ~(size_t)255));
   float *kbuf = (float *)((uint8_t *)didx + ibytes), *vbuf = (float *)((uint8_t *)kbuf + kvbytes);
-  if (!krow.empty())
-    st = kv_cuda(ctx, cudaMemcpyAsync(didx, krow.data(), krow.size() * 4u, cudaMemcpyHostToDevice, ctx->stream), op,
+  if (nk > 0)
+    st = kv_cuda(ctx, cudaMemcpyAsync(didx, krow, (size_t)nk * 4u, cudaMemcpyHostToDevice, ctx->stream), op,
                  "cudaMemcpyAsync (rows)");
   for (int32_t i = 0; i < max_q && !st; i++) {
     for (int32_t s0 = pos_off[i]; s0 < pos_off[i + 1] && !st; s0 += KV_ATTN_MAX_BATCH) {
       const int32_t n = pos_off[i + 1] - s0 < KV_ATTN_MAX_BATCH ? pos_off[i + 1] - s0 : KV_ATTN_MAX_BATCH;
       k_rows_copy<<<n, 128, 0, ctx->stream>>>(q, q_dtype, didx + s0, qtmp, KIVI_F32, NULL, row);
       if ((st = kv_launched(ctx, op, "k_rows_copy"))) break;
-      if ((st = kv_attend_launch_lse(c, op, layer, n, kslot.data() + s0, klen.data() + s0, kql.data() + s0, qtmp,
-                                     KIVI_F32, scale, otmp, KIVI_F32, lse ? ltmp : NULL)))
+      if ((st = kv_attend_launch_lse(c, op, layer, n, kslot + s0, klen + s0, kql + s0, qtmp, KIVI_F32, scale, otmp,
+                                     KIVI_F32, lse ? ltmp : NULL)))
         break;
       k_rows_copy<<<n, 128, 0, ctx->stream>>>(otmp, KIVI_F32, NULL, out, out_dtype, didx + s0, row);
       if ((st = kv_launched(ctx, op, "k_rows_copy"))) break;
@@ -221,13 +237,15 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
       }
     }
   }
-  int32_t *ridx = didx + krow.size();
+  int32_t *ridx = didx + nk;
   for (int32_t b = 0; b < batch && !st; b++) {
-    if (rrow[b].empty()) continue;
-    st = ref_launch(c, op, layer, slot[b], rrow[b].data(), rsee[b].data(), (int32_t)rrow[b].size(), ridx, kbuf, vbuf, q,
-                    q_dtype, scale, out, out_dtype, lse);
-    ridx += 2 * rrow[b].size();
+    const int32_t n = roff[b + 1] - roff[b];
+    if (n == 0) continue;
+    st = ref_launch(c, op, layer, slot[b], rrow + roff[b], rsee + roff[b], n, ridx, kbuf, vbuf, q, q_dtype, scale, out,
+                    out_dtype, lse);
+    ridx += 2 * n;
   }
+  free(plan64);
   const kivi_status fst = kv_cuda(ctx, cudaFreeAsync(scratch, ctx->stream), op, "cudaFreeAsync (scratch)");
   return st ? st : fst;
 }
