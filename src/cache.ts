@@ -182,9 +182,10 @@ export class Sequence {
    * using kivi = await openBackend({ prefer: "cpu" });
    * using cache = kivi.createCache({ layers: 1, kvHeads: 2, headDim: 64, maxPages: 16, residual: 32 });
    * using prompt = cache.createSequence();
-   * prompt.append(new Float32Array(300 * 2 * 64).fill(0.5), new Float32Array(300 * 2 * 64).fill(1));
+   * prompt.append(new Float32Array(150 * 2 * 64).fill(0.5), new Float32Array(150 * 2 * 64).fill(1));
    * using a = prompt.fork(), b = prompt.fork();
-   * console.log(a.length(0), cache.memory().pagesUsed); // 300, the prompt's pages plus one a fork
+   * // 150, 4: the prompt's 2 pages (96 tokens quantized: the second half full), plus a copy of it a fork
+   * console.log(a.length(0), cache.memory().pagesUsed);
    * ```
    */
   fork(): Sequence {
