@@ -217,3 +217,94 @@ export function parseArgs(
   const { values } = parseArgv({ args: argv, options, strict: true, allowPositionals: false });
   return new Map(Object.entries(values).map(([k, v]) => [k, String(v)]));
 }
+
+/** One point of {@link klChart}. */
+export interface KlPoint {
+  /** The series (one a residual, say), a line through its calibrated points. */
+  series: string;
+  label: string;
+  bitsPerValue: number;
+  kl: number;
+  /** A calibrated plan (a square on the series' line) or a uniform cache (a circle). */
+  calibrated: boolean;
+}
+
+const esc = (s: string) => s.replace(/&/g, "&amp;").replace(/</g, "&lt;");
+
+/**
+ * An SVG chart of KL against bits 16 (log axis) over bits per value (linear axis, the fp16 window
+ * excluded): each series' uniform caches as circles labelled with their names, its calibrated plans
+ * as squares joined by a line. Points at KL 0 or beyond 8 bits (bits 16) are left out.
+ */
+export function klChart(title: string, points: readonly KlPoint[]): string {
+  const W = 760, H = 460, L = 70, R = 200, T = 40, B = 50;
+  const pts = points.filter((p) => p.kl > 0 && p.bitsPerValue <= 8);
+  if (pts.length === 0) return "";
+  const x0 = Math.floor(Math.min(...pts.map((p) => p.bitsPerValue)) * 2) / 2;
+  const x1 = Math.ceil(Math.max(...pts.map((p) => p.bitsPerValue)) * 2) / 2;
+  const ly0 = Math.floor(Math.log10(Math.min(...pts.map((p) => p.kl))));
+  const ly1 = Math.ceil(Math.log10(Math.max(...pts.map((p) => p.kl))));
+  const px = (x: number) => L + ((x - x0) / Math.max(x1 - x0, 0.5)) * (W - L - R);
+  const py = (y: number) => H - B - ((Math.log10(y) - ly0) / Math.max(ly1 - ly0, 1)) * (H - T - B);
+  const colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#444444"];
+  const out: string[] = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="${L}" y="22" font-size="14">${esc(title)}</text>`,
+  ];
+  for (let x = x0; x <= x1 + 1e-9; x += 0.5) {
+    out.push(`<line x1="${px(x)}" y1="${T}" x2="${px(x)}" y2="${H - B}" stroke="#eee"/>`);
+    out.push(`<text x="${px(x)}" y="${H - B + 16}" text-anchor="middle">${x}</text>`);
+  }
+  for (let e = ly0; e <= ly1; e++) {
+    out.push(
+      `<line x1="${L}" y1="${py(10 ** e)}" x2="${W - R}" y2="${py(10 ** e)}" stroke="#eee"/>`,
+    );
+    out.push(`<text x="${L - 6}" y="${py(10 ** e) + 4}" text-anchor="end">1e${e}</text>`);
+  }
+  out.push(
+    `<text x="${(L + W - R) / 2}" y="${
+      H - 12
+    }" text-anchor="middle">bits per value (K and V, window excluded)</text>`,
+    `<text x="16" y="${(T + H - B) / 2}" transform="rotate(-90 16 ${
+      (T + H - B) / 2
+    })" text-anchor="middle">KL vs bits 16 (nats a step)</text>`,
+    `<rect x="${L}" y="${T}" width="${W - L - R}" height="${
+      H - T - B
+    }" fill="none" stroke="#888"/>`,
+  );
+  const series = [...new Set(pts.map((p) => p.series))];
+  series.forEach((name, i) => {
+    const c = colors[i % colors.length];
+    const mine = pts.filter((p) => p.series === name);
+    const cal = mine.filter((p) => p.calibrated).sort((a, b) => a.bitsPerValue - b.bitsPerValue);
+    if (cal.length > 1) {
+      const line = cal.map((p) => `${px(p.bitsPerValue).toFixed(1)},${py(p.kl).toFixed(1)}`);
+      out.push(`<polyline points="${line.join(" ")}" fill="none" stroke="${c}" stroke-width="2"/>`);
+    }
+    for (const p of mine) {
+      const x = px(p.bitsPerValue), y = py(p.kl);
+      out.push(
+        p.calibrated
+          ? `<rect x="${(x - 4).toFixed(1)}" y="${
+            (y - 4).toFixed(1)
+          }" width="8" height="8" fill="${c}"/>`
+          : `<circle cx="${x.toFixed(1)}" cy="${
+            y.toFixed(1)
+          }" r="4" fill="none" stroke="${c}" stroke-width="2"/>`,
+        `<text x="${(x + 7).toFixed(1)}" y="${(y - 5).toFixed(1)}" font-size="9" fill="${c}">${
+          esc(p.label)
+        }</text>`,
+      );
+    }
+    const ly = T + 14 + i * 40;
+    out.push(
+      `<circle cx="${W - R + 20}" cy="${ly}" r="4" fill="none" stroke="${c}" stroke-width="2"/>`,
+      `<text x="${W - R + 32}" y="${ly + 4}">${esc(name)}: uniform</text>`,
+      `<rect x="${W - R + 16}" y="${ly + 12}" width="8" height="8" fill="${c}"/>`,
+      `<text x="${W - R + 32}" y="${ly + 20}">${esc(name)}: calibrated</text>`,
+    );
+  });
+  out.push("</svg>");
+  return out.join("\n") + "\n";
+}

@@ -28,7 +28,7 @@ TAIL=40 step bench_attention bun bench/attention.ts --torch "$r/sdpa.json" --jso
 TAIL=30 step bench_overhead bun bench/overhead.ts --backend cuda --out "$r"
 TAIL=6 step ts_gpu bun test --timeout=600000 tests/cache_gpu_test.ts tests/quant_gpu_test.ts tests/sticky_gpu_test.ts \
   tests/readme_test.ts tests/staging_test.ts tests/hostile_fuzz_test.ts tests/hardening_test.ts tests/abi_test.ts \
-  tests/examples_test.ts tests/backend_test.ts tests/batch_test.ts tests/leaks_test.ts
+  tests/examples_test.ts tests/backend_test.ts tests/batch_test.ts tests/leaks_test.ts tests/model_random_gpu_test.ts
 KIVI_ONLY=11 step memcheck_cache timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 build/cache_gpu_vs_cpu
 [ -z "${KIVI_FINAL_QUICK:-}" ] && KIVI_ONLY=19 step racecheck_cache timeout 150 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 9 build/cache_gpu_vs_cpu
 tar czf "$OUT/final.tgz" -C "$r" .

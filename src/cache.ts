@@ -29,14 +29,19 @@ import { checkCacheRange, type Data, dataPtr, describeData, describeOut } from "
 import { chunkAttention, describeLse } from "./_multi.ts";
 
 export {
+  cacheBitsPerValue,
   type CacheConfig,
   type CacheFormat,
   type CacheMemory,
   type CacheOptions,
   configArray,
+  formatBitsPerValue,
   headBlockBytes,
+  type LayerFormat,
+  layerFormats,
   pageBytes,
   resolveCacheOptions,
+  type ResolvedCacheFormat,
 } from "./cache_config.ts";
 
 type CacheHeld = NativeHeld;
@@ -258,6 +263,14 @@ export class KVCache {
       ...config,
       keys: Object.freeze({ ...config.keys }),
       values: Object.freeze({ ...config.values }),
+      ...(config.perLayer === undefined ? {} : {
+        perLayer: Object.freeze(config.perLayer.map((l) =>
+          Object.freeze({
+            keys: Object.freeze({ ...l.keys }),
+            values: Object.freeze({ ...l.values }),
+          })
+        )),
+      }),
     });
     const state = backend._retainState("createCache");
     const out = new BigUint64Array(1);

@@ -15,6 +15,16 @@ export type CacheFormat =
   | { kind: "codebook"; bits: 2 | 4; group?: GroupSize; fit?: Fit; iterations?: number }
   | { bits: 16; group?: GroupSize };
 
+/** One entry of {@link CacheOptions.perLayer}: the formats of one layer or of an inclusive range of
+ * layers; a part left out keeps the cache's `keys` / `values`. */
+export interface LayerFormat {
+  /** A layer, or `[from, to]` (inclusive). */
+  layer: number | readonly [number, number];
+  /** Key format; its group must be the cache's `keys.group` (the flush unit all layers share). */
+  keys?: CacheFormat;
+  values?: CacheFormat;
+}
+
 /** Options of {@link KVCache} creation (`backend.createCache`). */
 export interface CacheOptions {
   layers: number;
@@ -37,6 +47,9 @@ export interface CacheOptions {
   budgetBytes?: number;
   /** Sequence slots (default 64). */
   maxSequences?: number;
+  /** Per-layer formats (mixed precision): each layer named at most once; the rest keep `keys` and
+   * `values`. A calibration plan's `perLayer` (see `calibrate`) goes here as it is. */
+  perLayer?: readonly LayerFormat[];
 }
 
 /** Resolved numeric config, in kivi.h KIVI_CFG_* order. */
@@ -49,13 +62,21 @@ export interface CacheConfig {
   residual: number;
   maxPages: number;
   maxSequences: number;
-  keys: Required<Pick<CacheFormat & { kind?: string }, "bits" | "group">> & {
+  keys: ResolvedCacheFormat;
+  values: ResolvedCacheFormat;
+  /** Each layer's formats, layer 0 first, when `perLayer` gave any (else undefined: every layer
+   * uses `keys` and `values`). */
+  perLayer?: readonly { keys: ResolvedCacheFormat; values: ResolvedCacheFormat }[];
+}
+
+/** A resolved format of a cache part. */
+export type ResolvedCacheFormat =
+  & Required<Pick<CacheFormat & { kind?: string }, "bits" | "group">>
+  & {
     kind: "uniform" | "codebook";
     fit: Fit;
     iterations: number;
   };
-  values: CacheConfig["keys"];
-}
 
 /** The memory report of a cache. */
 export interface CacheMemory {
@@ -84,6 +105,12 @@ export interface CacheMemory {
   heldBitsPerValue: number;
   /** (codes + params + residual + tables) / the same tokens in fp16. */
   ratioToFp16: number;
+  /** Bits per K/V value of each layer's page format (codes and params of a page, K and V, over its
+   * values; the fp16 window excluded), layer 0 first. */
+  layerBitsPerValue: number[];
+  /** Their mean: the bits per value of the cache's quantized tokens, window excluded (what a
+   * calibration budget counts). */
+  formatBitsPerValue: number;
 }
 
 const KIND = { uniform: 0, codebook: 1 } as const;
@@ -113,7 +140,7 @@ function resolveCacheFormat(name: string, f: unknown, dflt: CacheFormat): CacheC
 
 /** Bytes of one head's K or V block of one page (kivi_format.h kivi_page_part, kept in step by a test). */
 export function headBlockBytes(
-  f: CacheConfig["keys"],
+  f: ResolvedCacheFormat,
   pageTokens: number,
   headDim: number,
 ): number {
@@ -135,9 +162,127 @@ export function headBlockBytes(
  * ```
  */
 export function pageBytes(c: Omit<CacheConfig, "maxPages">): number {
-  return c.layers * c.kvHeads *
-    (headBlockBytes(c.keys, c.pageTokens, c.headDim) +
-      headBlockBytes(c.values, c.pageTokens, c.headDim));
+  return layerFormats(c).reduce(
+    (sum, f) =>
+      sum + c.kvHeads *
+        (headBlockBytes(f.keys, c.pageTokens, c.headDim) +
+          headBlockBytes(f.values, c.pageTokens, c.headDim)),
+    0,
+  );
+}
+
+/** Each layer's formats, layer 0 first (the cache's own where it has no per-layer formats). */
+export function layerFormats(
+  c: Pick<CacheConfig, "layers" | "keys" | "values" | "perLayer">,
+): readonly { keys: ResolvedCacheFormat; values: ResolvedCacheFormat }[] {
+  return c.perLayer ?? Array.from({ length: c.layers }, () => ({ keys: c.keys, values: c.values }));
+}
+
+/**
+ * Bits per value of a layer's page format, K and V together (codes and params of a page over its
+ * values, page padding included; the fp16 window excluded).
+ *
+ * @example
+ * ```ts
+ * import { formatBitsPerValue } from "./mod.ts";
+ * const u2 = { kind: "uniform", bits: 2, group: 32, fit: "free", iterations: 1 } as const;
+ * console.log(formatBitsPerValue(u2, u2, 64, 64)); // 3: KIVI-2 (2-bit codes, fp16 scale and zero a group of 32)
+ * ```
+ */
+export function formatBitsPerValue(
+  keys: ResolvedCacheFormat,
+  values: ResolvedCacheFormat,
+  pageTokens: number,
+  headDim: number,
+): number {
+  return ((headBlockBytes(keys, pageTokens, headDim) +
+    headBlockBytes(values, pageTokens, headDim)) *
+    8) / (2 * pageTokens * headDim);
+}
+
+/**
+ * Bits per value of a cache's quantized tokens: the mean over layers of each layer's
+ * {@link formatBitsPerValue} (the fp16 window excluded).
+ *
+ * @example
+ * ```ts
+ * import { cacheBitsPerValue, resolveCacheOptions } from "./mod.ts";
+ * const u = (bits: 2 | 4) => ({ kind: "uniform", bits, group: 32 }) as const;
+ * const c = resolveCacheOptions({
+ *   layers: 2, kvHeads: 2, headDim: 64, maxPages: 1, keys: u(2), values: u(2),
+ *   perLayer: [{ layer: 1, keys: u(4) }],
+ * });
+ * console.log(cacheBitsPerValue(c)); // 3.5: layer 0 at 3 bits, layer 1 at (5 + 3) / 2
+ * ```
+ */
+export function cacheBitsPerValue(
+  c: Pick<CacheConfig, "layers" | "keys" | "values" | "perLayer" | "pageTokens" | "headDim">,
+): number {
+  const f = layerFormats(c);
+  return f.reduce((s, l) => s + formatBitsPerValue(l.keys, l.values, c.pageTokens, c.headDim), 0) /
+    f.length;
+}
+
+/** The per-layer formats of `perLayer` (an array of {@link LayerFormat}), each layer named at most
+ * once, the rest `keys` / `values`; undefined when not given. */
+function resolvePerLayer(
+  perLayer: unknown,
+  layers: number,
+  headDim: number,
+  keys: ResolvedCacheFormat,
+  values: ResolvedCacheFormat,
+): CacheConfig["perLayer"] {
+  if (perLayer === undefined) return undefined;
+  if (!Array.isArray(perLayer)) {
+    throw new TypeError(
+      `perLayer must be an array of { layer, keys?, values? }, got ${show(perLayer)}`,
+    );
+  }
+  const n = perLayer.length; // read once
+  const out = Array.from({ length: layers }, () => ({ keys, values }));
+  const by = new Array<number | undefined>(layers);
+  for (let i = 0; i < n; i++) {
+    const name = `perLayer[${i}]`;
+    const e = perLayer[i];
+    if (e === null || typeof e !== "object") {
+      throw new TypeError(`${name} must be an object { layer, keys?, values? }, got ${show(e)}`);
+    }
+    const o = readOptions(name, e, ["layer", "keys", "values"], true);
+    let from: number, to: number;
+    if (Array.isArray(o.layer)) {
+      if (o.layer.length !== 2) {
+        throw new TypeError(`${name}.layer must be a layer or [from, to], got ${show(o.layer)}`);
+      }
+      from = checkInt(`${name}.layer[0]`, o.layer[0], 0, layers - 1);
+      to = checkInt(`${name}.layer[1]`, o.layer[1], from, layers - 1);
+    } else {
+      from = to = checkInt(`${name}.layer`, o.layer, 0, layers - 1);
+    }
+    const k = o.keys === undefined
+      ? keys
+      : resolveCacheFormat(`${name}.keys`, o.keys, { bits: 16 });
+    const v = o.values === undefined
+      ? values
+      : resolveCacheFormat(`${name}.values`, o.values, { bits: 16 });
+    if (k.group !== keys.group) {
+      throw new RangeError(
+        `${name}.keys.group must be the cache's keys.group (${keys.group}), the flush unit all layers share, got ${k.group}`,
+      );
+    }
+    if (headDim % v.group !== 0) {
+      throw new RangeError(`${name}.values.group must divide headDim (${headDim}), got ${v.group}`);
+    }
+    for (let l = from; l <= to; l++) {
+      if (by[l] !== undefined) {
+        throw new RangeError(
+          `${name}.layer names layer ${l}, which perLayer[${by[l]}] already names`,
+        );
+      }
+      by[l] = i;
+      out[l] = { keys: k, values: v };
+    }
+  }
+  return out;
 }
 
 /**
@@ -166,6 +311,7 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
     "maxPages",
     "budgetBytes",
     "maxSequences",
+    "perLayer",
   ], true);
   const layers = checkInt("layers", o.layers, 1, 4096);
   const kvHeads = checkInt("kvHeads", o.kvHeads, 1, 4096);
@@ -194,6 +340,7 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
     );
   }
   const maxSequences = checkInt("maxSequences", o.maxSequences ?? 64, 1, 1 << 16);
+  const perLayer = resolvePerLayer(o.perLayer, layers, headDim, keys, values);
   const partial = {
     layers,
     kvHeads,
@@ -204,6 +351,7 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
     maxSequences,
     keys,
     values,
+    ...(perLayer === undefined ? {} : { perLayer }),
   };
   let maxPages: number;
   if (o.maxPages !== undefined) {
@@ -225,6 +373,10 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
 /** @internal The int32 config array of kivi_cache_create (kivi.h KIVI_CFG_* order); benchmarks build a
  * twin native cache with it to time raw FFI calls. */
 export function configArray(c: CacheConfig): Int32Array {
+  const part = (
+    f: ResolvedCacheFormat,
+  ) => [KIND[f.kind], f.bits, f.group, FIT[f.fit], f.iterations];
+  const layers = c.perLayer?.flatMap((l) => [...part(l.keys), ...part(l.values)]) ?? [];
   return Int32Array.from([
     c.layers,
     c.kvHeads,
@@ -244,6 +396,7 @@ export function configArray(c: CacheConfig): Int32Array {
     c.values.group,
     FIT[c.values.fit],
     c.values.iterations,
+    ...layers, // kivi.h KIVI_LAYER_FIELDS a layer
   ]);
 }
 
@@ -271,18 +424,25 @@ export function memoryOf(r: BigUint64Array, c: CacheConfig): CacheMemory {
   const values = tokens * perToken * 2; // K and V
   const stored = codeBytes + paramBytes + residualBytes;
   const rate = (
-    f: CacheConfig["keys"],
+    f: ResolvedCacheFormat,
   ) => (f.bits === 16 ? 16 : bitsPerValue(
     f.kind === "uniform"
       ? { kind: "uniform", bits: f.bits, group: f.group }
       : { kind: "codebook", bits: f.bits, group: f.group },
   ));
-  const held = quantizedTokens * perToken * (rate(c.keys) + rate(c.values)) +
-    (tokens - quantizedTokens) * perToken * 32;
+  // a mixed cache: each layer's rate, as if every layer held the same tokens (appends to all layers do)
+  const formats = layerFormats(c);
+  const pair = formats.reduce((s, f) => s + rate(f.keys) + rate(f.values), 0) / formats.length;
+  const held = quantizedTokens * perToken * pair + (tokens - quantizedTokens) * perToken * 32;
+  const layerBitsPerValue = formats.map((f) =>
+    formatBitsPerValue(f.keys, f.values, c.pageTokens, c.headDim)
+  );
   return {
     ...m,
     bitsPerValue: values === 0 ? 0 : (stored * 8) / values,
     heldBitsPerValue: values === 0 ? 0 : held / values,
     ratioToFp16: values === 0 ? 0 : (stored + tableBytes) / (values * 2),
+    layerBitsPerValue,
+    formatBitsPerValue: layerBitsPerValue.reduce((a, b) => a + b, 0) / layerBitsPerValue.length,
   };
 }

@@ -8,6 +8,7 @@
  *   kivi accuracy  attention error and bits per value of every format, bit width and group size
  *   kivi generate  decode a Llama-family checkpoint over the cache (cli_model.ts)
  *   kivi perplexity  the model card's perplexity protocol for every cache format (cli_model.ts)
+ *   kivi calibrate  per-layer formats within a bits-per-value budget, from measured sensitivities
  *
  * Every command takes --backend auto|cpu|cuda and --json. Exit codes: 0 ok, 1 a failure while
  * running, 2 a bad command line.
@@ -420,7 +421,7 @@ export async function main(
   out = (s: string) => console.log(s),
   err = (s: string) => console.error(s),
 ): Promise<number> {
-  if (argv[0] === "generate" || argv[0] === "perplexity") {
+  if (argv[0] === "generate" || argv[0] === "perplexity" || argv[0] === "calibrate") {
     return await modelMain(argv, out, err, USAGE);
   }
   let p: Parsed;

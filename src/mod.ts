@@ -55,13 +55,17 @@ export { type SynthKV, synthKV, type SynthOptions } from "./synth.ts";
 export { Rng } from "./random.ts";
 export {
   type AppendOptions,
+  cacheBitsPerValue,
   type CacheConfig,
   type CacheFormat,
   type CacheMemory,
   type CacheOptions,
+  formatBitsPerValue,
   KVCache,
+  type LayerFormat,
   pageBytes,
   resolveCacheOptions,
+  type ResolvedCacheFormat,
   Sequence,
 } from "./cache.ts";
 export { BATCH_MAX, type BatchOptions, DecodeBatch } from "./batch.ts";
@@ -76,6 +80,19 @@ export {
   type RandomModelOptions,
 } from "./model/llama.ts";
 export { type LlamaConfig } from "./model/config.ts";
+export {
+  calibrate,
+  type CalibrateOptions,
+  CALIBRATION_BYTES,
+  measureSensitivity,
+  type Plan,
+  planCache,
+  planFromSensitivity,
+  readPlan,
+  type Sensitivity,
+  type SensitivityEntry,
+  splitHeldout,
+} from "./model/calibrate.ts";
 export { ModelError } from "./model/safetensors.ts";
 export {
   type CacheSpec,

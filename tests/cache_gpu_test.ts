@@ -33,10 +33,12 @@ class Pair {
     this.gs.push(this.g.createSequence());
     return this.cs.length - 1;
   }
+  /** Appends to one layer, or (layer -1) to every layer at once. */
   append(i: number, k: Float32Array, v: Float32Array, layer = 0): void {
-    this.cs[i].append(k, v, { layer });
+    const o = layer < 0 ? {} : { layer };
+    this.cs[i].append(k, v, o);
     using kt = this.gpu.upload(k), vt = this.gpu.upload(v);
-    this.gs[i].append(kt, vt, { layer });
+    this.gs[i].append(kt, vt, o);
   }
   async attention(rng: Rng, idx: number[], layer = 0): Promise<[Float32Array, Float32Array]> {
     const c = this.c.config;
@@ -187,6 +189,63 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
       });
     }
   }
+
+  it("per-layer formats: each layer's pages and attention in its own format, appended to all layers at once and per layer, as on the CPU", async () => {
+    const rng = new Rng("gpu cache per layer");
+    const U2 = { kind: "uniform", bits: 2, group: 32 } as const;
+    const layers: { keys: CacheFormat; values: CacheFormat; exact: boolean }[] = [
+      { keys: U2, values: U2, exact: true }, // tensor-core layout
+      { keys: { kind: "uniform", bits: 4, group: 32 }, values: U2, exact: true }, // SIMT kernel
+      { keys: U2, values: { kind: "codebook", bits: 2, group: 64 }, exact: false },
+      { keys: { bits: 16 }, values: { kind: "uniform", bits: 4, group: 64 }, exact: true },
+      { keys: U2, values: { bits: 16 }, exact: true },
+    ];
+    const L = layers.length, kvHeads = 2, headDim = 64;
+    const p = new Pair(gpu, {
+      layers: L,
+      kvHeads,
+      queryHeads: 8,
+      headDim,
+      pageTokens: 64,
+      residual: 32,
+      maxPages: 200,
+      maxSequences: 8,
+      keys: U2,
+      values: U2,
+      perLayer: layers.map(({ keys, values }, layer) => ({ layer, keys, values })),
+    });
+    try {
+      for (const n of [1, 97, 300, 1030]) {
+        const i = p.add();
+        p.append(i, rows(rng, n * L, kvHeads, headDim), rows(rng, n * L, kvHeads, headDim), -1);
+      }
+      for (let step = 0; step < 40; step++) { // decode steps one layer at a time, across flushes
+        for (let l = 0; l < L; l++) {
+          p.append(1, rows(rng, 1, kvHeads, headDim), rows(rng, 1, kvHeads, headDim), l);
+        }
+      }
+      for (let l = 0; l < L; l++) {
+        for (const i of [0, 1, 2, 3]) {
+          assert.equal(p.gs[i].quantizedLength(l), p.cs[i].quantizedLength(l));
+          const [gk, gv, wk, wv] = await p.reads(i, l);
+          assert.deepEqual(gk, wk, `keys of seq ${i} layer ${l} ${rng.tag}`);
+          if (layers[l].exact) assert.deepEqual(gv, wv, `values of seq ${i} layer ${l} ${rng.tag}`);
+          else {
+            let differ = 0;
+            for (let j = 0; j < wv.length; j++) {
+              if (Math.abs(gv[j] - wv[j]) > 2e-3 * (Math.abs(wv[j]) + 1)) differ++;
+            }
+            assert.ok(differ <= wv.length * 2e-3, `${differ} codebook values differ ${rng.tag}`);
+          }
+        }
+        const [g, w] = await p.attention(rng, [0, 1, 2, 3], l);
+        assertAttention(g, w, `layer ${l} ${rng.tag}`);
+      }
+      assert.deepEqual(p.g.memory(), p.c.memory());
+    } finally {
+      p.dispose();
+    }
+  });
 
   it("freed pages are reused with nothing of the old sequence visible", async () => {
     const rng = new Rng("gpu reuse");

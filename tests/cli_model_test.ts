@@ -77,8 +77,9 @@ describe("kivi generate and kivi perplexity", () => {
       ...words("--windows 1 --steps 4 --keys 16 --values uniform:4:32"),
     );
     assert.equal(t.code, 0, t.err);
-    assert.match(t.out, /^cache +residual +bits\/byte/);
-    assert.match(t.out, /\nbits 16 +128 +\d\.\d{4} /);
+    assert.match(t.out, /^cache +residual +bits\/value +bits\/byte/);
+    assert.match(t.out, /\nbits 16 +128 +16\.000 +\d\.\d{4} /);
+    assert.match(t.out, /\nkeys 16, values uniform:4:32 +128 +10\.500 +\d\.\d{4} /);
   });
 
   it("bad command lines exit 2 naming the problem; a bad model folder exits 1", async () => {

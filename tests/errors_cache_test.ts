@@ -228,6 +228,92 @@ describe("cache options out of range", () => {
   });
 });
 
+describe("per-layer formats with bad input", () => {
+  it("a bad perLayer (a layer out of range or named twice, a format the cache cannot hold) is a TypeError or RangeError naming the entry; no cache is made", async () => {
+    const f = await fixture("perLayer");
+    using _ = f.kivi;
+    const base = { layers: 2, kvHeads: 2, headDim: 64, maxPages: 4, residual: 32 } as CacheOptions;
+    const make = (perLayer: unknown) => () =>
+      f.kivi.createCache({ ...base, perLayer } as CacheOptions);
+    const u4 = { kind: "uniform", bits: 4, group: 32 } as const;
+    const R = RangeError, T = TypeError;
+    expectEach(f, [
+      [
+        "perLayer not an array",
+        make({ layer: 0 }),
+        T,
+        /perLayer must be an array of \{ layer, keys\?, values\? \}, got/,
+      ],
+      [
+        "an entry null",
+        make([null]),
+        T,
+        /perLayer\[0\] must be an object \{ layer, keys\?, values\? \}, got null/,
+      ],
+      [
+        "a layer out of range",
+        make([{ layer: 2, keys: u4 }]),
+        R,
+        /perLayer\[0\]\.layer must be between 0 and 1, got 2/,
+      ],
+      [
+        "a negative layer",
+        make([{ layer: -1, keys: u4 }]),
+        R,
+        /perLayer\[0\]\.layer must be between 0 and 1, got -1/,
+      ],
+      [
+        "a range past the last layer",
+        make([{ layer: [0, 5], keys: u4 }]),
+        R,
+        /perLayer\[0\]\.layer\[1\] must be between 0 and 1, got 5/,
+      ],
+      [
+        "a reversed range",
+        make([{ layer: [1, 0], keys: u4 }]),
+        R,
+        /perLayer\[0\]\.layer\[1\] must be between 1 and 1, got 0/,
+      ],
+      [
+        "a range of three",
+        make([{ layer: [0, 1, 1], keys: u4 }]),
+        T,
+        /perLayer\[0\]\.layer must be a layer or \[from, to\], got/,
+      ],
+      [
+        "a layer named twice",
+        make([{ layer: 1, keys: u4 }, { layer: [0, 1], values: u4 }]),
+        R,
+        /perLayer\[1\]\.layer names layer 1, which perLayer\[0\] already names/,
+      ],
+      [
+        "keys.bits 3",
+        make([{ layer: 0, keys: { kind: "uniform", bits: 3 } }]),
+        R,
+        /perLayer\[0\]\.keys\.bits must be one of 2, 4, 16, got 3/,
+      ],
+      [
+        "a key group other than the cache's",
+        make([{ layer: 0, keys: { kind: "uniform", bits: 4, group: 64 } }]),
+        R,
+        /perLayer\[0\]\.keys\.group must be the cache's keys\.group \(32\), the flush unit all layers share, got 64/,
+      ],
+      [
+        "a value group that does not divide headDim",
+        make([{ layer: 1, values: { kind: "uniform", bits: 2, group: 128 } }]),
+        R,
+        /perLayer\[0\]\.values\.group must divide headDim \(64\), got 128/,
+      ],
+      [
+        "an unknown key",
+        make([{ layer: 0, key: u4 }]),
+        T,
+        /perLayer\[0\] has an unknown key "key"/,
+      ],
+    ]);
+  });
+});
+
 describe("appends with bad input", () => {
   it("wrong types, dtypes, lengths and layers are TypeErrors or RangeErrors naming the argument", async () => {
     const f = await fixture("append args");

@@ -212,7 +212,20 @@ function leakSuite(name: string, open: () => Promise<Backend>, device: boolean) 
       async () => {
         const kivi = await open();
         try {
-          const { m0, m1, ms, warm, deviceGrowth } = await measure(kivi, c, device);
+          let r = await measure(kivi, c, device);
+          // A leak grows in every window; a window that grew past the bound under a loaded machine
+          // (the allocator or the collector catching up once) is measured once more, and the second
+          // window decides.
+          if (
+            r.m1.native - r.m0.native >= BOUND || r.m1.heapUsed - r.m0.heapUsed >= BOUND ||
+            r.m1.rss - r.m0.rss >= BOUND
+          ) {
+            console.log(
+              `leaks: ${name}, ${c.cycles} x ${c.name}: grew in the first window, measured again`,
+            );
+            r = await measure(kivi, c, device);
+          }
+          const { m0, m1, ms, warm, deviceGrowth } = r;
           const fig =
             `after ${warm} warm-up cycles: RSS ${grew(m0.rss, m1.rss)}, native (RSS - heapTotal) ${
               grew(m0.native, m1.native)

@@ -43,6 +43,13 @@ gpuDescribe("model on CUDA", (gpu) => {
       const cache of [BITS16, { residual: 32 }, {
         keys: { kind: "uniform", bits: 4, group: 32 },
         values: { kind: "uniform", bits: 2, group: 32 },
+      }, { // per-layer formats (a calibrated plan's shape): tensor-core, SIMT and codebook layers
+        residual: 32,
+        perLayer: [
+          { layer: 0, keys: { kind: "uniform", bits: 4, group: 32 } },
+          { layer: [1, 2], values: { kind: "uniform", bits: 2, group: 32 } },
+          { layer: 5, values: { kind: "uniform", bits: 4, group: 64 } },
+        ],
       }] as const
     ) {
       const o = { windows: 3, steps: 96, keep: true, cache };

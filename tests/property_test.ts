@@ -286,6 +286,12 @@ function checkState(cache: KVCache, m: Model, tableBytes: number, where: string)
     bitsPerValue: 0,
     heldBitsPerValue: 0,
     ratioToFp16: 0,
+    // a page's codes and params of K and V over its values, the same in every layer
+    layerBitsPerValue: Array<number>(c.layers).fill(
+      ((codes(c.keys) + params(c.keys) + codes(c.values) + params(c.values)) * 8) / (2 * vals),
+    ),
+    formatBitsPerValue: ((codes(c.keys) + params(c.keys) + codes(c.values) + params(c.values)) *
+      8) / (2 * vals),
   };
   const values = tokens * c.kvHeads * c.headDim * 2,
     stored = want.codeBytes + want.paramBytes + want.residualBytes;

@@ -28,9 +28,9 @@ static void load_block(const cache_t *c, int is_v, int32_t seq, int32_t layer, i
     const int32_t page = c->tables[(int64_t)seq * c->cfg.max_pages + t0 / P];
     const uint8_t *block = cpu_cache_block(c, is_v, layer, page, kh);
     if (is_v)
-      cpu_cache_dequant_v(c, block, nt, buf);
+      cpu_cache_dequant_v(&c->lay[layer], block, nt, buf);
     else
-      cpu_cache_dequant_k(c, block, nt, buf);
+      cpu_cache_dequant_k(&c->lay[layer], block, nt, buf);
     return;
   }
   for (int32_t t = 0; t < nt; t++) {

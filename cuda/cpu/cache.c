@@ -27,8 +27,8 @@ static int mul_size(uint64_t a, uint64_t b, uint64_t *out) {
 
 KIVI_API kivi_status kivi_cache_destroy(kivi_cache_t cache) {
   if (!cache) return KIVI_OK;
-  void *owned[] = {cache->kpool,  cache->vpool, cache->kwin,       cache->vwin,      cache->seqs,
-                   cache->tables, cache->lens,  cache->free_pages, cache->page_refs, cache};
+  void *owned[] = {cache->kpool, cache->vpool,      cache->kwin, cache->vwin,      cache->seqs, cache->tables,
+                   cache->lens,  cache->free_pages, cache->lay,  cache->page_refs, cache};
   for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
   return KIVI_OK;
 }
@@ -44,14 +44,13 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
   c->ctx = ctx;
   memcpy(&c->cfg, config, sizeof c->cfg);
   const kivi_cache_config *g = &c->cfg;
-  c->kpart = kivi_page_part(g, 0);
-  c->vpart = kivi_page_part(g, 1);
   c->F = kivi_flush_tokens(g);
   c->W = kivi_window_tokens(g);
 
-  uint64_t kpool, vpool, win, t;
-  const uint64_t pages = (uint64_t)g->layers * (uint64_t)g->max_pages; /* < 2^62 */
-  int ok = mul_size(pages, c->kpart.page, &kpool) && mul_size(pages, c->vpart.page, &vpool);
+  uint64_t kpool = 0, vpool = 0, win, t;
+  c->lay = calloc((size_t)g->layers, sizeof *c->lay);
+  int ok =
+      c->lay && kivi_cache_layouts(config, n_fields, c->lay, &kpool, &vpool) && kpool <= SIZE_MAX && vpool <= SIZE_MAX;
   ok = ok && mul_size((uint64_t)g->max_seqs * (uint64_t)g->layers, (uint64_t)c->W, &t) &&
        mul_size(t, (uint64_t)g->kv_heads * (uint64_t)g->head_dim * 2u, &win);
   if (ok) {
@@ -67,11 +66,11 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
     ok = c->kpool && c->vpool && c->kwin && c->vwin && c->seqs && c->tables && c->lens && c->free_pages && c->page_refs;
   }
   if (!ok) {
-    const unsigned long long kb = c->kpart.page, vb = c->vpart.page;
+    const unsigned long long kb = c->lay ? c->lay[0].kp.page : 0, vb = c->lay ? c->lay[0].vp.page : 0;
     kivi_cache_destroy(c);
     return cpu_fail(ctx, KIVI_ERR_NOMEM,
-                    "%s: could not allocate the pool (%d layers x %d pages x (%llu + %llu) bytes) and the residual "
-                    "windows",
+                    "%s: could not allocate the pool (%d layers x %d pages x (%llu + %llu) bytes in layer 0) and the "
+                    "residual windows",
                     op, (int)config[KIVI_CFG_LAYERS], (int)config[KIVI_CFG_MAX_PAGES], kb, vb);
   }
   c->pool_bytes = kpool + vpool + 2u * win;
@@ -140,8 +139,8 @@ KIVI_API kivi_status kivi_cache_seq_copy(kivi_cache_t c, int32_t src, int32_t *d
   kivi_pages_take(c->free_pages, &c->n_free, row, np);
   for (int32_t l = 0; l < g->layers; l++) {
     for (int32_t i = 0; i < np; i++) {
-      memcpy(cpu_cache_block(c, 0, l, row[i], 0), cpu_cache_block(c, 0, l, srow[i], 0), c->kpart.page);
-      memcpy(cpu_cache_block(c, 1, l, row[i], 0), cpu_cache_block(c, 1, l, srow[i], 0), c->vpart.page);
+      memcpy(cpu_cache_block(c, 0, l, row[i], 0), cpu_cache_block(c, 0, l, srow[i], 0), c->lay[l].kp.page);
+      memcpy(cpu_cache_block(c, 1, l, row[i], 0), cpu_cache_block(c, 1, l, srow[i], 0), c->lay[l].vp.page);
     }
   }
   const size_t win = sizeof(uint16_t) * (size_t)g->layers * (size_t)c->W * (size_t)g->kv_heads * (size_t)g->head_dim;
@@ -182,12 +181,12 @@ KIVI_API kivi_status kivi_cache_seq_pages(kivi_cache_t c, int32_t seq, int32_t *
 /* One group of G values v[i] at page elements (t0 + i * dt, d0 + i * dd) of a head block: params where
    kivi_format.h puts them, each code into its slot (whatever the layout, the group's codes are
    computed as one run, then placed). */
-static void quantize_group(const cache_t *c, int is_value, uint8_t *block, const float *v, int32_t G, int32_t t0,
-                           int32_t d0, int32_t dt, int32_t dd) {
-  const kivi_cache_config *g = &c->cfg;
+static void quantize_group(const kivi_layer_layout *L, int is_value, uint8_t *block, const float *v, int32_t G,
+                           int32_t t0, int32_t d0, int32_t dt, int32_t dd) {
+  const kivi_cache_config *g = &L->cfg;
   const int32_t bits = is_value ? g->v_bits : g->k_bits, n = kivi_levels(bits), cpw = kivi_codes_per_word(bits);
   uint32_t *codes = (uint32_t *)block;
-  uint16_t *params = (uint16_t *)(block + (is_value ? c->vpart.codes : c->kpart.codes));
+  uint16_t *params = (uint16_t *)(block + (is_value ? L->vp.codes : L->kp.codes));
   uint32_t words[CPU_MAX_GROUP / 8];
   if ((is_value ? g->v_kind : g->k_kind) == KIVI_KIND_UNIFORM) {
     int64_t si, zi;
@@ -209,9 +208,9 @@ static void quantize_group(const cache_t *c, int is_value, uint8_t *block, const
 
 /* Keys of one flush group: tokens [o, o + F) of a head block from tok [F][D] (one head's rows, floats
    of fp16 values). Gk == F, so each channel is exactly one group. */
-static void quantize_k_group(const cache_t *c, uint8_t *block, int32_t o, const float *tok) {
-  const kivi_cache_config *g = &c->cfg;
-  const int32_t D = g->head_dim, F = c->F;
+static void quantize_k_group(const kivi_layer_layout *L, uint8_t *block, int32_t o, const float *tok) {
+  const kivi_cache_config *g = &L->cfg;
+  const int32_t D = g->head_dim, F = kivi_flush_tokens(g);
   if (g->k_bits == 16) {
     uint16_t *h = (uint16_t *)block + (int64_t)o * D;
     for (int32_t i = 0; i < F * D; i++) h[i] = kivi_f32_to_f16(tok[i]); /* exact: tok holds fp16 values */
@@ -220,14 +219,14 @@ static void quantize_k_group(const cache_t *c, uint8_t *block, int32_t o, const 
   float v[CPU_MAX_GROUP];
   for (int32_t d = 0; d < D; d++) {
     for (int32_t i = 0; i < F; i++) v[i] = tok[(int64_t)i * D + d];
-    quantize_group(c, 0, block, v, F, o, d, 1, 0);
+    quantize_group(L, 0, block, v, F, o, d, 1, 0);
   }
 }
 
 /* Values of rows [o, o + F) of a head block from tok [F][D]: per token, groups of Gv channels. */
-static void quantize_v_rows(const cache_t *c, uint8_t *block, int32_t o, const float *tok) {
-  const kivi_cache_config *g = &c->cfg;
-  const int32_t D = g->head_dim, F = c->F, Gv = g->v_group;
+static void quantize_v_rows(const kivi_layer_layout *L, uint8_t *block, int32_t o, const float *tok) {
+  const kivi_cache_config *g = &L->cfg;
+  const int32_t D = g->head_dim, F = kivi_flush_tokens(g), Gv = g->v_group;
   if (g->v_bits == 16) {
     uint16_t *h = (uint16_t *)block + (int64_t)o * D;
     for (int32_t i = 0; i < F * D; i++) h[i] = kivi_f32_to_f16(tok[i]);
@@ -235,7 +234,7 @@ static void quantize_v_rows(const cache_t *c, uint8_t *block, int32_t o, const f
   }
   for (int32_t i = 0; i < F; i++)
     for (int32_t k = 0; k < D / Gv; k++)
-      quantize_group(c, 1, block, tok + (int64_t)i * D + (int64_t)k * Gv, Gv, o + i, k * Gv, 0, 1);
+      quantize_group(L, 1, block, tok + (int64_t)i * D + (int64_t)k * Gv, Gv, o + i, k * Gv, 0, 1);
 }
 
 /* Unpacking: AVX2 where the build targets it (a vector shift by per-lane counts; _mm256_fmadd_ps is
@@ -316,8 +315,8 @@ static inline void deq_group(int32_t kind, const uint16_t *params, int64_t gi, i
   }
 }
 
-void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, float *kd) {
-  const kivi_cache_config *g = &c->cfg;
+void cpu_cache_dequant_k(const kivi_layer_layout *L, const uint8_t *block, int32_t nt, float *kd) {
+  const kivi_cache_config *g = &L->cfg;
   const int32_t D = g->head_dim, P = g->page_tokens, Gk = g->k_group, bits = g->k_bits;
   if (bits == 16) { /* [P][D] -> [D][P], 8 tokens at a time (nt is a multiple of F) */
     const uint16_t *h = (const uint16_t *)block;
@@ -330,7 +329,7 @@ void cpu_cache_dequant_k(const cache_t *c, const uint8_t *block, int32_t nt, flo
     return;
   }
   const uint32_t *codes = (const uint32_t *)block;
-  const uint16_t *params = (const uint16_t *)(block + c->kpart.codes);
+  const uint16_t *params = (const uint16_t *)(block + L->kp.codes);
   if (kivi_cache_mma_layout(g)) { /* codes [P][D / 16], params half2 [P / Gk][D] */
     const int32_t wpt = D / 16;
     for (int32_t t0 = 0; t0 < nt; t0 += Gk) {
@@ -368,15 +367,15 @@ static const uint32_t kv_spread4[256] = {KV_SP64(0u), KV_SP64(64u), KV_SP64(128u
 #undef KV_SP4
 #undef KV_SP
 
-void cpu_cache_dequant_v(const cache_t *c, const uint8_t *block, int32_t nt, float *vt) {
-  const kivi_cache_config *g = &c->cfg;
+void cpu_cache_dequant_v(const kivi_layer_layout *L, const uint8_t *block, int32_t nt, float *vt) {
+  const kivi_cache_config *g = &L->cfg;
   const int32_t D = g->head_dim, Gv = g->v_group, bits = g->v_bits;
   if (bits == 16) {
     cpu_f16_to_f32_n((const uint16_t *)block, vt, (int64_t)nt * D);
     return;
   }
   const uint32_t *codes = (const uint32_t *)block;
-  const uint16_t *params = (const uint16_t *)(block + c->vpart.codes);
+  const uint16_t *params = (const uint16_t *)(block + L->vp.codes);
   if (kivi_cache_mma_layout(g)) { /* codes [P / 16][D] (fragment order), params planes [D / Gv][P] in pair order:
                                      uniform scale then zero, codebook c0..c3 */
     const int64_t P = g->page_tokens, plane = (int64_t)(D / Gv) * P;
@@ -526,9 +525,9 @@ void cpu_cache_append_commit(cache_t *c, int32_t seq, int32_t L0, int32_t L1, co
           }
           uint8_t *block = cpu_cache_block(c, is_v, l, page, h);
           if (is_v)
-            quantize_v_rows(c, block, o, tok);
+            quantize_v_rows(&c->lay[l], block, o, tok);
           else
-            quantize_k_group(c, block, o, tok);
+            quantize_k_group(&c->lay[l], block, o, tok);
         }
       }
     }
@@ -564,11 +563,11 @@ KIVI_API kivi_status kivi_cache_read(kivi_cache_t c, int32_t seq, int32_t layer,
   for (int64_t t0 = 0; t0 < qlen; t0 += P) {
     const int32_t nt = (int32_t)(qlen - t0 < P ? qlen - t0 : P);
     for (int32_t h = 0; h < H; h++) {
-      cpu_cache_dequant_k(c, cpu_cache_block(c, 0, layer, table[t0 / P], h), nt, buf);
+      cpu_cache_dequant_k(&c->lay[layer], cpu_cache_block(c, 0, layer, table[t0 / P], h), nt, buf);
       for (int32_t t = 0; t < nt; t++)
         for (int32_t d = 0; d < D; d++)
           cpu_store(k, dtype, (t0 + t) * row + (int64_t)h * D + d, buf[(int64_t)d * P + t]);
-      cpu_cache_dequant_v(c, cpu_cache_block(c, 1, layer, table[t0 / P], h), nt, buf);
+      cpu_cache_dequant_v(&c->lay[layer], cpu_cache_block(c, 1, layer, table[t0 / P], h), nt, buf);
       for (int32_t t = 0; t < nt; t++)
         for (int32_t d = 0; d < D; d++)
           cpu_store(v, dtype, (t0 + t) * row + (int64_t)h * D + d, buf[(int64_t)t * D + d]);
@@ -592,8 +591,12 @@ KIVI_API kivi_status kivi_cache_memory(kivi_cache_t c, uint64_t *report, int32_t
   if (!report) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: report must not be NULL", op);
   if (n_fields < 1) return cpu_fail(c->ctx, KIVI_ERR_ARG, "%s: n_fields must be >= 1, got %d", op, (int)n_fields);
   const kivi_cache_config *g = &c->cfg;
-  const uint64_t used = (uint64_t)(g->max_pages - c->n_free), heads = (uint64_t)g->layers * (uint64_t)g->kv_heads;
-  uint64_t r[KIVI_MEM_FIELDS] = {0}, resid = 0, tokens = 0, quant = 0;
+  const uint64_t used = (uint64_t)(g->max_pages - c->n_free), heads = (uint64_t)g->kv_heads;
+  uint64_t r[KIVI_MEM_FIELDS] = {0}, resid = 0, tokens = 0, quant = 0, codes = 0, params = 0;
+  for (int32_t l = 0; l < g->layers; l++) {
+    codes += c->lay[l].kp.codes + c->lay[l].vp.codes;
+    params += c->lay[l].kp.params + c->lay[l].vp.params;
+  }
   for (int32_t s = 0; s < g->max_seqs; s++) {
     if (!c->seqs[s].live) continue;
     for (int32_t l = 0; l < g->layers; l++) {
@@ -603,8 +606,8 @@ KIVI_API kivi_status kivi_cache_memory(kivi_cache_t c, uint64_t *report, int32_t
       resid += (uint64_t)(ln[0] - ln[1]);
     }
   }
-  r[KIVI_MEM_CODE_BYTES] = used * heads * (c->kpart.codes + c->vpart.codes);
-  r[KIVI_MEM_PARAM_BYTES] = used * heads * (c->kpart.params + c->vpart.params);
+  r[KIVI_MEM_CODE_BYTES] = used * heads * codes;
+  r[KIVI_MEM_PARAM_BYTES] = used * heads * params;
   r[KIVI_MEM_RESIDUAL_BYTES] = resid * (uint64_t)g->kv_heads * (uint64_t)g->head_dim * 4u;
   r[KIVI_MEM_TABLE_BYTES] = (uint64_t)g->max_seqs * ((uint64_t)g->max_pages * 4u + (uint64_t)g->layers * 16u + 8u);
   r[KIVI_MEM_POOL_BYTES] = c->pool_bytes;

@@ -176,15 +176,15 @@ typedef struct cpu_seq {
 struct kivi_cache {
   kivi_ctx_t ctx;
   kivi_cache_config cfg;
-  kivi_part_layout kpart, vpart; /* kivi_page_part(cfg, 0 / 1) */
-  int32_t F, W;                  /* flush unit (k_group) and window capacity R + F */
-  uint8_t *kpool, *vpool;        /* [layers][max_pages][kpart.page / vpart.page] bytes */
-  uint16_t *kwin, *vwin;         /* fp16 [max_seqs][layers][W][kv_heads][head_dim] */
-  uint64_t pool_bytes;           /* kpool + vpool + kwin + vwin */
-  cpu_seq *seqs;                 /* [max_seqs] */
-  int32_t *tables;               /* [max_seqs][max_pages] block tables */
-  int64_t *lens;                 /* [max_seqs][layers][2]: len, qlen */
-  int32_t *free_pages;           /* [max_pages] LIFO stack of free page ids, top at n_free - 1 */
+  kivi_layer_layout *lay; /* [layers]: each layer's formats, page parts and pool offsets */
+  int32_t F, W;           /* flush unit (k_group) and window capacity R + F */
+  uint8_t *kpool, *vpool; /* per layer (at lay[l].kbase / vbase) [max_pages][part.page] bytes */
+  uint16_t *kwin, *vwin;  /* fp16 [max_seqs][layers][W][kv_heads][head_dim] */
+  uint64_t pool_bytes;    /* kpool + vpool + kwin + vwin */
+  cpu_seq *seqs;          /* [max_seqs] */
+  int32_t *tables;        /* [max_seqs][max_pages] block tables */
+  int64_t *lens;          /* [max_seqs][layers][2]: len, qlen */
+  int32_t *free_pages;    /* [max_pages] LIFO stack of free page ids, top at n_free - 1 */
   int32_t n_free;
   int32_t *page_refs; /* [max_pages] owners beyond the first of each page (forks share pages: kivi_seq.h) */
 };
@@ -195,9 +195,10 @@ static inline int64_t *cpu_cache_len(const struct kivi_cache *c, int32_t seq, in
 /** Head block of (layer, page, head) in the K (is_value 0) or V pool. */
 static inline uint8_t *cpu_cache_block(const struct kivi_cache *c, int is_value, int32_t layer, int32_t page,
                                        int32_t head) {
-  const kivi_part_layout *p = is_value ? &c->vpart : &c->kpart;
-  uint8_t *pool = is_value ? c->vpool : c->kpool;
-  return pool + ((uint64_t)layer * (uint64_t)c->cfg.max_pages + (uint64_t)page) * p->page + (uint64_t)head * p->head;
+  const kivi_layer_layout *L = &c->lay[layer];
+  const kivi_part_layout *p = is_value ? &L->vp : &L->kp;
+  uint8_t *pool = is_value ? c->vpool + L->vbase : c->kpool + L->kbase;
+  return pool + (uint64_t)page * p->page + (uint64_t)head * p->head;
 }
 /** Window row of (seq, layer, slot): fp16 [kv_heads][head_dim]. */
 static inline uint16_t *cpu_cache_win(const struct kivi_cache *c, int is_value, int32_t seq, int32_t layer,
@@ -206,10 +207,10 @@ static inline uint16_t *cpu_cache_win(const struct kivi_cache *c, int is_value, 
   return (is_value ? c->vwin : c->kwin) +
          (((uint64_t)seq * (uint64_t)c->cfg.layers + (uint64_t)layer) * (uint64_t)c->W + (uint64_t)slot) * row;
 }
-/** Dequantized keys of tokens [0, nt) of a head block: kd [head_dim][page_tokens] (channel major). */
-void cpu_cache_dequant_k(const struct kivi_cache *c, const uint8_t *block, int32_t nt, float *kd);
-/** Dequantized values of tokens [0, nt) of a head block: vt [page_tokens][head_dim] (token major). */
-void cpu_cache_dequant_v(const struct kivi_cache *c, const uint8_t *block, int32_t nt, float *vt);
+/** Dequantized keys of tokens [0, nt) of a head block of layer L: kd [head_dim][page_tokens] (channel major). */
+void cpu_cache_dequant_k(const kivi_layer_layout *L, const uint8_t *block, int32_t nt, float *kd);
+/** Dequantized values of tokens [0, nt) of a head block of layer L: vt [page_tokens][head_dim] (token major). */
+void cpu_cache_dequant_v(const kivi_layer_layout *L, const uint8_t *block, int32_t nt, float *vt);
 /** Pages seq's block table needs beyond those it holds for an append of n tokens to layers [L0, L1). */
 int64_t cpu_cache_append_pages(const struct kivi_cache *c, int32_t seq, int32_t L0, int32_t L1, int32_t n);
 /** The append after every check passed (extra = cpu_cache_append_pages <= free pages): takes the pages,

@@ -50,8 +50,8 @@ KIVI_API kivi_status kivi_cache_seq_fork(kivi_cache_t c, int32_t seq, int32_t *c
   kivi_fork_table(c->free_pages, &c->n_free, c->page_refs, prow, crow, npages, npages - copies);
   for (int32_t i = npages - copies; i < npages; i++)
     for (int32_t l = 0; l < g->layers; l++) {
-      memcpy(cpu_cache_block(c, 0, l, crow[i], 0), cpu_cache_block(c, 0, l, prow[i], 0), (size_t)c->kpart.page);
-      memcpy(cpu_cache_block(c, 1, l, crow[i], 0), cpu_cache_block(c, 1, l, prow[i], 0), (size_t)c->vpart.page);
+      memcpy(cpu_cache_block(c, 0, l, crow[i], 0), cpu_cache_block(c, 0, l, prow[i], 0), (size_t)c->lay[l].kp.page);
+      memcpy(cpu_cache_block(c, 1, l, crow[i], 0), cpu_cache_block(c, 1, l, prow[i], 0), (size_t)c->lay[l].vp.page);
     }
   const size_t win = sizeof(uint16_t) * (size_t)g->layers * (size_t)c->W * (size_t)g->kv_heads * (size_t)g->head_dim;
   memcpy(cpu_cache_win(c, 0, s, 0, 0), cpu_cache_win(c, 0, seq, 0, 0), win);

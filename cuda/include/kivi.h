@@ -270,6 +270,13 @@ enum {
   KIVI_CFG_FIELDS /* number of fields */
 };
 
+/** Per-layer formats: a config of KIVI_CFG_FIELDS + layers * KIVI_LAYER_FIELDS fields gives each layer
+    its own key and value format after the cache's fields, layer 0 first, each layer's fields in the
+    order of KIVI_CFG_K_KIND .. KIVI_CFG_V_ITERS (the rules of those fields, and a key group equal to
+    KIVI_CFG_K_GROUP: the flush unit is one for all layers); the cache's own format fields are then
+    checked but not used. A layer's pages and its attention then use its format. */
+enum { KIVI_LAYER_FIELDS = 10 };
+
 typedef int32_t kivi_kind;
 enum { KIVI_KIND_UNIFORM = 0, KIVI_KIND_CODEBOOK = 1 };
 
@@ -290,7 +297,8 @@ enum {
 typedef struct kivi_cache *kivi_cache_t;
 
 /** Creates a cache: validates the config (KIVI_ERR_ARG naming the field), allocates the pool and
-    the residual windows once (KIVI_ERR_NOMEM if they do not fit). */
+    the residual windows once (KIVI_ERR_NOMEM if they do not fit). n_fields is KIVI_CFG_FIELDS, or
+    KIVI_CFG_FIELDS + layers * KIVI_LAYER_FIELDS for per-layer formats. */
 KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config /* host [n_fields] */, int32_t n_fields,
                                        kivi_cache_t *out /* host [1] out */);
 /** Frees the cache and everything it allocated. NULL is a no-op. */

@@ -280,7 +280,9 @@ KIVI_HD int64_t kivi_word_of(int64_t r, int64_t c, int64_t rows, int64_t cols, i
 /*
  * Pool layout. Each layer has its own storage for every page id; a page holds page_tokens (P)
  * tokens of every KV head. Page (layer, page) starts at layer_base + page * page_bytes, where the
- * K pool and the V pool are separate allocations. Inside a page the heads follow each other, each
+ * K pool and the V pool are separate allocations, the layers one after the other, each with the page
+ * bytes of its own format (kivi_layer_layout: a cache may give each layer its own key and value
+ * format; one format: layer_base = layer * max_pages * page_bytes). Inside a page the heads follow each other, each
  * head block 16-byte aligned:
  *   keys   quantized: codes  uint32 [D][P / cpw]            (per channel, packed along tokens)
  *                     params uniform: half2 (scale, zero) [D][P / Gk]
@@ -346,6 +348,15 @@ KIVI_HD kivi_part_layout kivi_page_part(const kivi_cache_config *c, int is_value
   l.page = l.head * (uint64_t)c->kv_heads;
   return l;
 }
+
+/** One layer's view of a cache: the cache's config with the layer's key and value formats, the
+    byte sizes of its page parts, and where its storage starts in the K and V pools (layer l's page p
+    is at base + p * part.page). A single-format cache's layer l has base l * max_pages * part.page. */
+typedef struct kivi_layer_layout {
+  kivi_cache_config cfg;
+  kivi_part_layout kp, vp;
+  uint64_t kbase, vbase;
+} kivi_layer_layout;
 
 /** 1 when the cache's pages use the tensor-core layout (see above): uniform 2-bit keys, uniform or
     codebook 2-bit values, groups of 32, 64 or 128 each, head_dim 64 or 128, any number of query heads a

@@ -346,31 +346,52 @@ static const char *const kivi_cfg_short[KIVI_CFG_FIELDS] = {
     "layers", "kv_heads", "q_heads", "head_dim", "page_tokens", "residual", "max_pages", "max_seqs", "k_kind",
     "k_bits", "k_group",  "k_fit",   "k_iters",  "v_kind",      "v_bits",   "v_group",   "v_fit",    "v_iters"};
 
-/** config[f] breaks its rule: "kivi_cache_create: config[KIVI_CFG_X] (x) must be <rule>, got <v>". */
+/** config[f] breaks its rule: "kivi_cache_create: config[KIVI_CFG_X] (x) must be <rule>, got <v>"; for a
+    layer's format field (layer >= 0; a holds the cache's fields with that layer's format in place) the
+    field's index in the per-layer part and the layer. */
+static inline kivi_status kivi_cfg_bad_at(char *msg, size_t len, const int32_t *a, int f, const char *rule,
+                                          int32_t layer) {
+  if (layer < 0)
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "kivi_cache_create: config[%s] (%s) must be %s, got %d",
+                         kivi_cfg_names[f], kivi_cfg_short[f], rule, (int)a[f]);
+  return kivi_host_msg(msg, len, KIVI_ERR_ARG,
+                       "kivi_cache_create: config[KIVI_CFG_FIELDS + %d * KIVI_LAYER_FIELDS + %d] (layer %d's %s) must "
+                       "be %s, got %d",
+                       (int)layer, f - KIVI_CFG_K_KIND, (int)layer, kivi_cfg_short[f], rule, (int)a[f]);
+}
 static inline kivi_status kivi_cfg_bad(char *msg, size_t len, const int32_t *a, int f, const char *rule) {
-  return kivi_host_msg(msg, len, KIVI_ERR_ARG, "kivi_cache_create: config[%s] (%s) must be %s, got %d",
-                       kivi_cfg_names[f], kivi_cfg_short[f], rule, (int)a[f]);
+  return kivi_cfg_bad_at(msg, len, a, f, rule, -1);
 }
 
-/** The rules of one part's format (part 0 keys, 1 values: kind, bits, value group, fit, iterations). */
-static inline kivi_status kivi_cfg_check_part(const int32_t *a, int part, char *msg, size_t len) {
+/** The rules of one part's format (part 0 keys, 1 values: kind, bits, value group, fit, iterations);
+    layer >= 0: a layer's format (see kivi_cfg_bad_at). */
+static inline kivi_status kivi_cfg_check_part(const int32_t *a, int part, int32_t layer, char *msg, size_t len) {
   const int o = part ? KIVI_CFG_V_KIND - KIVI_CFG_K_KIND : 0;
   const int32_t bits = a[KIVI_CFG_K_BITS + o], kind = a[KIVI_CFG_K_KIND + o], D = a[KIVI_CFG_HEAD_DIM];
   char rule[64];
   if (kind != KIVI_KIND_UNIFORM && kind != KIVI_KIND_CODEBOOK)
-    return kivi_cfg_bad(msg, len, a, KIVI_CFG_K_KIND + o, "KIVI_KIND_UNIFORM (0) or KIVI_KIND_CODEBOOK (1)");
-  if (bits != 2 && bits != 4 && bits != 16) return kivi_cfg_bad(msg, len, a, KIVI_CFG_K_BITS + o, "2, 4 or 16");
+    return kivi_cfg_bad_at(msg, len, a, KIVI_CFG_K_KIND + o, "KIVI_KIND_UNIFORM (0) or KIVI_KIND_CODEBOOK (1)", layer);
+  if (bits != 2 && bits != 4 && bits != 16)
+    return kivi_cfg_bad_at(msg, len, a, KIVI_CFG_K_BITS + o, "2, 4 or 16", layer);
   if (part && !kivi_valid_group(a[KIVI_CFG_V_GROUP]))
-    return kivi_cfg_bad(msg, len, a, KIVI_CFG_V_GROUP, "32, 64 or 128");
+    return kivi_cfg_bad_at(msg, len, a, KIVI_CFG_V_GROUP, "32, 64 or 128", layer);
   if (part && D % a[KIVI_CFG_V_GROUP]) {
     snprintf(rule, sizeof rule, "a divisor of head_dim (%d)", (int)D);
-    return kivi_cfg_bad(msg, len, a, KIVI_CFG_V_GROUP, rule);
+    return kivi_cfg_bad_at(msg, len, a, KIVI_CFG_V_GROUP, rule, layer);
   }
   if (a[KIVI_CFG_K_FIT + o] != KIVI_FIT_FREE && a[KIVI_CFG_K_FIT + o] != KIVI_FIT_PINNED)
-    return kivi_cfg_bad(msg, len, a, KIVI_CFG_K_FIT + o, "KIVI_FIT_FREE (0) or KIVI_FIT_PINNED (1)");
+    return kivi_cfg_bad_at(msg, len, a, KIVI_CFG_K_FIT + o, "KIVI_FIT_FREE (0) or KIVI_FIT_PINNED (1)", layer);
   if (a[KIVI_CFG_K_ITERS + o] < 1 || a[KIVI_CFG_K_ITERS + o] > KIVI_MAX_ITERS)
-    return kivi_cfg_bad(msg, len, a, KIVI_CFG_K_ITERS + o, "in 1..256");
+    return kivi_cfg_bad_at(msg, len, a, KIVI_CFG_K_ITERS + o, "in 1..256", layer);
   return KIVI_OK;
+}
+
+/** The cache's fields `a` with layer l's format fields in place (per-layer configs; `full` holds them
+    after the KIVI_CFG_FIELDS cache fields), into t [KIVI_CFG_FIELDS]. */
+static inline void kivi_cfg_layer_fields(const int32_t *full, int32_t l, int32_t *t) {
+  memcpy(t, full, sizeof(int32_t) * KIVI_CFG_FIELDS);
+  memcpy(t + KIVI_CFG_K_KIND, full + KIVI_CFG_FIELDS + (int64_t)l * KIVI_LAYER_FIELDS,
+         sizeof(int32_t) * KIVI_LAYER_FIELDS);
 }
 
 /**
@@ -401,8 +422,58 @@ static inline kivi_status kivi_cache_config_check(const int32_t *a, char *msg, s
   }
   if (a[KIVI_CFG_MAX_PAGES] < 1) return kivi_cfg_bad(msg, len, a, KIVI_CFG_MAX_PAGES, ">= 1");
   if (a[KIVI_CFG_MAX_SEQS] < 1) return kivi_cfg_bad(msg, len, a, KIVI_CFG_MAX_SEQS, ">= 1");
-  kivi_status st = kivi_cfg_check_part(a, 0, msg, len);
-  return st ? st : kivi_cfg_check_part(a, 1, msg, len);
+  kivi_status st = kivi_cfg_check_part(a, 0, -1, msg, len);
+  return st ? st : kivi_cfg_check_part(a, 1, -1, msg, len);
+}
+
+/** The per-layer formats of a config of KIVI_CFG_FIELDS + layers * KIVI_LAYER_FIELDS fields (after
+    kivi_cache_config_check passed on the cache's fields): each layer's the rules of a format, and its
+    key group the cache's (the flush unit and the window are one for all layers). */
+static inline kivi_status kivi_cache_layers_check(const int32_t *a, char *msg, size_t len) {
+  int32_t t[KIVI_CFG_FIELDS];
+  char rule[96];
+  for (int32_t l = 0; l < a[KIVI_CFG_LAYERS]; l++) {
+    kivi_cfg_layer_fields(a, l, t);
+    if (t[KIVI_CFG_K_GROUP] != a[KIVI_CFG_K_GROUP]) {
+      snprintf(rule, sizeof rule, "the cache's k_group (%d), the flush unit all layers share",
+               (int)a[KIVI_CFG_K_GROUP]);
+      return kivi_cfg_bad_at(msg, len, t, KIVI_CFG_K_GROUP, rule, l);
+    }
+    kivi_status st = kivi_cfg_check_part(t, 0, l, msg, len);
+    if (st || (st = kivi_cfg_check_part(t, 1, l, msg, len))) return st;
+  }
+  return KIVI_OK;
+}
+
+/**
+ * Each layer's layout (lay [layers]) of a checked config of n_fields fields: its formats (the cache's,
+ * or its own per-layer fields), page parts and base offsets in the pools, layer after layer, and the
+ * pools' sizes in bytes. Returns 0 when a pool's size passes 2^62 bytes (the caller reports NOMEM).
+ */
+static inline int kivi_cache_layouts(const int32_t *config, int32_t n_fields, kivi_layer_layout *lay, uint64_t *kbytes,
+                                     uint64_t *vbytes) {
+  const int32_t layers = config[KIVI_CFG_LAYERS];
+  const uint64_t pages = (uint64_t)config[KIVI_CFG_MAX_PAGES], lim = (uint64_t)1 << 62;
+  uint64_t kb = 0, vb = 0;
+  for (int32_t l = 0; l < layers; l++) {
+    int32_t t[KIVI_CFG_FIELDS];
+    if (n_fields > KIVI_CFG_FIELDS)
+      kivi_cfg_layer_fields(config, l, t);
+    else
+      memcpy(t, config, sizeof t);
+    memcpy(&lay[l].cfg, t, sizeof lay[l].cfg);
+    lay[l].kp = kivi_page_part(&lay[l].cfg, 0);
+    lay[l].vp = kivi_page_part(&lay[l].cfg, 1);
+    lay[l].kbase = kb;
+    lay[l].vbase = vb;
+    if (lay[l].kp.page > lim / pages || lay[l].vp.page > lim / pages) return 0;
+    kb += pages * lay[l].kp.page;
+    vb += pages * lay[l].vp.page;
+    if (kb > lim || vb > lim) return 0;
+  }
+  *kbytes = kb;
+  *vbytes = vb;
+  return 1;
 }
 
 /** kivi_cache_create's arguments after the context: config, out, n_fields, then the config's rules. */
@@ -411,10 +482,21 @@ static inline kivi_status kivi_cache_create_check(const int32_t *config, int32_t
   static const char *op = "kivi_cache_create";
   if (!config) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: config must not be NULL", op);
   if (!out) return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: out must not be NULL", op);
-  if (n_fields != KIVI_CFG_FIELDS)
-    return kivi_host_msg(msg, len, KIVI_ERR_ARG, "%s: n_fields must be KIVI_CFG_FIELDS (%d), got %d", op,
-                         (int)KIVI_CFG_FIELDS, (int)n_fields);
-  return kivi_cache_config_check(config, msg, len);
+  if (n_fields < KIVI_CFG_FIELDS)
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG,
+                         "%s: n_fields must be KIVI_CFG_FIELDS (%d) or KIVI_CFG_FIELDS + layers * KIVI_LAYER_FIELDS, "
+                         "got %d",
+                         op, (int)KIVI_CFG_FIELDS, (int)n_fields);
+  kivi_status st = kivi_cache_config_check(config, msg, len);
+  if (st || n_fields == KIVI_CFG_FIELDS) return st;
+  if ((int64_t)n_fields != KIVI_CFG_FIELDS + (int64_t)config[KIVI_CFG_LAYERS] * KIVI_LAYER_FIELDS)
+    return kivi_host_msg(msg, len, KIVI_ERR_ARG,
+                         "%s: n_fields must be KIVI_CFG_FIELDS (%d) or KIVI_CFG_FIELDS + layers * KIVI_LAYER_FIELDS "
+                         "(%lld), got %d",
+                         op, (int)KIVI_CFG_FIELDS,
+                         (long long)(KIVI_CFG_FIELDS + (int64_t)config[KIVI_CFG_LAYERS] * KIVI_LAYER_FIELDS),
+                         (int)n_fields);
+  return kivi_cache_layers_check(config, msg, len);
 }
 
 /* ------------------------------------------------------------------ sequences and pages --- */

@@ -169,11 +169,11 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
   return kv_launched(ctx, op, "k_attend_combine");
 }
 
-/* The tensor-core kernel (caches in the tensor-core page layout): 32-token tiles, up to 8 heads a CTA. */
-static kivi_status mma_launch(kivi_cache_t c, const char *op, kv_attn_params *p, const kv_seq_info *seq,
-                              int64_t maxlen) {
+/* The tensor-core kernel (layers in the tensor-core page layout; g: the layer's config): 32-token tiles, up to
+   8 heads a CTA. */
+static kivi_status mma_launch(kivi_cache_t c, const kivi_cache_config &g, const char *op, kv_attn_params *p,
+                              const kv_seq_info *seq, int64_t maxlen) {
   kivi_ctx_t ctx = c->ctx;
-  const kivi_cache_config &g = c->cfg;
   const int D = g.head_dim;
   /* CTAs per SM: 4 (registers capped at 128) where the grid has at least one (sequence, kv head, head
      chunk) unit an SM, else 3. Measured on an H200, same run, 3 -> 4 CTAs (GQA kernel, T1 = false):
@@ -242,7 +242,8 @@ kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer,
                                   const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
                                   float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse) {
   kivi_ctx_t ctx = c->ctx;
-  const kivi_cache_config &g = c->cfg;
+  const kivi_layer_layout &ly = c->lay[layer];
+  const kivi_cache_config &g = ly.cfg; /* the layer's formats pick the kernel */
   const int D = g.head_dim, ratio = g.q_heads / g.kv_heads;
   const bool mma = kivi_cache_mma_layout(&g);
   /* measured on H200, ratio 4: HC 4 (255 regs, 2 CTAs/SM) beats HC 2 by 1.2x and HC 1 by 1.9x; ratios
@@ -255,20 +256,20 @@ kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer,
   kv_attn_params params;
   memset(&params, 0, sizeof params);
   kv_attn_params *p = &params;
-  p->kpool = c->kpool + (uint64_t)layer * g.max_pages * c->kp.page;
-  p->vpool = c->vpool + (uint64_t)layer * g.max_pages * c->vp.page;
+  p->kpool = c->kpool + ly.kbase;
+  p->vpool = c->vpool + ly.vbase;
   p->kwin = c->kwin;
   p->vwin = c->vwin;
   p->table = c->d_table;
   p->q = q;
   p->out = out;
   p->lse = lse;
-  p->kpage = c->kp.page;
-  p->vpage = c->vp.page;
-  p->khead = (uint32_t)c->kp.head;
-  p->vhead = (uint32_t)c->vp.head;
-  p->kcodes = (uint32_t)c->kp.codes;
-  p->vcodes = (uint32_t)c->vp.codes;
+  p->kpage = ly.kp.page;
+  p->vpage = ly.vp.page;
+  p->khead = (uint32_t)ly.kp.head;
+  p->vhead = (uint32_t)ly.vp.head;
+  p->kcodes = (uint32_t)ly.kp.codes;
+  p->vcodes = (uint32_t)ly.vp.codes;
   p->max_pages = g.max_pages;
   p->layers = g.layers;
   p->layer = layer;
@@ -303,7 +304,7 @@ kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer,
     maxlen = len[i] > maxlen ? len[i] : maxlen;
   }
 
-  if (mma) return mma_launch(c, op, p, seq, maxlen);
+  if (mma) return mma_launch(c, g, op, p, seq, maxlen);
 
   /* tiles and stages */
   const bool kq = g.k_bits != 16, vq = g.v_bits != 16;

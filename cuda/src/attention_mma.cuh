@@ -52,575 +52,404 @@
 #define KIVI_ATTENTION_MMA_CUH
 
 #include "attention.cuh"
+#include "attention_mma_parts.cuh"
 
-__device__ __forceinline__ void kv_mma_s8u8(int (&c)[4], const uint4 a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-               : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void kv_mma_u8s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                            uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void kv_mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                           uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-/** 2^x by the hardware's approximation (as exp2f, whose extra steps only keep subnormal results:
-    probabilities below 2^-126 are 0 here) */
-__device__ __forceinline__ float kv_ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-/** x, opaque to the optimizer: computed once (before a loop) and kept in a register, where NVVM would
-    otherwise derive lane-dependent offsets from %tid.x again inside every iteration */
-__device__ __forceinline__ uint32_t kv_keep(uint32_t x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
-__device__ __forceinline__ uint32_t kv_h2u(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
-__device__ __forceinline__ __half2 kv_u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
-/* two floats to half2 (lo, hi), round to nearest */
-__device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) { return kv_h2u(__floats2half2_rn(lo, hi)); }
+/* ---------------------------------------------------------------- a CTA's phases --------- */
 
-/* D: head dim; VG: value group size; VK: value format (0 uniform, 1 codebook); MINB: CTAs a SM (register
-   cap); NST: ring stages; T1: one query head a KV head (the turned-around key MMA above) */
-template <int D, int VG, int VK, int MINB, int NST, bool T1>
-static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
-  constexpr int NCH = D / 32;                                   /* key MMA k-chunks */
-  constexpr int NMT = D / 16;                                   /* value MMA m-tiles */
-  constexpr int KCB = 32 * D / 4, KPB = D * 4, VCB = 2 * D * 4; /* stage: key codes, key params, value codes */
-  extern __shared__ __align__(16) uint8_t smem[];
-  float *qf = (float *)smem;                                              /* [8][D], log2 units */
-  const int nqa = min(KV_MMA_HEADS, p.ratio);                             /* heads of any CTA */
-  uint32_t *abuf = (uint32_t *)(smem + KV_MMA_HEADS * D * sizeof(float)); /* per warp: kv_mma_aw(D) x nqa */
-  uint8_t *rings = smem + KV_MMA_HEADS * D * sizeof(float) + kv_mma_abuf_bytes(D, p.ratio); /* per warp [NST][stage] */
-  const int warp = kv_keep(threadIdx.x >> 5), lane = kv_keep(threadIdx.x & 31);
-  const int gid = kv_keep(lane >> 2), tig = kv_keep(lane & 3);
+/* This lane's roles and the byte offsets of what it reads and writes in every tile, computed once and kept
+   in registers (kv_keep): in a stage its key params, key words and value words, scales and zeros; its q
+   channels; its fragment words in the warp's slice (written) and its own fragments (read). */
+struct kv_mma_lane {
+  int warp, lane, gid, tig;
+  uint32_t o_kpar, o_q, o_kw, o_vs, o_vw, o_vz, o_aw, o_ar;
+};
 
-  const kv_cta cta = kv_cta_of(p);
-  const int hc = cta.hc, hkv = cta.hkv, b = cta.b;
-  const kv_seq_info si = cta.si;
-  const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
-  if (a0 >= si.len) {
-    kv_attn_cta_done<D>(p);
-    return;
-  }
-  const int npt = a0 < pend ? (pend - a0) / 32 : 0; /* qlen and chunk are multiples of 32 */
-  const int nwt = e0 > ws0 ? (e0 - ws0 + 15) / 16 : 0;
-  const int ntiles = npt + nwt;
-  const int qh0 = hkv * p.ratio + hc * KV_MMA_HEADS;
-  const int nq = min(KV_MMA_HEADS, p.ratio - hc * KV_MMA_HEADS);
-  constexpr int ngv = D / VG;         /* value groups */
-  constexpr int VPB = ngv * 64;       /* stage: one plane of value params (a half a token and group) of 32 tokens */
-  constexpr int NPL = VK ? 4 : 2;     /* planes: scale, zero; or c0..c3 */
-  constexpr int NVP = NPL * VPB / 16; /* 16-byte copies of the value params a tile */
-  constexpr int stage = kv_mma_stage_bytes(D, VG, NPL);
-  static_assert(stage == KCB + KPB + VCB + NPL * VPB, "the stage layout the offsets below assume");
-  const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* powers of two */
-
-  const bool qcheck = p.cdev && cta.split == 0; /* a checked batch: the first split checks q */
+/* The CTA's query rows to shared memory (log2 units, [8][D], rows past nq zero); a checked batch's first
+   split checks them. */
+template <int D>
+__device__ __forceinline__ void kv_mma_load_q(const kv_attn_params &p, const kv_cta &cta, int qh0, int nq, float *qf) {
+  const int b = cta.b;
+  const bool qcheck = p.cdev && cta.split == 0;
   for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
     const int h = i / D;
     qf[i] = h < nq ? kv_q_at(p, b, (int64_t)(qh0 + h) * D + i % D, ((int64_t)b * p.qh + qh0 + h) * D + i % D, qcheck)
                    : 0.0f;
   }
   __syncthreads();
+}
 
-  const int32_t *trow = p.table + (int64_t)si.slot * p.max_pages;
-  const int64_t wbase = ((int64_t)si.slot * p.layers + p.layer) * p.W;
-
-  /* state: softmax of head gid (the same in the 4 lanes of a quad), O^T and Z fragments */
-  float m = -INFINITY, l = 0.0f;
-  float o[NMT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-  for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  uint4 ahm[T1 ? 1 : NCH], alo[T1 ? 1 : NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
-  uint32_t bq[T1 ? NCH : 1][2];               /* T1: key B fragments, column gid = plane gid (0 past 2) */
-#pragma unroll
-  for (int i = 0; i < (T1 ? 1 : NCH); i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-  for (int i = 0; i < (T1 ? NCH : 1); i++) bq[i][0] = bq[i][1] = 0u;
-  /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach .. ach + 3; it stores
-     its hi / mid / lo words at awr (+1, lo 4 NCH further) in each head's slice of the warp's abuf */
-  int ach, awr;
+/* The key fragments of the key group at the head of stage stg: q s as three int8 planes with one scale
+   per head (each lane builds one fragment register of every head, the owners read theirs back from the
+   warp's slice of shared memory: A {hi, mid, hi, mid} and {lo, 0, lo, 0}, or with T1 the B fragments),
+   and the score's scale ksc and offset kqz of this lane's head. */
+template <int D, bool T1>
+__device__ __forceinline__ void kv_mma_key_frags(const uint8_t *stg, const uint8_t *smem, uint32_t *abuf, int nq,
+                                                 bool a_writer, const kv_mma_lane &L, uint4 (&ahm)[T1 ? 1 : D / 32],
+                                                 uint4 (&alo)[T1 ? 1 : D / 32], uint32_t (&bq)[T1 ? D / 32 : 1][2],
+                                                 float &ksc, float &kqz) {
+  constexpr int NCH = D / 32;
+  const int gid = L.gid;
+  const uint32_t o_kpar = L.o_kpar, o_q = L.o_q, o_aw = L.o_aw, o_ar = L.o_ar;
+  /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, 3 planes */
+  float sc[4], zc[4];
   {
-    const int L = lane % (8 * NCH), to = L / (2 * NCH), ii = (L / 2) % NCH, rg = L % 2;
-    ach = D == 128 ? 16 * (2 * to + rg) + 4 * ii : 16 * to + 8 * ii + 4 * rg;
-    awr = to * 8 * NCH + 4 * ii + 2 * rg;
+    const uint4 sz4 = *(const uint4 *)(stg + o_kpar);
+    const uint32_t sz[4] = {sz4.x, sz4.y, sz4.z, sz4.w};
+#pragma unroll
+    for (int b2 = 0; b2 < 4; b2++) {
+      sc[b2] = kv_h2f(sz[b2] & 0xffffu);
+      zc[b2] = kv_h2f(sz[b2] >> 16);
+    }
   }
-  uint32_t *wabuf = abuf + warp * nqa * kv_mma_aw(D);
-  const bool a_writer = 8 * NCH >= 32 || lane < 8 * NCH;
-  for (int k = lane; k < nqa * kv_mma_aw(D); k += 32) wabuf[k] = 0u; /* the lo fragments' zeros */
-  /* byte offsets of what this lane reads and writes in every tile, kept in registers (kv_keep): in a
-     stage its key params, key words and value words, scales and zeros; its q channels; its fragment
-     words in the warp's slice (written) and its own fragments (read) */
-  const uint32_t o_kpar = kv_keep(KCB + 4 * ach), o_q = kv_keep(4 * ach);
-  const uint32_t o_kw = kv_keep((T1 ? gid : 2 * (gid >> 1) + 8 * (gid & 1)) * (D / 4) + (D == 128 ? 8 : 4) * tig);
-  const uint32_t o_vs = kv_keep(KCB + KPB + VCB + 8 * tig), o_vw = kv_keep(KCB + KPB + 4 * (D / 32) * lane);
-  /* zeros (uniform: the second plane) or c0 (codebook: the first), group gid, as the zero MMA's A */
-  const uint32_t o_vz = kv_keep(KCB + KPB + VCB + (VK ? 0 : VPB) + 64 * min(gid, ngv - 1) + 8 * tig);
-  /* T1: the slice holds plane p's words of lane L at p 8 NCH + L, and lane (p, tig) reads its 2 NCH B words
-     (chunk i, register rg at 2i + rg) at lane 2 NCH: the writer roles above list them in that order */
-  const uint32_t o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane % (8 * NCH) : awr)));
-  const uint32_t o_ar =
-      kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane * 2 * NCH : gid * kv_mma_aw(D) + tig * 8 * NCH)));
-  float ksc = 0.0f, kqz = 0.0f; /* this lane's head: score = ((254 hi + mid) 254 + lo) ksc + kqz */
-  int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
-
-  /* O^T and Z columns (heads 2 tig, 2 tig + 1 of this lane's fragments) times c0, c1 */
-  auto rescale = [&](float c0, float c1) {
+  __syncwarp(); /* every lane has read the previous group's fragments */
+  for (int h = 0; h < nq; h++) {
+    float qs[4], mx = 0.0f, qz = 0.0f;
+    const float4 q4 = *(const float4 *)(smem + o_q + 4 * h * D);
+    const float qv4[4] = {q4.x, q4.y, q4.z, q4.w};
 #pragma unroll
-    for (int i = 0; i < NMT; i++) {
-      o[i][0] *= c0;
-      o[i][1] *= c1;
-      o[i][2] *= c0;
-      o[i][3] *= c1;
+    for (int b2 = 0; b2 < 4; b2++) {
+      const float qv = qv4[b2];
+      qs[b2] = qv * sc[b2];
+      mx = fmaxf(mx, fabsf(qs[b2]));
+      qz = fmaf(qv, zc[b2], qz);
     }
-    zacc[0] *= c0;
-    zacc[1] *= c1;
-  };
-  /* one online-softmax step over this lane's scores s[4][2] (head gid), then p (in place) */
-  auto softmax = [&](float(&s)[4][2], int nb) {
-    float tm = -INFINITY;
+    /* mx >= 0 and never NaN (fmaxf drops NaN), so its bits order as its values: one REDUX */
+    mx = __uint_as_float(__reduce_max_sync(KV_FULL, __float_as_uint(mx)));
 #pragma unroll
-    for (int j = 0; j < 4; j++)
-      if (j < 2 * nb) tm = fmaxf(tm, fmaxf(s[j][0], s[j][1]));
-    tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 1));
-    tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 2));
-    const float mn = fmaxf(m, tm);
-    const float corr = kv_ex2(m - mn);
-    m = mn;
-    float ls = 0.0f;
+    for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) qz += __shfl_xor_sync(KV_FULL, qz, o2);
+    /* x = q s inv with inv a power of two, |x| < 64 (mx (128 / 127) < 2^(E + 1), inv = 2^(5 - E)):
+       no division and no branch. The exponent is clamped so that inv stays finite (mx 0: every
+       x is 0) */
+    const uint32_t ex = max(__float_as_uint(mx * (128.0f / 127.0f)) & 0x7f800000u, 7u << 23);
+    const float inv = __uint_as_float((259u << 23) - ex);
+    /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
+    constexpr float MAG = 12582912.0f;
+    /* three planes: x = hi + mid / 254 + lo / 254^2, each rounded in turn */
+    uint32_t hb[4], mb[4], lb[4];
 #pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int e = 0; e < 2; e++) {
-        s[j][e] = j < 2 * nb ? kv_ex2(s[j][e] - mn) : 0.0f;
-        ls += s[j][e];
-      }
-    l = fmaf(l, corr, ls);
-    if (__any_sync(KV_FULL, corr != 1.0f)) {
-      /* columns of this lane's O^T / Z fragments are heads 2 tig, 2 tig + 1 */
-      rescale(__shfl_sync(KV_FULL, corr, 8 * tig), __shfl_sync(KV_FULL, corr, 8 * tig + 4));
+    for (int b2 = 0; b2 < 4; b2++) {
+      const float x = qs[b2] * inv;
+      const float t = x + MAG;
+      const float r1 = (x - (t - MAG)) * 254.0f;
+      const float t1 = r1 + MAG;
+      hb[b2] = __float_as_uint(t);
+      mb[b2] = __float_as_uint(t1);
+      lb[b2] = __float_as_uint(fmaf(r1 - (t1 - MAG), 254.0f, MAG));
     }
-  };
-
-  /* page tiles of this warp: g = warp + i * 4, streamed through the warp's ring of nst stages */
-  const int my_pt = npt > warp ? (npt - warp + KV_MMA_WARPS - 1) / KV_MMA_WARPS : 0;
-  uint8_t *ring = rings + (size_t)warp * NST * stage;
-  const uint32_t o_ring = kv_keep((uint32_t)(ring - smem));
-  /* tile i of this warp starts at token a0 + (warp + 4 i) 32 */
-  const int tok0 = kv_keep(a0 + warp * 32);
-  auto tile_page = [&](int i) { return i < my_pt ? (uint32_t)trow[(tok0 + i * (32 * KV_MMA_WARPS)) >> lgP] : 0u; };
-  /* what does not depend on the tile: this head's bases and each lane's offsets within a page and a
-     stage (32-bit: a page is far below 4 GB), computed once and kept (kv_keep) */
-  const uint8_t *kh = p.kpool + (uint64_t)hkv * p.khead, *vh = p.vpool + (uint64_t)hkv * p.vhead;
-  const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, tmask = (uint32_t)(p.P / 32 - 1);
-  /* value params: copy c = lane + 32 j of a tile is row c / 4 (plane x group) of the params area, 16 bytes
-     (c % 4) in; rows are P halves apart in the page, 64 bytes in the stage */
-  const uint32_t l16 = kv_keep(16u * lane), kp_l = kv_keep((uint32_t)p.kcodes + 16u * lane);
-  const uint32_t vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((lane / 4) * p.P * 2 + 16 * (lane % 4)));
-  const uint32_t vp_row8 = (uint32_t)(16 * p.P); /* 8 rows */
-  const uint32_t st_l = kv_keep((uint32_t)__cvta_generic_to_shared(ring) + 16u * lane);
-  const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512;
-  static_assert(KCB % 512 == 0 && VCB % 512 == 0, "whole chunks a lane");
-  static_assert(D <= 128, "the combined int32 score sum needs 64 x 3 x D x 254^2 < 2^31");
-  auto issue = [&](int i, uint32_t page) {
-    if (i < my_pt) {
-      /* the tile's index in its page: every offset is linear in it (key codes and value codes both
-         take 8 D bytes a tile, key params D * 4 a group, value scales 64 bytes) */
-      const uint32_t ti = ((uint32_t)(tok0 + i * (32 * KV_MMA_WARPS)) >> 5) & tmask, co = l16 + ti * (8 * D);
-      const uint8_t *kb = kh + (uint64_t)page * kpage, *vb = vh + (uint64_t)page * vpage;
-      const uint32_t st = st_l + (uint32_t)((i % NST) * stage);
-      const uint8_t *kc = kb + co, *kp = kb + (kp_l + ((ti * 32) >> lgK) * (D * 4));
-      const uint8_t *vc = vb + co, *vp = vb + (vp_l + ti * 64);
-#pragma unroll
-      for (int k = 0; k < KCB; k += 512) kv_cpa<16>(st + k, kc + k);
-#pragma unroll
-      for (int k = 0; k < KPB; k += 512)
-        if (k + 512 <= KPB || kp_all) kv_cpa<16>(st + KCB + k, kp + k);
-#pragma unroll
-      for (int k = 0; k < VCB; k += 512) kv_cpa<16>(st + KCB + KPB + k, vc + k);
-#pragma unroll
-      for (int j = 0; j < (NVP + 31) / 32; j++)
-        if (NVP % 32 == 0 || lane + 32 * j < NVP) kv_cpa<16>(st + (KCB + KPB + VCB + 512 * j), vp + j * vp_row8);
-    }
-    kv_commit();
-  };
-#pragma unroll
-  for (int i = 0; i < NST - 1; i++) issue(i, tile_page(i));
-  uint32_t next_page = tile_page(NST - 1);
-
-  for (int i = 0; i < my_pt; i++) {
-    const uint32_t pg = next_page;
-    next_page = tile_page(i + NST);
-    issue(i + NST - 1, pg);
-    kv_wait(NST - 1);
-    __syncwarp();
-    const uint8_t *stg = smem + (o_ring + (uint32_t)((i % NST) * stage));
-    const int t0 = tok0 + i * (32 * KV_MMA_WARPS);
-    /* A (q s as three int8 planes) for the key group of this tile */
-    const int grp = t0 >> lgK;
-    if (grp != kgrp) { /* a warp's tiles are 128 tokens apart: a new group every tile unless groups are longer */
-      kgrp = grp;
-      /* lane L builds fragment register (i, reg) of the owner quad lane tig_o: 4 channels, 3 planes */
-      float sc[4], zc[4];
-      {
-        const uint4 sz4 = *(const uint4 *)(stg + o_kpar);
-        const uint32_t sz[4] = {sz4.x, sz4.y, sz4.z, sz4.w};
-#pragma unroll
-        for (int b2 = 0; b2 < 4; b2++) {
-          sc[b2] = kv_h2f(sz[b2] & 0xffffu);
-          zc[b2] = kv_h2f(sz[b2] >> 16);
-        }
-      }
-      __syncwarp(); /* every lane has read the previous group's fragments */
-      for (int h = 0; h < nq; h++) {
-        float qs[4], mx = 0.0f, qz = 0.0f;
-        const float4 q4 = *(const float4 *)(smem + o_q + 4 * h * D);
-        const float qv4[4] = {q4.x, q4.y, q4.z, q4.w};
-#pragma unroll
-        for (int b2 = 0; b2 < 4; b2++) {
-          const float qv = qv4[b2];
-          qs[b2] = qv * sc[b2];
-          mx = fmaxf(mx, fabsf(qs[b2]));
-          qz = fmaf(qv, zc[b2], qz);
-        }
-        /* mx >= 0 and never NaN (fmaxf drops NaN), so its bits order as its values: one REDUX */
-        mx = __uint_as_float(__reduce_max_sync(KV_FULL, __float_as_uint(mx)));
-#pragma unroll
-        for (int o2 = 4 * NCH; o2 >= 1; o2 >>= 1) qz += __shfl_xor_sync(KV_FULL, qz, o2);
-        /* x = q s inv with inv a power of two, |x| < 64 (mx (128 / 127) < 2^(E + 1), inv = 2^(5 - E)):
-           no division and no branch. The exponent is clamped so that inv stays finite (mx 0: every
-           x is 0) */
-        const uint32_t ex = max(__float_as_uint(mx * (128.0f / 127.0f)) & 0x7f800000u, 7u << 23);
-        const float inv = __uint_as_float((259u << 23) - ex);
-        /* x + 1.5 * 2^23 rounds x to an integer held in the low mantissa bits: its low byte is int8 */
-        constexpr float MAG = 12582912.0f;
-        /* three planes: x = hi + mid / 254 + lo / 254^2, each rounded in turn */
-        uint32_t hb[4], mb[4], lb[4];
-#pragma unroll
-        for (int b2 = 0; b2 < 4; b2++) {
-          const float x = qs[b2] * inv;
-          const float t = x + MAG;
-          const float r1 = (x - (t - MAG)) * 254.0f;
-          const float t1 = r1 + MAG;
-          hb[b2] = __float_as_uint(t);
-          mb[b2] = __float_as_uint(t1);
-          lb[b2] = __float_as_uint(fmaf(r1 - (t1 - MAG), 254.0f, MAG));
-        }
-        auto pack = [](const uint32_t(&v)[4]) {
-          return __byte_perm(__byte_perm(v[0], v[1], 0x0040), __byte_perm(v[2], v[3], 0x0040), 0x5410);
-        };
-        if (a_writer) {
-          uint32_t *hs = (uint32_t *)((uint8_t *)abuf + o_aw) + h * kv_mma_aw(D);
-          if constexpr (T1) {
-            hs[0] = pack(hb);
-            hs[8 * NCH] = pack(mb);
-            hs[16 * NCH] = pack(lb);
-          } else {
-            hs[0] = pack(hb);
-            hs[1] = pack(mb);
-            hs[4 * NCH] = pack(lb);
-          }
-        }
-        if (T1 || gid == h) {
-          ksc = __uint_as_float(ex - (5u << 23)) * (1.0f / (254.0f * 254.0f)); /* 1 / (254^2 inv) */
-          kqz = qz;
-        }
-      }
-      __syncwarp();
+    auto pack = [](const uint32_t(&v)[4]) {
+      return __byte_perm(__byte_perm(v[0], v[1], 0x0040), __byte_perm(v[2], v[3], 0x0040), 0x5410);
+    };
+    if (a_writer) {
+      uint32_t *hs = (uint32_t *)((uint8_t *)abuf + o_aw) + h * kv_mma_aw(D);
       if constexpr (T1) {
-        if (gid < 3) { /* columns 3-7 keep zeros */
-          const uint4 *mine = (const uint4 *)((const uint8_t *)abuf + o_ar);
-#pragma unroll
-          for (int i = 0; i < NCH / 2; i++) {
-            const uint4 w = mine[i];
-            bq[2 * i][0] = w.x, bq[2 * i][1] = w.y, bq[2 * i + 1][0] = w.z, bq[2 * i + 1][1] = w.w;
-          }
-        }
-      } else if (gid < nq) { /* the rows of heads past nq keep zeros */
-        const uint4 *mine = (const uint4 *)((const uint8_t *)abuf + o_ar);
-#pragma unroll
-        for (int i = 0; i < NCH; i++) {
-          ahm[i] = mine[i];
-          alo[i] = mine[NCH + i];
-        }
+        hs[0] = pack(hb);
+        hs[8 * NCH] = pack(mb);
+        hs[16 * NCH] = pack(lb);
+      } else {
+        hs[0] = pack(hb);
+        hs[1] = pack(mb);
+        hs[4 * NCH] = pack(lb);
       }
     }
+    if (T1 || gid == h) {
+      ksc = __uint_as_float(ex - (5u << 23)) * (1.0f / (254.0f * 254.0f)); /* 1 / (254^2 inv) */
+      kqz = qz;
+    }
+  }
+  __syncwarp();
+  if constexpr (T1) {
+    if (gid < 3) { /* columns 3-7 keep zeros */
+      const uint4 *mine = (const uint4 *)((const uint8_t *)abuf + o_ar);
+#pragma unroll
+      for (int i = 0; i < NCH / 2; i++) {
+        const uint4 w = mine[i];
+        bq[2 * i][0] = w.x, bq[2 * i][1] = w.y, bq[2 * i + 1][0] = w.z, bq[2 * i + 1][1] = w.w;
+      }
+    }
+  } else if (gid < nq) { /* the rows of heads past nq keep zeros */
+    const uint4 *mine = (const uint4 *)((const uint8_t *)abuf + o_ar);
+#pragma unroll
+    for (int i = 0; i < NCH; i++) {
+      ahm[i] = mine[i];
+      alo[i] = mine[NCH + i];
+    }
+  }
+}
 
-    float s[4][2];
-    if constexpr (T1) {
-      /* one query head: tokens are the rows (m-tile r, row g: token 16 r + g), the hi / mid / lo planes
-         columns 0-2 (B); A = the codes of a lane's two tokens, 4 consecutive channels a register */
-      auto ka = [&](const uint32_t(&w)[2], int i, bool second) {
-        if constexpr (D == 128)
-          return (w[second] >> (2 * i)) & 0x03030303u;
-        else
-          return (w[0] >> (4 * i + (second ? 2 : 0))) & 0x03030303u;
-      };
+/* T1 (one query head): the scores of a page tile with the tokens as rows, their online-softmax step, and p
+   handed to the value MMAs' B layout (s[2 r][0], s[2 r + 1][0]: fp16 pairs of run r). */
+template <int D, int NMT>
+__device__ __forceinline__ void kv_mma_scores_t1(const uint8_t *stg, const kv_mma_lane &L,
+                                                 const uint32_t (&bq)[D / 32][2], float ksc, float kqz, float &m,
+                                                 float &l, float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
+  constexpr int NCH = D / 32;
+  const int tig = L.tig;
+  const uint32_t o_kw = L.o_kw;
+  /* one query head: tokens are the rows (m-tile r, row g: token 16 r + g), the hi / mid / lo planes
+     columns 0-2 (B); A = the codes of a lane's two tokens, 4 consecutive channels a register */
+  auto ka = [&](const uint32_t(&w)[2], int i, bool second) {
+    if constexpr (D == 128)
+      return (w[second] >> (2 * i)) & 0x03030303u;
+    else
+      return (w[0] >> (4 * i + (second ? 2 : 0))) & 0x03030303u;
+  };
 #pragma unroll
-      for (int r = 0; r < 2; r++) {
-        uint32_t kw[2][2]; /* [row half][word] */
+  for (int r = 0; r < 2; r++) {
+    uint32_t kw[2][2]; /* [row half][word] */
 #pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-          const uint8_t *kr = stg + o_kw + (16 * r + 8 * hh) * (D / 4);
-          if constexpr (D == 128) {
-            const uint2 u = *(const uint2 *)kr;
-            kw[hh][0] = u.x;
-            kw[hh][1] = u.y;
-          } else {
-            kw[hh][0] = *(const uint32_t *)kr;
-          }
-        }
-        int acc[4] = {0, 0, 0, 0}; /* lane (g, 0): hi, mid of rows g, g + 8; lane (g, 1): lo of them */
-#pragma unroll
-        for (int i = 0; i < NCH; i++)
-          kv_mma_u8s8(acc, ka(kw[0], i, false), ka(kw[1], i, false), ka(kw[0], i, true), ka(kw[1], i, true), bq[i][0],
-                      bq[i][1]);
-        const int lo0 = __shfl_xor_sync(KV_FULL, acc[0], 1), lo8 = __shfl_xor_sync(KV_FULL, acc[2], 1);
-        /* |hi sums| <= 64 x 3 x D, |mid|, |lo| sums <= 127 x 3 x D: below 2^31 at D 128 */
-        s[r][0] = tig == 0 ? fmaf((float)((254 * acc[0] + acc[1]) * 254 + lo0), ksc, kqz) : -INFINITY;
-        s[r][1] = tig == 0 ? fmaf((float)((254 * acc[2] + acc[3]) * 254 + lo8), ksc, kqz) : -INFINITY;
+    for (int hh = 0; hh < 2; hh++) {
+      const uint8_t *kr = stg + o_kw + (16 * r + 8 * hh) * (D / 4);
+      if constexpr (D == 128) {
+        const uint2 u = *(const uint2 *)kr;
+        kw[hh][0] = u.x;
+        kw[hh][1] = u.y;
+      } else {
+        kw[hh][0] = *(const uint32_t *)kr;
       }
-      /* online softmax over the 32 scores (lanes (g, 0)): max over the rows, shared by the warp */
-      float tm = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-      tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 4));
-      tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 8));
-      tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 16));
-      const float mn = fmaxf(m, __shfl_sync(KV_FULL, tm, 0));
-      const float corr = kv_ex2(m - mn);
-      m = mn;
+    }
+    int acc[4] = {0, 0, 0, 0}; /* lane (g, 0): hi, mid of rows g, g + 8; lane (g, 1): lo of them */
 #pragma unroll
-      for (int r = 0; r < 2; r++) {
-        s[r][0] = kv_ex2(s[r][0] - mn);
-        s[r][1] = kv_ex2(s[r][1] - mn);
+    for (int i = 0; i < NCH; i++)
+      kv_mma_u8s8(acc, ka(kw[0], i, false), ka(kw[1], i, false), ka(kw[0], i, true), ka(kw[1], i, true), bq[i][0],
+                  bq[i][1]);
+    const int lo0 = __shfl_xor_sync(KV_FULL, acc[0], 1), lo8 = __shfl_xor_sync(KV_FULL, acc[2], 1);
+    /* |hi sums| <= 64 x 3 x D, |mid|, |lo| sums <= 127 x 3 x D: below 2^31 at D 128 */
+    s[r][0] = tig == 0 ? fmaf((float)((254 * acc[0] + acc[1]) * 254 + lo0), ksc, kqz) : -INFINITY;
+    s[r][1] = tig == 0 ? fmaf((float)((254 * acc[2] + acc[3]) * 254 + lo8), ksc, kqz) : -INFINITY;
+  }
+  /* online softmax over the 32 scores (lanes (g, 0)): max over the rows, shared by the warp */
+  float tm = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+  tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 4));
+  tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 8));
+  tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 16));
+  const float mn = fmaxf(m, __shfl_sync(KV_FULL, tm, 0));
+  const float corr = kv_ex2(m - mn);
+  m = mn;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    s[r][0] = kv_ex2(s[r][0] - mn);
+    s[r][1] = kv_ex2(s[r][1] - mn);
+  }
+  l = fmaf(l, corr, (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]));
+  if (corr != 1.0f) kv_mma_rescale(o, zacc, corr, corr); /* the same in every lane */
+  /* B of the value MMAs as the other orientation lays it out: run r, register 0 = tokens (2 tig,
+     2 tig + 8) = rows of lane (2 tig, 0), register 1 = (2 tig + 1, 2 tig + 9) = lane (2 tig + 1, 0) */
+  const uint32_t ph[2] = {kv_pack_h2(s[0][0], s[0][1]), kv_pack_h2(s[1][0], s[1][1])};
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    s[2 * r][0] = __uint_as_float(__shfl_sync(KV_FULL, ph[r], 8 * tig));
+    s[2 * r + 1][0] = __uint_as_float(__shfl_sync(KV_FULL, ph[r], 8 * tig + 4));
+  }
+}
+
+/* The scores of a page tile (4 n-tiles of 8 tokens, rows = heads), their online-softmax step, and p as
+   fp16 pairs (s[2 r][0], s[2 r + 1][0]: run r). */
+template <int D, int NMT>
+__device__ __forceinline__ void kv_mma_scores(const uint8_t *stg, const kv_mma_lane &L, const uint4 (&ahm)[D / 32],
+                                              const uint4 (&alo)[D / 32], float ksc, float kqz, float &m, float &l,
+                                              float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
+  constexpr int NCH = D / 32;
+  const uint32_t o_kw = L.o_kw;
+  /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
+  {
+    uint32_t kw[4][2];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const uint8_t *kr = stg + o_kw + (16 * (j >> 1) + (j & 1)) * (D / 4);
+      if constexpr (D == 128) {
+        const uint2 u = *(const uint2 *)kr;
+        kw[j][0] = u.x;
+        kw[j][1] = u.y;
+      } else {
+        kw[j][0] = *(const uint32_t *)kr;
       }
-      l = fmaf(l, corr, (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]));
-      if (corr != 1.0f) rescale(corr, corr); /* the same in every lane */
-      /* B of the value MMAs as the other orientation lays it out: run r, register 0 = tokens (2 tig,
-         2 tig + 8) = rows of lane (2 tig, 0), register 1 = (2 tig + 1, 2 tig + 9) = lane (2 tig + 1, 0) */
-      const uint32_t ph[2] = {kv_pack_h2(s[0][0], s[0][1]), kv_pack_h2(s[1][0], s[1][1])};
+    }
+    /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
+    auto kb = [&](int j, int i, uint32_t &b0, uint32_t &b1) {
+      if constexpr (D == 128) {
+        b0 = (kw[j][0] >> (2 * i)) & 0x03030303u;
+        b1 = (kw[j][1] >> (2 * i)) & 0x03030303u;
+      } else {
+        b0 = (kw[j][0] >> (4 * i)) & 0x03030303u;
+        b1 = (kw[j][0] >> (4 * i + 2)) & 0x03030303u;
+      }
+    };
 #pragma unroll
-      for (int r = 0; r < 2; r++) {
-        s[2 * r][0] = __uint_as_float(__shfl_sync(KV_FULL, ph[r], 8 * tig));
-        s[2 * r + 1][0] = __uint_as_float(__shfl_sync(KV_FULL, ph[r], 8 * tig + 4));
+    for (int j = 0; j < 4; j++) {
+      int acc[4] = {0, 0, 0, 0}, acl[4] = {0, 0, 0, 0}; /* acc: rows 0-7 hi, rows 8-15 mid */
+      uint32_t b0, b1;
+#pragma unroll
+      for (int i = 0; i < NCH; i++) {
+        kb(j, i, b0, b1);
+        kv_mma_s8u8(acc, ahm[i], b0, b1);
+        kv_mma_s8u8(acl, alo[i], b0, b1);
+      }
+      /* |hi sums| <= 64 x 3 x D, |mid|, |lo| sums <= 127 x 3 x D: below 2^31 at D 128 */
+      s[j][0] = fmaf((float)((254 * acc[0] + acc[2]) * 254 + acl[0]), ksc, kqz);
+      s[j][1] = fmaf((float)((254 * acc[1] + acc[3]) * 254 + acl[1]), ksc, kqz);
+    }
+  }
+  kv_mma_softmax(m, l, o, zacc, s, 2, L.tig);
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
+    s[2 * r][0] = __uint_as_float(ph0);
+    s[2 * r + 1][0] = __uint_as_float(ph1);
+  }
+}
+
+/* The values of a page tile, two runs of 16 tokens, into O^T (p s or the codebook's bit planes) and Z. */
+template <int D, int VG, int VK, int NMT>
+__device__ __forceinline__ void kv_mma_values(const uint8_t *stg, const kv_mma_lane &L, const float (&s)[4][2],
+                                              float (&o)[NMT][4], float (&zacc)[4]) {
+  constexpr int ngv = D / VG, VPB = ngv * 64;
+  const int gid = L.gid;
+  const uint32_t o_vz = L.o_vz, o_vw = L.o_vw, o_vs = L.o_vs;
+  /* values: two runs of 16 tokens */
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    /* B = p (fp16 pairs), as packed above */
+    const uint32_t ph0 = __float_as_uint(s[2 * r][0]), ph1 = __float_as_uint(s[2 * r + 1][0]);
+    {
+      uint2 zz = make_uint2(0u, 0u);
+      if (gid < ngv) zz = *(const uint2 *)(stg + o_vz + 32 * r);
+      kv_mma_f16(zacc, zz.x, 0u, zz.y, 0u, ph0, ph1);
+    }
+    /* this lane's D / 32 words of the run: word q holds m-tiles 2q and 2q + 1 (kivi_mma_value_code) */
+    uint32_t vw[NMT / 2];
+    if constexpr (NMT == 8) {
+      const uint4 u = *(const uint4 *)(stg + o_vw + 4 * r * D);
+      vw[0] = u.x, vw[1] = u.y, vw[2] = u.z, vw[3] = u.w;
+    } else {
+      const uint2 u = *(const uint2 *)(stg + o_vw + 4 * r * D);
+      vw[0] = u.x, vw[1] = u.y;
+    }
+    if constexpr (VK == 0) {
+      uint32_t pb[ngv][2]; /* B = p s per value group */
+#pragma unroll
+      for (int gg = 0; gg < ngv; gg++) {
+        const uint2 ss = *(const uint2 *)(stg + o_vs + gg * 64 + 32 * r);
+        pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
+        pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
+      }
+#pragma unroll
+      for (int q = 0; q < NMT / 2; q++) {
+        const uint32_t w = vw[q], w8 = w >> 8;
+        kv_mma_f16(o[2 * q], w & 0x00030003u, w & 0x000c000cu, w8 & 0x00030003u, w8 & 0x000c000cu, pb[(32 * q) / VG][0],
+                   pb[(32 * q) / VG][1]);
+        kv_mma_f16(o[2 * q + 1], w & 0x00300030u, w & 0x00c000c0u, w8 & 0x00300030u, w8 & 0x00c000c0u,
+                   pb[(32 * q + 16) / VG][0], pb[(32 * q + 16) / VG][1]);
       }
     } else {
-      /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
-      {
-        uint32_t kw[4][2];
+      /* B of the three bit planes per value group: p (c1 - c0), p (c2 - c0) / 2, p (c3 - c2 - c1 + c0),
+         all / 4 (see above) */
+      uint32_t b0p[ngv][2], b1p[ngv][2], b2p[ngv][2];
+      const __half2 q25 = __float2half2_rn(0.25f), h05 = __float2half2_rn(0.5f);
+      const uint32_t pr[2] = {ph0, ph1};
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const uint8_t *kr = stg + o_kw + (16 * (j >> 1) + (j & 1)) * (D / 4);
-          if constexpr (D == 128) {
-            const uint2 u = *(const uint2 *)kr;
-            kw[j][0] = u.x;
-            kw[j][1] = u.y;
-          } else {
-            kw[j][0] = *(const uint32_t *)kr;
-          }
-        }
-        /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
-        auto kb = [&](int j, int i, uint32_t &b0, uint32_t &b1) {
-          if constexpr (D == 128) {
-            b0 = (kw[j][0] >> (2 * i)) & 0x03030303u;
-            b1 = (kw[j][1] >> (2 * i)) & 0x03030303u;
-          } else {
-            b0 = (kw[j][0] >> (4 * i)) & 0x03030303u;
-            b1 = (kw[j][0] >> (4 * i + 2)) & 0x03030303u;
-          }
-        };
+      for (int gg = 0; gg < ngv; gg++) {
+        uint2 c[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-          int acc[4] = {0, 0, 0, 0}, acl[4] = {0, 0, 0, 0}; /* acc: rows 0-7 hi, rows 8-15 mid */
-          uint32_t b0, b1;
+        for (int j = 0; j < 4; j++) c[j] = *(const uint2 *)(stg + o_vs + j * VPB + gg * 64 + 32 * r);
 #pragma unroll
-          for (int i = 0; i < NCH; i++) {
-            kb(j, i, b0, b1);
-            kv_mma_s8u8(acc, ahm[i], b0, b1);
-            kv_mma_s8u8(acl, alo[i], b0, b1);
-          }
-          /* |hi sums| <= 64 x 3 x D, |mid|, |lo| sums <= 127 x 3 x D: below 2^31 at D 128 */
-          s[j][0] = fmaf((float)((254 * acc[0] + acc[2]) * 254 + acl[0]), ksc, kqz);
-          s[j][1] = fmaf((float)((254 * acc[1] + acc[3]) * 254 + acl[1]), ksc, kqz);
+        for (int e = 0; e < 2; e++) {
+          const __half2 c0 = kv_u2h(e ? c[0].y : c[0].x), c1 = kv_u2h(e ? c[1].y : c[1].x);
+          const __half2 c2 = kv_u2h(e ? c[2].y : c[2].x), c3 = kv_u2h(e ? c[3].y : c[3].x);
+          const __half2 c0q = __hmul2(c0, q25), c2q = __hmul2(c2, q25);
+          const __half2 d1 = __hfma2(c1, q25, __hneg2(c0q)), d2 = __hfma2(c2, q25, __hneg2(c0q));
+          const __half2 d3 = __hsub2(__hfma2(c3, q25, __hneg2(c2q)), d1);
+          const __half2 pv = kv_u2h(pr[e]);
+          b0p[gg][e] = kv_h2u(__hmul2(pv, d1));
+          b1p[gg][e] = kv_h2u(__hmul2(__hmul2(pv, h05), d2));
+          b2p[gg][e] = kv_h2u(__hmul2(pv, d3));
         }
       }
-      softmax(s, 2);
 #pragma unroll
-      for (int r = 0; r < 2; r++) {
-        const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
-        s[2 * r][0] = __uint_as_float(ph0);
-        s[2 * r + 1][0] = __uint_as_float(ph1);
+      for (int q = 0; q < NMT / 2; q++) {
+        const uint32_t w = vw[q], w8 = w >> 8, ww = w & (w >> 1), ww8 = ww >> 8;
+        const int g0 = (32 * q) / VG, g1 = (32 * q + 16) / VG;
+        /* m-tile 2q: slots 0 (a0, a2) and 1 (a1, a3); m-tile 2q + 1: slots 2 and 3 */
+        kv_mma_f16(o[2 * q], w & 0x00010001u, w & 0x00040004u, w8 & 0x00010001u, w8 & 0x00040004u, b0p[g0][0],
+                   b0p[g0][1]);
+        kv_mma_f16(o[2 * q], w & 0x00020002u, w & 0x00080008u, w8 & 0x00020002u, w8 & 0x00080008u, b1p[g0][0],
+                   b1p[g0][1]);
+        kv_mma_f16(o[2 * q], ww & 0x00010001u, ww & 0x00040004u, ww8 & 0x00010001u, ww8 & 0x00040004u, b2p[g0][0],
+                   b2p[g0][1]);
+        kv_mma_f16(o[2 * q + 1], w & 0x00100010u, w & 0x00400040u, w8 & 0x00100010u, w8 & 0x00400040u, b0p[g1][0],
+                   b0p[g1][1]);
+        kv_mma_f16(o[2 * q + 1], w & 0x00200020u, w & 0x00800080u, w8 & 0x00200020u, w8 & 0x00800080u, b1p[g1][0],
+                   b1p[g1][1]);
+        kv_mma_f16(o[2 * q + 1], ww & 0x00100010u, ww & 0x00400040u, ww8 & 0x00100010u, ww8 & 0x00400040u, b2p[g1][0],
+                   b2p[g1][1]);
       }
     }
+  }
+}
 
-    /* values: two runs of 16 tokens */
+/* A window tile (16 fp16 tokens from t0, valid below e0): fp16 MMAs with q split into hi + lo halves, the
+   online-softmax step, and V^T p into O^T. */
+template <int D, int NMT>
+__device__ __forceinline__ void kv_mma_window_tile(const kv_attn_params &p, int hkv, int64_t wbase, int t0, int e0,
+                                                   const float *qf, const kv_mma_lane &L, float &m, float &l,
+                                                   float (&o)[NMT][4], float (&zacc)[4]) {
+  const int gid = L.gid, tig = L.tig;
+  auto row = [&](int t, const uint16_t *win) { return win + ((wbase + t % p.W) * p.kvh + hkv) * (int64_t)D; };
+  float s[4][2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      /* B = p (fp16 pairs), as packed above */
-      const uint32_t ph0 = __float_as_uint(s[2 * r][0]), ph1 = __float_as_uint(s[2 * r + 1][0]);
-      {
-        uint2 zz = make_uint2(0u, 0u);
-        if (gid < ngv) zz = *(const uint2 *)(stg + o_vz + 32 * r);
-        kv_mma_f16(zacc, zz.x, 0u, zz.y, 0u, ph0, ph1);
-      }
-      /* this lane's D / 32 words of the run: word q holds m-tiles 2q and 2q + 1 (kivi_mma_value_code) */
-      uint32_t vw[NMT / 2];
-      if constexpr (NMT == 8) {
-        const uint4 u = *(const uint4 *)(stg + o_vw + 4 * r * D);
-        vw[0] = u.x, vw[1] = u.y, vw[2] = u.z, vw[3] = u.w;
-      } else {
-        const uint2 u = *(const uint2 *)(stg + o_vw + 4 * r * D);
-        vw[0] = u.x, vw[1] = u.y;
-      }
-      if constexpr (VK == 0) {
-        uint32_t pb[ngv][2]; /* B = p s per value group */
+  for (int j = 0; j < 2; j++) {
+    const int t = t0 + j + 2 * (gid >> 1) + 8 * (gid & 1);
+    const bool ok = t < e0;
+    const uint32_t *kr = (const uint32_t *)row(ok ? t : t0, p.kwin);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int gg = 0; gg < ngv; gg++) {
-          const uint2 ss = *(const uint2 *)(stg + o_vs + gg * 64 + 32 * r);
-          pb[gg][0] = kv_h2u(__hmul2(kv_u2h(ph0), kv_u2h(ss.x)));
-          pb[gg][1] = kv_h2u(__hmul2(kv_u2h(ph1), kv_u2h(ss.y)));
-        }
-#pragma unroll
-        for (int q = 0; q < NMT / 2; q++) {
-          const uint32_t w = vw[q], w8 = w >> 8;
-          kv_mma_f16(o[2 * q], w & 0x00030003u, w & 0x000c000cu, w8 & 0x00030003u, w8 & 0x000c000cu,
-                     pb[(32 * q) / VG][0], pb[(32 * q) / VG][1]);
-          kv_mma_f16(o[2 * q + 1], w & 0x00300030u, w & 0x00c000c0u, w8 & 0x00300030u, w8 & 0x00c000c0u,
-                     pb[(32 * q + 16) / VG][0], pb[(32 * q + 16) / VG][1]);
-        }
-      } else {
-        /* B of the three bit planes per value group: p (c1 - c0), p (c2 - c0) / 2, p (c3 - c2 - c1 + c0),
-           all / 4 (see above) */
-        uint32_t b0p[ngv][2], b1p[ngv][2], b2p[ngv][2];
-        const __half2 q25 = __float2half2_rn(0.25f), h05 = __float2half2_rn(0.5f);
-        const uint32_t pr[2] = {ph0, ph1};
-#pragma unroll
-        for (int gg = 0; gg < ngv; gg++) {
-          uint2 c[4];
-#pragma unroll
-          for (int j = 0; j < 4; j++) c[j] = *(const uint2 *)(stg + o_vs + j * VPB + gg * 64 + 32 * r);
-#pragma unroll
-          for (int e = 0; e < 2; e++) {
-            const __half2 c0 = kv_u2h(e ? c[0].y : c[0].x), c1 = kv_u2h(e ? c[1].y : c[1].x);
-            const __half2 c2 = kv_u2h(e ? c[2].y : c[2].x), c3 = kv_u2h(e ? c[3].y : c[3].x);
-            const __half2 c0q = __hmul2(c0, q25), c2q = __hmul2(c2, q25);
-            const __half2 d1 = __hfma2(c1, q25, __hneg2(c0q)), d2 = __hfma2(c2, q25, __hneg2(c0q));
-            const __half2 d3 = __hsub2(__hfma2(c3, q25, __hneg2(c2q)), d1);
-            const __half2 pv = kv_u2h(pr[e]);
-            b0p[gg][e] = kv_h2u(__hmul2(pv, d1));
-            b1p[gg][e] = kv_h2u(__hmul2(__hmul2(pv, h05), d2));
-            b2p[gg][e] = kv_h2u(__hmul2(pv, d3));
-          }
-        }
-#pragma unroll
-        for (int q = 0; q < NMT / 2; q++) {
-          const uint32_t w = vw[q], w8 = w >> 8, ww = w & (w >> 1), ww8 = ww >> 8;
-          const int g0 = (32 * q) / VG, g1 = (32 * q + 16) / VG;
-          /* m-tile 2q: slots 0 (a0, a2) and 1 (a1, a3); m-tile 2q + 1: slots 2 and 3 */
-          kv_mma_f16(o[2 * q], w & 0x00010001u, w & 0x00040004u, w8 & 0x00010001u, w8 & 0x00040004u, b0p[g0][0],
-                     b0p[g0][1]);
-          kv_mma_f16(o[2 * q], w & 0x00020002u, w & 0x00080008u, w8 & 0x00020002u, w8 & 0x00080008u, b1p[g0][0],
-                     b1p[g0][1]);
-          kv_mma_f16(o[2 * q], ww & 0x00010001u, ww & 0x00040004u, ww8 & 0x00010001u, ww8 & 0x00040004u, b2p[g0][0],
-                     b2p[g0][1]);
-          kv_mma_f16(o[2 * q + 1], w & 0x00100010u, w & 0x00400040u, w8 & 0x00100010u, w8 & 0x00400040u, b0p[g1][0],
-                     b0p[g1][1]);
-          kv_mma_f16(o[2 * q + 1], w & 0x00200020u, w & 0x00800080u, w8 & 0x00200020u, w8 & 0x00800080u, b1p[g1][0],
-                     b1p[g1][1]);
-          kv_mma_f16(o[2 * q + 1], ww & 0x00100010u, ww & 0x00400040u, ww8 & 0x00100010u, ww8 & 0x00400040u, b2p[g1][0],
-                     b2p[g1][1]);
-        }
-      }
+    for (int kk = 0; kk < D / 16; kk++) {
+      const float2 x0 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig);
+      const float2 x1 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig + 8);
+      const __half2 h0 = __floats2half2_rn(x0.x, x0.y), h1 = __floats2half2_rn(x1.x, x1.y);
+      const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
+      const uint32_t l0 = kv_pack_h2(x0.x - f0.x, x0.y - f0.y), l1 = kv_pack_h2(x1.x - f1.x, x1.y - f1.y);
+      const uint32_t b0 = kr[8 * kk + tig], b1 = kr[8 * kk + tig + 4];
+      kv_mma_f16(acc, kv_h2u(h0), 0u, kv_h2u(h1), 0u, b0, b1);
+      kv_mma_f16(acc, l0, 0u, l1, 0u, b0, b1);
     }
-    __syncwarp();
+    /* this lane's columns 2 tig, 2 tig + 1 are tokens t0 + j + 2 tig and + 8 */
+    const int ta = t0 + j + 2 * tig;
+    s[j][0] = ta < e0 ? acc[0] : -INFINITY;
+    s[j][1] = ta + 8 < e0 ? acc[1] : -INFINITY;
+    s[j + 2][0] = s[j + 2][1] = -INFINITY;
   }
-  kv_wait(0);
-  if constexpr (T1) { /* the window tiles and the merge keep head 0's sum in lane 0's quad */
+  kv_mma_softmax(m, l, o, zacc, s, 1, tig);
+  const uint32_t ph0 = kv_pack_h2(s[0][0], s[0][1]), ph1 = kv_pack_h2(s[1][0], s[1][1]);
+  /* A = V^T: rows channels 16 mt + 2 gid (+1), k = tokens (2 tig, 2 tig + 8), (2 tig + 1, 2 tig + 9) */
+  int tk[4];
+  tk[0] = t0 + 2 * tig;
+  tk[1] = tk[0] + 8;
+  tk[2] = tk[0] + 1;
+  tk[3] = tk[0] + 9;
+  const uint32_t *vr[4];
+  bool okk[4];
 #pragma unroll
-    for (int o2 = 16; o2 >= 1; o2 >>= 1) l += __shfl_xor_sync(KV_FULL, l, o2);
-    if (lane != 0) l = 0.0f;
+  for (int e = 0; e < 4; e++) {
+    okk[e] = tk[e] < e0;
+    vr[e] = (const uint32_t *)row(okk[e] ? tk[e] : t0, p.vwin);
   }
-  /* the page tiles accumulated code x 2^-24 x 4^k, k the code's slot in its half word (0 and 1 in
-     even m-tiles, 2 and 3 in odd ones, the higher of each pair in rows 8-15): back to plain units
-     before the window's fp16 values */
 #pragma unroll
-  for (int i = 0; i < NMT; i++) {
-    const float f0 = (i % 2 ? 1048576.0f : 16777216.0f) * (VK ? 4.0f : 1.0f); /* 2^20, 2^24; codebook B / 4 */
-    o[i][0] *= f0;
-    o[i][1] *= f0;
-    o[i][2] *= 0.25f * f0;
-    o[i][3] *= 0.25f * f0;
+  for (int mt = 0; mt < NMT; mt++) {
+    uint32_t x[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) x[e] = okk[e] ? vr[e][8 * mt + gid] : 0u; /* half2 (ch, ch + 1) */
+    const uint32_t a0 = __byte_perm(x[0], x[1], 0x5410), a1 = __byte_perm(x[0], x[1], 0x7632);
+    const uint32_t a2 = __byte_perm(x[2], x[3], 0x5410), a3 = __byte_perm(x[2], x[3], 0x7632);
+    kv_mma_f16(o[mt], a0, a1, a2, a3, ph0, ph1);
   }
+}
 
-  /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp */
-  for (int g = npt + ((warp - npt % KV_MMA_WARPS) + KV_MMA_WARPS) % KV_MMA_WARPS; g < ntiles; g += KV_MMA_WARPS) {
-    /* ---------------- window tile: 16 fp16 tokens ---------------- */
-    const int t0 = ws0 + (g - npt) * 16;
-    auto row = [&](int t, const uint16_t *win) { return win + ((wbase + t % p.W) * p.kvh + hkv) * (int64_t)D; };
-    float s[4][2];
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-      const int t = t0 + j + 2 * (gid >> 1) + 8 * (gid & 1);
-      const bool ok = t < e0;
-      const uint32_t *kr = (const uint32_t *)row(ok ? t : t0, p.kwin);
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int kk = 0; kk < D / 16; kk++) {
-        const float2 x0 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig);
-        const float2 x1 = *(const float2 *)(qf + gid * D + 16 * kk + 2 * tig + 8);
-        const __half2 h0 = __floats2half2_rn(x0.x, x0.y), h1 = __floats2half2_rn(x1.x, x1.y);
-        const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
-        const uint32_t l0 = kv_pack_h2(x0.x - f0.x, x0.y - f0.y), l1 = kv_pack_h2(x1.x - f1.x, x1.y - f1.y);
-        const uint32_t b0 = kr[8 * kk + tig], b1 = kr[8 * kk + tig + 4];
-        kv_mma_f16(acc, kv_h2u(h0), 0u, kv_h2u(h1), 0u, b0, b1);
-        kv_mma_f16(acc, l0, 0u, l1, 0u, b0, b1);
-      }
-      /* this lane's columns 2 tig, 2 tig + 1 are tokens t0 + j + 2 tig and + 8 */
-      const int ta = t0 + j + 2 * tig;
-      s[j][0] = ta < e0 ? acc[0] : -INFINITY;
-      s[j][1] = ta + 8 < e0 ? acc[1] : -INFINITY;
-      s[j + 2][0] = s[j + 2][1] = -INFINITY;
-    }
-    softmax(s, 1);
-    const uint32_t ph0 = kv_pack_h2(s[0][0], s[0][1]), ph1 = kv_pack_h2(s[1][0], s[1][1]);
-    /* A = V^T: rows channels 16 mt + 2 gid (+1), k = tokens (2 tig, 2 tig + 8), (2 tig + 1, 2 tig + 9) */
-    int tk[4];
-    tk[0] = t0 + 2 * tig;
-    tk[1] = tk[0] + 8;
-    tk[2] = tk[0] + 1;
-    tk[3] = tk[0] + 9;
-    const uint32_t *vr[4];
-    bool okk[4];
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      okk[e] = tk[e] < e0;
-      vr[e] = (const uint32_t *)row(okk[e] ? tk[e] : t0, p.vwin);
-    }
-#pragma unroll
-    for (int mt = 0; mt < NMT; mt++) {
-      uint32_t x[4];
-#pragma unroll
-      for (int e = 0; e < 4; e++) x[e] = okk[e] ? vr[e][8 * mt + gid] : 0u; /* half2 (ch, ch + 1) */
-      const uint32_t a0 = __byte_perm(x[0], x[1], 0x5410), a1 = __byte_perm(x[0], x[1], 0x7632);
-      const uint32_t a2 = __byte_perm(x[2], x[3], 0x5410), a3 = __byte_perm(x[2], x[3], 0x7632);
-      kv_mma_f16(o[mt], a0, a1, a2, a3, ph0, ph1);
-    }
-  }
-  l += __shfl_xor_sync(KV_FULL, l, 1);
-  l += __shfl_xor_sync(KV_FULL, l, 2);
-
-  /* ---------------- merge the warps ---------------- */
-  __syncthreads();
-  float *cw = (float *)rings; /* [warps][8][D + 2] */
+/* The warp's rows for the merge at cw [warps][8][D + 2]: max, sum and unnormalised output of each of the
+   nq heads. */
+template <int D, int VG, int NMT>
+__device__ __forceinline__ void kv_mma_finish(float *cw, const kv_mma_lane &L, int nq, float m, float l,
+                                              const float (&o)[NMT][4], const float (&zacc)[4]) {
+  const int warp = L.warp, gid = L.gid, tig = L.tig;
   {
     float *mine = cw + warp * KV_MMA_HEADS * (D + 2);
     if (tig == 0 && gid < nq) {
@@ -642,6 +471,168 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
       }
     }
   }
+}
+
+/* ---------------------------------------------------------------- the kernel ------------- */
+
+/* D: head dim; VG: value group size; VK: value format (0 uniform, 1 codebook); MINB: CTAs a SM (register
+   cap); NST: ring stages; T1: one query head a KV head (the turned-around key MMA above) */
+template <int D, int VG, int VK, int MINB, int NST, bool T1>
+static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
+  constexpr int NCH = D / 32;                                   /* key MMA k-chunks */
+  constexpr int NMT = D / 16;                                   /* value MMA m-tiles */
+  constexpr int KCB = 32 * D / 4, KPB = D * 4, VCB = 2 * D * 4; /* stage: key codes, key params, value codes */
+  extern __shared__ __align__(16) uint8_t smem[];
+  float *qf = (float *)smem;                                              /* [8][D], log2 units */
+  const int nqa = min(KV_MMA_HEADS, p.ratio);                             /* heads of any CTA */
+  uint32_t *abuf = (uint32_t *)(smem + KV_MMA_HEADS * D * sizeof(float)); /* per warp: kv_mma_aw(D) x nqa */
+  uint8_t *rings = smem + KV_MMA_HEADS * D * sizeof(float) + kv_mma_abuf_bytes(D, p.ratio); /* per warp [NST][stage] */
+  const int warp = kv_keep(threadIdx.x >> 5), lane = kv_keep(threadIdx.x & 31);
+  const int gid = kv_keep(lane >> 2), tig = kv_keep(lane & 3);
+  kv_mma_lane L;
+  L.warp = warp, L.lane = lane, L.gid = gid, L.tig = tig;
+
+  const kv_cta cta = kv_cta_of(p);
+  const int hc = cta.hc, hkv = cta.hkv, b = cta.b;
+  const kv_seq_info si = cta.si;
+  const int a0 = cta.a0, e0 = cta.e0, pend = cta.pend, ws0 = cta.ws0;
+  if (a0 >= si.len) {
+    kv_attn_cta_done<D>(p);
+    return;
+  }
+  const int npt = a0 < pend ? (pend - a0) / 32 : 0; /* qlen and chunk are multiples of 32 */
+  const int nwt = e0 > ws0 ? (e0 - ws0 + 15) / 16 : 0;
+  const int ntiles = npt + nwt;
+  const int qh0 = hkv * p.ratio + hc * KV_MMA_HEADS;
+  const int nq = min(KV_MMA_HEADS, p.ratio - hc * KV_MMA_HEADS);
+  constexpr int ngv = D / VG;     /* value groups */
+  constexpr int VPB = ngv * 64;   /* stage: one plane of value params (a half a token and group) of 32 tokens */
+  constexpr int NPL = VK ? 4 : 2; /* planes: scale, zero; or c0..c3 */
+  constexpr int stage = kv_mma_stage_bytes(D, VG, NPL);
+  static_assert(stage == KCB + KPB + VCB + NPL * VPB, "the stage layout the offsets below assume");
+  const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* powers of two */
+
+  kv_mma_load_q<D>(p, cta, qh0, nq, qf);
+
+  const int32_t *trow = p.table + (int64_t)si.slot * p.max_pages;
+  const int64_t wbase = ((int64_t)si.slot * p.layers + p.layer) * p.W;
+
+  /* state: softmax of head gid (the same in the 4 lanes of a quad), O^T and Z fragments */
+  float m = -INFINITY, l = 0.0f;
+  float o[NMT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  uint4 ahm[T1 ? 1 : NCH], alo[T1 ? 1 : NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
+  uint32_t bq[T1 ? NCH : 1][2];               /* T1: key B fragments, column gid = plane gid (0 past 2) */
+#pragma unroll
+  for (int i = 0; i < (T1 ? 1 : NCH); i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int i = 0; i < (T1 ? NCH : 1); i++) bq[i][0] = bq[i][1] = 0u;
+  /* A-building role of this lane: register (i, reg) of quad lane tig_o, channels ach .. ach + 3; it stores
+     its hi / mid / lo words at awr (+1, lo 4 NCH further) in each head's slice of the warp's abuf */
+  int ach, awr;
+  {
+    const int Ln = lane % (8 * NCH), to = Ln / (2 * NCH), ii = (Ln / 2) % NCH, rg = Ln % 2;
+    ach = D == 128 ? 16 * (2 * to + rg) + 4 * ii : 16 * to + 8 * ii + 4 * rg;
+    awr = to * 8 * NCH + 4 * ii + 2 * rg;
+  }
+  uint32_t *wabuf = abuf + warp * nqa * kv_mma_aw(D);
+  const bool a_writer = 8 * NCH >= 32 || lane < 8 * NCH;
+  for (int k = lane; k < nqa * kv_mma_aw(D); k += 32) wabuf[k] = 0u; /* the lo fragments' zeros */
+  /* byte offsets of what this lane reads and writes in every tile, kept in registers (kv_keep): in a
+     stage its key params, key words and value words, scales and zeros; its q channels; its fragment
+     words in the warp's slice (written) and its own fragments (read) */
+  L.o_kpar = kv_keep(KCB + 4 * ach), L.o_q = kv_keep(4 * ach);
+  L.o_kw = kv_keep((T1 ? gid : 2 * (gid >> 1) + 8 * (gid & 1)) * (D / 4) + (D == 128 ? 8 : 4) * tig);
+  L.o_vs = kv_keep(KCB + KPB + VCB + 8 * tig), L.o_vw = kv_keep(KCB + KPB + 4 * (D / 32) * lane);
+  /* zeros (uniform: the second plane) or c0 (codebook: the first), group gid, as the zero MMA's A */
+  L.o_vz = kv_keep(KCB + KPB + VCB + (VK ? 0 : VPB) + 64 * min(gid, ngv - 1) + 8 * tig);
+  /* T1: the slice holds plane p's words of lane L at p 8 NCH + L, and lane (p, tig) reads its 2 NCH B words
+     (chunk i, register rg at 2i + rg) at lane 2 NCH: the writer roles above list them in that order */
+  L.o_aw = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane % (8 * NCH) : awr)));
+  L.o_ar = kv_keep(4 * (warp * nqa * kv_mma_aw(D) + (T1 ? lane * 2 * NCH : gid * kv_mma_aw(D) + tig * 8 * NCH)));
+  float ksc = 0.0f, kqz = 0.0f; /* this lane's head: score = ((254 hi + mid) 254 + lo) ksc + kqz */
+  int kgrp = -1;                /* key group (token / k_group) whose A is loaded */
+
+  /* page tiles of this warp: g = warp + i * 4, streamed through the warp's ring of nst stages */
+  const int my_pt = npt > warp ? (npt - warp + KV_MMA_WARPS - 1) / KV_MMA_WARPS : 0;
+  uint8_t *ring = rings + (size_t)warp * NST * stage;
+  const uint32_t o_ring = kv_keep((uint32_t)(ring - smem));
+  /* tile i of this warp starts at token a0 + (warp + 4 i) 32 */
+  const int tok0 = kv_keep(a0 + warp * 32);
+  /* what does not depend on the tile: this head's bases and each lane's offsets within a page and a
+     stage (32-bit: a page is far below 4 GB), computed once and kept (kv_keep) */
+  const uint8_t *kh = p.kpool + (uint64_t)hkv * p.khead, *vh = p.vpool + (uint64_t)hkv * p.vhead;
+  const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, tmask = (uint32_t)(p.P / 32 - 1);
+  /* value params: copy c = lane + 32 j of a tile is row c / 4 (plane x group) of the params area, 16 bytes
+     (c % 4) in; rows are P halves apart in the page, 64 bytes in the stage */
+  const uint32_t l16 = kv_keep(16u * lane), kp_l = kv_keep((uint32_t)p.kcodes + 16u * lane);
+  const uint32_t vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((lane / 4) * p.P * 2 + 16 * (lane % 4)));
+  const uint32_t vp_row8 = (uint32_t)(16 * p.P); /* 8 rows */
+  const uint32_t st_l = kv_keep((uint32_t)__cvta_generic_to_shared(ring) + 16u * lane);
+  const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512;
+  static_assert(KCB % 512 == 0 && VCB % 512 == 0, "whole chunks a lane");
+  static_assert(D <= 128, "the combined int32 score sum needs 64 x 3 x D x 254^2 < 2^31");
+  kv_mma_ring r;
+  r.trow = trow, r.lgP = lgP, r.lgK = lgK, r.my_pt = my_pt, r.tok0 = tok0, r.kh = kh, r.vh = vh;
+  r.kpage = kpage, r.vpage = vpage, r.tmask = tmask, r.l16 = l16, r.kp_l = kp_l, r.vp_l = vp_l, r.vp_row8 = vp_row8;
+  r.st_l = st_l, r.kp_all = kp_all;
+#pragma unroll
+  for (int i = 0; i < NST - 1; i++) kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i, kv_mma_tile_page(r, i));
+  uint32_t next_page = kv_mma_tile_page(r, NST - 1);
+
+  for (int i = 0; i < my_pt; i++) {
+    const uint32_t pg = next_page;
+    next_page = kv_mma_tile_page(r, i + NST);
+    kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i + NST - 1, pg);
+    kv_wait(NST - 1);
+    __syncwarp();
+    const uint8_t *stg = smem + (o_ring + (uint32_t)((i % NST) * stage));
+    const int t0 = tok0 + i * (32 * KV_MMA_WARPS);
+    /* A (q s as three int8 planes) for the key group of this tile */
+    const int grp = t0 >> lgK;
+    if (grp != kgrp) { /* a warp's tiles are 128 tokens apart: a new group every tile unless groups are longer */
+      kgrp = grp;
+      kv_mma_key_frags<D, T1>(stg, smem, abuf, nq, a_writer, L, ahm, alo, bq, ksc, kqz);
+    }
+
+    float s[4][2];
+    if constexpr (T1)
+      kv_mma_scores_t1<D, NMT>(stg, L, bq, ksc, kqz, m, l, o, zacc, s);
+    else
+      kv_mma_scores<D, NMT>(stg, L, ahm, alo, ksc, kqz, m, l, o, zacc, s);
+
+    kv_mma_values<D, VG, VK, NMT>(stg, L, s, o, zacc);
+    __syncwarp();
+  }
+  kv_wait(0);
+  if constexpr (T1) { /* the window tiles and the merge keep head 0's sum in lane 0's quad */
+#pragma unroll
+    for (int o2 = 16; o2 >= 1; o2 >>= 1) l += __shfl_xor_sync(KV_FULL, l, o2);
+    if (lane != 0) l = 0.0f;
+  }
+  /* the page tiles accumulated code x 2^-24 x 4^k, k the code's slot in its half word (0 and 1 in
+     even m-tiles, 2 and 3 in odd ones, the higher of each pair in rows 8-15): back to plain units
+     before the window's fp16 values */
+#pragma unroll
+  for (int i = 0; i < NMT; i++) {
+    const float f0 = (i % 2 ? 1048576.0f : 16777216.0f) * (VK ? 4.0f : 1.0f); /* 2^20, 2^24; codebook B / 4 */
+    o[i][0] *= f0;
+    o[i][1] *= f0;
+    o[i][2] *= 0.25f * f0;
+    o[i][3] *= 0.25f * f0;
+  }
+
+  /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp */
+  for (int g = npt + ((warp - npt % KV_MMA_WARPS) + KV_MMA_WARPS) % KV_MMA_WARPS; g < ntiles; g += KV_MMA_WARPS)
+    kv_mma_window_tile<D, NMT>(p, hkv, wbase, ws0 + (g - npt) * 16, e0, qf, L, m, l, o, zacc);
+  l += __shfl_xor_sync(KV_FULL, l, 1);
+  l += __shfl_xor_sync(KV_FULL, l, 2);
+
+  /* ---------------- merge the warps ---------------- */
+  __syncthreads();
+  float *cw = (float *)rings; /* [warps][8][D + 2] */
+  kv_mma_finish<D, VG, NMT>(cw, L, nq, m, l, o, zacc);
   __syncthreads();
   kv_merge_warps<D, KV_MMA_WARPS>(p, cw, KV_MMA_HEADS, nq, (int64_t)b * p.qh + qh0);
   kv_attn_cta_done<D>(p);

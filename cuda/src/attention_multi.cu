@@ -150,7 +150,7 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
                      (int)((bad % row) / g.head_dim), (int)(bad % g.head_dim));
     }
   }
-  const bool mma = kivi_cache_mma_layout(&g);
+  const bool mma = kivi_cache_mma_layout(&c->lay[layer].cfg); /* the layer's formats pick the kernel */
   /* the plan, on the host: per position, the decode kernel's entries; per batch entry, its reference
      queries (host lengths read once: nothing below changes them) */
   /* host plan arrays, one block: int32 t0, slot [batch], roff [batch + 1], pos_off [max_q + 1], krow, kslot,

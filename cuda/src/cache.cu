@@ -52,7 +52,7 @@ static void cache_release(kivi_cache_t c) {
   for (void *p : device)
     if (p) cudaFree(p);
   (void)cudaGetLastError();
-  void *host[] = {c->live, c->gen, c->table, c->npages, c->len, c->qlen, c->free_pages, c->page_refs, c};
+  void *host[] = {c->live, c->gen, c->table, c->npages, c->len, c->qlen, c->free_pages, c->lay, c->page_refs, c};
   for (void *p : host) free(p);
 }
 
@@ -82,8 +82,6 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
   c->ctx = ctx;
   memcpy(&c->cfg, config, sizeof c->cfg);
   const kivi_cache_config &g = c->cfg;
-  c->kp = kivi_page_part(&g, 0);
-  c->vp = kivi_page_part(&g, 1);
   c->F = kivi_flush_tokens(&g);
   c->W = kivi_window_tokens(&g);
   c->P = g.page_tokens;
@@ -96,15 +94,21 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
   c->len = (int64_t *)calloc(S * L, sizeof(int64_t));
   c->qlen = (int64_t *)calloc(S * L, sizeof(int64_t));
   c->free_pages = (int32_t *)malloc(MP * sizeof(int32_t));
+  c->lay = (kivi_layer_layout *)calloc(L, sizeof(kivi_layer_layout));
   c->page_refs = (int32_t *)calloc(MP, sizeof(int32_t));
-  if (!c->live || !c->gen || !c->table || !c->npages || !c->len || !c->qlen || !c->free_pages || !c->page_refs) {
+  if (!c->live || !c->gen || !c->table || !c->npages || !c->len || !c->qlen || !c->free_pages || !c->lay ||
+      !c->page_refs) {
     cache_release(c);
     return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the host metadata (%zu sequences x %zu pages)", op, S,
                    MP);
   }
   c->nfree = kivi_pages_init(c->free_pages, g.max_pages);
 
-  const uint64_t kbytes = (uint64_t)L * MP * c->kp.page, vbytes = (uint64_t)L * MP * c->vp.page;
+  uint64_t kbytes = 0, vbytes = 0;
+  if (!kivi_cache_layouts(config, n_fields, c->lay, &kbytes, &vbytes)) {
+    cache_release(c);
+    return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: the page pools of %zu layers x %zu pages pass 2^62 bytes", op, L, MP);
+  }
   const uint64_t wbytes = (uint64_t)S * L * (uint64_t)c->W * (uint64_t)g.kv_heads * (uint64_t)g.head_dim * 2u;
   const uint64_t tbytes = (uint64_t)S * MP * 4u;
   struct {
@@ -202,13 +206,18 @@ KIVI_API kivi_status kivi_cache_seq_copy(kivi_cache_t cache, int32_t src, int32_
                  cudaMemcpyAsync(cache->d_table + (int64_t)s * g.max_pages, row, (size_t)np * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, ctx->stream),
                  op, "cudaMemcpyAsync (block table)");
-  const uint8_t *pools[2] = {cache->kpool, cache->vpool};
-  const uint64_t pages[2] = {cache->kp.page, cache->vp.page};
-  for (int p = 0; p < 2 && !st && np > 0; p++) {
-    k_copy_pages<<<dim3((unsigned)np, (unsigned)g.layers), 256, 0, ctx->stream>>>(
-        (uint8_t *)pools[p], pages[p] / 16u, g.max_pages, cache->d_table + (int64_t)src * g.max_pages,
-        cache->d_table + (int64_t)s * g.max_pages);
-    st = kv_launched(ctx, op, "k_copy_pages");
+  /* one launch a pool and stretch of layers of one format (their pages lie one layer after the other) */
+  for (int32_t a = 0, b; a < g.layers && !st && np > 0; a = b) {
+    const kivi_layer_layout &ly = cache->lay[a];
+    for (b = a + 1; b < g.layers && !memcmp(&cache->lay[b].cfg, &ly.cfg, sizeof ly.cfg); b++) {
+    }
+    const dim3 grid((unsigned)np, (unsigned)(b - a));
+    const int32_t *from = cache->d_table + (int64_t)src * g.max_pages, *to = cache->d_table + (int64_t)s * g.max_pages;
+    k_copy_pages<<<grid, 256, 0, ctx->stream>>>(cache->kpool + ly.kbase, ly.kp.page / 16u, g.max_pages, from, to);
+    if (!(st = kv_launched(ctx, op, "k_copy_pages"))) {
+      k_copy_pages<<<grid, 256, 0, ctx->stream>>>(cache->vpool + ly.vbase, ly.vp.page / 16u, g.max_pages, from, to);
+      st = kv_launched(ctx, op, "k_copy_pages");
+    }
   }
   const size_t win = sizeof(uint16_t) * (size_t)g.layers * (size_t)cache->W * (size_t)g.kv_heads * (size_t)g.head_dim;
   uint16_t *wins[2] = {cache->kwin, cache->vwin};
@@ -261,8 +270,12 @@ KIVI_API kivi_status kivi_cache_memory(kivi_cache_t cache, uint64_t *report, int
   if (!report) return kv_fail(c->ctx, KIVI_ERR_ARG, "%s: report must not be NULL", op);
   if (n_fields < 1) return kv_fail(c->ctx, KIVI_ERR_ARG, "%s: n_fields must be >= 1, got %d", op, (int)n_fields);
   const uint64_t used = (uint64_t)(g.max_pages - c->nfree);
-  const uint64_t blocks = used * (uint64_t)g.layers * (uint64_t)g.kv_heads;
-  uint64_t resid = 0, tokens = 0, qtok = 0;
+  const uint64_t blocks = used * (uint64_t)g.kv_heads;
+  uint64_t resid = 0, tokens = 0, qtok = 0, codes = 0, params = 0;
+  for (int32_t l = 0; l < g.layers; l++) {
+    codes += c->lay[l].kp.codes + c->lay[l].vp.codes;
+    params += c->lay[l].kp.params + c->lay[l].vp.params;
+  }
   for (int32_t s = 0; s < g.max_seqs; s++) {
     if (!c->live[s]) continue;
     for (int32_t l = 0; l < g.layers; l++) {
@@ -273,8 +286,8 @@ KIVI_API kivi_status kivi_cache_memory(kivi_cache_t cache, uint64_t *report, int
     }
   }
   uint64_t r[KIVI_MEM_FIELDS];
-  r[KIVI_MEM_CODE_BYTES] = blocks * (c->kp.codes + c->vp.codes);
-  r[KIVI_MEM_PARAM_BYTES] = blocks * (c->kp.params + c->vp.params);
+  r[KIVI_MEM_CODE_BYTES] = blocks * codes;
+  r[KIVI_MEM_PARAM_BYTES] = blocks * params;
   r[KIVI_MEM_RESIDUAL_BYTES] = resid;
   r[KIVI_MEM_TABLE_BYTES] = (uint64_t)g.max_seqs * ((uint64_t)g.max_pages * 4u + (uint64_t)g.layers * 16u + 8u);
   r[KIVI_MEM_POOL_BYTES] = c->pool_bytes;

@@ -4,7 +4,8 @@
  * (fused decode attention).
  *
  * Device memory (allocated once by kivi_cache_create):
- *   K pool, V pool   bytes [layers][max_pages][kv_heads][part.head]   (kivi_format.h page layout)
+ *   K pool, V pool   bytes per layer [max_pages][kv_heads][part.head] (kivi_format.h page layout; a
+ *                    layer's part from its own format, at its offset kivi_layer_layout.kbase / vbase)
  *   K / V windows    half  [max_seqs][layers][W][kv_heads][D]          (W = R + F, slot = p % W)
  *   block table      int32 [max_seqs][max_pages]                       (rows uploaded on change)
  * The host keeps the authoritative copy of all metadata (live flags, tables, lengths, free stack),
@@ -23,11 +24,11 @@
 struct kivi_cache {
   kivi_ctx_t ctx;
   kivi_cache_config cfg;
-  kivi_part_layout kp, vp; /* byte sizes of one head block of one page */
+  kivi_layer_layout *lay; /* host [layers]: each layer's formats, page parts and pool offsets */
   int32_t F, W, P, D;
 
   /* device */
-  uint8_t *kpool, *vpool; /* [layers][max_pages][kv_heads][part.head] */
+  uint8_t *kpool, *vpool; /* per layer (at lay[l].kbase / vbase) [max_pages][kv_heads][part.head] */
   uint16_t *kwin, *vwin;  /* half [max_seqs][layers][W][kv_heads][D] */
   int32_t *d_table;       /* [max_seqs][max_pages] */
   uint64_t pool_bytes;    /* kpool + vpool + both windows */

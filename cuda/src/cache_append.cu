@@ -156,6 +156,7 @@ struct kv_flush_params {
   const void *k, *v;                       /* [in_index][n][kv_heads][D] */
   const int32_t *table;                    /* the device block tables [seqs][max_pages] */
   uint64_t layer_stride_k, layer_stride_v; /* max_pages * page bytes */
+  int32_t layer0;                          /* the layer kpool / vpool start at (layers of one format) */
   kv_part_dev kp, vp;
   int64_t n;
   int32_t kvh, D, P, F, W, dtype, layers, max_pages;
@@ -190,7 +191,8 @@ static __global__ void __launch_bounds__(256) k_cache_flush(const __grid_constan
       tile[idx] = hv;
     }
     __syncthreads();
-    uint8_t *base = (part ? p.vpool : p.kpool) + (uint64_t)L.layer * (part ? p.layer_stride_v : p.layer_stride_k) +
+    uint8_t *base = (part ? p.vpool : p.kpool) +
+                    (uint64_t)(L.layer - p.layer0) * (part ? p.layer_stride_v : p.layer_stride_k) +
                     (uint64_t)page * pt.page + (uint64_t)h * pt.head;
     if (pt.bits == 16) {
       uint16_t *dst = (uint16_t *)base + (int64_t)o * D;
@@ -343,12 +345,16 @@ static kv_layer_plan layer_plan(const kivi_cache *c, int32_t seq, int32_t l0, in
   return {len, ql, kivi_flush_count(&c->cfg, len, ql, n)};
 }
 
-/* The flushes of cnt entries with a parameter block of NL entries (several launches when more flush). */
+/* The flushes of cnt entries with a parameter block of NL entries (several launches when more flush).
+   The entries' layers are of one format and laid out one after the other from e[0].layer, the lowest
+   (a stretch of layers of one sequence, or one layer of several sequences). */
 template <int NL>
 static kivi_status flush_launch(kivi_cache *c, const char *op, const kv_flush_entry *e, int32_t cnt, const void *k,
                                 const void *v, kivi_dtype dtype, int64_t n) {
   kivi_ctx_t ctx = c->ctx;
-  const kivi_cache_config &g = c->cfg;
+  const int32_t r0 = e[0].layer;
+  const kivi_layer_layout &ly = c->lay[r0];
+  const kivi_cache_config &g = ly.cfg;
   const int64_t F = c->F;
   const int mma = kivi_cache_mma_layout(&g);
   const int64_t vgroups = F * (g.head_dim / g.v_group);
@@ -364,17 +370,18 @@ static kivi_status flush_launch(kivi_cache *c, const char *op, const kv_flush_en
   kv_flush_params<NL> small, *fp = NL <= 8 ? &small : (kv_flush_params<NL> *)malloc(sizeof(kv_flush_params<NL>));
   if (!fp) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the launch parameters", op);
   memset(fp, 0, sizeof(*fp));
-  fp->kpool = c->kpool;
-  fp->vpool = c->vpool;
+  fp->kpool = c->kpool + ly.kbase;
+  fp->vpool = c->vpool + ly.vbase;
+  fp->layer0 = r0;
   fp->kwin = c->kwin;
   fp->vwin = c->vwin;
   fp->k = k;
   fp->v = v;
   fp->table = c->d_table;
-  fp->layer_stride_k = (uint64_t)g.max_pages * c->kp.page;
-  fp->layer_stride_v = (uint64_t)g.max_pages * c->vp.page;
-  fp->kp = kv_part_dev_of(&g, c->kp, 0);
-  fp->vp = kv_part_dev_of(&g, c->vp, 1);
+  fp->layer_stride_k = (uint64_t)g.max_pages * ly.kp.page;
+  fp->layer_stride_v = (uint64_t)g.max_pages * ly.vp.page;
+  fp->kp = kv_part_dev_of(&g, ly.kp, 0);
+  fp->vp = kv_part_dev_of(&g, ly.vp, 1);
   fp->n = n;
   fp->kvh = g.kv_heads;
   fp->D = g.head_dim;
@@ -419,12 +426,16 @@ kivi_status kv_flush_launch(kivi_cache *c, const char *op, const kv_flush_entry 
 
 kivi_status kv_append_flush(kivi_cache *c, const char *op, int32_t seq, int32_t l0, int32_t nl, const void *k,
                             const void *v, kivi_dtype dtype, int64_t n) {
+  /* one run of launches per stretch of layers of one format: a single-format cache makes one */
   kv_flush_entry e[KV_FLUSH_MAXL];
   kivi_status st = KIVI_OK;
-  for (int32_t b0 = 0; b0 < nl && !st; b0 += KV_FLUSH_MAXL) {
-    const int32_t cnt = nl - b0 < KV_FLUSH_MAXL ? nl - b0 : KV_FLUSH_MAXL;
-    for (int32_t i = 0; i < cnt; i++) e[i] = {seq, l0 + b0 + i, b0 + i};
-    st = kv_flush_launch(c, op, e, cnt, k, v, dtype, n);
+  for (int32_t a = 0, b; a < nl && !st; a = b) {
+    for (b = a + 1; b < nl && b - a < KV_FLUSH_MAXL &&
+                    !memcmp(&c->lay[l0 + a].cfg, &c->lay[l0 + b].cfg, sizeof(kivi_cache_config));
+         b++) {
+    }
+    for (int32_t i = a; i < b; i++) e[i - a] = {seq, l0 + i, i};
+    st = kv_flush_launch(c, op, e, b - a, k, v, dtype, n);
   }
   return st;
 }

@@ -68,13 +68,14 @@ KIVI_API kivi_status kivi_cache_read(kivi_cache_t c, int32_t seq, int32_t layer,
   kivi_status st = kv_cache_io_enter(c, op, seq, 0, layer, 1, k, v, dtype, 0);
   if (st) return st;
   kivi_ctx_t ctx = c->ctx;
-  const kivi_cache_config &g = c->cfg;
+  const kivi_layer_layout &ly = c->lay[layer];
+  const kivi_cache_config &g = ly.cfg; /* the layer's formats */
   const int64_t len = c->len[(int64_t)seq * g.layers + layer];
   if (len == 0) return KIVI_OK;
   kv_read_params p;
   memset(&p, 0, sizeof p);
-  p.kpool = c->kpool + (uint64_t)layer * g.max_pages * c->kp.page;
-  p.vpool = c->vpool + (uint64_t)layer * g.max_pages * c->vp.page;
+  p.kpool = c->kpool + ly.kbase;
+  p.vpool = c->vpool + ly.vbase;
   const uint64_t row = (uint64_t)g.kv_heads * g.head_dim;
   const uint64_t wofs = ((uint64_t)seq * g.layers + layer) * (uint64_t)c->W * row;
   p.kwin = c->kwin + wofs;
@@ -82,8 +83,8 @@ KIVI_API kivi_status kivi_cache_read(kivi_cache_t c, int32_t seq, int32_t layer,
   p.table = c->d_table + (int64_t)seq * g.max_pages;
   p.k = k;
   p.v = v;
-  p.kp = kv_part_dev_of(&g, c->kp, 0);
-  p.vp = kv_part_dev_of(&g, c->vp, 1);
+  p.kp = kv_part_dev_of(&g, ly.kp, 0);
+  p.vp = kv_part_dev_of(&g, ly.vp, 1);
   p.cfg = g;
   p.len = len;
   p.qlen = c->qlen[(int64_t)seq * g.layers + layer];

@@ -51,19 +51,19 @@ KIVI_API kivi_status kivi_cache_seq_fork(kivi_cache_t c, int32_t seq, int32_t *c
   int32_t *crow = c->table + (int64_t)s * g->max_pages;
   for (int32_t i = 0; i < copies && !st; i++) {
     const int32_t from = prow[shared + i], to = c->free_pages[c->nfree - 1 - i];
-    for (int32_t l = 0; l < g->layers && !st; l++) {
-      const uint64_t kb = (uint64_t)l * g->max_pages * c->kp.page, vb = (uint64_t)l * g->max_pages * c->vp.page;
-      st = kv_cuda(
-          c->ctx,
-          cudaMemcpyAsync(c->kpool + kb + (uint64_t)to * c->kp.page, c->kpool + kb + (uint64_t)from * c->kp.page,
-                          (size_t)c->kp.page, cudaMemcpyDeviceToDevice, stream),
-          op, "cudaMemcpyAsync (K page)");
+    for (int32_t l = 0; l < g->layers && !st; l++) { /* each layer's page parts at its own offsets and sizes */
+      const kivi_layer_layout &ly = c->lay[l];
+      st = kv_cuda(c->ctx,
+                   cudaMemcpyAsync(c->kpool + ly.kbase + (uint64_t)to * ly.kp.page,
+                                   c->kpool + ly.kbase + (uint64_t)from * ly.kp.page, (size_t)ly.kp.page,
+                                   cudaMemcpyDeviceToDevice, stream),
+                   op, "cudaMemcpyAsync (K page)");
       if (!st)
-        st = kv_cuda(
-            c->ctx,
-            cudaMemcpyAsync(c->vpool + vb + (uint64_t)to * c->vp.page, c->vpool + vb + (uint64_t)from * c->vp.page,
-                            (size_t)c->vp.page, cudaMemcpyDeviceToDevice, stream),
-            op, "cudaMemcpyAsync (V page)");
+        st = kv_cuda(c->ctx,
+                     cudaMemcpyAsync(c->vpool + ly.vbase + (uint64_t)to * ly.vp.page,
+                                     c->vpool + ly.vbase + (uint64_t)from * ly.vp.page, (size_t)ly.vp.page,
+                                     cudaMemcpyDeviceToDevice, stream),
+                     op, "cudaMemcpyAsync (V page)");
     }
   }
   const uint64_t win = (uint64_t)g->layers * c->W * g->kv_heads * g->head_dim; /* halves a sequence */

@@ -407,6 +407,7 @@ export class LlamaModel {
       residual: o.residual,
       keys: o.keys,
       values: o.values,
+      perLayer: o.perLayer,
       maxPages,
       maxSequences: sequences,
     });

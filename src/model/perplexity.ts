@@ -8,7 +8,12 @@
  *
  * @module
  */
-import type { CacheFormat } from "../cache.ts";
+import {
+  cacheBitsPerValue,
+  type CacheFormat,
+  type LayerFormat,
+  resolveCacheOptions,
+} from "../cache.ts";
 import type { ModelCacheOptions, ProtocolModel } from "./types.ts";
 
 /** Options of {@link perplexity}; the defaults are the model card's protocol. */
@@ -175,6 +180,8 @@ export interface CacheSpec {
   name: string;
   keys: CacheFormat;
   values: CacheFormat;
+  /** Per-layer formats (a calibration plan's). */
+  perLayer?: readonly LayerFormat[];
 }
 
 const CB2_G64 = { kind: "codebook", bits: 2, group: 64 } as const;
@@ -196,6 +203,8 @@ export interface ProtocolRow {
   bpb: number;
   klVsBits16: number;
   top1VsBits16: number;
+  /** Bits per K/V value of the quantized tokens, the mean over layers (the fp16 window excluded). */
+  bitsPerValue: number;
   /** Decoded tokens a second over the whole batch of windows. */
   tokensPerSecond: number;
 }
@@ -209,6 +218,20 @@ export interface CompareOptions
   caches?: readonly CacheSpec[];
   /** Called as each run starts, and after each of its steps. */
   onProgress?: (run: string, done: number, total: number) => void;
+}
+
+/** Bits per value of a cache of the comparison on `model` (the mean over layers, window excluded). */
+export function specBitsPerValue(model: ProtocolModel, c: CacheSpec): number {
+  const m = model.config;
+  return cacheBitsPerValue(resolveCacheOptions({
+    layers: m.layers,
+    kvHeads: m.kvHeads,
+    headDim: m.headDim,
+    keys: c.keys,
+    values: c.values,
+    perLayer: c.perLayer,
+    maxPages: 1,
+  }));
 }
 
 /** The protocol for every cache at every residual, each against the bits-16 run of its residual. */
@@ -237,7 +260,7 @@ export function compareCaches(
         : perplexity(model, text, {
           ...sizes,
           reference: base.distributions,
-          cache: { keys: c.keys, values: c.values, residual },
+          cache: { keys: c.keys, values: c.values, perLayer: c.perLayer, residual },
           onProgress: progress(c),
         });
       rows.push({
@@ -246,6 +269,7 @@ export function compareCaches(
         bpb: r.bpb,
         klVsBits16: r.klVsReference!,
         top1VsBits16: r.top1VsReference!,
+        bitsPerValue: specBitsPerValue(model, c),
         tokensPerSecond: r.tokensPerSecond,
       });
     }

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { CacheFormat, KVCache, Sequence } from "../cache.ts";
+import type { CacheFormat, KVCache, LayerFormat, Sequence } from "../cache.ts";
 import type { LlamaConfig } from "./config.ts";
 
 /** The cache a model run uses (the model gives layers, heads and head_dim). */
@@ -20,6 +20,8 @@ export interface ModelCacheOptions {
   pageTokens?: number;
   /** Pool size in pages (default: what the run needs). */
   maxPages?: number;
+  /** Per-layer formats (a calibration plan's `perLayer`); see CacheOptions.perLayer. */
+  perLayer?: readonly LayerFormat[];
 }
 
 /** Options of a decode loop (LlamaModel._decoder). */

@@ -729,6 +729,30 @@ static void test_bad_config(kivi_ctx_t ctx) {
   }
   CHECK(kivi_cache_create(ctx, good.a, KIVI_CFG_FIELDS, &out) == KIVI_OK && out, "good config");
   kivi_cache_destroy(out);
+  { /* per-layer formats: layers x KIVI_LAYER_FIELDS after the cache's fields */
+    int32_t a[KIVI_CFG_FIELDS + 2 * KIVI_LAYER_FIELDS];
+    memcpy(a, good.a, sizeof(int32_t) * KIVI_CFG_FIELDS);
+    for (int l = 0; l < 2; l++) memcpy(a + KIVI_CFG_FIELDS + l * KIVI_LAYER_FIELDS, good.a + KIVI_CFG_K_KIND, 40);
+    a[KIVI_CFG_FIELDS + KIVI_LAYER_FIELDS + 1] = 4; /* layer 1's keys: 4 bits */
+    out = NULL;
+    CHECK(kivi_cache_create(ctx, a, KIVI_CFG_FIELDS + 2 * KIVI_LAYER_FIELDS, &out) == KIVI_OK && out, "per-layer");
+    kivi_cache_destroy(out);
+    out = NULL;
+    CHECK(kivi_cache_create(ctx, a, KIVI_CFG_FIELDS + KIVI_LAYER_FIELDS, &out) == KIVI_ERR_ARG && !out,
+          "per-layer n_fields for one layer of two");
+    a[KIVI_CFG_FIELDS + KIVI_LAYER_FIELDS + 1] = 3;
+    CHECK(kivi_cache_create(ctx, a, KIVI_CFG_FIELDS + 2 * KIVI_LAYER_FIELDS, &out) == KIVI_ERR_ARG && !out,
+          "per-layer bits 3");
+    CHECK(!strcmp(kivi_last_error(),
+                  "kivi_cache_create: config[KIVI_CFG_FIELDS + 1 * KIVI_LAYER_FIELDS + 1] "
+                  "(layer 1's k_bits) must be 2, 4 or 16, got 3"),
+          "message: %s", kivi_last_error());
+    a[KIVI_CFG_FIELDS + KIVI_LAYER_FIELDS + 1] = 2;
+    a[KIVI_CFG_FIELDS + 2] = 64; /* layer 0's key group */
+    CHECK(kivi_cache_create(ctx, a, KIVI_CFG_FIELDS + 2 * KIVI_LAYER_FIELDS, &out) == KIVI_ERR_ARG && !out,
+          "per-layer key group");
+    CHECK(strstr(kivi_last_error(), "the flush unit all layers share"), "message: %s", kivi_last_error());
+  }
   /* the documented message format */
   tcfg c = good;
   c.a[KIVI_CFG_HEAD_DIM] = 96;
