@@ -220,6 +220,41 @@ gpuDescribe("CUDA multi-token attention, truncate and fork equal the CPU referen
     });
   }
 
+  it("per-layer formats (tensor cores, CUDA cores, 16 bits): forks, truncates and multi-token attention a layer", () => {
+    const rng = new Rng("multi per layer gpu");
+    const t = new Twin(gpu, {
+      layers: 3,
+      kvHeads: 2,
+      queryHeads: 8,
+      headDim: 128,
+      pageTokens: 64,
+      residual: 64,
+      maxPages: 64,
+      maxSequences: 6,
+      keys: { kind: "uniform", bits: 2, group: 32 },
+      values: { kind: "uniform", bits: 2, group: 32 },
+      perLayer: [{ layer: 1, keys: { kind: "uniform", bits: 4, group: 32 } }, {
+        layer: 2,
+        keys: { bits: 16 },
+        values: { bits: 16 },
+      }],
+    });
+    try {
+      const a = t.add();
+      t.append(a, rng, 300);
+      const b = t.fork(a);
+      t.append(b, rng, 45);
+      t.truncate(b, t.cs[b].quantizedLength(0) + 3);
+      t.append(a, rng, 9);
+      for (const i of [a, b]) t.same(i, true, `sequence ${i} ${rng.tag}`);
+      for (const layer of [0, 1, 2]) {
+        t.multi(rng, layer, [a, b, b], [9, 1, 40], `layer ${layer} ${rng.tag}`);
+      }
+    } finally {
+      t.dispose();
+    }
+  });
+
   it("a decode batch's log-sum-exp equals the CPU's", () => {
     const rng = new Rng("batch lse gpu");
     const t = new Twin(gpu, {

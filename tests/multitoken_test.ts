@@ -257,6 +257,46 @@ describe("decode batch log-sum-exp", () => {
   });
 });
 
+describe("per-layer formats", () => {
+  it("forks copy each layer's page parts and multi-token attention reads each layer in its own format", async () => {
+    using kivi = await openCpu();
+    const rng = new Rng("multi per layer");
+    using cache = kivi.createCache({
+      ...multiOptions(3, 32, 6),
+      perLayer: [{ layer: 1, keys: { kind: "uniform", bits: 4, group: 32 } }, {
+        layer: 2,
+        keys: { bits: 16 },
+        values: { bits: 16 },
+      }],
+    });
+    using a = cache.createSequence();
+    feed(a, rng, 150, 3, 41);
+    using b = a.fork();
+    feed(b, rng, 30, 3);
+    using twin = cache.createSequence();
+    // the twin replays a's tokens and then b's, drawn again from a fresh Rng of the same label
+    const r2 = new Rng("multi per layer");
+    feed(twin, r2, 150, 3, 41);
+    feed(twin, r2, 30, 3);
+    assert.deepEqual(state(cache, b), state(cache, twin), rng.tag);
+    for (const layer of [0, 1, 2]) {
+      const q = kvRows(rng, 12, QH, D);
+      const out = cache.attendMulti(layer, [b], [12], q) as Float32Array;
+      const { keys, values } = cache.read(b, layer);
+      const want = causalOracle(
+        keys as Float32Array,
+        values as Float32Array,
+        q,
+        180,
+        12,
+        cache.config,
+        1 / 8,
+      );
+      assert.ok(maxDiff(out, want.out) < 2e-6, `layer ${layer} ${rng.tag}`);
+    }
+  });
+});
+
 describe("mergeAttention", () => {
   it("merges the attention of disjoint key ranges into the attention of their union, exactly", async () => {
     using kivi = await openCpu();
