@@ -17,16 +17,7 @@ out="${OUT:-build/gpu-out}"
 mkdir -p "$r" "$out" build
 archive="$out/calibrate.tgz"
 source "$(dirname "$0")/_step.sh"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
-if [ -n "${KIVI_PREBUILT:-}" ]; then
-  case "$KIVI_PREBUILT" in
-    *.xz) step build bash -c "bun build.ts --cpu-only && xz -d -c '$KIVI_PREBUILT' > build/libkivi_cuda.so" ;;
-    *) step build bash -c "bun build.ts --cpu-only && cp '$KIVI_PREBUILT' build/libkivi_cuda.so" ;;
-  esac
-else
-  step build env KIVI_CUDA_ARCH="${arch:-90}" bun build.ts --cuda
-fi
+build_or_prebuilt
 TAIL=14 step gpu_tests bun test --timeout=600000 tests/cache_gpu_test.ts tests/model_gpu_test.ts tests/abi_test.ts
 TAIL=40 step perplexity bun bench/perplexity.ts --backend cuda --calibration "${CALIBRATION:-4x256}" --out "$r"
 TAIL=10 step calibrate bun src/cli.ts calibrate --backend cuda --model ../shared/models/byte-llama-9m \

@@ -16,17 +16,8 @@ out="${OUT:-build/gpu-out}"
 mkdir -p "$r" "$out" build
 archive="$out/model.tgz"
 source "$(dirname "$0")/_step.sh"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 ls /usr/local/cuda/lib64/libcublas.so.13 || echo "no libcublas.so.13 in /usr/local/cuda/lib64: kivi_model_linear will say so"
-arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
-if [ -n "${KIVI_PREBUILT:-}" ]; then
-  case "$KIVI_PREBUILT" in
-    *.xz) step build bash -c "bun build.ts --cpu-only && xz -d -c '$KIVI_PREBUILT' > build/libkivi_cuda.so" ;;
-    *) step build bash -c "bun build.ts --cpu-only && cp '$KIVI_PREBUILT' build/libkivi_cuda.so" ;;
-  esac
-else
-  step build env KIVI_CUDA_ARCH="${arch:-90}" bun build.ts --cuda
-fi
+build_or_prebuilt
 TAIL=14 step gpu_tests bun test --timeout=600000 tests/model_gpu_test.ts tests/abi_test.ts
 TAIL=16 step perplexity bun bench/perplexity.ts --backend cuda --out "$r"
 TAIL=3 step generate bun src/cli.ts generate --backend cuda --model ../shared/models/byte-llama-9m \

@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { checkpointTensors } from "../src/model/safetensors.ts";
+import { modelMain } from "../src/cli_model.ts";
 
 /** byte-llama-9m: a trained byte-level Llama (config.json, two fp16 shards and their index). */
 export const MODEL_DIR = fileURLToPath(
@@ -110,4 +111,20 @@ export function editConfig(dir: string, edit: (c: Record<string, unknown>) => vo
   const c = JSON.parse(readFileSync(join(dir, "config.json"), "utf8"));
   edit(c);
   writeFileSync(join(dir, "config.json"), JSON.stringify(c));
+}
+
+/** A `kivi` model command (generate, perplexity, calibrate) run in-process: its exit code, stdout,
+ * stderr and what it wrote to files. */
+export async function runModelCli(
+  ...argv: string[]
+): Promise<{ code: number; out: string; err: string; written: string }> {
+  const out: string[] = [], err: string[] = [], written: string[] = [];
+  const code = await modelMain(
+    argv,
+    (s) => out.push(s),
+    (s) => err.push(s),
+    "usage: kivi <command>",
+    (s) => written.push(s),
+  );
+  return { code, out: out.join("\n"), err: err.join("\n"), written: written.join("") };
 }

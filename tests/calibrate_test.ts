@@ -20,8 +20,7 @@ import {
   type Sensitivity,
   splitHeldout,
 } from "../src/mod.ts";
-import { modelMain } from "../src/cli_model.ts";
-import { HELDOUT, MODEL_DIR } from "./_model.ts";
+import { HELDOUT, MODEL_DIR, runModelCli } from "./_model.ts";
 import { Rng } from "./_helpers.ts";
 
 const TEXT = join(MODEL_DIR, "../../text/heldout.txt");
@@ -64,13 +63,7 @@ describe("the calibration plan", () => {
           s.entries.filter((e) => e.layer === i >> 1 && e.part === (i & 1 ? "values" : "keys")),
       );
       for (const budget of [2.75, 3.0, 3.3, 3.5, 5, 16]) {
-        let best = Infinity;
-        const walk = (i: number, bits: number, kl: number) => {
-          if (bits > budget * 6 + 1e-9) return;
-          if (i === 6) return void (best = Math.min(best, kl));
-          for (const e of parts[i]) walk(i + 1, bits + e.bits, kl + e.kl);
-        };
-        walk(0, 0, 0);
+        const best = bruteForce(parts, budget);
         const plan = planFromSensitivity(s, budget);
         assert.ok(plan.bitsPerValue <= budget + 1e-12, `${rng.tag} budget ${budget}`);
         assert.ok(
@@ -107,12 +100,7 @@ describe("the calibration plan", () => {
           keysOf(l, g),
           s.entries.filter((e) => e.layer === l && e.part === "values"),
         ]);
-        const walk = (i: number, bits: number, kl: number) => {
-          if (bits > budget * 6 + 1e-9) return;
-          if (i === 6) return void (best = Math.min(best, kl));
-          for (const e of parts[i]) walk(i + 1, bits + e.bits, kl + e.kl);
-        };
-        walk(0, 0, 0);
+        best = Math.min(best, bruteForce(parts, budget));
       }
       const plan = planFromSensitivity(s, budget);
       assert.ok(Math.abs(plan.predictedKl - best) <= 1e-15, `${rng.tag} budget ${budget}`);
@@ -212,16 +200,19 @@ describe("the calibration plan", () => {
   });
 });
 
-async function cli(...argv: string[]) {
-  const out: string[] = [], err: string[] = [], written: string[] = [];
-  const code = await modelMain(
-    argv,
-    (s) => out.push(s),
-    (s) => err.push(s),
-    "usage: kivi <command>",
-    (s) => written.push(s),
-  );
-  return { code, out: out.join("\n"), err: err.join("\n"), written: written.join("") };
+const cli = runModelCli;
+
+/** The least summed KL over one choice from each of the parts (3 layers x keys, values) within the
+ * budget in bits per value: every combination tried. */
+function bruteForce(parts: { bits: number; kl: number }[][], budget: number): number {
+  let best = Infinity;
+  const walk = (i: number, bits: number, kl: number) => {
+    if (bits > budget * parts.length + 1e-9) return;
+    if (i === parts.length) return void (best = Math.min(best, kl));
+    for (const e of parts[i]) walk(i + 1, bits + e.bits, kl + e.kl);
+  };
+  walk(0, 0, 0);
+  return best;
 }
 
 describe("kivi calibrate and --plan", () => {

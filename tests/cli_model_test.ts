@@ -6,24 +6,12 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { main } from "../src/cli.ts";
-import { modelMain, parseFormat } from "../src/cli_model.ts";
-import { MODEL_DIR } from "./_model.ts";
+import { parseFormat } from "../src/cli_model.ts";
+import { MODEL_DIR, runModelCli } from "./_model.ts";
 
 const TEXT = join(MODEL_DIR, "../../text/heldout.txt");
 
-async function run(
-  ...argv: string[]
-): Promise<{ code: number; out: string; err: string; written: string }> {
-  const out: string[] = [], err: string[] = [], written: string[] = [];
-  const code = await modelMain(
-    argv,
-    (s) => out.push(s),
-    (s) => err.push(s),
-    "usage: kivi <command>",
-    (s) => written.push(s),
-  );
-  return { code, out: out.join("\n"), err: err.join("\n"), written: written.join("") };
-}
+const run = runModelCli;
 
 /** run() with --backend cpu and --model `model` after the command. */
 const onCpu = (cmd: string, model: string, ...rest: string[]) =>
