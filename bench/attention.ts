@@ -5,7 +5,8 @@
  *   bun bench/attention.ts [--backend auto|cpu|cuda] [--iters 50] [--out bench/results]
  *                          [--case 8x32768] [--mode 2-bit]   (only cases / modes containing these: profiling)
  *                          [--torch sdpa.json]   (bench/sdpa_reference.py's figures of the same run)
- *                          [--multi]   (also the multiToken section; slow: see below)
+ *                          [--multi]   (also the multiToken section; slow: see below; with
+ *                          --case none, that section alone)
  *
  * CUDA: head_dim 128, page 64, R 128; 32 query heads at batch x context in {1x4096, 1x32768, 8x8192,
  * 8x32768, 32x4096}, then 8x32768 with GQA 32/8, 32/4 and 28/4, and 14/2 at head_dim 64 (Llama-3,
@@ -381,11 +382,15 @@ function multiToken(): void {
   console.log(`wrote ${path}`);
 }
 
-const result = section(kivi, copy, notes, rows);
-const path = writeSection(
-  kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`,
-  result,
-  args.get("out"),
-);
-if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));
-console.log(`wrote ${path}`);
+// With --case matching no case (say --multi --case none: the multiToken section alone) the decode section
+// is left as it is in the results file.
+if (rows.length > 0) {
+  const result = section(kivi, copy, notes, rows);
+  const path = writeSection(
+    kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`,
+    result,
+    args.get("out"),
+  );
+  if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));
+  console.log(`wrote ${path}`);
+}
