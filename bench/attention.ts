@@ -5,6 +5,8 @@
  *   bun bench/attention.ts [--backend auto|cpu|cuda] [--iters 50] [--out bench/results]
  *                          [--case 8x32768] [--mode 2-bit]   (only cases / modes containing these: profiling)
  *                          [--torch sdpa.json]   (bench/sdpa_reference.py's figures of the same run)
+ *                          [--multi]   (also the multiToken section; slow: see below; with
+ *                          --case none, that section alone)
  *
  * CUDA: head_dim 128, page 64, R 128; 32 query heads at batch x context in {1x4096, 1x32768, 8x8192,
  * 8x32768, 32x4096}, then 8x32768 with GQA 32/8, 32/4 and 28/4, and 14/2 at head_dim 64 (Llama-3,
@@ -20,6 +22,14 @@
  * reads (codes + params + fp16 residual), as a fraction of the copy bandwidth measured in the same
  * run. With --torch, PyTorch fp16 SDPA on the same shapes (timed the same way, same device call) is
  * the outside reference column. CPU: 1x4096 only.
+ *
+ * --multi adds the `multiToken` section (`attention-multitoken`): cache.attendMulti with qlen query
+ * tokens a sequence (speculative decoding's verification: qlen 1 and 8; a 512-token prompt chunk,
+ * causal) over 8 x 32768 GQA 32/8 in the default cache format (CPU: 1 x 1024, qlen 1, 8, 64), timed
+ * from TypeScript over a loop ending with a synchronize. "of copy" counts the cache's bytes once a
+ * step, the ideal of a kernel that reads each page once for all the queries of a sequence; phase 1
+ * runs the decode kernels once a token position, so it falls about qlen times behind. With --torch,
+ * PyTorch fp16 SDPA with the same causal mask (bench/sdpa_reference.py) is the reference column.
  *
  * @module
  */
@@ -44,7 +54,7 @@ const args = parseArgs(process.argv.slice(2), [
   "mode",
   "out",
   "json",
-]);
+], ["multi"]);
 using kivi = await openBackend({
   prefer: (args.get("backend") ?? "auto") as "auto" | "cpu" | "cuda",
 });
@@ -294,11 +304,93 @@ const notes =
       `shapes in fp16, timed the same way in the same device call (bench/sdpa_reference.py)`
     : "") +
   ".";
-const result = section(kivi, copy, notes, rows);
-const path = writeSection(
-  kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`,
-  result,
-  args.get("out"),
-);
-if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));
-console.log(`wrote ${path}`);
+if (args.has("multi")) multiToken();
+
+/** The multiToken section: several query tokens a sequence (see the module doc). */
+function multiToken(): void {
+  const c: Case = onGpu
+    ? { batch: 8, context: 32768, qHeads: 32, kvHeads: 8, headDim: 128 }
+    : { batch: 1, context: 1024, qHeads: 32, kvHeads: 8, headDim: 128 };
+  const { batch, context, qHeads, kvHeads, headDim } = c;
+  const rng = new Rng(4242);
+  const step = Math.min(context, 4096);
+  const data = chunk(kivi, rng, step, kvHeads, headDim);
+  using cache = kivi.createCache({
+    layers: 1,
+    kvHeads,
+    queryHeads: qHeads,
+    headDim,
+    pageTokens,
+    residual: 128,
+    maxPages: batch * (Math.ceil(context / pageTokens) + 1),
+    maxSequences: batch,
+  });
+  const seqs = fill(cache, c, data, step);
+  const mem = cache.memory();
+  const bytes = mem.codeBytes + mem.paramBytes + mem.residualBytes;
+  const multiRows: Row[] = [];
+  for (const qlen of onGpu ? [1, 8, 512] : [1, 8, 64]) {
+    const n = batch * qlen * qHeads * headDim;
+    const qHost = onGpu ? new Float16Array(n) : new Float32Array(n);
+    for (let i = 0; i < n; i++) qHost[i] = rng.normal();
+    const q = onGpu ? kivi.upload(qHost, { shape: [batch * qlen, qHeads, headDim] }) : qHost;
+    const qlens = new Array<number>(batch).fill(qlen);
+    const reps = qlen >= 64 ? 3 : iters;
+    const ms = loopMs(() => {
+      const out = cache.attendMulti(0, seqs, qlens, q, { trusted: true });
+      if (!ArrayBuffer.isView(out)) (out as DeviceTensor).dispose();
+    }, reps);
+    const name = `${label(c)}${qlen >= 64 ? ` chunk ${qlen}` : ` qlen ${qlen}`}`;
+    const row: Row = {
+      case: name,
+      cache: "default (uniform K 2 G32, codebook V 2 G64)",
+      qlen,
+      "us/step": ms * 1e3,
+      "of copy": gbps(bytes, ms) / copy,
+    };
+    const ref = torch.get(name);
+    if (ref !== undefined) {
+      row["torch fp16 SDPA us"] = ref;
+      row["speedup vs torch"] = ref / (ms * 1e3);
+    }
+    multiRows.push(row);
+    console.log(
+      `${name.padEnd(32)} ${(ms * 1e3).toFixed(1).padStart(10)} us/step  ${
+        ((row["of copy"] as number) * 100).toFixed(1).padStart(6)
+      }% of copy`,
+    );
+    if (!ArrayBuffer.isView(q)) (q as DeviceTensor).dispose();
+  }
+  for (const s of seqs) s.free();
+  if (!ArrayBuffer.isView(data)) (data as DeviceTensor).dispose();
+  const multiNotes =
+    `multi-token attention (cache.attendMulti, causal) of qlen query tokens a sequence over ` +
+    `${
+      label(c)
+    }, page ${pageTokens}, R 128, the default cache format; us/step = ms per call from TypeScript ` +
+    `(${kivi.runtime}) over a loop ending with a synchronize; "of copy" = the cache's bytes once / time / copy ` +
+    `bandwidth (phase 1 runs the decode kernels once a token position: the multi-row kernel is pending)` +
+    (torch.size
+      ? `; torch = PyTorch fp16 SDPA with the same bottom-right causal mask (bench/sdpa_reference.py)`
+      : "") +
+    ".";
+  const path = writeSection(
+    kivi.runtime === "bun" ? "attention-multitoken" : `attention-multitoken-${kivi.runtime}`,
+    section(kivi, copy, multiNotes, multiRows),
+    args.get("out"),
+  );
+  console.log(`wrote ${path}`);
+}
+
+// With --case matching no case (say --multi --case none: the multiToken section alone) the decode section
+// is left as it is in the results file.
+if (rows.length > 0) {
+  const result = section(kivi, copy, notes, rows);
+  const path = writeSection(
+    kivi.runtime === "bun" ? "attention" : `attention-${kivi.runtime}`,
+    result,
+    args.get("out"),
+  );
+  if (args.has("json")) writeFileSync(args.get("json")!, JSON.stringify(result, null, 2));
+  console.log(`wrote ${path}`);
+}

@@ -26,6 +26,13 @@ CASES = [  # (batch, context, query heads, kv heads, head dim): bench/attention.
 ]
 
 
+MULTI = [  # (batch, context, query heads, kv heads, head dim, query tokens): bench/attention.ts --multi
+    (8, 32768, 32, 8, 128, 1),
+    (8, 32768, 32, 8, 128, 8),
+    (8, 32768, 32, 8, 128, 512),
+]
+
+
 def label(b, t, hq, hkv, d):
     s = f"{b}x{t}"
     if hq != hkv:
@@ -64,6 +71,18 @@ def main():
         rows.append({"case": label(b, t, hq, hkv, d), "us": us})
         print(f"{label(b, t, hq, hkv, d):24s} torch fp16 SDPA {us:9.1f} us", flush=True)
         del q, k, v
+        torch.cuda.empty_cache()
+    for b, t, hq, hkv, d, n in MULTI:
+        # n queries, the newest n of t tokens, causal: query i sees tokens 0 .. t - n + i (bottom-right)
+        q = torch.randn(b, hq, n, d, device="cuda", dtype=torch.float16, generator=g)
+        k = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.float16, generator=g)
+        v = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.float16, generator=g)
+        mask = torch.ones(n, t, dtype=torch.bool, device="cuda").tril(diagonal=t - n)
+        us = time_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+        name = label(b, t, hq, hkv, d) + (f" chunk {n}" if n >= 64 else f" qlen {n}")
+        rows.append({"case": name, "us": us})
+        print(f"{name:32s} torch fp16 SDPA {us:9.1f} us", flush=True)
+        del q, k, v, mask
         torch.cuda.empty_cache()
     with open(out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)

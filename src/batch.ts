@@ -46,6 +46,9 @@ export interface BatchOptions {
   scale?: number;
   /** Skip the checks of q, k and v (default false: they are checked on the device, see {@link DecodeBatch}). */
   trusted?: boolean;
+  /** Where `attend` also writes the natural log-sum-exp of each [batch][queryHead] (f32, with q and out;
+   * see KVCache.attendMulti). */
+  lse?: DeviceTensor;
 }
 
 /** @internal What a batch needs of its cache (given by KVCache.batch: batch.ts imports no module
@@ -151,6 +154,7 @@ export class DecodeBatch<S extends object = object> {
   #seqs: readonly S[];
   #q: TensorFacts | undefined;
   #out: TensorFacts | undefined;
+  #lse: TensorFacts | undefined;
   #k: TensorFacts | undefined;
   #v: TensorFacts | undefined;
   #trusted: boolean;
@@ -165,7 +169,7 @@ export class DecodeBatch<S extends object = object> {
 
   /** @internal use KVCache.batch */
   constructor(host: BatchHost<S>, seqsArg: unknown, opts: unknown) {
-    const o = readOptions("options", opts, ["q", "out", "k", "v", "scale", "trusted"]);
+    const o = readOptions("options", opts, ["q", "out", "k", "v", "scale", "trusted", "lse"]);
     const c = host.config;
     const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once
     if (count === 0) {
@@ -185,6 +189,7 @@ export class DecodeBatch<S extends object = object> {
     }
     const q = tensorOption(host.backend, "q", o.q), out = tensorOption(host.backend, "out", o.out);
     const k = tensorOption(host.backend, "k", o.k), v = tensorOption(host.backend, "v", o.v);
+    const lse = tensorOption(host.backend, "lse", o.lse);
     if ((q === undefined) !== (out === undefined)) {
       throw new TypeError(`q and out must be given together, got ${q ? "q" : "out"} alone`);
     }
@@ -225,6 +230,18 @@ export class DecodeBatch<S extends object = object> {
         throw new TypeError(`out must not share memory with ${name}`);
       }
     }
+    if (lse && (q === undefined || lse.dtype !== "f32" || lse.length !== count * c.queryHeads)) {
+      throw new TypeError(
+        `lse must be an f32 tensor of batch (${count}) x queryHeads (${c.queryHeads}) = ${
+          count * c.queryHeads
+        } values, given with q and out, got ${lse.dtype} of ${lse.length}`,
+      );
+    }
+    for (const [name, t] of [["q", q], ["out", out], ["k", k], ["v", v]] as const) {
+      if (lse && t && lse.tensor === t.tensor) {
+        throw new TypeError(`lse must not share memory with ${name}`);
+      }
+    }
     const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
     if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
       throw new RangeError(
@@ -260,12 +277,23 @@ export class DecodeBatch<S extends object = object> {
       lib.ptr(made),
     );
     if (st !== 0) host.backend._check("kivi_batch_create", st);
+    if (lse) {
+      const ls = lib.call(
+        "kivi_batch_set_lse",
+        lib.pointerAt(made, 0),
+        lse.writePointer("batch", "lse"),
+      );
+      if (ls !== 0) {
+        lib.call("kivi_batch_destroy", lib.pointerAt(made, 0));
+        host.backend._check("kivi_batch_set_lse", ls);
+      }
+    }
     state.retain();
     this.#held = { state, handle: lib.pointerAt(made, 0) };
     batchRegistry.register(this, this.#held, this);
     this.#host = host;
     this.#seqs = Object.freeze(seqs);
-    [this.#q, this.#out, this.#k, this.#v] = [q, out, k, v];
+    [this.#q, this.#out, this.#k, this.#v, this.#lse] = [q, out, k, v, lse];
     this.#trusted = trusted;
     this.#epoch = host.shared.epoch;
     this.#layers = c.layers;
@@ -353,6 +381,7 @@ export class DecodeBatch<S extends object = object> {
     }
     this.#q.pointer("attend");
     this.#out!.writePointer("attend", "out"); // disposed, or a read() in flight: KIVI_ERR_STATE
+    this.#lse?.writePointer("attend", "lse");
     const st = this.#attendFn(h.handle, layer === 0 ? 0 : layer);
     if (st !== 0) this.#fail("kivi_batch_attend", st);
   }

@@ -11,7 +11,7 @@ import {
   handleRegistry,
   type NativeHeld,
 } from "./tensor.ts";
-import { checkBool, checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
+import { checkBool, checkInt, checkOneOf, hostView, readOptions, show } from "./_checks.ts";
 import { type DType, dtypeCode, type HostArray, hostArray } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
@@ -26,6 +26,7 @@ import {
   resolveCacheOptions,
 } from "./cache_config.ts";
 import { checkCacheRange, type Data, dataPtr, describeData, describeOut } from "./_input.ts";
+import { chunkAttention, describeLse } from "./_multi.ts";
 
 export {
   cacheBitsPerValue,
@@ -152,6 +153,48 @@ export class Sequence {
   /** The block table: page ids in order. */
   pages(): Int32Array {
     return this.#cache._pages(this.#live("pages"));
+  }
+
+  /**
+   * Drops the newest tokens of every layer, keeping the first `length` (speculative decoding's
+   * rollback). Only tokens still in the fp16 residual window can go: `length` below a layer's
+   * {@link quantizedLength} or above its {@link length} is a KiviError KIVI_ERR_ARG and changes nothing.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * using cache = kivi.createCache({ layers: 1, kvHeads: 2, headDim: 64, maxPages: 16 });
+   * using seq = cache.createSequence();
+   * seq.append(new Float32Array(5 * 2 * 64).fill(0.5), new Float32Array(5 * 2 * 64).fill(1));
+   * seq.truncate(3); // two draft tokens rejected
+   * console.log(seq.length(0)); // 3
+   * ```
+   */
+  truncate(length: number): void {
+    this.#cache._truncate(this, length);
+  }
+
+  /**
+   * A new sequence holding what this one holds, sharing its full pages (reference counted: a page
+   * returns to the pool when its last owner frees it) and with copies of the partly filled last page
+   * and of the residual windows. Appends to either never show in the other. KiviError
+   * KIVI_ERR_CAPACITY when no slot or page is left.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * using cache = kivi.createCache({ layers: 1, kvHeads: 2, headDim: 64, maxPages: 16, residual: 32 });
+   * using prompt = cache.createSequence();
+   * prompt.append(new Float32Array(150 * 2 * 64).fill(0.5), new Float32Array(150 * 2 * 64).fill(1));
+   * using a = prompt.fork(), b = prompt.fork();
+   * // 150, 4: the prompt's 2 pages (96 tokens quantized: the second half full), plus a copy of it a fork
+   * console.log(a.length(0), cache.memory().pagesUsed);
+   * ```
+   */
+  fork(): Sequence {
+    return this.#cache._fork(this);
   }
 
   /** Frees the sequence and returns its pages. Idempotent. */
@@ -580,10 +623,16 @@ export class KVCache {
       dtype?: DType;
       qDtype?: DType;
       out?: Buf<MemOf<X>, DType>;
+      /** The natural log-sum-exp of each [batch][queryHead] (see {@link KVCache.attendMulti}). */
+      lse?: Float32Array | DeviceTensor;
       trusted?: boolean;
     } = {},
   ): Buf<MemOf<X>, DType> {
-    const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "trusted"]);
+    const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "lse", "trusted"]);
+    if (o.lse !== undefined) {
+      const ones = Array.isArray(seqs) ? new Array<number>(seqs.length).fill(1) : [];
+      return this.#attendMulti("attend", layer, seqs, ones, q, o) as Buf<MemOf<X>, DType>;
+    }
     const a = this.#attendArgs(layer, seqs, q, o);
     const { handle } = this.#live("attend");
     if (a.q.tensor && a.out?.host === undefined) {
@@ -689,6 +738,352 @@ export class KVCache {
       state.lib.call("kivi_cache_memory", handle, state.lib.ptr(r), r.length),
     );
     return memoryOf(r, this.#config);
+  }
+
+  /** @internal */
+  _truncate(seq: Sequence, lengthArg: unknown): void {
+    const length = checkInt("length", lengthArg, 0, 2 ** 53 - 1);
+    const { state, handle } = this.#live("truncate");
+    const id = Sequence._liveId(seq, "truncate");
+    this.#check(
+      "kivi_cache_seq_truncate",
+      state.lib.call("kivi_cache_seq_truncate", handle, id, length),
+    );
+  }
+
+  /** @internal */
+  _fork(seq: Sequence): Sequence {
+    const { state, handle } = this.#live("fork");
+    const id = Sequence._usableId(seq, "fork");
+    const out = new Int32Array(1);
+    this.#check(
+      "kivi_cache_seq_fork",
+      state.lib.call("kivi_cache_seq_fork", handle, id, state.lib.ptr(out)),
+    );
+    const s = new Sequence(this, out[0]);
+    this.#seqs.add(s);
+    return s;
+  }
+
+  /**
+   * Attention of several query tokens a sequence (speculative decoding's verification, a chunk of a
+   * prompt), causal: `qlens[b]` queries for `seqs[b]`, its newest `qlens[b]` tokens (already
+   * appended), and its i-th query sees the sequence up to and including its own token, as the cache
+   * holds it. q and the result are [tokens][queryHeads][headDim] with the queries of `seqs[0]` first
+   * (tokens = the sum of qlens). `lse` (a Float32Array where q is a host array, an f32 DeviceTensor
+   * where q is one) receives the natural log-sum-exp of each [token][queryHead], for
+   * {@link KVCache.mergeAttention}. On CUDA this runs the decode kernels once a token position
+   * (a multi-row tensor-core kernel is to come).
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * using cache = kivi.createCache({ layers: 1, kvHeads: 2, queryHeads: 4, headDim: 64, maxPages: 16 });
+   * using seq = cache.createSequence();
+   * const k = Float32Array.from({ length: 10 * 2 * 64 }, (_, i) => Math.sin(i));
+   * seq.append(k, k.map((x) => x * 2));
+   * const q = Float32Array.from({ length: 3 * 4 * 64 }, (_, i) => Math.cos(i));
+   * const lse = new Float32Array(3 * 4);
+   * const out = cache.attendMulti(0, [seq], [3], q, { lse }); // the last 3 tokens as queries
+   * console.log(out.length, lse[0]);
+   * ```
+   */
+  attendMulti<X extends Input>(
+    layer: number,
+    seqs: readonly Sequence[],
+    qlens: readonly number[],
+    q: X,
+    opts: {
+      scale?: number;
+      dtype?: DType;
+      qDtype?: DType;
+      out?: Buf<MemOf<X>, DType>;
+      lse?: Float32Array | DeviceTensor;
+      trusted?: boolean;
+    } = {},
+  ): Buf<MemOf<X>, DType> {
+    const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "lse", "trusted"]);
+    return this.#attendMulti("attendMulti", layer, seqs, qlens, q, o) as Buf<MemOf<X>, DType>;
+  }
+
+  #attendMulti(
+    op: string,
+    layerArg: unknown,
+    seqsArg: unknown,
+    qlensArg: unknown,
+    q: unknown,
+    o: {
+      scale?: unknown;
+      dtype?: unknown;
+      qDtype?: unknown;
+      out?: unknown;
+      lse?: unknown;
+      trusted?: unknown;
+    },
+  ): unknown {
+    const c = this.#config;
+    const layer = checkInt("layer", layerArg, 0, c.layers - 1);
+    const count = Array.isArray(seqsArg) ? seqsArg.length : 0;
+    if (count === 0 || count > 512) {
+      throw new TypeError(`seqs must be an array of 1 to 512 Sequences, got ${show(seqsArg)}`);
+    }
+    if (!Array.isArray(qlensArg) || qlensArg.length !== count) {
+      throw new TypeError(
+        `qlens must be an array of ${count} numbers (one per sequence), got ${show(qlensArg)}`,
+      );
+    }
+    const qlens = new Int32Array(count);
+    let tokens = 0;
+    for (let i = 0; i < count; i++) {
+      qlens[i] = checkInt(`qlens[${i}]`, (qlensArg as unknown[])[i], 1, 2 ** 31 - 1);
+      tokens += qlens[i];
+    }
+    const qHint = o.qDtype === undefined
+      ? undefined
+      : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
+    const qd = describeData(this.#backend, "q", q, "qDtype", qHint);
+    const n = tokens * c.queryHeads * c.headDim;
+    if (qd.length !== n) {
+      throw new TypeError(
+        `q must hold tokens (${tokens}, the sum of qlens) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`,
+      );
+    }
+    const seqs: Sequence[] = [];
+    for (let i = 0; i < count; i++) seqs.push(this.#own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
+    const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
+    if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
+      throw new RangeError(
+        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
+      );
+    }
+    const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
+    const trusted = checkBool("trusted", o.trusted);
+    const out = o.out === undefined ? undefined : describeOut(this.#backend, o.out, dtype, n, qd);
+    const lse = o.lse === undefined
+      ? undefined
+      : describeLse(this.#backend, o.lse, tokens * c.queryHeads, qd);
+    const { state, handle } = this.#live(op);
+    using stage = new Staging(this.#backend, op);
+    const ids = new Int32Array(count);
+    for (let i = 0; i < count; i++) ids[i] = Sequence._usableId(seqs[i], op);
+    const pq = dataPtr(qd, op, stage);
+    let made: DeviceTensor | undefined, po: Pointer, result: unknown;
+    if (out !== undefined) {
+      po = dataPtr(out, op, stage, "out");
+      result = out.buf;
+    } else if (qd.tensor) {
+      made = this.#backend.alloc([tokens, c.queryHeads, c.headDim], dtype);
+      po = this.#backend._tensor(made)!.pointer(op);
+      result = made;
+    } else {
+      const h = hostArray(dtype, n);
+      po = stage.output(h, dtype);
+      result = h;
+    }
+    const pl = lse === undefined ? null : dataPtr(lse, op, stage, "lse");
+    const st = state.lib.call(
+      "kivi_cache_attend_multi",
+      handle,
+      layer,
+      state.lib.ptr(ids),
+      state.lib.ptr(qlens),
+      count,
+      tokens,
+      pq,
+      dtypeCode[qd.dtype],
+      scale,
+      trusted ? 1 : 0,
+      po,
+      dtypeCode[dtype],
+      pl,
+    );
+    if (st !== 0) {
+      made?.dispose();
+      this.#check("kivi_cache_attend_multi", st);
+    }
+    stage.finish();
+    return result;
+  }
+
+  /**
+   * Merges attention results over disjoint ranges of keys (cascade attention: a shared prefix and
+   * each sequence's own tokens, or the cache and a prompt chunk): each part's output
+   * [rows][headDim] (f32) with its natural log-sum-exp [rows] gives exactly the attention over the
+   * union, and its log-sum-exp. Parts are host Float32Arrays or f32 DeviceTensors (read to the host
+   * first); the result is host arrays.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * using cache = kivi.createCache({ layers: 1, kvHeads: 1, headDim: 64, maxPages: 4 });
+   * const a = new Float32Array(64).fill(1), b = new Float32Array(64).fill(3);
+   * const m = cache.mergeAttention([a, b], [new Float32Array([0]), new Float32Array([0])]);
+   * console.log(m.out[0], m.lse[0]); // 2, ln 2
+   * ```
+   */
+  mergeAttention(
+    outs: readonly (Float32Array | DeviceTensor)[],
+    lses: readonly (Float32Array | DeviceTensor)[],
+  ): { out: Float32Array; lse: Float32Array } {
+    const D = this.#config.headDim;
+    const parts = Array.isArray(outs) ? outs.length : 0;
+    if (parts === 0 || parts > 1024) {
+      throw new TypeError(`outs must be an array of 1 to 1024 f32 arrays, got ${show(outs)}`);
+    }
+    if (!Array.isArray(lses) || lses.length !== parts) {
+      throw new TypeError(
+        `lses must be an array of ${parts} f32 arrays (one per part of outs), got ${show(lses)}`,
+      );
+    }
+    const host = (name: string, x: unknown): Float32Array => {
+      if (x instanceof Float32Array) return x;
+      const t = this.#backend._tensor(x);
+      if (t !== undefined && t.dtype === "f32") {
+        return (x as DeviceTensor).readSync() as Float32Array;
+      }
+      throw new TypeError(`${name} must be a Float32Array or an f32 DeviceTensor, got ${show(x)}`);
+    };
+    const o0 = host("outs[0]", outs[0]);
+    if (o0.length === 0 || o0.length % D !== 0) {
+      throw new TypeError(
+        `outs[0].length must be a positive multiple of headDim (${D}), got ${o0.length}`,
+      );
+    }
+    const rows = o0.length / D;
+    const o = new Float32Array(parts * rows * D), l = new Float32Array(parts * rows);
+    for (let p = 0; p < parts; p++) {
+      const op = p === 0 ? o0 : host(`outs[${p}]`, outs[p]);
+      const lp = host(`lses[${p}]`, lses[p]);
+      if (op.length !== rows * D) {
+        throw new TypeError(
+          `outs[${p}].length must equal outs[0].length (${rows * D}), got ${op.length}`,
+        );
+      }
+      if (lp.length !== rows) {
+        throw new TypeError(
+          `lses[${p}].length must be rows (${rows}, outs[0].length / headDim), got ${lp.length}`,
+        );
+      }
+      o.set(op, p * rows * D);
+      l.set(lp, p * rows);
+    }
+    const { state } = this.#live("mergeAttention");
+    const out = new Float32Array(rows * D), lse = new Float32Array(rows);
+    using stage = new Staging(this.#backend, "mergeAttention");
+    const ctx = this.#backend._native("mergeAttention").ctx;
+    this.#check(
+      "kivi_attention_merge",
+      state.lib.call(
+        "kivi_attention_merge",
+        ctx,
+        parts,
+        rows,
+        D,
+        stage.input(o, "f32"),
+        stage.input(l, "f32"),
+        stage.output(out, "f32"),
+        stage.output(lse, "f32"),
+      ),
+    );
+    stage.finish();
+    return { out, lse };
+  }
+
+  /**
+   * One chunk of a chunked prefill in `layer`: the chunk's n queries attend over what the cache holds
+   * of `seq` (its earlier chunks, quantized pages and window, every query seeing all of it) and,
+   * causally and exactly, over the chunk's own keys and values at fp16; the two are merged by their
+   * log-sum-exp ({@link KVCache.mergeAttention}); then the chunk's k and v are appended to the layer.
+   * q [n][queryHeads][headDim], k and v [n][kvHeads][headDim] (Float32Arrays, or f32 DeviceTensors read
+   * to the host); returns the attention output [n][queryHeads][headDim] (f32, host). The chunk's own
+   * part runs in float64 on the host in this version.
+   *
+   * @example
+   * ```ts
+   * import { openBackend } from "./mod.ts";
+   * using kivi = await openBackend({ prefer: "cpu" });
+   * using cache = kivi.createCache({ layers: 1, kvHeads: 2, queryHeads: 4, headDim: 64, maxPages: 16 });
+   * using seq = cache.createSequence();
+   * const rows = (n: number, h: number) => Float32Array.from({ length: n * h * 64 }, (_, i) => Math.sin(i * 0.37));
+   * for (let chunk = 0; chunk < 3; chunk++) {
+   *   const out = cache.prefill(0, seq, rows(100, 4), rows(100, 2), rows(100, 2));
+   *   console.log(out.length, seq.length(0)); // 25600, then 100, 200, 300
+   * }
+   * ```
+   */
+  prefill(
+    layer: number,
+    seq: Sequence,
+    q: Float32Array | DeviceTensor,
+    k: Float32Array | DeviceTensor,
+    v: Float32Array | DeviceTensor,
+    opts: { scale?: number } = {},
+  ): Float32Array {
+    const c = this.#config;
+    const o = readOptions("options", opts, ["scale"]);
+    const l = checkInt("layer", layer, 0, c.layers - 1);
+    const s = this.#own("seq", seq);
+    const host = (name: string, x: unknown): Float32Array => {
+      if (hostView(name, x)?.kind === "Float32Array") return x as Float32Array;
+      const t = this.#backend._tensor(x);
+      if (t !== undefined && t.dtype === "f32") {
+        return (x as DeviceTensor).readSync() as Float32Array;
+      }
+      throw new TypeError(`${name} must be a Float32Array or an f32 DeviceTensor, got ${show(x)}`);
+    };
+    const kh = host("k", k), vh = host("v", v), qh = host("q", q);
+    const row = c.kvHeads * c.headDim;
+    if (kh.length === 0 || kh.length % row !== 0) {
+      throw new TypeError(
+        `k.length must be a positive multiple of kvHeads (${c.kvHeads}) x headDim (${c.headDim}) = ${row}, got ${kh.length}`,
+      );
+    }
+    const n = kh.length / row;
+    if (vh.length !== kh.length) {
+      throw new TypeError(`v.length must equal k.length (${kh.length}), got ${vh.length}`);
+    }
+    if (qh.length !== n * c.queryHeads * c.headDim) {
+      throw new TypeError(
+        `q must hold the chunk's tokens (${n}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${
+          n * c.queryHeads * c.headDim
+        } values, got ${qh.length}`,
+      );
+    }
+    const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
+    if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
+      throw new RangeError(
+        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
+      );
+    }
+    const f = Math.fround(scale);
+    const own = chunkAttention(qh, kh, vh, n, c, f);
+    let out = own.out;
+    if (s.length(l) > 0) {
+      // every query sees the whole cache: the sequence repeated, one query each
+      const qrow = c.queryHeads * c.headDim, prior = new Float32Array(n * qrow);
+      const plse = new Float32Array(n * c.queryHeads);
+      for (let a = 0; a < n; a += 512) {
+        const m = Math.min(512, n - a);
+        const lse = new Float32Array(m * c.queryHeads);
+        const part = this.attendMulti(
+          l,
+          new Array<Sequence>(m).fill(s),
+          new Array<number>(m).fill(1),
+          qh.slice(a * qrow, (a + m) * qrow),
+          {
+            scale: f,
+            lse,
+          },
+        ) as Float32Array;
+        prior.set(part, a * qrow);
+        plse.set(lse, a * c.queryHeads);
+      }
+      out = this.mergeAttention([prior, own.out], [plse, own.lse]).out;
+    }
+    s.append(kh, vh, { layer: l });
+    return out;
   }
 
   /** Frees every sequence and the cache. Idempotent. */

@@ -1,8 +1,12 @@
 /**
  * A seeded property test of the paged cache: random sequences of operations through the public API
  * (create a sequence, append a prefill of many tokens or a decode step of one, to one layer or to
- * all, attend over a random batch, free, and create again on the freed pages) against a float64
- * model of the cache written from kivi.h and kivi_format.h, checked after every step.
+ * all, attend over a random batch, free, and create again on the freed pages; fork a sequence,
+ * truncate one within its window, attend with several query tokens a sequence) against a float64
+ * model of the cache written from kivi.h and kivi_format.h, checked after every step. The model
+ * names each page it hands out: a fork keeps its parent's names for the full pages (those below
+ * every layer's quantized length) and takes new ones for the rest, and the cache's block tables must
+ * share a page exactly where the model shares a name.
  *
  * The model keeps every appended token (rounded to fp16, as the cache stores it), applies the
  * window rule (kivi_flush_count: when a layer's window would hold R + F tokens or more, its oldest
@@ -70,9 +74,12 @@ interface ModelSeq {
   seq: Sequence;
   /** Creation number in this run, for messages. */
   n: number;
-  layers: { k: Float64Array[]; v: Float64Array[]; qlen: number }[];
+  /** cut: truncated since its last flush (the window may hold fewer than R tokens). */
+  layers: { k: Float64Array[]; v: Float64Array[]; qlen: number; cut?: boolean }[];
   /** Pages in the block table (shared by every layer). */
   pages: number;
+  /** The model's name of each page of the block table: a fork's full pages keep their parent's. */
+  ids: number[];
 }
 
 class Model {
@@ -85,8 +92,23 @@ class Model {
   get F(): number {
     return this.c.keys.group;
   }
+  /** Model page names handed out so far. */
+  nextId = 0;
+  /** Distinct pages held by the live sequences (a shared page once). */
+  get usedPages(): number {
+    return new Set(this.seqs.flatMap((s) => s.ids)).size;
+  }
   get freePages(): number {
-    return this.c.maxPages - this.seqs.reduce((a, s) => a + s.pages, 0);
+    return this.c.maxPages - this.usedPages;
+  }
+  /** Grows s's block table to `need` pages, each a new model page. */
+  grow(s: ModelSeq, need: number): void {
+    while (s.ids.length < need) s.ids.push(this.nextId++);
+    s.pages = need;
+  }
+  /** Pages of s that no write reaches again: below every layer's quantized length. */
+  fullPages(s: ModelSeq): number {
+    return Math.floor(Math.min(...s.layers.map((l) => l.qlen)) / this.c.pageTokens);
   }
   /** kivi_format.h kivi_flush_count. */
   flushCount(len: number, qlen: number, n: number): number {
@@ -198,7 +220,7 @@ function checkRead(cache: KVCache, m: Model, s: ModelSeq, l: number, where: stri
 /** Lengths, block tables, page ownership and the memory report against the model. */
 function checkState(cache: KVCache, m: Model, tableBytes: number, where: string): void {
   const c = m.c;
-  const owner = new Map<number, number>();
+  const owner = new Map<number, number>(), byModel = new Map<number, number>();
   let tokens = 0, quantized = 0, resid = 0;
   for (const s of m.seqs) {
     for (let l = 0; l < c.layers; l++) {
@@ -211,7 +233,10 @@ function checkState(cache: KVCache, m: Model, tableBytes: number, where: string)
       }
       // The window rule: between R and R + F - 1 tokens once the layer has more than R + F - 1 tokens.
       const w = len - q;
-      if (q % m.F !== 0 || w >= c.residual + m.F || (len >= c.residual + m.F && w < c.residual)) {
+      if (
+        q % m.F !== 0 || w >= c.residual + m.F ||
+        (!ly.cut && len >= c.residual + m.F && w < c.residual)
+      ) {
         fail(
           `${where}: seq #${s.n} layer ${l} window of ${w} tokens (length ${len}, R ${c.residual}, F ${m.F})`,
         );
@@ -222,14 +247,24 @@ function checkState(cache: KVCache, m: Model, tableBytes: number, where: string)
     if (pages.length !== s.pages) {
       fail(`${where}: seq #${s.n} holds ${pages.length} pages, model ${s.pages}`);
     }
-    for (const p of pages) {
+    // a page is shared exactly where the model shares it (forks), and then it is full in every owner
+    for (const [i, p] of pages.entries()) {
       if (!(p >= 0 && p < c.maxPages)) {
         fail(`${where}: seq #${s.n} holds page ${p}, outside 0..${c.maxPages - 1}`);
       }
-      if (owner.has(p)) {
-        fail(`${where}: page ${p} is owned by seq #${owner.get(p)} and seq #${s.n}`);
+      const id = s.ids[i];
+      if (owner.has(p) && owner.get(p) !== id) {
+        fail(
+          `${where}: page ${p} of seq #${s.n} (model page ${id}) is also model page ${
+            owner.get(p)
+          }`,
+        );
       }
-      owner.set(p, s.n);
+      if (byModel.has(id) && byModel.get(id) !== p) {
+        fail(`${where}: model page ${id} is page ${byModel.get(id)} and page ${p} (seq #${s.n})`);
+      }
+      owner.set(p, id);
+      byModel.set(id, p);
     }
   }
   const used = owner.size, heads = c.layers * c.kvHeads, vals = c.pageTokens * c.headDim;
@@ -306,6 +341,11 @@ interface Stats {
   slots: number;
   /** Pages handed to a sequence that some freed sequence had held. */
   reused: number;
+  /** Forks made (and refused for want of pages or slots), truncates, multi-token attentions. */
+  forked: number;
+  forkRefused: number;
+  truncated: number;
+  multi: number;
 }
 /** Stats with every count at zero. */
 const noStats = (): Stats => ({
@@ -317,6 +357,10 @@ const noStats = (): Stats => ({
   nan: 0,
   slots: 0,
   reused: 0,
+  forked: 0,
+  forkRefused: 0,
+  truncated: 0,
+  multi: 0,
 });
 
 async function run(r: number): Promise<Stats> {
@@ -366,6 +410,7 @@ async function run(r: number): Promise<Stats> {
       n: m.created++,
       layers: Array.from({ length: L }, () => ({ k: [], v: [], qlen: 0 })),
       pages: 0,
+      ids: [],
     });
   };
 
@@ -401,7 +446,7 @@ async function run(r: number): Promise<Stats> {
     s.seq.append(k.x, v.x, { layer, dtype });
     stats.appended += n * targets.length;
     const pagesBefore = s.pages;
-    s.pages = need;
+    m.grow(s, need);
     targets.forEach((l, i) => {
       const ly = s.layers[l];
       for (let t = 0; t < n; t++) {
@@ -450,6 +495,7 @@ async function run(r: number): Promise<Stats> {
         }
       }
       ly.qlen += f;
+      if (f > 0) ly.cut = false;
       stats.flushed += f;
     });
     if (s.pages > pagesBefore) {
@@ -506,9 +552,120 @@ async function run(r: number): Promise<Stats> {
     m.seqs.splice(i, 1);
     assert.equal(
       cache.memory().pagesUsed,
-      used - s.pages,
-      `${where(step, `free seq #${s.n}`)}: its pages went back`,
+      m.usedPages,
+      `${where(step, `free seq #${s.n}`)}: its pages not shared with another went back`,
     );
+    assert.ok(m.usedPages <= used);
+  };
+
+  const fork = (step: number) => {
+    const s = m.seqs[rng.int(m.seqs.length)];
+    const shared = Math.min(m.fullPages(s), s.pages), copies = s.pages - shared;
+    const op = `fork seq #${s.n} (${shared} page(s) shared, ${copies} copied)`;
+    if (m.seqs.length === c.maxSequences || copies > m.freePages) {
+      expectRefused(() => s.seq.fork(), "KIVI_ERR_CAPACITY", where(step, op));
+      stats.forkRefused++;
+      return;
+    }
+    const child: ModelSeq = {
+      seq: s.seq.fork(),
+      n: m.created++,
+      layers: s.layers.map((ly) => ({
+        k: ly.k.map((x) => x.slice()),
+        v: ly.v.map((x) => x.slice()),
+        qlen: ly.qlen,
+        cut: ly.cut,
+      })),
+      pages: 0,
+      ids: s.ids.slice(0, shared),
+    };
+    m.grow(child, s.pages);
+    m.seqs.push(child);
+    stats.forked++;
+    for (let l = 0; l < L; l++) checkRead(cache, m, child, l, where(step, op));
+  };
+
+  const truncate = (step: number) => {
+    const s = m.seqs[rng.int(m.seqs.length)];
+    const lo = Math.max(...s.layers.map((l) => l.qlen)),
+      hi = Math.min(...s.layers.map((l) => l.k.length));
+    const op = `truncate seq #${s.n} (window ${lo}..${hi})`;
+    if (lo > hi || rng.next() < 0.1) { // past the window (or above a layer's length): refused
+      const bad = lo > 0 && rng.next() < 0.5
+        ? lo - 1
+        : Math.max(...s.layers.map((l) => l.k.length)) + 1;
+      if (!(lo > hi) && bad >= lo && bad <= hi) return;
+      expectRefused(() => s.seq.truncate(bad), "KIVI_ERR_ARG", where(step, `${op} to ${bad}`));
+      return;
+    }
+    const length = lo + rng.int(hi - lo + 1);
+    s.seq.truncate(length);
+    for (const ly of s.layers) {
+      if (ly.k.length > length) ly.cut = true;
+      ly.k.length = length;
+      ly.v.length = length;
+    }
+    stats.truncated++;
+    for (let l = 0; l < L; l++) checkRead(cache, m, s, l, where(step, `${op} to ${length}`));
+  };
+
+  const attendMulti = (step: number) => {
+    const layer = rng.int(L);
+    const ready = m.seqs.filter((s) => s.layers[layer].k.length > 0);
+    if (ready.length === 0) return;
+    const batch = Array.from({ length: 1 + rng.int(3) }, () => ready[rng.int(ready.length)]);
+    const qlens = batch.map((s) => {
+      const len = s.layers[layer].k.length;
+      return rng.next() < 0.2 ? len : 1 + rng.int(Math.min(len, 24));
+    });
+    const tokens = qlens.reduce((a, b) => a + b);
+    const q = Float32Array.from({ length: tokens * QH * D }, () => rng.normal() * 2);
+    const scale = Math.fround(rng.uniform(0.5, 1.5) / Math.sqrt(D));
+    const lse = new Float32Array(tokens * QH);
+    const op = `attendMulti layer ${layer} over seqs ${batch.map((x) => `#${x.n}`)} qlens ${qlens}`;
+    const out = cache.attendMulti(layer, batch.map((s) => s.seq), qlens, q, {
+      scale,
+      lse,
+    }) as Float32Array;
+    let t0 = 0;
+    batch.forEach((s, b) => {
+      const ly = s.layers[layer], len = ly.k.length, n = qlens[b];
+      const kf = new Float64Array(len * H * D), vf = new Float64Array(len * H * D);
+      let maxV = 0;
+      for (let t = 0; t < len; t++) {
+        kf.set(ly.k[t], t * H * D);
+        vf.set(ly.v[t], t * H * D);
+        for (const x of ly.v[t]) maxV = Math.max(maxV, Math.abs(x));
+      }
+      for (let i = 0; i < n; i++) { // query i sees len - n + i + 1 tokens
+        const row = (t0 + i) * QH * D;
+        const want = attentionOracle(
+          kf,
+          vf,
+          q.subarray(row, row + QH * D),
+          len - n + i + 1,
+          c,
+          scale,
+        );
+        for (let j = 0; j < want.length; j++) {
+          const tol = 2 ** -23 * Math.abs(want[j]) + 2 ** -30 * maxV;
+          if (!(Math.abs(out[row + j] - want[j]) <= tol)) {
+            fail(
+              `${where(step, op)}: batch ${b} query ${i} output ${j} is ${out[row + j]}, model ${
+                want[j]
+              }`,
+            );
+          }
+        }
+      }
+      for (let j = 0; j < n * QH; j++) {
+        if (!Number.isFinite(lse[t0 * QH + j])) {
+          fail(`${where(step, op)}: lse ${j} is ${lse[t0 * QH + j]}`);
+        }
+      }
+      t0 += n;
+    });
+    stats.multi++;
   };
 
   create(0);
@@ -516,8 +673,11 @@ async function run(r: number): Promise<Stats> {
     const live = m.seqs.length;
     const roll = rng.next();
     if (live === 0 || roll < 0.1) create(step);
-    else if (roll < 0.2) free(step);
-    else if (roll < 0.45) attend(step);
+    else if (roll < 0.17) free(step);
+    else if (roll < 0.32) attend(step);
+    else if (roll < 0.38) fork(step);
+    else if (roll < 0.44) truncate(step);
+    else if (roll < 0.5) attendMulti(step);
     else {
       const s = m.seqs[rng.int(live)];
       const prefill = rng.next() < 0.35;
@@ -551,7 +711,7 @@ describe("the cache against a float64 model, random operations", () => {
     console.log(`property totals: ${JSON.stringify(totals)}`);
     assert.ok(totals.flushed > 0, `tokens quantized: ${JSON.stringify(totals)}`);
     if (STEPS >= 100) {
-      for (const k of ["full", "nan", "slots", "reused"] as const) {
+      for (const k of ["full", "nan", "slots", "reused", "forked", "truncated", "multi"] as const) {
         assert.ok(totals[k] > 0, `${k}: ${JSON.stringify(totals)}`);
       }
     }

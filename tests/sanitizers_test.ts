@@ -81,6 +81,7 @@ describe("CPU reference C tests under AddressSanitizer and UBSan", () => {
   const programs: Program[] = [
     { name: "cpu_smoke", args: [] },
     { name: "cache_smoke", args: [] },
+    { name: "seq_smoke", args: [] },
     fuzz(fuzzIters),
   ];
   for (const p of programs) {
@@ -114,6 +115,7 @@ describe("CPU reference C tests under valgrind memcheck", () => {
   const programs: Program[] = [
     { name: "cpu_smoke", args: ["--quick"] },
     { name: "cache_smoke", args: ["--quick"] },
+    { name: "seq_smoke", args: [] },
     fuzz(process.env.KIVI_FUZZ_VALGRIND_ITERS ?? "500"),
   ];
   for (const p of programs) {

@@ -20,6 +20,8 @@ struct kivi_batch {
   int pending;               /* an error not read yet: later outs are NaN (the CUDA build's device word) */
   kivi_batch_record *record; /* + bad[batch] */
   float *tok;                /* [k_group][head_dim]: the append's flush scratch */
+  float *lse;                /* [batch][q_heads] log-sum-exps written by attend (kivi_batch_set_lse), or NULL */
+  int32_t *ones;             /* [batch] qlens of 1 for kivi_cache_attend_multi, made with lse */
 };
 
 static int slot_live(const void *c, int32_t s) { return ((const struct kivi_cache *)c)->seqs[s].live; }
@@ -61,7 +63,21 @@ KIVI_API kivi_status kivi_batch_destroy(kivi_batch_t b) {
   free(b->gens);
   free(b->record);
   free(b->tok);
+  free(b->ones);
   free(b);
+  return KIVI_OK;
+}
+
+KIVI_API kivi_status kivi_batch_set_lse(kivi_batch_t b, float *lse) {
+  static const char *op = "kivi_batch_set_lse";
+  if (!b) return cpu_fail(NULL, KIVI_ERR_ARG, "%s: batch must not be NULL", op);
+  if (!b->a.q) return cpu_fail(b->cache->ctx, KIVI_ERR_STATE, "%s: the batch was made without q and out", op);
+  if (lse && !b->ones) {
+    kivi_status st = cpu_alloc(b->cache->ctx, op, sizeof(int32_t) * (size_t)b->a.batch, (void **)&b->ones);
+    if (st) return st;
+    for (int32_t i = 0; i < b->a.batch; i++) b->ones[i] = 1;
+  }
+  b->lse = lse;
   return KIVI_OK;
 }
 
@@ -125,6 +141,9 @@ KIVI_API kivi_status kivi_batch_attend(kivi_batch_t b, int32_t layer) {
       return KIVI_OK;
     }
   }
+  if (b->lse)
+    return kivi_cache_attend_multi(b->cache, layer, b->seqs, b->ones, b->a.batch, b->a.batch, b->a.q, b->a.q_dtype,
+                                   b->a.scale, KIVI_FLAG_TRUSTED, (void *)b->a.out, b->a.out_dtype, b->lse);
   return kivi_cache_attend(b->cache, layer, b->seqs, b->a.batch, b->a.q, b->a.q_dtype, b->a.scale, KIVI_FLAG_TRUSTED,
                            (void *)b->a.out, b->a.out_dtype);
 }

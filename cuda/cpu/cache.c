@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "cpu_internal.h"
+#include "kivi_seq.h"
 
 typedef struct kivi_cache cache_t;
 
@@ -26,8 +27,8 @@ static int mul_size(uint64_t a, uint64_t b, uint64_t *out) {
 
 KIVI_API kivi_status kivi_cache_destroy(kivi_cache_t cache) {
   if (!cache) return KIVI_OK;
-  void *owned[] = {cache->kpool,  cache->vpool, cache->kwin,       cache->vwin, cache->seqs,
-                   cache->tables, cache->lens,  cache->free_pages, cache->lay,  cache};
+  void *owned[] = {cache->kpool, cache->vpool,      cache->kwin, cache->vwin,      cache->seqs, cache->tables,
+                   cache->lens,  cache->free_pages, cache->lay,  cache->page_refs, cache};
   for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
   return KIVI_OK;
 }
@@ -61,7 +62,8 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
     c->tables = calloc((size_t)g->max_seqs * (size_t)g->max_pages, sizeof *c->tables);
     c->lens = calloc((size_t)g->max_seqs * (size_t)g->layers * 2u, sizeof *c->lens);
     c->free_pages = calloc((size_t)g->max_pages, sizeof *c->free_pages);
-    ok = c->kpool && c->vpool && c->kwin && c->vwin && c->seqs && c->tables && c->lens && c->free_pages;
+    c->page_refs = calloc((size_t)g->max_pages, sizeof *c->page_refs);
+    ok = c->kpool && c->vpool && c->kwin && c->vwin && c->seqs && c->tables && c->lens && c->free_pages && c->page_refs;
   }
   if (!ok) {
     const unsigned long long kb = c->lay ? c->lay[0].kp.page : 0, vb = c->lay ? c->lay[0].vp.page : 0;
@@ -112,7 +114,8 @@ KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t c, int32_t seq) {
   static const char *op = "kivi_cache_seq_free";
   kivi_status st = need_cache(c, op);
   if (st || (st = cpu_cache_check_seq(c, op, "seq", seq))) return st;
-  kivi_pages_release(c->free_pages, &c->n_free, c->tables + (int64_t)seq * c->cfg.max_pages, c->seqs[seq].n_pages);
+  kivi_pages_release_shared(c->free_pages, &c->n_free, c->page_refs, c->tables + (int64_t)seq * c->cfg.max_pages, 0,
+                            c->seqs[seq].n_pages);
   c->seqs[seq].live = 0;
   c->seqs[seq].n_pages = 0;
   c->seqs[seq].gen++; /* a batch made before this sees the slot as another sequence */

@@ -186,6 +186,7 @@ struct kivi_cache {
   int64_t *lens;          /* [max_seqs][layers][2]: len, qlen */
   int32_t *free_pages;    /* [max_pages] LIFO stack of free page ids, top at n_free - 1 */
   int32_t n_free;
+  int32_t *page_refs; /* [max_pages] owners beyond the first of each page (forks share pages: kivi_seq.h) */
 };
 
 static inline int64_t *cpu_cache_len(const struct kivi_cache *c, int32_t seq, int32_t layer) {

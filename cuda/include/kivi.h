@@ -352,6 +352,52 @@ KIVI_API kivi_status kivi_cache_bench_attend(kivi_cache_t cache, int32_t layer, 
 KIVI_API kivi_status kivi_cache_memory(kivi_cache_t cache, uint64_t *report /* host [n_fields] out */,
                                        int32_t n_fields);
 
+/* ---------------------------------------------------------------- sequences: rollback, forks, several tokens */
+/*
+ * Speculative decoding and shared prompts (cuda/include/kivi_seq.h holds the rules both builds share).
+ * A page of a sequence is full once every layer's quantized length has passed it: nothing writes it
+ * again (a flush writes at the quantized length, a truncate never goes below it). kivi_cache_seq_fork
+ * shares a sequence's full pages with the new one, reference counted, and copies the rest (the partly
+ * filled last page of every layer, the residual windows); a page goes back to the pool when its last
+ * owner frees it, and kivi_cache_memory counts a shared page once.
+ *
+ * Log-sum-exp: the natural log, lse = m + ln(sum_j exp(s_j - m)) with s_j = scale q . k_j, per
+ * (token, query head), float [tokens][q_heads]; an empty range (none in this API) would be -inf.
+ */
+
+/** Drops the newest tokens of `seq` in every layer: each layer keeps its first `length` tokens. Only
+    tokens still in the fp16 residual window can go: KIVI_ERR_ARG when length < 0, above a layer's
+    length, or below a layer's quantized length (its tokens in pages), and nothing changes. Pages the
+    block table no longer needs go back to the pool. */
+KIVI_API kivi_status kivi_cache_seq_truncate(kivi_cache_t cache, int32_t seq, int64_t length);
+/** A new sequence holding what `seq` holds in every layer, sharing its full pages (see above) and
+    with copies of the rest: it costs one page or none plus the windows. KIVI_ERR_STATE for a `seq` that
+    is not live, KIVI_ERR_CAPACITY when no slot or not enough free pages are left (nothing changes). */
+KIVI_API kivi_status kivi_cache_seq_fork(kivi_cache_t cache, int32_t seq, int32_t *child /* host [1] out */);
+/** Attention of several query tokens a sequence in one layer, causal: sequence b (seqs[b], repeats
+    allowed) has qlens[b] >= 1 queries, its newest qlens[b] tokens (already appended, so qlens[b] is at
+    most its length len_b), and query i (0-based) sees tokens [0, len_b - qlens[b] + i] as the cache
+    holds them (pages dequantized, the window in fp16). q and out are [tokens][q_heads][head_dim] with
+    the queries of seqs[0] first; tokens must equal the sum of qlens (KIVI_ERR_SHAPE). lse (may be NULL):
+    the natural log-sum-exp of each query and head, float data [tokens][q_heads]. Math and checks as
+    kivi_cache_attend (qlens all 1 gives its result). The CUDA build runs the decode kernels once a
+    token position (a multi-row tensor-core kernel is to come). */
+KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t cache, int32_t layer, const int32_t *seqs /* host [batch] */,
+                                             const int32_t *qlens /* host [batch] */, int32_t batch, int64_t tokens,
+                                             const void *q /* data [tokens][q_heads][head_dim] */, kivi_dtype q_dtype,
+                                             float scale, int32_t flags,
+                                             void *out /* data [tokens][q_heads][head_dim] out */, kivi_dtype out_dtype,
+                                             float *lse /* data [tokens][q_heads] out, or NULL */);
+/** Merges attention results over disjoint key ranges (cascade attention): part p holds out_p [rows][head_dim]
+    and its natural log-sum-exp lse_p [rows]; out = sum_p exp(lse_p - lse) out_p with lse = ln(sum_p exp(lse_p)),
+    exactly the attention over the union. A part with lse -inf counts as empty (all empty: out 0, lse -inf).
+    out may be outs (part 0); lse_out may be NULL. f32 math (double in the CPU build). */
+KIVI_API kivi_status kivi_attention_merge(kivi_ctx_t ctx, int32_t parts, int64_t rows, int32_t head_dim,
+                                          const float *outs /* data [parts][rows][head_dim] */,
+                                          const float *lses /* data [parts][rows] */,
+                                          float *out /* data [rows][head_dim] out */,
+                                          float *lse_out /* data [rows] out, or NULL */);
+
 /* ---------------------------------------------------------------- decode batches --------- */
 /*
  * A decode batch: distinct live sequences of one cache and the buffers of one decode step, checked
@@ -406,6 +452,11 @@ KIVI_API kivi_status kivi_batch_create(kivi_cache_t cache, const int32_t *seqs /
                                        kivi_dtype kv_dtype, int32_t flags, kivi_batch_t *out_batch /* host [1] out */);
 /** Frees the batch (its pending error, if any, is dropped). NULL is a no-op. */
 KIVI_API kivi_status kivi_batch_destroy(kivi_batch_t batch);
+/** From now on every kivi_batch_attend of the batch also writes the natural log-sum-exp of each (sequence,
+    query head) into lse (data float [batch][q_heads]; NULL: no longer), as kivi_cache_attend_multi does.
+    KIVI_ERR_STATE for a batch made without q and out. Where a deferred check fills out with NaN, lse is
+    unspecified. */
+KIVI_API kivi_status kivi_batch_set_lse(kivi_batch_t batch, float *lse /* data [batch][q_heads] or NULL */);
 /** Decode attention of `layer` for the batch, as kivi_cache_attend(cache, layer, seqs, batch, q, q_dtype,
     scale, flags, out, out_dtype) with the q check deferred (see above). KIVI_ERR_STATE for a batch made
     without q and out, or a sequence freed since or holding no token in the layer. */

@@ -228,6 +228,19 @@ static kivi_status mma_launch(kivi_cache_t c, const kivi_cache_config &g, const 
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype, float scale,
                              void *out, kivi_dtype out_dtype, const kv_attn_check *chk) {
+  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, chk, NULL);
+}
+
+kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                                 const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                                 float scale, void *out, kivi_dtype out_dtype, float *lse) {
+  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, NULL, lse);
+}
+
+/* kv_attend_launch with the log-sum-exp output (lse: device [batch][q_heads] or NULL). */
+kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                                  const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                                  float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_layer_layout &ly = c->lay[layer];
   const kivi_cache_config &g = ly.cfg; /* the layer's formats pick the kernel */
@@ -250,6 +263,7 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
   p->table = c->d_table;
   p->q = q;
   p->out = out;
+  p->lse = lse;
   p->kpage = ly.kp.page;
   p->vpage = ly.vp.page;
   p->khead = (uint32_t)ly.kp.head;

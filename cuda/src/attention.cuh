@@ -31,6 +31,7 @@ struct kv_attn_params {
   const void *q;
   void *out;
   float *ws;               /* [batch][q_heads][nsplit][D + 2] */
+  float *lse;              /* [batch][q_heads] natural log-sum-exp where the output is written, or NULL */
   const kv_seq_info *dseq; /* [batch], where batch > KV_SEQ_INLINE */
   kv_batch_dev *cdev;      /* a checked decode batch: q is checked on the device (NULL: not checked) */
   kivi_batch_record *crec;
@@ -160,6 +161,18 @@ __device__ __forceinline__ float kv_merge_splits(const kv_attn_params &p, int64_
   }
   return O / L;
 }
+/* The natural log-sum-exp of query head oh from its ns splits' partials: ln 2 (max + log2 sum), the
+   scores being in log2 units. */
+template <int D>
+__device__ __forceinline__ float kv_merge_lse(const kv_attn_params &p, int64_t oh, int ns) {
+  const float *base = p.ws + oh * p.nsplit * (D + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < ns; s++) M = fmaxf(M, base[s * (D + 2)]);
+  float L = 0.0f;
+  for (int s = 0; s < ns; s++)
+    L = fmaf(base[s * (D + 2) + 1], base[s * (D + 2)] == -INFINITY ? 0.0f : exp2f(base[s * (D + 2)] - M), L);
+  return (M + log2f(L)) * 0.69314718055994531f;
+}
 
 /* Merges NW warps' rows (max, sum, unnormalised output [D]) at cw + (w * rows + h) * (D + 2) for heads
    h < nh (a warp that saw no token has max -inf), then writes head oh0 + h's output, or its split's
@@ -184,6 +197,7 @@ __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const fl
     const int64_t oh = oh0 + h;
     if (p.nsplit == 1) {
       kv_store_out(p.out, p.out_dtype, oh * D + d, O / L);
+      if (p.lse && d == 0) p.lse[oh] = (M + log2f(L)) * 0.69314718055994531f; /* scores in log2 units */
     } else {
       float *wr = p.ws + (oh * p.nsplit + cta.split) * (D + 2);
       if (d == 0) {
@@ -203,6 +217,7 @@ static __global__ void __launch_bounds__(D) k_attend_combine(const __grid_consta
   const int oh = blockIdx.x, d = threadIdx.x;
   const int ns = kv_splits_of(p, kv_seq_of(p, oh / p.qh).len);
   kv_store_out(p.out, p.out_dtype, (int64_t)oh * D + d, kv_merge_splits<D>(p, oh, d, ns));
+  if (p.lse && d == 0) p.lse[oh] = kv_merge_lse<D>(p, oh, ns);
   kv_attn_finish<D>(p);
 }
 

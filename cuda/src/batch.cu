@@ -40,6 +40,7 @@ struct kivi_batch {
   kv_batch_dev *dev;           /* device */
   kivi_batch_record *record;   /* mapped pinned host memory: record + bad[batch] */
   kivi_batch_record *d_record; /* its device address */
+  float *lse;                  /* [batch][q_heads] log-sum-exps written by attend (kivi_batch_set_lse), or NULL */
 };
 
 /* ---------------------------------------------------------------- kernels ---------------- */
@@ -235,6 +236,14 @@ KIVI_API kivi_status kivi_batch_destroy(kivi_batch_t b) {
   return KIVI_OK;
 }
 
+KIVI_API kivi_status kivi_batch_set_lse(kivi_batch_t b, float *lse) {
+  static const char *op = "kivi_batch_set_lse";
+  if (!b) return kv_fail(NULL, KIVI_ERR_ARG, "%s: batch must not be NULL", op);
+  if (!b->a.q) return kv_fail(b->ctx, KIVI_ERR_STATE, "%s: the batch was made without q and out", op);
+  b->lse = lse;
+  return KIVI_OK;
+}
+
 KIVI_API kivi_status kivi_batch_attend(kivi_batch_t b, int32_t layer) {
   static const char *op = "kivi_batch_attend";
   kivi_status st = enter(b, op, layer, 0);
@@ -250,8 +259,9 @@ KIVI_API kivi_status kivi_batch_attend(kivi_batch_t b, int32_t layer) {
   }
   /* unless trusted, the attention kernel checks q as it loads it and its last CTA publishes what it met */
   const kv_attn_check chk = {b->dev, b->d_record, 1};
-  return kv_attend_launch(c, op, layer, b->a.batch, b->seqs, b->len, b->qlen, b->a.q, b->a.q_dtype, b->a.scale,
-                          (void *)b->a.out, b->a.out_dtype, (b->a.flags & KIVI_FLAG_TRUSTED) ? NULL : &chk);
+  return kv_attend_launch_full(c, op, layer, b->a.batch, b->seqs, b->len, b->qlen, b->a.q, b->a.q_dtype, b->a.scale,
+                               (void *)b->a.out, b->a.out_dtype, (b->a.flags & KIVI_FLAG_TRUSTED) ? NULL : &chk,
+                               b->lse);
 }
 
 KIVI_API kivi_status kivi_batch_append(kivi_batch_t b, int32_t layer) {

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cache.cuh"
+#include "kivi_seq.h"
 
 /* ---------------------------------------------------------------- host helpers ----------- */
 
@@ -51,7 +52,7 @@ static void cache_release(kivi_cache_t c) {
   for (void *p : device)
     if (p) cudaFree(p);
   (void)cudaGetLastError();
-  void *host[] = {c->live, c->gen, c->table, c->npages, c->len, c->qlen, c->free_pages, c->lay, c};
+  void *host[] = {c->live, c->gen, c->table, c->npages, c->len, c->qlen, c->free_pages, c->lay, c->page_refs, c};
   for (void *p : host) free(p);
 }
 
@@ -94,7 +95,9 @@ KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, in
   c->qlen = (int64_t *)calloc(S * L, sizeof(int64_t));
   c->free_pages = (int32_t *)malloc(MP * sizeof(int32_t));
   c->lay = (kivi_layer_layout *)calloc(L, sizeof(kivi_layer_layout));
-  if (!c->live || !c->gen || !c->table || !c->npages || !c->len || !c->qlen || !c->free_pages || !c->lay) {
+  c->page_refs = (int32_t *)calloc(MP, sizeof(int32_t));
+  if (!c->live || !c->gen || !c->table || !c->npages || !c->len || !c->qlen || !c->free_pages || !c->lay ||
+      !c->page_refs) {
     cache_release(c);
     return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the host metadata (%zu sequences x %zu pages)", op, S,
                    MP);
@@ -170,8 +173,8 @@ KIVI_API kivi_status kivi_cache_seq_create(kivi_cache_t cache, int32_t *seq) {
 KIVI_API kivi_status kivi_cache_seq_free(kivi_cache_t cache, int32_t seq) {
   kivi_status st = kv_cache_seq_enter(cache, "kivi_cache_seq_free", seq);
   if (st) return st;
-  kivi_pages_release(cache->free_pages, &cache->nfree, cache->table + (int64_t)seq * cache->cfg.max_pages,
-                     cache->npages[seq]);
+  kivi_pages_release_shared(cache->free_pages, &cache->nfree, cache->page_refs,
+                            cache->table + (int64_t)seq * cache->cfg.max_pages, 0, cache->npages[seq]);
   cache->live[seq] = 0;
   cache->gen[seq]++; /* a batch made before this sees the slot as another sequence */
   slot_clear(cache, seq);

@@ -41,6 +41,7 @@ struct kivi_cache {
   int64_t *len, *qlen; /* [max_seqs][layers] */
   int32_t *free_pages; /* LIFO stack [max_pages]; top at nfree - 1 */
   int32_t nfree;
+  int32_t *page_refs; /* [max_pages] owners beyond the first of each page (forks share pages: kivi_seq.h) */
 
   /* attention workspace (split partials), grown on demand */
   float *ws;
@@ -59,6 +60,16 @@ struct kv_attn_check {
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype, float scale,
                              void *out, kivi_dtype out_dtype, const kv_attn_check *chk);
+/** kv_attend_launch that also writes the natural log-sum-exp of each (batch entry, query head) into lse
+    (device f32 [batch][q_heads]) where lse is not NULL (a decode batch with kivi_batch_set_lse). */
+kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                                  const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                                  float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse);
+/** kv_attend_launch that also writes the natural log-sum-exp of each (batch entry, query head) into lse
+    (device f32 [batch][q_heads]) where lse is not NULL (kivi_cache_attend_multi). */
+kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                                 const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                                 float scale, void *out, kivi_dtype out_dtype, float *lse);
 
 /* The steps of an append, shared by kivi_cache_append and kivi_batch_append (batch.cu). n tokens to seq
    in layers [l0, l0 + nl), k / v [nl][n][kv_heads][head_dim]; all host-side checks already made. */

@@ -354,6 +354,60 @@ export const symbols = {
     ],
     returns: "i32",
   },
+  kivi_batch_set_lse: {
+    args: [
+      "ptr", // kivi_batch_t batch
+      "ptr", // float *lse               [batch][q_heads] or NULL
+    ],
+    returns: "i32",
+  },
+  kivi_cache_seq_truncate: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t seq
+      "i64", // int64_t length
+    ],
+    returns: "i32",
+  },
+  kivi_cache_seq_fork: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t seq
+      "ptr", // int32_t *child           host [1]
+    ],
+    returns: "i32",
+  },
+  kivi_cache_attend_multi: {
+    args: [
+      "ptr", // kivi_cache_t cache
+      "i32", // int32_t layer
+      "ptr", // const int32_t *seqs      host [batch]
+      "ptr", // const int32_t *qlens     host [batch]
+      "i32", // int32_t batch
+      "i64", // int64_t tokens
+      "ptr", // const void *q            [tokens][q_heads][head_dim]
+      "i32", // kivi_dtype q_dtype
+      "f32", // float scale
+      "i32", // int32_t flags
+      "ptr", // void *out                [tokens][q_heads][head_dim]
+      "i32", // kivi_dtype out_dtype
+      "ptr", // float *lse               [tokens][q_heads] or NULL
+    ],
+    returns: "i32",
+  },
+  kivi_attention_merge: {
+    args: [
+      "ptr", // kivi_ctx_t ctx
+      "i32", // int32_t parts
+      "i64", // int64_t rows
+      "i32", // int32_t head_dim
+      "ptr", // const float *outs        [parts][rows][head_dim]
+      "ptr", // const float *lses        [parts][rows]
+      "ptr", // float *out               [rows][head_dim]
+      "ptr", // float *lse_out           [rows] or NULL
+    ],
+    returns: "i32",
+  },
   kivi_batch_create: {
     args: [
       "ptr", // kivi_cache_t cache
