@@ -11,7 +11,7 @@ import {
   handleRegistry,
   type NativeHeld,
 } from "./tensor.ts";
-import { checkBool, checkInt, checkOneOf, hostView, readOptions, show } from "./_checks.ts";
+import { checkBool, checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
 import { type DType, dtypeCode, type HostArray, hostArray } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
@@ -25,8 +25,9 @@ import {
   memoryOf,
   resolveCacheOptions,
 } from "./cache_config.ts";
-import { checkCacheRange, type Data, dataPtr, describeData, describeOut } from "./_input.ts";
-import { chunkAttention, describeLse } from "./_multi.ts";
+import { checkCacheRange, dataPtr, describeData, describeOut } from "./_input.ts";
+import { type AttendArgs, benchAttendImpl, type IoHost, readImpl } from "./_cache_io.ts";
+import { attendMultiImpl, mergeAttentionImpl, type MultiHost, prefillImpl } from "./_multi.ts";
 
 export {
   cacheBitsPerValue,
@@ -208,17 +209,6 @@ export class Sequence {
   [Symbol.dispose](): void {
     this.free();
   }
-}
-
-/** Attention arguments, read and checked once (see KVCache.#attendArgs). */
-interface AttendArgs {
-  seqs: Sequence[];
-  q: Data;
-  scale: number;
-  dtype: DType;
-  trusted: boolean;
-  out?: Data & { buf: unknown };
-  n: number;
 }
 
 /**
@@ -505,7 +495,7 @@ export class KVCache {
     seqsArg: unknown,
     q: unknown,
     o: { scale?: unknown; dtype?: unknown; qDtype?: unknown; out?: unknown; trusted?: unknown },
-  ): AttendArgs & { layer: number } {
+  ): AttendArgs<Sequence> & { layer: number } {
     const c = this.#config;
     const layer = checkInt("layer", layerArg, 0, c.layers - 1);
     const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once (after q's length agrees)
@@ -548,7 +538,11 @@ export class KVCache {
   }
 
   /** Attention on tensors only (q, and out when given): no staging, the bound export. */
-  #attendTensors(op: string, a: AttendArgs & { layer: number }, handle: Pointer): unknown {
+  #attendTensors(
+    op: string,
+    a: AttendArgs<Sequence> & { layer: number },
+    handle: Pointer,
+  ): unknown {
     const ids = this.#fillIds(a.seqs, op);
     const pq = a.q.tensor!.pointer(op);
     let made: DeviceTensor | undefined, po: Pointer;
@@ -567,7 +561,7 @@ export class KVCache {
   /** Runs the bound attention export; on failure frees the output it made and throws. */
   #runAttend(
     handle: Pointer,
-    a: AttendArgs & { layer: number },
+    a: AttendArgs<Sequence> & { layer: number },
     ids: Pointer,
     pq: Pointer,
     po: Pointer,
@@ -593,7 +587,7 @@ export class KVCache {
 
   /** Takes the native handles of attention arguments: live sequence ids, q's address and the
    * output (the caller's, or one allocated where q lives). */
-  #attendBind(op: string, a: AttendArgs, stage: Staging) {
+  #attendBind(op: string, a: AttendArgs<Sequence>, stage: Staging) {
     const ids = this.#fillIds(a.seqs, op);
     const pq = dataPtr(a.q, op, stage);
     if (a.out !== undefined) {
@@ -631,7 +625,10 @@ export class KVCache {
     const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "lse", "trusted"]);
     if (o.lse !== undefined) {
       const ones = Array.isArray(seqs) ? new Array<number>(seqs.length).fill(1) : [];
-      return this.#attendMulti("attend", layer, seqs, ones, q, o) as Buf<MemOf<X>, DType>;
+      return attendMultiImpl(this.#multiHost(), "attend", layer, seqs, ones, q, o) as Buf<
+        MemOf<X>,
+        DType
+      >;
     }
     const a = this.#attendArgs(layer, seqs, q, o);
     const { handle } = this.#live("attend");
@@ -654,43 +651,7 @@ export class KVCache {
     q: Input,
     opts: { iters?: number; scale?: number; qDtype?: DType } = {},
   ): number {
-    const o = readOptions("options", opts, ["iters", "scale", "qDtype"]);
-    const iters = checkInt("iters", o.iters ?? 20, 1, 1 << 20);
-    const a = this.#attendArgs(layer, seqs, q, o);
-    const { state, handle } = this.#live("benchAttend");
-    using stage = new Staging(this.#backend, "benchAttend");
-    const b = this.#attendBind("benchAttend", a, stage);
-    const args = [
-      handle,
-      a.layer,
-      b.ids,
-      a.seqs.length,
-      b.pq,
-      dtypeCode[a.q.dtype],
-      a.scale,
-    ] as const;
-    try {
-      // The library's own warm-up trusts q; this call validates it (and everything else) first.
-      this.#check(
-        "kivi_cache_attend",
-        state.lib.call("kivi_cache_attend", ...args, 0, b.po, dtypeCode[a.dtype]),
-      );
-      const ms = new Float32Array(1);
-      this.#check(
-        "kivi_cache_bench_attend",
-        state.lib.call(
-          "kivi_cache_bench_attend",
-          ...args,
-          b.po,
-          dtypeCode[a.dtype],
-          iters,
-          state.lib.ptr(ms),
-        ),
-      );
-      return ms[0];
-    } finally {
-      b.made?.dispose();
-    }
+    return benchAttendImpl(this.#ioHost(), layer, seqs, q, opts);
   }
 
   /** The dequantized keys and values of a sequence in one layer, [length][kvHeads][headDim], as the
@@ -700,32 +661,7 @@ export class KVCache {
     layer: number,
     dtype: DType = "f32",
   ): { keys: HostArray | DeviceTensor; values: HostArray | DeviceTensor } {
-    const s = this.#own("seq", seq);
-    checkOneOf("dtype", dtype, ["f32", "f16", "bf16"] as const);
-    const l = checkInt("layer", layer, 0, this.#config.layers - 1);
-    const [len] = this._lengths(s, l, "read");
-    const { state, handle } = this.#live("read");
-    const id = Sequence._usableId(s, "read");
-    const c = this.#config;
-    const n = len * c.kvHeads * c.headDim;
-    if (n === 0) return { keys: hostArray(dtype, 0), values: hostArray(dtype, 0) };
-    const onHost = this.#backend.kind === "cpu";
-    const k = onHost
-      ? hostArray(dtype, n)
-      : this.#backend.alloc([len, c.kvHeads, c.headDim], dtype);
-    const v = onHost
-      ? hostArray(dtype, n)
-      : this.#backend.alloc([len, c.kvHeads, c.headDim], dtype);
-    const ptr = (
-      x: HostArray | DeviceTensor,
-    ) => (onHost ? state.lib.ptr(x as HostArray) : this.#backend._tensor(x)!.pointer("read"));
-    const st = state.lib.call("kivi_cache_read", handle, id, l, ptr(k), ptr(v), dtypeCode[dtype]);
-    if (st !== 0) {
-      if (!onHost) (k as DeviceTensor).dispose();
-      if (!onHost) (v as DeviceTensor).dispose();
-      this.#check("kivi_cache_read", st);
-    }
-    return { keys: k, values: v };
+    return readImpl(this.#ioHost(), seq, layer, dtype);
   }
 
   /** Bytes of codes, params, residual and tables; bits per value (of the pages in use, and of the
@@ -804,106 +740,10 @@ export class KVCache {
     } = {},
   ): Buf<MemOf<X>, DType> {
     const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "lse", "trusted"]);
-    return this.#attendMulti("attendMulti", layer, seqs, qlens, q, o) as Buf<MemOf<X>, DType>;
-  }
-
-  #attendMulti(
-    op: string,
-    layerArg: unknown,
-    seqsArg: unknown,
-    qlensArg: unknown,
-    q: unknown,
-    o: {
-      scale?: unknown;
-      dtype?: unknown;
-      qDtype?: unknown;
-      out?: unknown;
-      lse?: unknown;
-      trusted?: unknown;
-    },
-  ): unknown {
-    const c = this.#config;
-    const layer = checkInt("layer", layerArg, 0, c.layers - 1);
-    const count = Array.isArray(seqsArg) ? seqsArg.length : 0;
-    if (count === 0 || count > 512) {
-      throw new TypeError(`seqs must be an array of 1 to 512 Sequences, got ${show(seqsArg)}`);
-    }
-    if (!Array.isArray(qlensArg) || qlensArg.length !== count) {
-      throw new TypeError(
-        `qlens must be an array of ${count} numbers (one per sequence), got ${show(qlensArg)}`,
-      );
-    }
-    const qlens = new Int32Array(count);
-    let tokens = 0;
-    for (let i = 0; i < count; i++) {
-      qlens[i] = checkInt(`qlens[${i}]`, (qlensArg as unknown[])[i], 1, 2 ** 31 - 1);
-      tokens += qlens[i];
-    }
-    const qHint = o.qDtype === undefined
-      ? undefined
-      : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
-    const qd = describeData(this.#backend, "q", q, "qDtype", qHint);
-    const n = tokens * c.queryHeads * c.headDim;
-    if (qd.length !== n) {
-      throw new TypeError(
-        `q must hold tokens (${tokens}, the sum of qlens) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`,
-      );
-    }
-    const seqs: Sequence[] = [];
-    for (let i = 0; i < count; i++) seqs.push(this.#own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
-    const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
-    if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-      throw new RangeError(
-        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
-      );
-    }
-    const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
-    const trusted = checkBool("trusted", o.trusted);
-    const out = o.out === undefined ? undefined : describeOut(this.#backend, o.out, dtype, n, qd);
-    const lse = o.lse === undefined
-      ? undefined
-      : describeLse(this.#backend, o.lse, tokens * c.queryHeads, qd);
-    const { state, handle } = this.#live(op);
-    using stage = new Staging(this.#backend, op);
-    const ids = new Int32Array(count);
-    for (let i = 0; i < count; i++) ids[i] = Sequence._usableId(seqs[i], op);
-    const pq = dataPtr(qd, op, stage);
-    let made: DeviceTensor | undefined, po: Pointer, result: unknown;
-    if (out !== undefined) {
-      po = dataPtr(out, op, stage, "out");
-      result = out.buf;
-    } else if (qd.tensor) {
-      made = this.#backend.alloc([tokens, c.queryHeads, c.headDim], dtype);
-      po = this.#backend._tensor(made)!.pointer(op);
-      result = made;
-    } else {
-      const h = hostArray(dtype, n);
-      po = stage.output(h, dtype);
-      result = h;
-    }
-    const pl = lse === undefined ? null : dataPtr(lse, op, stage, "lse");
-    const st = state.lib.call(
-      "kivi_cache_attend_multi",
-      handle,
-      layer,
-      state.lib.ptr(ids),
-      state.lib.ptr(qlens),
-      count,
-      tokens,
-      pq,
-      dtypeCode[qd.dtype],
-      scale,
-      trusted ? 1 : 0,
-      po,
-      dtypeCode[dtype],
-      pl,
-    );
-    if (st !== 0) {
-      made?.dispose();
-      this.#check("kivi_cache_attend_multi", st);
-    }
-    stage.finish();
-    return result;
+    return attendMultiImpl(this.#multiHost(), "attendMulti", layer, seqs, qlens, q, o) as Buf<
+      MemOf<X>,
+      DType
+    >;
   }
 
   /**
@@ -927,68 +767,7 @@ export class KVCache {
     outs: readonly (Float32Array | DeviceTensor)[],
     lses: readonly (Float32Array | DeviceTensor)[],
   ): { out: Float32Array; lse: Float32Array } {
-    const D = this.#config.headDim;
-    const parts = Array.isArray(outs) ? outs.length : 0;
-    if (parts === 0 || parts > 1024) {
-      throw new TypeError(`outs must be an array of 1 to 1024 f32 arrays, got ${show(outs)}`);
-    }
-    if (!Array.isArray(lses) || lses.length !== parts) {
-      throw new TypeError(
-        `lses must be an array of ${parts} f32 arrays (one per part of outs), got ${show(lses)}`,
-      );
-    }
-    const host = (name: string, x: unknown): Float32Array => {
-      if (x instanceof Float32Array) return x;
-      const t = this.#backend._tensor(x);
-      if (t !== undefined && t.dtype === "f32") {
-        return (x as DeviceTensor).readSync() as Float32Array;
-      }
-      throw new TypeError(`${name} must be a Float32Array or an f32 DeviceTensor, got ${show(x)}`);
-    };
-    const o0 = host("outs[0]", outs[0]);
-    if (o0.length === 0 || o0.length % D !== 0) {
-      throw new TypeError(
-        `outs[0].length must be a positive multiple of headDim (${D}), got ${o0.length}`,
-      );
-    }
-    const rows = o0.length / D;
-    const o = new Float32Array(parts * rows * D), l = new Float32Array(parts * rows);
-    for (let p = 0; p < parts; p++) {
-      const op = p === 0 ? o0 : host(`outs[${p}]`, outs[p]);
-      const lp = host(`lses[${p}]`, lses[p]);
-      if (op.length !== rows * D) {
-        throw new TypeError(
-          `outs[${p}].length must equal outs[0].length (${rows * D}), got ${op.length}`,
-        );
-      }
-      if (lp.length !== rows) {
-        throw new TypeError(
-          `lses[${p}].length must be rows (${rows}, outs[0].length / headDim), got ${lp.length}`,
-        );
-      }
-      o.set(op, p * rows * D);
-      l.set(lp, p * rows);
-    }
-    const { state } = this.#live("mergeAttention");
-    const out = new Float32Array(rows * D), lse = new Float32Array(rows);
-    using stage = new Staging(this.#backend, "mergeAttention");
-    const ctx = this.#backend._native("mergeAttention").ctx;
-    this.#check(
-      "kivi_attention_merge",
-      state.lib.call(
-        "kivi_attention_merge",
-        ctx,
-        parts,
-        rows,
-        D,
-        stage.input(o, "f32"),
-        stage.input(l, "f32"),
-        stage.output(out, "f32"),
-        stage.output(lse, "f32"),
-      ),
-    );
-    stage.finish();
-    return { out, lse };
+    return mergeAttentionImpl(this.#multiHost(), outs, lses);
   }
 
   /**
@@ -1021,69 +800,31 @@ export class KVCache {
     v: Float32Array | DeviceTensor,
     opts: { scale?: number } = {},
   ): Float32Array {
-    const c = this.#config;
-    const o = readOptions("options", opts, ["scale"]);
-    const l = checkInt("layer", layer, 0, c.layers - 1);
-    const s = this.#own("seq", seq);
-    const host = (name: string, x: unknown): Float32Array => {
-      if (hostView(name, x)?.kind === "Float32Array") return x as Float32Array;
-      const t = this.#backend._tensor(x);
-      if (t !== undefined && t.dtype === "f32") {
-        return (x as DeviceTensor).readSync() as Float32Array;
-      }
-      throw new TypeError(`${name} must be a Float32Array or an f32 DeviceTensor, got ${show(x)}`);
+    return prefillImpl(this.#multiHost(), layer, seq, q, k, v, opts);
+  }
+
+  /** What benchAttend and read (_cache_io.ts) use of this cache. */
+  #ioHost(): IoHost<Sequence> {
+    return {
+      ...this.#multiHost(),
+      lengths: (x, l, op) => this._lengths(x, l, op),
+      attendArgs: (l, seqs, q, o) => this.#attendArgs(l, seqs, q, o),
+      attendBind: (op, a, stage) => this.#attendBind(op, a, stage),
     };
-    const kh = host("k", k), vh = host("v", v), qh = host("q", q);
-    const row = c.kvHeads * c.headDim;
-    if (kh.length === 0 || kh.length % row !== 0) {
-      throw new TypeError(
-        `k.length must be a positive multiple of kvHeads (${c.kvHeads}) x headDim (${c.headDim}) = ${row}, got ${kh.length}`,
-      );
-    }
-    const n = kh.length / row;
-    if (vh.length !== kh.length) {
-      throw new TypeError(`v.length must equal k.length (${kh.length}), got ${vh.length}`);
-    }
-    if (qh.length !== n * c.queryHeads * c.headDim) {
-      throw new TypeError(
-        `q must hold the chunk's tokens (${n}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${
-          n * c.queryHeads * c.headDim
-        } values, got ${qh.length}`,
-      );
-    }
-    const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
-    if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-      throw new RangeError(
-        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
-      );
-    }
-    const f = Math.fround(scale);
-    const own = chunkAttention(qh, kh, vh, n, c, f);
-    let out = own.out;
-    if (s.length(l) > 0) {
-      // every query sees the whole cache: the sequence repeated, one query each
-      const qrow = c.queryHeads * c.headDim, prior = new Float32Array(n * qrow);
-      const plse = new Float32Array(n * c.queryHeads);
-      for (let a = 0; a < n; a += 512) {
-        const m = Math.min(512, n - a);
-        const lse = new Float32Array(m * c.queryHeads);
-        const part = this.attendMulti(
-          l,
-          new Array<Sequence>(m).fill(s),
-          new Array<number>(m).fill(1),
-          qh.slice(a * qrow, (a + m) * qrow),
-          {
-            scale: f,
-            lse,
-          },
-        ) as Float32Array;
-        prior.set(part, a * qrow);
-        plse.set(lse, a * c.queryHeads);
-      }
-      out = this.mergeAttention([prior, own.out], [plse, own.lse]).out;
-    }
-    s.append(kh, vh, { layer: l });
-    return out;
+  }
+
+  /** What the multi-token functions (_multi.ts) use of this cache. */
+  #multiHost(): MultiHost<Sequence> {
+    return {
+      config: this.#config,
+      backend: this.#backend,
+      live: (op) => this.#live(op),
+      check: (op, st) => this.#check(op, st),
+      own: (name, x) => this.#own(name, x),
+      usableId: (x, op) => Sequence._usableId(x, op),
+      attendMulti: (l, seqs, qlens, q, o) => this.attendMulti(l, seqs, qlens, q, o) as Float32Array,
+      mergeAttention: (outs, lses) => this.mergeAttention(outs, lses),
+    };
   }
 
   /** Frees every sequence and the cache. Idempotent. */
