@@ -4,13 +4,14 @@
  *
  * @module
  */
-import type { DeviceTensor } from "./tensor.ts";
-import { checkInt, checkOneOf, readOptions } from "./_checks.ts";
+import type { BackendCore as Backend, DeviceTensor } from "./tensor.ts";
+import { checkBool, checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
 import { type DType, dtypeCode, type HostArray, hostArray } from "./_dtype.ts";
 import { Staging } from "./_staging.ts";
 import type { Input } from "./quant.ts";
 import type { Pointer } from "./ffi/_native.ts";
-import type { Data } from "./_input.ts";
+import { type Data, describeData, describeOut } from "./_input.ts";
+import type { CacheConfig } from "./cache_config.ts";
 import type { MultiHost, MultiSeq } from "./_multi.ts";
 
 /** Attention arguments, read and checked once (see KVCache.#attendArgs). */
@@ -116,4 +117,81 @@ export function readImpl<S extends MultiSeq>(
     h.check("kivi_cache_read", st);
   }
   return { keys: k, values: v };
+}
+
+/** The arguments of Sequence.append, read and checked once: the layer (-1: every layer), the
+ * data of k and v and the tokens they hold. */
+export function appendArgs(
+  c: CacheConfig,
+  backend: Backend,
+  k: unknown,
+  v: unknown,
+  opts: unknown,
+): { layer: number; trusted: boolean; kd: Data; vd: Data; n: number } {
+  const o = readOptions("options", opts, ["layer", "dtype", "trusted"]);
+  const layer = o.layer === undefined ? -1 : checkInt("layer", o.layer, 0, c.layers - 1);
+  const hint = o.dtype === undefined
+    ? undefined
+    : checkOneOf("dtype", o.dtype, ["f32", "f16", "bf16"] as const);
+  const trusted = checkBool("trusted", o.trusted);
+  const kd = describeData(backend, "k", k, "dtype", hint);
+  const vd = describeData(backend, "v", v, "dtype", hint);
+  if (kd.dtype !== vd.dtype) {
+    throw new TypeError(`k and v must have the same dtype, got ${kd.dtype} and ${vd.dtype}`);
+  }
+  const row = c.kvHeads * c.headDim * (layer === -1 ? c.layers : 1);
+  const what = layer === -1
+    ? `layers (${c.layers}) x kvHeads (${c.kvHeads}) x headDim (${c.headDim})`
+    : `kvHeads (${c.kvHeads}) x headDim (${c.headDim})`;
+  if (kd.length === 0 || kd.length % row !== 0) {
+    throw new TypeError(
+      `k.length must be a positive multiple of ${what} = ${row}, got ${kd.length}`,
+    );
+  }
+  if (vd.length !== kd.length) {
+    throw new TypeError(`v.length must equal k.length (${kd.length}), got ${vd.length}`);
+  }
+  const n = kd.length / row;
+  if (n > 2 ** 31 - 1) throw new RangeError(`k must hold fewer than 2^31 tokens, got ${n}`);
+  return { layer, trusted, kd, vd, n };
+}
+
+/** The arguments of attend, read and checked once (each sequence through `own`). */
+export function attendArgs<S>(
+  config: CacheConfig,
+  backend: Backend,
+  own: (name: string, x: unknown) => S,
+  layerArg: unknown,
+  seqsArg: unknown,
+  q: unknown,
+  o: { scale?: unknown; dtype?: unknown; qDtype?: unknown; out?: unknown; trusted?: unknown },
+): AttendArgs<S> & { layer: number } {
+  const c = config;
+  const layer = checkInt("layer", layerArg, 0, c.layers - 1);
+  const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once (after q's length agrees)
+  if (count === 0) {
+    throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
+  }
+  const qHint = o.qDtype === undefined
+    ? undefined
+    : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
+  const qd = describeData(backend, "q", q, "qDtype", qHint);
+  const n = count * c.queryHeads * c.headDim;
+  if (qd.length !== n) {
+    throw new TypeError(
+      `q must hold batch (${count}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`,
+    );
+  }
+  const seqs: S[] = [];
+  for (let i = 0; i < count; i++) seqs.push(own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
+  const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
+  if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
+    throw new RangeError(
+      `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
+    );
+  }
+  const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
+  const trusted = checkBool("trusted", o.trusted);
+  const out = o.out === undefined ? undefined : describeOut(backend, o.out, dtype, n, qd);
+  return { layer, seqs, q: qd, scale, dtype, trusted, out, n };
 }

@@ -11,7 +11,7 @@ import {
   handleRegistry,
   type NativeHeld,
 } from "./tensor.ts";
-import { checkBool, checkInt, checkOneOf, readOptions, show } from "./_checks.ts";
+import { checkInt, readOptions, show } from "./_checks.ts";
 import { type DType, dtypeCode, type HostArray, hostArray } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
@@ -25,8 +25,15 @@ import {
   memoryOf,
   resolveCacheOptions,
 } from "./cache_config.ts";
-import { checkCacheRange, dataPtr, describeData, describeOut } from "./_input.ts";
-import { type AttendArgs, benchAttendImpl, type IoHost, readImpl } from "./_cache_io.ts";
+import { checkCacheRange, dataPtr } from "./_input.ts";
+import {
+  appendArgs,
+  type AttendArgs,
+  attendArgs,
+  benchAttendImpl,
+  type IoHost,
+  readImpl,
+} from "./_cache_io.ts";
 import { attendMultiImpl, mergeAttentionImpl, type MultiHost, prefillImpl } from "./_multi.ts";
 
 export {
@@ -450,31 +457,7 @@ export class KVCache {
   /** @internal */
   _append(seq: Sequence, k: Input, v: Input, opts: AppendOptions): void {
     const c = this.#config;
-    const o = readOptions("options", opts, ["layer", "dtype", "trusted"]);
-    const layer = o.layer === undefined ? -1 : checkInt("layer", o.layer, 0, c.layers - 1);
-    const hint = o.dtype === undefined
-      ? undefined
-      : checkOneOf("dtype", o.dtype, ["f32", "f16", "bf16"] as const);
-    const trusted = checkBool("trusted", o.trusted);
-    const kd = describeData(this.#backend, "k", k, "dtype", hint);
-    const vd = describeData(this.#backend, "v", v, "dtype", hint);
-    if (kd.dtype !== vd.dtype) {
-      throw new TypeError(`k and v must have the same dtype, got ${kd.dtype} and ${vd.dtype}`);
-    }
-    const row = c.kvHeads * c.headDim * (layer === -1 ? c.layers : 1);
-    const what = layer === -1
-      ? `layers (${c.layers}) x kvHeads (${c.kvHeads}) x headDim (${c.headDim})`
-      : `kvHeads (${c.kvHeads}) x headDim (${c.headDim})`;
-    if (kd.length === 0 || kd.length % row !== 0) {
-      throw new TypeError(
-        `k.length must be a positive multiple of ${what} = ${row}, got ${kd.length}`,
-      );
-    }
-    if (vd.length !== kd.length) {
-      throw new TypeError(`v.length must equal k.length (${kd.length}), got ${vd.length}`);
-    }
-    const n = kd.length / row;
-    if (n > 2 ** 31 - 1) throw new RangeError(`k must hold fewer than 2^31 tokens, got ${n}`);
+    const { layer, trusted, kd, vd, n } = appendArgs(c, this.#backend, k, v, opts);
     const id = Sequence._usableId(seq, "append");
     const { handle } = this.#live("append");
     if (!trusted) {
@@ -496,34 +479,15 @@ export class KVCache {
     q: unknown,
     o: { scale?: unknown; dtype?: unknown; qDtype?: unknown; out?: unknown; trusted?: unknown },
   ): AttendArgs<Sequence> & { layer: number } {
-    const c = this.#config;
-    const layer = checkInt("layer", layerArg, 0, c.layers - 1);
-    const count = Array.isArray(seqsArg) ? seqsArg.length : 0; // read once, then each element once (after q's length agrees)
-    if (count === 0) {
-      throw new TypeError(`seqs must be a non-empty array of Sequences, got ${show(seqsArg)}`);
-    }
-    const qHint = o.qDtype === undefined
-      ? undefined
-      : checkOneOf("qDtype", o.qDtype, ["f32", "f16", "bf16"] as const);
-    const qd = describeData(this.#backend, "q", q, "qDtype", qHint);
-    const n = count * c.queryHeads * c.headDim;
-    if (qd.length !== n) {
-      throw new TypeError(
-        `q must hold batch (${count}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`,
-      );
-    }
-    const seqs: Sequence[] = [];
-    for (let i = 0; i < count; i++) seqs.push(this.#own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
-    const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
-    if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-      throw new RangeError(
-        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
-      );
-    }
-    const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
-    const trusted = checkBool("trusted", o.trusted);
-    const out = o.out === undefined ? undefined : describeOut(this.#backend, o.out, dtype, n, qd);
-    return { layer, seqs, q: qd, scale, dtype, trusted, out, n };
+    return attendArgs(
+      this.#config,
+      this.#backend,
+      (n, x) => this.#own(n, x),
+      layerArg,
+      seqsArg,
+      q,
+      o,
+    );
   }
 
   /** The address of the sequences' slot ids (each usable: KIVI_ERR_STATE once freed), in the
