@@ -10,7 +10,7 @@ import { type DType, dtypeCode, type HostArray, hostArray } from "./_dtype.ts";
 import { Staging } from "./_staging.ts";
 import type { Input } from "./quant.ts";
 import type { Pointer } from "./ffi/_native.ts";
-import { type Data, describeData, describeOut } from "./_input.ts";
+import { attendCommon, type Data, describeData } from "./_input.ts";
 import type { CacheConfig } from "./cache_config.ts";
 import type { MultiHost, MultiSeq } from "./_multi.ts";
 
@@ -182,16 +182,15 @@ export function attendArgs<S>(
       `q must hold batch (${count}) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`,
     );
   }
-  const seqs: S[] = [];
-  for (let i = 0; i < count; i++) seqs.push(own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
-  const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
-  if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-    throw new RangeError(
-      `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
-    );
-  }
-  const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
-  const trusted = checkBool("trusted", o.trusted);
-  const out = o.out === undefined ? undefined : describeOut(backend, o.out, dtype, n, qd);
+  const { seqs, scale, dtype, trusted, out } = attendCommon(
+    backend,
+    c,
+    own,
+    seqsArg,
+    count,
+    o,
+    n,
+    qd,
+  );
   return { layer, seqs, q: qd, scale, dtype, trusted, out, n };
 }

@@ -210,3 +210,15 @@ export function readOptions<K extends string>(
   for (const k of known) out[k] = (o as Record<string, unknown>)[k];
   return out;
 }
+
+/** An attention call's softmax scale: `given`, a number finite in fp32, or 1/sqrt(headDim) when
+ * undefined. */
+export function attendScale(given: unknown, headDim: number): number {
+  const scale = given ?? 1 / Math.sqrt(headDim);
+  if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
+    throw new RangeError(
+      `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
+    );
+  }
+  return scale;
+}

@@ -8,6 +8,8 @@ import type { Pointer } from "./ffi/_native.ts";
 import type { BackendCore as Backend, TensorFacts } from "./tensor.ts";
 import type { Staging } from "./_staging.ts";
 import {
+  attendScale,
+  checkBool,
   checkOneOf,
   checkShape,
   type HostView,
@@ -215,4 +217,26 @@ export function dataPtr(d: Data, op: string, stage: Staging, write?: string): Po
     return write === undefined ? stage.input(plain, d.dtype) : stage.output(plain, d.dtype);
   }
   return write === undefined ? d.tensor!.pointer(op) : d.tensor!.writePointer(op, write);
+}
+
+/** What attend and attendMulti read alike, after q: the `count` elements of `seqsArg` (its length
+ * read once by the caller), each once, through `own`, the softmax scale, the output dtype, `trusted`, and the caller's
+ * out (`n` values where q lives). */
+export function attendCommon<S>(
+  backend: Backend,
+  c: { headDim: number },
+  own: (name: string, x: unknown) => S,
+  seqsArg: unknown,
+  count: number,
+  o: { scale?: unknown; dtype?: unknown; out?: unknown; trusted?: unknown },
+  n: number,
+  qd: Data,
+): { seqs: S[]; scale: number; dtype: DType; trusted: boolean; out?: Data & { buf: unknown } } {
+  const seqs: S[] = [];
+  for (let i = 0; i < count; i++) seqs.push(own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
+  const scale = attendScale(o.scale, c.headDim);
+  const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
+  const trusted = checkBool("trusted", o.trusted);
+  const out = o.out === undefined ? undefined : describeOut(backend, o.out, dtype, n, qd);
+  return { seqs, scale, dtype, trusted, out };
 }

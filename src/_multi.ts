@@ -7,7 +7,7 @@ import type { BackendCore as Backend, DeviceTensor, NativeHeld } from "./tensor.
 import type { Pointer } from "./ffi/_native.ts";
 import type { CacheConfig } from "./cache_config.ts";
 import {
-  checkBool,
+  attendScale,
   checkInt,
   checkOneOf,
   hostView,
@@ -17,7 +17,7 @@ import {
 } from "./_checks.ts";
 import { dtypeCode, hostArray } from "./_dtype.ts";
 import { Staging } from "./_staging.ts";
-import { type Data, dataPtr, describeData, describeOut } from "./_input.ts";
+import { attendCommon, type Data, dataPtr, describeData } from "./_input.ts";
 
 /** The caller's `lse` buffer, checked against q: `n` f32 values where q lives (a Float32Array for a
  * host q, an f32 DeviceTensor of the same backend for a tensor q), sharing no memory with q. */
@@ -86,6 +86,14 @@ export function chunkAttention(
     }
   }
   return { out, lse };
+}
+
+/** `x` as a host Float32Array: itself, or an f32 DeviceTensor of `backend` read back. */
+function f32OnHost(backend: Backend, name: string, x: unknown): Float32Array {
+  if (hostView(name, x)?.kind === "Float32Array") return x as Float32Array;
+  const t = backend._tensor(x);
+  if (t !== undefined && t.dtype === "f32") return (x as DeviceTensor).readSync() as Float32Array;
+  throw new TypeError(`${name} must be a Float32Array or an f32 DeviceTensor, got ${show(x)}`);
 }
 
 /** What the multi-token functions use of their cache (KVCache passes its private parts). */
@@ -159,17 +167,16 @@ export function attendMultiImpl<S extends MultiSeq>(
       `q must hold tokens (${tokens}, the sum of qlens) x queryHeads (${c.queryHeads}) x headDim (${c.headDim}) = ${n} values, got ${qd.length}`,
     );
   }
-  const seqs: S[] = [];
-  for (let i = 0; i < count; i++) seqs.push(h.own(`seqs[${i}]`, (seqsArg as unknown[])[i]));
-  const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
-  if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-    throw new RangeError(
-      `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
-    );
-  }
-  const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
-  const trusted = checkBool("trusted", o.trusted);
-  const out = o.out === undefined ? undefined : describeOut(h.backend, o.out, dtype, n, qd);
+  const { seqs, scale, dtype, trusted, out } = attendCommon(
+    h.backend,
+    c,
+    h.own,
+    seqsArg,
+    count,
+    o,
+    n,
+    qd,
+  );
   const lse = o.lse === undefined
     ? undefined
     : describeLse(h.backend, o.lse, tokens * c.queryHeads, qd);
@@ -232,14 +239,7 @@ export function mergeAttentionImpl<S extends MultiSeq>(
       `lses must be an array of ${parts} f32 arrays (one per part of outs), got ${show(lses)}`,
     );
   }
-  const host = (name: string, x: unknown): Float32Array => {
-    if (x instanceof Float32Array) return x;
-    const t = h.backend._tensor(x);
-    if (t !== undefined && t.dtype === "f32") {
-      return (x as DeviceTensor).readSync() as Float32Array;
-    }
-    throw new TypeError(`${name} must be a Float32Array or an f32 DeviceTensor, got ${show(x)}`);
-  };
+  const host = (name: string, x: unknown) => f32OnHost(h.backend, name, x);
   const o0 = host("outs[0]", outs[0]);
   if (o0.length === 0 || o0.length % D !== 0) {
     throw new TypeError(
@@ -300,14 +300,7 @@ export function prefillImpl<S extends MultiSeq>(
   const o = readOptions("options", opts, ["scale"]);
   const l = checkInt("layer", layer, 0, c.layers - 1);
   const s = h.own("seq", seq);
-  const host = (name: string, x: unknown): Float32Array => {
-    if (hostView(name, x)?.kind === "Float32Array") return x as Float32Array;
-    const t = h.backend._tensor(x);
-    if (t !== undefined && t.dtype === "f32") {
-      return (x as DeviceTensor).readSync() as Float32Array;
-    }
-    throw new TypeError(`${name} must be a Float32Array or an f32 DeviceTensor, got ${show(x)}`);
-  };
+  const host = (name: string, x: unknown) => f32OnHost(h.backend, name, x);
   const kh = host("k", k), vh = host("v", v), qh = host("q", q);
   const row = c.kvHeads * c.headDim;
   if (kh.length === 0 || kh.length % row !== 0) {
@@ -326,12 +319,7 @@ export function prefillImpl<S extends MultiSeq>(
       } values, got ${qh.length}`,
     );
   }
-  const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
-  if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-    throw new RangeError(
-      `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
-    );
-  }
+  const scale = attendScale(o.scale, c.headDim);
   const f = Math.fround(scale);
   const own = chunkAttention(qh, kh, vh, n, c, f);
   let out = own.out;

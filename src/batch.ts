@@ -15,7 +15,7 @@ import {
   type TensorFacts,
 } from "./tensor.ts";
 import type { CacheConfig } from "./cache_config.ts";
-import { checkBool, checkOneOf, readOptions, show } from "./_checks.ts";
+import { attendScale, checkBool, checkOneOf, readOptions, show } from "./_checks.ts";
 import { dtypeCode } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 
@@ -242,12 +242,7 @@ export class DecodeBatch<S extends object = object> {
         throw new TypeError(`lse must not share memory with ${name}`);
       }
     }
-    const scale = o.scale ?? 1 / Math.sqrt(c.headDim);
-    if (typeof scale !== "number" || !Number.isFinite(Math.fround(scale))) {
-      throw new RangeError(
-        `scale must be a number finite in fp32 (below 3.4e38 in magnitude), got ${show(scale)}`,
-      );
-    }
+    const scale = attendScale(o.scale, c.headDim);
     const trusted = checkBool("trusted", o.trusted);
     // Native handles from here on, with no user code in between.
     const { state, handle } = host.live("batch");

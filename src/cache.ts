@@ -55,6 +55,22 @@ export {
 type CacheHeld = NativeHeld;
 const cacheRegistry = handleRegistry("kivi_cache_destroy");
 
+/** Options of {@link KVCache.attend} and {@link KVCache.attendMulti}. */
+export interface AttendOptions<X extends Input> {
+  /** Softmax scale (default 1/sqrt(headDim)). */
+  scale?: number;
+  /** The result's dtype (default f32). */
+  dtype?: DType;
+  /** For a host Uint16Array q: "f16" (the default) or "bf16". */
+  qDtype?: DType;
+  /** Where the result goes (where q lives). */
+  out?: Buf<MemOf<X>, DType>;
+  /** The natural log-sum-exp of each [token][queryHead] (see {@link KVCache.attendMulti}). */
+  lse?: Float32Array | DeviceTensor;
+  /** Skip the NaN/Inf scan of q. */
+  trusted?: boolean;
+}
+
 /** Options of {@link Sequence.append}. */
 export interface AppendOptions {
   /** One layer, or every layer when omitted (then k and v hold [layers][tokens][kvHeads][headDim]). */
@@ -576,15 +592,7 @@ export class KVCache {
     layer: number,
     seqs: readonly Sequence[],
     q: X,
-    opts: {
-      scale?: number;
-      dtype?: DType;
-      qDtype?: DType;
-      out?: Buf<MemOf<X>, DType>;
-      /** The natural log-sum-exp of each [batch][queryHead] (see {@link KVCache.attendMulti}). */
-      lse?: Float32Array | DeviceTensor;
-      trusted?: boolean;
-    } = {},
+    opts: AttendOptions<X> = {},
   ): Buf<MemOf<X>, DType> {
     const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "lse", "trusted"]);
     if (o.lse !== undefined) {
@@ -694,14 +702,7 @@ export class KVCache {
     seqs: readonly Sequence[],
     qlens: readonly number[],
     q: X,
-    opts: {
-      scale?: number;
-      dtype?: DType;
-      qDtype?: DType;
-      out?: Buf<MemOf<X>, DType>;
-      lse?: Float32Array | DeviceTensor;
-      trusted?: boolean;
-    } = {},
+    opts: AttendOptions<X> = {},
   ): Buf<MemOf<X>, DType> {
     const o = readOptions("options", opts, ["scale", "dtype", "qDtype", "out", "lse", "trusted"]);
     return attendMultiImpl(this.#multiHost(), "attendMulti", layer, seqs, qlens, q, o) as Buf<

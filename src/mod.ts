@@ -55,6 +55,7 @@ export { type SynthKV, synthKV, type SynthOptions } from "./synth.ts";
 export { Rng } from "./random.ts";
 export {
   type AppendOptions,
+  type AttendOptions,
   cacheBitsPerValue,
   type CacheConfig,
   type CacheFormat,
