@@ -101,10 +101,7 @@ KIVI_API kivi_status kivi_model_linear(kivi_ctx_t ctx, const float *x, const uin
    to fp16 first makes this the same math (the order of the sums aside). */
 KIVI_API kivi_status kivi_model_linear_f16(kivi_ctx_t ctx, const float *x, const uint16_t *w, int32_t rows, int32_t n,
                                            int32_t k, int32_t accumulate, float *y) {
-  static const char *op = "kivi_model_linear_f16";
-  const kivi_model_args a = kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
-  kivi_status st = check(ctx, op, &a);
-  if (st) return st;
+  KIVI_MODEL_ENTER(kivi_model_linear_f16, x, w, rows, n, k, accumulate, y);
   float *xh;
   const int64_t m = (int64_t)rows * k;
   if ((st = cpu_alloc(ctx, op, (size_t)m * sizeof(float), (void **)&xh))) return st;

@@ -103,6 +103,12 @@ static inline kivi_model_args kivi_model_linear_args(const float *x, const uint1
   return a;
 }
 
+/* kivi_model_linear_f16 takes kivi_model_linear's arguments under the same rules. */
+static inline kivi_model_args kivi_model_linear_f16_args(const float *x, const uint16_t *w, int32_t rows, int32_t n,
+                                                         int32_t k, int32_t accumulate, const float *y) {
+  return kivi_model_linear_args(x, w, rows, n, k, accumulate, y);
+}
+
 static inline kivi_model_args kivi_model_rope_args(const float *x, int32_t rows, int32_t heads, int32_t dim,
                                                    const int32_t *pos, const float *cs, int32_t max_pos) {
   const kivi_model_args a = {{{"x", x}, {"pos", pos}, {"cs", cs}},

@@ -6,7 +6,7 @@
  * @module
  */
 import type { BackendCore as Backend, DeviceTensor } from "../tensor.ts";
-import type { Pointer } from "../ffi/_native.ts";
+import type { ArgsOf, Pointer } from "../ffi/_native.ts";
 
 /** Bound model ops of a backend. */
 export class ModelOps {
@@ -83,9 +83,7 @@ export class ModelOps {
     y: DeviceTensor,
     accumulate = false,
   ): void {
-    const op = "kivi_model_linear";
-    const [px, pw, py] = this.#ptrs(op, x, w, y);
-    this.#ok(op, this.#linear(this.#ctx, px, pw, rows, n, k, accumulate ? 1 : 0, py));
+    this.#gemm("kivi_model_linear", this.#linear, x, w, rows, n, k, y, accumulate);
   }
 
   /** As {@link linear}, with x rounded to fp16 and fp16 products summed in f32 (tensor cores on CUDA). */
@@ -98,9 +96,23 @@ export class ModelOps {
     y: DeviceTensor,
     accumulate = false,
   ): void {
-    const op = "kivi_model_linear_f16";
+    this.#gemm("kivi_model_linear_f16", this.#linearF16, x, w, rows, n, k, y, accumulate);
+  }
+
+  /** One of the two linear exports (same arguments) on tensors. */
+  #gemm(
+    op: string,
+    fn: (...a: ArgsOf<"kivi_model_linear">) => number,
+    x: DeviceTensor,
+    w: DeviceTensor,
+    rows: number,
+    n: number,
+    k: number,
+    y: DeviceTensor,
+    accumulate: boolean,
+  ): void {
     const [px, pw, py] = this.#ptrs(op, x, w, y);
-    this.#ok(op, this.#linearF16(this.#ctx, px, pw, rows, n, k, accumulate ? 1 : 0, py));
+    this.#ok(op, fn(this.#ctx, px, pw, rows, n, k, accumulate ? 1 : 0, py));
   }
 
   /** out fp16 [n] = mean + std * (a normal-like draw of (seed, i)), the same bits in both builds. */

@@ -35,24 +35,15 @@ export interface LoadModelOptions {
   matmul?: Matmul;
 }
 
-/** The sizes of a model with seeded random weights (see {@link Backend.randomModel}). */
-export interface RandomModelConfig {
-  vocab: number;
-  hidden: number;
-  layers: number;
-  /** Query heads. */
-  heads: number;
-  kvHeads: number;
-  headDim: number;
-  /** The MLP's inner size. */
-  intermediate: number;
-  /** Positions the RoPE table covers: the longest sequence the model takes. */
-  context: number;
-  /** RMSNorm epsilon (default 1e-5). */
-  eps?: number;
-  /** RoPE base (default 500000, Llama 3's). */
-  ropeTheta?: number;
-}
+/** The sizes of a model with seeded random weights (see {@link Backend.randomModel}): those of
+ * {@link LlamaConfig}, with `eps` (RMSNorm epsilon, default 1e-5) and `ropeTheta` (RoPE base,
+ * default 500000, Llama 3's) optional. */
+export type RandomModelConfig =
+  & Pick<
+    LlamaConfig,
+    "vocab" | "hidden" | "layers" | "heads" | "kvHeads" | "headDim" | "intermediate" | "context"
+  >
+  & Partial<Pick<LlamaConfig, "eps" | "ropeTheta">>;
 
 /** Options of {@link Backend.randomModel}. */
 export interface RandomModelOptions {
