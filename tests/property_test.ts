@@ -516,13 +516,7 @@ async function run(r: number): Promise<Stats> {
     batch.forEach((s, b) => {
       const ly = s.layers[layer];
       const len = ly.k.length;
-      const kf = new Float64Array(len * H * D), vf = new Float64Array(len * H * D);
-      let maxV = 0;
-      for (let t = 0; t < len; t++) {
-        kf.set(ly.k[t], t * H * D);
-        vf.set(ly.v[t], t * H * D);
-        for (const x of ly.v[t]) maxV = Math.max(maxV, Math.abs(x));
-      }
+      const { kf, vf, maxV } = flatKV(ly.k, ly.v, H * D);
       const want = attentionOracle(kf, vf, q.subarray(b * QH * D, (b + 1) * QH * D), len, c, scale);
       const got = out.subarray(b * QH * D, (b + 1) * QH * D);
       for (let i = 0; i < want.length; i++) {
@@ -630,13 +624,7 @@ async function run(r: number): Promise<Stats> {
     let t0 = 0;
     batch.forEach((s, b) => {
       const ly = s.layers[layer], len = ly.k.length, n = qlens[b];
-      const kf = new Float64Array(len * H * D), vf = new Float64Array(len * H * D);
-      let maxV = 0;
-      for (let t = 0; t < len; t++) {
-        kf.set(ly.k[t], t * H * D);
-        vf.set(ly.v[t], t * H * D);
-        for (const x of ly.v[t]) maxV = Math.max(maxV, Math.abs(x));
-      }
+      const { kf, vf, maxV } = flatKV(ly.k, ly.v, H * D);
       for (let i = 0; i < n; i++) { // query i sees len - n + i + 1 tokens
         const row = (t0 + i) * QH * D;
         const want = attentionOracle(
@@ -692,6 +680,19 @@ async function run(r: number): Promise<Stats> {
     for (let l = 0; l < L; l++) checkRead(cache, m, s, l, `${tag} at the end`);
   }
   return stats;
+}
+
+/** A sequence layer's model K/V (a row a token) as float64 [len][kvHeads * headDim], with the
+ * largest |v|. */
+function flatKV(k: ArrayLike<number>[], v: ArrayLike<number>[], row: number) {
+  const kf = new Float64Array(k.length * row), vf = new Float64Array(k.length * row);
+  let maxV = 0;
+  for (let t = 0; t < k.length; t++) {
+    kf.set(k[t], t * row);
+    vf.set(v[t], t * row);
+    for (let j = 0; j < v[t].length; j++) maxV = Math.max(maxV, Math.abs(v[t][j]));
+  }
+  return { kf, vf, maxV };
 }
 
 describe("the cache against a float64 model, random operations", () => {
