@@ -186,11 +186,14 @@ static kivi_status mma_launch(kivi_cache_t c, const kivi_cache_config &g, const 
   /* KIVI_MMA_CTAS=3 or 4 forces the choice (development: compare the two in one build) */
   static const int forced = getenv("KIVI_MMA_CTAS") ? atoi(getenv("KIVI_MMA_CTAS")) : 0;
   const bool many = forced ? forced >= 4 : kv_units(c, p) >= kv_sms(ctx);
-  /* one query head a KV head: the key MMA takes tokens as rows and the three planes as columns (T1) */
-  const bool one = g.q_heads == g.kv_heads;
+  /* the key side: one query head a KV head takes tokens as rows and the three planes as columns (T1);
+     several, keys dequantized to fp16 with q fixed (F16: the work a tile does not grow with the ratio).
+     KIVI_MMA_KEYS=planes forces the int8 planes for several (development: compare the two in one build) */
+  static const bool planes = getenv("KIVI_MMA_KEYS") && !strcmp(getenv("KIVI_MMA_KEYS"), "planes");
+  const int keys = g.q_heads == g.kv_heads ? KV_KEYS_T1 : planes ? KV_KEYS_PLANES : KV_KEYS_F16;
   const bool cb = g.v_kind == KIVI_KIND_CODEBOOK;
   kv_attn_kernel fn =
-      cb ? kv_mma_kernel_codebook(D, g.v_group, one, many) : kv_mma_kernel_uniform(D, g.v_group, one, many);
+      cb ? kv_mma_kernel_codebook(D, g.v_group, keys, many) : kv_mma_kernel_uniform(D, g.v_group, keys, many);
   if (!fn)
     return kv_fail(ctx, KIVI_ERR_UNSUPPORTED, "%s: head_dim %d with value groups of %d is not built into this library",
                    op, D, (int)g.v_group);

@@ -235,16 +235,24 @@ __host__ __device__ constexpr int kv_mma_aw(int D) { return 4 * 8 * (D / 32) + 4
 __host__ __device__ constexpr int kv_mma_stage_bytes(int D, int VG, int npl) {
   return 32 * D / 4 + D * 4 + 2 * D * 4 + npl * (D / VG) * 64;
 }
-/** Bytes of the CTA's fragment slices: one per warp and head of the CTA (at most 8, the GQA ratio). */
+/* the fp16 key side's (attention_mma_keys16.cuh): per head D / 16 k-steps x 4 quad lanes x {hi, lo, hi,
+   lo}, padded by 16 words so that two heads' reads fall in different banks */
+__host__ __device__ constexpr int kv_mma_aw16(int D) { return D + 16; }
+/** Bytes of the CTA's fragment slices: one per warp and head of the CTA (at most 8, the GQA ratio), at the
+    larger of the two key sides' strides. */
 __host__ __device__ constexpr size_t kv_mma_abuf_bytes(int D, int ratio) {
-  return (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw(D) * sizeof(uint32_t);
+  return (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw16(D) * sizeof(uint32_t);
 }
 
+/* The key side of the tensor-core kernel: q s as int8 planes rebuilt each key group (any ratio), the
+   turned-around key MMA of one query head a KV head (T1), or keys dequantized to fp16 with q fixed (F16,
+   several query heads a KV head). */
+enum kv_mma_keys { KV_KEYS_PLANES = 0, KV_KEYS_T1 = 1, KV_KEYS_F16 = 2 };
 /* Tensor-core kernels (attention_mma_uniform.cu, attention_mma_codebook.cu): the instantiation for
-   head_dim D, value group VG, one query head a KV head (one) and 4 rather than 3 CTAs a SM (many); NULL
+   head_dim D, value group VG, key side `keys` (kv_mma_keys) and 4 rather than 3 CTAs a SM (many); NULL
    where none is built. */
-kv_attn_kernel kv_mma_kernel_uniform(int D, int VG, bool one, bool many);
-kv_attn_kernel kv_mma_kernel_codebook(int D, int VG, bool one, bool many);
+kv_attn_kernel kv_mma_kernel_uniform(int D, int VG, int keys, bool many);
+kv_attn_kernel kv_mma_kernel_codebook(int D, int VG, int keys, bool many);
 /* Ring stages a warp of the tensor-core kernels (3 and 5 measured slower than 4 on an H200). */
 #define KV_MMA_NST 4
 

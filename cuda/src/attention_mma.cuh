@@ -52,17 +52,11 @@
 #define KIVI_ATTENTION_MMA_CUH
 
 #include "attention.cuh"
+#include "attention_mma_keys16.cuh"
 #include "attention_mma_parts.cuh"
 
 /* ---------------------------------------------------------------- a CTA's phases --------- */
 
-/* This lane's roles and the byte offsets of what it reads and writes in every tile, computed once and kept
-   in registers (kv_keep): in a stage its key params, key words and value words, scales and zeros; its q
-   channels; its fragment words in the warp's slice (written) and its own fragments (read). */
-struct kv_mma_lane {
-  int warp, lane, gid, tig;
-  uint32_t o_kpar, o_q, o_kw, o_vs, o_vw, o_vz, o_aw, o_ar;
-};
 
 /* The CTA's query rows to shared memory (log2 units, [8][D], rows past nq zero); a checked batch's first
    split checks them. */
@@ -249,21 +243,10 @@ __device__ __forceinline__ void kv_mma_scores(const uint8_t *stg, const kv_mma_l
                                               const uint4 (&alo)[D / 32], float ksc, float kqz, float &m, float &l,
                                               float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
   constexpr int NCH = D / 32;
-  const uint32_t o_kw = L.o_kw;
   /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
   {
     uint32_t kw[4][2];
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      const uint8_t *kr = stg + o_kw + (16 * (j >> 1) + (j & 1)) * (D / 4);
-      if constexpr (D == 128) {
-        const uint2 u = *(const uint2 *)kr;
-        kw[j][0] = u.x;
-        kw[j][1] = u.y;
-      } else {
-        kw[j][0] = *(const uint32_t *)kr;
-      }
-    }
+    kv_mma_key_words<D>(stg, L.o_kw, kw);
     /* B of chunk i: 4 codes a byte, (word >> 2 slot) & 0x03030303 (see the A-building roles) */
     auto kb = [&](int j, int i, uint32_t &b0, uint32_t &b1) {
       if constexpr (D == 128) {
@@ -289,13 +272,7 @@ __device__ __forceinline__ void kv_mma_scores(const uint8_t *stg, const kv_mma_l
       s[j][1] = fmaf((float)((254 * acc[1] + acc[3]) * 254 + acl[1]), ksc, kqz);
     }
   }
-  kv_mma_softmax(m, l, o, zacc, s, 2, L.tig);
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
-    s[2 * r][0] = __uint_as_float(ph0);
-    s[2 * r + 1][0] = __uint_as_float(ph1);
-  }
+  kv_mma_softmax_p(m, l, o, zacc, s, L.tig);
 }
 
 /* The values of a page tile, two runs of 16 tokens, into O^T (p s or the codebook's bit planes) and Z. */
@@ -476,9 +453,11 @@ __device__ __forceinline__ void kv_mma_finish(float *cw, const kv_mma_lane &L, i
 /* ---------------------------------------------------------------- the kernel ------------- */
 
 /* D: head dim; VG: value group size; VK: value format (0 uniform, 1 codebook); MINB: CTAs a SM (register
-   cap); NST: ring stages; T1: one query head a KV head (the turned-around key MMA above) */
-template <int D, int VG, int VK, int MINB, int NST, bool T1>
+   cap); NST: ring stages; KM: the key side (kv_mma_keys: int8 planes of q s, T1 the turned-around key MMA
+   of one query head a KV head, K16 keys dequantized to fp16 with q fixed, attention_mma_keys16.cuh) */
+template <int D, int VG, int VK, int MINB, int NST, int KM>
 static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
+  constexpr bool T1 = KM == KV_KEYS_T1, K16 = KM == KV_KEYS_F16;
   constexpr int NCH = D / 32;                                   /* key MMA k-chunks */
   constexpr int NMT = D / 16;                                   /* value MMA m-tiles */
   constexpr int KCB = 32 * D / 4, KPB = D * 4, VCB = 2 * D * 4; /* stage: key codes, key params, value codes */
@@ -524,6 +503,9 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   uint4 ahm[T1 ? 1 : NCH], alo[T1 ? 1 : NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
   uint32_t bq[T1 ? NCH : 1][2];               /* T1: key B fragments, column gid = plane gid (0 past 2) */
+  uint32_t aq[K16 ? D / 16 : 1][4];           /* K16: key A fragments {hi, lo, hi, lo} a k-step */
+#pragma unroll
+  for (int i = 0; i < (K16 ? D / 16 : 1); i++) aq[i][0] = aq[i][1] = aq[i][2] = aq[i][3] = 0u;
 #pragma unroll
   for (int i = 0; i < (T1 ? 1 : NCH); i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
@@ -536,7 +518,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     ach = D == 128 ? 16 * (2 * to + rg) + 4 * ii : 16 * to + 8 * ii + 4 * rg;
     awr = to * 8 * NCH + 4 * ii + 2 * rg;
   }
-  uint32_t *wabuf = abuf + warp * nqa * kv_mma_aw(D);
+  uint32_t *wabuf = abuf + warp * nqa * (K16 ? kv_mma_aw16(D) : kv_mma_aw(D));
   const bool a_writer = 8 * NCH >= 32 || lane < 8 * NCH;
   for (int k = lane; k < nqa * kv_mma_aw(D); k += 32) wabuf[k] = 0u; /* the lo fragments' zeros */
   /* byte offsets of what this lane reads and writes in every tile, kept in registers (kv_keep): in a
@@ -593,11 +575,16 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     const int grp = t0 >> lgK;
     if (grp != kgrp) { /* a warp's tiles are 128 tokens apart: a new group every tile unless groups are longer */
       kgrp = grp;
-      kv_mma_key_frags<D, T1>(stg, smem, abuf, nq, a_writer, L, ahm, alo, bq, ksc, kqz);
+      if constexpr (K16)
+        kv_mma_key_frags16<D>(stg, qf, wabuf, nq, L, aq, ksc, kqz);
+      else
+        kv_mma_key_frags<D, T1>(stg, smem, abuf, nq, a_writer, L, ahm, alo, bq, ksc, kqz);
     }
 
     float s[4][2];
-    if constexpr (T1)
+    if constexpr (K16)
+      kv_mma_scores_k16<D, NMT>(stg, L, aq, ksc, kqz, m, l, o, zacc, s);
+    else if constexpr (T1)
       kv_mma_scores_t1<D, NMT>(stg, L, bq, ksc, kqz, m, l, o, zacc, s);
     else
       kv_mma_scores<D, NMT>(stg, L, ahm, alo, ksc, kqz, m, l, o, zacc, s);

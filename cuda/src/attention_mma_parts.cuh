@@ -86,6 +86,46 @@ __device__ __forceinline__ void kv_mma_softmax(float &m, float &l, float (&o)[NM
   }
 }
 
+/* The online-softmax step of a page tile's scores (rows = heads), then p as fp16 pairs (s[2 r][0],
+   s[2 r + 1][0]: run r), as the value MMAs take them. */
+template <int NMT>
+__device__ __forceinline__ void kv_mma_softmax_p(float &m, float &l, float (&o)[NMT][4], float (&zacc)[4],
+                                                 float (&s)[4][2], int tig) {
+  kv_mma_softmax(m, l, o, zacc, s, 2, tig);
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const uint32_t ph0 = kv_pack_h2(s[2 * r][0], s[2 * r][1]), ph1 = kv_pack_h2(s[2 * r + 1][0], s[2 * r + 1][1]);
+    s[2 * r][0] = __uint_as_float(ph0);
+    s[2 * r + 1][0] = __uint_as_float(ph1);
+  }
+}
+
+/* This lane's roles and the byte offsets of what it reads and writes in every tile, computed once and kept
+   in registers (kv_keep): in a stage its key params, key words and value words, scales and zeros; its q
+   channels; its fragment words in the warp's slice (written) and its own fragments (read). */
+struct kv_mma_lane {
+  int warp, lane, gid, tig;
+  uint32_t o_kpar, o_q, o_kw, o_vs, o_vw, o_vz, o_aw, o_ar;
+};
+
+/* The key words of a page tile's 4 n-tiles of 8 tokens (n-tile j, column gid: token 16 (j / 2) + (j % 2) +
+   2 (gid / 2) + 8 (gid % 2), at o_kw): D / 64 words of each, this lane's channels. */
+template <int D>
+__device__ __forceinline__ void kv_mma_key_words(const uint8_t *stg, uint32_t o_kw, uint32_t (&kw)[4][2]) {
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const uint8_t *kr = stg + o_kw + (16 * (j >> 1) + (j & 1)) * (D / 4);
+    if constexpr (D == 128) {
+      const uint2 u = *(const uint2 *)kr;
+      kw[j][0] = u.x;
+      kw[j][1] = u.y;
+    } else {
+      kw[j][0] = *(const uint32_t *)kr;
+      kw[j][1] = 0u;
+    }
+  }
+}
+
 /* What the copy of a warp's page tiles needs, tile-independent: this head's bases and each lane's offsets
    within a page and a stage (32-bit: a page is far below 4 GB), kept (kv_keep). */
 struct kv_mma_ring {

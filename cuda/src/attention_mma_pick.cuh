@@ -14,33 +14,38 @@
 #define KV_MMA_D64 1
 #endif
 
-template <int D, int VG, int VK>
-static kv_attn_kernel kv_mma_pick_vg(bool one, bool many) {
+template <int D, int VG, int VK, int KM>
+static kv_attn_kernel kv_mma_pick_ctas(bool many) {
   constexpr int N = KV_MMA_NST;
-  if constexpr (D == 128) {
-    if (one) return many ? k_attend_mma<D, VG, VK, 4, N, true> : k_attend_mma<D, VG, VK, 3, N, true>;
-    return many ? k_attend_mma<D, VG, VK, 4, N, false> : k_attend_mma<D, VG, VK, 3, N, false>;
-  } else {
-    (void)many;
-    return one ? k_attend_mma<D, VG, VK, 4, N, true> : k_attend_mma<D, VG, VK, 4, N, false>;
+  if constexpr (D == 128) return many ? k_attend_mma<D, VG, VK, 4, N, KM> : k_attend_mma<D, VG, VK, 3, N, KM>;
+  (void)many;
+  return k_attend_mma<D, VG, VK, 4, N, KM>;
+}
+
+template <int D, int VG, int VK>
+static kv_attn_kernel kv_mma_pick_vg(int keys, bool many) {
+  switch (keys) {
+    case KV_KEYS_T1: return kv_mma_pick_ctas<D, VG, VK, KV_KEYS_T1>(many);
+    case KV_KEYS_F16: return kv_mma_pick_ctas<D, VG, VK, KV_KEYS_F16>(many);
+    default: return kv_mma_pick_ctas<D, VG, VK, KV_KEYS_PLANES>(many);
   }
 }
 
 template <int VK>
-static kv_attn_kernel kv_mma_pick(int D, int VG, bool one, bool many) {
+static kv_attn_kernel kv_mma_pick(int D, int VG, int keys, bool many) {
   if (D == 128) {
     switch (VG) {
-      case 32: return kv_mma_pick_vg<128, 32, VK>(one, many);
-      case 64: return kv_mma_pick_vg<128, 64, VK>(one, many);
-      case 128: return kv_mma_pick_vg<128, 128, VK>(one, many);
+      case 32: return kv_mma_pick_vg<128, 32, VK>(keys, many);
+      case 64: return kv_mma_pick_vg<128, 64, VK>(keys, many);
+      case 128: return kv_mma_pick_vg<128, 128, VK>(keys, many);
       default: return NULL;
     }
   }
 #if KV_MMA_D64
   if (D == 64) {
     switch (VG) {
-      case 32: return kv_mma_pick_vg<64, 32, VK>(one, many);
-      case 64: return kv_mma_pick_vg<64, 64, VK>(one, many);
+      case 32: return kv_mma_pick_vg<64, 32, VK>(keys, many);
+      case 64: return kv_mma_pick_vg<64, 64, VK>(keys, many);
       default: return NULL;
     }
   }

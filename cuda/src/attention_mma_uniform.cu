@@ -5,4 +5,4 @@
  */
 #include "attention_mma_pick.cuh"
 
-kv_attn_kernel kv_mma_kernel_uniform(int D, int VG, bool one, bool many) { return kv_mma_pick<0>(D, VG, one, many); }
+kv_attn_kernel kv_mma_kernel_uniform(int D, int VG, int keys, bool many) { return kv_mma_pick<0>(D, VG, keys, many); }
