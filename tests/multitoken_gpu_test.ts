@@ -172,6 +172,21 @@ gpuDescribe("CUDA multi-token attention, truncate and fork equal the CPU referen
             for (let a = 0; a < n; a += 97) t.append(i, rng, Math.min(97, n - a));
           }
           t.multi(rng, 1, [0, 1, 2, 3, 4], [1, 2, 7, 16, 513], `${f.name} D ${headDim} ${rng.tag}`);
+          // every query's own token in the window: on tensor cores, one launch for all of them
+          t.multi(
+            rng,
+            1,
+            [0, 1, 2, 3, 4],
+            [1, 2, 5, 7, 16],
+            `${f.name} D ${headDim} in the window ${rng.tag}`,
+          );
+          t.multi(
+            rng,
+            0,
+            [4, 3, 4],
+            [16, 8, 3],
+            `${f.name} D ${headDim} in the window, repeats ${rng.tag}`,
+          );
           t.multi(rng, 0, [3, 3, 4], [1, 33, 700], `${f.name} D ${headDim} repeats ${rng.tag}`);
         } finally {
           t.dispose();

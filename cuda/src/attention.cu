@@ -143,7 +143,7 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
   p->chunk = (int32_t)chunk;
 
   if (best_ns > 1 || batch > KV_SEQ_INLINE) {
-    const uint64_t partial = best_ns > 1 ? (uint64_t)batch * g.q_heads * best_ns * (D + 2) * sizeof(float) : 0;
+    const uint64_t partial = best_ns > 1 ? (uint64_t)batch * p->qh * best_ns * (D + 2) * sizeof(float) : 0;
     if ((st = kv_ws_ensure(c, op, partial))) return st;
     uint8_t *w = (uint8_t *)c->ws;
     p->dseq = (const kv_seq_info *)w;
@@ -160,7 +160,7 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
   const unsigned grid = (unsigned)(units * best_ns);
   fn<<<grid, threads, smem, ctx->stream>>>(*p);
   if ((st = kv_launched(ctx, op, name)) || best_ns == 1) return st;
-  const unsigned cg = (unsigned)batch * (unsigned)g.q_heads;
+  const unsigned cg = (unsigned)batch * (unsigned)p->qh;
   switch (D) {
     case 64: k_attend_combine<64><<<cg, 64, 0, ctx->stream>>>(*p); break;
     case 128: k_attend_combine<128><<<cg, 128, 0, ctx->stream>>>(*p); break;
@@ -187,10 +187,11 @@ static kivi_status mma_launch(kivi_cache_t c, const kivi_cache_config &g, const 
   static const int forced = getenv("KIVI_MMA_CTAS") ? atoi(getenv("KIVI_MMA_CTAS")) : 0;
   const bool many = forced ? forced >= 4 : kv_units(c, p) >= kv_sms(ctx);
   /* the key side: one query head a KV head takes tokens as rows and the three planes as columns (T1);
-     several, keys dequantized to fp16 with q fixed (F16: the work a tile does not grow with the ratio).
+     several, q fixed and the key scale applied per k-step (QF: the work a tile does not grow with the ratio).
      KIVI_MMA_KEYS=planes forces the int8 planes for several (development: compare the two in one build) */
   static const bool planes = getenv("KIVI_MMA_KEYS") && !strcmp(getenv("KIVI_MMA_KEYS"), "planes");
-  const int keys = g.q_heads == g.kv_heads ? KV_KEYS_T1 : planes ? KV_KEYS_PLANES : KV_KEYS_F16;
+  const int several = planes ? KV_KEYS_PLANES : KV_KEYS_QF;
+  const int keys = p->ratio == 1 ? KV_KEYS_T1 : several;
   const bool cb = g.v_kind == KIVI_KIND_CODEBOOK;
   kv_attn_kernel fn =
       cb ? kv_mma_kernel_codebook(D, g.v_group, keys, many) : kv_mma_kernel_uniform(D, g.v_group, keys, many);
@@ -201,7 +202,7 @@ static kivi_status mma_launch(kivi_cache_t c, const kivi_cache_config &g, const 
   const size_t stage = (size_t)kv_mma_stage_bytes(D, g.v_group, cb ? 4 : 2);
   const size_t ring = (size_t)KV_MMA_WARPS * nst * stage;
   const size_t merge = (size_t)KV_MMA_WARPS * KV_MMA_HEADS * (D + 2) * sizeof(float);
-  const size_t abuf = kv_mma_abuf_bytes(D, g.q_heads / g.kv_heads);
+  const size_t abuf = kv_mma_abuf_bytes(D, p->ratio, keys);
   const size_t smem = (size_t)KV_MMA_HEADS * D * sizeof(float) + abuf + (ring > merge ? ring : merge);
   kivi_status st = KIVI_OK;
   int bps = 1;
@@ -231,23 +232,32 @@ static kivi_status mma_launch(kivi_cache_t c, const kivi_cache_config &g, const 
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                              const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype, float scale,
                              void *out, kivi_dtype out_dtype, const kv_attn_check *chk) {
-  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, chk, NULL);
+  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, chk, NULL, 1);
 }
 
 kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                  const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
                                  float scale, void *out, kivi_dtype out_dtype, float *lse) {
-  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, NULL, lse);
+  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, NULL, lse, 1);
+}
+
+kivi_status kv_attend_launch_rows(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
+                                  const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
+                                  float scale, void *out, kivi_dtype out_dtype, float *lse, int32_t qrows) {
+  return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, NULL, lse,
+                               qrows);
 }
 
 /* kv_attend_launch with the log-sum-exp output (lse: device [batch][q_heads] or NULL). */
 kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                   const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
-                                  float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse) {
+                                  float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse,
+                                  int32_t qrows) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_layer_layout &ly = c->lay[layer];
   const kivi_cache_config &g = ly.cfg; /* the layer's formats pick the kernel */
-  const int D = g.head_dim, ratio = g.q_heads / g.kv_heads;
+  /* qrows queries a sequence (the tensor-core kernel only): qrows x ratio rows a KV head */
+  const int D = g.head_dim, ratio = g.q_heads / g.kv_heads * qrows;
   const bool mma = kivi_cache_mma_layout(&g);
   /* measured on H200, ratio 4: HC 4 (255 regs, 2 CTAs/SM) beats HC 2 by 1.2x and HC 1 by 1.9x; ratios
      that 4 does not divide take chunks of 4 with a partly empty last one (ratio 7: 2 CTAs reading the
@@ -277,8 +287,9 @@ kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer,
   p->layers = g.layers;
   p->layer = layer;
   p->kvh = g.kv_heads;
-  p->qh = g.q_heads;
+  p->qh = g.q_heads * qrows;
   p->ratio = ratio;
+  p->qrows = qrows;
   p->nhc = nhc;
   p->W = c->W;
   p->P = g.page_tokens;
@@ -308,6 +319,9 @@ kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer,
   }
 
   if (mma) return mma_launch(c, g, op, p, seq, maxlen);
+  if (qrows != 1)
+    return kv_fail(ctx, KIVI_ERR_UNSUPPORTED,
+                   "%s: several queries a sequence in one launch need the tensor-core layout", op);
 
   /* tiles and stages */
   const bool kq = g.k_bits != 16, vq = g.v_bits != 16;

@@ -57,7 +57,6 @@
 
 /* ---------------------------------------------------------------- a CTA's phases --------- */
 
-
 /* The CTA's query rows to shared memory (log2 units, [8][D], rows past nq zero); a checked batch's first
    split checks them. */
 template <int D>
@@ -363,11 +362,11 @@ __device__ __forceinline__ void kv_mma_values(const uint8_t *stg, const kv_mma_l
   }
 }
 
-/* A window tile (16 fp16 tokens from t0, valid below e0): fp16 MMAs with q split into hi + lo halves, the
-   online-softmax step, and V^T p into O^T. */
+/* A window tile (16 fp16 tokens from t0, valid below e0; this lane's row sees those below erow): fp16 MMAs
+   with q split into hi + lo halves, the online-softmax step, and V^T p into O^T. */
 template <int D, int NMT>
 __device__ __forceinline__ void kv_mma_window_tile(const kv_attn_params &p, int hkv, int64_t wbase, int t0, int e0,
-                                                   const float *qf, const kv_mma_lane &L, float &m, float &l,
+                                                   int erow, const float *qf, const kv_mma_lane &L, float &m, float &l,
                                                    float (&o)[NMT][4], float (&zacc)[4]) {
   const int gid = L.gid, tig = L.tig;
   auto row = [&](int t, const uint16_t *win) { return win + ((wbase + t % p.W) * p.kvh + hkv) * (int64_t)D; };
@@ -391,8 +390,8 @@ __device__ __forceinline__ void kv_mma_window_tile(const kv_attn_params &p, int 
     }
     /* this lane's columns 2 tig, 2 tig + 1 are tokens t0 + j + 2 tig and + 8 */
     const int ta = t0 + j + 2 * tig;
-    s[j][0] = ta < e0 ? acc[0] : -INFINITY;
-    s[j][1] = ta + 8 < e0 ? acc[1] : -INFINITY;
+    s[j][0] = ta < erow ? acc[0] : -INFINITY;
+    s[j][1] = ta + 8 < erow ? acc[1] : -INFINITY;
     s[j + 2][0] = s[j + 2][1] = -INFINITY;
   }
   kv_mma_softmax(m, l, o, zacc, s, 1, tig);
@@ -454,10 +453,10 @@ __device__ __forceinline__ void kv_mma_finish(float *cw, const kv_mma_lane &L, i
 
 /* D: head dim; VG: value group size; VK: value format (0 uniform, 1 codebook); MINB: CTAs a SM (register
    cap); NST: ring stages; KM: the key side (kv_mma_keys: int8 planes of q s, T1 the turned-around key MMA
-   of one query head a KV head, K16 keys dequantized to fp16 with q fixed, attention_mma_keys16.cuh) */
+   of one query head a KV head, QF q fixed with the key scale applied per k-step, attention_mma_keys16.cuh) */
 template <int D, int VG, int VK, int MINB, int NST, int KM>
 static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(const __grid_constant__ kv_attn_params p) {
-  constexpr bool T1 = KM == KV_KEYS_T1, K16 = KM == KV_KEYS_F16;
+  constexpr bool T1 = KM == KV_KEYS_T1, QF = KM == KV_KEYS_QF;
   constexpr int NCH = D / 32;                                   /* key MMA k-chunks */
   constexpr int NMT = D / 16;                                   /* value MMA m-tiles */
   constexpr int KCB = 32 * D / 4, KPB = D * 4, VCB = 2 * D * 4; /* stage: key codes, key params, value codes */
@@ -465,7 +464,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   float *qf = (float *)smem;                                              /* [8][D], log2 units */
   const int nqa = min(KV_MMA_HEADS, p.ratio);                             /* heads of any CTA */
   uint32_t *abuf = (uint32_t *)(smem + KV_MMA_HEADS * D * sizeof(float)); /* per warp: kv_mma_aw(D) x nqa */
-  uint8_t *rings = smem + KV_MMA_HEADS * D * sizeof(float) + kv_mma_abuf_bytes(D, p.ratio); /* per warp [NST][stage] */
+  uint8_t *rings =
+      smem + KV_MMA_HEADS * D * sizeof(float) + kv_mma_abuf_bytes(D, p.ratio, KM); /* per warp [NST][stage] */
   const int warp = kv_keep(threadIdx.x >> 5), lane = kv_keep(threadIdx.x & 31);
   const int gid = kv_keep(lane >> 2), tig = kv_keep(lane & 3);
   kv_mma_lane L;
@@ -503,9 +503,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   for (int i = 0; i < NMT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   uint4 ahm[T1 ? 1 : NCH], alo[T1 ? 1 : NCH]; /* key A fragments: {hi, mid, hi, mid} and {lo, 0, lo, 0} */
   uint32_t bq[T1 ? NCH : 1][2];               /* T1: key B fragments, column gid = plane gid (0 past 2) */
-  uint32_t aq[K16 ? D / 16 : 1][4];           /* K16: key A fragments {hi, lo, hi, lo} a k-step */
+  uint32_t aq[QF ? D / 16 : 1][4];            /* QF: q' as the key A fragments {hi, lo, hi, lo} a k-step */
 #pragma unroll
-  for (int i = 0; i < (K16 ? D / 16 : 1); i++) aq[i][0] = aq[i][1] = aq[i][2] = aq[i][3] = 0u;
+  for (int i = 0; i < (QF ? D / 16 : 1); i++) aq[i][0] = aq[i][1] = aq[i][2] = aq[i][3] = 0u;
+  float qsc = 0.0f; /* QF: the score's scale */
+  if constexpr (QF) qsc = kv_mma_q_frags<D>(qf, gid, tig, aq);
 #pragma unroll
   for (int i = 0; i < (T1 ? 1 : NCH); i++) ahm[i] = alo[i] = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
@@ -518,9 +520,10 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     ach = D == 128 ? 16 * (2 * to + rg) + 4 * ii : 16 * to + 8 * ii + 4 * rg;
     awr = to * 8 * NCH + 4 * ii + 2 * rg;
   }
-  uint32_t *wabuf = abuf + warp * nqa * (K16 ? kv_mma_aw16(D) : kv_mma_aw(D));
+  uint32_t *wabuf = abuf + warp * nqa * kv_mma_aw(D);
   const bool a_writer = 8 * NCH >= 32 || lane < 8 * NCH;
-  for (int k = lane; k < nqa * kv_mma_aw(D); k += 32) wabuf[k] = 0u; /* the lo fragments' zeros */
+  if constexpr (!QF)
+    for (int k = lane; k < nqa * kv_mma_aw(D); k += 32) wabuf[k] = 0u; /* the lo fragments' zeros */
   /* byte offsets of what this lane reads and writes in every tile, kept in registers (kv_keep): in a
      stage its key params, key words and value words, scales and zeros; its q channels; its fragment
      words in the warp's slice (written) and its own fragments (read) */
@@ -573,17 +576,14 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     const int t0 = tok0 + i * (32 * KV_MMA_WARPS);
     /* A (q s as three int8 planes) for the key group of this tile */
     const int grp = t0 >> lgK;
-    if (grp != kgrp) { /* a warp's tiles are 128 tokens apart: a new group every tile unless groups are longer */
+    if (!QF && grp != kgrp) { /* a warp's tiles are 128 tokens apart: a new group every tile unless groups are longer */
       kgrp = grp;
-      if constexpr (K16)
-        kv_mma_key_frags16<D>(stg, qf, wabuf, nq, L, aq, ksc, kqz);
-      else
-        kv_mma_key_frags<D, T1>(stg, smem, abuf, nq, a_writer, L, ahm, alo, bq, ksc, kqz);
+      kv_mma_key_frags<D, T1>(stg, smem, abuf, nq, a_writer, L, ahm, alo, bq, ksc, kqz);
     }
 
     float s[4][2];
-    if constexpr (K16)
-      kv_mma_scores_k16<D, NMT>(stg, L, aq, ksc, kqz, m, l, o, zacc, s);
+    if constexpr (QF)
+      kv_mma_scores_qf<D, NMT>(stg, L, aq, qsc, m, l, o, zacc, s);
     else if constexpr (T1)
       kv_mma_scores_t1<D, NMT>(stg, L, bq, ksc, kqz, m, l, o, zacc, s);
     else
@@ -610,9 +610,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     o[i][3] *= 0.25f * f0;
   }
 
-  /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp */
+  /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp; with several queries a sequence (rows = query
+     i x head), row gid's query sees len - qrows + i + 1 tokens (its pages all: the call checks) */
+  const int erow = p.qrows == 1 ? e0 : min(e0, si.len - p.qrows + 1 + (hc * KV_MMA_HEADS + gid) / (p.ratio / p.qrows));
   for (int g = npt + ((warp - npt % KV_MMA_WARPS) + KV_MMA_WARPS) % KV_MMA_WARPS; g < ntiles; g += KV_MMA_WARPS)
-    kv_mma_window_tile<D, NMT>(p, hkv, wbase, ws0 + (g - npt) * 16, e0, qf, L, m, l, o, zacc);
+    kv_mma_window_tile<D, NMT>(p, hkv, wbase, ws0 + (g - npt) * 16, e0, erow, qf, L, m, l, o, zacc);
   l += __shfl_xor_sync(KV_FULL, l, 1);
   l += __shfl_xor_sync(KV_FULL, l, 2);
 

@@ -1,22 +1,27 @@
 /*
  * attention_mma_keys16.cuh — the key side of the tensor-core decode attention for several query heads a
- * KV head (KM 2 of k_attend_mma, attention_mma.cuh): q s as fp16 hi + lo halves against the codes as fp16
- * subnormals.
+ * KV head (KM 2, kv_mma_keys KV_KEYS_QF, of k_attend_mma in attention_mma.cuh): q fixed for the CTA, the
+ * key scale applied per k-step in fp16, the codes as small fp16 integers.
  *
  * The int8-plane key side (kv_mma_key_frags) rebuilds q s as three int8 planes for every query head each
- * key group (32 tokens): ~75 instructions a head and lane, a third of a tile's work at a GQA ratio of 4.
- * Here a head costs about half of that and the score stays exact to ~2^-22:
+ * key group (32 tokens): a serial chain of reductions a head, a third of a tile's work at a GQA ratio of
+ * 4 and growing with it. Here nothing is rebuilt per group and the work a tile does not grow with the
+ * ratio (rows of the MMA are heads), while the score stays exact to ~2^-22:
  *   mma m16n8k16 f16 -> f32, rows = query heads, k = channels, n = tokens.
- *   A = y = q s 2^-2i inv per (head, channel) of the group, inv a power of two per head (|y| < 2^15):
- *   its fp16 rounding (hi) in row h, the rest (lo) in row h + 8, so hi + lo is y to ~2^-22. Each lane
- *   builds one 4-channel block of every head (the lanes' blocks ordered so that the stores do not
- *   conflict) and the owners read theirs back from the warp's slice of shared memory.
- *   B = codes as fp16 subnormals: the mask 0x00030003 << 2i of a key word is the half pair c 4^i 2^-24
- *   of channels (4i, 4i + 2) of the word (after a shift by 8: 4i + 1, 4i + 3), one LOP a pair; a k-step
- *   takes one slot i of one of this lane's key words, and A holds q s 4^-i in the same channel order.
- *   The score is (hi + lo rows) 2^24 / inv + q.z (q.z summed over the warp in fp32).
- * Against kv_mma_key_frags: no max-exponent planes (one fp16 rounding and its residual instead of three
- * int8 roundings), and the codes need no byte spreading; the MMAs are as many.
+ *   q' = q 2^-E (|q'| < 1, E per head) as hi + lo halves, built once (kv_mma_q_frags).
+ *   A = q' s per k-step: hi = q'hi s rounded (HMUL2), lo = its exact residual (HFMA2) + q'lo s (HFMA2), the
+ *   hi halves in row h, the lo halves in row h + 8: hi + lo is q' s to ~2^-22.
+ *   B = the codes: the key word shifted to slot i, masked (0x00030003: channels 4i and 4i + 2 of the word,
+ *   after a shift by 8: 4i + 1, 4i + 3), ORed with 0x6400 and minus 1024: the code as an exact half.
+ *   The zeros: one more MMA a k-step, A = q' and B = z in every column, so every score gets q'.z.
+ *   A k-step takes one slot i of one of this lane's key words, and A holds q's channels in the order the
+ *   words give them (a dot product does not mind).
+ * Measured against the int8 planes on an H200 (8 x 32768, same build, both orders): GQA 32/8 default
+ * cache 137.9 -> 134.3 us, 2-bit 110.9 -> 104.4; 32/4 104.7 -> 78.0 and 92.7 -> 62.7; 14/2 at head_dim
+ * 64 40.6 -> 30.2 and 36.5 -> 26.2. Keys dequantized to fp16 (s c + z rounded) ran 122 us at 32/8 but
+ * missed 2e-3 against the CPU build by up to 3x with outlier channels (an fp16 rounding of a key of
+ * |k| ~ 30 moves a score by ~0.02): not kept. q s rebuilt per group as fp16 hi + lo planes (the int8
+ * builder's roles) ran 135.8 and 97.0 us: not kept.
  */
 #ifndef KIVI_ATTENTION_MMA_KEYS16_CUH
 #define KIVI_ATTENTION_MMA_KEYS16_CUH
@@ -29,113 +34,88 @@ __host__ __device__ constexpr int kv_k16_words() {
   return D / 64;
 }
 
-/* The block of 4 channels (4 b .. 4 b + 3) lane `lane` builds for every head: k-step ks = lane / 4 of quad
-   lane tig = lane % 4, b = 4 (D / 64) tig + ks (lanes past D / 4 build none). Eight consecutive lanes
-   store 16 bytes each at ks 16 + tig 4 words: every bank once. */
-template <int D>
-__device__ __forceinline__ int kv_k16_block(int lane) {
-  return 4 * kv_k16_words<D>() * (lane % 4) + lane / 4;
-}
+/* The same MMA with q fixed for the CTA and the scale applied per k-step in fp16: A = q' s, q' = q 2^-E
+   (|q'| < 1, E per head) held as hi + lo halves, and q' s formed as an exact two-product (HMUL2, then
+   HFMA2 of the residual, plus lo s: ~2^-22); B = the codes as small fp16 integers (the mask of the word
+   shifted to slot i, ORed with 0x6400, minus 1024). The zeros: one more MMA a k-step, A = q' and B = z in
+   every column, so every score gets q'.z. No per-group work outside the tile, no reductions. */
 
-/* The key A fragments of the key group at the head of stage stg for heads 0 .. nq - 1 (each lane builds
-   block kv_k16_block of every head into the warp's slice wab, [head][ks][tig] x 4 words, head stride
-   kv_mma_aw16(D); the owner (gid, tig) reads its D / 16 k-steps back), and the score's scale ksc and
-   offset kqz of head gid. */
+/* q' = q 2^-E as the A fragments of the D / 16 k-steps (k-step 4 h + i: slot i of key word h; {hi, lo,
+   hi, lo} for the channel pairs (0, 2) and (1, 3) of the slot), and 2^E (the score's scale). Rows of qf
+   past the CTA's heads are zero. */
 template <int D>
-__device__ __forceinline__ void kv_mma_key_frags16(const uint8_t *stg, const float *qf, uint32_t *wab, int nq,
-                                                   const kv_mma_lane &L, uint32_t (&aq)[D / 16][4], float &ksc,
-                                                   float &kqz) {
-  constexpr int KCB = 32 * D / 4, NKS = D / 16;
-  const int lane = L.lane, gid = L.gid, tig = L.tig;
-  const int b = kv_k16_block<D>(lane), i = (lane / 4) % 4;
-  const bool builds = lane < D / 4;
-  float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, zc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (builds) {
-    const uint4 sz4 = *(const uint4 *)(stg + KCB + 16 * b);
-    const uint32_t sz[4] = {sz4.x, sz4.y, sz4.z, sz4.w};
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      sc[e] = kv_h2f(sz[e] & 0xffffu);
-      zc[e] = kv_h2f(sz[e] >> 16);
-    }
-  }
-  __syncwarp(); /* every lane has read the previous group's fragments */
-  for (int h = 0; h < nq; h++) {
-    const float4 q4 = builds ? *(const float4 *)(qf + h * D + 4 * b) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const float qv[4] = {q4.x, q4.y, q4.z, q4.w};
-    float x[4], mx = 0.0f, qz = 0.0f;
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      x[e] = qv[e] * sc[e];
-      mx = fmaxf(mx, fabsf(x[e]));
-      qz = fmaf(qv[e], zc[e], qz);
-    }
-    /* mx >= 0 and never NaN (fmaxf drops NaN), so its bits order as its values: one REDUX */
-    mx = __uint_as_float(__reduce_max_sync(KV_FULL, __float_as_uint(mx)));
-#pragma unroll
-    for (int o2 = 16; o2 >= 1; o2 >>= 1) qz += __shfl_xor_sync(KV_FULL, qz, o2);
-    /* inv = 2^(14 - floor(log2 mx)): |x inv| < 2^15, below fp16's largest; the exponent clamped so that inv
-       stays finite (mx 0: every x is 0); the slot's 4^-i goes with it */
-    const uint32_t ex = max(__float_as_uint(mx) & 0x7f800000u, 27u << 23);
-    const float inv = __uint_as_float(((268u - 2u * (uint32_t)i) << 23) - ex);
-    if (builds) {
-      uint32_t w[4];
-#pragma unroll
-      for (int e = 0; e < 2; e++) { /* pairs (0, 2) and (1, 3): the k-slots 2 tig (+1) and 2 tig + 8 (+9) */
-        const float y0 = x[e] * inv, y1 = x[e + 2] * inv;
-        const __half2 hi = __floats2half2_rn(y0, y1);
-        const float2 back = __half22float2(hi);
-        w[2 * e] = kv_h2u(hi);
-        w[2 * e + 1] = kv_pack_h2(y0 - back.x, y1 - back.y);
-      }
-      *(uint4 *)(wab + h * kv_mma_aw16(D) + 16 * (lane / 4) + 4 * tig) = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-    if (gid == h) {
-      ksc = __uint_as_float(ex + (10u << 23)); /* 2^24 / (inv 4^i) */
-      kqz = qz;
-    }
-  }
-  __syncwarp();
-  if (gid < nq) { /* the rows of heads past nq keep zeros */
-    const uint4 *mine = (const uint4 *)(wab + gid * kv_mma_aw16(D) + 4 * tig);
-#pragma unroll
-    for (int ks = 0; ks < NKS; ks++) {
-      const uint4 u = mine[4 * ks];
-      aq[ks][0] = u.x, aq[ks][1] = u.y, aq[ks][2] = u.z, aq[ks][3] = u.w;
-    }
-  }
-}
-
-/* The scores of a page tile (4 n-tiles of 8 tokens, rows = heads, as kv_mma_scores), their online-softmax
-   step, and p as fp16 pairs (s[2 r][0], s[2 r + 1][0]: run r). */
-template <int D, int NMT>
-__device__ __forceinline__ void kv_mma_scores_k16(const uint8_t *stg, const kv_mma_lane &L,
-                                                  const uint32_t (&aq)[D / 16][4], float ksc, float kqz, float &m,
-                                                  float &l, float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
+__device__ __forceinline__ float kv_mma_q_frags(const float *qf, int gid, int tig, uint32_t (&aq)[D / 16][4]) {
   constexpr int NW = kv_k16_words<D>();
-  uint32_t kw[4][2];
-  kv_mma_key_words<D>(stg, L.o_kw, kw);
-  float acc[4][4];
+  float4 x[D / 16];
+  float mx = 0.0f;
 #pragma unroll
-  for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-#pragma unroll
-  for (int h = 0; h < NW; h++) {
-    uint32_t kw8[4];
-#pragma unroll
-    for (int j = 0; j < 4; j++) kw8[j] = kw[j][h] >> 8;
+  for (int h = 0; h < NW; h++)
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-      const uint32_t msk = 0x00030003u << (2 * i);
-      const uint32_t(&a)[4] = aq[4 * h + i];
+      x[4 * h + i] = *(const float4 *)(qf + gid * D + 16 * (NW * tig + h) + 4 * i);
+      const float4 v = x[4 * h + i];
+      mx = fmaxf(fmaxf(mx, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+    }
+  mx = fmaxf(mx, __shfl_xor_sync(KV_FULL, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(KV_FULL, mx, 2));
+  /* 2^-E with E = floor(log2 mx) + 1, the exponent clamped so that both stay finite (mx 0: q' is 0) */
+  const uint32_t ex = min(max(__float_as_uint(mx) & 0x7f800000u, 27u << 23), 227u << 23);
+  const float sc = __uint_as_float((253u << 23) - ex);
 #pragma unroll
-      for (int j = 0; j < 4; j++) kv_mma_f16(acc[j], a[0], a[1], a[2], a[3], kw[j][h] & msk, kw8[j] & msk);
+  for (int ks = 0; ks < D / 16; ks++) {
+    const float pr[2][2] = {{x[ks].x * sc, x[ks].z * sc}, {x[ks].y * sc, x[ks].w * sc}};
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const __half2 hi = __floats2half2_rn(pr[e][0], pr[e][1]);
+      const float2 b = __half22float2(hi);
+      aq[ks][2 * e] = kv_h2u(hi);
+      aq[ks][2 * e + 1] = kv_pack_h2(pr[e][0] - b.x, pr[e][1] - b.y);
     }
   }
-  /* rows gid (hi) and gid + 8 (lo) of the same head and token */
+  return __uint_as_float(ex + (1u << 23));
+}
+
+/* The scores of a page tile with q fixed (above), their online-softmax step, and p as fp16 pairs. */
+template <int D, int NMT>
+__device__ __forceinline__ void kv_mma_scores_qf(const uint8_t *stg, const kv_mma_lane &L,
+                                                 const uint32_t (&aq)[D / 16][4], float ksc, float &m, float &l,
+                                                 float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
+  constexpr int NW = kv_k16_words<D>(), KCB = 32 * D / 4;
+  const uint32_t o_kp = KCB + 64u * NW * L.tig;
+  uint32_t kw[4][2];
+  kv_mma_key_words<D>(stg, L.o_kw, kw);
+  float acc[4][4], az[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  const __half2 h1024 = __float2half2_rn(1024.0f);
+#pragma unroll
+  for (int h = 0; h < NW; h++)
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const uint32_t(&a)[4] = aq[4 * h + i];
+      /* (scale, zero) of channels c .. c + 3, c = 16 (NW tig + h) + 4 i: pairs (c, c + 2) and (c + 1, c + 3) */
+      const uint4 sz = *(const uint4 *)(stg + o_kp + 64 * h + 16 * i);
+      const __half2 s02 = kv_u2h(__byte_perm(sz.x, sz.z, 0x5410)), s13 = kv_u2h(__byte_perm(sz.y, sz.w, 0x5410));
+      const uint32_t z02 = __byte_perm(sz.x, sz.z, 0x7632), z13 = __byte_perm(sz.y, sz.w, 0x7632);
+      kv_mma_f16(az, a[0], a[1], a[2], a[3], z02, z13); /* q'.z in every column */
+      /* A = q' s: hi = q'hi s rounded, lo = its exact residual + q'lo s */
+      const __half2 h02 = __hmul2(kv_u2h(a[0]), s02), h13 = __hmul2(kv_u2h(a[2]), s13);
+      const __half2 l02 = __hfma2(kv_u2h(a[1]), s02, __hfma2(kv_u2h(a[0]), s02, __hneg2(h02)));
+      const __half2 l13 = __hfma2(kv_u2h(a[3]), s13, __hfma2(kv_u2h(a[2]), s13, __hneg2(h13)));
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const uint32_t w = kw[j][h] >> (2 * i), w8 = w >> 8;
+        const uint32_t b0 = kv_h2u(__hsub2(kv_u2h((w & 0x00030003u) | 0x64006400u), h1024));
+        const uint32_t b1 = kv_h2u(__hsub2(kv_u2h((w8 & 0x00030003u) | 0x64006400u), h1024));
+        kv_mma_f16(acc[j], kv_h2u(h02), kv_h2u(l02), kv_h2u(h13), kv_h2u(l13), b0, b1);
+      }
+    }
+  /* rows gid (hi) and gid + 8 (lo) of the same head and token, and q'.z */
+  const float qz = az[0] + az[2];
 #pragma unroll
   for (int j = 0; j < 4; j++) {
-    s[j][0] = fmaf(acc[j][0] + acc[j][2], ksc, kqz);
-    s[j][1] = fmaf(acc[j][1] + acc[j][3], ksc, kqz);
+    s[j][0] = (acc[j][0] + acc[j][2] + qz) * ksc;
+    s[j][1] = (acc[j][1] + acc[j][3] + qz) * ksc;
   }
   kv_mma_softmax_p(m, l, o, zacc, s, L.tig);
 }

@@ -69,14 +69,17 @@ __device__ __forceinline__ void kv_mma_softmax(float &m, float &l, float (&o)[NM
   tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 1));
   tm = fmaxf(tm, __shfl_xor_sync(KV_FULL, tm, 2));
   const float mn = fmaxf(m, tm);
-  const float corr = kv_ex2(m - mn);
+  /* a row that has seen no token yet (several queries a sequence: later ones see more) keeps max -inf and
+     sum 0: 0 stands in for the max in the exponents */
+  const float mb = mn == -INFINITY ? 0.0f : mn;
+  const float corr = kv_ex2(m - mb);
   m = mn;
   float ls = 0.0f;
 #pragma unroll
   for (int j = 0; j < 4; j++)
 #pragma unroll
     for (int e = 0; e < 2; e++) {
-      s[j][e] = j < 2 * nb ? kv_ex2(s[j][e] - mn) : 0.0f;
+      s[j][e] = j < 2 * nb ? kv_ex2(s[j][e] - mb) : 0.0f;
       ls += s[j][e];
     }
   l = fmaf(l, corr, ls);

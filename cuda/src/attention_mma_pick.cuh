@@ -26,7 +26,7 @@ template <int D, int VG, int VK>
 static kv_attn_kernel kv_mma_pick_vg(int keys, bool many) {
   switch (keys) {
     case KV_KEYS_T1: return kv_mma_pick_ctas<D, VG, VK, KV_KEYS_T1>(many);
-    case KV_KEYS_F16: return kv_mma_pick_ctas<D, VG, VK, KV_KEYS_F16>(many);
+    case KV_KEYS_QF: return kv_mma_pick_ctas<D, VG, VK, KV_KEYS_QF>(many);
     default: return kv_mma_pick_ctas<D, VG, VK, KV_KEYS_PLANES>(many);
   }
 }

@@ -2,30 +2,37 @@
  * attention_multi.cu — several query tokens a sequence (kivi_cache_attend_multi) and the merge of
  * partial attention results (kivi_attention_merge) in the CUDA build.
  *
- * Phase 1, correct rather than fast: query i of a sequence with qlen queries sees the prefix of
- * len - qlen + i + 1 tokens, so the call runs the decode kernels once a token position i, over the
- * sequences that have a query there, each with that prefix as its length (kv_attend_launch_lse): the
- * queries of the position are gathered into a contiguous f32 block, and the outputs and log-sum-exps
- * scattered back. A prefix ends in the window or on a page; the CUDA-core kernel masks a page tile at
- * any length, the tensor-core kernel takes 32-token page tiles whole, so a prefix that ends inside a
- * page tile of a cache in the tensor-core layout (a query whose own token was already quantized, and
- * not at a multiple of 32) goes to k_attend_ref instead: the sequence read once as kivi_cache_read
- * gives it (f32), then a plain block-per-(query, head) online softmax. The multi-row tensor-core
- * kernel that reads each page once for all the queries of a sequence is still to come.
+ * Two paths. Where the layer is in the tensor-core layout and every sequence's new tokens are all in its
+ * fp16 window (speculative verification, a few queries a sequence), one launch takes every query
+ * (fused_launch): a sequence's qmax queries become qmax x ratio query rows of each of its KV heads, so
+ * the tensor-core kernel reads each page once for all of them (kv_attend_launch_rows) and masks the
+ * window per row. Otherwise (a 512-token prompt chunk, the CUDA-core formats) the decode kernels run
+ * once a token position i, over the sequences that have a query there, each with its prefix
+ * len - qlen + i + 1 as its length (kv_attend_launch_lse): the queries of the position are gathered into
+ * a contiguous f32 block, and the outputs and log-sum-exps scattered back. A prefix ends in the window
+ * or on a page; the CUDA-core kernel masks a page tile at any length, the tensor-core kernel takes
+ * 32-token page tiles whole, so a prefix that ends inside a page tile of a cache in the tensor-core
+ * layout (a query whose own token was already quantized, and not at a multiple of 32) goes to
+ * k_attend_ref instead: the sequence read once as kivi_cache_read gives it (f32), then a plain
+ * block-per-(query, head) online softmax.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "attention.cuh"
 #include "kivi_seq.h"
 
-/* Rows of E elements: dst row dix[j] (j when dix is NULL) = src row six[j] (j when NULL), converted from
-   sdt to ddt. One block a row. */
+/* The most queries a sequence that one launch takes (fused_launch); more go a position at a time. */
+#define KV_MULTI_ROWS_MAX 512
+
+/* Rows of E elements: dst row dix[j] (j when dix is NULL) = src row six[j] (j when NULL; zeros where it is
+   negative), converted from sdt to ddt. One block a row. */
 static __global__ void k_rows_copy(const void *src, int sdt, const int32_t *six, void *dst, int ddt, const int32_t *dix,
                                    int64_t E) {
   const int64_t j = blockIdx.x, sr = six ? six[j] : j, dr = dix ? dix[j] : j;
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x)
-    kv_store_out(dst, ddt, dr * E + e, kv_bits_float(kv_bits_any(src, sdt, sr * E + e), sdt));
+    kv_store_out(dst, ddt, dr * E + e, sr < 0 ? 0.0f : kv_bits_float(kv_bits_any(src, sdt, sr * E + e), sdt));
 }
 
 /* Exact attention of query rows rows[j] (their prefixes see[j]) over one sequence read into k, v f32
@@ -123,6 +130,76 @@ static kivi_status ref_launch(kivi_cache_t c, const char *op, int32_t layer, int
   return kv_launched(ctx, op, "k_attend_ref");
 }
 
+/* One launch for every query of the call (the tensor-core layout, each sequence's new tokens all in its
+   fp16 window, so that every query sees all of its pages): a sequence's queries become qmax x ratio query
+   rows of each of its KV heads (kv_attend_launch_rows), right-aligned so that row i of qmax sees
+   len - qmax + i + 1 tokens, and the tensor-core kernel reads each page once for all of them. q is
+   gathered into that order ([batch][kv head][qmax][ratio] rows, zeros where a sequence has fewer
+   queries) and the outputs and log-sum-exps scattered back. */
+static kivi_status fused_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *seqs,
+                                const int32_t *qlens, const int64_t *blen, const int64_t *bq, int32_t qmax,
+                                const void *q, kivi_dtype q_dtype, float scale, void *out, kivi_dtype out_dtype,
+                                float *lse, int64_t tokens) {
+  kivi_ctx_t ctx = c->ctx;
+  const kivi_cache_config &g = c->cfg;
+  const int32_t qh = g.q_heads, ratio = g.q_heads / g.kv_heads, D = g.head_dim;
+  const int64_t vrows = (int64_t)batch * qmax * qh, real = tokens * qh;
+  /* host: gather index [vrows] (source row of q, -1 for padding), then scatter pairs (virtual, real) */
+  int32_t *ix = (int32_t *)malloc(sizeof(int32_t) * (size_t)(vrows + 2 * real));
+  if (!ix)
+    return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the row plan of %lld tokens", op, (long long)tokens);
+  int32_t *sv = ix + vrows, *sr = sv + real;
+  int64_t at = 0, n = 0;
+  for (int32_t b = 0; b < batch; b++) {
+    const int32_t pad = qmax - qlens[b];
+    for (int32_t hk = 0; hk < g.kv_heads; hk++)
+      for (int32_t i = 0; i < qmax; i++)
+        for (int32_t r = 0; r < ratio; r++) {
+          const int64_t v = ((int64_t)b * g.kv_heads + hk) * qmax * ratio + (int64_t)i * ratio + r;
+          const int64_t src = i < pad ? -1 : (at + i - pad) * qh + hk * ratio + r;
+          ix[v] = (int32_t)src;
+          if (src >= 0) {
+            sv[n] = (int32_t)v;
+            sr[n++] = (int32_t)src;
+          }
+        }
+    at += qlens[b];
+  }
+  const size_t qbytes = (size_t)vrows * D * 4u, lbytes = (size_t)vrows * 4u;
+  const size_t ibytes = ((size_t)(vrows + 2 * real) * 4u + 255u) & ~(size_t)255u;
+  uint8_t *scratch = NULL;
+  kivi_status st = kv_cuda(ctx, cudaMallocAsync((void **)&scratch, 2 * qbytes + lbytes + ibytes + 512, ctx->stream), op,
+                           "cudaMallocAsync (scratch)");
+  if (st) {
+    free(ix);
+    return st;
+  }
+  float *qv = (float *)scratch, *ov = (float *)(scratch + qbytes), *lv = (float *)(scratch + 2 * qbytes);
+  int32_t *dix = (int32_t *)(scratch + ((2 * qbytes + lbytes + 255) & ~(size_t)255));
+  /* pageable source: the copy takes the data before it returns */
+  st = kv_cuda(ctx, cudaMemcpyAsync(dix, ix, (size_t)(vrows + 2 * real) * 4u, cudaMemcpyHostToDevice, ctx->stream), op,
+               "cudaMemcpyAsync (rows)");
+  if (!st) {
+    k_rows_copy<<<(unsigned)vrows, 128, 0, ctx->stream>>>(q, q_dtype, dix, qv, KIVI_F32, NULL, D);
+    st = kv_launched(ctx, op, "k_rows_copy");
+  }
+  if (!st)
+    st = kv_attend_launch_rows(c, op, layer, batch, seqs, blen, bq, qv, KIVI_F32, scale, ov, KIVI_F32, lse ? lv : NULL,
+                               qmax);
+  const int32_t *dsv = dix + vrows, *dsr = dsv + real;
+  if (!st) {
+    k_rows_copy<<<(unsigned)real, 128, 0, ctx->stream>>>(ov, KIVI_F32, dsv, out, out_dtype, dsr, D);
+    st = kv_launched(ctx, op, "k_rows_copy");
+  }
+  if (!st && lse) {
+    k_rows_copy<<<(unsigned)real, 32, 0, ctx->stream>>>(lv, KIVI_F32, dsv, lse, KIVI_F32, dsr, 1);
+    st = kv_launched(ctx, op, "k_rows_copy");
+  }
+  free(ix);
+  const kivi_status fst = kv_cuda(ctx, cudaFreeAsync(scratch, ctx->stream), op, "cudaFreeAsync (scratch)");
+  return st ? st : fst;
+}
+
 extern "C" {
 
 KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, const int32_t *seqs, const int32_t *qlens,
@@ -187,6 +264,18 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
       }
   }
   roff[batch] = nref;
+  /* every query on the tensor-core kernel in one launch: the layer in that layout, no more sequences than a
+     decode batch, and each sequence's new tokens in its window (none quantized: every query sees all of
+     its pages); KIVI_MULTI_FUSED=0 keeps the launch a position (development) */
+  static const bool no_fused = getenv("KIVI_MULTI_FUSED") && !strcmp(getenv("KIVI_MULTI_FUSED"), "0");
+  bool fused = mma && !no_fused && batch <= KV_ATTN_MAX_BATCH && max_q <= KV_MULTI_ROWS_MAX;
+  for (int32_t b = 0; b < batch && fused; b++) fused = qlens[b] >= 1 && qlens[b] <= blen[b] - bq[b];
+  if (fused) {
+    st =
+        fused_launch(c, op, layer, batch, seqs, qlens, blen, bq, max_q, q, q_dtype, scale, out, out_dtype, lse, tokens);
+    free(plan64);
+    return st;
+  }
   int32_t nk = 0; /* by position: rows (token index) of the kernel's entries, their (slot, len, qlen) */
   pos_off[0] = 0;
   for (int32_t i = 0; i < max_q; i++) {

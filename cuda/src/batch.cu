@@ -260,8 +260,8 @@ KIVI_API kivi_status kivi_batch_attend(kivi_batch_t b, int32_t layer) {
   /* unless trusted, the attention kernel checks q as it loads it and its last CTA publishes what it met */
   const kv_attn_check chk = {b->dev, b->d_record, 1};
   return kv_attend_launch_full(c, op, layer, b->a.batch, b->seqs, b->len, b->qlen, b->a.q, b->a.q_dtype, b->a.scale,
-                               (void *)b->a.out, b->a.out_dtype, (b->a.flags & KIVI_FLAG_TRUSTED) ? NULL : &chk,
-                               b->lse);
+                               (void *)b->a.out, b->a.out_dtype, (b->a.flags & KIVI_FLAG_TRUSTED) ? NULL : &chk, b->lse,
+                               1);
 }
 
 KIVI_API kivi_status kivi_batch_append(kivi_batch_t b, int32_t layer) {
