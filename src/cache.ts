@@ -255,6 +255,7 @@ export class KVCache {
   #lensPtr: [Pointer, Pointer] = [null, null];
   /** The hot export, bound once (no name lookup or argument spreading a call). */
   #appendFn!: (...a: ArgsOf<"kivi_cache_append">) => number;
+  /** Decode attention (attend without lse), with its own scratch and bound export. */
   #attend!: DecodeAttend<Sequence>;
   /** Read by this cache's batches on every call: see BatchHost. */
   #shared = { open: true, epoch: 0 };
