@@ -1,5 +1,5 @@
 # Sourced by the device scripts (gpu_*.sh), with $r (a folder of logs) and $archive
-# (a .tgz under $OUT) set: `step NAME CMD...` runs CMD with its output in $r/NAME.log, prints its exit
+# (a .tgz under $OUT) set, by hand or by `step_setup`: `step NAME CMD...` runs CMD with its output in $r/NAME.log, prints its exit
 # code, time and last $TAIL (default 3) lines, then archives $r, so that a call cut short still
 # returns what ran.
 step() {
@@ -23,4 +23,21 @@ build_or_prebuilt() {
     *.xz) step build bash -c "bun build.ts --cpu-only && xz -d -c '$KIVI_PREBUILT' > build/libkivi_cuda.so" ;;
     *) step build bash -c "bun build.ts --cpu-only && cp '$KIVI_PREBUILT' build/libkivi_cuda.so" ;;
   esac
+}
+
+# `step_setup NAME` for the device scripts: logs in $r=/tmp/NAME, results in $out ($OUT, else
+# build/gpu-out), both archived as $out/NAME.tgz after every step.
+step_setup() {
+  r=/tmp/$1
+  out="${OUT:-build/gpu-out}"
+  mkdir -p "$r" "$out" build
+  archive="$out/$1.tgz"
+}
+
+# `step_finish FILE...`: the results (FILE..., those that exist) copied beside the archive, the logs
+# archived a last time, and $out listed.
+step_finish() {
+  cp "$@" "$out"/ 2>/dev/null
+  tar czf "$archive" -C "$r" .
+  ls -la "$out"
 }

@@ -12,11 +12,8 @@
 #   for this GPU's architecture (minutes). CALIBRATION: windows x decode steps of the calibration
 #   protocol (default 4x256, 1024-token windows with 512 prefilled).
 set -uo pipefail
-r=/tmp/calibrate
-out="${OUT:-build/gpu-out}"
-mkdir -p "$r" "$out" build
-archive="$out/calibrate.tgz"
 source "$(dirname "$0")/_step.sh"
+step_setup calibrate
 build_or_prebuilt
 TAIL=14 step gpu_tests bun test --timeout=600000 tests/cache_gpu_test.ts tests/model_gpu_test.ts tests/abi_test.ts
 TAIL=40 step perplexity bun bench/perplexity.ts --backend cuda --calibration "${CALIBRATION:-4x256}" --out "$r"
@@ -24,6 +21,4 @@ TAIL=10 step calibrate bun src/cli.ts calibrate --backend cuda --model ../shared
   --text ../shared/text/heldout.txt --bytes 0:32768 --budget 3.3 --residual 128 --out "$r/plan-3.3-r128.json"
 TAIL=4 step plan bun src/cli.ts perplexity --backend cuda --model ../shared/models/byte-llama-9m \
   --text ../shared/text/heldout.txt --bytes 32768:319660 --plan "$r/plan-3.3-r128.json"
-cp "$r"/*-perplexity* "$r"/plan-*.json "$out"/ 2>/dev/null
-tar czf "$out/calibrate.tgz" -C "$r" .
-ls -la "$out"
+step_finish "$r"/*-perplexity* "$r"/plan-*.json

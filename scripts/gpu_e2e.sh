@@ -10,15 +10,10 @@
 #   KIVI_PREBUILT: a CUDA library built elsewhere for this GPU; without it the library is built here
 #   for this GPU's architecture (minutes). E2E_ARGS: extra options of bench/e2e.ts.
 set -uo pipefail
-r=/tmp/e2e
-out="${OUT:-build/gpu-out}"
-mkdir -p "$r" "$out" build
-archive="$out/e2e.tgz"
 source "$(dirname "$0")/_step.sh"
+step_setup e2e
 build_or_prebuilt
 TAIL=14 step gpu_tests bun test --timeout=600000 tests/model_random_gpu_test.ts tests/abi_test.ts
 # shellcheck disable=SC2086
 TAIL=30 step e2e bun bench/e2e.ts --backend cuda --out "$r" ${E2E_ARGS:-}
-cp "$r"/*-e2e.* "$out"/ 2>/dev/null
-tar czf "$archive" -C "$r" .
-ls -la "$out"
+step_finish "$r"/*-e2e.*

@@ -11,17 +11,12 @@
 #   KIVI_PREBUILT: a CUDA library built elsewhere for this GPU (xz-compressed or not); without it the
 #   library is built here for this GPU's architecture (minutes).
 set -uo pipefail
-r=/tmp/model
-out="${OUT:-build/gpu-out}"
-mkdir -p "$r" "$out" build
-archive="$out/model.tgz"
 source "$(dirname "$0")/_step.sh"
+step_setup model
 ls /usr/local/cuda/lib64/libcublas.so.13 || echo "no libcublas.so.13 in /usr/local/cuda/lib64: kivi_model_linear will say so"
 build_or_prebuilt
 TAIL=14 step gpu_tests bun test --timeout=600000 tests/model_gpu_test.ts tests/abi_test.ts
 TAIL=16 step perplexity bun bench/perplexity.ts --backend cuda --out "$r"
 TAIL=3 step generate bun src/cli.ts generate --backend cuda --model ../shared/models/byte-llama-9m \
   --prompt "The President said that the" --max-tokens 200
-cp "$r"/*-perplexity.* "$out"/ 2>/dev/null
-tar czf "$out/model.tgz" -C "$r" .
-ls -la "$out"
+step_finish "$r"/*-perplexity.*

@@ -8,11 +8,8 @@
 #   usage (repository root, after `source .gpu/on-device.sh` where there is one):
 #     [KIVI_PREBUILT=libkivi_cuda.so[.xz]] scripts/gpu_multitoken.sh
 set -uo pipefail
-r=/tmp/multitoken
-out="${OUT:-build/gpu-out}"
-mkdir -p "$r" "$out" build
-archive="$out/multitoken.tgz"
 source "$(dirname "$0")/_step.sh"
+step_setup multitoken
 build_or_prebuilt
 TAIL=20 step gpu_tests bun test --timeout=600000 tests/multitoken_gpu_test.ts tests/cache_gpu_test.ts \
   tests/batch_test.ts tests/abi_test.ts
@@ -24,6 +21,4 @@ if python3 -c "import torch" 2>/dev/null; then
 fi
 TAIL=10 step multitoken bun bench/attention.ts --backend cuda --multi --case none --out "$r" "${torch_args[@]}"
 TAIL=12 step decode bun bench/attention.ts --backend cuda --case 8x32768 --out "$r" "${torch_args[@]}"
-cp "$r"/*.json "$r"/*.md "$out"/ 2>/dev/null
-tar czf "$archive" -C "$r" .
-ls -la "$out"
+step_finish "$r"/*.json "$r"/*.md

@@ -181,29 +181,30 @@ export function checkCacheRange(
   );
 }
 
-/** The caller's `out` of attention, checked against q: `n` values of `dtype`, where q lives (a
- * tensor of the same backend, or a host array), sharing no memory with q. */
-export function describeOut(
+/** An output `name` of attention checked against q: `n` values of `dtype` where q lives (a tensor of
+ * the same backend, or a host array), sharing no memory with q; else a TypeError "`name` must be
+ * `expected()`". */
+export function describeOutput(
   backend: Backend,
+  name: string,
   given: unknown,
   dtype: DType,
   n: number,
   qd: Data,
+  expected: () => string,
 ): Data & { buf: unknown } {
   const t = backend._tensor(given);
-  const v = t === undefined ? hostView("out", given) : undefined;
+  const v = t === undefined ? hostView(name, given) : undefined;
   const od = t ? t.dtype : v ? dtypeOfKind(v.kind, dtype) : undefined;
   const len = t ? t.length : v?.length;
   if (
     (t === undefined && v === undefined) || od !== dtype || len !== n ||
     (t !== undefined) !== (qd.tensor !== undefined) || (t && t.backend !== backend)
   ) {
-    throw new TypeError(
-      `out must be a ${dtype} ${qd.tensor ? "DeviceTensor" : "array"} of ${n} values like q`,
-    );
+    throw new TypeError(`${name} must be ${expected()}`);
   }
   if ((v && qd.host && overlaps(v, qd.host)) || (t && t.tensor === qd.tensor?.tensor)) {
-    throw new TypeError(`out must not share memory with q`);
+    throw new TypeError(`${name} must not share memory with q`);
   }
   return { dtype, length: n, host: v, tensor: t, buf: given };
 }
@@ -237,6 +238,15 @@ export function attendCommon<S>(
   const scale = attendScale(o.scale, c.headDim);
   const dtype = checkOneOf("dtype", o.dtype ?? "f32", ["f32", "f16", "bf16"] as const);
   const trusted = checkBool("trusted", o.trusted);
-  const out = o.out === undefined ? undefined : describeOut(backend, o.out, dtype, n, qd);
+  // the caller's out: like q (where it lives), of the result's dtype
+  const out = o.out === undefined ? undefined : describeOutput(
+    backend,
+    "out",
+    o.out,
+    dtype,
+    n,
+    qd,
+    () => `a ${dtype} ${qd.tensor ? "DeviceTensor" : "array"} of ${n} values like q`,
+  );
   return { seqs, scale, dtype, trusted, out };
 }

@@ -6,44 +6,10 @@
 import type { BackendCore as Backend, DeviceTensor, NativeHeld } from "./tensor.ts";
 import type { Pointer } from "./ffi/_native.ts";
 import type { CacheConfig } from "./cache_config.ts";
-import {
-  attendScale,
-  checkInt,
-  checkOneOf,
-  hostView,
-  overlaps,
-  readOptions,
-  show,
-} from "./_checks.ts";
+import { attendScale, checkInt, checkOneOf, hostView, readOptions, show } from "./_checks.ts";
 import { dtypeCode, hostArray } from "./_dtype.ts";
 import { Staging } from "./_staging.ts";
-import { attendCommon, type Data, dataPtr, describeData } from "./_input.ts";
-
-/** The caller's `lse` buffer, checked against q: `n` f32 values where q lives (a Float32Array for a
- * host q, an f32 DeviceTensor of the same backend for a tensor q), sharing no memory with q. */
-export function describeLse(
-  backend: Backend,
-  given: unknown,
-  n: number,
-  qd: Data,
-): Data & { buf: unknown } {
-  const t = backend._tensor(given);
-  const v = t === undefined ? hostView("lse", given) : undefined;
-  const ok = qd.tensor
-    ? t !== undefined && t.dtype === "f32" && t.length === n && t.backend === backend
-    : v !== undefined && v.kind === "Float32Array" && v.length === n;
-  if (!ok) {
-    throw new TypeError(
-      `lse must be ${
-        qd.tensor ? "an f32 DeviceTensor" : "a Float32Array"
-      } of ${n} values (tokens x queryHeads) like q, got ${show(given)}`,
-    );
-  }
-  if ((v && qd.host && overlaps(v, qd.host)) || (t && t.tensor === qd.tensor?.tensor)) {
-    throw new TypeError(`lse must not share memory with q`);
-  }
-  return { dtype: "f32", length: n, host: v, tensor: t, buf: given };
-}
+import { attendCommon, dataPtr, describeData, describeOutput } from "./_input.ts";
 
 /**
  * Exact causal attention of a chunk of n tokens over itself, in float64, with k and v rounded to fp16
@@ -177,9 +143,19 @@ export function attendMultiImpl<S extends MultiSeq>(
     n,
     qd,
   );
-  const lse = o.lse === undefined
-    ? undefined
-    : describeLse(h.backend, o.lse, tokens * c.queryHeads, qd);
+  // the caller's lse: f32 like q (a Float32Array for a host q, an f32 DeviceTensor for a tensor q)
+  const lse = o.lse === undefined ? undefined : describeOutput(
+    h.backend,
+    "lse",
+    o.lse,
+    "f32",
+    tokens * c.queryHeads,
+    qd,
+    () =>
+      `${qd.tensor ? "an f32 DeviceTensor" : "a Float32Array"} of ${
+        tokens * c.queryHeads
+      } values (tokens x queryHeads) like q, got ${show(o.lse)}`,
+  );
   const { state, handle } = h.live(op);
   using stage = new Staging(h.backend, op);
   const ids = new Int32Array(count);

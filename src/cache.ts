@@ -12,7 +12,7 @@ import {
   type NativeHeld,
 } from "./tensor.ts";
 import { checkInt, readOptions, show } from "./_checks.ts";
-import { type DType, dtypeCode, type HostArray, hostArray } from "./_dtype.ts";
+import { type DType, dtypeCode, type HostArray } from "./_dtype.ts";
 import { KiviError, Status } from "./errors.ts";
 import { Staging } from "./_staging.ts";
 import { type Buf, type Input, type MemOf } from "./quant.ts";
@@ -22,18 +22,13 @@ import {
   type CacheMemory,
   type CacheOptions,
   configArray,
+  frozenConfig,
   memoryOf,
   resolveCacheOptions,
 } from "./cache_config.ts";
 import { checkCacheRange, dataPtr } from "./_input.ts";
-import {
-  appendArgs,
-  type AttendArgs,
-  attendArgs,
-  benchAttendImpl,
-  type IoHost,
-  readImpl,
-} from "./_cache_io.ts";
+import { appendArgs, benchAttendImpl, type IoHost, readImpl } from "./_cache_io.ts";
+import { DecodeAttend } from "./_cache_attend.ts";
 import { attendMultiImpl, mergeAttentionImpl, type MultiHost, prefillImpl } from "./_multi.ts";
 
 export {
@@ -255,36 +250,20 @@ export class KVCache {
   #backend: Backend;
   #held: CacheHeld | undefined;
   #seqs = new Set<Sequence>();
-  /** Scratch of the per-call out-parameters and id arrays, with their addresses taken once (under
-   * Deno each typed array made costs about 0.45 µs and each address taken 0.35-0.6 µs). Filled right
-   * before the native call that reads them, with no user code in between. */
-  #ids = scratchArray(Int32Array, 8);
-  #idsPtr: Pointer = null;
+  /** Scratch of the per-call out-parameters, with their addresses taken once (see DecodeAttend). */
   #lens = scratchArray(BigInt64Array, 2);
   #lensPtr: [Pointer, Pointer] = [null, null];
-  /** The hot exports, bound once (no name lookup or argument spreading a call). */
-  #attendFn!: (...a: ArgsOf<"kivi_cache_attend">) => number;
+  /** The hot export, bound once (no name lookup or argument spreading a call). */
   #appendFn!: (...a: ArgsOf<"kivi_cache_append">) => number;
+  /** Decode attention (attend without lse), with its own scratch and bound export. */
+  #attend!: DecodeAttend<Sequence>;
   /** Read by this cache's batches on every call: see BatchHost. */
   #shared = { open: true, epoch: 0 };
   #batches = new Set<WeakRef<DecodeBatch<Sequence>>>();
 
   /** @internal use Backend.createCache */
   constructor(backend: Backend, options: CacheOptions) {
-    const config = resolveCacheOptions(options);
-    this.#config = Object.freeze({
-      ...config,
-      keys: Object.freeze({ ...config.keys }),
-      values: Object.freeze({ ...config.values }),
-      ...(config.perLayer === undefined ? {} : {
-        perLayer: Object.freeze(config.perLayer.map((l) =>
-          Object.freeze({
-            keys: Object.freeze({ ...l.keys }),
-            values: Object.freeze({ ...l.values }),
-          })
-        )),
-      }),
-    });
+    this.#config = frozenConfig(resolveCacheOptions(options));
     const state = backend._retainState("createCache");
     const out = new BigUint64Array(1);
     const cfg = configArray(this.#config);
@@ -302,10 +281,9 @@ export class KVCache {
     }
     this.#backend = backend;
     this.#held = { state, handle: state.lib.pointerAt(out, 0) };
-    this.#idsPtr = state.lib.ptr(this.#ids);
     this.#lensPtr = [state.lib.ptr(this.#lens), state.lib.ptr(this.#lens.subarray(1))];
-    this.#attendFn = state.lib.fn("kivi_cache_attend");
     this.#appendFn = state.lib.fn("kivi_cache_append");
+    this.#attend = new DecodeAttend(this.#multiHost(), state.lib);
     cacheRegistry.register(this, this.#held, this);
     backend._adopt(this);
   }
@@ -359,10 +337,14 @@ export class KVCache {
   createSequence(): Sequence {
     const { state, handle } = this.#live("createSequence");
     const out = new Int32Array(1);
-    this.#check(
-      "kivi_cache_seq_create",
-      state.lib.call("kivi_cache_seq_create", handle, state.lib.ptr(out)),
-    );
+    const st = state.lib.call("kivi_cache_seq_create", handle, state.lib.ptr(out));
+    return this.#claim("kivi_cache_seq_create", st, out);
+  }
+
+  /** The Sequence of the slot id that `fn` (seq_create, seq_fork or seq_copy) wrote into `out`, once
+   * its status is checked (KIVI_ERR_CAPACITY when no slot or page was left). */
+  #claim(fn: string, status: number, out: Int32Array): Sequence {
+    this.#check(fn, status);
     const s = new Sequence(this, out[0]);
     this.#seqs.add(s);
     return s;
@@ -376,13 +358,8 @@ export class KVCache {
     const { state, handle } = this.#live("copySequence");
     const id = Sequence._usableId(this.#own("src", src), "copySequence");
     const out = new Int32Array(1);
-    this.#check(
-      "kivi_cache_seq_copy",
-      state.lib.call("kivi_cache_seq_copy", handle, id, state.lib.ptr(out)),
-    );
-    const s = new Sequence(this, out[0]);
-    this.#seqs.add(s);
-    return s;
+    const st = state.lib.call("kivi_cache_seq_copy", handle, id, state.lib.ptr(out));
+    return this.#claim("kivi_cache_seq_copy", st, out);
   }
 
   /**
@@ -488,100 +465,6 @@ export class KVCache {
     );
   }
 
-  /** Reads and checks attention arguments once; no native handle is taken here. */
-  #attendArgs(
-    layerArg: unknown,
-    seqsArg: unknown,
-    q: unknown,
-    o: { scale?: unknown; dtype?: unknown; qDtype?: unknown; out?: unknown; trusted?: unknown },
-  ): AttendArgs<Sequence> & { layer: number } {
-    return attendArgs(
-      this.#config,
-      this.#backend,
-      (n, x) => this.#own(n, x),
-      layerArg,
-      seqsArg,
-      q,
-      o,
-    );
-  }
-
-  /** The address of the sequences' slot ids (each usable: KIVI_ERR_STATE once freed), in the
-   * cache's scratch array. */
-  #fillIds(seqs: readonly Sequence[], op: string): Pointer {
-    if (this.#ids.length < seqs.length) {
-      this.#ids = scratchArray(Int32Array, Math.max(seqs.length, 2 * this.#ids.length));
-      this.#idsPtr = this.#live(op).state.lib.ptr(this.#ids);
-    }
-    for (let i = 0; i < seqs.length; i++) this.#ids[i] = Sequence._usableId(seqs[i], op);
-    return this.#idsPtr;
-  }
-
-  /** Attention on tensors only (q, and out when given): no staging, the bound export. */
-  #attendTensors(
-    op: string,
-    a: AttendArgs<Sequence> & { layer: number },
-    handle: Pointer,
-  ): unknown {
-    const ids = this.#fillIds(a.seqs, op);
-    const pq = a.q.tensor!.pointer(op);
-    let made: DeviceTensor | undefined, po: Pointer;
-    if (a.out !== undefined) po = a.out.tensor!.writePointer(op, "out");
-    else {
-      made = this.#backend.alloc(
-        [a.seqs.length, this.#config.queryHeads, this.#config.headDim],
-        a.dtype,
-      );
-      po = this.#backend._tensor(made)!.pointer(op);
-    }
-    this.#runAttend(handle, a, ids, pq, po, made);
-    return a.out !== undefined ? a.out.buf : made;
-  }
-
-  /** Runs the bound attention export; on failure frees the output it made and throws. */
-  #runAttend(
-    handle: Pointer,
-    a: AttendArgs<Sequence> & { layer: number },
-    ids: Pointer,
-    pq: Pointer,
-    po: Pointer,
-    made: DeviceTensor | undefined,
-  ): void {
-    const st = this.#attendFn(
-      handle,
-      a.layer,
-      ids,
-      a.seqs.length,
-      pq,
-      dtypeCode[a.q.dtype],
-      a.scale,
-      a.trusted ? 1 : 0,
-      po,
-      dtypeCode[a.dtype],
-    );
-    if (st !== 0) {
-      made?.dispose();
-      this.#check("kivi_cache_attend", st);
-    }
-  }
-
-  /** Takes the native handles of attention arguments: live sequence ids, q's address and the
-   * output (the caller's, or one allocated where q lives). */
-  #attendBind(op: string, a: AttendArgs<Sequence>, stage: Staging) {
-    const ids = this.#fillIds(a.seqs, op);
-    const pq = dataPtr(a.q, op, stage);
-    if (a.out !== undefined) {
-      return { ids, pq, out: a.out.buf, po: dataPtr(a.out, op, stage, "out"), made: undefined };
-    }
-    const c = this.#config;
-    if (a.q.tensor) {
-      const made = this.#backend.alloc([a.seqs.length, c.queryHeads, c.headDim], a.dtype);
-      return { ids, pq, out: made as unknown, po: this.#backend._tensor(made)!.pointer(op), made };
-    }
-    const out = hostArray(a.dtype, a.n);
-    return { ids, pq, out: out as unknown, po: stage.output(out, a.dtype), made: undefined };
-  }
-
   /**
    * Decode attention of one layer for a batch of sequences: `softmax(q K^T * scale) V` over each
    * sequence's pages and residual, with q [batch][queryHeads][headDim] and scale 1/sqrt(headDim)
@@ -602,16 +485,7 @@ export class KVCache {
         DType
       >;
     }
-    const a = this.#attendArgs(layer, seqs, q, o);
-    const { handle } = this.#live("attend");
-    if (a.q.tensor && a.out?.host === undefined) {
-      return this.#attendTensors("attend", a, handle) as Buf<MemOf<X>, DType>;
-    }
-    using stage = new Staging(this.#backend, "attend");
-    const b = this.#attendBind("attend", a, stage);
-    this.#runAttend(handle, a, b.ids, b.pq, b.po, b.made);
-    stage.finish();
-    return b.out as Buf<MemOf<X>, DType>;
+    return this.#attend.attend(layer, seqs, q, o) as Buf<MemOf<X>, DType>;
   }
 
   /** Milliseconds per `attend` call, timed inside the library over `iters` back-to-back calls after
@@ -664,13 +538,8 @@ export class KVCache {
     const { state, handle } = this.#live("fork");
     const id = Sequence._usableId(seq, "fork");
     const out = new Int32Array(1);
-    this.#check(
-      "kivi_cache_seq_fork",
-      state.lib.call("kivi_cache_seq_fork", handle, id, state.lib.ptr(out)),
-    );
-    const s = new Sequence(this, out[0]);
-    this.#seqs.add(s);
-    return s;
+    const st = state.lib.call("kivi_cache_seq_fork", handle, id, state.lib.ptr(out));
+    return this.#claim("kivi_cache_seq_fork", st, out);
   }
 
   /**
@@ -773,8 +642,8 @@ export class KVCache {
     return {
       ...this.#multiHost(),
       lengths: (x, l, op) => this._lengths(x, l, op),
-      attendArgs: (l, seqs, q, o) => this.#attendArgs(l, seqs, q, o),
-      attendBind: (op, a, stage) => this.#attendBind(op, a, stage),
+      attendArgs: (l, seqs, q, o) => this.#attend.args(l, seqs, q, o),
+      attendBind: (op, a, stage) => this.#attend.bind(op, a, stage),
     };
   }
 

@@ -370,6 +370,24 @@ export function resolveCacheOptions(options: CacheOptions): CacheConfig {
   return { ...partial, maxPages };
 }
 
+/** A resolved config frozen to the last level (formats and per-layer formats too), for a cache to
+ * hand out as it is. */
+export function frozenConfig(config: CacheConfig): CacheConfig {
+  return Object.freeze({
+    ...config,
+    keys: Object.freeze({ ...config.keys }),
+    values: Object.freeze({ ...config.values }),
+    ...(config.perLayer === undefined ? {} : {
+      perLayer: Object.freeze(config.perLayer.map((l) =>
+        Object.freeze({
+          keys: Object.freeze({ ...l.keys }),
+          values: Object.freeze({ ...l.values }),
+        })
+      )),
+    }),
+  });
+}
+
 /** @internal The int32 config array of kivi_cache_create (kivi.h KIVI_CFG_* order); benchmarks build a
  * twin native cache with it to time raw FFI calls. */
 export function configArray(c: CacheConfig): Int32Array {

@@ -475,6 +475,29 @@ export function throwsNaming(
   }, what);
 }
 
+/** An error case: what it tries, the call, the error it must throw and what the message names (see
+ * {@link throwsNaming}). */
+export type ErrorCase = [
+  what: string,
+  fn: () => unknown,
+  kind: Parameters<typeof throwsNaming>[1],
+  names: RegExp,
+];
+
+/** Runs each case against the fixture `f`: the error it names, then `snapshot(f)` unchanged (all or
+ * nothing); `f.rng.tag` ends each message. */
+export function expectCases<F extends { rng: Rng }>(
+  f: F,
+  snapshot: (f: F) => unknown,
+  cases: ErrorCase[],
+): void {
+  for (const [what, fn, kind, names] of cases) {
+    const before = snapshot(f);
+    throwsNaming(fn, kind, names, `${what} ${f.rng.tag}`);
+    assert.deepEqual(snapshot(f), before, `${what} ${f.rng.tag}: the cache changed`);
+  }
+}
+
 /* ------------------------------------------------------------------ cache oracle --------- */
 
 /** Seeded K/V rows [layers][n][kvHeads][headDim]; channel 3 of every head is an outlier, as in real keys. */

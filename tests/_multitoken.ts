@@ -6,22 +6,13 @@
  * @module
  */
 import type { CacheOptions } from "../src/mod.ts";
+import { cacheOptions } from "./_helpers.ts";
 
 /** Uniform 2-bit keys, codebook 2-bit values in groups of 32, pages of 64 tokens (a quantized length
- * of 96 leaves page 1 half full), a window of 32, GQA 8 / 2. */
+ * of 96 leaves page 1 half full), a window of 32, GQA 8 / 2: {@link cacheOptions} with pages twice
+ * its window. */
 export function multiOptions(layers = 2, maxPages = 64, maxSequences = 12): CacheOptions {
-  return {
-    layers,
-    kvHeads: 2,
-    queryHeads: 8,
-    headDim: 64,
-    pageTokens: 64,
-    residual: 32,
-    maxPages,
-    maxSequences,
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 32 },
-  };
+  return { ...cacheOptions(layers, 2, 8, 64, maxPages, maxSequences), pageTokens: 64 };
 }
 
 /**

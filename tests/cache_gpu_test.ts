@@ -6,11 +6,10 @@
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
-import type { Backend, CacheFormat, CacheOptions, DeviceTensor, KVCache } from "../src/mod.ts";
-import type { Sequence } from "../src/mod.ts";
+import type { CacheFormat, DeviceTensor } from "../src/mod.ts";
 import { KiviError } from "../src/mod.ts";
 import { FOUR_PAGES, Rng } from "./_helpers.ts";
-import { cpu, gpuDescribe } from "./_gpu.ts";
+import { assertNearGpu, CachePair, cpu, gpuDescribe, type GpuFormat, gpuFormat } from "./_gpu.ts";
 
 function rows(rng: Rng, n: number, kvHeads: number, headDim: number): Float32Array {
   const a = new Float32Array(n * kvHeads * headDim);
@@ -19,20 +18,7 @@ function rows(rng: Rng, n: number, kvHeads: number, headDim: number): Float32Arr
 }
 
 /** The same cache on both backends, fed the same tokens. */
-class Pair {
-  readonly c: KVCache;
-  readonly g: KVCache;
-  readonly cs: Sequence[] = [];
-  readonly gs: Sequence[] = [];
-  constructor(readonly gpu: Backend, readonly opts: CacheOptions) {
-    this.c = cpu.createCache(opts);
-    this.g = gpu.createCache(opts);
-  }
-  add(): number {
-    this.cs.push(this.c.createSequence());
-    this.gs.push(this.g.createSequence());
-    return this.cs.length - 1;
-  }
+class Pair extends CachePair {
   /** Appends to one layer, or (layer -1) to every layer at once. */
   append(i: number, k: Float32Array, v: Float32Array, layer = 0): void {
     const o = layer < 0 ? {} : { layer };
@@ -65,56 +51,24 @@ class Pair {
     (r.values as DeviceTensor).dispose();
     return [gk, gv, w.keys as Float32Array, w.values as Float32Array];
   }
-  dispose(): void {
-    this.c.dispose();
-    this.g.dispose();
-  }
 }
 
-/**
- * GPU attention (fp32 dot products and online softmax) against the CPU's double: a score of D
- * products carries |err| <= D * 2^-24 * sum|q_d k_d| (~1e-4 here), which moves each weight by about
- * that much relative, and the output inherits it. The tensor-core kernel (2-bit caches) adds q.s
- * rounded to int8 hi/lo planes (<= 2^-15 of max |q_c s_c| per term) and p, p.s (codebook: p times the
- * centroid differences, formed in fp16) rounded to fp16 (2^-11 relative per weight, twice for the
- * codebook differences, random across tokens, ~5e-4 on a row): 2e-3 of the output's scale is still a
- * safe bound.
- */
-function assertAttention(got: Float32Array, want: Float32Array, msg: string): void {
-  let scale = 0;
-  for (const w of want) scale = Math.max(scale, Math.abs(w));
-  let worst = 0;
-  for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]));
-  assert.ok(worst <= 2e-3 * scale, `${msg}: max |diff| ${worst} > 2e-3 x ${scale}`);
-}
-
-const FORMATS: { name: string; keys: CacheFormat; values: CacheFormat; exact: boolean }[] = [
-  {
-    name: "uniform 2/2",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "uniform", bits: 2, group: 32 },
-    exact: true,
-  },
-  {
-    name: "uniform 4/4",
-    keys: { kind: "uniform", bits: 4, group: 32 },
-    values: { kind: "uniform", bits: 4, group: 64 },
-    exact: true,
-  },
-  {
-    name: "uniform K 2 + codebook V 2",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 64 },
-    exact: false,
-  },
-  { name: "16/16", keys: { bits: 16 }, values: { bits: 16 }, exact: true },
+const U2: CacheFormat = { kind: "uniform", bits: 2, group: 32 };
+const FORMATS: GpuFormat[] = [
+  gpuFormat("uniform 2/2", U2, U2),
+  gpuFormat("uniform 4/4", { kind: "uniform", bits: 4, group: 32 }, {
+    kind: "uniform",
+    bits: 4,
+    group: 64,
+  }),
+  gpuFormat("uniform K 2 + codebook V 2", U2, { kind: "codebook", bits: 2, group: 64 }),
+  gpuFormat("16/16", { bits: 16 }, { bits: 16 }),
   // tensor-core layout with longer key groups and codebook values in groups of 32
-  {
-    name: "uniform K 2 G64 + codebook V 2 G32",
-    keys: { kind: "uniform", bits: 2, group: 64 },
-    values: { kind: "codebook", bits: 2, group: 32 },
-    exact: false,
-  },
+  gpuFormat("uniform K 2 G64 + codebook V 2 G32", { kind: "uniform", bits: 2, group: 64 }, {
+    kind: "codebook",
+    bits: 2,
+    group: 32,
+  }),
 ];
 
 gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
@@ -181,7 +135,7 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
           }
           for (const idx of [[5], [0, 3, 16], [...Array(17).keys()]]) {
             const [g, w] = await p.attention(rng, idx);
-            assertAttention(g, w, `batch ${idx.length} ${rng.tag}`);
+            assertNearGpu(g, w, `batch ${idx.length} ${rng.tag}`);
           }
         } finally {
           p.dispose();
@@ -192,7 +146,6 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
 
   it("per-layer formats: each layer's pages and attention in its own format, appended to all layers at once and per layer, as on the CPU", async () => {
     const rng = new Rng("gpu cache per layer");
-    const U2 = { kind: "uniform", bits: 2, group: 32 } as const;
     const layers: { keys: CacheFormat; values: CacheFormat; exact: boolean }[] = [
       { keys: U2, values: U2, exact: true }, // tensor-core layout
       { keys: { kind: "uniform", bits: 4, group: 32 }, values: U2, exact: true }, // SIMT kernel
@@ -239,7 +192,7 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
           }
         }
         const [g, w] = await p.attention(rng, [0, 1, 2, 3], l);
-        assertAttention(g, w, `layer ${l} ${rng.tag}`);
+        assertNearGpu(g, w, `layer ${l} ${rng.tag}`);
       }
       assert.deepEqual(p.g.memory(), p.c.memory());
     } finally {
@@ -269,7 +222,7 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
       assert.deepEqual(gk, wk);
       assert.deepEqual(gv.length, wv.length);
       const [g, w] = await p.attention(rng, [b]);
-      assertAttention(g, w, rng.tag);
+      assertNearGpu(g, w, rng.tag);
     } finally {
       p.dispose();
     }
@@ -309,7 +262,7 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
         `layer ${layer}: same kernels, same bits ${rng.tag}`,
       );
       fromTensors.dispose();
-      assertAttention(
+      assertNearGpu(
         got,
         ref.attend(layer, [c], q) as Float32Array,
         `layer ${layer} vs CPU ${rng.tag}`,

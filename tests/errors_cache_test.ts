@@ -11,7 +11,15 @@ import assert from "node:assert/strict";
 import type { Backend, CacheOptions, KVCache, Sequence } from "../src/mod.ts";
 import { KiviError } from "../src/mod.ts";
 import { assertUntouched, cacheOptions, DTYPES, kvRows, NONFINITE, openCpu } from "./_helpers.ts";
-import { Rng, sentinel, setRaw, throwsNaming, toInput } from "./_helpers.ts";
+import {
+  type ErrorCase,
+  expectCases,
+  Rng,
+  sentinel,
+  setRaw,
+  throwsNaming,
+  toInput,
+} from "./_helpers.ts";
 
 const L = 2, H = 2, QH = 4, D = 64, ROW = H * D;
 const OPTS = cacheOptions(L, H, QH, D, 8, 3);
@@ -55,18 +63,6 @@ function snapshot(f: Fixture) {
   };
 }
 
-type Kind = Parameters<typeof throwsNaming>[1];
-type Case = [what: string, fn: () => unknown, kind: Kind, names: RegExp];
-
-/** Runs each case against the fixture: the error it names, then the snapshot unchanged. */
-function expectEach(f: Fixture, cases: Case[]): void {
-  for (const [what, fn, kind, names] of cases) {
-    const before = snapshot(f);
-    throwsNaming(fn, kind, names, `${what} ${f.rng.tag}`);
-    assert.deepEqual(snapshot(f), before, `${what} ${f.rng.tag}: the cache changed`);
-  }
-}
-
 describe("cache options out of range", () => {
   it("each bad option is a TypeError or RangeError naming it; no cache is made and the others are unchanged", async () => {
     const f = await fixture("options");
@@ -76,7 +72,7 @@ describe("cache options out of range", () => {
       f.kivi.createCache(o === null ? (null as unknown as CacheOptions) : { ...base, ...o });
     const uni = { kind: "uniform", bits: 2 } as const;
     const R = RangeError, T = TypeError;
-    expectEach(f, [
+    expectCases(f, snapshot, [
       ["options null", make(null), T, /options must be an object, got null/],
       ["layers 0", make({ layers: 0 }), R, /layers must be between 1 and 4096, got 0/],
       ["layers negative", make({ layers: -2 }), R, /layers must be between 1 and 4096, got -2/],
@@ -237,7 +233,7 @@ describe("per-layer formats with bad input", () => {
       f.kivi.createCache({ ...base, perLayer } as CacheOptions);
     const u4 = { kind: "uniform", bits: 4, group: 32 } as const;
     const R = RangeError, T = TypeError;
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "perLayer not an array",
         make({ layer: 0 }),
@@ -320,7 +316,7 @@ describe("appends with bad input", () => {
     using _ = f.kivi;
     const [s] = f.seqs;
     const k1 = kvRows(f.rng, 3, H, D), kAll = kvRows(f.rng, 3, H, D, L);
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "k a plain array",
         () => s.append([0.5] as unknown as Float32Array, k1, { layer: 0 }),
@@ -400,7 +396,7 @@ describe("appends with bad input", () => {
     it(`${dtype}: NaN, +Inf and -Inf in k or v are KIVI_ERR_NONFINITE naming the array and index`, async () => {
       const f = await fixture(`append nonfinite ${dtype}`);
       using _ = f.kivi;
-      const cases: Case[] = [];
+      const cases: ErrorCase[] = [];
       for (const [label, bits] of NONFINITE[dtype]) {
         for (const where of ["k", "v"] as const) {
           for (const layer of [undefined, 1]) {
@@ -425,7 +421,7 @@ describe("appends with bad input", () => {
           }
         }
       }
-      expectEach(f, cases);
+      expectCases(f, snapshot, cases);
     });
   }
 
@@ -440,7 +436,7 @@ describe("appends with bad input", () => {
     const kEdge = k.slice();
     kEdge[0] = 65520; // the first value fp16 rounds to Inf
     using kt = f.kivi.upload(k), bigT = f.kivi.upload(big);
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "-1e5 in v",
         () => f.seqs[0].append(k, big),
@@ -480,7 +476,7 @@ describe("appends with bad input", () => {
     // 300 more tokens for b (70 held, 32 in its one page): 370 - 32 - R = 306 over the window, so
     // 288 flush and b needs 320 / 32 = 10 pages, 9 more than it has; 4 are free.
     const k = kvRows(f.rng, 300, H, D, L), v = kvRows(f.rng, 300, H, D, L);
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "prefill of 300",
         () => f.seqs[1].append(k, v),
@@ -529,7 +525,7 @@ describe("appends with bad input", () => {
     const f = await fixture("slots");
     using _ = f.kivi;
     filled(f.cache, f.rng, 1);
-    expectEach(f, [[
+    expectCases(f, snapshot, [[
       "a 4th sequence",
       () => f.cache.createSequence(),
       "KIVI_ERR_CAPACITY",
@@ -547,7 +543,7 @@ describe("attention with bad input", () => {
     const { cache, seqs, q } = f;
     const out = sentinel(new Float32Array(q.length));
     const at = (o: Record<string, unknown>) => () => cache.attend(0, seqs, q, o);
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "layer past the last",
         () => cache.attend(L, seqs, q),
@@ -664,7 +660,7 @@ describe("attention with bad input", () => {
     it(`${dtype}: NaN, +Inf and -Inf in q are KIVI_ERR_NONFINITE naming q; out untouched`, async () => {
       const f = await fixture(`attend nonfinite ${dtype}`);
       using _ = f.kivi;
-      const cases: Case[] = [];
+      const cases: ErrorCase[] = [];
       const outs: ReturnType<typeof sentinel>[] = [];
       for (const [label, bits] of NONFINITE[dtype]) {
         const q = toInput(f.q, dtype).x;
@@ -682,7 +678,7 @@ describe("attention with bad input", () => {
           names,
         ]);
       }
-      expectEach(f, cases);
+      expectCases(f, snapshot, cases);
       outs.forEach((o, i) => assertUntouched(o, `out ${i}`));
     });
   }
@@ -694,7 +690,7 @@ describe("attention with bad input", () => {
     c.append(kvRows(f.rng, 5, H, D), kvRows(f.rng, 5, H, D), { layer: 1 }); // tokens in layer 1 only
     const q = kvRows(f.rng, 3, QH, D);
     const out = sentinel(new Float32Array(q.length));
-    expectEach(f, [[
+    expectCases(f, snapshot, [[
       "empty in layer 0",
       () => f.cache.attend(0, [...f.seqs, c], q, { out: out.buf }),
       "KIVI_ERR_STATE",
@@ -720,7 +716,7 @@ describe("disposed and freed objects", () => {
     gone.free(); // idempotent
     const k = kvRows(f.rng, 1, H, D, L);
     const freed = /the sequence was freed; create a new one/;
-    expectEach(f, [
+    expectCases(f, snapshot, [
       ["append", () => gone.append(k, k), "KIVI_ERR_STATE", freed],
       ["length", () => gone.length(0), "KIVI_ERR_STATE", freed],
       ["quantizedLength", () => gone.quantizedLength(1), "KIVI_ERR_STATE", freed],
@@ -740,7 +736,7 @@ describe("disposed and freed objects", () => {
     dead.dispose(); // idempotent
     const k = kvRows(f.rng, 1, H, D, L);
     const disposed = /the cache was disposed; create a new one/;
-    expectEach(f, [
+    expectCases(f, snapshot, [
       ["createSequence", () => dead.createSequence(), "KIVI_ERR_STATE", disposed],
       ["attend", () => dead.attend(0, [s], f.q.subarray(0, 256)), "KIVI_ERR_STATE", disposed],
       ["memory", () => dead.memory(), "KIVI_ERR_STATE", disposed],
@@ -785,7 +781,7 @@ describe("disposed and freed objects", () => {
     for (const t of [k, v, q, out]) t.dispose();
     const disposed = /the tensor was disposed; allocate a new one/;
     using kl = f.kivi.upload(kvRows(f.rng, 2, H, D, L));
-    expectEach(f, [
+    expectCases(f, snapshot, [
       ["k", () => f.seqs[0].append(k, kl), "KIVI_ERR_STATE", disposed],
       ["v", () => f.seqs[0].append(kl, v), "KIVI_ERR_STATE", disposed],
       ["q", () => f.cache.attend(0, f.seqs, q), "KIVI_ERR_STATE", disposed],
@@ -802,7 +798,7 @@ describe("disposed and freed objects", () => {
     using ka = f.kivi.upload(kvRows(f.rng, 2, H, D, L));
     using codes = f.kivi.upload(new Uint32Array(2 * L * ROW).fill(7));
     const upload = /belongs to another backend; upload it to this one first/;
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "k of another backend",
         () => f.seqs[0].append(kb, ka),
@@ -848,7 +844,7 @@ describe("overlapping asynchronous operations", () => {
     assert.equal(out.reading, true);
     // Meanwhile: a decode step on the sequence, and a second attention into the same output.
     f.seqs[0].append(kvRows(f.rng, 1, H, D, L), kvRows(f.rng, 1, H, D, L));
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "attend into out",
         () => f.cache.attend(0, f.seqs, q, { out }),

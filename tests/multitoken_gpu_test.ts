@@ -8,42 +8,14 @@
  */
 import { it } from "node:test";
 import assert from "node:assert/strict";
-import type {
-  Backend,
-  CacheFormat,
-  CacheOptions,
-  DeviceTensor,
-  KVCache,
-  Sequence,
-} from "../src/mod.ts";
+import type { CacheFormat, CacheOptions, DeviceTensor } from "../src/mod.ts";
 import { KiviError } from "../src/mod.ts";
 import { kvRows, Rng } from "./_helpers.ts";
-import { cpu, gpuDescribe } from "./_gpu.ts";
+import { assertNearGpu, CachePair, gpuDescribe, type GpuFormat, gpuFormat } from "./_gpu.ts";
 import { maxDiff } from "./_multitoken.ts";
 
-/** |got - want| <= 2e-3 of want's largest magnitude (the GPU's fp32 and fp16 steps, as cache_gpu_test.ts). */
-function near(got: ArrayLike<number>, want: ArrayLike<number>, msg: string): void {
-  let scale = 0;
-  for (let i = 0; i < want.length; i++) scale = Math.max(scale, Math.abs(want[i]));
-  const worst = maxDiff(got, want);
-  assert.ok(worst <= 2e-3 * scale, `${msg}: max |diff| ${worst} > 2e-3 x ${scale}`);
-}
-
 /** The same cache on both builds, driven by the same calls. */
-class Twin {
-  readonly c: KVCache;
-  readonly g: KVCache;
-  readonly cs: Sequence[] = [];
-  readonly gs: Sequence[] = [];
-  constructor(readonly gpu: Backend, readonly opts: CacheOptions) {
-    this.c = cpu.createCache(opts);
-    this.g = gpu.createCache(opts);
-  }
-  add(): number {
-    this.cs.push(this.c.createSequence());
-    this.gs.push(this.g.createSequence());
-    return this.cs.length - 1;
-  }
+class Twin extends CachePair {
   fork(i: number): number {
     this.cs.push(this.cs[i].fork());
     this.gs.push(this.gs[i].fork());
@@ -80,8 +52,8 @@ class Twin {
         assert.deepEqual(gk, w.keys, `${msg}: keys of layer ${l}`);
         assert.deepEqual(gv, w.values, `${msg}: values of layer ${l}`);
       } else {
-        near(gk, w.keys as Float32Array, `${msg}: keys of layer ${l}`);
-        near(gv, w.values as Float32Array, `${msg}: values of layer ${l}`);
+        assertNearGpu(gk, w.keys as Float32Array, `${msg}: keys of layer ${l}`);
+        assertNearGpu(gv, w.values as Float32Array, `${msg}: values of layer ${l}`);
       }
     }
   }
@@ -103,7 +75,7 @@ class Twin {
     }) as DeviceTensor<
       "f32"
     >;
-    near(got.readSync(), want, `${msg}: outputs`);
+    assertNearGpu(got.readSync(), want, `${msg}: outputs`);
     got.dispose();
     // the lse is a log: its error is the relative error of the softmax sum, about 2e-3 at most
     const gl = lt.readSync();
@@ -117,35 +89,47 @@ class Twin {
       scale,
       lse: hl,
     }) as Float32Array;
-    near(host, want, `${msg}: host q`);
-  }
-  dispose(): void {
-    this.c.dispose();
-    this.g.dispose();
+    assertNearGpu(host, want, `${msg}: host q`);
   }
 }
 
-const FORMATS: { name: string; keys: CacheFormat; values: CacheFormat; exact: boolean }[] = [
+const U2: CacheFormat = { kind: "uniform", bits: 2, group: 32 };
+
+/** Options of the twins' caches: `o` over one layer, GQA 8 / 2, D 128, pages of 64 tokens, a window
+ * of 64, 64 pages and uniform 2-bit G32 keys and values. */
+function twinOptions(o: Partial<CacheOptions>): CacheOptions {
+  return {
+    layers: 1,
+    kvHeads: 2,
+    queryHeads: 8,
+    headDim: 128,
+    pageTokens: 64,
+    residual: 64,
+    maxPages: 64,
+    keys: U2,
+    values: U2,
+    ...o,
+  };
+}
+
+const FORMATS: GpuFormat[] = [
   // the tensor-core layout: prefixes ending inside a 32-token page tile take the reference kernel
-  {
-    name: "uniform K 2 + codebook V 2 (tensor cores)",
-    keys: { kind: "uniform", bits: 2, group: 32 },
-    values: { kind: "codebook", bits: 2, group: 32 },
-    exact: false,
-  },
-  {
-    name: "uniform 2/2 G64 (tensor cores)",
-    keys: { kind: "uniform", bits: 2, group: 64 },
-    values: { kind: "uniform", bits: 2, group: 64 },
-    exact: true,
-  },
-  {
-    name: "uniform 4/4 (CUDA cores)",
-    keys: { kind: "uniform", bits: 4, group: 32 },
-    values: { kind: "uniform", bits: 4, group: 64 },
-    exact: true,
-  },
-  { name: "16/16 (CUDA cores)", keys: { bits: 16 }, values: { bits: 16 }, exact: true },
+  gpuFormat("uniform K 2 + codebook V 2 (tensor cores)", U2, {
+    kind: "codebook",
+    bits: 2,
+    group: 32,
+  }),
+  gpuFormat("uniform 2/2 G64 (tensor cores)", { kind: "uniform", bits: 2, group: 64 }, {
+    kind: "uniform",
+    bits: 2,
+    group: 64,
+  }),
+  gpuFormat("uniform 4/4 (CUDA cores)", { kind: "uniform", bits: 4, group: 32 }, {
+    kind: "uniform",
+    bits: 4,
+    group: 64,
+  }),
+  gpuFormat("16/16 (CUDA cores)", { bits: 16 }, { bits: 16 }),
 ];
 
 gpuDescribe("CUDA multi-token attention, truncate and fork equal the CPU reference", (gpu) => {
@@ -153,233 +137,175 @@ gpuDescribe("CUDA multi-token attention, truncate and fork equal the CPU referen
     for (const headDim of [64, 128] as const) {
       it(`${f.name}, D ${headDim}: ragged qlen 1, 2, 7, 16, 513 with the log-sum-exp`, () => {
         const rng = new Rng(`multi gpu ${f.name} ${headDim}`);
-        const t = new Twin(gpu, {
-          layers: 2,
-          kvHeads: 2,
-          queryHeads: 8,
-          headDim,
-          pageTokens: 128,
-          residual: 64,
-          maxPages: 96,
-          maxSequences: 8,
-          keys: f.keys,
-          values: f.values,
-        });
-        try {
-          const lens = [5, 40, 7, 300, 700];
-          for (const [i, n] of lens.entries()) {
-            t.add();
-            for (let a = 0; a < n; a += 97) t.append(i, rng, Math.min(97, n - a));
-          }
-          t.multi(rng, 1, [0, 1, 2, 3, 4], [1, 2, 7, 16, 513], `${f.name} D ${headDim} ${rng.tag}`);
-          // every query's own token in the window: on tensor cores, one launch for all of them
-          t.multi(
-            rng,
-            1,
-            [0, 1, 2, 3, 4],
-            [1, 2, 5, 7, 16],
-            `${f.name} D ${headDim} in the window ${rng.tag}`,
-          );
-          t.multi(
-            rng,
-            0,
-            [4, 3, 4],
-            [16, 8, 3],
-            `${f.name} D ${headDim} in the window, repeats ${rng.tag}`,
-          );
-          t.multi(rng, 0, [3, 3, 4], [1, 33, 700], `${f.name} D ${headDim} repeats ${rng.tag}`);
-        } finally {
-          t.dispose();
+        using t = new Twin(
+          gpu,
+          twinOptions({
+            layers: 2,
+            headDim,
+            pageTokens: 128,
+            maxPages: 96,
+            maxSequences: 8,
+            keys: f.keys,
+            values: f.values,
+          }),
+        );
+        const lens = [5, 40, 7, 300, 700];
+        for (const [i, n] of lens.entries()) {
+          t.add();
+          for (let a = 0; a < n; a += 97) t.append(i, rng, Math.min(97, n - a));
         }
+        t.multi(rng, 1, [0, 1, 2, 3, 4], [1, 2, 7, 16, 513], `${f.name} D ${headDim} ${rng.tag}`);
+        // every query's own token in the window: on tensor cores, one launch for all of them
+        t.multi(
+          rng,
+          1,
+          [0, 1, 2, 3, 4],
+          [1, 2, 5, 7, 16],
+          `${f.name} D ${headDim} in the window ${rng.tag}`,
+        );
+        t.multi(
+          rng,
+          0,
+          [4, 3, 4],
+          [16, 8, 3],
+          `${f.name} D ${headDim} in the window, repeats ${rng.tag}`,
+        );
+        t.multi(rng, 0, [3, 3, 4], [1, 33, 700], `${f.name} D ${headDim} repeats ${rng.tag}`);
       });
     }
     it(`${f.name}: forks of forks and truncates (to 0, to the window's edge) keep both builds equal`, () => {
       const rng = new Rng(`fork gpu ${f.name}`);
-      const t = new Twin(gpu, {
-        layers: 2,
-        kvHeads: 2,
-        queryHeads: 8,
-        headDim: 64,
-        pageTokens: 128,
-        residual: 64,
-        maxPages: 64,
-        maxSequences: 10,
-        keys: f.keys,
-        values: f.values,
-      });
-      try {
-        const g = f.keys.group ?? 32;
-        const a = t.add();
-        t.append(a, rng, 20);
-        t.truncate(a, 0);
-        t.same(a, f.exact, `truncate to 0 ${rng.tag}`);
-        t.append(a, rng, 250); // quantized a multiple of the key group, not of the page
-        const b = t.fork(a), c = t.fork(a);
-        t.append(b, rng, 3 * g + 5);
-        const d = t.fork(b);
-        t.append(d, rng, 50);
-        t.append(c, rng, 1);
-        t.append(a, rng, 70);
-        const q = t.cs[a].quantizedLength(0);
-        t.truncate(a, q); // the window's edge
-        for (const i of [a, b, c, d]) t.same(i, f.exact, `sequence ${i} ${rng.tag}`);
-        assert.equal(t.g.memory().pagesUsed, t.c.memory().pagesUsed, rng.tag);
-        t.multi(rng, 0, [a, b, c, d], [1, 5, 2, 40], `after forks ${rng.tag}`);
-        t.cs[a].free();
-        t.gs[a].free();
-        t.same(b, f.exact, `after the parent was freed ${rng.tag}`);
-        assert.equal(t.g.memory().pagesUsed, t.c.memory().pagesUsed, rng.tag);
-      } finally {
-        t.dispose();
-      }
+      using t = new Twin(
+        gpu,
+        twinOptions({
+          layers: 2,
+          headDim: 64,
+          pageTokens: 128,
+          maxSequences: 10,
+          keys: f.keys,
+          values: f.values,
+        }),
+      );
+      const g = f.keys.group ?? 32;
+      const a = t.add();
+      t.append(a, rng, 20);
+      t.truncate(a, 0);
+      t.same(a, f.exact, `truncate to 0 ${rng.tag}`);
+      t.append(a, rng, 250); // quantized a multiple of the key group, not of the page
+      const b = t.fork(a), c = t.fork(a);
+      t.append(b, rng, 3 * g + 5);
+      const d = t.fork(b);
+      t.append(d, rng, 50);
+      t.append(c, rng, 1);
+      t.append(a, rng, 70);
+      const q = t.cs[a].quantizedLength(0);
+      t.truncate(a, q); // the window's edge
+      for (const i of [a, b, c, d]) t.same(i, f.exact, `sequence ${i} ${rng.tag}`);
+      assert.equal(t.g.memory().pagesUsed, t.c.memory().pagesUsed, rng.tag);
+      t.multi(rng, 0, [a, b, c, d], [1, 5, 2, 40], `after forks ${rng.tag}`);
+      t.cs[a].free();
+      t.gs[a].free();
+      t.same(b, f.exact, `after the parent was freed ${rng.tag}`);
+      assert.equal(t.g.memory().pagesUsed, t.c.memory().pagesUsed, rng.tag);
     });
   }
 
   it("per-layer formats (tensor cores, CUDA cores, 16 bits): forks, truncates and multi-token attention a layer", () => {
     const rng = new Rng("multi per layer gpu");
-    const t = new Twin(gpu, {
-      layers: 3,
-      kvHeads: 2,
-      queryHeads: 8,
-      headDim: 128,
-      pageTokens: 64,
-      residual: 64,
-      maxPages: 64,
-      maxSequences: 6,
-      keys: { kind: "uniform", bits: 2, group: 32 },
-      values: { kind: "uniform", bits: 2, group: 32 },
-      perLayer: [{ layer: 1, keys: { kind: "uniform", bits: 4, group: 32 } }, {
-        layer: 2,
-        keys: { bits: 16 },
-        values: { bits: 16 },
-      }],
-    });
-    try {
-      const a = t.add();
-      t.append(a, rng, 300);
-      const b = t.fork(a);
-      t.append(b, rng, 45);
-      t.truncate(b, t.cs[b].quantizedLength(0) + 3);
-      t.append(a, rng, 9);
-      for (const i of [a, b]) t.same(i, true, `sequence ${i} ${rng.tag}`);
-      for (const layer of [0, 1, 2]) {
-        t.multi(rng, layer, [a, b, b], [9, 1, 40], `layer ${layer} ${rng.tag}`);
-      }
-    } finally {
-      t.dispose();
+    using t = new Twin(
+      gpu,
+      twinOptions({
+        layers: 3,
+        maxSequences: 6,
+        perLayer: [{ layer: 1, keys: { kind: "uniform", bits: 4, group: 32 } }, {
+          layer: 2,
+          keys: { bits: 16 },
+          values: { bits: 16 },
+        }],
+      }),
+    );
+    const a = t.add();
+    t.append(a, rng, 300);
+    const b = t.fork(a);
+    t.append(b, rng, 45);
+    t.truncate(b, t.cs[b].quantizedLength(0) + 3);
+    t.append(a, rng, 9);
+    for (const i of [a, b]) t.same(i, true, `sequence ${i} ${rng.tag}`);
+    for (const layer of [0, 1, 2]) {
+      t.multi(rng, layer, [a, b, b], [9, 1, 40], `layer ${layer} ${rng.tag}`);
     }
   });
 
   it("a decode batch's log-sum-exp equals the CPU's", () => {
     const rng = new Rng("batch lse gpu");
-    const t = new Twin(gpu, {
-      layers: 1,
-      kvHeads: 2,
-      queryHeads: 8,
-      headDim: 128,
-      pageTokens: 64,
-      residual: 64,
-      maxPages: 64,
-      maxSequences: 3,
-      keys: { kind: "uniform", bits: 2, group: 32 },
-      values: { kind: "codebook", bits: 2, group: 64 },
-    });
-    try {
-      for (const n of [70, 1000, 333]) t.append(t.add(), rng, n);
-      const qh = kvRows(rng, 3, 8, 128);
-      const want = new Float32Array(3 * 8);
-      const wo = t.c.attend(0, t.cs, qh, { lse: want }) as Float32Array;
-      using q = gpu.upload(qh),
-        out = gpu.alloc([3, 8, 128], "f32"),
-        lse = gpu.alloc([3 * 8], "f32");
-      using batch = t.g.batch(t.gs, { q, out, lse });
-      batch.attend(0);
-      near(out.readSync(), wo, rng.tag);
-      const gl = lse.readSync();
-      assert.ok(
-        maxDiff(gl, want) <= 2e-3 * (1 + Math.max(...want.map(Math.abs))),
-        `lse ${maxDiff(gl, want)} ${rng.tag}`,
-      );
-    } finally {
-      t.dispose();
-    }
+    using t = new Twin(
+      gpu,
+      twinOptions({ maxSequences: 3, values: { kind: "codebook", bits: 2, group: 64 } }),
+    );
+    for (const n of [70, 1000, 333]) t.append(t.add(), rng, n);
+    const qh = kvRows(rng, 3, 8, 128);
+    const want = new Float32Array(3 * 8);
+    const wo = t.c.attend(0, t.cs, qh, { lse: want }) as Float32Array;
+    using q = gpu.upload(qh),
+      out = gpu.alloc([3, 8, 128], "f32"),
+      lse = gpu.alloc([3 * 8], "f32");
+    using batch = t.g.batch(t.gs, { q, out, lse });
+    batch.attend(0);
+    assertNearGpu(out.readSync(), wo, rng.tag);
+    const gl = lse.readSync();
+    assert.ok(
+      maxDiff(gl, want) <= 2e-3 * (1 + Math.max(...want.map(Math.abs))),
+      `lse ${maxDiff(gl, want)} ${rng.tag}`,
+    );
   });
 
   it("mergeAttention and a chunked prefill equal the CPU's", () => {
     const rng = new Rng("merge prefill gpu");
-    const opts: CacheOptions = {
-      layers: 1,
-      kvHeads: 2,
-      queryHeads: 8,
-      headDim: 128,
-      pageTokens: 64,
-      residual: 64,
-      maxPages: 64,
-      maxSequences: 2,
-      keys: { kind: "uniform", bits: 2, group: 32 },
-      values: { kind: "uniform", bits: 2, group: 32 },
-    };
-    const t = new Twin(gpu, opts);
-    try {
-      const rows = 9, D = 128;
-      const outs = [kvRows(rng, rows, 1, D), kvRows(rng, rows, 1, D)];
-      const lses = [
-        Float32Array.from({ length: rows }, () => rng.normal() * 3),
-        new Float32Array(rows).fill(1),
-      ];
-      lses[1][4] = -Infinity;
-      const want = t.c.mergeAttention(outs, lses), got = t.g.mergeAttention(outs, lses);
-      assert.ok(maxDiff(got.out, want.out) < 1e-5 && maxDiff(got.lse, want.lse) < 1e-5, rng.tag);
-      const s = t.add();
-      for (const n of [200, 512, 77]) {
-        const q = kvRows(rng, n, 8, D), k = kvRows(rng, n, 2, D), v = kvRows(rng, n, 2, D);
-        const w = t.c.prefill(0, t.cs[s], q, k, v);
-        const g = t.g.prefill(0, t.gs[s], q, k, v);
-        near(g, w, `prefill chunk of ${n} ${rng.tag}`);
-      }
-      t.same(s, true, `after prefill ${rng.tag}`);
-    } finally {
-      t.dispose();
+    using t = new Twin(gpu, twinOptions({ maxSequences: 2 }));
+    const rows = 9, D = 128;
+    const outs = [kvRows(rng, rows, 1, D), kvRows(rng, rows, 1, D)];
+    const lses = [
+      Float32Array.from({ length: rows }, () => rng.normal() * 3),
+      new Float32Array(rows).fill(1),
+    ];
+    lses[1][4] = -Infinity;
+    const want = t.c.mergeAttention(outs, lses), got = t.g.mergeAttention(outs, lses);
+    assert.ok(maxDiff(got.out, want.out) < 1e-5 && maxDiff(got.lse, want.lse) < 1e-5, rng.tag);
+    const s = t.add();
+    for (const n of [200, 512, 77]) {
+      const q = kvRows(rng, n, 8, D), k = kvRows(rng, n, 2, D), v = kvRows(rng, n, 2, D);
+      const w = t.c.prefill(0, t.cs[s], q, k, v);
+      const g = t.g.prefill(0, t.gs[s], q, k, v);
+      assertNearGpu(g, w, `prefill chunk of ${n} ${rng.tag}`);
     }
+    t.same(s, true, `after prefill ${rng.tag}`);
   });
 
   it("the errors of the CPU build: qlen over a length, a fork with the pool exhausted, truncate past the window", () => {
     const rng = new Rng("errors gpu");
-    const t = new Twin(gpu, {
-      layers: 1,
-      kvHeads: 2,
-      queryHeads: 4,
-      headDim: 64,
-      pageTokens: 64,
-      residual: 32,
-      maxPages: 2,
-      maxSequences: 4,
-      keys: { kind: "uniform", bits: 2, group: 32 },
-      values: { kind: "uniform", bits: 2, group: 32 },
-    });
-    try {
-      const a = t.add();
-      t.append(a, rng, 150); // quantized 96: both pages taken, the second half full
-      for (const [c, s] of [[t.c, t.cs[a]], [t.g, t.gs[a]]] as const) {
-        const code = (fn: () => unknown) => {
-          try {
-            fn();
-          } catch (e) {
-            return e instanceof KiviError ? e.code : String(e);
-          }
-          return "ok";
-        };
-        assert.equal(
-          code(() => c.attendMulti(0, [s], [151], new Float32Array(151 * 4 * 64))),
-          "KIVI_ERR_ARG",
-        );
-        assert.equal(code(() => s.fork()), "KIVI_ERR_CAPACITY");
-        assert.equal(code(() => s.truncate(95)), "KIVI_ERR_ARG");
-        assert.equal(c.memory().pagesUsed, 2);
-        assert.equal(s.length(0), 150);
-      }
-    } finally {
-      t.dispose();
+    using t = new Twin(
+      gpu,
+      twinOptions({ queryHeads: 4, headDim: 64, residual: 32, maxPages: 2, maxSequences: 4 }),
+    );
+    const a = t.add();
+    t.append(a, rng, 150); // quantized 96: both pages taken, the second half full
+    for (const [c, s] of [[t.c, t.cs[a]], [t.g, t.gs[a]]] as const) {
+      const code = (fn: () => unknown) => {
+        try {
+          fn();
+        } catch (e) {
+          return e instanceof KiviError ? e.code : String(e);
+        }
+        return "ok";
+      };
+      assert.equal(
+        code(() => c.attendMulti(0, [s], [151], new Float32Array(151 * 4 * 64))),
+        "KIVI_ERR_ARG",
+      );
+      assert.equal(code(() => s.fork()), "KIVI_ERR_CAPACITY");
+      assert.equal(code(() => s.truncate(95)), "KIVI_ERR_ARG");
+      assert.equal(c.memory().pagesUsed, 2);
+      assert.equal(s.length(0), 150);
     }
   });
 });

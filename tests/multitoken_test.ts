@@ -8,7 +8,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import type { Backend, KVCache, Sequence } from "../src/mod.ts";
 import { KiviError } from "../src/mod.ts";
-import { kvRows, openCpu, Rng, throwsNaming } from "./_helpers.ts";
+import { expectCases, kvRows, openCpu, Rng, throwsNaming } from "./_helpers.ts";
 import { causalOracle, maxDiff, multiOptions } from "./_multitoken.ts";
 
 const H = 2, QH = 8, D = 64, ROW = H * D;
@@ -406,26 +406,12 @@ function snapshot(f: Fixture) {
   };
 }
 
-type Case = [
-  what: string,
-  fn: () => unknown,
-  kind: Parameters<typeof throwsNaming>[1],
-  names: RegExp,
-];
-function expectEach(f: Fixture, cases: Case[]): void {
-  for (const [what, fn, kind, names] of cases) {
-    const before = snapshot(f);
-    throwsNaming(fn, kind, names, `${what} ${f.rng.tag}`);
-    assert.deepEqual(snapshot(f), before, `${what} ${f.rng.tag}: the cache changed`);
-  }
-}
-
 describe("multi-token errors", () => {
   it("truncate below 0, past the window or above the length changes nothing", async () => {
     const f = await fixture("truncate");
     using _ = f.kivi;
     const [a] = f.seqs;
-    expectEach(f, [
+    expectCases(f, snapshot, [
       ["negative", () => a.truncate(-1), RangeError, /length must be between 0 and \d+, got -1/],
       ["fractional", () => a.truncate(1.5), RangeError, /length must be an integer, got 1\.5/],
       [
@@ -449,7 +435,7 @@ describe("multi-token errors", () => {
     const [a, b] = f.seqs;
     const dead = f.cache.createSequence();
     dead.free();
-    expectEach(f, [
+    expectCases(f, snapshot, [
       ["a freed sequence", () => dead.fork(), "KIVI_ERR_STATE", /fork: the sequence was freed/],
       [
         "the pool exhausted",
@@ -460,7 +446,7 @@ describe("multi-token errors", () => {
     ]);
     const c = b.fork(), d = b.fork(); // no page needed: 4 slots taken
     f.seqs.push(c, d);
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "every slot taken",
         () => b.fork(),
@@ -475,7 +461,7 @@ describe("multi-token errors", () => {
     using _ = f.kivi;
     const c = f.cache, [a, b] = f.seqs;
     const q = (t: number) => kvRows(f.rng, t, QH, D);
-    expectEach(f, [
+    expectCases(f, snapshot, [
       [
         "q too short",
         () => c.attendMulti(0, [a, b], [3, 2], q(4)),

@@ -103,19 +103,12 @@ KIVI_API kivi_status kivi_cache_attend(kivi_cache_t c, int32_t layer, const int3
   float *buf = NULL, *qf = NULL;
   double *sc = NULL, *acc = NULL;
   int32_t *ids = NULL; /* the validated seqs: out may overlap seqs, which would then change below */
-  kivi_status st;
-  if ((st = cpu_alloc(c->ctx, op, sizeof(int32_t) * (size_t)batch, (void **)&ids)) ||
-      (st = cpu_alloc(c->ctx, op, sizeof(float) * blk, (void **)&buf)) ||
-      (st = cpu_alloc(c->ctx, op, sizeof(float) * (size_t)ratio * (size_t)D, (void **)&qf)) ||
-      (st = cpu_alloc(c->ctx, op, sizeof(double) * (size_t)ratio * (size_t)max_len, (void **)&sc)) ||
-      (st = cpu_alloc(c->ctx, op, sizeof(double) * (size_t)ratio * (size_t)D, (void **)&acc))) {
-    free(buf);
-    free(qf);
-    free(sc);
-    free(acc);
-    free(ids);
-    return st;
-  }
+  const size_t bytes[] = {sizeof(int32_t) * (size_t)batch, sizeof(float) * blk,
+                          sizeof(float) * (size_t)ratio * (size_t)D, sizeof(double) * (size_t)ratio * (size_t)max_len,
+                          sizeof(double) * (size_t)ratio * (size_t)D};
+  void **bufs[] = {(void **)&ids, (void **)&buf, (void **)&qf, (void **)&sc, (void **)&acc};
+  kivi_status st = cpu_alloc_all(c->ctx, op, 5, bytes, bufs);
+  if (st) return st;
   memcpy(ids, seqs, sizeof(int32_t) * (size_t)batch);
 
   for (int32_t b = 0; b < batch; b++) {

@@ -58,17 +58,10 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
   int32_t *ids = NULL;
   float *kbuf = NULL, *vbuf = NULL;
   double *sc = NULL, *acc = NULL;
-  if ((st = cpu_alloc(c->ctx, op, sizeof(int32_t) * 2u * (size_t)batch, (void **)&ids)) ||
-      (st = cpu_alloc(c->ctx, op, sizeof(float) * (size_t)kv, (void **)&kbuf)) ||
-      (st = cpu_alloc(c->ctx, op, sizeof(float) * (size_t)kv, (void **)&vbuf)) ||
-      (st = cpu_alloc(c->ctx, op, sizeof(double) * (size_t)max_len, (void **)&sc)) ||
-      (st = cpu_alloc(c->ctx, op, sizeof(double) * (size_t)D, (void **)&acc))) {
-    free(ids);
-    free(kbuf);
-    free(vbuf);
-    free(sc);
-    return st;
-  }
+  const size_t bytes[] = {sizeof(int32_t) * 2u * (size_t)batch, sizeof(float) * (size_t)kv, sizeof(float) * (size_t)kv,
+                          sizeof(double) * (size_t)max_len, sizeof(double) * (size_t)D};
+  void **bufs[] = {(void **)&ids, (void **)&kbuf, (void **)&vbuf, (void **)&sc, (void **)&acc};
+  if ((st = cpu_alloc_all(c->ctx, op, 5, bytes, bufs))) return st;
   memcpy(ids, seqs, sizeof(int32_t) * (size_t)batch);
   memcpy(ids + batch, qlens, sizeof(int32_t) * (size_t)batch);
   int64_t t0 = 0; /* first query row of sequence b */
@@ -114,9 +107,8 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
 KIVI_API kivi_status kivi_attention_merge(kivi_ctx_t ctx, int32_t parts, int64_t rows, int32_t head_dim,
                                           const float *outs, const float *lses, float *out, float *lse_out) {
   static const char *op = "kivi_attention_merge";
-  kivi_status st = cpu_need_ctx(ctx, op);
-  if (st) return st;
-  KIVI_HOST_REFUSE(cpu_fail, ctx, st, kivi_merge_check(parts, rows, head_dim, outs, lses, out, msg, sizeof msg));
+  KIVI_HOST_ENTER(cpu_need_ctx, cpu_fail, ctx, op,
+                  kivi_merge_check(parts, rows, head_dim, outs, lses, out, msg, sizeof msg));
   double acc[1024];
   for (int64_t r = 0; r < rows; r++) {
     double m = -INFINITY, sum = 0.0;

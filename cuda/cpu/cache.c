@@ -35,9 +35,7 @@ KIVI_API kivi_status kivi_cache_destroy(kivi_cache_t cache) {
 
 KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, int32_t n_fields, kivi_cache_t *out) {
   static const char *op = "kivi_cache_create";
-  kivi_status st = cpu_need_ctx(ctx, op);
-  if (st) return st;
-  KIVI_HOST_REFUSE(cpu_fail, ctx, st, kivi_cache_create_check(config, n_fields, out, msg, sizeof msg));
+  KIVI_HOST_ENTER(cpu_need_ctx, cpu_fail, ctx, op, kivi_cache_create_check(config, n_fields, out, msg, sizeof msg));
 
   cache_t *c = calloc(1, sizeof *c);
   if (!c) return cpu_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate %zu bytes", op, sizeof *c);

@@ -34,12 +34,24 @@ kivi_status cpu_alloc(kivi_ctx_t ctx, const char *op, size_t bytes, void **out) 
   return KIVI_OK;
 }
 
+kivi_status cpu_alloc_all(kivi_ctx_t ctx, const char *op, int n, const size_t *bytes, void **const *out) {
+  for (int i = 0; i < n; i++) {
+    kivi_status st = cpu_alloc(ctx, op, bytes[i], out[i]);
+    if (st) {
+      for (int j = 0; j < i; j++) {
+        free(*out[j]);
+        *out[j] = NULL;
+      }
+      return st;
+    }
+  }
+  return KIVI_OK;
+}
+
 /* ---------------------------------------------------------------- validation ------------- */
 
 kivi_status cpu_validate(kivi_ctx_t ctx, const cpu_spec *s, cpu_shape *sh) {
-  kivi_status st = cpu_need_ctx(ctx, s->op);
-  if (st) return st;
-  KIVI_HOST_REFUSE(cpu_fail, ctx, st, kivi_spec_check(s, sh, msg, sizeof msg));
+  KIVI_HOST_ENTER(cpu_need_ctx, cpu_fail, ctx, s->op, kivi_spec_check(s, sh, msg, sizeof msg));
   return KIVI_OK;
 }
 

@@ -57,6 +57,9 @@ int64_t cpu_first_unquantizable(const void *x, kivi_dtype dtype, int64_t total);
 int64_t cpu_first_nonfinite(const void *x, kivi_dtype dtype, int64_t n);
 /** malloc that reports KIVI_ERR_NOMEM through cpu_fail; *out = NULL on failure. */
 kivi_status cpu_alloc(kivi_ctx_t ctx, const char *op, size_t bytes, void **out);
+/** n scratch buffers at once (*out[i] of bytes[i]), or none: a failure frees those made, leaves them
+   NULL and returns its status. */
+kivi_status cpu_alloc_all(kivi_ctx_t ctx, const char *op, int n, const size_t *bytes, void **const *out);
 
 /* ---------------------------------------------------------------- elements --------------- */
 

@@ -203,6 +203,14 @@ static inline kivi_status kivi_spec_check(const kivi_spec *s, kivi_shape *sh, ch
     if (((st) = (check))) return fail(ctx, st, "%s", msg); \
   } while (0)
 
+/* The start of an export on a context in either build: the build's context check `enter`
+ * (cpu_need_ctx, kv_enter) of ctx for `op`, then `check` as KIVI_HOST_REFUSE; declares the status
+ * `st`, and a refusal returns it from the export. */
+#define KIVI_HOST_ENTER(enter, fail, ctx, op, check) \
+  kivi_status st = enter(ctx, op);                   \
+  if (st) return st;                                 \
+  KIVI_HOST_REFUSE(fail, ctx, st, check)
+
 /* The start of a quantizer export in either build: `spec` (what `make` returns: a kivi_spec_* of the
  * export's arguments), its shape `sh` and the status `st`, which `validate` (the build's validator,
  * an expression of ctx, &spec and &sh) sets; a refusal returns it from the export. */

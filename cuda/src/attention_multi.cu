@@ -342,9 +342,8 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
 KIVI_API kivi_status kivi_attention_merge(kivi_ctx_t ctx, int32_t parts, int64_t rows, int32_t head_dim,
                                           const float *outs, const float *lses, float *out, float *lse_out) {
   static const char *op = "kivi_attention_merge";
-  kivi_status st = kv_enter(ctx, op);
-  if (st) return st;
-  KIVI_HOST_REFUSE(kv_fail, ctx, st, kivi_merge_check(parts, rows, head_dim, outs, lses, out, msg, sizeof msg));
+  KIVI_HOST_ENTER(kv_enter, kv_fail, ctx, op,
+                  kivi_merge_check(parts, rows, head_dim, outs, lses, out, msg, sizeof msg));
   const unsigned grid = (unsigned)rows, threads = head_dim < 256 ? 64u : 256u;
   k_merge<<<grid, threads, 0, ctx->stream>>>(parts, rows, head_dim, outs, lses, out, lse_out);
   return kv_launched(ctx, op, "k_merge");

@@ -239,43 +239,27 @@ __device__ __forceinline__ void kv_simt_key_group(const kv_simt_cta &c, int lp, 
   }
 }
 
-/* This lane's partial scores of the octet of uniform 2-bit keys at tok0 (score = reduced x fac_lo for even
-   tokens, x fac_hi for odd ones). */
-template <int D, int HC>
-__device__ __forceinline__ void kv_simt_key_u2(const kv_simt_cta &c, int lp, const uint8_t *stg, int tok0,
-                                               const kv_simt_kgroup<HC> &kg, float (&acc)[8][HC]) {
+/* This lane's partial scores of the octet of uniform BITS-bit keys at tok0 (2 bits: score = reduced x fac_lo
+   for even tokens, x fac_hi for odd ones; 4 bits: b = 19 for every code). */
+template <int D, int HC, int BITS>
+__device__ __forceinline__ void kv_simt_key_uniform(const kv_simt_cta &c, int lp, const uint8_t *stg, int tok0,
+                                                    const kv_simt_kgroup<HC> &kg, float (&acc)[8][HC]) {
   constexpr int LPS = D / 8;
 #pragma unroll
   for (int t = 0; t < 8; t++)
 #pragma unroll
-    for (int h = 0; h < HC; h++) acc[t][h] = (t & 1) ? kg.init_hi[h] : kg.init_lo[h];
+    for (int h = 0; h < HC; h++) acc[t][h] = (BITS == 2 && (t & 1)) ? kg.init_hi[h] : kg.init_lo[h];
 #pragma unroll
   for (int k = 0; k < 8; k++) {
-    uint32_t w = *(const uint32_t *)(stg + (k * LPS + lp) * c.KWB + (tok0 >> 4) * 4);
-    w = (tok0 & 8) ? (w >> 16) : w;
+    /* a word holds 16 tokens of 2-bit codes (the octet in its low or high half) or 8 of 4-bit ones */
+    uint32_t w = *(const uint32_t *)(stg + (k * LPS + lp) * c.KWB + (tok0 >> (BITS == 2 ? 4 : 3)) * 4);
     float f[8];
-    kv_unpack2x8(w, c.M19, c.M21, c.ONE, f);
-#pragma unroll
-    for (int t = 0; t < 8; t++)
-#pragma unroll
-      for (int h = 0; h < HC; h++) acc[t][h] = fmaf(kg.qs[h][k], f[t], acc[t][h]);
-  }
-}
-
-/* This lane's partial scores of the octet of uniform 4-bit keys at tok0 (b = 19 for every code). */
-template <int D, int HC>
-__device__ __forceinline__ void kv_simt_key_u4(const kv_simt_cta &c, int lp, const uint8_t *stg, int tok0,
-                                               const kv_simt_kgroup<HC> &kg, float (&acc)[8][HC]) {
-  constexpr int LPS = D / 8;
-#pragma unroll
-  for (int t = 0; t < 8; t++)
-#pragma unroll
-    for (int h = 0; h < HC; h++) acc[t][h] = kg.init_lo[h];
-#pragma unroll
-  for (int k = 0; k < 8; k++) {
-    const uint32_t w = *(const uint32_t *)(stg + (k * LPS + lp) * c.KWB + (tok0 >> 3) * 4);
-    float f[8];
-    kv_unpack4x8(w, c.M4, c.ONE, f);
+    if constexpr (BITS == 2) {
+      w = (tok0 & 8) ? (w >> 16) : w;
+      kv_unpack2x8(w, c.M19, c.M21, c.ONE, f);
+    } else {
+      kv_unpack4x8(w, c.M4, c.ONE, f);
+    }
 #pragma unroll
     for (int t = 0; t < 8; t++)
 #pragma unroll
@@ -353,10 +337,10 @@ __device__ __forceinline__ void kv_simt_score_octet(const kv_attn_params &p, con
     if (c.kbits == 2) {
       fac_lo = 16.0f;
       fac_hi = 4.0f;
-      kv_simt_key_u2<D, HC>(c, lp, stg, tok0, kg, acc);
+      kv_simt_key_uniform<D, HC, 2>(c, lp, stg, tok0, kg, acc);
     } else {
       fac_lo = fac_hi = 16.0f;
-      kv_simt_key_u4<D, HC>(c, lp, stg, tok0, kg, acc);
+      kv_simt_key_uniform<D, HC, 4>(c, lp, stg, tok0, kg, acc);
     }
   } else if (kpage_q) {
     kv_simt_key_codebook<D, HC>(p, c, lp, stg, tok0, qf, acc);

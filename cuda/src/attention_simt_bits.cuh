@@ -33,6 +33,19 @@ __device__ __forceinline__ void kv_u4_to_f8(const uint4 u, float (&f)[8]) {
   }
 }
 
+/* One butterfly step of kv_reduce8: of the 2N vectors in v the lane keeps the half `upper` picks and
+   adds the other half, sent by the lane `off` away (which keeps the opposite half), into out. */
+template <int N, int HC>
+__device__ __forceinline__ void kv_fold(const float (&v)[2 * N][HC], float (&out)[N][HC], bool upper, int off) {
+#pragma unroll
+  for (int k = 0; k < N; k++)
+#pragma unroll
+    for (int h = 0; h < HC; h++) {
+      const float send = upper ? v[k][h] : v[k + N][h], keep = upper ? v[k + N][h] : v[k][h];
+      out[k][h] = keep + __shfl_xor_sync(KV_FULL, send, off);
+    }
+}
+
 /*
  * v[8][HC] per lane, summed over groups of LANES consecutive lanes (aligned): afterwards the lane
  * holds in r[HC] the sum of value idx = (lane % LANES) / (LANES / 8).
@@ -41,49 +54,32 @@ template <int HC, int LANES>
 __device__ __forceinline__ void kv_reduce8(float (&v)[8][HC], float (&r)[HC], int lane) {
   static_assert(LANES >= 8 && LANES <= 32, "lanes");
   const bool u4 = (lane & (LANES / 2)) != 0, u2 = (lane & (LANES / 4)) != 0, u1 = (lane & (LANES / 8)) != 0;
-  float a[4][HC];
+  float a[4][HC], b[2][HC], c[1][HC];
+  kv_fold<4>(v, a, u4, LANES / 2);
+  kv_fold<2>(a, b, u2, LANES / 4);
+  kv_fold<1>(b, c, u1, LANES / 8);
 #pragma unroll
-  for (int k = 0; k < 4; k++)
-#pragma unroll
-    for (int h = 0; h < HC; h++) {
-      const float send = u4 ? v[k][h] : v[k + 4][h], keep = u4 ? v[k + 4][h] : v[k][h];
-      a[k][h] = keep + __shfl_xor_sync(KV_FULL, send, LANES / 2);
-    }
-  float b[2][HC];
-#pragma unroll
-  for (int k = 0; k < 2; k++)
-#pragma unroll
-    for (int h = 0; h < HC; h++) {
-      const float send = u2 ? a[k][h] : a[k + 2][h], keep = u2 ? a[k + 2][h] : a[k][h];
-      b[k][h] = keep + __shfl_xor_sync(KV_FULL, send, LANES / 4);
-    }
-#pragma unroll
-  for (int h = 0; h < HC; h++) {
-    const float send = u1 ? b[0][h] : b[1][h], keep = u1 ? b[1][h] : b[0][h];
-    r[h] = keep + __shfl_xor_sync(KV_FULL, send, LANES / 8);
-  }
+  for (int h = 0; h < HC; h++) r[h] = c[0][h];
 #pragma unroll
   for (int off = LANES / 16; off >= 1; off >>= 1)
 #pragma unroll
     for (int h = 0; h < HC; h++) r[h] += __shfl_xor_sync(KV_FULL, r[h], off);
 }
 
+/* Codes 2K and 2K + 1 of w (after the shift by 19 - 4K: code 2K at b 19, 2K + 1 at b 21) into f. */
+template <int K>
+__device__ __forceinline__ void kv_unpack2x2(uint32_t w, uint32_t m19, uint32_t m21, uint32_t one, float (&f)[8]) {
+  const uint32_t x = kv_sh<19 - 4 * K>(w);
+  f[2 * K] = kv_mf(x, m19, one);
+  f[2 * K + 1] = kv_mf(x, m21, one);
+}
 /* 8 2-bit codes of w (after the shift by 19, 15, 11, 7: codes 2k at b 19, 2k + 1 at b 21) as 1 + c / 16 and
    1 + c / 4 */
 __device__ __forceinline__ void kv_unpack2x8(uint32_t w, uint32_t m19, uint32_t m21, uint32_t one, float (&f)[8]) {
-  uint32_t x;
-  x = kv_sh<19>(w);
-  f[0] = kv_mf(x, m19, one);
-  f[1] = kv_mf(x, m21, one);
-  x = kv_sh<15>(w);
-  f[2] = kv_mf(x, m19, one);
-  f[3] = kv_mf(x, m21, one);
-  x = kv_sh<11>(w);
-  f[4] = kv_mf(x, m19, one);
-  f[5] = kv_mf(x, m21, one);
-  x = kv_sh<7>(w);
-  f[6] = kv_mf(x, m19, one);
-  f[7] = kv_mf(x, m21, one);
+  kv_unpack2x2<0>(w, m19, m21, one, f);
+  kv_unpack2x2<1>(w, m19, m21, one, f);
+  kv_unpack2x2<2>(w, m19, m21, one, f);
+  kv_unpack2x2<3>(w, m19, m21, one, f);
 }
 /* 8 4-bit codes of w as 1 + c / 16 (b 19) */
 __device__ __forceinline__ void kv_unpack4x8(uint32_t w, uint32_t m4, uint32_t one, float (&f)[8]) {

@@ -141,6 +141,15 @@ static kivi_status enter(kivi_batch_t b, const char *op, int32_t layer, int need
   return st ? kv_fail(b->ctx, st, "%s", msg) : KIVI_OK;
 }
 
+/* The start of kivi_batch_attend and kivi_batch_append: `op` (the export's name), the batch checked
+   for `layer` (need_kv: for an append) into `st`, a refusal returned, then its cache `c` and config `g`. */
+#define BATCH_ENTER(name, need_kv)               \
+  static const char *op = #name;                 \
+  kivi_status st = enter(b, op, layer, need_kv); \
+  if (st) return st;                             \
+  kivi_cache_t c = b->cache;                     \
+  const kivi_cache_config &g = c->cfg
+
 static void batch_release(kivi_batch_t b) {
   if (!b) return;
   if (b->dev) cudaFree(b->dev);
@@ -245,11 +254,7 @@ KIVI_API kivi_status kivi_batch_set_lse(kivi_batch_t b, float *lse) {
 }
 
 KIVI_API kivi_status kivi_batch_attend(kivi_batch_t b, int32_t layer) {
-  static const char *op = "kivi_batch_attend";
-  kivi_status st = enter(b, op, layer, 0);
-  if (st) return st;
-  kivi_cache_t c = b->cache;
-  const kivi_cache_config &g = c->cfg;
+  BATCH_ENTER(kivi_batch_attend, 0);
   for (int32_t i = 0; i < b->a.batch; i++) {
     b->len[i] = c->len[(int64_t)b->seqs[i] * g.layers + layer];
     b->qlen[i] = c->qlen[(int64_t)b->seqs[i] * g.layers + layer];
@@ -265,11 +270,7 @@ KIVI_API kivi_status kivi_batch_attend(kivi_batch_t b, int32_t layer) {
 }
 
 KIVI_API kivi_status kivi_batch_append(kivi_batch_t b, int32_t layer) {
-  static const char *op = "kivi_batch_append";
-  kivi_status st = enter(b, op, layer, 1);
-  if (st) return st;
-  kivi_cache_t c = b->cache;
-  const kivi_cache_config &g = c->cfg;
+  BATCH_ENTER(kivi_batch_append, 1);
   const int32_t n = b->a.batch;
   int64_t extra = 0;
   for (int32_t i = 0; i < n; i++) extra += (b->extra[i] = kv_append_extra(c, b->seqs[i], layer, 1, 1));

@@ -73,9 +73,7 @@ extern "C" {
 
 KIVI_API kivi_status kivi_cache_create(kivi_ctx_t ctx, const int32_t *config, int32_t n_fields, kivi_cache_t *out) {
   static const char *op = "kivi_cache_create";
-  kivi_status st = kv_enter(ctx, op);
-  if (st) return st;
-  KIVI_HOST_REFUSE(kv_fail, ctx, st, kivi_cache_create_check(config, n_fields, out, msg, sizeof msg));
+  KIVI_HOST_ENTER(kv_enter, kv_fail, ctx, op, kivi_cache_create_check(config, n_fields, out, msg, sizeof msg));
 
   kivi_cache_t c = (kivi_cache_t)calloc(1, sizeof *c);
   if (!c) return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate %zu bytes", op, sizeof *c);

@@ -83,9 +83,7 @@ unsigned kv_grid(kivi_ctx_t ctx, int64_t work, int per_sm) {
 /* ---------------------------------------------------------------- validation ------------- */
 
 kivi_status kv_validate(kivi_ctx_t ctx, const kv_spec *s, kv_shape *sh) {
-  kivi_status st = kv_enter(ctx, s->op);
-  if (st) return st;
-  KIVI_HOST_REFUSE(kv_fail, ctx, st, kivi_spec_check(s, sh, msg, sizeof msg));
+  KIVI_HOST_ENTER(kv_enter, kv_fail, ctx, s->op, kivi_spec_check(s, sh, msg, sizeof msg));
   return KIVI_OK;
 }
 

@@ -55,6 +55,18 @@ const ATTEND_QUERY = [
   "f32", // float scale
 ] as const;
 
+/** The parameters of both linear exports (f32 and fp16 products): y = x W^T, or y += x W^T. */
+const LINEAR = [
+  "ptr", // kivi_ctx_t ctx
+  "ptr", // const float *x           [rows][k]
+  "ptr", // const uint16_t *w        fp16 [n][k]
+  "i32", // int32_t rows
+  "i32", // int32_t n
+  "i32", // int32_t k
+  "i32", // int32_t accumulate
+  "ptr", // float *y                 [rows][n]
+] as const;
+
 export const symbols = {
   kivi_abi_version: { args: [], returns: "i32" },
   kivi_backend_kind: { args: [], returns: "i32" },
@@ -475,32 +487,8 @@ export const symbols = {
     ],
     returns: "i32",
   },
-  kivi_model_linear: {
-    args: [
-      "ptr", // kivi_ctx_t ctx
-      "ptr", // const float *x           [rows][k]
-      "ptr", // const uint16_t *w        fp16 [n][k]
-      "i32", // int32_t rows
-      "i32", // int32_t n
-      "i32", // int32_t k
-      "i32", // int32_t accumulate
-      "ptr", // float *y                 [rows][n]
-    ],
-    returns: "i32",
-  },
-  kivi_model_linear_f16: {
-    args: [
-      "ptr", // kivi_ctx_t ctx
-      "ptr", // const float *x           [rows][k]
-      "ptr", // const uint16_t *w        fp16 [n][k]
-      "i32", // int32_t rows
-      "i32", // int32_t n
-      "i32", // int32_t k
-      "i32", // int32_t accumulate
-      "ptr", // float *y                 [rows][n]
-    ],
-    returns: "i32",
-  },
+  kivi_model_linear: { args: LINEAR, returns: "i32" },
+  kivi_model_linear_f16: { args: LINEAR, returns: "i32" }, // kivi_model_linear's parameters
   kivi_model_fill_normal: {
     args: [
       "ptr", // kivi_ctx_t ctx

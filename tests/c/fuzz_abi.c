@@ -266,6 +266,17 @@ static void *g_allocs[MAX_ALLOCS];
 
 static const uint64_t huge_sizes[] = {(uint64_t)1 << 50, (uint64_t)1 << 62, UINT64_MAX, UINT64_MAX - 100};
 
+/* A byte count for an export that allocates: `bytes`, or (each with P_BAD) 0 or a size no allocator
+   grants, which sets `want` to KIVI_ERR_NOMEM. */
+static uint64_t maybe_bad_bytes(uint64_t bytes, stset *want) {
+  if (chance(P_BAD)) return 0;
+  if (chance(P_BAD)) {
+    *want = S(KIVI_ERR_NOMEM);
+    return huge_sizes[rng_next() % 4];
+  }
+  return bytes;
+}
+
 static void fuzz_mem(void) {
   region r[3] = {{0, 4096}, {0, 4096}, {0, 16}};
   const int overlap = chance(0.3);
@@ -280,12 +291,8 @@ static void fuzz_mem(void) {
       g_where = "kivi_mem_alloc";
       const int slot = (int)irange(0, MAX_ALLOCS - 1);
       void **out = chance(P_BAD) ? NULL : (void **)at(&r[2]);
-      uint64_t bytes = (uint64_t)irange(1, 100000);
       stset want = S_OK;
-      if (chance(P_BAD))
-        bytes = 0;
-      else if (chance(P_BAD))
-        bytes = huge_sizes[rng_next() % 4], want = S(KIVI_ERR_NOMEM);
+      const uint64_t bytes = maybe_bad_bytes((uint64_t)irange(1, 100000), &want);
       if (!ctx || !out || bytes == 0) want = S(KIVI_ERR_ARG);
       if (g_allocs[slot] && want == S_OK) break; /* keep at most one allocation per slot */
       kivi_status st = kivi_mem_alloc(ctx, bytes, out);
@@ -340,13 +347,10 @@ static void fuzz_mem(void) {
     default: {
       g_where = "kivi_bench_copy";
       double *gbps = chance(P_BAD) ? NULL : (double *)at(&r[2]);
-      uint64_t bytes = (uint64_t)irange(1, 4096);
+      const uint64_t drawn = (uint64_t)irange(1, 4096);
       int32_t iters = (int32_t)irange(1, 3);
       stset want = S_OK;
-      if (chance(P_BAD))
-        bytes = 0;
-      else if (chance(P_BAD))
-        bytes = huge_sizes[rng_next() % 4], want = S(KIVI_ERR_NOMEM);
+      const uint64_t bytes = maybe_bad_bytes(drawn, &want);
       if (chance(P_BAD)) iters = chance(0.5) ? 0 : INT32_MIN;
       if (!ctx || !gbps || bytes == 0 || iters < 1) want = S(KIVI_ERR_ARG);
       kivi_status st = kivi_bench_copy(ctx, bytes, iters, gbps);
