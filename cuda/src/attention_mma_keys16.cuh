@@ -1,7 +1,7 @@
 /*
  * attention_mma_keys16.cuh — the key side of the tensor-core decode attention for several query heads a
  * KV head (KM 2, kv_mma_keys KV_KEYS_QF, of k_attend_mma in attention_mma.cuh): q fixed for the CTA, the
- * key scale applied per k-step in fp16, the codes as small fp16 integers.
+ * key scale applied per k-step in fp16, the codes as fp16 subnormals.
  *
  * The int8-plane key side (kv_mma_key_frags) rebuilds q s as three int8 planes for every query head each
  * key group (32 tokens): a serial chain of reductions a head, a third of a tile's work at a GQA ratio of
@@ -11,17 +11,18 @@
  *   q' = q 2^-E (|q'| < 1, E per head) as hi + lo halves, built once (kv_mma_q_frags).
  *   A = q' s per k-step: hi = q'hi s rounded (HMUL2), lo = its exact residual (HFMA2) + q'lo s (HFMA2), the
  *   hi halves in row h, the lo halves in row h + 8: hi + lo is q' s to ~2^-22.
- *   B = the codes: the key word shifted to slot i, masked (0x00030003: channels 4i and 4i + 2 of the word,
- *   after a shift by 8: 4i + 1, 4i + 3), ORed with 0x6400 and minus 1024: the code as an exact half.
+ *   B = the codes: the key word shifted to slot i and masked (0x00030003: channels 4i and 4i + 2 of the word,
+ *   after a shift by 8: 4i + 1, 4i + 3) is the half pair c 2^-24 (fp16 subnormals, exact; the products and
+ *   sums are fp32, where the 2^-24 costs nothing and comes back with the score's scale).
  *   The zeros: one more MMA a k-step, A = q' and B = z in every column, so every score gets q'.z.
  *   A k-step takes one slot i of one of this lane's key words, and A holds q's channels in the order the
  *   words give them (a dot product does not mind).
  * Measured against the int8 planes on an H200 (8 x 32768, same build, both orders): GQA 32/8 default
- * cache 137.9 -> 134.3 us, 2-bit 110.9 -> 104.4; 32/4 104.7 -> 78.0 and 92.7 -> 62.7; 14/2 at head_dim
- * 64 40.6 -> 30.2 and 36.5 -> 26.2. Keys dequantized to fp16 (s c + z rounded) ran 122 us at 32/8 but
- * missed 2e-3 against the CPU build by up to 3x with outlier channels (an fp16 rounding of a key of
- * |k| ~ 30 moves a score by ~0.02): not kept. q s rebuilt per group as fp16 hi + lo planes (the int8
- * builder's roles) ran 135.8 and 97.0 us: not kept.
+ * cache 137.9 -> 121.9 us, 2-bit 110.9 -> 91.8; 32/4 104.7 -> 71.5 and 92.7 -> 55.9 (codes - 1024 by an
+ * HSUB2 instead of subnormals: 134.3, 104.4, 78.0, 62.7). Keys dequantized to fp16 (s c + z rounded) ran
+ * 122.6 us at 32/8 but missed 2e-3 against the CPU build by up to 3x with outlier channels (an fp16
+ * rounding of a key of |k| ~ 30 moves a score by ~0.02): not kept. q s rebuilt per group as fp16 hi +
+ * lo planes (the int8 builder's roles) ran 135.8 and 97.0 us: not kept (docs/performance.md).
  */
 #ifndef KIVI_ATTENTION_MMA_KEYS16_CUH
 #define KIVI_ATTENTION_MMA_KEYS16_CUH
@@ -33,12 +34,6 @@ template <int D>
 __host__ __device__ constexpr int kv_k16_words() {
   return D / 64;
 }
-
-/* The same MMA with q fixed for the CTA and the scale applied per k-step in fp16: A = q' s, q' = q 2^-E
-   (|q'| < 1, E per head) held as hi + lo halves, and q' s formed as an exact two-product (HMUL2, then
-   HFMA2 of the residual, plus lo s: ~2^-22); B = the codes as small fp16 integers (the mask of the word
-   shifted to slot i, ORed with 0x6400, minus 1024). The zeros: one more MMA a k-step, A = q' and B = z in
-   every column, so every score gets q'.z. No per-group work outside the tile, no reductions. */
 
 /* q' = q 2^-E as the A fragments of the D / 16 k-steps (k-step 4 h + i: slot i of key word h; {hi, lo,
    hi, lo} for the channel pairs (0, 2) and (1, 3) of the slot), and 2^E (the score's scale). Rows of qf
@@ -87,7 +82,6 @@ __device__ __forceinline__ void kv_mma_scores_qf(const uint8_t *stg, const kv_mm
   float acc[4][4], az[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  const __half2 h1024 = __float2half2_rn(1024.0f);
 #pragma unroll
   for (int h = 0; h < NW; h++)
 #pragma unroll
@@ -103,19 +97,17 @@ __device__ __forceinline__ void kv_mma_scores_qf(const uint8_t *stg, const kv_mm
       const __half2 l02 = __hfma2(kv_u2h(a[1]), s02, __hfma2(kv_u2h(a[0]), s02, __hneg2(h02)));
       const __half2 l13 = __hfma2(kv_u2h(a[3]), s13, __hfma2(kv_u2h(a[2]), s13, __hneg2(h13)));
 #pragma unroll
-      for (int j = 0; j < 4; j++) {
+      for (int j = 0; j < 4; j++) { /* B: the codes c 2^-24 (fp16 subnormals, exact), one AND a pair */
         const uint32_t w = kw[j][h] >> (2 * i), w8 = w >> 8;
-        const uint32_t b0 = kv_h2u(__hsub2(kv_u2h((w & 0x00030003u) | 0x64006400u), h1024));
-        const uint32_t b1 = kv_h2u(__hsub2(kv_u2h((w8 & 0x00030003u) | 0x64006400u), h1024));
-        kv_mma_f16(acc[j], kv_h2u(h02), kv_h2u(l02), kv_h2u(h13), kv_h2u(l13), b0, b1);
+        kv_mma_f16(acc[j], kv_h2u(h02), kv_h2u(l02), kv_h2u(h13), kv_h2u(l13), w & 0x00030003u, w8 & 0x00030003u);
       }
     }
-  /* rows gid (hi) and gid + 8 (lo) of the same head and token, and q'.z */
-  const float qz = az[0] + az[2];
+  /* rows gid (hi) and gid + 8 (lo) of the same head and token (x 2^24: the codes' subnormal scale), and q'.z */
+  const float qz = (az[0] + az[2]) * ksc, ksc24 = ksc * 16777216.0f;
 #pragma unroll
   for (int j = 0; j < 4; j++) {
-    s[j][0] = (acc[j][0] + acc[j][2] + qz) * ksc;
-    s[j][1] = (acc[j][1] + acc[j][3] + qz) * ksc;
+    s[j][0] = fmaf(acc[j][0] + acc[j][2], ksc24, qz);
+    s[j][1] = fmaf(acc[j][1] + acc[j][3], ksc24, qz);
   }
   kv_mma_softmax_p(m, l, o, zacc, s, L.tig);
 }
