@@ -27,9 +27,8 @@
  * tokens a sequence (speculative decoding's verification: qlen 1 and 8; a 512-token prompt chunk,
  * causal) over 8 x 32768 GQA 32/8 in the default cache format (CPU: 1 x 1024, qlen 1, 8, 64), timed
  * from TypeScript over a loop ending with a synchronize. "of copy" counts the cache's bytes once a
- * step, the ideal of a kernel that reads each page once for all the queries of a sequence: queries
- * whose own tokens are in the fp16 window get that (one launch, rows = query x head); a 512-token chunk
- * runs the decode kernels once a token position, so it falls about qlen times behind. With --torch,
+ * step, the ideal of a kernel that reads each page once for all the queries of a sequence (the
+ * tensor-core layout does: one launch, rows = query x head, 8 rows a CTA). With --torch,
  * PyTorch fp16 SDPA with the same causal mask (bench/sdpa_reference.py) is the reference column.
  *
  * @module
@@ -370,8 +369,7 @@ function multiToken(): void {
       label(c)
     }, page ${pageTokens}, R 128, the default cache format; us/step = ms per call from TypeScript ` +
     `(${kivi.runtime}) over a loop ending with a synchronize; "of copy" = the cache's bytes once / time / copy ` +
-    `bandwidth (queries whose own tokens are all in the fp16 window run in one tensor-core launch, rows = ` +
-    `query x head; a 512-token chunk, past the window, runs the decode kernels once a token position)` +
+    `bandwidth (on tensor cores one launch takes every query: rows = query x head, masked per row)` +
     (torch.size
       ? `; torch = PyTorch fp16 SDPA with the same bottom-right causal mask (bench/sdpa_reference.py)`
       : "") +

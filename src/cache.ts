@@ -549,9 +549,9 @@ export class KVCache {
    * holds it. q and the result are [tokens][queryHeads][headDim] with the queries of `seqs[0]` first
    * (tokens = the sum of qlens). `lse` (a Float32Array where q is a host array, an f32 DeviceTensor
    * where q is one) receives the natural log-sum-exp of each [token][queryHead], for
-   * {@link KVCache.mergeAttention}. On CUDA, 2-bit caches whose queries' own tokens are all in the fp16
-   * window take one tensor-core launch (rows = query x head); otherwise the decode kernels run once a
-   * token position.
+   * {@link KVCache.mergeAttention}. On CUDA, layers in the tensor-core layout (2-bit) take one launch
+   * for all the queries (rows = query x head); the other formats run the decode kernels once a token
+   * position.
    *
    * @example
    * ```ts

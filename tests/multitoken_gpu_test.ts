@@ -155,7 +155,7 @@ gpuDescribe("CUDA multi-token attention, truncate and fork equal the CPU referen
           for (let a = 0; a < n; a += 97) t.append(i, rng, Math.min(97, n - a));
         }
         t.multi(rng, 1, [0, 1, 2, 3, 4], [1, 2, 7, 16, 513], `${f.name} D ${headDim} ${rng.tag}`);
-        // every query's own token in the window: on tensor cores, one launch for all of them
+        // every query's own token in the window: the rows differ in window tiles only
         t.multi(
           rng,
           1,

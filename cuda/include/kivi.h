@@ -381,8 +381,8 @@ KIVI_API kivi_status kivi_cache_seq_fork(kivi_cache_t cache, int32_t seq, int32_
     the queries of seqs[0] first; tokens must equal the sum of qlens (KIVI_ERR_SHAPE). lse (may be NULL):
     the natural log-sum-exp of each query and head, float data [tokens][q_heads]. Math and checks as
     kivi_cache_attend (qlens all 1 gives its result). The CUDA build takes every query in one tensor-core
-    launch (rows = query x head) where the layer is in the tensor-core layout and each sequence's new
-    tokens are all in its window, else runs the decode kernels once a token position. */
+    launch (rows = query x head) where the layer is in the tensor-core layout, else runs the decode
+    kernels once a token position. */
 KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t cache, int32_t layer, const int32_t *seqs /* host [batch] */,
                                              const int32_t *qlens /* host [batch] */, int32_t batch, int64_t tokens,
                                              const void *q /* data [tokens][q_heads][head_dim] */, kivi_dtype q_dtype,

@@ -239,8 +239,8 @@ __device__ __forceinline__ void kv_mma_scores_t1(const uint8_t *stg, const kv_mm
    fp16 pairs (s[2 r][0], s[2 r + 1][0]: run r). */
 template <int D, int NMT>
 __device__ __forceinline__ void kv_mma_scores(const uint8_t *stg, const kv_mma_lane &L, const uint4 (&ahm)[D / 32],
-                                              const uint4 (&alo)[D / 32], float ksc, float kqz, float &m, float &l,
-                                              float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
+                                              const uint4 (&alo)[D / 32], float ksc, float kqz, int rem, float &m,
+                                              float &l, float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
   constexpr int NCH = D / 32;
   /* scores: 4 n-tiles of 8 tokens; n-tile j, column n is token 16 (j / 2) + (j % 2) + 2 (n / 2) + 8 (n % 2) */
   {
@@ -271,7 +271,7 @@ __device__ __forceinline__ void kv_mma_scores(const uint8_t *stg, const kv_mma_l
       s[j][1] = fmaf((float)((254 * acc[1] + acc[3]) * 254 + acl[1]), ksc, kqz);
     }
   }
-  kv_mma_softmax_p(m, l, o, zacc, s, L.tig);
+  kv_mma_softmax_p(m, l, o, zacc, s, L.tig, rem);
 }
 
 /* The values of a page tile, two runs of 16 tokens, into O^T (p s or the codebook's bit planes) and Z. */
@@ -566,6 +566,9 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   for (int i = 0; i < NST - 1; i++) kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i, kv_mma_tile_page(r, i));
   uint32_t next_page = kv_mma_tile_page(r, NST - 1);
 
+  /* with several queries a sequence (rows = query i x head), row gid's query sees the first
+     len - qrows + i + 1 tokens: pages and window masked per row */
+  const int lim = p.qrows == 1 ? INT_MAX : si.len - p.qrows + 1 + (hc * KV_MMA_HEADS + gid) / (p.ratio / p.qrows);
   for (int i = 0; i < my_pt; i++) {
     const uint32_t pg = next_page;
     next_page = kv_mma_tile_page(r, i + NST);
@@ -583,11 +586,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
 
     float s[4][2];
     if constexpr (QF)
-      kv_mma_scores_qf<D, NMT>(stg, L, aq, qsc, m, l, o, zacc, s);
+      kv_mma_scores_qf<D, NMT>(stg, L, aq, qsc, lim - t0, m, l, o, zacc, s);
     else if constexpr (T1)
       kv_mma_scores_t1<D, NMT>(stg, L, bq, ksc, kqz, m, l, o, zacc, s);
     else
-      kv_mma_scores<D, NMT>(stg, L, ahm, alo, ksc, kqz, m, l, o, zacc, s);
+      kv_mma_scores<D, NMT>(stg, L, ahm, alo, ksc, kqz, lim - t0, m, l, o, zacc, s);
 
     kv_mma_values<D, VG, VK, NMT>(stg, L, s, o, zacc);
     __syncwarp();
@@ -610,9 +613,8 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
     o[i][3] *= 0.25f * f0;
   }
 
-  /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp; with several queries a sequence (rows = query
-     i x head), row gid's query sees len - qrows + i + 1 tokens (its pages all: the call checks) */
-  const int erow = p.qrows == 1 ? e0 : min(e0, si.len - p.qrows + 1 + (hc * KV_MMA_HEADS + gid) / (p.ratio / p.qrows));
+  /* window tiles: g = npt.. ntiles - 1 with g % 4 == warp */
+  const int erow = min(e0, lim);
   for (int g = npt + ((warp - npt % KV_MMA_WARPS) + KV_MMA_WARPS) % KV_MMA_WARPS; g < ntiles; g += KV_MMA_WARPS)
     kv_mma_window_tile<D, NMT>(p, hkv, wbase, ws0 + (g - npt) * 16, e0, erow, qf, L, m, l, o, zacc);
   l += __shfl_xor_sync(KV_FULL, l, 1);

@@ -70,11 +70,12 @@ __device__ __forceinline__ float kv_mma_q_frags(const float *qf, int gid, int ti
   return __uint_as_float(ex + (1u << 23));
 }
 
-/* The scores of a page tile with q fixed (above), their online-softmax step, and p as fp16 pairs. */
+/* The scores of a page tile with q fixed (above), their online-softmax step (this lane's row sees the
+   tile's first rem tokens), and p as fp16 pairs. */
 template <int D, int NMT>
 __device__ __forceinline__ void kv_mma_scores_qf(const uint8_t *stg, const kv_mma_lane &L,
-                                                 const uint32_t (&aq)[D / 16][4], float ksc, float &m, float &l,
-                                                 float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
+                                                 const uint32_t (&aq)[D / 16][4], float ksc, int rem, float &m,
+                                                 float &l, float (&o)[NMT][4], float (&zacc)[4], float (&s)[4][2]) {
   constexpr int NW = kv_k16_words<D>(), KCB = 32 * D / 4;
   const uint32_t o_kp = KCB + 64u * NW * L.tig;
   uint32_t kw[4][2];
@@ -109,7 +110,7 @@ __device__ __forceinline__ void kv_mma_scores_qf(const uint8_t *stg, const kv_mm
     s[j][0] = fmaf(acc[j][0] + acc[j][2], ksc24, qz);
     s[j][1] = fmaf(acc[j][1] + acc[j][3], ksc24, qz);
   }
-  kv_mma_softmax_p(m, l, o, zacc, s, L.tig);
+  kv_mma_softmax_p(m, l, o, zacc, s, L.tig, rem);
 }
 
 #endif /* KIVI_ATTENTION_MMA_KEYS16_CUH */

@@ -89,11 +89,18 @@ __device__ __forceinline__ void kv_mma_softmax(float &m, float &l, float (&o)[NM
   }
 }
 
-/* The online-softmax step of a page tile's scores (rows = heads), then p as fp16 pairs (s[2 r][0],
-   s[2 r + 1][0]: run r), as the value MMAs take them. */
+/* The online-softmax step of a page tile's scores (rows = heads; this lane's row sees the tile's first rem
+   tokens, all of them from 32), then p as fp16 pairs (s[2 r][0], s[2 r + 1][0]: run r), as the value
+   MMAs take them. */
 template <int NMT>
 __device__ __forceinline__ void kv_mma_softmax_p(float &m, float &l, float (&o)[NMT][4], float (&zacc)[4],
-                                                 float (&s)[4][2], int tig) {
+                                                 float (&s)[4][2], int tig, int rem) {
+  if (rem < 32) /* several queries a sequence: this lane's row sees the tile's first rem tokens */
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++)
+        if (16 * (j >> 1) + (j & 1) + 2 * tig + 8 * e >= rem) s[j][e] = -INFINITY;
   kv_mma_softmax(m, l, o, zacc, s, 2, tig);
 #pragma unroll
   for (int r = 0; r < 2; r++) {

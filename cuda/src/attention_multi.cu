@@ -2,19 +2,16 @@
  * attention_multi.cu — several query tokens a sequence (kivi_cache_attend_multi) and the merge of
  * partial attention results (kivi_attention_merge) in the CUDA build.
  *
- * Two paths. Where the layer is in the tensor-core layout and every sequence's new tokens are all in its
- * fp16 window (speculative verification, a few queries a sequence), one launch takes every query
- * (fused_launch): a sequence's qmax queries become qmax x ratio query rows of each of its KV heads, so
- * the tensor-core kernel reads each page once for all of them (kv_attend_launch_rows) and masks the
- * window per row. Otherwise (a 512-token prompt chunk, the CUDA-core formats) the decode kernels run
- * once a token position i, over the sequences that have a query there, each with its prefix
- * len - qlen + i + 1 as its length (kv_attend_launch_lse): the queries of the position are gathered into
- * a contiguous f32 block, and the outputs and log-sum-exps scattered back. A prefix ends in the window
- * or on a page; the CUDA-core kernel masks a page tile at any length, the tensor-core kernel takes
- * 32-token page tiles whole, so a prefix that ends inside a page tile of a cache in the tensor-core
- * layout (a query whose own token was already quantized, and not at a multiple of 32) goes to
- * k_attend_ref instead: the sequence read once as kivi_cache_read gives it (f32), then a plain
- * block-per-(query, head) online softmax.
+ * Two paths. Where the layer is in the tensor-core layout, one launch takes every query (fused_launch): a
+ * sequence's qmax queries become qmax x ratio query rows of each of its KV heads, so the tensor-core kernel
+ * reads each page once for all of them (kv_attend_launch_rows) and masks pages and window per row.
+ * Otherwise (the CUDA-core formats) the decode kernels run once a token position i, over the sequences
+ * that have a query there, each with its prefix len - qlen + i + 1 as its length
+ * (kv_attend_launch_lse): the queries of the position are gathered into a contiguous f32 block, and the
+ * outputs and log-sum-exps scattered back. (A prefix that ends inside a page tile of a cache in the
+ * tensor-core layout, where more queries than one launch's scratch would take are run a position at a
+ * time, goes to k_attend_ref: the sequence read once as kivi_cache_read gives it (f32), then a plain
+ * block-per-(query, head) online softmax.)
  */
 #include <math.h>
 #include <stdlib.h>
@@ -23,8 +20,9 @@
 #include "attention.cuh"
 #include "kivi_seq.h"
 
-/* The most queries a sequence that one launch takes (fused_launch); more go a position at a time. */
-#define KV_MULTI_ROWS_MAX 512
+/* The most bytes of gathered q and outputs (f32) that one launch takes (fused_launch); more go a position
+   at a time. */
+#define KV_MULTI_SCRATCH_MAX (1ll << 30)
 
 /* Rows of E elements: dst row dix[j] (j when dix is NULL) = src row six[j] (j when NULL; zeros where it is
    negative), converted from sdt to ddt. One block a row. */
@@ -130,12 +128,12 @@ static kivi_status ref_launch(kivi_cache_t c, const char *op, int32_t layer, int
   return kv_launched(ctx, op, "k_attend_ref");
 }
 
-/* One launch for every query of the call (the tensor-core layout, each sequence's new tokens all in its
-   fp16 window, so that every query sees all of its pages): a sequence's queries become qmax x ratio query
-   rows of each of its KV heads (kv_attend_launch_rows), right-aligned so that row i of qmax sees
-   len - qmax + i + 1 tokens, and the tensor-core kernel reads each page once for all of them. q is
-   gathered into that order ([batch][kv head][qmax][ratio] rows, zeros where a sequence has fewer
-   queries) and the outputs and log-sum-exps scattered back. */
+/* One launch for every query of the call (a layer in the tensor-core layout): a sequence's queries become
+   qmax x ratio query rows of each of its KV heads (kv_attend_launch_rows), right-aligned so that row i of
+   qmax sees the first len - qmax + i + 1 tokens (the kernel masks pages and window per row), and the
+   tensor-core kernel reads each page once for all of them. q is gathered into that order ([batch][kv
+   head][qmax][ratio] rows, zeros where a sequence has fewer queries) and the outputs and log-sum-exps
+   scattered back. */
 static kivi_status fused_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *seqs,
                                 const int32_t *qlens, const int64_t *blen, const int64_t *bq, int32_t qmax,
                                 const void *q, kivi_dtype q_dtype, float scale, void *out, kivi_dtype out_dtype,
@@ -265,11 +263,11 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
   }
   roff[batch] = nref;
   /* every query on the tensor-core kernel in one launch: the layer in that layout, no more sequences than a
-     decode batch, and each sequence's new tokens in its window (none quantized: every query sees all of
-     its pages); KIVI_MULTI_FUSED=0 keeps the launch a position (development) */
+     decode batch, and the gathered rows within KV_MULTI_SCRATCH_MAX; KIVI_MULTI_FUSED=0 keeps the launch a
+     position (development) */
   static const bool no_fused = getenv("KIVI_MULTI_FUSED") && !strcmp(getenv("KIVI_MULTI_FUSED"), "0");
-  bool fused = mma && !no_fused && batch <= KV_ATTN_MAX_BATCH && max_q <= KV_MULTI_ROWS_MAX;
-  for (int32_t b = 0; b < batch && fused; b++) fused = qlens[b] >= 1 && qlens[b] <= blen[b] - bq[b];
+  const bool fused = mma && !no_fused && batch <= KV_ATTN_MAX_BATCH &&
+                     (int64_t)batch * max_q * row * 8 <= (int64_t)KV_MULTI_SCRATCH_MAX;
   if (fused) {
     st =
         fused_launch(c, op, layer, batch, seqs, qlens, blen, bq, max_q, q, q_dtype, scale, out, out_dtype, lse, tokens);

@@ -73,8 +73,7 @@ kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, 
                                  float scale, void *out, kivi_dtype out_dtype, float *lse);
 /** kv_attend_launch_lse for qrows queries a sequence on the tensor-core kernel (kivi_cache_attend_multi):
     q, out [batch][q_heads x qrows][D] in the order (kv head, query i, head of its group), lse likewise;
-    query i of a sequence of len tokens sees len - qrows + i + 1 of them, all its pages included (the
-    caller checks that every query's own token is in the window). */
+    query i of a sequence of len tokens sees the first len - qrows + i + 1 of them. */
 kivi_status kv_attend_launch_rows(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                   const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
                                   float scale, void *out, kivi_dtype out_dtype, float *lse, int32_t qrows);
