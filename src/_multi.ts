@@ -5,52 +5,42 @@
  */
 import type { BackendCore as Backend, DeviceTensor, NativeHeld } from "./tensor.ts";
 import type { Pointer } from "./ffi/_native.ts";
-import type { CacheConfig } from "./cache_config.ts";
+import type { CacheConfig, CacheOptions } from "./cache_config.ts";
 import { attendScale, checkInt, checkOneOf, hostView, readOptions, show } from "./_checks.ts";
 import { dtypeCode, hostArray } from "./_dtype.ts";
 import { Staging } from "./_staging.ts";
 import { attendCommon, dataPtr, describeData, describeOutput } from "./_input.ts";
 
 /**
- * Exact causal attention of a chunk of n tokens over itself, in float64, with k and v rounded to fp16
- * (what the cache stores) and q as given: out [n][queryHeads][headDim] and the natural log-sum-exp
- * [n][queryHeads] (f32). Query i sees the chunk's tokens 0..i.
+ * Exact causal attention of a chunk over itself at fp16 (what the cache stores), with the log-sum-exp:
+ * the chunk's k and v appended to a bits-16 scratch cache (its pages hold fp16 exactly) and its n
+ * queries through one attendMulti (float64 on the CPU build, fp32 on the device on CUDA).
  */
-export function chunkAttention(
-  q: ArrayLike<number>,
-  k: ArrayLike<number>,
-  v: ArrayLike<number>,
+function chunkAttention<S extends MultiSeq>(
+  h: MultiHost<S>,
+  q: Float32Array,
+  k: Float32Array,
+  v: Float32Array,
   n: number,
   c: { readonly kvHeads: number; readonly queryHeads: number; readonly headDim: number },
   scale: number,
 ): { out: Float32Array; lse: Float32Array } {
-  const { kvHeads: H, queryHeads: QH, headDim: D } = c;
-  const ratio = QH / H, f16 = Math.f16round;
-  const kh16 = Float64Array.from(k, f16), vh16 = Float64Array.from(v, f16);
-  const out = new Float32Array(n * QH * D), lse = new Float32Array(n * QH);
-  const s = new Float64Array(n), acc = new Float64Array(D);
-  for (let i = 0; i < n; i++) {
-    for (let h = 0; h < QH; h++) {
-      const kh = Math.floor(h / ratio), qo = (i * QH + h) * D;
-      let m = -Infinity;
-      for (let t = 0; t <= i; t++) {
-        let dot = 0;
-        const ko = (t * H + kh) * D;
-        for (let d = 0; d < D; d++) dot += q[qo + d] * kh16[ko + d];
-        s[t] = dot * scale;
-        if (s[t] > m) m = s[t];
-      }
-      let sum = 0;
-      acc.fill(0);
-      for (let t = 0; t <= i; t++) {
-        const w = Math.exp(s[t] - m), vo = (t * H + kh) * D;
-        sum += w;
-        for (let d = 0; d < D; d++) acc[d] += w * vh16[vo + d];
-      }
-      for (let d = 0; d < D; d++) out[qo + d] = acc[d] / sum;
-      lse[i * QH + h] = m + Math.log(sum);
-    }
-  }
+  using tmp = h.scratchCache({
+    layers: 1,
+    kvHeads: c.kvHeads,
+    queryHeads: c.queryHeads,
+    headDim: c.headDim,
+    keys: { bits: 16 },
+    values: { bits: 16 },
+    pageTokens: 64,
+    residual: 64,
+    maxPages: Math.ceil(n / 64) + 2,
+    maxSequences: 1,
+  });
+  const s = tmp.createSequence();
+  s.append(k, v, { layer: 0 });
+  const lse = new Float32Array(n * c.queryHeads);
+  const out = tmp.attendMulti(0, [s], [n], q, { scale, lse }) as Float32Array;
   return { out, lse };
 }
 
@@ -81,6 +71,20 @@ export interface MultiHost<S extends MultiSeq> {
     outs: readonly (Float32Array | DeviceTensor)[],
     lses: readonly (Float32Array | DeviceTensor)[],
   ): { out: Float32Array; lse: Float32Array };
+  /** A new cache on the same backend (the prefill's bits-16 scratch of a chunk). */
+  scratchCache(options: CacheOptions): ScratchCache<S>;
+}
+
+/** What a chunked prefill uses of its scratch cache. */
+export interface ScratchCache<S extends MultiSeq> extends Disposable {
+  createSequence(): S;
+  attendMulti(
+    layer: number,
+    seqs: readonly S[],
+    qlens: readonly number[],
+    q: Float32Array,
+    o: { scale: number; lse: Float32Array },
+  ): unknown;
 }
 
 /** The parts of a Sequence that a chunked prefill uses. */
@@ -297,7 +301,7 @@ export function prefillImpl<S extends MultiSeq>(
   }
   const scale = attendScale(o.scale, c.headDim);
   const f = Math.fround(scale);
-  const own = chunkAttention(qh, kh, vh, n, c, f);
+  const own = chunkAttention(h, qh, kh, vh, n, c, f);
   let out = own.out;
   if (s.length(l) > 0) {
     // every query sees the whole cache: the sequence repeated, one query each

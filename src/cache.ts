@@ -612,7 +612,7 @@ export class KVCache {
    * log-sum-exp ({@link KVCache.mergeAttention}); then the chunk's k and v are appended to the layer.
    * q [n][queryHeads][headDim], k and v [n][kvHeads][headDim] (Float32Arrays, or f32 DeviceTensors read
    * to the host); returns the attention output [n][queryHeads][headDim] (f32, host). The chunk's own
-   * part runs in float64 on the host in this version.
+   * part goes through a bits-16 scratch cache of the chunk (fp32 on CUDA, float64 on the CPU build).
    *
    * @example
    * ```ts
@@ -659,6 +659,7 @@ export class KVCache {
       usableId: (x, op) => Sequence._usableId(x, op),
       attendMulti: (l, seqs, qlens, q, o) => this.attendMulti(l, seqs, qlens, q, o) as Float32Array,
       mergeAttention: (outs, lses) => this.mergeAttention(outs, lses),
+      scratchCache: (o) => new KVCache(this.#backend, o),
     };
   }
 
