@@ -60,13 +60,7 @@ export interface MultiHost<S extends MultiSeq> {
   check(op: string, status: number): void;
   own(name: string, x: unknown): S;
   usableId(s: S, op: string): number;
-  attendMulti(
-    layer: number,
-    seqs: readonly S[],
-    qlens: readonly number[],
-    q: Float32Array,
-    o: { scale: number; lse: Float32Array },
-  ): Float32Array;
+  attendMulti: HostAttendMulti<S, Float32Array>;
   mergeAttention(
     outs: readonly (Float32Array | DeviceTensor)[],
     lses: readonly (Float32Array | DeviceTensor)[],
@@ -78,14 +72,17 @@ export interface MultiHost<S extends MultiSeq> {
 /** What a chunked prefill uses of its scratch cache. */
 export interface ScratchCache<S extends MultiSeq> extends Disposable {
   createSequence(): S;
-  attendMulti(
-    layer: number,
-    seqs: readonly S[],
-    qlens: readonly number[],
-    q: Float32Array,
-    o: { scale: number; lse: Float32Array },
-  ): unknown;
+  attendMulti: HostAttendMulti<S, unknown>;
 }
+
+/** attendMulti with a host q and lse, as the prefill calls it (R: what it returns). */
+type HostAttendMulti<S, R> = (
+  layer: number,
+  seqs: readonly S[],
+  qlens: readonly number[],
+  q: Float32Array,
+  o: { scale: number; lse: Float32Array },
+) => R;
 
 /** The parts of a Sequence that a chunked prefill uses. */
 export interface MultiSeq {

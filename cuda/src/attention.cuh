@@ -236,19 +236,19 @@ __host__ __device__ constexpr int kv_mma_aw(int D) { return 4 * 8 * (D / 32) + 4
 __host__ __device__ constexpr int kv_mma_stage_bytes(int D, int VG, int npl) {
   return 32 * D / 4 + D * 4 + 2 * D * 4 + npl * (D / VG) * 64;
 }
-/** Bytes of the CTA's fragment slices of the int8-plane key side: one per warp and head of the CTA (at
-    most 8, the GQA ratio); none for the q-fixed key side (KV_KEYS_QF). */
-__host__ __device__ constexpr size_t kv_mma_abuf_bytes(int D, int ratio, int keys) {
-  return keys == 2
-             ? 0
-             : (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw(D) * sizeof(uint32_t);
-}
-
 /* The key side of the tensor-core kernel: q s as int8 planes rebuilt each key group (any ratio; kept for
    comparison, KIVI_MMA_KEYS=planes), the turned-around key MMA of one query head a KV head (T1), or q
    fixed with the scale applied per k-step in fp16 (QF, several query heads a KV head:
    attention_mma_keys16.cuh). */
 enum kv_mma_keys { KV_KEYS_PLANES = 0, KV_KEYS_T1 = 1, KV_KEYS_QF = 2 };
+/** Bytes of the CTA's fragment slices of the int8-plane key side: one per warp and head of the CTA (at
+    most 8, the GQA ratio); none for the q-fixed key side (KV_KEYS_QF). */
+__host__ __device__ constexpr size_t kv_mma_abuf_bytes(int D, int ratio, int keys) {
+  return keys == KV_KEYS_QF
+             ? 0
+             : (size_t)KV_MMA_WARPS * (ratio < KV_MMA_HEADS ? ratio : KV_MMA_HEADS) * kv_mma_aw(D) * sizeof(uint32_t);
+}
+
 /* Tensor-core kernels (attention_mma_uniform.cu, attention_mma_codebook.cu): the instantiation for
    head_dim D, value group VG, key side `keys` (kv_mma_keys) and 4 rather than 3 CTAs a SM (many); NULL
    where none is built. */

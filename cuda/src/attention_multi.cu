@@ -128,6 +128,15 @@ static kivi_status ref_launch(kivi_cache_t c, const char *op, int32_t layer, int
   return kv_launched(ctx, op, "k_attend_ref");
 }
 
+/* The lengths of seqs[b] in layer: tokens held (len) and quantized into pages (qlen), host [batch] each. */
+static void seq_lens(const kivi_cache *c, const int32_t *seqs, int32_t batch, int32_t layer, int64_t *len,
+                     int64_t *qlen) {
+  for (int32_t b = 0; b < batch; b++) {
+    len[b] = c->len[(int64_t)seqs[b] * c->cfg.layers + layer];
+    qlen[b] = c->qlen[(int64_t)seqs[b] * c->cfg.layers + layer];
+  }
+}
+
 /* One launch for every query of the call (a layer in the tensor-core layout): a sequence's queries become
    qmax x ratio query rows of each of its KV heads (kv_attend_launch_rows), right-aligned so that row i of
    qmax sees the first len - qmax + i + 1 tokens (the kernel masks pages and window per row), and the
@@ -135,18 +144,20 @@ static kivi_status ref_launch(kivi_cache_t c, const char *op, int32_t layer, int
    head][qmax][ratio] rows, zeros where a sequence has fewer queries) and the outputs and log-sum-exps
    scattered back. */
 static kivi_status fused_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *seqs,
-                                const int32_t *qlens, const int64_t *blen, const int64_t *bq, int32_t qmax,
-                                const void *q, kivi_dtype q_dtype, float scale, void *out, kivi_dtype out_dtype,
-                                float *lse, int64_t tokens) {
+                                const int32_t *qlens, int32_t qmax, const void *q, kivi_dtype q_dtype, float scale,
+                                void *out, kivi_dtype out_dtype, float *lse, int64_t tokens) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_cache_config &g = c->cfg;
   const int32_t qh = g.q_heads, ratio = g.q_heads / g.kv_heads, D = g.head_dim;
   const int64_t vrows = (int64_t)batch * qmax * qh, real = tokens * qh;
-  /* host: gather index [vrows] (source row of q, -1 for padding), then scatter pairs (virtual, real) */
-  int32_t *ix = (int32_t *)malloc(sizeof(int32_t) * (size_t)(vrows + 2 * real));
-  if (!ix)
+  /* host, one block: int64 len, qlen [batch]; int32 gather index [vrows] (source row of q, -1 for padding),
+     then scatter pairs (virtual, real) */
+  int64_t *blen = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)batch + sizeof(int32_t) * (size_t)(vrows + 2 * real));
+  if (!blen)
     return kv_fail(ctx, KIVI_ERR_NOMEM, "%s: could not allocate the row plan of %lld tokens", op, (long long)tokens);
-  int32_t *sv = ix + vrows, *sr = sv + real;
+  int64_t *bq = blen + batch;
+  seq_lens(c, seqs, batch, layer, blen, bq);
+  int32_t *ix = (int32_t *)(bq + batch), *sv = ix + vrows, *sr = sv + real;
   int64_t at = 0, n = 0;
   for (int32_t b = 0; b < batch; b++) {
     const int32_t pad = qmax - qlens[b];
@@ -169,7 +180,7 @@ static kivi_status fused_launch(kivi_cache_t c, const char *op, int32_t layer, i
   kivi_status st = kv_cuda(ctx, cudaMallocAsync((void **)&scratch, 2 * qbytes + lbytes + ibytes + 512, ctx->stream), op,
                            "cudaMallocAsync (scratch)");
   if (st) {
-    free(ix);
+    free(blen);
     return st;
   }
   float *qv = (float *)scratch, *ov = (float *)(scratch + qbytes), *lv = (float *)(scratch + 2 * qbytes);
@@ -193,7 +204,7 @@ static kivi_status fused_launch(kivi_cache_t c, const char *op, int32_t layer, i
     k_rows_copy<<<(unsigned)real, 32, 0, ctx->stream>>>(lv, KIVI_F32, dsv, lse, KIVI_F32, dsr, 1);
     st = kv_launched(ctx, op, "k_rows_copy");
   }
-  free(ix);
+  free(blen);
   const kivi_status fst = kv_cuda(ctx, cudaFreeAsync(scratch, ctx->stream), op, "cudaFreeAsync (scratch)");
   return st ? st : fst;
 }
@@ -226,6 +237,13 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
     }
   }
   const bool mma = kivi_cache_mma_layout(&c->lay[layer].cfg); /* the layer's formats pick the kernel */
+  /* every query on the tensor-core kernel in one launch: the layer in that layout, no more sequences than a
+     decode batch, and the gathered rows within KV_MULTI_SCRATCH_MAX; KIVI_MULTI_FUSED=0 keeps the launch a
+     position (development) */
+  static const bool no_fused = getenv("KIVI_MULTI_FUSED") && !strcmp(getenv("KIVI_MULTI_FUSED"), "0");
+  if (mma && !no_fused && batch <= KV_ATTN_MAX_BATCH &&
+      (int64_t)batch * max_q * row * 8 <= (int64_t)KV_MULTI_SCRATCH_MAX)
+    return fused_launch(c, op, layer, batch, seqs, qlens, max_q, q, q_dtype, scale, out, out_dtype, lse, tokens);
   /* the plan, on the host: per position, the decode kernel's entries; per batch entry, its reference
      queries (host lengths read once: nothing below changes them) */
   /* host plan arrays, one block: int32 t0, slot [batch], roff [batch + 1], pos_off [max_q + 1], krow, kslot,
@@ -239,12 +257,11 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
   int32_t *t0 = (int32_t *)(kql + tokens), *slot = t0 + batch, *roff = slot + batch, *pos_off = roff + batch + 1;
   int32_t *krow = pos_off + max_q + 1, *kslot = krow + tokens, *rrow = kslot + tokens, *rsee = rrow + tokens;
   int64_t maxlen = 0, at = 0;
+  seq_lens(c, seqs, batch, layer, blen, bq);
   for (int32_t b = 0; b < batch; b++) {
     t0[b] = (int32_t)at;
     at += qlens[b];
     slot[b] = seqs[b];
-    blen[b] = c->len[(int64_t)seqs[b] * g.layers + layer];
-    bq[b] = c->qlen[(int64_t)seqs[b] * g.layers + layer];
     maxlen = blen[b] > maxlen ? blen[b] : maxlen;
   }
   /* query i of entry b sees `see` tokens, `ql` of them in pages; the tensor-core kernel cannot stop inside a
@@ -262,18 +279,6 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
       }
   }
   roff[batch] = nref;
-  /* every query on the tensor-core kernel in one launch: the layer in that layout, no more sequences than a
-     decode batch, and the gathered rows within KV_MULTI_SCRATCH_MAX; KIVI_MULTI_FUSED=0 keeps the launch a
-     position (development) */
-  static const bool no_fused = getenv("KIVI_MULTI_FUSED") && !strcmp(getenv("KIVI_MULTI_FUSED"), "0");
-  const bool fused = mma && !no_fused && batch <= KV_ATTN_MAX_BATCH &&
-                     (int64_t)batch * max_q * row * 8 <= (int64_t)KV_MULTI_SCRATCH_MAX;
-  if (fused) {
-    st =
-        fused_launch(c, op, layer, batch, seqs, qlens, blen, bq, max_q, q, q_dtype, scale, out, out_dtype, lse, tokens);
-    free(plan64);
-    return st;
-  }
   int32_t nk = 0; /* by position: rows (token index) of the kernel's entries, their (slot, len, qlen) */
   pos_off[0] = 0;
   for (int32_t i = 0; i < max_q; i++) {
