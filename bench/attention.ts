@@ -28,7 +28,8 @@
  * causal) over 8 x 32768 GQA 32/8 in the default cache format (CPU: 1 x 1024, qlen 1, 8, 64), timed
  * from TypeScript over a loop ending with a synchronize. "of copy" counts the cache's bytes once a
  * step, the ideal of a kernel that reads each page once for all the queries of a sequence (the
- * tensor-core layout does: one launch, rows = query x head, 8 rows a CTA). With --torch,
+ * tensor-core layout does: one launch, rows = query x head, 16 rows a warp from 16 rows a KV head
+ * (k_attend_rows), else 8 a CTA). With --torch,
  * PyTorch fp16 SDPA with the same causal mask (bench/sdpa_reference.py) is the reference column.
  *
  * @module

@@ -74,7 +74,8 @@ const FORMATS: GpuFormat[] = [
 gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
   // The 17 sequences x 8 KV heads shape (136 units) is at least one unit an SM on an H100 or H200, so
   // its 2-bit cases run the four-CTA-a-SM tensor-core kernel; the others run the three-CTA one (D 128)
-  // or the D 64 one. Ratios 7 (14/2) and 32 take one and four chunks of 8 query heads a KV head.
+  // or the D 64 one. Ratios 7 (14/2), 16 (32/2) and 32 take one, two and four chunks of 8 query heads a
+  // KV head.
   for (const f of FORMATS) {
     for (
       const [pageTokens, kvHeads, queryHeads, headDim] of [
@@ -84,6 +85,7 @@ gpuDescribe("CUDA paged cache equals the CPU reference", (gpu) => {
         [64, 4, 16, 64],
         [64, 8, 8, 128],
         [64, 2, 14, 64],
+        [64, 2, 32, 64],
         [128, 1, 32, 128],
       ] as const
     ) {

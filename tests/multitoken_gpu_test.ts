@@ -171,6 +171,17 @@ gpuDescribe("CUDA multi-token attention, truncate and fork equal the CPU referen
           `${f.name} D ${headDim} in the window, repeats ${rng.tag}`,
         );
         t.multi(rng, 0, [3, 3, 4], [1, 33, 700], `${f.name} D ${headDim} repeats ${rng.tag}`);
+        // every sequence with the same qlen: q and out in the caller's order, no gather (2, 5, 40
+        // queries: 8, 20 and 160 rows a KV head)
+        for (const [idx, ql] of [[[0, 2], 2], [[1, 3, 4], 5], [[3, 4, 3], 40]] as const) {
+          t.multi(
+            rng,
+            1,
+            [...idx],
+            idx.map(() => ql),
+            `${f.name} D ${headDim} qlen ${ql} each ${rng.tag}`,
+          );
+        }
       });
     }
     it(`${f.name}: forks of forks and truncates (to 0, to the window's edge) keep both builds equal`, () => {

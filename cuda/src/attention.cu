@@ -148,12 +148,8 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
     uint8_t *w = (uint8_t *)c->ws;
     p->dseq = (const kv_seq_info *)w;
     p->ws = (float *)(w + KV_WS_HEAD);
-    /* pageable source: the copy takes the data before it returns (a few KB, stream-ordered) */
-    if (batch > KV_SEQ_INLINE &&
-        (st = kv_cuda(ctx,
-                      cudaMemcpyAsync((void *)p->dseq, seq, (size_t)batch * sizeof(kv_seq_info), cudaMemcpyHostToDevice,
-                                      ctx->stream),
-                      op, "cudaMemcpyAsync (attention sequences)")))
+    if (batch > KV_SEQ_INLINE && (st = kv_upload(ctx, op, (void *)p->dseq, seq, (size_t)batch * sizeof(kv_seq_info),
+                                                 "cudaMemcpyAsync (attention sequences)")))
       return st;
   }
 
@@ -167,6 +163,61 @@ static kivi_status launch_split(kivi_cache_t c, const char *op, kv_attn_params *
     default: k_attend_combine<256><<<cg, 256, 0, ctx->stream>>>(*p); break;
   }
   return kv_launched(ctx, op, "k_attend_combine");
+}
+
+/* The dynamic shared memory limit of fn raised to smem where it is below (what names the call in errors),
+   and the CTAs of KV_MMA_THREADS threads a SM it then fits (*bps, at least 1); cached a kernel and device. */
+static kivi_status mma_occupancy(kivi_ctx_t ctx, const char *op, kv_attn_kernel fn, size_t smem, const char *what,
+                                 int *bps) {
+  kivi_status st = KIVI_OK;
+  std::lock_guard<std::mutex> lock(g_kinfo_mu);
+  kv_kernel_info *ki = kernel_info(ctx, fn, op, &st);
+  if (!ki) return st;
+  if (smem > ki->smem_set) {
+    if ((st = kv_cuda(ctx,
+                      cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                      op, what)))
+      return st;
+    ki->smem_set = smem;
+  }
+  if (ki->occ_smem != smem) {
+    if ((st = kv_cuda(ctx,
+                      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ki->occ, (const void *)fn, KV_MMA_THREADS, smem),
+                      op, "cudaOccupancyMaxActiveBlocksPerMultiprocessor")))
+      return st;
+    ki->occ_smem = smem;
+  }
+  *bps = ki->occ < 1 ? 1 : ki->occ;
+  return KIVI_OK;
+}
+
+/* Blocks of 16 query rows a CTA of k_attend_rows for `rows` query rows a KV head (query heads x qrows
+   queries a sequence) of a layer in the tensor-core layout: 0 where k_attend_mma takes them (decode, fewer
+   than KV_ROWS_MIN rows, head_dim other than 64 and 128; KIVI_MULTI_ROWS=0 forces k_attend_mma,
+   development: compare the two in one build), else as many as the rows fill, up to 4. Measured on an H200
+   (8 x 32768, same call): several queries a sequence gain (GQA 32/8 qlen 8 510 -> 457 us, a 512-token chunk
+   27.7 -> 23.7 ms); decode at GQA 32/2 (16 rows) loses 5 % (55 -> 57.5 us uniform, 69.8 -> 73.3 codebook)
+   and 64/4 gains 3 % (123 -> 119): decode keeps k_attend_mma. */
+static int rows_blocks(int D, int rows, int qrows) {
+  static const bool off = getenv("KIVI_MULTI_ROWS") && !strcmp(getenv("KIVI_MULTI_ROWS"), "0");
+  if (off || qrows < 2 || rows < KV_ROWS_MIN || (D != 64 && D != 128)) return 0;
+  return rows >= 64 ? 4 : rows >= 32 ? 2 : 1;
+}
+
+/* k_attend_rows (p->rb blocks of 16 rows a CTA): one ring a warp as k_attend_mma's, 2 CTAs a SM. */
+static kivi_status rows_launch(kivi_cache_t c, const kivi_cache_config &g, const char *op, kv_attn_params *p,
+                               const kv_seq_info *seq, int64_t maxlen) {
+  kivi_ctx_t ctx = c->ctx;
+  const int D = g.head_dim;
+  const bool cb = g.v_kind == KIVI_KIND_CODEBOOK;
+  kv_attn_kernel fn = kv_rows_kernel(D, g.v_group, cb ? 1 : 0);
+  if (!fn)
+    return kv_fail(ctx, KIVI_ERR_UNSUPPORTED, "%s: head_dim %d with value groups of %d is not built into this library",
+                   op, D, (int)g.v_group);
+  const size_t smem = kv_rows_smem(D, p->rb, KV_MMA_NST, kv_mma_stage_bytes(D, g.v_group, cb ? 4 : 2));
+  int bps = 1;
+  const kivi_status st = mma_occupancy(ctx, op, fn, smem, "cudaFuncSetAttribute (k_attend_rows)", &bps);
+  return st ? st : launch_split(c, op, p, seq, fn, KV_MMA_THREADS, smem, bps, 32, maxlen, "k_attend_rows");
 }
 
 /* The tensor-core kernel (layers in the tensor-core page layout; g: the layer's config): 32-token tiles, up to
@@ -204,29 +255,9 @@ static kivi_status mma_launch(kivi_cache_t c, const kivi_cache_config &g, const 
   const size_t merge = (size_t)KV_MMA_WARPS * KV_MMA_HEADS * (D + 2) * sizeof(float);
   const size_t abuf = kv_mma_abuf_bytes(D, p->ratio, keys);
   const size_t smem = (size_t)KV_MMA_HEADS * D * sizeof(float) + abuf + (ring > merge ? ring : merge);
-  kivi_status st = KIVI_OK;
   int bps = 1;
-  {
-    std::lock_guard<std::mutex> lock(g_kinfo_mu);
-    kv_kernel_info *ki = kernel_info(ctx, fn, op, &st);
-    if (!ki) return st;
-    if (smem > ki->smem_set) {
-      if ((st = kv_cuda(ctx,
-                        cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                        op, "cudaFuncSetAttribute (k_attend_mma)")))
-        return st;
-      ki->smem_set = smem;
-    }
-    if (ki->occ_smem != smem) {
-      if ((st = kv_cuda(ctx,
-                        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ki->occ, (const void *)fn, KV_MMA_THREADS, smem),
-                        op, "cudaOccupancyMaxActiveBlocksPerMultiprocessor")))
-        return st;
-      ki->occ_smem = smem;
-    }
-    bps = ki->occ < 1 ? 1 : ki->occ;
-  }
-  return launch_split(c, op, p, seq, fn, KV_MMA_THREADS, smem, bps, 32, maxlen, "k_attend_mma");
+  const kivi_status st = mma_occupancy(ctx, op, fn, smem, "cudaFuncSetAttribute (k_attend_mma)", &bps);
+  return st ? st : launch_split(c, op, p, seq, fn, KV_MMA_THREADS, smem, bps, 32, maxlen, "k_attend_mma");
 }
 
 kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
@@ -243,16 +274,17 @@ kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, 
 
 kivi_status kv_attend_launch_rows(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                   const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
-                                  float scale, void *out, kivi_dtype out_dtype, float *lse, int32_t qrows) {
+                                  float scale, void *out, kivi_dtype out_dtype, float *lse, int32_t qrows,
+                                  bool direct) {
   return kv_attend_launch_full(c, op, layer, batch, slot, len, qlen, q, q_dtype, scale, out, out_dtype, NULL, lse,
-                               qrows);
+                               qrows, direct);
 }
 
 /* kv_attend_launch with the log-sum-exp output (lse: device [batch][q_heads] or NULL). */
 kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                   const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
                                   float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse,
-                                  int32_t qrows) {
+                                  int32_t qrows, bool direct) {
   kivi_ctx_t ctx = c->ctx;
   const kivi_layer_layout &ly = c->lay[layer];
   const kivi_cache_config &g = ly.cfg; /* the layer's formats pick the kernel */
@@ -262,7 +294,8 @@ kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer,
   /* measured on H200, ratio 4: HC 4 (255 regs, 2 CTAs/SM) beats HC 2 by 1.2x and HC 1 by 1.9x; ratios
      that 4 does not divide take chunks of 4 with a partly empty last one (ratio 7: 2 CTAs reading the
      pages, not 7) */
-  const int HC = mma ? KV_MMA_HEADS : ratio >= 4 ? 4 : (ratio >= 2 ? 2 : 1);
+  const int rb = mma ? rows_blocks(D, ratio, qrows) : 0; /* k_attend_rows: 16 rows a warp, rb blocks of them a CTA */
+  const int HC = rb ? 16 * rb : mma ? KV_MMA_HEADS : ratio >= 4 ? 4 : (ratio >= 2 ? 2 : 1);
   const int nhc = (ratio + HC - 1) / HC;
   kivi_status st = KIVI_OK;
 
@@ -290,6 +323,8 @@ kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer,
   p->qh = g.q_heads * qrows;
   p->ratio = ratio;
   p->qrows = qrows;
+  p->rb = rb;
+  p->qdirect = direct && qrows > 1;
   p->nhc = nhc;
   p->W = c->W;
   p->P = g.page_tokens;
@@ -318,6 +353,7 @@ kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer,
     maxlen = len[i] > maxlen ? len[i] : maxlen;
   }
 
+  if (rb) return rows_launch(c, g, op, p, seq, maxlen);
   if (mma) return mma_launch(c, g, op, p, seq, maxlen);
   if (qrows != 1)
     return kv_fail(ctx, KIVI_ERR_UNSUPPORTED,

@@ -43,7 +43,9 @@ struct kv_attn_params {
   int32_t q_dtype, out_dtype;
   float qscale;
   int32_t nsplit, chunk, batch;
-  int32_t qrows; /* queries a sequence (1: decode): row i of qrows of a head sees len - qrows + i + 1 tokens */
+  int32_t qrows;   /* queries a sequence (1: decode): row i of qrows of a head sees len - qrows + i + 1 tokens */
+  int32_t rb;      /* k_attend_rows: blocks of 16 query rows a CTA (1, 2, 4); 0 for the other kernels */
+  int32_t qdirect; /* q, out and lse in the caller's order [batch][qrows][heads] (kv_row_at), not the rows' */
   int32_t TT, TTW, nst, stage_bytes;
   /* bit patterns kept out of the immediates, so that (x & mask) | 1.0f is one LOP3 */
   uint32_t one, m19, m21, m4;
@@ -73,6 +75,17 @@ __device__ __forceinline__ void kv_store_out(void *x, int dt, int64_t i, float v
 /* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`,
    which covers tokens [a0, e0) of the sequence: pages up to pend, the fp16 window from ws0. A CTA
    with a0 >= si.len has nothing to do. */
+/* The row of q, out and lse that holds row oh (batch entry x p.qh + row of the entry) of the launch: itself,
+   or with p.qdirect (several queries a sequence, every sequence with p.qrows of them) the caller's row of
+   the entry's query i, head hk ratio + r for the launch's row (hk, i, r) of the entry. */
+__device__ __forceinline__ int64_t kv_row_at(const kv_attn_params &p, int64_t oh) {
+  if (!p.qdirect) return oh;
+  const int64_t b = oh / p.qh;
+  const int v = (int)(oh - b * p.qh), rh = p.ratio / p.qrows; /* rh: query heads a KV head */
+  const int hk = v / p.ratio, w = v - hk * p.ratio, i = w / rh;
+  return (b * p.qrows + i) * (p.qh / p.qrows) + hk * rh + (w - i * rh);
+}
+
 __device__ __forceinline__ kv_seq_info kv_seq_of(const kv_attn_params &p, int b) {
   return p.batch <= KV_SEQ_INLINE ? p.seq[b] : p.dseq[b];
 }
@@ -197,8 +210,9 @@ __device__ __forceinline__ void kv_merge_warps(const kv_attn_params &p, const fl
     }
     const int64_t oh = oh0 + h;
     if (p.nsplit == 1) {
-      kv_store_out(p.out, p.out_dtype, oh * D + d, O / L);
-      if (p.lse && d == 0) p.lse[oh] = (M + log2f(L)) * 0.69314718055994531f; /* scores in log2 units */
+      const int64_t orow = kv_row_at(p, oh);
+      kv_store_out(p.out, p.out_dtype, orow * D + d, O / L);
+      if (p.lse && d == 0) p.lse[orow] = (M + log2f(L)) * 0.69314718055994531f; /* scores in log2 units */
     } else {
       float *wr = p.ws + (oh * p.nsplit + cta.split) * (D + 2);
       if (d == 0) {
@@ -217,8 +231,9 @@ template <int D>
 static __global__ void __launch_bounds__(D) k_attend_combine(const __grid_constant__ kv_attn_params p) {
   const int oh = blockIdx.x, d = threadIdx.x;
   const int ns = kv_splits_of(p, kv_seq_of(p, oh / p.qh).len);
-  kv_store_out(p.out, p.out_dtype, (int64_t)oh * D + d, kv_merge_splits<D>(p, oh, d, ns));
-  if (p.lse && d == 0) p.lse[oh] = kv_merge_lse<D>(p, oh, ns);
+  const int64_t orow = kv_row_at(p, oh);
+  kv_store_out(p.out, p.out_dtype, orow * D + d, kv_merge_splits<D>(p, oh, d, ns));
+  if (p.lse && d == 0) p.lse[orow] = kv_merge_lse<D>(p, oh, ns);
   kv_attn_finish<D>(p);
 }
 
@@ -256,5 +271,22 @@ kv_attn_kernel kv_mma_kernel_uniform(int D, int VG, int keys, bool many);
 kv_attn_kernel kv_mma_kernel_codebook(int D, int VG, int keys, bool many);
 /* Ring stages a warp of the tensor-core kernels (3 and 5 measured slower than 4 on an H200). */
 #define KV_MMA_NST 4
+
+/* k_attend_rows (attention_rows.cuh): 16 query rows a warp, for several queries a sequence on layers in the
+   tensor-core layout with at least KV_ROWS_MIN query rows a KV head (query heads x queries a sequence). */
+#define KV_ROWS_MIN 16
+/** Bytes of a warp's q' fragments in k_attend_rows: D / 16 k-steps x {hi, lo} x 32 lanes x 4 words. */
+__host__ __device__ constexpr int kv_rows_qfrag_bytes(int D) { return (D / 16) * 2 * 32 * 16; }
+/** Dynamic shared memory of k_attend_rows: q rows [16 rb][D] f32, the warps' q' fragments, then the rings
+    (stage bytes each, nst a warp) or the merge [4][16][D + 2] f32 over them, whichever is larger. */
+__host__ __device__ constexpr size_t kv_rows_smem(int D, int rb, int nst, int stage) {
+  return (size_t)16 * rb * D * 4 + (size_t)KV_MMA_WARPS * kv_rows_qfrag_bytes(D) +
+         ((size_t)KV_MMA_WARPS * nst * stage > (size_t)KV_MMA_WARPS * 16 * (D + 2) * 4
+              ? (size_t)KV_MMA_WARPS * nst * stage
+              : (size_t)KV_MMA_WARPS * 16 * (D + 2) * 4);
+}
+/* The k_attend_rows instantiation for head_dim D, value group VG and value format vk (0 uniform, 1 codebook;
+   attention_rows.cu); NULL where none is built. */
+kv_attn_kernel kv_rows_kernel(int D, int VG, int vk);
 
 #endif /* KIVI_ATTENTION_CUH */

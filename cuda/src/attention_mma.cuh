@@ -57,15 +57,17 @@
 
 /* ---------------------------------------------------------------- a CTA's phases --------- */
 
-/* The CTA's query rows to shared memory (log2 units, [8][D], rows past nq zero); a checked batch's first
+/* The CTA's query rows to shared memory (log2 units, [rows][D], rows past nq zero); a checked batch's first
    split checks them. */
 template <int D>
-__device__ __forceinline__ void kv_mma_load_q(const kv_attn_params &p, const kv_cta &cta, int qh0, int nq, float *qf) {
+__device__ __forceinline__ void kv_mma_load_q(const kv_attn_params &p, const kv_cta &cta, int qh0, int nq, float *qf,
+                                              int rows = KV_MMA_HEADS) {
   const int b = cta.b;
   const bool qcheck = p.cdev && cta.split == 0;
-  for (int i = threadIdx.x; i < KV_MMA_HEADS * D; i += KV_MMA_THREADS) {
+  for (int i = threadIdx.x; i < rows * D; i += KV_MMA_THREADS) {
     const int h = i / D;
-    qf[i] = h < nq ? kv_q_at(p, b, (int64_t)(qh0 + h) * D + i % D, ((int64_t)b * p.qh + qh0 + h) * D + i % D, qcheck)
+    qf[i] = h < nq ? kv_q_at(p, b, (int64_t)(qh0 + h) * D + i % D,
+                             kv_row_at(p, (int64_t)b * p.qh + qh0 + h) * D + i % D, qcheck)
                    : 0.0f;
   }
   __syncthreads();
@@ -292,14 +294,8 @@ __device__ __forceinline__ void kv_mma_values(const uint8_t *stg, const kv_mma_l
       kv_mma_f16(zacc, zz.x, 0u, zz.y, 0u, ph0, ph1);
     }
     /* this lane's D / 32 words of the run: word q holds m-tiles 2q and 2q + 1 (kivi_mma_value_code) */
-    uint32_t vw[NMT / 2];
-    if constexpr (NMT == 8) {
-      const uint4 u = *(const uint4 *)(stg + o_vw + 4 * r * D);
-      vw[0] = u.x, vw[1] = u.y, vw[2] = u.z, vw[3] = u.w;
-    } else {
-      const uint2 u = *(const uint2 *)(stg + o_vw + 4 * r * D);
-      vw[0] = u.x, vw[1] = u.y;
-    }
+    uint32_t vw[D / 32];
+    kv_mma_value_words<D>(stg, o_vw, r, vw);
     if constexpr (VK == 0) {
       uint32_t pb[ngv][2]; /* B = p s per value group */
 #pragma unroll
@@ -560,6 +556,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   static_assert(D <= 128, "the combined int32 score sum needs 64 x 3 x D x 254^2 < 2^31");
   kv_mma_ring r;
   r.trow = trow, r.lgP = lgP, r.lgK = lgK, r.my_pt = my_pt, r.tok0 = tok0, r.kh = kh, r.vh = vh;
+  r.tstride = 32 * KV_MMA_WARPS;
   r.kpage = kpage, r.vpage = vpage, r.tmask = tmask, r.l16 = l16, r.kp_l = kp_l, r.vp_l = vp_l, r.vp_row8 = vp_row8;
   r.st_l = st_l, r.kp_all = kp_all;
 #pragma unroll

@@ -136,19 +136,33 @@ __device__ __forceinline__ void kv_mma_key_words(const uint8_t *stg, uint32_t o_
   }
 }
 
+/* This lane's D / 32 value words of run r of a page tile (word q holds m-tiles 2q and 2q + 1 of V^T,
+   kivi_mma_value_code; at o_vw). */
+template <int D>
+__device__ __forceinline__ void kv_mma_value_words(const uint8_t *stg, uint32_t o_vw, int r, uint32_t (&vw)[D / 32]) {
+  if constexpr (D == 128) {
+    const uint4 u = *(const uint4 *)(stg + o_vw + 4 * r * D);
+    vw[0] = u.x, vw[1] = u.y, vw[2] = u.z, vw[3] = u.w;
+  } else {
+    const uint2 u = *(const uint2 *)(stg + o_vw + 4 * r * D);
+    vw[0] = u.x, vw[1] = u.y;
+  }
+}
+
 /* What the copy of a warp's page tiles needs, tile-independent: this head's bases and each lane's offsets
    within a page and a stage (32-bit: a page is far below 4 GB), kept (kv_keep). */
 struct kv_mma_ring {
   const int32_t *trow;
   const uint8_t *kh, *vh;
   int my_pt, tok0, lgP, lgK;
+  int tstride; /* tokens from one of the warp's tiles to the next */
   uint32_t kpage, vpage, tmask, l16, kp_l, vp_l, vp_row8, st_l;
   bool kp_all;
 };
 
 /* The page of the warp's page tile i (0 past its tiles). */
 __device__ __forceinline__ uint32_t kv_mma_tile_page(const kv_mma_ring &r, int i) {
-  return i < r.my_pt ? (uint32_t)r.trow[(r.tok0 + i * (32 * KV_MMA_WARPS)) >> r.lgP] : 0u;
+  return i < r.my_pt ? (uint32_t)r.trow[(r.tok0 + i * r.tstride) >> r.lgP] : 0u;
 }
 /* Starts the copy of the warp's page tile i (in page `page`) into its ring stage i % NST, then commits the
    group (an empty one past the warp's tiles). */
@@ -164,7 +178,7 @@ __device__ __forceinline__ void kv_mma_issue_tile(const kv_mma_ring &r, int lane
   if (i < my_pt) {
     /* the tile's index in its page: every offset is linear in it (key codes and value codes both
        take 8 D bytes a tile, key params D * 4 a group, value scales 64 bytes) */
-    const uint32_t ti = ((uint32_t)(tok0 + i * (32 * KV_MMA_WARPS)) >> 5) & tmask, co = l16 + ti * (8 * D);
+    const uint32_t ti = ((uint32_t)(tok0 + i * r.tstride) >> 5) & tmask, co = l16 + ti * (8 * D);
     const uint8_t *kb = kh + (uint64_t)page * kpage, *vb = vh + (uint64_t)page * vpage;
     const uint32_t st = st_l + (uint32_t)((i % NST) * stage);
     const uint8_t *kc = kb + co, *kp = kb + (kp_l + ((ti * 32) >> lgK) * (D * 4));

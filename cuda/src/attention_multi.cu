@@ -4,7 +4,8 @@
  *
  * Two paths. Where the layer is in the tensor-core layout, one launch takes every query (fused_launch): a
  * sequence's qmax queries become qmax x ratio query rows of each of its KV heads, so the tensor-core kernel
- * reads each page once for all of them (kv_attend_launch_rows) and masks pages and window per row.
+ * reads each page once for all of them (kv_attend_launch_rows: k_attend_rows from 16 rows a KV head) and
+ * masks pages and window per row; with equal qlens q and the outputs stay in the caller's order.
  * Otherwise (the CUDA-core formats) the decode kernels run once a token position i, over the sequences
  * that have a query there, each with its prefix len - qlen + i + 1 as its length
  * (kv_attend_launch_lse): the queries of the position are gathered into a contiguous f32 block, and the
@@ -103,12 +104,8 @@ static kivi_status ref_launch(kivi_cache_t c, const char *op, int32_t layer, int
   const kivi_cache_config &g = c->cfg;
   kivi_status st;
   if ((st = kivi_cache_read(c, seq, layer, kbuf, vbuf, KIVI_F32))) return st;
-  /* pageable sources: each copy takes the data before it returns */
-  if ((st = kv_cuda(ctx, cudaMemcpyAsync(idx, rows, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
-                    op, "cudaMemcpyAsync (reference rows)")) ||
-      (st =
-           kv_cuda(ctx, cudaMemcpyAsync(idx + n, see, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
-                   op, "cudaMemcpyAsync (reference lengths)")))
+  if ((st = kv_upload(ctx, op, idx, rows, sizeof(int32_t) * (size_t)n, "cudaMemcpyAsync (reference rows)")) ||
+      (st = kv_upload(ctx, op, idx + n, see, sizeof(int32_t) * (size_t)n, "cudaMemcpyAsync (reference lengths)")))
     return st;
   const dim3 grid((unsigned)n, (unsigned)g.q_heads);
   switch (g.head_dim) {
@@ -140,9 +137,10 @@ static void seq_lens(const kivi_cache *c, const int32_t *seqs, int32_t batch, in
 /* One launch for every query of the call (a layer in the tensor-core layout): a sequence's queries become
    qmax x ratio query rows of each of its KV heads (kv_attend_launch_rows), right-aligned so that row i of
    qmax sees the first len - qmax + i + 1 tokens (the kernel masks pages and window per row), and the
-   tensor-core kernel reads each page once for all of them. q is gathered into that order ([batch][kv
-   head][qmax][ratio] rows, zeros where a sequence has fewer queries) and the outputs and log-sum-exps
-   scattered back. */
+   tensor-core kernel reads each page once for all of them. Where every sequence has qmax queries the kernel
+   reads q and writes the outputs and log-sum-exps in the caller's order (kv_row_at); otherwise q is
+   gathered into the rows' order ([batch][kv head][qmax][ratio] rows, zeros where a sequence has fewer
+   queries) and the outputs and log-sum-exps scattered back. */
 static kivi_status fused_launch(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *seqs,
                                 const int32_t *qlens, int32_t qmax, const void *q, kivi_dtype q_dtype, float scale,
                                 void *out, kivi_dtype out_dtype, float *lse, int64_t tokens) {
@@ -150,6 +148,12 @@ static kivi_status fused_launch(kivi_cache_t c, const char *op, int32_t layer, i
   const kivi_cache_config &g = c->cfg;
   const int32_t qh = g.q_heads, ratio = g.q_heads / g.kv_heads, D = g.head_dim;
   const int64_t vrows = (int64_t)batch * qmax * qh, real = tokens * qh;
+  if (tokens == (int64_t)batch * qmax) { /* every sequence with qmax queries: no gather, no scatter */
+    int64_t blen[KV_ATTN_MAX_BATCH], bq[KV_ATTN_MAX_BATCH];
+    seq_lens(c, seqs, batch, layer, blen, bq);
+    return kv_attend_launch_rows(c, op, layer, batch, seqs, blen, bq, q, q_dtype, scale, out, out_dtype, lse, qmax,
+                                 true);
+  }
   /* host, one block: int64 len, qlen [batch]; int32 gather index [vrows] (source row of q, -1 for padding),
      then scatter pairs (virtual, real) */
   int64_t *blen = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)batch + sizeof(int32_t) * (size_t)(vrows + 2 * real));
@@ -185,16 +189,14 @@ static kivi_status fused_launch(kivi_cache_t c, const char *op, int32_t layer, i
   }
   float *qv = (float *)scratch, *ov = (float *)(scratch + qbytes), *lv = (float *)(scratch + 2 * qbytes);
   int32_t *dix = (int32_t *)(scratch + ((2 * qbytes + lbytes + 255) & ~(size_t)255));
-  /* pageable source: the copy takes the data before it returns */
-  st = kv_cuda(ctx, cudaMemcpyAsync(dix, ix, (size_t)(vrows + 2 * real) * 4u, cudaMemcpyHostToDevice, ctx->stream), op,
-               "cudaMemcpyAsync (rows)");
+  st = kv_upload(ctx, op, dix, ix, (size_t)(vrows + 2 * real) * 4u, "cudaMemcpyAsync (rows)");
   if (!st) {
     k_rows_copy<<<(unsigned)vrows, 128, 0, ctx->stream>>>(q, q_dtype, dix, qv, KIVI_F32, NULL, D);
     st = kv_launched(ctx, op, "k_rows_copy");
   }
   if (!st)
     st = kv_attend_launch_rows(c, op, layer, batch, seqs, blen, bq, qv, KIVI_F32, scale, ov, KIVI_F32, lse ? lv : NULL,
-                               qmax);
+                               qmax, false);
   const int32_t *dsv = dix + vrows, *dsr = dsv + real;
   if (!st) {
     k_rows_copy<<<(unsigned)real, 128, 0, ctx->stream>>>(ov, KIVI_F32, dsv, out, out_dtype, dsr, D);
@@ -310,9 +312,7 @@ KIVI_API kivi_status kivi_cache_attend_multi(kivi_cache_t c, int32_t layer, cons
   float *qtmp = (float *)scratch, *otmp = (float *)(scratch + qbytes), *ltmp = (float *)(scratch + 2 * qbytes);
   int32_t *didx = (int32_t *)(scratch + ((2 * qbytes + lbytes + 255) & ~(size_t)255));
   float *kbuf = (float *)((uint8_t *)didx + ibytes), *vbuf = (float *)((uint8_t *)kbuf + kvbytes);
-  if (nk > 0)
-    st = kv_cuda(ctx, cudaMemcpyAsync(didx, krow, (size_t)nk * 4u, cudaMemcpyHostToDevice, ctx->stream), op,
-                 "cudaMemcpyAsync (rows)");
+  if (nk > 0) st = kv_upload(ctx, op, didx, krow, (size_t)nk * 4u, "cudaMemcpyAsync (rows)");
   for (int32_t i = 0; i < max_q && !st; i++) {
     for (int32_t s0 = pos_off[i]; s0 < pos_off[i + 1] && !st; s0 += KV_ATTN_MAX_BATCH) {
       const int32_t n = pos_off[i + 1] - s0 < KV_ATTN_MAX_BATCH ? pos_off[i + 1] - s0 : KV_ATTN_MAX_BATCH;

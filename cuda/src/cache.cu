@@ -200,10 +200,8 @@ KIVI_API kivi_status kivi_cache_seq_copy(kivi_cache_t cache, int32_t src, int32_
   kivi_pages_take(cache->free_pages, &cache->nfree, row, np);
   /* The copy's block-table row first (the page kernels read both rows from the device table). */
   if (np > 0)
-    st = kv_cuda(ctx,
-                 cudaMemcpyAsync(cache->d_table + (int64_t)s * g.max_pages, row, (size_t)np * sizeof(int32_t),
-                                 cudaMemcpyHostToDevice, ctx->stream),
-                 op, "cudaMemcpyAsync (block table)");
+    st = kv_upload(ctx, op, cache->d_table + (int64_t)s * g.max_pages, row, (size_t)np * sizeof(int32_t),
+                   "cudaMemcpyAsync (block table)");
   /* one launch a pool and stretch of layers of one format (their pages lie one layer after the other) */
   for (int32_t a = 0, b; a < g.layers && !st && np > 0; a = b) {
     const kivi_layer_layout &ly = cache->lay[a];

@@ -65,18 +65,19 @@ kivi_status kv_attend_launch(kivi_cache_t c, const char *op, int32_t layer, int3
 kivi_status kv_attend_launch_full(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                   const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
                                   float scale, void *out, kivi_dtype out_dtype, const kv_attn_check *chk, float *lse,
-                                  int32_t qrows);
+                                  int32_t qrows, bool direct = false);
 /** kv_attend_launch that also writes the natural log-sum-exp of each (batch entry, query head) into lse
     (device f32 [batch][q_heads]) where lse is not NULL (kivi_cache_attend_multi). */
 kivi_status kv_attend_launch_lse(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                  const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
                                  float scale, void *out, kivi_dtype out_dtype, float *lse);
 /** kv_attend_launch_lse for qrows queries a sequence on the tensor-core kernel (kivi_cache_attend_multi):
-    q, out [batch][q_heads x qrows][D] in the order (kv head, query i, head of its group), lse likewise;
-    query i of a sequence of len tokens sees the first len - qrows + i + 1 of them. */
+    q, out [batch][q_heads x qrows][D] in the order (kv head, query i, head of its group), lse likewise, or
+    with direct in the caller's order [batch][qrows][q_heads] (every sequence with qrows queries); query i
+    of a sequence of len tokens sees the first len - qrows + i + 1 of them. */
 kivi_status kv_attend_launch_rows(kivi_cache_t c, const char *op, int32_t layer, int32_t batch, const int32_t *slot,
                                   const int64_t *len, const int64_t *qlen, const void *q, kivi_dtype q_dtype,
-                                  float scale, void *out, kivi_dtype out_dtype, float *lse, int32_t qrows);
+                                  float scale, void *out, kivi_dtype out_dtype, float *lse, int32_t qrows, bool direct);
 
 /* The steps of an append, shared by kivi_cache_append and kivi_batch_append (batch.cu). n tokens to seq
    in layers [l0, l0 + nl), k / v [nl][n][kv_heads][head_dim]; all host-side checks already made. */

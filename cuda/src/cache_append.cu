@@ -310,10 +310,8 @@ KIVI_API kivi_status kivi_cache_append(kivi_cache_t c, int32_t seq, int32_t laye
   kv_append_pages(c, seq, extra, 0);
   int32_t *trow = c->table + (int64_t)seq * g.max_pages;
   int32_t *d_row = c->d_table + (int64_t)seq * g.max_pages;
-  if (extra > 0 && (st = kv_cuda(ctx,
-                                 cudaMemcpyAsync((void *)(d_row + have), trow + have, (size_t)extra * sizeof(int32_t),
-                                                 cudaMemcpyHostToDevice, ctx->stream),
-                                 op, "cudaMemcpyAsync (block table)")))
+  if (extra > 0 && (st = kv_upload(ctx, op, d_row + have, trow + have, (size_t)extra * sizeof(int32_t),
+                                   "cudaMemcpyAsync (block table)")))
     return st;
   if ((st = kv_append_flush(c, op, seq, l0, nl, k, v, dtype, n)) ||
       (st = kv_append_window(c, op, seq, l0, nl, k, v, dtype, n)))

@@ -192,6 +192,69 @@ kivi_status kv_check_finite(kivi_ctx_t ctx, const char *op, const void *x, kivi_
   return kv_fail(ctx, KIVI_ERR_NONFINITE, "%s", msg);
 }
 
+/* ---------------------------------------------------------------- staged uploads --------- */
+
+/* The staging ring: KV_UP_PARTS parts of KV_UP_PART bytes of pinned host memory. Uploads fill the current
+   part; the next part is taken once the event recorded after its last copy has completed (a whole ring of
+   uploads ago: done long since in any steady loop), so a host plan (row indices, a large batch's sequences,
+   block-table rows) reaches the device without the wait for the stream that a copy from pageable memory
+   makes: the host's work on the next call overlaps the device's on this one. */
+#define KV_UP_PARTS 4
+#define KV_UP_PART ((size_t)1 << 20)
+struct kv_up_ring {
+  uint8_t *host; /* pinned [KV_UP_PARTS * KV_UP_PART] */
+  cudaEvent_t ev[KV_UP_PARTS];
+  int part;
+  size_t used; /* bytes of the current part in use */
+};
+
+void kv_upload_release(kivi_ctx_t ctx) {
+  kv_up_ring *u = ctx->up;
+  if (!u) return;
+  for (int i = 0; i < KV_UP_PARTS; i++)
+    if (u->ev[i]) cudaEventDestroy(u->ev[i]);
+  if (u->host) cudaFreeHost(u->host);
+  free(u);
+  ctx->up = NULL;
+}
+
+/* The ring, made on first use; NULL where pinned memory or events are not to be had (the uploads then go
+   from pageable memory: slower, never wrong). */
+static kv_up_ring *up_ring(kivi_ctx_t ctx) {
+  if (ctx->up) return ctx->up;
+  kv_up_ring *u = (kv_up_ring *)calloc(1, sizeof *u);
+  if (!u) return NULL;
+  ctx->up = u;
+  bool ok = cudaMallocHost((void **)&u->host, KV_UP_PARTS * KV_UP_PART) == cudaSuccess;
+  for (int i = 0; ok && i < KV_UP_PARTS; i++)
+    ok = cudaEventCreateWithFlags(&u->ev[i], cudaEventDisableTiming) == cudaSuccess;
+  if (!ok) {
+    (void)cudaGetLastError();
+    kv_upload_release(ctx);
+    return NULL;
+  }
+  return u;
+}
+
+kivi_status kv_upload(kivi_ctx_t ctx, const char *op, void *dst, const void *src, size_t bytes, const char *what) {
+  if (bytes == 0) return KIVI_OK;
+  kv_up_ring *u = bytes <= KV_UP_PART ? up_ring(ctx) : NULL;
+  if (!u) return kv_cuda(ctx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx->stream), op, what);
+  size_t at = (u->used + 15) & ~(size_t)15;
+  kivi_status st;
+  if (at + bytes > KV_UP_PART) { /* the next part, once its last copy is done */
+    u->part = (u->part + 1) % KV_UP_PARTS;
+    u->used = at = 0;
+    if ((st = kv_cuda(ctx, cudaEventSynchronize(u->ev[u->part]), op, "cudaEventSynchronize (staged upload)")))
+      return st;
+  }
+  uint8_t *h = u->host + (size_t)u->part * KV_UP_PART + at;
+  memcpy(h, src, bytes);
+  u->used = at + bytes;
+  if ((st = kv_cuda(ctx, cudaMemcpyAsync(dst, h, bytes, cudaMemcpyHostToDevice, ctx->stream), op, what))) return st;
+  return kv_cuda(ctx, cudaEventRecord(u->ev[u->part], ctx->stream), op, "cudaEventRecord (staged upload)");
+}
+
 /* ---------------------------------------------------------------- library ---------------- */
 
 extern "C" {
@@ -217,6 +280,7 @@ KIVI_API kivi_status kivi_device_count(int32_t *count) {
 /* ---------------------------------------------------------------- context ---------------- */
 
 static void ctx_release(kivi_ctx_t ctx) {
+  kv_upload_release(ctx);
   kv_blas_release(ctx);
   if (ctx->h_scratch) cudaFreeHost(ctx->h_scratch);
   if (ctx->d_scratch) cudaFree(ctx->d_scratch);

@@ -31,7 +31,16 @@ struct kivi_ctx {
   unsigned long long *d_scratch; /* device [KV_SLOTS]: validation results */
   unsigned long long *h_scratch; /* pinned host mirror [KV_SLOTS] */
   struct kv_blas *blas;          /* the model ops' cuBLAS handle and scratch (model.cu), made on first use */
+  struct kv_up_ring *up;         /* pinned staging of small uploads (kv_upload), made on first use */
 };
+
+/** Copies `bytes` of host memory at src to the device at dst, in stream order, without the stream
+    synchronisation that a copy from pageable memory costs: through a pinned staging ring of the context
+    (src may be reused as soon as this returns). Copies larger than a part of the ring go from src
+    directly (pageable: the driver may wait for the stream). what names the copy in errors. */
+kivi_status kv_upload(kivi_ctx_t ctx, const char *op, void *dst, const void *src, size_t bytes, const char *what);
+/** Frees ctx->up; a no-op when nothing was uploaded through it. */
+void kv_upload_release(kivi_ctx_t ctx);
 
 /** Frees ctx->blas (model.cu); a no-op when no model op ran. */
 void kv_blas_release(kivi_ctx_t ctx);

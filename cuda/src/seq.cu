@@ -79,11 +79,8 @@ KIVI_API kivi_status kivi_cache_seq_fork(kivi_cache_t c, int32_t seq, int32_t *c
                  op, "cudaMemcpyAsync (V window)");
   if (st) return st;
   kivi_fork_table(c->free_pages, &c->nfree, c->page_refs, prow, crow, npages, shared);
-  /* pageable source: the copy takes the row before it returns */
-  if (npages > 0 && (st = kv_cuda(c->ctx,
-                                  cudaMemcpyAsync(c->d_table + (int64_t)s * g->max_pages, crow,
-                                                  (size_t)npages * sizeof(int32_t), cudaMemcpyHostToDevice, stream),
-                                  op, "cudaMemcpyAsync (block table)"))) {
+  if (npages > 0 && (st = kv_upload(c->ctx, op, c->d_table + (int64_t)s * g->max_pages, crow,
+                                    (size_t)npages * sizeof(int32_t), "cudaMemcpyAsync (block table)"))) {
     kivi_pages_release_shared(c->free_pages, &c->nfree, c->page_refs, crow, 0, npages);
     return st;
   }
