@@ -72,9 +72,6 @@ __device__ __forceinline__ void kv_store_out(void *x, int dt, int64_t i, float v
     ((uint16_t *)x)[i] = kivi_f32_to_bf16(v);
 }
 
-/* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`,
-   which covers tokens [a0, e0) of the sequence: pages up to pend, the fp16 window from ws0. A CTA
-   with a0 >= si.len has nothing to do. */
 /* The row of q, out and lse that holds row oh (batch entry x p.qh + row of the entry) of the launch: itself,
    or with p.qdirect (several queries a sequence, every sequence with p.qrows of them) the caller's row of
    the entry's query i, head hk ratio + r for the launch's row (hk, i, r) of the entry. */
@@ -90,6 +87,9 @@ __device__ __forceinline__ kv_seq_info kv_seq_of(const kv_attn_params &p, int b)
   return p.batch <= KV_SEQ_INLINE ? p.seq[b] : p.dseq[b];
 }
 
+/* The work of one CTA: chunk hc of the query heads of kv head hkv of batch entry b, split `split`,
+   which covers tokens [a0, e0) of the sequence: pages up to pend, the fp16 window from ws0. A CTA
+   with a0 >= si.len has nothing to do. */
 struct kv_cta {
   int hc, split, hkv, b;
   kv_seq_info si;

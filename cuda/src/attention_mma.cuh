@@ -485,7 +485,7 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   constexpr int NPL = VK ? 4 : 2; /* planes: scale, zero; or c0..c3 */
   constexpr int stage = kv_mma_stage_bytes(D, VG, NPL);
   static_assert(stage == KCB + KPB + VCB + NPL * VPB, "the stage layout the offsets below assume");
-  const int lgP = __ffs(p.P) - 1, lgK = __ffs(p.kg) - 1; /* powers of two */
+  const int lgK = __ffs(p.kg) - 1; /* a power of two */
 
   kv_mma_load_q<D>(p, cta, qh0, nq, qf);
 
@@ -541,38 +541,16 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, MINB) k_attend_mma(cons
   const uint32_t o_ring = kv_keep((uint32_t)(ring - smem));
   /* tile i of this warp starts at token a0 + (warp + 4 i) 32 */
   const int tok0 = kv_keep(a0 + warp * 32);
-  /* what does not depend on the tile: this head's bases and each lane's offsets within a page and a
-     stage (32-bit: a page is far below 4 GB), computed once and kept (kv_keep) */
-  const uint8_t *kh = p.kpool + (uint64_t)hkv * p.khead, *vh = p.vpool + (uint64_t)hkv * p.vhead;
-  const uint32_t kpage = (uint32_t)p.kpage, vpage = (uint32_t)p.vpage, tmask = (uint32_t)(p.P / 32 - 1);
-  /* value params: copy c = lane + 32 j of a tile is row c / 4 (plane x group) of the params area, 16 bytes
-     (c % 4) in; rows are P halves apart in the page, 64 bytes in the stage */
-  const uint32_t l16 = kv_keep(16u * lane), kp_l = kv_keep((uint32_t)p.kcodes + 16u * lane);
-  const uint32_t vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((lane / 4) * p.P * 2 + 16 * (lane % 4)));
-  const uint32_t vp_row8 = (uint32_t)(16 * p.P); /* 8 rows */
-  const uint32_t st_l = kv_keep((uint32_t)__cvta_generic_to_shared(ring) + 16u * lane);
-  const bool kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512;
   static_assert(KCB % 512 == 0 && VCB % 512 == 0, "whole chunks a lane");
   static_assert(D <= 128, "the combined int32 score sum needs 64 x 3 x D x 254^2 < 2^31");
   kv_mma_ring r;
-  r.trow = trow, r.lgP = lgP, r.lgK = lgK, r.my_pt = my_pt, r.tok0 = tok0, r.kh = kh, r.vh = vh;
-  r.tstride = 32 * KV_MMA_WARPS;
-  r.kpage = kpage, r.vpage = vpage, r.tmask = tmask, r.l16 = l16, r.kp_l = kp_l, r.vp_l = vp_l, r.vp_row8 = vp_row8;
-  r.st_l = st_l, r.kp_all = kp_all;
-#pragma unroll
-  for (int i = 0; i < NST - 1; i++) kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i, kv_mma_tile_page(r, i));
-  uint32_t next_page = kv_mma_tile_page(r, NST - 1);
+  uint32_t next_page = kv_mma_ring_start<D, VG, NPL, NST>(r, p, trow, hkv, lane, ring, tok0, my_pt, 32 * KV_MMA_WARPS);
 
   /* with several queries a sequence (rows = query i x head), row gid's query sees the first
      len - qrows + i + 1 tokens: pages and window masked per row */
   const int lim = p.qrows == 1 ? INT_MAX : si.len - p.qrows + 1 + (hc * KV_MMA_HEADS + gid) / (p.ratio / p.qrows);
   for (int i = 0; i < my_pt; i++) {
-    const uint32_t pg = next_page;
-    next_page = kv_mma_tile_page(r, i + NST);
-    kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i + NST - 1, pg);
-    kv_wait(NST - 1);
-    __syncwarp();
-    const uint8_t *stg = smem + (o_ring + (uint32_t)((i % NST) * stage));
+    const uint8_t *stg = smem + (o_ring + kv_mma_ring_next<D, VG, NPL, NST>(r, lane, i, next_page));
     const int t0 = tok0 + i * (32 * KV_MMA_WARPS);
     /* A (q s as three int8 planes) for the key group of this tile */
     const int grp = t0 >> lgK;

@@ -197,4 +197,41 @@ __device__ __forceinline__ void kv_mma_issue_tile(const kv_mma_ring &r, int lane
   kv_commit();
 }
 
+/* The ring of a warp whose page tiles are i = 0 .. my_pt - 1 at tokens tok0 + i tstride of KV head hkv (block
+   table row trow), streamed into `ring` (shared, NST stages of kv_mma_stage_bytes): what does not depend on
+   the tile, this head's bases and each lane's offsets within a page and a stage (32-bit: a page is far below
+   4 GB), computed once and kept (kv_keep). The copies of the first NST - 1 tiles are started; the page of
+   tile NST - 1 is returned for kv_mma_ring_next. */
+template <int D, int VG, int NPL, int NST>
+__device__ __forceinline__ uint32_t kv_mma_ring_start(kv_mma_ring &r, const kv_attn_params &p, const int32_t *trow,
+                                                      int hkv, int lane, uint8_t *ring, int tok0, int my_pt,
+                                                      int tstride) {
+  constexpr int KPB = D * 4;
+  r.trow = trow, r.lgP = __ffs(p.P) - 1, r.lgK = __ffs(p.kg) - 1, r.my_pt = my_pt, r.tok0 = tok0;
+  r.tstride = tstride;
+  r.kh = p.kpool + (uint64_t)hkv * p.khead, r.vh = p.vpool + (uint64_t)hkv * p.vhead;
+  r.kpage = (uint32_t)p.kpage, r.vpage = (uint32_t)p.vpage, r.tmask = (uint32_t)(p.P / 32 - 1);
+  /* value params: copy c = lane + 32 j of a tile is row c / 4 (plane x group) of the params area, 16 bytes
+     (c % 4) in; rows are P halves apart in the page (8 rows: vp_row8), 64 bytes in the stage */
+  r.l16 = kv_keep(16u * lane), r.kp_l = kv_keep((uint32_t)p.kcodes + 16u * lane);
+  r.vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((lane / 4) * p.P * 2 + 16 * (lane % 4)));
+  r.vp_row8 = (uint32_t)(16 * p.P);
+  r.st_l = kv_keep((uint32_t)__cvta_generic_to_shared(ring) + 16u * lane);
+  r.kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512;
+#pragma unroll
+  for (int i = 0; i < NST - 1; i++) kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i, kv_mma_tile_page(r, i));
+  return kv_mma_tile_page(r, NST - 1);
+}
+/* Tile i of the warp's ring: starts the copy of tile i + NST - 1 (its page in next_page, which becomes tile
+   i + NST's), waits for tile i, and returns its stage's offset in the ring. */
+template <int D, int VG, int NPL, int NST>
+__device__ __forceinline__ uint32_t kv_mma_ring_next(const kv_mma_ring &r, int lane, int i, uint32_t &next_page) {
+  const uint32_t pg = next_page;
+  next_page = kv_mma_tile_page(r, i + NST);
+  kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i + NST - 1, pg);
+  kv_wait(NST - 1);
+  __syncwarp();
+  return (uint32_t)((i % NST) * kv_mma_stage_bytes(D, VG, NPL));
+}
+
 #endif /* KIVI_ATTENTION_MMA_PARTS_CUH */

@@ -116,7 +116,6 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, 2) k_attend_rows(const 
   const int nwt = e0 > ws0 ? (e0 - ws0 + 15) / 16 : 0;
   const int qh0 = hkv * p.ratio + hc * RPC;
   const int nq = min(RPC, p.ratio - hc * RPC);
-  const int lgP = __ffs(p.P) - 1;
 
   kv_mma_load_q<D>(p, cta, qh0, nq, qf, RPC);
 
@@ -165,27 +164,11 @@ static __global__ void __launch_bounds__(KV_MMA_THREADS, 2) k_attend_rows(const 
   uint8_t *ring = rings + (size_t)warp * NST * stage;
   const uint32_t o_ring = kv_keep((uint32_t)(ring - smem));
   const int tok0 = kv_keep(a0 + strm * 32);
-  const uint8_t *kh = p.kpool + (uint64_t)hkv * p.khead, *vh = p.vpool + (uint64_t)hkv * p.vhead;
   kv_mma_ring r;
-  r.trow = trow, r.lgP = lgP, r.lgK = __ffs(p.kg) - 1, r.my_pt = my_pt, r.tok0 = tok0, r.kh = kh, r.vh = vh;
-  r.tstride = 32 * NS;
-  r.kpage = (uint32_t)p.kpage, r.vpage = (uint32_t)p.vpage, r.tmask = (uint32_t)(p.P / 32 - 1);
-  r.l16 = kv_keep(16u * lane), r.kp_l = kv_keep((uint32_t)p.kcodes + 16u * lane);
-  r.vp_l = kv_keep((uint32_t)p.vcodes + (uint32_t)((lane / 4) * p.P * 2 + 16 * (lane % 4)));
-  r.vp_row8 = (uint32_t)(16 * p.P);
-  r.st_l = kv_keep((uint32_t)__cvta_generic_to_shared(ring) + 16u * lane);
-  r.kp_all = KPB % 512 == 0 || 16 * lane < KPB % 512;
-#pragma unroll
-  for (int i = 0; i < NST - 1; i++) kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i, kv_mma_tile_page(r, i));
-  uint32_t next_page = kv_mma_tile_page(r, NST - 1);
+  uint32_t next_page = kv_mma_ring_start<D, VG, NPL, NST>(r, p, trow, hkv, lane, ring, tok0, my_pt, 32 * NS);
 
   for (int i = 0; i < my_pt; i++) {
-    const uint32_t pg = next_page;
-    next_page = kv_mma_tile_page(r, i + NST);
-    kv_mma_issue_tile<D, VG, NPL, NST>(r, lane, i + NST - 1, pg);
-    kv_wait(NST - 1);
-    __syncwarp();
-    const uint8_t *stg = smem + (o_ring + (uint32_t)((i % NST) * stage));
+    const uint8_t *stg = smem + (o_ring + kv_mma_ring_next<D, VG, NPL, NST>(r, lane, i, next_page));
     const int t0 = tok0 + i * 32 * NS;
 
     /* ---- scores: 4 n-tiles of 8 tokens (n-tile j, column n: token 16 (j / 2) + (j % 2) + 2 (n / 2) +
